@@ -1,0 +1,151 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KIND_UNSPECIFIED: _ClassVar[Kind]
+    REQUEST: _ClassVar[Kind]
+    RESPONSE: _ClassVar[Kind]
+    NOTIFY: _ClassVar[Kind]
+    ERROR: _ClassVar[Kind]
+
+class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_CODE_UNSPECIFIED: _ClassVar[ErrorCode]
+    BAD_FRAME: _ClassVar[ErrorCode]
+    FRAME_TOO_LARGE: _ClassVar[ErrorCode]
+    EMPTY_FRAME: _ClassVar[ErrorCode]
+    AUTH_TIMEOUT: _ClassVar[ErrorCode]
+    IDLE_TIMEOUT: _ClassVar[ErrorCode]
+    SERVER_SHUTDOWN: _ClassVar[ErrorCode]
+    DUPLICATE_SEQ: _ClassVar[ErrorCode]
+    UNKNOWN_METHOD: _ClassVar[ErrorCode]
+    BAD_REQUEST: _ClassVar[ErrorCode]
+    NOT_AUTHENTICATED: _ClassVar[ErrorCode]
+    AUTH_FAILED: _ClassVar[ErrorCode]
+    ALREADY_AUTHENTICATED: _ClassVar[ErrorCode]
+    TOO_MANY_DEVICES: _ClassVar[ErrorCode]
+    INTERNAL: _ClassVar[ErrorCode]
+    TIMEOUT: _ClassVar[ErrorCode]
+
+class Platform(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLATFORM_UNSPECIFIED: _ClassVar[Platform]
+    IOS: _ClassVar[Platform]
+    ANDROID: _ClassVar[Platform]
+    WEB: _ClassVar[Platform]
+    DESKTOP: _ClassVar[Platform]
+    SERVER: _ClassVar[Platform]
+    OTHER: _ClassVar[Platform]
+
+class KickReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KICK_REASON_UNSPECIFIED: _ClassVar[KickReason]
+    REPLACED: _ClassVar[KickReason]
+    ADMIN: _ClassVar[KickReason]
+KIND_UNSPECIFIED: Kind
+REQUEST: Kind
+RESPONSE: Kind
+NOTIFY: Kind
+ERROR: Kind
+ERROR_CODE_UNSPECIFIED: ErrorCode
+BAD_FRAME: ErrorCode
+FRAME_TOO_LARGE: ErrorCode
+EMPTY_FRAME: ErrorCode
+AUTH_TIMEOUT: ErrorCode
+IDLE_TIMEOUT: ErrorCode
+SERVER_SHUTDOWN: ErrorCode
+DUPLICATE_SEQ: ErrorCode
+UNKNOWN_METHOD: ErrorCode
+BAD_REQUEST: ErrorCode
+NOT_AUTHENTICATED: ErrorCode
+AUTH_FAILED: ErrorCode
+ALREADY_AUTHENTICATED: ErrorCode
+TOO_MANY_DEVICES: ErrorCode
+INTERNAL: ErrorCode
+TIMEOUT: ErrorCode
+PLATFORM_UNSPECIFIED: Platform
+IOS: Platform
+ANDROID: Platform
+WEB: Platform
+DESKTOP: Platform
+SERVER: Platform
+OTHER: Platform
+KICK_REASON_UNSPECIFIED: KickReason
+REPLACED: KickReason
+ADMIN: KickReason
+
+class Frame(_message.Message):
+    __slots__ = ("kind", "seq", "method", "body", "error")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    kind: Kind
+    seq: int
+    method: str
+    body: bytes
+    error: Error
+    def __init__(self, kind: _Optional[_Union[Kind, str]] = ..., seq: _Optional[int] = ..., method: _Optional[str] = ..., body: _Optional[bytes] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: ErrorCode
+    message: str
+    def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class AuthRequest(_message.Message):
+    __slots__ = ("uid", "token", "device_id", "platform", "last_seq", "client_version")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    token: str
+    device_id: str
+    platform: Platform
+    last_seq: int
+    client_version: str
+    def __init__(self, uid: _Optional[str] = ..., token: _Optional[str] = ..., device_id: _Optional[str] = ..., platform: _Optional[_Union[Platform, str]] = ..., last_seq: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
+
+class AuthResponse(_message.Message):
+    __slots__ = ("heartbeat_interval_ms", "idle_timeout_ms", "server_time_ms", "session_id", "max_frame_length")
+    HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAME_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_ms: int
+    idle_timeout_ms: int
+    server_time_ms: int
+    session_id: str
+    max_frame_length: int
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., session_id: _Optional[str] = ..., max_frame_length: _Optional[int] = ...) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PingResponse(_message.Message):
+    __slots__ = ("server_time_ms",)
+    SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    server_time_ms: int
+    def __init__(self, server_time_ms: _Optional[int] = ...) -> None: ...
+
+class Kicked(_message.Message):
+    __slots__ = ("reason", "message")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    reason: KickReason
+    message: str
+    def __init__(self, reason: _Optional[_Union[KickReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
