@@ -1,0 +1,16 @@
+"""
+The methods and notifications of the wire protocol, declared once and shared
+by the gate and the client.  docs/protocol.md describes each.
+"""
+
+from imserver.pb import im_pb2 as pb
+from imserver.rpc import Method, Notification
+
+#: Client -> server: the first request on every connection.
+AUTH = Method("auth", pb.AuthRequest, pb.AuthResponse)
+
+#: Either direction: heartbeat / round-trip check.
+PING = Method("ping", pb.PingRequest, pb.PingResponse)
+
+#: Server -> client: the session is being closed, with a reason.
+KICKED = Notification("kicked", pb.Kicked)

@@ -1,0 +1,383 @@
+# -*- test-case-name: tests.test_rpc -*-
+"""
+A symmetric request/response/notify layer over L{imserver.framing}.
+
+Modelled on AMP's C{BoxDispatcher}: both ends of a connection can call
+methods on the other.  Outgoing requests map a seq to a L{Deferred} that
+fires with the response, fails with L{RemoteError} on an error response,
+with L{RequestTimeout} when no response arrives in time, and with the
+connection's close reason when the connection goes away first.
+
+Incoming requests are routed through a table of L{Method} -> responder built
+from methods decorated with L{Method.responder}; incoming notifies through
+L{Notification.handler}.
+"""
+
+from google.protobuf.message import DecodeError
+from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
+
+from imserver.errors import (
+    ConnectionClosedByPeer,
+    RemoteError,
+    RequestTimeout,
+    RPCError,
+    UnknownMethod,
+)
+from imserver.framing import FrameProtocol
+from imserver.pb import im_pb2 as pb
+
+_SEQ_MODULUS = 1 << 32
+
+_REQUEST = pb.REQUEST
+_RESPONSE = pb.RESPONSE
+_NOTIFY = pb.NOTIFY
+_ERROR = pb.ERROR
+
+
+class Method:
+    """
+    Declares a request method: its name on the wire and its message types.
+
+    @ivar name: the method name carried in the frame.
+    @ivar requestType: the protobuf class of the request body.
+    @ivar responseType: the protobuf class of the response body.
+    """
+
+    def __init__(self, name, requestType, responseType):
+        self.name = name
+        self.requestType = requestType
+        self.responseType = responseType
+
+    def responder(self, function):
+        """
+        Decorate a method of an L{RPCProtocol} subclass as the responder for
+        this method.  It is called with the parsed request and returns the
+        response message or a L{Deferred} firing with it; raising
+        L{RPCError} answers with that error.
+        """
+        function._rpcMethod = self
+        return function
+
+    def __repr__(self):
+        return "<Method {}>".format(self.name)
+
+
+class Notification:
+    """
+    Declares a one-way notification: its name on the wire and message type.
+    """
+
+    def __init__(self, name, messageType):
+        self.name = name
+        self.messageType = messageType
+
+    def handler(self, function):
+        """
+        Decorate a method of an L{RPCProtocol} subclass as the handler for
+        this notification.
+        """
+        function._rpcNotification = self
+        return function
+
+    def __repr__(self):
+        return "<Notification {}>".format(self.name)
+
+
+class RPCProtocol(FrameProtocol):
+    """
+    Request/response/notify over frames, symmetric for client and server.
+
+    Subclasses declare responders with L{Method.responder} and notification
+    handlers with L{Notification.handler}; the tables are built once per
+    class, not per connection.
+
+    @ivar responders: C{{name: (Method, function)}} for this class.
+    @ivar notificationHandlers: C{{name: (Notification, function)}}.
+    @ivar requestTimeout: default seconds before an outgoing request fails
+        with L{RequestTimeout}.
+    """
+
+    responders = {}
+    notificationHandlers = {}
+    requestTimeout = 30.0
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        responders = dict(cls.responders)
+        handlers = dict(cls.notificationHandlers)
+        for value in vars(cls).values():
+            method = getattr(value, "_rpcMethod", None)
+            if method is not None:
+                responders[method.name] = (method, value)
+            notification = getattr(value, "_rpcNotification", None)
+            if notification is not None:
+                handlers[notification.name] = (notification, value)
+        cls.responders = responders
+        cls.notificationHandlers = handlers
+
+    def __init__(self, clock):
+        """
+        @param clock: an L{IReactorTime} for request timeouts.
+        """
+        self.clock = clock
+        self._outstanding = {}
+        self._lastSeq = 0
+        self._failAllReason = None
+        self._incoming = None
+        self._peerError = None
+
+    # -- outgoing -------------------------------------------------------
+
+    def callRemote(self, method, request, timeout=None):
+        """
+        Send a request and return a L{Deferred} for its response.
+
+        @param method: a L{Method}.
+        @param request: an instance of C{method.requestType}.
+        @param timeout: seconds, or L{None} for L{requestTimeout}.
+        @return: a L{Deferred} firing with a C{method.responseType}, or
+            failing with L{RemoteError}, L{RequestTimeout}, or the reason
+            the connection was lost.
+        """
+        if self._failAllReason is not None:
+            return fail(self._failAllReason)
+        seq = self._nextSeq()
+        d = Deferred(lambda d: self._forget(seq))
+        timer = self.clock.callLater(
+            self.requestTimeout if timeout is None else timeout, self._timedOut, seq
+        )
+        self._outstanding[seq] = (d, timer, method)
+        self.sendFrame(
+            pb.Frame(
+                kind=_REQUEST,
+                seq=seq,
+                method=method.name,
+                body=request.SerializeToString(),
+            )
+        )
+        return d
+
+    def sendNotify(self, notification, message):
+        """
+        Send a one-way notification.
+
+        @param notification: a L{Notification}.
+        @param message: an instance of C{notification.messageType}.
+        """
+        self.sendFrame(
+            pb.Frame(
+                kind=_NOTIFY,
+                method=notification.name,
+                body=message.SerializeToString(),
+            )
+        )
+
+    def _nextSeq(self):
+        seq = self._lastSeq
+        outstanding = self._outstanding
+        while True:
+            seq = (seq + 1) % _SEQ_MODULUS
+            if seq and seq not in outstanding:
+                self._lastSeq = seq
+                return seq
+
+    def _forget(self, seq):
+        entry = self._outstanding.pop(seq, None)
+        if entry is not None and entry[1].active():
+            entry[1].cancel()
+
+    def _timedOut(self, seq):
+        entry = self._outstanding.pop(seq, None)
+        if entry is not None:
+            entry[0].errback(
+                RequestTimeout("no response to {} (seq {})".format(entry[2].name, seq))
+            )
+
+    def failAllOutgoing(self, reason):
+        """
+        Fail every outstanding request with C{reason}, and every later call
+        at once.  The table is swapped out before any errback runs, so
+        errbacks may safely call L{callRemote}.
+
+        @type reason: L{Failure}
+        """
+        self._failAllReason = reason
+        outstanding, self._outstanding = self._outstanding, {}
+        for d, timer, method in outstanding.values():
+            if timer.active():
+                timer.cancel()
+            d.errback(reason)
+
+    # -- incoming -------------------------------------------------------
+
+    def frameReceived(self, frame):
+        kind = frame.kind
+        if kind == _REQUEST:
+            self._requestReceived(frame)
+        elif kind == _RESPONSE:
+            self._responseReceived(frame)
+        elif kind == _NOTIFY:
+            self._notifyReceived(frame)
+        elif kind == _ERROR:
+            self._errorReceived(frame)
+        else:
+            self.closeWithError(pb.BAD_FRAME, "unknown frame kind {}".format(kind))
+
+    def locateResponder(self, name):
+        """
+        Find the responder for method C{name}.  Subclasses override this to
+        restrict what is allowed in a connection state.
+
+        @return: C{(Method, function)}
+        @raise RPCError: when there is none (L{UnknownMethod} here).
+        """
+        entry = self.responders.get(name)
+        if entry is None:
+            raise UnknownMethod("unknown method {!r}".format(name[:64]))
+        return entry
+
+    def _requestReceived(self, frame):
+        seq = frame.seq
+        incoming = self._incoming
+        if seq == 0 or (incoming is not None and seq in incoming):
+            self.closeWithError(
+                pb.DUPLICATE_SEQ,
+                "request seq {} is zero or still outstanding".format(seq),
+                seq,
+            )
+            return
+        try:
+            method, function = self.locateResponder(frame.method)
+            request = method.requestType()
+            try:
+                request.ParseFromString(frame.body)
+            except DecodeError:
+                raise RPCError(
+                    "body of {} does not parse".format(method.name),
+                    code=pb.BAD_REQUEST,
+                )
+            result = function(self, request)
+        except RPCError as e:
+            self._sendError(seq, e)
+            return
+        except Exception:
+            self._internalError(seq, Failure())
+            return
+        if isinstance(result, Deferred):
+            if incoming is None:
+                incoming = self._incoming = set()
+            incoming.add(seq)
+            result.addCallbacks(
+                self._asyncResult, self._asyncFailure, (seq,), None, (seq,)
+            )
+        else:
+            self._sendResult(seq, result)
+
+    def _asyncResult(self, result, seq):
+        self._incoming.discard(seq)
+        self._sendResult(seq, result)
+
+    def _asyncFailure(self, failure, seq):
+        self._incoming.discard(seq)
+        if failure.check(RPCError):
+            self._sendError(seq, failure.value)
+        else:
+            self._internalError(seq, failure)
+
+    def _sendResult(self, seq, result):
+        self.sendFrame(
+            pb.Frame(kind=_RESPONSE, seq=seq, body=result.SerializeToString())
+        )
+
+    def _sendError(self, seq, error):
+        self.sendFrame(
+            pb.Frame(
+                kind=_RESPONSE,
+                seq=seq,
+                error=pb.Error(code=error.code, message=error.message),
+            )
+        )
+        if error.fatal:
+            self.close()
+
+    def _internalError(self, seq, failure):
+        self.log.failure(
+            "unexpected error answering seq {seq} on connection {conn}",
+            failure,
+            seq=seq,
+            conn=self.connectionId,
+        )
+        self._sendError(seq, RPCError("internal error", code=pb.INTERNAL))
+
+    def _responseReceived(self, frame):
+        entry = self._outstanding.pop(frame.seq, None)
+        if entry is None:
+            self.log.warn(
+                "response for unknown seq {seq} on connection {conn} dropped",
+                seq=frame.seq,
+                conn=self.connectionId,
+            )
+            return
+        d, timer, method = entry
+        timer.cancel()
+        if frame.HasField("error"):
+            d.errback(RemoteError(frame.error.code, frame.error.message))
+            return
+        response = method.responseType()
+        try:
+            response.ParseFromString(frame.body)
+        except DecodeError:
+            d.errback(
+                RemoteError(pb.BAD_REQUEST, "response to {} does not parse".format(method.name))
+            )
+            return
+        d.callback(response)
+
+    def _notifyReceived(self, frame):
+        entry = self.notificationHandlers.get(frame.method)
+        if entry is None:
+            self.log.info(
+                "ignoring unknown notification {name!r} on connection {conn}",
+                name=frame.method[:64],
+                conn=self.connectionId,
+            )
+            return
+        notification, function = entry
+        message = notification.messageType()
+        try:
+            message.ParseFromString(frame.body)
+        except DecodeError:
+            self.log.warn(
+                "ignoring notification {name} with a body that does not parse"
+                " on connection {conn}",
+                name=notification.name,
+                conn=self.connectionId,
+            )
+            return
+        try:
+            function(self, message)
+        except Exception:
+            self.log.failure(
+                "handler for notification {name} failed on connection {conn}",
+                name=notification.name,
+                conn=self.connectionId,
+            )
+
+    def _errorReceived(self, frame):
+        self._peerError = ConnectionClosedByPeer(frame.error.code, frame.error.message)
+        self.log.info(
+            "peer closed connection {conn}: {code} {detail}",
+            conn=self.connectionId,
+            code=pb.ErrorCode.Name(frame.error.code)
+            if frame.error.code in pb.ErrorCode.values()
+            else frame.error.code,
+            detail=frame.error.message[:200],
+        )
+        self.close()
+
+    def connectionLost(self, reason):
+        self._closing = True
+        if self._peerError is not None:
+            reason = Failure(self._peerError)
+        self.failAllOutgoing(reason)
