@@ -1,0 +1,285 @@
+# -*- test-case-name: tests.test_protocol -*-
+"""
+The gate: one L{GateProtocol} per client connection, one L{GateFactory} per
+process holding the shared state.
+
+A connection moves through these states (docs/protocol.md draws them)::
+
+    NEW --auth--> AUTHENTICATING --ok--> AUTHENTICATED
+     |                 |  \\--fail--> closed (AUTH_FAILED / TOO_MANY_DEVICES)
+     |                 v
+     +--deadline--> closed (AUTH_TIMEOUT)
+
+Before auth only the C{auth} method is accepted and frames are limited to
+C{preauth_max_frame_length}.  After auth the connection is swept for
+idleness by L{GateFactory.sweep}: there is no per-connection timer on the
+idle path, only a timestamp written once per read.
+"""
+
+import itertools
+import random
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from imserver import methods
+from imserver.auth import validateDeviceId, validateUid
+from imserver.errors import (
+    AlreadyAuthenticated,
+    BadRequest,
+    NotAuthenticated,
+)
+from imserver.interfaces import ISession
+from imserver.pb import im_pb2 as pb
+from imserver.rpc import RPCProtocol
+
+NEW = "new"
+AUTHENTICATING = "authenticating"
+AUTHENTICATED = "authenticated"
+
+#: Methods accepted before auth has succeeded.
+PREAUTH_METHODS = frozenset([methods.AUTH.name])
+
+
+@implementer(ISession)
+class GateProtocol(RPCProtocol):
+    """
+    One client connection.
+
+    @ivar state: L{NEW}, L{AUTHENTICATING} or L{AUTHENTICATED}.
+    @ivar lastHeard: reactor time of the last read from the client.
+    """
+
+    log = Logger()
+    uid = None
+    deviceId = None
+    platform = pb.PLATFORM_UNSPECIFIED
+    heartbeatInterval = None
+
+    def __init__(self, factory, peer):
+        RPCProtocol.__init__(self, factory.clock)
+        self.factory = factory
+        self.peer = peer
+        self.state = NEW
+        self.connectionId = factory.nextConnectionId()
+        self.sessionId = "{}/{}".format(factory.gateId, self.connectionId)
+        self.gateId = factory.gateId
+        self.requestTimeout = factory.settings.request_timeout
+        self.maxFrameLength = factory.settings.preauth_max_frame_length
+        self._seconds = factory.clock.seconds
+        self._authTimer = None
+
+    def __repr__(self):
+        return "<GateProtocol {} {} {}>".format(self.connectionId, self.state, self.uid)
+
+    def connectionMade(self):
+        self.lastHeard = self._seconds()
+        self.factory.connections.add(self)
+        self._authTimer = self.clock.callLater(
+            self.factory.settings.auth_timeout, self._authTimedOut
+        )
+        self.log.debug(
+            "connection {conn} from {peer}", conn=self.connectionId, peer=self.peer
+        )
+
+    def dataReceived(self, data):
+        self.lastHeard = self._seconds()
+        RPCProtocol.dataReceived(self, data)
+
+    def connectionLost(self, reason):
+        if self._authTimer is not None and self._authTimer.active():
+            self._authTimer.cancel()
+        self._authTimer = None
+        if self.state == AUTHENTICATED:
+            self.factory.registry.unregister(self).addErrback(
+                lambda f: self.log.failure(
+                    "unregistering connection {conn} failed", f, conn=self.connectionId
+                )
+            )
+        RPCProtocol.connectionLost(self, reason)
+        self.factory.connectionClosed(self)
+        self.log.debug(
+            "connection {conn} ({uid}) closed: {reason}",
+            conn=self.connectionId,
+            uid=self.uid,
+            reason=reason.getErrorMessage(),
+        )
+
+    # -- dispatch -----------------------------------------------------------
+
+    def locateResponder(self, name):
+        if self.state != AUTHENTICATED and name not in PREAUTH_METHODS:
+            raise NotAuthenticated("authenticate first")
+        return RPCProtocol.locateResponder(self, name)
+
+    # -- auth ------------------------------------------------------------------
+
+    @methods.AUTH.responder
+    def auth(self, request):
+        if self.state != NEW:
+            raise AlreadyAuthenticated("auth was already {}".format(
+                "done" if self.state == AUTHENTICATED else "requested"))
+        try:
+            validateUid(request.uid)
+            validateDeviceId(request.device_id)
+        except ValueError as e:
+            raise BadRequest(str(e))
+        if len(request.client_version) > 64:
+            raise BadRequest("client_version is longer than 64 bytes")
+        self.state = AUTHENTICATING
+        d = self.factory.authenticator.authenticate(request.uid, request.token)
+        d.addCallback(self._authenticated, request)
+        d.addErrback(self._authFailed)
+        return d
+
+    def _authenticated(self, uid, request):
+        self.uid = uid
+        self.deviceId = request.device_id
+        self.platform = request.platform
+        return self.factory.registry.register(self).addCallback(
+            self._registered, request
+        )
+
+    def _registered(self, displaced, request):
+        if displaced is not None:
+            displaced.kick(pb.REPLACED, "the same device signed in again")
+        if self._closing:
+            # Closed (auth deadline, shutdown) while we were registering.
+            self.factory.registry.unregister(self)
+            self.state = NEW
+            return pb.AuthResponse()
+        self._authTimer.cancel()
+        self._authTimer = None
+        self.state = AUTHENTICATED
+        settings = self.factory.settings
+        self.maxFrameLength = settings.max_frame_length
+        self.heartbeatInterval = settings.heartbeat_interval * (
+            1.0 - settings.heartbeat_jitter * self.factory.random.random()
+        )
+        self.log.info(
+            "connection {conn} authenticated as {uid} device {device}",
+            conn=self.connectionId,
+            uid=self.uid,
+            device=self.deviceId,
+        )
+        return pb.AuthResponse(
+            heartbeat_interval_ms=int(self.heartbeatInterval * 1000),
+            idle_timeout_ms=int(settings.idle_timeout * 1000),
+            server_time_ms=int(self._seconds() * 1000),
+            session_id=self.sessionId,
+            max_frame_length=settings.max_frame_length,
+        )
+
+    def _authFailed(self, failure):
+        self.log.info(
+            "connection {conn} from {peer} failed auth: {why}",
+            conn=self.connectionId,
+            peer=self.peer,
+            why=failure.getErrorMessage(),
+        )
+        self.uid = self.deviceId = None
+        self.state = NEW
+        return failure
+
+    def _authTimedOut(self):
+        self._authTimer = None
+        self.closeWithError(pb.AUTH_TIMEOUT, "no auth within the deadline")
+
+    # -- heartbeat ---------------------------------------------------------
+
+    @methods.PING.responder
+    def ping(self, request):
+        return pb.PingResponse(server_time_ms=int(self._seconds() * 1000))
+
+    # -- ISession ----------------------------------------------------------
+
+    def kick(self, reason, message):
+        if self._closing:
+            return
+        self.log.info(
+            "kicking connection {conn} ({uid}): {reason}",
+            conn=self.connectionId,
+            uid=self.uid,
+            reason=pb.KickReason.Name(reason),
+        )
+        self.sendNotify(methods.KICKED, pb.Kicked(reason=reason, message=message))
+        self.close()
+
+
+class GateFactory(Factory):
+    """
+    Shared state of one gate process: settings, seams and live connections.
+
+    @ivar connections: every open L{GateProtocol}, authenticated or not.
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self, settings, authenticator, registry, clock, gateId, rng=None):
+        self.settings = settings
+        self.authenticator = authenticator
+        self.registry = registry
+        self.clock = clock
+        self.gateId = gateId
+        self.random = rng if rng is not None else random.SystemRandom()
+        self.connections = set()
+        self._ids = itertools.count(1)
+        self._drained = None
+
+    def nextConnectionId(self):
+        return next(self._ids)
+
+    def buildProtocol(self, addr):
+        return GateProtocol(self, addr)
+
+    def sweep(self):
+        """
+        Close every connection heard nothing from for C{idle_timeout}.  One
+        pass over the live connections; run every C{sweep_interval}.
+
+        @return: the number of connections closed.
+        """
+        deadline = self.clock.seconds() - self.settings.idle_timeout
+        idle = [p for p in self.connections if p.lastHeard <= deadline]
+        for p in idle:
+            p.closeWithError(pb.IDLE_TIMEOUT, "nothing received for the idle timeout")
+        return len(idle)
+
+    def connectionClosed(self, protocol):
+        """
+        Forget a connection that is gone.
+        """
+        self.connections.discard(protocol)
+        if self._drained is not None and not self.connections:
+            d, self._drained = self._drained, None
+            d.callback(None)
+
+    def shutdown(self):
+        """
+        Tell every connection the server is stopping and close it; abort
+        those still open after C{shutdown_grace}.  Stop listening first.
+
+        @return: a L{Deferred} firing once every connection is gone.
+        """
+        if not self.connections:
+            return succeed(None)
+        self.log.info("closing {n} connections for shutdown", n=len(self.connections))
+        self._drained = drained = Deferred()
+        timer = self.clock.callLater(self.settings.shutdown_grace, self._abortAll)
+        for p in list(self.connections):
+            p.closeWithError(pb.SERVER_SHUTDOWN, "server shutting down")
+
+        def finished(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return drained.addBoth(finished)
+
+    def _abortAll(self):
+        for p in list(self.connections):
+            self.log.warn("aborting connection {conn}", conn=p.connectionId)
+            p.transport.abortConnection()

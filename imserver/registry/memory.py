@@ -1,0 +1,58 @@
+# -*- test-case-name: tests.test_registry -*-
+"""
+The in-process session registry, for a single gate process.
+"""
+
+from twisted.internet.defer import fail, succeed
+from zope.interface import implementer
+
+from imserver.errors import TooManyDevices
+from imserver.interfaces import ISessionRegistry
+
+
+@implementer(ISessionRegistry)
+class MemorySessionRegistry:
+    """
+    Sessions by uid, then by device id, in dictionaries.
+
+    @ivar maxDevices: sessions allowed per uid.
+    """
+
+    def __init__(self, maxDevices=10):
+        self.maxDevices = maxDevices
+        self._byUid = {}
+        self._count = 0
+
+    def register(self, session):
+        devices = self._byUid.get(session.uid)
+        if devices is None:
+            devices = self._byUid[session.uid] = {}
+        displaced = devices.get(session.deviceId)
+        if displaced is None and len(devices) >= self.maxDevices:
+            return fail(
+                TooManyDevices(
+                    "{} devices are already connected; the limit is {}".format(
+                        len(devices), self.maxDevices
+                    )
+                )
+            )
+        devices[session.deviceId] = session
+        if displaced is None:
+            self._count += 1
+        return succeed(displaced)
+
+    def unregister(self, session):
+        devices = self._byUid.get(session.uid)
+        if devices is None or devices.get(session.deviceId) is not session:
+            return succeed(False)
+        del devices[session.deviceId]
+        if not devices:
+            del self._byUid[session.uid]
+        self._count -= 1
+        return succeed(True)
+
+    def sessionsFor(self, uid):
+        return succeed(list(self._byUid.get(uid, {}).values()))
+
+    def count(self):
+        return succeed(self._count)

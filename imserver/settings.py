@@ -1,0 +1,108 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+Every limit, interval and size the server enforces, in one place.
+
+Each field is a named setting with a default; L{imserver.tap.Options} turns
+every field into a command-line option (``max_frame_length`` becomes
+``--max-frame-length``), so ``twistd im --help`` lists them all.
+docs/protocol.md and docs/configuration.md give the same table.
+"""
+
+from dataclasses import dataclass, field, fields, replace
+
+
+def _setting(default, help, minimum=None):
+    return field(default=default, metadata={"help": help, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """
+    Server settings.  Times are in seconds, sizes in bytes.
+    """
+
+    max_frame_length: int = _setting(
+        64 * 1024, "Largest frame (bytes, length prefix excluded) after auth.", 64
+    )
+    preauth_max_frame_length: int = _setting(
+        4 * 1024, "Largest frame accepted before auth has succeeded.", 64
+    )
+    auth_timeout: float = _setting(
+        10.0, "Seconds a new connection has to authenticate.", 0.001
+    )
+    heartbeat_interval: float = _setting(
+        30.0, "Heartbeat interval told to clients (upper bound, before jitter).", 0.01
+    )
+    heartbeat_jitter: float = _setting(
+        0.2,
+        "Fraction of the interval removed at random per connection (0..0.9), so "
+        "clients do not beat in step.",
+        0.0,
+    )
+    idle_timeout: float = _setting(
+        90.0,
+        "Close a connection heard nothing from for this long (about 3 intervals).",
+        0.01,
+    )
+    sweep_interval: float = _setting(
+        1.0,
+        "How often the idle sweep runs; an idle connection is closed at most "
+        "this much after its idle timeout.",
+        0.001,
+    )
+    max_devices: int = _setting(
+        10, "Concurrent sessions (devices) allowed per user.", 1
+    )
+    request_timeout: float = _setting(
+        30.0, "Seconds the server waits for a response to its own requests.", 0.001
+    )
+    shutdown_grace: float = _setting(
+        5.0,
+        "Seconds connections get to close cleanly on shutdown before they are "
+        "aborted.",
+        0.0,
+    )
+    listen_backlog: int = _setting(
+        4096, "Listen queue length for endpoints that do not set backlog=.", 1
+    )
+
+    def __post_init__(self):
+        for f in fields(self):
+            minimum = f.metadata.get("minimum")
+            value = getattr(self, f.name)
+            if minimum is not None and value < minimum:
+                raise ValueError(
+                    "{} must be at least {}, not {}".format(
+                        optionName(f.name), minimum, value
+                    )
+                )
+        if self.heartbeat_jitter > 0.9:
+            raise ValueError("--heartbeat-jitter must be at most 0.9")
+        if self.idle_timeout <= self.heartbeat_interval:
+            raise ValueError("--idle-timeout must exceed --heartbeat-interval")
+        if self.preauth_max_frame_length > self.max_frame_length:
+            raise ValueError(
+                "--preauth-max-frame-length must not exceed --max-frame-length"
+            )
+        if self.max_frame_length > 0xFFFFFFFF:
+            raise ValueError("--max-frame-length must fit in 32 bits")
+
+    def replace(self, **changes):
+        """
+        Return a copy with C{changes} applied (and validated).
+        """
+        return replace(self, **changes)
+
+
+def optionName(fieldName):
+    """
+    The command-line spelling of a settings field.
+    """
+    return "--" + fieldName.replace("_", "-")
+
+
+def settingFields():
+    """
+    The settings fields, in declaration order.
+    """
+    return fields(Settings)
