@@ -1,0 +1,78 @@
+"""
+C{python -m imserver}: command-line tools.
+
+  - C{token}: mint a client token from the server secret.
+"""
+
+import sys
+import time
+
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+
+from imserver.tap import DEFAULT_DATA_DIR
+
+
+class TokenOptions(usage.Options):
+    synopsis = "--uid UID [--ttl SECONDS] [--data-dir DIR | --secret-file FILE]"
+    longdesc = (
+        "Print a client token for UID, signed with the server secret "
+        "(--secret-file, else $IMSERVER_SECRET, else <data-dir>/secret, "
+        "generated if absent, exactly as the server finds it)."
+    )
+    optParameters = [
+        ["uid", "u", None, "The user id the token is for."],
+        ["ttl", None, 86400, "Seconds the token stays valid.", int],
+        ["data-dir", "d", DEFAULT_DATA_DIR, "The server's data directory."],
+        ["secret-file", None, None, "File holding the secret."],
+    ]
+
+    def postOptions(self):
+        if not self["uid"]:
+            raise usage.UsageError("--uid is required")
+        if self["ttl"] < 1:
+            raise usage.UsageError("--ttl must be at least 1")
+
+
+class Options(usage.Options):
+    synopsis = "COMMAND [options]"
+    subCommands = [
+        ["token", None, TokenOptions, "Mint a client token for a uid."],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("name a command: " + ", ".join(
+                c[0] for c in self.subCommands))
+
+
+def token(options, out):
+    from imserver.auth import loadSecret, mintToken
+
+    secretFile = options["secret-file"]
+    secret = loadSecret(
+        FilePath(options["data-dir"]), FilePath(secretFile) if secretFile else None
+    )
+    try:
+        out.write(mintToken(secret, options["uid"], options["ttl"], time.time()) + "\n")
+    except ValueError as e:
+        raise usage.UsageError(str(e))
+
+
+def main(argv=None, out=sys.stdout):
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+        if options.subCommand == "token":
+            token(options.subOptions, out)
+    except usage.UsageError as e:
+        sys.stderr.write("{}\n{}: {}\n".format(options, sys.argv[0], e))
+        return 2
+    except ValueError as e:
+        sys.stderr.write("error: {}\n".format(e))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+C{twisted.application} services that make up a gate process.
+"""
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.python.failure import Failure
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+
+class ListenerService(Service):
+    """
+    Listen on one endpoint while running.
+
+    Like Twisted's C{StreamServerEndpointService} run by twistd: a listen
+    error that happens at once (port in use, bad interface) is raised from
+    L{startService}, so the process fails to start instead of running deaf.
+
+    @ivar port: the L{IListeningPort} once listening, else L{None}.
+    """
+
+    log = Logger()
+
+    def __init__(self, description, endpoint, factory):
+        self.setName("listen " + description)
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port = None
+        self._result = None
+        self._waiters = []
+
+    def startService(self):
+        Service.startService(self)
+        self._result = None
+        self.endpoint.listen(self.factory).addBoth(self._listenDone)
+        if isinstance(self._result, Failure):
+            self._result.raiseException()
+
+    def _listenDone(self, result):
+        self._result = result
+        if isinstance(result, Failure):
+            self.log.failure("{name} cannot listen", result, name=self.name)
+        else:
+            self.port = result
+            self.log.info(
+                "{name} listening on {address}",
+                name=self.name,
+                address=_format(result.getHost()),
+            )
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(result)
+
+    def whenListening(self):
+        """
+        @return: a L{Deferred} firing with the L{IListeningPort}, or failing
+            with the reason listening failed.
+        """
+        if isinstance(self._result, Failure):
+            return fail(self._result)
+        if self._result is not None:
+            return succeed(self._result)
+        d = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def stopService(self):
+        Service.stopService(self)
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+def _format(address):
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    if ":" in host:
+        host = "[{}]".format(host)
+    return "{}:{}".format(host, address.port)
+
+
+class GateService(MultiService):
+    """
+    The listeners of one gate, its connections and their idle sweep.
+
+    Stopping it stops listening first, then closes every connection with a
+    C{SERVER_SHUTDOWN} error (aborting stragglers after the grace period),
+    then stops the sweep.
+
+    @ivar factory: the L{imserver.protocol.GateFactory}.
+    @ivar listeners: a L{ListenerService} per endpoint.
+    """
+
+    def __init__(self, factory, endpoints):
+        """
+        @param endpoints: C{(description, IStreamServerEndpoint)} pairs.
+        """
+        MultiService.__init__(self)
+        self.setName("gate")
+        self.factory = factory
+        self.listeners = []
+        for description, endpoint in endpoints:
+            listener = ListenerService(description, endpoint, factory)
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+        self._sweeper = LoopingCall(factory.sweep)
+        self._sweeper.clock = factory.clock
+
+    def startService(self):
+        MultiService.startService(self)
+        self._sweeper.start(self.factory.settings.sweep_interval, now=False)
+
+    def stopService(self):
+        d = MultiService.stopService(self)
+        d.addCallback(lambda _: self.factory.shutdown())
+
+        def stopSweeping(result):
+            if self._sweeper.running:
+                self._sweeper.stop()
+            return result
+
+        return d.addBoth(stopSweeping)
+
+    def addresses(self):
+        """
+        @return: a L{Deferred} firing with the listening addresses
+            (C{IAddress}), in the order of the endpoints.
+        """
+        return gatherResults(
+            [listener.whenListening() for listener in self.listeners]
+        ).addCallback(lambda ports: [p.getHost() for p in ports])

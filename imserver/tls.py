@@ -1,0 +1,147 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+TLS for the gate: the hardened server context, and a self-signed
+certificate generated into the data directory for the embedded default.
+
+The profile is Mozilla "intermediate": TLS 1.2 and 1.3 only, forward-secret
+AEAD suites only (ECDHE with AES-GCM or ChaCha20-Poly1305), no compression,
+no renegotiation.
+"""
+
+import datetime
+import hashlib
+import ipaddress
+import os
+import re
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+log = Logger()
+
+#: TLS 1.2 suites allowed (TLS 1.3 suites are all AEAD and forward secret).
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
+)
+
+CERT_FILE_NAME = "tls-cert.pem"
+KEY_FILE_NAME = "tls-key.pem"
+
+
+class HardenedCertificateOptions(ssl.CertificateOptions):
+    """
+    L{ssl.CertificateOptions} that also refuses renegotiation.
+    """
+
+    def _makeContext(self):
+        ctx = super()._makeContext()
+        ctx.set_options(SSL.OP_NO_RENEGOTIATION)
+        return ctx
+
+
+def serverOptions(certPEM, keyPEM, chainPEM=None):
+    """
+    The server TLS context factory.
+
+    @param certPEM: the certificate, PEM L{bytes}.
+    @param keyPEM: its private key, PEM L{bytes}.
+    @param chainPEM: intermediate certificates, PEM L{bytes}, or L{None}.
+    @rtype: L{ssl.CertificateOptions}
+    """
+    cert = ssl.PrivateCertificate.loadPEM(certPEM + b"\n" + keyPEM)
+    chain = None
+    if chainPEM:
+        chain = [
+            ssl.Certificate.loadPEM(block).original
+            for block in _PEM_CERTIFICATE.findall(chainPEM)
+        ]
+        if not chain:
+            raise ValueError("the certificate chain holds no PEM certificate")
+    return HardenedCertificateOptions(
+        privateKey=cert.privateKey.original,
+        certificate=cert.original,
+        extraCertChain=chain,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+    )
+
+
+def fingerprint(certPEM):
+    """
+    The SHA-256 fingerprint of a PEM certificate, as colon-separated hex.
+    """
+    der = x509.load_pem_x509_certificate(certPEM).public_bytes(serialization.Encoding.DER)
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def makeSelfSigned(hostnames=("localhost",), addresses=("127.0.0.1", "::1"), days=3650,
+                   now=None):
+    """
+    Make a self-signed ECDSA P-256 certificate for C{hostnames} and
+    C{addresses}.
+
+    @return: C{(certPEM, keyPEM)}
+    """
+    if now is None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
+    san = [x509.DNSName(h) for h in hostnames] + [
+        x509.IPAddress(ipaddress.ip_address(a)) for a in addresses
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return (
+        cert.public_bytes(serialization.Encoding.PEM),
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+def ensureSelfSigned(dataDir):
+    """
+    Return the paths of the data directory's self-signed certificate and
+    key, generating them first if absent (key mode 0600).  Logs the path and
+    the SHA-256 fingerprint, so clients can pin or trust it.
+
+    @type dataDir: L{twisted.python.filepath.FilePath}
+    @return: C{(certPath, keyPath)}, L{FilePath}s.
+    """
+    certPath = dataDir.child(CERT_FILE_NAME)
+    keyPath = dataDir.child(KEY_FILE_NAME)
+    if not (certPath.exists() and keyPath.exists()):
+        if not dataDir.exists():
+            dataDir.makedirs()
+        certPEM, keyPEM = makeSelfSigned()
+        fd = os.open(keyPath.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(keyPEM)
+        certPath.setContent(certPEM)
+        log.info("generated a self-signed TLS certificate {path}", path=certPath.path)
+    log.info(
+        "TLS certificate {path} SHA-256 {fingerprint}",
+        path=certPath.path,
+        fingerprint=fingerprint(certPath.getContent()),
+    )
+    return certPath, keyPath
