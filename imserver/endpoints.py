@@ -33,7 +33,7 @@ def splitDescription(description):
     """
     args, kwargs = [], {}
     current, parts, escaped = [], [], False
-    for ch in description + ":":
+    for ch in description:
         if escaped:
             current.append(ch)
             escaped = False
@@ -46,6 +46,7 @@ def splitDescription(description):
             current.append(ch)
     if escaped:
         raise ValueError("endpoint description ends with a backslash")
+    parts.append("".join(current))
     for index, part in enumerate(parts):
         # Twisted only treats '=' as naming in arguments after the type.
         name, eq, value = part.partition("=")

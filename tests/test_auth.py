@@ -1,0 +1,184 @@
+"""
+Tests for L{imserver.auth}: tokens, the authenticator and the secret.
+"""
+
+import base64
+import hashlib
+import hmac
+import os
+import stat
+
+from twisted.internet.testing import Clock
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from imserver.auth import (
+    TokenAuthenticator,
+    loadSecret,
+    mintToken,
+    validateUid,
+    verifyToken,
+)
+from imserver.errors import AuthFailed
+from imserver.interfaces import IAuthenticator
+
+SECRET = b"s" * 32
+NOW = 1_700_000_000
+
+
+class TokenTests(SynchronousTestCase):
+    """
+    L{mintToken} and L{verifyToken}.
+    """
+
+    def test_roundTrip(self):
+        """
+        A minted token verifies for its uid until its expiry, exclusive.
+        """
+        token = mintToken(SECRET, "alice", 60, NOW)
+        self.assertTrue(verifyToken(SECRET, "alice", token, NOW))
+        self.assertTrue(verifyToken(SECRET, "alice", token, NOW + 59.9))
+        self.assertFalse(verifyToken(SECRET, "alice", token, NOW + 60))
+
+    def test_format(self):
+        """
+        The token is C{v1.<expiry>.<base64url HMAC-SHA256>} as documented.
+        """
+        token = mintToken(SECRET, "alice", 60, NOW)
+        mac = hmac.new(SECRET, b"imserver-token-v1\nalice\n1700000060", hashlib.sha256).digest()
+        self.assertEqual(
+            token, "v1.1700000060." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+        )
+
+    def test_otherUid(self):
+        """
+        A token does not verify for another uid.
+        """
+        self.assertFalse(verifyToken(SECRET, "bob", mintToken(SECRET, "alice", 60, NOW), NOW))
+
+    def test_otherSecret(self):
+        """
+        A token signed with another secret does not verify.
+        """
+        self.assertFalse(verifyToken(SECRET, "alice", mintToken(b"t" * 32, "alice", 60, NOW), NOW))
+
+    def test_tampered(self):
+        """
+        Changing the expiry or the signature invalidates the token.
+        """
+        version, expiry, sig = mintToken(SECRET, "alice", 60, NOW).split(".")
+        self.assertFalse(verifyToken(SECRET, "alice", ".".join([version, str(int(expiry) + 1000), sig]), NOW))
+        self.assertFalse(verifyToken(SECRET, "alice", ".".join([version, expiry, sig[:-1] + "A"]), NOW))
+
+    def test_malformed(self):
+        """
+        Malformed tokens are refused without raising.
+        """
+        for token in ["", "v1", "v1..", "v2.1.x", "v1.-5.x", "v1.1e9.x", "v1.١٢٣.x",
+                      "v1.1.x.y", "v1.1." + "x" * 300, "v1.1.\u00e9"]:
+            self.assertFalse(verifyToken(SECRET, "alice", token, NOW), token)
+
+    def test_ttl(self):
+        """
+        A TTL below one second is refused.
+        """
+        self.assertRaises(ValueError, mintToken, SECRET, "alice", 0, NOW)
+
+    def test_uidShape(self):
+        """
+        Uids are 1 to 128 bytes of UTF-8 without control characters.
+        """
+        validateUid("a")
+        validateUid("é" * 64)
+        for bad in ["", "é" * 65, "a\tb", "\x7f"]:
+            self.assertRaises(ValueError, validateUid, bad)
+
+
+class AuthenticatorTests(SynchronousTestCase):
+    """
+    L{TokenAuthenticator}.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.authenticator = TokenAuthenticator(SECRET, self.clock)
+
+    def test_interface(self):
+        """
+        It provides L{IAuthenticator}.
+        """
+        verifyObject(IAuthenticator, self.authenticator)
+
+    def test_accepts(self):
+        """
+        A valid token fires with the uid.
+        """
+        token = mintToken(SECRET, "alice", 60, NOW)
+        self.assertEqual(self.successResultOf(self.authenticator.authenticate("alice", token)), "alice")
+
+    def test_refusesUsingClock(self):
+        """
+        Expiry is judged by the injected clock; every failure is the same
+        L{AuthFailed}.
+        """
+        token = mintToken(SECRET, "alice", 60, NOW)
+        self.clock.advance(60)
+        first = self.failureResultOf(self.authenticator.authenticate("alice", token), AuthFailed)
+        second = self.failureResultOf(self.authenticator.authenticate("bob", "junk"), AuthFailed)
+        self.assertEqual(str(first.value), str(second.value))
+
+    def test_secretNotInRepr(self):
+        """
+        The secret does not appear in the authenticator's repr.
+        """
+        self.assertNotIn("sss", repr(self.authenticator))
+
+
+class SecretTests(SynchronousTestCase):
+    """
+    L{loadSecret}.
+    """
+
+    def setUp(self):
+        self.dataDir = FilePath(self.mktemp())
+
+    def test_generated(self):
+        """
+        Without a file or environment variable, a secret is generated into
+        the data dir with mode 0600 and reused afterwards.
+        """
+        secret = loadSecret(self.dataDir, environ={})
+        self.assertEqual(len(secret), 64)
+        path = self.dataDir.child("secret")
+        self.assertEqual(stat.S_IMODE(os.stat(path.path).st_mode), 0o600)
+        self.assertEqual(loadSecret(self.dataDir, environ={}), secret)
+
+    def test_fileFirst(self):
+        """
+        A secret file wins over the environment and the data dir.
+        """
+        path = FilePath(self.mktemp())
+        path.setContent(b"from-the-file-0123456789\n")
+        self.assertEqual(
+            loadSecret(self.dataDir, path, environ={"IMSERVER_SECRET": "x" * 20}),
+            b"from-the-file-0123456789",
+        )
+        self.assertFalse(self.dataDir.exists())
+
+    def test_environment(self):
+        """
+        C{$IMSERVER_SECRET} wins over the data dir.
+        """
+        self.assertEqual(
+            loadSecret(self.dataDir, environ={"IMSERVER_SECRET": "e" * 20}), b"e" * 20
+        )
+
+    def test_tooShort(self):
+        """
+        A secret under 16 bytes is refused.
+        """
+        self.assertRaises(
+            ValueError, loadSecret, self.dataDir, environ={"IMSERVER_SECRET": "short"}
+        )

@@ -1,0 +1,141 @@
+"""
+Tests for L{imserver.client.ClientProtocol}: auth, heartbeats, notifies and
+closing, on L{StringTransport} and L{Clock}.
+"""
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import Clock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from imserver.client import ClientProtocol
+from imserver.errors import ConnectionClosedByPeer
+from imserver.framing import encodeFrame
+from imserver.pb import im_pb2 as pb
+
+from tests.test_framing import readFrames
+
+
+class ClientTests(SynchronousTestCase):
+    """
+    The client side of the protocol.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.notified = []
+        self.client = ClientProtocol(self.clock, lambda n, m: self.notified.append((n, m)))
+        self.transport = StringTransport()
+        self.client.makeConnection(self.transport)
+
+    def written(self):
+        frames = readFrames(self.transport.value())
+        self.transport.clear()
+        return frames
+
+    def respond(self, seq, message):
+        self.client.dataReceived(
+            encodeFrame(pb.Frame(kind=pb.RESPONSE, seq=seq, body=message.SerializeToString()))
+        )
+
+    def authenticate(self, interval_ms=10000):
+        d = self.client.authenticate("alice", "tok", "phone", pb.ANDROID, lastSeq=5)
+        [frame] = self.written()
+        self.respond(frame.seq, pb.AuthResponse(heartbeat_interval_ms=interval_ms,
+                                                idle_timeout_ms=30000))
+        return self.successResultOf(d), frame
+
+    def test_authRequest(self):
+        """
+        C{authenticate} sends every field of the C{auth} request and fires
+        with the response.
+        """
+        response, frame = self.authenticate()
+        self.assertEqual(frame.method, "auth")
+        request = pb.AuthRequest.FromString(frame.body)
+        self.assertEqual(
+            (request.uid, request.token, request.device_id, request.platform, request.last_seq),
+            ("alice", "tok", "phone", pb.ANDROID, 5),
+        )
+        self.assertTrue(request.client_version.startswith("imserver.client/"))
+        self.assertEqual(self.client.session, response)
+        self.assertEqual(self.client.heartbeatInterval, 10.0)
+
+    def test_pingWhenQuiet(self):
+        """
+        The client pings only once it has sent nothing for the interval.
+        """
+        self.authenticate()
+        self.clock.advance(6)
+        d = self.client.ping()
+        [ping] = self.written()
+        self.respond(ping.seq, pb.PingResponse())
+        self.successResultOf(d)
+        self.clock.advance(4)
+        self.assertEqual(self.written(), [])
+        self.clock.advance(5.5)
+        self.assertEqual(self.written(), [])
+        self.clock.advance(0.5)
+        [frame] = self.written()
+        self.assertEqual(frame.method, "ping")
+
+    def test_deadServer(self):
+        """
+        A ping not answered within the interval drops the connection.
+        """
+        self.authenticate()
+        self.clock.advance(10)
+        [ping] = self.written()
+        self.clock.advance(9.5)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.5)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_answeredPingKeepsGoing(self):
+        """
+        An answered ping keeps the connection, and the next ping follows one
+        interval later.
+        """
+        self.authenticate()
+        self.clock.advance(10)
+        [ping] = self.written()
+        self.respond(ping.seq, pb.PingResponse())
+        self.clock.advance(10)
+        self.assertFalse(self.transport.disconnecting)
+        [ping] = self.written()
+        self.assertEqual(ping.method, "ping")
+
+    def test_kicked(self):
+        """
+        A C{kicked} notify is recorded and delivered to the callback.
+        """
+        kicked = pb.Kicked(reason=pb.REPLACED, message="again")
+        self.client.dataReceived(encodeFrame(
+            pb.Frame(kind=pb.NOTIFY, method="kicked", body=kicked.SerializeToString())))
+        self.assertEqual(self.client.kicked, kicked)
+        self.assertEqual(self.notified, [("kicked", kicked)])
+
+    def test_closeStopsHeartbeat(self):
+        """
+        Closing cancels the heartbeat timer and fires C{whenClosed} with the
+        reason.
+        """
+        self.authenticate()
+        d = self.client.close()
+        self.assertTrue(self.transport.disconnecting)
+        self.client.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(self.successResultOf(d), ConnectionDone)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIsInstance(self.successResultOf(self.client.whenClosed()), ConnectionDone)
+
+    def test_closedByServer(self):
+        """
+        After an ERROR frame, C{whenClosed} fires with
+        L{ConnectionClosedByPeer} carrying the code.
+        """
+        self.client.dataReceived(encodeFrame(
+            pb.Frame(kind=pb.ERROR, error=pb.Error(code=pb.SERVER_SHUTDOWN))))
+        self.client.connectionLost(Failure(ConnectionDone()))
+        reason = self.successResultOf(self.client.whenClosed())
+        self.assertIsInstance(reason, ConnectionClosedByPeer)
+        self.assertEqual(reason.code, pb.SERVER_SHUTDOWN)

@@ -1,0 +1,139 @@
+"""
+Tests for L{imserver.tls} and L{imserver.endpoints}.
+"""
+
+from OpenSSL import SSL
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from imserver import tls
+from imserver.endpoints import listenEndpoint, splitDescription
+
+
+class ContextTests(SynchronousTestCase):
+    """
+    The server TLS context.
+    """
+
+    def setUp(self):
+        cert, key = tls.makeSelfSigned()
+        self.options = tls.serverOptions(cert, key)
+        self.context = self.options.getContext()
+
+    def test_ciphers(self):
+        """
+        Only ECDHE suites with AES-GCM or ChaCha20 are offered for TLS 1.2
+        (TLS 1.3 suites are all AEAD).
+        """
+        connection = SSL.Connection(self.context, None)
+        names = connection.get_cipher_list()
+        tls12 = [n for n in names if not n.startswith("TLS_")]
+        self.assertTrue(tls12)
+        for name in tls12:
+            self.assertTrue(name.startswith("ECDHE-"), name)
+            self.assertTrue("GCM" in name or "CHACHA20" in name, name)
+
+    def test_minimumVersion(self):
+        """
+        TLS 1.0 and 1.1 are disabled; compression and renegotiation too.
+        """
+        options = self.context.set_options(0)  # returns the current options
+        for flag in (SSL.OP_NO_TLSv1, SSL.OP_NO_TLSv1_1, SSL.OP_NO_COMPRESSION,
+                     SSL.OP_NO_RENEGOTIATION):
+            self.assertTrue(options & flag, flag)
+
+
+class SelfSignedTests(SynchronousTestCase):
+    """
+    L{tls.ensureSelfSigned}.
+    """
+
+    def test_generatedOnce(self):
+        """
+        The certificate and key are generated once (key mode 0600) and
+        reused.
+        """
+        dataDir = FilePath(self.mktemp())
+        cert, key = tls.ensureSelfSigned(dataDir)
+        self.assertEqual(key.getPermissions().shorthand(), "rw-------")
+        content = cert.getContent()
+        cert2, key2 = tls.ensureSelfSigned(dataDir)
+        self.assertEqual(cert2.getContent(), content)
+
+    def test_fingerprint(self):
+        """
+        The fingerprint is 32 colon-separated hex bytes.
+        """
+        cert, _ = tls.makeSelfSigned()
+        parts = tls.fingerprint(cert).split(":")
+        self.assertEqual(len(parts), 32)
+        self.assertTrue(all(len(p) == 2 for p in parts))
+
+
+class EndpointTests(SynchronousTestCase):
+    """
+    L{listenEndpoint} and L{splitDescription}.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        directory = FilePath(self.mktemp())
+        self.certificate = tls.ensureSelfSigned(directory)
+
+    def test_split(self):
+        """
+        Descriptions split on unescaped colons into positional and keyword
+        arguments.
+        """
+        self.assertEqual(
+            splitDescription(r"tcp6:7000:interface=\:\:1"),
+            (["tcp6", "7000"], {"interface": "::1"}),
+        )
+        self.assertRaises(ValueError, splitDescription, "tcp:1\\")
+
+    def test_tcpBacklog(self):
+        """
+        tcp: endpoints get the default backlog unless they set one.
+        """
+        endpoint = listenEndpoint(self.reactor, "tcp:0:interface=127.0.0.1", None, 4096)
+        self.assertIsInstance(endpoint, TCP4ServerEndpoint)
+        endpoint.listen(object())
+        self.assertEqual(self.reactor.tcpServers[0][2], 4096)
+        listenEndpoint(self.reactor, "tcp:0:backlog=10", None, 4096).listen(object())
+        self.assertEqual(self.reactor.tcpServers[1][2], 10)
+
+    def test_sslDefaults(self):
+        """
+        ssl: endpoints use the given certificate, the hardened options and
+        the default backlog.
+        """
+        endpoint = listenEndpoint(self.reactor, "ssl:7443:interface=127.0.0.1",
+                                  self.certificate, 4096)
+        self.assertIsInstance(endpoint, SSL4ServerEndpoint)
+        endpoint.listen(object())
+        port, factory, options, backlog, interface = self.reactor.sslServers[0]
+        self.assertEqual((port, backlog, interface), (7443, 4096, "127.0.0.1"))
+        self.assertIsInstance(options, tls.HardenedCertificateOptions)
+
+    def test_sslOwnCertificate(self):
+        """
+        ssl: endpoints may name their own certificate files.
+        """
+        cert, key = self.certificate
+        endpoint = listenEndpoint(
+            self.reactor, "ssl:port=1:certKey={}:privateKey={}".format(cert.path, key.path),
+            None, 4096)
+        endpoint.listen(object())
+        self.assertEqual(self.reactor.sslServers[0][0], 1)
+
+    def test_sslErrors(self):
+        """
+        Unsupported keywords, a missing port or a missing certificate are
+        errors.
+        """
+        for description in ["ssl:1:sslmethod=TLSv1_METHOD", "ssl:interface=x"]:
+            self.assertRaises(ValueError, listenEndpoint, self.reactor, description,
+                              self.certificate, 4096)
+        self.assertRaises(ValueError, listenEndpoint, self.reactor, "ssl:1", None, 4096)
