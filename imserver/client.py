@@ -178,7 +178,7 @@ class ClientProtocol(RPCProtocol):
         self._lostReason = self._peerError or reason.value
         waiters, self._closedWaiters = self._closedWaiters, []
         for d in waiters:
-            d.callback(reason.value)
+            d.callback(self._lostReason)
 
 
 def clientEndpoint(reactor, host, port, tls=True, caFile=None, trustRoot=None,
