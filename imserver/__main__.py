@@ -18,7 +18,7 @@ class TokenOptions(usage.Options):
     longdesc = (
         "Print a client token for UID, signed with the server secret "
         "(--secret-file, else $IMSERVER_SECRET, else <data-dir>/secret, "
-        "generated if absent, exactly as the server finds it)."
+        "as the server finds it; it is never generated here)."
     )
     optParameters = [
         ["uid", "u", None, "The user id the token is for."],
@@ -51,7 +51,9 @@ def token(options, out):
 
     secretFile = options["secret-file"]
     secret = loadSecret(
-        FilePath(options["data-dir"]), FilePath(secretFile) if secretFile else None
+        FilePath(options["data-dir"]),
+        FilePath(secretFile) if secretFile else None,
+        create=False,
     )
     try:
         out.write(mintToken(secret, options["uid"], options["ttl"], time.time()) + "\n")

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import unicodedata
 
 from twisted.internet.defer import fail, succeed
 from twisted.logger import Logger
@@ -34,6 +35,9 @@ _CONTEXT = b"imserver-token-v1\n"
 MAX_TOKEN_LENGTH = 256
 #: The smallest secret accepted, in bytes.
 MIN_SECRET_LENGTH = 16
+#: Unicode categories refused in identifiers: control characters (C0, DEL,
+#: C1), line and paragraph separators.
+_FORBIDDEN_CATEGORIES = frozenset(["Cc", "Zl", "Zp"])
 #: Environment variable that may hold the secret itself.
 SECRET_ENV = "IMSERVER_SECRET"
 SECRET_FILE_NAME = "secret"
@@ -88,7 +92,7 @@ def verifyToken(secret, uid, token, now):
 def validateUid(uid):
     """
     Check the shape of a user id: 1 to 128 bytes of UTF-8 without control
-    characters.
+    characters (Unicode category Cc) or line/paragraph separators (Zl, Zp).
 
     @raise ValueError: if it is not.
     """
@@ -109,8 +113,11 @@ def _validateIdentifier(name, value):
         raise ValueError("{} is empty".format(name))
     if len(value.encode("utf-8")) > 128:
         raise ValueError("{} is longer than 128 bytes".format(name))
-    if not value.isprintable():
-        raise ValueError("{} contains control characters".format(name))
+    for ch in value:
+        if unicodedata.category(ch) in _FORBIDDEN_CATEGORIES:
+            raise ValueError(
+                "{} contains a control or line-separator character".format(name)
+            )
 
 
 @implementer(IAuthenticator)
@@ -134,11 +141,11 @@ class TokenAuthenticator:
         return fail(AuthFailed())
 
 
-def loadSecret(dataDir=None, secretFile=None, environ=os.environ):
+def loadSecret(dataDir=None, secretFile=None, environ=os.environ, create=True):
     """
     Find the server secret: C{secretFile} if given, else the environment
     variable C{IMSERVER_SECRET}, else the file C{secret} in C{dataDir},
-    generated (32 random bytes, hex, mode 0600) if absent.
+    generated (32 random bytes, hex, mode 0600) if absent and C{create}.
 
     @param dataDir: a L{twisted.python.filepath.FilePath} or L{None}.
     @param secretFile: a L{twisted.python.filepath.FilePath} or L{None}.
@@ -154,6 +161,11 @@ def loadSecret(dataDir=None, secretFile=None, environ=os.environ):
     elif dataDir is not None:
         path = dataDir.child(SECRET_FILE_NAME)
         if not path.exists():
+            if not create:
+                raise ValueError(
+                    "no secret at {}: start the server once with this data dir,"
+                    " or give --secret-file or ${}".format(path.path, SECRET_ENV)
+                )
             _createSecret(path)
             log.info("generated a new server secret in {path}", path=path.path)
         secret = path.getContent().strip()

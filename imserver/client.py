@@ -107,6 +107,10 @@ class ClientProtocol(RPCProtocol):
 
     # -- heartbeat ------------------------------------------------------------
 
+    @methods.PING.responder
+    def _pingReceived(self, request):
+        return pb.PingResponse(server_time_ms=int(self._seconds() * 1000))
+
     def _scheduleHeartbeat(self, delay):
         self._heartbeat = self.clock.callLater(delay, self._beat)
 

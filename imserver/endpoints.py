@@ -70,9 +70,17 @@ def listenEndpoint(reactor, description, certificate, backlog):
     @raise ValueError: if the description is invalid.
     """
     args, kwargs = splitDescription(description)
-    kind = args[0]
+    kind = args[0].lower()
+    if "ssl" in (a.lower() for a in args[1:]):
+        raise ValueError(
+            "ssl: inside another endpoint type is not supported; terminate TLS "
+            "in the proxy and use haproxy:tcp:..., or listen on ssl: directly"
+        )
     if kind == "ssl":
         return _sslEndpoint(reactor, args[1:], kwargs, certificate, backlog)
+    # Twisted matches built-in types case-sensitively and plugins
+    # case-insensitively; we accept any case for all.
+    description = kind + description[len(args[0]):]
     if kind in _BACKLOG_TYPES and "backlog" not in kwargs:
         description += ":backlog={}".format(backlog)
     return serverFromString(reactor, description)

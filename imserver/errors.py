@@ -105,6 +105,13 @@ class RequestTimeout(Exception):
     code = pb.TIMEOUT
 
 
+class MalformedResponse(Exception):
+    """
+    The peer's response body does not parse as the method's response type
+    (a peer speaking another version of the protocol, or a bug).
+    """
+
+
 class ConnectionClosedByPeer(Exception):
     """
     The peer sent an ERROR frame (and closed the connection).

@@ -11,9 +11,9 @@ A connection moves through these states (docs/protocol.md draws them)::
      +--deadline--> closed (AUTH_TIMEOUT)
 
 Before auth only the C{auth} method is accepted and frames are limited to
-C{preauth_max_frame_length}.  After auth the connection is swept for
-idleness by L{GateFactory.sweep}: there is no per-connection timer on the
-idle path, only a timestamp written once per read.
+C{preauth_max_frame_length}.  Every connection, authenticated or not, is
+swept for idleness by L{GateFactory.sweep}: there is no per-connection
+timer on the idle path, only a timestamp written once per read.
 """
 
 import itertools
@@ -39,6 +39,8 @@ NEW = "new"
 AUTHENTICATING = "authenticating"
 AUTHENTICATED = "authenticated"
 
+_PLATFORMS = frozenset(pb.Platform.values())
+
 #: Methods accepted before auth has succeeded.
 PREAUTH_METHODS = frozenset([methods.AUTH.name])
 
@@ -57,6 +59,7 @@ class GateProtocol(RPCProtocol):
     deviceId = None
     platform = pb.PLATFORM_UNSPECIFIED
     heartbeatInterval = None
+    _inRegistry = False
 
     def __init__(self, factory, peer):
         RPCProtocol.__init__(self, factory.clock)
@@ -92,12 +95,7 @@ class GateProtocol(RPCProtocol):
         if self._authTimer is not None and self._authTimer.active():
             self._authTimer.cancel()
         self._authTimer = None
-        if self.state == AUTHENTICATED:
-            self.factory.registry.unregister(self).addErrback(
-                lambda f: self.log.failure(
-                    "unregistering connection {conn} failed", f, conn=self.connectionId
-                )
-            )
+        self._leaveRegistry()
         RPCProtocol.connectionLost(self, reason)
         self.factory.connectionClosed(self)
         self.log.debug(
@@ -126,8 +124,10 @@ class GateProtocol(RPCProtocol):
             validateDeviceId(request.device_id)
         except ValueError as e:
             raise BadRequest(str(e))
-        if len(request.client_version) > 64:
+        if len(request.client_version.encode("utf-8")) > 64:
             raise BadRequest("client_version is longer than 64 bytes")
+        if request.platform not in _PLATFORMS:
+            raise BadRequest("unknown platform {}".format(request.platform))
         self.state = AUTHENTICATING
         d = self.factory.authenticator.authenticate(request.uid, request.token)
         d.addCallback(self._authenticated, request)
@@ -135,6 +135,10 @@ class GateProtocol(RPCProtocol):
         return d
 
     def _authenticated(self, uid, request):
+        if self._closing:
+            # Closed (auth deadline, shutdown) while the token was checked:
+            # nothing to register, and the answer goes nowhere.
+            return pb.AuthResponse()
         self.uid = uid
         self.deviceId = request.device_id
         self.platform = request.platform
@@ -143,34 +147,51 @@ class GateProtocol(RPCProtocol):
         )
 
     def _registered(self, displaced, request):
+        self._inRegistry = True
         if displaced is not None:
+            # The registry already holds this session in its place, so the
+            # old one is kicked even if this connection closes right now.
             displaced.kick(pb.REPLACED, "the same device signed in again")
         if self._closing:
             # Closed (auth deadline, shutdown) while we were registering.
-            self.factory.registry.unregister(self)
+            self._leaveRegistry()
             self.state = NEW
             return pb.AuthResponse()
-        self._authTimer.cancel()
-        self._authTimer = None
-        self.state = AUTHENTICATED
         settings = self.factory.settings
-        self.maxFrameLength = settings.max_frame_length
-        self.heartbeatInterval = settings.heartbeat_interval * (
+        heartbeatInterval = settings.heartbeat_interval * (
             1.0 - settings.heartbeat_jitter * self.factory.random.random()
         )
-        self.log.info(
-            "connection {conn} authenticated as {uid} device {device}",
-            conn=self.connectionId,
-            uid=self.uid,
-            device=self.deviceId,
-        )
-        return pb.AuthResponse(
-            heartbeat_interval_ms=int(self.heartbeatInterval * 1000),
+        response = pb.AuthResponse(
+            heartbeat_interval_ms=int(heartbeatInterval * 1000),
             idle_timeout_ms=int(settings.idle_timeout * 1000),
             server_time_ms=int(self._seconds() * 1000),
             session_id=self.sessionId,
             max_frame_length=settings.max_frame_length,
         )
+        self._authTimer.cancel()
+        self._authTimer = None
+        self.state = AUTHENTICATED
+        self.heartbeatInterval = heartbeatInterval
+        self.maxFrameLength = settings.max_frame_length
+        self.log.info(
+            "connection {conn} authenticated as {uid} device {device}"
+            " ({platform}, {version!r})",
+            conn=self.connectionId,
+            uid=self.uid,
+            device=self.deviceId,
+            platform=pb.Platform.Name(self.platform),
+            version=request.client_version,
+        )
+        return response
+
+    def _leaveRegistry(self):
+        if self._inRegistry:
+            self._inRegistry = False
+            self.factory.registry.unregister(self).addErrback(
+                lambda f: self.log.failure(
+                    "unregistering connection {conn} failed", f, conn=self.connectionId
+                )
+            )
 
     def _authFailed(self, failure):
         self.log.info(
@@ -179,6 +200,7 @@ class GateProtocol(RPCProtocol):
             peer=self.peer,
             why=failure.getErrorMessage(),
         )
+        self._leaveRegistry()
         self.uid = self.deviceId = None
         self.state = NEW
         return failure

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from imserver.errors import (
     ConnectionClosedByPeer,
+    MalformedResponse,
     RemoteError,
     RequestTimeout,
     RPCError,
@@ -329,7 +330,7 @@ class RPCProtocol(FrameProtocol):
             response.ParseFromString(frame.body)
         except DecodeError:
             d.errback(
-                RemoteError(pb.BAD_REQUEST, "response to {} does not parse".format(method.name))
+                MalformedResponse("response to {} does not parse".format(method.name))
             )
             return
         d.callback(response)

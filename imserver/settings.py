@@ -11,8 +11,15 @@ docs/protocol.md and docs/configuration.md give the same table.
 from dataclasses import dataclass, field, fields, replace
 
 
-def _setting(default, help, minimum=None):
-    return field(default=default, metadata={"help": help, "minimum": minimum})
+#: Times sent to clients in milliseconds must fit the uint32 wire fields.
+_MAX_SECONDS = 0xFFFFFFFF // 1000
+
+
+def _setting(default, help, minimum=None, maximum=None):
+    return field(
+        default=default,
+        metadata={"help": help, "minimum": minimum, "maximum": maximum},
+    )
 
 
 @dataclass(frozen=True)
@@ -22,7 +29,10 @@ class Settings:
     """
 
     max_frame_length: int = _setting(
-        64 * 1024, "Largest frame (bytes, length prefix excluded) after auth.", 64
+        64 * 1024,
+        "Largest frame (bytes, length prefix excluded) after auth.",
+        64,
+        0xFFFFFFFF,
     )
     preauth_max_frame_length: int = _setting(
         4 * 1024, "Largest frame accepted before auth has succeeded.", 64
@@ -31,18 +41,23 @@ class Settings:
         10.0, "Seconds a new connection has to authenticate.", 0.001
     )
     heartbeat_interval: float = _setting(
-        30.0, "Heartbeat interval told to clients (upper bound, before jitter).", 0.01
+        30.0,
+        "Heartbeat interval told to clients (upper bound, before jitter).",
+        0.01,
+        _MAX_SECONDS,
     )
     heartbeat_jitter: float = _setting(
         0.2,
         "Fraction of the interval removed at random per connection (0..0.9), so "
         "clients do not beat in step.",
         0.0,
+        0.9,
     )
     idle_timeout: float = _setting(
         90.0,
         "Close a connection heard nothing from for this long (about 3 intervals).",
         0.01,
+        _MAX_SECONDS,
     )
     sweep_interval: float = _setting(
         1.0,
@@ -69,6 +84,7 @@ class Settings:
     def __post_init__(self):
         for f in fields(self):
             minimum = f.metadata.get("minimum")
+            maximum = f.metadata.get("maximum")
             value = getattr(self, f.name)
             if minimum is not None and value < minimum:
                 raise ValueError(
@@ -76,16 +92,18 @@ class Settings:
                         optionName(f.name), minimum, value
                     )
                 )
-        if self.heartbeat_jitter > 0.9:
-            raise ValueError("--heartbeat-jitter must be at most 0.9")
+            if maximum is not None and value > maximum:
+                raise ValueError(
+                    "{} must be at most {}, not {}".format(
+                        optionName(f.name), maximum, value
+                    )
+                )
         if self.idle_timeout <= self.heartbeat_interval:
             raise ValueError("--idle-timeout must exceed --heartbeat-interval")
         if self.preauth_max_frame_length > self.max_frame_length:
             raise ValueError(
                 "--preauth-max-frame-length must not exceed --max-frame-length"
             )
-        if self.max_frame_length > 0xFFFFFFFF:
-            raise ValueError("--max-frame-length must fit in 32 bits")
 
     def replace(self, **changes):
         """

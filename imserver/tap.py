@@ -58,12 +58,14 @@ class Options(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, description):
-        """
-        A Twisted endpoint string to accept clients on; repeatable
-        (default: ssl:7443:interface=127.0.0.1). ssl: endpoints use the
-        hardened TLS profile and --tls-cert unless they name certKey=.
-        """
         self["listen"].append(description)
+
+    opt_listen.__doc__ = (
+        "A Twisted endpoint string to accept clients on; repeatable (default: "
+        + DEFAULT_LISTEN
+        + "). ssl: endpoints use the hardened TLS profile and --tls-cert "
+        "unless they name certKey=."
+    )
 
     def opt_version(self):
         """
@@ -89,6 +91,15 @@ class Options(usage.Options):
                 splitDescription(description)
             except ValueError as e:
                 raise usage.UsageError("--listen {}: {}".format(description, e))
+
+
+def _needsDefaultCertificate(description):
+    from imserver.endpoints import splitDescription
+
+    args, kwargs = splitDescription(description)
+    return args[0].lower() == "ssl" and not (
+        "certKey" in kwargs or "privateKey" in kwargs
+    )
 
 
 def requireUpb():
@@ -136,10 +147,9 @@ def makeService(options, reactor=None):
     secret = loadSecret(dataDir, FilePath(secretFile) if secretFile else None)
 
     certificate = None
-    needsTLS = any(d.split(":", 1)[0] == "ssl" for d in options["listen"])
     if options["tls-cert"] is not None:
         certificate = (FilePath(options["tls-cert"]), FilePath(options["tls-key"]))
-    elif needsTLS:
+    elif any(_needsDefaultCertificate(d) for d in options["listen"]):
         certificate = ensureSelfSigned(dataDir)
 
     gateId = options["gate-id"] or "{}:{}".format(socket.gethostname(), os.getpid())

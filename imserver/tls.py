@@ -3,9 +3,9 @@
 TLS for the gate: the hardened server context, and a self-signed
 certificate generated into the data directory for the embedded default.
 
-The profile is Mozilla "intermediate": TLS 1.2 and 1.3 only, forward-secret
-AEAD suites only (ECDHE with AES-GCM or ChaCha20-Poly1305), no compression,
-no renegotiation.
+The profile is Mozilla "intermediate" without its DHE suites: TLS 1.2 and
+1.3 only, forward-secret AEAD suites only (ECDHE with AES-GCM or
+ChaCha20-Poly1305), no compression, no renegotiation.
 """
 
 import datetime
@@ -18,8 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.error import VerifyError
 from twisted.logger import Logger
 
 log = Logger()
@@ -50,27 +51,35 @@ def serverOptions(certPEM, keyPEM, chainPEM=None):
     """
     The server TLS context factory.
 
-    @param certPEM: the certificate, PEM L{bytes}.
+    @param certPEM: the certificate, PEM L{bytes}, optionally followed by
+        its intermediates (a "fullchain" file).
     @param keyPEM: its private key, PEM L{bytes}.
-    @param chainPEM: intermediate certificates, PEM L{bytes}, or L{None}.
+    @param chainPEM: more intermediate certificates, PEM L{bytes}, or
+        L{None}.
     @rtype: L{ssl.CertificateOptions}
+    @raise ValueError: if a file holds no certificate or the key does not
+        match.
     """
-    cert = ssl.PrivateCertificate.loadPEM(certPEM + b"\n" + keyPEM)
-    chain = None
+    blocks = _PEM_CERTIFICATE.findall(certPEM)
+    if not blocks:
+        raise ValueError("the certificate file holds no PEM certificate")
     if chainPEM:
-        chain = [
-            ssl.Certificate.loadPEM(block).original
-            for block in _PEM_CERTIFICATE.findall(chainPEM)
-        ]
-        if not chain:
+        extra = _PEM_CERTIFICATE.findall(chainPEM)
+        if not extra:
             raise ValueError("the certificate chain holds no PEM certificate")
-    return HardenedCertificateOptions(
-        privateKey=cert.privateKey.original,
-        certificate=cert.original,
-        extraCertChain=chain,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
-    )
+        blocks += extra
+    try:
+        cert = ssl.PrivateCertificate.loadPEM(blocks[0] + b"\n" + keyPEM)
+        chain = [ssl.Certificate.loadPEM(block).original for block in blocks[1:]]
+        return HardenedCertificateOptions(
+            privateKey=cert.privateKey.original,
+            certificate=cert.original,
+            extraCertChain=chain or None,
+            raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+            acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+        )
+    except (SSL.Error, crypto.Error, VerifyError) as e:
+        raise ValueError("cannot load the certificate or key: {}".format(e))
 
 
 def fingerprint(certPEM):

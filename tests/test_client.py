@@ -139,3 +139,12 @@ class ClientTests(SynchronousTestCase):
         reason = self.successResultOf(self.client.whenClosed())
         self.assertIsInstance(reason, ConnectionClosedByPeer)
         self.assertEqual(reason.code, pb.SERVER_SHUTDOWN)
+
+    def test_answersPing(self):
+        """
+        Either side may send C{ping}: the client answers the server's.
+        """
+        self.client.dataReceived(encodeFrame(pb.Frame(kind=pb.REQUEST, seq=3, method="ping")))
+        [frame] = self.written()
+        self.assertEqual((frame.kind, frame.seq), (pb.RESPONSE, 3))
+        self.assertFalse(frame.HasField("error"))

@@ -479,3 +479,75 @@ class ShutdownTests(SynchronousTestCase):
         self.gate.clock.advance(0.1)
         self.assertEqual(aborted, [True])
         self.successResultOf(d)
+
+
+class SlowRegistry(MemorySessionRegistry):
+    """
+    A registry whose C{register} answers only when the test says so.
+    """
+
+    def __init__(self):
+        MemorySessionRegistry.__init__(self)
+        self.waiting = []
+
+    def register(self, session):
+        d = Deferred()
+        self.waiting.append((d, MemorySessionRegistry.register(self, session)))
+        return d
+
+    def release(self):
+        for d, result in self.waiting:
+            result.chainDeferred(d)
+        self.waiting = []
+
+
+class ValidationTests(SynchronousTestCase):
+    """
+    Field checks on C{auth} and registration races.
+    """
+
+    def setUp(self):
+        self.gate = GateHarness(self)
+
+    def authWith(self, **fields):
+        protocol, transport = self.gate.connect()
+        request = pb.AuthRequest(uid="alice", device_id="d", token=self.gate.token("alice"))
+        for name, value in fields.items():
+            setattr(request, name, value)
+        self.gate.request(protocol, "auth", request)
+        [frame] = written(transport)
+        return frame
+
+    def test_clientVersionBytes(self):
+        """
+        C{client_version} is limited to 64 bytes of UTF-8, not characters.
+        """
+        self.assertEqual(self.authWith(client_version="é" * 33).error.code, pb.BAD_REQUEST)
+        self.assertFalse(self.authWith(client_version="é" * 32).HasField("error"))
+
+    def test_unknownPlatform(self):
+        """
+        A platform value outside the enum is C{BAD_REQUEST}.
+        """
+        self.assertEqual(self.authWith(platform=99).error.code, pb.BAD_REQUEST)
+
+    def test_identifierCharacters(self):
+        """
+        Identifiers may hold any printable Unicode, format characters such
+        as the zero-width joiner included, but no line separators.
+        """
+        self.assertFalse(self.authWith(device_id="\U0001F469\u200d\U0001F4BB").HasField("error"))
+        self.assertEqual(self.authWith(device_id="a\u2028b").error.code, pb.BAD_REQUEST)
+
+    def test_closedWhileRegistering(self):
+        """
+        A connection lost while its registration is pending is unregistered
+        once the registration completes: it never holds a device slot.
+        """
+        self.gate.factory.registry = registry = SlowRegistry()
+        protocol, transport = self.gate.connect()
+        self.gate.auth(protocol)
+        self.gate.lose(protocol)
+        registry.release()
+        self.assertEqual(self.successResultOf(registry.count()), 0)
+        self.assertNotEqual(protocol.state, AUTHENTICATED)

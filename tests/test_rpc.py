@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imserver.errors import (
     ConnectionClosedByPeer,
+    MalformedResponse,
     RemoteError,
     RequestTimeout,
     RPCError,
@@ -337,7 +338,7 @@ class OutgoingTests(PeerTestCase):
         """
         d, frame = self.call()
         self.receive(kind=pb.RESPONSE, seq=frame.seq, body=b"\xff")
-        self.failureResultOf(d, RemoteError)
+        self.failureResultOf(d, MalformedResponse)
 
     def test_timeout(self):
         """

@@ -470,8 +470,9 @@ class TokenCommandTests(SynchronousTestCase):
     def test_token(self):
         """
         It prints one token, valid for the uid under the data directory's
-        secret (generated, mode 0600), and only for that uid.
+        secret, and only for that uid.
         """
+        loadSecret(self.dataDir, environ={})
         out = StringIO()
         status = main(["token", "--uid", "alice", "--data-dir", self.dataDir.path], out=out)
         self.assertEqual(status, 0)
@@ -497,10 +498,23 @@ class TokenCommandTests(SynchronousTestCase):
         main(["token", "--uid", "alice", "--data-dir", self.dataDir.path], out=out)
         self.assertTrue(verifyToken(secret, "alice", out.getvalue().strip(), time.time()))
 
+    def test_noSecretNoToken(self):
+        """
+        Without a secret in the data directory it fails and generates none:
+        a token signed by a new secret would be refused by the gate.
+        """
+        out = StringIO()
+        status = main(["token", "--uid", "alice", "--data-dir", self.dataDir.path], out=out)
+        self.assertEqual(status, 1)
+        self.assertEqual(out.getvalue(), "")
+        self.assertIn("no secret", self.stderr.getvalue())
+        self.assertFalse(self.dataDir.child(SECRET_FILE_NAME).exists())
+
     def test_ttl(self):
         """
         C{--ttl} bounds the token's validity.
         """
+        loadSecret(self.dataDir, environ={})
         out = StringIO()
         status = main(
             ["token", "--uid", "alice", "--ttl", "60", "--data-dir", self.dataDir.path],
@@ -529,3 +543,19 @@ class TokenCommandTests(SynchronousTestCase):
         """
         self.assertEqual(main([], out=StringIO()), 2)
         self.assertIn("name a command", self.stderr.getvalue())
+
+
+class SettingsBoundsTests(SynchronousTestCase):
+    """
+    Settings sent to clients in 32-bit fields are bounded.
+    """
+
+    def test_uint32Milliseconds(self):
+        """
+        Intervals whose milliseconds do not fit 32 bits are refused, so an
+        C{AuthResponse} can always be built.
+        """
+        for args in (["--heartbeat-interval", "5e6", "--idle-timeout", "6e6"],
+                     ["--idle-timeout", "4294968"]):
+            options = tap.Options()
+            self.assertRaises(UsageError, options.parseOptions, args)

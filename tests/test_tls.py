@@ -137,3 +137,48 @@ class EndpointTests(SynchronousTestCase):
             self.assertRaises(ValueError, listenEndpoint, self.reactor, description,
                               self.certificate, 4096)
         self.assertRaises(ValueError, listenEndpoint, self.reactor, "ssl:1", None, 4096)
+
+
+class ChainTests(SynchronousTestCase):
+    """
+    Certificates with intermediates, and endpoint descriptions refused.
+    """
+
+    def test_fullChainFile(self):
+        """
+        Certificates after the first in the certificate file are sent as the
+        chain, as are those of a separate chain file.
+        """
+        leaf, key = tls.makeSelfSigned()
+        intermediate, _ = tls.makeSelfSigned(hostnames=("intermediate",))
+        other, _ = tls.makeSelfSigned(hostnames=("other",))
+        options = tls.serverOptions(leaf + intermediate, key)
+        self.assertEqual(len(options.extraCertChain), 1)
+        options = tls.serverOptions(leaf + intermediate, key, other)
+        self.assertEqual(len(options.extraCertChain), 2)
+
+    def test_badPEM(self):
+        """
+        A file with no certificate, or a key that does not belong, is a
+        L{ValueError}.
+        """
+        leaf, key = tls.makeSelfSigned()
+        _, otherKey = tls.makeSelfSigned()
+        self.assertRaises(ValueError, tls.serverOptions, b"junk", key)
+        self.assertRaises(ValueError, tls.serverOptions, leaf, otherKey)
+
+    def test_nestedSSLRefused(self):
+        """
+        ssl: inside a wrapper endpoint would bypass the hardened profile, so
+        it is refused.
+        """
+        self.assertRaises(ValueError, listenEndpoint, MemoryReactorClock(),
+                          "haproxy:ssl:443", None, 4096)
+
+    def test_typeCaseInsensitive(self):
+        """
+        The endpoint type is matched case-insensitively, as Twisted does.
+        """
+        reactor = MemoryReactorClock()
+        listenEndpoint(reactor, "TCP:0", None, 4096).listen(object())
+        self.assertEqual(reactor.tcpServers[0][2], 4096)
