@@ -75,6 +75,19 @@ class TooManyDevices(RPCError):
     fatal = True
 
 
+class MessageTooLarge(RPCError):
+    code = pb.MESSAGE_TOO_LARGE
+
+
+class Unavailable(RPCError):
+    """
+    Storage is unavailable; the request may be retried later unchanged
+    (a C{send} with the same C{client_msg_id}).
+    """
+
+    code = pb.UNAVAILABLE
+
+
 class RemoteError(Exception):
     """
     The peer answered a request with an error response.

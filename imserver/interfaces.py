@@ -45,6 +45,20 @@ class ISession(Interface):
         @param message: detail for the client.
         """
 
+    def inboxAdvanced(entry):
+        """
+        A new entry was committed to this session's user's inbox.  The
+        session pushes it in seq order, after any backlog, within its
+        unacknowledged window; or fetches it from the store later.
+
+        @type entry: L{imserver.pb.im_pb2.InboxEntry}
+        """
+
+    def typing(uid, active):
+        """
+        Forward a transient typing signal from C{uid}.
+        """
+
 
 class ISessionRegistry(Interface):
     """
@@ -82,4 +96,66 @@ class ISessionRegistry(Interface):
     def count():
         """
         @return: a L{Deferred} firing with the number of registered sessions.
+        """
+
+
+class IMessageStore(Interface):
+    """
+    Durable per-user inboxes.
+
+    Each user has one inbox whose entries have a strictly increasing C{seq},
+    from 1, never reused (not even after retention removed entries).  A
+    message body is stored once and referenced by every inbox it lands in.
+    Every operation returns a L{Deferred}; a write's Deferred fires only
+    once the write is durable.
+    """
+
+    def deliver(sender, clientMsgId, message, recipients, nowMs):
+        """
+        Store C{message} once and append it to the inbox of every uid in
+        C{recipients} and to the sender's own (marked outgoing), atomically.
+
+        Idempotent: if C{(sender, clientMsgId)} was delivered within the
+        dedup window, nothing is stored and the original outcome returns.
+
+        @param message: an L{imserver.pb.im_pb2.Message} template; the store
+            sets C{id}, C{sender}, C{client_msg_id} and C{created_ms}.
+        @return: a L{Deferred} firing with an L{imserver.store.Delivery}.
+        """
+
+    def fetch(uid, afterSeq, limit):
+        """
+        @return: a L{Deferred} firing with a L{list} of at most C{limit}
+            L{imserver.pb.im_pb2.InboxEntry}s of C{uid} with
+            C{seq > afterSeq}, in seq order.
+        """
+
+    def head(uid):
+        """
+        @return: a L{Deferred} firing with the newest seq assigned in
+            C{uid}'s inbox (0 if none).
+        """
+
+    def ack(uid, deviceId, seq, nowMs):
+        """
+        Raise the device's cursor to C{seq} (never lower it).
+
+        @return: a L{Deferred} firing with the cursor after the update.
+        """
+
+    def cursor(uid, deviceId):
+        """
+        @return: a L{Deferred} firing with the device's cursor (0 if none).
+        """
+
+    def trim(nowMs, maxAgeMs, maxCount):
+        """
+        Apply retention: remove entries older than C{maxAgeMs}; from inboxes
+        holding more than C{maxCount} entries remove the oldest ones that
+        every known device of the user has acknowledged; forget dedup keys
+        older than the dedup window and cursors of devices not seen within
+        C{maxAgeMs}.  An unacknowledged entry younger than C{maxAgeMs} is
+        never removed.
+
+        @return: a L{Deferred} firing with the number of entries removed.
         """

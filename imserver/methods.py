@@ -14,3 +14,18 @@ PING = Method("ping", pb.PingRequest, pb.PingResponse)
 
 #: Server -> client: the session is being closed, with a reason.
 KICKED = Notification("kicked", pb.Kicked)
+
+#: Client -> server: store a message for a user.
+SEND = Method("send", pb.SendRequest, pb.SendResponse)
+
+#: Client -> server: read a page of the inbox.
+SYNC = Method("sync", pb.SyncRequest, pb.SyncResponse)
+
+#: Server -> client: an inbox entry (a message), in seq order.
+MESSAGE = Notification("message", pb.InboxEntry)
+
+#: Client -> server: cumulative acknowledgement of inbox entries.
+ACK = Notification("ack", pb.Ack)
+
+#: Both directions: transient typing signal, never stored.
+TYPING = Notification("typing", pb.Typing)

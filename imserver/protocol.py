@@ -22,6 +22,7 @@ import random
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imserver import methods
@@ -32,6 +33,7 @@ from imserver.errors import (
     NotAuthenticated,
 )
 from imserver.interfaces import ISession
+from imserver.messaging import Messenger
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCProtocol
 
@@ -60,6 +62,16 @@ class GateProtocol(RPCProtocol):
     platform = pb.PLATFORM_UNSPECIFIED
     heartbeatInterval = None
     _inRegistry = False
+    # Delivery state, per connection, set at auth.  Class defaults keep the
+    # per-instance dict small until then.
+    _delivering = False
+    _sent = 0  # highest seq pushed on this connection
+    _acked = 0  # highest seq the client acknowledged
+    _head = 0  # highest seq known to exist in the inbox
+    _fetching = False
+    _ackPersisted = 0
+    _ackWriting = False
+    _lastTyping = float("-inf")
 
     def __init__(self, factory, peer):
         RPCProtocol.__init__(self, factory.clock)
@@ -112,6 +124,11 @@ class GateProtocol(RPCProtocol):
             raise NotAuthenticated("authenticate first")
         return RPCProtocol.locateResponder(self, name)
 
+    def locateNotificationHandler(self, name):
+        if self.state != AUTHENTICATED:
+            return None
+        return RPCProtocol.locateNotificationHandler(self, name)
+
     # -- auth ------------------------------------------------------------------
 
     @methods.AUTH.responder
@@ -157,6 +174,26 @@ class GateProtocol(RPCProtocol):
             self._leaveRegistry()
             self.state = NEW
             return pb.AuthResponse()
+        # Registered first, head read second: any entry committed after the
+        # read is announced to this session (inboxAdvanced), so none is
+        # missed between the two.
+        return self.factory.store.head(self.uid).addCallback(self._ready, request)
+
+    def _ready(self, head, request):
+        if self._closing:
+            self._leaveRegistry()
+            self.state = NEW
+            return pb.AuthResponse()
+        if request.last_seq > head:
+            self.log.warn(
+                "connection {conn}: {uid}/{device} claims last_seq {claimed} beyond"
+                " the inbox head {head}",
+                conn=self.connectionId, uid=self.uid, device=self.deviceId,
+                claimed=request.last_seq, head=head,
+            )
+        start = min(request.last_seq, head)
+        self._head = max(self._head, head)
+        self._sent = self._acked = start
         settings = self.factory.settings
         heartbeatInterval = settings.heartbeat_interval * (
             1.0 - settings.heartbeat_jitter * self.factory.random.random()
@@ -167,6 +204,8 @@ class GateProtocol(RPCProtocol):
             server_time_ms=int(self._seconds() * 1000),
             session_id=self.sessionId,
             max_frame_length=settings.max_frame_length,
+            head_seq=self._head,
+            max_message_body=settings.max_message_body,
         )
         self._authTimer.cancel()
         self._authTimer = None
@@ -182,7 +221,14 @@ class GateProtocol(RPCProtocol):
             platform=pb.Platform.Name(self.platform),
             version=request.client_version,
         )
+        self._persistAck()
         return response
+
+    def responseSent(self, method, response):
+        if method is methods.AUTH and self.state == AUTHENTICATED:
+            # The client has its auth response; now the backlog, in order.
+            self._delivering = True
+            self._pump()
 
     def _leaveRegistry(self):
         if self._inRegistry:
@@ -215,7 +261,139 @@ class GateProtocol(RPCProtocol):
     def ping(self, request):
         return pb.PingResponse(server_time_ms=int(self._seconds() * 1000))
 
+    # -- messages ----------------------------------------------------------
+
+    @methods.SEND.responder
+    def send(self, request):
+        return self.factory.messenger.send(self.uid, request)
+
+    @methods.SYNC.responder
+    def sync(self, request):
+        page = self.factory.settings.sync_page_size
+        limit = min(request.limit or page, page)
+        store = self.factory.store
+        d = store.fetch(self.uid, request.after_seq, limit)
+
+        def withHead(entries):
+            return store.head(self.uid).addCallback(
+                lambda head: pb.SyncResponse(entries=entries, head_seq=head)
+            )
+
+        return d.addCallback(withHead).addErrback(self.factory.messenger.storeFailed)
+
+    @methods.ACK.handler
+    def _ackReceived(self, ack):
+        seq = ack.seq
+        if seq > self._sent:
+            self.closeWithError(
+                pb.BAD_ACK,
+                "ack for seq {} but only {} was pushed".format(seq, self._sent),
+            )
+            return
+        if seq > self._acked:
+            self._acked = seq
+            self._persistAck()
+            self._pump()
+
+    @methods.TYPING.handler
+    def _typingReceived(self, message):
+        now = self._seconds()
+        if now - self._lastTyping < 1.0 / self.factory.settings.typing_rate:
+            return
+        try:
+            validateUid(message.uid)
+        except ValueError:
+            return
+        self._lastTyping = now
+        self.factory.messenger.typing(self.uid, message.uid, message.active)
+
+    def _pump(self):
+        """
+        Push what the inbox holds beyond what was pushed, in seq order,
+        while the unacknowledged window has room: one fetch at a time.
+        """
+        if self._fetching or self._closing or not self._delivering:
+            return
+        settings = self.factory.settings
+        room = settings.max_unacked - (self._sent - self._acked)
+        if room <= 0 or self._sent >= self._head:
+            return
+        self._fetching = True
+        self.factory.store.fetch(
+            self.uid, self._sent, min(room, settings.sync_page_size)
+        ).addCallbacks(self._fetched, self._fetchFailed)
+
+    def _fetched(self, entries):
+        self._fetching = False
+        if self._closing:
+            return
+        if entries:
+            for entry in entries:
+                if entry.seq > self._sent:
+                    self._push(entry)
+        else:
+            # Everything up to the head was removed by retention.
+            self._sent = self._head
+        self._pump()
+
+    def _fetchFailed(self, failure):
+        self._fetching = False
+        self.log.failure(
+            "fetching the inbox of {uid} for connection {conn} failed",
+            failure, uid=self.uid, conn=self.connectionId,
+        )
+        # Nothing is lost: the entries stay in the inbox.  Make the client
+        # reconnect (and resume) rather than stall silently.
+        self.closeWithError(pb.UNAVAILABLE, "message storage is unavailable")
+
+    def _push(self, entry):
+        self._sent = entry.seq
+        self.sendNotify(methods.MESSAGE, entry)
+
+    def _persistAck(self):
+        """
+        Write the device's cursor, one write in flight at a time: acks that
+        arrive meanwhile are coalesced into the next write.
+        """
+        if self._ackWriting or self._acked <= self._ackPersisted:
+            return
+        self._ackWriting = True
+        seq = self._acked
+        self.factory.store.ack(
+            self.uid, self.deviceId, seq, int(self._seconds() * 1000)
+        ).addBoth(self._ackWritten, seq)
+
+    def _ackWritten(self, result, seq):
+        self._ackWriting = False
+        if isinstance(result, Failure):
+            self.log.failure(
+                "storing the cursor of {uid}/{device} failed", result,
+                uid=self.uid, device=self.deviceId,
+            )
+            return
+        self._ackPersisted = seq
+        self._persistAck()
+
     # -- ISession ----------------------------------------------------------
+
+    def inboxAdvanced(self, entry):
+        seq = entry.seq
+        if seq > self._head:
+            self._head = seq
+        if not self._delivering or seq <= self._sent:
+            return
+        if (
+            seq == self._sent + 1
+            and not self._fetching
+            and self._sent - self._acked < self.factory.settings.max_unacked
+            and not self._closing
+        ):
+            self._push(entry)
+        else:
+            self._pump()
+
+    def typing(self, uid, active):
+        self.sendNotify(methods.TYPING, pb.Typing(uid=uid, active=active))
 
     def kick(self, reason, message):
         if self._closing:
@@ -240,10 +418,13 @@ class GateFactory(Factory):
     log = Logger()
     noisy = False
 
-    def __init__(self, settings, authenticator, registry, clock, gateId, rng=None):
+    def __init__(self, settings, authenticator, registry, store, clock, gateId,
+                 rng=None):
         self.settings = settings
         self.authenticator = authenticator
         self.registry = registry
+        self.store = store
+        self.messenger = Messenger(store, registry, clock, settings)
         self.clock = clock
         self.gateId = gateId
         self.random = rng if rng is not None else random.SystemRandom()

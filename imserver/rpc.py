@@ -270,14 +270,23 @@ class RPCProtocol(FrameProtocol):
                 incoming = self._incoming = set()
             incoming.add(seq)
             result.addCallbacks(
-                self._asyncResult, self._asyncFailure, (seq,), None, (seq,)
+                self._asyncResult, self._asyncFailure, (seq, method), None, (seq,)
             )
         else:
             self._sendResult(seq, result)
+            self.responseSent(method, result)
 
-    def _asyncResult(self, result, seq):
+    def responseSent(self, method, response):
+        """
+        Called after a successful response to C{method} was written.
+        Subclasses override it to act only once the peer has (in stream
+        order) its answer, such as starting pushes after C{auth}.
+        """
+
+    def _asyncResult(self, result, seq, method):
         self._incoming.discard(seq)
         self._sendResult(seq, result)
+        self.responseSent(method, result)
 
     def _asyncFailure(self, failure, seq):
         self._incoming.discard(seq)
@@ -335,11 +344,20 @@ class RPCProtocol(FrameProtocol):
             return
         d.callback(response)
 
+    def locateNotificationHandler(self, name):
+        """
+        Find the handler for notification C{name}.  Subclasses override this
+        to restrict what is accepted in a connection state.
+
+        @return: C{(Notification, function)}, or L{None} to ignore it.
+        """
+        return self.notificationHandlers.get(name)
+
     def _notifyReceived(self, frame):
-        entry = self.notificationHandlers.get(frame.method)
+        entry = self.locateNotificationHandler(frame.method)
         if entry is None:
             self.log.info(
-                "ignoring unknown notification {name!r} on connection {conn}",
+                "ignoring notification {name!r} on connection {conn}",
                 name=frame.method[:64],
                 conn=self.connectionId,
             )

@@ -5,9 +5,9 @@ C{twisted.application} services that make up a gate process.
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
-from twisted.python.failure import Failure
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 
 class ListenerService(Service):
@@ -132,3 +132,75 @@ class GateService(MultiService):
         return gatherResults(
             [listener.whenListening() for listener in self.listeners]
         ).addCallback(lambda ports: [p.getHost() for p in ports])
+
+
+class ServerService(MultiService):
+    """
+    The root service.  Children start in the order they were added and stop
+    one after another in reverse order (the gate drains its connections
+    before the store under it closes), not all at once as
+    C{MultiService} does.
+    """
+
+    log = Logger()
+
+    def stopService(self):
+        Service.stopService(self)
+        d = succeed(None)
+        for child in reversed(list(self)):
+            d.addCallback(lambda _, child=child: child.stopService())
+            d.addErrback(
+                lambda f, child=child: self.log.failure(
+                    "stopping {name} failed", f, name=child.name
+                )
+            )
+        return d
+
+
+class RetentionService(Service):
+    """
+    Applies the retention settings to the message store every
+    C{retention_interval} seconds.
+    """
+
+    log = Logger()
+
+    def __init__(self, store, clock, settings):
+        self.setName("retention")
+        self.store = store
+        self.clock = clock
+        self.settings = settings
+        self._loop = LoopingCall(self.trim)
+        self._loop.clock = clock
+
+    def startService(self):
+        Service.startService(self)
+        self._loop.start(self.settings.retention_interval, now=False)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._loop.running:
+            self._loop.stop()
+
+    def trim(self):
+        """
+        One retention pass.
+
+        @return: a L{Deferred} firing with the number of entries removed.
+        """
+        settings = self.settings
+        d = self.store.trim(
+            int(self.clock.seconds() * 1000),
+            int(settings.retention_age * 1000),
+            settings.retention_count,
+        )
+
+        def done(removed):
+            if removed:
+                self.log.info("retention removed {n} inbox entries", n=removed)
+            return removed
+
+        def failed(failure):
+            self.log.failure("retention pass failed", failure)
+
+        return d.addCallbacks(done, failed)

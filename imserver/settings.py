@@ -80,6 +80,43 @@ class Settings:
     listen_backlog: int = _setting(
         4096, "Listen queue length for endpoints that do not set backlog=.", 1
     )
+    max_message_body: int = _setting(
+        32 * 1024,
+        "Largest message body accepted by send, in bytes (at most "
+        "--max-frame-length minus 1024).",
+        1,
+    )
+    max_unacked: int = _setting(
+        64,
+        "Pushed messages a connection may have unacknowledged; the rest waits "
+        "in the inbox.",
+        1,
+    )
+    sync_page_size: int = _setting(
+        100, "Inbox entries per fetch: replay pages and sync responses.", 1
+    )
+    dedup_window: float = _setting(
+        24 * 3600.0,
+        "Seconds a client_msg_id is remembered: a retry within it stores nothing.",
+        1.0,
+    )
+    retention_age: float = _setting(
+        30 * 24 * 3600.0,
+        "Seconds inbox entries are kept; older ones are removed, acked or not.",
+        60.0,
+    )
+    retention_count: int = _setting(
+        10000,
+        "Entries kept per inbox; beyond it the oldest acknowledged ones go "
+        "(unacknowledged ones younger than --retention-age never do).",
+        1,
+    )
+    retention_interval: float = _setting(
+        600.0, "Seconds between retention passes over the store.", 0.01
+    )
+    typing_rate: float = _setting(
+        2.0, "Typing signals per second a connection may send; more are dropped.", 0.01
+    )
 
     def __post_init__(self):
         for f in fields(self):
@@ -100,6 +137,12 @@ class Settings:
                 )
         if self.idle_timeout <= self.heartbeat_interval:
             raise ValueError("--idle-timeout must exceed --heartbeat-interval")
+        if self.max_message_body + 1024 > self.max_frame_length:
+            raise ValueError(
+                "--max-message-body must be at most --max-frame-length minus 1024"
+            )
+        if self.dedup_window > self.retention_age:
+            raise ValueError("--dedup-window must not exceed --retention-age")
         if self.preauth_max_frame_length > self.max_frame_length:
             raise ValueError(
                 "--preauth-max-frame-length must not exceed --max-frame-length"

@@ -10,7 +10,7 @@ C{./imserver-data} on first start.
 import os
 import socket
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
@@ -51,6 +51,9 @@ class Options(usage.Options):
          "PEM certificate for ssl: endpoints (default: self-signed in the data dir)."],
         ["tls-key", None, None, "PEM private key for --tls-cert."],
         ["gate-id", None, None, "Name of this gate process (default: host:pid)."],
+        ["store", None, "sqlite",
+         "Message store: sqlite (durable, <data-dir>/messages.sqlite3) or memory "
+         "(lost on restart; tests and benchmarks)."],
     ] + _settingParameters()
 
     def __init__(self):
@@ -77,6 +80,8 @@ class Options(usage.Options):
     def postOptions(self):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["store"] not in ("sqlite", "memory"):
+            raise usage.UsageError("--store is sqlite or memory")
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         values = {f.name: self[optionName(f.name)[2:]] for f in settingFields()}
@@ -136,7 +141,7 @@ def makeService(options, reactor=None):
     from imserver.endpoints import listenEndpoint
     from imserver.protocol import GateFactory
     from imserver.registry.memory import MemorySessionRegistry
-    from imserver.service import GateService
+    from imserver.service import GateService, RetentionService, ServerService
     from imserver.tls import ensureSelfSigned
 
     settings = options.settings
@@ -154,10 +159,22 @@ def makeService(options, reactor=None):
 
     gateId = options["gate-id"] or "{}:{}".format(socket.gethostname(), os.getpid())
     registry = MemorySessionRegistry(maxDevices=settings.max_devices)
+    dedupWindowMs = int(settings.dedup_window * 1000)
+    if options["store"] == "memory":
+        from imserver.store.memory import MemoryMessageStore
+
+        store = MemoryMessageStore(dedupWindowMs)
+    else:
+        from imserver.store.sqlite import SQLiteMessageStore
+
+        store = SQLiteMessageStore(
+            dataDir.child("messages.sqlite3").path, reactor, dedupWindowMs
+        )
     factory = GateFactory(
         settings=settings,
         authenticator=TokenAuthenticator(secret, reactor),
         registry=registry,
+        store=store,
         clock=reactor,
         gateId=gateId,
     )
@@ -171,7 +188,11 @@ def makeService(options, reactor=None):
             raise usage.UsageError("--listen {}: {}".format(description, e))
         endpoints.append((description, endpoint))
 
-    root = MultiService()
+    root = ServerService()
     root.setName("imserver")
+    if IService.providedBy(store):
+        store.setName("store")
+        store.setServiceParent(root)
+    RetentionService(store, reactor, settings).setServiceParent(root)
     GateService(factory, endpoints).setServiceParent(root)
     return root

@@ -19,6 +19,7 @@ from imserver.pb import im_pb2 as pb
 from imserver.protocol import AUTHENTICATED, GateFactory
 from imserver.registry.memory import MemorySessionRegistry
 from imserver.settings import Settings
+from imserver.store.memory import MemoryMessageStore
 
 from tests.test_framing import readFrames
 
@@ -36,10 +37,12 @@ class GateHarness:
         self.clock.advance(1_700_000_000)
         self.settings = Settings(**settings)
         self.registry = MemorySessionRegistry(maxDevices=self.settings.max_devices)
+        self.store = MemoryMessageStore()
         self.factory = GateFactory(
             settings=self.settings,
             authenticator=TokenAuthenticator(SECRET, self.clock),
             registry=self.registry,
+            store=self.store,
             clock=self.clock,
             gateId="test",
             rng=random.Random(4),
@@ -234,7 +237,8 @@ class AuthTests(SynchronousTestCase):
         Before auth, frames are limited to C{preauth_max_frame_length};
         after auth to C{max_frame_length}.
         """
-        gate = GateHarness(self, preauth_max_frame_length=100, max_frame_length=1000)
+        gate = GateHarness(self, preauth_max_frame_length=100, max_frame_length=1100,
+                           max_message_body=50)
         protocol, transport = gate.connect()
         protocol.dataReceived(b"\x00\x00\x00\x65")
         [frame] = written(transport)
@@ -242,8 +246,8 @@ class AuthTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
         protocol, transport = gate.authed()
-        self.assertEqual(protocol.maxFrameLength, 1000)
-        protocol.dataReceived(b"\x00\x00\x03\xe9")
+        self.assertEqual(protocol.maxFrameLength, 1100)
+        protocol.dataReceived(b"\x00\x00\x04\x4d")
         [frame] = written(transport)
         self.assertEqual(frame.error.code, pb.FRAME_TOO_LARGE)
 

@@ -127,15 +127,18 @@ class OptionsTests(SynchronousTestCase):
 
     def test_maxFrameLengthBelowPreauthDefault(self):
         """
-        A C{--max-frame-length} below the default pre-auth limit (4096)
-        needs C{--preauth-max-frame-length} lowered with it.
+        A C{--max-frame-length} below the default pre-auth limit (4096) and
+        message body limit (32 KiB) needs both lowered with it.
         """
         self.assertRaises(UsageError, self.parse, "--max-frame-length", "1000")
+        self.assertRaises(UsageError, self.parse, "--max-frame-length", "1000",
+                          "--preauth-max-frame-length", "1000")
         settings = self.parse(
-            "--max-frame-length", "1000", "--preauth-max-frame-length", "1000"
+            "--max-frame-length", "2000", "--preauth-max-frame-length", "1000",
+            "--max-message-body", "976",
         ).settings
         self.assertEqual(
-            (settings.max_frame_length, settings.preauth_max_frame_length), (1000, 1000)
+            (settings.max_frame_length, settings.preauth_max_frame_length), (2000, 1000)
         )
 
     def test_everySettingIsAnOption(self):
@@ -235,9 +238,12 @@ class MakeServiceTests(SynchronousTestCase):
     def options(self, *listen, extra=()):
         """
         Parsed L{tap.Options} using this test's data directory, listening
-        on C{listen}.
+        on C{listen}, with the memory store (the SQLite store's writer
+        thread needs a running reactor) unless C{extra} names one.
         """
         argv = ["--data-dir", self.dataDir.path] + list(extra)
+        if "--store" not in extra:
+            argv += ["--store", "memory"]
         for description in listen:
             argv += ["--listen", description]
         options = tap.Options()
@@ -268,7 +274,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(root.name, "imserver")
         gate = root.getServiceNamed("gate")
         self.assertIsInstance(gate, GateService)
-        self.assertEqual(list(root), [gate])
+        self.assertEqual(list(root), [root.getServiceNamed("retention"), gate])
         self.assertIsInstance(gate.factory, GateFactory)
         self.assertEqual(len(gate.listeners), 2)
         for listener, description in zip(gate.listeners, [SSL_LISTEN, TCP_LISTEN]):
@@ -559,3 +565,35 @@ class SettingsBoundsTests(SynchronousTestCase):
                      ["--idle-timeout", "4294968"]):
             options = tap.Options()
             self.assertRaises(UsageError, options.parseOptions, args)
+
+
+class StoreChoiceTests(SynchronousTestCase):
+    """
+    C{--store}.
+    """
+
+    def setUp(self):
+        _withoutSecretEnvironment(self)
+
+    def test_sqliteDefault(self):
+        """
+        By default the durable SQLite store lives in the data directory and
+        is the first service to start (the last to stop).
+        """
+        from imserver.store.sqlite import SQLiteMessageStore
+
+        dataDir = FilePath(self.mktemp())
+        options = tap.Options()
+        options.parseOptions(["--data-dir", dataDir.path, "--listen", TCP_LISTEN])
+        root = tap.makeService(options, reactor=MemoryReactorClock())
+        store = root.getServiceNamed("store")
+        self.assertIsInstance(store, SQLiteMessageStore)
+        self.assertEqual(store.path, dataDir.child("messages.sqlite3").path)
+        self.assertIs(list(root)[0], store)
+        self.assertIs(root.getServiceNamed("gate").factory.store, store)
+
+    def test_unknownStore(self):
+        """
+        An unknown store is a usage error.
+        """
+        self.assertRaises(UsageError, tap.Options().parseOptions, ["--store", "mysql"])

@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -24,6 +25,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IDLE_TIMEOUT: _ClassVar[ErrorCode]
     SERVER_SHUTDOWN: _ClassVar[ErrorCode]
     DUPLICATE_SEQ: _ClassVar[ErrorCode]
+    BAD_ACK: _ClassVar[ErrorCode]
     UNKNOWN_METHOD: _ClassVar[ErrorCode]
     BAD_REQUEST: _ClassVar[ErrorCode]
     NOT_AUTHENTICATED: _ClassVar[ErrorCode]
@@ -32,6 +34,8 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TOO_MANY_DEVICES: _ClassVar[ErrorCode]
     INTERNAL: _ClassVar[ErrorCode]
     TIMEOUT: _ClassVar[ErrorCode]
+    MESSAGE_TOO_LARGE: _ClassVar[ErrorCode]
+    UNAVAILABLE: _ClassVar[ErrorCode]
 
 class Platform(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -61,6 +65,7 @@ AUTH_TIMEOUT: ErrorCode
 IDLE_TIMEOUT: ErrorCode
 SERVER_SHUTDOWN: ErrorCode
 DUPLICATE_SEQ: ErrorCode
+BAD_ACK: ErrorCode
 UNKNOWN_METHOD: ErrorCode
 BAD_REQUEST: ErrorCode
 NOT_AUTHENTICATED: ErrorCode
@@ -69,6 +74,8 @@ ALREADY_AUTHENTICATED: ErrorCode
 TOO_MANY_DEVICES: ErrorCode
 INTERNAL: ErrorCode
 TIMEOUT: ErrorCode
+MESSAGE_TOO_LARGE: ErrorCode
+UNAVAILABLE: ErrorCode
 PLATFORM_UNSPECIFIED: Platform
 IOS: Platform
 ANDROID: Platform
@@ -119,18 +126,22 @@ class AuthRequest(_message.Message):
     def __init__(self, uid: _Optional[str] = ..., token: _Optional[str] = ..., device_id: _Optional[str] = ..., platform: _Optional[_Union[Platform, str]] = ..., last_seq: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class AuthResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_ms", "idle_timeout_ms", "server_time_ms", "session_id", "max_frame_length")
+    __slots__ = ("heartbeat_interval_ms", "idle_timeout_ms", "server_time_ms", "session_id", "max_frame_length", "head_seq", "max_message_body")
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BODY_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_ms: int
     idle_timeout_ms: int
     server_time_ms: int
     session_id: str
     max_frame_length: int
-    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., session_id: _Optional[str] = ..., max_frame_length: _Optional[int] = ...) -> None: ...
+    head_seq: int
+    max_message_body: int
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., session_id: _Optional[str] = ..., max_frame_length: _Optional[int] = ..., head_seq: _Optional[int] = ..., max_message_body: _Optional[int] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ()
@@ -149,3 +160,85 @@ class Kicked(_message.Message):
     reason: KickReason
     message: str
     def __init__(self, reason: _Optional[_Union[KickReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Message(_message.Message):
+    __slots__ = ("id", "sender", "recipient", "client_msg_id", "body", "content_type", "created_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    sender: str
+    recipient: str
+    client_msg_id: str
+    body: bytes
+    content_type: str
+    created_ms: int
+    def __init__(self, id: _Optional[int] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., client_msg_id: _Optional[str] = ..., body: _Optional[bytes] = ..., content_type: _Optional[str] = ..., created_ms: _Optional[int] = ...) -> None: ...
+
+class InboxEntry(_message.Message):
+    __slots__ = ("seq", "outgoing", "message")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    OUTGOING_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    outgoing: bool
+    message: Message
+    def __init__(self, seq: _Optional[int] = ..., outgoing: _Optional[bool] = ..., message: _Optional[_Union[Message, _Mapping]] = ...) -> None: ...
+
+class SendRequest(_message.Message):
+    __slots__ = ("to", "client_msg_id", "body", "content_type")
+    TO_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    to: str
+    client_msg_id: str
+    body: bytes
+    content_type: str
+    def __init__(self, to: _Optional[str] = ..., client_msg_id: _Optional[str] = ..., body: _Optional[bytes] = ..., content_type: _Optional[str] = ...) -> None: ...
+
+class SendResponse(_message.Message):
+    __slots__ = ("message_id", "server_time_ms", "seq", "duplicate")
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    message_id: int
+    server_time_ms: int
+    seq: int
+    duplicate: bool
+    def __init__(self, message_id: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., seq: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+
+class SyncRequest(_message.Message):
+    __slots__ = ("after_seq", "limit")
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    after_seq: int
+    limit: int
+    def __init__(self, after_seq: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class SyncResponse(_message.Message):
+    __slots__ = ("entries", "head_seq")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[InboxEntry]
+    head_seq: int
+    def __init__(self, entries: _Optional[_Iterable[_Union[InboxEntry, _Mapping]]] = ..., head_seq: _Optional[int] = ...) -> None: ...
+
+class Typing(_message.Message):
+    __slots__ = ("uid", "active")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    active: bool
+    def __init__(self, uid: _Optional[str] = ..., active: _Optional[bool] = ...) -> None: ...

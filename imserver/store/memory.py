@@ -1,0 +1,103 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+An in-memory message store: the reference semantics, for tests and
+benchmarks.  Nothing survives a restart.
+"""
+
+from twisted.internet.defer import succeed
+from zope.interface import implementer
+
+from imserver.interfaces import IMessageStore
+from imserver.pb import im_pb2 as pb
+from imserver.store import Delivery, uniqueRecipients
+
+
+@implementer(IMessageStore)
+class MemoryMessageStore:
+    """
+    Inboxes as lists, in process memory.
+    """
+
+    def __init__(self, dedupWindowMs=24 * 3600 * 1000):
+        self.dedupWindowMs = dedupWindowMs
+        self._lastId = 0
+        self._messages = {}  # id -> pb.Message
+        self._inbox = {}  # uid -> list of (seq, message id, outgoing)
+        self._heads = {}  # uid -> last seq
+        self._dedup = {}  # (sender, client_msg_id) -> (id, sender seq, ms)
+        self._cursors = {}  # (uid, device) -> (seq, ms)
+
+    def deliver(self, sender, clientMsgId, message, recipients, nowMs):
+        key = (sender, clientMsgId)
+        seen = self._dedup.get(key)
+        if seen is not None and seen[2] > nowMs - self.dedupWindowMs:
+            messageId, senderSeq, createdMs = seen
+            original = self._messages.get(messageId)
+            if original is None:
+                original = pb.Message(id=messageId, created_ms=createdMs)
+            return succeed(Delivery(original, {sender: senderSeq}, True))
+        self._lastId += 1
+        stored = pb.Message()
+        stored.CopyFrom(message)
+        stored.id = self._lastId
+        stored.sender = sender
+        stored.client_msg_id = clientMsgId
+        stored.created_ms = nowMs
+        self._messages[stored.id] = stored
+        seqs = {}
+        for uid in uniqueRecipients(sender, recipients):
+            seq = self._heads.get(uid, 0) + 1
+            self._heads[uid] = seq
+            self._inbox.setdefault(uid, []).append((seq, stored.id, uid == sender))
+            seqs[uid] = seq
+        self._dedup[key] = (stored.id, seqs[sender], nowMs)
+        return succeed(Delivery(stored, seqs, False))
+
+    def fetch(self, uid, afterSeq, limit):
+        entries = []
+        for seq, messageId, outgoing in self._inbox.get(uid, ()):
+            if seq > afterSeq:
+                entries.append(
+                    pb.InboxEntry(seq=seq, outgoing=outgoing, message=self._messages[messageId])
+                )
+                if len(entries) >= limit:
+                    break
+        return succeed(entries)
+
+    def head(self, uid):
+        return succeed(self._heads.get(uid, 0))
+
+    def ack(self, uid, deviceId, seq, nowMs):
+        old = self._cursors.get((uid, deviceId), (0, 0))[0]
+        new = max(old, seq)
+        self._cursors[(uid, deviceId)] = (new, nowMs)
+        return succeed(new)
+
+    def cursor(self, uid, deviceId):
+        return succeed(self._cursors.get((uid, deviceId), (0, 0))[0])
+
+    def trim(self, nowMs, maxAgeMs, maxCount):
+        oldest = nowMs - maxAgeMs
+        removed = 0
+        for uid, entries in list(self._inbox.items()):
+            cursors = [s for (u, _), (s, _) in self._cursors.items() if u == uid]
+            acked = min(cursors) if cursors else 0
+            cutoff = min(acked, self._heads[uid] - maxCount)
+            kept = [
+                e for e in entries
+                if self._messages[e[1]].created_ms >= oldest and e[0] > cutoff
+            ]
+            removed += len(entries) - len(kept)
+            if kept:
+                self._inbox[uid] = kept
+            else:
+                del self._inbox[uid]
+        referenced = {e[1] for entries in self._inbox.values() for e in entries}
+        for messageId in [m for m in self._messages if m not in referenced]:
+            if self._messages[messageId].created_ms < oldest:
+                del self._messages[messageId]
+        for key in [k for k, v in self._dedup.items() if v[2] <= nowMs - self.dedupWindowMs]:
+            del self._dedup[key]
+        for key in [k for k, v in self._cursors.items() if v[1] < oldest]:
+            del self._cursors[key]
+        return succeed(removed)

@@ -1,0 +1,368 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+The embedded default message store: SQLite in WAL mode, C{synchronous=FULL}.
+
+Every operation runs on one dedicated writer thread.  The thread takes every
+operation waiting when it starts a transaction, runs them all in it (each in
+its own savepoint, so one failing does not undo the others), commits, and
+only then hands the results back to the reactor thread in one
+C{callFromThread}: group commit.  A C{deliver} is therefore answered only
+once its transaction is on disk, and many messages share one fsync.  The
+reactor never waits on the database.
+"""
+
+import collections
+import sqlite3
+import threading
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from imserver.interfaces import IMessageStore
+from imserver.pb import im_pb2 as pb
+from imserver.store import Delivery, uniqueRecipients
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    created_ms INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_created ON messages (created_ms);
+CREATE TABLE IF NOT EXISTS inbox (
+    uid TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    message_id INTEGER NOT NULL,
+    outgoing INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (uid, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS inbox_created ON inbox (created_ms);
+CREATE TABLE IF NOT EXISTS heads (
+    uid TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dedup (
+    sender TEXT NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    message_id INTEGER NOT NULL,
+    sender_seq INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (sender, client_msg_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_created ON dedup (created_ms);
+CREATE TABLE IF NOT EXISTS cursors (
+    uid TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (uid, device_id)
+) WITHOUT ROWID;
+"""
+
+#: Most operations committed in one transaction.
+MAX_BATCH = 2000
+
+
+class StoreClosed(Exception):
+    """
+    The store is stopped; the operation was not run.
+    """
+
+
+def openDatabase(path):
+    """
+    Open (creating if needed) the database at C{path} with the durable
+    settings.
+
+    @rtype: L{sqlite3.Connection}
+    """
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(SCHEMA)
+    return db
+
+
+class _Operations:
+    """
+    The store's operations, each run on the writer thread inside a
+    transaction, given the connection first.
+    """
+
+    def __init__(self, dedupWindowMs):
+        self.dedupWindowMs = dedupWindowMs
+
+    def deliver(self, db, sender, clientMsgId, message, recipients, nowMs):
+        row = db.execute(
+            "SELECT message_id, sender_seq, created_ms FROM dedup"
+            " WHERE sender = ? AND client_msg_id = ?",
+            (sender, clientMsgId),
+        ).fetchone()
+        if row is not None:
+            messageId, senderSeq, createdMs = row
+            if createdMs > nowMs - self.dedupWindowMs:
+                data = db.execute(
+                    "SELECT data FROM messages WHERE id = ?", (messageId,)
+                ).fetchone()
+                original = (
+                    pb.Message.FromString(data[0])
+                    if data is not None
+                    else pb.Message(id=messageId, created_ms=createdMs)
+                )
+                return Delivery(original, {sender: senderSeq}, True)
+            db.execute(
+                "DELETE FROM dedup WHERE sender = ? AND client_msg_id = ?",
+                (sender, clientMsgId),
+            )
+        stored = pb.Message()
+        stored.CopyFrom(message)
+        stored.sender = sender
+        stored.client_msg_id = clientMsgId
+        stored.created_ms = nowMs
+        cursor = db.execute(
+            "INSERT INTO messages (created_ms, data) VALUES (?, x'')", (nowMs,)
+        )
+        stored.id = cursor.lastrowid
+        db.execute(
+            "UPDATE messages SET data = ? WHERE id = ?",
+            (stored.SerializeToString(), stored.id),
+        )
+        seqs = {}
+        for uid in uniqueRecipients(sender, recipients):
+            seq = db.execute(
+                "INSERT INTO heads (uid, seq) VALUES (?, 1)"
+                " ON CONFLICT (uid) DO UPDATE SET seq = seq + 1 RETURNING seq",
+                (uid,),
+            ).fetchone()[0]
+            db.execute(
+                "INSERT INTO inbox (uid, seq, message_id, outgoing, created_ms)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (uid, seq, stored.id, uid == sender, nowMs),
+            )
+            seqs[uid] = seq
+        db.execute(
+            "INSERT INTO dedup (sender, client_msg_id, message_id, sender_seq,"
+            " created_ms) VALUES (?, ?, ?, ?, ?)",
+            (sender, clientMsgId, stored.id, seqs[sender], nowMs),
+        )
+        return Delivery(stored, seqs, False)
+
+    def fetch(self, db, uid, afterSeq, limit):
+        rows = db.execute(
+            "SELECT i.seq, i.outgoing, m.data FROM inbox i"
+            " JOIN messages m ON m.id = i.message_id"
+            " WHERE i.uid = ? AND i.seq > ? ORDER BY i.seq LIMIT ?",
+            (uid, afterSeq, limit),
+        ).fetchall()
+        return [
+            pb.InboxEntry(seq=seq, outgoing=bool(outgoing), message=pb.Message.FromString(data))
+            for seq, outgoing, data in rows
+        ]
+
+    def head(self, db, uid):
+        row = db.execute("SELECT seq FROM heads WHERE uid = ?", (uid,)).fetchone()
+        return 0 if row is None else row[0]
+
+    def ack(self, db, uid, deviceId, seq, nowMs):
+        return db.execute(
+            "INSERT INTO cursors (uid, device_id, seq, updated_ms) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (uid, device_id) DO UPDATE SET"
+            " seq = max(seq, excluded.seq), updated_ms = excluded.updated_ms"
+            " RETURNING seq",
+            (uid, deviceId, seq, nowMs),
+        ).fetchone()[0]
+
+    def cursor(self, db, uid, deviceId):
+        row = db.execute(
+            "SELECT seq FROM cursors WHERE uid = ? AND device_id = ?", (uid, deviceId)
+        ).fetchone()
+        return 0 if row is None else row[0]
+
+    def trim(self, db, nowMs, maxAgeMs, maxCount):
+        oldest = nowMs - maxAgeMs
+        removed = db.execute("DELETE FROM inbox WHERE created_ms < ?", (oldest,)).rowcount
+        crowded = db.execute(
+            "SELECT uid, count(*) FROM inbox GROUP BY uid HAVING count(*) > ?", (maxCount,)
+        ).fetchall()
+        for uid, _ in crowded:
+            head = self.head(db, uid)
+            acked = db.execute(
+                "SELECT coalesce(min(seq), 0) FROM cursors WHERE uid = ?", (uid,)
+            ).fetchone()[0]
+            cutoff = min(acked, head - maxCount)
+            removed += db.execute(
+                "DELETE FROM inbox WHERE uid = ? AND seq <= ?", (uid, cutoff)
+            ).rowcount
+        db.execute("DELETE FROM messages WHERE created_ms < ?", (oldest,))
+        db.execute(
+            "DELETE FROM dedup WHERE created_ms <= ?", (nowMs - self.dedupWindowMs,)
+        )
+        db.execute("DELETE FROM cursors WHERE updated_ms < ?", (oldest,))
+        return removed
+
+
+@implementer(IMessageStore)
+class SQLiteMessageStore(Service):
+    """
+    The durable store.  Start it (as a service) before use; stopping it
+    finishes the queued operations, commits and closes the database.
+
+    @param path: the database file.
+    @param reactor: for C{callFromThread}; with C{threaded=False} (tests)
+        operations run at once in the calling thread and it is unused.
+    """
+
+    log = Logger()
+
+    def __init__(self, path, reactor, dedupWindowMs=24 * 3600 * 1000, threaded=True):
+        self.path = path
+        self._reactor = reactor
+        self._ops = _Operations(dedupWindowMs)
+        self._threaded = threaded
+        self._queue = collections.deque()
+        self._wakeup = threading.Condition()
+        self._thread = None
+        self._stopped = None
+        self._db = None
+        self._broken = None
+        self.batches = 0
+        self.committed = 0
+
+    # -- IMessageStore ----------------------------------------------------
+
+    def deliver(self, sender, clientMsgId, message, recipients, nowMs):
+        return self._submit(
+            self._ops.deliver, sender, clientMsgId, message, list(recipients), nowMs
+        )
+
+    def fetch(self, uid, afterSeq, limit):
+        return self._submit(self._ops.fetch, uid, afterSeq, limit)
+
+    def head(self, uid):
+        return self._submit(self._ops.head, uid)
+
+    def ack(self, uid, deviceId, seq, nowMs):
+        return self._submit(self._ops.ack, uid, deviceId, seq, nowMs)
+
+    def cursor(self, uid, deviceId):
+        return self._submit(self._ops.cursor, uid, deviceId)
+
+    def trim(self, nowMs, maxAgeMs, maxCount):
+        return self._submit(self._ops.trim, nowMs, maxAgeMs, maxCount)
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self):
+        Service.startService(self)
+        if self._threaded:
+            self._thread = threading.Thread(
+                target=self._run, name="imserver-sqlite-writer", daemon=True
+            )
+            self._stopped = Deferred()
+            self._thread.start()
+        else:
+            self._db = openDatabase(self.path)
+
+    def stopService(self):
+        Service.stopService(self)
+        if not self._threaded:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            return succeed(None)
+        with self._wakeup:
+            self._queue.append(None)
+            self._wakeup.notify()
+        return self._stopped
+
+    # -- internals ------------------------------------------------------------
+
+    def _submit(self, function, *args):
+        if self._broken is not None:
+            return fail(self._broken)
+        if not self.running:
+            return fail(StoreClosed("the message store is not running"))
+        if not self._threaded:
+            [(_, result)] = self._runBatch(self._db, [(function, args, None)])
+            return fail(result) if isinstance(result, Failure) else succeed(result)
+        d = Deferred()
+        with self._wakeup:
+            self._queue.append((function, args, d))
+            self._wakeup.notify()
+        return d
+
+    def _run(self):
+        try:
+            db = openDatabase(self.path)
+        except Exception:
+            failure = Failure()
+            self._reactor.callFromThread(self._failStart, failure)
+            return
+        queue = self._queue
+        stopping = False
+        while not stopping:
+            with self._wakeup:
+                while not queue:
+                    self._wakeup.wait()
+                batch = []
+                while queue and len(batch) < MAX_BATCH:
+                    item = queue.popleft()
+                    if item is None:
+                        stopping = True
+                        break
+                    batch.append(item)
+            if batch:
+                results = self._runBatch(db, batch)
+                self._reactor.callFromThread(self._fire, results)
+        db.close()
+        self._reactor.callFromThread(self._stopped.callback, None)
+
+    def _runBatch(self, db, batch):
+        """
+        Run C{batch} in one transaction.  Returns C{[(deferred, result or
+        Failure)]}; if the commit fails, every result is that failure.
+        """
+        results = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for function, args, d in batch:
+                db.execute("SAVEPOINT op")
+                try:
+                    result = function(db, *args)
+                except Exception:
+                    result = Failure()
+                    db.execute("ROLLBACK TO op")
+                db.execute("RELEASE op")
+                results.append((d, result))
+            db.execute("COMMIT")
+        except Exception:
+            failure = Failure()
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            results = [(d, failure) for _, _, d in batch]
+        self.batches += 1
+        self.committed += len(batch)
+        return results
+
+    def _fire(self, results):
+        for d, result in results:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+    def _failStart(self, failure):
+        self.log.failure("cannot open the message store {path}", failure, path=self.path)
+        self._broken = failure
+        with self._wakeup:
+            pending = [item for item in self._queue if item is not None]
+            self._queue.clear()
+        for _, _, d in pending:
+            d.errback(failure)
+        self._stopped.callback(None)

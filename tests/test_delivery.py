@@ -1,0 +1,451 @@
+"""
+Tests for reliable delivery through the gate: store-then-ack, pushes in
+seq order within the unacknowledged window, cumulative acks, resume with no
+gap and no repeat, idempotent send, sync, typing.
+"""
+
+from twisted.internet.defer import Deferred, fail
+from twisted.trial.unittest import SynchronousTestCase
+
+from imserver.framing import encodeFrame
+from imserver.pb import im_pb2 as pb
+from imserver.store.memory import MemoryMessageStore
+
+from tests.test_protocol import GateHarness, written
+
+
+class SlowStore(MemoryMessageStore):
+    """
+    A memory store whose C{fetch} answers only when the test releases it.
+    """
+
+    def __init__(self):
+        MemoryMessageStore.__init__(self)
+        self.held = []
+        self.hold = False
+
+    def fetch(self, uid, afterSeq, limit):
+        result = MemoryMessageStore.fetch(self, uid, afterSeq, limit)
+        if not self.hold:
+            return result
+        d = Deferred()
+        self.held.append((d, result))
+        return d
+
+    def release(self):
+        held, self.held = self.held, []
+        for d, result in held:
+            result.chainDeferred(d)
+
+
+class DeliveryHarness(GateHarness):
+    """
+    A gate with helpers to send, ack and read pushes.
+    """
+
+    def __init__(self, testCase, store=None, **settings):
+        GateHarness.__init__(self, testCase, **settings)
+        if store is not None:
+            self.store = self.factory.store = self.factory.messenger.store = store
+        self.seq = 100
+
+    def login(self, uid, device="phone", lastSeq=0):
+        protocol, transport = self.connect()
+        self.request(protocol, "auth", pb.AuthRequest(
+            uid=uid, device_id=device, token=self.token(uid), last_seq=lastSeq))
+        frames = written(transport)
+        self.testCase.assertEqual(frames[0].kind, pb.RESPONSE)
+        self.testCase.assertFalse(frames[0].HasField("error"), frames[0].error)
+        return protocol, transport, pb.AuthResponse.FromString(frames[0].body), frames[1:]
+
+    def send(self, protocol, to, clientMsgId, body=b"hi"):
+        self.seq += 1
+        self.request(protocol, "send", pb.SendRequest(
+            to=to, client_msg_id=clientMsgId, body=body), seq=self.seq)
+
+    def notify(self, protocol, method, message):
+        protocol.dataReceived(encodeFrame(pb.Frame(
+            kind=pb.NOTIFY, method=method, body=message.SerializeToString())))
+
+    def ack(self, protocol, seq):
+        self.notify(protocol, "ack", pb.Ack(seq=seq))
+
+
+def pushes(frames):
+    """
+    The inbox entries among C{frames}.
+    """
+    return [pb.InboxEntry.FromString(f.body) for f in frames
+            if f.kind == pb.NOTIFY and f.method == "message"]
+
+
+def responses(frames):
+    return [f for f in frames if f.kind == pb.RESPONSE]
+
+
+class SendTests(SynchronousTestCase):
+    """
+    C{send}: store, then answer, then push.
+    """
+
+    def setUp(self):
+        self.gate = DeliveryHarness(self)
+        self.alice, self.aliceT, _, _ = self.gate.login("alice")
+        self.bob, self.bobT, _, _ = self.gate.login("bob")
+
+    def test_sendAndPush(self):
+        """
+        The sender gets the message id, time and its own seq; the recipient
+        is pushed the entry with the sender set by the server; the sender's
+        session sees its own message as outgoing.
+        """
+        self.gate.send(self.alice, "bob", "m1", b"hello")
+        aliceFrames = written(self.aliceT)
+        [response] = responses(aliceFrames)
+        result = pb.SendResponse.FromString(response.body)
+        self.assertEqual((result.seq, result.duplicate), (1, False))
+        self.assertEqual(result.server_time_ms, 1_700_000_000_000)
+        [entry] = pushes(written(self.bobT))
+        self.assertEqual((entry.seq, entry.outgoing), (1, False))
+        self.assertEqual((entry.message.id, entry.message.sender, entry.message.recipient,
+                          entry.message.body, entry.message.client_msg_id),
+                         (result.message_id, "alice", "bob", b"hello", "m1"))
+        [own] = pushes(aliceFrames)
+        self.assertEqual((own.seq, own.outgoing, own.message.id), (1, True, result.message_id))
+
+    def test_otherDevicesOfSender(self):
+        """
+        The sender's other devices get the message too, as outgoing.
+        """
+        laptop, laptopT, _, _ = self.gate.login("alice", "laptop")
+        self.gate.send(self.alice, "bob", "m1")
+        [entry] = pushes(written(laptopT))
+        self.assertTrue(entry.outgoing)
+
+    def test_idempotent(self):
+        """
+        A retry with the same client_msg_id returns the original result,
+        marked duplicate, and pushes nothing new.
+        """
+        self.gate.send(self.alice, "bob", "m1")
+        first = pb.SendResponse.FromString(responses(written(self.aliceT))[0].body)
+        written(self.bobT)
+        self.gate.send(self.alice, "bob", "m1")
+        [response] = responses(written(self.aliceT))
+        again = pb.SendResponse.FromString(response.body)
+        self.assertEqual((again.message_id, again.seq, again.duplicate),
+                         (first.message_id, first.seq, True))
+        self.assertEqual(pushes(written(self.bobT)), [])
+
+    def test_invalid(self):
+        """
+        Bad fields get C{BAD_REQUEST}, an oversized body
+        C{MESSAGE_TOO_LARGE}; nothing is stored and the connection stays.
+        """
+        cases = [
+            (pb.SendRequest(to="", client_msg_id="x"), pb.BAD_REQUEST),
+            (pb.SendRequest(to="bob", client_msg_id=""), pb.BAD_REQUEST),
+            (pb.SendRequest(to="bob", client_msg_id="x" * 65), pb.BAD_REQUEST),
+            (pb.SendRequest(to="bob", client_msg_id="x", content_type="t" * 65), pb.BAD_REQUEST),
+            (pb.SendRequest(to="bob", client_msg_id="x", body=b"b" * 32769), pb.MESSAGE_TOO_LARGE),
+        ]
+        for request, code in cases:
+            self.gate.request(self.alice, "send", request, seq=7)
+            [frame] = written(self.aliceT)
+            self.assertEqual(frame.error.code, code, request)
+        self.assertEqual(self.successResultOf(self.gate.store.head("bob")), 0)
+        self.assertFalse(self.aliceT.disconnecting)
+
+    def test_storeFailure(self):
+        """
+        A store failure answers C{UNAVAILABLE} (retryable) and is logged.
+        """
+        self.gate.store.deliver = lambda *a: fail(IOError("disk"))
+        self.gate.send(self.alice, "bob", "m1")
+        [frame] = written(self.aliceT)
+        self.assertEqual(frame.error.code, pb.UNAVAILABLE)
+        self.assertEqual(len(self.flushLoggedErrors(IOError)), 1)
+
+    def test_answerAfterStore(self):
+        """
+        The answer waits for the store: nothing is answered or pushed until
+        the message is stored.
+        """
+        pending = Deferred()
+        deliver = self.gate.store.deliver
+        self.gate.store.deliver = lambda *a: pending
+        self.gate.send(self.alice, "bob", "m1")
+        self.assertEqual(written(self.aliceT), [])
+        self.assertEqual(written(self.bobT), [])
+        deliver(*["alice", "m1", pb.Message(recipient="bob"), ["bob"], 1]).chainDeferred(pending)
+        self.assertEqual(len(responses(written(self.aliceT))), 1)
+        self.assertEqual(len(pushes(written(self.bobT))), 1)
+
+
+class WindowTests(SynchronousTestCase):
+    """
+    At most C{max_unacked} pushes in flight; acks let the rest follow.
+    """
+
+    def setUp(self):
+        self.gate = DeliveryHarness(self, max_unacked=3)
+        self.alice, self.aliceT, _, _ = self.gate.login("alice")
+
+    def test_window(self):
+        """
+        Ten messages to an online user: three are pushed; each ack lets
+        as many more follow, in order, without repeats.
+        """
+        bob, bobT, _, _ = self.gate.login("bob")
+        for i in range(10):
+            self.gate.send(self.alice, "bob", str(i))
+        self.assertEqual([e.seq for e in pushes(written(bobT))], [1, 2, 3])
+        self.gate.ack(bob, 2)
+        self.assertEqual([e.seq for e in pushes(written(bobT))], [4, 5])
+        self.gate.ack(bob, 5)
+        self.assertEqual([e.seq for e in pushes(written(bobT))], [6, 7, 8])
+        self.gate.ack(bob, 8)
+        self.assertEqual([e.seq for e in pushes(written(bobT))], [9, 10])
+        self.gate.ack(bob, 10)
+        self.assertEqual(written(bobT), [])
+
+    def test_ackBeyondPushed(self):
+        """
+        An ack for a seq never pushed is a protocol error: ERROR
+        C{BAD_ACK} and close.
+        """
+        bob, bobT, _, _ = self.gate.login("bob")
+        self.gate.send(self.alice, "bob", "1")
+        written(bobT)
+        self.gate.ack(bob, 2)
+        [frame] = written(bobT)
+        self.assertEqual((frame.kind, frame.error.code), (pb.ERROR, pb.BAD_ACK))
+        self.assertTrue(bobT.disconnecting)
+
+    def test_oldAckIgnored(self):
+        """
+        An ack lower than a previous one changes nothing.
+        """
+        bob, bobT, _, _ = self.gate.login("bob")
+        for i in range(3):
+            self.gate.send(self.alice, "bob", str(i))
+        written(bobT)
+        self.gate.ack(bob, 3)
+        self.gate.ack(bob, 1)
+        self.assertFalse(bobT.disconnecting)
+        self.assertEqual(self.successResultOf(self.gate.store.cursor("bob", "phone")), 3)
+
+    def test_cursorPersisted(self):
+        """
+        Acks are written to the store as the device's cursor.
+        """
+        bob, bobT, _, _ = self.gate.login("bob")
+        self.gate.send(self.alice, "bob", "1")
+        self.gate.send(self.alice, "bob", "2")
+        self.gate.ack(bob, 2)
+        self.assertEqual(self.successResultOf(self.gate.store.cursor("bob", "phone")), 2)
+
+    def test_ackBeforeAuthIgnored(self):
+        """
+        Notifies before auth are ignored: no error, no effect.
+        """
+        protocol, transport = self.gate.connect()
+        self.gate.ack(protocol, 5)
+        self.assertEqual(written(transport), [])
+        self.assertFalse(transport.disconnecting)
+
+
+class ResumeTests(SynchronousTestCase):
+    """
+    Offline messages and resuming from the last acked seq.
+    """
+
+    def setUp(self):
+        self.store = SlowStore()
+        self.gate = DeliveryHarness(self, store=self.store, max_unacked=100,
+                                    sync_page_size=4)
+        self.alice, self.aliceT, _, _ = self.gate.login("alice")
+
+    def offline(self, count):
+        for i in range(count):
+            self.gate.send(self.alice, "bob", "m{}".format(i))
+        written(self.aliceT)
+
+    def test_backlogAfterAuth(self):
+        """
+        Messages sent while offline wait in the inbox; after auth they are
+        pushed in order, after the auth response, paged.
+        """
+        self.offline(10)
+        bob, bobT, response, rest = self.gate.login("bob")
+        self.assertEqual(response.head_seq, 10)
+        self.assertEqual([e.seq for e in pushes(rest)], list(range(1, 11)))
+
+    def test_resumeFromLastSeq(self):
+        """
+        Auth with last_seq resumes after it: no repeat.
+        """
+        self.offline(10)
+        bob, bobT, response, rest = self.gate.login("bob", lastSeq=6)
+        self.assertEqual([e.seq for e in pushes(rest)], [7, 8, 9, 10])
+
+    def test_lastSeqBeyondHead(self):
+        """
+        A last_seq beyond the head starts from the head.
+        """
+        self.offline(2)
+        bob, bobT, response, rest = self.gate.login("bob", lastSeq=50)
+        self.assertEqual(pushes(rest), [])
+        self.gate.send(self.alice, "bob", "new")
+        self.assertEqual([e.seq for e in pushes(written(bobT))], [3])
+
+    def test_liveDuringReplay(self):
+        """
+        Messages arriving while the backlog is being fetched come after it:
+        no gap, no repeat, no reordering.
+        """
+        self.offline(6)
+        self.store.hold = True
+        bob, bobT, response, rest = self.gate.login("bob")
+        self.assertEqual(pushes(rest), [])
+        self.store.hold = False
+        for i in range(3):
+            self.gate.send(self.alice, "bob", "live{}".format(i))
+        self.assertEqual(pushes(written(bobT)), [])
+        self.store.release()
+        entries = pushes(written(bobT))
+        self.assertEqual([e.seq for e in entries], list(range(1, 10)))
+        self.assertEqual([e.message.client_msg_id for e in entries[6:]],
+                         ["live0", "live1", "live2"])
+
+    def test_liveBetweenRegisterAndHead(self):
+        """
+        A message committed after the session registered but before the
+        head was read is not missed.
+        """
+        head = self.store.head
+        held = []
+
+        def slowHead(uid):
+            d = Deferred()
+            held.append((d, head(uid)))
+            return d
+
+        self.store.head = slowHead
+        protocol, transport = self.gate.connect()
+        self.gate.request(protocol, "auth", pb.AuthRequest(
+            uid="bob", device_id="phone", token=self.gate.token("bob")))
+        self.gate.send(self.alice, "bob", "racing")
+        d, result = held[0]
+        result.chainDeferred(d)
+        frames = written(transport)
+        self.assertEqual(frames[0].kind, pb.RESPONSE)
+        self.assertEqual([e.message.client_msg_id for e in pushes(frames)], ["racing"])
+
+    def test_retentionGap(self):
+        """
+        Entries removed by retention are skipped: the seqs jump, nothing
+        stalls.
+        """
+        self.offline(6)
+        self.store._inbox["bob"] = [e for e in self.store._inbox["bob"] if e[0] > 4]
+        bob, bobT, response, rest = self.gate.login("bob")
+        self.assertEqual([e.seq for e in pushes(rest)], [5, 6])
+
+    def test_allTrimmed(self):
+        """
+        With every entry removed, nothing is pushed and later messages still
+        flow.
+        """
+        self.offline(3)
+        del self.store._inbox["bob"]
+        bob, bobT, response, rest = self.gate.login("bob")
+        self.assertEqual(pushes(rest), [])
+        self.gate.send(self.alice, "bob", "after")
+        self.assertEqual([e.seq for e in pushes(written(bobT))], [4])
+
+    def test_fetchFailure(self):
+        """
+        If the inbox cannot be read, the connection is closed with
+        C{UNAVAILABLE} (it resumes on reconnect); nothing is skipped.
+        """
+        self.offline(2)
+        self.store.fetch = lambda *a: fail(IOError("disk"))
+        bob, bobT, response, rest = self.gate.login("bob")
+        [frame] = rest
+        self.assertEqual((frame.kind, frame.error.code), (pb.ERROR, pb.UNAVAILABLE))
+        self.assertEqual(len(self.flushLoggedErrors(IOError)), 1)
+
+
+class SyncTests(SynchronousTestCase):
+    """
+    C{sync}: read pages of the inbox.
+    """
+
+    def setUp(self):
+        self.gate = DeliveryHarness(self, sync_page_size=3)
+        self.alice, self.aliceT, _, _ = self.gate.login("alice")
+        for i in range(5):
+            self.gate.send(self.alice, "bob", str(i))
+        written(self.aliceT)
+
+    def sync(self, afterSeq, limit):
+        self.gate.request(self.alice, "sync", pb.SyncRequest(after_seq=afterSeq, limit=limit),
+                          seq=50)
+        [frame] = written(self.aliceT)
+        return pb.SyncResponse.FromString(frame.body)
+
+    def test_pages(self):
+        """
+        Pages follow after_seq and are capped at the page size; the head is
+        reported; nothing is pushed by a sync.
+        """
+        page = self.sync(0, 0)
+        self.assertEqual([e.seq for e in page.entries], [1, 2, 3])
+        self.assertEqual(page.head_seq, 5)
+        self.assertEqual([e.seq for e in self.sync(3, 100).entries], [4, 5])
+        self.assertEqual([e.seq for e in self.sync(1, 1).entries], [2])
+        self.assertEqual(list(self.sync(5, 3).entries), [])
+
+
+class TypingTests(SynchronousTestCase):
+    """
+    Transient typing signals.
+    """
+
+    def setUp(self):
+        self.gate = DeliveryHarness(self, typing_rate=1.0)
+        self.alice, self.aliceT, _, _ = self.gate.login("alice")
+        self.bob, self.bobT, _, _ = self.gate.login("bob")
+
+    def typed(self):
+        return [pb.Typing.FromString(f.body) for f in written(self.bobT)
+                if f.method == "typing"]
+
+    def test_forwarded(self):
+        """
+        A typing signal reaches the peer's sessions with the sender's uid and
+        is not stored.
+        """
+        self.gate.notify(self.alice, "typing", pb.Typing(uid="bob", active=True))
+        self.assertEqual(self.typed(), [pb.Typing(uid="alice", active=True)])
+        self.assertEqual(self.successResultOf(self.gate.store.head("bob")), 0)
+
+    def test_rateLimited(self):
+        """
+        More than C{typing_rate} signals per second are dropped.
+        """
+        for _ in range(5):
+            self.gate.notify(self.alice, "typing", pb.Typing(uid="bob", active=True))
+        self.assertEqual(len(self.typed()), 1)
+        self.gate.clock.advance(1)
+        self.gate.notify(self.alice, "typing", pb.Typing(uid="bob", active=False))
+        self.assertEqual(self.typed(), [pb.Typing(uid="alice", active=False)])
+
+    def test_offlinePeer(self):
+        """
+        A signal to a user with no session goes nowhere.
+        """
+        self.gate.notify(self.alice, "typing", pb.Typing(uid="carol", active=True))
+        self.assertEqual(self.typed(), [])
+        self.assertFalse(self.aliceT.disconnecting)

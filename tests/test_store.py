@@ -1,0 +1,318 @@
+"""
+Tests for message stores: one suite, run against every implementation of
+L{IMessageStore}, plus SQLite's durability and group commit.
+"""
+
+from twisted.internet import reactor
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from imserver.interfaces import IMessageStore
+from imserver.pb import im_pb2 as pb
+from imserver.store.memory import MemoryMessageStore
+from imserver.store.sqlite import SQLiteMessageStore, StoreClosed
+
+HOUR = 3600 * 1000
+T0 = 1_700_000_000_000
+
+
+def text(body, to="bob"):
+    """
+    A message template.
+    """
+    return pb.Message(recipient=to, body=body.encode(), content_type="text/plain")
+
+
+class StoreTestsMixin:
+    """
+    The behaviour every L{IMessageStore} shares.  Subclasses provide
+    C{makeStore(dedupWindowMs)}, synchronous (results available at once).
+    """
+
+    def setUp(self):
+        self.store = self.makeStore(dedupWindowMs=24 * HOUR)
+
+    def r(self, d):
+        return self.successResultOf(d)
+
+    def send(self, sender, clientMsgId, body, to="bob", now=T0):
+        return self.r(self.store.deliver(sender, clientMsgId, text(body, to), [to], now))
+
+    def test_interface(self):
+        """
+        The store provides L{IMessageStore}.
+        """
+        verifyObject(IMessageStore, self.store)
+
+    def test_deliver(self):
+        """
+        A message lands in the recipient's inbox and, marked outgoing, in
+        the sender's; the store sets id, sender, client_msg_id and time.
+        """
+        delivery = self.send("alice", "m1", "hello")
+        self.assertFalse(delivery.duplicate)
+        self.assertEqual(delivery.seqs, {"bob": 1, "alice": 1})
+        message = delivery.message
+        self.assertTrue(message.id)
+        self.assertEqual((message.sender, message.client_msg_id, message.created_ms),
+                         ("alice", "m1", T0))
+        [entry] = self.r(self.store.fetch("bob", 0, 10))
+        self.assertEqual((entry.seq, entry.outgoing, entry.message), (1, False, message))
+        [own] = self.r(self.store.fetch("alice", 0, 10))
+        self.assertEqual((own.seq, own.outgoing, own.message.id), (1, True, message.id))
+
+    def test_senderCannotBeForged(self):
+        """
+        The sender field of the template is overwritten with the sender.
+        """
+        template = text("x")
+        template.sender = "mallory"
+        delivery = self.r(self.store.deliver("alice", "m1", template, ["bob"], T0))
+        self.assertEqual(delivery.message.sender, "alice")
+
+    def test_seqsIncrease(self):
+        """
+        Each inbox's seqs increase by one per entry, independently.
+        """
+        self.send("alice", "a1", "1")
+        self.send("carol", "c1", "2")
+        delivery = self.send("alice", "a2", "3")
+        self.assertEqual(delivery.seqs, {"bob": 3, "alice": 2})
+        self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 0, 10))], [1, 2, 3])
+        self.assertEqual(self.r(self.store.head("bob")), 3)
+        self.assertEqual(self.r(self.store.head("nobody")), 0)
+
+    def test_toSelf(self):
+        """
+        A message to oneself lands once.
+        """
+        delivery = self.send("alice", "m", "note", to="alice")
+        self.assertEqual(delivery.seqs, {"alice": 1})
+        self.assertEqual(len(self.r(self.store.fetch("alice", 0, 10))), 1)
+
+    def test_manyRecipients(self):
+        """
+        One body can land in many inboxes, each once.
+        """
+        delivery = self.r(self.store.deliver("alice", "g", text("hi"), ["bob", "carol", "bob"], T0))
+        self.assertEqual(delivery.seqs, {"bob": 1, "carol": 1, "alice": 1})
+        ids = {self.r(self.store.fetch(u, 0, 1))[0].message.id for u in ["bob", "carol", "alice"]}
+        self.assertEqual(ids, {delivery.message.id})
+
+    def test_dedup(self):
+        """
+        A retry with the same client_msg_id from the same sender within the
+        window returns the original outcome and stores nothing.
+        """
+        first = self.send("alice", "m1", "hello")
+        again = self.send("alice", "m1", "hello again", now=T0 + HOUR)
+        self.assertTrue(again.duplicate)
+        self.assertEqual(again.message.id, first.message.id)
+        self.assertEqual(again.message.created_ms, T0)
+        self.assertEqual(again.seqs, {"alice": 1})
+        self.assertEqual(len(self.r(self.store.fetch("bob", 0, 10))), 1)
+        self.assertEqual(self.r(self.store.head("alice")), 1)
+
+    def test_dedupPerSender(self):
+        """
+        Another sender may use the same client_msg_id.
+        """
+        self.send("alice", "m1", "a")
+        self.assertFalse(self.send("carol", "m1", "c").duplicate)
+
+    def test_dedupWindowEnds(self):
+        """
+        After the window, the same client_msg_id stores a new message.
+        """
+        first = self.send("alice", "m1", "a")
+        later = self.send("alice", "m1", "a", now=T0 + 24 * HOUR)
+        self.assertFalse(later.duplicate)
+        self.assertNotEqual(later.message.id, first.message.id)
+
+    def test_fetchPaging(self):
+        """
+        C{fetch} pages by seq and limit.
+        """
+        for i in range(5):
+            self.send("alice", str(i), str(i))
+        self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 1, 2))], [2, 3])
+        self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 3, 10))], [4, 5])
+        self.assertEqual(self.r(self.store.fetch("bob", 5, 10)), [])
+
+    def test_cursor(self):
+        """
+        Acks raise a device's cursor and never lower it.
+        """
+        self.assertEqual(self.r(self.store.cursor("bob", "phone")), 0)
+        self.assertEqual(self.r(self.store.ack("bob", "phone", 5, T0)), 5)
+        self.assertEqual(self.r(self.store.ack("bob", "phone", 3, T0)), 5)
+        self.assertEqual(self.r(self.store.cursor("bob", "phone")), 5)
+        self.assertEqual(self.r(self.store.cursor("bob", "laptop")), 0)
+
+    def test_trimByAge(self):
+        """
+        Entries older than the age limit go, acked or not; seqs are never
+        reused afterwards.
+        """
+        self.send("alice", "old", "old", now=T0)
+        self.send("alice", "new", "new", now=T0 + 10 * HOUR)
+        removed = self.r(self.store.trim(T0 + 10 * HOUR, 5 * HOUR, 1000))
+        self.assertEqual(removed, 2)
+        self.assertEqual([e.message.client_msg_id for e in self.r(self.store.fetch("bob", 0, 10))],
+                         ["new"])
+        self.assertEqual(self.send("alice", "newer", "x", now=T0 + 11 * HOUR).seqs["bob"], 3)
+
+    def test_trimByCountKeepsUnacked(self):
+        """
+        Beyond the count limit only entries every known device acked go:
+        unacked entries younger than the age limit stay.
+        """
+        for i in range(10):
+            self.send("alice", str(i), str(i))
+        self.r(self.store.ack("bob", "phone", 8, T0))
+        self.r(self.store.ack("bob", "laptop", 4, T0))
+        self.r(self.store.trim(T0, 24 * HOUR, 3))
+        self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 0, 100))],
+                         [5, 6, 7, 8, 9, 10])
+        self.r(self.store.ack("bob", "laptop", 10, T0))
+        self.r(self.store.trim(T0, 24 * HOUR, 3))
+        self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 0, 100))], [8, 9, 10])
+
+    def test_trimWithoutCursorsKeepsAll(self):
+        """
+        A user with no acknowledged device keeps every young entry.
+        """
+        for i in range(5):
+            self.send("alice", str(i), str(i))
+        self.r(self.store.trim(T0, 24 * HOUR, 2))
+        self.assertEqual(len(self.r(self.store.fetch("bob", 0, 100))), 5)
+
+    def test_trimForgetsDedup(self):
+        """
+        Trimming forgets dedup keys older than the window.
+        """
+        self.send("alice", "m1", "a", now=T0)
+        self.r(self.store.trim(T0 + 25 * HOUR, 48 * HOUR, 1000))
+        self.assertFalse(self.send("alice", "m1", "a", now=T0 + 25 * HOUR).duplicate)
+
+
+class MemoryStoreTests(StoreTestsMixin, SynchronousTestCase):
+    """
+    L{MemoryMessageStore}.
+    """
+
+    def makeStore(self, dedupWindowMs):
+        return MemoryMessageStore(dedupWindowMs=dedupWindowMs)
+
+
+class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
+    """
+    L{SQLiteMessageStore}, operations run inline (no thread).
+    """
+
+    def makeStore(self, dedupWindowMs):
+        self.path = self.mktemp()
+        store = SQLiteMessageStore(self.path, None, dedupWindowMs, threaded=False)
+        store.startService()
+        self.addCleanup(store.stopService)
+        return store
+
+    def test_durableAcrossReopen(self):
+        """
+        What was delivered is there after the store is closed and opened
+        again, and seqs and ids continue.
+        """
+        first = self.send("alice", "m1", "hello")
+        self.store.stopService()
+        self.store = SQLiteMessageStore(self.path, None, 24 * HOUR, threaded=False)
+        self.store.startService()
+        self.assertEqual(len(self.r(self.store.fetch("bob", 0, 10))), 1)
+        self.assertTrue(self.send("alice", "m1", "hello").duplicate)
+        second = self.send("alice", "m2", "again")
+        self.assertEqual(second.seqs, {"bob": 2, "alice": 2})
+        self.assertGreater(second.message.id, first.message.id)
+
+    def test_walAndFullSync(self):
+        """
+        The database runs in WAL mode with synchronous=FULL.
+        """
+        db = self.store._db
+        self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        self.assertEqual(db.execute("PRAGMA synchronous").fetchone()[0], 2)
+
+    def test_notRunning(self):
+        """
+        A stopped store refuses operations with L{StoreClosed}.
+        """
+        self.store.stopService()
+        self.failureResultOf(self.store.head("bob"), StoreClosed)
+        self.store.startService()
+
+
+class ThreadedSQLiteStoreTests(TestCase):
+    """
+    L{SQLiteMessageStore} on its writer thread, with the real reactor.
+    """
+
+    timeout = 30
+
+    def setUp(self):
+        self.store = SQLiteMessageStore(self.mktemp(), reactor)
+        self.store.startService()
+
+    def tearDown(self):
+        if self.store.running:
+            return self.store.stopService()
+
+    @inlineCallbacks
+    def test_groupCommit(self):
+        """
+        Operations queued together commit in few transactions, and each is
+        answered with its own result in order.
+        """
+        ds = [
+            self.store.deliver("alice", str(i), text(str(i)), ["bob"], T0)
+            for i in range(500)
+        ]
+        deliveries = yield gatherResults(ds)
+        self.assertEqual([d.seqs["bob"] for d in deliveries], list(range(1, 501)))
+        self.assertLess(self.store.batches, 50)
+        entries = yield self.store.fetch("bob", 0, 1000)
+        self.assertEqual(len(entries), 500)
+
+    @inlineCallbacks
+    def test_failureIsolated(self):
+        """
+        An operation that fails fails alone; the others in its transaction
+        commit.
+        """
+        bad = self.store._submit(lambda db: db.execute("SELECT * FROM nowhere"))
+        good = self.store.deliver("alice", "m", text("x"), ["bob"], T0)
+        yield self.assertFailure(bad, Exception)
+        delivery = yield good
+        self.assertEqual(delivery.seqs["bob"], 1)
+
+    @inlineCallbacks
+    def test_stopFinishesQueue(self):
+        """
+        Stopping answers every operation queued before it, then closes.
+        """
+        ds = [self.store.deliver("alice", str(i), text("x"), ["bob"], T0) for i in range(50)]
+        yield self.store.stopService()
+        results = yield gatherResults(ds)
+        self.assertEqual(len(results), 50)
+        yield self.assertFailure(self.store.head("bob"), StoreClosed)
+
+    @inlineCallbacks
+    def test_cannotOpen(self):
+        """
+        A database that cannot be opened fails the operations instead of
+        hanging them.
+        """
+        yield self.store.stopService()
+        self.store = SQLiteMessageStore(FilePath(self.mktemp()).child("no").child("db").path, reactor)
+        self.store.startService()
+        yield self.assertFailure(self.store.head("bob"), Exception)
+        self.flushLoggedErrors()
