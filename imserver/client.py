@@ -17,14 +17,20 @@ interval the server gave it, and drops the connection when a ping is not
 answered within that interval.
 """
 
+import collections
+import random
+import uuid
+
+from twisted.application.internet import ClientService
 from twisted.internet import ssl
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.protocol import Factory
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
 from imserver import __version__, methods
-from imserver.errors import RequestTimeout
+from imserver.errors import RemoteError, RequestTimeout
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCProtocol
 
@@ -54,8 +60,13 @@ class ClientProtocol(RPCProtocol):
         self._closedWaiters = []
         self._lostReason = None
 
+    #: Called with this protocol once connected, if set.
+    onConnected = None
+
     def connectionMade(self):
         self._lastSent = self._seconds()
+        if self.onConnected is not None:
+            self.onConnected(self)
 
     def sendFrame(self, frame):
         RPCProtocol.sendFrame(self, frame)
@@ -105,6 +116,38 @@ class ClientProtocol(RPCProtocol):
         """
         return self.callRemote(methods.PING, pb.PingRequest(), timeout)
 
+    def send(self, to, body, clientMsgId, contentType="", timeout=None):
+        """
+        Send one message (no retries here; see L{IMClient} for those).
+
+        @return: a L{Deferred} firing with the L{pb.SendResponse} once the
+            server has stored it.
+        """
+        request = pb.SendRequest(
+            to=to, client_msg_id=clientMsgId, body=body, content_type=contentType
+        )
+        return self.callRemote(methods.SEND, request, timeout)
+
+    def sync(self, afterSeq=0, limit=0, timeout=None):
+        """
+        @return: a L{Deferred} firing with a L{pb.SyncResponse}.
+        """
+        return self.callRemote(
+            methods.SYNC, pb.SyncRequest(after_seq=afterSeq, limit=limit), timeout
+        )
+
+    def ack(self, seq):
+        """
+        Tell the server this device has every inbox entry up to C{seq}.
+        """
+        self.sendNotify(methods.ACK, pb.Ack(seq=seq))
+
+    def sendTyping(self, to, active=True):
+        """
+        Tell C{to} (if online) that this user is typing.
+        """
+        self.sendNotify(methods.TYPING, pb.Typing(uid=to, active=active))
+
     # -- heartbeat ------------------------------------------------------------
 
     @methods.PING.responder
@@ -143,6 +186,14 @@ class ClientProtocol(RPCProtocol):
             detail=message.message,
         )
         self._deliver(methods.KICKED.name, message)
+
+    @methods.MESSAGE.handler
+    def _message(self, entry):
+        self._deliver(methods.MESSAGE.name, entry)
+
+    @methods.TYPING.handler
+    def _typing(self, typing):
+        self._deliver(methods.TYPING.name, typing)
 
     def _deliver(self, name, message):
         if self.onNotify is not None:
@@ -237,3 +288,264 @@ def connect(reactor, host, port, uid, token, deviceId, platform=pb.DESKTOP,
 
 def _closeThenFail(protocol, failure):
     return protocol.close().addCallback(lambda _: failure)
+
+
+#: Error codes after which a send is given up (the request itself is wrong).
+_FINAL_SEND_ERRORS = frozenset([pb.BAD_REQUEST, pb.MESSAGE_TOO_LARGE, pb.UNKNOWN_METHOD])
+#: Error codes after which reconnecting is pointless.
+_FINAL_AUTH_ERRORS = frozenset([pb.AUTH_FAILED, pb.BAD_REQUEST])
+
+
+def fullJitterBackoff(initialDelay=0.5, maxDelay=30.0, rng=random):
+    """
+    A L{ClientService} retry policy: capped exponential backoff with full
+    jitter, uniform in C{[0, min(maxDelay, initialDelay * 2**attempt)]}, so
+    a crowd of clients dropped at once does not come back at once.
+    """
+
+    def policy(attempt):
+        return rng.uniform(0, min(maxDelay, initialDelay * 2 ** min(attempt, 32)))
+
+    return policy
+
+
+class IMClient:
+    """
+    A client session that survives disconnects.
+
+    It reconnects by itself (capped exponential backoff with full jitter),
+    re-authenticates with the last inbox seq it has handed to the
+    application so the server resumes right after it, hands every message
+    to C{onMessage} once (duplicates are recognised by seq and dropped),
+    acknowledges it after C{onMessage} returns (unless C{autoAck} is
+    false: then call L{ack}), and re-sends unanswered messages with the same
+    C{client_msg_id} after a reconnect, so a message is stored once however
+    often it is sent.
+
+    It stops reconnecting when the token is refused or the session is
+    kicked; L{whenStopped} fires then, with the reason.
+
+    @ivar lastSeq: the highest inbox seq handed to the application.
+    @ivar protocol: the current authenticated L{ClientProtocol}, or L{None}.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, host, port, uid, token, deviceId, onMessage=None,
+                 onNotify=None, lastSeq=0, autoAck=True, platform=pb.DESKTOP,
+                 tls=True, caFile=None, trustRoot=None, hostname=None,
+                 requestTimeout=10.0, retryPolicy=None, endpoint=None):
+        """
+        @param token: the token, or a callable returning it (or a Deferred
+            of it), asked again before each connection.
+        @param onMessage: called with each new L{pb.InboxEntry}, in seq
+            order, once.
+        @param onNotify: called as C{onNotify(name, message)} for other
+            notifications (C{typing}, C{kicked}).
+        @param endpoint: a client endpoint to use instead of C{host}/C{port}
+            (tests).
+        """
+        self.clock = reactor
+        self.uid = uid
+        self.deviceId = deviceId
+        self.platform = platform
+        self.onMessage = onMessage
+        self.onNotify = onNotify
+        self.lastSeq = lastSeq
+        self.autoAck = autoAck
+        self.requestTimeout = requestTimeout
+        self.protocol = None
+        self.stopReason = None
+        self._token = token
+        self._pending = collections.OrderedDict()
+        self._stopWaiters = []
+        self._connectWaiters = []
+        if endpoint is None:
+            endpoint = clientEndpoint(
+                reactor, host, port, tls, caFile, trustRoot, hostname, requestTimeout
+            )
+        self._service = ClientService(
+            endpoint,
+            _ProtocolFactory(self),
+            retryPolicy=retryPolicy or fullJitterBackoff(),
+            clock=reactor,
+        )
+
+    # -- life ---------------------------------------------------------------
+
+    def start(self):
+        """
+        Start connecting (and keep connected).
+        """
+        self._service.startService()
+
+    def stop(self):
+        """
+        Disconnect and stop reconnecting.  Unanswered sends stay pending
+        (their Deferreds do not fire) until L{start} is called again.
+
+        @return: a L{Deferred} firing when disconnected.
+        """
+        return self._service.stopService()
+
+    def whenConnected(self):
+        """
+        @return: a L{Deferred} firing with the L{ClientProtocol} once
+            connected and authenticated.
+        """
+        if self.protocol is not None:
+            return succeed(self.protocol)
+        d = Deferred()
+        self._connectWaiters.append(d)
+        return d
+
+    def whenStopped(self):
+        """
+        @return: a L{Deferred} firing with the reason when this client gives
+            up by itself (token refused, kicked).
+        """
+        if self.stopReason is not None:
+            return succeed(self.stopReason)
+        d = Deferred()
+        self._stopWaiters.append(d)
+        return d
+
+    def _giveUp(self, reason):
+        if self.stopReason is not None:
+            return
+        self.stopReason = reason
+        self.log.warn("{uid}/{device} stops reconnecting: {reason}",
+                      uid=self.uid, device=self.deviceId, reason=reason)
+        self._service.stopService()
+        waiters, self._stopWaiters = self._stopWaiters, []
+        for d in waiters:
+            d.callback(reason)
+
+    def _connected(self, protocol):
+        """
+        A new connection is up: authenticate on it.  A refusal that another
+        attempt cannot cure stops the service (from its connected state, so
+        it closes the connection itself); anything else drops the connection
+        and the retry policy reconnects.
+        """
+        token = self._token() if callable(self._token) else self._token
+        d = maybeDeferred(lambda: token)
+        d.addCallback(
+            lambda token: protocol.authenticate(
+                self.uid, token, self.deviceId, self.platform, self.lastSeq
+            )
+        )
+        d.addCallbacks(self._authenticated, self._authFailed, (protocol,), None, (protocol,))
+
+    def _authenticated(self, response, protocol):
+        self.protocol = protocol
+        for clientMsgId in list(self._pending):
+            self._transmit(clientMsgId)
+        waiters, self._connectWaiters = self._connectWaiters, []
+        for d in waiters:
+            d.callback(protocol)
+
+    def _authFailed(self, failure, protocol):
+        if failure.check(RemoteError) and failure.value.code in _FINAL_AUTH_ERRORS:
+            self._giveUp(failure.value)
+        elif protocol.connected:
+            self.log.info("auth failed ({why}); reconnecting", why=failure.getErrorMessage())
+            protocol.transport.abortConnection()
+
+    def _connectionLost(self, protocol):
+        if protocol is self.protocol:
+            self.protocol = None
+        if protocol.kicked is not None:
+            self._giveUp(protocol.kicked)
+
+    # -- messages -------------------------------------------------------------
+
+    def send(self, to, body, contentType="", clientMsgId=None):
+        """
+        Send a message; retried with the same C{client_msg_id} until the
+        server answers.
+
+        @return: a L{Deferred} firing with the L{pb.SendResponse}, or
+            failing with L{RemoteError} if the server refuses the message
+            itself (C{BAD_REQUEST}, C{MESSAGE_TOO_LARGE}).
+        """
+        clientMsgId = clientMsgId or uuid.uuid4().hex
+        d = Deferred()
+        self._pending[clientMsgId] = (to, body, contentType, d)
+        if self.protocol is not None:
+            self._transmit(clientMsgId)
+        return d
+
+    def _transmit(self, clientMsgId):
+        to, body, contentType, d = self._pending[clientMsgId]
+        protocol = self.protocol
+        protocol.send(to, body, clientMsgId, contentType, self.requestTimeout).addCallbacks(
+            self._sent, self._sendFailed, (clientMsgId,), None, (clientMsgId, protocol)
+        )
+
+    def _sent(self, response, clientMsgId):
+        entry = self._pending.pop(clientMsgId, None)
+        if entry is not None:
+            entry[3].callback(response)
+
+    def _sendFailed(self, failure, clientMsgId, protocol):
+        entry = self._pending.get(clientMsgId)
+        if entry is None:
+            return
+        if failure.check(RemoteError) and failure.value.code in _FINAL_SEND_ERRORS:
+            del self._pending[clientMsgId]
+            entry[3].errback(failure)
+            return
+        if failure.check(RemoteError, RequestTimeout) and protocol is self.protocol:
+            # UNAVAILABLE, INTERNAL or no answer yet: try again shortly on
+            # this connection; the client_msg_id makes it safe.
+            self.clock.callLater(1.0, self._retransmit, clientMsgId, protocol)
+        # Connection gone: re-sent after the next auth.
+
+    def _retransmit(self, clientMsgId, protocol):
+        if clientMsgId in self._pending and protocol is self.protocol:
+            self._transmit(clientMsgId)
+
+    def pendingCount(self):
+        """
+        @return: how many sends await an answer.
+        """
+        return len(self._pending)
+
+    def ack(self, seq=None):
+        """
+        Acknowledge every entry up to C{seq} (default: L{lastSeq}).
+        """
+        if self.protocol is not None:
+            self.protocol.ack(self.lastSeq if seq is None else seq)
+
+    def _notified(self, protocol, name, message):
+        if name == methods.MESSAGE.name:
+            if message.seq <= self.lastSeq:
+                return
+            self.lastSeq = message.seq
+            if self.onMessage is not None:
+                self.onMessage(message)
+            if self.autoAck and protocol.connected:
+                protocol.ack(message.seq)
+        elif self.onNotify is not None:
+            self.onNotify(name, message)
+
+
+class _ProtocolFactory(Factory):
+    """
+    Builds a L{ClientProtocol} per connection for an L{IMClient}.
+    """
+
+    noisy = False
+
+    def __init__(self, client):
+        self.client = client
+
+    def buildProtocol(self, addr):
+        client = self.client
+        protocol = ClientProtocol(client.clock, requestTimeout=client.requestTimeout)
+        protocol.onNotify = lambda name, message: client._notified(protocol, name, message)
+        protocol.whenClosed().addCallback(lambda _: client._connectionLost(protocol))
+        protocol.onConnected = client._connected
+        return protocol

@@ -1,0 +1,191 @@
+"""
+Live tests of L{imserver.client.IMClient}, the reconnecting client, against
+a real gate on loopback (plain TCP: TLS is covered by tests.test_e2e).
+"""
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import TestCase
+
+from imserver import tap
+from imserver.auth import loadSecret, mintToken
+from imserver.client import IMClient, fullJitterBackoff
+from imserver.errors import RemoteError
+from imserver.pb import im_pb2 as pb
+
+
+class Inbox:
+    """
+    Collects what an L{IMClient} hands its application, and lets a test
+    wait for a number of messages.
+    """
+
+    def __init__(self):
+        self.entries = []
+        self._waiting = []
+
+    def __call__(self, entry):
+        self.entries.append(entry)
+        for count, d in list(self._waiting):
+            if len(self.entries) >= count:
+                self._waiting.remove((count, d))
+                d.callback(self.entries)
+
+    def waitFor(self, count):
+        if len(self.entries) >= count:
+            return Deferred().callback(self.entries) or _fired(self.entries)
+        d = Deferred()
+        self._waiting.append((count, d))
+        return d
+
+
+def _fired(value):
+    d = Deferred()
+    d.callback(value)
+    return d
+
+
+class IMClientTests(TestCase):
+    """
+    Reconnect, resume and retry against a live gate.
+    """
+
+    timeout = 30
+
+    def setUp(self):
+        self.dataDir = FilePath(self.mktemp())
+        options = tap.Options()
+        options.parseOptions(["--data-dir", self.dataDir.path, "--store", "memory",
+                              "--listen", "tcp:0:interface=127.0.0.1"])
+        self.root = tap.makeService(options, reactor)
+        self.root.startService()
+        self.addCleanup(self.root.stopService)
+        self.gate = self.root.getServiceNamed("gate")
+        self.factory = self.gate.factory
+        self.secret = loadSecret(self.dataDir)
+        return self.gate.addresses().addCallback(self._listening)
+
+    def _listening(self, addresses):
+        self.port = addresses[0].port
+
+    def client(self, uid, device="phone", token=None, **kwargs):
+        client = IMClient(
+            reactor, None, None, uid,
+            token or mintToken(self.secret, uid, 3600, reactor.seconds()), device,
+            endpoint=TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+            retryPolicy=lambda attempt: 0.05, **kwargs)
+        client.start()
+        self.addCleanup(client.stop)
+        return client
+
+    def dropAll(self):
+        """
+        Abort every server-side connection, as a network failure would.
+        """
+        for protocol in list(self.factory.connections):
+            protocol.transport.abortConnection()
+
+    @inlineCallbacks
+    def test_exchange(self):
+        """
+        A message reaches the recipient once, with its seq, and the
+        recipient's ack is stored as its cursor.
+        """
+        inbox = Inbox()
+        bob = self.client("bob", onMessage=inbox)
+        alice = self.client("alice")
+        yield bob.whenConnected()
+        yield alice.whenConnected()
+        response = yield alice.send("bob", b"hello")
+        self.assertFalse(response.duplicate)
+        [entry] = yield inbox.waitFor(1)
+        self.assertEqual((entry.seq, entry.message.sender, entry.message.body),
+                         (1, "alice", b"hello"))
+        self.assertEqual(bob.lastSeq, 1)
+        yield bob.protocol.ping()
+        cursor = yield self.factory.store.cursor("bob", "phone")
+        self.assertEqual(cursor, 1)
+
+    @inlineCallbacks
+    def test_resendAcrossReconnect(self):
+        """
+        Sends unanswered when the connection drops are re-sent after the
+        reconnect with the same client_msg_id: each is stored once and
+        delivered once, in order.
+        """
+        inbox = Inbox()
+        bob = self.client("bob", onMessage=inbox)
+        alice = self.client("alice")
+        yield bob.whenConnected()
+        yield alice.whenConnected()
+        sends = [alice.send("bob", str(i).encode(), clientMsgId="c{}".format(i))
+                 for i in range(20)]
+        self.dropAll()
+        responses = []
+        for d in sends:
+            responses.append((yield d))
+        entries = yield inbox.waitFor(20)
+        self.assertEqual([e.message.body for e in entries], [str(i).encode() for i in range(20)])
+        self.assertEqual([e.seq for e in entries], list(range(1, 21)))
+        head = yield self.factory.store.head("bob")
+        self.assertEqual(head, 20)
+        self.assertEqual(len({r.message_id for r in responses}), 20)
+
+    @inlineCallbacks
+    def test_resumeAfterDrop(self):
+        """
+        Messages sent while the recipient is disconnected arrive after its
+        reconnect, after those it already had, none twice.
+        """
+        inbox = Inbox()
+        bob = self.client("bob", onMessage=inbox)
+        alice = self.client("alice")
+        yield bob.whenConnected()
+        yield alice.whenConnected()
+        yield alice.send("bob", b"1")
+        yield inbox.waitFor(1)
+        yield bob.stop()
+        yield alice.send("bob", b"2")
+        yield alice.send("bob", b"3")
+        bob.start()
+        entries = yield inbox.waitFor(3)
+        self.assertEqual([e.message.body for e in entries], [b"1", b"2", b"3"])
+
+    @inlineCallbacks
+    def test_refusedToken(self):
+        """
+        A refused token stops the client from reconnecting.
+        """
+        client = self.client("alice", token="v1.1.nope")
+        reason = yield client.whenStopped()
+        self.assertIsInstance(reason, RemoteError)
+        self.assertEqual(reason.code, pb.AUTH_FAILED)
+
+    @inlineCallbacks
+    def test_kickedStops(self):
+        """
+        A client replaced by a login of the same device stops; the new one
+        stays.
+        """
+        first = self.client("alice", device="phone")
+        yield first.whenConnected()
+        second = self.client("alice", device="phone")
+        reason = yield first.whenStopped()
+        self.assertEqual(reason.reason, pb.REPLACED)
+        yield second.whenConnected()
+        yield second.protocol.ping()
+
+    def test_backoff(self):
+        """
+        The backoff is uniform in [0, min(max, initial * 2^attempt)].
+        """
+        class Fixed:
+            def uniform(self, low, high):
+                return (low, high)
+
+        policy = fullJitterBackoff(0.5, 30.0, Fixed())
+        self.assertEqual(policy(1), (0, 1.0))
+        self.assertEqual(policy(3), (0, 4.0))
+        self.assertEqual(policy(100), (0, 30.0))
