@@ -136,11 +136,12 @@ class IMessageStore(Interface):
             C{uid}'s inbox (0 if none).
         """
 
-    def ack(uid, deviceId, seq, nowMs):
+    def ack(cursors, nowMs):
         """
-        Raise the device's cursor to C{seq} (never lower it).
+        Raise device cursors (never lower them), all in one write.
 
-        @return: a L{Deferred} firing with the cursor after the update.
+        @param cursors: an iterable of C{(uid, deviceId, seq)}.
+        @return: a L{Deferred} firing with the number of cursors written.
         """
 
     def cursor(uid, deviceId):

@@ -69,8 +69,6 @@ class GateProtocol(RPCProtocol):
     _acked = 0  # highest seq the client acknowledged
     _head = 0  # highest seq known to exist in the inbox
     _fetching = False
-    _ackPersisted = 0
-    _ackWriting = False
     _lastTyping = float("-inf")
 
     def __init__(self, factory, peer):
@@ -352,27 +350,11 @@ class GateProtocol(RPCProtocol):
 
     def _persistAck(self):
         """
-        Write the device's cursor, one write in flight at a time: acks that
-        arrive meanwhile are coalesced into the next write.
+        Have the device's cursor written with the next batch of cursors
+        (L{GateFactory.flushCursors}); acks do not each cost a write.
         """
-        if self._ackWriting or self._acked <= self._ackPersisted:
-            return
-        self._ackWriting = True
-        seq = self._acked
-        self.factory.store.ack(
-            self.uid, self.deviceId, seq, int(self._seconds() * 1000)
-        ).addBoth(self._ackWritten, seq)
-
-    def _ackWritten(self, result, seq):
-        self._ackWriting = False
-        if isinstance(result, Failure):
-            self.log.failure(
-                "storing the cursor of {uid}/{device} failed", result,
-                uid=self.uid, device=self.deviceId,
-            )
-            return
-        self._ackPersisted = seq
-        self._persistAck()
+        if self._acked:
+            self.factory.cursorAdvanced(self.uid, self.deviceId, self._acked)
 
     # -- ISession ----------------------------------------------------------
 
@@ -429,6 +411,7 @@ class GateFactory(Factory):
         self.gateId = gateId
         self.random = rng if rng is not None else random.SystemRandom()
         self.connections = set()
+        self._dirtyCursors = {}
         self._ids = itertools.count(1)
         self._drained = None
 
@@ -437,6 +420,37 @@ class GateFactory(Factory):
 
     def buildProtocol(self, addr):
         return GateProtocol(self, addr)
+
+    def cursorAdvanced(self, uid, deviceId, seq):
+        """
+        Remember a device's new cursor for the next L{flushCursors}.
+        """
+        self._dirtyCursors[(uid, deviceId)] = seq
+
+    def flushCursors(self):
+        """
+        Write every cursor advanced since the last flush, in one store
+        operation.  Run every C{cursor_flush_interval}, and at shutdown.
+
+        @return: a L{Deferred} firing when written (failures are logged and
+            the cursors kept for the next flush).
+        """
+        if not self._dirtyCursors:
+            return succeed(0)
+        dirty, self._dirtyCursors = self._dirtyCursors, {}
+        d = self.store.ack(
+            [(uid, device, seq) for (uid, device), seq in dirty.items()],
+            int(self.clock.seconds() * 1000),
+        )
+
+        def failed(failure):
+            self.log.failure("writing {n} cursors failed", failure, n=len(dirty))
+            for key, seq in dirty.items():
+                if self._dirtyCursors.get(key, 0) < seq:
+                    self._dirtyCursors[key] = seq
+            return 0
+
+        return d.addErrback(failed)
 
     def sweep(self):
         """

@@ -106,23 +106,33 @@ class GateService(MultiService):
             listener = ListenerService(description, endpoint, factory)
             listener.setServiceParent(self)
             self.listeners.append(listener)
-        self._sweeper = LoopingCall(factory.sweep)
-        self._sweeper.clock = factory.clock
+        self._loops = []
+        for function, interval in [
+            (factory.sweep, factory.settings.sweep_interval),
+            (factory.flushCursors, factory.settings.cursor_flush_interval),
+        ]:
+            loop = LoopingCall(function)
+            loop.clock = factory.clock
+            self._loops.append((loop, interval))
 
     def startService(self):
         MultiService.startService(self)
-        self._sweeper.start(self.factory.settings.sweep_interval, now=False)
+        for loop, interval in self._loops:
+            loop.start(interval, now=False)
 
     def stopService(self):
         d = MultiService.stopService(self)
         d.addCallback(lambda _: self.factory.shutdown())
 
-        def stopSweeping(result):
-            if self._sweeper.running:
-                self._sweeper.stop()
+        def stopLoops(result):
+            for loop, interval in self._loops:
+                if loop.running:
+                    loop.stop()
             return result
 
-        return d.addBoth(stopSweeping)
+        d.addBoth(stopLoops)
+        d.addCallback(lambda _: self.factory.flushCursors())
+        return d
 
     def addresses(self):
         """

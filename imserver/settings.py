@@ -114,6 +114,12 @@ class Settings:
     retention_interval: float = _setting(
         600.0, "Seconds between retention passes over the store.", 0.01
     )
+    cursor_flush_interval: float = _setting(
+        1.0,
+        "Seconds between writes of acknowledged positions (one write for all "
+        "devices); the client's last_seq at auth, not this, decides resumption.",
+        0.001,
+    )
     typing_rate: float = _setting(
         2.0, "Typing signals per second a connection may send; more are dropped.", 0.01
     )

@@ -233,17 +233,45 @@ class WindowTests(SynchronousTestCase):
         self.gate.ack(bob, 3)
         self.gate.ack(bob, 1)
         self.assertFalse(bobT.disconnecting)
+        self.successResultOf(self.gate.factory.flushCursors())
         self.assertEqual(self.successResultOf(self.gate.store.cursor("bob", "phone")), 3)
 
     def test_cursorPersisted(self):
         """
-        Acks are written to the store as the device's cursor.
+        Acks are written to the store as device cursors, all devices in one
+        write per flush, not one write per ack.
+        """
+        writes = []
+        ack = self.gate.store.ack
+        self.gate.store.ack = lambda cursors, now: writes.append(list(cursors)) or ack(cursors, now)
+        bob, bobT, _, _ = self.gate.login("bob")
+        carol, carolT, _, _ = self.gate.login("carol")
+        for to in ["bob", "bob", "carol"]:
+            self.gate.send(self.alice, to, to + str(len(writes)) + str(self.gate.seq))
+        self.gate.ack(bob, 1)
+        self.gate.ack(bob, 2)
+        self.gate.ack(carol, 1)
+        self.assertEqual(writes, [])
+        self.successResultOf(self.gate.factory.flushCursors())
+        self.assertEqual(sorted(writes[0]), [("bob", "phone", 2), ("carol", "phone", 1)])
+        self.assertEqual(self.successResultOf(self.gate.store.cursor("bob", "phone")), 2)
+        self.successResultOf(self.gate.factory.flushCursors())
+        self.assertEqual(len(writes), 1)
+
+    def test_cursorFlushFailureKept(self):
+        """
+        Cursors whose write failed are written by the next flush.
         """
         bob, bobT, _, _ = self.gate.login("bob")
         self.gate.send(self.alice, "bob", "1")
-        self.gate.send(self.alice, "bob", "2")
-        self.gate.ack(bob, 2)
-        self.assertEqual(self.successResultOf(self.gate.store.cursor("bob", "phone")), 2)
+        self.gate.ack(bob, 1)
+        ack = self.gate.store.ack
+        self.gate.store.ack = lambda cursors, now: fail(IOError("disk"))
+        self.successResultOf(self.gate.factory.flushCursors())
+        self.assertEqual(len(self.flushLoggedErrors(IOError)), 1)
+        self.gate.store.ack = ack
+        self.assertEqual(self.successResultOf(self.gate.factory.flushCursors()), 1)
+        self.assertEqual(self.successResultOf(self.gate.store.cursor("bob", "phone")), 1)
 
     def test_ackBeforeAuthIgnored(self):
         """

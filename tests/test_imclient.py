@@ -105,6 +105,7 @@ class IMClientTests(TestCase):
                          (1, "alice", b"hello"))
         self.assertEqual(bob.lastSeq, 1)
         yield bob.protocol.ping()
+        yield self.factory.flushCursors()
         cursor = yield self.factory.store.cursor("bob", "phone")
         self.assertEqual(cursor, 1)
 

@@ -146,9 +146,10 @@ class StoreTestsMixin:
         Acks raise a device's cursor and never lower it.
         """
         self.assertEqual(self.r(self.store.cursor("bob", "phone")), 0)
-        self.assertEqual(self.r(self.store.ack("bob", "phone", 5, T0)), 5)
-        self.assertEqual(self.r(self.store.ack("bob", "phone", 3, T0)), 5)
+        self.assertEqual(self.r(self.store.ack([("bob", "phone", 5), ("ann", "pc", 2)], T0)), 2)
+        self.r(self.store.ack([("bob", "phone", 3)], T0))
         self.assertEqual(self.r(self.store.cursor("bob", "phone")), 5)
+        self.assertEqual(self.r(self.store.cursor("ann", "pc")), 2)
         self.assertEqual(self.r(self.store.cursor("bob", "laptop")), 0)
 
     def test_trimByAge(self):
@@ -171,12 +172,11 @@ class StoreTestsMixin:
         """
         for i in range(10):
             self.send("alice", str(i), str(i))
-        self.r(self.store.ack("bob", "phone", 8, T0))
-        self.r(self.store.ack("bob", "laptop", 4, T0))
+        self.r(self.store.ack([("bob", "phone", 8), ("bob", "laptop", 4)], T0))
         self.r(self.store.trim(T0, 24 * HOUR, 3))
         self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 0, 100))],
                          [5, 6, 7, 8, 9, 10])
-        self.r(self.store.ack("bob", "laptop", 10, T0))
+        self.r(self.store.ack([("bob", "laptop", 10)], T0))
         self.r(self.store.trim(T0, 24 * HOUR, 3))
         self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 0, 100))], [8, 9, 10])
 

@@ -67,11 +67,13 @@ class MemoryMessageStore:
     def head(self, uid):
         return succeed(self._heads.get(uid, 0))
 
-    def ack(self, uid, deviceId, seq, nowMs):
-        old = self._cursors.get((uid, deviceId), (0, 0))[0]
-        new = max(old, seq)
-        self._cursors[(uid, deviceId)] = (new, nowMs)
-        return succeed(new)
+    def ack(self, cursors, nowMs):
+        count = 0
+        for uid, deviceId, seq in cursors:
+            old = self._cursors.get((uid, deviceId), (0, 0))[0]
+            self._cursors[(uid, deviceId)] = (max(old, seq), nowMs)
+            count += 1
+        return succeed(count)
 
     def cursor(self, uid, deviceId):
         return succeed(self._cursors.get((uid, deviceId), (0, 0))[0])

@@ -95,6 +95,14 @@ class _Operations:
 
     def __init__(self, dedupWindowMs):
         self.dedupWindowMs = dedupWindowMs
+        self.lastId = None
+
+    def loadIds(self, db):
+        """
+        Read the last message id; ids are then assigned here, by the one
+        writer, without a read or an extra write per message.
+        """
+        self.lastId = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
 
     def deliver(self, db, sender, clientMsgId, message, recipients, nowMs):
         row = db.execute(
@@ -120,17 +128,15 @@ class _Operations:
             )
         stored = pb.Message()
         stored.CopyFrom(message)
+        stored.id = self.lastId + 1
         stored.sender = sender
         stored.client_msg_id = clientMsgId
         stored.created_ms = nowMs
-        cursor = db.execute(
-            "INSERT INTO messages (created_ms, data) VALUES (?, x'')", (nowMs,)
-        )
-        stored.id = cursor.lastrowid
         db.execute(
-            "UPDATE messages SET data = ? WHERE id = ?",
-            (stored.SerializeToString(), stored.id),
+            "INSERT INTO messages (id, created_ms, data) VALUES (?, ?, ?)",
+            (stored.id, nowMs, stored.SerializeToString()),
         )
+        self.lastId = stored.id
         seqs = {}
         for uid in uniqueRecipients(sender, recipients):
             seq = db.execute(
@@ -167,14 +173,15 @@ class _Operations:
         row = db.execute("SELECT seq FROM heads WHERE uid = ?", (uid,)).fetchone()
         return 0 if row is None else row[0]
 
-    def ack(self, db, uid, deviceId, seq, nowMs):
-        return db.execute(
+    def ack(self, db, cursors, nowMs):
+        rows = [(uid, deviceId, seq, nowMs) for uid, deviceId, seq in cursors]
+        db.executemany(
             "INSERT INTO cursors (uid, device_id, seq, updated_ms) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (uid, device_id) DO UPDATE SET"
-            " seq = max(seq, excluded.seq), updated_ms = excluded.updated_ms"
-            " RETURNING seq",
-            (uid, deviceId, seq, nowMs),
-        ).fetchone()[0]
+            " seq = max(seq, excluded.seq), updated_ms = excluded.updated_ms",
+            rows,
+        )
+        return len(rows)
 
     def cursor(self, db, uid, deviceId):
         row = db.execute(
@@ -245,8 +252,8 @@ class SQLiteMessageStore(Service):
     def head(self, uid):
         return self._submit(self._ops.head, uid)
 
-    def ack(self, uid, deviceId, seq, nowMs):
-        return self._submit(self._ops.ack, uid, deviceId, seq, nowMs)
+    def ack(self, cursors, nowMs):
+        return self._submit(self._ops.ack, list(cursors), nowMs)
 
     def cursor(self, uid, deviceId):
         return self._submit(self._ops.cursor, uid, deviceId)
@@ -266,6 +273,7 @@ class SQLiteMessageStore(Service):
             self._thread.start()
         else:
             self._db = openDatabase(self.path)
+            self._ops.loadIds(self._db)
 
     def stopService(self):
         Service.stopService(self)
@@ -298,6 +306,7 @@ class SQLiteMessageStore(Service):
     def _run(self):
         try:
             db = openDatabase(self.path)
+            self._ops.loadIds(db)
         except Exception:
             failure = Failure()
             self._reactor.callFromThread(self._failStart, failure)
@@ -323,32 +332,33 @@ class SQLiteMessageStore(Service):
 
     def _runBatch(self, db, batch):
         """
-        Run C{batch} in one transaction.  Returns C{[(deferred, result or
-        Failure)]}; if the commit fails, every result is that failure.
+        Run C{batch} in one transaction.  If an operation raises, the
+        transaction is rolled back and every operation is run again in a
+        transaction of its own, so one failure fails alone.
+
+        @return: C{[(deferred, result or Failure)]}, in batch order.
         """
-        results = []
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            for function, args, d in batch:
-                db.execute("SAVEPOINT op")
-                try:
-                    result = function(db, *args)
-                except Exception:
-                    result = Failure()
-                    db.execute("ROLLBACK TO op")
-                db.execute("RELEASE op")
-                results.append((d, result))
-            db.execute("COMMIT")
-        except Exception:
-            failure = Failure()
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            results = [(d, failure) for _, _, d in batch]
         self.batches += 1
         self.committed += len(batch)
-        return results
+        lastId = self._ops.lastId
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            results = [(d, function(db, *args)) for function, args, d in batch]
+            db.execute("COMMIT")
+            return results
+        except Exception:
+            failure = Failure()
+            self._rollback(db)
+            self._ops.lastId = lastId
+            if len(batch) == 1:
+                return [(batch[0][2], failure)]
+        return [self._runBatch(db, [item])[0] for item in batch]
+
+    def _rollback(self, db):
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
     def _fire(self, results):
         for d, result in results:
