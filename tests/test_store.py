@@ -316,3 +316,38 @@ class ThreadedSQLiteStoreTests(TestCase):
         self.store.startService()
         yield self.assertFailure(self.store.head("bob"), Exception)
         self.flushLoggedErrors()
+
+
+class BatchedDeliveryTests(SynchronousTestCase):
+    """
+    L{_Operations.deliverMany}: many deliveries in one set of statements
+    give the same outcome as one by one.
+    """
+
+    def test_sameAsOneByOne(self):
+        """
+        Interleaved senders, recipients, a retry inside the batch and a
+        retry of an earlier batch: seqs, ids and duplicates are as if each
+        had been delivered alone, in order.
+        """
+        from imserver.store.sqlite import _Operations, openDatabase
+
+        items = [
+            ("alice", "1", text("a"), ["bob"], T0),
+            ("carol", "1", text("c"), ["bob", "alice"], T0),
+            ("alice", "1", text("again"), ["bob"], T0),
+            ("alice", "2", text("b"), ["alice"], T0),
+        ]
+        outcomes = []
+        for batched in (False, True):
+            db = openDatabase(self.mktemp())
+            ops = _Operations(24 * HOUR)
+            ops.loadIds(db)
+            if batched:
+                results = ops.deliverMany(db, items) + ops.deliverMany(db, items[:1])
+            else:
+                results = [ops.deliver(db, *item) for item in items + items[:1]]
+            outcomes.append([(r.message.id, r.seqs, r.duplicate) for r in results])
+            db.close()
+        self.assertEqual(outcomes[0], outcomes[1])
+        self.assertEqual([o[2] for o in outcomes[1]], [False, False, True, False, True])

@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS cursors (
 MAX_BATCH = 2000
 
 
+def _chunks(values, size):
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
 class StoreClosed(Exception):
     """
     The store is stopped; the operation was not run.
@@ -105,57 +110,95 @@ class _Operations:
         self.lastId = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
 
     def deliver(self, db, sender, clientMsgId, message, recipients, nowMs):
-        row = db.execute(
-            "SELECT message_id, sender_seq, created_ms FROM dedup"
-            " WHERE sender = ? AND client_msg_id = ?",
-            (sender, clientMsgId),
-        ).fetchone()
-        if row is not None:
-            messageId, senderSeq, createdMs = row
-            if createdMs > nowMs - self.dedupWindowMs:
-                data = db.execute(
-                    "SELECT data FROM messages WHERE id = ?", (messageId,)
-                ).fetchone()
-                original = (
-                    pb.Message.FromString(data[0])
-                    if data is not None
-                    else pb.Message(id=messageId, created_ms=createdMs)
-                )
-                return Delivery(original, {sender: senderSeq}, True)
-            db.execute(
-                "DELETE FROM dedup WHERE sender = ? AND client_msg_id = ?",
-                (sender, clientMsgId),
+        return self.deliverMany(db, [(sender, clientMsgId, message, recipients, nowMs)])[0]
+
+    def deliverMany(self, db, items):
+        """
+        Deliver many messages with a few statements for all of them: one
+        dedup lookup, one lookup of the inbox heads, then one multi-row
+        insert per table.  Same outcome as delivering them one by one in
+        order.
+
+        @param items: C{(sender, clientMsgId, message, recipients, nowMs)}
+            tuples.
+        @return: a L{Delivery} per item, in order.
+        """
+        keys = list({(item[0], item[1]) for item in items})
+        seen = {}
+        for chunk in _chunks(keys, 400):
+            rows = db.execute(
+                "SELECT sender, client_msg_id, message_id, sender_seq, created_ms"
+                " FROM dedup WHERE (sender, client_msg_id) IN (VALUES {})".format(
+                    ",".join(["(?, ?)"] * len(chunk))
+                ),
+                [value for key in chunk for value in key],
+            ).fetchall()
+            for sender, clientMsgId, messageId, senderSeq, createdMs in rows:
+                seen[(sender, clientMsgId)] = (messageId, senderSeq, createdMs)
+        uids = list({uid for item in items for uid in uniqueRecipients(item[0], item[3])})
+        heads = {}
+        for chunk in _chunks(uids, 800):
+            heads.update(db.execute(
+                "SELECT uid, seq FROM heads WHERE uid IN ({})".format(",".join("?" * len(chunk))),
+                chunk,
+            ).fetchall())
+        messageRows, inboxRows, dedupRows, results = [], [], [], []
+        stored = {}
+        for sender, clientMsgId, message, recipients, nowMs in items:
+            key = (sender, clientMsgId)
+            previous = seen.get(key)
+            if previous is not None and previous[2] > nowMs - self.dedupWindowMs:
+                results.append(self._duplicate(db, sender, previous, stored))
+                continue
+            copy = pb.Message()
+            copy.CopyFrom(message)
+            copy.id = self.lastId = self.lastId + 1
+            copy.sender = sender
+            copy.client_msg_id = clientMsgId
+            copy.created_ms = nowMs
+            stored[copy.id] = copy
+            messageRows.append((copy.id, nowMs, copy.SerializeToString()))
+            seqs = {}
+            for uid in uniqueRecipients(sender, recipients):
+                seq = heads[uid] = heads.get(uid, 0) + 1
+                inboxRows.append((uid, seq, copy.id, uid == sender, nowMs))
+                seqs[uid] = seq
+            seen[key] = (copy.id, seqs[sender], nowMs)
+            dedupRows.append((sender, clientMsgId, copy.id, seqs[sender], nowMs))
+            results.append(Delivery(copy, seqs, False))
+        if messageRows:
+            db.executemany(
+                "INSERT INTO messages (id, created_ms, data) VALUES (?, ?, ?)", messageRows
             )
-        stored = pb.Message()
-        stored.CopyFrom(message)
-        stored.id = self.lastId + 1
-        stored.sender = sender
-        stored.client_msg_id = clientMsgId
-        stored.created_ms = nowMs
-        db.execute(
-            "INSERT INTO messages (id, created_ms, data) VALUES (?, ?, ?)",
-            (stored.id, nowMs, stored.SerializeToString()),
-        )
-        self.lastId = stored.id
-        seqs = {}
-        for uid in uniqueRecipients(sender, recipients):
-            seq = db.execute(
-                "INSERT INTO heads (uid, seq) VALUES (?, 1)"
-                " ON CONFLICT (uid) DO UPDATE SET seq = seq + 1 RETURNING seq",
-                (uid,),
-            ).fetchone()[0]
-            db.execute(
+            db.executemany(
                 "INSERT INTO inbox (uid, seq, message_id, outgoing, created_ms)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (uid, seq, stored.id, uid == sender, nowMs),
+                inboxRows,
             )
-            seqs[uid] = seq
-        db.execute(
-            "INSERT INTO dedup (sender, client_msg_id, message_id, sender_seq,"
-            " created_ms) VALUES (?, ?, ?, ?, ?)",
-            (sender, clientMsgId, stored.id, seqs[sender], nowMs),
-        )
-        return Delivery(stored, seqs, False)
+            db.executemany(
+                "INSERT OR REPLACE INTO dedup (sender, client_msg_id, message_id,"
+                " sender_seq, created_ms) VALUES (?, ?, ?, ?, ?)",
+                dedupRows,
+            )
+            touched = {row[0] for row in inboxRows}
+            db.executemany(
+                "INSERT INTO heads (uid, seq) VALUES (?, ?)"
+                " ON CONFLICT (uid) DO UPDATE SET seq = excluded.seq",
+                [(uid, heads[uid]) for uid in touched],
+            )
+        return results
+
+    def _duplicate(self, db, sender, previous, stored):
+        messageId, senderSeq, createdMs = previous
+        original = stored.get(messageId)
+        if original is None:
+            row = db.execute("SELECT data FROM messages WHERE id = ?", (messageId,)).fetchone()
+            original = (
+                pb.Message.FromString(row[0])
+                if row is not None
+                else pb.Message(id=messageId, created_ms=createdMs)
+            )
+        return Delivery(original, {sender: senderSeq}, True)
 
     def fetch(self, db, uid, afterSeq, limit):
         rows = db.execute(
@@ -341,9 +384,24 @@ class SQLiteMessageStore(Service):
         self.batches += 1
         self.committed += len(batch)
         lastId = self._ops.lastId
+        deliver = self._ops.deliver
         try:
             db.execute("BEGIN IMMEDIATE")
-            results = [(d, function(db, *args)) for function, args, d in batch]
+            results = []
+            i = 0
+            while i < len(batch):
+                function, args, d = batch[i]
+                if function != deliver:
+                    results.append((d, function(db, *args)))
+                    i += 1
+                    continue
+                # Consecutive deliveries: one set of statements for all.
+                j = i
+                while j < len(batch) and batch[j][0] == deliver:
+                    j += 1
+                deliveries = self._ops.deliverMany(db, [item[1] for item in batch[i:j]])
+                results.extend(zip([item[2] for item in batch[i:j]], deliveries))
+                i = j
             db.execute("COMMIT")
             return results
         except Exception:
