@@ -105,6 +105,9 @@ class ClientProtocol(RPCProtocol):
 
     def _authenticated(self, response):
         self.session = response
+        if response.max_frame_length:
+            # The server's frames are bounded by its own limit.
+            self.maxFrameLength = response.max_frame_length
         self.heartbeatInterval = response.heartbeat_interval_ms / 1000.0
         if self.heartbeatInterval > 0:
             self._scheduleHeartbeat(self.heartbeatInterval)
@@ -334,7 +337,8 @@ class IMClient:
     def __init__(self, reactor, host, port, uid, token, deviceId, onMessage=None,
                  onNotify=None, lastSeq=0, autoAck=True, platform=pb.DESKTOP,
                  tls=True, caFile=None, trustRoot=None, hostname=None,
-                 requestTimeout=10.0, retryPolicy=None, endpoint=None):
+                 requestTimeout=10.0, retryPolicy=None, endpoint=None,
+                 maxSendAge=3600.0):
         """
         @param token: the token, or a callable returning it (or a Deferred
             of it), asked again before each connection.
@@ -344,6 +348,9 @@ class IMClient:
             notifications (C{typing}, C{kicked}).
         @param endpoint: a client endpoint to use instead of C{host}/C{port}
             (tests).
+        @param maxSendAge: seconds a send is retried before it fails with
+            L{RequestTimeout}; keep it well below the server's dedup window
+            (24 h by default), past which a retry would store a copy.
         """
         self.clock = reactor
         self.uid = uid
@@ -354,6 +361,7 @@ class IMClient:
         self.lastSeq = lastSeq
         self.autoAck = autoAck
         self.requestTimeout = requestTimeout
+        self.maxSendAge = maxSendAge
         self.protocol = None
         self.stopReason = None
         self._token = token
@@ -438,9 +446,22 @@ class IMClient:
         d.addCallbacks(self._authenticated, self._authFailed, (protocol,), None, (protocol,))
 
     def _authenticated(self, response, protocol):
+        if response.head_seq < self.lastSeq:
+            # The server's inbox is behind what we have seen (it lost or
+            # restored data): follow it, or its new entries would look like
+            # duplicates.
+            self.log.warn(
+                "server inbox head {head} is below our last seq {last}; following it",
+                head=response.head_seq, last=self.lastSeq,
+            )
+            self.lastSeq = response.head_seq
         self.protocol = protocol
-        for clientMsgId in list(self._pending):
-            self._transmit(clientMsgId)
+        now = self.clock.seconds()
+        for clientMsgId, entry in list(self._pending.items()):
+            if now - entry[4] > self.maxSendAge:
+                self._expire(clientMsgId)
+            else:
+                self._transmit(clientMsgId)
         waiters, self._connectWaiters = self._connectWaiters, []
         for d in waiters:
             d.callback(protocol)
@@ -471,13 +492,18 @@ class IMClient:
         """
         clientMsgId = clientMsgId or uuid.uuid4().hex
         d = Deferred()
-        self._pending[clientMsgId] = (to, body, contentType, d)
+        self._pending[clientMsgId] = (to, body, contentType, d, self.clock.seconds())
         if self.protocol is not None:
             self._transmit(clientMsgId)
         return d
 
+    def _expire(self, clientMsgId):
+        entry = self._pending.pop(clientMsgId)
+        entry[3].errback(RequestTimeout(
+            "message {} not answered within {} s".format(clientMsgId, self.maxSendAge)))
+
     def _transmit(self, clientMsgId):
-        to, body, contentType, d = self._pending[clientMsgId]
+        to, body, contentType, d, created = self._pending[clientMsgId]
         protocol = self.protocol
         protocol.send(to, body, clientMsgId, contentType, self.requestTimeout).addCallbacks(
             self._sent, self._sendFailed, (clientMsgId,), None, (clientMsgId, protocol)
@@ -504,7 +530,10 @@ class IMClient:
 
     def _retransmit(self, clientMsgId, protocol):
         if clientMsgId in self._pending and protocol is self.protocol:
-            self._transmit(clientMsgId)
+            if self.clock.seconds() - self._pending[clientMsgId][4] > self.maxSendAge:
+                self._expire(clientMsgId)
+            else:
+                self._transmit(clientMsgId)
 
     def pendingCount(self):
         """
@@ -522,6 +551,9 @@ class IMClient:
     def _notified(self, protocol, name, message):
         if name == methods.MESSAGE.name:
             if message.seq <= self.lastSeq:
+                # Seen before: ack again (cumulative) so the window moves.
+                if self.autoAck and protocol.connected:
+                    protocol.ack(message.seq)
                 return
             self.lastSeq = message.seq
             if self.onMessage is not None:

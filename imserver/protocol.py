@@ -42,6 +42,8 @@ AUTHENTICATING = "authenticating"
 AUTHENTICATED = "authenticated"
 
 _PLATFORMS = frozenset(pb.Platform.values())
+#: Bytes of a response frame besides its entries (envelope, head, slack).
+_FRAME_OVERHEAD = 256
 
 #: Methods accepted before auth has succeeded.
 PREAUTH_METHODS = frozenset([methods.AUTH.name])
@@ -70,6 +72,7 @@ class GateProtocol(RPCProtocol):
     _head = 0  # highest seq known to exist in the inbox
     _fetching = False
     _lastTyping = float("-inf")
+    _typingActive = False
 
     def __init__(self, factory, peer):
         RPCProtocol.__init__(self, factory.clock)
@@ -175,7 +178,11 @@ class GateProtocol(RPCProtocol):
         # Registered first, head read second: any entry committed after the
         # read is announced to this session (inboxAdvanced), so none is
         # missed between the two.
-        return self.factory.store.head(self.uid).addCallback(self._ready, request)
+        return (
+            self.factory.store.head(self.uid)
+            .addErrback(self.factory.messenger.storeFailed)
+            .addCallback(self._ready, request)
+        )
 
     def _ready(self, head, request):
         if self._closing:
@@ -204,6 +211,7 @@ class GateProtocol(RPCProtocol):
             max_frame_length=settings.max_frame_length,
             head_seq=self._head,
             max_message_body=settings.max_message_body,
+            max_unacked=settings.max_unacked,
         )
         self._authTimer.cancel()
         self._authTimer = None
@@ -272,9 +280,19 @@ class GateProtocol(RPCProtocol):
         store = self.factory.store
         d = store.fetch(self.uid, request.after_seq, limit)
 
+        budget = self.factory.settings.max_frame_length - _FRAME_OVERHEAD
+
         def withHead(entries):
+            # Whole entries only, and only as many as fit one frame (at
+            # least one always fits: bodies are capped well below it).
+            kept, size = [], 0
+            for entry in entries:
+                size += entry.ByteSize() + 6
+                if kept and size > budget:
+                    break
+                kept.append(entry)
             return store.head(self.uid).addCallback(
-                lambda head: pb.SyncResponse(entries=entries, head_seq=head)
+                lambda head: pb.SyncResponse(entries=kept, head_seq=head)
             )
 
         return d.addCallback(withHead).addErrback(self.factory.messenger.storeFailed)
@@ -282,27 +300,34 @@ class GateProtocol(RPCProtocol):
     @methods.ACK.handler
     def _ackReceived(self, ack):
         seq = ack.seq
-        if seq > self._sent:
+        if seq > max(self._sent, self._head):
             self.closeWithError(
                 pb.BAD_ACK,
-                "ack for seq {} but only {} was pushed".format(seq, self._sent),
+                "ack for seq {} beyond the inbox head {}".format(seq, self._head),
             )
             return
         if seq > self._acked:
             self._acked = seq
+            if seq > self._sent:
+                # The client has these (through sync): push from after them.
+                self._sent = seq
             self._persistAck()
             self._pump()
 
     @methods.TYPING.handler
     def _typingReceived(self, message):
+        # Rate-limited, except that a stop right after a start always goes
+        # through (else the peer would see "typing" until it expires).
         now = self._seconds()
-        if now - self._lastTyping < 1.0 / self.factory.settings.typing_rate:
+        stopping = not message.active and self._typingActive
+        if not stopping and now - self._lastTyping < 1.0 / self.factory.settings.typing_rate:
             return
         try:
             validateUid(message.uid)
         except ValueError:
             return
         self._lastTyping = now
+        self._typingActive = message.active
         self.factory.messenger.typing(self.uid, message.uid, message.active)
 
     def _pump(self):
@@ -351,10 +376,11 @@ class GateProtocol(RPCProtocol):
     def _persistAck(self):
         """
         Have the device's cursor written with the next batch of cursors
-        (L{GateFactory.flushCursors}); acks do not each cost a write.
+        (L{GateFactory.flushCursors}); acks do not each cost a write.  Also
+        done at auth, so every device that connects has a cursor and
+        retention keeps what it has not acknowledged.
         """
-        if self._acked:
-            self.factory.cursorAdvanced(self.uid, self.deviceId, self._acked)
+        self.factory.cursorAdvanced(self.uid, self.deviceId, self._acked)
 
     # -- ISession ----------------------------------------------------------
 
@@ -375,7 +401,8 @@ class GateProtocol(RPCProtocol):
             self._pump()
 
     def typing(self, uid, active):
-        self.sendNotify(methods.TYPING, pb.Typing(uid=uid, active=active))
+        if self._delivering:
+            self.sendNotify(methods.TYPING, pb.Typing(uid=uid, active=active))
 
     def kick(self, reason, message):
         if self._closing:
@@ -425,7 +452,9 @@ class GateFactory(Factory):
         """
         Remember a device's new cursor for the next L{flushCursors}.
         """
-        self._dirtyCursors[(uid, deviceId)] = seq
+        key = (uid, deviceId)
+        if self._dirtyCursors.get(key, -1) < seq:
+            self._dirtyCursors[key] = seq
 
     def flushCursors(self):
         """

@@ -131,7 +131,8 @@ class GateService(MultiService):
             return result
 
         d.addBoth(stopLoops)
-        d.addCallback(lambda _: self.factory.flushCursors())
+        # The last cursors are written even if closing connections failed.
+        d.addBoth(lambda result: self.factory.flushCursors().addCallback(lambda _: result))
         return d
 
     def addresses(self):
@@ -185,7 +186,9 @@ class RetentionService(Service):
 
     def startService(self):
         Service.startService(self)
-        self._loop.start(self.settings.retention_interval, now=False)
+        # Also at start: a gate restarted more often than the interval
+        # still trims.
+        self._loop.start(self.settings.retention_interval, now=True)
 
     def stopService(self):
         Service.stopService(self)

@@ -43,7 +43,8 @@ class Options(usage.Options):
 
     optParameters = [
         ["data-dir", "d", DEFAULT_DATA_DIR,
-         "Directory for the secret, the self-signed certificate and (later) data."],
+         "Directory for the secret, the self-signed certificate and the message "
+         "database."],
         ["secret-file", None, None,
          "File holding the token-signing secret (default: $IMSERVER_SECRET, "
          "else <data-dir>/secret, generated if absent)."],

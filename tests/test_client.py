@@ -148,3 +148,16 @@ class ClientTests(SynchronousTestCase):
         [frame] = self.written()
         self.assertEqual((frame.kind, frame.seq), (pb.RESPONSE, 3))
         self.assertFalse(frame.HasField("error"))
+
+    def test_adoptsServerFrameLimit(self):
+        """
+        After auth the client accepts frames up to the server's limit.
+        """
+        self.authenticate()
+        self.assertEqual(self.client.maxFrameLength, 65536)
+        d = self.client.authenticate("alice", "tok", "phone")
+        [frame] = self.written()
+        self.respond(frame.seq, pb.AuthResponse(heartbeat_interval_ms=1000,
+                                                max_frame_length=200000))
+        self.successResultOf(d)
+        self.assertEqual(self.client.maxFrameLength, 200000)

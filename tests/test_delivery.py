@@ -253,7 +253,8 @@ class WindowTests(SynchronousTestCase):
         self.gate.ack(carol, 1)
         self.assertEqual(writes, [])
         self.successResultOf(self.gate.factory.flushCursors())
-        self.assertEqual(sorted(writes[0]), [("bob", "phone", 2), ("carol", "phone", 1)])
+        self.assertEqual(sorted(writes[0]),
+                         [("alice", "phone", 0), ("bob", "phone", 2), ("carol", "phone", 1)])
         self.assertEqual(self.successResultOf(self.gate.store.cursor("bob", "phone")), 2)
         self.successResultOf(self.gate.factory.flushCursors())
         self.assertEqual(len(writes), 1)
@@ -477,3 +478,113 @@ class TypingTests(SynchronousTestCase):
         self.gate.notify(self.alice, "typing", pb.Typing(uid="carol", active=True))
         self.assertEqual(self.typed(), [])
         self.assertFalse(self.aliceT.disconnecting)
+
+
+class ContractFixTests(SynchronousTestCase):
+    """
+    Edge cases of the delivery contract.
+    """
+
+    def setUp(self):
+        self.gate = DeliveryHarness(self, sync_page_size=100, max_unacked=5)
+        self.alice, self.aliceT, _, _ = self.gate.login("alice")
+
+    def test_syncFitsOneFrame(self):
+        """
+        A sync response holds only as many whole entries as fit one frame.
+        """
+        for i in range(4):
+            self.gate.send(self.alice, "bob", str(i), body=b"x" * 32768)
+        written(self.aliceT)
+        bob, bobT, _, _ = self.gate.login("bob")
+        written(bobT)
+        self.gate.request(bob, "sync", pb.SyncRequest(after_seq=0), seq=9)
+        [frame] = [f for f in written(bobT) if f.kind == pb.RESPONSE]
+        self.assertLessEqual(len(frame.SerializeToString()), 65536)
+        response = pb.SyncResponse.FromString(frame.body)
+        self.assertEqual([e.seq for e in response.entries], [1])
+        self.assertEqual(response.head_seq, 4)
+
+    def test_ackAfterSync(self):
+        """
+        Acking entries read with sync (beyond what was pushed, up to the
+        head) moves the resume point: pushes continue after it.
+        """
+        for i in range(8):
+            self.gate.send(self.alice, "bob", str(i))
+        written(self.aliceT)
+        bob, bobT, _, frames = self.gate.login("bob")
+        self.assertEqual([e.seq for e in pushes(frames)], [1, 2, 3, 4, 5])
+        self.gate.ack(bob, 7)
+        self.assertEqual([e.seq for e in pushes(written(bobT))], [8])
+        self.assertFalse(bobT.disconnecting)
+
+    def test_ackBeyondHead(self):
+        """
+        An ack beyond the inbox head is C{BAD_ACK}.
+        """
+        self.gate.send(self.alice, "bob", "1")
+        bob, bobT, _, _ = self.gate.login("bob")
+        self.gate.ack(bob, 2)
+        [frame] = written(bobT)
+        self.assertEqual(frame.error.code, pb.BAD_ACK)
+
+    def test_windowTold(self):
+        """
+        The auth response tells the client the unacknowledged window.
+        """
+        _, _, response, _ = self.gate.login("carol")
+        self.assertEqual(response.max_unacked, 5)
+
+    def test_connectedDeviceProtectsEntries(self):
+        """
+        A device that connected but never acked has a cursor, so retention
+        by count keeps what it has not acknowledged.
+        """
+        self.gate.login("bob", device="tablet")
+        self.successResultOf(self.gate.factory.flushCursors())
+        for i in range(5):
+            self.gate.send(self.alice, "bob", str(i))
+        self.successResultOf(self.gate.store.trim(1_700_000_000_000, 10**9, 1))
+        self.assertEqual(len(self.successResultOf(self.gate.store.fetch("bob", 0, 10))), 5)
+
+    def test_stopTypingNotLost(self):
+        """
+        A stop signal right after a start passes the rate limit.
+        """
+        bob, bobT, _, _ = self.gate.login("bob")
+        self.gate.notify(self.alice, "typing", pb.Typing(uid="bob", active=True))
+        self.gate.notify(self.alice, "typing", pb.Typing(uid="bob", active=False))
+        self.gate.notify(self.alice, "typing", pb.Typing(uid="bob", active=False))
+        typed = [pb.Typing.FromString(f.body).active for f in written(bobT) if f.method == "typing"]
+        self.assertEqual(typed, [True, False])
+
+    def test_noTypingBeforeAuthResponse(self):
+        """
+        A session whose auth is not answered yet gets no typing signal.
+        """
+        pending = Deferred()
+        head = self.gate.store.head
+        self.gate.store.head = lambda uid: pending
+        protocol, transport = self.gate.connect()
+        self.gate.request(protocol, "auth", pb.AuthRequest(
+            uid="bob", device_id="phone", token=self.gate.token("bob")))
+        self.gate.notify(self.alice, "typing", pb.Typing(uid="bob", active=True))
+        self.assertEqual(written(transport), [])
+        head("bob").chainDeferred(pending)
+        frames = written(transport)
+        self.assertEqual([f.kind for f in frames], [pb.RESPONSE])
+
+    def test_headFailureUnavailable(self):
+        """
+        If the inbox head cannot be read at auth, the answer is the
+        retryable C{UNAVAILABLE} and no session stays registered.
+        """
+        self.gate.store.head = lambda uid: fail(IOError("disk"))
+        protocol, transport = self.gate.connect()
+        self.gate.request(protocol, "auth", pb.AuthRequest(
+            uid="bob", device_id="phone", token=self.gate.token("bob")))
+        [frame] = written(transport)
+        self.assertEqual(frame.error.code, pb.UNAVAILABLE)
+        self.assertEqual(self.successResultOf(self.gate.registry.sessionsFor("bob")), [])
+        self.assertEqual(len(self.flushLoggedErrors(IOError)), 1)

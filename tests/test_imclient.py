@@ -155,6 +155,23 @@ class IMClientTests(TestCase):
         self.assertEqual([e.message.body for e in entries], [b"1", b"2", b"3"])
 
     @inlineCallbacks
+    def test_followsLowerHead(self):
+        """
+        If the server's inbox head is below the client's last seq (the
+        server lost or restored data), the client follows it and takes the
+        server's new entries instead of dropping them as duplicates.
+        """
+        inbox = Inbox()
+        bob = self.client("bob", onMessage=inbox, lastSeq=50)
+        alice = self.client("alice")
+        yield bob.whenConnected()
+        self.assertEqual(bob.lastSeq, 0)
+        yield alice.whenConnected()
+        yield alice.send("bob", b"new")
+        [entry] = yield inbox.waitFor(1)
+        self.assertEqual(entry.seq, 1)
+
+    @inlineCallbacks
     def test_refusedToken(self):
         """
         A refused token stops the client from reconnecting.

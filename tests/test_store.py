@@ -3,6 +3,8 @@ Tests for message stores: one suite, run against every implementation of
 L{IMessageStore}, plus SQLite's durability and group commit.
 """
 
+import sqlite3
+
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.python.filepath import FilePath
@@ -234,6 +236,19 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         self.assertEqual(second.seqs, {"bob": 2, "alice": 2})
         self.assertGreater(second.message.id, first.message.id)
 
+    def test_idsNeverReused(self):
+        """
+        Message ids are not reused after a restart, even when retention has
+        removed every message.
+        """
+        first = self.send("alice", "m1", "hello", now=T0)
+        self.r(self.store.trim(T0 + 48 * HOUR, 24 * HOUR, 1000))
+        self.store.stopService()
+        self.store = SQLiteMessageStore(self.path, None, 24 * HOUR, threaded=False)
+        self.store.startService()
+        second = self.send("alice", "m2", "again", now=T0 + 48 * HOUR)
+        self.assertGreater(second.message.id, first.message.id)
+
     def test_walAndFullSync(self):
         """
         The database runs in WAL mode with synchronous=FULL.
@@ -308,14 +323,14 @@ class ThreadedSQLiteStoreTests(TestCase):
     @inlineCallbacks
     def test_cannotOpen(self):
         """
-        A database that cannot be opened fails the operations instead of
-        hanging them.
+        A database that cannot be opened makes C{startService} raise, so the
+        server does not start; the store stays stopped.
         """
         yield self.store.stopService()
         self.store = SQLiteMessageStore(FilePath(self.mktemp()).child("no").child("db").path, reactor)
-        self.store.startService()
-        yield self.assertFailure(self.store.head("bob"), Exception)
-        self.flushLoggedErrors()
+        self.assertRaises(sqlite3.OperationalError, self.store.startService)
+        self.assertFalse(self.store.running)
+        yield self.assertFailure(self.store.head("bob"), StoreClosed)
 
 
 class BatchedDeliveryTests(SynchronousTestCase):

@@ -126,7 +126,7 @@ class AuthRequest(_message.Message):
     def __init__(self, uid: _Optional[str] = ..., token: _Optional[str] = ..., device_id: _Optional[str] = ..., platform: _Optional[_Union[Platform, str]] = ..., last_seq: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
 
 class AuthResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_ms", "idle_timeout_ms", "server_time_ms", "session_id", "max_frame_length", "head_seq", "max_message_body")
+    __slots__ = ("heartbeat_interval_ms", "idle_timeout_ms", "server_time_ms", "session_id", "max_frame_length", "head_seq", "max_message_body", "max_unacked")
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class AuthResponse(_message.Message):
     MAX_FRAME_LENGTH_FIELD_NUMBER: _ClassVar[int]
     HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BODY_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNACKED_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_ms: int
     idle_timeout_ms: int
     server_time_ms: int
@@ -141,7 +142,8 @@ class AuthResponse(_message.Message):
     max_frame_length: int
     head_seq: int
     max_message_body: int
-    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., session_id: _Optional[str] = ..., max_frame_length: _Optional[int] = ..., head_seq: _Optional[int] = ..., max_message_body: _Optional[int] = ...) -> None: ...
+    max_unacked: int
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., session_id: _Optional[str] = ..., max_frame_length: _Optional[int] = ..., head_seq: _Optional[int] = ..., max_message_body: _Optional[int] = ..., max_unacked: _Optional[int] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ()

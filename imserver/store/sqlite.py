@@ -3,10 +3,11 @@
 The embedded default message store: SQLite in WAL mode, C{synchronous=FULL}.
 
 Every operation runs on one dedicated writer thread.  The thread takes every
-operation waiting when it starts a transaction, runs them all in it (each in
-its own savepoint, so one failing does not undo the others), commits, and
-only then hands the results back to the reactor thread in one
-C{callFromThread}: group commit.  A C{deliver} is therefore answered only
+operation waiting when it starts a transaction, runs them all in it
+(consecutive deliveries share one set of multi-row statements), commits,
+and only then hands the results back to the reactor thread in one
+C{callFromThread}: group commit.  If an operation fails, the transaction is
+rolled back and each operation is run again alone, so it fails alone.  A C{deliver} is therefore answered only
 once its transaction is on disk, and many messages share one fsync.  The
 reactor never waits on the database.
 """
@@ -54,6 +55,10 @@ CREATE TABLE IF NOT EXISTS dedup (
     PRIMARY KEY (sender, client_msg_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_created ON dedup (created_ms);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cursors (
     uid TEXT NOT NULL,
     device_id TEXT NOT NULL,
@@ -62,6 +67,9 @@ CREATE TABLE IF NOT EXISTS cursors (
     PRIMARY KEY (uid, device_id)
 ) WITHOUT ROWID;
 """
+
+#: Upserts (3.24) and row values (3.15).
+MIN_SQLITE = (3, 24, 0)
 
 #: Most operations committed in one transaction.
 MAX_BATCH = 2000
@@ -85,6 +93,12 @@ def openDatabase(path):
 
     @rtype: L{sqlite3.Connection}
     """
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise RuntimeError(
+            "SQLite {} is too old: imserver needs {} or newer".format(
+                sqlite3.sqlite_version, ".".join(map(str, MIN_SQLITE))
+            )
+        )
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
@@ -105,9 +119,13 @@ class _Operations:
     def loadIds(self, db):
         """
         Read the last message id; ids are then assigned here, by the one
-        writer, without a read or an extra write per message.
+        writer, without a read per message.  The high-water mark is kept in
+        C{meta} too, so ids are never reused even after retention removed
+        every message.
         """
-        self.lastId = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        row = db.execute("SELECT value FROM meta WHERE key = 'last_message_id'").fetchone()
+        stored = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        self.lastId = max(stored, row[0] if row else 0)
 
     def deliver(self, db, sender, clientMsgId, message, recipients, nowMs):
         return self.deliverMany(db, [(sender, clientMsgId, message, recipients, nowMs)])[0]
@@ -179,6 +197,11 @@ class _Operations:
                 "INSERT OR REPLACE INTO dedup (sender, client_msg_id, message_id,"
                 " sender_seq, created_ms) VALUES (?, ?, ?, ?, ?)",
                 dedupRows,
+            )
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('last_message_id', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (self.lastId,),
             )
             touched = {row[0] for row in inboxRows}
             db.executemany(
@@ -278,7 +301,6 @@ class SQLiteMessageStore(Service):
         self._thread = None
         self._stopped = None
         self._db = None
-        self._broken = None
         self.batches = 0
         self.committed = 0
 
@@ -307,16 +329,20 @@ class SQLiteMessageStore(Service):
     # -- service ------------------------------------------------------------
 
     def startService(self):
+        # Opened here, once, before anything is served: a store that cannot
+        # open stops the server from starting instead of failing every
+        # request.  From then on only the writer thread touches it.
+        db = openDatabase(self.path)
+        self._ops.loadIds(db)
         Service.startService(self)
         if self._threaded:
             self._thread = threading.Thread(
-                target=self._run, name="imserver-sqlite-writer", daemon=True
+                target=self._run, args=(db,), name="imserver-sqlite-writer", daemon=True
             )
             self._stopped = Deferred()
             self._thread.start()
         else:
-            self._db = openDatabase(self.path)
-            self._ops.loadIds(self._db)
+            self._db = db
 
     def stopService(self):
         Service.stopService(self)
@@ -333,8 +359,6 @@ class SQLiteMessageStore(Service):
     # -- internals ------------------------------------------------------------
 
     def _submit(self, function, *args):
-        if self._broken is not None:
-            return fail(self._broken)
         if not self.running:
             return fail(StoreClosed("the message store is not running"))
         if not self._threaded:
@@ -346,14 +370,7 @@ class SQLiteMessageStore(Service):
             self._wakeup.notify()
         return d
 
-    def _run(self):
-        try:
-            db = openDatabase(self.path)
-            self._ops.loadIds(db)
-        except Exception:
-            failure = Failure()
-            self._reactor.callFromThread(self._failStart, failure)
-            return
+    def _run(self, db):
         queue = self._queue
         stopping = False
         while not stopping:
@@ -381,8 +398,12 @@ class SQLiteMessageStore(Service):
 
         @return: C{[(deferred, result or Failure)]}, in batch order.
         """
+        results = self._runTransaction(db, batch)
         self.batches += 1
         self.committed += len(batch)
+        return results
+
+    def _runTransaction(self, db, batch):
         lastId = self._ops.lastId
         deliver = self._ops.deliver
         try:
@@ -410,7 +431,7 @@ class SQLiteMessageStore(Service):
             self._ops.lastId = lastId
             if len(batch) == 1:
                 return [(batch[0][2], failure)]
-        return [self._runBatch(db, [item])[0] for item in batch]
+        return [self._runTransaction(db, [item])[0] for item in batch]
 
     def _rollback(self, db):
         try:
@@ -424,13 +445,3 @@ class SQLiteMessageStore(Service):
                 d.errback(result)
             else:
                 d.callback(result)
-
-    def _failStart(self, failure):
-        self.log.failure("cannot open the message store {path}", failure, path=self.path)
-        self._broken = failure
-        with self._wakeup:
-            pending = [item for item in self._queue if item is not None]
-            self._queue.clear()
-        for _, _, d in pending:
-            d.errback(failure)
-        self._stopped.callback(None)
