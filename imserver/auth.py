@@ -153,7 +153,10 @@ def loadSecret(dataDir=None, secretFile=None, environ=os.environ, create=True):
     @raise ValueError: if the secret is shorter than L{MIN_SECRET_LENGTH}.
     """
     if secretFile is not None:
-        secret = secretFile.getContent().strip()
+        try:
+            secret = secretFile.getContent().strip()
+        except OSError as e:
+            raise ValueError("cannot read the secret file: {}".format(e))
         source = secretFile.path
     elif environ.get(SECRET_ENV):
         secret = environ[SECRET_ENV].strip().encode("utf-8")

@@ -182,3 +182,11 @@ class SecretTests(SynchronousTestCase):
         self.assertRaises(
             ValueError, loadSecret, self.dataDir, environ={"IMSERVER_SECRET": "short"}
         )
+
+    def test_unreadableSecretFile(self):
+        """
+        A secret file that cannot be read is a L{ValueError} naming it.
+        """
+        error = self.assertRaises(
+            ValueError, loadSecret, self.dataDir, FilePath(self.mktemp()), environ={})
+        self.assertIn("cannot read the secret file", str(error))

@@ -42,3 +42,26 @@ class GeneratedCodeTests(SynchronousTestCase):
         The protobuf runtime is the fast upb backend.
         """
         self.assertEqual(api_implementation.Type(), "upb")
+
+
+class PackagingTests(SynchronousTestCase):
+    """
+    setup.cfg lists every package, so a non-editable install is complete.
+    """
+
+    def test_everyPackageListed(self):
+        """
+        Every directory under imserver/ with an __init__.py is in
+        setup.cfg's C{packages}, and so is twisted.plugins.
+        """
+        import configparser
+
+        config = configparser.ConfigParser()
+        config.read(ROOT.child("setup.cfg").path)
+        listed = set(config["options"]["packages"].split())
+        found = {
+            ".".join(path.segmentsFrom(ROOT))
+            for path in ROOT.child("imserver").walk()
+            if path.isdir() and path.child("__init__.py").exists()
+        }
+        self.assertEqual(found | {"twisted.plugins"}, listed)
