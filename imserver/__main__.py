@@ -2,6 +2,7 @@
 C{python -m imserver}: command-line tools.
 
   - C{token}: mint a client token from the server secret.
+  - C{chat}: talk to another user from this terminal.
 """
 
 import sys
@@ -10,6 +11,7 @@ import time
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
+from imserver.chat import ChatOptions
 from imserver.tap import DEFAULT_DATA_DIR
 
 
@@ -38,6 +40,7 @@ class Options(usage.Options):
     synopsis = "COMMAND [options]"
     subCommands = [
         ["token", None, TokenOptions, "Mint a client token for a uid."],
+        ["chat", None, ChatOptions, "Chat with another user from this terminal."],
     ]
 
     def postOptions(self):
@@ -61,12 +64,20 @@ def token(options, out):
         raise usage.UsageError(str(e))
 
 
+def chat(options):
+    from imserver.chat import main, prepare
+
+    return main(prepare(options))
+
+
 def main(argv=None, out=sys.stdout):
     options = Options()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)
         if options.subCommand == "token":
             token(options.subOptions, out)
+        elif options.subCommand == "chat":
+            return chat(options.subOptions)
     except usage.UsageError as e:
         sys.stderr.write("{}\n{}: {}\n".format(options, sys.argv[0], e))
         return 2

@@ -1,0 +1,706 @@
+# -*- test-case-name: tests.test_chat -*-
+"""
+C{python -m imserver chat}: talk to one user from a terminal.
+
+    python -m imserver chat --uid alice --to bob
+
+Each line typed is sent to the peer; what arrives is printed as
+C{[HH:MM:SS] sender: text}.  The connection is an L{IMClient}: it
+reconnects by itself, resumes where it left off and re-sends unanswered
+messages.  Ctrl-D waits (briefly) for the server to confirm what was sent,
+then quits.
+
+By default it finds the server the way C{make run} starts it: TLS on
+localhost:7443, trusting C{<data-dir>/tls-cert.pem}, with a token minted
+from the server secret (C{--secret-file}, else C{$IMSERVER_SECRET}, else
+C{<data-dir>/secret}).
+
+The global reactor is only imported inside L{main}; L{ChatSession} takes
+the reactor, the client and the output stream as arguments.
+"""
+
+import hashlib
+import socket
+import sys
+import time
+import unicodedata
+import uuid
+
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python import usage
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from imserver.auth import validateDeviceId, validateUid
+from imserver.pb import im_pb2 as pb
+from imserver.tap import DEFAULT_DATA_DIR
+
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 7443
+#: Lifetime of a token minted here; a new one is minted for every connection.
+MINTED_TOKEN_TTL = 3600
+#: How long Ctrl-D waits for the server to confirm pending sends.
+DRAIN_TIMEOUT = 5.0
+#: "(bob is typing...)" is shown at most once per this many seconds.
+TYPING_INTERVAL = 4.0
+#: The longest input line accepted, in bytes (the server's own limit on a
+#: message body is lower by default and reported as a failed send).
+MAX_LINE_LENGTH = 64 * 1024
+#: Reconnect backoff ceiling, in seconds: short, since someone is waiting.
+MAX_RECONNECT_DELAY = 10.0
+#: How long to wait for the terminal to take the last lines at exit.
+OUTPUT_FLUSH_TIMEOUT = 2.0
+
+
+def defaultDeviceId():
+    """
+    @return: C{"cli-" + hostname}: stable per machine.
+    """
+    return "cli-" + socket.gethostname()
+
+
+def clientMsgIdPrefix(deviceId):
+    """
+    The prefix of every C{client_msg_id} this command sends from
+    C{deviceId}, so that a later run on the same device recognises its own
+    earlier messages in the history.
+
+    @rtype: L{str}
+    """
+    return "cli" + hashlib.sha256(deviceId.encode("utf-8")).hexdigest()[:8] + "-"
+
+
+class ChatOptions(usage.Options):
+    """
+    Options of C{python -m imserver chat}.
+    """
+
+    synopsis = (
+        "--uid UID --to PEER [--host HOST] [--port PORT] [--ca FILE] [--no-tls]"
+        " [--token TOKEN | --token-file FILE] [--data-dir DIR] [--secret-file FILE]"
+        " [--device ID]"
+    )
+    longdesc = (
+        "Chat with PEER as UID: every line read is sent, every message received"
+        " is printed; Ctrl-D quits. Without --token or --token-file, a token is"
+        " minted from the server secret found as the server finds it"
+        " (--secret-file, else $IMSERVER_SECRET, else <data-dir>/secret)."
+    )
+    optFlags = [
+        ["no-tls", None, "Plain TCP, for a tcp: listener (loopback testing only)."],
+    ]
+    optParameters = [
+        ["uid", "u", None, "Your user id."],
+        ["to", "t", None, "The user id to chat with."],
+        ["host", None, DEFAULT_HOST, "The gate's host name."],
+        ["port", "p", DEFAULT_PORT, "The gate's port.", int],
+        ["ca", None, None,
+         "PEM certificate to trust (default: <data-dir>/tls-cert.pem if it "
+         "exists, else the system's trust store)."],
+        ["token", None, None, "The token (from `python -m imserver token`)."],
+        ["token-file", None, None, "A file holding the token."],
+        ["data-dir", "d", DEFAULT_DATA_DIR,
+         "The server's data directory (secret and self-signed certificate)."],
+        ["secret-file", None, None, "File holding the server secret."],
+        ["device", None, None, "This device's id (default: cli-<hostname>)."],
+    ]
+
+    def postOptions(self):
+        for name in ("uid", "to"):
+            if not self[name]:
+                raise usage.UsageError("--{} is required".format(name))
+            try:
+                validateUid(self[name])
+            except ValueError as e:
+                raise usage.UsageError("--{}: {}".format(name, e))
+        if self["token"] is not None and self["token-file"] is not None:
+            raise usage.UsageError("give --token or --token-file, not both")
+        if self["no-tls"] and self["ca"] is not None:
+            raise usage.UsageError("--ca makes no sense with --no-tls")
+        if not 0 < self["port"] < 65536:
+            raise usage.UsageError("--port must be between 1 and 65535")
+        if self["device"] is None:
+            self["device"] = defaultDeviceId()
+        try:
+            validateDeviceId(self["device"])
+        except ValueError as e:
+            raise usage.UsageError("--device: {}".format(e))
+
+
+class ChatConfig:
+    """
+    Everything L{run} needs, checked before the reactor starts.
+
+    @ivar token: the token (L{str}), or a callable minting one from the
+        current time.
+    @ivar trustRoot: the certificate to trust, or L{None} for the system's
+        trust store (or no TLS).
+    """
+
+    def __init__(self, options, token, trustRoot):
+        self.uid = options["uid"]
+        self.peer = options["to"]
+        self.host = options["host"]
+        self.port = options["port"]
+        self.tls = not options["no-tls"]
+        self.deviceId = options["device"]
+        self.token = token
+        self.trustRoot = trustRoot
+
+
+def prepare(options):
+    """
+    Find the token and the certificate to trust.
+
+    @param options: parsed L{ChatOptions}.
+    @rtype: L{ChatConfig}
+    @raise ValueError: with a message for the user if either is missing.
+    """
+    return ChatConfig(options, _token(options), _trustRoot(options))
+
+
+def _token(options):
+    if options["token"] is not None:
+        return options["token"].strip()
+    if options["token-file"] is not None:
+        try:
+            token = FilePath(options["token-file"]).getContent().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError("cannot read --token-file {}: {}".format(
+                options["token-file"], e))
+        if not token:
+            raise ValueError("--token-file {} is empty".format(options["token-file"]))
+        return token
+
+    from imserver.auth import loadSecret, mintToken
+
+    uid = options["uid"]
+    secretFile = options["secret-file"]
+    try:
+        secret = loadSecret(
+            FilePath(options["data-dir"]),
+            FilePath(secretFile) if secretFile else None,
+            create=False,
+        )
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            "cannot mint a token for {uid}: {why}\n"
+            "Start the server first (`make run`, from this directory), or pass"
+            " --data-dir, or --token made where the server runs"
+            " (`python -m imserver token --uid {uid}`).".format(uid=uid, why=e)
+        )
+    return lambda now: mintToken(secret, uid, MINTED_TOKEN_TTL, now)
+
+
+def _trustRoot(options):
+    if options["no-tls"]:
+        return None
+    path = options["ca"]
+    if path is None:
+        from imserver.tls import CERT_FILE_NAME
+
+        default = FilePath(options["data-dir"]).child(CERT_FILE_NAME)
+        if not default.exists():
+            return None
+        path = default.path
+    from twisted.internet import ssl
+
+    try:
+        return ssl.Certificate.loadPEM(FilePath(path).getContent())
+    except Exception as e:
+        raise ValueError("cannot use {} as the CA certificate: {}".format(path, e))
+
+
+def describe(reason):
+    """
+    A short human-readable account of why something failed.
+
+    @param reason: an exception (or a L{pb.Kicked}).
+    @rtype: L{str}
+    """
+    if isinstance(reason, pb.Kicked):
+        try:
+            name = pb.KickReason.Name(reason.reason)
+        except ValueError:
+            name = str(reason.reason)
+        return "{}: {}".format(name, reason.message) if reason.message else name
+    code = getattr(reason, "code", None)
+    message = getattr(reason, "message", None)
+    if isinstance(code, int) and isinstance(message, str):
+        try:
+            name = pb.ErrorCode.Name(code)
+        except ValueError:
+            name = str(code)
+        return "{}: {}".format(name, message) if message else name
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover
+        SSL = None
+    if SSL is not None and isinstance(reason, SSL.Error):
+        details = [
+            part[-1] for part in (reason.args[0] if reason.args else [])
+            if isinstance(part, tuple) and part and part[-1]
+        ]
+        return "TLS failed: {}".format("; ".join(details) or "handshake error")
+    return str(reason) or type(reason).__name__
+
+
+def printable(text):
+    """
+    Make received text safe for a terminal: control characters (escape
+    sequences, carriage returns, ...) become U+FFFD, and continuation lines
+    are indented.
+    """
+    chars = []
+    for ch in text:
+        if ch == "\n":
+            chars.append("\n    ")
+        elif ch != "\t" and unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            chars.append("\ufffd")
+        else:
+            chars.append(ch)
+    return "".join(chars)
+
+
+def bodyText(message):
+    """
+    @param message: a L{pb.Message}.
+    @return: its body as text to print: UTF-8 text for C{text/*} (or no
+        content type), else a note of its size and type.
+    """
+    contentType = message.content_type
+    if contentType and not contentType.lower().startswith("text/"):
+        return "[{} bytes of {}]".format(len(message.body), printable(contentType))
+    return printable(message.body.decode("utf-8", "replace"))
+
+
+class ChatSession:
+    """
+    One chat: lines from the terminal go to C{peer}, messages from the
+    client are printed to C{out}.
+
+    Outgoing entries (the user's own messages, which the server also stores
+    in the user's inbox) are printed only when another device sent them;
+    this process remembers the C{client_msg_id}s it sent so it does not print
+    them a second time.
+
+    @ivar done: a L{Deferred} firing with the exit status once the session
+        is over (0 after Ctrl-D with every send confirmed).
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, client, out, me, peer, where=None,
+                 localtime=time.localtime, drainTimeout=DRAIN_TIMEOUT,
+                 typingInterval=TYPING_INTERVAL):
+        """
+        @param reactor: an L{IReactorTime}.
+        @param client: an L{imserver.client.IMClient} (or a fake of one);
+            its C{onMessage} and C{onNotify} are set here.
+        @param out: a text stream.
+        @param me: this user's uid.
+        @param peer: the uid to chat with.
+        @param where: C{"host:port"} for messages about connecting.
+        @param localtime: turns Unix seconds into a C{struct_time}.
+        """
+        self.clock = reactor
+        self.client = client
+        self.out = out
+        self.me = me
+        self.peer = peer
+        self.where = where
+        self.localtime = localtime
+        self.drainTimeout = drainTimeout
+        self.typingInterval = typingInterval
+        self.done = Deferred()
+        self._prefix = clientMsgIdPrefix(client.deviceId)
+        self._sentIds = set()
+        self._unanswered = 0
+        self._inputEnded = False
+        self._finished = False
+        self._drainTimer = None
+        self._typingShownAt = None
+        self._everConnected = False
+        self._lastFailure = None
+        client.onMessage = self.onMessage
+        client.onNotify = self.onNotify
+
+    def show(self, text):
+        """
+        Print one line.
+        """
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    # -- life ---------------------------------------------------------------
+
+    def start(self):
+        """
+        Start the client.
+
+        @return: L{done}.
+        """
+        self.show("chat with {} as {}{} (Enter sends a line, Ctrl-D quits)".format(
+            self.peer, self.me, " via " + self.where if self.where else ""))
+        self.client.whenStopped().addCallback(self._stopped)
+        self._awaitConnection()
+        self.client.start()
+        return self.done
+
+    def _awaitConnection(self):
+        self.client.whenConnected().addCallback(self._connected)
+
+    def _connected(self, protocol):
+        if self._finished:
+            return
+        self._lastFailure = None
+        self.show("{} as {} (session {})".format(
+            "reconnected" if self._everConnected else "connected",
+            self.me, protocol.session.session_id))
+        self._everConnected = True
+        protocol.whenClosed().addCallback(self._disconnected)
+
+    def _disconnected(self, reason):
+        if self._finished or self.client.stopReason is not None:
+            return
+        self.show("disconnected ({}); reconnecting".format(describe(reason)))
+        self._awaitConnection()
+
+    def connectFailed(self, reason):
+        """
+        A connection attempt failed, or a connection closed before it was
+        signed in; the client tries again by itself.  Each distinct reason
+        is printed once until a connection succeeds.
+        """
+        if self._finished or self.client.stopReason is not None:
+            return
+        text = describe(reason).rstrip(".")
+        if text == self._lastFailure:
+            return
+        self._lastFailure = text
+        self.show("! cannot connect{}: {} (still trying)".format(
+            " to " + self.where if self.where else "", text))
+
+    def _stopped(self, reason):
+        if self._finished:
+            return
+        if isinstance(reason, pb.Kicked):
+            hint = ""
+            if reason.reason == pb.REPLACED:
+                hint = (" (another session of {} signed in as device {!r};"
+                        " give each one its own --device)".format(
+                            self.me, self.client.deviceId))
+            self.show("kicked: {}{}".format(describe(reason), hint))
+        elif getattr(reason, "code", None) == pb.AUTH_FAILED:
+            self.show("kicked: the server refused the token for {} ({}); check"
+                      " --token, or --data-dir / --secret-file".format(
+                          self.me, describe(reason)))
+        else:
+            self.show("kicked: {}".format(describe(reason)))
+        self._finish(1)
+
+    def _finish(self, status):
+        if self._finished:
+            return
+        self._finished = True
+        if self._drainTimer is not None:
+            if self._drainTimer.active():
+                self._drainTimer.cancel()
+            self._drainTimer = None
+        d = self.client.stop()
+        d.addErrback(lambda f: self.log.failure("stopping the client failed", f))
+        d.addCallback(lambda _: self.done.callback(status))
+
+    # -- terminal input -----------------------------------------------------
+
+    def lineReceived(self, line):
+        """
+        Send one line (L{bytes}, without its newline) to the peer, unless it
+        is blank.
+        """
+        if self._finished or self._inputEnded:
+            return
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line.strip():
+            return
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            self.show("! not sent: the line is not valid UTF-8")
+            return
+        clientMsgId = self._prefix + uuid.uuid4().hex
+        self._sentIds.add(clientMsgId)
+        self._unanswered += 1
+        d = self.client.send(self.peer, line, "text/plain", clientMsgId=clientMsgId)
+        d.addCallbacks(self._sent, self._sendFailed,
+                       errbackArgs=(clientMsgId, line))
+
+    def _sent(self, response):
+        self._answered()
+
+    def _sendFailed(self, failure, clientMsgId, line):
+        self._sentIds.discard(clientMsgId)
+        text = line.decode("utf-8", "replace")
+        if len(text) > 40:
+            text = text[:39] + "\u2026"
+        self.show("! send failed: {}: {}".format(describe(failure.value), printable(text)))
+        self._answered()
+
+    def _answered(self):
+        self._unanswered -= 1
+        if self._inputEnded and self._unanswered == 0:
+            self._finish(0)
+
+    def inputEnded(self):
+        """
+        The terminal input is closed (Ctrl-D): quit once every send is
+        confirmed, or after C{drainTimeout} seconds (exit status 1, since
+        some message may not have been sent).
+        """
+        if self._inputEnded or self._finished:
+            return
+        self._inputEnded = True
+        if self._unanswered == 0:
+            self._finish(0)
+            return
+        self._drainTimer = self.clock.callLater(self.drainTimeout, self._drainTimedOut)
+
+    def _drainTimedOut(self):
+        self._drainTimer = None
+        self.show("! {} message(s) not confirmed by the server; they may not"
+                  " have been sent".format(self._unanswered))
+        self._finish(1)
+
+    # -- from the server ----------------------------------------------------
+
+    def onMessage(self, entry):
+        """
+        Print an inbox entry, unless it is the server's copy of a message
+        this process sent.
+
+        @param entry: a L{pb.InboxEntry}.
+        """
+        message = entry.message
+        if entry.outgoing:
+            if message.client_msg_id in self._sentIds:
+                self._sentIds.discard(message.client_msg_id)
+                return
+            who = "you"
+            if not message.client_msg_id.startswith(self._prefix):
+                who += " (other device)"
+            if message.recipient != self.peer:
+                who += " to " + message.recipient
+        else:
+            who = message.sender
+            if who == self.peer:
+                self._typingShownAt = None
+        self.show("[{}] {}: {}".format(
+            time.strftime("%H:%M:%S", self.localtime(message.created_ms / 1000.0)),
+            who, bodyText(message)))
+
+    def onNotify(self, name, message):
+        """
+        Show the peer typing, at most once per C{typingInterval} seconds.
+        """
+        if name != "typing" or message.uid != self.peer or not message.active:
+            return
+        now = self.clock.seconds()
+        if (self._typingShownAt is not None
+                and now - self._typingShownAt < self.typingInterval):
+            return
+        self._typingShownAt = now
+        self.show("({} is typing...)".format(self.peer))
+
+
+@implementer(IHalfCloseableProtocol)
+class TerminalInput(LineReceiver):
+    """
+    Lines from standard input, handed to a L{ChatSession}.  End of input
+    hands over a last unterminated line, then calls C{inputEnded}.  A line
+    longer than C{MAX_LENGTH} is dropped whole, with a note.
+
+    Half-closeable, so that standard output stays open after end of input.
+
+    @ivar closed: a L{Deferred} firing when standard input and output are
+        both closed.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_LINE_LENGTH
+
+    def __init__(self, session=None):
+        self.session = session
+        self.closed = Deferred()
+        self._discarding = False
+        self._leftover = b""
+
+    def dataReceived(self, data):
+        """
+        Split C{data} into lines, skipping the rest of a too long line.
+        """
+        while data:
+            if self._discarding:
+                _, newline, data = data.partition(self.delimiter)
+                if not newline:
+                    return
+                self._discarding = False
+            LineReceiver.dataReceived(self, data)
+            data, self._leftover = self._leftover, b""
+
+    def lineReceived(self, line):
+        self.session.lineReceived(line)
+
+    def lineLengthExceeded(self, data):
+        """
+        Drop the too long line at the start of C{data}: the lines after it
+        are handled once L{LineReceiver.dataReceived} returns, the rest of
+        the line is skipped as it arrives.
+        """
+        self.session.show("! not sent: a line longer than {} bytes".format(self.MAX_LENGTH))
+        _, newline, rest = data.partition(self.delimiter)
+        if newline:
+            self._leftover = rest
+        else:
+            self._discarding = True
+
+    def readConnectionLost(self):
+        """
+        End of input: hand over an unterminated last line, then the end.
+        """
+        last = self.clearLineBuffer()
+        if last and not self._discarding:
+            self.session.lineReceived(last)
+        self.session.inputEnded()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        if not self.closed.called:
+            self.closed.callback(None)
+
+
+class TransportText:
+    """
+    A text stream over a transport: what L{ChatSession} prints goes
+    through the reactor, which owns (non-blocking) standard output.
+    """
+
+    def __init__(self, transport, encoding="utf-8"):
+        self.transport = transport
+        self.encoding = encoding
+
+    def write(self, text):
+        self.transport.write(text.encode(self.encoding, "replace"))
+
+    def flush(self):
+        pass
+
+
+class _WatchedEndpoint:
+    """
+    A client endpoint that reports connection attempts that fail, and
+    connections that close before they are signed in (a TLS failure, for
+    one), to C{onFailure}.
+    """
+
+    def __init__(self, endpoint):
+        self._endpoint = endpoint
+        self.onFailure = None
+
+    def connect(self, factory):
+        d = self._endpoint.connect(factory)
+        d.addCallbacks(self._connected, self._failed)
+        return d
+
+    def _failed(self, failure):
+        if self.onFailure is not None:
+            self.onFailure(failure.value)
+        return failure
+
+    def _connected(self, protocol):
+        def closed(reason):
+            if protocol.session is None and self.onFailure is not None:
+                self.onFailure(reason)
+
+        protocol.whenClosed().addCallback(closed)
+        return protocol
+
+
+def run(reactor, config, stdin=0, stdout=1):
+    """
+    Chat until Ctrl-D, a kick or a refused token (the function
+    L{twisted.internet.task.react} runs).
+
+    @type config: L{ChatConfig}
+    @return: a L{Deferred} firing when done, failing with L{SystemExit}
+        for a non-zero status.
+    """
+    from twisted.internet.stdio import StandardIO
+
+    from imserver.client import IMClient, clientEndpoint, fullJitterBackoff
+
+    if callable(config.token):
+        def token():
+            return config.token(reactor.seconds())
+    else:
+        token = config.token
+
+    endpoint = _WatchedEndpoint(clientEndpoint(
+        reactor, config.host, config.port, tls=config.tls, trustRoot=config.trustRoot
+    ))
+    client = IMClient(
+        reactor, config.host, config.port, config.uid, token, config.deviceId,
+        endpoint=endpoint, retryPolicy=fullJitterBackoff(0.5, MAX_RECONNECT_DELAY),
+    )
+    terminal = TerminalInput()
+    stdio = StandardIO(terminal, stdin=stdin, stdout=stdout, reactor=reactor)
+    session = ChatSession(
+        reactor, client, TransportText(stdio, getattr(sys.stdout, "encoding", None)
+                                       or "utf-8"),
+        config.uid, config.peer, where="{}:{}".format(config.host, config.port),
+    )
+    terminal.session = session
+    endpoint.onFailure = session.connectFailed
+
+    def flushed(status):
+        # Let standard output drain (bounded), then report the status.
+        stdio.loseConnection()
+        d = terminal.closed.addTimeout(OUTPUT_FLUSH_TIMEOUT, reactor)
+        d.addErrback(lambda f: f.trap(TimeoutError))
+
+        def over(_):
+            if status:
+                raise SystemExit(status)
+
+        return d.addCallback(over)
+
+    return session.start().addCallback(flushed)
+
+
+def main(config):
+    """
+    Run a chat on the global reactor.
+
+    @type config: L{ChatConfig}
+    @return: the exit status.
+    """
+    from twisted.internet import fdesc, task
+
+    try:
+        task.react(run, (config,))
+    except SystemExit as e:
+        return e.code
+    finally:
+        # StandardIO leaves the terminal non-blocking; the shell should not
+        # inherit that.
+        for fd in (0, 1):
+            try:
+                fdesc.setBlocking(fd)
+            except OSError:
+                pass
+    return 0
