@@ -372,10 +372,14 @@ class IMClient:
             endpoint = clientEndpoint(
                 reactor, host, port, tls, caFile, trustRoot, hostname, requestTimeout
             )
+        policy = retryPolicy or fullJitterBackoff()
+        self._authFailures = 0
         self._service = ClientService(
             endpoint,
             _ProtocolFactory(self),
-            retryPolicy=retryPolicy or fullJitterBackoff(),
+            # ClientService counts failed connections only; refused auths
+            # (UNAVAILABLE, TOO_MANY_DEVICES, ...) back off too.
+            retryPolicy=lambda attempt: policy(attempt + self._authFailures),
             clock=reactor,
         )
 
@@ -456,12 +460,9 @@ class IMClient:
             )
             self.lastSeq = response.head_seq
         self.protocol = protocol
-        now = self.clock.seconds()
-        for clientMsgId, entry in list(self._pending.items()):
-            if now - entry[4] > self.maxSendAge:
-                self._expire(clientMsgId)
-            else:
-                self._transmit(clientMsgId)
+        self._authFailures = 0
+        for clientMsgId in list(self._pending):
+            self._transmit(clientMsgId)
         waiters, self._connectWaiters = self._connectWaiters, []
         for d in waiters:
             d.callback(protocol)
@@ -470,6 +471,7 @@ class IMClient:
         if failure.check(RemoteError) and failure.value.code in _FINAL_AUTH_ERRORS:
             self._giveUp(failure.value)
         elif protocol.connected:
+            self._authFailures += 1
             self.log.info("auth failed ({why}); reconnecting", why=failure.getErrorMessage())
             protocol.transport.abortConnection()
 
@@ -488,22 +490,26 @@ class IMClient:
 
         @return: a L{Deferred} firing with the L{pb.SendResponse}, or
             failing with L{RemoteError} if the server refuses the message
-            itself (C{BAD_REQUEST}, C{MESSAGE_TOO_LARGE}).
+            itself (C{BAD_REQUEST}, C{MESSAGE_TOO_LARGE}), or with
+            L{RequestTimeout} if it is not answered within C{maxSendAge}
+            (connected or not).
         """
         clientMsgId = clientMsgId or uuid.uuid4().hex
         d = Deferred()
-        self._pending[clientMsgId] = (to, body, contentType, d, self.clock.seconds())
+        expiry = self.clock.callLater(self.maxSendAge, self._expire, clientMsgId)
+        self._pending[clientMsgId] = (to, body, contentType, d, expiry)
         if self.protocol is not None:
             self._transmit(clientMsgId)
         return d
 
     def _expire(self, clientMsgId):
-        entry = self._pending.pop(clientMsgId)
-        entry[3].errback(RequestTimeout(
-            "message {} not answered within {} s".format(clientMsgId, self.maxSendAge)))
+        entry = self._pending.pop(clientMsgId, None)
+        if entry is not None:
+            entry[3].errback(RequestTimeout(
+                "message {} not answered within {} s".format(clientMsgId, self.maxSendAge)))
 
     def _transmit(self, clientMsgId):
-        to, body, contentType, d, created = self._pending[clientMsgId]
+        to, body, contentType, d, expiry = self._pending[clientMsgId]
         protocol = self.protocol
         protocol.send(to, body, clientMsgId, contentType, self.requestTimeout).addCallbacks(
             self._sent, self._sendFailed, (clientMsgId,), None, (clientMsgId, protocol)
@@ -512,6 +518,7 @@ class IMClient:
     def _sent(self, response, clientMsgId):
         entry = self._pending.pop(clientMsgId, None)
         if entry is not None:
+            entry[4].cancel()
             entry[3].callback(response)
 
     def _sendFailed(self, failure, clientMsgId, protocol):
@@ -520,6 +527,7 @@ class IMClient:
             return
         if failure.check(RemoteError) and failure.value.code in _FINAL_SEND_ERRORS:
             del self._pending[clientMsgId]
+            entry[4].cancel()
             entry[3].errback(failure)
             return
         if failure.check(RemoteError, RequestTimeout) and protocol is self.protocol:
@@ -530,10 +538,7 @@ class IMClient:
 
     def _retransmit(self, clientMsgId, protocol):
         if clientMsgId in self._pending and protocol is self.protocol:
-            if self.clock.seconds() - self._pending[clientMsgId][4] > self.maxSendAge:
-                self._expire(clientMsgId)
-            else:
-                self._transmit(clientMsgId)
+            self._transmit(clientMsgId)
 
     def pendingCount(self):
         """

@@ -155,8 +155,8 @@ class IMessageStore(Interface):
         holding more than C{maxCount} entries remove the oldest ones that
         every known device of the user has acknowledged; forget dedup keys
         older than the dedup window and cursors of devices not seen within
-        C{maxAgeMs}.  An unacknowledged entry younger than C{maxAgeMs} is
-        never removed.
+        C{maxAgeMs}.  An entry younger than C{maxAgeMs} that a device seen
+        within C{maxAgeMs} has not acknowledged is never removed.
 
         @return: a L{Deferred} firing with the number of entries removed.
         """

@@ -291,9 +291,13 @@ class GateProtocol(RPCProtocol):
                 if kept and size > budget:
                     break
                 kept.append(entry)
-            return store.head(self.uid).addCallback(
-                lambda head: pb.SyncResponse(entries=kept, head_seq=head)
-            )
+            return store.head(self.uid).addCallback(synced, kept)
+
+        def synced(head, kept):
+            # What the client can now ack (and so skip) reaches this head.
+            if head > self._head:
+                self._head = head
+            return pb.SyncResponse(entries=kept, head_seq=head)
 
         return d.addCallback(withHead).addErrback(self.factory.messenger.storeFailed)
 
@@ -475,7 +479,7 @@ class GateFactory(Factory):
         def failed(failure):
             self.log.failure("writing {n} cursors failed", failure, n=len(dirty))
             for key, seq in dirty.items():
-                if self._dirtyCursors.get(key, 0) < seq:
+                if self._dirtyCursors.get(key, -1) < seq:
                     self._dirtyCursors[key] = seq
             return 0
 

@@ -91,6 +91,7 @@ class Settings:
         "Pushed messages a connection may have unacknowledged; the rest waits "
         "in the inbox.",
         1,
+        1_000_000,
     )
     sync_page_size: int = _setting(
         100, "Inbox entries per fetch: replay pages and sync responses.", 1
@@ -107,8 +108,9 @@ class Settings:
     )
     retention_count: int = _setting(
         10000,
-        "Entries kept per inbox; beyond it the oldest acknowledged ones go "
-        "(unacknowledged ones younger than --retention-age never do).",
+        "Entries kept per inbox; beyond it the oldest ones every device seen "
+        "within --retention-age acknowledged go (others younger than "
+        "--retention-age never do).",
         1,
     )
     retention_interval: float = _setting(

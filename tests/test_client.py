@@ -161,3 +161,39 @@ class ClientTests(SynchronousTestCase):
                                                 max_frame_length=200000))
         self.successResultOf(d)
         self.assertEqual(self.client.maxFrameLength, 200000)
+
+
+class NeverConnects:
+    """
+    A client endpoint whose connection attempts never finish.
+    """
+
+    def connect(self, factory):
+        from twisted.internet.defer import Deferred
+
+        return Deferred()
+
+
+class IMClientOfflineTests(SynchronousTestCase):
+    """
+    L{IMClient} while it cannot connect.
+    """
+
+    def test_sendExpiresWhileDisconnected(self):
+        """
+        A send not answered within C{maxSendAge} fails with
+        L{RequestTimeout}, even if no connection was ever made.
+        """
+        from imserver.client import IMClient
+        from imserver.errors import RequestTimeout
+
+        clock = Clock()
+        client = IMClient(clock, None, None, "alice", "tok", "phone",
+                          endpoint=NeverConnects(), maxSendAge=60)
+        client.start()
+        d = client.send("bob", b"hi")
+        clock.advance(59)
+        self.assertNoResult(d)
+        clock.advance(1)
+        self.failureResultOf(d, RequestTimeout)
+        self.assertEqual(client.pendingCount(), 0)

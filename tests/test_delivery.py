@@ -271,7 +271,8 @@ class WindowTests(SynchronousTestCase):
         self.successResultOf(self.gate.factory.flushCursors())
         self.assertEqual(len(self.flushLoggedErrors(IOError)), 1)
         self.gate.store.ack = ack
-        self.assertEqual(self.successResultOf(self.gate.factory.flushCursors()), 1)
+        # Both devices' cursors (alice's from her auth, at 0) are retried.
+        self.assertEqual(self.successResultOf(self.gate.factory.flushCursors()), 2)
         self.assertEqual(self.successResultOf(self.gate.store.cursor("bob", "phone")), 1)
 
     def test_ackBeforeAuthIgnored(self):
