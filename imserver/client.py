@@ -62,6 +62,9 @@ class ClientProtocol(RPCProtocol):
 
     #: Called with this protocol once connected, if set.
     onConnected = None
+    #: Called with this protocol as soon as the connection is lost, before
+    #: outstanding requests fail, if set.
+    onDisconnected = None
 
     def connectionMade(self):
         self._lastSent = self._seconds()
@@ -232,6 +235,8 @@ class ClientProtocol(RPCProtocol):
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             self._heartbeat = None
+        if self.onDisconnected is not None:
+            self.onDisconnected(self)
         RPCProtocol.connectionLost(self, reason)
         self._lostReason = self._peerError or reason.value
         waiters, self._closedWaiters = self._closedWaiters, []
@@ -583,6 +588,6 @@ class _ProtocolFactory(Factory):
         client = self.client
         protocol = ClientProtocol(client.clock, requestTimeout=client.requestTimeout)
         protocol.onNotify = lambda name, message: client._notified(protocol, name, message)
-        protocol.whenClosed().addCallback(lambda _: client._connectionLost(protocol))
+        protocol.onDisconnected = client._connectionLost
         protocol.onConnected = client._connected
         return protocol

@@ -396,6 +396,9 @@ class RPCProtocol(FrameProtocol):
         self.close()
 
     def connectionLost(self, reason):
+        # Twisted's Protocol leaves `connected` at 1 forever; make it true
+        # to its name for everything built on this class.
+        self.connected = 0
         self._closing = True
         if self._peerError is not None:
             reason = Failure(self._peerError)

@@ -172,6 +172,30 @@ class IMClientTests(TestCase):
         self.assertEqual(entry.seq, 1)
 
     @inlineCallbacks
+    def test_noDeadProtocolAfterDrop(self):
+        """
+        Once a connection is lost, even in the errbacks of its failed
+        requests, L{IMClient.whenConnected} waits for the next connection
+        instead of returning the dead one, and C{connected} is false.
+        """
+        alice = self.client("alice")
+        protocol = yield alice.whenConnected()
+        seen = []
+
+        def failed(failure):
+            seen.append((alice.protocol, alice.whenConnected()))
+
+        d = protocol.sync().addErrback(failed)
+        protocol.transport.abortConnection()
+        yield d
+        [(current, next)] = seen
+        self.assertIsNone(current)
+        self.assertFalse(protocol.connected)
+        again = yield next
+        self.assertIsNot(again, protocol)
+        yield again.ping()
+
+    @inlineCallbacks
     def test_refusedToken(self):
         """
         A refused token stops the client from reconnecting.
