@@ -1,0 +1,1024 @@
+# -*- test-case-name: tests.test_crash -*-
+"""
+The delivery crash test: a real C{twistd im} process on SQLite, the real
+reconnecting client (L{imserver.client.IMClient}), and faults.
+
+Several users exchange at least L{MESSAGES} messages while the test aborts
+client sockets at random (about every L{DROP_INTERVAL} acknowledged
+messages) and C{kill -9}s the server at L{KILL_AT} of the run, restarting it
+on the same port and data directory each time.  Afterwards it checks the
+recorded history the way Jepsen does:
+
+    - lost: acknowledged to the sender but missing from the recipient's
+      (or the sender's own) inbox stream;
+    - unexpected: delivered but never sent (or not as sent);
+    - duplicates: one message delivered twice to one device, or one
+      C{client_msg_id} stored as two messages (the client drops repeats of
+      a seq, so any duplicate it hands over is a violation);
+    - reordered: a recipient's stream not in strictly increasing seq and
+      message id (the server's acceptance order), an acknowledged seq that
+      is not where the message was delivered, or a message accepted before
+      one its sender had already seen acknowledged;
+
+and that each stream holds exactly the seqs C{1..head}, no gap.
+
+Set C{$IMSERVER_CRASH_MESSAGES} for a longer run, and
+C{$IMSERVER_CRASH_SEED} to replay a run's random choices (the timing of a
+live run is not reproducible).  Everything listens and connects on
+127.0.0.1 only.
+"""
+
+import os
+import random
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from twisted.internet import reactor
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    TimeoutError,
+    fail,
+    gatherResults,
+    inlineCallbacks,
+    succeed,
+)
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionClosed, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from imserver.auth import SECRET_ENV, loadSecret, mintToken
+from imserver.client import IMClient
+from imserver.errors import ConnectionClosedByPeer, RequestTimeout
+from imserver.pb import im_pb2 as pb
+
+#: Users exchanging messages (each one client, one device).
+USERS = 6
+#: Messages sent in all (at least); C{$IMSERVER_CRASH_MESSAGES} raises it.
+MESSAGES = max(10000, int(os.environ.get("IMSERVER_CRASH_MESSAGES") or 0))
+#: Sends each user has awaiting an answer at most.
+IN_FLIGHT = 20
+#: A random client socket is aborted after about every this many acks.
+DROP_INTERVAL = 100
+#: The server is killed (SIGKILL) when these fractions of the messages are
+#: acknowledged, and restarted.
+KILL_AT = (1.0 / 3, 2.0 / 3)
+#: Heartbeat interval and idle timeout given to the server, in seconds: a
+#: dead connection is noticed within a few seconds.
+HEARTBEAT_INTERVAL = 2
+IDLE_TIMEOUT = 6
+#: Seconds allowed for every send to be acknowledged, per 10,000 messages.
+ACK_DEADLINE = 120.0
+#: Seconds allowed, once every send is acknowledged, for every inbox to be
+#: delivered completely.
+CATCH_UP_DEADLINE = 30.0
+#: The trial timeout: room for both deadlines, the starts and the cleanup.
+TEST_TIMEOUT = 240.0
+#: Seconds the server gets to start listening, and to exit on SIGTERM.
+START_DEADLINE = 30.0
+STOP_DEADLINE = 15.0
+#: Attempts at starting the server when its port is taken meanwhile.
+START_ATTEMPTS = 5
+#: Violations described in a failure message, at most.
+MAX_DETAILS = 20
+
+_SCALE = MESSAGES / 10000.0
+
+
+def _serverEnvironment():
+    """
+    The environment for the gate: ours, without C{$IMSERVER_SECRET} (so the
+    secret is the data directory's), with our C{sys.path} so the subprocess
+    finds imserver and its twistd plugin.
+    """
+    env = dict(os.environ)
+    env.pop(SECRET_ENV, None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return env
+
+
+def _freePort():
+    """
+    A TCP port on 127.0.0.1 that was free a moment ago (the OS's choice).
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def _withDeadline(d, seconds, what):
+    """
+    Fail C{d} with a L{TimeoutError} naming C{what} if it has not fired
+    within C{seconds}.
+    """
+
+    def timedOut(failure):
+        failure.trap(TimeoutError, CancelledError)
+        raise TimeoutError("{} did not happen within {:.0f}s".format(what, seconds))
+
+    return d.addTimeout(seconds, reactor).addErrback(timedOut)
+
+
+class ServerProcess(ProcessProtocol):
+    """
+    One run of C{twistd im}: collects its output and tells when it listens
+    and when it has ended.
+
+    @ivar output: everything it wrote to stdout and stderr.
+    @ivar port: the port of the first C{127.0.0.1} listener it logged, or
+        L{None}.
+    @ivar reason: the exception it ended with, or L{None} while it runs.
+    """
+
+    _listening = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
+
+    def __init__(self):
+        self.output = b""
+        self.port = None
+        self.reason = None
+        self._listeningWaiters = []
+        self._endedWaiters = []
+
+    def whenListening(self):
+        """
+        @return: a L{Deferred} firing with L{port} once it is known, or
+            failing with L{ServerDidNotStart} if the process ends first.
+        """
+        if self.port is not None:
+            return succeed(self.port)
+        if self.reason is not None:
+            return fail(ServerDidNotStart(self.reason, self.text()))
+        return _waiter(self._listeningWaiters)
+
+    def whenEnded(self):
+        """
+        @return: a L{Deferred} firing with L{reason} once the process ended.
+        """
+        if self.reason is not None:
+            return succeed(self.reason)
+        return _waiter(self._endedWaiters)
+
+    def text(self):
+        """
+        The output, decoded.
+        """
+        return self.output.decode("utf-8", "replace")
+
+    def outReceived(self, data):
+        """
+        Collect stdout (where twistd -n logs).
+        """
+        self._received(data)
+
+    def errReceived(self, data):
+        """
+        Collect stderr.
+        """
+        self._received(data)
+
+    def _received(self, data):
+        self.output += data
+        if self.port is None:
+            match = self._listening.search(self.output)
+            if match is not None:
+                self.port = int(match.group(1))
+                waiters, self._listeningWaiters = self._listeningWaiters, []
+                for d in waiters:
+                    d.callback(self.port)
+
+    def processEnded(self, reason):
+        """
+        Wake those waiting for the end, and fail those still waiting for
+        the listening port.
+        """
+        self.reason = reason.value
+        waiters, self._listeningWaiters = self._listeningWaiters, []
+        for d in waiters:
+            d.errback(ServerDidNotStart(self.reason, self.text()))
+        waiters, self._endedWaiters = self._endedWaiters, []
+        for d in waiters:
+            d.callback(self.reason)
+
+
+def _waiter(waiters):
+    """
+    Append a new L{Deferred} to the list C{waiters}; cancelling it removes
+    it from there.
+    """
+
+    def cancel(d):
+        if d in waiters:
+            waiters.remove(d)
+
+    d = Deferred(cancel)
+    waiters.append(d)
+    return d
+
+
+class ServerDidNotStart(Exception):
+    """
+    C{twistd im} ended before it listened.
+    """
+
+    def __init__(self, reason, output):
+        Exception.__init__(self, "twistd ended before listening ({}):\n{}".format(
+            reason, output))
+        self.portTaken = "Address already in use" in output
+
+
+class Gate:
+    """
+    A C{twistd im} gate on SQLite in one data directory, on one loopback TCP
+    port across restarts.
+
+    @ivar port: the port, chosen at the first L{start}.
+    @ivar runs: a L{ServerProcess} per start, the last one current.
+    @ivar kills: how often it was killed with SIGKILL.
+    """
+
+    def __init__(self, dataDir):
+        self.dataDir = dataDir
+        self.env = _serverEnvironment()
+        self.port = None
+        self.runs = []
+        self.kills = 0
+        self._transport = None
+
+    @inlineCallbacks
+    def start(self):
+        """
+        Start the gate and wait until it listens.  The first start picks a
+        free port (another one if it is taken before the gate binds it);
+        later starts reuse it.
+
+        @return: a L{Deferred} firing with the port.
+        """
+        for attempt in range(START_ATTEMPTS):
+            port = self.port if self.port is not None else _freePort()
+            process = self._spawn(port)
+            try:
+                listening = yield _withDeadline(
+                    process.whenListening(), START_DEADLINE, "the gate listening"
+                )
+            except ServerDidNotStart as e:
+                if not e.portTaken or attempt == START_ATTEMPTS - 1:
+                    raise
+                continue
+            self.port = listening
+            return listening
+
+    def _spawn(self, port):
+        process = ServerProcess()
+        argv = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "--nodaemon", "--pidfile=",
+            "im", "--data-dir", self.dataDir.path,
+            "--listen", "tcp:{}:interface=127.0.0.1".format(port),
+            "--store", "sqlite",
+            "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
+            "--idle-timeout", str(IDLE_TIMEOUT),
+        ]
+        self._transport = reactor.spawnProcess(
+            process, sys.executable, argv, env=self.env, path=self.dataDir.path
+        )
+        self.runs.append(process)
+        return process
+
+    def secret(self):
+        """
+        The token-signing secret the gate generated at its first start.
+        """
+        return loadSecret(self.dataDir, environ=self.env, create=False)
+
+    def _signal(self, name):
+        try:
+            self._transport.signalProcess(name)
+        except ProcessExitedAlready:
+            pass
+
+    @inlineCallbacks
+    def crash(self):
+        """
+        C{kill -9} the gate, wait for it to end, start it again.
+
+        @return: a L{Deferred} firing with the seconds it was down.
+        """
+        started = time.monotonic()
+        self.kills += 1
+        self._signal("KILL")
+        yield _withDeadline(
+            self.runs[-1].whenEnded(), STOP_DEADLINE, "the killed gate ending"
+        )
+        yield self.start()
+        return time.monotonic() - started
+
+    @inlineCallbacks
+    def stop(self):
+        """
+        Stop the gate if it runs: SIGTERM, then SIGKILL if it has not ended
+        within L{STOP_DEADLINE}.
+        """
+        if not self.runs or self.runs[-1].reason is not None:
+            return
+        run = self.runs[-1]
+        self._signal("TERM")
+        try:
+            yield _withDeadline(run.whenEnded(), STOP_DEADLINE, "the gate exiting on SIGTERM")
+        except TimeoutError:
+            self._signal("KILL")
+            yield run.whenEnded()
+
+    def output(self):
+        """
+        The output of every run, decoded, separated by a header line.
+        """
+        return "".join(
+            "--- run {} ---\n{}".format(i + 1, run.text())
+            for i, run in enumerate(self.runs)
+        )
+
+
+@dataclass
+class Sent:
+    """
+    One message handed to L{IMClient.send}.
+
+    @ivar floorId: the highest message id acknowledged to the sender when
+        this one was sent: the server accepted this one later, so its id
+        must be higher.
+    @ivar response: the L{pb.SendResponse} once acknowledged.
+    """
+
+    sender: str
+    to: str
+    counter: int
+    clientMsgId: str
+    body: bytes
+    floorId: int
+    response: object = None
+
+
+@dataclass
+class Counts:
+    """
+    The outcome of L{History.check}.
+    """
+
+    sent: int = 0
+    acked: int = 0
+    delivered: int = 0
+    lost: int = 0
+    unexpected: int = 0
+    duplicates: int = 0
+    reordered: int = 0
+    gaps: int = 0
+    details: list = field(default_factory=list)
+
+    def violation(self, kind, description):
+        """
+        Count one violation of C{kind} and remember its description.
+        """
+        setattr(self, kind, getattr(self, kind) + 1)
+        if len(self.details) < MAX_DETAILS:
+            self.details.append("{}: {}".format(kind, description))
+
+
+class History:
+    """
+    What was sent, acknowledged and delivered, per user; and the check.
+
+    @ivar sends: C{{(sender, client_msg_id): Sent}}.
+    @ivar streams: C{{uid: [InboxEntry]}}, in the order the user's client
+        handed them over.
+    """
+
+    def __init__(self, users):
+        self.sends = {}
+        self.streams = {uid: [] for uid in users}
+        self._waiting = {uid: [] for uid in users}
+
+    def recordSend(self, sent):
+        """
+        Record a message about to be sent.
+        """
+        self.sends[(sent.sender, sent.clientMsgId)] = sent
+
+    def recordDelivery(self, uid, entry):
+        """
+        Record an inbox entry the client of C{uid} handed over, and wake
+        those waiting for it.
+        """
+        self.streams[uid].append(entry)
+        waiting = self._waiting[uid]
+        for item in list(waiting):
+            seq, d = item
+            if entry.seq >= seq:
+                waiting.remove(item)
+                d.callback(entry.seq)
+
+    def whenDelivered(self, uid, seq):
+        """
+        @return: a L{Deferred} firing once C{uid} has been handed an entry
+            with a seq of at least C{seq}.
+        """
+        stream = self.streams[uid]
+        if seq == 0 or (stream and stream[-1].seq >= seq):
+            return succeed(seq)
+        waiting = self._waiting[uid]
+
+        def cancel(d):
+            if (seq, d) in waiting:
+                waiting.remove((seq, d))
+
+        d = Deferred(cancel)
+        waiting.append((seq, d))
+        return d
+
+    def check(self, heads):
+        """
+        Check the history.
+
+        @param heads: C{{uid: inbox head seq}} as the server reports it;
+            the streams of users missing from it are not checked for gaps.
+        @rtype: L{Counts}
+        """
+        counts = Counts()
+        counts.sent = len(self.sends)
+        # uid -> ids of the messages in its stream, incoming and outgoing.
+        incoming = {uid: set() for uid in self.streams}
+        outgoing = {uid: {} for uid in self.streams}
+        for uid, stream in sorted(self.streams.items()):
+            self._checkStream(uid, stream, heads.get(uid), counts, incoming, outgoing)
+        for sent in self.sends.values():
+            if sent.response is None:
+                continue
+            counts.acked += 1
+            messageId = sent.response.message_id
+            if messageId not in incoming[sent.to]:
+                counts.violation("lost", "{} -> {} ({}, id {}) acked, not delivered".format(
+                    sent.sender, sent.to, sent.clientMsgId, messageId))
+            elif messageId not in outgoing[sent.sender]:
+                counts.violation("lost", "{} ({}, id {}) acked, missing from the"
+                                 " sender's stream".format(
+                                     sent.sender, sent.clientMsgId, messageId))
+            elif outgoing[sent.sender][messageId] != sent.response.seq:
+                counts.violation("reordered", "{} ({}) acked with seq {}, delivered to"
+                                 " the sender at seq {}".format(
+                                     sent.sender, sent.clientMsgId, sent.response.seq,
+                                     outgoing[sent.sender][messageId]))
+            if messageId <= sent.floorId:
+                counts.violation("reordered", "{} ({}) got id {}, not above {} acked"
+                                 " before it was sent".format(
+                                     sent.sender, sent.clientMsgId, messageId,
+                                     sent.floorId))
+        return counts
+
+    def _checkStream(self, uid, stream, head, counts, incoming, outgoing):
+        previousSeq = previousId = 0
+        seenIds = {}
+        stored = {}
+        for entry in stream:
+            message = entry.message
+            where = "{} seq {} (id {}, {} {})".format(
+                uid, entry.seq, message.id, message.sender, message.client_msg_id)
+            if entry.seq <= previousSeq:
+                counts.violation("reordered", "{} after seq {}".format(where, previousSeq))
+            elif message.id <= previousId:
+                counts.violation("reordered", "{} after id {}".format(where, previousId))
+            previousSeq = max(previousSeq, entry.seq)
+            previousId = max(previousId, message.id)
+            if message.id in seenIds:
+                counts.violation("duplicates", "{} already delivered at seq {}".format(
+                    where, seenIds[message.id]))
+                continue
+            seenIds[message.id] = entry.seq
+            key = (message.sender, message.client_msg_id)
+            if key in stored:
+                counts.violation("duplicates", "{} already stored as id {}".format(
+                    where, stored[key]))
+                continue
+            stored[key] = message.id
+            sent = self.sends.get(key)
+            owner = message.sender if entry.outgoing else message.recipient
+            if (
+                sent is None
+                or uid != owner
+                or sent.to != message.recipient
+                or sent.body != message.body
+            ):
+                counts.violation("unexpected", "{} was not sent ({})".format(
+                    where, "unknown" if sent is None else "not as sent"))
+                continue
+            if sent.response is not None and sent.response.message_id != message.id:
+                counts.violation("duplicates", "{} acked as id {}".format(
+                    where, sent.response.message_id))
+                continue
+            if entry.outgoing:
+                outgoing[uid][message.id] = entry.seq
+            else:
+                incoming[uid].add(message.id)
+                counts.delivered += 1
+        if head is None:
+            return
+        seqs = {entry.seq for entry in stream}
+        expected = set(range(1, head + 1))
+        missing = expected - seqs
+        extra = seqs - expected
+        for seq in sorted(missing):
+            counts.violation("gaps", "{} never got seq {} (head {})".format(uid, seq, head))
+        for seq in sorted(extra):
+            counts.violation("gaps", "{} got seq {} beyond the head {}".format(
+                uid, seq, head))
+
+
+class Workload:
+    """
+    Drives the clients: every user sends to random other users, keeping up
+    to L{IN_FLIGHT} sends unanswered, until L{MESSAGES} are sent; and
+    injects the faults (socket drops, server crashes) as acks come in.
+
+    @ivar clients: C{{uid: IMClient}}.
+    @ivar acked: sends answered so far.
+    @ivar drops: client sockets aborted.
+    @ivar resent: acks marked C{duplicate}: a send the server had stored
+        before (its answer lost with a connection or a crash) was sent
+        again and not stored twice.
+    @ivar downtimes: seconds the server was down, per crash.
+    """
+
+    def __init__(self, gate, history, rng, users, total):
+        self.gate = gate
+        self.history = history
+        self.rng = rng
+        self.users = users
+        self.total = total
+        self.clients = {}
+        self.acked = 0
+        self.drops = 0
+        self.resent = 0
+        self.downtimes = []
+        self._quota = {}
+        for i, uid in enumerate(users):
+            self._quota[uid] = total // len(users) + (1 if i < total % len(users) else 0)
+        self._sentCount = {uid: 0 for uid in users}
+        self._inFlight = {uid: 0 for uid in users}
+        self._highestAckedId = {uid: 0 for uid in users}
+        self._crashing = None
+        # Connections aborted: the client lets go of one a moment later.
+        self._aborted = set()
+        self._done = Deferred()
+
+    def connect(self, port, secret):
+        """
+        Make and start a client per user, to C{127.0.0.1:port}.
+        """
+        rng = self.rng
+        for uid in self.users:
+            client = IMClient(
+                reactor, None, None, uid,
+                mintToken(secret, uid, 3600, time.time()), "crash",
+                onMessage=lambda entry, uid=uid: self.history.recordDelivery(uid, entry),
+                endpoint=TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5),
+                retryPolicy=lambda attempt: 0.05 + rng.random() * 0.05,
+            )
+            client.whenStopped().addCallback(self._gaveUp, uid)
+            self.clients[uid] = client
+            client.start()
+
+    def stop(self):
+        """
+        Stop every client.
+
+        @return: a L{Deferred} firing once they are disconnected.
+        """
+        return gatherResults([client.stop() for client in self.clients.values()])
+
+    def run(self):
+        """
+        Start sending.
+
+        @return: a L{Deferred} firing once every send is acknowledged (and no
+            crash is in progress), or failing with the first problem.
+        """
+        for uid in self.users:
+            self._fill(uid)
+        return self._done
+
+    def _fail(self, failure):
+        if not self._done.called:
+            self._done.errback(failure)
+
+    def _gaveUp(self, reason, uid):
+        self._fail(Failure(AssertionError(
+            "the client of {} stopped reconnecting: {}".format(uid, reason))))
+
+    def _fill(self, uid):
+        while (self._inFlight[uid] < IN_FLIGHT
+               and self._sentCount[uid] < self._quota[uid]):
+            self._sendOne(uid)
+
+    def _sendOne(self, uid):
+        counter = self._sentCount[uid] = self._sentCount[uid] + 1
+        to = self.rng.choice([u for u in self.users if u != uid])
+        clientMsgId = "{}-{}".format(uid, counter)
+        sent = Sent(
+            sender=uid, to=to, counter=counter, clientMsgId=clientMsgId,
+            body="{}:{}:{}".format(uid, counter, clientMsgId).encode("ascii"),
+            floorId=self._highestAckedId[uid],
+        )
+        self.history.recordSend(sent)
+        self._inFlight[uid] += 1
+        d = self.clients[uid].send(to, sent.body, clientMsgId=clientMsgId)
+        d.addCallbacks(self._acknowledged, self._sendFailed, (sent,), None, (sent,))
+
+    def _acknowledged(self, response, sent):
+        sent.response = response
+        uid = sent.sender
+        self._inFlight[uid] -= 1
+        self.acked += 1
+        if response.duplicate:
+            self.resent += 1
+        if response.message_id > self._highestAckedId[uid]:
+            self._highestAckedId[uid] = response.message_id
+        self._injectFaults()
+        self._fill(uid)
+        self._checkDone()
+
+    def _sendFailed(self, failure, sent):
+        self._fail(Failure(AssertionError(
+            "send {} of {} failed: {}".format(
+                sent.clientMsgId, sent.sender, failure.getErrorMessage()))))
+
+    def _checkDone(self):
+        if self.acked == self.total and self._crashing is None and not self._done.called:
+            self._done.callback(self.acked)
+
+    def _injectFaults(self):
+        if self.rng.random() < 1.0 / DROP_INTERVAL:
+            self.dropOne()
+        crashes = len(self.downtimes)
+        if (
+            self._crashing is None
+            and crashes < len(KILL_AT)
+            and self.acked >= KILL_AT[crashes] * self.total
+        ):
+            self._crashing = self.gate.crash()
+            self._crashing.addCallbacks(self._restarted, self._fail)
+
+    def _restarted(self, downtime):
+        self._crashing = None
+        self.downtimes.append(downtime)
+        self._checkDone()
+
+    def dropOne(self):
+        """
+        Abort the connection of a random connected client, if there is one.
+        """
+        connected = [
+            client.protocol for uid, client in sorted(self.clients.items())
+            if client.protocol is not None and client.protocol not in self._aborted
+        ]
+        if connected:
+            protocol = self.rng.choice(connected)
+            self._aborted.add(protocol)
+            protocol.transport.abortConnection()
+            self.drops += 1
+
+    @inlineCallbacks
+    def head(self, uid):
+        """
+        Ask the server (through the client of C{uid}) for the inbox head of
+        C{uid}, again on a new connection if the connection drops meanwhile.
+
+        @return: a L{Deferred} firing with the head seq.
+        """
+        client = self.clients[uid]
+        while True:
+            protocol = yield client.whenConnected()
+            try:
+                response = yield protocol.sync(afterSeq=client.lastSeq, limit=1)
+            except RequestTimeout:
+                continue
+            except (ConnectionClosed, ConnectionClosedByPeer):
+                # The request fails while the connection is being closed,
+                # before the client lets go of it: wait for the close to
+                # finish, or whenConnected hands out the same protocol again
+                # (and this loop would spin without yielding).
+                yield protocol.whenClosed()
+                continue
+            return response.head_seq
+
+    def describe(self):
+        """
+        The state of every client, for a failure message.
+        """
+        lines = ["acked {} of {}; server crashes {} (one in progress: {})".format(
+            self.acked, self.total, len(self.downtimes), self._crashing is not None)]
+        for uid, client in sorted(self.clients.items()):
+            lines.append("{}: sent {}/{}, pending {}, lastSeq {}, connected {}".format(
+                uid, self._sentCount[uid], self._quota[uid], client.pendingCount(),
+                client.lastSeq, client.protocol is not None))
+        return "\n".join(lines)
+
+
+class CrashTests(TestCase):
+    """
+    Exactly-once, in-order delivery across socket drops and server crashes.
+    """
+
+    timeout = TEST_TIMEOUT * max(1.0, _SCALE)
+
+    @inlineCallbacks
+    def test_crash(self):
+        """
+        L{MESSAGES} messages among L{USERS} users, with client sockets
+        aborted about every L{DROP_INTERVAL} acks and the server killed
+        with SIGKILL and restarted at L{KILL_AT}: none acknowledged is lost,
+        none delivered was not sent, none is delivered twice, every inbox
+        stream is in order with no gap.
+        """
+        started = time.monotonic()
+        seed = int(os.environ.get("IMSERVER_CRASH_SEED") or random.randrange(2 ** 32))
+        rng = random.Random(seed)
+        dataDir = FilePath(self.mktemp())
+        dataDir.makedirs()
+        gate = Gate(dataDir)
+        self.addCleanup(gate.stop)
+        users = ["user{}".format(i) for i in range(USERS)]
+        history = History(users)
+        workload = Workload(gate, history, rng, users, MESSAGES)
+        self.addCleanup(workload.stop)
+
+        port = yield gate.start()
+        workload.connect(port, gate.secret())
+        problems = []
+        try:
+            yield _withDeadline(workload.run(), ACK_DEADLINE * max(1.0, _SCALE),
+                                "every send acknowledged")
+        except Exception as e:
+            problems.append(str(e))
+        # Once every send is acknowledged nothing changes the inboxes: wait
+        # until each client has been handed its inbox up to the head.  The
+        # counts are taken and printed even if this (or the sending) failed.
+        heads = {}
+
+        @inlineCallbacks
+        def catchUp(uid):
+            heads[uid] = yield workload.head(uid)
+            yield history.whenDelivered(uid, heads[uid])
+
+        results = yield DeferredList([
+            _withDeadline(catchUp(uid), CATCH_UP_DEADLINE,
+                          "the catch-up of " + uid)
+            for uid in users
+        ], consumeErrors=True)
+        problems.extend(
+            "{} (head {}, delivered up to {})".format(
+                result.getErrorMessage(), heads.get(uid), workload.clients[uid].lastSeq)
+            for uid, (ok, result) in zip(users, results) if not ok
+        )
+
+        counts = history.check(heads)
+        print(
+            "\ncrash test: sent={c.sent} acked={c.acked} delivered={c.delivered}"
+            " lost={c.lost} unexpected={c.unexpected} duplicates={c.duplicates}"
+            " reordered={c.reordered} server_kills={kills} socket_drops={drops}"
+            " seconds={seconds:.1f} gaps={c.gaps} resent_after_store={resent}"
+            " downtime={downtime} seed={seed}".format(
+                c=counts, kills=gate.kills, drops=workload.drops, resent=workload.resent,
+                downtime="+".join("{:.1f}".format(t) for t in workload.downtimes),
+                seconds=time.monotonic() - started, seed=seed,
+            )
+        )
+        output = gate.output()
+        if problems:
+            self.fail("{}\nseed {}, heads {}\n{}\n{}\n{}".format(
+                "\n".join(problems), seed, heads, workload.describe(),
+                "\n".join(counts.details), output[-20000:]))
+        self.assertEqual(
+            (counts.lost, counts.unexpected, counts.duplicates, counts.reordered,
+             counts.gaps),
+            (0, 0, 0, 0, 0),
+            "violations (lost, unexpected, duplicates, reordered, gaps), seed {}:\n{}"
+            .format(seed, "\n".join(counts.details)),
+        )
+        self.assertEqual((counts.sent, counts.acked, counts.delivered),
+                         (MESSAGES, MESSAGES, MESSAGES))
+        self.assertEqual(gate.kills, len(KILL_AT))
+        self.assertEqual(
+            len([run for run in gate.runs if run.port is not None]), len(KILL_AT) + 1)
+        self.assertGreater(workload.drops, 0)
+        self.assertEqual(_tracebacks(output), [], "the gate logged errors")
+
+
+def _tracebacks(output, context=15):
+    """
+    The lines around each C{Traceback} in C{output}.
+    """
+    lines = output.splitlines()
+    return [
+        "\n".join(lines[max(0, i - 2):i + context])
+        for i, line in enumerate(lines)
+        if "Traceback" in line
+    ]
+
+
+def _entry(seq, messageId, sender, recipient, counter, outgoing=False, body=None):
+    """
+    An inbox entry as the server would deliver message C{counter} of
+    C{sender} to C{recipient}.
+    """
+    clientMsgId = "{}-{}".format(sender, counter)
+    if body is None:
+        body = "{}:{}:{}".format(sender, counter, clientMsgId).encode("ascii")
+    return pb.InboxEntry(seq=seq, outgoing=outgoing, message=pb.Message(
+        id=messageId, sender=sender, recipient=recipient, body=body,
+        client_msg_id=clientMsgId))
+
+
+class HistoryCheckTests(SynchronousTestCase):
+    """
+    L{History.check} finds each kind of violation in a small history of
+    two messages from alice to bob (ids 1 and 2, alice's seqs 1 and 2,
+    bob's seqs 1 and 2).
+    """
+
+    def history(self, floorIds=(0, 0)):
+        """
+        A history with both messages sent and acknowledged, nothing
+        delivered yet.
+        """
+        history = History(["alice", "bob"])
+        for counter, floorId in zip((1, 2), floorIds):
+            clientMsgId = "alice-{}".format(counter)
+            history.recordSend(Sent(
+                sender="alice", to="bob", counter=counter, clientMsgId=clientMsgId,
+                body="alice:{}:{}".format(counter, clientMsgId).encode("ascii"),
+                floorId=floorId,
+                response=pb.SendResponse(message_id=counter, seq=counter)))
+        return history
+
+    def deliver(self, history, bob, alice=None):
+        """
+        Record C{bob}'s stream and C{alice}'s (default: her two outgoing
+        copies in order).
+        """
+        if alice is None:
+            alice = [_entry(1, 1, "alice", "bob", 1, True),
+                     _entry(2, 2, "alice", "bob", 2, True)]
+        for entry in alice:
+            history.recordDelivery("alice", entry)
+        for entry in bob:
+            history.recordDelivery("bob", entry)
+
+    def assertCounts(self, counts, **expected):
+        """
+        Assert the violation counts: those named in C{expected}, the others
+        zero.
+        """
+        kinds = ("lost", "unexpected", "duplicates", "reordered", "gaps")
+        self.assertEqual(
+            {kind: getattr(counts, kind) for kind in kinds},
+            {kind: expected.get(kind, 0) for kind in kinds},
+            counts.details,
+        )
+
+    def test_clean(self):
+        """
+        A complete, ordered history has no violation.
+        """
+        history = self.history()
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
+                               _entry(2, 2, "alice", "bob", 2)])
+        counts = history.check({"alice": 2, "bob": 2})
+        self.assertCounts(counts)
+        self.assertEqual((counts.sent, counts.acked, counts.delivered), (2, 2, 2))
+
+    def test_lost(self):
+        """
+        An acknowledged message missing from the recipient's stream is lost
+        (and its seq a gap when the head covers it).
+        """
+        history = self.history()
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1)])
+        self.assertCounts(history.check({"alice": 2, "bob": 2}), lost=1, gaps=1)
+
+    def test_lostOutgoing(self):
+        """
+        An acknowledged message missing from its sender's stream is lost.
+        """
+        history = self.history()
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
+                               _entry(2, 2, "alice", "bob", 2)],
+                     [_entry(1, 1, "alice", "bob", 1, True)])
+        self.assertCounts(history.check({"alice": 1, "bob": 2}), lost=1)
+
+    def test_unexpected(self):
+        """
+        An entry never sent, or not as sent, is unexpected.
+        """
+        history = self.history()
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
+                               _entry(2, 2, "alice", "bob", 2),
+                               _entry(3, 3, "alice", "bob", 3),
+                               _entry(4, 4, "carol", "bob", 1),
+                               _entry(5, 5, "alice", "bob", 1, body=b"forged")])
+        # The forged body reuses alice-1, already delivered as id 1: that
+        # is a second message for one client_msg_id, a duplicate.
+        self.assertCounts(history.check({"alice": 2, "bob": 5}),
+                          unexpected=2, duplicates=1)
+
+    def test_duplicateId(self):
+        """
+        One message id delivered at two seqs is a duplicate.
+        """
+        history = self.history()
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
+                               _entry(2, 2, "alice", "bob", 2),
+                               _entry(3, 2, "alice", "bob", 2)])
+        self.assertCounts(history.check({"alice": 2, "bob": 3}),
+                          duplicates=1, reordered=1)
+
+    def test_storedTwice(self):
+        """
+        One client_msg_id stored as a second message is a duplicate.
+        """
+        history = self.history()
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
+                               _entry(2, 2, "alice", "bob", 2),
+                               _entry(3, 3, "alice", "bob", 2)])
+        self.assertCounts(history.check({"alice": 2, "bob": 3}), duplicates=1)
+
+    def test_seqOrder(self):
+        """
+        A stream whose seqs go back is reordered.
+        """
+        history = self.history()
+        self.deliver(history, [_entry(2, 2, "alice", "bob", 2),
+                               _entry(1, 1, "alice", "bob", 1)])
+        self.assertCounts(history.check({"alice": 2, "bob": 2}), reordered=1)
+
+    def test_idOrder(self):
+        """
+        A stream whose message ids go back while its seqs go up is not in
+        the server's acceptance order.
+        """
+        history = self.history()
+        self.deliver(history, [_entry(1, 2, "alice", "bob", 2),
+                               _entry(2, 1, "alice", "bob", 1)])
+        self.assertCounts(history.check({"alice": 2, "bob": 2}), reordered=1)
+
+    def test_ackedSeq(self):
+        """
+        A message delivered to its sender at another seq than the ack said
+        is reordered.
+        """
+        history = self.history()
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
+                               _entry(2, 2, "alice", "bob", 2)],
+                     [_entry(1, 1, "alice", "bob", 1, True),
+                      _entry(3, 2, "alice", "bob", 2, True)])
+        self.assertCounts(history.check({"alice": 3, "bob": 2}), reordered=1, gaps=1)
+
+    def test_causalOrder(self):
+        """
+        A message given an id below one acknowledged before it was sent is
+        reordered.
+        """
+        history = self.history(floorIds=(0, 5))
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
+                               _entry(2, 2, "alice", "bob", 2)])
+        self.assertCounts(history.check({"alice": 2, "bob": 2}), reordered=1)
+
+    def test_gapBeyondHead(self):
+        """
+        A seq beyond the head the server reports is a gap too.
+        """
+        history = self.history()
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
+                               _entry(2, 2, "alice", "bob", 2)])
+        self.assertCounts(history.check({"alice": 2, "bob": 1}), gaps=1)
+
+    def test_whenDelivered(self):
+        """
+        L{History.whenDelivered} fires once the stream reaches the seq; at
+        once if it has.
+        """
+        history = self.history()
+        d = history.whenDelivered("bob", 2)
+        history.recordDelivery("bob", _entry(1, 1, "alice", "bob", 1))
+        self.assertNoResult(d)
+        history.recordDelivery("bob", _entry(2, 2, "alice", "bob", 2))
+        self.assertEqual(self.successResultOf(d), 2)
+        self.assertEqual(self.successResultOf(history.whenDelivered("bob", 1)), 1)
+        self.assertEqual(self.successResultOf(history.whenDelivered("alice", 0)), 0)
