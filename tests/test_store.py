@@ -366,3 +366,23 @@ class BatchedDeliveryTests(SynchronousTestCase):
             db.close()
         self.assertEqual(outcomes[0], outcomes[1])
         self.assertEqual([o[2] for o in outcomes[1]], [False, False, True, False, True])
+
+
+class QueryPlanTests(SynchronousTestCase):
+    """
+    The batched lookups use the primary keys: a full scan would make every
+    batch cost time proportional to the table.
+    """
+
+    def test_dedupLookupUsesPrimaryKey(self):
+        """
+        The dedup lookup searches C{dedup} by its primary key.
+        """
+        from imserver.store.sqlite import dedupLookup, openDatabase
+
+        db = openDatabase(":memory:")
+        plan = " | ".join(row[3] for row in db.execute(
+            "EXPLAIN QUERY PLAN " + dedupLookup(3), ["a", "1", "b", "2", "c", "3"]))
+        self.assertIn("USING PRIMARY KEY", plan)
+        self.assertNotIn("SCAN d", plan)
+        self.assertNotIn("SCAN dedup", plan)

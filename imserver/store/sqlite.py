@@ -75,6 +75,18 @@ MIN_SQLITE = (3, 24, 0)
 MAX_BATCH = 2000
 
 
+def dedupLookup(count):
+    """
+    SQL finding C{count} (sender, client_msg_id) keys in C{dedup}.  A join
+    against the keys, because C{(a, b) IN (VALUES ...)} scans the table.
+    """
+    return (
+        "WITH k(s, c) AS (VALUES {}) SELECT d.sender, d.client_msg_id,"
+        " d.message_id, d.sender_seq, d.created_ms FROM k JOIN dedup d"
+        " ON d.sender = k.s AND d.client_msg_id = k.c".format(",".join(["(?, ?)"] * count))
+    )
+
+
 def _chunks(values, size):
     for start in range(0, len(values), size):
         yield values[start : start + size]
@@ -144,13 +156,7 @@ class _Operations:
         keys = list({(item[0], item[1]) for item in items})
         seen = {}
         for chunk in _chunks(keys, 400):
-            rows = db.execute(
-                "SELECT sender, client_msg_id, message_id, sender_seq, created_ms"
-                " FROM dedup WHERE (sender, client_msg_id) IN (VALUES {})".format(
-                    ",".join(["(?, ?)"] * len(chunk))
-                ),
-                [value for key in chunk for value in key],
-            ).fetchall()
+            rows = db.execute(dedupLookup(len(chunk)), [v for key in chunk for v in key]).fetchall()
             for sender, clientMsgId, messageId, senderSeq, createdMs in rows:
                 seen[(sender, clientMsgId)] = (messageId, senderSeq, createdMs)
         uids = list({uid for item in items for uid in uniqueRecipients(item[0], item[3])})
