@@ -18,21 +18,19 @@ C{--duration} and stops by itself.
 
 import json
 import os
-import re
 import shutil
-import socket
 import struct
 import sys
 import tempfile
 import time
 
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
+from imserver.spawn import spawnTwistd
+
 _stamp = struct.Struct("!d")
-_LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
 
 
 class P2POptions(usage.Options):
@@ -66,36 +64,6 @@ class Options(usage.Options):
     def postOptions(self):
         if self.subCommand is None:
             raise usage.UsageError("name a scenario: p2p")
-
-
-class _ServerProcess(ProcessProtocol):
-    """
-    A C{twistd im} child; fires C{listening} with its port.
-    """
-
-    def __init__(self):
-        self.listening = Deferred()
-        self.ended = Deferred()
-        self.output = b""
-        self.pid = None
-
-    def connectionMade(self):
-        self.pid = self.transport.pid
-
-    def outReceived(self, data):
-        self.output += data
-        if not self.listening.called:
-            match = _LISTENING.search(self.output)
-            if match:
-                self.listening.callback(int(match.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(
-                "server exited before listening:\n" + self.output.decode(errors="replace")))
-        self.ended.callback(None)
 
 
 def _cpuSeconds(pid):
@@ -142,18 +110,12 @@ class P2PRun:
 
     def spawnServer(self, dataDir):
         o = self.options
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=", "im", "--data-dir", dataDir,
-                "--store", o["store"], "--max-unacked", "1000"]
+        imArgs = ["--data-dir", dataDir, "--store", o["store"], "--max-unacked", "1000"]
         if o["transport"] == "tls":
-            argv += ["--listen", "ssl:0:interface=127.0.0.1"]
+            imArgs += ["--listen", "ssl:0:interface=127.0.0.1"]
         else:
-            argv += ["--listen", "tcp:0:interface=127.0.0.1"]
-        if o["server-cpu"] != "" and shutil.which("taskset"):
-            argv = [shutil.which("taskset"), "-c", o["server-cpu"]] + argv
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.server = _ServerProcess()
-        self.reactor.spawnProcess(self.server, argv[0], argv, env=env)
+            imArgs += ["--listen", "tcp:0:interface=127.0.0.1"]
+        self.server = spawnTwistd(self.reactor, imArgs, cpu=o["server-cpu"])
         return self.server.listening
 
     @inlineCallbacks

@@ -7,7 +7,6 @@ are checked without a reactor; one live test runs two chat processes
 against an in-process gate on loopback TLS.
 """
 
-import os
 import sys
 import time
 from io import StringIO
@@ -15,7 +14,7 @@ from io import StringIO
 from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
-from twisted.internet.error import ConnectionDone, ProcessExitedAlready
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
@@ -24,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imserver import tap
 from imserver.__main__ import main
-from imserver.auth import SECRET_ENV, verifyToken
+from imserver.auth import verifyToken
 from imserver.chat import (
     ChatOptions,
     ChatSession,
@@ -39,20 +38,13 @@ from imserver.chat import (
 )
 from imserver.errors import RemoteError
 from imserver.pb import im_pb2 as pb
+from imserver.spawn import childEnvironment
 from imserver.tls import CERT_FILE_NAME
+
+from tests.support import killAtCleanup, withoutSecretEnvironment
 
 #: 2023-11-14 22:13:20 UTC, in milliseconds.
 CREATED_MS = 1700000000000
-
-
-def _withoutSecretEnvironment(testCase):
-    """
-    Remove C{$IMSERVER_SECRET} from the environment for the duration of
-    C{testCase}, so the secret comes from the data directory.
-    """
-    saved = os.environ.pop(SECRET_ENV, None)
-    if saved is not None:
-        testCase.addCleanup(os.environ.__setitem__, SECRET_ENV, saved)
 
 
 class FakeProtocol:
@@ -590,7 +582,7 @@ class OptionsTests(SynchronousTestCase):
     """
 
     def setUp(self):
-        _withoutSecretEnvironment(self)
+        withoutSecretEnvironment(self)
         self.dataDir = FilePath(self.mktemp())
         self.dataDir.makedirs()
         self.stderr = StringIO()
@@ -787,7 +779,7 @@ class LiveChatTests(TestCase):
     timeout = 60
 
     def setUp(self):
-        _withoutSecretEnvironment(self)
+        withoutSecretEnvironment(self)
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
         options.parseOptions(["--data-dir", self.dataDir.path, "--store", "memory",
@@ -809,23 +801,12 @@ class LiveChatTests(TestCase):
         @return: the L{ChatProcess}.
         """
         process = ChatProcess(uid)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        env = childEnvironment()
         argv = [sys.executable, "-m", "imserver", "chat", "--uid", uid, "--to", peer,
                 "--port", str(self.port), "--data-dir", self.dataDir.path]
         transport = reactor.spawnProcess(process, sys.executable, argv, env=env)
         process.transport = transport
-
-        def kill():
-            if process.ended.called:
-                return None
-            try:
-                transport.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass
-            return process.ended
-
-        self.addCleanup(kill)
+        killAtCleanup(self, process, transport)
         return process
 
     @inlineCallbacks

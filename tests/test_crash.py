@@ -30,9 +30,7 @@ live run is not reproducible).  Everything listens and connects on
 
 import os
 import random
-import re
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -42,22 +40,23 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     TimeoutError,
-    fail,
     gatherResults,
     inlineCallbacks,
     succeed,
 )
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionClosed, ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from imserver.auth import SECRET_ENV, loadSecret, mintToken
+from imserver.auth import loadSecret, mintToken
 from imserver.client import IMClient
 from imserver.errors import ConnectionClosedByPeer, RequestTimeout
 from imserver.pb import im_pb2 as pb
+from imserver.spawn import NotListening, spawnTwistd
+
+from tests.support import serverEnvironment
 
 #: Users exchanging messages (each one client, one device).
 USERS = 6
@@ -92,18 +91,6 @@ MAX_DETAILS = 20
 _SCALE = MESSAGES / 10000.0
 
 
-def _serverEnvironment():
-    """
-    The environment for the gate: ours, without C{$IMSERVER_SECRET} (so the
-    secret is the data directory's), with our C{sys.path} so the subprocess
-    finds imserver and its twistd plugin.
-    """
-    env = dict(os.environ)
-    env.pop(SECRET_ENV, None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    return env
-
-
 def _freePort():
     """
     A TCP port on 127.0.0.1 that was free a moment ago (the OS's choice).
@@ -129,126 +116,20 @@ def _withDeadline(d, seconds, what):
     return d.addTimeout(seconds, reactor).addErrback(timedOut)
 
 
-class ServerProcess(ProcessProtocol):
-    """
-    One run of C{twistd im}: collects its output and tells when it listens
-    and when it has ended.
-
-    @ivar output: everything it wrote to stdout and stderr.
-    @ivar port: the port of the first C{127.0.0.1} listener it logged, or
-        L{None}.
-    @ivar reason: the exception it ended with, or L{None} while it runs.
-    """
-
-    _listening = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
-
-    def __init__(self):
-        self.output = b""
-        self.port = None
-        self.reason = None
-        self._listeningWaiters = []
-        self._endedWaiters = []
-
-    def whenListening(self):
-        """
-        @return: a L{Deferred} firing with L{port} once it is known, or
-            failing with L{ServerDidNotStart} if the process ends first.
-        """
-        if self.port is not None:
-            return succeed(self.port)
-        if self.reason is not None:
-            return fail(ServerDidNotStart(self.reason, self.text()))
-        return _waiter(self._listeningWaiters)
-
-    def whenEnded(self):
-        """
-        @return: a L{Deferred} firing with L{reason} once the process ended.
-        """
-        if self.reason is not None:
-            return succeed(self.reason)
-        return _waiter(self._endedWaiters)
-
-    def text(self):
-        """
-        The output, decoded.
-        """
-        return self.output.decode("utf-8", "replace")
-
-    def outReceived(self, data):
-        """
-        Collect stdout (where twistd -n logs).
-        """
-        self._received(data)
-
-    def errReceived(self, data):
-        """
-        Collect stderr.
-        """
-        self._received(data)
-
-    def _received(self, data):
-        self.output += data
-        if self.port is None:
-            match = self._listening.search(self.output)
-            if match is not None:
-                self.port = int(match.group(1))
-                waiters, self._listeningWaiters = self._listeningWaiters, []
-                for d in waiters:
-                    d.callback(self.port)
-
-    def processEnded(self, reason):
-        """
-        Wake those waiting for the end, and fail those still waiting for
-        the listening port.
-        """
-        self.reason = reason.value
-        waiters, self._listeningWaiters = self._listeningWaiters, []
-        for d in waiters:
-            d.errback(ServerDidNotStart(self.reason, self.text()))
-        waiters, self._endedWaiters = self._endedWaiters, []
-        for d in waiters:
-            d.callback(self.reason)
-
-
-def _waiter(waiters):
-    """
-    Append a new L{Deferred} to the list C{waiters}; cancelling it removes
-    it from there.
-    """
-
-    def cancel(d):
-        if d in waiters:
-            waiters.remove(d)
-
-    d = Deferred(cancel)
-    waiters.append(d)
-    return d
-
-
-class ServerDidNotStart(Exception):
-    """
-    C{twistd im} ended before it listened.
-    """
-
-    def __init__(self, reason, output):
-        Exception.__init__(self, "twistd ended before listening ({}):\n{}".format(
-            reason, output))
-        self.portTaken = "Address already in use" in output
-
-
 class Gate:
     """
     A C{twistd im} gate on SQLite in one data directory, on one loopback TCP
     port across restarts.
 
     @ivar port: the port, chosen at the first L{start}.
-    @ivar runs: a L{ServerProcess} per start, the last one current.
+    @ivar runs: a L{imserver.spawn.TwistdProcess} per start, the last one
+        current.
     @ivar kills: how often it was killed with SIGKILL.
     """
 
     def __init__(self, dataDir):
         self.dataDir = dataDir
-        self.env = _serverEnvironment()
+        self.env = serverEnvironment()
         self.port = None
         self.runs = []
         self.kills = 0
@@ -268,29 +149,25 @@ class Gate:
             process = self._spawn(port)
             try:
                 listening = yield _withDeadline(
-                    process.whenListening(), START_DEADLINE, "the gate listening"
+                    process.listening, START_DEADLINE, "the gate listening"
                 )
-            except ServerDidNotStart as e:
-                if not e.portTaken or attempt == START_ATTEMPTS - 1:
+            except NotListening as e:
+                portTaken = "Address already in use" in e.output
+                if not portTaken or attempt == START_ATTEMPTS - 1:
                     raise
                 continue
             self.port = listening
             return listening
 
     def _spawn(self, port):
-        process = ServerProcess()
-        argv = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile=",
-            "im", "--data-dir", self.dataDir.path,
+        process = spawnTwistd(reactor, [
+            "--data-dir", self.dataDir.path,
             "--listen", "tcp:{}:interface=127.0.0.1".format(port),
             "--store", "sqlite",
             "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
             "--idle-timeout", str(IDLE_TIMEOUT),
-        ]
-        self._transport = reactor.spawnProcess(
-            process, sys.executable, argv, env=self.env, path=self.dataDir.path
-        )
+        ], path=self.dataDir.path, env=self.env)
+        self._transport = process.transport
         self.runs.append(process)
         return process
 

@@ -8,10 +8,7 @@ chosen by the OS.  Every test waits for both ends of every connection to be
 closed before it finishes.
 """
 
-import os
-import re
 import signal
-import sys
 import time
 
 from OpenSSL import SSL
@@ -19,41 +16,26 @@ from service_identity import VerificationError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.endpoints import connectProtocol
-from twisted.internet.error import (
-    ConnectionDone,
-    ConnectionRefusedError,
-    ProcessExitedAlready,
-    ProcessTerminated,
-)
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError, ProcessTerminated
 from twisted.internet.ssl import Certificate
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from imserver import tap
-from imserver.auth import SECRET_ENV, loadSecret, mintToken
+from imserver.auth import loadSecret, mintToken
 from imserver.client import ClientProtocol, clientEndpoint, connect
 from imserver.errors import ConnectionClosedByPeer, RemoteError
 from imserver.pb import im_pb2 as pb
 from imserver.protocol import AUTHENTICATED
+from imserver.spawn import spawnTwistd
 from imserver.tls import CERT_FILE_NAME, makeSelfSigned
+
+from tests.support import killAtCleanup, serverEnvironment, withoutSecretEnvironment
 
 LISTEN = "ssl:0:interface=127.0.0.1"
 
 #: Seconds a server clock may differ from ours in a loopback test.
 CLOCK_SLACK = 5.0
-
-
-def _serverEnvironment():
-    """
-    The environment for a gate under test: ours, without C{$IMSERVER_SECRET}
-    (so the secret is the data directory's), with our C{sys.path} so a
-    subprocess finds imserver and its twistd plugin wherever it runs.
-    """
-    env = dict(os.environ)
-    env.pop(SECRET_ENV, None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    return env
 
 
 def _assertNear(testCase, serverTimeMs, now):
@@ -139,10 +121,8 @@ class InProcessGateTests(TestCase):
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
         options.parseOptions(["--data-dir", self.dataDir.path, "--listen", LISTEN])
-        env = _serverEnvironment()
-        saved = os.environ.pop(SECRET_ENV, None)
-        if saved is not None:
-            self.addCleanup(os.environ.__setitem__, SECRET_ENV, saved)
+        env = serverEnvironment()
+        withoutSecretEnvironment(self)
         self.root = root = tap.makeService(options, reactor)
         root.startService()
         self.addCleanup(lambda: root.stopService() if root.running else None)
@@ -396,58 +376,6 @@ class InProcessGateTests(TestCase):
         yield self.closeAll(laptop, phone)
 
 
-class TwistdProcess(ProcessProtocol):
-    """
-    Collects the output of a C{twistd im} subprocess.
-
-    @ivar output: everything written to stdout and stderr so far.
-    @ivar listening: fires with the port of the first C{127.0.0.1}
-        listener logged, or fails if the process ends first.
-    @ivar ended: fires with the exception the process ended with
-        (L{ProcessDone} or L{ProcessTerminated}).
-    """
-
-    _listening = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
-
-    def __init__(self):
-        self.output = b""
-        self.listening = Deferred()
-        self.ended = Deferred()
-
-    def outReceived(self, data):
-        """
-        Collect stdout (where twistd -n logs).
-        """
-        self._received(data)
-
-    def errReceived(self, data):
-        """
-        Collect stderr.
-        """
-        self._received(data)
-
-    def _received(self, data):
-        self.output += data
-        if not self.listening.called:
-            match = self._listening.search(self.output)
-            if match is not None:
-                self.listening.callback(int(match.group(1)))
-
-    def processEnded(self, reason):
-        """
-        Fire L{ended}; fail L{listening} if it has not fired.
-        """
-        if not self.listening.called:
-            self.listening.errback(
-                RuntimeError(
-                    "twistd ended before listening ({}):\n{}".format(
-                        reason.value, self.output.decode("utf-8", "replace")
-                    )
-                )
-            )
-        self.ended.callback(reason.value)
-
-
 class TwistdTests(TestCase):
     """
     C{twistd -n im} as a subprocess, as an operator runs it.
@@ -460,29 +388,14 @@ class TwistdTests(TestCase):
         Start C{twistd --nodaemon im} listening on an OS-chosen loopback TLS
         port; kill it at cleanup if it is still running.
 
-        @return: the L{TwistdProcess}.
+        @return: the L{imserver.spawn.TwistdProcess} and its transport.
         """
-        process = TwistdProcess()
-        argv = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile=",
-            "im", "--data-dir", dataDir.path, "--listen", LISTEN,
-        ]
-        transport = reactor.spawnProcess(
-            process, sys.executable, argv, env=env, path=dataDir.parent().path
+        process = spawnTwistd(
+            reactor, ["--data-dir", dataDir.path, "--listen", LISTEN],
+            path=dataDir.parent().path, env=env,
         )
-
-        def kill():
-            if process.ended.called:
-                return None
-            try:
-                transport.signalProcess("KILL")
-            except ProcessExitedAlready:
-                pass
-            return process.ended
-
-        self.addCleanup(kill)
-        return process, transport
+        killAtCleanup(self, process, process.transport)
+        return process, process.transport
 
     @inlineCallbacks
     def test_serveAndTerminate(self):
@@ -494,7 +407,7 @@ class TwistdTests(TestCase):
         """
         dataDir = FilePath(self.mktemp())
         dataDir.makedirs()
-        env = _serverEnvironment()
+        env = serverEnvironment()
         process, transport = self.spawnTwistd(dataDir, env)
         port = yield process.listening
 

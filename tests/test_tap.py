@@ -23,11 +23,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imserver import tap
 from imserver.__main__ import main
-from imserver.auth import SECRET_ENV, SECRET_FILE_NAME, loadSecret, verifyToken
+from imserver.auth import SECRET_FILE_NAME, loadSecret, verifyToken
 from imserver.protocol import GateFactory
 from imserver.service import GateService, ListenerService
 from imserver.settings import Settings, optionName, settingFields
 from imserver.tls import CERT_FILE_NAME, KEY_FILE_NAME
+
+from tests.support import withoutSecretEnvironment
 
 SSL_LISTEN = "ssl:0:interface=127.0.0.1"
 TCP_LISTEN = "tcp:0:interface=127.0.0.1"
@@ -38,16 +40,6 @@ def _mode(path):
     The permission bits of the file at C{path} (a L{FilePath}).
     """
     return stat.S_IMODE(os.stat(path.path).st_mode)
-
-
-def _withoutSecretEnvironment(testCase):
-    """
-    Remove C{$IMSERVER_SECRET} from the environment for the duration of
-    C{testCase}, so the secret comes from the data directory.
-    """
-    saved = os.environ.pop(SECRET_ENV, None)
-    if saved is not None:
-        testCase.addCleanup(os.environ.__setitem__, SECRET_ENV, saved)
 
 
 class PluginTests(SynchronousTestCase):
@@ -233,7 +225,7 @@ class MakeServiceTests(SynchronousTestCase):
         """
         self.dataDir = FilePath(self.mktemp())
         self.reactor = MemoryReactorClock()
-        _withoutSecretEnvironment(self)
+        withoutSecretEnvironment(self)
 
     def options(self, *listen, extra=()):
         """
@@ -468,7 +460,7 @@ class TokenCommandTests(SynchronousTestCase):
         No secret in the environment, stderr captured, a fresh data
         directory.
         """
-        _withoutSecretEnvironment(self)
+        withoutSecretEnvironment(self)
         self.stderr = StringIO()
         self.patch(sys, "stderr", self.stderr)
         self.dataDir = FilePath(self.mktemp())
@@ -573,7 +565,7 @@ class StoreChoiceTests(SynchronousTestCase):
     """
 
     def setUp(self):
-        _withoutSecretEnvironment(self)
+        withoutSecretEnvironment(self)
 
     def test_sqliteDefault(self):
         """
