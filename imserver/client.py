@@ -31,6 +31,7 @@ from twisted.python.filepath import FilePath
 
 from imserver import __version__, methods
 from imserver.errors import RemoteError, RequestTimeout
+from imserver.observe import OneShot
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCProtocol
 
@@ -57,8 +58,7 @@ class ClientProtocol(RPCProtocol):
         self._seconds = clock.seconds
         self._lastSent = 0.0
         self._heartbeat = None
-        self._closedWaiters = []
-        self._lostReason = None
+        self._closed = OneShot()
 
     #: Called with this protocol once connected, if set.
     onConnected = None
@@ -225,11 +225,7 @@ class ClientProtocol(RPCProtocol):
             close, L{imserver.errors.ConnectionClosedByPeer} after an ERROR
             frame).
         """
-        if self._lostReason is not None:
-            return succeed(self._lostReason)
-        d = Deferred()
-        self._closedWaiters.append(d)
-        return d
+        return self._closed.when()
 
     def connectionLost(self, reason):
         if self._heartbeat is not None:
@@ -238,10 +234,7 @@ class ClientProtocol(RPCProtocol):
         if self.onDisconnected is not None:
             self.onDisconnected(self)
         RPCProtocol.connectionLost(self, reason)
-        self._lostReason = self._peerError or reason.value
-        waiters, self._closedWaiters = self._closedWaiters, []
-        for d in waiters:
-            d.callback(self._lostReason)
+        self._closed.fire(self._peerError or reason.value)
 
 
 def clientEndpoint(reactor, host, port, tls=True, caFile=None, trustRoot=None,
@@ -371,8 +364,8 @@ class IMClient:
         self.stopReason = None
         self._token = token
         self._pending = collections.OrderedDict()
-        self._stopWaiters = []
-        self._connectWaiters = []
+        self._stopped = OneShot()
+        self._nextConnection = OneShot()
         if endpoint is None:
             endpoint = clientEndpoint(
                 reactor, host, port, tls, caFile, trustRoot, hostname, requestTimeout
@@ -412,20 +405,14 @@ class IMClient:
         """
         if self.protocol is not None:
             return succeed(self.protocol)
-        d = Deferred()
-        self._connectWaiters.append(d)
-        return d
+        return self._nextConnection.when()
 
     def whenStopped(self):
         """
         @return: a L{Deferred} firing with the reason when this client gives
             up by itself (token refused, kicked).
         """
-        if self.stopReason is not None:
-            return succeed(self.stopReason)
-        d = Deferred()
-        self._stopWaiters.append(d)
-        return d
+        return self._stopped.when()
 
     def _giveUp(self, reason):
         if self.stopReason is not None:
@@ -434,9 +421,7 @@ class IMClient:
         self.log.warn("{uid}/{device} stops reconnecting: {reason}",
                       uid=self.uid, device=self.deviceId, reason=reason)
         self._service.stopService()
-        waiters, self._stopWaiters = self._stopWaiters, []
-        for d in waiters:
-            d.callback(reason)
+        self._stopped.fire(reason)
 
     def _connected(self, protocol):
         """
@@ -468,9 +453,8 @@ class IMClient:
         self._authFailures = 0
         for clientMsgId in list(self._pending):
             self._transmit(clientMsgId)
-        waiters, self._connectWaiters = self._connectWaiters, []
-        for d in waiters:
-            d.callback(protocol)
+        connected, self._nextConnection = self._nextConnection, OneShot()
+        connected.fire(protocol)
 
     def _authFailed(self, failure, protocol):
         if failure.check(RemoteError) and failure.value.code in _FINAL_AUTH_ERRORS:

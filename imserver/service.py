@@ -4,10 +4,12 @@ C{twisted.application} services that make up a gate process.
 """
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import gatherResults, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from imserver.observe import OneShot
 
 
 class ListenerService(Service):
@@ -28,18 +30,18 @@ class ListenerService(Service):
         self.endpoint = endpoint
         self.factory = factory
         self.port = None
-        self._result = None
-        self._waiters = []
+        self._listening = OneShot()
 
     def startService(self):
         Service.startService(self)
-        self._result = None
+        if self._listening.fired:
+            # Started again after a stop: wait for the new port.
+            self._listening = OneShot()
         self.endpoint.listen(self.factory).addBoth(self._listenDone)
-        if isinstance(self._result, Failure):
-            self._result.raiseException()
+        if isinstance(self._listening.result, Failure):
+            self._listening.result.raiseException()
 
     def _listenDone(self, result):
-        self._result = result
         if isinstance(result, Failure):
             self.log.failure("{name} cannot listen", result, name=self.name)
         else:
@@ -49,22 +51,14 @@ class ListenerService(Service):
                 name=self.name,
                 address=_format(result.getHost()),
             )
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(result)
+        self._listening.fire(result)
 
     def whenListening(self):
         """
         @return: a L{Deferred} firing with the L{IListeningPort}, or failing
             with the reason listening failed.
         """
-        if isinstance(self._result, Failure):
-            return fail(self._result)
-        if self._result is not None:
-            return succeed(self._result)
-        d = Deferred()
-        self._waiters.append(d)
-        return d
+        return self._listening.when()
 
     def stopService(self):
         Service.stopService(self)
