@@ -589,3 +589,14 @@ class StoreChoiceTests(SynchronousTestCase):
         An unknown store is a usage error.
         """
         self.assertRaises(UsageError, tap.Options().parseOptions, ["--store", "mysql"])
+
+    def test_maxUnackedBounded(self):
+        """
+        C{--max-unacked} is sent to clients in a 32-bit field and bounded
+        well inside it.
+        """
+        options = tap.Options()
+        self.assertRaises(UsageError, options.parseOptions, ["--max-unacked", "1000001"])
+        options = tap.Options()
+        options.parseOptions(["--max-unacked", "1000000"])
+        self.assertEqual(options.settings.max_unacked, 1000000)
