@@ -36,7 +36,6 @@ class Messenger:
         self.registry = registry
         self.clock = clock
         self.settings = settings
-        self._dedupHits = 0
 
     def nowMs(self):
         return int(self.clock.seconds() * 1000)
@@ -78,9 +77,7 @@ class Messenger:
         return d
 
     def _delivered(self, delivery, sender):
-        if delivery.duplicate:
-            self._dedupHits += 1
-        else:
+        if not delivery.duplicate:
             self.publish(delivery)
         message = delivery.message
         return pb.SendResponse(

@@ -169,11 +169,6 @@ class GateProtocol(RPCProtocol):
             # The registry already holds this session in its place, so the
             # old one is kicked even if this connection closes right now.
             displaced.kick(pb.REPLACED, "the same device signed in again")
-        if self._closing:
-            # Closed (auth deadline, shutdown) while we were registering.
-            self._leaveRegistry()
-            self.state = NEW
-            return pb.AuthResponse()
         # Registered first, head read second: any entry committed after the
         # read is announced to this session (inboxAdvanced), so none is
         # missed between the two.
@@ -185,6 +180,8 @@ class GateProtocol(RPCProtocol):
 
     def _ready(self, head, request):
         if self._closing:
+            # Closed (auth deadline, shutdown) while registering or reading
+            # the head: leave no session behind.
             self._leaveRegistry()
             self.state = NEW
             return pb.AuthResponse()
