@@ -88,6 +88,15 @@ class Unavailable(RPCError):
     code = pb.UNAVAILABLE
 
 
+class NotMember(RPCError):
+    """
+    The group does not exist, or the user is not a member of it (one answer
+    for both, so a client learns nothing about groups it is not in).
+    """
+
+    code = pb.NOT_MEMBER
+
+
 class RemoteError(Exception):
     """
     The peer answered a request with an error response.

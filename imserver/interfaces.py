@@ -45,18 +45,28 @@ class ISession(Interface):
         @param message: detail for the client.
         """
 
-    def inboxAdvanced(entry):
+    def inboxAdvanced(seq, outgoing, push):
         """
         A new entry was committed to this session's user's inbox.  The
         session pushes it in seq order, after any backlog, within its
         unacknowledged window; or fetches it from the store later.
 
-        @type entry: L{imserver.pb.im_pb2.InboxEntry}
+        @param seq: the entry's seq in this user's inbox.
+        @param outgoing: whether the user sent it.
+        @type push: L{imserver.messaging.MessagePush} (shared by every
+            recipient: the message is serialized once)
         """
 
-    def typing(uid, active):
+    def typing(uid, active, groupId):
         """
-        Forward a transient typing signal from C{uid}.
+        Forward a transient typing signal from C{uid} (in C{groupId}, or
+        to this user directly if it is empty).
+        """
+
+    def notice(frame):
+        """
+        Write a system notice: C{frame} is the encoded C{notice} NOTIFY
+        frame, the same bytes for every session.
         """
 
 
@@ -93,6 +103,14 @@ class ISessionRegistry(Interface):
             registered for C{uid}, in no particular order.
         """
 
+    def sessionsForMany(uids):
+        """
+        One lookup for many users (a group message's recipients).
+
+        @return: a L{Deferred} firing with C{{uid: [ISession, ...]}} for the
+            uids in C{uids} that have sessions.
+        """
+
     def count():
         """
         @return: a L{Deferred} firing with the number of registered sessions.
@@ -115,12 +133,19 @@ class IMessageStore(Interface):
         Store C{message} once and append it to the inbox of every uid in
         C{recipients} and to the sender's own (marked outgoing), atomically.
 
+        A group message (C{message.group_id} set) goes to every member of
+        the group at commit time instead of C{recipients}, and only if the
+        sender is a member.  The system sender (C{""}, HTTP API pushes) has
+        no inbox of its own.
+
         Idempotent: if C{(sender, clientMsgId)} was delivered within the
         dedup window, nothing is stored and the original outcome returns.
 
         @param message: an L{imserver.pb.im_pb2.Message} template; the store
             sets C{id}, C{sender}, C{client_msg_id} and C{created_ms}.
-        @return: a L{Deferred} firing with an L{imserver.store.Delivery}.
+        @return: a L{Deferred} firing with an L{imserver.store.Delivery}, or
+            failing with L{imserver.errors.NotMember} (group message from a
+            non-member, or no such group).
         """
 
     def fetch(uid, afterSeq, limit):
@@ -159,4 +184,69 @@ class IMessageStore(Interface):
         within C{maxAgeMs} has not acknowledged is never removed.
 
         @return: a L{Deferred} firing with the number of entries removed.
+        """
+
+
+class IGroupStore(Interface):
+    """
+    Groups and their members, durable with the messages (the message
+    stores implement it too, so a group message's membership check and its
+    fan-out happen in one transaction).
+
+    Roles are L{imserver.pb.im_pb2.Role} values.  Every operation returns a
+    L{Deferred}.
+    """
+
+    def createGroup(groupId, name, owner, nowMs):
+        """
+        Create a group with C{owner} as its only member (role C{ROLE_OWNER}).
+
+        @return: a L{Deferred} firing with the new L{imserver.pb.im_pb2.Group}
+            (role: owner), or failing with L{imserver.store.GroupExists}.
+        """
+
+    def deleteGroup(groupId):
+        """
+        Delete a group and its memberships (messages already delivered stay
+        in the inboxes).
+
+        @return: a L{Deferred} firing with L{True}, or failing with
+            L{imserver.store.GroupNotFound}.
+        """
+
+    def setMembers(groupId, members, maxSize, nowMs):
+        """
+        Add members, or change the role of existing ones, all or nothing.
+
+        @param members: C{(uid, role)} pairs.
+        @param maxSize: the group may not grow beyond this many members.
+        @return: a L{Deferred} firing with the L{list} of uids that were
+            not members before, or failing with
+            L{imserver.store.GroupNotFound} or L{imserver.store.GroupFull}.
+        """
+
+    def removeMembers(groupId, uids):
+        """
+        @return: a L{Deferred} firing with the L{list} of uids that were
+            members and are not any more, or failing with
+            L{imserver.store.GroupNotFound}.
+        """
+
+    def group(groupId):
+        """
+        @return: a L{Deferred} firing with the L{imserver.pb.im_pb2.Group}
+            (role unset), or L{None} if there is no such group.
+        """
+
+    def members(groupId):
+        """
+        @return: a L{Deferred} firing with the group's
+            L{imserver.pb.im_pb2.Member}s ordered by uid, or failing with
+            L{imserver.store.GroupNotFound}.
+        """
+
+    def groupsOf(uid):
+        """
+        @return: a L{Deferred} firing with the L{imserver.pb.im_pb2.Group}s
+            C{uid} is a member of (role: C{uid}'s), ordered by group id.
         """

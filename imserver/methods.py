@@ -29,3 +29,15 @@ ACK = Notification("ack", pb.Ack)
 
 #: Both directions: transient typing signal, never stored.
 TYPING = Notification("typing", pb.Typing)
+
+#: Server -> client: a system notice (HTTP API broadcast), never stored.
+NOTICE = Notification("notice", pb.Notice)
+
+#: Client -> server: the groups the caller is a member of.
+GROUPS = Method("groups", pb.GroupsRequest, pb.GroupsResponse)
+
+#: Client -> server: the members of a group the caller is in.
+MEMBERS = Method("members", pb.MembersRequest, pb.MembersResponse)
+
+#: Client -> server: leave a group.
+LEAVE = Method("leave", pb.LeaveRequest, pb.LeaveResponse)

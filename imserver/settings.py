@@ -93,6 +93,13 @@ class Settings:
         1,
         1_000_000,
     )
+    max_group_size: int = _setting(
+        2000,
+        "Most members a group may have (each group message is written to every "
+        "member's inbox).",
+        1,
+        1_000_000,
+    )
     sync_page_size: int = _setting(
         100, "Inbox entries per fetch: replay pages and sync responses.", 1
     )

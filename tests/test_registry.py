@@ -61,6 +61,19 @@ class RegistryTestsMixin:
         self.assertEqual(self.result(self.registry.sessionsFor("carol")), [])
         self.assertEqual(self.result(self.registry.count()), 3)
 
+    def test_sessionsForMany(self):
+        """
+        One lookup for many uids returns the sessions of those that have
+        any.
+        """
+        a, b = FakeSession("alice", "phone"), FakeSession("alice", "laptop")
+        c = FakeSession("bob", "phone")
+        for session in (a, b, c, FakeSession("dave", "phone")):
+            self.result(self.registry.register(session))
+        found = self.result(self.registry.sessionsForMany(["alice", "bob", "carol"]))
+        self.assertEqual({uid: set(s) for uid, s in found.items()},
+                         {"alice": {a, b}, "bob": {c}})
+
     def test_displace(self):
         """
         Registering the same uid and device again returns the displaced

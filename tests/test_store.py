@@ -11,8 +11,10 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from imserver.interfaces import IMessageStore
+from imserver.errors import NotMember
+from imserver.interfaces import IGroupStore, IMessageStore
 from imserver.pb import im_pb2 as pb
+from imserver.store import SYSTEM, GroupExists, GroupFull, GroupNotFound
 from imserver.store.memory import MemoryMessageStore
 from imserver.store.sqlite import SQLiteMessageStore, StoreClosed
 
@@ -198,6 +200,182 @@ class StoreTestsMixin:
         self.send("alice", "m1", "a", now=T0)
         self.r(self.store.trim(T0 + 25 * HOUR, 48 * HOUR, 1000))
         self.assertFalse(self.send("alice", "m1", "a", now=T0 + 25 * HOUR).duplicate)
+
+
+    # -- groups ---------------------------------------------------------------
+
+    def group(self, groupId="g1", owner="alice", members=("bob", "carol")):
+        self.r(self.store.createGroup(groupId, "Group " + groupId, owner, T0))
+        self.r(self.store.setMembers(
+            groupId, [(uid, pb.ROLE_MEMBER) for uid in members], 100, T0))
+
+    def groupSend(self, sender, clientMsgId, body, groupId="g1", now=T0):
+        message = pb.Message(group_id=groupId, body=body.encode())
+        return self.store.deliver(sender, clientMsgId, message, [], now)
+
+    def test_groupInterface(self):
+        """
+        The store provides L{IGroupStore}.
+        """
+        verifyObject(IGroupStore, self.store)
+
+    def test_createGroup(self):
+        """
+        A new group has its owner as only member; a second group with the
+        same id is refused.
+        """
+        info = self.r(self.store.createGroup("g1", "Friends", "alice", T0))
+        self.assertEqual(
+            (info.group_id, info.name, info.role, info.member_count, info.created_ms),
+            ("g1", "Friends", pb.ROLE_OWNER, 1, T0))
+        self.failureResultOf(self.store.createGroup("g1", "Again", "bob", T0), GroupExists)
+        self.assertEqual(self.r(self.store.group("g1")).name, "Friends")
+        self.assertIsNone(self.r(self.store.group("nope")))
+
+    def test_members(self):
+        """
+        Members are listed by uid with role and join time; setting an
+        existing member changes its role and reports only new uids.
+        """
+        self.group()
+        added = self.r(self.store.setMembers(
+            "g1", [("bob", pb.ROLE_ADMIN), ("dave", pb.ROLE_MEMBER)], 100, T0 + 5))
+        self.assertEqual(added, ["dave"])
+        members = self.r(self.store.members("g1"))
+        self.assertEqual(
+            [(m.uid, m.role, m.joined_ms) for m in members],
+            [("alice", pb.ROLE_OWNER, T0), ("bob", pb.ROLE_ADMIN, T0),
+             ("carol", pb.ROLE_MEMBER, T0), ("dave", pb.ROLE_MEMBER, T0 + 5)])
+        self.assertEqual(self.r(self.store.group("g1")).member_count, 4)
+
+    def test_groupFull(self):
+        """
+        Members beyond the maximum size are refused, all or nothing.
+        """
+        self.group()
+        self.failureResultOf(self.store.setMembers(
+            "g1", [("dave", pb.ROLE_MEMBER), ("erin", pb.ROLE_MEMBER)], 4, T0), GroupFull)
+        self.assertEqual(len(self.r(self.store.members("g1"))), 3)
+        self.assertEqual(self.r(self.store.setMembers(
+            "g1", [("dave", pb.ROLE_MEMBER), ("bob", pb.ROLE_ADMIN)], 4, T0)), ["dave"])
+
+    def test_removeMembers(self):
+        """
+        Removing reports the uids that were members.
+        """
+        self.group()
+        self.assertEqual(self.r(self.store.removeMembers("g1", ["bob", "zed", "bob"])), ["bob"])
+        self.assertEqual([m.uid for m in self.r(self.store.members("g1"))], ["alice", "carol"])
+
+    def test_missingGroup(self):
+        """
+        Operations on a group that does not exist fail with
+        L{GroupNotFound}.
+        """
+        for d in [self.store.deleteGroup("g"), self.store.members("g"),
+                  self.store.removeMembers("g", ["a"]),
+                  self.store.setMembers("g", [("a", pb.ROLE_MEMBER)], 10, T0)]:
+            self.failureResultOf(d, GroupNotFound)
+
+    def test_groupsOf(self):
+        """
+        A user's groups, by id, with the user's role in each.
+        """
+        self.group("g2", owner="bob", members=["alice"])
+        self.group("g1")
+        groups = self.r(self.store.groupsOf("alice"))
+        self.assertEqual([(g.group_id, g.role, g.member_count) for g in groups],
+                         [("g1", pb.ROLE_OWNER, 3), ("g2", pb.ROLE_MEMBER, 2)])
+        self.assertEqual(self.r(self.store.groupsOf("nobody")), [])
+
+    def test_deleteGroup(self):
+        """
+        A deleted group is gone, with its memberships; messages already
+        delivered stay.
+        """
+        self.group()
+        self.r(self.groupSend("alice", "m1", "hi"))
+        self.assertTrue(self.r(self.store.deleteGroup("g1")))
+        self.assertIsNone(self.r(self.store.group("g1")))
+        self.assertEqual(self.r(self.store.groupsOf("bob")), [])
+        self.assertEqual(len(self.r(self.store.fetch("bob", 0, 10))), 1)
+        self.failureResultOf(self.groupSend("alice", "m2", "hi"), NotMember)
+
+    def test_groupDeliver(self):
+        """
+        A group message is stored once and lands in every member's inbox,
+        the sender's marked outgoing.
+        """
+        self.group()
+        delivery = self.r(self.groupSend("bob", "m1", "hello"))
+        self.assertEqual(sorted(delivery.seqs), ["alice", "bob", "carol"])
+        self.assertEqual(delivery.message.group_id, "g1")
+        self.assertEqual(delivery.message.sender, "bob")
+        for uid in ["alice", "bob", "carol"]:
+            [entry] = self.r(self.store.fetch(uid, 0, 10))
+            self.assertEqual(entry.message.id, delivery.message.id)
+            self.assertEqual(entry.outgoing, uid == "bob")
+
+    def test_groupDeliverNotMember(self):
+        """
+        A non-member's group message, or one to a missing group, stores
+        nothing and fails with L{NotMember}.
+        """
+        self.group()
+        self.failureResultOf(self.groupSend("mallory", "m1", "x"), NotMember)
+        self.failureResultOf(self.groupSend("alice", "m1", "x", groupId="nope"), NotMember)
+        for uid in ["alice", "bob", "mallory"]:
+            self.assertEqual(self.r(self.store.head(uid)), 0)
+
+    def test_groupMembershipAtCommit(self):
+        """
+        Members added later get later messages only; a removed member gets
+        no more and can no longer send.
+        """
+        self.group()
+        self.r(self.groupSend("alice", "m1", "one"))
+        self.r(self.store.setMembers("g1", [("dave", pb.ROLE_MEMBER)], 100, T0))
+        self.r(self.store.removeMembers("g1", ["bob"]))
+        delivery = self.r(self.groupSend("alice", "m2", "two"))
+        self.assertEqual(sorted(delivery.seqs), ["alice", "carol", "dave"])
+        self.assertEqual([e.message.body for e in self.r(self.store.fetch("bob", 0, 10))],
+                         [b"one"])
+        self.assertEqual([e.message.body for e in self.r(self.store.fetch("dave", 0, 10))],
+                         [b"two"])
+        self.failureResultOf(self.groupSend("bob", "m3", "x"), NotMember)
+
+    def test_groupRetryAfterRemoval(self):
+        """
+        A retry of a group send returns the original outcome even if the
+        sender was removed meanwhile.
+        """
+        self.group()
+        first = self.r(self.groupSend("bob", "m1", "hi"))
+        self.r(self.store.removeMembers("g1", ["bob"]))
+        again = self.r(self.groupSend("bob", "m1", "hi"))
+        self.assertTrue(again.duplicate)
+        self.assertEqual(again.message.id, first.message.id)
+
+    def test_systemSender(self):
+        """
+        The system sender has no inbox; its messages are idempotent too.
+        """
+        delivery = self.r(self.store.deliver(SYSTEM, "k1", text("hi"), ["bob", "carol"], T0))
+        self.assertEqual(delivery.seqs, {"bob": 1, "carol": 1})
+        self.assertEqual(self.r(self.store.head(SYSTEM)), 0)
+        again = self.r(self.store.deliver(SYSTEM, "k1", text("hi"), ["bob", "carol"], T0))
+        self.assertTrue(again.duplicate)
+        self.assertEqual(self.r(self.store.head("bob")), 1)
+
+    def test_systemGroupMessage(self):
+        """
+        The system may send to a group it is not a member of, but not to a
+        group that does not exist.
+        """
+        self.group()
+        delivery = self.r(self.groupSend(SYSTEM, "k1", "notice"))
+        self.assertEqual(sorted(delivery.seqs), ["alice", "bob", "carol"])
+        self.failureResultOf(self.groupSend(SYSTEM, "k2", "x", groupId="nope"), NotMember)
 
 
 class MemoryStoreTests(StoreTestsMixin, SynchronousTestCase):

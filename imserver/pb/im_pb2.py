@@ -24,21 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x08im.proto\x12\x0bimserver.v1\"v\n\x05\x46rame\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.imserver.v1.Kind\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.imserver.v1.Error\">\n\x05\x45rror\x12$\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x16.imserver.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x0b\x41uthRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\'\n\x08platform\x18\x04 \x01(\x0e\x32\x15.imserver.v1.Platform\x12\x10\n\x08last_seq\x18\x05 \x01(\x04\x12\x16\n\x0e\x63lient_version\x18\x06 \x01(\t\"\xcd\x01\n\x0c\x41uthResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x17\n\x0fidle_timeout_ms\x18\x02 \x01(\r\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x04\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x18\n\x10max_frame_length\x18\x05 \x01(\r\x12\x10\n\x08head_seq\x18\x06 \x01(\x04\x12\x18\n\x10max_message_body\x18\x07 \x01(\r\x12\x13\n\x0bmax_unacked\x18\x08 \x01(\r\"\r\n\x0bPingRequest\"&\n\x0cPingResponse\x12\x16\n\x0eserver_time_ms\x18\x01 \x01(\x04\"B\n\x06Kicked\x12\'\n\x06reason\x18\x01 \x01(\x0e\x32\x17.imserver.v1.KickReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8d\x01\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x15\n\rclient_msg_id\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x06 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x07 \x01(\t\x12\x12\n\ncreated_ms\x18\x08 \x01(\x04J\x04\x08\x04\x10\x05\"R\n\nInboxEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08outgoing\x18\x02 \x01(\x08\x12%\n\x07message\x18\x03 \x01(\x0b\x32\x14.imserver.v1.Message\"T\n\x0bSendRequest\x12\n\n\x02to\x18\x01 \x01(\t\x12\x15\n\rclient_msg_id\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\"Z\n\x0cSendResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x16\n\x0eserver_time_ms\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"\x12\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"/\n\x0bSyncRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\"J\n\x0cSyncResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.imserver.v1.InboxEntry\x12\x10\n\x08head_seq\x18\x02 \x01(\x04\"%\n\x06Typing\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x08*N\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07REQUEST\x10\x01\x12\x0c\n\x08RESPONSE\x10\x02\x12\n\n\x06NOTIFY\x10\x03\x12\t\n\x05\x45RROR\x10\x04*\xf6\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\r\n\tBAD_FRAME\x10\x01\x12\x13\n\x0f\x46RAME_TOO_LARGE\x10\x02\x12\x0f\n\x0b\x45MPTY_FRAME\x10\x03\x12\x10\n\x0c\x41UTH_TIMEOUT\x10\x04\x12\x10\n\x0cIDLE_TIMEOUT\x10\x05\x12\x13\n\x0fSERVER_SHUTDOWN\x10\x06\x12\x11\n\rDUPLICATE_SEQ\x10\x07\x12\x0b\n\x07\x42\x41\x44_ACK\x10\x08\x12\x12\n\x0eUNKNOWN_METHOD\x10\x14\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x15\x12\x15\n\x11NOT_AUTHENTICATED\x10\x16\x12\x0f\n\x0b\x41UTH_FAILED\x10\x17\x12\x19\n\x15\x41LREADY_AUTHENTICATED\x10\x18\x12\x14\n\x10TOO_MANY_DEVICES\x10\x19\x12\x0c\n\x08INTERNAL\x10\x1a\x12\x0b\n\x07TIMEOUT\x10\x1b\x12\x15\n\x11MESSAGE_TOO_LARGE\x10\x1c\x12\x0f\n\x0bUNAVAILABLE\x10\x1d*g\n\x08Platform\x12\x18\n\x14PLATFORM_UNSPECIFIED\x10\x00\x12\x07\n\x03IOS\x10\x01\x12\x0b\n\x07\x41NDROID\x10\x02\x12\x07\n\x03WEB\x10\x03\x12\x0b\n\x07\x44\x45SKTOP\x10\x04\x12\n\n\x06SERVER\x10\x05\x12\t\n\x05OTHER\x10\x06*B\n\nKickReason\x12\x1b\n\x17KICK_REASON_UNSPECIFIED\x10\x00\x12\x0c\n\x08REPLACED\x10\x01\x12\t\n\x05\x41\x44MIN\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x08im.proto\x12\x0bimserver.v1\"v\n\x05\x46rame\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.imserver.v1.Kind\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.imserver.v1.Error\">\n\x05\x45rror\x12$\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x16.imserver.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8f\x01\n\x0b\x41uthRequest\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\'\n\x08platform\x18\x04 \x01(\x0e\x32\x15.imserver.v1.Platform\x12\x10\n\x08last_seq\x18\x05 \x01(\x04\x12\x16\n\x0e\x63lient_version\x18\x06 \x01(\t\"\xcd\x01\n\x0c\x41uthResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x17\n\x0fidle_timeout_ms\x18\x02 \x01(\r\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x04\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x18\n\x10max_frame_length\x18\x05 \x01(\r\x12\x10\n\x08head_seq\x18\x06 \x01(\x04\x12\x18\n\x10max_message_body\x18\x07 \x01(\r\x12\x13\n\x0bmax_unacked\x18\x08 \x01(\r\"\r\n\x0bPingRequest\"&\n\x0cPingResponse\x12\x16\n\x0eserver_time_ms\x18\x01 \x01(\x04\"D\n\x06Notice\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x04\"B\n\x06Kicked\x12\'\n\x06reason\x18\x01 \x01(\x0e\x32\x17.imserver.v1.KickReason\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x99\x01\n\x07Message\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x10\n\x08group_id\x18\x04 \x01(\t\x12\x15\n\rclient_msg_id\x18\x05 \x01(\t\x12\x0c\n\x04\x62ody\x18\x06 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x07 \x01(\t\x12\x12\n\ncreated_ms\x18\x08 \x01(\x04\"R\n\nInboxEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x10\n\x08outgoing\x18\x02 \x01(\x08\x12%\n\x07message\x18\x03 \x01(\x0b\x32\x14.imserver.v1.Message\"f\n\x0bSendRequest\x12\n\n\x02to\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x05 \x01(\t\x12\x15\n\rclient_msg_id\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\"Z\n\x0cSendResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x16\n\x0eserver_time_ms\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x11\n\tduplicate\x18\x04 \x01(\x08\"\x12\n\x03\x41\x63k\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"/\n\x0bSyncRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\"J\n\x0cSyncResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.imserver.v1.InboxEntry\x12\x10\n\x08head_seq\x18\x02 \x01(\x04\"7\n\x06Typing\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x08\x12\x10\n\x08group_id\x18\x03 \x01(\t\"r\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x1f\n\x04role\x18\x03 \x01(\x0e\x32\x11.imserver.v1.Role\x12\x14\n\x0cmember_count\x18\x04 \x01(\r\x12\x12\n\ncreated_ms\x18\x05 \x01(\x04\"I\n\x06Member\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x1f\n\x04role\x18\x02 \x01(\x0e\x32\x11.imserver.v1.Role\x12\x11\n\tjoined_ms\x18\x03 \x01(\x04\"\x0f\n\rGroupsRequest\"4\n\x0eGroupsResponse\x12\"\n\x06groups\x18\x01 \x03(\x0b\x32\x12.imserver.v1.Group\"\"\n\x0eMembersRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\"7\n\x0fMembersResponse\x12$\n\x07members\x18\x01 \x03(\x0b\x32\x13.imserver.v1.Member\" \n\x0cLeaveRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse*N\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0b\n\x07REQUEST\x10\x01\x12\x0c\n\x08RESPONSE\x10\x02\x12\n\n\x06NOTIFY\x10\x03\x12\t\n\x05\x45RROR\x10\x04*\x86\x03\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\r\n\tBAD_FRAME\x10\x01\x12\x13\n\x0f\x46RAME_TOO_LARGE\x10\x02\x12\x0f\n\x0b\x45MPTY_FRAME\x10\x03\x12\x10\n\x0c\x41UTH_TIMEOUT\x10\x04\x12\x10\n\x0cIDLE_TIMEOUT\x10\x05\x12\x13\n\x0fSERVER_SHUTDOWN\x10\x06\x12\x11\n\rDUPLICATE_SEQ\x10\x07\x12\x0b\n\x07\x42\x41\x44_ACK\x10\x08\x12\x12\n\x0eUNKNOWN_METHOD\x10\x14\x12\x0f\n\x0b\x42\x41\x44_REQUEST\x10\x15\x12\x15\n\x11NOT_AUTHENTICATED\x10\x16\x12\x0f\n\x0b\x41UTH_FAILED\x10\x17\x12\x19\n\x15\x41LREADY_AUTHENTICATED\x10\x18\x12\x14\n\x10TOO_MANY_DEVICES\x10\x19\x12\x0c\n\x08INTERNAL\x10\x1a\x12\x0b\n\x07TIMEOUT\x10\x1b\x12\x15\n\x11MESSAGE_TOO_LARGE\x10\x1c\x12\x0f\n\x0bUNAVAILABLE\x10\x1d\x12\x0e\n\nNOT_MEMBER\x10\x1e*g\n\x08Platform\x12\x18\n\x14PLATFORM_UNSPECIFIED\x10\x00\x12\x07\n\x03IOS\x10\x01\x12\x0b\n\x07\x41NDROID\x10\x02\x12\x07\n\x03WEB\x10\x03\x12\x0b\n\x07\x44\x45SKTOP\x10\x04\x12\n\n\x06SERVER\x10\x05\x12\t\n\x05OTHER\x10\x06*B\n\nKickReason\x12\x1b\n\x17KICK_REASON_UNSPECIFIED\x10\x00\x12\x0c\n\x08REPLACED\x10\x01\x12\t\n\x05\x41\x44MIN\x10\x02*M\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_MEMBER\x10\x01\x12\x0e\n\nROLE_ADMIN\x10\x02\x12\x0e\n\nROLE_OWNER\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'im_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KIND']._serialized_start=1276
-  _globals['_KIND']._serialized_end=1354
-  _globals['_ERRORCODE']._serialized_start=1357
-  _globals['_ERRORCODE']._serialized_end=1731
-  _globals['_PLATFORM']._serialized_start=1733
-  _globals['_PLATFORM']._serialized_end=1836
-  _globals['_KICKREASON']._serialized_start=1838
-  _globals['_KICKREASON']._serialized_end=1904
+  _globals['_KIND']._serialized_start=1800
+  _globals['_KIND']._serialized_end=1878
+  _globals['_ERRORCODE']._serialized_start=1881
+  _globals['_ERRORCODE']._serialized_end=2271
+  _globals['_PLATFORM']._serialized_start=2273
+  _globals['_PLATFORM']._serialized_end=2376
+  _globals['_KICKREASON']._serialized_start=2378
+  _globals['_KICKREASON']._serialized_end=2444
+  _globals['_ROLE']._serialized_start=2446
+  _globals['_ROLE']._serialized_end=2523
   _globals['_FRAME']._serialized_start=25
   _globals['_FRAME']._serialized_end=143
   _globals['_ERROR']._serialized_start=145
@@ -51,22 +53,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINGREQUEST']._serialized_end=576
   _globals['_PINGRESPONSE']._serialized_start=578
   _globals['_PINGRESPONSE']._serialized_end=616
-  _globals['_KICKED']._serialized_start=618
-  _globals['_KICKED']._serialized_end=684
-  _globals['_MESSAGE']._serialized_start=687
-  _globals['_MESSAGE']._serialized_end=828
-  _globals['_INBOXENTRY']._serialized_start=830
-  _globals['_INBOXENTRY']._serialized_end=912
-  _globals['_SENDREQUEST']._serialized_start=914
-  _globals['_SENDREQUEST']._serialized_end=998
-  _globals['_SENDRESPONSE']._serialized_start=1000
-  _globals['_SENDRESPONSE']._serialized_end=1090
-  _globals['_ACK']._serialized_start=1092
-  _globals['_ACK']._serialized_end=1110
-  _globals['_SYNCREQUEST']._serialized_start=1112
-  _globals['_SYNCREQUEST']._serialized_end=1159
-  _globals['_SYNCRESPONSE']._serialized_start=1161
-  _globals['_SYNCRESPONSE']._serialized_end=1235
-  _globals['_TYPING']._serialized_start=1237
-  _globals['_TYPING']._serialized_end=1274
+  _globals['_NOTICE']._serialized_start=618
+  _globals['_NOTICE']._serialized_end=686
+  _globals['_KICKED']._serialized_start=688
+  _globals['_KICKED']._serialized_end=754
+  _globals['_MESSAGE']._serialized_start=757
+  _globals['_MESSAGE']._serialized_end=910
+  _globals['_INBOXENTRY']._serialized_start=912
+  _globals['_INBOXENTRY']._serialized_end=994
+  _globals['_SENDREQUEST']._serialized_start=996
+  _globals['_SENDREQUEST']._serialized_end=1098
+  _globals['_SENDRESPONSE']._serialized_start=1100
+  _globals['_SENDRESPONSE']._serialized_end=1190
+  _globals['_ACK']._serialized_start=1192
+  _globals['_ACK']._serialized_end=1210
+  _globals['_SYNCREQUEST']._serialized_start=1212
+  _globals['_SYNCREQUEST']._serialized_end=1259
+  _globals['_SYNCRESPONSE']._serialized_start=1261
+  _globals['_SYNCRESPONSE']._serialized_end=1335
+  _globals['_TYPING']._serialized_start=1337
+  _globals['_TYPING']._serialized_end=1392
+  _globals['_GROUP']._serialized_start=1394
+  _globals['_GROUP']._serialized_end=1508
+  _globals['_MEMBER']._serialized_start=1510
+  _globals['_MEMBER']._serialized_end=1583
+  _globals['_GROUPSREQUEST']._serialized_start=1585
+  _globals['_GROUPSREQUEST']._serialized_end=1600
+  _globals['_GROUPSRESPONSE']._serialized_start=1602
+  _globals['_GROUPSRESPONSE']._serialized_end=1654
+  _globals['_MEMBERSREQUEST']._serialized_start=1656
+  _globals['_MEMBERSREQUEST']._serialized_end=1690
+  _globals['_MEMBERSRESPONSE']._serialized_start=1692
+  _globals['_MEMBERSRESPONSE']._serialized_end=1747
+  _globals['_LEAVEREQUEST']._serialized_start=1749
+  _globals['_LEAVEREQUEST']._serialized_end=1781
+  _globals['_LEAVERESPONSE']._serialized_start=1783
+  _globals['_LEAVERESPONSE']._serialized_end=1798
 # @@protoc_insertion_point(module_scope)

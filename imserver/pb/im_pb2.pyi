@@ -36,6 +36,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TIMEOUT: _ClassVar[ErrorCode]
     MESSAGE_TOO_LARGE: _ClassVar[ErrorCode]
     UNAVAILABLE: _ClassVar[ErrorCode]
+    NOT_MEMBER: _ClassVar[ErrorCode]
 
 class Platform(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -52,6 +53,13 @@ class KickReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KICK_REASON_UNSPECIFIED: _ClassVar[KickReason]
     REPLACED: _ClassVar[KickReason]
     ADMIN: _ClassVar[KickReason]
+
+class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLE_UNSPECIFIED: _ClassVar[Role]
+    ROLE_MEMBER: _ClassVar[Role]
+    ROLE_ADMIN: _ClassVar[Role]
+    ROLE_OWNER: _ClassVar[Role]
 KIND_UNSPECIFIED: Kind
 REQUEST: Kind
 RESPONSE: Kind
@@ -76,6 +84,7 @@ INTERNAL: ErrorCode
 TIMEOUT: ErrorCode
 MESSAGE_TOO_LARGE: ErrorCode
 UNAVAILABLE: ErrorCode
+NOT_MEMBER: ErrorCode
 PLATFORM_UNSPECIFIED: Platform
 IOS: Platform
 ANDROID: Platform
@@ -86,6 +95,10 @@ OTHER: Platform
 KICK_REASON_UNSPECIFIED: KickReason
 REPLACED: KickReason
 ADMIN: KickReason
+ROLE_UNSPECIFIED: Role
+ROLE_MEMBER: Role
+ROLE_ADMIN: Role
+ROLE_OWNER: Role
 
 class Frame(_message.Message):
     __slots__ = ("kind", "seq", "method", "body", "error")
@@ -155,6 +168,16 @@ class PingResponse(_message.Message):
     server_time_ms: int
     def __init__(self, server_time_ms: _Optional[int] = ...) -> None: ...
 
+class Notice(_message.Message):
+    __slots__ = ("body", "content_type", "server_time_ms")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    content_type: str
+    server_time_ms: int
+    def __init__(self, body: _Optional[bytes] = ..., content_type: _Optional[str] = ..., server_time_ms: _Optional[int] = ...) -> None: ...
+
 class Kicked(_message.Message):
     __slots__ = ("reason", "message")
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -164,10 +187,11 @@ class Kicked(_message.Message):
     def __init__(self, reason: _Optional[_Union[KickReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("id", "sender", "recipient", "client_msg_id", "body", "content_type", "created_ms")
+    __slots__ = ("id", "sender", "recipient", "group_id", "client_msg_id", "body", "content_type", "created_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -175,11 +199,12 @@ class Message(_message.Message):
     id: int
     sender: str
     recipient: str
+    group_id: str
     client_msg_id: str
     body: bytes
     content_type: str
     created_ms: int
-    def __init__(self, id: _Optional[int] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., client_msg_id: _Optional[str] = ..., body: _Optional[bytes] = ..., content_type: _Optional[str] = ..., created_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., sender: _Optional[str] = ..., recipient: _Optional[str] = ..., group_id: _Optional[str] = ..., client_msg_id: _Optional[str] = ..., body: _Optional[bytes] = ..., content_type: _Optional[str] = ..., created_ms: _Optional[int] = ...) -> None: ...
 
 class InboxEntry(_message.Message):
     __slots__ = ("seq", "outgoing", "message")
@@ -192,16 +217,18 @@ class InboxEntry(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., outgoing: _Optional[bool] = ..., message: _Optional[_Union[Message, _Mapping]] = ...) -> None: ...
 
 class SendRequest(_message.Message):
-    __slots__ = ("to", "client_msg_id", "body", "content_type")
+    __slots__ = ("to", "group_id", "client_msg_id", "body", "content_type")
     TO_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_MSG_ID_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     to: str
+    group_id: str
     client_msg_id: str
     body: bytes
     content_type: str
-    def __init__(self, to: _Optional[str] = ..., client_msg_id: _Optional[str] = ..., body: _Optional[bytes] = ..., content_type: _Optional[str] = ...) -> None: ...
+    def __init__(self, to: _Optional[str] = ..., group_id: _Optional[str] = ..., client_msg_id: _Optional[str] = ..., body: _Optional[bytes] = ..., content_type: _Optional[str] = ...) -> None: ...
 
 class SendResponse(_message.Message):
     __slots__ = ("message_id", "server_time_ms", "seq", "duplicate")
@@ -238,9 +265,67 @@ class SyncResponse(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[InboxEntry, _Mapping]]] = ..., head_seq: _Optional[int] = ...) -> None: ...
 
 class Typing(_message.Message):
-    __slots__ = ("uid", "active")
+    __slots__ = ("uid", "active", "group_id")
     UID_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     uid: str
     active: bool
-    def __init__(self, uid: _Optional[str] = ..., active: _Optional[bool] = ...) -> None: ...
+    group_id: str
+    def __init__(self, uid: _Optional[str] = ..., active: _Optional[bool] = ..., group_id: _Optional[str] = ...) -> None: ...
+
+class Group(_message.Message):
+    __slots__ = ("group_id", "name", "role", "member_count", "created_ms")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    name: str
+    role: Role
+    member_count: int
+    created_ms: int
+    def __init__(self, group_id: _Optional[str] = ..., name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., member_count: _Optional[int] = ..., created_ms: _Optional[int] = ...) -> None: ...
+
+class Member(_message.Message):
+    __slots__ = ("uid", "role", "joined_ms")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    JOINED_MS_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    role: Role
+    joined_ms: int
+    def __init__(self, uid: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., joined_ms: _Optional[int] = ...) -> None: ...
+
+class GroupsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GroupsResponse(_message.Message):
+    __slots__ = ("groups",)
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[Group]
+    def __init__(self, groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ...) -> None: ...
+
+class MembersRequest(_message.Message):
+    __slots__ = ("group_id",)
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    def __init__(self, group_id: _Optional[str] = ...) -> None: ...
+
+class MembersResponse(_message.Message):
+    __slots__ = ("members",)
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("group_id",)
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    def __init__(self, group_id: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

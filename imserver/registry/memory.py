@@ -54,5 +54,9 @@ class MemorySessionRegistry:
     def sessionsFor(self, uid):
         return succeed(list(self._byUid.get(uid, {}).values()))
 
+    def sessionsForMany(self, uids):
+        byUid = self._byUid
+        return succeed({uid: list(byUid[uid].values()) for uid in uids if uid in byUid})
+
     def count(self):
         return succeed(self._count)

@@ -27,13 +27,34 @@ class Delivery:
     duplicate: bool = False
 
 
+class GroupExists(Exception):
+    """
+    A group with that id exists already.
+    """
+
+
+class GroupNotFound(Exception):
+    """
+    There is no group with that id.
+    """
+
+
+class GroupFull(Exception):
+    """
+    Adding the members would take the group beyond its maximum size.
+    """
+
+
+#: The system sender (HTTP API pushes): it has no inbox of its own.
+SYSTEM = ""
+
+
 def uniqueRecipients(sender, recipients):
     """
     The inboxes a message lands in, in order, each once: C{recipients}, then
-    the sender's own (unless already there).
+    the sender's own (unless already there, or the sender is L{SYSTEM}).
     """
-    seen = []
-    for uid in list(recipients) + [sender]:
-        if uid not in seen:
-            seen.append(uid)
-    return seen
+    seen = dict.fromkeys(recipients)
+    if sender != SYSTEM:
+        seen.setdefault(sender)
+    return list(seen)

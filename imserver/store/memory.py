@@ -4,15 +4,23 @@ An in-memory message store: the reference semantics, for tests and
 benchmarks.  Nothing survives a restart.
 """
 
-from twisted.internet.defer import succeed
+from twisted.internet.defer import fail, succeed
 from zope.interface import implementer
 
-from imserver.interfaces import IMessageStore
+from imserver.errors import NotMember
+from imserver.interfaces import IGroupStore, IMessageStore
 from imserver.pb import im_pb2 as pb
-from imserver.store import Delivery, uniqueRecipients
+from imserver.store import (
+    Delivery,
+    GroupExists,
+    GroupFull,
+    GroupNotFound,
+    SYSTEM,
+    uniqueRecipients,
+)
 
 
-@implementer(IMessageStore)
+@implementer(IMessageStore, IGroupStore)
 class MemoryMessageStore:
     """
     Inboxes as lists, in process memory.
@@ -26,6 +34,8 @@ class MemoryMessageStore:
         self._heads = {}  # uid -> last seq
         self._dedup = {}  # (sender, client_msg_id) -> (id, sender seq, ms)
         self._cursors = {}  # (uid, device) -> (seq, ms)
+        self._groups = {}  # group id -> pb.Group (role unset)
+        self._members = {}  # group id -> {uid: pb.Member}
 
     def deliver(self, sender, clientMsgId, message, recipients, nowMs):
         key = (sender, clientMsgId)
@@ -36,6 +46,11 @@ class MemoryMessageStore:
             if original is None:
                 original = pb.Message(id=messageId, created_ms=createdMs)
             return succeed(Delivery(original, {sender: senderSeq}, True))
+        if message.group_id:
+            members = self._members.get(message.group_id, {})
+            if not members or (sender != SYSTEM and sender not in members):
+                return fail(NotMember("not a member of group {!r}".format(message.group_id)))
+            recipients = list(members)
         self._lastId += 1
         stored = pb.Message()
         stored.CopyFrom(message)
@@ -50,7 +65,7 @@ class MemoryMessageStore:
             self._heads[uid] = seq
             self._inbox.setdefault(uid, []).append((seq, stored.id, uid == sender))
             seqs[uid] = seq
-        self._dedup[key] = (stored.id, seqs[sender], nowMs)
+        self._dedup[key] = (stored.id, seqs.get(sender, 0), nowMs)
         return succeed(Delivery(stored, seqs, False))
 
     def fetch(self, uid, afterSeq, limit):
@@ -103,3 +118,69 @@ class MemoryMessageStore:
         for key in [k for k, v in self._cursors.items() if v[1] < oldest]:
             del self._cursors[key]
         return succeed(removed)
+
+    # -- IGroupStore ----------------------------------------------------------
+
+    def createGroup(self, groupId, name, owner, nowMs):
+        if groupId in self._groups:
+            return fail(GroupExists(groupId))
+        self._groups[groupId] = pb.Group(group_id=groupId, name=name, created_ms=nowMs)
+        self._members[groupId] = {
+            owner: pb.Member(uid=owner, role=pb.ROLE_OWNER, joined_ms=nowMs)
+        }
+        return succeed(self._info(groupId, owner))
+
+    def deleteGroup(self, groupId):
+        if self._groups.pop(groupId, None) is None:
+            return fail(GroupNotFound(groupId))
+        del self._members[groupId]
+        return succeed(True)
+
+    def setMembers(self, groupId, members, maxSize, nowMs):
+        current = self._members.get(groupId)
+        if current is None:
+            return fail(GroupNotFound(groupId))
+        roles = dict(members)
+        added = [uid for uid in roles if uid not in current]
+        if len(current) + len(added) > maxSize:
+            return fail(GroupFull(groupId))
+        for uid, role in roles.items():
+            if uid in current:
+                current[uid].role = role
+            else:
+                current[uid] = pb.Member(uid=uid, role=role, joined_ms=nowMs)
+        return succeed(added)
+
+    def removeMembers(self, groupId, uids):
+        current = self._members.get(groupId)
+        if current is None:
+            return fail(GroupNotFound(groupId))
+        removed = [uid for uid in dict.fromkeys(uids) if current.pop(uid, None) is not None]
+        return succeed(removed)
+
+    def group(self, groupId):
+        if groupId not in self._groups:
+            return succeed(None)
+        return succeed(self._info(groupId, None))
+
+    def members(self, groupId):
+        current = self._members.get(groupId)
+        if current is None:
+            return fail(GroupNotFound(groupId))
+        return succeed([pb.Member(uid=m.uid, role=m.role, joined_ms=m.joined_ms)
+                        for _, m in sorted(current.items())])
+
+    def groupsOf(self, uid):
+        return succeed([
+            self._info(groupId, uid)
+            for groupId in sorted(self._groups) if uid in self._members[groupId]
+        ])
+
+    def _info(self, groupId, uid):
+        info = pb.Group()
+        info.CopyFrom(self._groups[groupId])
+        members = self._members[groupId]
+        info.member_count = len(members)
+        if uid is not None:
+            info.role = members[uid].role
+        return info

@@ -22,9 +22,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from imserver.interfaces import IMessageStore
+from imserver.errors import NotMember
+from imserver.interfaces import IGroupStore, IMessageStore
 from imserver.pb import im_pb2 as pb
-from imserver.store import Delivery, uniqueRecipients
+from imserver.store import (
+    Delivery,
+    GroupExists,
+    GroupFull,
+    GroupNotFound,
+    SYSTEM,
+    uniqueRecipients,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -59,6 +67,19 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS groups (
+    group_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS members (
+    group_id TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    role INTEGER NOT NULL,
+    joined_ms INTEGER NOT NULL,
+    PRIMARY KEY (group_id, uid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS members_uid ON members (uid, group_id);
 CREATE TABLE IF NOT EXISTS cursors (
     uid TEXT NOT NULL,
     device_id TEXT NOT NULL,
@@ -73,6 +94,12 @@ MIN_SQLITE = (3, 24, 0)
 
 #: Most operations committed in one transaction.
 MAX_BATCH = 2000
+
+#: Groups whose member lists the writer keeps in memory.
+MEMBER_CACHE_SIZE = 4096
+
+#: Exceptions an operation raises before it has written anything.
+_REFUSALS = (GroupExists, GroupFull, GroupNotFound)
 
 
 def dedupLookup(count):
@@ -127,6 +154,9 @@ class _Operations:
     def __init__(self, dedupWindowMs):
         self.dedupWindowMs = dedupWindowMs
         self.lastId = None
+        # group id -> member uids.  Only this writer changes memberships, so
+        # the cache is exact; it is emptied when a transaction rolls back.
+        self.memberCache = {}
 
     def loadIds(self, db):
         """
@@ -153,13 +183,14 @@ class _Operations:
             tuples.
         @return: a L{Delivery} per item, in order.
         """
+        recipientLists = [self._recipients(db, item[0], item[2], item[3]) for item in items]
         keys = list({(item[0], item[1]) for item in items})
         seen = {}
         for chunk in _chunks(keys, 400):
             rows = db.execute(dedupLookup(len(chunk)), [v for key in chunk for v in key]).fetchall()
             for sender, clientMsgId, messageId, senderSeq, createdMs in rows:
                 seen[(sender, clientMsgId)] = (messageId, senderSeq, createdMs)
-        uids = list({uid for item in items for uid in uniqueRecipients(item[0], item[3])})
+        uids = list({uid for uids in recipientLists if uids is not None for uid in uids})
         heads = {}
         for chunk in _chunks(uids, 800):
             heads.update(db.execute(
@@ -168,11 +199,15 @@ class _Operations:
             ).fetchall())
         messageRows, inboxRows, dedupRows, results = [], [], [], []
         stored = {}
-        for sender, clientMsgId, message, recipients, nowMs in items:
+        for (sender, clientMsgId, message, _, nowMs), recipients in zip(items, recipientLists):
             key = (sender, clientMsgId)
             previous = seen.get(key)
             if previous is not None and previous[2] > nowMs - self.dedupWindowMs:
                 results.append(self._duplicate(db, sender, previous, stored))
+                continue
+            if recipients is None:
+                results.append(Failure(NotMember(
+                    "not a member of group {!r}".format(message.group_id))))
                 continue
             copy = pb.Message()
             copy.CopyFrom(message)
@@ -183,12 +218,13 @@ class _Operations:
             stored[copy.id] = copy
             messageRows.append((copy.id, nowMs, copy.SerializeToString()))
             seqs = {}
-            for uid in uniqueRecipients(sender, recipients):
+            for uid in recipients:
                 seq = heads[uid] = heads.get(uid, 0) + 1
                 inboxRows.append((uid, seq, copy.id, uid == sender, nowMs))
                 seqs[uid] = seq
-            seen[key] = (copy.id, seqs[sender], nowMs)
-            dedupRows.append((sender, clientMsgId, copy.id, seqs[sender], nowMs))
+            senderSeq = seqs.get(sender, 0)
+            seen[key] = (copy.id, senderSeq, nowMs)
+            dedupRows.append((sender, clientMsgId, copy.id, senderSeq, nowMs))
             results.append(Delivery(copy, seqs, False))
         if messageRows:
             db.executemany(
@@ -216,6 +252,25 @@ class _Operations:
                 [(uid, heads[uid]) for uid in touched],
             )
         return results
+
+    def _recipients(self, db, sender, message, recipients):
+        """
+        The inboxes a message lands in: for a group message its members
+        now, or L{None} if the sender is not one of them.
+        """
+        groupId = message.group_id
+        if not groupId:
+            return uniqueRecipients(sender, recipients)
+        members = self.memberCache.get(groupId)
+        if members is None:
+            members = dict.fromkeys(row[0] for row in db.execute(
+                "SELECT uid FROM members WHERE group_id = ?", (groupId,)))
+            if len(self.memberCache) >= MEMBER_CACHE_SIZE:
+                self.memberCache.clear()
+            self.memberCache[groupId] = members
+        if not members or (sender != SYSTEM and sender not in members):
+            return None
+        return list(members)
 
     def _duplicate(self, db, sender, previous, stored):
         messageId, senderSeq, createdMs = previous
@@ -284,7 +339,108 @@ class _Operations:
         return removed
 
 
-@implementer(IMessageStore)
+    # -- groups -------------------------------------------------------------
+
+    def _groupRow(self, db, groupId):
+        row = db.execute(
+            "SELECT name, created_ms FROM groups WHERE group_id = ?", (groupId,)
+        ).fetchone()
+        if row is None:
+            raise GroupNotFound(groupId)
+        return row
+
+    def _info(self, db, groupId, uid):
+        name, createdMs = self._groupRow(db, groupId)
+        count = db.execute(
+            "SELECT count(*) FROM members WHERE group_id = ?", (groupId,)
+        ).fetchone()[0]
+        info = pb.Group(group_id=groupId, name=name, created_ms=createdMs, member_count=count)
+        if uid is not None:
+            info.role = db.execute(
+                "SELECT role FROM members WHERE group_id = ? AND uid = ?", (groupId, uid)
+            ).fetchone()[0]
+        return info
+
+    def createGroup(self, db, groupId, name, owner, nowMs):
+        if db.execute("SELECT 1 FROM groups WHERE group_id = ?", (groupId,)).fetchone():
+            raise GroupExists(groupId)
+        db.execute(
+            "INSERT INTO groups (group_id, name, created_ms) VALUES (?, ?, ?)",
+            (groupId, name, nowMs),
+        )
+        db.execute(
+            "INSERT INTO members (group_id, uid, role, joined_ms) VALUES (?, ?, ?, ?)",
+            (groupId, owner, pb.ROLE_OWNER, nowMs),
+        )
+        self.memberCache.pop(groupId, None)
+        return self._info(db, groupId, owner)
+
+    def deleteGroup(self, db, groupId):
+        self._groupRow(db, groupId)
+        db.execute("DELETE FROM members WHERE group_id = ?", (groupId,))
+        db.execute("DELETE FROM groups WHERE group_id = ?", (groupId,))
+        self.memberCache.pop(groupId, None)
+        return True
+
+    def setMembers(self, db, groupId, members, maxSize, nowMs):
+        self._groupRow(db, groupId)
+        roles = dict(members)
+        current = {row[0] for row in db.execute(
+            "SELECT uid FROM members WHERE group_id = ?", (groupId,))}
+        added = [uid for uid in roles if uid not in current]
+        if len(current) + len(added) > maxSize:
+            raise GroupFull(groupId)
+        db.executemany(
+            "INSERT INTO members (group_id, uid, role, joined_ms) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (group_id, uid) DO UPDATE SET role = excluded.role",
+            [(groupId, uid, role, nowMs) for uid, role in roles.items()],
+        )
+        self.memberCache.pop(groupId, None)
+        return added
+
+    def removeMembers(self, db, groupId, uids):
+        self._groupRow(db, groupId)
+        removed = []
+        for uid in dict.fromkeys(uids):
+            if db.execute(
+                "DELETE FROM members WHERE group_id = ? AND uid = ?", (groupId, uid)
+            ).rowcount:
+                removed.append(uid)
+        self.memberCache.pop(groupId, None)
+        return removed
+
+    def group(self, db, groupId):
+        try:
+            return self._info(db, groupId, None)
+        except GroupNotFound:
+            return None
+
+    def members(self, db, groupId):
+        self._groupRow(db, groupId)
+        return [
+            pb.Member(uid=uid, role=role, joined_ms=joinedMs)
+            for uid, role, joinedMs in db.execute(
+                "SELECT uid, role, joined_ms FROM members WHERE group_id = ? ORDER BY uid",
+                (groupId,),
+            )
+        ]
+
+    def groupsOf(self, db, uid):
+        rows = db.execute(
+            "SELECT g.group_id, g.name, g.created_ms, m.role,"
+            " (SELECT count(*) FROM members c WHERE c.group_id = g.group_id)"
+            " FROM members m JOIN groups g ON g.group_id = m.group_id"
+            " WHERE m.uid = ? ORDER BY g.group_id",
+            (uid,),
+        ).fetchall()
+        return [
+            pb.Group(group_id=groupId, name=name, created_ms=createdMs, role=role,
+                     member_count=count)
+            for groupId, name, createdMs, role, count in rows
+        ]
+
+
+@implementer(IMessageStore, IGroupStore)
 class SQLiteMessageStore(Service):
     """
     The durable store.  Start it (as a service) before use; stopping it
@@ -331,6 +487,29 @@ class SQLiteMessageStore(Service):
 
     def trim(self, nowMs, maxAgeMs, maxCount):
         return self._submit(self._ops.trim, nowMs, maxAgeMs, maxCount)
+
+    # -- IGroupStore --------------------------------------------------------
+
+    def createGroup(self, groupId, name, owner, nowMs):
+        return self._submit(self._ops.createGroup, groupId, name, owner, nowMs)
+
+    def deleteGroup(self, groupId):
+        return self._submit(self._ops.deleteGroup, groupId)
+
+    def setMembers(self, groupId, members, maxSize, nowMs):
+        return self._submit(self._ops.setMembers, groupId, list(members), maxSize, nowMs)
+
+    def removeMembers(self, groupId, uids):
+        return self._submit(self._ops.removeMembers, groupId, list(uids))
+
+    def group(self, groupId):
+        return self._submit(self._ops.group, groupId)
+
+    def members(self, groupId):
+        return self._submit(self._ops.members, groupId)
+
+    def groupsOf(self, uid):
+        return self._submit(self._ops.groupsOf, uid)
 
     # -- service ------------------------------------------------------------
 
@@ -419,7 +598,13 @@ class SQLiteMessageStore(Service):
             while i < len(batch):
                 function, args, d = batch[i]
                 if function != deliver:
-                    results.append((d, function(db, *args)))
+                    try:
+                        result = function(db, *args)
+                    except _REFUSALS:
+                        # Refused before writing anything: fails alone,
+                        # without rolling back the rest of the batch.
+                        result = Failure()
+                    results.append((d, result))
                     i += 1
                     continue
                 # Consecutive deliveries: one set of statements for all.
@@ -435,6 +620,7 @@ class SQLiteMessageStore(Service):
             failure = Failure()
             self._rollback(db)
             self._ops.lastId = lastId
+            self._ops.memberCache.clear()
             if len(batch) == 1:
                 return [(batch[0][2], failure)]
         return [self._runTransaction(db, [item])[0] for item in batch]
