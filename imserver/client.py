@@ -122,17 +122,46 @@ class ClientProtocol(RPCProtocol):
         """
         return self.callRemote(methods.PING, pb.PingRequest(), timeout)
 
-    def send(self, to, body, clientMsgId, contentType="", timeout=None):
+    def send(self, to, body, clientMsgId, contentType="", timeout=None, groupId=""):
         """
-        Send one message (no retries here; see L{IMClient} for those).
+        Send one message to C{to}, or with C{to=""} to the group C{groupId}
+        (no retries here; see L{IMClient} for those).
 
         @return: a L{Deferred} firing with the L{pb.SendResponse} once the
             server has stored it.
         """
         request = pb.SendRequest(
-            to=to, client_msg_id=clientMsgId, body=body, content_type=contentType
+            to=to, group_id=groupId, client_msg_id=clientMsgId, body=body,
+            content_type=contentType,
         )
         return self.callRemote(methods.SEND, request, timeout)
+
+    def groups(self, timeout=None):
+        """
+        @return: a L{Deferred} firing with the L{pb.Group}s this user is in.
+        """
+        return self.callRemote(methods.GROUPS, pb.GroupsRequest(), timeout).addCallback(
+            lambda response: list(response.groups)
+        )
+
+    def members(self, groupId, timeout=None):
+        """
+        @return: a L{Deferred} firing with the L{pb.Member}s of a group this
+            user is in (else failing with C{NOT_MEMBER}).
+        """
+        return self.callRemote(
+            methods.MEMBERS, pb.MembersRequest(group_id=groupId), timeout
+        ).addCallback(lambda response: list(response.members))
+
+    def leave(self, groupId, timeout=None):
+        """
+        Leave a group.
+
+        @return: a L{Deferred} firing with L{None}.
+        """
+        return self.callRemote(
+            methods.LEAVE, pb.LeaveRequest(group_id=groupId), timeout
+        ).addCallback(lambda response: None)
 
     def sync(self, afterSeq=0, limit=0, timeout=None):
         """
@@ -148,11 +177,12 @@ class ClientProtocol(RPCProtocol):
         """
         self.sendNotify(methods.ACK, pb.Ack(seq=seq))
 
-    def sendTyping(self, to, active=True):
+    def sendTyping(self, to, active=True, groupId=""):
         """
-        Tell C{to} (if online) that this user is typing.
+        Tell C{to} (if online), or with C{to=""} the other members of
+        C{groupId}, that this user is typing.
         """
-        self.sendNotify(methods.TYPING, pb.Typing(uid=to, active=active))
+        self.sendNotify(methods.TYPING, pb.Typing(uid=to, active=active, group_id=groupId))
 
     # -- heartbeat ------------------------------------------------------------
 
@@ -200,6 +230,10 @@ class ClientProtocol(RPCProtocol):
     @methods.TYPING.handler
     def _typing(self, typing):
         self._deliver(methods.TYPING.name, typing)
+
+    @methods.NOTICE.handler
+    def _notice(self, notice):
+        self._deliver(methods.NOTICE.name, notice)
 
     def _deliver(self, name, message):
         if self.onNotify is not None:
@@ -292,7 +326,9 @@ def _closeThenFail(protocol, failure):
 
 
 #: Error codes after which a send is given up (the request itself is wrong).
-_FINAL_SEND_ERRORS = frozenset([pb.BAD_REQUEST, pb.MESSAGE_TOO_LARGE, pb.UNKNOWN_METHOD])
+_FINAL_SEND_ERRORS = frozenset(
+    [pb.BAD_REQUEST, pb.MESSAGE_TOO_LARGE, pb.UNKNOWN_METHOD, pb.NOT_MEMBER]
+)
 #: Error codes after which reconnecting is pointless.
 _FINAL_AUTH_ERRORS = frozenset([pb.AUTH_FAILED, pb.BAD_REQUEST])
 
@@ -472,21 +508,21 @@ class IMClient:
 
     # -- messages -------------------------------------------------------------
 
-    def send(self, to, body, contentType="", clientMsgId=None):
+    def send(self, to, body, contentType="", clientMsgId=None, groupId=""):
         """
-        Send a message; retried with the same C{client_msg_id} until the
-        server answers.
+        Send a message to C{to}, or with C{to=""} to the group C{groupId};
+        retried with the same C{client_msg_id} until the server answers.
 
         @return: a L{Deferred} firing with the L{pb.SendResponse}, or
             failing with L{RemoteError} if the server refuses the message
-            itself (C{BAD_REQUEST}, C{MESSAGE_TOO_LARGE}), or with
+            itself (C{BAD_REQUEST}, C{MESSAGE_TOO_LARGE}, C{NOT_MEMBER}), or with
             L{RequestTimeout} if it is not answered within C{maxSendAge}
             (connected or not).
         """
         clientMsgId = clientMsgId or uuid.uuid4().hex
         d = Deferred()
         expiry = self.clock.callLater(self.maxSendAge, self._expire, clientMsgId)
-        self._pending[clientMsgId] = (to, body, contentType, d, expiry)
+        self._pending[clientMsgId] = (to, groupId, body, contentType, d, expiry)
         if self.protocol is not None:
             self._transmit(clientMsgId)
         return d
@@ -494,21 +530,23 @@ class IMClient:
     def _expire(self, clientMsgId):
         entry = self._pending.pop(clientMsgId, None)
         if entry is not None:
-            entry[3].errback(RequestTimeout(
+            entry[4].errback(RequestTimeout(
                 "message {} not answered within {} s".format(clientMsgId, self.maxSendAge)))
 
     def _transmit(self, clientMsgId):
-        to, body, contentType, d, expiry = self._pending[clientMsgId]
+        to, groupId, body, contentType, d, expiry = self._pending[clientMsgId]
         protocol = self.protocol
-        protocol.send(to, body, clientMsgId, contentType, self.requestTimeout).addCallbacks(
+        protocol.send(
+            to, body, clientMsgId, contentType, self.requestTimeout, groupId
+        ).addCallbacks(
             self._sent, self._sendFailed, (clientMsgId,), None, (clientMsgId, protocol)
         )
 
     def _sent(self, response, clientMsgId):
         entry = self._pending.pop(clientMsgId, None)
         if entry is not None:
-            entry[4].cancel()
-            entry[3].callback(response)
+            entry[5].cancel()
+            entry[4].callback(response)
 
     def _sendFailed(self, failure, clientMsgId, protocol):
         entry = self._pending.get(clientMsgId)
@@ -516,8 +554,8 @@ class IMClient:
             return
         if failure.check(RemoteError) and failure.value.code in _FINAL_SEND_ERRORS:
             del self._pending[clientMsgId]
-            entry[4].cancel()
-            entry[3].errback(failure)
+            entry[5].cancel()
+            entry[4].errback(failure)
             return
         if failure.check(RemoteError, RequestTimeout) and protocol is self.protocol:
             # UNAVAILABLE, INTERNAL or no answer yet: try again shortly on

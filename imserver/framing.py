@@ -121,6 +121,17 @@ class FrameProtocol(Protocol):
         if not self._closing:
             self.transport.write(encodeFrame(frame))
 
+    def sendEncoded(self, data):
+        """
+        Write frames already encoded with their length prefixes (one frame
+        serialized once for many connections), unless the connection is
+        closing.
+
+        @type data: L{bytes}
+        """
+        if not self._closing:
+            self.transport.write(data)
+
     def closeWithError(self, code, message, seq=0):
         """
         Send an ERROR frame and close the connection cleanly.  Further input

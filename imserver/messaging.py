@@ -6,26 +6,75 @@ sessions of the recipients (found in the L{ISessionRegistry}) that their
 inbox advanced.  The sessions push in order themselves.
 """
 
+import struct
+
 from twisted.logger import Logger
 
 from imserver.auth import validateUid
 from imserver.errors import BadRequest, MessageTooLarge, RPCError, Unavailable
 from imserver.pb import im_pb2 as pb
+from imserver.store import GroupNotFound
 
 #: Longest client_msg_id and content_type, in UTF-8 bytes.
 MAX_CLIENT_MSG_ID = 64
 MAX_CONTENT_TYPE = 64
+
+_packLength = struct.Struct("!I").pack
+#: Frame.kind = NOTIFY, Frame.method = "message", then Frame.body's tag.
+_NOTIFY_MESSAGE = b"\x08\x03\x1a\x07message\x22"
+_OUTGOING = b"\x10\x01"
+
+
+def _varint(value):
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _bytesLength(text):
     return len(text.encode("utf-8"))
 
 
+class MessagePush:
+    """
+    One stored message on its way to every session of every recipient.
+
+    The message is serialized once; each session's C{message} notify is the
+    shared bytes behind a few bytes of its own (its inbox seq and outgoing
+    flag), put together without protobuf objects.  The result is the exact
+    encoding protobuf gives the same L{pb.Frame}.
+
+    @ivar message: the L{pb.Message}.
+    """
+
+    __slots__ = ("message", "_tail")
+
+    def __init__(self, message):
+        self.message = message
+        data = message.SerializeToString()
+        # InboxEntry.message (field 3, length-delimited).
+        self._tail = b"\x1a" + _varint(len(data)) + data
+
+    def frame(self, seq, outgoing):
+        """
+        The length-prefixed C{message} NOTIFY frame of inbox entry C{seq}.
+
+        @rtype: L{bytes}
+        """
+        head = b"\x08" + _varint(seq) + _OUTGOING if outgoing else b"\x08" + _varint(seq)
+        size = len(head) + len(self._tail)
+        prefix = _NOTIFY_MESSAGE + _varint(size)
+        return b"".join((_packLength(len(prefix) + size), prefix, head, self._tail))
+
+
 class Messenger:
     """
     Sends messages and transient signals.
 
-    @ivar store: the L{IMessageStore}.
+    @ivar store: the L{IMessageStore} (also an L{IGroupStore}).
     @ivar registry: the L{ISessionRegistry}.
     """
 
@@ -42,43 +91,29 @@ class Messenger:
 
     def send(self, sender, request):
         """
-        Store a 1:1 message from C{sender} (the authenticated uid, never a
-        payload field) and tell the recipients' sessions.
+        Store a message from C{sender} (the authenticated uid, never a
+        payload field) to a user or a group, and tell the recipients'
+        sessions.
 
         @type request: L{pb.SendRequest}
         @return: a L{Deferred} firing with a L{pb.SendResponse} once the
             message is durably in every inbox, or failing with an
             L{RPCError} (C{BAD_REQUEST}, C{MESSAGE_TOO_LARGE},
-            C{UNAVAILABLE}).
+            C{NOT_MEMBER}, C{UNAVAILABLE}).
         """
-        try:
-            validateUid(request.to)
-        except ValueError as e:
-            raise BadRequest("to: {}".format(e))
-        if not request.client_msg_id:
-            raise BadRequest("client_msg_id is empty")
-        if _bytesLength(request.client_msg_id) > MAX_CLIENT_MSG_ID:
-            raise BadRequest("client_msg_id is longer than 64 bytes")
-        if _bytesLength(request.content_type) > MAX_CONTENT_TYPE:
-            raise BadRequest("content_type is longer than 64 bytes")
-        if len(request.body) > self.settings.max_message_body:
-            raise MessageTooLarge(
-                "body of {} bytes exceeds the limit of {}".format(
-                    len(request.body), self.settings.max_message_body
-                )
-            )
-        message = pb.Message(
-            recipient=request.to, body=request.body, content_type=request.content_type
+        if request.to and request.group_id:
+            raise BadRequest("set one of to and group_id, not both")
+        d = self.push(
+            sender,
+            request.client_msg_id,
+            request.body,
+            request.content_type,
+            to=request.to or None,
+            groupId=request.group_id or None,
         )
-        d = self.store.deliver(
-            sender, request.client_msg_id, message, [request.to], self.nowMs()
-        )
-        d.addCallbacks(self._delivered, self.storeFailed, (sender,))
-        return d
+        return d.addCallback(self._answer, sender)
 
-    def _delivered(self, delivery, sender):
-        if not delivery.duplicate:
-            self.publish(delivery)
+    def _answer(self, delivery, sender):
         message = delivery.message
         return pb.SendResponse(
             message_id=message.id,
@@ -86,6 +121,60 @@ class Messenger:
             seq=delivery.seqs[sender],
             duplicate=delivery.duplicate,
         )
+
+    def push(self, sender, clientMsgId, body, contentType, to=None, uids=None, groupId=None):
+        """
+        Store a message to one user (C{to}), a list of users (C{uids}) or a
+        group's members (C{groupId}): exactly one of them.  The gate's
+        C{send} and the HTTP API both come here.
+
+        @param sender: the uid it is sent as, or L{imserver.store.SYSTEM} (no sender
+            inbox; a group message as the system needs no membership).
+        @param clientMsgId: the idempotency key, per sender.
+        @return: a L{Deferred} firing with the L{imserver.store.Delivery}
+            once durable, or failing with an L{RPCError} (C{BAD_REQUEST},
+            C{MESSAGE_TOO_LARGE}, C{NOT_MEMBER}, C{UNAVAILABLE}).
+        """
+        if sum(x is not None for x in (to, uids, groupId)) != 1:
+            raise BadRequest("name exactly one of: a recipient, a list of them, a group")
+        if to is not None:
+            uids = [to]
+        if uids is not None:
+            if not uids:
+                raise BadRequest("no recipients")
+            for uid in uids:
+                try:
+                    validateUid(uid)
+                except ValueError as e:
+                    raise BadRequest("recipient: {}".format(e))
+        else:
+            try:
+                validateUid(groupId)
+            except ValueError as e:
+                raise BadRequest("group_id: {}".format(e))
+        if not clientMsgId:
+            raise BadRequest("client_msg_id is empty")
+        if _bytesLength(clientMsgId) > MAX_CLIENT_MSG_ID:
+            raise BadRequest("client_msg_id is longer than 64 bytes")
+        if _bytesLength(contentType) > MAX_CONTENT_TYPE:
+            raise BadRequest("content_type is longer than 64 bytes")
+        if len(body) > self.settings.max_message_body:
+            raise MessageTooLarge(
+                "body of {} bytes exceeds the limit of {}".format(
+                    len(body), self.settings.max_message_body
+                )
+            )
+        message = pb.Message(
+            recipient=to or "", group_id=groupId or "", body=body, content_type=contentType
+        )
+        d = self.store.deliver(sender, clientMsgId, message, uids or [], self.nowMs())
+        d.addCallbacks(self._delivered, self.storeFailed)
+        return d
+
+    def _delivered(self, delivery):
+        if not delivery.duplicate:
+            self.publish(delivery)
+        return delivery
 
     def storeFailed(self, failure):
         """
@@ -99,26 +188,46 @@ class Messenger:
     def publish(self, delivery):
         """
         Tell every session of every recipient of C{delivery} that its inbox
-        advanced.
+        advanced: one registry lookup, one serialization.
         """
-        message = delivery.message
-        for uid, seq in delivery.seqs.items():
-            entry = pb.InboxEntry(seq=seq, outgoing=uid == message.sender, message=message)
-            self.registry.sessionsFor(uid).addCallback(_advance, entry)
+        push = MessagePush(delivery.message)
+        seqs = delivery.seqs
+        self.registry.sessionsForMany(list(seqs)).addCallback(
+            _advance, seqs, delivery.message.sender, push
+        )
 
-    def typing(self, sender, to, active):
+    def typing(self, sender, to, active, groupId=""):
         """
-        Forward a typing signal to the online sessions of C{to}; nothing is
-        stored.
+        Forward a typing signal to the online sessions of C{to}, or of the
+        other members of C{groupId} if the sender is one; nothing is stored.
         """
-        self.registry.sessionsFor(to).addCallback(_typing, sender, active)
+        if not groupId:
+            self.registry.sessionsFor(to).addCallback(_typing, sender, active, "")
+            return
+        d = self.store.members(groupId)
+        d.addCallback(self._groupTyping, sender, active, groupId)
+        d.addErrback(lambda failure: failure.trap(GroupNotFound))
+        d.addErrback(lambda failure: self.log.failure("group typing failed", failure))
+
+    def _groupTyping(self, members, sender, active, groupId):
+        uids = [m.uid for m in members]
+        if sender not in uids:
+            return
+        uids.remove(sender)
+        self.registry.sessionsForMany(uids).addCallback(
+            lambda found: [_typing(sessions, sender, active, groupId)
+                           for sessions in found.values()]
+        )
 
 
-def _advance(sessions, entry):
+def _advance(found, seqs, sender, push):
+    for uid, sessions in found.items():
+        seq = seqs[uid]
+        outgoing = uid == sender
+        for session in sessions:
+            session.inboxAdvanced(seq, outgoing, push)
+
+
+def _typing(sessions, sender, active, groupId):
     for session in sessions:
-        session.inboxAdvanced(entry)
-
-
-def _typing(sessions, sender, active):
-    for session in sessions:
-        session.typing(sender, active)
+        session.typing(sender, active, groupId)

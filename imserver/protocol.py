@@ -31,6 +31,8 @@ from imserver.errors import (
     BadRequest,
     NotAuthenticated,
 )
+from imserver.framing import encodeFrame
+from imserver.groups import Groups, validateGroupId
 from imserver.interfaces import ISession
 from imserver.messaging import Messenger
 from imserver.pb import im_pb2 as pb
@@ -76,7 +78,7 @@ class GateProtocol(RPCProtocol):
     def __init__(self, factory, peer):
         RPCProtocol.__init__(self, factory.clock)
         self.factory = factory
-        self.peer = peer
+        self._acceptedFrom = peer
         self.state = NEW
         self.connectionId = factory.nextConnectionId()
         self.sessionId = "{}/{}".format(factory.gateId, self.connectionId)
@@ -88,6 +90,19 @@ class GateProtocol(RPCProtocol):
 
     def __repr__(self):
         return "<GateProtocol {} {} {}>".format(self.connectionId, self.state, self.uid)
+
+    @property
+    def peer(self):
+        """
+        The client's address, as the transport gives it now.  Behind a
+        C{haproxy:} listener that is the source address of the PROXY header
+        once it has been read (before, and at C{connectionMade}, the
+        proxy's own address); without a transport, the address the
+        connection was accepted from.
+        """
+        if self.transport is None:
+            return self._acceptedFrom
+        return self.transport.getPeer()
 
     def connectionMade(self):
         self.lastHeard = self._seconds()
@@ -215,9 +230,10 @@ class GateProtocol(RPCProtocol):
         self.heartbeatInterval = heartbeatInterval
         self.maxFrameLength = settings.max_frame_length
         self.log.info(
-            "connection {conn} authenticated as {uid} device {device}"
+            "connection {conn} from {peer} authenticated as {uid} device {device}"
             " ({platform}, {version!r})",
             conn=self.connectionId,
+            peer=self.peer,
             uid=self.uid,
             device=self.deviceId,
             platform=pb.Platform.Name(self.platform),
@@ -323,12 +339,37 @@ class GateProtocol(RPCProtocol):
         if not stopping and now - self._lastTyping < 1.0 / self.factory.settings.typing_rate:
             return
         try:
-            validateUid(message.uid)
-        except ValueError:
+            if message.group_id:
+                validateGroupId(message.group_id)
+            else:
+                validateUid(message.uid)
+        except (ValueError, BadRequest):
             return
         self._lastTyping = now
         self._typingActive = message.active
-        self.factory.messenger.typing(self.uid, message.uid, message.active)
+        self.factory.messenger.typing(
+            self.uid, message.uid, message.active, message.group_id
+        )
+
+    # -- groups --------------------------------------------------------------
+
+    @methods.GROUPS.responder
+    def groups(self, request):
+        return self.factory.groups.groupsOf(self.uid).addCallback(
+            lambda groups: pb.GroupsResponse(groups=groups)
+        ).addErrback(self.factory.messenger.storeFailed)
+
+    @methods.MEMBERS.responder
+    def members(self, request):
+        return self.factory.groups.membersFor(request.group_id, self.uid).addCallback(
+            lambda members: pb.MembersResponse(members=members)
+        ).addErrback(self.factory.messenger.storeFailed)
+
+    @methods.LEAVE.responder
+    def leave(self, request):
+        return self.factory.groups.leave(request.group_id, self.uid).addCallback(
+            lambda _: pb.LeaveResponse()
+        ).addErrback(self.factory.messenger.storeFailed)
 
     def _pump(self):
         """
@@ -353,7 +394,8 @@ class GateProtocol(RPCProtocol):
         if entries:
             for entry in entries:
                 if entry.seq > self._sent:
-                    self._push(entry)
+                    self._sent = entry.seq
+                    self.sendNotify(methods.MESSAGE, entry)
         else:
             # Everything up to the head was removed by retention.
             self._sent = self._head
@@ -369,10 +411,6 @@ class GateProtocol(RPCProtocol):
         # reconnect (and resume) rather than stall silently.
         self.closeWithError(pb.UNAVAILABLE, "message storage is unavailable")
 
-    def _push(self, entry):
-        self._sent = entry.seq
-        self.sendNotify(methods.MESSAGE, entry)
-
     def _persistAck(self):
         """
         Have the device's cursor written with the next batch of cursors
@@ -384,8 +422,7 @@ class GateProtocol(RPCProtocol):
 
     # -- ISession ----------------------------------------------------------
 
-    def inboxAdvanced(self, entry):
-        seq = entry.seq
+    def inboxAdvanced(self, seq, outgoing, push):
         if seq > self._head:
             self._head = seq
         if not self._delivering or seq <= self._sent:
@@ -396,13 +433,20 @@ class GateProtocol(RPCProtocol):
             and self._sent - self._acked < self.factory.settings.max_unacked
             and not self._closing
         ):
-            self._push(entry)
+            self._sent = seq
+            self.sendEncoded(push.frame(seq, outgoing))
         else:
             self._pump()
 
-    def typing(self, uid, active):
+    def typing(self, uid, active, groupId):
         if self._delivering:
-            self.sendNotify(methods.TYPING, pb.Typing(uid=uid, active=active))
+            self.sendNotify(
+                methods.TYPING, pb.Typing(uid=uid, active=active, group_id=groupId)
+            )
+
+    def notice(self, frame):
+        if self._delivering:
+            self.sendEncoded(frame)
 
     def kick(self, reason, message):
         if self._closing:
@@ -434,6 +478,7 @@ class GateFactory(Factory):
         self.registry = registry
         self.store = store
         self.messenger = Messenger(store, registry, clock, settings)
+        self.groups = Groups(store, settings)
         self.clock = clock
         self.gateId = gateId
         self.random = rng if rng is not None else random.SystemRandom()
@@ -480,6 +525,25 @@ class GateFactory(Factory):
             return 0
 
         return d.addErrback(failed)
+
+    def broadcast(self, body, contentType):
+        """
+        Send a system notice to every authenticated session of this gate;
+        nothing is stored.  The frame is encoded once for all of them.
+
+        @return: the number of sessions it was written to.
+        """
+        notice = pb.Notice(
+            body=body, content_type=contentType,
+            server_time_ms=int(self.clock.seconds() * 1000),
+        )
+        frame = encodeFrame(pb.Frame(
+            kind=pb.NOTIFY, method=methods.NOTICE.name, body=notice.SerializeToString()
+        ))
+        sessions = [p for p in self.connections if p._delivering and not p._closing]
+        for p in sessions:
+            p.notice(frame)
+        return len(sessions)
 
     def sweep(self):
         """
