@@ -118,12 +118,11 @@ class FrameProtocol(Protocol):
 
         @type frame: L{pb.Frame}
         """
-        if not self._closing:
-            self.transport.write(encodeFrame(frame))
+        self.sendEncoded(encodeFrame(frame))
 
     def sendEncoded(self, data):
         """
-        Write frames already encoded with their length prefixes (one frame
+        Write one frame already encoded with its length prefix (a frame
         serialized once for many connections), unless the connection is
         closing.
 

@@ -80,14 +80,12 @@ class Messenger:
 
     log = Logger()
 
-    def __init__(self, store, registry, clock, settings):
+    def __init__(self, store, registry, clock, settings, metrics):
         self.store = store
         self.registry = registry
         self.clock = clock
         self.settings = settings
-
-    def nowMs(self):
-        return int(self.clock.seconds() * 1000)
+        self.metrics = metrics
 
     def send(self, sender, request):
         """
@@ -167,13 +165,19 @@ class Messenger:
         message = pb.Message(
             recipient=to or "", group_id=groupId or "", body=body, content_type=contentType
         )
-        d = self.store.deliver(sender, clientMsgId, message, uids or [], self.nowMs())
-        d.addCallbacks(self._delivered, self.storeFailed)
+        started = self.clock.seconds()
+        d = self.store.deliver(sender, clientMsgId, message, uids or [], int(started * 1000))
+        d.addCallbacks(self._delivered, self.storeFailed, (started,))
         return d
 
-    def _delivered(self, delivery):
-        if not delivery.duplicate:
+    def _delivered(self, delivery, started):
+        metrics = self.metrics
+        if delivery.duplicate:
+            metrics.dedupHits += 1
+        else:
+            metrics.messagesStored += 1
             self.publish(delivery)
+            metrics.sendToPush.observe(self.clock.seconds() - started)
         return delivery
 
     def storeFailed(self, failure):

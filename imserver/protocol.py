@@ -28,13 +28,16 @@ from imserver import methods
 from imserver.auth import validateDeviceId, validateUid
 from imserver.errors import (
     AlreadyAuthenticated,
+    AuthFailed,
     BadRequest,
     NotAuthenticated,
+    TooManyDevices,
 )
 from imserver.framing import encodeFrame
 from imserver.groups import Groups, validateGroupId
 from imserver.interfaces import ISession
 from imserver.messaging import Messenger
+from imserver.metrics import GateMetrics
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCProtocol
 
@@ -74,6 +77,8 @@ class GateProtocol(RPCProtocol):
     _fetching = False
     _lastTyping = float("-inf")
     _typingActive = False
+    _pushedAt = None  # when a push went into an empty window (ack timing)
+    _pushedSeq = 0
 
     def __init__(self, factory, peer):
         RPCProtocol.__init__(self, factory.clock)
@@ -86,6 +91,7 @@ class GateProtocol(RPCProtocol):
         self.requestTimeout = factory.settings.request_timeout
         self.maxFrameLength = factory.settings.preauth_max_frame_length
         self._seconds = factory.clock.seconds
+        self._metrics = factory.metrics
         self._authTimer = None
 
     def __repr__(self):
@@ -116,7 +122,19 @@ class GateProtocol(RPCProtocol):
 
     def dataReceived(self, data):
         self.lastHeard = self._seconds()
+        self._metrics.bytesReceived += len(data)
         RPCProtocol.dataReceived(self, data)
+
+    def frameReceived(self, frame):
+        self._metrics.framesReceived += 1
+        RPCProtocol.frameReceived(self, frame)
+
+    def sendEncoded(self, data):
+        if not self._closing:
+            metrics = self._metrics
+            metrics.framesSent += 1
+            metrics.bytesSent += len(data)
+            self.transport.write(data)
 
     def connectionLost(self, reason):
         if self._authTimer is not None and self._authTimer.active():
@@ -154,12 +172,13 @@ class GateProtocol(RPCProtocol):
         try:
             validateUid(request.uid)
             validateDeviceId(request.device_id)
+            if len(request.client_version.encode("utf-8")) > 64:
+                raise ValueError("client_version is longer than 64 bytes")
+            if request.platform not in _PLATFORMS:
+                raise ValueError("unknown platform {}".format(request.platform))
         except ValueError as e:
+            self._metrics.authFailures["bad_request"] += 1
             raise BadRequest(str(e))
-        if len(request.client_version.encode("utf-8")) > 64:
-            raise BadRequest("client_version is longer than 64 bytes")
-        if request.platform not in _PLATFORMS:
-            raise BadRequest("unknown platform {}".format(request.platform))
         self.state = AUTHENTICATING
         d = self.factory.authenticator.authenticate(request.uid, request.token)
         d.addCallback(self._authenticated, request)
@@ -258,6 +277,10 @@ class GateProtocol(RPCProtocol):
             )
 
     def _authFailed(self, failure):
+        reason = {AuthFailed: "bad_token", TooManyDevices: "too_many_devices"}.get(
+            failure.type, "unavailable"
+        )
+        self._metrics.authFailures[reason] += 1
         self.log.info(
             "connection {conn} from {peer} failed auth: {why}",
             conn=self.connectionId,
@@ -271,6 +294,7 @@ class GateProtocol(RPCProtocol):
 
     def _authTimedOut(self):
         self._authTimer = None
+        self._metrics.authFailures["timeout"] += 1
         self.closeWithError(pb.AUTH_TIMEOUT, "no auth within the deadline")
 
     # -- heartbeat ---------------------------------------------------------
@@ -323,6 +347,11 @@ class GateProtocol(RPCProtocol):
             )
             return
         if seq > self._acked:
+            metrics = self._metrics
+            metrics.messagesAcked += seq - self._acked
+            if self._pushedAt is not None and seq >= self._pushedSeq:
+                metrics.ackRoundTrip.observe(self._seconds() - self._pushedAt)
+                self._pushedAt = None
             self._acked = seq
             if seq > self._sent:
                 # The client has these (through sync): push from after them.
@@ -394,7 +423,7 @@ class GateProtocol(RPCProtocol):
         if entries:
             for entry in entries:
                 if entry.seq > self._sent:
-                    self._sent = entry.seq
+                    self._pushed(entry.seq)
                     self.sendNotify(methods.MESSAGE, entry)
         else:
             # Everything up to the head was removed by retention.
@@ -410,6 +439,16 @@ class GateProtocol(RPCProtocol):
         # Nothing is lost: the entries stay in the inbox.  Make the client
         # reconnect (and resume) rather than stall silently.
         self.closeWithError(pb.UNAVAILABLE, "message storage is unavailable")
+
+    def _pushed(self, seq):
+        """
+        Account for pushing entry C{seq}.
+        """
+        if self._sent == self._acked and self._pushedAt is None:
+            self._pushedAt = self._seconds()
+            self._pushedSeq = seq
+        self._sent = seq
+        self._metrics.messagesPushed += 1
 
     def _persistAck(self):
         """
@@ -433,7 +472,7 @@ class GateProtocol(RPCProtocol):
             and self._sent - self._acked < self.factory.settings.max_unacked
             and not self._closing
         ):
-            self._sent = seq
+            self._pushed(seq)
             self.sendEncoded(push.frame(seq, outgoing))
         else:
             self._pump()
@@ -451,6 +490,7 @@ class GateProtocol(RPCProtocol):
     def kick(self, reason, message):
         if self._closing:
             return
+        self._metrics.kicks[pb.KickReason.Name(reason)] += 1
         self.log.info(
             "kicking connection {conn} ({uid}): {reason}",
             conn=self.connectionId,
@@ -472,17 +512,19 @@ class GateFactory(Factory):
     noisy = False
 
     def __init__(self, settings, authenticator, registry, store, clock, gateId,
-                 rng=None):
+                 rng=None, metrics=None):
         self.settings = settings
         self.authenticator = authenticator
         self.registry = registry
         self.store = store
-        self.messenger = Messenger(store, registry, clock, settings)
+        self.metrics = metrics if metrics is not None else GateMetrics()
+        self.messenger = Messenger(store, registry, clock, settings, self.metrics)
         self.groups = Groups(store, settings)
         self.clock = clock
         self.gateId = gateId
         self.random = rng if rng is not None else random.SystemRandom()
         self.connections = set()
+        self.metrics.watch(self.connections)
         self._dirtyCursors = {}
         self._ids = itertools.count(1)
         self._drained = None
@@ -554,6 +596,7 @@ class GateFactory(Factory):
         """
         deadline = self.clock.seconds() - self.settings.idle_timeout
         idle = [p for p in self.connections if p.lastHeard <= deadline]
+        self.metrics.idleCloses += len(idle)
         for p in idle:
             p.closeWithError(pb.IDLE_TIMEOUT, "nothing received for the idle timeout")
         return len(idle)

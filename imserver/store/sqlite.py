@@ -15,6 +15,7 @@ reactor never waits on the database.
 import collections
 import sqlite3
 import threading
+import time
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
@@ -465,6 +466,9 @@ class SQLiteMessageStore(Service):
         self._db = None
         self.batches = 0
         self.committed = 0
+        #: Called as C{(size, seconds)} after each transaction, from the
+        #: writer thread (L{imserver.metrics.GateMetrics.observeCommit}).
+        self.commitObserver = None
 
     # -- IMessageStore ----------------------------------------------------
 
@@ -583,9 +587,12 @@ class SQLiteMessageStore(Service):
 
         @return: C{[(deferred, result or Failure)]}, in batch order.
         """
+        started = time.perf_counter()
         results = self._runTransaction(db, batch)
         self.batches += 1
         self.committed += len(batch)
+        if self.commitObserver is not None:
+            self.commitObserver(len(batch), time.perf_counter() - started)
         return results
 
     def _runTransaction(self, db, batch):

@@ -1,0 +1,139 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+IM-level Prometheus metrics of one gate process.
+
+The hot paths (every frame, every push) only add to plain integer
+attributes of L{GateMetrics}; they become Prometheus counters when
+C{/metrics} is scraped (L{GateMetrics.collect}), so counting costs an
+attribute increment, not a lock.  Histograms (one observation per message,
+ack or commit, not per frame) are regular C{prometheus_client} histograms.
+Connection gauges are computed at scrape time from the live connections.
+
+Every gate has its own L{CollectorRegistry}, so tests and several gates in
+one process never share counters.
+"""
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from imserver.pb import im_pb2 as pb
+
+#: Auth failure reasons (label values of C{imserver_auth_failures_total}).
+AUTH_FAILURE_REASONS = (
+    "bad_token", "bad_request", "too_many_devices", "timeout", "unavailable"
+)
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+)
+_BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+
+#: (attribute, metric name, help) of the plain counters.
+_COUNTERS = (
+    ("framesReceived", "frames_received", "Frames read from clients."),
+    ("framesSent", "frames_sent", "Frames written to clients."),
+    ("bytesReceived", "bytes_received", "Bytes read from clients (after TLS)."),
+    ("bytesSent", "bytes_sent", "Bytes written to clients (before TLS)."),
+    ("messagesStored", "messages_stored",
+     "Messages stored (sent by clients or pushed by the HTTP API), retries excluded."),
+    ("messagesPushed", "messages_pushed",
+     "Inbox entries pushed to sessions (message notifies)."),
+    ("messagesAcked", "messages_acked", "Inbox entries acknowledged by sessions."),
+    ("dedupHits", "dedup_hits",
+     "Sends answered from the dedup record (a retry of a stored message)."),
+    ("idleCloses", "idle_closes", "Connections closed for the idle timeout."),
+)
+
+
+class GateMetrics:
+    """
+    The counters and histograms of one gate.
+
+    @ivar registry: the L{CollectorRegistry} C{/metrics} serves.
+    """
+
+    def __init__(self, registry=None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        for attribute, _, _ in _COUNTERS:
+            setattr(self, attribute, 0)
+        self.authFailures = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
+        self.kicks = dict.fromkeys(pb.KickReason.keys()[1:], 0)
+        self._connections = ()
+        self.ackRoundTrip = Histogram(
+            "imserver_ack_round_trip_seconds",
+            "From pushing an entry to a session to its ack.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.sendToPush = Histogram(
+            "imserver_send_to_push_seconds",
+            "From a send arriving to its recipients' pushes (storing included).",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.commitBatch = Histogram(
+            "imserver_store_commit_batch_size",
+            "Operations committed per store transaction (group commit).",
+            buckets=_BATCH_BUCKETS, registry=self.registry,
+        )
+        self.commitSeconds = Histogram(
+            "imserver_store_commit_seconds",
+            "Time of one store transaction, commit (fsync) included.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.registry.register(self)
+
+    def watch(self, connections):
+        """
+        Compute the connection gauges from C{connections} (the gate's live
+        L{imserver.protocol.GateProtocol}s) at each scrape.
+        """
+        self._connections = connections
+
+    def observeCommit(self, size, seconds):
+        """
+        Record one store transaction; safe to call from the store's thread.
+        """
+        self.commitBatch.observe(size)
+        self.commitSeconds.observe(seconds)
+
+    def describe(self):
+        # Names only: registering must not run collect() (no connections yet).
+        return [CounterMetricFamily("imserver_" + name, help) for _, name, help in _COUNTERS]
+
+    def collect(self):
+        for attribute, name, help in _COUNTERS:
+            yield CounterMetricFamily("imserver_" + name, help, value=getattr(self, attribute))
+        failures = CounterMetricFamily(
+            "imserver_auth_failures", "Failed authentications by reason.", labels=["reason"]
+        )
+        for reason, count in self.authFailures.items():
+            failures.add_metric([reason], count)
+        yield failures
+        kicks = CounterMetricFamily(
+            "imserver_kicks", "Sessions kicked, by reason.", labels=["reason"]
+        )
+        for reason, count in self.kicks.items():
+            kicks.add_metric([reason.lower()], count)
+        yield kicks
+        states = {"new": 0, "authenticating": 0, "authenticated": 0}
+        backlog = unacked = 0
+        for connection in list(self._connections):
+            states[connection.state] += 1
+            if connection.state == "authenticated":
+                backlog += max(0, connection._head - connection._acked)
+                unacked += connection._sent - connection._acked
+        gauge = GaugeMetricFamily(
+            "imserver_connections", "Open client connections by state.", labels=["state"]
+        )
+        for state, count in states.items():
+            gauge.add_metric([state], count)
+        yield gauge
+        yield GaugeMetricFamily(
+            "imserver_inbox_backlog",
+            "Inbox entries not yet acknowledged by the connected sessions of their users.",
+            value=backlog,
+        )
+        yield GaugeMetricFamily(
+            "imserver_pushes_unacked",
+            "Entries pushed to connected sessions and not yet acknowledged.",
+            value=unacked,
+        )
