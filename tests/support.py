@@ -1,11 +1,14 @@
 """
-Helpers shared by the tests: the environment of a gate under test, and the
-cleanup of child processes.
+Helpers shared by the tests: the environment of a gate under test, the
+cleanup of child processes, and the programs some tests need (skipped when
+missing, except in CI).
 """
 
 import os
+import shutil
 
 from twisted.internet.error import ProcessExitedAlready
+from twisted.trial.unittest import FailTest, SkipTest
 
 from imserver.auth import SECRET_ENV
 from imserver.spawn import childEnvironment
@@ -51,3 +54,57 @@ def killAtCleanup(testCase, process, transport):
         return process.ended
 
     testCase.addCleanup(kill)
+
+
+#: The environment variable that turns a missing test dependency outside
+#: Python (a program such as C{haproxy} or C{redis-server}) from a skip into
+#: a failure.  C{.ci/run} sets it to C{1}, so CI cannot pass by skipping.
+REQUIRE_ALL_ENV = "CI_REQUIRE_ALL"
+
+#: Directories searched for programs after C{$PATH}: Debian installs daemons
+#: such as C{haproxy} in C{/usr/sbin}, which is not on a user's C{$PATH}.
+SBIN_DIRECTORIES = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def requireDependency(available, what):
+    """
+    Skip the calling test if something it needs outside Python is missing,
+    or fail it if C{$CI_REQUIRE_ALL} is C{1}.  Call it from C{setUp} or a
+    test method.
+
+    @param available: whether the dependency is there.
+    @param what: what is missing and how to get it, for the message (for
+        example C{"haproxy (Debian package haproxy)"}).
+    @raise SkipTest: if C{available} is false.
+    @raise FailTest: instead, if C{$CI_REQUIRE_ALL} is C{1}.
+    """
+    if available:
+        return
+    if os.environ.get(REQUIRE_ALL_ENV) == "1":
+        raise FailTest(
+            "{} is required: ${}=1 makes a missing dependency a failure".format(
+                what, REQUIRE_ALL_ENV
+            )
+        )
+    raise SkipTest(
+        "{} not found (with ${}=1, as in CI, this is a failure)".format(
+            what, REQUIRE_ALL_ENV
+        )
+    )
+
+
+def requireExecutable(name, what=None):
+    """
+    Find the program C{name} on C{$PATH} or in L{SBIN_DIRECTORIES}; skip
+    the calling test if it is missing (fail it under C{$CI_REQUIRE_ALL}, see
+    L{requireDependency}).
+
+    @param what: the missing dependency, for the message (default: C{name}).
+    @return: the program's path.
+    """
+    path = os.pathsep.join(
+        [os.environ.get("PATH", os.defpath)] + list(SBIN_DIRECTORIES)
+    )
+    found = shutil.which(name, path=path)
+    requireDependency(found is not None, what or name)
+    return found
