@@ -520,42 +520,45 @@ class IMClient:
             (connected or not).
         """
         clientMsgId = clientMsgId or uuid.uuid4().hex
-        d = Deferred()
-        expiry = self.clock.callLater(self.maxSendAge, self._expire, clientMsgId)
-        self._pending[clientMsgId] = (to, groupId, body, contentType, d, expiry)
+        request = pb.SendRequest(
+            to=to, group_id=groupId, client_msg_id=clientMsgId, body=body,
+            content_type=contentType,
+        )
+        pending = self._pending[clientMsgId] = _PendingSend(
+            request, self.clock.callLater(self.maxSendAge, self._expire, clientMsgId)
+        )
         if self.protocol is not None:
             self._transmit(clientMsgId)
-        return d
+        return pending.result
 
     def _expire(self, clientMsgId):
-        entry = self._pending.pop(clientMsgId, None)
-        if entry is not None:
-            entry[4].errback(RequestTimeout(
+        pending = self._pending.pop(clientMsgId, None)
+        if pending is not None:
+            pending.result.errback(RequestTimeout(
                 "message {} not answered within {} s".format(clientMsgId, self.maxSendAge)))
 
     def _transmit(self, clientMsgId):
-        to, groupId, body, contentType, d, expiry = self._pending[clientMsgId]
         protocol = self.protocol
-        protocol.send(
-            to, body, clientMsgId, contentType, self.requestTimeout, groupId
+        protocol.callRemote(
+            methods.SEND, self._pending[clientMsgId].request, self.requestTimeout
         ).addCallbacks(
             self._sent, self._sendFailed, (clientMsgId,), None, (clientMsgId, protocol)
         )
 
     def _sent(self, response, clientMsgId):
-        entry = self._pending.pop(clientMsgId, None)
-        if entry is not None:
-            entry[5].cancel()
-            entry[4].callback(response)
+        pending = self._pending.pop(clientMsgId, None)
+        if pending is not None:
+            pending.expiry.cancel()
+            pending.result.callback(response)
 
     def _sendFailed(self, failure, clientMsgId, protocol):
-        entry = self._pending.get(clientMsgId)
-        if entry is None:
+        pending = self._pending.get(clientMsgId)
+        if pending is None:
             return
         if failure.check(RemoteError) and failure.value.code in _FINAL_SEND_ERRORS:
             del self._pending[clientMsgId]
-            entry[5].cancel()
-            entry[4].errback(failure)
+            pending.expiry.cancel()
+            pending.result.errback(failure)
             return
         if failure.check(RemoteError, RequestTimeout) and protocol is self.protocol:
             # UNAVAILABLE, INTERNAL or no answer yet: try again shortly on
@@ -594,6 +597,20 @@ class IMClient:
                 protocol.ack(message.seq)
         elif self.onNotify is not None:
             self.onNotify(name, message)
+
+
+class _PendingSend:
+    """
+    A send awaiting its answer: the request (re-sent as is), the
+    L{Deferred} the caller holds, and the L{maxSendAge} timer.
+    """
+
+    __slots__ = ("request", "result", "expiry")
+
+    def __init__(self, request, expiry):
+        self.request = request
+        self.result = Deferred()
+        self.expiry = expiry
 
 
 class _ProtocolFactory(Factory):
