@@ -1,14 +1,17 @@
 # -*- test-case-name: tests.test_chat -*-
 """
-C{python -m imserver chat}: talk to one user from a terminal.
+C{python -m imserver chat}: talk to one user, or in a group, from a terminal.
 
     python -m imserver chat --uid alice --to bob
+    python -m imserver chat --uid alice --group team
 
-Each line typed is sent to the peer; what arrives is printed as
-C{[HH:MM:SS] sender: text}.  The connection is an L{IMClient}: it
-reconnects by itself, resumes where it left off and re-sends unanswered
-messages.  Ctrl-D waits (briefly) for the server to confirm what was sent,
-then quits.
+Each line typed is sent to the peer (or the group); what arrives is printed
+as C{[HH:MM:SS] sender: text}, or C{[HH:MM:SS] sender in group: text} for a
+group message, and system notices as C{[HH:MM:SS] notice: text}.  In a
+group, the members are listed once connected.  The connection is an
+L{IMClient}: it reconnects by itself, resumes where it left off and re-sends
+unanswered messages.  Ctrl-D waits (briefly) for the server to confirm what
+was sent, then quits.
 
 By default it finds the server the way C{make run} starts it: TLS on
 localhost:7443, trusting C{<data-dir>/tls-cert.pem}, with a token minted
@@ -35,6 +38,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from imserver.auth import validateDeviceId, validateUid
+from imserver.errors import RemoteError
 from imserver.pb import im_pb2 as pb
 from imserver.tap import DEFAULT_DATA_DIR
 
@@ -53,6 +57,10 @@ MAX_LINE_LENGTH = 64 * 1024
 MAX_RECONNECT_DELAY = 10.0
 #: How long to wait for the terminal to take the last lines at exit.
 OUTPUT_FLUSH_TIMEOUT = 2.0
+#: Shown as the sender of a message the app backend sent (empty sender).
+SYSTEM_SENDER = "(system)"
+#: How roles are shown in the member list (members have no mark).
+ROLE_MARKS = {pb.ROLE_OWNER: " (owner)", pb.ROLE_ADMIN: " (admin)"}
 
 
 def defaultDeviceId():
@@ -79,15 +87,16 @@ class ChatOptions(usage.Options):
     """
 
     synopsis = (
-        "--uid UID --to PEER [--host HOST] [--port PORT] [--ca FILE] [--no-tls]"
-        " [--token TOKEN | --token-file FILE] [--data-dir DIR] [--secret-file FILE]"
-        " [--device ID]"
+        "--uid UID (--to PEER | --group GROUP_ID) [--host HOST] [--port PORT]"
+        " [--ca FILE] [--no-tls] [--token TOKEN | --token-file FILE]"
+        " [--data-dir DIR] [--secret-file FILE] [--device ID]"
     )
     longdesc = (
-        "Chat with PEER as UID: every line read is sent, every message received"
-        " is printed; Ctrl-D quits. Without --token or --token-file, a token is"
-        " minted from the server secret found as the server finds it"
-        " (--secret-file, else $IMSERVER_SECRET, else <data-dir>/secret)."
+        "Chat with PEER, or in the group GROUP_ID, as UID: every line read is"
+        " sent, every message received is printed; Ctrl-D quits. Without"
+        " --token or --token-file, a token is minted from the server secret"
+        " found as the server finds it (--secret-file, else $IMSERVER_SECRET,"
+        " else <data-dir>/secret)."
     )
     optFlags = [
         ["no-tls", None, "Plain TCP, for a tcp: listener (loopback testing only)."],
@@ -95,6 +104,7 @@ class ChatOptions(usage.Options):
     optParameters = [
         ["uid", "u", None, "Your user id."],
         ["to", "t", None, "The user id to chat with."],
+        ["group", "g", None, "The group to chat in (instead of --to)."],
         ["host", None, DEFAULT_HOST, "The gate's host name."],
         ["port", "p", DEFAULT_PORT, "The gate's port.", int],
         ["ca", None, None,
@@ -109,9 +119,16 @@ class ChatOptions(usage.Options):
     ]
 
     def postOptions(self):
-        for name in ("uid", "to"):
+        if not self["uid"]:
+            raise usage.UsageError("--uid is required")
+        if self["to"] and self["group"]:
+            raise usage.UsageError("give --to or --group, not both")
+        if not self["to"] and not self["group"]:
+            raise usage.UsageError("--to or --group is required")
+        for name in ("uid", "to", "group"):
             if not self[name]:
-                raise usage.UsageError("--{} is required".format(name))
+                self[name] = None
+                continue
             try:
                 validateUid(self[name])
             except ValueError as e:
@@ -143,6 +160,7 @@ class ChatConfig:
     def __init__(self, options, token, trustRoot):
         self.uid = options["uid"]
         self.peer = options["to"]
+        self.group = options["group"]
         self.host = options["host"]
         self.port = options["port"]
         self.tls = not options["no-tls"]
@@ -267,7 +285,7 @@ def printable(text):
 
 def bodyText(message):
     """
-    @param message: a L{pb.Message}.
+    @param message: a L{pb.Message} (or a L{pb.Notice}).
     @return: its body as text to print: UTF-8 text for C{text/*} (or no
         content type), else a note of its size and type.
     """
@@ -279,8 +297,8 @@ def bodyText(message):
 
 class ChatSession:
     """
-    One chat: lines from the terminal go to C{peer}, messages from the
-    client are printed to C{out}.
+    One chat: lines from the terminal go to C{peer} (or to C{group}),
+    messages and notices from the client are printed to C{out}.
 
     Outgoing entries (the user's own messages, which the server also stores
     in the user's inbox) are printed only when another device sent them;
@@ -295,14 +313,15 @@ class ChatSession:
 
     def __init__(self, reactor, client, out, me, peer, where=None,
                  localtime=time.localtime, drainTimeout=DRAIN_TIMEOUT,
-                 typingInterval=TYPING_INTERVAL):
+                 typingInterval=TYPING_INTERVAL, group=None):
         """
         @param reactor: an L{IReactorTime}.
         @param client: an L{imserver.client.IMClient} (or a fake of one);
             its C{onMessage} and C{onNotify} are set here.
         @param out: a text stream.
         @param me: this user's uid.
-        @param peer: the uid to chat with.
+        @param peer: the uid to chat with, or L{None} with C{group}.
+        @param group: the group to chat in, instead of C{peer}.
         @param where: C{"host:port"} for messages about connecting.
         @param localtime: turns Unix seconds into a C{struct_time}.
         """
@@ -311,6 +330,7 @@ class ChatSession:
         self.out = out
         self.me = me
         self.peer = peer
+        self.group = group
         self.where = where
         self.localtime = localtime
         self.drainTimeout = drainTimeout
@@ -322,7 +342,9 @@ class ChatSession:
         self._inputEnded = False
         self._finished = False
         self._drainTimer = None
-        self._typingShownAt = None
+        # (uid, group id) -> when "(uid is typing...)" was last shown.
+        self._typingShownAt = {}
+        self._membersShown = False
         self._everConnected = False
         self._lastFailure = None
         client.onMessage = self.onMessage
@@ -343,8 +365,9 @@ class ChatSession:
 
         @return: L{done}.
         """
-        self.show("chat with {} as {}{} (Enter sends a line, Ctrl-D quits)".format(
-            self.peer, self.me, " via " + self.where if self.where else ""))
+        self.show("chat {} as {}{} (Enter sends a line, Ctrl-D quits)".format(
+            "in group " + self.group if self.group else "with " + self.peer,
+            self.me, " via " + self.where if self.where else ""))
         self.client.whenStopped().addCallback(self._stopped)
         self._awaitConnection()
         self.client.start()
@@ -362,6 +385,29 @@ class ChatSession:
             self.me, protocol.session.session_id))
         self._everConnected = True
         protocol.whenClosed().addCallback(self._disconnected)
+        if self.group and not self._membersShown:
+            protocol.members(self.group).addCallbacks(
+                self._showMembers, self._membersFailed)
+
+    def _showMembers(self, members):
+        if self._finished or self._membersShown:
+            return
+        self._membersShown = True
+        self.show("members of {}: {}".format(self.group, ", ".join(
+            member.uid + ROLE_MARKS.get(member.role, "") for member in members)))
+
+    def _membersFailed(self, failure):
+        # An answer is shown once; without one (the connection closed
+        # first, or no answer in time), the next connection asks again.
+        if self._finished or self._membersShown or not failure.check(RemoteError):
+            return
+        self._membersShown = True
+        if failure.value.code == pb.NOT_MEMBER:
+            self.show("! you are not a member of group {} (or it does not exist):"
+                      " lines sent to it will be refused".format(self.group))
+        else:
+            self.show("! cannot list the members of {}: {}".format(
+                self.group, describe(failure.value)))
 
     def _disconnected(self, reason):
         if self._finished or self.client.stopReason is not None:
@@ -418,8 +464,8 @@ class ChatSession:
 
     def lineReceived(self, line):
         """
-        Send one line (L{bytes}, without its newline) to the peer, unless it
-        is blank.
+        Send one line (L{bytes}, without its newline) to the peer or the
+        group, unless it is blank.
         """
         if self._finished or self._inputEnded:
             return
@@ -435,7 +481,8 @@ class ChatSession:
         clientMsgId = self._prefix + uuid.uuid4().hex
         self._sentIds.add(clientMsgId)
         self._unanswered += 1
-        d = self.client.send(self.peer, line, "text/plain", clientMsgId=clientMsgId)
+        d = self.client.send(self.peer or "", line, "text/plain",
+                             clientMsgId=clientMsgId, groupId=self.group or "")
         d.addCallbacks(self._sent, self._sendFailed,
                        errbackArgs=(clientMsgId, line))
 
@@ -480,7 +527,8 @@ class ChatSession:
     def onMessage(self, entry):
         """
         Print an inbox entry, unless it is the server's copy of a message
-        this process sent.
+        this process sent.  A group message names its group; a message
+        with no sender came from the app backend.
 
         @param entry: a L{pb.InboxEntry}.
         """
@@ -492,28 +540,42 @@ class ChatSession:
             who = "you"
             if not message.client_msg_id.startswith(self._prefix):
                 who += " (other device)"
-            if message.recipient != self.peer:
+            if not message.group_id and message.recipient != self.peer:
                 who += " to " + message.recipient
         else:
-            who = message.sender
-            if who == self.peer:
-                self._typingShownAt = None
-        self.show("[{}] {}: {}".format(
-            time.strftime("%H:%M:%S", self.localtime(message.created_ms / 1000.0)),
-            who, bodyText(message)))
+            who = message.sender or SYSTEM_SENDER
+            self._typingShownAt.pop((message.sender, message.group_id), None)
+        if message.group_id:
+            who += " in " + message.group_id
+        self.show("[{}] {}: {}".format(self._time(message.created_ms), who,
+                                       bodyText(message)))
 
     def onNotify(self, name, message):
         """
-        Show the peer typing, at most once per C{typingInterval} seconds.
+        Show a system notice; show the peer (or a member of the group)
+        typing, at most once per C{typingInterval} seconds each.
         """
-        if name != "typing" or message.uid != self.peer or not message.active:
+        if name == "notice":
+            self.show("[{}] notice: {}".format(self._time(message.server_time_ms),
+                                               bodyText(message)))
             return
+        if name != "typing" or not message.active:
+            return
+        if self.group:
+            if message.group_id != self.group or message.uid == self.me:
+                return
+        elif message.group_id or message.uid != self.peer:
+            return
+        key = (message.uid, message.group_id)
         now = self.clock.seconds()
-        if (self._typingShownAt is not None
-                and now - self._typingShownAt < self.typingInterval):
+        shownAt = self._typingShownAt.get(key)
+        if shownAt is not None and now - shownAt < self.typingInterval:
             return
-        self._typingShownAt = now
-        self.show("({} is typing...)".format(self.peer))
+        self._typingShownAt[key] = now
+        self.show("({} is typing...)".format(message.uid))
+
+    def _time(self, ms):
+        return time.strftime("%H:%M:%S", self.localtime(ms / 1000.0))
 
 
 @implementer(IHalfCloseableProtocol)
@@ -663,6 +725,7 @@ def run(reactor, config, stdin=0, stdout=1):
         reactor, client, TransportText(stdio, getattr(sys.stdout, "encoding", None)
                                        or "utf-8"),
         config.uid, config.peer, where="{}:{}".format(config.host, config.port),
+        group=config.group,
     )
     terminal.session = session
     endpoint.onFailure = session.connectFailed

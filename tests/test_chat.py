@@ -3,8 +3,9 @@ Tests for C{python -m imserver chat} (L{imserver.chat}).
 
 L{ChatSession} and L{TerminalInput} are driven with a fake client, a
 L{Clock} and an L{io.StringIO}; the options and L{imserver.chat.prepare}
-are checked without a reactor; one live test runs two chat processes
-against an in-process gate on loopback TLS.
+are checked without a reactor; two live tests run two chat processes
+against an in-process gate on loopback TLS, one pair talking 1:1 and one
+in a group.
 """
 
 import sys
@@ -55,15 +56,24 @@ class FakeProtocol:
     def __init__(self, sessionId="s1"):
         self.session = pb.AuthResponse(session_id=sessionId)
         self.closed = Deferred()
+        self.membersAsked = []
 
     def whenClosed(self):
         return self.closed
+
+    def members(self, groupId):
+        d = Deferred()
+        self.membersAsked.append((groupId, d))
+        return d
 
 
 class FakeClient:
     """
     Stands in for an L{imserver.client.IMClient}: records sends and lets
     the test fire connections, answers and the stop.
+
+    @ivar sent: C{(to, body, contentType, clientMsgId, d)} per send.
+    @ivar sentGroups: the C{groupId} of each send.
     """
 
     def __init__(self, deviceId="cli-test"):
@@ -74,6 +84,7 @@ class FakeClient:
         self.started = False
         self.stopped = False
         self.sent = []
+        self.sentGroups = []
         self.connectWaiters = []
         self.stopWaiters = []
 
@@ -84,9 +95,10 @@ class FakeClient:
         self.stopped = True
         return succeed(None)
 
-    def send(self, to, body, contentType="", clientMsgId=None):
+    def send(self, to, body, contentType="", clientMsgId=None, groupId=""):
         d = Deferred()
         self.sent.append((to, body, contentType, clientMsgId, d))
+        self.sentGroups.append(groupId)
         return d
 
     def whenConnected(self):
@@ -118,10 +130,11 @@ class FakeClient:
 
 
 def _entry(sender, recipient, body, seq=1, outgoing=False, clientMsgId="x",
-           contentType="text/plain", createdMs=CREATED_MS):
+           contentType="text/plain", createdMs=CREATED_MS, groupId=""):
     return pb.InboxEntry(seq=seq, outgoing=outgoing, message=pb.Message(
-        id=seq, sender=sender, recipient=recipient, client_msg_id=clientMsgId,
-        body=body, content_type=contentType, created_ms=createdMs))
+        id=seq, sender=sender, recipient=recipient, group_id=groupId,
+        client_msg_id=clientMsgId, body=body, content_type=contentType,
+        created_ms=createdMs))
 
 
 class ChatSessionTests(SynchronousTestCase):
@@ -180,6 +193,7 @@ class ChatSessionTests(SynchronousTestCase):
         self.session.lineReceived(b"hi bob\r")
         [(to, body, contentType, clientMsgId, d)] = self.client.sent
         self.assertEqual((to, body, contentType), ("bob", b"hi bob", "text/plain"))
+        self.assertEqual(self.client.sentGroups, [""])
         self.assertTrue(clientMsgId.startswith(clientMsgIdPrefix("cli-test")))
         self.assertLessEqual(len(clientMsgId), 64)
         self.assertEqual(self.lines(), [])
@@ -233,6 +247,53 @@ class ChatSessionTests(SynchronousTestCase):
         self.session.onMessage(_entry("alice", "bob", b"yesterday", outgoing=True,
                                       clientMsgId=clientMsgId))
         self.assertEqual(self.lines(), ["[22:13:20] you: yesterday"])
+
+    def test_groupMessage(self):
+        """
+        A group message is printed with its group, whatever the chat is
+        with; the user's own, from another device, too.
+        """
+        self.session.onMessage(_entry("carol", "", b"hi team", groupId="team"))
+        self.session.onMessage(_entry("alice", "", b"me too", seq=2, outgoing=True,
+                                      clientMsgId="abc", groupId="team"))
+        self.assertEqual(self.lines(), [
+            "[22:13:20] carol in team: hi team",
+            "[22:13:20] you (other device) in team: me too",
+        ])
+
+    def test_systemSender(self):
+        """
+        A message with no sender (sent by the app backend) is printed as
+        from C{(system)}.
+        """
+        self.session.onMessage(_entry("", "alice", b"welcome"))
+        self.session.onMessage(_entry("", "", b"new rules", seq=2, groupId="team"))
+        self.assertEqual(self.lines(), [
+            "[22:13:20] (system): welcome",
+            "[22:13:20] (system) in team: new rules",
+        ])
+
+    def test_notice(self):
+        """
+        A C{notice} is printed with its server time; a body that is not
+        text by its size and content type.
+        """
+        self.client.onNotify("notice", pb.Notice(
+            body=b"maintenance at 5", content_type="text/plain",
+            server_time_ms=CREATED_MS + 1000))
+        self.client.onNotify("notice", pb.Notice(
+            body=b"{}", content_type="application/json", server_time_ms=CREATED_MS))
+        self.assertEqual(self.lines(), [
+            "[22:13:21] notice: maintenance at 5",
+            "[22:13:20] notice: [2 bytes of application/json]",
+        ])
+
+    def test_unknownNotify(self):
+        """
+        Notifications the chat does not know are not shown.
+        """
+        self.client.onNotify("presence", pb.Typing(uid="bob", active=True))
+        self.assertEqual(self.lines(), [])
 
     def test_controlCharacters(self):
         """
@@ -314,6 +375,21 @@ class ChatSessionTests(SynchronousTestCase):
             "(bob is typing...)",
         ])
 
+    def test_typingInAGroup(self):
+        """
+        The peer typing in a group is not shown in a 1:1 chat.
+        """
+        self.client.onNotify("typing", pb.Typing(uid="bob", active=True, group_id="team"))
+        self.assertEqual(self.lines(), [])
+
+    def test_noMembersAsked(self):
+        """
+        A 1:1 chat does not ask for group members.
+        """
+        protocol = FakeProtocol()
+        self.client.connect(protocol)
+        self.assertEqual(protocol.membersAsked, [])
+
     def test_kicked(self):
         """
         A kick is printed, with a hint for a replaced device, and ends the
@@ -384,6 +460,146 @@ class ChatSessionTests(SynchronousTestCase):
         self.session.connectFailed(OSError("refused"))
         self.assertEqual(self.client.sent, [])
         self.assertEqual(self.lines(), [])
+
+
+class GroupChatSessionTests(SynchronousTestCase):
+    """
+    L{ChatSession} in a group (C{--group}).
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.client = FakeClient()
+        self.out = StringIO()
+        self.session = ChatSession(self.clock, self.client, self.out, "alice", None,
+                                   where="localhost:7443", localtime=time.gmtime,
+                                   group="team")
+        self.done = self.session.start()
+
+    def lines(self):
+        return self.out.getvalue().splitlines()
+
+    def test_start(self):
+        """
+        Starting names the group.
+        """
+        self.assertEqual(self.lines(), [
+            "chat in group team as alice via localhost:7443"
+            " (Enter sends a line, Ctrl-D quits)"])
+
+    def test_send(self):
+        """
+        A line is sent to the group, with no recipient.
+        """
+        self.session.lineReceived(b"hi all")
+        [(to, body, contentType, clientMsgId, d)] = self.client.sent
+        self.assertEqual((to, body, contentType), ("", b"hi all", "text/plain"))
+        self.assertEqual(self.client.sentGroups, ["team"])
+
+    def test_members(self):
+        """
+        Once connected the members are listed, owner and admins marked;
+        only on the first connection.
+        """
+        first = FakeProtocol("s1")
+        self.client.connect(first)
+        [(groupId, d)] = first.membersAsked
+        self.assertEqual(groupId, "team")
+        d.callback([pb.Member(uid="alice", role=pb.ROLE_OWNER),
+                    pb.Member(uid="bob", role=pb.ROLE_MEMBER),
+                    pb.Member(uid="carol", role=pb.ROLE_ADMIN)])
+        first.closed.callback(ConnectionDone())
+        second = FakeProtocol("s2")
+        self.client.connect(second)
+        self.assertEqual(second.membersAsked, [])
+        self.assertEqual(self.lines()[1:3], [
+            "connected as alice (session s1)",
+            "members of team: alice (owner), bob, carol (admin)",
+        ])
+
+    def test_notMember(self):
+        """
+        C{NOT_MEMBER} for the member list says that lines will be refused;
+        a refused line says why.
+        """
+        protocol = FakeProtocol()
+        self.client.connect(protocol)
+        protocol.membersAsked[0][1].errback(
+            RemoteError(pb.NOT_MEMBER, "not a member of group 'team'"))
+        self.session.lineReceived(b"hello?")
+        self.client.sent[0][4].errback(
+            RemoteError(pb.NOT_MEMBER, "not a member of group 'team'"))
+        self.assertEqual(self.lines()[2:], [
+            "! you are not a member of group team (or it does not exist):"
+            " lines sent to it will be refused",
+            "! send failed: NOT_MEMBER: not a member of group 'team': hello?",
+        ])
+
+    def test_membersOtherError(self):
+        """
+        Another error answer for the member list is shown once.
+        """
+        protocol = FakeProtocol()
+        self.client.connect(protocol)
+        protocol.membersAsked[0][1].errback(RemoteError(pb.UNAVAILABLE, "later"))
+        self.assertEqual(self.lines()[2:],
+                         ["! cannot list the members of team: UNAVAILABLE: later"])
+
+    def test_membersNotAnswered(self):
+        """
+        Without an answer (the connection closed first) nothing is shown,
+        and the next connection asks again.
+        """
+        first = FakeProtocol("s1")
+        self.client.connect(first)
+        first.membersAsked[0][1].errback(ConnectionDone())
+        first.closed.callback(ConnectionDone())
+        second = FakeProtocol("s2")
+        self.client.connect(second)
+        self.assertEqual(len(second.membersAsked), 1)
+        self.assertEqual([line for line in self.lines() if "member" in line], [])
+
+    def test_incoming(self):
+        """
+        Messages in the group show sender and group; a direct message shows
+        its sender only; the server's copy of a line sent here is not shown.
+        """
+        self.session.lineReceived(b"hi all")
+        clientMsgId = self.client.sent[0][3]
+        self.session.onMessage(_entry("alice", "", b"hi all", outgoing=True,
+                                      clientMsgId=clientMsgId, groupId="team"))
+        self.session.onMessage(_entry("bob", "", b"hello", seq=2, groupId="team"))
+        self.session.onMessage(_entry("carol", "alice", b"psst", seq=3))
+        self.session.onMessage(_entry("alice", "carol", b"later", seq=4, outgoing=True,
+                                      clientMsgId="abc"))
+        self.assertEqual(self.lines()[1:], [
+            "[22:13:20] bob in team: hello",
+            "[22:13:20] carol: psst",
+            "[22:13:20] you (other device) to carol: later",
+        ])
+
+    def test_typing(self):
+        """
+        Members typing in the group are shown, each at most once per
+        interval and again after a message from them in the group; typing
+        elsewhere, and this user's own, is not.
+        """
+        typing = self.client.onNotify
+        typing("typing", pb.Typing(uid="bob", active=True, group_id="team"))
+        typing("typing", pb.Typing(uid="carol", active=True, group_id="team"))
+        typing("typing", pb.Typing(uid="bob", active=True, group_id="team"))
+        typing("typing", pb.Typing(uid="bob", active=True))
+        typing("typing", pb.Typing(uid="dave", active=True, group_id="other"))
+        typing("typing", pb.Typing(uid="alice", active=True, group_id="team"))
+        self.session.onMessage(_entry("bob", "", b"done", groupId="team"))
+        typing("typing", pb.Typing(uid="bob", active=True, group_id="team"))
+        typing("typing", pb.Typing(uid="carol", active=True, group_id="team"))
+        self.assertEqual(self.lines()[1:], [
+            "(bob is typing...)",
+            "(carol is typing...)",
+            "[22:13:20] bob in team: done",
+            "(bob is typing...)",
+        ])
 
 
 class RecordingSession:
@@ -610,10 +826,11 @@ class OptionsTests(SynchronousTestCase):
 
     def test_required(self):
         """
-        C{--uid} and C{--to} are required: a usage error, status 2.
+        C{--uid} and one of C{--to} and C{--group} are required: a usage
+        error, status 2.
         """
         self.assertEqual(main(["chat", "--uid", "alice"]), 2)
-        self.assertIn("--to is required", self.stderr.getvalue())
+        self.assertIn("--to or --group is required", self.stderr.getvalue())
         self.assertEqual(main(["chat", "--to", "bob"]), 2)
         self.assertIn("--uid is required", self.stderr.getvalue())
 
@@ -629,6 +846,22 @@ class OptionsTests(SynchronousTestCase):
             self.assertRaises(UsageError, self.parse, *args)
         self.assertRaises(UsageError, ChatOptions().parseOptions,
                           ["--uid", "al\x00ice", "--to", "bob"])
+
+    def test_group(self):
+        """
+        C{--group} replaces C{--to}; giving both is a usage error, and the
+        group id follows the uid rules.
+        """
+        options = ChatOptions()
+        options.parseOptions(["--uid", "alice", "--group", "team", "--token", "t"])
+        self.assertEqual((options["group"], options["to"]), ("team", None))
+        config = prepare(options)
+        self.assertEqual((config.group, config.peer), ("team", None))
+        self.assertIsNone(self.parse()["group"])
+        error = self.assertRaises(UsageError, self.parse, "--group", "team")
+        self.assertIn("not both", str(error))
+        self.assertRaises(UsageError, ChatOptions().parseOptions,
+                          ["--uid", "alice", "--group", "te\nam"])
 
     def test_noSecretNoToken(self):
         """
@@ -774,6 +1007,8 @@ class LiveChatTests(TestCase):
     """
     Two chat processes, as two terminals, against an in-process gate on
     loopback TLS with its self-signed certificate and generated secret.
+    Groups are made through the gate's store (as the HTTP API would) before
+    the chats start.
     """
 
     timeout = 60
@@ -793,17 +1028,19 @@ class LiveChatTests(TestCase):
     def _listening(self, addresses):
         self.port = addresses[0].port
 
-    def chat(self, uid, peer):
+    def chat(self, uid, peer=None, group=None):
         """
-        Start C{python -m imserver chat --uid uid --to peer} on the gate's
-        port and data directory; kill it at cleanup if it still runs.
+        Start C{python -m imserver chat --uid uid --to peer} (or C{--group
+        group}) on the gate's port and data directory; kill it at cleanup if
+        it still runs.
 
         @return: the L{ChatProcess}.
         """
         process = ChatProcess(uid)
         env = childEnvironment()
-        argv = [sys.executable, "-m", "imserver", "chat", "--uid", uid, "--to", peer,
-                "--port", str(self.port), "--data-dir", self.dataDir.path]
+        target = ["--to", peer] if group is None else ["--group", group]
+        argv = [sys.executable, "-m", "imserver", "chat", "--uid", uid] + target + [
+            "--port", str(self.port), "--data-dir", self.dataDir.path]
         transport = reactor.spawnProcess(process, sys.executable, argv, env=env)
         process.transport = transport
         killAtCleanup(self, process, transport)
@@ -830,4 +1067,32 @@ class LiveChatTests(TestCase):
         self.assertEqual(statuses, [0, 0], alice.errors + bob.errors)
         self.assertNotIn("hello bob", alice.output)
         self.assertNotIn("fine, thanks", bob.output)
+        self.assertEqual(alice.errors + bob.errors, "")
+
+    @inlineCallbacks
+    def test_group(self):
+        """
+        Two members chatting in a group see its members, each other's lines
+        as C{sender in group: line}, and a broadcast notice.
+        """
+        factory = self.root.getServiceNamed("gate").factory
+        yield factory.groups.create("team", "Team", "alice", CREATED_MS)
+        yield factory.groups.setMembers("team", [("bob", pb.ROLE_MEMBER)], CREATED_MS)
+        alice = self.chat("alice", group="team")
+        bob = self.chat("bob", group="team")
+        yield gatherResults([
+            process.waitFor("members of team: alice (owner), bob\n")
+            for process in (alice, bob)])
+        alice.transport.write(b"hello team\n")
+        yield bob.waitFor("] alice in team: hello team\n")
+        bob.transport.write(b"hi alice\n")
+        yield alice.waitFor("] bob in team: hi alice\n")
+        self.assertEqual(factory.broadcast(b"maintenance at 5", "text/plain"), 2)
+        yield gatherResults([process.waitFor("] notice: maintenance at 5\n")
+                             for process in (alice, bob)])
+        alice.transport.closeStdin()
+        bob.transport.closeStdin()
+        statuses = yield gatherResults([alice.ended, bob.ended])
+        self.assertEqual(statuses, [0, 0], alice.errors + bob.errors)
+        self.assertNotIn("hello team", alice.output)
         self.assertEqual(alice.errors + bob.errors, "")
