@@ -140,7 +140,10 @@ class Groups:
         members = yield self.membersFor(groupId, uid)
         if any(m.uid == uid and m.role == pb.ROLE_OWNER for m in members):
             raise BadRequest("the owner cannot leave; delete the group instead")
-        removed = yield self.store.removeMembers(groupId, [uid])
+        try:
+            removed = yield self.store.removeMembers(groupId, [uid])
+        except GroupNotFound:  # deleted meanwhile
+            removed = []
         if not removed:
             raise NotMember("not a member of group {!r}".format(groupId))
 

@@ -96,8 +96,9 @@ class Messenger:
         @type request: L{pb.SendRequest}
         @return: a L{Deferred} firing with a L{pb.SendResponse} once the
             message is durably in every inbox, or failing with an
-            L{RPCError} (C{BAD_REQUEST}, C{MESSAGE_TOO_LARGE},
-            C{NOT_MEMBER}, C{UNAVAILABLE}).
+            L{RPCError} (C{NOT_MEMBER}, C{UNAVAILABLE}).
+        @raise RPCError: C{BAD_REQUEST} or C{MESSAGE_TOO_LARGE} for an
+            invalid request, before anything is stored.
         """
         if request.to and request.group_id:
             raise BadRequest("set one of to and group_id, not both")
@@ -130,11 +131,13 @@ class Messenger:
             inbox; a group message as the system needs no membership).
         @param clientMsgId: the idempotency key, per sender.
         @return: a L{Deferred} firing with the L{imserver.store.Delivery}
-            once durable, or failing with an L{RPCError} (C{BAD_REQUEST},
-            C{MESSAGE_TOO_LARGE}, C{NOT_MEMBER}, C{UNAVAILABLE}).
+            once durable, or failing with an L{RPCError} (C{NOT_MEMBER},
+            C{UNAVAILABLE}).
+        @raise RPCError: C{BAD_REQUEST} or C{MESSAGE_TOO_LARGE} for an
+            invalid message, before anything is stored.
         """
         if sum(x is not None for x in (to, uids, groupId)) != 1:
-            raise BadRequest("name exactly one of: a recipient, a list of them, a group")
+            raise BadRequest("name exactly one of: to, a group")
         if to is not None:
             uids = [to]
         if uids is not None:
@@ -198,6 +201,11 @@ class Messenger:
         seqs = delivery.seqs
         self.registry.sessionsForMany(list(seqs)).addCallback(
             _advance, seqs, delivery.message.sender, push
+        ).addErrback(
+            # Nothing is lost: the sessions fetch the entries on their next
+            # pump, ack or reconnect.
+            lambda failure: self.log.failure("announcing message {id} failed", failure,
+                                             id=delivery.message.id)
         )
 
     def typing(self, sender, to, active, groupId=""):
@@ -206,7 +214,9 @@ class Messenger:
         other members of C{groupId} if the sender is one; nothing is stored.
         """
         if not groupId:
-            self.registry.sessionsFor(to).addCallback(_typing, sender, active, "")
+            self.registry.sessionsFor(to).addCallback(
+                _typing, sender, active, ""
+            ).addErrback(lambda failure: self.log.failure("typing failed", failure))
             return
         d = self.store.members(groupId)
         d.addCallback(self._groupTyping, sender, active, groupId)
@@ -221,7 +231,7 @@ class Messenger:
         self.registry.sessionsForMany(uids).addCallback(
             lambda found: [_typing(sessions, sender, active, groupId)
                            for sessions in found.values()]
-        )
+        ).addErrback(lambda failure: self.log.failure("group typing failed", failure))
 
 
 def _advance(found, seqs, sender, push):

@@ -316,17 +316,8 @@ class GateProtocol(RPCProtocol):
         store = self.factory.store
         d = store.fetch(self.uid, request.after_seq, limit)
 
-        budget = self.factory.settings.max_frame_length - _FRAME_OVERHEAD
-
         def withHead(entries):
-            # Whole entries only, and only as many as fit one frame (at
-            # least one always fits: bodies are capped well below it).
-            kept, size = [], 0
-            for entry in entries:
-                size += entry.ByteSize() + 6
-                if kept and size > budget:
-                    break
-                kept.append(entry)
+            kept, _ = self._fitFrame(entries)
             return store.head(self.uid).addCallback(synced, kept)
 
         def synced(head, kept):
@@ -380,18 +371,55 @@ class GateProtocol(RPCProtocol):
             self.uid, message.uid, message.active, message.group_id
         )
 
+    def _fitFrame(self, items):
+        """
+        The leading C{items} (protobuf messages) that fit one response
+        frame: whole items only, at least one (every item is capped well
+        below the frame limit).
+
+        @return: C{(kept, more)}: the items, and whether any were left out.
+        """
+        budget = self.factory.settings.max_frame_length - _FRAME_OVERHEAD
+        kept, size = [], 0
+        for item in items:
+            size += item.ByteSize() + 6
+            if kept and size > budget:
+                return kept, True
+            kept.append(item)
+        return kept, False
+
+    def _page(self, items, key, after, limit):
+        """
+        One page of C{items} (sorted by C{key}) after C{after}.
+
+        @return: C{(page, more)}
+        """
+        pageSize = self.factory.settings.sync_page_size
+        limit = min(limit or pageSize, pageSize)
+        items = [item for item in items if getattr(item, key) > after]
+        page, more = self._fitFrame(items[:limit])
+        return page, more or len(items) > limit
+
     # -- groups --------------------------------------------------------------
 
     @methods.GROUPS.responder
     def groups(self, request):
-        return self.factory.groups.groupsOf(self.uid).addCallback(
-            lambda groups: pb.GroupsResponse(groups=groups)
-        ).addErrback(self.factory.messenger.storeFailed)
+        def page(groups):
+            groups, more = self._page(groups, "group_id", request.after_group_id, request.limit)
+            return pb.GroupsResponse(groups=groups, more=more)
+
+        return self.factory.groups.groupsOf(self.uid).addCallback(page).addErrback(
+            self.factory.messenger.storeFailed
+        )
 
     @methods.MEMBERS.responder
     def members(self, request):
+        def page(members):
+            members, more = self._page(members, "uid", request.after_uid, request.limit)
+            return pb.MembersResponse(members=members, more=more)
+
         return self.factory.groups.membersFor(request.group_id, self.uid).addCallback(
-            lambda members: pb.MembersResponse(members=members)
+            page
         ).addErrback(self.factory.messenger.storeFailed)
 
     @methods.LEAVE.responder

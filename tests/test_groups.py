@@ -58,6 +58,16 @@ class GroupsTests(SynchronousTestCase):
         self.groups = Groups(MemoryMessageStore(), Settings(max_group_size=4))
         self.successResultOf(self.groups.create("g1", "Team", "alice", T0))
 
+    def test_roleChangeInFullGroup(self):
+        """
+        Changing roles adds nobody, so it works even in a group at (or,
+        after the limit was lowered, beyond) the maximum size.
+        """
+        self.successResultOf(self.groups.setMembers(
+            "g1", [(u, pb.ROLE_MEMBER) for u in ["b", "c", "d"]], T0))
+        self.groups.settings = Settings(max_group_size=2)
+        self.successResultOf(self.groups.setMembers("g1", [("b", pb.ROLE_ADMIN)], T0))
+
     def test_badIds(self):
         """
         Group ids and uids follow the uid rules; names are bounded.
@@ -235,6 +245,55 @@ class GateGroupTests(SynchronousTestCase):
         self.assertEqual(response.error.code, pb.NOT_MEMBER)
         response = self.call("bob", "members", pb.MembersRequest(group_id=""))
         self.assertEqual(response.error.code, pb.BAD_REQUEST)
+
+    def test_membersPaged(self):
+        """
+        C{members} pages by uid: C{limit} entries, C{more} while others
+        follow, C{after_uid} for the next page.
+        """
+        response = self.call("bob", "members", pb.MembersRequest(group_id="g1", limit=3))
+        page = pb.MembersResponse.FromString(response.body)
+        self.assertEqual(([m.uid for m in page.members], page.more),
+                         (["alice", "bob", "carol"], True))
+        response = self.call("bob", "members", pb.MembersRequest(
+            group_id="g1", after_uid="carol", limit=3))
+        page = pb.MembersResponse.FromString(response.body)
+        self.assertEqual(([m.uid for m in page.members], page.more), (["dave"], False))
+
+    def test_pagesFitOneFrame(self):
+        """
+        A page never exceeds the frame limit, whatever the page size: it is
+        cut short and says there is more.
+        """
+        gate = DeliveryHarness(self, max_frame_length=2048, max_message_body=1024,
+                               preauth_max_frame_length=1024,
+                               sync_page_size=1000)
+        store = gate.factory.store
+        self.successResultOf(store.createGroup("g", "G", "a" * 100, T0))
+        self.successResultOf(store.setMembers(
+            "g", [("m{:03d}".format(i) + "x" * 100, pb.ROLE_MEMBER) for i in range(50)],
+            100, T0))
+        protocol, transport, _, _ = gate.login("a" * 100)
+        gate.request(protocol, "members", pb.MembersRequest(group_id="g"), seq=9)
+        [response] = responses(written(transport))
+        page = pb.MembersResponse.FromString(response.body)
+        self.assertTrue(page.more)
+        self.assertLess(len(response.SerializeToString()), 2048)
+        self.assertGreater(len(page.members), 1)
+
+    def test_groupsPaged(self):
+        """
+        C{groups} pages by group id.
+        """
+        store = self.gate.factory.store
+        for groupId in ["g0", "g2", "g3"]:
+            self.successResultOf(store.createGroup(groupId, groupId, "carol", T0))
+        response = self.call("carol", "groups", pb.GroupsRequest(limit=2))
+        page = pb.GroupsResponse.FromString(response.body)
+        self.assertEqual(([g.group_id for g in page.groups], page.more), (["g0", "g1"], True))
+        response = self.call("carol", "groups", pb.GroupsRequest(after_group_id="g1"))
+        page = pb.GroupsResponse.FromString(response.body)
+        self.assertEqual(([g.group_id for g in page.groups], page.more), (["g2", "g3"], False))
 
     def test_leave(self):
         """

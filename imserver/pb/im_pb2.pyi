@@ -299,26 +299,38 @@ class Member(_message.Message):
     def __init__(self, uid: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., joined_ms: _Optional[int] = ...) -> None: ...
 
 class GroupsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("after_group_id", "limit")
+    AFTER_GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    after_group_id: str
+    limit: int
+    def __init__(self, after_group_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class GroupsResponse(_message.Message):
-    __slots__ = ("groups",)
+    __slots__ = ("groups", "more")
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[Group]
-    def __init__(self, groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ...) -> None: ...
+    more: bool
+    def __init__(self, groups: _Optional[_Iterable[_Union[Group, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class MembersRequest(_message.Message):
-    __slots__ = ("group_id",)
+    __slots__ = ("group_id", "after_uid", "limit")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_UID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     group_id: str
-    def __init__(self, group_id: _Optional[str] = ...) -> None: ...
+    after_uid: str
+    limit: int
+    def __init__(self, group_id: _Optional[str] = ..., after_uid: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class MembersResponse(_message.Message):
-    __slots__ = ("members",)
+    __slots__ = ("members", "more")
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     members: _containers.RepeatedCompositeFieldContainer[Member]
-    def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
+    more: bool
+    def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("group_id",)

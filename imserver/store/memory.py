@@ -142,7 +142,7 @@ class MemoryMessageStore:
             return fail(GroupNotFound(groupId))
         roles = dict(members)
         added = [uid for uid in roles if uid not in current]
-        if len(current) + len(added) > maxSize:
+        if added and len(current) + len(added) > maxSize:
             return fail(GroupFull(groupId))
         for uid, role in roles.items():
             if uid in current:

@@ -389,7 +389,7 @@ class _Operations:
         current = {row[0] for row in db.execute(
             "SELECT uid FROM members WHERE group_id = ?", (groupId,))}
         added = [uid for uid in roles if uid not in current]
-        if len(current) + len(added) > maxSize:
+        if added and len(current) + len(added) > maxSize:
             raise GroupFull(groupId)
         db.executemany(
             "INSERT INTO members (group_id, uid, role, joined_ms) VALUES (?, ?, ?, ?)"
