@@ -169,7 +169,7 @@ def loadSecret(dataDir=None, secretFile=None, environ=os.environ, create=True):
                     "no secret at {}: start the server once with this data dir,"
                     " or give --secret-file or ${}".format(path.path, SECRET_ENV)
                 )
-            _createSecret(path)
+            createSecretFile(path)
             log.info("generated a new server secret in {path}", path=path.path)
         secret = path.getContent().strip()
         source = path.path
@@ -182,7 +182,13 @@ def loadSecret(dataDir=None, secretFile=None, environ=os.environ, create=True):
     return secret
 
 
-def _createSecret(path):
+def createSecretFile(path):
+    """
+    Write 32 random bytes, hex-encoded, to a new file readable by its owner
+    only (mode 0600); refuse to overwrite one.
+
+    @type path: L{twisted.python.filepath.FilePath}
+    """
     if not path.parent().exists():
         path.parent().makedirs()
     fd = os.open(path.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

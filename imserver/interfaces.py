@@ -250,3 +250,36 @@ class IGroupStore(Interface):
         @return: a L{Deferred} firing with the L{imserver.pb.im_pb2.Group}s
             C{uid} is a member of (role: C{uid}'s), ordered by group id.
         """
+
+
+class IGateDirectory(Interface):
+    """
+    The live gates and the addresses clients reach them at: what the
+    dispatcher of the HTTP API (C{GET /v1/gates}) hands out.
+
+    An address is a C{(host, port, tls)} tuple: a host name or IP address
+    (L{str}), a TCP port (L{int}) and whether clients speak TLS there
+    (L{bool}).
+    """
+
+    def advertise(gateId, addresses):
+        """
+        Publish the client addresses of gate C{gateId}, replacing those it
+        published before.
+
+        @param addresses: a L{list} of C{(host, port, tls)}.
+        @return: a L{Deferred} firing once published.
+        """
+
+    def withdraw(gateId):
+        """
+        Remove gate C{gateId} (it is stopping).
+
+        @return: a L{Deferred} firing once removed.
+        """
+
+    def gates():
+        """
+        @return: a L{Deferred} firing with a L{dict} mapping the id of every
+            live gate to its L{list} of C{(host, port, tls)}.
+        """

@@ -4,7 +4,7 @@ C{twisted.application} services that make up a gate process.
 """
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import gatherResults, succeed
+from twisted.internet.defer import gatherResults, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -211,3 +211,131 @@ class RetentionService(Service):
             self.log.failure("retention pass failed", failure)
 
         return d.addCallbacks(done, failed)
+
+
+class ApiService(ListenerService):
+    """
+    The HTTP API's listener (L{imserver.api}).
+
+    Stopping it stops listening, waits for the requests in flight, then
+    closes the API's connections, aborting those still open after the
+    grace period.
+
+    @ivar site: the L{imserver.api.ApiSite}.
+    """
+
+    def __init__(self, description, endpoint, site, clock, grace):
+        from imserver.api import ConnectionTracker
+        from imserver.endpoints import splitDescription
+
+        ListenerService.__init__(self, description, endpoint, ConnectionTracker(site))
+        self.setName("api")
+        self.scheme = "https" if splitDescription(description)[0][0].lower() == "ssl" else "http"
+        self.site = site
+        self.clock = clock
+        self.grace = grace
+
+    def _listenDone(self, result):
+        if isinstance(result, Failure):
+            self.log.failure("the HTTP API cannot listen", result)
+        else:
+            self.port = result
+            self.log.info(
+                "HTTP API at {scheme}://{address}/",
+                scheme=self.scheme,
+                address=_format(result.getHost()),
+            )
+        self._listening.fire(result)
+
+    def stopService(self):
+        d = maybeDeferred(ListenerService.stopService, self)
+        return d.addCallback(lambda _: self.factory.drain(self.clock, self.grace))
+
+
+def advertisedAddresses(descriptions, addresses, hostname):
+    """
+    The client addresses a gate advertises by default: one per listener
+    with a host and port, TLS for C{ssl:} listeners; a wildcard interface
+    (C{0.0.0.0}, C{::}) is replaced by the machine's host name.
+
+    @param descriptions: the C{--listen} endpoint strings.
+    @param addresses: their listening addresses, in the same order.
+    @param hostname: the machine's host name.
+    @return: a L{list} of C{(host, port, tls)}.
+    """
+    from imserver.endpoints import splitDescription
+
+    result = []
+    for description, address in zip(descriptions, addresses):
+        host = getattr(address, "host", None)
+        port = getattr(address, "port", None)
+        if host is None or port is None:
+            continue
+        if host in ("", "0.0.0.0", "::"):
+            host = hostname
+        args, _ = splitDescription(description)
+        result.append((host, port, args[0].lower() == "ssl"))
+    return result
+
+
+class AdvertiseService(Service):
+    """
+    Publishes this gate's client addresses in the gate directory (the
+    dispatcher's source) once its listeners listen, and withdraws them when
+    stopping.
+
+    @ivar addresses: the C{(host, port, tls)} advertised, once known.
+    """
+
+    log = Logger()
+
+    def __init__(self, directory, gateId, gate, descriptions, explicit=(),
+                 hostname=None):
+        """
+        @param gate: the L{GateService}.
+        @param descriptions: its C{--listen} endpoint strings.
+        @param explicit: C{(host, port, tls)} from C{--advertise}; if given
+            they are advertised instead of the listening addresses.
+        @param hostname: the host name for wildcard listeners (default:
+            C{socket.gethostname()}).
+        """
+        self.setName("advertise")
+        self.directory = directory
+        self.gateId = gateId
+        self.gate = gate
+        self.descriptions = list(descriptions)
+        self.explicit = list(explicit)
+        self.hostname = hostname
+        self.addresses = None
+
+    def startService(self):
+        Service.startService(self)
+        if self.explicit:
+            d = succeed(self.explicit)
+        else:
+            import socket
+
+            hostname = self.hostname or socket.gethostname()
+            d = self.gate.addresses().addCallback(
+                lambda found: advertisedAddresses(self.descriptions, found, hostname)
+            )
+        d.addCallback(self._advertise)
+        d.addErrback(lambda f: self.log.failure("advertising the gate failed", f))
+
+    def _advertise(self, addresses):
+        self.addresses = addresses
+        self.log.info(
+            "advertising gate {gate} at {addresses}",
+            gate=self.gateId,
+            addresses=", ".join(
+                "{}:{}{}".format(host, port, "" if tls else " (plaintext)")
+                for host, port, tls in addresses
+            ),
+        )
+        return self.directory.advertise(self.gateId, addresses)
+
+    def stopService(self):
+        Service.stopService(self)
+        return self.directory.withdraw(self.gateId).addErrback(
+            lambda f: self.log.failure("withdrawing the gate failed", f)
+        )

@@ -101,7 +101,9 @@ class Settings:
         1_000_000,
     )
     sync_page_size: int = _setting(
-        100, "Inbox entries per fetch: replay pages and sync responses.", 1
+        100,
+        "Items per page: inbox fetches, replay, sync, groups and members responses.",
+        1,
     )
     dedup_window: float = _setting(
         24 * 3600.0,
@@ -131,6 +133,12 @@ class Settings:
     )
     typing_rate: float = _setting(
         2.0, "Typing signals per second a connection may send; more are dropped.", 0.01
+    )
+    api_max_body: int = _setting(
+        1024 * 1024,
+        "Largest HTTP API request body, in bytes; a larger one is refused with "
+        "413 before it is read.",
+        1,
     )
 
     def __post_init__(self):

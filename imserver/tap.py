@@ -19,6 +19,7 @@ from imserver.settings import Settings, optionName, settingFields
 
 DEFAULT_LISTEN = "ssl:7443:interface=127.0.0.1"
 DEFAULT_DATA_DIR = "imserver-data"
+DEFAULT_API = "tcp:7480:interface=127.0.0.1"
 
 
 def _settingParameters():
@@ -55,11 +56,18 @@ class Options(usage.Options):
         ["store", None, "sqlite",
          "Message store: sqlite (durable, <data-dir>/messages.sqlite3) or memory "
          "(lost on restart; tests and benchmarks)."],
+        ["api", None, DEFAULT_API,
+         "Endpoint string of the HTTP API for the app backend (JSON, admin "
+         "token); 'none' disables it. Never put it where clients can reach it."],
+        ["admin-token-file", None, None,
+         "File holding the HTTP API's bearer token (default: "
+         "<data-dir>/admin-token, generated if absent)."],
     ] + _settingParameters()
 
     def __init__(self):
         usage.Options.__init__(self)
         self["listen"] = []
+        self["advertise"] = []
 
     def opt_listen(self, description):
         self["listen"].append(description)
@@ -69,6 +77,16 @@ class Options(usage.Options):
         + DEFAULT_LISTEN
         + "). ssl: endpoints use the hardened TLS profile and --tls-cert "
         "unless they name certKey=."
+    )
+
+    def opt_advertise(self, address):
+        self["advertise"].append(address)
+
+    opt_advertise.__doc__ = (
+        "[tls:|tcp:]HOST:PORT where clients reach this gate, as the dispatcher "
+        "(GET /v1/gates) lists it; repeatable. TLS unless tcp: is given. "
+        "Default: the --listen addresses (the host name for a wildcard "
+        "interface)."
     )
 
     def opt_version(self):
@@ -97,6 +115,47 @@ class Options(usage.Options):
                 splitDescription(description)
             except ValueError as e:
                 raise usage.UsageError("--listen {}: {}".format(description, e))
+        if self["api"].lower() == "none":
+            self["api"] = None
+        else:
+            try:
+                splitDescription(self["api"])
+            except ValueError as e:
+                raise usage.UsageError("--api {}: {}".format(self["api"], e))
+        try:
+            self.advertised = [parseAdvertise(a) for a in self["advertise"]]
+        except ValueError as e:
+            raise usage.UsageError("--advertise: {}".format(e))
+
+
+def parseAdvertise(text):
+    """
+    Parse an C{--advertise} value: C{[tls:|ssl:|tcp:]HOST:PORT}, an IPv6
+    host in brackets (C{[2001:db8::1]:7443}).  Without a prefix the
+    address speaks TLS.
+
+    @return: C{(host, port, tls)}
+    @raise ValueError: if it is not of that form.
+    """
+    tls = True
+    scheme, colon, rest = text.partition(":")
+    if colon and scheme.lower() in ("tls", "ssl", "tcp") and rest:
+        tls = scheme.lower() != "tcp"
+        text = rest
+    if text.startswith("["):
+        host, bracket, port = text[1:].partition("]")
+        if not bracket or not port.startswith(":"):
+            raise ValueError("{!r} is not [IPV6]:PORT".format(text))
+        port = port[1:]
+    else:
+        host, colon, port = text.rpartition(":")
+        if not colon or ":" in host:
+            raise ValueError("{!r} is not HOST:PORT".format(text))
+    if not host:
+        raise ValueError("{!r} has no host".format(text))
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("{!r} has no valid port".format(text))
+    return host, int(port), tls
 
 
 def _needsDefaultCertificate(description):
@@ -155,7 +214,10 @@ def makeService(options, reactor=None):
     certificate = None
     if options["tls-cert"] is not None:
         certificate = (FilePath(options["tls-cert"]), FilePath(options["tls-key"]))
-    elif any(_needsDefaultCertificate(d) for d in options["listen"]):
+    elif any(
+        _needsDefaultCertificate(d)
+        for d in options["listen"] + ([options["api"]] if options["api"] else [])
+    ):
         certificate = ensureSelfSigned(dataDir)
 
     gateId = options["gate-id"] or "{}:{}".format(socket.gethostname(), os.getpid())
@@ -195,5 +257,40 @@ def makeService(options, reactor=None):
         store.setName("store")
         store.setServiceParent(root)
     RetentionService(store, reactor, settings).setServiceParent(root)
-    GateService(factory, endpoints).setServiceParent(root)
+    gate = GateService(factory, endpoints)
+    gate.setServiceParent(root)
+    _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor)
     return root
+
+
+def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor):
+    """
+    Add the gate directory's advertiser to the gate (it advertises once the
+    listeners listen, and withdraws when they stop) and, unless C{--api
+    none}, the HTTP API to C{root} after the gate: stopped first, the API
+    stops taking requests before the gate closes its connections.
+    """
+    from imserver.api import MemoryGateDirectory, loadAdminToken, makeSite
+    from imserver.endpoints import listenEndpoint
+    from imserver.service import AdvertiseService, ApiService
+
+    settings = factory.settings
+    directory = MemoryGateDirectory()
+    AdvertiseService(
+        directory, factory.gateId, gate, options["listen"], options.advertised
+    ).setServiceParent(gate)
+    description = options["api"]
+    if description is None:
+        return
+    try:
+        adminToken = loadAdminToken(dataDir, options["admin-token-file"])
+    except ValueError as e:
+        raise usage.UsageError("--admin-token-file: {}".format(e))
+    try:
+        endpoint = listenEndpoint(reactor, description, certificate, settings.listen_backlog)
+    except (ValueError, OSError) as e:
+        raise usage.UsageError("--api {}: {}".format(description, e))
+    site = makeSite(factory, directory, secret, adminToken, reactor)
+    ApiService(
+        description, endpoint, site, reactor, settings.shutdown_grace
+    ).setServiceParent(root)

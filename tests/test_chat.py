@@ -1018,7 +1018,7 @@ class LiveChatTests(TestCase):
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
         options.parseOptions(["--data-dir", self.dataDir.path, "--store", "memory",
-                              "--listen", "ssl:0:interface=127.0.0.1"])
+                              "--listen", "ssl:0:interface=127.0.0.1", "--api", "none"])
         self.root = tap.makeService(options, reactor)
         self.root.startService()
         self.addCleanup(self.root.stopService)

@@ -163,6 +163,7 @@ class Gate:
         process = spawnTwistd(reactor, [
             "--data-dir", self.dataDir.path,
             "--listen", "tcp:{}:interface=127.0.0.1".format(port),
+            "--api", "none",
             "--store", "sqlite",
             "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
             "--idle-timeout", str(IDLE_TIMEOUT),

@@ -120,7 +120,8 @@ class InProcessGateTests(TestCase):
         """
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
-        options.parseOptions(["--data-dir", self.dataDir.path, "--listen", LISTEN])
+        options.parseOptions(["--data-dir", self.dataDir.path, "--listen", LISTEN,
+                              "--api", "none"])
         env = serverEnvironment()
         withoutSecretEnvironment(self)
         self.root = root = tap.makeService(options, reactor)
@@ -391,7 +392,7 @@ class TwistdTests(TestCase):
         @return: the L{imserver.spawn.TwistdProcess} and its transport.
         """
         process = spawnTwistd(
-            reactor, ["--data-dir", dataDir.path, "--listen", LISTEN],
+            reactor, ["--data-dir", dataDir.path, "--listen", LISTEN, "--api", "none"],
             path=dataDir.parent().path, env=env,
         )
         killAtCleanup(self, process, process.transport)

@@ -154,6 +154,7 @@ class HAProxyOffloadTests(TestCase):
             "--secret-file", secretFile.path,
             "--store", "memory",
             "--listen", LISTEN,
+            "--api", "none",
         ])
         root = tap.makeService(options, reactor)
         root.startService()

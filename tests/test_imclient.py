@@ -58,7 +58,7 @@ class IMClientTests(TestCase):
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
         options.parseOptions(["--data-dir", self.dataDir.path, "--store", "memory",
-                              "--listen", "tcp:0:interface=127.0.0.1"])
+                              "--listen", "tcp:0:interface=127.0.0.1", "--api", "none"])
         self.root = tap.makeService(options, reactor)
         self.root.startService()
         self.addCleanup(self.root.stopService)

@@ -234,6 +234,8 @@ class MakeServiceTests(SynchronousTestCase):
         thread needs a running reactor) unless C{extra} names one.
         """
         argv = ["--data-dir", self.dataDir.path] + list(extra)
+        if "--api" not in extra:
+            argv += ["--api", "none"]
         if "--store" not in extra:
             argv += ["--store", "memory"]
         for description in listen:
@@ -489,7 +491,8 @@ class TokenCommandTests(SynchronousTestCase):
         secret that gate generated.
         """
         options = tap.Options()
-        options.parseOptions(["--data-dir", self.dataDir.path, "--listen", TCP_LISTEN])
+        options.parseOptions(["--data-dir", self.dataDir.path, "--listen", TCP_LISTEN,
+                              "--api", "none"])
         tap.makeService(options, reactor=MemoryReactorClock())
         secret = self.dataDir.child(SECRET_FILE_NAME).getContent().strip()
         out = StringIO()
