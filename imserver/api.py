@@ -944,10 +944,14 @@ def makeSite(factory, directory, secret, adminToken, reactor, rng=None):
     @param adminToken: the bearer token (L{bytes}) every route but
         C{/health} requires.
     @param reactor: the reactor (connection timeouts, the clock).
-    @return: an L{ApiSite}; C{site.resource.mount(...)} adds C{/metrics}.
+    @return: an L{ApiSite}, with the gate's Prometheus metrics at
+        C{/metrics}.
     """
+    from prometheus_client.twisted import MetricsResource
+
     api = Api(factory, directory, secret, reactor, rng)
     root = ApiRoot(Router(api, adminToken, reactor))
+    root.mount("metrics", MetricsResource(factory.metrics.registry))
     return ApiSite(root, factory.settings.api_max_body, reactor)
 
 

@@ -197,8 +197,11 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     requireUpb()
 
+    from prometheus_client import PlatformCollector, ProcessCollector
+
     from imserver.auth import TokenAuthenticator, loadSecret
     from imserver.endpoints import listenEndpoint
+    from imserver.metrics import GateMetrics
     from imserver.protocol import GateFactory
     from imserver.registry.memory import MemorySessionRegistry
     from imserver.service import GateService, RetentionService, ServerService
@@ -222,6 +225,9 @@ def makeService(options, reactor=None):
 
     gateId = options["gate-id"] or "{}:{}".format(socket.gethostname(), os.getpid())
     registry = MemorySessionRegistry(maxDevices=settings.max_devices)
+    metrics = GateMetrics()
+    ProcessCollector(registry=metrics.registry)
+    PlatformCollector(registry=metrics.registry)
     dedupWindowMs = int(settings.dedup_window * 1000)
     if options["store"] == "memory":
         from imserver.store.memory import MemoryMessageStore
@@ -231,7 +237,8 @@ def makeService(options, reactor=None):
         from imserver.store.sqlite import SQLiteMessageStore
 
         store = SQLiteMessageStore(
-            dataDir.child("messages.sqlite3").path, reactor, dedupWindowMs
+            dataDir.child("messages.sqlite3").path, reactor, dedupWindowMs,
+            commitObserver=metrics.observeCommit,
         )
     factory = GateFactory(
         settings=settings,
@@ -240,6 +247,7 @@ def makeService(options, reactor=None):
         store=store,
         clock=reactor,
         gateId=gateId,
+        metrics=metrics,
     )
     endpoints = []
     for description in options["listen"]:

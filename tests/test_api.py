@@ -471,6 +471,46 @@ class AuthTests(LiveApiTestCase):
         self.assertEqual(answer, {"status": "ok"})
 
 
+class MetricsTests(LiveApiTestCase):
+    """
+    C{GET /metrics}: the gate's Prometheus metrics, without a token.
+    """
+
+    @inlineCallbacks
+    def scrape(self):
+        response = yield self.agent.request(b"GET", self.url("/metrics"))
+        self.assertEqual(response.code, 200)
+        text = (yield readBody(response)).decode("utf-8")
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    @inlineCallbacks
+    def test_movesUnderTraffic(self):
+        """
+        The IM metrics count what happens: a connection, a stored message,
+        its push and ack; process metrics are there too.
+        """
+        before = yield self.scrape()
+        self.assertEqual(before["imserver_messages_stored_total"], 0)
+        self.assertIn("process_resident_memory_bytes", before)
+        client, notifications = yield self.connectClient("bob")
+        yield self.push({"to": "bob", "text": "hi"})
+        [entry] = yield notifications.wait("message")
+        client.ack(entry.seq)
+        yield client.ping()  # the ack is read before the ping's answer
+        after = yield self.scrape()
+        self.assertEqual(after["imserver_messages_stored_total"], 1)
+        self.assertEqual(after["imserver_messages_pushed_total"], 1)
+        self.assertEqual(after["imserver_messages_acked_total"], 1)
+        self.assertEqual(after['imserver_connections{state="authenticated"}'], 1)
+        self.assertGreater(after["imserver_frames_received_total"], 0)
+        self.assertEqual(after["imserver_send_to_push_seconds_count"], 1)
+
+
 class ErrorTests(LiveApiTestCase):
     """
     Routing and body errors are JSON errors with their codes.

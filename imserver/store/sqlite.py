@@ -450,11 +450,15 @@ class SQLiteMessageStore(Service):
     @param path: the database file.
     @param reactor: for C{callFromThread}; with C{threaded=False} (tests)
         operations run at once in the calling thread and it is unused.
+    @param commitObserver: called as C{(size, seconds)} after each
+        transaction, from the writer thread
+        (L{imserver.metrics.GateMetrics.observeCommit}), or L{None}.
     """
 
     log = Logger()
 
-    def __init__(self, path, reactor, dedupWindowMs=24 * 3600 * 1000, threaded=True):
+    def __init__(self, path, reactor, dedupWindowMs=24 * 3600 * 1000, threaded=True,
+                 commitObserver=None):
         self.path = path
         self._reactor = reactor
         self._ops = _Operations(dedupWindowMs)
@@ -466,9 +470,7 @@ class SQLiteMessageStore(Service):
         self._db = None
         self.batches = 0
         self.committed = 0
-        #: Called as C{(size, seconds)} after each transaction, from the
-        #: writer thread (L{imserver.metrics.GateMetrics.observeCommit}).
-        self.commitObserver = None
+        self.commitObserver = commitObserver
 
     # -- IMessageStore ----------------------------------------------------
 
