@@ -1,0 +1,127 @@
+"""
+Tests for L{imserver.redisclient} against a real C{redis-server}.
+"""
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from imserver.errors import Unavailable
+from imserver.redisclient import RedisUnavailable, RedisURL, connectRedis
+
+from tests.redisserver import RedisServer
+
+
+class RedisURLTests(SynchronousTestCase):
+    """
+    L{RedisURL.parse}.
+    """
+
+    def test_full(self):
+        """
+        User, password (percent-decoded), host, port and database.
+        """
+        url = RedisURL.parse("rediss://gate:p%40ss@redis.example:6380/3")
+        self.assertEqual(
+            (url.host, url.port, url.db, url.username, url.password, url.tls),
+            ("redis.example", 6380, 3, "gate", "p@ss", True))
+
+    def test_defaults(self):
+        """
+        Port 6379, database 0, no credentials, no TLS.
+        """
+        url = RedisURL.parse("redis://localhost")
+        self.assertEqual((url.port, url.db, url.username, url.password, url.tls),
+                         (6379, 0, None, None, False))
+
+    def test_passwordOnly(self):
+        """
+        C{redis://:password@host} gives a password and no user.
+        """
+        url = RedisURL.parse("redis://:secret@h/1")
+        self.assertEqual((url.username, url.password, url.db), (None, "secret", 1))
+
+    def test_strHidesPassword(self):
+        """
+        The text form, which goes to logs, never shows the password.
+        """
+        text = str(RedisURL.parse("redis://u:secret@h:1/2"))
+        self.assertNotIn("secret", text)
+        self.assertEqual(text, "redis://u@h:1/2")
+
+    def test_invalid(self):
+        """
+        Other schemes, no host, bad ports and databases are refused.
+        """
+        for text in ["http://h", "redis://", "redis://h:x", "redis://h/a",
+                     "redis://h/1?x=1", "h:6379"]:
+            self.assertRaises(ValueError, RedisURL.parse, text)
+
+
+class ConnectionTests(TestCase):
+    """
+    L{connectRedis} against a real server.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def setUp(self):
+        self.server = RedisServer(self, reactor, appendfsync=None)
+        yield self.server.start()
+        self.connection = connectRedis(reactor, RedisURL.parse(self.server.url),
+                                       replyTimeout=2)
+        self.addCleanup(self.connection.disconnect)
+        yield self.whenConnected()
+
+    def whenConnected(self):
+        d = Deferred()
+        if self.connection.connected:
+            d.callback(None)
+        else:
+            def once():
+                self.connection.onConnect.remove(once)
+                d.callback(None)
+            self.connection.onConnect.append(once)
+        return d
+
+    @inlineCallbacks
+    def test_bytes(self):
+        """
+        Values go in and come back as bytes, unchanged (no decoding, no
+        number conversion).
+        """
+        value = bytes(range(256))
+        yield self.connection.execute("SET", "k", value)
+        self.assertEqual((yield self.connection.execute("GET", "k")), value)
+        yield self.connection.execute("SET", "n", b"42")
+        self.assertEqual((yield self.connection.execute("GET", "n")), b"42")
+        self.assertEqual((yield self.connection.execute("INCR", "n")), 43)
+
+    @inlineCallbacks
+    def test_script(self):
+        """
+        A script runs, and runs again after Redis forgot it.
+        """
+        script = self.connection.script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+        self.assertEqual((yield script(["c"], [5])), 5)
+        yield self.connection.execute("SCRIPT", "FLUSH")
+        self.assertEqual((yield script(["c"], [2])), 7)
+
+    @inlineCallbacks
+    def test_unavailable(self):
+        """
+        Without Redis a command fails at once with L{RedisUnavailable} (an
+        C{UNAVAILABLE} for the client); when Redis is back the connection
+        comes back by itself and C{onConnect} runs again.
+        """
+        lost = Deferred()
+        self.connection.onDisconnect.append(lambda: lost.callback(None))
+        yield self.server.stop()
+        yield lost
+        self.assertFalse(self.connection.connected)
+        failure = yield self.assertFailure(self.connection.execute("PING"), RedisUnavailable)
+        self.assertIsInstance(failure, Unavailable)
+        yield self.server.start()
+        yield self.whenConnected()
+        self.assertEqual((yield self.connection.execute("PING")), "PONG")
