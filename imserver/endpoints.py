@@ -17,10 +17,14 @@ Twisted:
   - Endpoint types, the wrapped ones included, match in any case.
 """
 
-from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
+from zope.interface import implementer
 
 from imserver import tls
+from imserver.limits import AdmissionFactory
 
 _BACKLOG_TYPES = frozenset(["tcp", "tcp6", "unix", "ssl"])
 #: Types whose remaining arguments describe the endpoint they wrap.
@@ -145,10 +149,12 @@ def listenEndpoint(reactor, description, certificate, backlog):
     if kind in _BACKLOG_TYPES and "backlog" not in kwargs:
         parts.append("backlog={}".format(backlog))
     try:
-        return serverFromString(reactor, ":".join(parts))
+        endpoint = serverFromString(reactor, ":".join(parts))
     except TypeError as e:
         # A parser called with a missing or an unknown argument.
         raise ValueError(str(e))
+    # Behind a PROXY-protocol wrapper the accepted peer is the proxy.
+    return GateEndpoint(endpoint, reactor, perPeer=depth == 0)
 
 
 def _sslEndpoint(reactor, args, kwargs, certificate, backlog):
@@ -176,10 +182,41 @@ def _sslEndpoint(reactor, args, kwargs, certificate, backlog):
         keyPath.getContent(),
         FilePath(chain).getContent() if chain else None,
     )
-    return SSL4ServerEndpoint(
+    endpoint = TCP4ServerEndpoint(
         reactor,
         int(kwargs["port"]),
-        options,
         backlog=int(kwargs.get("backlog", backlog)),
         interface=kwargs.get("interface", ""),
     )
+    return GateEndpoint(endpoint, reactor, tlsOptions=options)
+
+
+@implementer(IStreamServerEndpoint)
+class GateEndpoint:
+    """
+    A listening endpoint that puts the gate's own layers around the factory
+    it listens with: TLS (for C{ssl:}, the hardened options of
+    L{imserver.tls}) and, outside it, admission
+    (L{imserver.limits.AdmissionFactory}) for a factory with a
+    C{refusal(host)} method (the gate's; not the HTTP API's), so a
+    connection over the limits is closed at accept, before any TLS work.
+
+    @ivar endpoint: the endpoint that listens (C{tcp:}, C{haproxy:...}).
+    @ivar tlsOptions: the TLS options, or L{None} for no TLS.
+    @ivar perPeer: whether the accepted peer is the client (so the
+        per-address limit applies).
+    """
+
+    def __init__(self, endpoint, reactor, tlsOptions=None, perPeer=True):
+        self.endpoint = endpoint
+        self.reactor = reactor
+        self.tlsOptions = tlsOptions
+        self.perPeer = perPeer
+
+    def listen(self, factory):
+        wrapped = factory
+        if self.tlsOptions is not None:
+            wrapped = TLSMemoryBIOFactory(self.tlsOptions, False, factory, clock=self.reactor)
+        if getattr(factory, "refusal", None) is not None:
+            wrapped = AdmissionFactory(factory, wrapped, self.perPeer)
+        return self.endpoint.listen(wrapped)

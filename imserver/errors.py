@@ -97,6 +97,14 @@ class NotMember(RPCError):
     code = pb.NOT_MEMBER
 
 
+class RateLimited(RPCError):
+    """
+    Too many requests (or failed auths): slow down.
+    """
+
+    code = pb.RATE_LIMITED
+
+
 class RemoteError(Exception):
     """
     The peer answered a request with an error response.

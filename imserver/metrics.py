@@ -20,8 +20,11 @@ from imserver.pb import im_pb2 as pb
 
 #: Auth failure reasons (label values of C{imserver_auth_failures_total}).
 AUTH_FAILURE_REASONS = (
-    "bad_token", "bad_request", "too_many_devices", "timeout", "unavailable"
+    "bad_token", "bad_request", "too_many_devices", "timeout", "unavailable", "throttled"
 )
+
+#: Why a connection was refused at accept (label values).
+REFUSAL_REASONS = ("max_connections", "max_connections_per_ip", "accept_rate")
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
@@ -42,6 +45,11 @@ _COUNTERS = (
     ("dedupHits", "dedup_hits",
      "Sends answered from the dedup record (a retry of a stored message)."),
     ("idleCloses", "idle_closes", "Connections closed for the idle timeout."),
+    ("rateLimited", "rate_limited", "Requests refused with RATE_LIMITED."),
+    ("slowConsumerPauses", "slow_consumer_pauses",
+     "Times a connection's full write buffer paused its pushes."),
+    ("slowConsumerCloses", "slow_consumer_closes",
+     "Connections closed with SLOW_CONSUMER (paused longer than the grace period)."),
 )
 
 
@@ -58,6 +66,7 @@ class GateMetrics:
             setattr(self, attribute, 0)
         self.authFailures = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
         self.kicks = dict.fromkeys(pb.KickReason.keys()[1:], 0)
+        self.connectionsRefused = dict.fromkeys(REFUSAL_REASONS, 0)
         self._connections = ()
         self.ackRoundTrip = Histogram(
             "imserver_ack_round_trip_seconds",
@@ -114,6 +123,13 @@ class GateMetrics:
         for reason, count in self.kicks.items():
             kicks.add_metric([reason.lower()], count)
         yield kicks
+        refused = CounterMetricFamily(
+            "imserver_connections_refused",
+            "Connections closed at accept, before TLS, by reason.", labels=["reason"],
+        )
+        for reason, count in self.connectionsRefused.items():
+            refused.add_metric([reason], count)
+        yield refused
         states = {"new": 0, "authenticating": 0, "authenticated": 0}
         backlog = unacked = 0
         for connection in list(self._connections):

@@ -31,15 +31,19 @@ from imserver.errors import (
     AuthFailed,
     BadRequest,
     NotAuthenticated,
+    RateLimited,
     TooManyDevices,
 )
 from imserver.framing import encodeFrame
 from imserver.groups import Groups, validateGroupId
 from imserver.interfaces import ISession
+from imserver.limits import FailedAuthThrottle, TokenBucket, peerHost
 from imserver.messaging import Messenger
 from imserver.metrics import GateMetrics
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCProtocol
+
+_REQUEST = pb.REQUEST
 
 NEW = "new"
 AUTHENTICATING = "authenticating"
@@ -79,6 +83,9 @@ class GateProtocol(RPCProtocol):
     _typingActive = False
     _pushedAt = None  # when a push went into an empty window (ack timing)
     _pushedSeq = 0
+    _requests = None  # TokenBucket of requests, from the first request on
+    _refusedInARow = 0
+    _pausedAt = None  # reactor time writes filled the buffer; None: flowing
 
     def __init__(self, factory, peer):
         RPCProtocol.__init__(self, factory.clock)
@@ -112,7 +119,13 @@ class GateProtocol(RPCProtocol):
 
     def connectionMade(self):
         self.lastHeard = self._seconds()
-        self.factory.connections.add(self)
+        self.factory.connectionOpened(self)
+        socket = _socketTransport(self.transport)
+        if socket is not None:
+            # Writes beyond this pause our pushes (pauseProducing) instead
+            # of growing the buffer without bound.
+            socket.bufferSize = self.factory.settings.write_buffer_high
+        self.transport.registerProducer(self, True)
         self._authTimer = self.clock.callLater(
             self.factory.settings.auth_timeout, self._authTimedOut
         )
@@ -127,7 +140,60 @@ class GateProtocol(RPCProtocol):
 
     def frameReceived(self, frame):
         self._metrics.framesReceived += 1
+        if frame.kind == _REQUEST:
+            requests = self._requests
+            if requests is None:
+                settings = self.factory.settings
+                requests = self._requests = TokenBucket(
+                    settings.request_rate, settings.request_burst, self.clock
+                )
+            if not requests.take():
+                self._rateLimited(frame.seq)
+                return
+            self._refusedInARow = 0
         RPCProtocol.frameReceived(self, frame)
+
+    def _rateLimited(self, seq):
+        self._metrics.rateLimited += 1
+        self._refusedInARow += 1
+        if self._refusedInARow >= self.factory.settings.rate_limit_close:
+            self.closeWithError(pb.RATE_LIMITED, "too many requests; closing", seq)
+            return
+        self._sendError(seq, RateLimited(
+            "more than {} requests per second".format(self.factory.settings.request_rate)))
+
+    # -- flow control (IPushProducer: the transport's write buffer) -----------
+
+    def pauseProducing(self):
+        """
+        The client is not reading fast enough: stop pushing (entries stay in
+        the inbox) and stop reading its requests until the buffer drains.
+        """
+        if self._pausedAt is None:
+            self._pausedAt = self._seconds()
+            self._metrics.slowConsumerPauses += 1
+            socket = _socketTransport(self.transport)
+            if socket is not None:
+                socket.pauseProducing()
+
+    def resumeProducing(self):
+        if self._pausedAt is not None:
+            self._pausedAt = None
+            socket = _socketTransport(self.transport)
+            if socket is not None:
+                socket.resumeProducing()
+            self._pump()
+
+    def stopProducing(self):
+        pass
+
+    def close(self):
+        if not self._closing:
+            # A transport with a producer registered does not close until
+            # it is unregistered.
+            self.transport.unregisterProducer()
+        RPCProtocol.close(self)
+
 
     def sendEncoded(self, data):
         if not self._closing:
@@ -179,10 +245,13 @@ class GateProtocol(RPCProtocol):
         except ValueError as e:
             self._metrics.authFailures["bad_request"] += 1
             raise BadRequest(str(e))
+        if not self.factory.authThrottle.allowed(peerHost(self.peer), request.uid):
+            self._metrics.authFailures["throttled"] += 1
+            raise RateLimited("too many failed auths; retry later", fatal=True)
         self.state = AUTHENTICATING
         d = self.factory.authenticator.authenticate(request.uid, request.token)
         d.addCallback(self._authenticated, request)
-        d.addErrback(self._authFailed)
+        d.addErrback(self._authFailed, request)
         return d
 
     def _authenticated(self, uid, request):
@@ -276,11 +345,13 @@ class GateProtocol(RPCProtocol):
                 )
             )
 
-    def _authFailed(self, failure):
+    def _authFailed(self, failure, request):
         reason = {AuthFailed: "bad_token", TooManyDevices: "too_many_devices"}.get(
             failure.type, "unavailable"
         )
         self._metrics.authFailures[reason] += 1
+        if reason == "bad_token":
+            self.factory.authThrottle.failed(peerHost(self.peer), request.uid)
         self.log.info(
             "connection {conn} from {peer} failed auth: {why}",
             conn=self.connectionId,
@@ -433,7 +504,8 @@ class GateProtocol(RPCProtocol):
         Push what the inbox holds beyond what was pushed, in seq order,
         while the unacknowledged window has room: one fetch at a time.
         """
-        if self._fetching or self._closing or not self._delivering:
+        if (self._fetching or self._closing or not self._delivering
+                or self._pausedAt is not None):
             return
         settings = self.factory.settings
         room = settings.max_unacked - (self._sent - self._acked)
@@ -450,6 +522,8 @@ class GateProtocol(RPCProtocol):
             return
         if entries:
             for entry in entries:
+                if self._pausedAt is not None:
+                    break  # the rest waits in the inbox for resumeProducing
                 if entry.seq > self._sent:
                     self._pushed(entry.seq)
                     self.sendNotify(methods.MESSAGE, entry)
@@ -498,6 +572,7 @@ class GateProtocol(RPCProtocol):
             seq == self._sent + 1
             and not self._fetching
             and self._sent - self._acked < self.factory.settings.max_unacked
+            and self._pausedAt is None
             and not self._closing
         ):
             self._pushed(seq)
@@ -506,13 +581,14 @@ class GateProtocol(RPCProtocol):
             self._pump()
 
     def typing(self, uid, active, groupId):
-        if self._delivering:
+        # Transient: not for a connection that is not reading its pushes.
+        if self._delivering and self._pausedAt is None:
             self.sendNotify(
                 methods.TYPING, pb.Typing(uid=uid, active=active, group_id=groupId)
             )
 
     def notice(self, frame):
-        if self._delivering:
+        if self._delivering and self._pausedAt is None:
             self.sendEncoded(frame)
 
     def kick(self, reason, message):
@@ -553,9 +629,40 @@ class GateFactory(Factory):
         self.random = rng if rng is not None else random.SystemRandom()
         self.connections = set()
         self.metrics.watch(self.connections)
+        self._perHost = {}
+        self._accepts = TokenBucket(settings.accept_rate, max(1.0, settings.accept_rate), clock)
+        self.authThrottle = FailedAuthThrottle(
+            settings.auth_failure_rate, settings.auth_failure_burst, clock
+        )
         self._dirtyCursors = {}
         self._ids = itertools.count(1)
         self._drained = None
+
+    def refusal(self, host):
+        """
+        Whether a new connection from C{host} is refused, and why: checked
+        at accept, before TLS (L{imserver.limits.AdmissionFactory}).
+
+        @param host: the peer address, or L{None} if unknown (not checked
+            per address).
+        @return: L{None} to take it, else the reason (a metrics label).
+        """
+        settings = self.settings
+        if len(self.connections) >= settings.max_connections:
+            return "max_connections"
+        if host is not None and self._perHost.get(host, 0) >= settings.max_connections_per_ip:
+            return "max_connections_per_ip"
+        if not self._accepts.take():
+            return "accept_rate"
+        return None
+
+    def connectionOpened(self, protocol):
+        """
+        Count a new connection (in C{connectionMade}).
+        """
+        self.connections.add(protocol)
+        host = peerHost(protocol._acceptedFrom)
+        self._perHost[host] = self._perHost.get(host, 0) + 1
 
     def nextConnectionId(self):
         return next(self._ids)
@@ -617,23 +724,44 @@ class GateFactory(Factory):
 
     def sweep(self):
         """
-        Close every connection heard nothing from for C{idle_timeout}.  One
-        pass over the live connections; run every C{sweep_interval}.
+        Close every connection heard nothing from for C{idle_timeout}
+        (C{IDLE_TIMEOUT}), and every one paused by a full write buffer for
+        C{slow_consumer_grace} (C{SLOW_CONSUMER}).  One pass over the live
+        connections; run every C{sweep_interval}.
 
         @return: the number of connections closed.
         """
-        deadline = self.clock.seconds() - self.settings.idle_timeout
-        idle = [p for p in self.connections if p.lastHeard <= deadline]
+        now = self.clock.seconds()
+        deadline = now - self.settings.idle_timeout
+        grace = self.settings.slow_consumer_grace
+        idle, stuck = [], []
+        for p in self.connections:
+            if p.lastHeard <= deadline:
+                idle.append(p)
+            elif p._pausedAt is not None and now - p._pausedAt >= grace:
+                stuck.append(p)
         self.metrics.idleCloses += len(idle)
+        self.metrics.slowConsumerCloses += len(stuck)
         for p in idle:
             p.closeWithError(pb.IDLE_TIMEOUT, "nothing received for the idle timeout")
-        return len(idle)
+        for p in stuck:
+            p.closeWithError(
+                pb.SLOW_CONSUMER, "pushes not read for {} s; resume later".format(grace)
+            )
+        return len(idle) + len(stuck)
 
     def connectionClosed(self, protocol):
         """
         Forget a connection that is gone.
         """
-        self.connections.discard(protocol)
+        if protocol in self.connections:
+            self.connections.discard(protocol)
+            host = peerHost(protocol._acceptedFrom)
+            left = self._perHost[host] - 1
+            if left:
+                self._perHost[host] = left
+            else:
+                del self._perHost[host]
         if self._drained is not None and not self.connections:
             d, self._drained = self._drained, None
             d.callback(None)
@@ -664,3 +792,14 @@ class GateFactory(Factory):
         for p in list(self.connections):
             self.log.warn("aborting connection {conn}", conn=p.connectionId)
             p.transport.abortConnection()
+
+
+def _socketTransport(transport):
+    """
+    The socket's own transport under C{transport} (through TLS and PROXY
+    wrappers), which has the write buffer and reads the socket; or L{None}
+    (a test transport).
+    """
+    while transport is not None and not hasattr(transport, "bufferSize"):
+        transport = getattr(transport, "transport", None)
+    return transport

@@ -80,6 +80,60 @@ class Settings:
     listen_backlog: int = _setting(
         4096, "Listen queue length for endpoints that do not set backlog=.", 1
     )
+    max_connections: int = _setting(
+        19_000,
+        "Connections one gate process holds; more are closed at accept, before TLS "
+        "(keep it below the process's open-file limit).",
+        1,
+    )
+    max_connections_per_ip: int = _setting(
+        1000,
+        "Connections from one peer address (carrier NATs put many phones behind "
+        "one); more are closed at accept. Not applied behind haproxy: listeners.",
+        1,
+    )
+    accept_rate: float = _setting(
+        2000.0,
+        "New connections accepted per second (token bucket, burst of one "
+        "second's worth); more are closed at accept. Bounds reconnect storms.",
+        0.01,
+    )
+    request_rate: float = _setting(
+        50.0,
+        "Requests and notifies per second one connection may send (token bucket); "
+        "more are answered RATE_LIMITED.",
+        0.01,
+    )
+    request_burst: int = _setting(
+        100, "Requests one connection may send at once before --request-rate applies.", 1
+    )
+    rate_limit_close: int = _setting(
+        50,
+        "Requests refused RATE_LIMITED in a row after which the connection is closed.",
+        1,
+    )
+    auth_failure_rate: float = _setting(
+        0.2,
+        "Failed auths per second allowed per peer address and per uid in the long "
+        "run; beyond it auths are refused RATE_LIMITED without checking the token.",
+        0.001,
+    )
+    auth_failure_burst: int = _setting(
+        10, "Failed auths allowed at once per peer address and per uid.", 1
+    )
+    write_buffer_high: int = _setting(
+        256 * 1024,
+        "Bytes waiting to be written to a connection above which pushes to it pause "
+        "(they stay in the inbox) and its requests are not read; both resume once "
+        "the buffer is written.",
+        4096,
+    )
+    slow_consumer_grace: float = _setting(
+        30.0,
+        "Seconds a connection may stay paused by a full write buffer before it is "
+        "closed with SLOW_CONSUMER.",
+        0.01,
+    )
     max_message_body: int = _setting(
         32 * 1024,
         "Largest message body accepted by send, in bytes (at most "

@@ -17,6 +17,7 @@ from google.protobuf.internal import api_implementation
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
@@ -344,11 +345,16 @@ class MakeServiceTests(SynchronousTestCase):
         """
         root = self.makeService(SSL_LISTEN, TCP_LISTEN)
         self.start(root)
-        [(port, factory, contextFactory, backlog, interface)] = self.reactor.sslServers
-        self.assertEqual((port, backlog, interface), (0, 4096, "127.0.0.1"))
-        self.assertIs(factory, root.getServiceNamed("gate").factory)
-        [(port, factory, backlog, interface)] = self.reactor.tcpServers
-        self.assertEqual((port, backlog, interface), (0, 4096, "127.0.0.1"))
+        gate = root.getServiceNamed("gate").factory
+        # ssl: is TCP with TLS around the gate, and admission around that.
+        [(tlsPort, tlsFactory, backlog, interface), (port, factory, _, _)] = (
+            self.reactor.tcpServers)
+        self.assertEqual((tlsPort, backlog, interface), (0, 4096, "127.0.0.1"))
+        self.assertIsInstance(tlsFactory.wrapped, TLSMemoryBIOFactory)
+        self.assertIs(tlsFactory.wrapped.wrappedFactory, gate)
+        self.assertEqual(self.reactor.sslServers, [])
+        self.assertIs(factory.wrapped, gate)
+        self.assertEqual(port, 0)
 
     def test_listenBacklogSetting(self):
         """

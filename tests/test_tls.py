@@ -3,7 +3,9 @@ Tests for L{imserver.tls} and L{imserver.endpoints}.
 """
 
 from OpenSSL import SSL
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
@@ -98,7 +100,7 @@ class EndpointTests(SynchronousTestCase):
         tcp: endpoints get the default backlog unless they set one.
         """
         endpoint = listenEndpoint(self.reactor, "tcp:0:interface=127.0.0.1", None, 4096)
-        self.assertIsInstance(endpoint, TCP4ServerEndpoint)
+        self.assertIsInstance(endpoint.endpoint, TCP4ServerEndpoint)
         endpoint.listen(object())
         self.assertEqual(self.reactor.tcpServers[0][2], 4096)
         listenEndpoint(self.reactor, "tcp:0:backlog=10", None, 4096).listen(object())
@@ -111,11 +113,13 @@ class EndpointTests(SynchronousTestCase):
         """
         endpoint = listenEndpoint(self.reactor, "ssl:7443:interface=127.0.0.1",
                                   self.certificate, 4096)
-        self.assertIsInstance(endpoint, SSL4ServerEndpoint)
-        endpoint.listen(object())
-        port, factory, options, backlog, interface = self.reactor.sslServers[0]
+        self.assertIsInstance(endpoint.tlsOptions, tls.HardenedCertificateOptions)
+        factory = Factory()
+        endpoint.listen(factory)
+        [(port, tlsFactory, backlog, interface)] = self.reactor.tcpServers
         self.assertEqual((port, backlog, interface), (7443, 4096, "127.0.0.1"))
-        self.assertIsInstance(options, tls.HardenedCertificateOptions)
+        self.assertIsInstance(tlsFactory, TLSMemoryBIOFactory)
+        self.assertIs(tlsFactory.wrappedFactory, factory)
 
     def test_sslOwnCertificate(self):
         """
@@ -125,8 +129,8 @@ class EndpointTests(SynchronousTestCase):
         endpoint = listenEndpoint(
             self.reactor, "ssl:port=1:certKey={}:privateKey={}".format(cert.path, key.path),
             None, 4096)
-        endpoint.listen(object())
-        self.assertEqual(self.reactor.sslServers[0][0], 1)
+        endpoint.listen(Factory())
+        self.assertEqual(self.reactor.tcpServers[0][0], 1)
 
     def test_sslErrors(self):
         """

@@ -26,6 +26,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SERVER_SHUTDOWN: _ClassVar[ErrorCode]
     DUPLICATE_SEQ: _ClassVar[ErrorCode]
     BAD_ACK: _ClassVar[ErrorCode]
+    SLOW_CONSUMER: _ClassVar[ErrorCode]
     UNKNOWN_METHOD: _ClassVar[ErrorCode]
     BAD_REQUEST: _ClassVar[ErrorCode]
     NOT_AUTHENTICATED: _ClassVar[ErrorCode]
@@ -37,6 +38,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MESSAGE_TOO_LARGE: _ClassVar[ErrorCode]
     UNAVAILABLE: _ClassVar[ErrorCode]
     NOT_MEMBER: _ClassVar[ErrorCode]
+    RATE_LIMITED: _ClassVar[ErrorCode]
 
 class Platform(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -74,6 +76,7 @@ IDLE_TIMEOUT: ErrorCode
 SERVER_SHUTDOWN: ErrorCode
 DUPLICATE_SEQ: ErrorCode
 BAD_ACK: ErrorCode
+SLOW_CONSUMER: ErrorCode
 UNKNOWN_METHOD: ErrorCode
 BAD_REQUEST: ErrorCode
 NOT_AUTHENTICATED: ErrorCode
@@ -85,6 +88,7 @@ TIMEOUT: ErrorCode
 MESSAGE_TOO_LARGE: ErrorCode
 UNAVAILABLE: ErrorCode
 NOT_MEMBER: ErrorCode
+RATE_LIMITED: ErrorCode
 PLATFORM_UNSPECIFIED: Platform
 IOS: Platform
 ANDROID: Platform
