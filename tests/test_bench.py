@@ -1,24 +1,60 @@
 """
-Smoke test of C{im-bench}: a very short p2p run against a real spawned gate,
-so the benchmark keeps working.  It asserts that traffic flowed, never how
+Tests of C{im-bench} (L{imserver.bench}): unit tests of its pure pieces, and
+smoke tests that run each scenario (and the echo reference, and the charts)
+for a second or so against a real spawned gate and real worker processes.
+The smoke tests assert that traffic flowed and nothing failed, never how
 fast (timings belong in docs/performance.md, not in tests).
 """
 
 import io
+import json
+import sys
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from imserver.bench import P2POptions, P2PRun, percentile
+from imserver.bench import options as bench_options
+from imserver.bench.cli import writeReport
+from imserver.bench.control import ControlProtocol, LineBuffer, WorkerError, WorkerProcess
+from imserver.bench.coordinator import Coordinator, ServerProcess
+from imserver.bench.hold import Hold
+from imserver.bench.options import loopback, sourceAddresses
+from imserver.bench.p2p import P2P
+from imserver.bench.ping import Ping
+from imserver.bench.plot import cdfPoints
+from imserver.bench.scenario import Ticker
+from imserver.bench.stats import (
+    evenBlocks,
+    formatProgress,
+    latencySummary,
+    mergeSorted,
+    percentile,
+    ratesBetween,
+    ratiosTo,
+    shares,
+    sumCounts,
+)
+from imserver.bench.storm import Storm
+from imserver.bench.worker import Worker
+from imserver.spawn import childEnvironment
+
+#: Every smoke run: unpinned, so the tests run on any machine.
+UNPINNED = ["--server-cpu", "", "--client-cpu", ""]
 
 
-class PercentileTests(SynchronousTestCase):
+class StatsTests(SynchronousTestCase):
     """
-    L{percentile}.
+    L{imserver.bench.stats}.
     """
 
-    def test_nearestRank(self):
+    def test_percentile(self):
         """
         Nearest-rank percentiles of sorted values; L{None} for no values.
         """
@@ -28,25 +64,432 @@ class PercentileTests(SynchronousTestCase):
         self.assertEqual(percentile(values, 1.0), 100)
         self.assertIsNone(percentile([], 0.5))
 
+    def test_latencySummary(self):
+        """
+        Microseconds in, milliseconds out; L{None} everywhere for no values.
+        """
+        summary = latencySummary(list(range(1000, 1001000, 1000)))
+        self.assertEqual(summary, {"p50": 500.0, "p99": 990.0, "p999": 999.0, "max": 1000.0})
+        self.assertEqual(latencySummary([]),
+                         {"p50": None, "p99": None, "p999": None, "max": None})
 
-class P2PSmokeTests(TestCase):
+    def test_evenBlocks(self):
+        """
+        Users are split as evenly as possible into consecutive blocks of even
+        sizes (pairs stay together); an odd user goes to the last block.
+        """
+        self.assertEqual(evenBlocks(8, 2), [(0, 4), (4, 4)])
+        self.assertEqual(evenBlocks(10, 3), [(0, 4), (4, 4), (8, 2)])
+        self.assertEqual(evenBlocks(7, 2), [(0, 4), (4, 3)])
+        self.assertEqual(evenBlocks(1, 1), [(0, 1)])
+        for users, workers in [(400, 3), (18001, 2), (2, 1)]:
+            blocks = evenBlocks(users, workers)
+            self.assertEqual(sum(count for first, count in blocks), users)
+            self.assertTrue(all(first % 2 == 0 for first, count in blocks))
+
+    def test_shares(self):
+        """
+        A total is split in proportion to the weights, adding up exactly.
+        """
+        self.assertEqual(shares(10, [4, 4, 2]), [4, 4, 2])
+        self.assertEqual(shares(5, [4, 4, 2]), [2, 2, 1])
+        self.assertEqual(sum(shares(1000, [6667, 6667, 6666])), 1000)
+        self.assertEqual(shares(0, [3, 3]), [0, 0])
+
+    def test_aggregation(self):
+        """
+        Counters of several workers add up by name; their sorted latencies
+        merge into one sorted list.
+        """
+        self.assertEqual(sumCounts([{"a": 1, "b": 2}, {"a": 3, "c": 1}]),
+                         {"a": 4, "b": 2, "c": 1})
+        self.assertEqual(sumCounts([]), {})
+        self.assertEqual(mergeSorted([[1, 5, 9], [], [2, 5, 10]]), [1, 2, 5, 5, 9, 10])
+
+    def test_ratesBetween(self):
+        """
+        Rates are the counters' gains over the time between two samples.
+        """
+        self.assertEqual(ratesBetween((10.0, {"a": 100, "b": 5}), (10.5, {"a": 300, "b": 5})),
+                         {"a": 400.0, "b": 0.0})
+        self.assertEqual(ratesBetween((1.0, {"a": 1}), (1.0, {"a": 2})), {"a": 0.0})
+
+    def test_ratiosTo(self):
+        """
+        Each mapped figure is divided by the reference's; missing or zero
+        figures are left out.
+        """
+        ratios = ratiosTo({"requests_per_s": 30000.0, "connect_per_s": 900.0, "x": 1},
+                          {"requests_per_s": 60000.0, "connect_per_s": 0},
+                          {"requests_per_s": "requests_per_s", "connect_per_s": "connect_per_s",
+                           "missing": "requests_per_s"})
+        self.assertEqual(ratios, {"requests_per_s": 0.5})
+
+    def test_formatProgress(self):
+        """
+        One line: scenario, elapsed seconds, phase, then every counter, with
+        its rate for the rate counters.
+        """
+        line = formatProgress("ping", "measuring", 12.4, {"connected": 1000, "requests": 123456,
+                                                          "errors": 0},
+                              {"connected": 0.0, "requests": 35210.4}, ("requests",))
+        self.assertEqual(line, "im-bench ping   12s measuring: connected 1,000  "
+                               "requests 123,456 (35,210/s)  errors 0")
+        self.assertNotIn("\n", line)
+
+    def test_cdfPoints(self):
+        """
+        The CDF of a few values is all of them; of many, a thinned set that
+        keeps the largest.
+        """
+        self.assertEqual(cdfPoints([1, 2, 3, 4]), ([1, 2, 3, 4], [0.25, 0.5, 0.75, 1.0]))
+        values, fractions = cdfPoints(list(range(100000)), points=100)
+        self.assertLessEqual(len(values), 102)
+        self.assertEqual((values[-1], fractions[-1]), (99999, 1.0))
+        self.assertEqual(cdfPoints([]), ([], []))
+
+
+class OptionsTests(SynchronousTestCase):
     """
-    A one-second p2p run.
+    The options of the scenarios (L{imserver.bench.options}).
+    """
+
+    def setUp(self):
+        self.patch(bench_options, "fileLimit", lambda: 20000)
+
+    def parse(self, scenario, *args):
+        """
+        Parse C{args} as the options of C{scenario}.
+        """
+        options = scenario.Options()
+        options.parseOptions(list(args))
+        return options
+
+    def test_loopbackOnly(self):
+        """
+        Only literal loopback addresses are accepted as the target.
+        """
+        self.assertEqual(loopback("127.0.0.1"), "127.0.0.1")
+        self.assertEqual(loopback("127.9.8.7"), "127.9.8.7")
+        self.assertEqual(loopback("0:0:0:0:0:0:0:1"), "::1")
+        for address in ["10.0.0.1", "192.168.1.5", "0.0.0.0", "::", "2001:db8::1",
+                        "localhost", "example.com"]:
+            self.assertRaises(UsageError, loopback, address)
+
+    def test_refusesNonLoopbackHost(self):
+        """
+        Every scenario refuses a C{--host} beyond loopback.
+        """
+        for scenario in (Hold, P2P, Ping, Storm):
+            error = self.assertRaises(UsageError, self.parse, scenario, "--host", "10.1.2.3")
+            self.assertIn("not a loopback address", str(error))
+
+    def test_workersAndSources(self):
+        """
+        By default each worker holds at most 15,000 connections and each
+        source address carries at most 10,000; an IPv6 target has one source.
+        """
+        options = self.parse(Ping, "--users", "16000")
+        self.assertEqual((options["workers"], options["sources"]), (2, 2))
+        options = self.parse(Ping, "--users", "400")
+        self.assertEqual((options["workers"], options["sources"]), (1, 1))
+        self.assertEqual(sourceAddresses("127.0.0.1", 3), ["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+        options = self.parse(Ping, "--host", "::1")
+        self.assertEqual(sourceAddresses(options["host"], options["sources"]), [None])
+        self.assertRaises(UsageError, self.parse, Ping, "--host", "::1", "--sources", "2")
+
+    def test_limits(self):
+        """
+        The gate holds every connection: more users than its file limit
+        allows are refused, and so are more per source address than the
+        ephemeral ports allow.
+        """
+        error = self.assertRaises(UsageError, self.parse, Ping, "--users", "19001")
+        self.assertIn("RLIMIT_NOFILE", str(error))
+        self.assertEqual(self.parse(Ping, "--users", "19000")["workers"], 2)
+        self.patch(bench_options, "fileLimit", lambda: 100000)
+        error = self.assertRaises(UsageError, self.parse, Ping, "--users", "30000",
+                                  "--sources", "1")
+        self.assertIn("--sources", str(error))
+        self.assertEqual(self.parse(Ping, "--users", "30000")["sources"], 3)
+
+    def test_values(self):
+        """
+        Bad values are refused: odd pairs, workers beyond half the users,
+        storm drops beyond the users, durations out of range.
+        """
+        self.assertRaises(UsageError, self.parse, P2P, "--users", "7")
+        self.assertRaises(UsageError, self.parse, Ping, "--users", "0")
+        self.assertRaises(UsageError, self.parse, Ping, "--users", "4", "--workers", "3")
+        self.assertRaises(UsageError, self.parse, Ping, "--duration", "0")
+        self.assertRaises(UsageError, self.parse, Ping, "--transport", "quic")
+        self.assertRaises(UsageError, self.parse, Storm, "--users", "4", "--drop", "5")
+        self.assertRaises(UsageError, self.parse, Hold, "--users", "5", "--seed-profile")
+        self.patch(bench_options.importlib.util, "find_spec", lambda name: None)
+        error = self.assertRaises(UsageError, self.parse, Ping, "--plot", "charts")
+        self.assertIn("matplotlib", str(error))
+        self.assertEqual(self.parse(Storm, "--users", "10")["drop"], 5)
+
+    def test_referenceFlags(self):
+        """
+        The reference is on unless C{--no-reference}.
+        """
+        self.assertTrue(self.parse(Ping)["reference"])
+        self.assertFalse(self.parse(Ping, "--no-reference")["reference"])
+        self.assertTrue(self.parse(Ping, "--no-reference", "--reference")["reference"])
+
+
+class ControlTests(SynchronousTestCase):
+    """
+    The JSON-lines channel between the coordinator and its workers.
+    """
+
+    def test_lineBuffer(self):
+        """
+        Lines are returned once complete, however the bytes are split.
+        """
+        lines = LineBuffer()
+        self.assertEqual(lines.feed(b'{"a":'), [])
+        self.assertEqual(lines.feed(b' 1}\n{"b"'), [b'{"a": 1}'])
+        self.assertEqual(lines.feed(b": 2}\n\n"), [b'{"b": 2}', b""])
+        self.assertEqual(lines.feed(b"x\ny\n"), [b"x", b"y"])
+
+    def test_workerProcess(self):
+        """
+        A command is one JSON line; the answer with its id fires its
+        L{Deferred}, an error answer fails it, progress samples are kept,
+        and the worker ending fails what is still outstanding.
+        """
+        worker = WorkerProcess(0)
+        worker.transport = StringTransport()
+        first = worker.call("connect")
+        second = worker.call("report", x=1)
+        self.assertEqual([json.loads(line) for line in worker.transport.value().splitlines()],
+                         [{"id": 1, "cmd": "connect", "args": {}},
+                          {"id": 2, "cmd": "report", "args": {"x": 1}}])
+        worker.outReceived(b'{"event": "progress", "load": "ping", "t": 1.0, '
+                           b'"counts": {"requests": 5}}\n{"id": 1, "res')
+        worker.outReceived(b'ult": {"connected": 2}}\n')
+        self.assertEqual(self.successResultOf(first), {"connected": 2})
+        self.assertEqual(worker.progress, ("ping", 1.0, {"requests": 5}))
+        worker.outReceived(b'{"event": "progress", "load": "ping", "t": 1.5, '
+                           b'"counts": {"requests": 9}}\n')
+        self.assertEqual(worker.previous, ("ping", 1.0, {"requests": 5}))
+        third = worker.call("stop")
+        worker.outReceived(b'{"id": 3, "error": "no load"}\n')
+        self.assertIn("no load", str(self.failureResultOf(third, WorkerError).value))
+        worker.processEnded(Failure(RuntimeError("gone")))
+        self.assertIn("gone", str(self.failureResultOf(second, WorkerError).value))
+        self.failureResultOf(worker.call("stop"), WorkerError)
+
+    def test_controlProtocol(self):
+        """
+        The worker side answers each command with its result or its error,
+        and reports progress of the load it runs.
+        """
+
+        class FakeLoad:
+            counts = {"connected": 0}
+            closing = False
+
+            def __init__(self, reactor, spec, err):
+                self.spec = spec
+
+            def on_connect(self):
+                self.counts = {"connected": 3}
+                return {"connected": 3}
+
+            def on_close(self):
+                self.closing = True
+                return succeed(self.counts)
+
+        clock = Clock()
+        worker = Worker(clock, {"fake": FakeLoad}, err=io.StringIO())
+        control = worker.control = ControlProtocol(worker)
+        transport = StringTransport()
+        control.makeConnection(transport)
+        for command in [{"id": 1, "cmd": "connect", "args": {}},
+                        {"id": 2, "cmd": "load", "args": {"name": "fake", "first": 0}},
+                        {"id": 3, "cmd": "connect", "args": {}},
+                        {"id": 4, "cmd": "load", "args": {"name": "nope"}}]:
+            control.dataReceived(json.dumps(command).encode() + b"\n")
+        clock.advance(0.5)
+        answers = [json.loads(line) for line in transport.value().splitlines()]
+        self.assertEqual(answers[0], {"id": 1, "error": "unknown command 'connect'"})
+        self.assertEqual(answers[1:3], [{"id": 2, "result": None},
+                                        {"id": 3, "result": {"connected": 3}}])
+        self.assertIn("nope", answers[3]["error"])
+        self.assertEqual(answers[4], {"event": "progress", "load": "fake", "t": 0.5,
+                                      "counts": {"connected": 3}})
+        worker.shutdown()
+        self.successResultOf(worker.done)
+
+    def test_serverListening(self):
+        """
+        A server child is listening once it logs its address, IPv6 in
+        brackets.
+        """
+        for host, line in [("127.0.0.1", b"gate listening on 127.0.0.1:7001\n"),
+                           ("127.0.0.5", b"x\nlistening on 127.0.0.5:7002\n"),
+                           ("::1", b"listening on [::1]:7003\n")]:
+            process = ServerProcess(host)
+            process.outReceived(b"listening on 127.0.0.10:1\n")
+            process.outReceived(line)
+            self.assertEqual(self.successResultOf(process.listening), int(line[-5:-1]))
+
+    def test_ticker(self):
+        """
+        An open-loop ticker fires at its rate on average, making up ticks
+        the clock skipped.
+        """
+        clock = Clock()
+        fired = []
+        ticker = Ticker(clock, 250, lambda: fired.append(clock.seconds()))
+        ticker.start()
+        clock.pump([0.01] * 100)
+        self.assertEqual(len(fired), 250)
+        clock.advance(0.5)
+        self.assertEqual(len(fired), 375)
+        ticker.stop()
+        clock.advance(1)
+        self.assertEqual(len(fired), 375)
+
+
+class SmokeTests(TestCase):
+    """
+    Each scenario for about a second, with a few users, against a real
+    spawned gate and real workers.
     """
 
     timeout = 60
 
+    def run_(self, scenario, *args):
+        """
+        Run C{scenario} with C{args}, unpinned.
+
+        @return: a L{Deferred} firing with the L{Outcome}.
+        """
+        options = scenario.Options()
+        options.parseOptions(list(args) + UNPINNED)
+        self.err = io.StringIO()
+        return Coordinator(reactor, scenario(options), err=self.err).run()
+
+    def assertClean(self, result, users):
+        """
+        Every user connected and nothing failed.
+        """
+        self.assertEqual(result["connected"], users)
+        self.assertEqual(result["connect_failed"], 0)
+        self.assertEqual(result["errors"], 0, self.err.getvalue())
+
     @inlineCallbacks
-    def test_p2p(self):
+    def test_hold(self):
         """
-        Messages flow from senders to receivers through a spawned gate and
-        the result reports them, with latency percentiles and no errors.
+        Held connections heartbeat, and with the seed profile messages flow;
+        the gate's memory per connection is reported.
         """
-        options = P2POptions()
-        options.parseOptions(["--users", "8", "--duration", "1", "--warmup", "0.3",
-                              "--server-cpu", "", "--client-cpu", ""])
-        result = yield P2PRun(reactor, options, out=io.StringIO()).run()
+        outcome = yield self.run_(Hold, "--users", "6", "--duration", "1", "--warmup", "0.2",
+                                  "--heartbeat", "0.2", "--seed-profile", "--seed-period", "0.3",
+                                  "--no-reference")
+        result = outcome.result
+        self.assertClean(result, 6)
+        self.assertGreater(result["pings_per_s"], 0)
+        self.assertGreater(result["seed_messages_per_s"], 0)
         self.assertGreater(result["deliveries_per_s"], 0)
-        self.assertEqual(result["errors"], 0)
-        self.assertIsNotNone(result["latency_ms"]["p99"])
+        self.assertIn("rss_per_connection_kb", result)
         self.assertGreater(result["server_rss_mb"], 0)
+        self.assertNotIn("reference", result)
+
+    @inlineCallbacks
+    def test_p2pTwoWorkers(self):
+        """
+        Messages flow between pairs held by two workers; latencies come from
+        both.
+        """
+        outcome = yield self.run_(P2P, "--users", "8", "--workers", "2", "--duration", "1",
+                                  "--warmup", "0.3", "--no-reference")
+        result = outcome.result
+        self.assertClean(result, 8)
+        self.assertEqual(result["workers"], 2)
+        self.assertGreater(result["deliveries_per_s"], 0)
+        self.assertIsNotNone(result["latency_ms"]["p99"])
+        self.assertTrue(outcome.latencies["p2p"])
+        self.assertTrue(outcome.timelines["p2p"])
+
+    @inlineCallbacks
+    def test_p2pOpenLoop(self):
+        """
+        The open loop sends at a fixed rate.
+        """
+        outcome = yield self.run_(P2P, "--users", "4", "--rate", "100", "--duration", "1",
+                                  "--warmup", "0.2", "--no-reference")
+        self.assertClean(outcome.result, 4)
+        self.assertGreater(outcome.result["deliveries_per_s"], 0)
+        self.assertIn("open loop", outcome.result["mode"])
+
+    @inlineCallbacks
+    def test_pingReferencePlot(self):
+        """
+        Ping round trips over TLS, then the echo reference over TLS with the
+        gate's certificate: both report round trips, the ratios relate them,
+        and the charts are written.
+        """
+        outcome = yield self.run_(Ping, "--users", "4", "--transport", "tls", "--duration", "1",
+                                  "--warmup", "0.2")
+        result = outcome.result
+        self.assertClean(result, 4)
+        self.assertGreater(result["requests_per_s"], 0)
+        reference = result["reference"]
+        self.assertEqual(reference["connected"], 4)
+        self.assertEqual(reference["errors"], 0)
+        self.assertGreater(reference["requests_per_s"], 0)
+        self.assertIn("rss_per_idle_connection_kb", reference)
+        self.assertEqual(set(result["ratio_to_reference"]), {"requests_per_s", "connect_per_s"})
+
+        plots = FilePath(self.mktemp())
+        options = {"json": plots.sibling("result.json").path, "plot": plots.path}
+        out = io.StringIO()
+        writeReport(options, outcome, out, err=io.StringIO())
+        self.assertEqual(json.loads(out.getvalue()), result)
+        self.assertEqual(json.loads(plots.sibling("result.json").getContent()), result)
+        charts = sorted(child.basename() for child in plots.children())
+        self.assertEqual(charts, ["ping-latency-cdf.png", "ping-throughput.png"])
+        for chart in plots.children():
+            self.assertEqual(chart.getContent()[:8], b"\x89PNG\r\n\x1a\n")
+
+    @inlineCallbacks
+    def test_storm(self):
+        """
+        Dropped sessions all come back, re-authenticate with their last seq
+        and receive the messages queued meanwhile.
+        """
+        outcome = yield self.run_(Storm, "--users", "8", "--drop", "4", "--backlog", "3",
+                                  "--jitter", "0.05", "--no-reference")
+        result = outcome.result
+        self.assertClean(result, 8)
+        self.assertEqual((result["dropped"], result["recovered"]), (4, 4))
+        self.assertGreater(result["reconnects_per_s"], 0)
+        self.assertEqual(len(outcome.latencies["storm"]), 4)
+
+    @inlineCallbacks
+    def test_command(self):
+        """
+        C{python -m imserver.bench} prints the JSON result and writes it to
+        C{--json}; a non-loopback target is refused with status 2.
+        """
+        path = FilePath(self.mktemp())
+        out, err, status = yield getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "imserver.bench", "ping", "--users", "2", "--duration", "0.3", "--warmup", "0",
+             "--no-reference", "--json", path.path] + UNPINNED,
+            env=childEnvironment(), reactor=reactor)
+        self.assertEqual(status, 0, err)
+        result = json.loads(out)
+        self.assertEqual(result["scenario"], "ping")
+        self.assertEqual(result["errors"], 0)
+        self.assertEqual(json.loads(path.getContent()), result)
+        out, err, status = yield getProcessOutputAndValue(
+            sys.executable, ["-m", "imserver.bench", "ping", "--host", "192.0.2.1"],
+            env=childEnvironment(), reactor=reactor)
+        self.assertEqual(status, 2)
+        self.assertIn(b"not a loopback address", err)

@@ -1,0 +1,536 @@
+# -*- test-case-name: tests.test_bench -*-
+"""
+The bench's main process: it starts the gate (pinned to C{--server-cpu}),
+the client workers (pinned to C{--client-cpu}), loads the scenario into the
+workers, runs its phases, then does the same with the echo reference in
+place of the gate, and gathers one result.  It shows progress on stderr
+once a second and stops every child process when it ends, however it ends.
+"""
+
+import collections
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+from twisted.internet.defer import FirstError, TimeoutError, fail, gatherResults, inlineCallbacks
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.python.filepath import FilePath
+
+from imserver.auth import loadSecret
+from imserver.bench import ECHO_COMMAND, WORKER_COMMAND
+from imserver.bench.control import WorkerProcess
+from imserver.bench.echo import listenAddress
+from imserver.bench.options import FILE_RESERVE, fileLimit, listenDescription, sourceAddresses
+from imserver.bench.reference import Reference
+from imserver.bench.stats import (
+    evenBlocks,
+    formatProgress,
+    mergeSorted,
+    ratesBetween,
+    ratiosTo,
+    sumCounts,
+)
+from imserver.spawn import TwistdProcess, childEnvironment, twistdArgv
+from imserver.tls import CERT_FILE_NAME, KEY_FILE_NAME
+
+#: Seconds into a run after which the progress line is shown.
+PROGRESS_AFTER = 3.0
+
+
+class BenchError(Exception):
+    """
+    The run cannot go on (a server or worker ended, a phase timed out).
+    """
+
+
+def cpuSeconds(pid):
+    """
+    User plus system CPU seconds used so far by process C{pid}.
+    """
+    with open("/proc/{}/stat".format(pid)) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rssBytes(pid):
+    """
+    The resident set size of process C{pid}, in bytes.
+    """
+    with open("/proc/{}/status".format(pid)) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def pinnedArgv(argv, cpu):
+    """
+    C{argv} run under C{taskset -c cpu}, unless C{cpu} is C{""} or there is
+    no C{taskset}.
+    """
+    taskset = shutil.which("taskset")
+    if cpu == "" or taskset is None:
+        return argv
+    return [taskset, "-c", str(cpu)] + argv
+
+
+class ServerProcess(TwistdProcess):
+    """
+    A server child (the gate, the echo reference) that logs C{listening on
+    HOST:PORT} for the address it was asked to listen on.
+
+    Unlike L{TwistdProcess} it keeps only the last L{KEEP} bytes of its
+    output: the gate logs every connection, for as long as the run lasts.
+    """
+
+    KEEP = 64 * 1024
+
+    def __init__(self, host):
+        TwistdProcess.__init__(self)
+        pattern = re.escape(listenAddress(host, "").encode("ascii"))
+        self._listeningOn = re.compile(b"listening on " + pattern + rb"(\d+)")
+        self._chunks = collections.deque()
+        self._kept = 0
+
+    def outReceived(self, data):
+        self._chunks.append(data)
+        self._kept += len(data)
+        while self._kept - len(self._chunks[0]) >= self.KEEP:
+            self._kept -= len(self._chunks.popleft())
+        if self.port is None:
+            match = self._listeningOn.search(b"".join(self._chunks))
+            if match is not None:
+                self.port = int(match.group(1))
+                self.listening.callback(self.port)
+
+    errReceived = outReceived
+
+    def text(self):
+        """
+        The end of the output, decoded.
+        """
+        return b"".join(self._chunks).decode("utf-8", "replace")
+
+
+def _spawn(reactor, process, argv, **kwargs):
+    """
+    Start C{argv} with this Python's environment, for C{process}.
+    """
+    process.transport = reactor.spawnProcess(process, argv[0], argv, env=childEnvironment(),
+                                             **kwargs)
+    return process
+
+
+class Window:
+    """
+    What one measurement window measured, added up over the workers.
+
+    @ivar seconds: its length.
+    @ivar counts: C{{counter: gained in the window}}.
+    @ivar latencies: every latency recorded, microseconds, sorted.
+    @ivar figures: C{seconds}, C{server_cpu_percent},
+        C{client_cpu_percent} and C{server_rss_mb}, for the result.
+    @ivar serverRss: the server's RSS at its end, in bytes.
+    """
+
+    def __init__(self, counts, latencies, figures, serverRss):
+        self.seconds = figures["seconds"]
+        self.counts = counts
+        self.latencies = latencies
+        self.figures = figures
+        self.serverRss = serverRss
+
+    def rate(self, name):
+        """
+        Counter C{name} per second, rounded to 0.1.
+        """
+        return round(self.counts.get(name, 0) / self.seconds, 1)
+
+
+class Outcome:
+    """
+    What a run produced.
+
+    @ivar result: the result (JSON).
+    @ivar latencies: C{{scenario name: sorted microseconds}}, for the
+        scenario and the reference (C{"reference"}) if they have any.
+    @ivar timelines: C{{scenario name: [(seconds, {counter: per
+        second})]}}, one sample a second.
+    """
+
+    def __init__(self, result, latencies, timelines):
+        self.result = result
+        self.latencies = latencies
+        self.timelines = timelines
+
+
+class _Segment:
+    """
+    The part of a run one load is in the workers: its progress samples.
+    """
+
+    def __init__(self, name, rates, started):
+        self.name = name
+        self.rates = rates
+        self.started = started
+        self.samples = []
+
+
+class Coordinator:
+    """
+    Runs one scenario, and then the reference, through worker processes.
+
+    Scenarios' L{drive} methods use L{connect}, L{window}, L{tell},
+    L{tellEach}, L{usage}, L{usageSince}, L{serverRss}, L{keepLatencies},
+    L{blocks} and L{phase}.
+
+    @ivar blocks: C{(first user, count)} of each worker.
+    @ivar phase: what the run is doing, for the progress line.
+    """
+
+    def __init__(self, reactor, scenario, err=sys.stderr):
+        """
+        @param scenario: an L{imserver.bench.scenario.Scenario}.
+        @param err: where progress and notes go.
+        """
+        self.reactor = reactor
+        self.scenario = scenario
+        self.options = scenario.options
+        self.err = err
+        self.blocks = evenBlocks(self.options["users"], self.options["workers"])
+        self.phase = "starting"
+        self.workers = []
+        self.server = None
+        self._target = None
+        self._secret = None
+        self._dataDir = None
+        self._segment = None
+        self._started = None
+        self._latencies = {}
+        self._timelines = {}
+        self._progress = LoopingCall(self._tick)
+        self._progress.clock = reactor
+
+    # -- the run -------------------------------------------------------------
+
+    @inlineCallbacks
+    def run(self):
+        """
+        Run the scenario, then the reference unless disabled.
+
+        @return: a L{Deferred} firing with an L{Outcome}, or failing with
+            L{BenchError} (or what went wrong) once every child has ended.
+        """
+        o = self.options
+        dataDir = self._dataDir = tempfile.mkdtemp(prefix="im-bench-")
+        trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self._kill)
+        self._started = self.reactor.seconds()
+        try:
+            yield self._startGate(dataDir)
+            self.workers = [self._spawnWorker(i) for i in range(o["workers"])]
+            self._progress.start(1.0, now=False)
+            result = {
+                "scenario": self.scenario.name,
+                "users": o["users"],
+                "workers": o["workers"],
+                "sources": o["sources"],
+                "transport": o["transport"],
+                "store": o["store"],
+            }
+            result.update((yield self._runLoad(self.scenario)))
+            yield self._stopServer()
+            if o["reference"]:
+                yield self._startEcho(dataDir)
+                reference = yield self._runLoad(Reference(o))
+                yield self._stopServer()
+                result["reference"] = reference
+                result["ratio_to_reference"] = ratiosTo(result, reference, self.scenario.ratios)
+        finally:
+            if self._progress.running:
+                self._progress.stop()
+            yield self._shutdown()
+            self.reactor.removeSystemEventTrigger(trigger)
+            shutil.rmtree(dataDir, ignore_errors=True)
+        return Outcome(result, self._latencies, self._timelines)
+
+    @inlineCallbacks
+    def _runLoad(self, scenario):
+        o = self.options
+        self._segment = _Segment(scenario.name, scenario.rates, self.reactor.seconds())
+        self._timelines[scenario.name] = self._segment.samples
+        specs = [{
+            "name": scenario.name,
+            "target": self._target,
+            "sources": sourceAddresses(o["host"], o["sources"]),
+            "first": first,
+            "count": count,
+            "secret": self._secret,
+            "connectWindow": o["connect-window"],
+            "timeout": o["timeout"],
+            "config": scenario.workerConfig(first, count),
+        } for first, count in self.blocks]
+        yield self.tellEach("load", specs)
+        result = yield scenario.drive(self)
+        self.phase = "closing"
+        finals = yield self.tell("close")
+        result["errors"] = sumCounts(finals).get("errors", 0)
+        return result
+
+    # -- for scenarios -------------------------------------------------------
+
+    def tellEach(self, command, argsList, timeout=None):
+        """
+        Send each worker a command, with its own arguments.
+
+        @param argsList: one C{dict} of arguments per worker.
+        @param timeout: seconds to wait for every answer (default
+            C{--timeout}).
+        @return: a L{Deferred} firing with the workers' results in order,
+            or failing with L{BenchError} at once if the server has ended.
+        """
+        try:
+            self._checkServer()
+        except BenchError:
+            return fail()
+        calls = [worker.call(command, **args) for worker, args in zip(self.workers, argsList)]
+        d = gatherResults(calls, consumeErrors=True)
+        d.addErrback(lambda failure: failure.value.subFailure if failure.check(FirstError)
+                     else failure)
+        return self._bounded(d, "the workers to {}".format(command), timeout)
+
+    def tell(self, command, **args):
+        """
+        Send every worker the same command.
+
+        @return: a L{Deferred} firing with the workers' results in order.
+        """
+        return self.tellEach(command, [args] * len(self.workers))
+
+    @inlineCallbacks
+    def connect(self):
+        """
+        Connect every user.
+
+        @return: a L{Deferred} firing with C{connected}, C{connect_failed},
+            C{connect_seconds}, C{connect_per_s}, and the server's and the
+            workers' CPU meanwhile (C{connect_server_cpu_percent},
+            C{connect_client_cpu_percent}): which side limits the rate.
+        """
+        self.phase = "connecting"
+        mark = self.usage()
+        answers = yield self.tell("connect")
+        figures = self.usageSince(mark)
+        seconds = figures["seconds"]
+        connected = sum(answer["connected"] for answer in answers)
+        failed = sum(answer["failed"] for answer in answers)
+        self.log("{}: {:,} connected in {:.2f} s{}".format(
+            self._segment.name, connected, seconds,
+            ", {:,} failed".format(failed) if failed else ""))
+        return {
+            "connected": connected,
+            "connect_failed": failed,
+            "connect_seconds": seconds,
+            "connect_per_s": round(connected / seconds, 1),
+            "connect_server_cpu_percent": figures["server_cpu_percent"],
+            "connect_client_cpu_percent": figures["client_cpu_percent"],
+        }
+
+    @inlineCallbacks
+    def window(self):
+        """
+        Start the traffic, warm up for C{--warmup}, measure for
+        C{--duration}, stop the traffic.
+
+        @return: a L{Deferred} firing with a L{Window}.
+        """
+        o = self.options
+        yield self.tell("start")
+        self.phase = "warming up"
+        yield deferLater(self.reactor, o["warmup"])
+        yield self.tell("measure")
+        self.phase = "measuring"
+        mark = self.usage()
+        yield deferLater(self.reactor, o["duration"])
+        figures = self.usageSince(mark)
+        serverRss = self.serverRss()
+        reports = yield self.tell("report")
+        self.phase = "stopping"
+        yield self.tell("stop")
+        latencies = mergeSorted(report["latencies_us"] for report in reports)
+        self.keepLatencies(latencies)
+        return Window(sumCounts(report["counts"] for report in reports), latencies, figures,
+                      serverRss)
+
+    def usage(self):
+        """
+        @return: a mark for L{usageSince}: the time and the CPU seconds of
+            the server and of the workers so far.
+        @raise BenchError: if the server has ended.
+        """
+        self._checkServer()
+        return (self.reactor.seconds(), cpuSeconds(self.server.pid),
+                sum(cpuSeconds(worker.pid) for worker in self.workers))
+
+    def usageSince(self, mark):
+        """
+        @return: C{seconds} since C{mark}, C{server_cpu_percent} and
+            C{client_cpu_percent} (all workers together) meanwhile, and
+            C{server_rss_mb} now.
+        """
+        now, server, clients = self.usage()
+        seconds = now - mark[0]
+        return {
+            "seconds": round(seconds, 3),
+            "server_cpu_percent": round(100 * (server - mark[1]) / seconds, 1),
+            "client_cpu_percent": round(100 * (clients - mark[2]) / seconds, 1),
+            "server_rss_mb": round(self.serverRss() / 2**20, 1),
+        }
+
+    def serverRss(self):
+        """
+        The server's RSS now, in bytes.
+
+        @raise BenchError: if the server has ended.
+        """
+        self._checkServer()
+        return rssBytes(self.server.pid)
+
+    def _checkServer(self):
+        """
+        @raise BenchError: if the server has ended.
+        """
+        if self.server is not None and self.server.reason is not None:
+            raise BenchError("the server ended ({}); its output ends with:\n{}".format(
+                self.server.reason, self.server.text()[-3000:]))
+
+    def keepLatencies(self, latencies):
+        """
+        Keep the latencies (sorted microseconds) of the current load for
+        the charts.
+        """
+        self._latencies[self._segment.name] = latencies
+
+    def log(self, text):
+        """
+        Write a note to stderr.
+        """
+        self.err.write("im-bench: {}\n".format(text))
+        self.err.flush()
+
+    # -- processes -----------------------------------------------------------
+
+    @inlineCallbacks
+    def _startGate(self, dataDir):
+        o = self.options
+        imArgs = ["--data-dir", dataDir, "--store", o["store"], "--api", "none",
+                  "--listen", listenDescription(o["transport"], o["host"]),
+                  # The bench is the gate's only client: lift the limits
+                  # against abuse, but the open-file budget.
+                  "--max-connections", str(fileLimit() - FILE_RESERVE),
+                  "--max-connections-per-ip", str(2 * o["users"]),
+                  "--accept-rate", "1e9", "--request-rate", "1e9"]
+        imArgs += self.scenario.gateArguments()
+        self.server = _spawn(self.reactor, ServerProcess(o["host"]),
+                             twistdArgv(imArgs, o["server-cpu"]))
+        port = yield self._bounded(self.server.listening, "the gate to listen")
+        self._secret = loadSecret(FilePath(dataDir), create=False).hex()
+        tls = o["transport"] == "tls"
+        self._target = {"host": o["host"], "port": port, "tls": tls,
+                        "ca": os.path.join(dataDir, CERT_FILE_NAME) if tls else None}
+
+    @inlineCallbacks
+    def _startEcho(self, dataDir):
+        o = self.options
+        args = [sys.executable, "-m", "imserver.bench", ECHO_COMMAND, "--host", o["host"]]
+        if self._target["tls"]:
+            args += ["--tls-cert", os.path.join(dataDir, CERT_FILE_NAME),
+                     "--tls-key", os.path.join(dataDir, KEY_FILE_NAME)]
+        self.server = _spawn(self.reactor, ServerProcess(o["host"]),
+                             pinnedArgv(args, o["server-cpu"]))
+        port = yield self._bounded(self.server.listening, "the echo server to listen")
+        self._target = dict(self._target, port=port)
+
+    def _spawnWorker(self, index):
+        argv = [sys.executable, "-m", "imserver.bench", WORKER_COMMAND]
+        return _spawn(self.reactor, WorkerProcess(index),
+                      pinnedArgv(argv, self.options["client-cpu"]),
+                      childFDs={0: "w", 1: "r", 2: 2})
+
+    @inlineCallbacks
+    def _stopServer(self):
+        server, self.server = self.server, None
+        if server.reason is None:
+            server.transport.signalProcess("TERM")
+        yield self._ended(server, "the server to stop")
+
+    @inlineCallbacks
+    def _shutdown(self):
+        for worker in self.workers:
+            worker.finish()
+        yield gatherResults([self._ended(worker, "worker {} to exit".format(worker.index))
+                             for worker in self.workers], consumeErrors=True)
+        if self.server is not None:
+            yield self._stopServer()
+
+    @inlineCallbacks
+    def _ended(self, process, what):
+        """
+        Wait for C{process} to end; kill it if that takes longer than
+        C{--timeout}.
+        """
+        try:
+            yield self._bounded(process.whenEnded(), what)
+        except BenchError as e:
+            self.log("{}; killing it".format(e))
+            self._signal(process, "KILL")
+            yield process.whenEnded()
+
+    def _kill(self):
+        """
+        The reactor is stopping under us (Ctrl-C): leave no child and no
+        data directory behind.
+        """
+        for process in self.workers + [self.server]:
+            if process is not None:
+                self._signal(process, "KILL")
+        shutil.rmtree(self._dataDir, ignore_errors=True)
+
+    @staticmethod
+    def _signal(process, signal):
+        try:
+            process.transport.signalProcess(signal)
+        except ProcessExitedAlready:
+            pass
+
+    def _bounded(self, d, what, timeout=None):
+        """
+        C{d}, failing with L{BenchError} after C{timeout} (default
+        C{--timeout}) seconds.
+        """
+        seconds = self.options["timeout"] if timeout is None else timeout
+
+        def timedOut(failure):
+            failure.trap(TimeoutError)
+            raise BenchError("timed out after {} s waiting for {}".format(seconds, what))
+
+        return d.addTimeout(seconds, self.reactor).addErrback(timedOut)
+
+    # -- progress ------------------------------------------------------------
+
+    def _tick(self):
+        segment = self._segment
+        now = self.reactor.seconds()
+        current = [worker for worker in self.workers
+                   if worker.progress is not None and worker.progress[0] == segment.name]
+        totals = sumCounts(worker.progress[2] for worker in current)
+        rates = sumCounts(ratesBetween(worker.previous[1:], worker.progress[1:])
+                          for worker in current if worker.previous is not None)
+        segment.samples.append((round(now - segment.started, 2),
+                                {name: round(rates.get(name, 0.0), 1) for name in segment.rates}))
+        if now - self._started >= PROGRESS_AFTER and totals:
+            self.err.write(formatProgress(segment.name, self.phase, now - self._started,
+                                          totals, rates, segment.rates) + "\n")
+            self.err.flush()

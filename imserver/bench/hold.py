@@ -1,0 +1,138 @@
+# -*- test-case-name: tests.test_bench -*-
+"""
+C{hold}: N authenticated connections that heartbeat as the client library
+does, and nothing else (unless C{--seed-profile}: each client also sends
+500 bytes to its partner once a minute, spread evenly).
+
+Reports how fast they connect (TCP, TLS and C{auth}), the gate's memory per
+connection (its RSS after holding minus its RSS before connecting, divided
+by N) and its CPU while holding them for C{--duration}.
+
+    python -m imserver.bench hold --users 18000 --transport tls --duration 60
+"""
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.python import usage
+
+from imserver import methods
+from imserver.bench.options import WindowOptions
+from imserver.bench.scenario import Load, Scenario, SessionClient, Ticker, partner, userName
+
+#: The body of a seed-profile message.
+SEED_BODY = b"s" * 500
+
+
+class HoldOptions(WindowOptions):
+    """
+    The options of C{hold}.
+    """
+
+    optParameters = [
+        ["heartbeat", None, 30.0,
+         "The gate's heartbeat interval in seconds (its idle timeout is 3 times that).", float],
+        ["seed-period", None, 60.0, "With --seed-profile: seconds between two messages of a client.",
+         float],
+    ]
+    optFlags = [
+        ["seed-profile", None, "Each client also sends 500 bytes to its partner once per "
+                               "--seed-period, spread evenly."],
+    ]
+
+    def postOptions(self):
+        WindowOptions.postOptions(self)
+        if self["heartbeat"] < 0.01:
+            raise usage.UsageError("--heartbeat must be at least 0.01")
+        if self["seed-period"] <= 0:
+            raise usage.UsageError("--seed-period must be > 0")
+        if self["seed-profile"] and self["users"] % 2:
+            raise usage.UsageError("--seed-profile needs an even number of --users (pairs)")
+
+
+class HeldClient(SessionClient):
+    """
+    A held session: counts its heartbeat pings.
+    """
+
+    def ping(self, timeout=None):
+        self.load.add("pings")
+        return SessionClient.ping(self, timeout)
+
+
+class HoldLoad(Load):
+    """
+    Held sessions; with a seed period, each sends to its partner once per
+    period, all of them spread evenly over it.
+    """
+
+    counters = ("connected", "pings", "seeded", "delivered", "errors")
+    Client = HeldClient
+    _ticker = None
+    _next = 0
+
+    def connectOne(self, index):
+        return self.connectSession(index).addCallback(self.clients.append)
+
+    def notified(self, client, name, message):
+        if name == methods.MESSAGE.name and not message.outgoing:
+            self.add("delivered")
+        Load.notified(self, client, name, message)
+
+    def on_start(self):
+        period = self.config["seedPeriod"]
+        if period and self.clients:
+            self._ticker = Ticker(self.reactor, len(self.clients) / period, self._seed)
+            self._ticker.start()
+
+    def _seed(self):
+        client = self.clients[self._next % len(self.clients)]
+        self._next += 1
+        if not client.connected:
+            return
+        d = client.send(userName(partner(client.index)), SEED_BODY,
+                        "seed-{}-{}".format(client.index, self._next))
+        d.addCallbacks(lambda _: self.add("seeded"), self._seedFailed)
+
+    def _seedFailed(self, failure):
+        if not self.closing:
+            self.error("seed message failed: {}".format(failure.getErrorMessage()))
+
+    def on_stop(self):
+        Load.on_stop(self)
+        if self._ticker is not None:
+            self._ticker.stop()
+
+
+class Hold(Scenario):
+    """
+    Hold N heartbeating connections.
+    """
+
+    name = "hold"
+    summary = "N authenticated heartbeating connections: connect rate, RSS and CPU per connection."
+    Options = HoldOptions
+    Load = HoldLoad
+    rates = ("connected", "pings", "delivered")
+    ratios = {"connect_per_s": "connect_per_s",
+              "rss_per_connection_kb": "rss_per_idle_connection_kb"}
+
+    def gateArguments(self):
+        interval = self.options["heartbeat"]
+        return ["--heartbeat-interval", repr(interval), "--idle-timeout", repr(3 * interval)]
+
+    def workerConfig(self, first, count):
+        return {"seedPeriod": self.options["seed-period"] if self.options["seed-profile"] else 0}
+
+    @inlineCallbacks
+    def drive(self, run):
+        before = run.serverRss()
+        result = yield run.connect()
+        window = yield run.window()
+        result.update(window.figures)
+        result["rss_per_connection_kb"] = round(
+            (window.serverRss - before) / max(1, result["connected"]) / 1024, 2)
+        result["heartbeat_s"] = self.options["heartbeat"]
+        result["pings_per_s"] = window.rate("pings")
+        if self.options["seed-profile"]:
+            result["seed_messages_per_s"] = window.rate("seeded")
+            result["deliveries_per_s"] = window.rate("delivered")
+        return result

@@ -1,0 +1,212 @@
+# -*- test-case-name: tests.test_bench -*-
+"""
+The command-line options every scenario shares, and the limits they are
+checked against: loopback targets only, connections within the per-process
+file budget, client connections spread over enough workers and source
+addresses.
+"""
+
+import importlib.util
+import ipaddress
+import math
+import resource
+
+from twisted.python import usage
+
+#: Connections one worker process holds by default.
+CONNECTIONS_PER_WORKER = 15000
+#: Connections one source address carries by default (the ephemeral port
+#: range is about 28,000 ports per source address).
+CONNECTIONS_PER_SOURCE = 10000
+#: The most connections one source address may carry.
+MAX_CONNECTIONS_PER_SOURCE = 20000
+#: Files a process keeps for itself beyond its connections (libraries,
+#: pipes, the database, logs).
+FILE_RESERVE = 1000
+#: Source addresses are 127.0.0.2 up to 127.0.0.(1 + this).
+MAX_SOURCES = 250
+#: A cap on the file limit when the hard limit is unlimited.
+_FILES_CAP = 1 << 20
+
+
+def fileLimit():
+    """
+    The number of files a process of the bench may open: the hard
+    C{RLIMIT_NOFILE} (L{raiseFileLimit} lifts the soft limit to it, and the
+    children inherit it).
+    """
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return _FILES_CAP if hard == resource.RLIM_INFINITY else min(hard, _FILES_CAP)
+
+
+def raiseFileLimit():
+    """
+    Lift this process's soft C{RLIMIT_NOFILE} to L{fileLimit}; processes
+    spawned afterwards inherit it.
+    """
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fileLimit(), hard))
+
+
+def loopback(text, what="--host"):
+    """
+    Check that C{text} is a loopback IP address (127.0.0.0/8 or ::1): the
+    bench never sends load anywhere else.
+
+    @param what: names the value in the error.
+    @return: the address, normalised.
+    @raise usage.UsageError: if it is not a loopback IP address (host names
+        are refused too: they may resolve anywhere).
+    """
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise usage.UsageError(
+            "{} {!r} is not an IP address: the bench only loads loopback addresses".format(
+                what, text))
+    if not address.is_loopback:
+        raise usage.UsageError(
+            "{} {} is not a loopback address: the bench never loads another machine".format(
+                what, text))
+    return str(address)
+
+
+def sourceAddresses(host, count):
+    """
+    The source addresses client connections are spread over.
+
+    @param host: the (loopback) target address.
+    @param count: how many.
+    @return: C{127.0.0.2} up to C{127.0.0.(1 + count)} for an IPv4 target;
+        C{[None]} (the kernel's choice) for C{::1}, the only IPv6 loopback
+        address.
+    """
+    if ipaddress.ip_address(host).version == 6:
+        return [None]
+    return ["127.0.0.{}".format(2 + i) for i in range(count)]
+
+
+def listenDescription(transport, host):
+    """
+    The Twisted endpoint string a bench server listens on: port 0 (any free
+    port) on C{host}, plain TCP or TLS.
+    """
+    escaped = host.replace(":", "\\:")
+    if transport == "tls":
+        return "ssl:0:interface={}".format(escaped)
+    kind = "tcp6" if ":" in host else "tcp"
+    return "{}:0:interface={}".format(kind, escaped)
+
+
+class BaseOptions(usage.Options):
+    """
+    The options of every scenario.
+
+    Subclasses add their own C{optParameters} and check them in
+    L{postOptions} after calling this one.
+
+    @cvar pairs: whether the scenario needs users in sender/receiver pairs
+        (an even number of them).
+    """
+
+    pairs = False
+
+    optParameters = [
+        ["users", "u", 400, "Connections (one user each).", int],
+        ["transport", None, "tcp", "tcp or tls (TLS 1.3, the gate's self-signed certificate)."],
+        ["store", None, "sqlite", "Gate store: sqlite or memory."],
+        ["host", None, "127.0.0.1", "Loopback address the servers listen on (127.x or ::1)."],
+        ["workers", None, None,
+         "Client worker processes (default: enough for at most {:,} connections each).".format(
+             CONNECTIONS_PER_WORKER), int],
+        ["sources", None, None,
+         "Source addresses 127.0.0.2... to spread connections over (default: one per "
+         "{:,} connections).".format(CONNECTIONS_PER_SOURCE), int],
+        ["connect-window", None, 200, "Connection attempts in progress per worker.", int],
+        ["timeout", None, 120.0,
+         "Seconds any phase (connecting, a storm's recovery, stopping) may take.", float],
+        ["server-cpu", None, "0", "CPU to pin the servers to ('' for none)."],
+        ["client-cpu", None, "1", "CPU to pin the workers to ('' for none)."],
+        ["json", None, None, "Also write the result to this file."],
+        ["plot", None, None, "Write PNG charts into this directory (needs matplotlib)."],
+    ]
+
+    def __init__(self):
+        usage.Options.__init__(self)
+        self["reference"] = True
+
+    def opt_reference(self):
+        """
+        Also measure the raw echo reference; report ratios (default).
+        """
+        self["reference"] = True
+
+    def opt_no_reference(self):
+        """
+        Skip the echo reference.
+        """
+        self["reference"] = False
+
+    def postOptions(self):
+        users = self["users"]
+        if users < 1 or (self.pairs and users % 2):
+            raise usage.UsageError(
+                "--users must be an even number >= 2" if self.pairs else "--users must be >= 1")
+        budget = fileLimit() - FILE_RESERVE
+        if users > budget:
+            raise usage.UsageError(
+                "--users {:,} exceeds the {:,} files the gate may hold (RLIMIT_NOFILE {:,})"
+                .format(users, budget, fileLimit()))
+        if self["transport"] not in ("tcp", "tls"):
+            raise usage.UsageError("--transport is tcp or tls")
+        if self["store"] not in ("sqlite", "memory"):
+            raise usage.UsageError("--store is sqlite or memory")
+        self["host"] = loopback(self["host"])
+        self._checkWorkers(users)
+        self._checkSources(users)
+        if self["connect-window"] < 1:
+            raise usage.UsageError("--connect-window must be >= 1")
+        if self["timeout"] <= 0:
+            raise usage.UsageError("--timeout must be > 0")
+        if self["plot"] and importlib.util.find_spec("matplotlib") is None:
+            raise usage.UsageError("--plot needs matplotlib: pip install imserver[bench]")
+
+    def _checkWorkers(self, users):
+        # The gate holds every connection, so a worker, holding some of
+        # them, is within the file budget too.
+        if self["workers"] is None:
+            self["workers"] = math.ceil(users / CONNECTIONS_PER_WORKER)
+        if not 1 <= self["workers"] <= max(1, users // 2):
+            raise usage.UsageError("--workers must be between 1 and half of --users")
+
+    def _checkSources(self, users):
+        ipv6 = ":" in self["host"]
+        if self["sources"] is None:
+            self["sources"] = 1 if ipv6 else math.ceil(users / CONNECTIONS_PER_SOURCE)
+        sources = self["sources"]
+        if ipv6 and sources != 1:
+            raise usage.UsageError("::1 is the only IPv6 loopback address: --sources must be 1")
+        if not 1 <= sources <= MAX_SOURCES:
+            raise usage.UsageError("--sources must be between 1 and {}".format(MAX_SOURCES))
+        if math.ceil(users / sources) > MAX_CONNECTIONS_PER_SOURCE:
+            raise usage.UsageError(
+                "more than {:,} connections per source address would run out of ephemeral "
+                "ports: use more --sources".format(MAX_CONNECTIONS_PER_SOURCE))
+
+
+class WindowOptions(BaseOptions):
+    """
+    The options of a scenario measured over a time window after a warm-up.
+    """
+
+    optParameters = [
+        ["duration", "d", 10.0, "Seconds measured, after the warm-up.", float],
+        ["warmup", None, 2.0, "Seconds run before measuring.", float],
+    ]
+
+    def postOptions(self):
+        BaseOptions.postOptions(self)
+        if not 0 < self["duration"] <= 3600:
+            raise usage.UsageError("--duration must be in (0, 3600]")
+        if not 0 <= self["warmup"] <= 600:
+            raise usage.UsageError("--warmup must be in [0, 600]")

@@ -1,0 +1,156 @@
+# -*- test-case-name: tests.test_bench -*-
+"""
+C{p2p}: 1:1 durable delivery.  Users are in pairs; the even one of each
+pair sends to the odd one over the real protocol (send -> store -> push ->
+ack), closed loop (C{--inflight} sends outstanding per sender) or open loop
+at a fixed total C{--rate}.
+
+Both halves of a pair live in the same worker, so the send-to-deliver
+latency is measured on one clock: the sender stamps C{time.perf_counter()}
+into the body, the receiver subtracts it from its own.
+
+    python -m imserver.bench p2p --users 400 --duration 10 --warmup 2
+    python -m imserver.bench p2p --users 1000 --rate 2400 --transport tls
+"""
+
+import struct
+import time
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.python import usage
+
+from imserver import methods
+from imserver.bench.options import WindowOptions
+from imserver.bench.scenario import Load, Scenario, Ticker, partner, userName
+from imserver.bench.stats import latencySummary
+
+_stamp = struct.Struct("!d")
+
+
+class P2POptions(WindowOptions):
+    """
+    The options of C{p2p}.
+    """
+
+    pairs = True
+    optParameters = [
+        ["inflight", None, 1, "Closed loop: sends outstanding per sender.", int],
+        ["rate", None, 0.0, "Open loop: total sends per second (0: closed loop).", float],
+        ["body", None, 100, "Message body bytes (at least 8: the timestamp).", int],
+    ]
+
+    def postOptions(self):
+        WindowOptions.postOptions(self)
+        if self["inflight"] < 1:
+            raise usage.UsageError("--inflight must be >= 1")
+        if self["rate"] < 0:
+            raise usage.UsageError("--rate must be >= 0")
+        if not _stamp.size <= self["body"] <= 32 * 1024:
+            raise usage.UsageError("--body must be between {} and 32768".format(_stamp.size))
+
+
+class P2PLoad(Load):
+    """
+    Pairs of sessions, the even user of each sending to the odd one.
+    """
+
+    counters = ("connected", "sent", "delivered", "errors")
+
+    def __init__(self, reactor, spec, *args, **kwargs):
+        Load.__init__(self, reactor, spec, *args, **kwargs)
+        self._padding = b"x" * (self.config["body"] - _stamp.size)
+        self._messages = 0
+        self._senders = []
+        self._ticker = None
+
+    def connectOne(self, index):
+        return self.connectSession(index).addCallback(self.clients.append)
+
+    def notified(self, client, name, message):
+        if name == methods.MESSAGE.name and not message.outgoing:
+            self.add("delivered")
+            self.record(time.perf_counter() - _stamp.unpack_from(message.message.body)[0])
+        Load.notified(self, client, name, message)
+
+    def on_start(self):
+        self._senders = [client for client in self.clients if client.index % 2 == 0]
+        if not self._senders:
+            return
+        if self.config["rate"]:
+            self._ticker = Ticker(self.reactor, self.config["rate"], self._sendNext)
+            self._ticker.start()
+        else:
+            for sender in self._senders:
+                for _ in range(self.config["inflight"]):
+                    self.sendOne(sender, loop=True)
+
+    def _sendNext(self):
+        """
+        Open loop: the next sender in turn sends one message.
+        """
+        self.sendOne(self._senders[self._messages % len(self._senders)], loop=False)
+
+    def sendOne(self, client, loop):
+        """
+        Send one message from C{client} to its partner; when answered, send
+        the next if C{loop}.
+        """
+        if self.stopping or not client.connected:
+            return
+        self._messages += 1
+        body = _stamp.pack(time.perf_counter()) + self._padding
+        d = client.send(userName(partner(client.index)), body,
+                        "{}-{}".format(client.index, self._messages))
+
+        def sent(response):
+            self.add("sent")
+            if loop:
+                self.sendOne(client, loop)
+
+        def failed(failure):
+            if not self.closing:
+                self.error("send failed: {}".format(failure.getErrorMessage()))
+
+        d.addCallbacks(sent, failed)
+
+    def on_stop(self):
+        Load.on_stop(self)
+        if self._ticker is not None:
+            self._ticker.stop()
+
+
+class P2P(Scenario):
+    """
+    1:1 send -> store -> push -> ack.
+    """
+
+    name = "p2p"
+    summary = "1:1 send -> store -> push -> ack, closed or open loop."
+    Options = P2POptions
+    Load = P2PLoad
+    rates = ("sent", "delivered")
+    ratios = {"deliveries_per_s": "requests_per_s"}
+
+    def gateArguments(self):
+        return ["--max-unacked", "1000"]
+
+    def workerConfig(self, first, count):
+        o = self.options
+        return {"inflight": o["inflight"], "rate": o["rate"] * count / o["users"],
+                "body": o["body"]}
+
+    @inlineCallbacks
+    def drive(self, run):
+        o = self.options
+        result = yield run.connect()
+        window = yield run.window()
+        result.update(window.figures)
+        result.update({
+            "mode": "open loop {} msg/s".format(o["rate"]) if o["rate"] else
+                    "closed loop, {} in flight per sender".format(o["inflight"]),
+            "body_bytes": o["body"],
+            "sends_acked_per_s": window.rate("sent"),
+            "deliveries_per_s": window.rate("delivered"),
+            "latency_ms": latencySummary(window.latencies),
+        })
+        return result

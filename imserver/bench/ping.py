@@ -1,0 +1,85 @@
+# -*- test-case-name: tests.test_bench -*-
+"""
+C{ping}: RPC round trips through the gate's request dispatch (the C{ping}
+method), one in flight per connection.  Its ratio to the echo reference,
+which does the same round trips with no protocol at all, is the key figure:
+what imserver's framing, protobuf and RPC layers cost on top of Twisted.
+
+The clients are as lean as the reference's (L{RoundTripClient}): one
+pre-encoded C{auth} frame, then the same pre-encoded C{ping} frame (seq 2)
+again and again, which the protocol allows as each is answered before the
+next is sent.  So both runs spend the same client work per round trip.
+
+    python -m imserver.bench ping --users 100 --duration 10
+"""
+
+from google.protobuf.message import DecodeError
+from twisted.internet.defer import inlineCallbacks
+
+from imserver import __version__, methods
+from imserver.bench.options import WindowOptions
+from imserver.bench.scenario import DEVICE, RoundTripLoad, Scenario, userName
+from imserver.bench.stats import latencySummary
+from imserver.pb import im_pb2 as pb
+
+
+class PingOptions(WindowOptions):
+    """
+    The options of C{ping}: the common ones.
+    """
+
+
+def _requestFrame(seq, method, request):
+    """
+    A request frame, serialized (the length prefix excluded).
+    """
+    return pb.Frame(kind=pb.REQUEST, seq=seq, method=method.name,
+                    body=request.SerializeToString()).SerializeToString()
+
+
+class PingLoad(RoundTripLoad):
+    """
+    Lean gate clients doing C{ping} round trips.
+    """
+
+    request = _requestFrame(2, methods.PING, pb.PingRequest())
+
+    def hello(self, index):
+        uid = userName(index)
+        return _requestFrame(1, methods.AUTH, pb.AuthRequest(
+            uid=uid, token=self.token(uid), device_id=DEVICE, platform=pb.DESKTOP,
+            client_version="im-bench/" + __version__))
+
+    def accept(self, data):
+        try:
+            frame = pb.Frame.FromString(data)
+        except DecodeError:
+            return False
+        return frame.kind == pb.RESPONSE and not frame.HasField("error")
+
+
+class Ping(Scenario):
+    """
+    C{ping} round trips.
+    """
+
+    name = "ping"
+    summary = "RPC round trips (ping), one in flight per connection."
+    Options = PingOptions
+    Load = PingLoad
+    rates = ("requests",)
+    ratios = {"requests_per_s": "requests_per_s", "connect_per_s": "connect_per_s"}
+
+    def gateArguments(self):
+        # The lean clients send no heartbeat; they are never idle once
+        # started, but a large connect phase may outlast the default.
+        return ["--idle-timeout", "3600"]
+
+    @inlineCallbacks
+    def drive(self, run):
+        result = yield run.connect()
+        window = yield run.window()
+        result.update(window.figures)
+        result["requests_per_s"] = window.rate("requests")
+        result["latency_ms"] = latencySummary(window.latencies)
+        return result

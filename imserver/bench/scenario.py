@@ -1,0 +1,497 @@
+# -*- test-case-name: tests.test_bench -*-
+"""
+What every scenario is made of.
+
+A scenario is a L{Scenario} subclass, the coordinator's side (its options,
+the gate's arguments, its phases), whose C{Load} is a L{Load} subclass, the
+worker's side (the clients one worker process runs).  Both are listed once,
+in L{imserver.bench.scenarios.SCENARIOS}.
+
+Users are numbered 0 .. N - 1 across all workers; user C{i} is C{u<i>},
+signs in as device L{DEVICE}, sends to its partner C{i ^ 1} (always in the
+same worker), and connects from source address C{i % len(sources)}.
+"""
+
+import sys
+import time
+
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
+from twisted.internet.task import Cooperator, LoopingCall
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.filepath import FilePath
+
+from imserver import methods
+from imserver.auth import mintToken
+from imserver.bench.options import loopback
+from imserver.client import ClientProtocol
+from imserver.observe import OneShot
+
+#: The device id of every bench session.
+DEVICE = "bench"
+#: Seconds a bench token is valid.
+TOKEN_TTL = 24 * 3600
+
+
+def userName(index):
+    """
+    The uid of user C{index}.
+    """
+    return "u{}".format(index)
+
+
+def partner(index):
+    """
+    The user C{index} sends to (and hears from): its pair's other half.
+    """
+    return index ^ 1
+
+
+class Scenario:
+    """
+    The coordinator's side of a scenario.
+
+    @cvar name: the subcommand.
+    @cvar summary: one line for C{--help}.
+    @cvar Options: its L{imserver.bench.options.BaseOptions} subclass.
+    @cvar Load: its L{Load} subclass, run in each worker.
+    @cvar rates: the counters shown (and plotted) as rates per second.
+    @cvar ratios: C{{result key: reference key}}: the figures reported as a
+        ratio to the echo reference.
+    @ivar options: the parsed options.
+    """
+
+    name = None
+    summary = None
+    Options = None
+    Load = None
+    rates = ()
+    ratios = {}
+
+    def __init__(self, options):
+        self.options = options
+
+    def gateArguments(self):
+        """
+        @return: arguments for C{twistd im} beyond the data directory, store
+            and listener.
+        """
+        return []
+
+    def workerConfig(self, first, count):
+        """
+        @param first: the first user of a worker.
+        @param count: how many users it runs.
+        @return: the scenario's settings for that worker's L{Load} (JSON).
+        """
+        return {}
+
+    def drive(self, run):
+        """
+        Run the phases against the servers and workers of C{run}.
+
+        @param run: the L{imserver.bench.coordinator.Coordinator}, its
+            workers loaded with L{Load} and its server started.
+        @return: a L{Deferred} firing with the scenario's result fields.
+        """
+        raise NotImplementedError()
+
+
+class SessionClient(ClientProtocol):
+    """
+    A bench user's session on the real client protocol (the library's
+    L{ClientProtocol}, its heartbeat included), reporting to its load:
+    C{load.notified(client, name, message)} for each notification and
+    C{load.disconnected(client)} when the connection is lost.
+
+    @ivar index: its user.
+    """
+
+    def __init__(self, load, index):
+        ClientProtocol.__init__(self, load.reactor, onNotify=self._notified,
+                                requestTimeout=load.timeout)
+        self.load = load
+        self.index = index
+        self.onDisconnected = load.disconnected
+
+    def _notified(self, name, message):
+        self.load.notified(self, name, message)
+
+
+class Load:
+    """
+    The worker's side of a scenario: the clients of users C{first} ..
+    C{first + count - 1}.  The coordinator's command C{X} calls C{on_X};
+    results are JSON.
+
+    @cvar counters: the counters, in display order.
+    @ivar counts: C{{counter: total so far}}, sent to the coordinator as
+        progress.
+    @ivar latencies: latencies in microseconds, recorded while measuring.
+    @ivar clients: the connected clients.
+    @ivar stopping: true once traffic is to stop.
+    @ivar closing: true once the connections are being closed on purpose.
+    """
+
+    counters = ("connected", "errors")
+    #: Errors written to stderr; later ones are only counted.
+    loggedErrors = 5
+    #: The protocol of L{connectSession}.
+    Client = SessionClient
+
+    def __init__(self, reactor, spec, err=sys.stderr):
+        """
+        @param spec: from the coordinator: C{target} (C{host}, C{port},
+            C{tls}, C{ca}), C{sources}, C{first}, C{count}, C{secret} (hex,
+            for the gate), C{connectWindow}, C{timeout} and the scenario's
+            C{config}.
+        @raise usage.UsageError: if the target or a source address is not a
+            loopback address.
+        """
+        target = spec["target"]
+        self.reactor = reactor
+        self.err = err
+        self.host = loopback(target["host"], "target")
+        self.port = target["port"]
+        self.sources = [None if s is None else loopback(s, "source") for s in spec["sources"]]
+        self.first = spec["first"]
+        self.count = spec["count"]
+        self.connectWindow = spec["connectWindow"]
+        self.timeout = spec["timeout"]
+        self.config = spec["config"]
+        self.secret = bytes.fromhex(spec["secret"]) if spec.get("secret") else None
+        self._tls = None
+        if target["tls"]:
+            trustRoot = ssl.Certificate.loadPEM(FilePath(target["ca"]).getContent())
+            # One context for every connection of this worker.
+            self._tls = ssl.optionsForClientTLS("localhost", trustRoot=trustRoot)
+        self.counts = dict.fromkeys(self.counters, 0)
+        self.latencies = []
+        self.clients = []
+        self.measuring = self.stopping = self.closing = False
+        self._mark = {}
+
+    # -- helpers for subclasses ----------------------------------------------
+
+    def endpoint(self, index):
+        """
+        A client endpoint to the target for user C{index}, bound to its
+        source address, wrapped in TLS if the target is TLS.
+        """
+        source = self.sources[index % len(self.sources)]
+        bind = None if source is None else (source, 0)
+        kind = TCP6ClientEndpoint if ":" in self.host else TCP4ClientEndpoint
+        endpoint = kind(self.reactor, self.host, self.port, self.timeout, bind)
+        return endpoint if self._tls is None else wrapClientTLS(self._tls, endpoint)
+
+    def token(self, uid):
+        """
+        A token for C{uid}, signed with the gate's secret.
+        """
+        return mintToken(self.secret, uid, TOKEN_TTL, self.reactor.seconds())
+
+    def connectSession(self, index, lastSeq=0):
+        """
+        Connect a L{SessionClient} for user C{index} and authenticate.
+
+        @return: a L{Deferred} firing with the client once authenticated
+            (its C{session} is the L{AuthResponse}); on failure the
+            connection is aborted.
+        """
+        uid = userName(index)
+
+        def authenticate(client):
+            d = client.authenticate(uid, self.token(uid), DEVICE, lastSeq=lastSeq)
+            return d.addCallbacks(lambda response: client, self._abortFailed, None, None,
+                                  (client,))
+
+        client = self.Client(self, index)
+        return connectProtocol(self.endpoint(index), client).addCallback(authenticate)
+
+    @staticmethod
+    def _abortFailed(failure, protocol):
+        if protocol.connected:
+            protocol.transport.abortConnection()
+        return failure
+
+    def add(self, name, by=1):
+        """
+        Add to a counter.
+        """
+        self.counts[name] += by
+
+    def record(self, seconds):
+        """
+        Record a latency, if measuring.
+        """
+        if self.measuring:
+            self.latencies.append(int(seconds * 1e6))
+
+    def notified(self, client, name, message):
+        """
+        A L{SessionClient} was notified: messages are acknowledged.
+        """
+        if name == methods.MESSAGE.name:
+            client.ack(message.seq)
+
+    def disconnected(self, client):
+        """
+        A L{SessionClient} lost its connection: an error, unless it was
+        never authenticated (its connection attempt failed, counted as
+        such) or the load is closing.
+        """
+        if client.session is not None and not self.closing:
+            self.error("{} lost its connection".format(userName(client.index)))
+
+    def error(self, message):
+        """
+        Count an error; write the first few to stderr.
+        """
+        self.counts["errors"] += 1
+        if self.counts["errors"] <= self.loggedErrors:
+            self.err.write("im-bench worker: {}\n".format(message))
+            self.err.flush()
+
+    # -- commands ------------------------------------------------------------
+
+    def connectOne(self, index):
+        """
+        Connect user C{index} and append its client to L{clients}.
+
+        @return: a L{Deferred} firing once it is ready.
+        """
+        raise NotImplementedError()
+
+    def on_connect(self):
+        """
+        Connect every user, at most C{connectWindow} attempts in progress at
+        once.
+
+        @return: a L{Deferred} firing with C{connected} and C{failed}.
+        """
+        failed = []
+
+        def attempt(index):
+            def connectFailed(failure):
+                failed.append(index)
+                self.error("connecting {}: {}".format(userName(index), failure.getErrorMessage()))
+
+            return self.connectOne(index).addCallbacks(
+                lambda _: self.add("connected"), connectFailed)
+
+        attempts = (attempt(i) for i in range(self.first, self.first + self.count))
+        cooperator = Cooperator(scheduler=lambda step: self.reactor.callLater(0, step))
+        lanes = max(1, min(self.connectWindow, self.count))
+        return gatherResults([cooperator.coiterate(attempts) for _ in range(lanes)]).addCallback(
+            lambda _: {"connected": self.counts["connected"], "failed": len(failed)})
+
+    def on_start(self):
+        """
+        Start the traffic (none by default).
+        """
+
+    def on_measure(self):
+        """
+        Start a measurement window: latencies from now on, counters from
+        their values now.
+        """
+        self._mark = dict(self.counts)
+        self.latencies = []
+        self.measuring = True
+
+    def on_report(self):
+        """
+        End the measurement window.
+
+        @return: C{counts} (what each counter gained in the window) and
+            C{latencies_us} (sorted).
+        """
+        self.measuring = False
+        self.latencies.sort()
+        window = {name: value - self._mark.get(name, 0) for name, value in self.counts.items()}
+        return {"counts": window, "latencies_us": self.latencies}
+
+    def on_stop(self):
+        """
+        Stop the traffic; outstanding requests still complete.
+        """
+        self.stopping = True
+
+    def on_close(self):
+        """
+        Stop the traffic and abort every connection.
+
+        @return: a L{Deferred} firing with the final counters once all are
+            closed.
+        """
+        self.on_stop()
+        self.closing = True
+        return gatherResults([self.closeClient(c) for c in self.clients]).addCallback(
+            lambda _: dict(self.counts))
+
+    def closeClient(self, client):
+        """
+        Abort one client's connection.
+
+        @return: a L{Deferred} firing once it is closed.
+        """
+        closed = client.whenClosed()
+        if client.connected:
+            client.transport.abortConnection()
+        return closed
+
+
+class Ticker:
+    """
+    Calls C{fire} C{rate} times per second on average, in bursts every
+    C{tick} seconds: the clock of an open-loop load.  Ticks the reactor
+    could not run on time are made up in the next burst.
+    """
+
+    def __init__(self, clock, rate, fire, tick=0.01):
+        self._perTick = rate * tick
+        self._tick = tick
+        self._carry = 0.0
+        self._fire = fire
+        self._loop = LoopingCall.withCount(self._burst)
+        self._loop.clock = clock
+
+    def start(self):
+        """
+        Start firing.
+        """
+        self._loop.start(self._tick, now=False)
+
+    def stop(self):
+        """
+        Stop firing.
+        """
+        if self._loop.running:
+            self._loop.stop()
+
+    def _burst(self, ticks):
+        self._carry += self._perTick * ticks
+        while self._carry >= 1:
+            self._carry -= 1
+            self._fire()
+
+
+class RoundTripClient(Int32StringReceiver):
+    """
+    One connection doing round trips of a pre-encoded request, one in
+    flight: the clients of the C{ping} scenario and of the echo reference.
+    Frames are 4-byte big-endian lengths and a body, as on the gate.
+
+    The first request, C{hello}, is a handshake (C{auth} on the gate): its
+    answer makes the connection ready.  The load decides which answers are
+    good (L{RoundTripLoad.accept}).
+
+    @ivar ready: a L{Deferred} firing with this client once the hello is
+        answered, or failing if the connection ends first.
+    """
+
+    MAX_LENGTH = 64 * 1024
+
+    def __init__(self, load, hello):
+        self.load = load
+        self.hello = hello
+        self.ready = Deferred()
+        self.isReady = False
+        self._sentAt = 0.0
+        self._closed = OneShot()
+
+    def connectionMade(self):
+        self.sendString(self.hello)
+
+    def stringReceived(self, data):
+        load = self.load
+        if not load.accept(data):
+            reason = "unexpected answer {!r}".format(data[:80])
+            self.transport.abortConnection()
+            if self.isReady:
+                load.error(reason)
+            elif not self.ready.called:
+                self.ready.errback(ValueError(reason))
+            return
+        if not self.isReady:
+            if not self.ready.called:  # else it timed out and is being aborted
+                self.isReady = True
+                self.ready.callback(self)
+            return
+        load.answered(time.perf_counter() - self._sentAt)
+        if not load.stopping:
+            self.next()
+
+    def next(self):
+        """
+        Send the load's request.
+        """
+        self._sentAt = time.perf_counter()
+        self.sendString(self.load.request)
+
+    def whenClosed(self):
+        """
+        @return: a L{Deferred} firing once the connection is closed.
+        """
+        return self._closed.when()
+
+    def connectionLost(self, reason):
+        self.connected = 0
+        if not self.ready.called:
+            self.ready.errback(reason)
+        elif self.isReady and not self.load.closing:
+            self.load.error("connection lost: {}".format(reason.getErrorMessage()))
+        self._closed.fire(None)
+
+
+class RoundTripLoad(Load):
+    """
+    A load of L{RoundTripClient}s, each doing one round trip after another
+    once started.
+
+    @ivar request: the L{bytes} of each request, framing excluded.
+    """
+
+    counters = ("connected", "requests", "errors")
+    request = b""
+
+    def hello(self, index):
+        """
+        @return: the handshake request of user C{index}.
+        """
+        raise NotImplementedError()
+
+    def accept(self, data):
+        """
+        @return: whether C{data} (a frame body) is a good answer.
+        """
+        raise NotImplementedError()
+
+    def connectOne(self, index):
+        client = RoundTripClient(self, self.hello(index))
+
+        def notReady(failure):
+            if client.connected:
+                client.transport.abortConnection()
+            return failure
+
+        d = connectProtocol(self.endpoint(index), client)
+        d.addCallback(lambda client: client.ready.addTimeout(self.timeout, self.reactor))
+        return d.addCallbacks(self.clients.append, notReady)
+
+    def answered(self, seconds):
+        """
+        One round trip done in C{seconds}.
+        """
+        self.counts["requests"] += 1
+        self.record(seconds)
+
+    def on_start(self):
+        for client in self.clients:
+            client.next()
