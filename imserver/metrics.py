@@ -3,18 +3,25 @@
 IM-level Prometheus metrics of one gate process.
 
 The hot paths (every frame, every push) only add to plain integer
-attributes of L{GateMetrics}; they become Prometheus counters when
-C{/metrics} is scraped (L{GateMetrics.collect}), so counting costs an
-attribute increment, not a lock.  Histograms (one observation per message,
-ack or commit, not per frame) are regular C{prometheus_client} histograms.
-Connection gauges are computed at scrape time from the live connections.
+attributes of L{GateMetrics}, and histograms are L{FastHistogram}s (a
+bisect and two additions); they become Prometheus metrics when C{/metrics}
+is scraped (L{GateMetrics.collect}), so counting costs no lock.
+(C{prometheus_client}'s own C{Histogram.observe} takes a mutex per bucket
+update: it cost 7 % of the gate's time in the p2p profile.)  Connection
+gauges are computed at scrape time from the live connections.
 
 Every gate has its own L{CollectorRegistry}, so tests and several gates in
 one process never share counters.
 """
 
-from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 
 from imserver.pb import im_pb2 as pb
 
@@ -53,6 +60,41 @@ _COUNTERS = (
 )
 
 
+class FastHistogram:
+    """
+    A histogram updated without locks: observations come from one thread
+    (the reactor's; L{GateMetrics.observeCommit}'s from the store's writer
+    thread only).
+
+    @ivar counts: observations per bucket (not cumulative), the last one
+        for values above every bound.
+    """
+
+    __slots__ = ("name", "help", "bounds", "counts", "sum")
+
+    def __init__(self, name, help, bounds):
+        self.name = name
+        self.help = help
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value):
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self):
+        """
+        @return: the C{HistogramMetricFamily} (cumulative buckets).
+        """
+        buckets, total = [], 0
+        for bound, count in zip(self.bounds + (float("inf"),), list(self.counts)):
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+        return HistogramMetricFamily(self.name, self.help, buckets=buckets,
+                                     sum_value=self.sum)
+
+
 class GateMetrics:
     """
     The counters and histograms of one gate.
@@ -68,25 +110,25 @@ class GateMetrics:
         self.kicks = dict.fromkeys(pb.KickReason.keys()[1:], 0)
         self.connectionsRefused = dict.fromkeys(REFUSAL_REASONS, 0)
         self._connections = ()
-        self.ackRoundTrip = Histogram(
+        self.ackRoundTrip = FastHistogram(
             "imserver_ack_round_trip_seconds",
-            "From pushing an entry to a session to its ack.",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "From pushing an entry to a session to its ack.", _LATENCY_BUCKETS,
         )
-        self.sendToPush = Histogram(
+        self.sendToPush = FastHistogram(
             "imserver_send_to_push_seconds",
             "From a send arriving to its recipients' pushes (storing included).",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            _LATENCY_BUCKETS,
         )
-        self.commitBatch = Histogram(
+        self.commitBatch = FastHistogram(
             "imserver_store_commit_batch_size",
-            "Operations committed per store transaction (group commit).",
-            buckets=_BATCH_BUCKETS, registry=self.registry,
+            "Operations committed per store transaction (group commit).", _BATCH_BUCKETS,
         )
-        self.commitSeconds = Histogram(
+        self.commitSeconds = FastHistogram(
             "imserver_store_commit_seconds",
-            "Time of one store transaction, commit (fsync) included.",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "Time of one store transaction, commit (fsync) included.", _LATENCY_BUCKETS,
+        )
+        self._histograms = (
+            self.ackRoundTrip, self.sendToPush, self.commitBatch, self.commitSeconds
         )
         self.registry.register(self)
 
@@ -109,6 +151,8 @@ class GateMetrics:
         return [CounterMetricFamily("imserver_" + name, help) for _, name, help in _COUNTERS]
 
     def collect(self):
+        for histogram in self._histograms:
+            yield histogram.family()
         for attribute, name, help in _COUNTERS:
             yield CounterMetricFamily("imserver_" + name, help, value=getattr(self, attribute))
         failures = CounterMetricFamily(

@@ -112,6 +112,23 @@ class GateMetricsTests(SynchronousTestCase):
         self.assertEqual(sample(self.metrics, "imserver_store_commit_batch_size_sum"), 12)
         self.assertEqual(sample(self.metrics, "imserver_store_commit_seconds_count"), 1)
 
+    def test_histogramBuckets(self):
+        """
+        Histograms expose cumulative buckets, the count and the sum; a value
+        on a bound counts in that bound's bucket.
+        """
+        for value in [0.0005, 0.003, 0.003, 100.0]:
+            self.metrics.sendToPush.observe(value)
+        m = self.metrics
+        name = "imserver_send_to_push_seconds_bucket"
+        self.assertEqual(sample(m, name, le="0.0005"), 1)
+        self.assertEqual(sample(m, name, le="0.0025"), 1)
+        self.assertEqual(sample(m, name, le="0.005"), 3)
+        self.assertEqual(sample(m, name, le="10.0"), 3)
+        self.assertEqual(sample(m, name, le="+Inf"), 4)
+        self.assertEqual(sample(m, "imserver_send_to_push_seconds_count"), 4)
+        self.assertAlmostEqual(sample(m, "imserver_send_to_push_seconds_sum"), 100.0065)
+
     def test_exposition(self):
         """
         The registry renders in the Prometheus text format.

@@ -556,9 +556,12 @@ class SQLiteMessageStore(Service):
             [(_, result)] = self._runBatch(self._db, [(function, args, None)])
             return fail(result) if isinstance(result, Failure) else succeed(result)
         d = Deferred()
+        queue = self._queue
         with self._wakeup:
-            self._queue.append((function, args, d))
-            self._wakeup.notify()
+            queue.append((function, args, d))
+            if len(queue) == 1:
+                # The writer waits only on an empty queue: wake it then.
+                self._wakeup.notify()
         return d
 
     def _run(self, db):
