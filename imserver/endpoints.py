@@ -177,10 +177,8 @@ def _sslEndpoint(reactor, args, kwargs, certificate, backlog):
         certPath = FilePath(certFile)
         keyPath = FilePath(keyFile if keyFile is not None else certFile)
     chain = kwargs.get("extraCertChain")
-    options = tls.serverOptions(
-        certPath.getContent(),
-        keyPath.getContent(),
-        FilePath(chain).getContent() if chain else None,
+    options = tls.ReloadableServerOptions(
+        certPath, keyPath, FilePath(chain) if chain else None
     )
     endpoint = TCP4ServerEndpoint(
         reactor,
@@ -202,7 +200,8 @@ class GateEndpoint:
     connection over the limits is closed at accept, before any TLS work.
 
     @ivar endpoint: the endpoint that listens (C{tcp:}, C{haproxy:...}).
-    @ivar tlsOptions: the TLS options, or L{None} for no TLS.
+    @ivar tlsOptions: the L{tls.ReloadableServerOptions}, or L{None} for no
+        TLS.
     @ivar perPeer: whether the accepted peer is the client (so the
         per-address limit applies).
     """

@@ -21,7 +21,9 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.error import VerifyError
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from zope.interface import implementer
 
 log = Logger()
 
@@ -34,6 +36,12 @@ _PEM_CERTIFICATE = re.compile(
 
 CERT_FILE_NAME = "tls-cert.pem"
 KEY_FILE_NAME = "tls-key.pem"
+
+#: Validity of a generated self-signed certificate, in days: at most 398,
+#: what browsers and TLS scanners (testssl) accept for a server certificate.
+SELF_SIGNED_DAYS = 397
+#: A generated certificate this close to expiry is replaced at start.
+RENEW_BEFORE = datetime.timedelta(days=30)
 
 
 class HardenedCertificateOptions(ssl.CertificateOptions):
@@ -91,8 +99,8 @@ def fingerprint(certPEM):
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
-def makeSelfSigned(hostnames=("localhost",), addresses=("127.0.0.1", "::1"), days=3650,
-                   now=None):
+def makeSelfSigned(hostnames=("localhost",), addresses=("127.0.0.1", "::1"),
+                   days=SELF_SIGNED_DAYS, now=None):
     """
     Make a self-signed ECDSA P-256 certificate for C{hostnames} and
     C{addresses}.
@@ -128,21 +136,35 @@ def makeSelfSigned(hostnames=("localhost",), addresses=("127.0.0.1", "::1"), day
     )
 
 
-def ensureSelfSigned(dataDir):
+def ensureSelfSigned(dataDir, now=None):
     """
     Return the paths of the data directory's self-signed certificate and
-    key, generating them first if absent (key mode 0600).  Logs the path and
-    the SHA-256 fingerprint, so clients can pin or trust it.
+    key, generating them first if absent, or if the one there expires
+    within L{RENEW_BEFORE} (key mode 0600).  Logs the path and the SHA-256
+    fingerprint, so clients can pin or trust it.
 
     @type dataDir: L{twisted.python.filepath.FilePath}
+    @param now: the time (UTC L{datetime.datetime}); for tests.
     @return: C{(certPath, keyPath)}, L{FilePath}s.
     """
+    if now is None:
+        now = datetime.datetime.now(datetime.timezone.utc)
     certPath = dataDir.child(CERT_FILE_NAME)
     keyPath = dataDir.child(KEY_FILE_NAME)
-    if not (certPath.exists() and keyPath.exists()):
+    exists = certPath.exists() and keyPath.exists()
+    if exists:
+        expires = x509.load_pem_x509_certificate(certPath.getContent()).not_valid_after_utc
+        if expires - now < RENEW_BEFORE:
+            log.warn(
+                "the self-signed TLS certificate {path} expires {expires}: replacing it"
+                " (clients that pinned it must trust the new one)",
+                path=certPath.path, expires=expires.isoformat(),
+            )
+            exists = False
+    if not exists:
         if not dataDir.exists():
             dataDir.makedirs()
-        certPEM, keyPEM = makeSelfSigned()
+        certPEM, keyPEM = makeSelfSigned(now=now)
         fd = os.open(keyPath.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(keyPEM)
@@ -154,3 +176,48 @@ def ensureSelfSigned(dataDir):
         fingerprint=fingerprint(certPath.getContent()),
     )
     return certPath, keyPath
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadableServerOptions:
+    """
+    The server TLS options of certificate files that can be read again
+    while the gate runs (on SIGHUP): new connections use the new
+    certificate, open ones keep theirs.
+
+    @ivar current: the L{ssl.CertificateOptions} in use.
+    """
+
+    def __init__(self, certPath, keyPath, chainPath=None):
+        self.certPath = certPath
+        self.keyPath = keyPath
+        self.chainPath = chainPath
+        self.current = self._load()
+
+    def _load(self):
+        return serverOptions(
+            self.certPath.getContent(),
+            self.keyPath.getContent(),
+            self.chainPath.getContent() if self.chainPath is not None else None,
+        )
+
+    def reload(self):
+        """
+        Read the files again.  If they cannot be used, keep the current
+        certificate and log why.
+
+        @return: whether the new files are in use.
+        """
+        try:
+            self.current = self._load()
+        except (OSError, ValueError) as e:
+            log.error("TLS certificate {path} not reloaded: {why}",
+                      path=self.certPath.path, why=str(e))
+            return False
+        log.info("TLS certificate {path} reloaded, SHA-256 {fingerprint}",
+                 path=self.certPath.path,
+                 fingerprint=fingerprint(self.certPath.getContent()))
+        return True
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        return self.current.serverConnectionForTLS(tlsProtocol)

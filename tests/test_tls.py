@@ -3,10 +3,13 @@ Tests for L{imserver.tls} and L{imserver.endpoints}.
 """
 
 from OpenSSL import SSL
+import datetime
+
+from cryptography import x509
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -64,6 +67,49 @@ class SelfSignedTests(SynchronousTestCase):
         cert2, key2 = tls.ensureSelfSigned(dataDir)
         self.assertEqual(cert2.getContent(), content)
 
+    def test_validity(self):
+        """
+        A generated certificate is valid for at most 398 days (what TLS
+        scanners accept).
+        """
+        cert, _ = tls.makeSelfSigned()
+        parsed = x509.load_pem_x509_certificate(cert)
+        days = (parsed.not_valid_after_utc - parsed.not_valid_before_utc).days
+        self.assertLessEqual(days, 398)
+
+    def test_renewedBeforeExpiry(self):
+        """
+        A generated certificate that expires within 30 days is replaced at
+        start; one that does not is kept.
+        """
+        dataDir = FilePath(self.mktemp())
+        start = datetime.datetime.now(datetime.timezone.utc)
+        cert, _ = tls.ensureSelfSigned(dataDir, now=start)
+        first = cert.getContent()
+        tls.ensureSelfSigned(dataDir, now=start + datetime.timedelta(days=300))
+        self.assertEqual(cert.getContent(), first)
+        tls.ensureSelfSigned(dataDir, now=start + datetime.timedelta(days=370))
+        self.assertNotEqual(cert.getContent(), first)
+
+    def test_reload(self):
+        """
+        L{tls.ReloadableServerOptions.reload} reads the files again; files
+        that cannot be used leave the current certificate in place.
+        """
+        dataDir = FilePath(self.mktemp())
+        certPath, keyPath = tls.ensureSelfSigned(dataDir)
+        options = tls.ReloadableServerOptions(certPath, keyPath)
+        before = options.current
+        newCert, newKey = tls.makeSelfSigned(hostnames=("gate.example",))
+        certPath.setContent(newCert)
+        keyPath.setContent(newKey)
+        self.assertTrue(options.reload())
+        self.assertIsNot(options.current, before)
+        current = options.current
+        keyPath.setContent(b"not a key")
+        self.assertFalse(options.reload())
+        self.assertIs(options.current, current)
+
     def test_fingerprint(self):
         """
         The fingerprint is 32 colon-separated hex bytes.
@@ -113,7 +159,7 @@ class EndpointTests(SynchronousTestCase):
         """
         endpoint = listenEndpoint(self.reactor, "ssl:7443:interface=127.0.0.1",
                                   self.certificate, 4096)
-        self.assertIsInstance(endpoint.tlsOptions, tls.HardenedCertificateOptions)
+        self.assertIsInstance(endpoint.tlsOptions.current, tls.HardenedCertificateOptions)
         factory = Factory()
         endpoint.listen(factory)
         [(port, tlsFactory, backlog, interface)] = self.reactor.tcpServers
