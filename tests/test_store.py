@@ -1,12 +1,17 @@
 """
 Tests for message stores: one suite, run against every implementation of
-L{IMessageStore}, plus SQLite's durability and group commit.
+L{IMessageStore} (memory, SQLite inline and threaded, Redis), plus SQLite's
+durability and group commit, and Redis's seq floor, epoch, durability and
+unavailability against a real C{redis-server}.
 """
 
+import signal
 import sqlite3
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.logger import Logger, LogLevel
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
@@ -15,8 +20,12 @@ from imserver.errors import NotMember
 from imserver.interfaces import IGroupStore, IMessageStore
 from imserver.pb import im_pb2 as pb
 from imserver.store import SYSTEM, GroupExists, GroupFull, GroupNotFound
+from imserver.redisclient import RedisUnavailable, RedisURL, connectRedis
 from imserver.store.memory import MemoryMessageStore
+from imserver.store.redis import RedisMessageStore
 from imserver.store.sqlite import SQLiteMessageStore, StoreClosed
+
+from tests.redisserver import RedisServer
 
 HOUR = 3600 * 1000
 T0 = 1_700_000_000_000
@@ -31,18 +40,31 @@ def text(body, to="bob"):
 
 class StoreTestsMixin:
     """
-    The behaviour every L{IMessageStore} shares.  Subclasses provide
-    C{makeStore(dedupWindowMs)}, synchronous (results available at once).
+    The behaviour every L{IMessageStore} shares, for a
+    L{twisted.trial.unittest.TestCase}: every test yields each store call,
+    so stores that answer at once (memory, inline SQLite) and networked
+    ones (threaded SQLite, Redis) run the same tests.  Subclasses provide
+    C{makeStore(dedupWindowMs)}, returning the store or a L{Deferred} of it.
+
+    Seqs are compared relative to a user's first one: they increase by one
+    per entry in every store, but only the memory and SQLite stores start
+    at 1 (Redis starts above its seq floor, L{imserver.store.redis}).
     """
 
+    @inlineCallbacks
     def setUp(self):
-        self.store = self.makeStore(dedupWindowMs=24 * HOUR)
+        self.store = yield self.makeStore(dedupWindowMs=24 * HOUR)
 
     def r(self, d):
         return self.successResultOf(d)
 
     def send(self, sender, clientMsgId, body, to="bob", now=T0):
-        return self.r(self.store.deliver(sender, clientMsgId, text(body, to), [to], now))
+        return self.store.deliver(sender, clientMsgId, text(body, to), [to], now)
+
+    @inlineCallbacks
+    def seqsOf(self, uid, afterSeq=0, limit=100):
+        entries = yield self.store.fetch(uid, afterSeq, limit)
+        return [e.seq for e in entries]
 
     def test_interface(self):
         """
@@ -50,164 +72,226 @@ class StoreTestsMixin:
         """
         verifyObject(IMessageStore, self.store)
 
+    @inlineCallbacks
     def test_deliver(self):
         """
         A message lands in the recipient's inbox and, marked outgoing, in
         the sender's; the store sets id, sender, client_msg_id and time.
         """
-        delivery = self.send("alice", "m1", "hello")
+        delivery = yield self.send("alice", "m1", "hello")
         self.assertFalse(delivery.duplicate)
-        self.assertEqual(delivery.seqs, {"bob": 1, "alice": 1})
+        first = delivery.seqs["bob"]
+        self.assertEqual(delivery.seqs, {"bob": first, "alice": first})
         message = delivery.message
         self.assertTrue(message.id)
         self.assertEqual((message.sender, message.client_msg_id, message.created_ms),
                          ("alice", "m1", T0))
-        [entry] = self.r(self.store.fetch("bob", 0, 10))
-        self.assertEqual((entry.seq, entry.outgoing, entry.message), (1, False, message))
-        [own] = self.r(self.store.fetch("alice", 0, 10))
-        self.assertEqual((own.seq, own.outgoing, own.message.id), (1, True, message.id))
+        [entry] = yield self.store.fetch("bob", 0, 10)
+        self.assertEqual((entry.seq, entry.outgoing, entry.message), (first, False, message))
+        [own] = yield self.store.fetch("alice", 0, 10)
+        self.assertEqual((own.seq, own.outgoing, own.message.id), (first, True, message.id))
 
+    @inlineCallbacks
+    def test_firstSeq(self):
+        """
+        A new inbox's first seq is at least 1; the head before it is 0.
+        """
+        self.assertEqual((yield self.store.head("bob")), 0)
+        delivery = yield self.send("alice", "m1", "hello")
+        self.assertGreaterEqual(delivery.seqs["bob"], 1)
+        self.assertEqual((yield self.store.head("bob")), delivery.seqs["bob"])
+
+    @inlineCallbacks
     def test_senderCannotBeForged(self):
         """
         The sender field of the template is overwritten with the sender.
         """
         template = text("x")
         template.sender = "mallory"
-        delivery = self.r(self.store.deliver("alice", "m1", template, ["bob"], T0))
+        delivery = yield self.store.deliver("alice", "m1", template, ["bob"], T0)
         self.assertEqual(delivery.message.sender, "alice")
 
+    @inlineCallbacks
     def test_seqsIncrease(self):
         """
         Each inbox's seqs increase by one per entry, independently.
         """
-        self.send("alice", "a1", "1")
-        self.send("carol", "c1", "2")
-        delivery = self.send("alice", "a2", "3")
-        self.assertEqual(delivery.seqs, {"bob": 3, "alice": 2})
-        self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 0, 10))], [1, 2, 3])
-        self.assertEqual(self.r(self.store.head("bob")), 3)
-        self.assertEqual(self.r(self.store.head("nobody")), 0)
+        first = yield self.send("alice", "a1", "1")
+        base = first.seqs["bob"] - 1
+        yield self.send("carol", "c1", "2")
+        delivery = yield self.send("alice", "a2", "3")
+        self.assertEqual(delivery.seqs, {"bob": base + 3, "alice": first.seqs["alice"] + 1})
+        self.assertEqual((yield self.seqsOf("bob")), [base + 1, base + 2, base + 3])
+        self.assertEqual((yield self.store.head("bob")), base + 3)
+        self.assertEqual((yield self.store.head("nobody")), 0)
 
+    @inlineCallbacks
     def test_toSelf(self):
         """
         A message to oneself lands once.
         """
-        delivery = self.send("alice", "m", "note", to="alice")
-        self.assertEqual(delivery.seqs, {"alice": 1})
-        self.assertEqual(len(self.r(self.store.fetch("alice", 0, 10))), 1)
+        delivery = yield self.send("alice", "m", "note", to="alice")
+        self.assertEqual(list(delivery.seqs), ["alice"])
+        self.assertEqual(len((yield self.store.fetch("alice", 0, 10))), 1)
 
+    @inlineCallbacks
     def test_manyRecipients(self):
         """
         One body can land in many inboxes, each once.
         """
-        delivery = self.r(self.store.deliver("alice", "g", text("hi"), ["bob", "carol", "bob"], T0))
-        self.assertEqual(delivery.seqs, {"bob": 1, "carol": 1, "alice": 1})
-        ids = {self.r(self.store.fetch(u, 0, 1))[0].message.id for u in ["bob", "carol", "alice"]}
+        delivery = yield self.store.deliver(
+            "alice", "g", text("hi"), ["bob", "carol", "bob"], T0)
+        self.assertEqual(sorted(delivery.seqs), ["alice", "bob", "carol"])
+        ids = set()
+        for uid in ["bob", "carol", "alice"]:
+            entries = yield self.store.fetch(uid, 0, 10)
+            self.assertEqual([e.seq for e in entries], [delivery.seqs[uid]])
+            ids.add(entries[0].message.id)
         self.assertEqual(ids, {delivery.message.id})
 
+    @inlineCallbacks
     def test_dedup(self):
         """
         A retry with the same client_msg_id from the same sender within the
         window returns the original outcome and stores nothing.
         """
-        first = self.send("alice", "m1", "hello")
-        again = self.send("alice", "m1", "hello again", now=T0 + HOUR)
+        first = yield self.send("alice", "m1", "hello")
+        again = yield self.send("alice", "m1", "hello again", now=T0 + HOUR)
         self.assertTrue(again.duplicate)
         self.assertEqual(again.message.id, first.message.id)
         self.assertEqual(again.message.created_ms, T0)
-        self.assertEqual(again.seqs, {"alice": 1})
-        self.assertEqual(len(self.r(self.store.fetch("bob", 0, 10))), 1)
-        self.assertEqual(self.r(self.store.head("alice")), 1)
+        self.assertEqual(again.message.body, b"hello")
+        self.assertEqual(again.seqs, {"alice": first.seqs["alice"]})
+        self.assertEqual(len((yield self.store.fetch("bob", 0, 10))), 1)
+        self.assertEqual((yield self.store.head("alice")), first.seqs["alice"])
 
+    @inlineCallbacks
     def test_dedupPerSender(self):
         """
         Another sender may use the same client_msg_id.
         """
-        self.send("alice", "m1", "a")
-        self.assertFalse(self.send("carol", "m1", "c").duplicate)
+        yield self.send("alice", "m1", "a")
+        self.assertFalse((yield self.send("carol", "m1", "c")).duplicate)
 
+    @inlineCallbacks
     def test_dedupWindowEnds(self):
         """
         After the window, the same client_msg_id stores a new message.
         """
-        first = self.send("alice", "m1", "a")
-        later = self.send("alice", "m1", "a", now=T0 + 24 * HOUR)
+        first = yield self.send("alice", "m1", "a")
+        later = yield self.send("alice", "m1", "a", now=T0 + 24 * HOUR)
         self.assertFalse(later.duplicate)
         self.assertNotEqual(later.message.id, first.message.id)
 
+    @inlineCallbacks
     def test_fetchPaging(self):
         """
         C{fetch} pages by seq and limit.
         """
         for i in range(5):
-            self.send("alice", str(i), str(i))
-        self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 1, 2))], [2, 3])
-        self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 3, 10))], [4, 5])
-        self.assertEqual(self.r(self.store.fetch("bob", 5, 10)), [])
+            delivery = yield self.send("alice", str(i), str(i))
+            if i == 0:
+                base = delivery.seqs["bob"] - 1
+        self.assertEqual((yield self.seqsOf("bob", base + 1, 2)), [base + 2, base + 3])
+        self.assertEqual((yield self.seqsOf("bob", base + 3, 10)), [base + 4, base + 5])
+        self.assertEqual((yield self.store.fetch("bob", base + 5, 10)), [])
 
+    @inlineCallbacks
     def test_cursor(self):
         """
         Acks raise a device's cursor and never lower it.
         """
-        self.assertEqual(self.r(self.store.cursor("bob", "phone")), 0)
-        self.assertEqual(self.r(self.store.ack([("bob", "phone", 5), ("ann", "pc", 2)], T0)), 2)
-        self.r(self.store.ack([("bob", "phone", 3)], T0))
-        self.assertEqual(self.r(self.store.cursor("bob", "phone")), 5)
-        self.assertEqual(self.r(self.store.cursor("ann", "pc")), 2)
-        self.assertEqual(self.r(self.store.cursor("bob", "laptop")), 0)
+        self.assertEqual((yield self.store.cursor("bob", "phone")), 0)
+        self.assertEqual((yield self.store.ack([("bob", "phone", 5), ("ann", "pc", 2)], T0)), 2)
+        yield self.store.ack([("bob", "phone", 3)], T0)
+        self.assertEqual((yield self.store.cursor("bob", "phone")), 5)
+        self.assertEqual((yield self.store.cursor("ann", "pc")), 2)
+        self.assertEqual((yield self.store.cursor("bob", "laptop")), 0)
 
+    @inlineCallbacks
     def test_trimByAge(self):
         """
         Entries older than the age limit go, acked or not; seqs are never
         reused afterwards.
         """
-        self.send("alice", "old", "old", now=T0)
-        self.send("alice", "new", "new", now=T0 + 10 * HOUR)
-        removed = self.r(self.store.trim(T0 + 10 * HOUR, 5 * HOUR, 1000))
+        first = yield self.send("alice", "old", "old", now=T0)
+        base = first.seqs["bob"] - 1
+        yield self.send("alice", "new", "new", now=T0 + 10 * HOUR)
+        removed = yield self.store.trim(T0 + 10 * HOUR, 5 * HOUR, 1000)
         self.assertEqual(removed, 2)
-        self.assertEqual([e.message.client_msg_id for e in self.r(self.store.fetch("bob", 0, 10))],
-                         ["new"])
-        self.assertEqual(self.send("alice", "newer", "x", now=T0 + 11 * HOUR).seqs["bob"], 3)
+        entries = yield self.store.fetch("bob", 0, 10)
+        self.assertEqual([e.message.client_msg_id for e in entries], ["new"])
+        newer = yield self.send("alice", "newer", "x", now=T0 + 11 * HOUR)
+        self.assertEqual(newer.seqs["bob"], base + 3)
 
+    @inlineCallbacks
     def test_trimByCountKeepsUnacked(self):
         """
         Beyond the count limit only entries every known device acked go:
         unacked entries younger than the age limit stay.
         """
         for i in range(10):
-            self.send("alice", str(i), str(i))
-        self.r(self.store.ack([("bob", "phone", 8), ("bob", "laptop", 4)], T0))
-        self.r(self.store.trim(T0, 24 * HOUR, 3))
-        self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 0, 100))],
-                         [5, 6, 7, 8, 9, 10])
-        self.r(self.store.ack([("bob", "laptop", 10)], T0))
-        self.r(self.store.trim(T0, 24 * HOUR, 3))
-        self.assertEqual([e.seq for e in self.r(self.store.fetch("bob", 0, 100))], [8, 9, 10])
+            delivery = yield self.send("alice", str(i), str(i))
+            if i == 0:
+                base = delivery.seqs["bob"] - 1
+        yield self.store.ack([("bob", "phone", base + 8), ("bob", "laptop", base + 4)], T0)
+        yield self.store.trim(T0, 24 * HOUR, 3)
+        self.assertEqual((yield self.seqsOf("bob")), [base + s for s in range(5, 11)])
+        yield self.store.ack([("bob", "laptop", base + 10)], T0)
+        yield self.store.trim(T0, 24 * HOUR, 3)
+        self.assertEqual((yield self.seqsOf("bob")), [base + 8, base + 9, base + 10])
 
+    @inlineCallbacks
     def test_trimWithoutCursorsKeepsAll(self):
         """
         A user with no acknowledged device keeps every young entry.
         """
         for i in range(5):
-            self.send("alice", str(i), str(i))
-        self.r(self.store.trim(T0, 24 * HOUR, 2))
-        self.assertEqual(len(self.r(self.store.fetch("bob", 0, 100))), 5)
+            yield self.send("alice", str(i), str(i))
+        yield self.store.trim(T0, 24 * HOUR, 2)
+        self.assertEqual(len((yield self.store.fetch("bob", 0, 100))), 5)
 
+    @inlineCallbacks
+    def test_trimForgetsCursors(self):
+        """
+        Cursors not updated within the age limit are forgotten; younger
+        ones stay.
+        """
+        yield self.store.ack([("bob", "old", 3)], T0)
+        yield self.store.ack([("bob", "new", 4), ("dan", "pc", 2)], T0 + 10 * HOUR)
+        yield self.store.trim(T0 + 10 * HOUR, 5 * HOUR, 1000)
+        self.assertEqual((yield self.store.cursor("bob", "old")), 0)
+        self.assertEqual((yield self.store.cursor("bob", "new")), 4)
+        self.assertEqual((yield self.store.cursor("dan", "pc")), 2)
+
+    @inlineCallbacks
     def test_trimForgetsDedup(self):
         """
         Trimming forgets dedup keys older than the window.
         """
-        self.send("alice", "m1", "a", now=T0)
-        self.r(self.store.trim(T0 + 25 * HOUR, 48 * HOUR, 1000))
-        self.assertFalse(self.send("alice", "m1", "a", now=T0 + 25 * HOUR).duplicate)
+        yield self.send("alice", "m1", "a", now=T0)
+        yield self.store.trim(T0 + 25 * HOUR, 48 * HOUR, 1000)
+        self.assertFalse((yield self.send("alice", "m1", "a", now=T0 + 25 * HOUR)).duplicate)
 
+    @inlineCallbacks
+    def test_duplicateAfterTrim(self):
+        """
+        A retry whose message retention removed is still a duplicate within
+        the dedup window, with the original id and time.
+        """
+        first = yield self.send("alice", "m1", "a", now=T0)
+        yield self.store.trim(T0 + 2 * HOUR, HOUR, 1000)
+        again = yield self.send("alice", "m1", "a", now=T0 + 2 * HOUR)
+        self.assertTrue(again.duplicate)
+        self.assertEqual((again.message.id, again.message.created_ms), (first.message.id, T0))
 
     # -- groups ---------------------------------------------------------------
 
+    @inlineCallbacks
     def group(self, groupId="g1", owner="alice", members=("bob", "carol")):
-        self.r(self.store.createGroup(groupId, "Group " + groupId, owner, T0))
-        self.r(self.store.setMembers(
-            groupId, [(uid, pb.ROLE_MEMBER) for uid in members], 100, T0))
+        yield self.store.createGroup(groupId, "Group " + groupId, owner, T0)
+        yield self.store.setMembers(
+            groupId, [(uid, pb.ROLE_MEMBER) for uid in members], 100, T0)
 
     def groupSend(self, sender, clientMsgId, body, groupId="g1", now=T0):
         message = pb.Message(group_id=groupId, body=body.encode())
@@ -219,54 +303,75 @@ class StoreTestsMixin:
         """
         verifyObject(IGroupStore, self.store)
 
+    @inlineCallbacks
     def test_createGroup(self):
         """
         A new group has its owner as only member; a second group with the
         same id is refused.
         """
-        info = self.r(self.store.createGroup("g1", "Friends", "alice", T0))
+        info = yield self.store.createGroup("g1", "Friends", "alice", T0)
         self.assertEqual(
             (info.group_id, info.name, info.role, info.member_count, info.created_ms),
             ("g1", "Friends", pb.ROLE_OWNER, 1, T0))
-        self.failureResultOf(self.store.createGroup("g1", "Again", "bob", T0), GroupExists)
-        self.assertEqual(self.r(self.store.group("g1")).name, "Friends")
-        self.assertIsNone(self.r(self.store.group("nope")))
+        yield self.assertFailure(self.store.createGroup("g1", "Again", "bob", T0), GroupExists)
+        self.assertEqual((yield self.store.group("g1")).name, "Friends")
+        self.assertIsNone((yield self.store.group("nope")))
 
+    @inlineCallbacks
+    def test_groupInfo(self):
+        """
+        C{group} gives id, name, time and member count, without a role.
+        """
+        yield self.group()
+        info = yield self.store.group("g1")
+        self.assertEqual(info, pb.Group(group_id="g1", name="Group g1", created_ms=T0,
+                                        member_count=3))
+
+    @inlineCallbacks
     def test_members(self):
         """
         Members are listed by uid with role and join time; setting an
         existing member changes its role and reports only new uids.
         """
-        self.group()
-        added = self.r(self.store.setMembers(
-            "g1", [("bob", pb.ROLE_ADMIN), ("dave", pb.ROLE_MEMBER)], 100, T0 + 5))
+        yield self.group()
+        added = yield self.store.setMembers(
+            "g1", [("bob", pb.ROLE_ADMIN), ("dave", pb.ROLE_MEMBER)], 100, T0 + 5)
         self.assertEqual(added, ["dave"])
-        members = self.r(self.store.members("g1"))
+        members = yield self.store.members("g1")
         self.assertEqual(
             [(m.uid, m.role, m.joined_ms) for m in members],
             [("alice", pb.ROLE_OWNER, T0), ("bob", pb.ROLE_ADMIN, T0),
              ("carol", pb.ROLE_MEMBER, T0), ("dave", pb.ROLE_MEMBER, T0 + 5)])
-        self.assertEqual(self.r(self.store.group("g1")).member_count, 4)
+        self.assertEqual((yield self.store.group("g1")).member_count, 4)
 
+    @inlineCallbacks
     def test_groupFull(self):
         """
-        Members beyond the maximum size are refused, all or nothing.
+        Members beyond the maximum size are refused, all or nothing; a role
+        change in a full group is fine.
         """
-        self.group()
-        self.failureResultOf(self.store.setMembers(
+        yield self.group()
+        yield self.assertFailure(self.store.setMembers(
             "g1", [("dave", pb.ROLE_MEMBER), ("erin", pb.ROLE_MEMBER)], 4, T0), GroupFull)
-        self.assertEqual(len(self.r(self.store.members("g1"))), 3)
-        self.assertEqual(self.r(self.store.setMembers(
+        self.assertEqual(len((yield self.store.members("g1"))), 3)
+        self.assertEqual((yield self.store.setMembers(
             "g1", [("dave", pb.ROLE_MEMBER), ("bob", pb.ROLE_ADMIN)], 4, T0)), ["dave"])
+        self.assertEqual((yield self.store.setMembers(
+            "g1", [("carol", pb.ROLE_ADMIN)], 4, T0)), [])
+        roles = {m.uid: m.role for m in (yield self.store.members("g1"))}
+        self.assertEqual((roles["bob"], roles["carol"]), (pb.ROLE_ADMIN, pb.ROLE_ADMIN))
 
+    @inlineCallbacks
     def test_removeMembers(self):
         """
         Removing reports the uids that were members.
         """
-        self.group()
-        self.assertEqual(self.r(self.store.removeMembers("g1", ["bob", "zed", "bob"])), ["bob"])
-        self.assertEqual([m.uid for m in self.r(self.store.members("g1"))], ["alice", "carol"])
+        yield self.group()
+        self.assertEqual((yield self.store.removeMembers("g1", ["bob", "zed", "bob"])), ["bob"])
+        self.assertEqual([m.uid for m in (yield self.store.members("g1"))], ["alice", "carol"])
+        self.assertEqual((yield self.store.groupsOf("bob")), [])
 
+    @inlineCallbacks
     def test_missingGroup(self):
         """
         Operations on a group that does not exist fail with
@@ -275,110 +380,173 @@ class StoreTestsMixin:
         for d in [self.store.deleteGroup("g"), self.store.members("g"),
                   self.store.removeMembers("g", ["a"]),
                   self.store.setMembers("g", [("a", pb.ROLE_MEMBER)], 10, T0)]:
-            self.failureResultOf(d, GroupNotFound)
+            yield self.assertFailure(d, GroupNotFound)
 
+    @inlineCallbacks
     def test_groupsOf(self):
         """
         A user's groups, by id, with the user's role in each.
         """
-        self.group("g2", owner="bob", members=["alice"])
-        self.group("g1")
-        groups = self.r(self.store.groupsOf("alice"))
-        self.assertEqual([(g.group_id, g.role, g.member_count) for g in groups],
-                         [("g1", pb.ROLE_OWNER, 3), ("g2", pb.ROLE_MEMBER, 2)])
-        self.assertEqual(self.r(self.store.groupsOf("nobody")), [])
+        yield self.group("g2", owner="bob", members=["alice"])
+        yield self.group("g1")
+        groups = yield self.store.groupsOf("alice")
+        self.assertEqual([(g.group_id, g.name, g.role, g.member_count, g.created_ms)
+                          for g in groups],
+                         [("g1", "Group g1", pb.ROLE_OWNER, 3, T0),
+                          ("g2", "Group g2", pb.ROLE_MEMBER, 2, T0)])
+        self.assertEqual((yield self.store.groupsOf("nobody")), [])
 
+    @inlineCallbacks
     def test_deleteGroup(self):
         """
         A deleted group is gone, with its memberships; messages already
-        delivered stay.
+        delivered stay; a group with that id can be created again.
         """
-        self.group()
-        self.r(self.groupSend("alice", "m1", "hi"))
-        self.assertTrue(self.r(self.store.deleteGroup("g1")))
-        self.assertIsNone(self.r(self.store.group("g1")))
-        self.assertEqual(self.r(self.store.groupsOf("bob")), [])
-        self.assertEqual(len(self.r(self.store.fetch("bob", 0, 10))), 1)
-        self.failureResultOf(self.groupSend("alice", "m2", "hi"), NotMember)
+        yield self.group()
+        yield self.groupSend("alice", "m1", "hi")
+        self.assertTrue((yield self.store.deleteGroup("g1")))
+        self.assertIsNone((yield self.store.group("g1")))
+        self.assertEqual((yield self.store.groupsOf("bob")), [])
+        self.assertEqual(len((yield self.store.fetch("bob", 0, 10))), 1)
+        yield self.assertFailure(self.groupSend("alice", "m2", "hi"), NotMember)
+        info = yield self.store.createGroup("g1", "Again", "bob", T0 + 1)
+        self.assertEqual(info.member_count, 1)
+        self.assertEqual([m.uid for m in (yield self.store.members("g1"))], ["bob"])
 
+    @inlineCallbacks
     def test_groupDeliver(self):
         """
         A group message is stored once and lands in every member's inbox,
         the sender's marked outgoing.
         """
-        self.group()
-        delivery = self.r(self.groupSend("bob", "m1", "hello"))
+        yield self.group()
+        delivery = yield self.groupSend("bob", "m1", "hello")
+        self.assertFalse(delivery.duplicate)
         self.assertEqual(sorted(delivery.seqs), ["alice", "bob", "carol"])
         self.assertEqual(delivery.message.group_id, "g1")
         self.assertEqual(delivery.message.sender, "bob")
         for uid in ["alice", "bob", "carol"]:
-            [entry] = self.r(self.store.fetch(uid, 0, 10))
+            [entry] = yield self.store.fetch(uid, 0, 10)
+            self.assertEqual(entry.seq, delivery.seqs[uid])
             self.assertEqual(entry.message.id, delivery.message.id)
             self.assertEqual(entry.outgoing, uid == "bob")
 
+    @inlineCallbacks
     def test_groupDeliverNotMember(self):
         """
         A non-member's group message, or one to a missing group, stores
         nothing and fails with L{NotMember}.
         """
-        self.group()
-        self.failureResultOf(self.groupSend("mallory", "m1", "x"), NotMember)
-        self.failureResultOf(self.groupSend("alice", "m1", "x", groupId="nope"), NotMember)
+        yield self.group()
+        yield self.assertFailure(self.groupSend("mallory", "m1", "x"), NotMember)
+        yield self.assertFailure(self.groupSend("alice", "m1", "x", groupId="nope"), NotMember)
         for uid in ["alice", "bob", "mallory"]:
-            self.assertEqual(self.r(self.store.head(uid)), 0)
+            self.assertEqual((yield self.store.head(uid)), 0)
 
+    @inlineCallbacks
     def test_groupMembershipAtCommit(self):
         """
         Members added later get later messages only; a removed member gets
         no more and can no longer send.
         """
-        self.group()
-        self.r(self.groupSend("alice", "m1", "one"))
-        self.r(self.store.setMembers("g1", [("dave", pb.ROLE_MEMBER)], 100, T0))
-        self.r(self.store.removeMembers("g1", ["bob"]))
-        delivery = self.r(self.groupSend("alice", "m2", "two"))
+        yield self.group()
+        yield self.groupSend("alice", "m1", "one")
+        yield self.store.setMembers("g1", [("dave", pb.ROLE_MEMBER)], 100, T0)
+        yield self.store.removeMembers("g1", ["bob"])
+        delivery = yield self.groupSend("alice", "m2", "two")
         self.assertEqual(sorted(delivery.seqs), ["alice", "carol", "dave"])
-        self.assertEqual([e.message.body for e in self.r(self.store.fetch("bob", 0, 10))],
+        self.assertEqual([e.message.body for e in (yield self.store.fetch("bob", 0, 10))],
                          [b"one"])
-        self.assertEqual([e.message.body for e in self.r(self.store.fetch("dave", 0, 10))],
+        self.assertEqual([e.message.body for e in (yield self.store.fetch("dave", 0, 10))],
                          [b"two"])
-        self.failureResultOf(self.groupSend("bob", "m3", "x"), NotMember)
+        yield self.assertFailure(self.groupSend("bob", "m3", "x"), NotMember)
 
+    @inlineCallbacks
     def test_groupRetryAfterRemoval(self):
         """
         A retry of a group send returns the original outcome even if the
         sender was removed meanwhile.
         """
-        self.group()
-        first = self.r(self.groupSend("bob", "m1", "hi"))
-        self.r(self.store.removeMembers("g1", ["bob"]))
-        again = self.r(self.groupSend("bob", "m1", "hi"))
+        yield self.group()
+        first = yield self.groupSend("bob", "m1", "hi")
+        yield self.store.removeMembers("g1", ["bob"])
+        again = yield self.groupSend("bob", "m1", "hi")
         self.assertTrue(again.duplicate)
         self.assertEqual(again.message.id, first.message.id)
+        self.assertEqual(again.seqs, {"bob": first.seqs["bob"]})
 
+    @inlineCallbacks
+    def test_emptyGroup(self):
+        """
+        A group whose members were all removed still exists, but nobody,
+        not even the system, can send to it.
+        """
+        yield self.group()
+        yield self.store.removeMembers("g1", ["alice", "bob", "carol"])
+        self.assertEqual((yield self.store.group("g1")).member_count, 0)
+        self.assertEqual((yield self.store.members("g1")), [])
+        yield self.assertFailure(self.groupSend(SYSTEM, "k1", "x"), NotMember)
+
+    @inlineCallbacks
     def test_systemSender(self):
         """
         The system sender has no inbox; its messages are idempotent too.
         """
-        delivery = self.r(self.store.deliver(SYSTEM, "k1", text("hi"), ["bob", "carol"], T0))
-        self.assertEqual(delivery.seqs, {"bob": 1, "carol": 1})
-        self.assertEqual(self.r(self.store.head(SYSTEM)), 0)
-        again = self.r(self.store.deliver(SYSTEM, "k1", text("hi"), ["bob", "carol"], T0))
+        delivery = yield self.store.deliver(SYSTEM, "k1", text("hi"), ["bob", "carol"], T0)
+        self.assertEqual(sorted(delivery.seqs), ["bob", "carol"])
+        self.assertEqual((yield self.store.head(SYSTEM)), 0)
+        again = yield self.store.deliver(SYSTEM, "k1", text("hi"), ["bob", "carol"], T0)
         self.assertTrue(again.duplicate)
-        self.assertEqual(self.r(self.store.head("bob")), 1)
+        self.assertEqual(again.seqs, {SYSTEM: 0})
+        self.assertEqual((yield self.store.head("bob")), delivery.seqs["bob"])
 
+    @inlineCallbacks
     def test_systemGroupMessage(self):
         """
         The system may send to a group it is not a member of, but not to a
         group that does not exist.
         """
-        self.group()
-        delivery = self.r(self.groupSend(SYSTEM, "k1", "notice"))
+        yield self.group()
+        delivery = yield self.groupSend(SYSTEM, "k1", "notice")
         self.assertEqual(sorted(delivery.seqs), ["alice", "bob", "carol"])
-        self.failureResultOf(self.groupSend(SYSTEM, "k2", "x", groupId="nope"), NotMember)
+        yield self.assertFailure(self.groupSend(SYSTEM, "k2", "x", groupId="nope"), NotMember)
+
+    @inlineCallbacks
+    def test_awkwardIds(self):
+        """
+        Uids, device ids, group ids and client message ids with braces,
+        colons, spaces and non-ASCII characters are kept apart.
+        """
+        uids = ["a", "a}", "{a}", "a:b", "a}:inbox", "\u00e9t\u00e9", "\U0001f600 x"]
+        seen = {}
+        for i, uid in enumerate(uids):
+            delivery = yield self.store.deliver(
+                "s}:{x", "m:%d}" % (i,), text(str(i), uid), [uid], T0)
+            seen[uid] = delivery.seqs[uid]
+        for i, uid in enumerate(uids):
+            entries = yield self.store.fetch(uid, 0, 10)
+            self.assertEqual([(e.seq, e.message.body) for e in entries],
+                             [(seen[uid], str(i).encode())])
+        yield self.store.ack([("a}", "d:{1}", 7)], T0)
+        self.assertEqual((yield self.store.cursor("a}", "d:{1}")), 7)
+        self.assertEqual((yield self.store.cursor("a", "d:{1}")), 0)
+        long = "\u00e9" * 150
+        yield self.store.createGroup("g}:{1", "\u00e9", "a}", T0)
+        yield self.store.setMembers("g}:{1", [("{a}", pb.ROLE_MEMBER), (long, pb.ROLE_MEMBER)],
+                                    10, T0)
+        self.assertEqual([g.group_id for g in (yield self.store.groupsOf("{a}"))], ["g}:{1"])
+        self.assertEqual([g.group_id for g in (yield self.store.groupsOf(long))], ["g}:{1"])
+        self.assertEqual([m.uid for m in (yield self.store.members("g}:{1"))],
+                         ["a}", "{a}", long])
+        delivery = yield self.groupSend("{a}", "m:1}", "g", groupId="g}:{1")
+        self.assertEqual(sorted(delivery.seqs), ["a}", "{a}", long])
+        [entry] = yield self.store.fetch(long, 0, 10)
+        self.assertEqual(entry.seq, delivery.seqs[long])
+        yield self.store.deleteGroup("g}:{1")
+        self.assertEqual((yield self.store.groupsOf(long)), [])
 
 
-class MemoryStoreTests(StoreTestsMixin, SynchronousTestCase):
+class MemoryStoreTests(StoreTestsMixin, TestCase):
     """
     L{MemoryMessageStore}.
     """
@@ -387,7 +555,7 @@ class MemoryStoreTests(StoreTestsMixin, SynchronousTestCase):
         return MemoryMessageStore(dedupWindowMs=dedupWindowMs)
 
 
-class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
+class SQLiteStoreTests(StoreTestsMixin, TestCase):
     """
     L{SQLiteMessageStore}, operations run inline (no thread).
     """
@@ -404,13 +572,13 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         What was delivered is there after the store is closed and opened
         again, and seqs and ids continue.
         """
-        first = self.send("alice", "m1", "hello")
+        first = self.r(self.send("alice", "m1", "hello"))
         self.store.stopService()
         self.store = SQLiteMessageStore(self.path, None, 24 * HOUR, threaded=False)
         self.store.startService()
         self.assertEqual(len(self.r(self.store.fetch("bob", 0, 10))), 1)
-        self.assertTrue(self.send("alice", "m1", "hello").duplicate)
-        second = self.send("alice", "m2", "again")
+        self.assertTrue(self.r(self.send("alice", "m1", "hello")).duplicate)
+        second = self.r(self.send("alice", "m2", "again"))
         self.assertEqual(second.seqs, {"bob": 2, "alice": 2})
         self.assertGreater(second.message.id, first.message.id)
 
@@ -419,12 +587,12 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         Message ids are not reused after a restart, even when retention has
         removed every message.
         """
-        first = self.send("alice", "m1", "hello", now=T0)
+        first = self.r(self.send("alice", "m1", "hello", now=T0))
         self.r(self.store.trim(T0 + 48 * HOUR, 24 * HOUR, 1000))
         self.store.stopService()
         self.store = SQLiteMessageStore(self.path, None, 24 * HOUR, threaded=False)
         self.store.startService()
-        second = self.send("alice", "m2", "again", now=T0 + 48 * HOUR)
+        second = self.r(self.send("alice", "m2", "again", now=T0 + 48 * HOUR))
         self.assertGreater(second.message.id, first.message.id)
 
     def test_walAndFullSync(self):
@@ -442,6 +610,21 @@ class SQLiteStoreTests(StoreTestsMixin, SynchronousTestCase):
         self.store.stopService()
         self.failureResultOf(self.store.head("bob"), StoreClosed)
         self.store.startService()
+
+
+class ThreadedSQLiteSuiteTests(StoreTestsMixin, TestCase):
+    """
+    L{SQLiteMessageStore} on its writer thread, with the real reactor: the
+    shared suite.
+    """
+
+    timeout = 30
+
+    def makeStore(self, dedupWindowMs):
+        store = SQLiteMessageStore(self.mktemp(), reactor, dedupWindowMs)
+        store.startService()
+        self.addCleanup(store.stopService)
+        return store
 
 
 class ThreadedSQLiteStoreTests(TestCase):
@@ -564,3 +747,437 @@ class QueryPlanTests(SynchronousTestCase):
         self.assertIn("USING PRIMARY KEY", plan)
         self.assertNotIn("SCAN d", plan)
         self.assertNotIn("SCAN dedup", plan)
+
+
+def whenConnected(connection):
+    """
+    @return: a L{Deferred} firing once C{connection} is up (at once if it
+        is).
+    """
+    d = Deferred()
+    if connection.connected:
+        d.callback(None)
+    else:
+        def once():
+            connection.onConnect.remove(once)
+            d.callback(None)
+        connection.onConnect.append(once)
+    return d
+
+
+def whenDisconnected(connection):
+    """
+    @return: a L{Deferred} firing once C{connection} is lost (at once if it
+        is down).
+    """
+    d = Deferred()
+    if not connection.connected:
+        d.callback(None)
+    else:
+        def once():
+            connection.onDisconnect.remove(once)
+            d.callback(None)
+        connection.onDisconnect.append(once)
+    return d
+
+
+class RedisStoreTests(StoreTestsMixin, TestCase):
+    """
+    L{RedisMessageStore} against a real C{redis-server} (one per test, AOF
+    with C{appendfsync always}): the shared suite, then what is Redis's
+    own: the seq floor and epoch across lost data, durability across a
+    kill, unavailability, and the key layout.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def makeStore(self, dedupWindowMs):
+        self.server = RedisServer(self, reactor, appendfsync="always")
+        yield self.server.start()
+        self.connection = self.connect()
+        yield whenConnected(self.connection)
+        self.events = []
+        store = RedisMessageStore(self.connection, reactor, dedupWindowMs)
+        store.log = Logger(observer=self.events.append)
+        return store
+
+    def connect(self, replyTimeout=2):
+        connection = connectRedis(reactor, RedisURL.parse(self.server.url),
+                                  replyTimeout=replyTimeout)
+        # Reconnect within 0.1 s after a restart instead of 1 s, to keep
+        # the tests short.
+        connection._factory.initialDelay = 0.1
+        connection._factory.jitter = 0
+        self.addCleanup(connection.disconnect)
+        return connection
+
+    def redis(self, *command):
+        return self.connection.execute(*command)
+
+    @inlineCallbacks
+    def restartRedis(self, how):
+        """
+        Stop Redis (C{how}: C{"stop"} cleanly, C{"kill"} with SIGKILL, or
+        C{"wipe"}: kill and delete its data), start it again, and wait
+        until the connection is back.
+        """
+        lost = whenDisconnected(self.connection)
+        yield getattr(self.server, how)()
+        yield lost
+        yield self.server.start()
+        yield whenConnected(self.connection)
+
+    def errors(self):
+        return [e for e in self.events if e["log_level"] == LogLevel.error]
+
+    @inlineCallbacks
+    def test_nothingToStart(self):
+        """
+        A store built before its connection is up needs nothing started:
+        it fails with L{RedisUnavailable} until the connection is up, then
+        works.
+        """
+        connection = self.connect()
+        store = RedisMessageStore(connection, reactor, 24 * HOUR)
+        if not connection.connected:
+            yield self.assertFailure(store.head("bob"), RedisUnavailable)
+        yield whenConnected(connection)
+        delivery = yield store.deliver("alice", "m1", text("x"), ["bob"], T0)
+        self.assertEqual((yield store.head("bob")), delivery.seqs["bob"])
+        self.assertEqual((store.rollbacks, store.restarts), (0, 0))
+
+    @inlineCallbacks
+    def test_keyLayout(self):
+        """
+        A user's keys share one hash tag, the hex of the uid, so a brace in
+        a uid cannot end the tag; the body is stored once.
+        """
+        delivery = yield self.store.deliver("al{i}ce", "m1", text("x"), ["bob"], T0)
+        yield self.store.ack([("bob", "phone", 1)], T0)
+        yield self.store.createGroup("g", "G", "bob", T0)
+        keys = sorted(k.decode() for k in (yield self.redis("KEYS", "*")))
+        alice = "al{i}ce".encode().hex()
+        bob = b"bob".hex()
+        self.assertEqual(keys, sorted([
+            "im:epoch", "im:seqfloor", "im:runid", "im:msgid", "im:bodies",
+            "im:m:%d" % (delivery.message.id,),
+            "im:d:{u:%s}:m1" % (alice,),
+            "im:{u:%s}:head" % (alice,), "im:{u:%s}:inbox" % (alice,),
+            "im:{u:%s}:head" % (bob,), "im:{u:%s}:inbox" % (bob,),
+            "im:{u:%s}:cursors" % (bob,), "im:{u:%s}:groups" % (bob,),
+            "im:{g:%s}:info" % (b"g".hex(),), "im:{g:%s}:members" % (b"g".hex(),),
+        ]))
+        ttl = yield self.redis("PTTL", "im:d:{u:%s}:m1" % (alice,))
+        self.assertTrue(23 * HOUR < ttl <= 24 * HOUR, ttl)
+
+    @inlineCallbacks
+    def test_seqsStartAtFloor(self):
+        """
+        A new inbox starts right above the seq floor (now in microseconds,
+        below 2**53); the seqs are exact integers.
+        """
+        before = int(reactor.seconds() * 1000) * 1000
+        delivery = yield self.send("alice", "m1", "x")
+        floor = int((yield self.redis("GET", "im:seqfloor")))
+        self.assertGreaterEqual(floor, before)
+        self.assertLess(floor, 2 ** 53)
+        self.assertEqual(delivery.seqs, {"bob": floor + 1, "alice": floor + 1})
+        for i in range(2, 5):
+            delivery = yield self.send("alice", "m%d" % (i,), "x")
+            self.assertEqual(delivery.seqs["bob"], floor + i)
+        self.assertEqual((yield self.redis("GET", "im:{u:%s}:head" % (b"bob".hex(),))),
+                         b"%d" % (floor + 4,))
+        self.assertEqual((yield self.seqsOf("bob")), [floor + i for i in range(1, 5)])
+
+    @inlineCallbacks
+    def test_concurrentDeliveries(self):
+        """
+        Many deliveries in flight at once, from two stores (two gates) on
+        one Redis: every inbox gets consecutive seqs in the order the
+        deliveries were sent, and ids are unique.
+        """
+        other = RedisMessageStore(self.connect(), reactor, 24 * HOUR, idBlock=7)
+        yield whenConnected(other.connection)
+        ds = []
+        for i in range(300):
+            store = (self.store, other)[i % 2]
+            ds.append(store.deliver("u%d" % (i % 3,), str(i), text(str(i)), ["bob"], T0))
+        deliveries = yield gatherResults(ds)
+        self.assertEqual(len({d.message.id for d in deliveries}), 300)
+        for start in (0, 1):
+            mine = [d.seqs["bob"] for d in deliveries[start::2]]
+            self.assertEqual(mine, sorted(mine))
+        seqs = sorted(d.seqs["bob"] for d in deliveries)
+        self.assertEqual(seqs, list(range(seqs[0], seqs[0] + 300)))
+        entries = yield self.store.fetch("bob", 0, 1000)
+        self.assertEqual([e.seq for e in entries], seqs)
+        self.assertEqual({e.message.id for e in entries}, {d.message.id for d in deliveries})
+
+    @inlineCallbacks
+    def test_fetchSkipsMissingBodies(self):
+        """
+        Entries whose body is gone are skipped, and the page is filled from
+        later entries.
+        """
+        deliveries = []
+        for i in range(5):
+            deliveries.append((yield self.send("alice", str(i), str(i))))
+        for i in (1, 2):
+            yield self.redis("DEL", "im:m:%d" % (deliveries[i].message.id,))
+        entries = yield self.store.fetch("bob", 0, 2)
+        self.assertEqual([e.message.body for e in entries], [b"0", b"3"])
+        entries = yield self.store.fetch("bob", entries[-1].seq, 10)
+        self.assertEqual([e.message.body for e in entries], [b"4"])
+
+    @inlineCallbacks
+    def test_trimManyUsers(self):
+        """
+        Retention reaches every user, across many C{SCAN} pages, and
+        deletes the old bodies.
+        """
+        self.store.scanCount = 7
+        for i in range(40):
+            yield self.send("s", "old%d" % (i,), "x", to="u%d" % (i,), now=T0)
+        for i in range(40):
+            yield self.send("s", "new%d" % (i,), "y", to="u%d" % (i,), now=T0 + 10 * HOUR)
+        removed = yield self.store.trim(T0 + 10 * HOUR, 5 * HOUR, 1000)
+        self.assertEqual(removed, 80)  # 40 recipients' and 40 of the sender's
+        for i in range(40):
+            entries = yield self.store.fetch("u%d" % (i,), 0, 10)
+            self.assertEqual([e.message.body for e in entries], [b"y"])
+        self.assertEqual((yield self.redis("ZCARD", "im:bodies")), 40)
+        self.assertEqual(len((yield self.redis("KEYS", "im:m:*"))), 40)
+
+    @inlineCallbacks
+    def test_trimClockSkew(self):
+        """
+        An old entry behind a younger one (gates whose clocks disagree) is
+        removed as long as the younger one is within C{clockSkewMs} of the
+        limit; the younger one stays.
+        """
+        yield self.send("alice", "1", "a", now=T0 + 2 * HOUR)
+        yield self.send("alice", "2", "b", now=T0)
+        yield self.send("alice", "3", "c", now=T0 + 20 * HOUR)
+        self.store.clockSkewMs = 3 * HOUR
+        removed = yield self.store.trim(T0 + 6 * HOUR, 5 * HOUR, 1000)
+        self.assertEqual(removed, 2)
+        entries = yield self.store.fetch("bob", 0, 10)
+        self.assertEqual([e.message.body for e in entries], [b"a", b"c"])
+
+    @inlineCallbacks
+    def test_trimLongInbox(self):
+        """
+        An inbox with more old entries than one script call examines is
+        trimmed completely, over several calls.
+        """
+        from imserver.store import redis as module
+
+        self.patch(module, "TRIM_SCAN_LIMIT", 200)
+        ds = [self.send("alice", str(i), "x", now=T0) for i in range(450)]
+        yield gatherResults(ds)
+        yield self.send("alice", "new", "y", now=T0 + 10 * HOUR)
+        removed = yield self.store.trim(T0 + 10 * HOUR, 5 * HOUR, 1000)
+        self.assertEqual(removed, 900)
+        self.assertEqual([e.message.body for e in (yield self.store.fetch("bob", 0, 10))],
+                         [b"y"])
+
+    @inlineCallbacks
+    def test_epochAcrossWipe(self):
+        """
+        After Redis lost everything, seqs and ids continue above anything
+        given before (a new epoch, a new seq floor); the store logs the
+        rollback as an error and counts it.
+        """
+        first = yield self.send("alice", "m1", "one")
+        epoch = yield self.store.epoch()
+        self.assertIsNotNone(epoch)
+        yield self.restartRedis("wipe")
+        self.assertEqual((yield self.store.head("bob")), 0)
+        self.assertEqual(self.store.rollbacks, 1)
+        self.assertIsNone((yield self.store.epoch()))
+        second = yield self.send("alice", "m2", "two")
+        self.assertGreater(second.seqs["bob"], first.seqs["bob"])
+        self.assertGreater(second.seqs["alice"], first.seqs["alice"])
+        self.assertGreater(second.message.id, first.message.id)
+        newEpoch = yield self.store.epoch()
+        self.assertNotIn(newEpoch, (None, epoch))
+        self.assertEqual(self.store.rollbacks, 1)
+        self.assertEqual(len(self.errors()), 1)
+        self.assertEqual(self.errors()[0]["old"], epoch)
+        entries = yield self.store.fetch("bob", 0, 10)
+        self.assertEqual([e.message.body for e in entries], [b"two"])
+
+    @inlineCallbacks
+    def test_epochChangeSeenByDeliver(self):
+        """
+        A store that never saw the epoch vanish (another gate recreated it)
+        sees it change at its next delivery.
+        """
+        yield self.send("alice", "m1", "one")
+        yield self.redis("FLUSHALL")
+        other = RedisMessageStore(self.connection, reactor, 24 * HOUR)
+        yield other.deliver("carol", "c1", text("x"), ["dan"], T0)
+        second = yield self.send("alice", "m2", "two")
+        self.assertFalse(second.duplicate)
+        self.assertEqual((self.store.rollbacks, other.rollbacks), (1, 0))
+
+    @inlineCallbacks
+    def test_restartRaisesFloor(self):
+        """
+        After a Redis restart (even one that kept its data) the seq floor is
+        raised, so seqs of writes it may have lost are never given again;
+        what it kept is still there, and it is not a rollback.
+        """
+        first = yield self.send("alice", "m1", "one")
+        yield self.restartRedis("stop")
+        again = yield self.send("alice", "m1", "one")
+        self.assertTrue(again.duplicate)
+        second = yield self.send("alice", "m2", "two")
+        self.assertGreater(second.seqs["bob"], first.seqs["bob"] + 1000)
+        self.assertEqual([e.message.body for e in (yield self.store.fetch("bob", 0, 10))],
+                         [b"one", b"two"])
+        third = yield self.send("alice", "m3", "three")
+        self.assertEqual(third.seqs["bob"], second.seqs["bob"] + 1)
+        self.assertEqual((self.store.rollbacks, self.store.restarts), (0, 1))
+        self.assertEqual(self.errors(), [])
+
+    @inlineCallbacks
+    def test_orderAfterRestart(self):
+        """
+        Deliveries sent at once right after a Redis restart (which forgot
+        the scripts) are still stored in the order they were sent.
+        """
+        yield self.send("alice", "m0", "zero")
+        yield self.restartRedis("stop")
+        ds = []
+        for i in range(1, 201):
+            ds.append(self.send("alice", "m%d" % (i,), str(i)))
+            if i % 5 == 0:
+                # Let replies in between, so later sends overtake retries
+                # of earlier ones if the scripts were not loaded first.
+                yield deferLater(reactor, 0, lambda: None)
+        deliveries = yield gatherResults(ds)
+        seqs = [d.seqs["bob"] for d in deliveries]
+        self.assertEqual(seqs, list(range(seqs[0], seqs[0] + 200)))
+
+    @inlineCallbacks
+    def test_durableAcrossKill(self):
+        """
+        With the AOF on, every acked delivery, cursor and group change
+        survives C{kill -9} of Redis: each reached the AOF before its reply.
+        (A killed process cannot tell C{appendfsync always} from
+        C{everysec}, since the kernel keeps what was written; only a crash
+        of the host shows the difference, see L{imserver.store.redis}.)
+        """
+        yield self.group()
+        ds = [self.send("alice", str(i), str(i), to="u%d" % (i % 5,)) for i in range(200)]
+        ds += [self.groupSend("bob", "g%d" % (i,), str(i)) for i in range(50)]
+        deliveries = yield gatherResults(ds)
+        yield self.store.ack([("alice", "phone", 9)], T0)
+        expected = {}
+        for uid in ["alice", "bob", "carol", "u0", "u1", "u2", "u3", "u4"]:
+            expected[uid] = [(e.seq, e.message.id) for e in (yield self.store.fetch(uid, 0, 1000))]
+        self.assertEqual(sum(len(d.seqs) for d in deliveries), sum(map(len, expected.values())))
+        yield self.restartRedis("kill")
+        for uid, entries in expected.items():
+            got = yield self.store.fetch(uid, 0, 1000)
+            self.assertEqual([(e.seq, e.message.id) for e in got], entries)
+        self.assertEqual((yield self.store.cursor("alice", "phone")), 9)
+        self.assertEqual(len((yield self.store.members("g1"))), 3)
+        self.assertTrue((yield self.send("alice", "0", "0", to="u0")).duplicate)
+        self.assertEqual(self.store.rollbacks, 0)
+
+    @inlineCallbacks
+    def test_unavailable(self):
+        """
+        Without Redis every operation fails at once with
+        L{RedisUnavailable}; when Redis is back they work again.
+        """
+        first = yield self.send("alice", "m1", "one")
+        yield self.group()
+        lost = whenDisconnected(self.connection)
+        yield self.server.stop()
+        yield lost
+        started = reactor.seconds()
+        operations = [
+            lambda: self.send("alice", "m2", "two"),
+            lambda: self.groupSend("alice", "m3", "three"),
+            lambda: self.store.fetch("bob", 0, 10),
+            lambda: self.store.head("bob"),
+            lambda: self.store.ack([("bob", "phone", 1)], T0),
+            lambda: self.store.cursor("bob", "phone"),
+            lambda: self.store.trim(T0, HOUR, 10),
+            lambda: self.store.epoch(),
+            lambda: self.store.createGroup("g2", "G", "alice", T0),
+            lambda: self.store.deleteGroup("g1"),
+            lambda: self.store.setMembers("g1", [("dan", pb.ROLE_MEMBER)], 10, T0),
+            lambda: self.store.removeMembers("g1", ["bob"]),
+            lambda: self.store.group("g1"),
+            lambda: self.store.members("g1"),
+            lambda: self.store.groupsOf("bob"),
+        ]
+        for operation in operations:
+            yield self.assertFailure(operation(), RedisUnavailable)
+        self.assertLess(reactor.seconds() - started, 1)
+        yield self.server.start()
+        yield whenConnected(self.connection)
+        second = yield self.send("alice", "m2", "two")
+        self.assertGreater(second.seqs["bob"], first.seqs["bob"])
+        self.assertEqual(len((yield self.store.fetch("bob", 0, 10))), 2)
+
+    @inlineCallbacks
+    def test_unresponsive(self):
+        """
+        A Redis that stops answering fails operations with
+        L{RedisUnavailable} after the reply timeout, never hangs them.
+        """
+        connection = self.connect(replyTimeout=0.3)
+        yield whenConnected(connection)
+        store = RedisMessageStore(connection, reactor, 24 * HOUR)
+        yield store.deliver("alice", "m1", text("x"), ["bob"], T0)
+        self.server._transport.signalProcess(signal.SIGSTOP)
+        self.addCleanup(self.server._transport.signalProcess, signal.SIGCONT)
+        started = reactor.seconds()
+        yield self.assertFailure(store.deliver("alice", "m2", text("x"), ["bob"], T0),
+                                 RedisUnavailable)
+        self.assertLess(reactor.seconds() - started, 2)
+
+    @inlineCallbacks
+    def test_noInfoCommand(self):
+        """
+        If C{INFO} is not allowed (renamed away, or an ACL), the store
+        warns and works without the restart check.
+        """
+        server = RedisServer(self, reactor, appendfsync=None,
+                             extraArgs=["--rename-command", "INFO", ""])
+        yield server.start()
+        connection = connectRedis(reactor, RedisURL.parse(server.url), replyTimeout=2)
+        self.addCleanup(connection.disconnect)
+        yield whenConnected(connection)
+        events = []
+        store = RedisMessageStore(connection, reactor, 24 * HOUR)
+        store.log = Logger(observer=events.append)
+        first = yield store.deliver("alice", "m1", text("x"), ["bob"], T0)
+        second = yield store.deliver("alice", "m2", text("x"), ["bob"], T0)
+        self.assertEqual(second.seqs["bob"], first.seqs["bob"] + 1)
+        self.assertEqual([e["log_level"] for e in events if "run id" in e["log_format"]],
+                         [LogLevel.warn])
+
+    def test_retryableErrors(self):
+        """
+        Redis's "not now" refusals (loading its data after a restart, busy,
+        out of memory, a read-only replica) become L{RedisUnavailable};
+        other errors stay what they are.
+        """
+        from txredisapi import ResponseError
+
+        from imserver.store.redis import _retryable
+
+        for message in ["LOADING Redis is loading the dataset in memory",
+                        "BUSY Redis is busy running a script", "OOM command not allowed",
+                        "READONLY You can't write against a read only replica."]:
+            self.failureResultOf(fail(ResponseError(message)).addErrback(_retryable),
+                                 RedisUnavailable)
+        self.failureResultOf(fail(ResponseError("ERR syntax")).addErrback(_retryable),
+                             ResponseError)
