@@ -122,7 +122,8 @@ class IMessageStore(Interface):
     Durable per-user inboxes.
 
     Each user has one inbox whose entries have a strictly increasing C{seq},
-    from 1, never reused (not even after retention removed entries).  A
+    never reused (not even after retention removed entries, nor after the
+    store lost data); not necessarily dense, nor starting at 1.  A
     message body is stored once and referenced by every inbox it lands in.
     Every operation returns a L{Deferred}; a write's Deferred fires only
     once the write is durable.

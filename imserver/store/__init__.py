@@ -2,8 +2,8 @@
 Message store implementations (L{imserver.interfaces.IMessageStore}).
 
 C{memory}: tests and benchmarks.  C{sqlite}: the embedded default, durable.
-Redis (cluster mode) comes later.  tests/test_store.py runs one suite
-against each.
+C{redis}: cluster mode (C{--redis}), shared by every gate.
+tests/test_store.py runs one suite against each.
 """
 
 from dataclasses import dataclass, field
