@@ -23,7 +23,7 @@ test: $(STAMP)
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=imserver/pb \
-	    --pyi_out=imserver/pb proto/im.proto
+	    --pyi_out=imserver/pb proto/im.proto proto/bus.proto
 
 clean:
 	rm -rf $(VENV) _trial_temp build *.egg-info

@@ -47,16 +47,41 @@ class MessagePush:
     flag), put together without protobuf objects.  The result is the exact
     encoding protobuf gives the same L{pb.Frame}.
 
-    @ivar message: the L{pb.Message}.
+    @ivar data: the serialized L{pb.Message} (what the gate bus carries to
+        other gates, once per message per gate).
     """
 
-    __slots__ = ("message", "_tail")
+    __slots__ = ("_message", "data", "_tail")
 
-    def __init__(self, message):
-        self.message = message
-        data = message.SerializeToString()
+    def __init__(self, message=None, data=None):
+        """
+        @param message: the L{pb.Message}; or L{None} with C{data}.
+        @param data: its serialization, if already at hand.
+        """
+        if data is None:
+            data = message.SerializeToString()
+        self._message = message
+        self.data = data
         # InboxEntry.message (field 3, length-delimited).
         self._tail = b"\x1a" + _varint(len(data)) + data
+
+    @classmethod
+    def fromBytes(cls, data):
+        """
+        The push of a message serialized elsewhere (another gate, through
+        the gate bus): the bytes are used as they are, parsed only if
+        L{message} is asked for.
+        """
+        return cls(data=data)
+
+    @property
+    def message(self):
+        """
+        The L{pb.Message}.
+        """
+        if self._message is None:
+            self._message = pb.Message.FromString(self.data)
+        return self._message
 
     def frame(self, seq, outgoing):
         """

@@ -20,6 +20,13 @@ do by itself:
 
 Values are bytes both ways (C{charset=None}, no number conversion), so
 message bodies and protobuf blobs pass unchanged.
+
+Cluster mode's pub/sub (the gate bus) has its own connection,
+L{RedisSubscriber} (L{subscribeRedis}), which subscribes again after every
+reconnect (txredisapi does not).
+
+Key names: every key of one user carries the same hash tag, L{userTag}, so
+a sharded Redis keeps a user's keys on one shard.
 """
 
 import hashlib
@@ -28,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.internet import ssl
-from twisted.internet.defer import fail
+from twisted.internet.defer import fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
@@ -37,6 +44,33 @@ from imserver.errors import Unavailable
 
 #: Default seconds before an unanswered Redis command fails.
 DEFAULT_REPLY_TIMEOUT = 5.0
+
+#: Reconnection backoff (seconds): the first retry, and the cap.  The cap is
+#: low so a gate is back within a few seconds of Redis (txredisapi's own cap
+#: is 10 s); an attempt at a Redis that is down costs one refused connect.
+RECONNECT_INITIAL_DELAY = 0.2
+RECONNECT_MAX_DELAY = 2.0
+
+
+def userTag(uid):
+    """
+    The hash tag (the part between C{{}} and C{}}) of every Redis key of
+    user C{uid}: C{u:} and the hex of its UTF-8 bytes.  Hex cannot contain
+    C{{}, C{}} or C{:}, so no uid can end the tag early or make two users'
+    keys collide, and Redis Cluster (or any sharding on the tag) keeps one
+    user's keys on one shard.
+
+    @type uid: L{str}
+    @rtype: L{str}
+    """
+    return "u:" + uid.encode("utf-8").hex()
+
+
+def userKey(uid, name):
+    """
+    The key C{im:{u:<hex>}:<name>} of user C{uid} (see L{userTag}).
+    """
+    return "im:{" + userTag(uid) + "}:" + name
 
 
 class RedisUnavailable(Unavailable):
@@ -102,6 +136,9 @@ class _Factory(txredisapi.RedisFactory):
     connection events reported to the L{RedisConnection}.
     """
 
+    initialDelay = RECONNECT_INITIAL_DELAY
+    maxDelay = RECONNECT_MAX_DELAY
+
     def __init__(self, connection, url, replyTimeout):
         txredisapi.RedisFactory.__init__(
             self, uuid=str(url), dbid=url.db or None, poolsize=1, isLazy=True,
@@ -138,13 +175,23 @@ class RedisConnection:
 
     log = Logger()
 
-    def __init__(self, reactor, url, factory):
+    def __init__(self, reactor, url, factory, endpoint=None):
         self.reactor = reactor
         self.url = url
         self.onConnect = []
         self.onDisconnect = []
         self._factory = factory
+        self._endpoint = endpoint
         self._up = False
+
+    def start(self):
+        """
+        Start connecting (once; L{connectRedis} does it unless told not
+        to).
+        """
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            self._factory.startConnecting(endpoint)
 
     @property
     def connected(self):
@@ -180,7 +227,8 @@ class RedisConnection:
         @return: a L{Deferred} firing with the reply (bulk strings as
             bytes, status replies such as C{OK} as L{str}, integers, lists,
             L{None}), or failing with L{RedisUnavailable} (no connection,
-            or no reply in time) or C{txredisapi.ResponseError}.
+            no reply in time, or a "not now" error such as C{LOADING}; see
+            L{RETRYABLE_ERRORS}) or C{txredisapi.ResponseError}.
         """
         if not self._up:
             return fail(RedisUnavailable("Redis is unavailable"))
@@ -207,11 +255,27 @@ class RedisConnection:
         """
         self.onConnect = []
         self.onDisconnect = []
+        self._endpoint = None
         return self._factory.disconnect()
 
 
+#: Redis error replies that mean "not now" (loading its data, a script
+#: running too long, a failover, out of memory...): the command was not
+#: run; they fail with L{RedisUnavailable} like a lost connection.
+RETRYABLE_ERRORS = frozenset([
+    "LOADING", "BUSY", "MISCONF", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN",
+    "CLUSTERDOWN", "NOREPLICAS", "NOTREADY",
+])
+
+
 def _unavailable(failure):
-    failure.trap(txredisapi.ConnectionError)  # TimeoutError is one too
+    error = failure.trap(txredisapi.ConnectionError, txredisapi.ResponseError)
+    if error is txredisapi.ResponseError:
+        message = str(failure.value)
+        if message.split(" ", 1)[0] not in RETRYABLE_ERRORS:
+            return failure
+        raise RedisUnavailable("Redis refused: {}".format(message))
+    # A lost connection; TimeoutError (no reply in time) is one too.
     raise RedisUnavailable("Redis is unavailable: {}".format(failure.getErrorMessage()))
 
 
@@ -257,19 +321,211 @@ def clientTLSOptions(url, caFile=None):
     return ssl.optionsForClientTLS(url.host, trustRoot=trustRoot)
 
 
+def _endpoint(reactor, url, caFile, connectTimeout):
+    endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=connectTimeout)
+    if url.tls:
+        endpoint = wrapClientTLS(clientTLSOptions(url, caFile), endpoint)
+    return endpoint
+
+
 def connectRedis(reactor, url, caFile=None, replyTimeout=DEFAULT_REPLY_TIMEOUT,
-                 connectTimeout=5.0):
+                 connectTimeout=5.0, start=True):
     """
     Start a (re)connecting connection to Redis through C{reactor}.
 
     @type url: L{RedisURL}
     @param caFile: for C{rediss://}, see L{clientTLSOptions}.
+    @param start: if false, connecting starts at L{RedisConnection.start}
+        (a service tree built now and started later).
     @rtype: L{RedisConnection}
     """
-    endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=connectTimeout)
-    if url.tls:
-        endpoint = wrapClientTLS(clientTLSOptions(url, caFile), endpoint)
-    connection = RedisConnection(reactor, url, None)
-    factory = connection._factory = _Factory(connection, url, replyTimeout)
-    factory.startConnecting(endpoint)
+    connection = RedisConnection(
+        reactor, url, None, _endpoint(reactor, url, caFile, connectTimeout))
+    connection._factory = _Factory(connection, url, replyTimeout)
+    if start:
+        connection.start()
     return connection
+
+
+class _SubscriberProtocol(txredisapi.SubscriberProtocol):
+    def messageReceived(self, pattern, channel, message):
+        self.factory.subscriber._message(channel, message)
+
+
+class _SubscriberFactory(txredisapi.RedisFactory):
+    """
+    The factory of a L{RedisSubscriber}'s connection: bytes, reply timeouts
+    on our reactor, connection events reported to the subscriber.
+    """
+
+    protocol = _SubscriberProtocol
+    initialDelay = RECONNECT_INITIAL_DELAY
+    maxDelay = RECONNECT_MAX_DELAY
+
+    def __init__(self, subscriber, url, replyTimeout):
+        txredisapi.RedisFactory.__init__(
+            self, uuid=str(url), dbid=None, poolsize=1, isLazy=True,
+            charset=None, password=url.password, replyTimeout=replyTimeout,
+            convertNumbers=False, username=url.username,
+        )
+        self.subscriber = subscriber
+
+    def buildProtocol(self, addr):
+        protocol = txredisapi.RedisFactory.buildProtocol(self, addr)
+        protocol.callLater = self.subscriber.reactor.callLater
+        return protocol
+
+    def addConnection(self, conn):
+        txredisapi.RedisFactory.addConnection(self, conn)
+        if conn in self.pool:
+            self.subscriber._connected(conn)
+
+    def delConnection(self, conn):
+        txredisapi.RedisFactory.delConnection(self, conn)
+        self.subscriber._disconnected(conn)
+
+
+class RedisSubscriber:
+    """
+    One (re)connecting pub/sub connection, subscribed to C{channels}: it
+    sends C{SUBSCRIBE} again on every new connection, which txredisapi does
+    not do.  Messages published while it was not subscribed are lost (Redis
+    pub/sub keeps nothing): C{onSubscribe} tells when to catch up.
+
+    @ivar onSubscribe: callables run (with no argument) each time the
+        subscription is in place: the first time and after every reconnect.
+    @ivar onUnsubscribe: callables run each time the connection is lost
+        while subscribed.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor, url, channels, onMessage, endpoint, replyTimeout):
+        self.reactor = reactor
+        self.url = url
+        self.channels = list(channels)
+        self.onMessage = onMessage
+        self.onSubscribe = []
+        self.onUnsubscribe = []
+        self._endpoint = endpoint
+        self._factory = _SubscriberFactory(self, url, replyTimeout)
+        self._protocol = None
+        self._subscribed = False
+
+    @property
+    def subscribed(self):
+        """
+        Whether the subscription is in place now.
+        """
+        return self._subscribed
+
+    def start(self):
+        """
+        Start connecting (once).
+        """
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            self._factory.startConnecting(endpoint)
+
+    def _connected(self, protocol):
+        self._protocol = protocol
+        protocol.subscribe(self.channels).addCallbacks(
+            self._subscribedOn, self._subscribeFailed, (protocol,), None, (protocol,))
+
+    def _subscribedOn(self, reply, protocol):
+        if protocol is not self._protocol or self._subscribed:
+            return
+        self._subscribed = True
+        self.log.info("subscribed to {channels} at {url}",
+                      channels=", ".join(_text(c) for c in self.channels), url=str(self.url))
+        for callback in list(self.onSubscribe):
+            _run(self.log, callback)
+
+    def _subscribeFailed(self, failure, protocol):
+        self.log.warn("subscribing at {url} failed ({why}); reconnecting",
+                      url=str(self.url), why=failure.getErrorMessage())
+        if protocol.transport is not None:
+            protocol.transport.abortConnection()
+
+    def _disconnected(self, protocol):
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
+        if self._subscribed:
+            self._subscribed = False
+            self.log.warn("lost the subscriber connection to Redis at {url}",
+                          url=str(self.url))
+            for callback in list(self.onUnsubscribe):
+                _run(self.log, callback)
+
+    def _message(self, channel, message):
+        try:
+            self.onMessage(channel, message)
+        except Exception:
+            self.log.failure("handling a message on {channel} failed",
+                             channel=_text(channel))
+
+    def ping(self):
+        """
+        Check the connection: C{PING} (answered even while subscribed); no
+        answer within the reply timeout drops the connection, which then
+        reconnects and subscribes again.  A silently dead connection would
+        otherwise look subscribed forever.
+
+        @return: a L{Deferred} firing with L{True} if the ping was answered,
+            L{False} if not (or if not connected).
+        """
+        protocol = self._protocol
+        if protocol is None or not self._subscribed:
+            return succeed(False)
+        try:
+            d = protocol.execute_command("PING")
+        except txredisapi.ConnectionError:
+            return succeed(False)
+
+        def failed(failure):
+            if protocol.transport is not None:
+                protocol.transport.abortConnection()
+            return False
+
+        return d.addCallbacks(lambda _: True, failed)
+
+    def disconnect(self):
+        """
+        Stop reconnecting and close the connection.
+
+        @return: a L{Deferred} firing once closed.
+        """
+        self.onSubscribe = []
+        self.onUnsubscribe = []
+        self._endpoint = None
+        return self._factory.disconnect()
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _run(log, callback):
+    try:
+        callback()
+    except Exception:
+        log.failure("Redis callback {cb!r} failed", cb=callback)
+
+
+def subscribeRedis(reactor, url, channels, onMessage, caFile=None,
+                   replyTimeout=DEFAULT_REPLY_TIMEOUT, connectTimeout=5.0, start=True):
+    """
+    A (re)connecting subscriber to C{channels} through C{reactor}.
+
+    @param onMessage: called with C{(channel, message)}, both L{bytes}, for
+        every message published on one of the channels.
+    @param start: if false, connecting starts at L{RedisSubscriber.start}.
+    @rtype: L{RedisSubscriber}
+    """
+    subscriber = RedisSubscriber(
+        reactor, url, channels, onMessage,
+        _endpoint(reactor, url, caFile, connectTimeout), replyTimeout)
+    if start:
+        subscriber.start()
+    return subscriber

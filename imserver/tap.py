@@ -53,9 +53,17 @@ class Options(usage.Options):
          "PEM certificate for ssl: endpoints (default: self-signed in the data dir)."],
         ["tls-key", None, None, "PEM private key for --tls-cert."],
         ["gate-id", None, None, "Name of this gate process (default: host:pid)."],
-        ["store", None, "sqlite",
-         "Message store: sqlite (durable, <data-dir>/messages.sqlite3) or memory "
-         "(lost on restart; tests and benchmarks)."],
+        ["store", None, None,
+         "Message store: sqlite (durable, <data-dir>/messages.sqlite3; the "
+         "default) or memory (lost on restart; tests and benchmarks). Not with "
+         "--redis, whose store is Redis."],
+        ["redis", None, None,
+         "Cluster mode: redis://[user:password@]host[:port][/db], or rediss:// "
+         "for TLS with a verified certificate. Sessions, messages and the gate "
+         "bus are then in Redis, shared by every gate started with the same URL."],
+        ["redis-ca", None, None,
+         "PEM file of the CA (or self-signed certificate) that signs the "
+         "rediss:// server's certificate (default: the system's trust store)."],
         ["api", None, DEFAULT_API,
          "Endpoint string of the HTTP API for the app backend (JSON, admin "
          "token); 'none' disables it. Never put it where clients can reach it."],
@@ -99,7 +107,14 @@ class Options(usage.Options):
     def postOptions(self):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        if self["store"] not in ("sqlite", "memory"):
+        self.redisURL = None
+        if self["redis"] is not None:
+            self._clusterOptions()
+        elif self["redis-ca"] is not None:
+            raise usage.UsageError("--redis-ca goes with a rediss:// --redis")
+        if self["store"] is None:
+            self["store"] = "sqlite" if self.redisURL is None else "redis"
+        if self["store"] not in ("sqlite", "memory", "redis"):
             raise usage.UsageError("--store is sqlite or memory")
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("--tls-cert and --tls-key go together")
@@ -126,6 +141,33 @@ class Options(usage.Options):
             self.advertised = [parseAdvertise(a) for a in self["advertise"]]
         except ValueError as e:
             raise usage.UsageError("--advertise: {}".format(e))
+
+
+    def _clusterOptions(self):
+        from imserver.redisclient import RedisURL
+        from imserver.registry.redis import validateGateId
+
+        try:
+            self.redisURL = RedisURL.parse(self["redis"])
+        except ValueError as e:
+            # The URL may hold a password: say why, never repeat it.
+            raise usage.UsageError(
+                "--redis: not a redis:// or rediss:// URL: {}".format(
+                    str(e).rpartition(": ")[2]))
+        if self["store"] is not None:
+            raise usage.UsageError(
+                "--store does not go with --redis: in cluster mode messages are "
+                "stored in Redis")
+        if self["redis-ca"] is not None:
+            if not self.redisURL.tls:
+                raise usage.UsageError("--redis-ca goes with a rediss:// --redis")
+            if not os.path.isfile(self["redis-ca"]):
+                raise usage.UsageError("--redis-ca: no file {}".format(self["redis-ca"]))
+        if self["gate-id"] is not None:
+            try:
+                validateGateId(self["gate-id"])
+            except ValueError as e:
+                raise usage.UsageError("--gate-id: {}".format(e))
 
 
 def parseAdvertise(text):
@@ -224,16 +266,21 @@ def makeService(options, reactor=None):
         certificate = ensureSelfSigned(dataDir)
 
     gateId = options["gate-id"] or "{}:{}".format(socket.gethostname(), os.getpid())
-    registry = MemorySessionRegistry(maxDevices=settings.max_devices)
     metrics = GateMetrics()
     ProcessCollector(registry=metrics.registry)
     PlatformCollector(registry=metrics.registry)
     dedupWindowMs = int(settings.dedup_window * 1000)
-    if options["store"] == "memory":
+    cluster = directory = None
+    if options.redisURL is not None:
+        cluster = _cluster(options, reactor, gateId, dedupWindowMs)
+        registry, store, directory = cluster.registry, cluster.store, cluster.directory
+    elif options["store"] == "memory":
         from imserver.store.memory import MemoryMessageStore
 
+        registry = MemorySessionRegistry(maxDevices=settings.max_devices)
         store = MemoryMessageStore(dedupWindowMs)
     else:
+        registry = MemorySessionRegistry(maxDevices=settings.max_devices)
         from imserver.store.sqlite import SQLiteMessageStore
 
         store = SQLiteMessageStore(
@@ -261,17 +308,65 @@ def makeService(options, reactor=None):
 
     root = ServerService()
     root.setName("imserver")
+    if cluster is not None:
+        # First to start (Redis connects before the gate listens), last to
+        # stop (after the gate drained its connections).
+        cluster.setServiceParent(root)
     if IService.providedBy(store):
         store.setName("store")
         store.setServiceParent(root)
-    RetentionService(store, reactor, settings).setServiceParent(root)
+    RetentionService(
+        store, reactor, settings, ready=cluster.whenReady if cluster is not None else None
+    ).setServiceParent(root)
     gate = GateService(factory, endpoints)
     gate.setServiceParent(root)
-    _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor)
+    _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor, directory)
     return root
 
 
-def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor):
+#: Seconds between lease refreshes in cluster mode: the sweep interval,
+#: but at least this.
+MIN_LEASE_INTERVAL = 0.5
+#: A gate's lease lives this many refresh intervals: a gate that stopped
+#: refreshing is dead for the others after about as long.
+LEASE_INTERVALS = 3
+
+
+def _cluster(options, reactor, gateId, dedupWindowMs):
+    """
+    The Redis side of a gate in cluster mode: connection, subscriber, bus,
+    registry, store and directory, under one L{ClusterService} (nothing
+    connects before it starts).
+    """
+    from imserver.bus.redis import RedisGateBus
+    from imserver.redisclient import connectRedis, subscribeRedis
+    from imserver.registry.redis import RedisGateDirectory, RedisSessionRegistry
+    from imserver.service import ClusterService
+    from imserver.store.redis import RedisMessageStore
+
+    settings = options.settings
+    url, caFile = options.redisURL, options["redis-ca"]
+    try:
+        connection = connectRedis(reactor, url, caFile, start=False)
+    except Exception as e:  # an unreadable --redis-ca
+        raise usage.UsageError("--redis-ca: {}".format(e))
+
+    def subscribe(channels, onMessage):
+        return subscribeRedis(reactor, url, channels, onMessage, caFile, start=False)
+
+    bus = RedisGateBus(connection, subscribe, gateId, reactor)
+    interval = max(settings.sweep_interval, MIN_LEASE_INTERVAL)
+    registry = RedisSessionRegistry(
+        connection, bus, reactor, gateId, maxDevices=settings.max_devices,
+        leaseSeconds=LEASE_INTERVALS * interval,
+    )
+    store = RedisMessageStore(connection, reactor, dedupWindowMs)
+    directory = RedisGateDirectory(connection)
+    return ClusterService(connection, registry, bus, directory, store, reactor, interval)
+
+
+def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor,
+            directory=None):
     """
     Add the gate directory's advertiser to the gate (it advertises once the
     listeners listen, and withdraws when they stop) and, unless C{--api
@@ -283,7 +378,8 @@ def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor)
     from imserver.service import AdvertiseService, ApiService
 
     settings = factory.settings
-    directory = MemoryGateDirectory()
+    if directory is None:
+        directory = MemoryGateDirectory()
     AdvertiseService(
         directory, factory.gateId, gate, options["listen"], options.advertised
     ).setServiceParent(gate)

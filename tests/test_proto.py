@@ -14,8 +14,11 @@ ROOT = FilePath(__file__).parent().parent()
 
 class GeneratedCodeTests(SynchronousTestCase):
     """
-    C{imserver/pb} matches C{proto/im.proto}.
+    C{imserver/pb} matches C{proto/im.proto} and C{proto/bus.proto}.
     """
+
+    #: The proto files, each generating C{<name>_pb2.py} and C{.pyi}.
+    PROTOS = ["im", "bus"]
 
     def test_notStale(self):
         """
@@ -26,11 +29,11 @@ class GeneratedCodeTests(SynchronousTestCase):
         out.makedirs()
         subprocess.run(
             [sys.executable, "-m", "grpc_tools.protoc", "-I" + ROOT.child("proto").path,
-             "--python_out=" + out.path, "--pyi_out=" + out.path,
-             ROOT.child("proto").child("im.proto").path],
+             "--python_out=" + out.path, "--pyi_out=" + out.path]
+            + [ROOT.child("proto").child(name + ".proto").path for name in self.PROTOS],
             check=True,
         )
-        for name in ["im_pb2.py", "im_pb2.pyi"]:
+        for name in [n + "_pb2" + ext for n in self.PROTOS for ext in (".py", ".pyi")]:
             self.assertEqual(
                 out.child(name).getContent(),
                 ROOT.child("imserver").child("pb").child(name).getContent(),

@@ -1,47 +1,82 @@
 """
 Tests for session registries: one suite, run against every implementation
-of L{ISessionRegistry}.
+of L{ISessionRegistry} (the Redis one against a real C{redis-server}), then
+what only the cluster registry does: generations, kicks across gates,
+leases, re-registration.
 """
 
-from twisted.trial.unittest import SynchronousTestCase
+import itertools
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from imserver.errors import TooManyDevices
+from imserver.bus.redis import RedisGateBus
+from imserver.errors import TooManyDevices, Unavailable
 from imserver.interfaces import ISession, ISessionRegistry
+from imserver.messaging import MessagePush
+from imserver.pb import im_pb2 as pb
+from imserver.redisclient import RedisURL, connectRedis, subscribeRedis, userTag
 from imserver.registry.memory import MemorySessionRegistry
+from imserver.registry.redis import (
+    GENERATION_KEY,
+    RedisSessionRegistry,
+    RemoteSession,
+    parseEntry,
+    sessionsKey,
+)
+
+from tests.redisserver import RedisServer
+
+_sessionIds = itertools.count(1)
 
 
 @implementer(ISession)
 class FakeSession:
     """
-    A session that records kicks.
+    A session that records what the registry and the bus do to it.
     """
 
-    platform = 0
-    gateId = "g"
+    platform = pb.DESKTOP
 
-    def __init__(self, uid, deviceId):
+    def __init__(self, uid, deviceId, gateId="g"):
         self.uid = uid
         self.deviceId = deviceId
-        self.sessionId = "{}/{}/{}".format(uid, deviceId, id(self))
+        self.gateId = gateId
+        self.sessionId = "{}/{}".format(gateId, next(_sessionIds))
         self.kicks = []
+        self.advanced = []
+        self.typings = []
+        self.notices = []
+
+    def __repr__(self):
+        return "<FakeSession {} {}/{}>".format(self.sessionId, self.uid, self.deviceId)
 
     def kick(self, reason, message):
         self.kicks.append(reason)
+
+    def inboxAdvanced(self, seq, outgoing, push):
+        self.advanced.append((seq, outgoing, push))
+
+    def typing(self, uid, active, groupId):
+        self.typings.append((uid, active, groupId))
+
+    def notice(self, frame):
+        self.notices.append(frame)
 
 
 class RegistryTestsMixin:
     """
     The behaviour every L{ISessionRegistry} shares.  Subclasses provide
-    C{makeRegistry(maxDevices)}.
+    C{makeRegistry(maxDevices)} (which may return a L{Deferred}).
     """
 
+    @inlineCallbacks
     def setUp(self):
-        self.registry = self.makeRegistry(maxDevices=3)
-
-    def result(self, d):
-        return self.successResultOf(d)
+        self.registry = yield self.makeRegistry(maxDevices=3)
 
     def test_interface(self):
         """
@@ -49,18 +84,20 @@ class RegistryTestsMixin:
         """
         verifyObject(ISessionRegistry, self.registry)
 
+    @inlineCallbacks
     def test_registerAndLookup(self):
         """
         Registered sessions are found by uid and counted.
         """
         a, b = FakeSession("alice", "phone"), FakeSession("alice", "laptop")
-        self.assertIsNone(self.result(self.registry.register(a)))
-        self.assertIsNone(self.result(self.registry.register(b)))
-        self.result(self.registry.register(FakeSession("bob", "phone")))
-        self.assertEqual(set(self.result(self.registry.sessionsFor("alice"))), {a, b})
-        self.assertEqual(self.result(self.registry.sessionsFor("carol")), [])
-        self.assertEqual(self.result(self.registry.count()), 3)
+        self.assertIsNone((yield self.registry.register(a)))
+        self.assertIsNone((yield self.registry.register(b)))
+        yield self.registry.register(FakeSession("bob", "phone"))
+        self.assertEqual(set((yield self.registry.sessionsFor("alice"))), {a, b})
+        self.assertEqual((yield self.registry.sessionsFor("carol")), [])
+        self.assertEqual((yield self.registry.count()), 3)
 
+    @inlineCallbacks
     def test_sessionsForMany(self):
         """
         One lookup for many uids returns the sessions of those that have
@@ -69,57 +106,538 @@ class RegistryTestsMixin:
         a, b = FakeSession("alice", "phone"), FakeSession("alice", "laptop")
         c = FakeSession("bob", "phone")
         for session in (a, b, c, FakeSession("dave", "phone")):
-            self.result(self.registry.register(session))
-        found = self.result(self.registry.sessionsForMany(["alice", "bob", "carol"]))
+            yield self.registry.register(session)
+        found = yield self.registry.sessionsForMany(["alice", "bob", "carol"])
         self.assertEqual({uid: set(s) for uid, s in found.items()},
                          {"alice": {a, b}, "bob": {c}})
+        self.assertEqual((yield self.registry.sessionsForMany([])), {})
 
+    @inlineCallbacks
     def test_displace(self):
         """
         Registering the same uid and device again returns the displaced
         session; the count stays.
         """
         old, new = FakeSession("alice", "phone"), FakeSession("alice", "phone")
-        self.result(self.registry.register(old))
-        self.assertIs(self.result(self.registry.register(new)), old)
-        self.assertEqual(self.result(self.registry.sessionsFor("alice")), [new])
-        self.assertEqual(self.result(self.registry.count()), 1)
+        yield self.registry.register(old)
+        self.assertIs((yield self.registry.register(new)), old)
+        self.assertEqual((yield self.registry.sessionsFor("alice")), [new])
+        self.assertEqual((yield self.registry.count()), 1)
 
+    @inlineCallbacks
     def test_staleUnregister(self):
         """
         Unregistering a displaced session never removes the newer one.
         """
         old, new = FakeSession("alice", "phone"), FakeSession("alice", "phone")
-        self.result(self.registry.register(old))
-        self.result(self.registry.register(new))
-        self.assertFalse(self.result(self.registry.unregister(old)))
-        self.assertEqual(self.result(self.registry.sessionsFor("alice")), [new])
-        self.assertTrue(self.result(self.registry.unregister(new)))
-        self.assertEqual(self.result(self.registry.sessionsFor("alice")), [])
-        self.assertEqual(self.result(self.registry.count()), 0)
+        yield self.registry.register(old)
+        yield self.registry.register(new)
+        self.assertFalse((yield self.registry.unregister(old)))
+        self.assertEqual((yield self.registry.sessionsFor("alice")), [new])
+        self.assertTrue((yield self.registry.unregister(new)))
+        self.assertEqual((yield self.registry.sessionsFor("alice")), [])
+        self.assertEqual((yield self.registry.count()), 0)
 
+    @inlineCallbacks
     def test_unregisterUnknown(self):
         """
         Unregistering a session never registered is a no-op.
         """
-        self.assertFalse(self.result(self.registry.unregister(FakeSession("x", "y"))))
+        self.assertFalse((yield self.registry.unregister(FakeSession("x", "y"))))
 
+    @inlineCallbacks
     def test_maxDevices(self):
         """
         A new device beyond the limit fails with L{TooManyDevices}; an
         existing device may still re-register.
         """
         for device in "abc":
-            self.result(self.registry.register(FakeSession("alice", device)))
-        self.failureResultOf(self.registry.register(FakeSession("alice", "d")), TooManyDevices)
-        self.assertIsNotNone(self.result(self.registry.register(FakeSession("alice", "a"))))
-        self.assertEqual(self.result(self.registry.count()), 3)
+            yield self.registry.register(FakeSession("alice", device))
+        yield self.assertFailure(self.registry.register(FakeSession("alice", "d")),
+                                 TooManyDevices)
+        self.assertIsNotNone((yield self.registry.register(FakeSession("alice", "a"))))
+        self.assertEqual((yield self.registry.count()), 3)
+        self.assertEqual(len((yield self.registry.sessionsFor("alice"))), 3)
+
+    @inlineCallbacks
+    def test_oddUids(self):
+        """
+        Uids and device ids with characters that mean something in key
+        names or entries are kept apart.
+        """
+        sessions = [FakeSession(uid, device) for uid, device in [
+            ("a}b", "x|y"), ("a", "}b|"), ("{u:61}", "d"), ("élan", "d"), ("a:b", "d")]]
+        for session in sessions:
+            yield self.registry.register(session)
+        for session in sessions:
+            self.assertEqual((yield self.registry.sessionsFor(session.uid)), [session])
 
 
-class MemoryRegistryTests(RegistryTestsMixin, SynchronousTestCase):
+class MemoryRegistryTests(RegistryTestsMixin, TestCase):
     """
     L{MemorySessionRegistry}.
     """
 
     def makeRegistry(self, maxDevices):
         return MemorySessionRegistry(maxDevices=maxDevices)
+
+
+# -- the cluster registry ----------------------------------------------------------
+
+
+def waitFor(predicate, timeout=5.0, interval=0.01):
+    """
+    Poll C{predicate} on the reactor until it is true.
+
+    @return: a L{Deferred} firing once it is, or failing after C{timeout}
+        seconds.
+    """
+
+    @inlineCallbacks
+    def poll():
+        deadline = reactor.seconds() + timeout
+        while not predicate():
+            if reactor.seconds() > deadline:
+                raise AssertionError("still false after {} s: {!r}".format(timeout, predicate))
+            yield deferLater(reactor, interval, lambda: None)
+
+    return poll()
+
+
+def whenConnected(connection):
+    """
+    @return: a L{Deferred} firing once C{connection} (a
+        L{imserver.redisclient.RedisConnection}) is up.
+    """
+    d = Deferred()
+    if connection.connected:
+        d.callback(None)
+        return d
+
+    def once():
+        connection.onConnect.remove(once)
+        d.callback(None)
+
+    connection.onConnect.append(once)
+    return d
+
+
+class FakeGate:
+    """
+    The Redis side of one gate, without the gate: a command connection, a
+    bus with its subscriber, and a L{RedisSessionRegistry}.
+    """
+
+    def __init__(self, testCase, url, gateId, maxDevices=3, leaseSeconds=30.0,
+                 incarnation=None):
+        url = RedisURL.parse(url)
+        self.gateId = gateId
+        self.connection = connectRedis(reactor, url, replyTimeout=2, start=False)
+        self.bus = RedisGateBus(
+            self.connection,
+            lambda channels, onMessage: subscribeRedis(
+                reactor, url, channels, onMessage, replyTimeout=2, start=False),
+            gateId, reactor)
+        self.registry = RedisSessionRegistry(
+            self.connection, self.bus, reactor, gateId, maxDevices=maxDevices,
+            leaseSeconds=leaseSeconds, incarnation=incarnation)
+        testCase.addCleanup(self.stop)
+
+    @inlineCallbacks
+    def start(self):
+        """
+        Connect, subscribe and take the lease.
+        """
+        connected = whenConnected(self.connection)
+        self.connection.start()
+        self.bus.start()
+        yield connected
+        yield waitFor(lambda: self.bus.subscribed)
+        yield self.registry.refreshLease()
+        return self
+
+    @inlineCallbacks
+    def stop(self):
+        yield self.bus.stop()
+        yield self.connection.disconnect()
+
+    def session(self, uid, deviceId):
+        """
+        A new L{FakeSession} of this gate.
+        """
+        return FakeSession(uid, deviceId, self.gateId)
+
+
+class RedisTestMixin:
+    """
+    A fresh C{redis-server} per test.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def startRedis(self, appendfsync=None):
+        self.server = RedisServer(self, reactor, appendfsync=appendfsync)
+        yield self.server.start()
+
+    def gate(self, gateId, **kwargs):
+        """
+        @return: a L{Deferred} firing with a started L{FakeGate}.
+        """
+        return FakeGate(self, self.server.url, gateId, **kwargs).start()
+
+    @inlineCallbacks
+    def entries(self, uid):
+        """
+        The raw entries of C{uid}: C{{device: parseEntry(...)}}.
+        """
+        connection = connectRedis(reactor, RedisURL.parse(self.server.url))
+        try:
+            yield whenConnected(connection)
+            reply = yield connection.execute("HGETALL", sessionsKey(uid))
+        finally:
+            yield connection.disconnect()
+        return {reply[i].decode(): parseEntry(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+
+class RedisRegistryTests(RedisTestMixin, RegistryTestsMixin, TestCase):
+    """
+    L{RedisSessionRegistry} passes the shared suite.
+    """
+
+    @inlineCallbacks
+    def makeRegistry(self, maxDevices):
+        yield self.startRedis()
+        gate = yield self.gate("g", maxDevices=maxDevices)
+        return gate.registry
+
+
+class ClusterRegistryTests(RedisTestMixin, TestCase):
+    """
+    What only the cluster registry does, with two or three "gates" in this
+    process sharing one C{redis-server}, each with its own connections and
+    bus.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        # With an AOF: a test that stops Redis gets its data back.
+        yield self.startRedis(appendfsync="always")
+        self.a = yield self.gate("gate-a")
+        self.b = yield self.gate("gate-b")
+
+    @inlineCallbacks
+    def restart(self, stop, down=False):
+        """
+        Stop Redis with C{stop} (if given) and wait until both gates'
+        connections saw it; unless C{down}, start it again and wait until
+        both are connected again.
+        """
+        if stop is not None:
+            gates = [self.a, self.b]
+            lost = [Deferred() for gate in gates]
+            for gate, d in zip(gates, lost):
+                gate.connection.onDisconnect.append(lambda d=d: d.callback(None))
+            yield stop()
+            for d in lost:
+                yield d
+        if not down:
+            yield self.server.start()
+            yield whenConnected(self.a.connection)
+            yield whenConnected(self.b.connection)
+
+    def test_userTag(self):
+        """
+        A user's keys share a hash tag made of the hex of the uid's UTF-8,
+        so no uid can close the tag early.
+        """
+        self.assertEqual(userTag("a}b"), "u:617d62")
+        self.assertEqual(sessionsKey("é"), "im:{u:c3a9}:sessions")
+
+    @inlineCallbacks
+    def test_generations(self):
+        """
+        Every registration gets a larger generation than any before it,
+        and at least Redis's clock in microseconds, so generations keep
+        growing even when Redis lost its counter.
+        """
+        generations = []
+        for i, gate in enumerate([self.a, self.b, self.a]):
+            yield gate.registry.register(gate.session("alice", "d{}".format(i)))
+            entries = yield self.entries("alice")
+            generations.append(entries["d{}".format(i)][2])
+        self.assertEqual(sorted(generations), generations)
+        self.assertEqual(len(set(generations)), 3)
+        seconds, micros = yield self.a.connection.execute("TIME")
+        self.assertLessEqual(generations[-1], int(seconds) * 1000000 + int(micros))
+        self.assertGreater(generations[0], (int(seconds) - 60) * 1000000)
+        yield self.a.connection.execute("DEL", GENERATION_KEY)
+        yield self.b.registry.register(self.b.session("bob", "d9"))
+        entries = yield self.entries("bob")
+        self.assertGreater(entries["d9"][2], generations[-1])
+
+    @inlineCallbacks
+    def test_fencing(self):
+        """
+        A stale unregister (of a session a newer login displaced) deletes
+        nothing, on any gate.
+        """
+        old, new = self.a.session("alice", "phone"), self.b.session("alice", "phone")
+        yield self.a.registry.register(old)
+        displaced = yield self.b.registry.register(new)
+        self.assertIsInstance(displaced, RemoteSession)
+        self.assertFalse((yield self.a.registry.unregister(old)))
+        entries = yield self.entries("alice")
+        self.assertEqual(entries["phone"][4], new.sessionId)
+        self.assertEqual((yield self.a.registry.sessionsFor("alice")),
+                         [RemoteSession(None, "alice", "phone", pb.DESKTOP, new.sessionId,
+                                        "gate-b", entries["phone"][2])])
+        self.assertTrue((yield self.b.registry.unregister(new)))
+        self.assertEqual((yield self.entries("alice")), {})
+
+    @inlineCallbacks
+    def test_kickAcrossGates(self):
+        """
+        A login on gate B for a uid+device held on gate A displaces A's
+        session: register answers a L{RemoteSession} for it, and kicking
+        that kicks the session on A (over the bus) with the reason given.
+        """
+        old, new = self.a.session("alice", "phone"), self.b.session("alice", "phone")
+        yield self.a.registry.register(old)
+        displaced = yield self.b.registry.register(new)
+        self.assertEqual(
+            (displaced.uid, displaced.deviceId, displaced.sessionId, displaced.gateId,
+             displaced.platform),
+            ("alice", "phone", old.sessionId, "gate-a", pb.DESKTOP))
+        verifyObject(ISession, displaced)
+        displaced.kick(pb.REPLACED, "the same device signed in again")
+        yield waitFor(lambda: old.kicks)
+        self.assertEqual(old.kicks, [pb.REPLACED])
+        self.assertEqual(new.kicks, [])
+
+    @inlineCallbacks
+    def test_staleKick(self):
+        """
+        A kick naming another generation of the session (an older lookup)
+        is ignored; so is one for a session the gate no longer holds.
+        """
+        session = self.a.session("alice", "phone")
+        yield self.a.registry.register(session)
+        [remote] = yield self.b.registry.sessionsFor("alice")
+        RemoteSession(self.b.bus, "alice", "phone", pb.DESKTOP, session.sessionId,
+                      "gate-a", remote.generation - 1).kick(pb.ADMIN, "old")
+        RemoteSession(self.b.bus, "alice", "phone", pb.DESKTOP, "gate-a/nope",
+                      "gate-a", remote.generation).kick(pb.ADMIN, "gone")
+        remote.kick(pb.ADMIN, "now")
+        yield waitFor(lambda: session.kicks)
+        self.assertEqual(session.kicks, [pb.ADMIN])
+        self.assertEqual(self.a.bus.received, 1)
+
+    @inlineCallbacks
+    def test_kickBeforeRegisterAnswer(self):
+        """
+        A kick that arrives for a session whose registration is still
+        unanswered waits for the answer, and applies if it names that
+        registration's generation.
+        """
+        yield self.a.connection.execute("SET", GENERATION_KEY, b"5000000000000000")
+        first, second = self.a.session("alice", "a"), self.a.session("alice", "b")
+        d1 = self.a.registry.register(first)
+        self.a.registry.kickReceived("alice", "a", first.sessionId, 5000000000000001,
+                                     pb.REPLACED, "displaced")
+        yield d1
+        self.assertEqual(first.kicks, [pb.REPLACED])
+        d2 = self.a.registry.register(second)
+        self.a.registry.kickReceived("alice", "b", second.sessionId, 4, pb.REPLACED, "old")
+        yield d2
+        self.assertEqual(second.kicks, [])
+
+    @inlineCallbacks
+    def test_deliveryAcrossGates(self):
+        """
+        A lookup on A gives L{RemoteSession}s for B's sessions; what is
+        done to them reaches B's sessions over the bus: the message push
+        (the same frame), typing and notices.
+        """
+        local = self.a.session("alice", "laptop")
+        phone, tablet = self.b.session("alice", "phone"), self.b.session("alice", "tablet")
+        bob = self.b.session("bob", "phone")
+        for gate, session in [(self.a, local), (self.b, phone), (self.b, tablet),
+                              (self.b, bob)]:
+            yield gate.registry.register(session)
+        found = yield self.a.registry.sessionsForMany(["alice", "bob"])
+        self.assertIn(local, found["alice"])
+        remote = [s for s in found["alice"] + found["bob"] if s is not local]
+        self.assertEqual(sorted(s.sessionId for s in remote),
+                         sorted([phone.sessionId, tablet.sessionId, bob.sessionId]))
+        push = MessagePush(pb.Message(id=7, sender="bob", recipient="alice", body=b"hi"))
+        for session in found["alice"]:
+            session.inboxAdvanced(3, False, push)
+        for session in found["bob"]:
+            session.inboxAdvanced(9, True, push)
+            session.typing("alice", True, "")
+            session.notice(b"frame")
+        yield waitFor(lambda: phone.advanced and tablet.advanced and bob.advanced
+                      and bob.notices)
+        self.assertEqual(self.a.bus.published, 1)
+        for session, seq, outgoing in [(phone, 3, False), (tablet, 3, False),
+                                       (bob, 9, True)]:
+            [(gotSeq, gotOutgoing, gotPush)] = session.advanced
+            self.assertEqual((gotSeq, gotOutgoing), (seq, outgoing))
+            self.assertEqual(gotPush.frame(seq, outgoing), push.frame(seq, outgoing))
+        self.assertEqual(local.advanced, [(3, False, push)])
+        self.assertEqual(bob.typings, [("alice", True, "")])
+        self.assertEqual(bob.notices, [b"frame"])
+
+    @inlineCallbacks
+    def test_leaseExpiry(self):
+        """
+        A gate that stops refreshing its lease loses its sessions when the
+        lease expires: lookups ignore (and delete) them, registering the
+        same device elsewhere displaces nothing, and they no longer count
+        against the device limit.  When the gate finds its lease lapsed,
+        it re-registers them, except where a newer login took the device:
+        that session is kicked.
+        """
+        c = yield self.gate("gate-c", leaseSeconds=0.3)
+        phone, laptop = c.session("alice", "phone"), c.session("alice", "laptop")
+        tablet = c.session("alice", "tablet")
+        for session in (phone, laptop, tablet):
+            yield c.registry.register(session)
+        self.assertEqual(len((yield self.a.registry.sessionsFor("alice"))), 3)
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual((yield self.a.registry.sessionsFor("alice")), [])
+        self.assertEqual((yield self.entries("alice")), {})
+        newPhone, watch = self.a.session("alice", "phone"), self.a.session("alice", "watch")
+        self.assertIsNone((yield self.a.registry.register(newPhone)))
+        self.assertIsNone((yield self.a.registry.register(watch)))
+
+        self.assertTrue((yield c.registry.refreshLease()))
+        self.assertFalse((yield c.registry.refreshLease()))
+        self.assertEqual((yield c.registry.reconcile()), (2, 1))
+        self.assertEqual(phone.kicks, [pb.REPLACED])
+        self.assertEqual((laptop.kicks, tablet.kicks), ([], []))
+        entries = yield self.entries("alice")
+        self.assertEqual(
+            {device: entry[4] for device, entry in entries.items()},
+            {"phone": newPhone.sessionId, "watch": watch.sessionId,
+             "laptop": laptop.sessionId, "tablet": tablet.sessionId})
+        self.assertFalse((yield c.registry.unregister(phone)))
+        self.assertEqual((yield c.registry.count()), 2)
+
+    @inlineCallbacks
+    def test_newIncarnation(self):
+        """
+        A gate restarted under the same id (a new incarnation) makes the
+        entries of its previous run dead at once, without waiting for the
+        lease to expire.
+        """
+        yield self.a.registry.register(self.a.session("alice", "phone"))
+        again = yield self.gate("gate-a")
+        self.assertNotEqual(again.registry.incarnation, self.a.registry.incarnation)
+        self.assertEqual((yield self.b.registry.sessionsFor("alice")), [])
+
+    @inlineCallbacks
+    def test_withdrawLease(self):
+        """
+        Withdrawing a gate's lease (it stops) makes its sessions dead; a
+        newer incarnation's lease is never withdrawn by an older one.
+        """
+        yield self.a.registry.register(self.a.session("alice", "phone"))
+        yield self.a.registry.withdrawLease()
+        self.assertEqual((yield self.b.registry.sessionsFor("alice")), [])
+        again = yield self.gate("gate-b")
+        yield self.b.registry.withdrawLease()
+        yield again.registry.register(again.session("bob", "phone"))
+        self.assertEqual(len((yield self.a.registry.sessionsFor("bob"))), 1)
+
+    @inlineCallbacks
+    def test_orphanedLocalEntry(self):
+        """
+        An entry naming this gate and a session it does not hold (its
+        registration's answer was lost) is ignored and deleted by this
+        gate's lookups.
+        """
+        session = self.a.session("alice", "phone")
+        yield self.a.registry.register(session)
+        self.a.registry._forget(self.a.registry._local[session.sessionId])
+        self.assertEqual((yield self.a.registry.sessionsFor("alice")), [])
+        yield waitFor(lambda: not self.a.registry._pending)
+        self.assertEqual((yield self.entries("alice")), {})
+
+    @inlineCallbacks
+    def test_wipedRedis(self):
+        """
+        After Redis restarts empty, a gate's reconcile registers its
+        sessions again with their generations, and raises the counter past
+        them.
+        """
+        sessions = [self.a.session("alice", "phone"), self.a.session("bob", "phone")]
+        for session in sessions:
+            yield self.a.registry.register(session)
+        before = yield self.entries("alice")
+        yield self.restart(self.server.wipe)
+        self.assertEqual((yield self.b.registry.sessionsFor("alice")), [])
+        self.assertTrue((yield self.a.registry.refreshLease()))
+        self.assertEqual((yield self.a.registry.reconcile()), (2, 0))
+        self.assertEqual((yield self.entries("alice")), before)
+        found = yield self.b.registry.sessionsForMany(["alice", "bob"])
+        self.assertEqual(sorted(s.sessionId for ss in found.values() for s in ss),
+                         sorted(s.sessionId for s in sessions))
+        counter = yield self.a.connection.execute("GET", GENERATION_KEY)
+        self.assertGreaterEqual(int(counter), before["phone"][2])
+        self.assertEqual((yield self.a.registry.reconcile()), (0, 0))
+
+    @inlineCallbacks
+    def test_newestWinsAfterWipe(self):
+        """
+        Two gates that both still hold a session for one device (the kick
+        of the older one never arrived) re-register after Redis restarted
+        empty: whatever the order, the newer registration keeps the device
+        and the older session is kicked, once each way, never back and
+        forth.
+        """
+        for first, second in [(self.a, self.b), (self.b, self.a)]:
+            old = self.a.session("alice", "phone")
+            new = self.b.session("alice", "phone")
+            yield self.a.registry.register(old)
+            yield self.b.registry.register(new)  # the displaced one is not kicked
+            yield self.a.connection.execute("FLUSHALL")
+            for gate in (self.a, self.b):
+                yield gate.registry.refreshLease()
+            yield first.registry.reconcile()
+            yield second.registry.reconcile()
+            yield waitFor(lambda: old.kicks)
+            entries = yield self.entries("alice")
+            self.assertEqual(entries["phone"][4], new.sessionId)
+            self.assertEqual(new.kicks, [])
+            yield self.a.registry.reconcile()
+            yield self.b.registry.reconcile()
+            self.assertEqual((yield self.entries("alice"))["phone"][4], new.sessionId)
+            self.assertEqual(new.kicks, [])
+            yield self.a.registry.unregister(old)
+            yield self.b.registry.unregister(new)
+
+    @inlineCallbacks
+    def test_unavailable(self):
+        """
+        While Redis is down, register fails with L{Unavailable} (an
+        C{UNAVAILABLE} answer, retryable) and lookups fail the same way;
+        unregistering succeeds locally and the entry is deleted by the
+        reconcile once Redis is back.
+        """
+        gone, stays = self.a.session("alice", "phone"), self.a.session("alice", "laptop")
+        yield self.a.registry.register(gone)
+        yield self.a.registry.register(stays)
+        yield self.restart(self.server.stop, down=True)
+        failure = yield self.assertFailure(
+            self.a.registry.register(self.a.session("bob", "phone")), Unavailable)
+        self.assertEqual(failure.code, pb.UNAVAILABLE)
+        yield self.assertFailure(self.a.registry.sessionsFor("alice"), Unavailable)
+        self.assertFalse((yield self.a.registry.unregister(gone)))
+        self.assertEqual((yield self.a.registry.count()), 1)
+        yield self.restart(None)
+        yield self.a.registry.refreshLease()
+        self.assertEqual((yield self.a.registry.reconcile()), (0, 0))
+        self.assertEqual(list((yield self.entries("alice"))), ["laptop"])
+        self.assertEqual(self.a.registry._orphans, set())

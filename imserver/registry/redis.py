@@ -1,0 +1,705 @@
+# -*- test-case-name: tests.test_registry -*-
+"""
+The cluster session registry, in Redis, fenced by generations and gate
+leases; and the cluster's gate directory.
+
+Keys (L{imserver.redisclient.userKey} hash-tags a user's keys)::
+
+    im:{u:<hex uid>}:sessions  hash: device id -> entry
+    im:gen                     the generation counter
+    im:gate:<gate id>          the gate's lease: its incarnation, with a TTL
+    im:gates                   hash: gate id -> JSON addresses (directory)
+
+An entry is C{<gate id>|<incarnation>|<generation>|<platform>|<session
+id>}.  Every registration gets a new generation, larger than every one
+before it (C{max(INCR im:gen, Redis time in microseconds)}, so it keeps
+growing even if Redis lost the counter).  An entry is live while its gate's
+lease holds the same incarnation: one key per gate, refreshed once per
+sweep, stands for all its sessions.  A gate that stops refreshing (crashed,
+cut off) loses all its sessions at once when the lease expires; a gate
+restarted under the same id starts a new incarnation, which makes its old
+entries dead at once.  Dead entries are ignored, and deleted, by whoever
+meets them.
+
+Fencing: register is one Lua script (count the user's live devices, refuse
+beyond the limit, take a generation, write the entry, return the one it
+replaced, which the caller kicks); unregister deletes the entry only if it
+is still exactly the one this session wrote, so a late close never removes
+a newer login.  Re-registering (after Redis comes back, or after this
+gate's lease lapsed) writes an entry only where none newer is live: the
+highest generation wins, so two gates never kick each other back and forth.
+"""
+
+import json
+import os
+
+from twisted.internet.defer import DeferredList, gatherResults, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from imserver.bus import IBusReceiver
+from imserver.errors import TooManyDevices
+from imserver.interfaces import IGateDirectory, ISession, ISessionRegistry
+from imserver.pb import im_pb2 as pb
+from imserver.redisclient import RedisUnavailable, userKey
+
+#: The generation counter.
+GENERATION_KEY = "im:gen"
+#: A gate's lease is C{GATE_KEY_PREFIX + gate id}.
+GATE_KEY_PREFIX = "im:gate:"
+#: The gate directory.
+GATES_KEY = "im:gates"
+
+#: Users per lookup script (a group's members are looked up in chunks).
+LOOKUP_CHUNK = 1000
+#: Sessions per re-registration script.
+RESTORE_CHUNK = 500
+
+#: Lua: is entry C{v} live (its gate's lease holds its incarnation)?  Each
+#: gate's lease is read once per script run.
+_LIVE = """
+local leases = {}
+local function live(v)
+  local gate, inc = string.match(v, '^([^|]*)|([^|]*)|')
+  if not gate then return false end
+  local lease = leases[gate]
+  if lease == nil then
+    lease = redis.call('GET', '%s' .. gate) or ''
+    leases[gate] = lease
+  end
+  return lease == inc
+end
+""" % (GATE_KEY_PREFIX,)
+
+#: Lua: take the next generation.
+_GENERATION = """
+local function nextGeneration(key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local gen = redis.call('INCR', key)
+  if gen < now then
+    gen = now
+    redis.call('SET', key, string.format('%.0f', gen))
+  end
+  return string.format('%.0f', gen)
+end
+"""
+
+#: KEYS: the user's sessions, the generation counter.  ARGV: device id,
+#: C{<gate>|<incarnation>|}, C{|<platform>|<session id>}, max devices.
+#: Returns C{{1, entry, displaced entry or nil}} or C{{0, live devices}}.
+_REGISTER = _LIVE + _GENERATION + """
+local key, device = KEYS[1], ARGV[1]
+local entries = redis.call('HGETALL', key)
+local others, displaced = 0, false
+for i = 1, #entries, 2 do
+  local d, v = entries[i], entries[i + 1]
+  if live(v) then
+    if d == device then displaced = v else others = others + 1 end
+  else
+    redis.call('HDEL', key, d)
+  end
+end
+if not displaced and others >= tonumber(ARGV[4]) then
+  return {0, others}
+end
+local value = ARGV[2] .. nextGeneration(KEYS[2]) .. ARGV[3]
+redis.call('HSET', key, device, value)
+return {1, value, displaced}
+"""
+
+#: KEYS: the user's sessions.  ARGV: device id, the entry.  Deletes it if
+#: it is still that entry.
+_UNREGISTER = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+#: KEYS: users' sessions.  Returns, per key, C{{device, entry, ...}} of
+#: its live entries; deletes the dead ones.
+_LOOKUP = _LIVE + """
+local out = {}
+for k = 1, #KEYS do
+  local entries = redis.call('HGETALL', KEYS[k])
+  local found = {}
+  for i = 1, #entries, 2 do
+    local v = entries[i + 1]
+    if live(v) then
+      found[#found + 1] = entries[i]
+      found[#found + 1] = v
+    else
+      redis.call('HDEL', KEYS[k], entries[i])
+    end
+  end
+  out[k] = found
+end
+return out
+"""
+
+#: KEYS: the generation counter, then one user's sessions per session.
+#: ARGV: per session, device id, entry, generation.  Writes each entry
+#: unless it is there already or a live entry with a higher generation is;
+#: returns per session C{status, entry}: 0 (in place), 1 (written; the live
+#: entry it replaced or nil) or 2 (a newer live entry holds the device: it).
+#: Raises the counter to the highest generation given.
+_RESTORE = _LIVE + """
+local top = 0
+local out = {}
+for k = 2, #KEYS do
+  local j = (k - 2) * 3
+  local device, value, gen = ARGV[j + 1], ARGV[j + 2], tonumber(ARGV[j + 3])
+  if gen > top then top = gen end
+  local cur = redis.call('HGET', KEYS[k], device)
+  if cur == value then
+    out[#out + 1] = 0
+    out[#out + 1] = false
+  else
+    local curLive = cur and live(cur)
+    local curGen = 0
+    if curLive then
+      curGen = tonumber(string.match(cur, '^[^|]*|[^|]*|(%d+)|')) or 0
+    end
+    if curLive and curGen > gen then
+      out[#out + 1] = 2
+      out[#out + 1] = cur
+    else
+      redis.call('HSET', KEYS[k], device, value)
+      out[#out + 1] = 1
+      out[#out + 1] = curLive and cur or false
+    end
+  end
+end
+local counter = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if counter < top then
+  redis.call('SET', KEYS[1], string.format('%.0f', top))
+end
+return out
+"""
+
+#: KEYS: a gate's lease.  ARGV: its incarnation.  Deletes the lease if it
+#: is still that incarnation's.
+_WITHDRAW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+#: KEYS: the directory.  Returns C{{gate id, addresses, ...}} of the gates
+#: with a lease; forgets the others.
+_GATES = """
+local entries = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #entries, 2 do
+  if redis.call('EXISTS', '%s' .. entries[i]) == 1 then
+    out[#out + 1] = entries[i]
+    out[#out + 1] = entries[i + 1]
+  else
+    redis.call('HDEL', KEYS[1], entries[i])
+  end
+end
+return out
+""" % (GATE_KEY_PREFIX,)
+
+
+def sessionsKey(uid):
+    """
+    The hash of C{uid}'s sessions.
+    """
+    return userKey(uid, "sessions")
+
+
+def validateGateId(gateId):
+    """
+    @raise ValueError: if C{gateId} cannot name a gate in cluster mode
+        (empty, or containing C{|}, the entry separator).
+    """
+    if not gateId or "|" in gateId:
+        raise ValueError("a gate id must be non-empty and contain no '|': {!r}".format(gateId))
+
+
+def parseEntry(value):
+    """
+    @param value: an entry, as Redis returns it (L{bytes}).
+    @return: C{(gateId, incarnation, generation, platform, sessionId)}
+    """
+    gate, incarnation, generation, platform, sessionId = value.split(b"|", 4)
+    return (gate.decode("utf-8"), incarnation.decode("ascii"), int(generation),
+            int(platform), sessionId.decode("utf-8"))
+
+
+@implementer(ISession)
+class RemoteSession:
+    """
+    A session another gate holds, as a lookup finds it: its attributes, and
+    the L{ISession} methods, which go over the gate bus to that gate.
+
+    @ivar generation: its registration's generation (a kick names it, so
+        the owner kicks only the registration that was looked up).
+    """
+
+    __slots__ = ("uid", "deviceId", "platform", "sessionId", "gateId", "generation",
+                 "_bus")
+
+    def __init__(self, bus, uid, deviceId, platform, sessionId, gateId, generation):
+        self._bus = bus
+        self.uid = uid
+        self.deviceId = deviceId
+        self.platform = platform
+        self.sessionId = sessionId
+        self.gateId = gateId
+        self.generation = generation
+
+    def __repr__(self):
+        return "<RemoteSession {} {}/{} on {} gen {}>".format(
+            self.sessionId, self.uid, self.deviceId, self.gateId, self.generation)
+
+    def __eq__(self, other):
+        if not isinstance(other, RemoteSession):
+            return NotImplemented
+        return (self.gateId, self.sessionId, self.generation) == (
+            other.gateId, other.sessionId, other.generation)
+
+    def __hash__(self):
+        return hash((self.gateId, self.sessionId, self.generation))
+
+    def kick(self, reason, message):
+        self._bus.kick(self.gateId, self.uid, self.deviceId, self.sessionId,
+                       self.generation, reason, message)
+
+    def inboxAdvanced(self, seq, outgoing, push):
+        self._bus.push(self.gateId, self.uid, seq, outgoing, push)
+
+    def typing(self, uid, active, groupId):
+        self._bus.typing(self.gateId, self.uid, uid, active, groupId)
+
+    def notice(self, frame):
+        self._bus.notice(self.gateId, self.sessionId, frame)
+
+
+class _Local:
+    """
+    A session of this gate, and its entry once registered.
+    """
+
+    __slots__ = ("session", "entry", "generation", "pendingKick", "cancelled")
+
+    def __init__(self, session):
+        self.session = session
+        self.entry = None
+        self.generation = None
+        self.pendingKick = None
+        self.cancelled = False
+
+
+@implementer(ISessionRegistry, IBusReceiver)
+class RedisSessionRegistry:
+    """
+    The sessions of every gate, in Redis; this gate's own sessions also in
+    memory (for the bus, re-registration and lookups resolving to them).
+
+    A lookup returns this gate's sessions themselves and
+    L{RemoteSession}s for the others.  L{count} counts this gate's
+    sessions only.
+
+    @ivar incarnation: this registry's lease value: new for every process.
+    """
+
+    log = Logger()
+
+    def __init__(self, connection, bus, clock, gateId, maxDevices=10, leaseSeconds=3.0,
+                 incarnation=None):
+        """
+        @param connection: the L{imserver.redisclient.RedisConnection}.
+        @param bus: the L{imserver.bus.IGateBus}; this registry becomes its
+            receiver.
+        @param leaseSeconds: the lease's time to live; L{refreshLease} must
+            run well within it (every sweep).
+        """
+        validateGateId(gateId)
+        self.connection = connection
+        self.bus = bus
+        self.clock = clock
+        self.gateId = gateId
+        self.maxDevices = maxDevices
+        self.leaseSeconds = leaseSeconds
+        self.incarnation = incarnation or os.urandom(8).hex()
+        self.leaseKey = GATE_KEY_PREFIX + gateId
+        self._prefix = "{}|{}|".format(gateId, self.incarnation)
+        self._local = {}
+        self._byUid = {}
+        self._orphans = set()
+        self._pending = set()
+        self._register = connection.script(_REGISTER)
+        self._unregister = connection.script(_UNREGISTER)
+        self._lookup = connection.script(_LOOKUP)
+        self._restore = connection.script(_RESTORE)
+        self._withdraw = connection.script(_WITHDRAW)
+        bus.receiver = self
+
+    # -- ISessionRegistry -----------------------------------------------------
+
+    def register(self, session):
+        local = _Local(session)
+        self._remember(local)
+        d = self._register(
+            [sessionsKey(session.uid), GENERATION_KEY],
+            [session.deviceId, self._prefix,
+             "|{}|{}".format(int(session.platform), session.sessionId), self.maxDevices],
+        )
+        return d.addCallbacks(self._registered, self._registerFailed, (local,), None,
+                              (local,))
+
+    def _registered(self, reply, local):
+        session = local.session
+        if reply[0] == 0:
+            self._forget(local)
+            raise TooManyDevices(
+                "{} devices are already connected; the limit is {}".format(
+                    reply[1], self.maxDevices))
+        entry, displaced = reply[1], reply[2]
+        local.entry = entry
+        local.generation = parseEntry(entry)[2]
+        if local.cancelled:
+            # Unregistered while registering: take the entry back.
+            self._delete(session.uid, session.deviceId, entry)
+            return None
+        result = None
+        if displaced is not None:
+            result = self._resolve(session.uid, session.deviceId, displaced, forget=True)
+        pending, local.pendingKick = local.pendingKick, None
+        if pending is not None and pending[0] == local.generation:
+            # A newer login elsewhere displaced this one before we even had
+            # its answer.
+            session.kick(pending[1], pending[2])
+        return result
+
+    def _registerFailed(self, failure, local):
+        # If the script ran but its answer was lost, the entry left behind
+        # names this gate and an unknown session: lookups here delete it.
+        self._forget(local)
+        return failure
+
+    def unregister(self, session):
+        local = self._local.get(session.sessionId)
+        if local is None or local.session is not session:
+            return succeed(False)
+        self._forget(local)
+        if local.entry is None:
+            local.cancelled = True
+            return succeed(False)
+        return self._delete(session.uid, session.deviceId, local.entry)
+
+    def _delete(self, uid, deviceId, entry):
+        """
+        Delete C{uid}'s entry for C{deviceId} if it is still C{entry}; if
+        Redis is unavailable, remember it for the next L{reconcile}.
+
+        @return: a L{Deferred} firing with whether it was deleted.
+        """
+        d = self._unregister([sessionsKey(uid)], [deviceId, entry])
+        self._pending.add(d)
+
+        def done(result):
+            self._pending.discard(d)
+            return result
+
+        def failed(failure):
+            failure.trap(RedisUnavailable)
+            self._orphans.add((uid, deviceId, entry))
+            self.log.debug("unregistering {uid}/{device} waits for Redis", uid=uid,
+                           device=deviceId)
+            return False
+
+        return d.addBoth(done).addCallbacks(lambda deleted: bool(deleted), failed)
+
+    def sessionsFor(self, uid):
+        return self.sessionsForMany([uid]).addCallback(lambda found: found.get(uid, []))
+
+    def sessionsForMany(self, uids):
+        uids = list(dict.fromkeys(uids))
+        if not uids:
+            return succeed({})
+        chunks = [uids[i:i + LOOKUP_CHUNK] for i in range(0, len(uids), LOOKUP_CHUNK)]
+        ds = [self._lookup([sessionsKey(uid) for uid in chunk]) for chunk in chunks]
+
+        def found(replies):
+            result = {}
+            for chunk, reply in zip(chunks, replies):
+                for uid, entries in zip(chunk, reply):
+                    sessions = []
+                    for i in range(0, len(entries), 2):
+                        session = self._resolve(uid, entries[i].decode("utf-8"),
+                                                entries[i + 1])
+                        if session is not None:
+                            sessions.append(session)
+                    if sessions:
+                        result[uid] = sessions
+            return result
+
+        if len(ds) == 1:
+            return ds[0].addCallback(lambda reply: found([reply]))
+        return gatherResults(ds, consumeErrors=True).addCallbacks(
+            found, lambda failure: failure.value.subFailure)
+
+    def count(self):
+        return succeed(sum(1 for local in self._local.values() if local.entry is not None))
+
+    # -- entries ---------------------------------------------------------------
+
+    def _remember(self, local):
+        session = local.session
+        self._local[session.sessionId] = local
+        self._byUid.setdefault(session.uid, {})[session.sessionId] = local
+
+    def _forget(self, local):
+        session = local.session
+        if self._local.get(session.sessionId) is local:
+            del self._local[session.sessionId]
+            sessions = self._byUid.get(session.uid)
+            if sessions is not None:
+                sessions.pop(session.sessionId, None)
+                if not sessions:
+                    del self._byUid[session.uid]
+
+    def _resolve(self, uid, deviceId, entry, forget=False):
+        """
+        The L{ISession} of a live entry: a session of this gate (L{None}
+        if it is gone: then the entry is deleted), or a L{RemoteSession}.
+
+        @param forget: the entry was just displaced: a local session is no
+            longer registered.
+        """
+        gateId, incarnation, generation, platform, sessionId = parseEntry(entry)
+        if gateId == self.gateId and incarnation == self.incarnation:
+            local = self._local.get(sessionId)
+            if local is None:
+                # Left behind by a registration whose answer was lost.
+                self._delete(uid, deviceId, entry)
+                return None
+            if forget:
+                self._forget(local)
+            return local.session
+        return RemoteSession(self.bus, uid, deviceId, platform, sessionId, gateId,
+                             generation)
+
+    def localSessions(self):
+        """
+        @return: C{{uid: [session, ...]}} of this gate's registered
+            sessions.
+        """
+        return {
+            uid: [local.session for local in sessions.values() if local.entry is not None]
+            for uid, sessions in self._byUid.items()
+        }
+
+    # -- the lease and re-registration -----------------------------------------
+
+    def refreshLease(self):
+        """
+        Extend this gate's lease by L{leaseSeconds}: one command, whatever
+        the number of sessions.
+
+        @return: a L{Deferred} firing with L{True} if the lease had lapsed
+            (or never existed, or Redis lost it): every gate may have
+            forgotten this gate's sessions, so they need L{reconcile}.
+        """
+        d = self.connection.execute(
+            "SET", self.leaseKey, self.incarnation, "PX", int(self.leaseSeconds * 1000),
+            "GET")
+        return d.addCallback(lambda old: old != self.incarnation.encode("ascii"))
+
+    def withdrawLease(self):
+        """
+        Delete this gate's lease (it is stopping): every entry it still
+        has is dead at once.
+        """
+        return self._withdraw([self.leaseKey], [self.incarnation])
+
+    def reconcile(self):
+        """
+        Write this gate's sessions back where Redis lost them (a restart
+        without data, a lapsed lease), and delete the entries of sessions
+        that closed while Redis was unavailable.  A session whose device
+        has a newer live registration meanwhile is kicked (C{REPLACED}); a
+        registration it outlived (older generation) is kicked instead.
+
+        @return: a L{Deferred} firing with C{(restored, kicked)} counts.
+        """
+        locals_ = [local for local in self._local.values() if local.entry is not None]
+        orphans = list(self._orphans)
+        ds = []
+        for start in range(0, len(locals_), RESTORE_CHUNK):
+            chunk = locals_[start:start + RESTORE_CHUNK]
+            keys, args = [GENERATION_KEY], []
+            for local in chunk:
+                session = local.session
+                keys.append(sessionsKey(session.uid))
+                args += [session.deviceId, local.entry, local.generation]
+            ds.append(self._restore(keys, args).addCallback(self._restored, chunk))
+        ds.append(self.dropOrphans())
+        d = gatherResults(ds, consumeErrors=True)
+
+        def done(results):
+            restored = sum(r[0] for r in results if isinstance(r, tuple))
+            kicked = sum(r[1] for r in results if isinstance(r, tuple))
+            if restored or kicked or orphans:
+                self.log.info(
+                    "re-registered {restored} of {n} sessions with Redis ({kicked} "
+                    "displaced meanwhile), removed {orphans} left by closed sessions",
+                    restored=restored, n=len(locals_), kicked=kicked,
+                    orphans=len(orphans))
+            return restored, kicked
+
+        return d.addCallbacks(done, lambda failure: failure.value.subFailure)
+
+    @property
+    def orphans(self):
+        """
+        How many entries of closed sessions wait to be deleted (their
+        unregister found Redis unavailable).
+        """
+        return len(self._orphans)
+
+    def dropOrphans(self):
+        """
+        Delete the entries of sessions that closed while Redis was
+        unavailable (each only if it is still theirs).
+
+        @return: a L{Deferred} firing with the number deleted or gone.
+        """
+        orphans = list(self._orphans)
+        if not orphans:
+            return succeed(0)
+
+        def dropped(_, orphan):
+            self._orphans.discard(orphan)
+
+        return gatherResults([
+            self._unregister([sessionsKey(uid)], [deviceId, entry]).addCallback(
+                dropped, (uid, deviceId, entry))
+            for uid, deviceId, entry in orphans
+        ], consumeErrors=True).addCallbacks(
+            lambda _: len(orphans), lambda failure: failure.value.subFailure)
+
+    def _restored(self, reply, chunk):
+        restored = kicked = 0
+        for i, local in enumerate(chunk):
+            status, current = reply[2 * i], reply[2 * i + 1]
+            session = local.session
+            if status == 1:
+                restored += 1
+                if current is not None:
+                    displaced = self._resolve(session.uid, session.deviceId, current,
+                                              forget=True)
+                    if displaced is not None:
+                        displaced.kick(pb.REPLACED, "the same device signed in again")
+            elif status == 2:
+                kicked += 1
+                if self._local.get(session.sessionId) is local:
+                    self._forget(local)
+                    session.kick(pb.REPLACED, "the same device signed in again")
+        return restored, kicked
+
+    def drain(self):
+        """
+        @return: a L{Deferred} firing once the unregistrations in flight are
+            done.
+        """
+        return DeferredList(list(self._pending), consumeErrors=True)
+
+    # -- IBusReceiver -------------------------------------------------------------
+
+    def pushReceived(self, push, targets):
+        if not self.connection.connected:
+            # A session behind the push would fetch from the store, fail,
+            # and close.  The catch-up after the reconnect announces it.
+            self.log.debug("dropped a push while Redis is unavailable")
+            return
+        byUid = self._byUid
+        for uid, seq, outgoing in targets:
+            sessions = byUid.get(uid)
+            if sessions:
+                for local in list(sessions.values()):
+                    local.session.inboxAdvanced(seq, outgoing, push)
+
+    def kickReceived(self, uid, deviceId, sessionId, generation, reason, message):
+        local = self._local.get(sessionId)
+        if local is None:
+            return
+        if local.generation is None:
+            # Our register's answer is still on its way: kick once it is
+            # here, if it is the registration that was displaced.
+            local.pendingKick = (generation, reason, message)
+        elif local.generation == generation:
+            local.session.kick(reason, message)
+
+    def typingReceived(self, toUid, fromUid, active, groupId):
+        for local in list(self._byUid.get(toUid, {}).values()):
+            local.session.typing(fromUid, active, groupId)
+
+    def noticeReceived(self, sessionId, frame):
+        local = self._local.get(sessionId)
+        if local is not None:
+            local.session.notice(frame)
+
+
+@implementer(IGateDirectory)
+class RedisGateDirectory:
+    """
+    The live gates of the cluster, for the dispatcher: a hash of gate id ->
+    addresses, filtered by the gates' leases (a gate without a lease is
+    dropped from it).  Advertisements of this process are remembered and
+    written again by L{readvertise}, after Redis comes back or this gate's
+    lease lapsed.
+    """
+
+    log = Logger()
+
+    def __init__(self, connection):
+        self.connection = connection
+        self._mine = {}
+        self._gates = connection.script(_GATES)
+
+    def advertise(self, gateId, addresses):
+        addresses = [tuple(a) for a in addresses]
+        self._mine[gateId] = addresses
+        return self._write(gateId, addresses)
+
+    def _write(self, gateId, addresses):
+        d = self.connection.execute("HSET", GATES_KEY, gateId, json.dumps(addresses))
+
+        def unavailable(failure):
+            failure.trap(RedisUnavailable)
+            self.log.info("gate {gate} is advertised once Redis is available",
+                          gate=gateId)
+
+        return d.addCallbacks(lambda _: None, unavailable)
+
+    def readvertise(self):
+        """
+        Write every advertisement of this process again.
+        """
+        return gatherResults([self._write(g, a) for g, a in self._mine.items()])
+
+    def withdraw(self, gateId):
+        self._mine.pop(gateId, None)
+        return self.connection.execute("HDEL", GATES_KEY, gateId).addCallback(
+            lambda _: None)
+
+    def gates(self):
+        def parse(reply):
+            result = {}
+            for i in range(0, len(reply), 2):
+                try:
+                    addresses = [tuple(a) for a in json.loads(reply[i + 1])]
+                except ValueError:
+                    continue
+                result[reply[i].decode("utf-8")] = addresses
+            return result
+
+        return self._gates([GATES_KEY]).addCallback(parse)

@@ -1,0 +1,414 @@
+"""
+Cluster mode (C{--redis}): the options, the service tree, and two gates in
+this process (L{imserver.tap.makeService} twice, plain TCP listeners on
+loopback) sharing one real C{redis-server}, with real clients
+(L{imserver.client}): messages and kicks across gates, and Redis going
+away and coming back.
+"""
+
+import subprocess
+import sys
+import time
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.filepath import FilePath
+from twisted.python.usage import UsageError
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from imserver import tap
+from imserver.auth import createSecretFile, loadSecret, mintToken
+from imserver.client import connect
+from imserver.errors import RemoteError
+from imserver.pb import im_pb2 as pb
+from imserver.redisclient import RedisUnavailable
+from imserver.registry.redis import RedisGateDirectory, RedisSessionRegistry, RemoteSession
+from imserver.service import AdvertiseService, ClusterService
+
+from tests.test_e2e import ConnectionWatch
+from tests.test_registry import RedisTestMixin, waitFor, whenConnected
+
+LISTEN = "tcp:0:interface=127.0.0.1"
+URL = "redis://gate:s3cret@127.0.0.1:6390/0"
+
+#: Seconds a gate has to be whole again once Redis is back.
+RECOVERY = 5.0
+
+
+class OptionsTests(SynchronousTestCase):
+    """
+    C{--redis}, C{--redis-ca} and what goes with them.
+    """
+
+    def parse(self, *argv):
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_redis(self):
+        """
+        C{--redis} is parsed into a L{RedisURL}; the store is then Redis.
+        """
+        options = self.parse("--redis", URL)
+        url = options.redisURL
+        self.assertEqual((url.host, url.port, url.db, url.username, url.password, url.tls),
+                         ("127.0.0.1", 6390, 0, "gate", "s3cret", False))
+        self.assertEqual(options["store"], "redis")
+
+    def test_embedded(self):
+        """
+        Without C{--redis} nothing changes: no URL, the SQLite store.
+        """
+        options = self.parse()
+        self.assertIsNone(options.redisURL)
+        self.assertEqual(options["store"], "sqlite")
+
+    def test_badURL(self):
+        """
+        A bad URL is a usage error that does not repeat the URL (it may
+        hold a password).
+        """
+        for url in ["http://u:s3cret@h", "redis://u:s3cret@h:port", "redis://u:s3cret@h/x"]:
+            e = self.assertRaises(UsageError, self.parse, "--redis", url)
+            self.assertNotIn("s3cret", str(e))
+            self.assertIn("--redis", str(e))
+
+    def test_storeRefused(self):
+        """
+        C{--store} does not go with C{--redis}.
+        """
+        for store in ["sqlite", "memory"]:
+            e = self.assertRaises(UsageError, self.parse, "--redis", URL, "--store", store)
+            self.assertIn("--store", str(e))
+
+    def test_redisCA(self):
+        """
+        C{--redis-ca} needs a C{rediss://} URL and an existing file.
+        """
+        ca = FilePath(self.mktemp())
+        ca.setContent(b"pem")
+        self.assertRaises(UsageError, self.parse, "--redis-ca", ca.path)
+        self.assertRaises(UsageError, self.parse, "--redis", URL, "--redis-ca", ca.path)
+        self.assertRaises(UsageError, self.parse, "--redis", "rediss://h", "--redis-ca",
+                          ca.path + "-missing")
+        options = self.parse("--redis", "rediss://h", "--redis-ca", ca.path)
+        self.assertTrue(options.redisURL.tls)
+
+    def test_gateId(self):
+        """
+        In cluster mode a gate id may not contain C{|}.
+        """
+        self.assertRaises(UsageError, self.parse, "--redis", URL, "--gate-id", "a|b")
+        self.assertEqual(self.parse("--gate-id", "a|b")["gate-id"], "a|b")
+
+    def test_serviceTree(self):
+        """
+        With C{--redis}: the registry, store and directory are Redis ones,
+        and the cluster service is the first child of the root (started
+        before the gate listens, stopped after it drained); nothing
+        connects before the tree starts.
+        """
+        from imserver.store.redis import RedisMessageStore
+
+        memory = MemoryReactorClock()
+        options = self.parse("--data-dir", self.mktemp(), "--listen", LISTEN,
+                             "--api", "none", "--redis", URL, "--gate-id", "g1")
+        root = tap.makeService(options, memory)
+        self.assertEqual([s.name for s in root], ["cluster", "retention", "gate"])
+        cluster = root.getServiceNamed("cluster")
+        self.assertIsInstance(cluster, ClusterService)
+        factory = root.getServiceNamed("gate").factory
+        self.assertIsInstance(factory.registry, RedisSessionRegistry)
+        self.assertIs(factory.registry, cluster.registry)
+        self.assertIsInstance(factory.store, RedisMessageStore)
+        self.assertEqual(factory.registry.leaseSeconds, 3.0)
+        [advertise] = [s for s in root.getServiceNamed("gate")
+                       if isinstance(s, AdvertiseService)]
+        self.assertIsInstance(advertise.directory, RedisGateDirectory)
+        self.assertEqual(memory.tcpClients, [])
+
+    def test_noTxredisapiWithoutRedis(self):
+        """
+        A gate without C{--redis} does not even import txredisapi.
+        """
+        code = (
+            "import sys\n"
+            "from twisted.internet.testing import MemoryReactorClock\n"
+            "from imserver import tap\n"
+            "o = tap.Options()\n"
+            "o.parseOptions(['--data-dir', sys.argv[1], '--store', 'memory',"
+            " '--listen', 'tcp:0', '--api', 'none'])\n"
+            "tap.makeService(o, MemoryReactorClock())\n"
+            "print('txredisapi' in sys.modules)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code, self.mktemp()], check=True,
+                             capture_output=True, text=True).stdout
+        self.assertEqual(out.strip(), "False")
+
+
+class TwoGatesTests(RedisTestMixin, TestCase):
+    """
+    Two gates in this process, one C{redis-server} (with an AOF, so a
+    stopped Redis comes back with its data), real clients over plain TCP.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self):
+        yield self.startRedis(appendfsync="always")
+        secretFile = FilePath(self.mktemp())
+        createSecretFile(secretFile)
+        self.secretFile = secretFile
+        self.secret = loadSecret(secretFile=secretFile, environ={})
+        self.a = yield self.startGate("gate-a")
+        self.b = yield self.startGate("gate-b")
+
+    @inlineCallbacks
+    def startGate(self, gateId):
+        """
+        Build and start a gate with C{--redis}; wait until it is connected,
+        subscribed and registered.
+
+        @return: its L{GateService}, with C{root}, C{cluster}, C{port} and
+            C{watch} attributes added.
+        """
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", self.mktemp(), "--listen", LISTEN, "--api", "none",
+            "--gate-id", gateId, "--redis", self.server.url,
+            "--secret-file", self.secretFile.path,
+        ])
+        root = tap.makeService(options, reactor)
+        root.startService()
+        self.addCleanup(lambda: root.stopService() if root.running else None)
+        gate = root.getServiceNamed("gate")
+        gate.root = root
+        gate.cluster = root.getServiceNamed("cluster")
+        gate.watch = ConnectionWatch(self, gate.factory)
+        yield gate.cluster.whenReady()
+        [address] = yield gate.addresses()
+        gate.port = address.port
+        return gate
+
+    @inlineCallbacks
+    def connect(self, gate, uid, deviceId="phone"):
+        """
+        Connect and authenticate a client to C{gate}.
+
+        @return: the L{ClientProtocol}, with C{notified}: the
+            C{(name, message)} notifications it got.
+        """
+        notified = []
+        holder = []
+
+        def onNotify(name, message):
+            notified.append((name, message))
+            if name == "message" and holder:
+                # As every real client does: the push window counts from
+                # the last ack (and seqs start high with the Redis store).
+                holder[0].ack(message.seq)
+
+        client = yield connect(
+            reactor, "127.0.0.1", gate.port, uid=uid,
+            token=mintToken(self.secret, uid, 60, time.time()), deviceId=deviceId,
+            tls=False, onNotify=onNotify)
+        holder.append(client)
+        client.notified = notified
+        self.addCleanup(client.close)
+        return client
+
+    def messages(self, client):
+        return [m for name, m in client.notified if name == "message"]
+
+    @inlineCallbacks
+    def test_messageAcrossGates(self):
+        """
+        A message from a client on gate A to a client on gate B arrives,
+        and a group message reaches members on both gates.
+        """
+        alice = yield self.connect(self.a, "alice")
+        bob = yield self.connect(self.b, "bob")
+        carol = yield self.connect(self.b, "carol")
+        sent = yield alice.send("bob", b"hello", "m1")
+        yield waitFor(lambda: self.messages(bob) and self.messages(alice))
+        [entry] = self.messages(bob)
+        self.assertEqual((entry.message.sender, entry.message.body, entry.outgoing),
+                         ("alice", b"hello", False))
+        self.assertEqual(self.messages(alice)[0].seq, sent.seq)
+
+        groups = self.a.factory.groups
+        yield groups.create("team", "Team", "alice", int(time.time() * 1000))
+        yield groups.setMembers("team", [("bob", pb.ROLE_MEMBER), ("carol", pb.ROLE_MEMBER)],
+                                int(time.time() * 1000))
+        published = self.a.cluster.bus.published
+        yield alice.send("", b"all", "m2", groupId="team")
+        yield waitFor(lambda: len(self.messages(bob)) == 2 and self.messages(carol)
+                      and len(self.messages(alice)) == 2)
+        self.assertEqual(self.messages(carol)[0].message.body, b"all")
+        self.assertEqual(self.a.cluster.bus.published - published, 1)
+
+    @inlineCallbacks
+    def test_kickAcrossGates(self):
+        """
+        The same uid and device logging in on gate B kicks the session on
+        gate A with C{REPLACED}; the registry then knows only the new one.
+        """
+        old = yield self.connect(self.a, "alice")
+        new = yield self.connect(self.b, "alice")
+        reason = yield old.whenClosed()
+        self.assertIsNotNone(old.kicked, reason)
+        self.assertEqual(old.kicked.reason, pb.REPLACED)
+        yield self.a.watch.whenAllClosed()
+        [session] = yield self.a.factory.registry.sessionsFor("alice")
+        self.assertIsInstance(session, RemoteSession)
+        self.assertEqual((session.gateId, session.sessionId),
+                         ("gate-b", new.session.session_id))
+        yield new.ping()
+        self.assertIsNone(new.kicked)
+
+    @inlineCallbacks
+    def waitForRedis(self, gates, event):
+        """
+        Wait until every gate's command connection saw C{event}
+        (C{"down"} or C{"up"}).
+        """
+        for gate in gates:
+            connection = gate.cluster.connection
+            if event == "up":
+                yield whenConnected(connection)
+            elif connection.connected:
+                d = Deferred()
+                connection.onDisconnect.append(lambda d=d: d.callback(None))
+                yield d
+
+    @inlineCallbacks
+    def outage(self, restart, downFor=0):
+        """
+        Clients on both gates; Redis goes away: sends and new logins answer
+        C{UNAVAILABLE}, connections and heartbeats stay.  Redis comes back
+        (by C{restart}): within L{RECOVERY} seconds a send (retried with the
+        same id) works and reaches the other gate, and both sessions are
+        registered again.
+
+        @return: the seconds it took.
+        """
+        alice = yield self.connect(self.a, "alice")
+        bob = yield self.connect(self.b, "bob")
+        yield alice.send("bob", b"before", "m1")
+        yield waitFor(lambda: self.messages(bob))
+        yield self.server.stop()
+        yield self.waitForRedis([self.a, self.b], "down")
+
+        failure = yield self.assertFailure(alice.send("bob", b"during", "m2"), RemoteError)
+        self.assertEqual(failure.code, pb.UNAVAILABLE)
+        failure = yield self.assertFailure(self.connect(self.b, "carol"), RemoteError)
+        self.assertEqual(failure.code, pb.UNAVAILABLE)
+        yield alice.ping()
+        yield bob.ping()
+        self.assertTrue(alice.connected and bob.connected)
+        if downFor:
+            # Long enough for the reconnect backoff to reach its cap.
+            yield deferLater(reactor, downFor, lambda: None)
+            yield alice.ping()
+            self.assertTrue(alice.connected and bob.connected)
+
+        yield restart()
+        started = time.time()
+        while True:
+            try:
+                yield alice.send("bob", b"during", "m2")
+                break
+            except RemoteError as e:
+                self.assertEqual(e.code, pb.UNAVAILABLE)
+                self.assertLess(time.time() - started, RECOVERY)
+                yield deferLater(reactor, 0.05, lambda: None)
+        yield waitFor(lambda: len(self.messages(bob)) == 2,
+                      timeout=max(0.1, RECOVERY - (time.time() - started)))
+        self.assertEqual(self.messages(bob)[1].message.body, b"during")
+
+        @inlineCallbacks
+        def registered():
+            while True:
+                try:
+                    found = yield self.a.factory.registry.sessionsForMany(["alice", "bob"])
+                except RedisUnavailable:
+                    found = {}
+                if ([s.sessionId for s in found.get("alice", [])]
+                        == [alice.session.session_id]
+                        and [s.sessionId for s in found.get("bob", [])]
+                        == [bob.session.session_id]):
+                    return
+                self.assertLess(time.time() - started, RECOVERY)
+                yield deferLater(reactor, 0.05, lambda: None)
+
+        yield registered()
+        took = time.time() - started
+        yield alice.ping()
+        self.assertEqual(self.a.watch.built[0].uid, "alice")
+        self.assertEqual(len(self.a.watch.built), 1)
+        # Cursor flushes and the like, refused while Redis was away.
+        self.flushLoggedErrors(RedisUnavailable)
+        return took
+
+    @inlineCallbacks
+    def test_redisRestarts(self):
+        """
+        Redis stops and comes back with its data: the gates carry on.
+        """
+        yield self.outage(self.server.start)
+
+    @inlineCallbacks
+    def test_longOutage(self):
+        """
+        After a longer outage (the reconnect backoff at its cap) the gates
+        are whole again within L{RECOVERY} seconds too.
+        """
+        took = yield self.outage(self.server.start, downFor=6)
+        self.assertLess(took, RECOVERY)
+
+    @inlineCallbacks
+    def test_redisWiped(self):
+        """
+        Redis comes back empty: the gates register their sessions again
+        and carry on (messages are stored afresh).
+        """
+
+        @inlineCallbacks
+        def wipeAndStart():
+            yield self.server.wipe()
+            yield self.server.start()
+
+        yield self.outage(wipeAndStart)
+
+    @inlineCallbacks
+    def test_directory(self):
+        """
+        The gate directory lists both gates, and forgets one that stops.
+        """
+        directory = self.a.cluster.directory
+        gates = yield directory.gates()
+        self.assertEqual(gates, {
+            "gate-a": [("127.0.0.1", self.a.port, False)],
+            "gate-b": [("127.0.0.1", self.b.port, False)],
+        })
+        yield self.b.root.stopService()
+        gates = yield directory.gates()
+        self.assertEqual(list(gates), ["gate-a"])
+
+    @inlineCallbacks
+    def test_stop(self):
+        """
+        A gate that stops drains its clients, withdraws its lease and
+        unregisters its sessions: the other gate sees none of them.
+        """
+        alice = yield self.connect(self.a, "alice")
+        yield self.a.root.stopService()
+        yield alice.whenClosed()
+        self.assertEqual((yield self.b.factory.registry.sessionsFor("alice")), [])
+        lease = yield self.b.cluster.connection.execute("EXISTS", "im:gate:gate-a")
+        self.assertEqual(lease, 0)
+        self.assertFalse(self.a.cluster.connection.connected)
+
