@@ -180,7 +180,7 @@ class GateMetrics:
             states[connection.state] += 1
             if connection.state == "authenticated":
                 backlog += max(0, connection._head - connection._acked)
-                unacked += connection._sent - connection._acked
+                unacked += connection.unackedCount()
         gauge = GaugeMetricFamily(
             "imserver_connections", "Open client connections by state.", labels=["state"]
         )

@@ -16,6 +16,7 @@ swept for idleness by L{GateFactory.sweep}: there is no per-connection
 timer on the idle path, only a timestamp written once per read.
 """
 
+import collections
 import itertools
 import random
 
@@ -33,6 +34,7 @@ from imserver.errors import (
     NotAuthenticated,
     RateLimited,
     TooManyDevices,
+    Unavailable,
 )
 from imserver.framing import encodeFrame
 from imserver.groups import Groups, validateGroupId
@@ -52,6 +54,10 @@ AUTHENTICATED = "authenticated"
 _PLATFORMS = frozenset(pb.Platform.values())
 #: Bytes of a response frame besides its entries (envelope, head, slack).
 _FRAME_OVERHEAD = 256
+
+#: Seconds before a session tries again to fetch its inbox after the store
+#: was unavailable (the entries wait in the inbox meanwhile).
+FETCH_RETRY_DELAY = 1.0
 
 #: Methods accepted before auth has succeeded.
 PREAUTH_METHODS = frozenset([methods.AUTH.name])
@@ -77,6 +83,8 @@ class GateProtocol(RPCProtocol):
     _delivering = False
     _sent = 0  # highest seq pushed on this connection
     _acked = 0  # highest seq the client acknowledged
+    _unacked = None  # deque of the seqs pushed and not acknowledged yet
+    _fetchRetry = None  # IDelayedCall of the pump after a store outage
     _head = 0  # highest seq known to exist in the inbox
     _fetching = False
     _lastTyping = float("-inf")
@@ -206,6 +214,9 @@ class GateProtocol(RPCProtocol):
         if self._authTimer is not None and self._authTimer.active():
             self._authTimer.cancel()
         self._authTimer = None
+        if self._fetchRetry is not None and self._fetchRetry.active():
+            self._fetchRetry.cancel()
+        self._fetchRetry = None
         self._leaveRegistry()
         RPCProtocol.connectionLost(self, reason)
         self.factory.connectionClosed(self)
@@ -410,7 +421,15 @@ class GateProtocol(RPCProtocol):
             return
         if seq > self._acked:
             metrics = self._metrics
-            metrics.messagesAcked += seq - self._acked
+            unacked = self._unacked
+            if unacked is not None:
+                # Seqs need not be dense (cluster mode jumps over a floor):
+                # the window counts pushes, not seq distance.
+                while unacked and unacked[0] <= seq:
+                    unacked.popleft()
+                    metrics.messagesAcked += 1
+                if not unacked:
+                    self._unacked = None
             if self._pushedAt is not None and seq >= self._pushedSeq:
                 metrics.ackRoundTrip.observe(self._seconds() - self._pushedAt)
                 self._pushedAt = None
@@ -508,7 +527,7 @@ class GateProtocol(RPCProtocol):
                 or self._pausedAt is not None):
             return
         settings = self.factory.settings
-        room = settings.max_unacked - (self._sent - self._acked)
+        room = settings.max_unacked - self.unackedCount()
         if room <= 0 or self._sent >= self._head:
             return
         self._fetching = True
@@ -534,21 +553,47 @@ class GateProtocol(RPCProtocol):
 
     def _fetchFailed(self, failure):
         self._fetching = False
+        if self._closing:
+            return
+        if failure.check(Unavailable):
+            # Nothing is lost: the entries wait in the inbox.  Keep the
+            # connection and try again shortly.
+            self.log.warn(
+                "the inbox of {uid} is unavailable for connection {conn}; retrying",
+                uid=self.uid, conn=self.connectionId,
+            )
+            self._fetchRetry = self.clock.callLater(FETCH_RETRY_DELAY, self._retryFetch)
+            return
         self.log.failure(
             "fetching the inbox of {uid} for connection {conn} failed",
             failure, uid=self.uid, conn=self.connectionId,
         )
-        # Nothing is lost: the entries stay in the inbox.  Make the client
-        # reconnect (and resume) rather than stall silently.
+        # Unexpected: make the client reconnect (and resume) rather than
+        # stall silently.
         self.closeWithError(pb.UNAVAILABLE, "message storage is unavailable")
+
+    def _retryFetch(self):
+        self._fetchRetry = None
+        self._pump()
+
+    def unackedCount(self):
+        """
+        @return: how many entries were pushed on this connection and not
+            acknowledged yet.
+        """
+        return 0 if self._unacked is None else len(self._unacked)
 
     def _pushed(self, seq):
         """
         Account for pushing entry C{seq}.
         """
-        if self._sent == self._acked and self._pushedAt is None:
-            self._pushedAt = self._seconds()
-            self._pushedSeq = seq
+        unacked = self._unacked
+        if unacked is None:
+            unacked = self._unacked = collections.deque()
+            if self._pushedAt is None:
+                self._pushedAt = self._seconds()
+                self._pushedSeq = seq
+        unacked.append(seq)
         self._sent = seq
         self._metrics.messagesPushed += 1
 
@@ -571,7 +616,7 @@ class GateProtocol(RPCProtocol):
         if (
             seq == self._sent + 1
             and not self._fetching
-            and self._sent - self._acked < self.factory.settings.max_unacked
+            and self.unackedCount() < self.factory.settings.max_unacked
             and self._pausedAt is None
             and not self._closing
         ):
@@ -695,7 +740,12 @@ class GateFactory(Factory):
         )
 
         def failed(failure):
-            self.log.failure("writing {n} cursors failed", failure, n=len(dirty))
+            if failure.check(Unavailable):
+                # An outage, not a bug: no traceback every flush.
+                self.log.warn("writing {n} cursors postponed: {why}",
+                              n=len(dirty), why=failure.getErrorMessage())
+            else:
+                self.log.failure("writing {n} cursors failed", failure, n=len(dirty))
             for key, seq in dirty.items():
                 if self._dirtyCursors.get(key, -1) < seq:
                     self._dirtyCursors[key] = seq

@@ -228,7 +228,11 @@ class RetentionService(Service):
             return removed
 
         def failed(failure):
-            self.log.failure("retention pass failed", failure)
+            if failure.check(Unavailable):
+                self.log.warn("retention pass postponed: {why}",
+                              why=failure.getErrorMessage())
+            else:
+                self.log.failure("retention pass failed", failure)
 
         return d.addCallbacks(done, failed)
 

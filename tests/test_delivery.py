@@ -7,8 +7,10 @@ gap and no repeat, idempotent send, sync, typing.
 from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
+from imserver.errors import Unavailable
 from imserver.framing import encodeFrame
 from imserver.pb import im_pb2 as pb
+from imserver.protocol import FETCH_RETRY_DELAY
 from imserver.store.memory import MemoryMessageStore
 
 from tests.test_protocol import GateHarness, written
@@ -208,6 +210,42 @@ class WindowTests(SynchronousTestCase):
         self.assertEqual([e.seq for e in pushes(written(bobT))], [9, 10])
         self.gate.ack(bob, 10)
         self.assertEqual(written(bobT), [])
+
+    def test_windowCountsPushesNotSeqs(self):
+        """
+        Seqs need not be dense (cluster mode's store jumps above a new floor
+        after Redis lost data): the window counts entries pushed and not
+        acknowledged, not the distance between seqs.
+        """
+        bob, bobT, _, _ = self.gate.login("bob")
+        self.gate.send(self.alice, "bob", "0")
+        self.gate.store._heads["bob"] = 1000  # the store's seqs jump
+        for i in range(4):
+            self.gate.send(self.alice, "bob", str(i + 1))
+        self.assertEqual([e.seq for e in pushes(written(bobT))], [1, 1001, 1002])
+        self.gate.ack(bob, 1001)
+        self.assertEqual([e.seq for e in pushes(written(bobT))], [1003, 1004])
+        self.assertEqual(bob.unackedCount(), 3)
+
+    def test_storeUnavailableRetried(self):
+        """
+        A fetch refused with C{UNAVAILABLE} (Redis down) keeps the
+        connection and is tried again after L{FETCH_RETRY_DELAY}; nothing
+        is lost.
+        """
+        store = self.gate.store
+        bob, bobT, _, _ = self.gate.login("bob")
+        for i in range(5):
+            self.gate.send(self.alice, "bob", str(i))
+        self.assertEqual(len(pushes(written(bobT))), 3)
+        fetch = store.fetch
+        store.fetch = lambda *args: fail(Unavailable("redis is down"))
+        self.gate.ack(bob, 3)
+        self.assertEqual(written(bobT), [])
+        self.assertFalse(bobT.disconnecting)
+        store.fetch = fetch
+        self.gate.clock.advance(FETCH_RETRY_DELAY)
+        self.assertEqual([e.seq for e in pushes(written(bobT))], [4, 5])
 
     def test_ackBeyondPushed(self):
         """
