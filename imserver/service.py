@@ -572,3 +572,55 @@ class ClusterService(Service):
                 self.log.warn("{what} failed: {why}", what=what, why=e.message)
             except Exception:
                 self.log.failure("{what} failed", what=what)
+
+
+class CertificateReloadService(Service):
+    """
+    Reads the TLS certificate files again on C{SIGHUP}: new connections get
+    the new certificate, open ones keep theirs
+    (L{imserver.tls.ReloadableServerOptions}).  Renew a certificate by
+    replacing its files, then C{kill -HUP <pid>}.
+
+    @ivar certificates: the L{imserver.tls.ReloadableServerOptions} of the
+        TLS listeners.
+    """
+
+    log = Logger()
+
+    def __init__(self, certificates, reactor):
+        self.setName("certificates")
+        self.certificates = list(certificates)
+        self.reactor = reactor
+        self._previous = None
+
+    def startService(self):
+        Service.startService(self)
+        import signal
+
+        try:
+            self._previous = signal.signal(signal.SIGHUP, self._signalled)
+        except ValueError:  # not the main thread: reload() still works
+            self._previous = None
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _signalled(self, signum, frame):
+        # A signal handler may run between any two bytecodes: leave the
+        # work to the reactor.
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self):
+        """
+        Reload every certificate.
+
+        @return: how many were reloaded (the others keep their current
+            certificate; the reason is logged).
+        """
+        self.log.info("reloading {n} TLS certificate(s)", n=len(self.certificates))
+        return sum(1 for options in self.certificates if options.reload())

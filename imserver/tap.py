@@ -320,7 +320,18 @@ def makeService(options, reactor=None):
     ).setServiceParent(root)
     gate = GateService(factory, endpoints)
     gate.setServiceParent(root)
-    _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor, directory)
+    apiEndpoint = _addApi(
+        options, root, gate, factory, secret, dataDir, certificate, reactor, directory
+    )
+    certificates = [
+        endpoint.tlsOptions
+        for endpoint in [e for _, e in endpoints] + [apiEndpoint]
+        if getattr(endpoint, "tlsOptions", None) is not None
+    ]
+    if certificates:
+        from imserver.service import CertificateReloadService
+
+        CertificateReloadService(certificates, reactor).setServiceParent(root)
     return root
 
 
@@ -372,6 +383,8 @@ def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor,
     listeners listen, and withdraws when they stop) and, unless C{--api
     none}, the HTTP API to C{root} after the gate: stopped first, the API
     stops taking requests before the gate closes its connections.
+
+    @return: the API's endpoint, or L{None} without one.
     """
     from imserver.api import MemoryGateDirectory, loadAdminToken, makeSite
     from imserver.endpoints import listenEndpoint
@@ -385,7 +398,7 @@ def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor,
     ).setServiceParent(gate)
     description = options["api"]
     if description is None:
-        return
+        return None
     try:
         adminToken = loadAdminToken(dataDir, options["admin-token-file"])
     except ValueError as e:
@@ -398,3 +411,4 @@ def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor,
     ApiService(
         description, endpoint, site, reactor, settings.shutdown_grace
     ).setServiceParent(root)
+    return endpoint

@@ -8,6 +8,7 @@ chosen by the OS.  Every test waits for both ends of every connection to be
 closed before it finishes.
 """
 
+import os
 import signal
 import time
 
@@ -285,6 +286,28 @@ class InProcessGateTests(TestCase):
         self.assertIsInstance(reason, ConnectionDone)
         self.assertIsNone(client.session)
         yield self.assertNoSession()
+
+    @inlineCallbacks
+    def test_certificateReloadOnSIGHUP(self):
+        """
+        After the certificate files are replaced, C{SIGHUP} makes new
+        connections get the new certificate; a connection open before keeps
+        working.
+        """
+        before = yield self.connect()
+        certPEM, keyPEM = makeSelfSigned(hostnames=("localhost", "renewed.example"))
+        self.dataDir.child("tls-key.pem").setContent(keyPEM)
+        self.dataDir.child(CERT_FILE_NAME).setContent(certPEM)
+        reloaded = Deferred()
+        service = self.root.getServiceNamed("certificates")
+        reload = service.reload
+        service.reload = lambda: reloaded.callback(reload())
+        os.kill(os.getpid(), signal.SIGHUP)
+        self.assertEqual((yield reloaded), 1)
+        after = yield self.connect(uid="bob", caFile=None,
+                                   trustRoot=Certificate.loadPEM(certPEM))
+        self.assertTrue((yield after.ping()).server_time_ms)
+        self.assertTrue((yield before.ping()).server_time_ms)
 
     @inlineCallbacks
     def test_sameDeviceReplaces(self):

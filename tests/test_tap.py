@@ -269,7 +269,8 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(root.name, "imserver")
         gate = root.getServiceNamed("gate")
         self.assertIsInstance(gate, GateService)
-        self.assertEqual(list(root), [root.getServiceNamed("retention"), gate])
+        self.assertEqual(list(root), [root.getServiceNamed("retention"), gate,
+                                      root.getServiceNamed("certificates")])
         self.assertIsInstance(gate.factory, GateFactory)
         self.assertEqual(len(gate.listeners), 2)
         for listener, description in zip(gate.listeners, [SSL_LISTEN, TCP_LISTEN]):
