@@ -767,7 +767,9 @@ class GateFactory(Factory):
         frame = encodeFrame(pb.Frame(
             kind=pb.NOTIFY, method=methods.NOTICE.name, body=notice.SerializeToString()
         ))
-        sessions = [p for p in self.connections if p._delivering and not p._closing]
+        # Not to a connection that is not reading its pushes (paused).
+        sessions = [p for p in self.connections
+                    if p._delivering and not p._closing and p._pausedAt is None]
         for p in sessions:
             p.notice(frame)
         return len(sessions)

@@ -100,8 +100,8 @@ class Settings:
     )
     request_rate: float = _setting(
         50.0,
-        "Requests and notifies per second one connection may send (token bucket); "
-        "more are answered RATE_LIMITED.",
+        "Requests per second one connection may send (token bucket; notifies such "
+        "as acks are not counted); more are answered RATE_LIMITED.",
         0.01,
     )
     request_burst: int = _setting(

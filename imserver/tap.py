@@ -114,8 +114,9 @@ class Options(usage.Options):
             raise usage.UsageError("--redis-ca goes with a rediss:// --redis")
         if self["store"] is None:
             self["store"] = "sqlite" if self.redisURL is None else "redis"
-        if self["store"] not in ("sqlite", "memory", "redis"):
-            raise usage.UsageError("--store is sqlite or memory")
+        elif self["store"] not in ("sqlite", "memory"):
+            raise usage.UsageError(
+                "--store is sqlite or memory (the Redis store comes with --redis)")
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         values = {f.name: self[optionName(f.name)[2:]] for f in settingFields()}
@@ -309,8 +310,9 @@ def makeService(options, reactor=None):
     root = ServerService()
     root.setName("imserver")
     if cluster is not None:
-        # First to start (Redis connects before the gate listens), last to
-        # stop (after the gate drained its connections).
+        # First to start (it starts connecting to Redis; until connected,
+        # auths and sends answer UNAVAILABLE), last to stop (after the gate
+        # drained its connections).
         cluster.setServiceParent(root)
     if IService.providedBy(store):
         store.setName("store")

@@ -175,6 +175,19 @@ class BatchingTests(SynchronousTestCase):
         [(seq, outgoing, push)] = local.advanced
         self.assertEqual((seq, outgoing, push.message), (6, False, stored))
 
+    def test_typingOncePerUserPerGate(self):
+        """
+        A typing signal to a user with two devices on another gate is sent
+        once: that gate gives it to every session of the user it holds.
+        """
+        for deviceId in ["phone", "pad"]:
+            self.remote("alice", "gate-b", deviceId).typing("bob", True, "")
+        self.remote("carol", "gate-b").typing("bob", True, "")
+        self.clock.advance(0)
+        [batch] = self.connection.batches("gate-b")
+        self.assertEqual([(i.typing.to_uid, i.typing.from_uid) for i in batch.items],
+                         [("alice", "bob"), ("carol", "bob")])
+
     def test_kinds(self):
         """
         Kicks, typing signals and notices travel in the same batch as

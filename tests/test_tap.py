@@ -596,9 +596,11 @@ class StoreChoiceTests(SynchronousTestCase):
 
     def test_unknownStore(self):
         """
-        An unknown store is a usage error.
+        An unknown store is a usage error; so is naming the Redis store
+        without C{--redis}.
         """
-        self.assertRaises(UsageError, tap.Options().parseOptions, ["--store", "mysql"])
+        for store in ["mysql", "redis"]:
+            self.assertRaises(UsageError, tap.Options().parseOptions, ["--store", store])
 
     def test_maxUnackedBounded(self):
         """

@@ -42,12 +42,15 @@ class _Outgoing:
     What one target gate gets at the next flush.
     """
 
-    __slots__ = ("batch", "pushes", "size")
+    __slots__ = ("batch", "pushes", "typings", "size")
 
     def __init__(self, source):
         self.batch = bus_pb2.Batch(source_gate=source)
         # MessagePush -> (its bus_pb2.Push in the batch, uids targeted)
         self.pushes = {}
+        # (to, from, active, group) already queued: the target gate gives
+        # one signal to every session of the user it holds.
+        self.typings = set()
         self.size = 0
 
 
@@ -164,7 +167,12 @@ class RedisGateBus:
         kick.message = message
 
     def typing(self, gateId, toUid, fromUid, active, groupId):
-        item = self._queue(gateId).batch.items.add()
+        queued = self._queue(gateId)
+        key = (toUid, fromUid, active, groupId)
+        if key in queued.typings:
+            return  # another device of the same user on that gate
+        queued.typings.add(key)
+        item = queued.batch.items.add()
         typing = item.typing
         typing.to_uid = toUid
         typing.from_uid = fromUid
