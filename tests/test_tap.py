@@ -594,6 +594,16 @@ class StoreChoiceTests(SynchronousTestCase):
         self.assertIs(list(root)[0], store)
         self.assertIs(root.getServiceNamed("gate").factory.store, store)
 
+    def test_everySettingDocumented(self):
+        """
+        docs/configuration.md has a row for every setting's option.
+        """
+        doc = FilePath(__file__).parent().parent().child("docs").child(
+            "configuration.md").getContent().decode("utf-8")
+        missing = [optionName(f.name) for f in settingFields()
+                   if "| `{}` |".format(optionName(f.name)) not in doc]
+        self.assertEqual(missing, [])
+
     def test_unknownStore(self):
         """
         An unknown store is a usage error; so is naming the Redis store
