@@ -60,31 +60,15 @@ GROUP, OTHER_GROUP = "team", "others"
 _FATAL_RESPONSES = frozenset([pb.AUTH_FAILED, pb.TOO_MANY_DEVICES, pb.RATE_LIMITED])
 
 
-def _rateLimitedSeqZero(frame):
-    # The request rate is checked before the seq (GateProtocol.frameReceived
-    # before RPCProtocol._requestReceived): a request with seq 0, or with
-    # the seq of a request in progress, beyond the burst is answered
-    # RATE_LIMITED with that seq instead of closing with DUPLICATE_SEQ.
-    return frame.kind == pb.RESPONSE and frame.seq == 0 and frame.error.code == pb.RATE_LIMITED
-
-
-def _sqliteOverflow(event):
-    # SQLiteMessageStore passes a uint64 from the client (SyncRequest.
-    # after_seq >= 2^63) to SQLite, which raises OverflowError: logged as a
-    # store failure, answered UNAVAILABLE (docs: any value is accepted).
-    failure = event["log_failure"]
-    return failure.check(OverflowError) is not None
-
-
 #: Bugs found and reported, not fixed yet: name -> (a predicate on a
 #: written frame, a predicate on a logged failure event) saying what the
 #: bug explains (either may be L{None}).  Tolerated unless C{strict}, so
 #: fuzzing goes on past them; fuzz/regressions/NAME holds an input for
 #: each, and tests/test_malformed.py checks that each still fails strictly.
-KNOWN_BUGS = {
-    "rate-limited-seq-0": (_rateLimitedSeqZero, None),
-    "sqlite-uint64-overflow": (None, _sqliteOverflow),
-}
+#: Fixed so far: rate-limited-seq-0 (the seq is now checked before the
+#: request rate) and sqlite-uint64-overflow (fetch after any uint64 is an
+#: empty page); their inputs stay in fuzz/regressions as regression cases.
+KNOWN_BUGS = {}
 _SETTINGS = Settings()
 _METRICS = GateMetrics()
 

@@ -45,8 +45,6 @@ from imserver.metrics import GateMetrics
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCProtocol
 
-_REQUEST = pb.REQUEST
-
 NEW = "new"
 AUTHENTICATING = "authenticating"
 AUTHENTICATED = "authenticated"
@@ -148,27 +146,26 @@ class GateProtocol(RPCProtocol):
 
     def frameReceived(self, frame):
         self._metrics.framesReceived += 1
-        if frame.kind == _REQUEST:
-            requests = self._requests
-            if requests is None:
-                settings = self.factory.settings
-                requests = self._requests = TokenBucket(
-                    settings.request_rate, settings.request_burst, self.clock
-                )
-            if not requests.take():
-                self._rateLimited(frame.seq)
-                return
-            self._refusedInARow = 0
         RPCProtocol.frameReceived(self, frame)
 
-    def _rateLimited(self, seq):
+    def requestAdmitted(self, seq):
+        requests = self._requests
+        if requests is None:
+            settings = self.factory.settings
+            requests = self._requests = TokenBucket(
+                settings.request_rate, settings.request_burst, self.clock
+            )
+        if requests.take():
+            self._refusedInARow = 0
+            return True
         self._metrics.rateLimited += 1
         self._refusedInARow += 1
         if self._refusedInARow >= self.factory.settings.rate_limit_close:
             self.closeWithError(pb.RATE_LIMITED, "too many requests; closing", seq)
-            return
-        self._sendError(seq, RateLimited(
-            "more than {} requests per second".format(self.factory.settings.request_rate)))
+        else:
+            self._sendError(seq, RateLimited(
+                "more than {} requests per second".format(self.factory.settings.request_rate)))
+        return False
 
     # -- flow control (IPushProducer: the transport's write buffer) -----------
 

@@ -102,6 +102,7 @@ class RPCProtocol(FrameProtocol):
     responders = {}
     notificationHandlers = {}
     requestTimeout = 30.0
+    _ignoredLogged = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -248,6 +249,8 @@ class RPCProtocol(FrameProtocol):
                 seq,
             )
             return
+        if not self.requestAdmitted(seq):
+            return
         try:
             method, function = self.locateResponder(frame.method)
             request = method.requestType()
@@ -275,6 +278,16 @@ class RPCProtocol(FrameProtocol):
         else:
             self._sendResult(seq, result)
             self.responseSent(method, result)
+
+    def requestAdmitted(self, seq):
+        """
+        Called for each request with a valid seq, before it is dispatched.
+        Subclasses override it to refuse requests (a rate limit): they
+        answer the request themselves and return L{False}.
+
+        @return: whether to dispatch it.
+        """
+        return True
 
     def responseSent(self, method, response):
         """
@@ -323,10 +336,9 @@ class RPCProtocol(FrameProtocol):
     def _responseReceived(self, frame):
         entry = self._outstanding.pop(frame.seq, None)
         if entry is None:
-            self.log.warn(
+            self._ignored(
                 "response for unknown seq {seq} on connection {conn} dropped",
                 seq=frame.seq,
-                conn=self.connectionId,
             )
             return
         d, timer, method = entry
@@ -356,10 +368,9 @@ class RPCProtocol(FrameProtocol):
     def _notifyReceived(self, frame):
         entry = self.locateNotificationHandler(frame.method)
         if entry is None:
-            self.log.info(
+            self._ignored(
                 "ignoring notification {name!r} on connection {conn}",
                 name=frame.method[:64],
-                conn=self.connectionId,
             )
             return
         notification, function = entry
@@ -367,11 +378,10 @@ class RPCProtocol(FrameProtocol):
         try:
             message.ParseFromString(frame.body)
         except DecodeError:
-            self.log.warn(
+            self._ignored(
                 "ignoring notification {name} with a body that does not parse"
                 " on connection {conn}",
                 name=notification.name,
-                conn=self.connectionId,
             )
             return
         try:
@@ -382,6 +392,18 @@ class RPCProtocol(FrameProtocol):
                 name=notification.name,
                 conn=self.connectionId,
             )
+
+    def _ignored(self, format, **fields):
+        """
+        Log a frame dropped as meaningless (the protocol ignores it, for
+        compatibility), once per connection: a peer must not be able to
+        write a log line per few bytes it sends.
+        """
+        if self._ignoredLogged:
+            return
+        self._ignoredLogged = True
+        self.log.info(format + " (more such frames on it are dropped silently)",
+                      conn=self.connectionId, **fields)
 
     def _errorReceived(self, frame):
         self._peerError = ConnectionClosedByPeer(frame.error.code, frame.error.message)

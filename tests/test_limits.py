@@ -147,6 +147,17 @@ class RequestRateTests(SynchronousTestCase):
         self.assertFalse(self.ping(4)[0].HasField("error"))
         self.assertEqual(self.gate.factory.metrics.rateLimited, 1)
 
+    def test_seqCheckedFirst(self):
+        """
+        A bad seq is a C{DUPLICATE_SEQ} error even when the connection is
+        out of requests: the seq is checked before the rate.
+        """
+        self.ping(2)
+        self.ping(3)  # refused: no tokens left
+        self.gate.request(self.protocol, "ping", pb.PingRequest(), seq=0)
+        [error] = written(self.transport)
+        self.assertEqual((error.kind, error.error.code), (pb.ERROR, pb.DUPLICATE_SEQ))
+
     def test_acksAreNotCounted(self):
         """
         Acks (notifies) do not use up requests.

@@ -284,6 +284,21 @@ class IncomingTests(PeerTestCase):
         self.assertEqual(self.written(), [])
         self.assertFalse(self.transport.disconnecting)
 
+    def test_ignoredLoggedOnce(self):
+        """
+        Frames ignored as meaningless (unknown notifications, responses to
+        unknown seqs) are logged once per connection, so a peer cannot make
+        the server write a log line per few bytes.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(50):
+            self.receive(kind=pb.NOTIFY, method="future")
+            self.receive(kind=pb.RESPONSE, seq=99)
+        logged = [e for e in events if "dropped silently" in e.get("log_format", "")]
+        self.assertEqual(len(logged), 1)
+
 
 class OutgoingTests(PeerTestCase):
     """

@@ -197,6 +197,16 @@ class StoreTestsMixin:
         self.assertEqual((yield self.store.fetch("bob", base + 5, 10)), [])
 
     @inlineCallbacks
+    def test_fetchBeyondAnySeq(self):
+        """
+        C{fetch} after any uint64 (clients may ask for anything) is an
+        empty page, not an error.
+        """
+        yield self.send("alice", "m1", "hello")
+        for afterSeq in [2**53, 2**63 - 1, 2**63, 2**64 - 1]:
+            self.assertEqual((yield self.store.fetch("bob", afterSeq, 10)), [], afterSeq)
+
+    @inlineCallbacks
     def test_cursor(self):
         """
         Acks raise a device's cursor and never lower it.

@@ -93,6 +93,9 @@ CREATE TABLE IF NOT EXISTS cursors (
 #: Upserts (3.24) and row values (3.15).
 MIN_SQLITE = (3, 24, 0)
 
+#: The largest integer SQLite stores (signed 64 bits); seqs never get near.
+MAX_SQLITE_INTEGER = 2**63 - 1
+
 #: Most operations committed in one transaction.
 MAX_BATCH = 2000
 
@@ -286,6 +289,8 @@ class _Operations:
         return Delivery(original, {sender: senderSeq}, True)
 
     def fetch(self, db, uid, afterSeq, limit):
+        if afterSeq > MAX_SQLITE_INTEGER:
+            return []  # beyond any seq (a client may ask for anything uint64)
         rows = db.execute(
             "SELECT i.seq, i.outgoing, m.data FROM inbox i"
             " JOIN messages m ON m.id = i.message_id"
