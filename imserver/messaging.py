@@ -226,12 +226,17 @@ class Messenger:
         seqs = delivery.seqs
         self.registry.sessionsForMany(list(seqs)).addCallback(
             _advance, seqs, delivery.message.sender, push
-        ).addErrback(
-            # Nothing is lost: the sessions fetch the entries on their next
-            # pump, ack or reconnect.
-            lambda failure: self.log.failure("announcing message {id} failed", failure,
-                                             id=delivery.message.id)
-        )
+        ).addErrback(self._announceFailed, delivery.message.id)
+
+    def _announceFailed(self, failure, messageId):
+        # Nothing is lost: the sessions fetch the entries on their next
+        # pump, ack or reconnect (in cluster mode, the catch-up after Redis
+        # returns announces them).
+        if failure.check(Unavailable):
+            self.log.warn("announcing message {id} postponed: {why}",
+                          id=messageId, why=failure.getErrorMessage())
+        else:
+            self.log.failure("announcing message {id} failed", failure, id=messageId)
 
     def typing(self, sender, to, active, groupId=""):
         """

@@ -130,7 +130,28 @@ class RedisURL:
         )
 
 
-class _Factory(txredisapi.RedisFactory):
+class _KeepTrying:
+    """
+    For txredisapi's factories: a refused auth (wrong password, unknown
+    user) makes txredisapi stop reconnecting for good.  Keep trying with
+    the usual backoff instead (the credentials may be fixed on the Redis
+    side, during a password rotation), and say why it fails.
+    """
+
+    log = Logger()
+
+    def stopTrying(self):
+        if self.disconnectCalled:
+            return txredisapi.RedisFactory.stopTrying(self)
+        return succeed(None)
+
+    def connectionError(self, why):
+        # Never the password: Redis's own message only ("WRONGPASS ...").
+        self.log.error("Redis at {url} refused the connection: {why}; retrying",
+                       url=self.uuid, why=why)
+
+
+class _Factory(_KeepTrying, txredisapi.RedisFactory):
     """
     txredisapi's factory, with reply timeouts on our reactor and
     connection events reported to the L{RedisConnection}.
@@ -352,7 +373,7 @@ class _SubscriberProtocol(txredisapi.SubscriberProtocol):
         self.factory.subscriber._message(channel, message)
 
 
-class _SubscriberFactory(txredisapi.RedisFactory):
+class _SubscriberFactory(_KeepTrying, txredisapi.RedisFactory):
     """
     The factory of a L{RedisSubscriber}'s connection: bytes, reply timeouts
     on our reactor, connection events reported to the subscriber.

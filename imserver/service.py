@@ -360,9 +360,15 @@ class AdvertiseService(Service):
 
     def stopService(self):
         Service.stopService(self)
-        return self.directory.withdraw(self.gateId).addErrback(
-            lambda f: self.log.failure("withdrawing the gate failed", f)
-        )
+        return self.directory.withdraw(self.gateId).addErrback(self._withdrawFailed)
+
+    def _withdrawFailed(self, failure):
+        if failure.check(Unavailable):
+            # Its lease lapses by itself: the gate drops out of the list.
+            self.log.warn("withdrawing the gate postponed: {why}",
+                          why=failure.getErrorMessage())
+        else:
+            self.log.failure("withdrawing the gate failed", failure)
 
 
 class ClusterService(Service):

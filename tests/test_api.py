@@ -1563,7 +1563,7 @@ class OptionsTests(SynchronousTestCase):
         C{--api none} runs no API and generates no admin token.
         """
         root = self.makeService("--api", "none")
-        self.assertEqual([s.name for s in root], ["retention", "gate"])
+        self.assertEqual([s.name for s in root], ["retention", "gate", "certificates"])
         self.assertFalse(self.dataDir.child("admin-token").exists())
 
     def test_apiInvalid(self):

@@ -125,3 +125,39 @@ class ConnectionTests(TestCase):
         yield self.server.start()
         yield self.whenConnected()
         self.assertEqual((yield self.connection.execute("PING")), "PONG")
+
+
+class RefusedAuthTests(TestCase):
+    """
+    A connection whose credentials Redis refuses keeps trying.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_retriesAfterWrongPassword(self):
+        """
+        With a wrong password the connection stays down (commands fail with
+        L{RedisUnavailable}) and keeps retrying; once Redis accepts that
+        password (a rotation finished on the Redis side), it comes up by
+        itself.
+        """
+        server = RedisServer(self, reactor, appendfsync=None,
+                             extraArgs=["--requirepass", "old-password"])
+        yield server.start()
+        url = "redis://:new-password@127.0.0.1:{}/0".format(server.port)
+        connection = connectRedis(reactor, RedisURL.parse(url), replyTimeout=2)
+        self.addCleanup(connection.disconnect)
+        up = Deferred()
+        connection.onConnect.append(lambda: up.called or up.callback(None))
+        admin = connectRedis(reactor, RedisURL.parse(
+            "redis://:old-password@127.0.0.1:{}/0".format(server.port)), replyTimeout=2)
+        self.addCleanup(admin.disconnect)
+        adminUp = Deferred()
+        admin.onConnect.append(lambda: adminUp.called or adminUp.callback(None))
+        yield adminUp
+        yield self.assertFailure(connection.execute("PING"), RedisUnavailable)
+        yield admin.execute("CONFIG", "SET", "requirepass", "new-password")
+        yield up
+        self.assertEqual((yield connection.execute("PING")), "PONG")
+        self.flushLoggedErrors()

@@ -938,8 +938,11 @@ class RedisMessageStore:
         keys = [
             EPOCH_KEY, SEQFLOOR_KEY, RUNID_KEY, dedupKey(sender, clientMsgId),
             bodyKey(messageId), BODIES_KEY,
-            groupKey(groupId, "members") if groupId else "",
         ]
+        if groupId:
+            # KEYS[7], read only for a group message: no empty key name
+            # otherwise (an ACL user limited to ~im:* refuses one).
+            keys.append(groupKey(groupId, "members"))
         args = [
             sender, "%d" % (nowMs,), "%d" % (self.dedupWindowMs,), self._floorCandidate(),
             os.urandom(8).hex(), runId, "%d" % (messageId,), stored.SerializeToString(),
