@@ -1,17 +1,22 @@
 """
-Tests of C{im-bench} (L{imserver.bench}): unit tests of its pure pieces, and
-smoke tests that run each scenario (and the echo reference, and the charts)
-for a second or so against a real spawned gate and real worker processes.
-The smoke tests assert that traffic flowed and nothing failed, never how
-fast (timings belong in docs/performance.md, not in tests).
+Tests of C{im-bench} (L{imserver.bench}) and of L{imserver.spawn}: unit
+tests of their pure pieces, and smoke tests that run each scenario (and the
+echo reference, and the charts) for a second or so against a real spawned
+gate and real worker processes.  The smoke tests assert that traffic flowed
+and nothing failed, never how fast (timings belong in docs/performance.md,
+not in tests).
 """
 
 import io
 import json
+import shutil
+import struct
 import sys
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
+from twisted.internet.error import ProcessDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
@@ -23,7 +28,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from imserver.bench import options as bench_options
 from imserver.bench.cli import writeReport
 from imserver.bench.control import ControlProtocol, LineBuffer, WorkerError, WorkerProcess
-from imserver.bench.coordinator import Coordinator, ServerProcess
+from imserver.bench.coordinator import Coordinator
+from imserver.bench.fanout import GROUP, Fanout, FanoutLoad, MemberClient
 from imserver.bench.hold import Hold
 from imserver.bench.options import loopback, sourceAddresses
 from imserver.bench.p2p import P2P
@@ -43,7 +49,16 @@ from imserver.bench.stats import (
 )
 from imserver.bench.storm import Storm
 from imserver.bench.worker import Worker
-from imserver.spawn import childEnvironment
+from imserver.messaging import MessagePush
+from imserver.pb import im_pb2 as pb
+from imserver.spawn import (
+    NotListening,
+    TwistdProcess,
+    apiPattern,
+    childEnvironment,
+    tasksetPrefix,
+    twistdArgv,
+)
 
 #: Every smoke run: unpinned, so the tests run on any machine.
 UNPINNED = ["--server-cpu", "", "--client-cpu", ""]
@@ -180,7 +195,7 @@ class OptionsTests(SynchronousTestCase):
         """
         Every scenario refuses a C{--host} beyond loopback.
         """
-        for scenario in (Hold, P2P, Ping, Storm):
+        for scenario in (Fanout, Hold, P2P, Ping, Storm):
             error = self.assertRaises(UsageError, self.parse, scenario, "--host", "10.1.2.3")
             self.assertIn("not a loopback address", str(error))
 
@@ -229,6 +244,26 @@ class OptionsTests(SynchronousTestCase):
         error = self.assertRaises(UsageError, self.parse, Ping, "--plot", "charts")
         self.assertIn("matplotlib", str(error))
         self.assertEqual(self.parse(Storm, "--users", "10")["drop"], 5)
+
+    def test_fanout(self):
+        """
+        C{fanout} has 1000 members by default, C{--users} is the same as
+        C{--members}, and members ack well within the gate's window.
+        """
+        self.assertEqual(self.parse(Fanout)["users"], 1000)
+        options = self.parse(Fanout, "--members", "7")
+        self.assertEqual((options["members"], options["users"]), (7, 7))
+        options = self.parse(Fanout, "--users", "9")
+        self.assertEqual((options["members"], options["users"]), (9, 9))
+        self.assertRaises(UsageError, self.parse, Fanout, "--members", "1")
+        self.assertRaises(UsageError, self.parse, Fanout, "--ack-every", "0")
+        self.assertRaises(UsageError, self.parse, Fanout, "--ack-every", "129")
+        self.assertRaises(UsageError, self.parse, Fanout, "--body", "4")
+        self.assertRaises(UsageError, self.parse, Fanout, "--inflight", "0")
+        arguments = Fanout(self.parse(Fanout, "--members", "3000")).gateArguments()
+        self.assertEqual(arguments[arguments.index("--max-group-size") + 1], "3000")
+        self.assertGreater(int(arguments[arguments.index("--max-unacked") + 1]),
+                           2 * self.parse(Fanout)["ack-every"])
 
     def test_referenceFlags(self):
         """
@@ -324,19 +359,6 @@ class ControlTests(SynchronousTestCase):
         worker.shutdown()
         self.successResultOf(worker.done)
 
-    def test_serverListening(self):
-        """
-        A server child is listening once it logs its address, IPv6 in
-        brackets.
-        """
-        for host, line in [("127.0.0.1", b"gate listening on 127.0.0.1:7001\n"),
-                           ("127.0.0.5", b"x\nlistening on 127.0.0.5:7002\n"),
-                           ("::1", b"listening on [::1]:7003\n")]:
-            process = ServerProcess(host)
-            process.outReceived(b"listening on 127.0.0.10:1\n")
-            process.outReceived(line)
-            self.assertEqual(self.successResultOf(process.listening), int(line[-5:-1]))
-
     def test_ticker(self):
         """
         An open-loop ticker fires at its rate on average, making up ticks
@@ -353,6 +375,207 @@ class ControlTests(SynchronousTestCase):
         ticker.stop()
         clock.advance(1)
         self.assertEqual(len(fired), 375)
+
+
+def _frame(frame):
+    """
+    C{frame}, serialized and length-prefixed.
+    """
+    data = frame.SerializeToString()
+    return struct.pack("!I", len(data)) + data
+
+
+def _acks(data):
+    """
+    The seqs of the C{ack} frames in C{data}, after the first frame (the
+    C{auth} request).
+    """
+    seqs = []
+    while data:
+        size = struct.unpack("!I", data[:4])[0]
+        frame = pb.Frame.FromString(data[4:4 + size])
+        data = data[4 + size:]
+        if frame.method == "ack":
+            seqs.append(pb.Ack.FromString(frame.body).seq)
+    return seqs
+
+
+class MemberClientTests(SynchronousTestCase):
+    """
+    L{MemberClient}, the lean group member of C{fanout}.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.err = io.StringIO()
+        self.load = FanoutLoad(self.clock, {
+            "target": {"host": "127.0.0.1", "port": 1, "tls": False, "ca": None},
+            "sources": ["127.0.0.2"], "first": 0, "count": 4, "secret": "00" * 32,
+            "connectWindow": 1, "timeout": 5,
+            "config": {"group": GROUP, "inflight": 1, "rate": 0, "body": 20, "ackEvery": 4,
+                       "sampleEvery": 3},
+        }, err=self.err)
+        self.client = MemberClient(self.load, 1)
+        self.transport = StringTransport()
+        self.client.makeConnection(self.transport)
+
+    def authenticate(self):
+        """
+        Answer the client's C{auth}.
+        """
+        self.client.dataReceived(_frame(pb.Frame(
+            kind=pb.RESPONSE, seq=1, body=pb.AuthResponse(head_seq=0).SerializeToString())))
+        self.assertIs(self.successResultOf(self.client.ready), self.client)
+
+    def push(self, seq, outgoing=False):
+        """
+        The gate's C{message} notify of inbox entry C{seq}.
+        """
+        body = struct.pack("!d", time.perf_counter()) + b"x" * 12
+        message = pb.Message(id=seq, sender="u0", group_id=GROUP, client_msg_id="m", body=body,
+                             created_ms=1767139200123)
+        return MessagePush(message).frame(seq, outgoing)
+
+    def test_auth(self):
+        """
+        The client sends its pre-encoded C{auth} first and is ready once it
+        is answered; a failed C{auth} fails C{ready} and closes.
+        """
+        data = self.transport.value()
+        request = pb.Frame.FromString(data[4:])
+        self.assertEqual((request.kind, request.seq, request.method), (pb.REQUEST, 1, "auth"))
+        self.assertEqual(pb.AuthRequest.FromString(request.body).uid, "u1")
+        self.assertNoResult(self.client.ready)
+        failing = MemberClient(self.load, 2)
+        failing.makeConnection(StringTransport())
+        failing.dataReceived(_frame(pb.Frame(kind=pb.RESPONSE, seq=1, error=pb.Error(
+            code=pb.AUTH_FAILED, message="bad token"))))
+        self.failureResultOf(failing.ready, ValueError)
+        self.assertTrue(failing.transport.disconnecting)
+
+    def test_countsAcksAndSamples(self):
+        """
+        Pushes are counted however the bytes are split; the client acks
+        every C{ackEvery} entries, and the rest once its stream is quiet
+        for a tick of the load's timer; the latency of every
+        C{sampleEvery}-th entry is recorded; the sender's own (outgoing)
+        entries are not deliveries.
+        """
+        self.authenticate()
+        self.load.on_measure()
+        self.load.on_start()
+        data = b"".join(self.push(seq) for seq in range(1, 126)) + self.push(126, outgoing=True)
+        for i in range(0, len(data), 7):
+            self.client.dataReceived(data[i:i + 7])
+        self.assertEqual(self.load.counts["delivered"], 125)
+        self.assertEqual(self.client.seq, 126)
+        self.assertEqual(_acks(self.transport.value()), list(range(4, 125, 4)))
+        self.clock.advance(0.05)
+        self.client.dataReceived(self.push(127))
+        self.clock.advance(0.05)
+        self.assertEqual(_acks(self.transport.value())[-1], 124)
+        self.clock.advance(0.05)
+        self.assertEqual(_acks(self.transport.value())[-1], 127)
+        self.assertEqual(self.load.counts["acks"], 32)
+        self.clock.advance(0.05)
+        self.assertEqual(self.load.counts["acks"], 32)
+        self.assertEqual(self.load.counts["delivered"], 126)
+        self.assertEqual(len(self.load.latencies), 41)
+        self.assertTrue(all(0 <= value < 60e6 for value in self.load.latencies))
+        self.assertEqual(self.load.counts["errors"], 0)
+
+    def test_otherEncoding(self):
+        """
+        A push encoded otherwise than the gate does it today is parsed in
+        full, and counted the same.
+        """
+        self.authenticate()
+        entry = pb.InboxEntry(seq=3, message=pb.Message(id=1, body=b"\0" * 8))
+        self.client.dataReceived(_frame(pb.Frame(kind=pb.NOTIFY, seq=9, method="message",
+                                                 body=entry.SerializeToString())))
+        self.assertEqual((self.load.counts["delivered"], self.client.seq), (1, 3))
+
+    def test_error(self):
+        """
+        An ERROR frame from the gate is an error, and the client closes.
+        """
+        self.authenticate()
+        self.client.dataReceived(_frame(pb.Frame(kind=pb.ERROR, error=pb.Error(
+            code=pb.SLOW_CONSUMER, message="slow"))))
+        self.assertEqual(self.load.counts["errors"], 1)
+        self.assertIn("SLOW_CONSUMER", self.err.getvalue())
+        self.assertTrue(self.transport.disconnecting)
+
+
+class SpawnTests(SynchronousTestCase):
+    """
+    L{imserver.spawn}: the command line and the output of a server child.
+    """
+
+    def test_listening(self):
+        """
+        A server child is listening once it logs its address (IPv6 in
+        brackets), even split over two reads; other addresses do not count.
+        """
+        for host, line in [("127.0.0.1", b"gate listening on 127.0.0.1:7001\n"),
+                           ("127.0.0.5", b"x\nlistening on 127.0.0.5:7002\n"),
+                           ("::1", b"listening on [::1]:7003\n")]:
+            process = TwistdProcess(host)
+            process.outReceived(b"listening on 127.0.0.10:1\n")
+            process.outReceived(line[:-9])
+            self.assertNoResult(process.listening)
+            process.errReceived(line[-9:])
+            self.assertEqual(self.successResultOf(process.listening), int(line[-5:-1]))
+            self.assertEqual(process.port, int(line[-5:-1]))
+
+    def test_waitFor(self):
+        """
+        Other lines can be waited for, such as the HTTP API's; one already
+        written is found at once; the process ending first fails the wait
+        with L{NotListening}, naming what was waited for.
+        """
+        process = TwistdProcess()
+        api = process.waitFor(apiPattern("127.0.0.1"), "the HTTP API")
+        process.outReceived(b"listening on 127.0.0.1:5000\nHTTP API at http://127.0.0.1:5")
+        process.outReceived(b"001/\n")
+        self.assertEqual(self.successResultOf(api), 5001)
+        self.assertEqual(self.successResultOf(process.waitFor(apiPattern())), 5001)
+        missing = process.waitFor(apiPattern("::1"), "the IPv6 API")
+        process.processEnded(Failure(ProcessDone(0)))
+        error = self.failureResultOf(missing, NotListening).value
+        self.assertIn("the IPv6 API", str(error))
+        self.assertIn("HTTP API at", error.output)
+        self.failureResultOf(process.waitFor(apiPattern("::1")), NotListening)
+        self.assertIsInstance(self.successResultOf(process.ended), ProcessDone)
+
+    def test_boundedOutput(self):
+        """
+        Only the end of the output is kept, yet a line is found however
+        much came before it.
+        """
+        process = TwistdProcess(keep=1000)
+        for i in range(500):
+            process.outReceived(b"connection %d from 127.0.0.2\n" % (i,))
+        process.outReceived(b"listening on 127.0.0.1:6000\n")
+        self.assertEqual(self.successResultOf(process.listening), 6000)
+        self.assertEqual(len(process.output), 1000)
+        self.assertTrue(process.text().endswith("listening on 127.0.0.1:6000\n"))
+        process.processEnded(Failure(ProcessDone(0)))
+        self.assertEqual(len(process.text()), 1000)
+
+    def test_taskset(self):
+        """
+        A CPU pins the command with C{taskset -c} (if there is one); none,
+        or C{""}, does not.
+        """
+        self.assertEqual(tasksetPrefix(None), [])
+        self.assertEqual(tasksetPrefix(""), [])
+        taskset = shutil.which("taskset")
+        self.assertEqual(tasksetPrefix(1), [taskset, "-c", "1"] if taskset else [])
+        argv = twistdArgv(["--store", "memory"], "0")
+        self.assertEqual(argv[:len(tasksetPrefix("0"))], tasksetPrefix("0"))
+        self.assertEqual(argv[-3:], ["im", "--store", "memory"])
+        self.assertEqual(twistdArgv([])[0], sys.executable)
 
 
 class SmokeTests(TestCase):
@@ -456,6 +679,36 @@ class SmokeTests(TestCase):
         self.assertEqual(charts, ["ping-latency-cdf.png", "ping-throughput.png"])
         for chart in plots.children():
             self.assertEqual(chart.getContent()[:8], b"\x89PNG\r\n\x1a\n")
+
+    @inlineCallbacks
+    def test_fanoutTwoWorkers(self):
+        """
+        The group is created through the gate's HTTP API; every member, in
+        either worker, receives the sender's messages (its own copy is not
+        counted) and acks them; latencies come from both workers.
+        """
+        outcome = yield self.run_(Fanout, "--members", "7", "--workers", "2", "--duration", "1",
+                                  "--warmup", "0.3", "--inflight", "2", "--sample-every", "1",
+                                  "--no-reference")
+        result = outcome.result
+        self.assertClean(result, 7)
+        self.assertGreater(result["deliveries_per_s"], 0)
+        self.assertGreater(result["sends_per_s"], 0)
+        self.assertGreater(result["acks_per_s"], 0)
+        self.assertEqual(result["members"], 7)
+        self.assertIsNotNone(result["latency_ms"]["p99"])
+        self.assertIn("group bench-fanout of 7 members created", self.err.getvalue())
+
+    @inlineCallbacks
+    def test_fanoutOpenLoopMemory(self):
+        """
+        The open loop sends at a fixed rate, here on the memory store.
+        """
+        outcome = yield self.run_(Fanout, "--members", "4", "--rate", "50", "--store", "memory",
+                                  "--duration", "1", "--warmup", "0.2", "--no-reference")
+        self.assertClean(outcome.result, 4)
+        self.assertGreater(outcome.result["deliveries_per_s"], 0)
+        self.assertIn("open loop", outcome.result["mode"])
 
     @inlineCallbacks
     def test_storm(self):

@@ -4,18 +4,20 @@ C{im-bench}: the imserver load generator.
 
     python -m imserver.bench SCENARIO [options]
 
-The scenarios (L{imserver.bench.scenarios}): C{hold} (heartbeating idle
-connections), C{p2p} (1:1 durable delivery), C{ping} (RPC round trips) and
-C{storm} (mass reconnect with backlog).  C{im-bench SCENARIO --help} lists
-each one's options.
+The scenarios (L{imserver.bench.scenarios}): C{fanout} (one sender to a
+group of online members), C{hold} (heartbeating idle connections), C{p2p}
+(1:1 durable delivery), C{ping} (RPC round trips) and C{storm} (mass
+reconnect with backlog).  C{im-bench SCENARIO --help} lists each one's
+options.
 
 Processes: this one (the coordinator, L{imserver.bench.coordinator})
-starts its own C{twistd im} pinned to C{--server-cpu}, then C{--workers}
-client processes pinned to C{--client-cpu} (C{python -m imserver.bench
-worker}, driven over JSON lines on their stdio, L{imserver.bench.control}).
-Client connections come from source addresses 127.0.0.2 and up, so no
-source/destination pair runs out of ephemeral ports.  After the scenario
-the same workers drive a raw Twisted echo server
+starts its own C{twistd im} (L{imserver.spawn}) pinned to C{--server-cpu},
+with its HTTP API on a free loopback port if the scenario uses it, then
+C{--workers} client processes pinned to C{--client-cpu} (C{python -m
+imserver.bench worker}, driven over JSON lines on their stdio,
+L{imserver.bench.control}).  Client connections come from source addresses
+127.0.0.2 and up, so no source/destination pair runs out of ephemeral
+ports.  After the scenario the same workers drive a raw Twisted echo server
 (L{imserver.bench.reference}) with the same options, and the result gives
 the scenario's figures as ratios to it.
 

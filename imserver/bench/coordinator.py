@@ -7,22 +7,32 @@ place of the gate, and gathers one result.  It shows progress on stderr
 once a second and stops every child process when it ends, however it ends.
 """
 
-import collections
+import json
 import os
-import re
 import shutil
 import sys
 import tempfile
 
-from twisted.internet.defer import FirstError, TimeoutError, fail, gatherResults, inlineCallbacks
+from twisted.internet.defer import (
+    FirstError,
+    TimeoutError,
+    fail,
+    gatherResults,
+    inlineCallbacks,
+    succeed,
+)
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.filepath import FilePath
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
+from imserver.api import ADMIN_TOKEN_FILE_NAME
 from imserver.auth import loadSecret
 from imserver.bench import ECHO_COMMAND, WORKER_COMMAND
 from imserver.bench.control import WorkerProcess
-from imserver.bench.echo import listenAddress
 from imserver.bench.options import FILE_RESERVE, fileLimit, listenDescription, sourceAddresses
 from imserver.bench.reference import Reference
 from imserver.bench.stats import (
@@ -33,7 +43,13 @@ from imserver.bench.stats import (
     ratiosTo,
     sumCounts,
 )
-from imserver.spawn import TwistdProcess, childEnvironment, twistdArgv
+from imserver.spawn import (
+    apiPattern,
+    childEnvironment,
+    spawnServer,
+    spawnTwistd,
+    tasksetPrefix,
+)
 from imserver.tls import CERT_FILE_NAME, KEY_FILE_NAME
 
 #: Seconds into a run after which the progress line is shown.
@@ -66,62 +82,35 @@ def rssBytes(pid):
     return 0
 
 
-def pinnedArgv(argv, cpu):
+def _firstError(failure):
     """
-    C{argv} run under C{taskset -c cpu}, unless C{cpu} is C{""} or there is
-    no C{taskset}.
+    Errback of C{gatherResults}: the first failure itself.
     """
-    taskset = shutil.which("taskset")
-    if cpu == "" or taskset is None:
-        return argv
-    return [taskset, "-c", str(cpu)] + argv
+    return failure.value.subFailure if failure.check(FirstError) else failure
 
 
-class ServerProcess(TwistdProcess):
+@implementer(IBodyProducer)
+class _JSONBody:
     """
-    A server child (the gate, the echo reference) that logs C{listening on
-    HOST:PORT} for the address it was asked to listen on.
-
-    Unlike L{TwistdProcess} it keeps only the last L{KEEP} bytes of its
-    output: the gate logs every connection, for as long as the run lasts.
+    A request body of JSON, all at once.
     """
 
-    KEEP = 64 * 1024
+    def __init__(self, value):
+        self._data = json.dumps(value).encode("utf-8")
+        self.length = len(self._data)
 
-    def __init__(self, host):
-        TwistdProcess.__init__(self)
-        pattern = re.escape(listenAddress(host, "").encode("ascii"))
-        self._listeningOn = re.compile(b"listening on " + pattern + rb"(\d+)")
-        self._chunks = collections.deque()
-        self._kept = 0
+    def startProducing(self, consumer):
+        consumer.write(self._data)
+        return succeed(None)
 
-    def outReceived(self, data):
-        self._chunks.append(data)
-        self._kept += len(data)
-        while self._kept - len(self._chunks[0]) >= self.KEEP:
-            self._kept -= len(self._chunks.popleft())
-        if self.port is None:
-            match = self._listeningOn.search(b"".join(self._chunks))
-            if match is not None:
-                self.port = int(match.group(1))
-                self.listening.callback(self.port)
+    def pauseProducing(self):
+        pass
 
-    errReceived = outReceived
+    def resumeProducing(self):
+        pass
 
-    def text(self):
-        """
-        The end of the output, decoded.
-        """
-        return b"".join(self._chunks).decode("utf-8", "replace")
-
-
-def _spawn(reactor, process, argv, **kwargs):
-    """
-    Start C{argv} with this Python's environment, for C{process}.
-    """
-    process.transport = reactor.spawnProcess(process, argv[0], argv, env=childEnvironment(),
-                                             **kwargs)
-    return process
+    def stopProducing(self):
+        pass
 
 
 class Window:
@@ -184,8 +173,8 @@ class Coordinator:
     Runs one scenario, and then the reference, through worker processes.
 
     Scenarios' L{drive} methods use L{connect}, L{window}, L{tell},
-    L{tellEach}, L{usage}, L{usageSince}, L{serverRss}, L{keepLatencies},
-    L{blocks} and L{phase}.
+    L{tellEach}, L{callApi}, L{usage}, L{usageSince}, L{serverRss},
+    L{keepLatencies}, L{blocks} and L{phase}.
 
     @ivar blocks: C{(first user, count)} of each worker.
     @ivar phase: what the run is doing, for the progress line.
@@ -206,6 +195,7 @@ class Coordinator:
         self.server = None
         self._target = None
         self._secret = None
+        self._api = None
         self._dataDir = None
         self._segment = None
         self._started = None
@@ -296,9 +286,7 @@ class Coordinator:
         except BenchError:
             return fail()
         calls = [worker.call(command, **args) for worker, args in zip(self.workers, argsList)]
-        d = gatherResults(calls, consumeErrors=True)
-        d.addErrback(lambda failure: failure.value.subFailure if failure.check(FirstError)
-                     else failure)
+        d = gatherResults(calls, consumeErrors=True).addErrback(_firstError)
         return self._bounded(d, "the workers to {}".format(command), timeout)
 
     def tell(self, command, **args):
@@ -364,6 +352,34 @@ class Coordinator:
         return Window(sumCounts(report["counts"] for report in reports), latencies, figures,
                       serverRss)
 
+    @inlineCallbacks
+    def callApi(self, method, path, body=None):
+        """
+        Call the gate's HTTP API (a scenario with C{usesApi} only) with the
+        admin token.
+
+        @param method: C{b"GET"}, C{b"POST"}, ...
+        @param path: the path, C{/v1/...}.
+        @param body: a JSON value to send, or L{None}.
+        @return: a L{Deferred} firing with the decoded JSON answer, or
+            failing with L{BenchError} for an error status or after
+            C{--timeout}.
+        """
+        if self._api is None:
+            raise BenchError("the gate was started without its HTTP API")
+        url, token = self._api
+        agent = Agent(self.reactor, pool=HTTPConnectionPool(self.reactor, persistent=False))
+        headers = Headers({b"Authorization": [b"Bearer " + token]})
+        what = "the gate's API to answer {} {}".format(method.decode("ascii"), path)
+        response = yield self._bounded(
+            agent.request(method, (url + path).encode("utf-8"), headers,
+                          None if body is None else _JSONBody(body)), what)
+        data = yield self._bounded(readBody(response), what)
+        if not 200 <= response.code < 300:
+            raise BenchError("{} {}: {} {}".format(method.decode("ascii"), path, response.code,
+                                                   data.decode("utf-8", "replace")[:500]))
+        return json.loads(data)
+
     def usage(self):
         """
         @return: a mark for L{usageSince}: the time and the CPU seconds of
@@ -425,7 +441,10 @@ class Coordinator:
     @inlineCallbacks
     def _startGate(self, dataDir):
         o = self.options
-        imArgs = ["--data-dir", dataDir, "--store", o["store"], "--api", "none",
+        api = self.scenario.usesApi
+        imArgs = ["--data-dir", dataDir, "--store", o["store"],
+                  # The API on a free loopback port, if the scenario uses it.
+                  "--api", listenDescription("tcp", o["host"]) if api else "none",
                   "--listen", listenDescription(o["transport"], o["host"]),
                   # The bench is the gate's only client: lift the limits
                   # against abuse, but the open-file budget.
@@ -433,10 +452,18 @@ class Coordinator:
                   "--max-connections-per-ip", str(2 * o["users"]),
                   "--accept-rate", "1e9", "--request-rate", "1e9"]
         imArgs += self.scenario.gateArguments()
-        self.server = _spawn(self.reactor, ServerProcess(o["host"]),
-                             twistdArgv(imArgs, o["server-cpu"]))
-        port = yield self._bounded(self.server.listening, "the gate to listen")
+        self.server = spawnTwistd(self.reactor, imArgs, o["server-cpu"], listening=o["host"])
+        waits = [self.server.listening]
+        if api:
+            waits.append(self.server.waitFor(apiPattern(o["host"]), "its HTTP API listening"))
+        listening = gatherResults(waits, consumeErrors=True).addErrback(_firstError)
+        ports = yield self._bounded(listening, "the gate to listen")
+        port = ports[0]
         self._secret = loadSecret(FilePath(dataDir), create=False).hex()
+        if api:
+            host = "[{}]".format(o["host"]) if ":" in o["host"] else o["host"]
+            self._api = ("http://{}:{}".format(host, ports[1]),
+                         FilePath(dataDir).child(ADMIN_TOKEN_FILE_NAME).getContent().strip())
         tls = o["transport"] == "tls"
         self._target = {"host": o["host"], "port": port, "tls": tls,
                         "ca": os.path.join(dataDir, CERT_FILE_NAME) if tls else None}
@@ -448,16 +475,18 @@ class Coordinator:
         if self._target["tls"]:
             args += ["--tls-cert", os.path.join(dataDir, CERT_FILE_NAME),
                      "--tls-key", os.path.join(dataDir, KEY_FILE_NAME)]
-        self.server = _spawn(self.reactor, ServerProcess(o["host"]),
-                             pinnedArgv(args, o["server-cpu"]))
+        self.server = spawnServer(self.reactor, tasksetPrefix(o["server-cpu"]) + args,
+                                  listening=o["host"])
         port = yield self._bounded(self.server.listening, "the echo server to listen")
         self._target = dict(self._target, port=port)
 
     def _spawnWorker(self, index):
-        argv = [sys.executable, "-m", "imserver.bench", WORKER_COMMAND]
-        return _spawn(self.reactor, WorkerProcess(index),
-                      pinnedArgv(argv, self.options["client-cpu"]),
-                      childFDs={0: "w", 1: "r", 2: 2})
+        process = WorkerProcess(index)
+        argv = tasksetPrefix(self.options["client-cpu"]) + [
+            sys.executable, "-m", "imserver.bench", WORKER_COMMAND]
+        process.transport = self.reactor.spawnProcess(
+            process, argv[0], argv, env=childEnvironment(), childFDs={0: "w", 1: "r", 2: 2})
+        return process
 
     @inlineCallbacks
     def _stopServer(self):

@@ -16,9 +16,9 @@ next is sent.  So both runs spend the same client work per round trip.
 from google.protobuf.message import DecodeError
 from twisted.internet.defer import inlineCallbacks
 
-from imserver import __version__, methods
+from imserver import methods
 from imserver.bench.options import WindowOptions
-from imserver.bench.scenario import DEVICE, RoundTripLoad, Scenario, userName
+from imserver.bench.scenario import RoundTripLoad, Scenario, requestFrame
 from imserver.bench.stats import latencySummary
 from imserver.pb import im_pb2 as pb
 
@@ -29,26 +29,15 @@ class PingOptions(WindowOptions):
     """
 
 
-def _requestFrame(seq, method, request):
-    """
-    A request frame, serialized (the length prefix excluded).
-    """
-    return pb.Frame(kind=pb.REQUEST, seq=seq, method=method.name,
-                    body=request.SerializeToString()).SerializeToString()
-
-
 class PingLoad(RoundTripLoad):
     """
     Lean gate clients doing C{ping} round trips.
     """
 
-    request = _requestFrame(2, methods.PING, pb.PingRequest())
+    request = requestFrame(2, methods.PING, pb.PingRequest())
 
     def hello(self, index):
-        uid = userName(index)
-        return _requestFrame(1, methods.AUTH, pb.AuthRequest(
-            uid=uid, token=self.token(uid), device_id=DEVICE, platform=pb.DESKTOP,
-            client_version="im-bench/" + __version__))
+        return self.authFrame(index)
 
     def accept(self, data):
         try:

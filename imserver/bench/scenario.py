@@ -27,11 +27,12 @@ from twisted.internet.task import Cooperator, LoopingCall
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.filepath import FilePath
 
-from imserver import methods
+from imserver import __version__, methods
 from imserver.auth import mintToken
 from imserver.bench.options import loopback
 from imserver.client import ClientProtocol
 from imserver.observe import OneShot
+from imserver.pb import im_pb2 as pb
 
 #: The device id of every bench session.
 DEVICE = "bench"
@@ -53,6 +54,17 @@ def partner(index):
     return index ^ 1
 
 
+def requestFrame(seq, method, request):
+    """
+    A request frame, serialized (the length prefix excluded): what lean
+    clients send pre-encoded.
+
+    @param method: an L{imserver.rpc.Method}.
+    """
+    return pb.Frame(kind=pb.REQUEST, seq=seq, method=method.name,
+                    body=request.SerializeToString()).SerializeToString()
+
+
 class Scenario:
     """
     The coordinator's side of a scenario.
@@ -64,6 +76,8 @@ class Scenario:
     @cvar rates: the counters shown (and plotted) as rates per second.
     @cvar ratios: C{{result key: reference key}}: the figures reported as a
         ratio to the echo reference.
+    @cvar usesApi: whether the gate serves its HTTP API (on a free loopback
+        port), for L{imserver.bench.coordinator.Coordinator.callApi}.
     @ivar options: the parsed options.
     """
 
@@ -73,6 +87,7 @@ class Scenario:
     Load = None
     rates = ()
     ratios = {}
+    usesApi = False
 
     def __init__(self, options):
         self.options = options
@@ -195,6 +210,16 @@ class Load:
         A token for C{uid}, signed with the gate's secret.
         """
         return mintToken(self.secret, uid, TOKEN_TTL, self.reactor.seconds())
+
+    def authFrame(self, index, seq=1):
+        """
+        The C{auth} request of user C{index}, pre-encoded for a lean client
+        (L{requestFrame}).
+        """
+        uid = userName(index)
+        return requestFrame(seq, methods.AUTH, pb.AuthRequest(
+            uid=uid, token=self.token(uid), device_id=DEVICE, platform=pb.DESKTOP,
+            client_version="im-bench/" + __version__))
 
     def connectSession(self, index, lastSeq=0):
         """
