@@ -15,10 +15,20 @@ Twisted:
     endpoint a C{haproxy:} wrapper listens with (C{haproxy:tcp:...},
     C{haproxy:unix:...}).
   - Endpoint types, the wrapped ones included, match in any case.
+  - C{tcp:}, C{tcp6:} and C{ssl:} (also inside C{haproxy:}) take
+    C{reusePort=yes}: the socket is bound with C{SO_REUSEPORT}, so several
+    gate processes of one host can listen on one port and the kernel
+    spreads new connections over them (L{ReusePortEndpoint}).
 """
 
+import socket
+
+from twisted.internet.abstract import isIPv6Address
+from twisted.internet.defer import fail, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
@@ -32,6 +42,12 @@ _WRAPPER_TYPES = frozenset(["haproxy"])
 _SSL_KEYWORDS = frozenset(
     ["port", "interface", "backlog", "privateKey", "certKey", "extraCertChain"]
 )
+#: The keyword that asks for C{SO_REUSEPORT}, and the types that take it.
+REUSE_PORT = "reusePort"
+_REUSE_PORT_TYPES = frozenset(["tcp", "tcp6", "ssl"])
+_TCP_KEYWORDS = frozenset(["port", "interface", "backlog"])
+_TRUE = frozenset(["yes", "true", "1"])
+_FALSE = frozenset(["no", "false", "0"])
 
 
 def _rawParts(description):
@@ -140,8 +156,14 @@ def listenEndpoint(reactor, description, certificate, backlog):
             )
         depth += 1
     kind = args[depth].lower()
+    reusePort = _reusePort(parts, kwargs, kind)
     if kind == "ssl":
-        return _sslEndpoint(reactor, args[1:], kwargs, certificate, backlog)
+        return _sslEndpoint(reactor, args[1:], kwargs, certificate, backlog, reusePort)
+    if reusePort:
+        endpoint = _reusePortEndpoint(reactor, kind, args[depth + 1:], kwargs, backlog)
+        if depth:
+            endpoint = proxyEndpoint(endpoint)
+        return GateEndpoint(endpoint, reactor, perPeer=depth == 0)
     # Twisted matches built-in types case-sensitively and plugins
     # case-insensitively; we accept any case for all.
     for index in positions[:depth + 1]:
@@ -157,7 +179,59 @@ def listenEndpoint(reactor, description, certificate, backlog):
     return GateEndpoint(endpoint, reactor, perPeer=depth == 0)
 
 
-def _sslEndpoint(reactor, args, kwargs, certificate, backlog):
+def _reusePort(parts, kwargs, kind):
+    """
+    Take the C{reusePort=} keyword out of C{parts} and C{kwargs}.
+
+    @return: whether it asks for C{SO_REUSEPORT}.
+    @raise ValueError: if its value is not a boolean, the endpoint type
+        does not take it, or the platform has no C{SO_REUSEPORT}.
+    """
+    if REUSE_PORT not in kwargs:
+        return False
+    if kind not in _REUSE_PORT_TYPES:
+        raise ValueError("reusePort= goes with tcp:, tcp6: and ssl: listeners")
+    value = kwargs.pop(REUSE_PORT).lower()
+    parts[:] = [parts[0]] + [part for part in parts[1:] if _keyword(part) != REUSE_PORT]
+    if value not in _TRUE | _FALSE:
+        raise ValueError("reusePort= is yes or no, not {!r}".format(value))
+    if value in _FALSE:
+        return False
+    if getattr(socket, "SO_REUSEPORT", None) is None:
+        raise ValueError("reusePort=: this platform has no SO_REUSEPORT")
+    return True
+
+
+def _keyword(part):
+    """
+    The keyword a raw part names, or L{None} for a positional one.
+    """
+    text, eq = _unescapePart(part)
+    return None if eq is None else text[:eq]
+
+
+def _reusePortEndpoint(reactor, kind, args, kwargs, backlog):
+    """
+    The L{ReusePortEndpoint} of a C{tcp:} or C{tcp6:} description.
+    """
+    unknown = set(kwargs) - _TCP_KEYWORDS
+    if unknown:
+        raise ValueError("unsupported {}: option(s) with reusePort=: {}".format(
+            kind, ", ".join(sorted(unknown))))
+    if args:
+        if "port" in kwargs or len(args) > 1:
+            raise ValueError("{}: takes one port".format(kind))
+        kwargs["port"] = args[0]
+    if "port" not in kwargs:
+        raise ValueError("{}: needs a port".format(kind))
+    interface = kwargs.get("interface", "::" if kind == "tcp6" else "")
+    if kind == "tcp6" and not isIPv6Address(interface):
+        raise ValueError("tcp6: needs an IPv6 interface, not {!r}".format(interface))
+    return ReusePortEndpoint(
+        reactor, int(kwargs["port"]), interface, int(kwargs.get("backlog", backlog)))
+
+
+def _sslEndpoint(reactor, args, kwargs, certificate, backlog, reusePort=False):
     unknown = set(kwargs) - _SSL_KEYWORDS
     if unknown:
         raise ValueError("unsupported ssl: option(s) {}".format(", ".join(sorted(unknown))))
@@ -180,13 +254,63 @@ def _sslEndpoint(reactor, args, kwargs, certificate, backlog):
     options = tls.ReloadableServerOptions(
         certPath, keyPath, FilePath(chain) if chain else None
     )
-    endpoint = TCP4ServerEndpoint(
-        reactor,
-        int(kwargs["port"]),
-        backlog=int(kwargs.get("backlog", backlog)),
-        interface=kwargs.get("interface", ""),
-    )
+    port, interface = int(kwargs["port"]), kwargs.get("interface", "")
+    backlog = int(kwargs.get("backlog", backlog))
+    if reusePort:
+        endpoint = ReusePortEndpoint(reactor, port, interface, backlog)
+    else:
+        endpoint = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
     return GateEndpoint(endpoint, reactor, tlsOptions=options)
+
+
+@implementer(IStreamServerEndpoint)
+class ReusePortEndpoint:
+    """
+    A TCP listener whose socket gets C{SO_REUSEPORT} before it is bound
+    (C{reusePort=yes}): processes of one user may then listen on the same
+    address and port at once, and the kernel spreads new connections over
+    their sockets (Linux: by a hash of each connection's addresses and
+    ports).  Twisted's C{tcp:} endpoint has no such option, so this one
+    makes, binds and listens on the socket itself and hands it to the
+    reactor (C{IReactorSocket.adoptStreamPort}); the result is an ordinary
+    Twisted TCP port.
+
+    @ivar port: the port number (0: one the system picks).
+    @ivar interface: the address to bind, C{""} for every IPv4 address; an
+        IPv6 address makes an IPv6 socket.
+    @ivar backlog: the listen queue length.
+    """
+
+    def __init__(self, reactor, port, interface="", backlog=50):
+        self.reactor = reactor
+        self.port = port
+        self.interface = interface
+        self.backlog = backlog
+
+    def listen(self, protocolFactory):
+        """
+        @return: a L{Deferred} firing with the L{IListeningPort}, or failing
+            with L{CannotListenError}.
+        """
+        family = socket.AF_INET6 if isIPv6Address(self.interface) else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:
+            return fail(CannotListenError(self.interface, self.port, e))
+        try:
+            # As Twisted's own TCP ports do on POSIX, then the one we add.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.interface, self.port))
+            sock.listen(self.backlog)
+            sock.setblocking(False)
+            # The reactor's port uses a duplicate of the descriptor.
+            return succeed(self.reactor.adoptStreamPort(sock.fileno(), family,
+                                                        protocolFactory))
+        except OSError as e:
+            return fail(CannotListenError(self.interface, self.port, e))
+        finally:
+            sock.close()
 
 
 @implementer(IStreamServerEndpoint)

@@ -1,13 +1,22 @@
 # -*- test-case-name: tests.test_crash -*-
 """
-The delivery crash test: a real C{twistd im} process on SQLite, the real
-reconnecting client (L{imserver.client.IMClient}), and faults.
+The delivery crash test: real C{twistd im} processes, the real reconnecting
+client (L{imserver.client.IMClient}), and faults.
 
-Several users exchange at least L{MESSAGES} messages while the test aborts
-client sockets at random (about every L{DROP_INTERVAL} acknowledged
-messages) and C{kill -9}s the server at L{KILL_AT} of the run, restarting it
-on the same port and data directory each time.  Afterwards it checks the
-recorded history the way Jepsen does:
+Several users exchange messages while the test aborts client sockets at
+random (about every L{DROP_INTERVAL} acknowledged messages) and C{kill -9}s
+servers at given fractions of the run, restarting each on the same port
+and data.  Two set-ups:
+
+  - L{CrashTests}: one gate on SQLite, killed at L{KILL_AT}; at least
+    L{MESSAGES} messages.
+  - L{ClusterCrashTests}: L{CLUSTER_GATES} gates in cluster mode sharing one
+    C{redis-server} with C{appendfsync always}; each client connects to the
+    gates in turn (a new gate at every reconnect, as a client going down
+    the dispatcher's list does); every gate and Redis (twice) are killed
+    in turn (L{CLUSTER_FAULTS}); at least L{CLUSTER_MESSAGES} messages.
+
+Afterwards it checks the recorded history the way Jepsen does:
 
     - lost: acknowledged to the sender but missing from the recipient's
       (or the sender's own) inbox stream;
@@ -15,21 +24,25 @@ recorded history the way Jepsen does:
     - duplicates: one message delivered twice to one device, or one
       C{client_msg_id} stored as two messages (the client drops repeats of
       a seq, so any duplicate it hands over is a violation);
-    - reordered: a recipient's stream not in strictly increasing seq and
-      message id (the server's acceptance order), an acknowledged seq that
-      is not where the message was delivered, or a message accepted before
-      one its sender had already seen acknowledged;
+    - reordered: a recipient's stream not in strictly increasing seq (and,
+      on SQLite, message id: the server's acceptance order; cluster mode
+      hands out ids in blocks per gate, unique but not ordered), an
+      acknowledged seq that is not where the message was delivered, or a
+      message accepted before one its sender had already seen acknowledged
+      (a lower seq in the sender's inbox; on SQLite also a lower id);
+    - gaps: a stream that does not hold exactly the seqs of the inbox
+      (C{1..head} on SQLite; in cluster mode seqs start above a floor and
+      jump after a Redis restart, so the test reads the inbox from Redis).
 
-and that each stream holds exactly the seqs C{1..head}, no gap.
-
-Set C{$IMSERVER_CRASH_MESSAGES} for a longer run, and
-C{$IMSERVER_CRASH_SEED} to replay a run's random choices (the timing of a
-live run is not reproducible).  Everything listens and connects on
-127.0.0.1 only.
+Set C{$IMSERVER_CRASH_MESSAGES} for longer runs (both set-ups send at least
+that many messages), and C{$IMSERVER_CRASH_SEED} to replay a run's random
+choices (the timing of a live run is not reproducible).  Everything listens
+and connects on 127.0.0.1 only.
 """
 
 import os
 import random
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -46,22 +59,30 @@ from twisted.internet.defer import (
 )
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionClosed, ProcessExitedAlready
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
-from imserver.auth import loadSecret, mintToken
+from imserver.auth import createSecretFile, loadSecret, mintToken
 from imserver.client import IMClient
 from imserver.errors import ConnectionClosedByPeer, RequestTimeout
 from imserver.pb import im_pb2 as pb
-from imserver.spawn import NotListening, spawnTwistd
+from imserver.spawn import NotListening, apiPattern, spawnTwistd
 
 from tests.support import serverEnvironment
 
 #: Users exchanging messages (each one client, one device).
 USERS = 6
-#: Messages sent in all (at least); C{$IMSERVER_CRASH_MESSAGES} raises it.
-MESSAGES = max(10000, int(os.environ.get("IMSERVER_CRASH_MESSAGES") or 0))
+#: C{$IMSERVER_CRASH_MESSAGES}: the least number of messages of each run.
+_REQUESTED = int(os.environ.get("IMSERVER_CRASH_MESSAGES") or 0)
+#: Messages sent in all in L{CrashTests} (at least).
+MESSAGES = max(10000, _REQUESTED)
+#: Messages sent in all in L{ClusterCrashTests} (at least).
+CLUSTER_MESSAGES = max(10000, _REQUESTED)
+#: Gate processes in L{ClusterCrashTests}.
+CLUSTER_GATES = 3
 #: Sends each user has awaiting an answer at most.
 IN_FLIGHT = 20
 #: A random client socket is aborted after about every this many acks.
@@ -69,6 +90,10 @@ DROP_INTERVAL = 100
 #: The server is killed (SIGKILL) when these fractions of the messages are
 #: acknowledged, and restarted.
 KILL_AT = (1.0 / 3, 2.0 / 3)
+#: In cluster mode: what is killed (SIGKILL) and restarted when these
+#: fractions of the messages are acknowledged: a gate index, or C{"redis"}.
+CLUSTER_FAULTS = ((1.0 / 6, 0), (2.0 / 6, "redis"), (3.0 / 6, 1), (4.0 / 6, 2),
+                  (5.0 / 6, "redis"))
 #: Heartbeat interval and idle timeout given to the server, in seconds: a
 #: dead connection is noticed within a few seconds.
 HEARTBEAT_INTERVAL = 2
@@ -87,8 +112,22 @@ STOP_DEADLINE = 15.0
 START_ATTEMPTS = 5
 #: Violations described in a failure message, at most.
 MAX_DETAILS = 20
+#: Tracebacks a gate in cluster mode logs that are known and harmless, so
+#: not counted as errors by L{ClusterCrashTests}: the C{Messenger} logs a
+#: publish that found Redis gone (the message is stored; the catch-up after
+#: the reconnect announces it) as a critical failure.
+TOLERATED = (
+    re.compile(r"announcing message \d+ failed\n(.*\n)*?"
+               r"\timserver\.redisclient\.RedisUnavailable: "),
+)
 
-_SCALE = MESSAGES / 10000.0
+
+def _scale(messages):
+    """
+    How many times longer than a 10,000-message run a run of C{messages}
+    may take (at least 1).
+    """
+    return max(1.0, messages / 10000.0)
 
 
 def _freePort():
@@ -118,29 +157,47 @@ def _withDeadline(d, seconds, what):
 
 class Gate:
     """
-    A C{twistd im} gate on SQLite in one data directory, on one loopback TCP
-    port across restarts.
+    A C{twistd im} gate in one data directory, on one loopback TCP port
+    across restarts.
 
     @ivar port: the port, chosen at the first L{start}.
+    @ivar apiPort: the port of its HTTP API (on 127.0.0.1, a new one at
+        every start), or L{None} if it has none.
     @ivar runs: a L{imserver.spawn.TwistdProcess} per start, the last one
         current.
     @ivar kills: how often it was killed with SIGKILL.
     """
 
-    def __init__(self, dataDir):
+    def __init__(self, dataDir, args, secretFile=None, api=False, listenOptions=""):
+        """
+        @param args: the C{im} options beyond the data directory, the
+            listener and the API (the store, C{--redis}, timeouts, ...).
+        @param secretFile: the L{FilePath} of the secret the gate is given
+            with C{--secret-file} (in C{args}), or L{None} for the data
+            directory's.
+        @param api: whether to run the HTTP API (on a free loopback port).
+        @param listenOptions: appended to the C{tcp:} listener's
+            description (C{":reusePort=yes"}).
+        """
         self.dataDir = dataDir
+        self.args = list(args)
+        self.secretFile = secretFile
+        self.api = api
+        self.listenOptions = listenOptions
         self.env = serverEnvironment()
         self.port = None
+        self.apiPort = None
         self.runs = []
         self.kills = 0
         self._transport = None
+        self._apiListening = None
 
     @inlineCallbacks
     def start(self):
         """
-        Start the gate and wait until it listens.  The first start picks a
-        free port (another one if it is taken before the gate binds it);
-        later starts reuse it.
+        Start the gate and wait until it listens (and its API, if it has
+        one).  The first start picks a free port (another one if it is taken
+        before the gate binds it); later starts reuse it.
 
         @return: a L{Deferred} firing with the port.
         """
@@ -157,32 +214,46 @@ class Gate:
                     raise
                 continue
             self.port = listening
+            if self._apiListening is not None:
+                self.apiPort = yield _withDeadline(
+                    self._apiListening, START_DEADLINE, "the HTTP API listening")
             return listening
 
     def _spawn(self, port):
         process = spawnTwistd(reactor, [
             "--data-dir", self.dataDir.path,
-            "--listen", "tcp:{}:interface=127.0.0.1".format(port),
-            "--api", "none",
-            "--store", "sqlite",
-            "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
-            "--idle-timeout", str(IDLE_TIMEOUT),
-        ], path=self.dataDir.path, env=self.env)
+            "--listen", "tcp:{}:interface=127.0.0.1{}".format(port, self.listenOptions),
+            "--api", "tcp:0:interface=127.0.0.1" if self.api else "none",
+        ] + self.args, path=self.dataDir.path, env=self.env)
         self._transport = process.transport
+        if self.api:
+            self._apiListening = process.waitFor(apiPattern(), "the HTTP API listening")
         self.runs.append(process)
         return process
 
     def secret(self):
         """
-        The token-signing secret the gate generated at its first start.
+        The token-signing secret: the C{--secret-file}'s, or the one the
+        gate generated in its data directory at its first start.
         """
-        return loadSecret(self.dataDir, environ=self.env, create=False)
+        return loadSecret(self.dataDir, self.secretFile, environ=self.env, create=False)
 
     def _signal(self, name):
         try:
             self._transport.signalProcess(name)
         except ProcessExitedAlready:
             pass
+
+    @inlineCallbacks
+    def kill(self):
+        """
+        C{kill -9} the gate and wait for it to end.
+        """
+        self.kills += 1
+        self._signal("KILL")
+        yield _withDeadline(
+            self.runs[-1].whenEnded(), STOP_DEADLINE, "the killed gate ending"
+        )
 
     @inlineCallbacks
     def crash(self):
@@ -192,11 +263,7 @@ class Gate:
         @return: a L{Deferred} firing with the seconds it was down.
         """
         started = time.monotonic()
-        self.kills += 1
-        self._signal("KILL")
-        yield _withDeadline(
-            self.runs[-1].whenEnded(), STOP_DEADLINE, "the killed gate ending"
-        )
+        yield self.kill()
         yield self.start()
         return time.monotonic() - started
 
@@ -226,6 +293,122 @@ class Gate:
         )
 
 
+def sqliteGate(dataDir):
+    """
+    The L{Gate} of L{CrashTests}: SQLite in C{dataDir}.
+    """
+    return Gate(dataDir, [
+        "--store", "sqlite",
+        "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
+        "--idle-timeout", str(IDLE_TIMEOUT),
+    ])
+
+
+def clusterGate(dataDir, redisURL, gateId, secretFile, api=False, args=(),
+                listenOptions=""):
+    """
+    A L{Gate} in cluster mode: C{--redis redisURL}, its own C{--gate-id} and
+    data directory, the cluster's shared C{--secret-file}.
+    """
+    return Gate(dataDir, [
+        "--redis", redisURL,
+        "--gate-id", gateId,
+        "--secret-file", secretFile.path,
+        "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
+        "--idle-timeout", str(IDLE_TIMEOUT),
+    ] + list(args), secretFile=secretFile, api=api, listenOptions=listenOptions)
+
+
+def newSecretFile(testCase):
+    """
+    A new secret file for the gates of a cluster (each gate is given it
+    with C{--secret-file}).
+
+    @rtype: L{FilePath}
+    """
+    secretFile = FilePath(testCase.mktemp())
+    createSecretFile(secretFile)
+    return secretFile
+
+
+@implementer(IStreamClientEndpoint)
+class RotatingEndpoint:
+    """
+    Connects to several gates in turn: each connection attempt goes to the
+    next gate of the list, so a client whose gate died (or whose socket was
+    dropped) comes back on another one, as a client going down the
+    dispatcher's list does.
+    """
+
+    def __init__(self, gates, first=0, timeout=5):
+        """
+        @param gates: L{Gate}s; their C{port} is read at each attempt.
+        @param first: the index of the gate tried first.
+        """
+        self.gates = gates
+        self.attempts = first
+        self.timeout = timeout
+
+    def connect(self, factory):
+        gate = self.gates[self.attempts % len(self.gates)]
+        self.attempts += 1
+        return TCP4ClientEndpoint(
+            reactor, "127.0.0.1", gate.port, timeout=self.timeout).connect(factory)
+
+
+class CrashableRedis:
+    """
+    A L{tests.redisserver.RedisServer} as the workload crashes it.
+
+    @ivar kills: how often it was killed with SIGKILL.
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.kills = 0
+
+    @inlineCallbacks
+    def crash(self):
+        """
+        C{kill -9} Redis and start it again on its port and data.
+
+        @return: a L{Deferred} firing with the seconds it was down.
+        """
+        started = time.monotonic()
+        self.kills += 1
+        yield self.server.kill()
+        yield self.server.start()
+        return time.monotonic() - started
+
+    def output(self):
+        """
+        Nothing: Redis's log is not checked.
+        """
+        return ""
+
+
+@inlineCallbacks
+def redisInboxes(url, uids):
+    """
+    Read the inboxes of C{uids} straight from Redis.
+
+    @param url: the C{redis://} URL.
+    @return: a L{Deferred} firing with C{{uid: set of seqs}}.
+    """
+    from imserver.redisclient import RedisURL, connectRedis, userKey
+
+    from tests.test_registry import whenConnected
+
+    connection = connectRedis(reactor, RedisURL.parse(url))
+    try:
+        yield _withDeadline(whenConnected(connection), START_DEADLINE, "connecting to Redis")
+        inboxes = {}
+        for uid in uids:
+            members = yield connection.execute("ZRANGE", userKey(uid, "inbox"), 0, -1)
+            inboxes[uid] = {int(member.split(b":", 1)[0]) for member in members}
+    finally:
+        yield connection.disconnect()
+    return inboxes
 @dataclass
 class Sent:
     """
@@ -233,7 +416,9 @@ class Sent:
 
     @ivar floorId: the highest message id acknowledged to the sender when
         this one was sent: the server accepted this one later, so its id
-        must be higher.
+        must be higher (where ids are ordered).
+    @ivar floorSeq: the highest seq in the sender's inbox acknowledged to
+        it when this one was sent: this one's must be higher.
     @ivar response: the L{pb.SendResponse} once acknowledged.
     """
 
@@ -243,6 +428,7 @@ class Sent:
     clientMsgId: str
     body: bytes
     floorId: int
+    floorSeq: int = 0
     response: object = None
 
 
@@ -280,7 +466,12 @@ class History:
         handed them over.
     """
 
-    def __init__(self, users):
+    def __init__(self, users, idsOrdered=True):
+        """
+        @param idsOrdered: whether message ids follow the server's
+            acceptance order (one gate), so streams are checked for it.
+        """
+        self.idsOrdered = idsOrdered
         self.sends = {}
         self.streams = {uid: [] for uid in users}
         self._waiting = {uid: [] for uid in users}
@@ -322,12 +513,13 @@ class History:
         waiting.append((seq, d))
         return d
 
-    def check(self, heads):
+    def check(self, inboxes):
         """
         Check the history.
 
-        @param heads: C{{uid: inbox head seq}} as the server reports it;
-            the streams of users missing from it are not checked for gaps.
+        @param inboxes: C{{uid: seqs}}, the seqs of each inbox as the
+            server has them: an L{int} head for C{1..head}, or a L{set}; the
+            streams of users missing from it are not checked for gaps.
         @rtype: L{Counts}
         """
         counts = Counts()
@@ -336,7 +528,7 @@ class History:
         incoming = {uid: set() for uid in self.streams}
         outgoing = {uid: {} for uid in self.streams}
         for uid, stream in sorted(self.streams.items()):
-            self._checkStream(uid, stream, heads.get(uid), counts, incoming, outgoing)
+            self._checkStream(uid, stream, inboxes.get(uid), counts, incoming, outgoing)
         for sent in self.sends.values():
             if sent.response is None:
                 continue
@@ -354,14 +546,19 @@ class History:
                                  " the sender at seq {}".format(
                                      sent.sender, sent.clientMsgId, sent.response.seq,
                                      outgoing[sent.sender][messageId]))
-            if messageId <= sent.floorId:
+            if sent.response.seq <= sent.floorSeq:
+                counts.violation("reordered", "{} ({}) got seq {}, not above {} acked"
+                                 " before it was sent".format(
+                                     sent.sender, sent.clientMsgId, sent.response.seq,
+                                     sent.floorSeq))
+            elif self.idsOrdered and messageId <= sent.floorId:
                 counts.violation("reordered", "{} ({}) got id {}, not above {} acked"
                                  " before it was sent".format(
                                      sent.sender, sent.clientMsgId, messageId,
                                      sent.floorId))
         return counts
 
-    def _checkStream(self, uid, stream, head, counts, incoming, outgoing):
+    def _checkStream(self, uid, stream, inbox, counts, incoming, outgoing):
         previousSeq = previousId = 0
         seenIds = {}
         stored = {}
@@ -371,7 +568,7 @@ class History:
                 uid, entry.seq, message.id, message.sender, message.client_msg_id)
             if entry.seq <= previousSeq:
                 counts.violation("reordered", "{} after seq {}".format(where, previousSeq))
-            elif message.id <= previousId:
+            elif self.idsOrdered and message.id <= previousId:
                 counts.violation("reordered", "{} after id {}".format(where, previousId))
             previousSeq = max(previousSeq, entry.seq)
             previousId = max(previousId, message.id)
@@ -406,24 +603,27 @@ class History:
             else:
                 incoming[uid].add(message.id)
                 counts.delivered += 1
-        if head is None:
+        if inbox is None:
             return
         seqs = {entry.seq for entry in stream}
-        expected = set(range(1, head + 1))
-        missing = expected - seqs
-        extra = seqs - expected
-        for seq in sorted(missing):
-            counts.violation("gaps", "{} never got seq {} (head {})".format(uid, seq, head))
-        for seq in sorted(extra):
-            counts.violation("gaps", "{} got seq {} beyond the head {}".format(
-                uid, seq, head))
+        if isinstance(inbox, int):
+            expected, where = set(range(1, inbox + 1)), "head {}".format(inbox)
+        else:
+            expected = set(inbox)
+            where = "inbox of {} entries up to {}".format(len(expected), max(expected, default=0))
+        for seq in sorted(expected - seqs):
+            counts.violation("gaps", "{} never got seq {} ({})".format(uid, seq, where))
+        for seq in sorted(seqs - expected):
+            counts.violation("gaps", "{} got seq {} not in its inbox ({})".format(
+                uid, seq, where))
+
 
 
 class Workload:
     """
     Drives the clients: every user sends to random other users, keeping up
-    to L{IN_FLIGHT} sends unanswered, until L{MESSAGES} are sent; and
-    injects the faults (socket drops, server crashes) as acks come in.
+    to L{IN_FLIGHT} sends unanswered, until C{total} are sent; and injects
+    the faults (socket drops, crashes) as acks come in.
 
     @ivar clients: C{{uid: IMClient}}.
     @ivar acked: sends answered so far.
@@ -431,15 +631,21 @@ class Workload:
     @ivar resent: acks marked C{duplicate}: a send the server had stored
         before (its answer lost with a connection or a crash) was sent
         again and not stored twice.
-    @ivar downtimes: seconds the server was down, per crash.
+    @ivar downtimes: seconds each crash took until its process was back.
     """
 
-    def __init__(self, gate, history, rng, users, total):
-        self.gate = gate
+    def __init__(self, history, rng, users, total, faults):
+        """
+        @param faults: C{(fraction, name, crash)}: when C{fraction} of
+            C{total} are acknowledged, C{crash()} is called (no two at
+            once), which returns a L{Deferred} firing with the downtime
+            once the process it killed is back.
+        """
         self.history = history
         self.rng = rng
         self.users = users
         self.total = total
+        self.faults = list(faults)
         self.clients = {}
         self.acked = 0
         self.drops = 0
@@ -451,22 +657,26 @@ class Workload:
         self._sentCount = {uid: 0 for uid in users}
         self._inFlight = {uid: 0 for uid in users}
         self._highestAckedId = {uid: 0 for uid in users}
+        self._highestAckedSeq = {uid: 0 for uid in users}
         self._crashing = None
         # Connections aborted: the client lets go of one a moment later.
         self._aborted = set()
         self._done = Deferred()
 
-    def connect(self, port, secret):
+    def connect(self, secret, endpointFor):
         """
-        Make and start a client per user, to C{127.0.0.1:port}.
+        Make and start a client per user.
+
+        @param endpointFor: called with each user's index, returns the
+            client endpoint of its L{IMClient}.
         """
         rng = self.rng
-        for uid in self.users:
+        for i, uid in enumerate(self.users):
             client = IMClient(
                 reactor, None, None, uid,
                 mintToken(secret, uid, 3600, time.time()), "crash",
                 onMessage=lambda entry, uid=uid: self.history.recordDelivery(uid, entry),
-                endpoint=TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5),
+                endpoint=endpointFor(i),
                 retryPolicy=lambda attempt: 0.05 + rng.random() * 0.05,
             )
             client.whenStopped().addCallback(self._gaveUp, uid)
@@ -512,7 +722,7 @@ class Workload:
         sent = Sent(
             sender=uid, to=to, counter=counter, clientMsgId=clientMsgId,
             body="{}:{}:{}".format(uid, counter, clientMsgId).encode("ascii"),
-            floorId=self._highestAckedId[uid],
+            floorId=self._highestAckedId[uid], floorSeq=self._highestAckedSeq[uid],
         )
         self.history.recordSend(sent)
         self._inFlight[uid] += 1
@@ -528,6 +738,8 @@ class Workload:
             self.resent += 1
         if response.message_id > self._highestAckedId[uid]:
             self._highestAckedId[uid] = response.message_id
+        if response.seq > self._highestAckedSeq[uid]:
+            self._highestAckedSeq[uid] = response.seq
         self._injectFaults()
         self._fill(uid)
         self._checkDone()
@@ -547,10 +759,10 @@ class Workload:
         crashes = len(self.downtimes)
         if (
             self._crashing is None
-            and crashes < len(KILL_AT)
-            and self.acked >= KILL_AT[crashes] * self.total
+            and crashes < len(self.faults)
+            and self.acked >= self.faults[crashes][0] * self.total
         ):
-            self._crashing = self.gate.crash()
+            self._crashing = self.faults[crashes][2]()
             self._crashing.addCallbacks(self._restarted, self._fail)
 
     def _restarted(self, downtime):
@@ -600,8 +812,9 @@ class Workload:
         """
         The state of every client, for a failure message.
         """
-        lines = ["acked {} of {}; server crashes {} (one in progress: {})".format(
-            self.acked, self.total, len(self.downtimes), self._crashing is not None)]
+        lines = ["acked {} of {}; crashes {} of {} (one in progress: {})".format(
+            self.acked, self.total, len(self.downtimes), len(self.faults),
+            self._crashing is not None)]
         for uid, client in sorted(self.clients.items()):
             lines.append("{}: sent {}/{}, pending {}, lastSeq {}, connected {}".format(
                 uid, self._sentCount[uid], self._quota[uid], client.pendingCount(),
@@ -609,39 +822,34 @@ class Workload:
         return "\n".join(lines)
 
 
-class CrashTests(TestCase):
+class CrashTestMixin:
     """
-    Exactly-once, in-order delivery across socket drops and server crashes.
+    Runs a L{Workload} to its end and checks its L{History}.
     """
-
-    timeout = TEST_TIMEOUT * max(1.0, _SCALE)
 
     @inlineCallbacks
-    def test_crash(self):
+    def runAndCheck(self, workload, history, readInboxes, processes, started, seed,
+                    tolerated=()):
         """
-        L{MESSAGES} messages among L{USERS} users, with client sockets
-        aborted about every L{DROP_INTERVAL} acks and the server killed
-        with SIGKILL and restarted at L{KILL_AT}: none acknowledged is lost,
-        none delivered was not sent, none is delivered twice, every inbox
-        stream is in order with no gap.
-        """
-        started = time.monotonic()
-        seed = int(os.environ.get("IMSERVER_CRASH_SEED") or random.randrange(2 ** 32))
-        rng = random.Random(seed)
-        dataDir = FilePath(self.mktemp())
-        dataDir.makedirs()
-        gate = Gate(dataDir)
-        self.addCleanup(gate.stop)
-        users = ["user{}".format(i) for i in range(USERS)]
-        history = History(users)
-        workload = Workload(gate, history, rng, users, MESSAGES)
-        self.addCleanup(workload.stop)
+        Run C{workload} (its clients connected), wait until every client has
+        its whole inbox, print the counts, and fail on any violation, any
+        send not acknowledged or not delivered, or any traceback in the
+        servers' output.
 
-        port = yield gate.start()
-        workload.connect(port, gate.secret())
+        @param readInboxes: called with C{{uid: head}} once every client
+            caught up; returns (a L{Deferred} of) the C{inboxes} for
+            L{History.check}.
+        @param processes: C{{name: Gate}} (anything with C{kills} and
+            C{output()}), whose outputs are checked and shown on failure.
+        @param tolerated: compiled patterns of logged tracebacks that are
+            known and not counted as errors (L{TOLERATED}).
+        @return: a L{Deferred} firing with the L{Counts}.
+        """
+        users = workload.users
+        scale = _scale(workload.total)
         problems = []
         try:
-            yield _withDeadline(workload.run(), ACK_DEADLINE * max(1.0, _SCALE),
+            yield _withDeadline(workload.run(), ACK_DEADLINE * scale,
                                 "every send acknowledged")
         except Exception as e:
             problems.append(str(e))
@@ -656,8 +864,7 @@ class CrashTests(TestCase):
             yield history.whenDelivered(uid, heads[uid])
 
         results = yield DeferredList([
-            _withDeadline(catchUp(uid), CATCH_UP_DEADLINE,
-                          "the catch-up of " + uid)
+            _withDeadline(catchUp(uid), CATCH_UP_DEADLINE, "the catch-up of " + uid)
             for uid in users
         ], consumeErrors=True)
         problems.extend(
@@ -665,24 +872,40 @@ class CrashTests(TestCase):
                 result.getErrorMessage(), heads.get(uid), workload.clients[uid].lastSeq)
             for uid, (ok, result) in zip(users, results) if not ok
         )
+        inboxes = {}
+        if not problems:
+            inboxes = yield readInboxes(heads)
 
-        counts = history.check(heads)
+        counts = history.check(inboxes)
+        tracebacks = [
+            (name, found)
+            for name, process in sorted(processes.items())
+            for found in loggedTracebacks(process.output())
+        ]
+        logged = [
+            "{} logged:\n{}".format(name, found) for name, found in tracebacks
+            if not any(pattern.search(found) for pattern in tolerated)
+        ]
         print(
             "\ncrash test: sent={c.sent} acked={c.acked} delivered={c.delivered}"
             " lost={c.lost} unexpected={c.unexpected} duplicates={c.duplicates}"
-            " reordered={c.reordered} server_kills={kills} socket_drops={drops}"
+            " reordered={c.reordered} kills={kills} socket_drops={drops}"
             " seconds={seconds:.1f} gaps={c.gaps} resent_after_store={resent}"
-            " downtime={downtime} seed={seed}".format(
-                c=counts, kills=gate.kills, drops=workload.drops, resent=workload.resent,
+            " downtime={downtime} tolerated_errors={tolerated} seed={seed}".format(
+                c=counts, drops=workload.drops, resent=workload.resent,
+                kills="+".join("{}:{}".format(name, p.kills)
+                               for name, p in sorted(processes.items())),
                 downtime="+".join("{:.1f}".format(t) for t in workload.downtimes),
                 seconds=time.monotonic() - started, seed=seed,
+                tolerated=len(tracebacks) - len(logged),
             )
         )
-        output = gate.output()
+        outputs = "".join("=== {} ===\n{}".format(name, p.output()[-20000:])
+                          for name, p in sorted(processes.items()))
         if problems:
             self.fail("{}\nseed {}, heads {}\n{}\n{}\n{}".format(
                 "\n".join(problems), seed, heads, workload.describe(),
-                "\n".join(counts.details), output[-20000:]))
+                "\n".join(counts.details), outputs))
         self.assertEqual(
             (counts.lost, counts.unexpected, counts.duplicates, counts.reordered,
              counts.gaps),
@@ -690,16 +913,124 @@ class CrashTests(TestCase):
             "violations (lost, unexpected, duplicates, reordered, gaps), seed {}:\n{}"
             .format(seed, "\n".join(counts.details)),
         )
-        self.assertEqual((counts.sent, counts.acked, counts.delivered),
-                         (MESSAGES, MESSAGES, MESSAGES))
+        total = workload.total
+        self.assertEqual((counts.sent, counts.acked, counts.delivered), (total, total, total))
+        self.assertEqual(len(workload.downtimes), len(workload.faults))
+        self.assertGreater(workload.drops, 0)
+        if logged:
+            self.fail("{} errors logged, seed {}:\n{}".format(
+                len(logged), seed, "\n".join(logged[:MAX_DETAILS])))
+        return counts
+
+
+def _seed():
+    """
+    The seed of a run: C{$IMSERVER_CRASH_SEED}, else a random one.
+    """
+    return int(os.environ.get("IMSERVER_CRASH_SEED") or random.randrange(2 ** 32))
+
+
+class CrashTests(CrashTestMixin, TestCase):
+    """
+    Exactly-once, in-order delivery across socket drops and crashes of a
+    gate on SQLite.
+    """
+
+    timeout = TEST_TIMEOUT * _scale(MESSAGES)
+
+    @inlineCallbacks
+    def test_crash(self):
+        """
+        L{MESSAGES} messages among L{USERS} users, with client sockets
+        aborted about every L{DROP_INTERVAL} acks and the server killed
+        with SIGKILL and restarted at L{KILL_AT}: none acknowledged is lost,
+        none delivered was not sent, none is delivered twice, every inbox
+        stream is in order with no gap.
+        """
+        started = time.monotonic()
+        seed = _seed()
+        rng = random.Random(seed)
+        dataDir = FilePath(self.mktemp())
+        dataDir.makedirs()
+        gate = sqliteGate(dataDir)
+        self.addCleanup(gate.stop)
+        users = ["user{}".format(i) for i in range(USERS)]
+        history = History(users)
+        workload = Workload(history, rng, users, MESSAGES,
+                            [(at, "gate", gate.crash) for at in KILL_AT])
+        self.addCleanup(workload.stop)
+
+        port = yield gate.start()
+        workload.connect(gate.secret(), lambda i: TCP4ClientEndpoint(
+            reactor, "127.0.0.1", port, timeout=5))
+        yield self.runAndCheck(workload, history, succeed, {"gate": gate}, started, seed)
         self.assertEqual(gate.kills, len(KILL_AT))
         self.assertEqual(
             len([run for run in gate.runs if run.port is not None]), len(KILL_AT) + 1)
-        self.assertGreater(workload.drops, 0)
-        self.assertEqual(_tracebacks(output), [], "the gate logged errors")
 
 
-def _tracebacks(output, context=15):
+class ClusterCrashTests(CrashTestMixin, TestCase):
+    """
+    Exactly-once, in-order delivery in cluster mode across socket drops,
+    crashes of gates and a crash of Redis (C{appendfsync always}: nothing
+    acknowledged may be lost).
+    """
+
+    timeout = TEST_TIMEOUT * _scale(CLUSTER_MESSAGES)
+
+    @inlineCallbacks
+    def test_crash(self):
+        """
+        L{CLUSTER_MESSAGES} messages among L{USERS} users connected to
+        L{CLUSTER_GATES} gates sharing one C{redis-server}; each client
+        connects to the next gate at every reconnect; client sockets are
+        aborted about every L{DROP_INTERVAL} acks; each gate and Redis
+        (twice) are killed with SIGKILL and restarted at L{CLUSTER_FAULTS}: none
+        acknowledged is lost, none delivered was not sent, none is
+        delivered twice, every inbox stream is in order and holds exactly
+        the inbox's seqs.
+        """
+        from tests.redisserver import RedisServer
+
+        started = time.monotonic()
+        seed = _seed()
+        rng = random.Random(seed)
+        redis = CrashableRedis(RedisServer(self, reactor, appendfsync="always"))
+        yield redis.server.start()
+        secretFile = newSecretFile(self)
+        gates = []
+        for i in range(CLUSTER_GATES):
+            dataDir = FilePath(self.mktemp())
+            dataDir.makedirs()
+            gate = clusterGate(dataDir, redis.server.url, "gate-{}".format(i), secretFile,
+                               args=["--request-rate", "1000", "--request-burst", "1000"])
+            self.addCleanup(gate.stop)
+            gates.append(gate)
+        faults = [
+            (at, "redis", redis.crash) if target == "redis"
+            else (at, "gate-{}".format(target), gates[target].crash)
+            for at, target in CLUSTER_FAULTS
+        ]
+        users = ["user{}".format(i) for i in range(USERS)]
+        history = History(users, idsOrdered=False)
+        workload = Workload(history, rng, users, CLUSTER_MESSAGES, faults)
+        self.addCleanup(workload.stop)
+
+        yield gatherResults([gate.start() for gate in gates])
+        workload.connect(gates[0].secret(),
+                         lambda i: RotatingEndpoint(gates, first=i))
+        processes = {"gate-{}".format(i): gate for i, gate in enumerate(gates)}
+        processes["redis"] = redis
+        yield self.runAndCheck(
+            workload, history, lambda heads: redisInboxes(redis.server.url, users),
+            processes, started, seed, TOLERATED)
+        targets = [target for at, target in CLUSTER_FAULTS]
+        self.assertEqual([gate.kills for gate in gates],
+                         [targets.count(i) for i in range(CLUSTER_GATES)])
+        self.assertEqual(redis.kills, targets.count("redis"))
+
+
+def loggedTracebacks(output, context=15):
     """
     The lines around each C{Traceback} in C{output}.
     """
@@ -731,18 +1062,18 @@ class HistoryCheckTests(SynchronousTestCase):
     bob's seqs 1 and 2).
     """
 
-    def history(self, floorIds=(0, 0)):
+    def history(self, floorIds=(0, 0), floorSeqs=(0, 0), idsOrdered=True):
         """
         A history with both messages sent and acknowledged, nothing
         delivered yet.
         """
-        history = History(["alice", "bob"])
-        for counter, floorId in zip((1, 2), floorIds):
+        history = History(["alice", "bob"], idsOrdered)
+        for counter, floorId, floorSeq in zip((1, 2), floorIds, floorSeqs):
             clientMsgId = "alice-{}".format(counter)
             history.recordSend(Sent(
                 sender="alice", to="bob", counter=counter, clientMsgId=clientMsgId,
                 body="alice:{}:{}".format(counter, clientMsgId).encode("ascii"),
-                floorId=floorId,
+                floorId=floorId, floorSeq=floorSeq,
                 response=pb.SendResponse(message_id=counter, seq=counter)))
         return history
 
@@ -877,6 +1208,53 @@ class HistoryCheckTests(SynchronousTestCase):
         self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
                                _entry(2, 2, "alice", "bob", 2)])
         self.assertCounts(history.check({"alice": 2, "bob": 2}), reordered=1)
+
+    def test_causalSeqOrder(self):
+        """
+        A message given a seq in its sender's inbox at or below one
+        acknowledged before it was sent is reordered, even where ids are
+        not ordered.
+        """
+        history = self.history(floorSeqs=(0, 2), idsOrdered=False)
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
+                               _entry(2, 2, "alice", "bob", 2)])
+        self.assertCounts(history.check({"alice": 2, "bob": 2}), reordered=1)
+
+    def test_idsNotOrdered(self):
+        """
+        Where ids are only unique (cluster mode: blocks per gate), a stream
+        whose ids go back while its seqs go up is in order, and so is a
+        message given an id below one acknowledged before it was sent;
+        where they are ordered, both are reordered.
+        """
+        for idsOrdered, reordered in [(False, 0), (True, 3)]:
+            # alice-1 got id 2, alice-2 (sent after alice-1's ack) id 1.
+            history = self.history(floorIds=(0, 2), floorSeqs=(0, 1),
+                                   idsOrdered=idsOrdered)
+            history.sends[("alice", "alice-1")].response.message_id = 2
+            history.sends[("alice", "alice-2")].response.message_id = 1
+            self.deliver(history, [_entry(1, 2, "alice", "bob", 1),
+                                   _entry(2, 1, "alice", "bob", 2)],
+                         [_entry(1, 2, "alice", "bob", 1, True),
+                          _entry(2, 1, "alice", "bob", 2, True)])
+            self.assertCounts(history.check({"alice": 2, "bob": 2}), reordered=reordered)
+
+    def test_inboxSeqs(self):
+        """
+        Given the inbox's seqs as a set (cluster mode: they start above a
+        floor and jump), a stream must hold exactly those.
+        """
+        history = self.history()
+        self.deliver(history, [_entry(1001, 1, "alice", "bob", 1),
+                               _entry(5001, 2, "alice", "bob", 2)],
+                     [_entry(1001, 1, "alice", "bob", 1, True),
+                      _entry(5002, 2, "alice", "bob", 2, True)])
+        history.sends[("alice", "alice-1")].response.seq = 1001
+        history.sends[("alice", "alice-2")].response.seq = 5002
+        self.assertCounts(history.check({"alice": {1001, 5002}, "bob": {1001, 5001}}))
+        self.assertCounts(history.check({"alice": {1001, 5002}, "bob": {1001, 1002, 5001}}),
+                          gaps=1)
+        self.assertCounts(history.check({"alice": {1001, 5002}, "bob": {5001}}), gaps=1)
 
     def test_gapBeyondHead(self):
         """

@@ -1,17 +1,28 @@
 """
 Tests for L{imserver.endpoints}: descriptions with a C{haproxy:} wrapper, and
-the client address a gate sees through it.
+the client address a gate sees through it; C{reusePort=} (one port shared
+by several listeners).
 
 The plain C{tcp:} and C{ssl:} cases are in L{tests.test_tls}.
 """
 
+import socket
+
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.haproxy._wrapper import HAProxyWrappingFactory
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from imserver.endpoints import listenEndpoint, splitDescription
+from imserver import tls
+from imserver.endpoints import ReusePortEndpoint, listenEndpoint, splitDescription
 from imserver.framing import encodeFrame
 from imserver.pb import im_pb2 as pb
 from imserver.protocol import NEW
@@ -269,3 +280,186 @@ class ProxiedPeerTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(protocol.state, NEW)
         self.assertEqual(transport.value(), b"")
+
+
+class ReusePortDescriptionTests(SynchronousTestCase):
+    """
+    C{reusePort=} in descriptions: a L{ReusePortEndpoint} (the socket bound
+    here, handed to the reactor with C{adoptStreamPort}) for C{tcp:},
+    C{tcp6:}, C{ssl:} and C{haproxy:tcp:}; refused elsewhere.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.factory = Factory.forProtocol(Protocol)
+
+    def listen(self, description, certificate=None):
+        """
+        Listen on C{description} with L{listenEndpoint} and the memory
+        reactor.
+
+        @return: the C{(fileno, family, factory)} the reactor was handed.
+        """
+        endpoint = listenEndpoint(self.reactor, description, certificate, 4096)
+        self.successResultOf(endpoint.listen(self.factory))
+        [adopted] = self.reactor.adoptedPorts
+        self.assertEqual(self.reactor.tcpServers + self.reactor.sslServers, [])
+        return adopted
+
+    def test_tcp(self):
+        """
+        C{tcp:...:reusePort=yes} binds an IPv4 socket on the interface and
+        port, with the default backlog, and hands it to the reactor.
+        """
+        endpoint = listenEndpoint(
+            self.reactor, "tcp:0:interface=127.0.0.1:reusePort=yes", None, 4096)
+        self.assertIsInstance(endpoint.endpoint, ReusePortEndpoint)
+        self.assertEqual((endpoint.endpoint.port, endpoint.endpoint.interface,
+                          endpoint.endpoint.backlog), (0, "127.0.0.1", 4096))
+        fileno, family, factory = self.listen("tcp:0:interface=127.0.0.1:reusePort=yes")
+        self.assertEqual(family, socket.AF_INET)
+
+    def test_tcp6(self):
+        """
+        C{tcp6:} makes an IPv6 socket, and takes only an IPv6 interface.
+        """
+        fileno, family, factory = self.listen(r"tcp6:0:interface=\:\:1:reusePort=yes")
+        self.assertEqual(family, socket.AF_INET6)
+        self.assertRaises(ValueError, listenEndpoint, self.reactor,
+                          "tcp6:0:interface=127.0.0.1:reusePort=yes", None, 4096)
+
+    def test_values(self):
+        """
+        C{yes}, C{true} and C{1} ask for it, in any case; C{no}, C{false}
+        and C{0} leave a plain Twisted listener; anything else is refused.
+        """
+        for value in ["yes", "True", "1"]:
+            endpoint = listenEndpoint(self.reactor, "tcp:7000:reusePort=" + value, None, 4096)
+            self.assertIsInstance(endpoint.endpoint, ReusePortEndpoint)
+        for value in ["no", "FALSE", "0"]:
+            endpoint = listenEndpoint(
+                self.reactor, "tcp:7000:reusePort={}:backlog=9".format(value), None, 4096)
+            self.successResultOf(endpoint.listen(self.factory))
+        self.assertEqual([(s[0], s[2]) for s in self.reactor.tcpServers], [(7000, 9)] * 3)
+        self.assertRaises(ValueError, listenEndpoint, self.reactor,
+                          "tcp:7000:reusePort=maybe", None, 4096)
+
+    def test_haproxy(self):
+        """
+        Inside C{haproxy:} the shared socket listens through the PROXY
+        protocol wrapper.
+        """
+        fileno, family, factory = self.listen(
+            "haproxy:tcp:0:reusePort=yes:interface=127.0.0.1")
+        self.assertIsInstance(factory, HAProxyWrappingFactory)
+
+    def test_ssl(self):
+        """
+        C{ssl:} takes it too, and keeps its TLS.
+        """
+        certificate = tls.ensureSelfSigned(FilePath(self.mktemp()))
+        fileno, family, factory = self.listen(
+            "ssl:0:interface=127.0.0.1:reusePort=yes", certificate)
+        self.assertIsInstance(factory, TLSMemoryBIOFactory)
+
+    def test_refused(self):
+        """
+        Other endpoint types, and other keywords of C{tcp:} than Twisted's
+        C{port}, C{interface} and C{backlog}, are refused with it.
+        """
+        for description in ["unix:/run/gate.sock:reusePort=yes",
+                            "haproxy:unix:/run/gate.sock:reusePort=yes",
+                            "tcp:0:reusePort=yes:timeout=3",
+                            "tcp:reusePort=yes",
+                            "tcp:1:2:reusePort=yes"]:
+            self.assertRaises(ValueError, listenEndpoint, self.reactor, description,
+                              None, 4096)
+
+
+class _Accepted(Protocol):
+    def connectionMade(self):
+        self.factory.accepted.append(self)
+
+
+class ReusePortLiveTests(TestCase):
+    """
+    L{ReusePortEndpoint}s on the real reactor, on 127.0.0.1.
+    """
+
+    def factory(self):
+        factory = Factory.forProtocol(_Accepted)
+        factory.accepted = []
+        return factory
+
+    @inlineCallbacks
+    def listen(self, port, factory, reusePort=True):
+        description = "tcp:{}:interface=127.0.0.1".format(port)
+        if reusePort:
+            description += ":reusePort=yes"
+        listening = yield listenEndpoint(reactor, description, None, 50).listen(factory)
+        self.addCleanup(listening.stopListening)
+        return listening
+
+    @inlineCallbacks
+    def connect(self, port, count):
+        """
+        Open and close C{count} connections to C{port}, one after another.
+        """
+        for i in range(count):
+            protocol = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+                Factory.forProtocol(Protocol))
+            lost = Deferred()
+            protocol.connectionLost = lambda reason, lost=lost: lost.callback(None)
+            protocol.transport.loseConnection()
+            yield lost
+
+    @inlineCallbacks
+    def test_sharedPort(self):
+        """
+        Two listeners share one port: the option is set on both sockets,
+        and connections reach both (40 in a row all hashing to one socket
+        would be a 1 in 2**39 chance).  Once one stops listening, every
+        new connection reaches the other.
+        """
+        first, second = self.factory(), self.factory()
+        port = yield self.listen(0, first)
+        number = port.getHost().port
+        other = yield self.listen(number, second)
+        for listening in (port, other):
+            self.assertEqual(
+                listening.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+        yield self.connect(number, 40)
+        self.assertEqual(len(first.accepted) + len(second.accepted), 40)
+        self.assertTrue(first.accepted and second.accepted)
+
+        yield port.stopListening()
+        before = len(second.accepted)
+        yield self.connect(number, 10)
+        self.assertEqual(len(second.accepted), before + 10)
+
+    @inlineCallbacks
+    def test_notShared(self):
+        """
+        A port held by a listener without the option cannot be shared, and
+        one held with it cannot be taken without it.
+        """
+        plain = yield self.listen(0, self.factory(), reusePort=False)
+        yield self.assertFailure(self.listen(plain.getHost().port, self.factory()),
+                                 CannotListenError)
+        shared = yield self.listen(0, self.factory())
+        yield self.assertFailure(
+            self.listen(shared.getHost().port, self.factory(), reusePort=False),
+            CannotListenError)
+
+    @inlineCallbacks
+    def test_addressInUse(self):
+        """
+        A bind error fails the listen with L{CannotListenError}.
+        """
+        holder = socket.socket()
+        self.addCleanup(holder.close)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        endpoint = ReusePortEndpoint(reactor, holder.getsockname()[1], "127.0.0.1")
+        failure = yield self.assertFailure(endpoint.listen(self.factory()), CannotListenError)
+        self.assertEqual(failure.port, holder.getsockname()[1])
