@@ -130,15 +130,47 @@ class RedisURL:
         )
 
 
-class _KeepTrying:
+class _Factory(txredisapi.RedisFactory):
     """
-    For txredisapi's factories: a refused auth (wrong password, unknown
-    user) makes txredisapi stop reconnecting for good.  Keep trying with
-    the usual backoff instead (the credentials may be fixed on the Redis
-    side, during a password rotation), and say why it fails.
+    txredisapi's factory as we use it: bytes both ways, reply timeouts on
+    our reactor, connection events reported to its owner (a
+    L{RedisConnection} or a L{RedisSubscriber}: C{reactor},
+    C{_connected(conn)}, C{_disconnected(conn)}), and reconnecting even
+    after a refused auth.
+
+    txredisapi stops reconnecting for good when Redis refuses the
+    credentials (wrong password, unknown user); we keep trying with the
+    usual backoff (they may be fixed on the Redis side, during a password
+    rotation), and say why it fails.
     """
 
     log = Logger()
+    initialDelay = RECONNECT_INITIAL_DELAY
+    maxDelay = RECONNECT_MAX_DELAY
+
+    def __init__(self, owner, url, replyTimeout, dbid=None, protocol=None):
+        txredisapi.RedisFactory.__init__(
+            self, uuid=str(url), dbid=dbid, poolsize=1, isLazy=True,
+            charset=None, password=url.password, replyTimeout=replyTimeout,
+            convertNumbers=False, username=url.username,
+        )
+        if protocol is not None:
+            self.protocol = protocol
+        self.owner = owner
+
+    def buildProtocol(self, addr):
+        protocol = txredisapi.RedisFactory.buildProtocol(self, addr)
+        protocol.callLater = self.owner.reactor.callLater
+        return protocol
+
+    def addConnection(self, conn):
+        txredisapi.RedisFactory.addConnection(self, conn)
+        if conn in self.pool:
+            self.owner._connected(conn)
+
+    def delConnection(self, conn):
+        txredisapi.RedisFactory.delConnection(self, conn)
+        self.owner._disconnected(conn)
 
     def stopTrying(self):
         if self.disconnectCalled:
@@ -149,38 +181,6 @@ class _KeepTrying:
         # Never the password: Redis's own message only ("WRONGPASS ...").
         self.log.error("Redis at {url} refused the connection: {why}; retrying",
                        url=self.uuid, why=why)
-
-
-class _Factory(_KeepTrying, txredisapi.RedisFactory):
-    """
-    txredisapi's factory, with reply timeouts on our reactor and
-    connection events reported to the L{RedisConnection}.
-    """
-
-    initialDelay = RECONNECT_INITIAL_DELAY
-    maxDelay = RECONNECT_MAX_DELAY
-
-    def __init__(self, connection, url, replyTimeout):
-        txredisapi.RedisFactory.__init__(
-            self, uuid=str(url), dbid=url.db or None, poolsize=1, isLazy=True,
-            charset=None, password=url.password, replyTimeout=replyTimeout,
-            convertNumbers=False, username=url.username,
-        )
-        self.connection = connection
-
-    def buildProtocol(self, addr):
-        protocol = txredisapi.RedisFactory.buildProtocol(self, addr)
-        protocol.callLater = self.connection.reactor.callLater
-        return protocol
-
-    def addConnection(self, conn):
-        txredisapi.RedisFactory.addConnection(self, conn)
-        if conn in self.pool:
-            self.connection._connected(conn)
-
-    def delConnection(self, conn):
-        txredisapi.RedisFactory.delConnection(self, conn)
-        self.connection._disconnected()
 
 
 class RedisConnection:
@@ -228,7 +228,7 @@ class RedisConnection:
             for callback in list(self.onConnect):
                 self._run(callback)
 
-    def _disconnected(self):
+    def _disconnected(self, conn):
         if self._up and not self._factory.size:
             self._up = False
             self.log.warn("lost the connection to Redis at {url}", url=str(self.url))
@@ -362,7 +362,7 @@ def connectRedis(reactor, url, caFile=None, replyTimeout=DEFAULT_REPLY_TIMEOUT,
     """
     connection = RedisConnection(
         reactor, url, None, _endpoint(reactor, url, caFile, connectTimeout))
-    connection._factory = _Factory(connection, url, replyTimeout)
+    connection._factory = _Factory(connection, url, replyTimeout, dbid=url.db or None)
     if start:
         connection.start()
     return connection
@@ -370,40 +370,7 @@ def connectRedis(reactor, url, caFile=None, replyTimeout=DEFAULT_REPLY_TIMEOUT,
 
 class _SubscriberProtocol(txredisapi.SubscriberProtocol):
     def messageReceived(self, pattern, channel, message):
-        self.factory.subscriber._message(channel, message)
-
-
-class _SubscriberFactory(_KeepTrying, txredisapi.RedisFactory):
-    """
-    The factory of a L{RedisSubscriber}'s connection: bytes, reply timeouts
-    on our reactor, connection events reported to the subscriber.
-    """
-
-    protocol = _SubscriberProtocol
-    initialDelay = RECONNECT_INITIAL_DELAY
-    maxDelay = RECONNECT_MAX_DELAY
-
-    def __init__(self, subscriber, url, replyTimeout):
-        txredisapi.RedisFactory.__init__(
-            self, uuid=str(url), dbid=None, poolsize=1, isLazy=True,
-            charset=None, password=url.password, replyTimeout=replyTimeout,
-            convertNumbers=False, username=url.username,
-        )
-        self.subscriber = subscriber
-
-    def buildProtocol(self, addr):
-        protocol = txredisapi.RedisFactory.buildProtocol(self, addr)
-        protocol.callLater = self.subscriber.reactor.callLater
-        return protocol
-
-    def addConnection(self, conn):
-        txredisapi.RedisFactory.addConnection(self, conn)
-        if conn in self.pool:
-            self.subscriber._connected(conn)
-
-    def delConnection(self, conn):
-        txredisapi.RedisFactory.delConnection(self, conn)
-        self.subscriber._disconnected(conn)
+        self.factory.owner._message(channel, message)
 
 
 class RedisSubscriber:
@@ -429,7 +396,7 @@ class RedisSubscriber:
         self.onSubscribe = []
         self.onUnsubscribe = []
         self._endpoint = endpoint
-        self._factory = _SubscriberFactory(self, url, replyTimeout)
+        self._factory = _Factory(self, url, replyTimeout, protocol=_SubscriberProtocol)
         self._protocol = None
         self._subscribed = False
 
