@@ -59,6 +59,7 @@ from imserver.spawn import (
     tasksetPrefix,
     twistdArgv,
 )
+from tests.support import requireExecutable
 
 #: Every smoke run: unpinned, so the tests run on any machine.
 UNPINNED = ["--server-cpu", "", "--client-cpu", ""]
@@ -227,6 +228,28 @@ class OptionsTests(SynchronousTestCase):
                                   "--sources", "1")
         self.assertIn("--sources", str(error))
         self.assertEqual(self.parse(Ping, "--users", "30000")["sources"], 3)
+
+    def test_gates(self):
+        """
+        With C{--gates}, each gate (not the machine) holds at most its file
+        budget; 100,000 users need 6 gates, 7 workers and 10 sources by
+        default; C{--gates} > 1 needs redis-server.
+        """
+        self.patch(bench_options, "redisServer", lambda: "/usr/bin/redis-server")
+        options = self.parse(Hold, "--users", "100000", "--gates", "6")
+        self.assertEqual((options["gates"], options["workers"], options["sources"]), (6, 7, 10))
+        error = self.assertRaises(UsageError, self.parse, Hold, "--users", "100000",
+                                  "--gates", "5")
+        self.assertIn("--gates", str(error))
+        error = self.assertRaises(UsageError, self.parse, Hold, "--users", "38000",
+                                  "--gates", "2", "--workers", "1")
+        self.assertIn("--workers", str(error))
+        self.assertRaises(UsageError, self.parse, Hold, "--gates", "0")
+        self.assertEqual(self.parse(Hold)["gates"], 1)
+        self.patch(bench_options, "redisServer", lambda: None)
+        error = self.assertRaises(UsageError, self.parse, Hold, "--gates", "2")
+        self.assertIn("redis-server", str(error))
+        self.assertEqual(self.parse(Hold, "--gates", "1")["gates"], 1)
 
     def test_values(self):
         """
@@ -622,6 +645,29 @@ class SmokeTests(TestCase):
         self.assertIn("rss_per_connection_kb", result)
         self.assertGreater(result["server_rss_mb"], 0)
         self.assertNotIn("reference", result)
+        for key in ("gates", "gate_connections", "gate_rss_mb", "redis_rss_mb"):
+            self.assertNotIn(key, result)
+
+    @inlineCallbacks
+    def test_holdGates(self):
+        """
+        With C{--gates 2} the bench starts its own redis-server and two gates
+        in cluster mode; users are spread over both, and the gates' and
+        Redis's figures are reported.
+        """
+        requireExecutable("redis-server", "redis-server (Debian package redis-server)")
+        outcome = yield self.run_(Hold, "--gates", "2", "--users", "20", "--duration", "0.5",
+                                  "--warmup", "0.1", "--no-reference")
+        result = outcome.result
+        self.assertClean(result, 20)
+        self.assertEqual((result["gates"], result["store"]), (2, "redis"))
+        self.assertEqual(len(result["gate_connections"]), 2)
+        self.assertEqual(sum(result["gate_connections"]), 20)
+        self.assertTrue(all(count > 0 for count in result["gate_connections"]))
+        self.assertEqual(len(result["gate_rss_mb"]), 2)
+        self.assertGreater(result["server_rss_mb"], max(result["gate_rss_mb"]))
+        self.assertGreater(result["redis_rss_mb"], 0)
+        self.assertIn("redis_cpu_percent", result)
 
     @inlineCallbacks
     def test_p2pTwoWorkers(self):

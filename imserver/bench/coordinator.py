@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_bench -*-
 """
-The bench's main process: it starts the gate (pinned to C{--server-cpu}),
+The bench's main process: it starts the gate (pinned to C{--server-cpu};
+with C{--gates N} > 1, its own C{redis-server} and N gates in cluster mode),
 the client workers (pinned to C{--client-cpu}), loads the scenario into the
 workers, runs its phases, then does the same with the echo reference in
 place of the gate, and gathers one result.  It shows progress on stderr
@@ -9,7 +10,9 @@ once a second and stops every child process when it ends, however it ends.
 
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -33,7 +36,13 @@ from imserver.api import ADMIN_TOKEN_FILE_NAME
 from imserver.auth import loadSecret
 from imserver.bench import ECHO_COMMAND, WORKER_COMMAND
 from imserver.bench.control import WorkerProcess
-from imserver.bench.options import FILE_RESERVE, fileLimit, listenDescription, sourceAddresses
+from imserver.bench.options import (
+    FILE_RESERVE,
+    fileLimit,
+    listenDescription,
+    redisServer,
+    sourceAddresses,
+)
 from imserver.bench.reference import Reference
 from imserver.bench.stats import (
     evenBlocks,
@@ -54,6 +63,21 @@ from imserver.tls import CERT_FILE_NAME, KEY_FILE_NAME
 
 #: Seconds into a run after which the progress line is shown.
 PROGRESS_AFTER = 3.0
+#: Times the bench tries to start redis-server on a port that was free.
+REDIS_ATTEMPTS = 5
+#: redis-server's log line once it accepts connections; group 1 its port.
+_REDIS_READY = re.compile(rb"port=(\d+)\.(?s:.*?)Ready to accept connections")
+
+
+def freePort(host):
+    """
+    A TCP port free on C{host} right now (another process may take it
+    before it is used: the caller retries then).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class BenchError(Exception):
@@ -178,6 +202,8 @@ class Coordinator:
 
     @ivar blocks: C{(first user, count)} of each worker.
     @ivar phase: what the run is doing, for the progress line.
+    @ivar servers: the gates (or echo servers) running, one per C{--gates}.
+    @ivar redis: the C{redis-server} of a cluster run, or L{None}.
     """
 
     def __init__(self, reactor, scenario, err=sys.stderr):
@@ -192,7 +218,8 @@ class Coordinator:
         self.blocks = evenBlocks(self.options["users"], self.options["workers"])
         self.phase = "starting"
         self.workers = []
-        self.server = None
+        self.servers = []
+        self.redis = None
         self._target = None
         self._secret = None
         self._api = None
@@ -219,7 +246,7 @@ class Coordinator:
         trigger = self.reactor.addSystemEventTrigger("before", "shutdown", self._kill)
         self._started = self.reactor.seconds()
         try:
-            yield self._startGate(dataDir)
+            yield self._startGates(dataDir)
             self.workers = [self._spawnWorker(i) for i in range(o["workers"])]
             self._progress.start(1.0, now=False)
             result = {
@@ -228,14 +255,17 @@ class Coordinator:
                 "workers": o["workers"],
                 "sources": o["sources"],
                 "transport": o["transport"],
-                "store": o["store"],
+                "store": o["store"] if o["gates"] == 1 else "redis",
             }
+            if o["gates"] > 1:
+                result["gates"] = o["gates"]
             result.update((yield self._runLoad(self.scenario)))
-            yield self._stopServer()
+            yield self._stopServers()
+            yield self._stopRedis()
             if o["reference"]:
                 yield self._startEcho(dataDir)
                 reference = yield self._runLoad(Reference(o))
-                yield self._stopServer()
+                yield self._stopServers()
                 result["reference"] = reference
                 result["ratio_to_reference"] = ratiosTo(result, reference, self.scenario.ratios)
         finally:
@@ -306,6 +336,8 @@ class Coordinator:
             C{connect_seconds}, C{connect_per_s}, and the server's and the
             workers' CPU meanwhile (C{connect_server_cpu_percent},
             C{connect_client_cpu_percent}): which side limits the rate.
+            With several gates, also C{gate_connections} (per gate) and
+            C{connect_redis_cpu_percent}.
         """
         self.phase = "connecting"
         mark = self.usage()
@@ -317,7 +349,7 @@ class Coordinator:
         self.log("{}: {:,} connected in {:.2f} s{}".format(
             self._segment.name, connected, seconds,
             ", {:,} failed".format(failed) if failed else ""))
-        return {
+        result = {
             "connected": connected,
             "connect_failed": failed,
             "connect_seconds": seconds,
@@ -325,6 +357,12 @@ class Coordinator:
             "connect_server_cpu_percent": figures["server_cpu_percent"],
             "connect_client_cpu_percent": figures["client_cpu_percent"],
         }
+        if len(self.servers) > 1:
+            result["gate_connections"] = [sum(counts) for counts in zip(
+                *(answer["gates"] for answer in answers))]
+        if "redis_cpu_percent" in figures:
+            result["connect_redis_cpu_percent"] = figures["redis_cpu_percent"]
+        return result
 
     @inlineCallbacks
     def window(self):
@@ -383,44 +421,68 @@ class Coordinator:
     def usage(self):
         """
         @return: a mark for L{usageSince}: the time and the CPU seconds of
-            the server and of the workers so far.
-        @raise BenchError: if the server has ended.
+            the servers (all gates together), of the workers and of Redis
+            so far.
+        @raise BenchError: if a server has ended.
         """
         self._checkServer()
-        return (self.reactor.seconds(), cpuSeconds(self.server.pid),
-                sum(cpuSeconds(worker.pid) for worker in self.workers))
+        return (self.reactor.seconds(), sum(cpuSeconds(server.pid) for server in self.servers),
+                sum(cpuSeconds(worker.pid) for worker in self.workers),
+                cpuSeconds(self.redis.pid) if self.redis is not None else 0.0)
 
     def usageSince(self, mark):
         """
-        @return: C{seconds} since C{mark}, C{server_cpu_percent} and
-            C{client_cpu_percent} (all workers together) meanwhile, and
-            C{server_rss_mb} now.
+        @return: C{seconds} since C{mark}, C{server_cpu_percent} (all gates
+            together, in percent of one core) and C{client_cpu_percent}
+            (all workers together) meanwhile, and C{server_rss_mb} (all
+            gates together) now; with several gates also
+            C{gate_rss_mb} (each gate's), and C{redis_cpu_percent} and
+            C{redis_rss_mb}.
         """
-        now, server, clients = self.usage()
+        now, server, clients, redis = self.usage()
         seconds = now - mark[0]
-        return {
+        figures = {
             "seconds": round(seconds, 3),
             "server_cpu_percent": round(100 * (server - mark[1]) / seconds, 1),
             "client_cpu_percent": round(100 * (clients - mark[2]) / seconds, 1),
             "server_rss_mb": round(self.serverRss() / 2**20, 1),
         }
+        if len(self.servers) > 1:
+            figures["gate_rss_mb"] = [round(rssBytes(server.pid) / 2**20, 1)
+                                      for server in self.servers]
+        if self.redis is not None:
+            figures["redis_cpu_percent"] = round(100 * (redis - mark[3]) / seconds, 1)
+            figures["redis_rss_mb"] = round(rssBytes(self.redis.pid) / 2**20, 1)
+        return figures
 
     def serverRss(self):
         """
-        The server's RSS now, in bytes.
+        The servers' RSS now, all gates together, in bytes.
 
-        @raise BenchError: if the server has ended.
+        @raise BenchError: if a server has ended.
         """
         self._checkServer()
-        return rssBytes(self.server.pid)
+        return sum(rssBytes(server.pid) for server in self.servers)
 
     def _checkServer(self):
         """
-        @raise BenchError: if the server has ended.
+        @raise BenchError: if a server (or Redis) has ended.
         """
-        if self.server is not None and self.server.reason is not None:
-            raise BenchError("the server ended ({}); its output ends with:\n{}".format(
-                self.server.reason, self.server.text()[-3000:]))
+        for name, server in self._servers():
+            if server.reason is not None:
+                raise BenchError("{} ended ({}); its output ends with:\n{}".format(
+                    name, server.reason, server.text()[-3000:]))
+
+    def _servers(self):
+        """
+        @return: C{(name, process)} of each server and of Redis.
+        """
+        names = ["the server"] if len(self.servers) == 1 else [
+            "server {}".format(i) for i in range(len(self.servers))]
+        pairs = list(zip(names, self.servers))
+        if self.redis is not None:
+            pairs.append(("redis-server", self.redis))
+        return pairs
 
     def keepLatencies(self, latencies):
         """
@@ -439,46 +501,119 @@ class Coordinator:
     # -- processes -----------------------------------------------------------
 
     @inlineCallbacks
-    def _startGate(self, dataDir):
+    def _startGates(self, dataDir):
+        """
+        Start the gate, or with C{--gates N} > 1 a C{redis-server} and N
+        gates in cluster mode sharing the data directory (the secret, the
+        certificate, the admin token): the first alone, as it creates them,
+        then the others.
+        """
         o = self.options
-        api = self.scenario.usesApi
-        imArgs = ["--data-dir", dataDir, "--store", o["store"],
-                  # The API on a free loopback port, if the scenario uses it.
-                  "--api", listenDescription("tcp", o["host"]) if api else "none",
-                  "--listen", listenDescription(o["transport"], o["host"]),
-                  # The bench is the gate's only client: lift the limits
-                  # against abuse, but the open-file budget.
-                  "--max-connections", str(fileLimit() - FILE_RESERVE),
-                  "--max-connections-per-ip", str(2 * o["users"]),
-                  "--accept-rate", "1e9", "--request-rate", "1e9"]
-        imArgs += self.scenario.gateArguments()
-        self.server = spawnTwistd(self.reactor, imArgs, o["server-cpu"], listening=o["host"])
-        waits = [self.server.listening]
-        if api:
-            waits.append(self.server.waitFor(apiPattern(o["host"]), "its HTTP API listening"))
-        listening = gatherResults(waits, consumeErrors=True).addErrback(_firstError)
-        ports = yield self._bounded(listening, "the gate to listen")
-        port = ports[0]
+        gates = o["gates"]
+        redisURL = None
+        if gates > 1:
+            redisURL = yield self._startRedis(dataDir)
+        ports = [(yield self._startGate(dataDir, 0, redisURL))]
+        ports += (yield gatherResults(
+            [self._startGate(dataDir, i, redisURL) for i in range(1, gates)],
+            consumeErrors=True).addErrback(_firstError))
         self._secret = loadSecret(FilePath(dataDir), create=False).hex()
+        tls = o["transport"] == "tls"
+        self._target = {"host": o["host"], "port": ports[0], "ports": ports, "tls": tls,
+                        "ca": os.path.join(dataDir, CERT_FILE_NAME) if tls else None}
+
+    @inlineCallbacks
+    def _startGate(self, dataDir, index, redisURL):
+        """
+        Start gate C{index} (the HTTP API on the first only, if the scenario
+        uses it) and wait until it listens.
+
+        @param redisURL: the cluster's Redis, or L{None} for one gate.
+        @return: a L{Deferred} firing with its client port.
+        """
+        o = self.options
+        api = self.scenario.usesApi and index == 0
+        imArgs = ["--data-dir", dataDir]
+        if redisURL is None:
+            imArgs += ["--store", o["store"]]
+        else:
+            imArgs += ["--redis", redisURL, "--gate-id", "bench-{}".format(index)]
+        imArgs += [
+            # The API on a free loopback port, if the scenario uses it.
+            "--api", listenDescription("tcp", o["host"]) if api else "none",
+            "--listen", listenDescription(o["transport"], o["host"]),
+            # The bench is the gate's only client: lift the limits
+            # against abuse, but the open-file budget.
+            "--max-connections", str(fileLimit() - FILE_RESERVE),
+            "--max-connections-per-ip", str(2 * o["users"]),
+            "--accept-rate", "1e9", "--request-rate", "1e9"]
+        imArgs += self.scenario.gateArguments()
+        server = spawnTwistd(self.reactor, imArgs, o["server-cpu"], listening=o["host"])
+        self.servers.append(server)
+        waits = [server.listening]
+        if api:
+            waits.append(server.waitFor(apiPattern(o["host"]), "its HTTP API listening"))
+        listening = gatherResults(waits, consumeErrors=True).addErrback(_firstError)
+        what = "the gate to listen" if o["gates"] == 1 else "gate {} to listen".format(index)
+        ports = yield self._bounded(listening, what)
         if api:
             host = "[{}]".format(o["host"]) if ":" in o["host"] else o["host"]
             self._api = ("http://{}:{}".format(host, ports[1]),
                          FilePath(dataDir).child(ADMIN_TOKEN_FILE_NAME).getContent().strip())
-        tls = o["transport"] == "tls"
-        self._target = {"host": o["host"], "port": port, "tls": tls,
-                        "ca": os.path.join(dataDir, CERT_FILE_NAME) if tls else None}
+        return ports[0]
+
+    @inlineCallbacks
+    def _startRedis(self, dataDir):
+        """
+        Start C{redis-server} on a free loopback port, in C{dataDir}, without
+        persistence, pinned with the gates.
+
+        @return: a L{Deferred} firing with its C{redis://} URL.
+        """
+        o = self.options
+        executable = redisServer()
+        if executable is None:
+            raise BenchError("--gates > 1 needs redis-server (Debian package redis-server)")
+        host = "127.0.0.1" if ":" not in o["host"] else o["host"]
+        bracketed = "[{}]".format(host) if ":" in host else host
+        for attempt in range(REDIS_ATTEMPTS):
+            port = freePort(host)
+            argv = tasksetPrefix(o["server-cpu"]) + [
+                executable, "--port", str(port), "--bind", host, "--dir", dataDir,
+                "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--protected-mode", "yes", "--loglevel", "notice",
+                "--maxclients", str(max(1000, 64 * o["gates"]))]
+            self.redis = spawnServer(self.reactor, argv, listening=_REDIS_READY)
+            try:
+                yield self._bounded(self.redis.listening, "redis-server to start")
+            except Exception:
+                # Most likely the port was taken meanwhile: another one.
+                redis, self.redis = self.redis, None
+                self._signal(redis, "KILL")
+                yield redis.whenEnded()
+                if attempt == REDIS_ATTEMPTS - 1:
+                    raise BenchError("redis-server did not start; its output ends with:\n"
+                                     + redis.text()[-3000:])
+                continue
+            self.log("redis-server {} on port {}".format(executable, port))
+            return "redis://{}:{}/0".format(bracketed, port)
 
     @inlineCallbacks
     def _startEcho(self, dataDir):
+        """
+        Start one echo server per gate: the same connections per process.
+        """
         o = self.options
         args = [sys.executable, "-m", "imserver.bench", ECHO_COMMAND, "--host", o["host"]]
         if self._target["tls"]:
             args += ["--tls-cert", os.path.join(dataDir, CERT_FILE_NAME),
                      "--tls-key", os.path.join(dataDir, KEY_FILE_NAME)]
-        self.server = spawnServer(self.reactor, tasksetPrefix(o["server-cpu"]) + args,
-                                  listening=o["host"])
-        port = yield self._bounded(self.server.listening, "the echo server to listen")
-        self._target = dict(self._target, port=port)
+        self.servers = [spawnServer(self.reactor, tasksetPrefix(o["server-cpu"]) + args,
+                                    listening=o["host"]) for _ in range(o["gates"])]
+        listening = gatherResults([server.listening for server in self.servers],
+                                  consumeErrors=True).addErrback(_firstError)
+        ports = yield self._bounded(listening, "the echo server to listen")
+        self._target = dict(self._target, port=ports[0], ports=ports)
 
     def _spawnWorker(self, index):
         process = WorkerProcess(index)
@@ -489,11 +624,21 @@ class Coordinator:
         return process
 
     @inlineCallbacks
-    def _stopServer(self):
-        server, self.server = self.server, None
-        if server.reason is None:
-            server.transport.signalProcess("TERM")
-        yield self._ended(server, "the server to stop")
+    def _stopServers(self):
+        servers, self.servers = self.servers, []
+        for server in servers:
+            if server.reason is None:
+                self._signal(server, "TERM")
+        yield gatherResults([self._ended(server, "the server to stop") for server in servers],
+                            consumeErrors=True)
+
+    @inlineCallbacks
+    def _stopRedis(self):
+        redis, self.redis = self.redis, None
+        if redis is not None:
+            if redis.reason is None:
+                self._signal(redis, "TERM")
+            yield self._ended(redis, "redis-server to stop")
 
     @inlineCallbacks
     def _shutdown(self):
@@ -501,8 +646,8 @@ class Coordinator:
             worker.finish()
         yield gatherResults([self._ended(worker, "worker {} to exit".format(worker.index))
                              for worker in self.workers], consumeErrors=True)
-        if self.server is not None:
-            yield self._stopServer()
+        yield self._stopServers()
+        yield self._stopRedis()
 
     @inlineCallbacks
     def _ended(self, process, what):
@@ -522,7 +667,7 @@ class Coordinator:
         The reactor is stopping under us (Ctrl-C): leave no child and no
         data directory behind.
         """
-        for process in self.workers + [self.server]:
+        for process in self.workers + self.servers + [self.redis]:
             if process is not None:
                 self._signal(process, "KILL")
         shutil.rmtree(self._dataDir, ignore_errors=True)

@@ -9,7 +9,9 @@ addresses.
 import importlib.util
 import ipaddress
 import math
+import os
 import resource
+import shutil
 
 from twisted.python import usage
 
@@ -25,8 +27,26 @@ MAX_CONNECTIONS_PER_SOURCE = 20000
 FILE_RESERVE = 1000
 #: Source addresses are 127.0.0.2 up to 127.0.0.(1 + this).
 MAX_SOURCES = 250
+#: The default C{--timeout}, in seconds...
+TIMEOUT = 120.0
+#: ... or one second per this many users if longer: connecting 100,000
+#: users across gates takes over 120 s on 2 cores.
+USERS_PER_TIMEOUT_SECOND = 500
 #: A cap on the file limit when the hard limit is unlimited.
 _FILES_CAP = 1 << 20
+#: Where C{redis-server} is looked for after C{$PATH} (Debian installs it in
+#: C{/usr/bin}, some systems in an C{sbin}).
+_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def redisServer():
+    """
+    The C{redis-server} program the bench starts for C{--gates} > 1.
+
+    @return: its path, or L{None} if it is not installed.
+    """
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath)] + list(_SBIN))
+    return shutil.which("redis-server", path=path)
 
 
 def fileLimit():
@@ -114,7 +134,11 @@ class BaseOptions(usage.Options):
     optParameters = [
         ["users", "u", 400, "Connections (one user each).", int],
         ["transport", None, "tcp", "tcp or tls (TLS 1.3, the gate's self-signed certificate)."],
-        ["store", None, "sqlite", "Gate store: sqlite or memory."],
+        ["store", None, "sqlite",
+         "Gate store: sqlite or memory (one gate; with --gates > 1 the store is Redis)."],
+        ["gates", None, 1,
+         "Gate processes (cluster mode when > 1: the bench starts its own redis-server, and "
+         "user i connects to gate i % N).", int],
         ["host", None, "127.0.0.1", "Loopback address the servers listen on (127.x or ::1)."],
         ["workers", None, None,
          "Client worker processes (default: enough for at most {:,} connections each).".format(
@@ -123,8 +147,10 @@ class BaseOptions(usage.Options):
          "Source addresses 127.0.0.2... to spread connections over (default: one per "
          "{:,} connections).".format(CONNECTIONS_PER_SOURCE), int],
         ["connect-window", None, 200, "Connection attempts in progress per worker.", int],
-        ["timeout", None, 120.0,
-         "Seconds any phase (connecting, a storm's recovery, stopping) may take.", float],
+        ["timeout", None, None,
+         "Seconds any phase (connecting, a storm's recovery, stopping) may take (default: "
+         "{:.0f}, or one per {} users if more).".format(TIMEOUT, USERS_PER_TIMEOUT_SECOND),
+         float],
         ["server-cpu", None, "0", "CPU to pin the servers to ('' for none)."],
         ["client-cpu", None, "1", "CPU to pin the workers to ('' for none)."],
         ["json", None, None, "Also write the result to this file."],
@@ -152,11 +178,18 @@ class BaseOptions(usage.Options):
         if users < 1 or (self.pairs and users % 2):
             raise usage.UsageError(
                 "--users must be an even number >= 2" if self.pairs else "--users must be >= 1")
-        budget = fileLimit() - FILE_RESERVE
-        if users > budget:
+        gates = self["gates"]
+        if gates < 1:
+            raise usage.UsageError("--gates must be >= 1")
+        if gates > 1 and redisServer() is None:
             raise usage.UsageError(
-                "--users {:,} exceeds the {:,} files the gate may hold (RLIMIT_NOFILE {:,})"
-                .format(users, budget, fileLimit()))
+                "--gates > 1 runs the gates in cluster mode and needs redis-server "
+                "(Debian package redis-server), which is not installed")
+        budget = fileLimit() - FILE_RESERVE
+        if math.ceil(users / gates) > budget:
+            raise usage.UsageError(
+                "--users {:,} over {} gate(s) exceeds the {:,} files a gate may hold "
+                "(RLIMIT_NOFILE {:,}): use more --gates".format(users, gates, budget, fileLimit()))
         if self["transport"] not in ("tcp", "tls"):
             raise usage.UsageError("--transport is tcp or tls")
         if self["store"] not in ("sqlite", "memory"):
@@ -166,18 +199,25 @@ class BaseOptions(usage.Options):
         self._checkSources(users)
         if self["connect-window"] < 1:
             raise usage.UsageError("--connect-window must be >= 1")
+        if self["timeout"] is None:
+            self["timeout"] = max(TIMEOUT, users / USERS_PER_TIMEOUT_SECOND)
         if self["timeout"] <= 0:
             raise usage.UsageError("--timeout must be > 0")
         if self["plot"] and importlib.util.find_spec("matplotlib") is None:
             raise usage.UsageError("--plot needs matplotlib: pip install imserver[bench]")
 
     def _checkWorkers(self, users):
-        # The gate holds every connection, so a worker, holding some of
-        # them, is within the file budget too.
+        # A worker holds at most CONNECTIONS_PER_WORKER by default, within
+        # the file budget.
         if self["workers"] is None:
             self["workers"] = math.ceil(users / CONNECTIONS_PER_WORKER)
         if not 1 <= self["workers"] <= max(1, users // 2):
             raise usage.UsageError("--workers must be between 1 and half of --users")
+        budget = fileLimit() - FILE_RESERVE
+        if math.ceil(users / self["workers"]) > budget:
+            raise usage.UsageError(
+                "more than {:,} connections per worker exceed its file limit: use more "
+                "--workers".format(budget))
 
     def _checkSources(self, users):
         ipv6 = ":" in self["host"]

@@ -9,7 +9,8 @@ in L{imserver.bench.scenarios.SCENARIOS}.
 
 Users are numbered 0 .. N - 1 across all workers; user C{i} is C{u<i>},
 signs in as device L{DEVICE}, sends to its partner C{i ^ 1} (always in the
-same worker), and connects from source address C{i % len(sources)}.
+same worker), connects from source address C{i % len(sources)} to gate
+C{i % len(ports)} (one gate unless C{--gates}).
 """
 
 import sys
@@ -163,7 +164,7 @@ class Load:
     def __init__(self, reactor, spec, err=sys.stderr):
         """
         @param spec: from the coordinator: C{target} (C{host}, C{port},
-            C{tls}, C{ca}), C{sources}, C{first}, C{count}, C{secret} (hex,
+            C{ports}: every gate's, C{tls}, C{ca}), C{sources}, C{first}, C{count}, C{secret} (hex,
             for the gate), C{connectWindow}, C{timeout} and the scenario's
             C{config}.
         @raise usage.UsageError: if the target or a source address is not a
@@ -173,7 +174,10 @@ class Load:
         self.reactor = reactor
         self.err = err
         self.host = loopback(target["host"], "target")
-        self.port = target["port"]
+        self.ports = target.get("ports") or [target["port"]]
+        self.port = self.ports[0]
+        #: Users connected by the last C{connect}, per gate (C{ports}).
+        self.perGate = [0] * len(self.ports)
         self.sources = [None if s is None else loopback(s, "source") for s in spec["sources"]]
         self.first = spec["first"]
         self.count = spec["count"]
@@ -196,13 +200,14 @@ class Load:
 
     def endpoint(self, index):
         """
-        A client endpoint to the target for user C{index}, bound to its
-        source address, wrapped in TLS if the target is TLS.
+        A client endpoint to the target for user C{index} (its gate's port),
+        bound to its source address, wrapped in TLS if the target is TLS.
         """
         source = self.sources[index % len(self.sources)]
         bind = None if source is None else (source, 0)
         kind = TCP6ClientEndpoint if ":" in self.host else TCP4ClientEndpoint
-        endpoint = kind(self.reactor, self.host, self.port, self.timeout, bind)
+        port = self.ports[index % len(self.ports)]
+        endpoint = kind(self.reactor, self.host, port, self.timeout, bind)
         return endpoint if self._tls is None else wrapClientTLS(self._tls, endpoint)
 
     def token(self, uid):
@@ -298,9 +303,15 @@ class Load:
         Connect every user, at most C{connectWindow} attempts in progress at
         once.
 
-        @return: a L{Deferred} firing with C{connected} and C{failed}.
+        @return: a L{Deferred} firing with C{connected}, C{failed} and
+            C{gates}: how many connected to each gate.
         """
         failed = []
+        self.perGate = [0] * len(self.ports)
+
+        def connected(_, index):
+            self.add("connected")
+            self.perGate[index % len(self.ports)] += 1
 
         def attempt(index):
             def connectFailed(failure):
@@ -308,13 +319,14 @@ class Load:
                 self.error("connecting {}: {}".format(userName(index), failure.getErrorMessage()))
 
             return self.connectOne(index).addCallbacks(
-                lambda _: self.add("connected"), connectFailed)
+                connected, connectFailed, callbackArgs=(index,))
 
         attempts = (attempt(i) for i in range(self.first, self.first + self.count))
         cooperator = Cooperator(scheduler=lambda step: self.reactor.callLater(0, step))
         lanes = max(1, min(self.connectWindow, self.count))
         return gatherResults([cooperator.coiterate(attempts) for _ in range(lanes)]).addCallback(
-            lambda _: {"connected": self.counts["connected"], "failed": len(failed)})
+            lambda _: {"connected": self.counts["connected"], "failed": len(failed),
+                       "gates": self.perGate})
 
     def on_start(self):
         """
