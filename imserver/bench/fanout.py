@@ -34,7 +34,7 @@ from twisted.python import usage
 
 from imserver import methods
 from imserver.bench.options import WindowOptions
-from imserver.bench.scenario import Load, Scenario, Ticker, userName
+from imserver.bench.scenario import LeanClient, Load, Scenario, userName
 from imserver.bench.stats import latencySummary
 from imserver.observe import OneShot
 from imserver.pb import im_pb2 as pb
@@ -112,7 +112,7 @@ def ackFrame(seq):
     return _length.pack(len(frame)) + frame
 
 
-class MemberClient(Protocol):
+class MemberClient(LeanClient, Protocol):
     """
     A group member that only receives: a pre-encoded C{auth}, then it
     counts the C{message} pushes and acks them cumulatively.
@@ -132,6 +132,7 @@ class MemberClient(Protocol):
     def __init__(self, load, index):
         self.load = load
         self.index = index
+        self.label = "{}'s connection".format(userName(index))
         self.ready = Deferred()
         self.isReady = False
         self.seq = 0
@@ -256,20 +257,6 @@ class MemberClient(Protocol):
         elif not self.ready.called:
             self.ready.errback(ValueError(reason))
 
-    def whenClosed(self):
-        """
-        @return: a L{Deferred} firing once the connection is closed.
-        """
-        return self._closed.when()
-
-    def connectionLost(self, reason):
-        self.connected = 0
-        if not self.ready.called:
-            self.ready.errback(reason)
-        elif self.isReady and not self.load.closing:
-            self.load.error("{} lost its connection: {}".format(
-                userName(self.index), reason.getErrorMessage()))
-        self._closed.fire(None)
 
 
 class FanoutLoad(Load):
@@ -285,7 +272,6 @@ class FanoutLoad(Load):
         self._padding = b"x" * (self.config["body"] - _stamp.size)
         self._messages = 0
         self._sender = None
-        self._ticker = None
         self._unacked = set()
         self._acking = LoopingCall(self._ackQuiet)
         self._acking.clock = reactor
@@ -333,9 +319,7 @@ class FanoutLoad(Load):
         if self._sender is None:
             return
         if self.config["rate"]:
-            self._ticker = Ticker(self.reactor, self.config["rate"],
-                                  lambda: self.sendOne(loop=False))
-            self._ticker.start()
+            self.startTicker(self.config["rate"], lambda: self.sendOne(loop=False))
         else:
             for _ in range(self.config["inflight"]):
                 self.sendOne(loop=True)
@@ -351,22 +335,7 @@ class FanoutLoad(Load):
         self._messages += 1
         body = _stamp.pack(time.perf_counter()) + self._padding
         d = client.send("", body, "fanout-{}".format(self._messages), groupId=self.config["group"])
-
-        def sent(response):
-            self.add("sent")
-            if loop:
-                self.sendOne(loop)
-
-        def failed(failure):
-            if not self.closing:
-                self.error("send failed: {}".format(failure.getErrorMessage()))
-
-        d.addCallbacks(sent, failed)
-
-    def on_stop(self):
-        Load.on_stop(self)
-        if self._ticker is not None:
-            self._ticker.stop()
+        self.countSent(d, again=(lambda: self.sendOne(loop)) if loop else None)
 
     def on_close(self):
         if self._acking.running:

@@ -16,7 +16,7 @@ from twisted.python import usage
 
 from imserver import methods
 from imserver.bench.options import WindowOptions
-from imserver.bench.scenario import Load, Scenario, SessionClient, Ticker, partner, userName
+from imserver.bench.scenario import Load, Scenario, SessionClient, partner, userName
 
 #: The body of a seed-profile message.
 SEED_BODY = b"s" * 500
@@ -66,7 +66,6 @@ class HoldLoad(Load):
 
     counters = ("connected", "pings", "seeded", "delivered", "errors")
     Client = HeldClient
-    _ticker = None
     _next = 0
 
     def connectOne(self, index):
@@ -80,8 +79,7 @@ class HoldLoad(Load):
     def on_start(self):
         period = self.config["seedPeriod"]
         if period and self.clients:
-            self._ticker = Ticker(self.reactor, len(self.clients) / period, self._seed)
-            self._ticker.start()
+            self.startTicker(len(self.clients) / period, self._seed)
 
     def _seed(self):
         client = self.clients[self._next % len(self.clients)]
@@ -90,16 +88,7 @@ class HoldLoad(Load):
             return
         d = client.send(userName(partner(client.index)), SEED_BODY,
                         "seed-{}-{}".format(client.index, self._next))
-        d.addCallbacks(lambda _: self.add("seeded"), self._seedFailed)
-
-    def _seedFailed(self, failure):
-        if not self.closing:
-            self.error("seed message failed: {}".format(failure.getErrorMessage()))
-
-    def on_stop(self):
-        Load.on_stop(self)
-        if self._ticker is not None:
-            self._ticker.stop()
+        self.countSent(d, counter="seeded")
 
 
 class Hold(Scenario):

@@ -21,7 +21,7 @@ from twisted.python import usage
 
 from imserver import methods
 from imserver.bench.options import WindowOptions
-from imserver.bench.scenario import Load, Scenario, Ticker, partner, userName
+from imserver.bench.scenario import Load, Scenario, partner, userName
 from imserver.bench.stats import latencySummary
 
 _stamp = struct.Struct("!d")
@@ -61,7 +61,6 @@ class P2PLoad(Load):
         self._padding = b"x" * (self.config["body"] - _stamp.size)
         self._messages = 0
         self._senders = []
-        self._ticker = None
 
     def connectOne(self, index):
         return self.connectSession(index).addCallback(self.clients.append)
@@ -77,8 +76,7 @@ class P2PLoad(Load):
         if not self._senders:
             return
         if self.config["rate"]:
-            self._ticker = Ticker(self.reactor, self.config["rate"], self._sendNext)
-            self._ticker.start()
+            self.startTicker(self.config["rate"], self._sendNext)
         else:
             for sender in self._senders:
                 for _ in range(self.config["inflight"]):
@@ -101,22 +99,7 @@ class P2PLoad(Load):
         body = _stamp.pack(time.perf_counter()) + self._padding
         d = client.send(userName(partner(client.index)), body,
                         "{}-{}".format(client.index, self._messages))
-
-        def sent(response):
-            self.add("sent")
-            if loop:
-                self.sendOne(client, loop)
-
-        def failed(failure):
-            if not self.closing:
-                self.error("send failed: {}".format(failure.getErrorMessage()))
-
-        d.addCallbacks(sent, failed)
-
-    def on_stop(self):
-        Load.on_stop(self)
-        if self._ticker is not None:
-            self._ticker.stop()
+        self.countSent(d, again=(lambda: self.sendOne(client, loop)) if loop else None)
 
 
 class P2P(Scenario):

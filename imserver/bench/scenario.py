@@ -155,6 +155,8 @@ class Load:
     @ivar closing: true once the connections are being closed on purpose.
     """
 
+    _ticker = None
+
     counters = ("connected", "errors")
     #: Errors written to stderr; later ones are only counted.
     loggedErrors = 5
@@ -354,11 +356,40 @@ class Load:
         window = {name: value - self._mark.get(name, 0) for name, value in self.counts.items()}
         return {"counts": window, "latencies_us": self.latencies}
 
+    def startTicker(self, rate, tick):
+        """
+        Open loop: call C{tick} C{rate} times per second until
+        L{on_stop}.
+        """
+        self._ticker = Ticker(self.reactor, rate, tick)
+        self._ticker.start()
+
+    def countSent(self, d, counter="sent", again=None):
+        """
+        Count the send of C{d} in C{counter} once answered, then call
+        C{again} (a closed loop's next send); count a failure as an error.
+        """
+
+        def sent(response):
+            self.add(counter)
+            if again is not None:
+                again()
+
+        def failed(failure):
+            if not self.closing:
+                self.error("{} failed: {}".format(counter, failure.getErrorMessage()))
+
+        d.addCallbacks(sent, failed)
+
     def on_stop(self):
         """
-        Stop the traffic; outstanding requests still complete.
+        Stop the traffic (and the open loop's ticker); outstanding requests
+        still complete.
         """
         self.stopping = True
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker = None
 
     def on_close(self):
         """
@@ -419,7 +450,33 @@ class Ticker:
             self._fire()
 
 
-class RoundTripClient(Int32StringReceiver):
+class LeanClient:
+    """
+    What the bench's lean clients (pre-encoded frames, no client library)
+    share: a C{ready} L{Deferred} fired by the subclass once its handshake
+    is answered, and the end of the connection.  Subclasses set
+    C{load}, C{ready}, C{isReady} and C{_closed} (a L{OneShot}).
+    """
+
+    #: Names the client in error messages.
+    label = "connection"
+
+    def whenClosed(self):
+        """
+        @return: a L{Deferred} firing once the connection is closed.
+        """
+        return self._closed.when()
+
+    def connectionLost(self, reason):
+        self.connected = 0
+        if not self.ready.called:
+            self.ready.errback(reason)
+        elif self.isReady and not self.load.closing:
+            self.load.error("{} lost: {}".format(self.label, reason.getErrorMessage()))
+        self._closed.fire(None)
+
+
+class RoundTripClient(LeanClient, Int32StringReceiver):
     """
     One connection doing round trips of a pre-encoded request, one in
     flight: the clients of the C{ping} scenario and of the echo reference.
@@ -471,20 +528,6 @@ class RoundTripClient(Int32StringReceiver):
         """
         self._sentAt = time.perf_counter()
         self.sendString(self.load.request)
-
-    def whenClosed(self):
-        """
-        @return: a L{Deferred} firing once the connection is closed.
-        """
-        return self._closed.when()
-
-    def connectionLost(self, reason):
-        self.connected = 0
-        if not self.ready.called:
-            self.ready.errback(reason)
-        elif self.isReady and not self.load.closing:
-            self.load.error("connection lost: {}".format(reason.getErrorMessage()))
-        self._closed.fire(None)
 
 
 class RoundTripLoad(Load):
