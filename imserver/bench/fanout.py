@@ -27,13 +27,12 @@ import time
 
 from google.protobuf.message import DecodeError
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.endpoints import connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
 from imserver import methods
-from imserver.bench.options import WindowOptions
+from imserver.bench.options import WindowOptions, checkSending
 from imserver.bench.scenario import LeanClient, Load, Scenario, userName
 from imserver.bench.stats import latencySummary
 from imserver.observe import OneShot
@@ -90,12 +89,7 @@ class FanoutOptions(WindowOptions):
         if self["members"] < 2:
             raise usage.UsageError("--members must be >= 2")
         WindowOptions.postOptions(self)
-        if self["inflight"] < 1:
-            raise usage.UsageError("--inflight must be >= 1")
-        if self["rate"] < 0:
-            raise usage.UsageError("--rate must be >= 0")
-        if not _stamp.size <= self["body"] <= 32 * 1024:
-            raise usage.UsageError("--body must be between {} and 32768".format(_stamp.size))
+        checkSending(self, _stamp.size)
         if not 1 <= self["ack-every"] <= MAX_UNACKED // 2:
             raise usage.UsageError("--ack-every must be between 1 and {}".format(
                 MAX_UNACKED // 2))
@@ -283,16 +277,7 @@ class FanoutLoad(Load):
                 self.clients.append(client)
 
             return self.connectSession(index).addCallback(connected)
-        client = MemberClient(self, index)
-
-        def notReady(failure):
-            if client.connected:
-                client.transport.abortConnection()
-            return failure
-
-        d = connectProtocol(self.endpoint(index), client)
-        d.addCallback(lambda client: client.ready.addTimeout(self.timeout, self.reactor))
-        return d.addCallbacks(self.clients.append, notReady)
+        return self.connectLean(index, MemberClient(self, index))
 
     def ackLater(self, client):
         """

@@ -234,6 +234,22 @@ class BaseOptions(usage.Options):
                 "ports: use more --sources".format(MAX_CONNECTIONS_PER_SOURCE))
 
 
+def checkSending(options, minimumBody):
+    """
+    Check the options of a scenario that sends messages: C{--inflight},
+    C{--rate} and C{--body} (at least C{minimumBody} bytes, for the send
+    timestamp; at most the gate's default body limit).
+
+    @raise usage.UsageError: if one is out of range.
+    """
+    if options["inflight"] < 1:
+        raise usage.UsageError("--inflight must be >= 1")
+    if options["rate"] < 0:
+        raise usage.UsageError("--rate must be >= 0")
+    if not minimumBody <= options["body"] <= 32 * 1024:
+        raise usage.UsageError("--body must be between {} and 32768".format(minimumBody))
+
+
 class WindowOptions(BaseOptions):
     """
     The options of a scenario measured over a time window after a warm-up.

@@ -17,10 +17,9 @@ import struct
 import time
 
 from twisted.internet.defer import inlineCallbacks
-from twisted.python import usage
 
 from imserver import methods
-from imserver.bench.options import WindowOptions
+from imserver.bench.options import WindowOptions, checkSending
 from imserver.bench.scenario import Load, Scenario, partner, userName
 from imserver.bench.stats import latencySummary
 
@@ -41,12 +40,7 @@ class P2POptions(WindowOptions):
 
     def postOptions(self):
         WindowOptions.postOptions(self)
-        if self["inflight"] < 1:
-            raise usage.UsageError("--inflight must be >= 1")
-        if self["rate"] < 0:
-            raise usage.UsageError("--rate must be >= 0")
-        if not _stamp.size <= self["body"] <= 32 * 1024:
-            raise usage.UsageError("--body must be between {} and 32768".format(_stamp.size))
+        checkSending(self, _stamp.size)
 
 
 class P2PLoad(Load):

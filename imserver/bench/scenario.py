@@ -246,6 +246,23 @@ class Load:
         client = self.Client(self, index)
         return connectProtocol(self.endpoint(index), client).addCallback(authenticate)
 
+    def connectLean(self, index, client):
+        """
+        Connect a L{LeanClient} for user C{index} and append it to
+        L{clients} once its handshake is answered (within the timeout).
+
+        @return: a L{Deferred} firing then.
+        """
+
+        def notReady(failure):
+            if client.connected:
+                client.transport.abortConnection()
+            return failure
+
+        d = connectProtocol(self.endpoint(index), client)
+        d.addCallback(lambda client: client.ready.addTimeout(self.timeout, self.reactor))
+        return d.addCallbacks(self.clients.append, notReady)
+
     @staticmethod
     def _abortFailed(failure, protocol):
         if protocol.connected:
@@ -554,16 +571,7 @@ class RoundTripLoad(Load):
         raise NotImplementedError()
 
     def connectOne(self, index):
-        client = RoundTripClient(self, self.hello(index))
-
-        def notReady(failure):
-            if client.connected:
-                client.transport.abortConnection()
-            return failure
-
-        d = connectProtocol(self.endpoint(index), client)
-        d.addCallback(lambda client: client.ready.addTimeout(self.timeout, self.reactor))
-        return d.addCallbacks(self.clients.append, notReady)
+        return self.connectLean(index, RoundTripClient(self, self.hello(index)))
 
     def answered(self, seconds):
         """
