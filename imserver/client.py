@@ -71,8 +71,8 @@ class ClientProtocol(RPCProtocol):
         if self.onConnected is not None:
             self.onConnected(self)
 
-    def sendFrame(self, frame):
-        RPCProtocol.sendFrame(self, frame)
+    def sendEncoded(self, data):
+        RPCProtocol.sendEncoded(self, data)
         self._lastSent = self._seconds()
 
     # -- requests -----------------------------------------------------------

@@ -25,6 +25,76 @@ _unpackLength = _header.unpack_from
 DEFAULT_MAX_FRAME_LENGTH = 64 * 1024
 
 
+_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
+
+
+def varint(value):
+    """
+    The protobuf base-128 varint of a non-negative C{value}.
+
+    @rtype: L{bytes}
+    """
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# The fields of pb.Frame, as protobuf puts them on the wire (field number
+# << 3 | wire type): kind (1, varint), seq (2, varint), method (3, bytes),
+# body (4, bytes).
+_KIND_RESPONSE = b"\x08\x02"
+_SEQ = b"\x10"
+_METHOD = b"\x1a"
+_BODY = b"\x22"
+_KIND_NOTIFY = b"\x08\x03"
+
+
+def encodeResponse(seq, body):
+    """
+    The length-prefixed RESPONSE frame answering request C{seq} with
+    C{body} (a serialized response message): the exact bytes
+    L{encodeFrame} gives for the same L{pb.Frame}, without building one.
+
+    @rtype: L{bytes}
+    """
+    if body:
+        data = b"".join((_KIND_RESPONSE, _SEQ, varint(seq), _BODY, varint(len(body)), body))
+    else:
+        data = _KIND_RESPONSE + _SEQ + varint(seq)
+    return _packLength(len(data)) + data
+
+
+def notifyPrefix(name):
+    """
+    What every NOTIFY frame of method C{name} starts with (after the length
+    prefix): the kind and the method name.  L{encodeNotify} completes it.
+
+    @type name: L{str}
+    @rtype: L{bytes}
+    """
+    encoded = name.encode("utf-8")
+    return _KIND_NOTIFY + _METHOD + varint(len(encoded)) + encoded
+
+
+def encodeNotify(prefix, body):
+    """
+    The length-prefixed NOTIFY frame of the method whose L{notifyPrefix} is
+    C{prefix}, carrying C{body}: the exact bytes L{encodeFrame} gives.
+
+    @rtype: L{bytes}
+    """
+    if body:
+        data = b"".join((prefix, _BODY, varint(len(body)), body))
+    else:
+        data = prefix
+    return _packLength(len(data)) + data
+
+
 def encodeFrame(frame):
     """
     Serialize C{frame} with its length prefix.
@@ -67,14 +137,22 @@ class FrameProtocol(Protocol):
     _closing = False
 
     def dataReceived(self, data):
+        """
+        Split C{data} (and what was left of earlier reads) into frames and
+        hand each to L{frameReceived}.
+
+        @return: how many frames were handed over (subclasses count them).
+        """
         if self._closing:
-            return
+            return 0
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
         size = len(data)
         offset = 0
+        count = 0
         unpack = _unpackLength
+        Frame = pb.Frame
         while size - offset >= HEADER_LENGTH:
             (length,) = unpack(data, offset)
             if length > self.maxFrameLength:
@@ -84,25 +162,27 @@ class FrameProtocol(Protocol):
                         length, self.maxFrameLength
                     ),
                 )
-                return
+                return count
             if length == 0:
                 self.closeWithError(pb.EMPTY_FRAME, "zero-length frame")
-                return
+                return count
             end = offset + HEADER_LENGTH + length
             if end > size:
                 break
-            frame = pb.Frame()
+            frame = Frame()
             try:
                 frame.ParseFromString(data[offset + HEADER_LENGTH : end])
             except DecodeError:
                 self.closeWithError(pb.BAD_FRAME, "frame does not parse")
-                return
+                return count
             offset = end
+            count += 1
             self.frameReceived(frame)
             if self._closing:
-                return
+                return count
         if offset < size:
             self._buffer = data[offset:] if offset else data
+        return count
 
     def frameReceived(self, frame):
         """

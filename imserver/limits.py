@@ -50,9 +50,15 @@ class TokenBucket:
 
         @return: whether they were taken.
         """
-        if self.level() < cost:
+        now = self._seconds()
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if tokens > self.burst:
+            tokens = self.burst
+        self.stamp = now
+        if tokens < cost:
+            self.tokens = tokens
             return False
-        self.tokens -= cost
+        self.tokens = tokens - cost
         return True
 
 

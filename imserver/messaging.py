@@ -10,8 +10,10 @@ import struct
 
 from twisted.logger import Logger
 
+from imserver import methods
 from imserver.auth import validateUid
 from imserver.errors import BadRequest, MessageTooLarge, RPCError, Unavailable
+from imserver.framing import varint as _varint
 from imserver.pb import im_pb2 as pb
 from imserver.store import GroupNotFound
 
@@ -21,17 +23,8 @@ MAX_CONTENT_TYPE = 64
 
 _packLength = struct.Struct("!I").pack
 #: Frame.kind = NOTIFY, Frame.method = "message", then Frame.body's tag.
-_NOTIFY_MESSAGE = b"\x08\x03\x1a\x07message\x22"
+_NOTIFY_MESSAGE = methods.MESSAGE.prefix + b"\x22"
 _OUTGOING = b"\x10\x01"
-
-
-def _varint(value):
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _bytesLength(text):

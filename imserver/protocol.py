@@ -141,12 +141,9 @@ class GateProtocol(RPCProtocol):
 
     def dataReceived(self, data):
         self.lastHeard = self._seconds()
-        self._metrics.bytesReceived += len(data)
-        RPCProtocol.dataReceived(self, data)
-
-    def frameReceived(self, frame):
-        self._metrics.framesReceived += 1
-        RPCProtocol.frameReceived(self, frame)
+        metrics = self._metrics
+        metrics.bytesReceived += len(data)
+        metrics.framesReceived += RPCProtocol.dataReceived(self, data)
 
     def requestAdmitted(self, seq):
         requests = self._requests
@@ -156,7 +153,8 @@ class GateProtocol(RPCProtocol):
                 settings.request_rate, settings.request_burst, self.clock
             )
         if requests.take():
-            self._refusedInARow = 0
+            if self._refusedInARow:
+                self._refusedInARow = 0
             return True
         self._metrics.rateLimited += 1
         self._refusedInARow += 1
@@ -337,6 +335,8 @@ class GateProtocol(RPCProtocol):
         )
         self._persistAck()
         return response
+
+    watchResponses = True
 
     def responseSent(self, method, response):
         if method is methods.AUTH and self.state == AUTHENTICATED:

@@ -13,7 +13,7 @@ from methods decorated with L{Method.responder}; incoming notifies through
 L{Notification.handler}.
 """
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message as _Message
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
@@ -25,7 +25,7 @@ from imserver.errors import (
     RPCError,
     UnknownMethod,
 )
-from imserver.framing import FrameProtocol
+from imserver.framing import FrameProtocol, encodeNotify, encodeResponse, notifyPrefix
 from imserver.pb import im_pb2 as pb
 
 _SEQ_MODULUS = 1 << 32
@@ -72,6 +72,8 @@ class Notification:
     def __init__(self, name, messageType):
         self.name = name
         self.messageType = messageType
+        #: The start of every frame of this notification (L{notifyPrefix}).
+        self.prefix = notifyPrefix(name)
 
     def handler(self, function):
         """
@@ -102,6 +104,9 @@ class RPCProtocol(FrameProtocol):
     responders = {}
     notificationHandlers = {}
     requestTimeout = 30.0
+    #: Whether L{responseSent} is called; subclasses that override it set
+    #: this, so the others pay nothing per response.
+    watchResponses = False
     _ignoredLogged = False
 
     def __init_subclass__(cls, **kwargs):
@@ -167,13 +172,7 @@ class RPCProtocol(FrameProtocol):
         @param notification: a L{Notification}.
         @param message: an instance of C{notification.messageType}.
         """
-        self.sendFrame(
-            pb.Frame(
-                kind=_NOTIFY,
-                method=notification.name,
-                body=message.SerializeToString(),
-            )
-        )
+        self.sendEncoded(encodeNotify(notification.prefix, message.SerializeToString()))
 
     def _nextSeq(self):
         seq = self._lastSeq
@@ -268,16 +267,17 @@ class RPCProtocol(FrameProtocol):
         except Exception:
             self._internalError(seq, Failure())
             return
-        if isinstance(result, Deferred):
+        if isinstance(result, _Message):
+            self.sendEncoded(encodeResponse(seq, result.SerializeToString()))
+            if self.watchResponses:
+                self.responseSent(method, result)
+        else:
             if incoming is None:
                 incoming = self._incoming = set()
             incoming.add(seq)
             result.addCallbacks(
                 self._asyncResult, self._asyncFailure, (seq, method), None, (seq,)
             )
-        else:
-            self._sendResult(seq, result)
-            self.responseSent(method, result)
 
     def requestAdmitted(self, seq):
         """
@@ -291,15 +291,17 @@ class RPCProtocol(FrameProtocol):
 
     def responseSent(self, method, response):
         """
-        Called after a successful response to C{method} was written.
-        Subclasses override it to act only once the peer has (in stream
-        order) its answer, such as starting pushes after C{auth}.
+        Called after a successful response to C{method} was written, if
+        L{watchResponses}.  Subclasses override it (and set
+        L{watchResponses}) to act only once the peer has (in stream order)
+        its answer, such as starting pushes after C{auth}.
         """
 
     def _asyncResult(self, result, seq, method):
         self._incoming.discard(seq)
         self._sendResult(seq, result)
-        self.responseSent(method, result)
+        if self.watchResponses:
+            self.responseSent(method, result)
 
     def _asyncFailure(self, failure, seq):
         self._incoming.discard(seq)
@@ -309,9 +311,7 @@ class RPCProtocol(FrameProtocol):
             self._internalError(seq, failure)
 
     def _sendResult(self, seq, result):
-        self.sendFrame(
-            pb.Frame(kind=_RESPONSE, seq=seq, body=result.SerializeToString())
-        )
+        self.sendEncoded(encodeResponse(seq, result.SerializeToString()))
 
     def _sendError(self, seq, error):
         self.sendFrame(
