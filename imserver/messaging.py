@@ -44,7 +44,7 @@ class MessagePush:
         other gates, once per message per gate).
     """
 
-    __slots__ = ("_message", "data", "_tail")
+    __slots__ = ("_message", "data", "_tail", "_outgoingTail", "_starts")
 
     def __init__(self, message=None, data=None):
         """
@@ -57,6 +57,10 @@ class MessagePush:
         self.data = data
         # InboxEntry.message (field 3, length-delimited).
         self._tail = b"\x1a" + _varint(len(data)) + data
+        self._outgoingTail = _OUTGOING + self._tail
+        # What comes before the seq, by the seq's varint length (negative:
+        # outgoing), shared by every frame of this message.
+        self._starts = {}
 
     @classmethod
     def fromBytes(cls, data):
@@ -82,10 +86,20 @@ class MessagePush:
 
         @rtype: L{bytes}
         """
-        head = b"\x08" + _varint(seq) + _OUTGOING if outgoing else b"\x08" + _varint(seq)
-        size = len(head) + len(self._tail)
-        prefix = _NOTIFY_MESSAGE + _varint(size)
-        return b"".join((_packLength(len(prefix) + size), prefix, head, self._tail))
+        seqBytes = _varint(seq)
+        key = -len(seqBytes) if outgoing else len(seqBytes)
+        start = self._starts.get(key)
+        tail = self._outgoingTail if outgoing else self._tail
+        if start is None:
+            # InboxEntry.seq's tag, after the frame's length, kind, method
+            # and body length (the entry's size depends on the seq only
+            # through the length of its varint).
+            size = 1 + len(seqBytes) + len(tail)
+            prefix = _NOTIFY_MESSAGE + _varint(size)
+            start = self._starts[key] = (
+                _packLength(len(prefix) + size) + prefix + b"\x08"
+            )
+        return b"".join((start, seqBytes, tail))
 
 
 class Messenger:

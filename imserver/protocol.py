@@ -610,15 +610,29 @@ class GateProtocol(RPCProtocol):
             self._head = seq
         if not self._delivering or seq <= self._sent:
             return
+        unacked = self._unacked
         if (
             seq == self._sent + 1
             and not self._fetching
-            and self.unackedCount() < self.factory.settings.max_unacked
             and self._pausedAt is None
             and not self._closing
+            and (unacked is None or len(unacked) < self.factory.settings.max_unacked)
         ):
-            self._pushed(seq)
-            self.sendEncoded(push.frame(seq, outgoing))
+            # The common case, once per recipient session of every message:
+            # _pushed and sendEncoded inline.
+            if unacked is None:
+                unacked = self._unacked = collections.deque()
+                if self._pushedAt is None:
+                    self._pushedAt = self._seconds()
+                    self._pushedSeq = seq
+            unacked.append(seq)
+            self._sent = seq
+            data = push.frame(seq, outgoing)
+            metrics = self._metrics
+            metrics.messagesPushed += 1
+            metrics.framesSent += 1
+            metrics.bytesSent += len(data)
+            self.transport.write(data)
         else:
             self._pump()
 

@@ -48,6 +48,24 @@ class MessagePushTests(SynchronousTestCase):
             kind=pb.NOTIFY, method="message", body=entry.SerializeToString()))
         self.assertEqual(MessagePush(message).frame(seq, outgoing), expected)
 
+    @given(
+        seqs=st.lists(st.tuples(st.integers(min_value=1, max_value=2**64 - 1), st.booleans()),
+                      min_size=2, max_size=30),
+        body=st.binary(max_size=300),
+    )
+    def test_manyFramesOfOnePush(self, seqs, body):
+        """
+        Every frame of one push (the parts shared by frames whose seqs have
+        varints of the same length are reused) is protobuf's.
+        """
+        message = pb.Message(id=7, sender="alice", group_id="g", body=body, created_ms=T0)
+        push = MessagePush(message)
+        for seq, outgoing in seqs + [(127, False), (128, False), (127, True), (16384, True)]:
+            entry = pb.InboxEntry(seq=seq, outgoing=outgoing, message=message)
+            expected = encodeFrame(pb.Frame(
+                kind=pb.NOTIFY, method="message", body=entry.SerializeToString()))
+            self.assertEqual(push.frame(seq, outgoing), expected)
+
 
 class GroupsTests(SynchronousTestCase):
     """

@@ -55,8 +55,8 @@ class MemorySessionRegistry:
         return succeed(list(self._byUid.get(uid, {}).values()))
 
     def sessionsForMany(self, uids):
-        byUid = self._byUid
-        return succeed({uid: list(byUid[uid].values()) for uid in uids if uid in byUid})
+        get = self._byUid.get
+        return succeed({uid: list(devices.values()) for uid in uids if (devices := get(uid))})
 
     def count(self):
         return succeed(self._count)

@@ -60,11 +60,13 @@ class MemoryMessageStore:
         stored.created_ms = nowMs
         self._messages[stored.id] = stored
         seqs = {}
+        heads = self._heads
+        head = heads.get
+        inbox = self._inbox.setdefault
+        messageId = stored.id
         for uid in uniqueRecipients(sender, recipients):
-            seq = self._heads.get(uid, 0) + 1
-            self._heads[uid] = seq
-            self._inbox.setdefault(uid, []).append((seq, stored.id, uid == sender))
-            seqs[uid] = seq
+            seqs[uid] = heads[uid] = seq = head(uid, 0) + 1
+            inbox(uid, []).append((seq, messageId, uid == sender))
         self._dedup[key] = (stored.id, seqs.get(sender, 0), nowMs)
         return succeed(Delivery(stored, seqs, False))
 
