@@ -601,6 +601,54 @@ class SpawnTests(SynchronousTestCase):
         self.assertEqual(twistdArgv([])[0], sys.executable)
 
 
+class MicroTests(SynchronousTestCase):
+    """
+    C{python -m imserver.bench.micro}: a tiny run of each measurement.
+    """
+
+    def test_run(self):
+        """
+        Every figure is a positive CPU time per unit, one per round, and the
+        JSON file holds the same result.
+        """
+        from imserver.bench import micro
+
+        config = micro.Options()
+        path = self.mktemp()
+        config.parseOptions(["--pings", "200", "--messages", "50", "--members", "20",
+                             "--group-messages", "32", "--repeat", "2", "--json", path])
+        out = io.StringIO()
+        result = micro.run(config, out)
+        for name in ("ping_us", "p2p_message_us", "fanout_delivery_us"):
+            self.assertGreater(result[name], 0)
+            self.assertEqual(len(result[name + "_rounds"]), 2)
+        with open(path) as f:
+            self.assertEqual(json.load(f), result)
+        self.assertEqual(json.loads(out.getvalue()), result)
+
+    def test_checksTheWork(self):
+        """
+        A measurement whose frames did not all go out (an error path
+        measured instead of the work) fails instead of reporting.
+        """
+        from imserver.bench import micro
+
+        transport = micro.CountingTransport()
+        transport.write(b"x")
+        self.assertRaises(RuntimeError, micro._check, transport, 2, "test")
+        micro._check(transport, 1, "test")
+
+    def test_options(self):
+        """
+        Sizes must be positive and the group messages a whole number of ack
+        intervals.
+        """
+        from imserver.bench import micro
+
+        for argv in (["--members", "1"], ["--repeat", "0"], ["--group-messages", "10"]):
+            self.assertRaises(UsageError, micro.Options().parseOptions, argv)
+
+
 class SmokeTests(TestCase):
     """
     Each scenario for about a second, with a few users, against a real
