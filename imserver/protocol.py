@@ -618,21 +618,8 @@ class GateProtocol(RPCProtocol):
             and not self._closing
             and (unacked is None or len(unacked) < self.factory.settings.max_unacked)
         ):
-            # The common case, once per recipient session of every message:
-            # _pushed and sendEncoded inline.
-            if unacked is None:
-                unacked = self._unacked = collections.deque()
-                if self._pushedAt is None:
-                    self._pushedAt = self._seconds()
-                    self._pushedSeq = seq
-            unacked.append(seq)
-            self._sent = seq
-            data = push.frame(seq, outgoing)
-            metrics = self._metrics
-            metrics.messagesPushed += 1
-            metrics.framesSent += 1
-            metrics.bytesSent += len(data)
-            self.transport.write(data)
+            self._pushed(seq)
+            self.sendEncoded(push.frame(seq, outgoing))
         else:
             self._pump()
 
