@@ -839,7 +839,7 @@ def withDeadline(d, seconds, what):
 
 class ServerWatch:
     """
-    The gate's side of each case's connection, found by the client's port,
+    The gate's side of each case's connection, found by its two ports,
     and a way to wait until the gate holds no connection.
     """
 
@@ -852,7 +852,11 @@ class ServerWatch:
 
         def connectionOpened(protocol):
             opened(protocol)
-            self.byPort[getattr(protocol._acceptedFrom, "port", None)] = protocol
+            # The client's port alone is not unique: connections to the two
+            # listeners may share a local port.
+            key = (getattr(protocol._acceptedFrom, "port", None),
+                   protocol.transport.getHost().port)
+            self.byPort[key] = protocol
 
         def connectionClosed(protocol):
             closed(protocol)
@@ -869,7 +873,8 @@ class ServerWatch:
 
     def isOpen(self, port):
         """
-        Whether the gate holds the connection from C{port}.
+        Whether the gate holds the connection from C{port}: the client's
+        port and the gate's.
         """
         protocol = self.byPort.get(port)
         return protocol is not None and protocol in self.factory.connections
@@ -1001,7 +1006,7 @@ class MalformedInputTests(TestCase):
     def _play(self, case, client, outcome):
         uid = "case-{}".format(case.index)
         context = BuildContext(self.secret, time.time(), uid)
-        port = client.transport.getHost().port
+        port = (client.transport.getHost().port, client.transport.getPeer().port)
         if case.state == "authenticated":
             yield self._authenticate(client, context)
         for step, value in case.steps(context):
