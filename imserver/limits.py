@@ -50,15 +50,9 @@ class TokenBucket:
 
         @return: whether they were taken.
         """
-        now = self._seconds()
-        tokens = self.tokens + (now - self.stamp) * self.rate
-        if tokens > self.burst:
-            tokens = self.burst
-        self.stamp = now
-        if tokens < cost:
-            self.tokens = tokens
+        if self.level() < cost:
             return False
-        self.tokens = tokens - cost
+        self.tokens -= cost
         return True
 
 

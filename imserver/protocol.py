@@ -336,8 +336,6 @@ class GateProtocol(RPCProtocol):
         self._persistAck()
         return response
 
-    watchResponses = True
-
     def responseSent(self, method, response):
         if method is methods.AUTH and self.state == AUTHENTICATED:
             # The client has its auth response; now the backlog, in order.

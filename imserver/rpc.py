@@ -104,9 +104,6 @@ class RPCProtocol(FrameProtocol):
     responders = {}
     notificationHandlers = {}
     requestTimeout = 30.0
-    #: Whether L{responseSent} is called; subclasses that override it set
-    #: this, so the others pay nothing per response.
-    watchResponses = False
     _ignoredLogged = False
 
     def __init_subclass__(cls, **kwargs):
@@ -268,9 +265,8 @@ class RPCProtocol(FrameProtocol):
             self._internalError(seq, Failure())
             return
         if isinstance(result, _Message):
-            self.sendEncoded(encodeResponse(seq, result.SerializeToString()))
-            if self.watchResponses:
-                self.responseSent(method, result)
+            self._sendResult(seq, result)
+            self.responseSent(method, result)
         else:
             if incoming is None:
                 incoming = self._incoming = set()
@@ -291,17 +287,15 @@ class RPCProtocol(FrameProtocol):
 
     def responseSent(self, method, response):
         """
-        Called after a successful response to C{method} was written, if
-        L{watchResponses}.  Subclasses override it (and set
-        L{watchResponses}) to act only once the peer has (in stream order)
-        its answer, such as starting pushes after C{auth}.
+        Called after a successful response to C{method} was written.
+        Subclasses override it to act only once the peer has (in stream
+        order) its answer, such as starting pushes after C{auth}.
         """
 
     def _asyncResult(self, result, seq, method):
         self._incoming.discard(seq)
         self._sendResult(seq, result)
-        if self.watchResponses:
-            self.responseSent(method, result)
+        self.responseSent(method, result)
 
     def _asyncFailure(self, failure, seq):
         self._incoming.discard(seq)

@@ -1,6 +1,6 @@
 """
-Helpers shared by the tests: the environment of a gate under test, the
-cleanup of child processes, and the programs some tests need (skipped when
+Helpers shared by the tests: the environment of a gate under test, the real
+service tree started in the test's process, the cleanup of child processes, and the programs some tests need (skipped when
 missing, except in CI).
 """
 
@@ -10,8 +10,26 @@ import shutil
 from twisted.internet.error import ProcessExitedAlready
 from twisted.trial.unittest import FailTest, SkipTest
 
+from imserver import tap
 from imserver.auth import SECRET_ENV
 from imserver.spawn import childEnvironment
+
+
+def startServer(testCase, options):
+    """
+    Start the real service tree (what C{twistd im} runs) for C{options}
+    on the global reactor; it is stopped at cleanup unless the test already
+    stopped it.
+
+    @param options: parsed L{imserver.tap.Options}.
+    @return: the root service.
+    """
+    from twisted.internet import reactor
+
+    root = tap.makeService(options, reactor)
+    root.startService()
+    testCase.addCleanup(lambda: root.stopService() if root.running else None)
+    return root
 
 
 def withoutSecretEnvironment(testCase):

@@ -50,7 +50,7 @@ from imserver.pb import im_pb2 as pb
 from imserver.service import AdvertiseService, ApiService, advertisedAddresses
 from imserver.spawn import TwistdProcess
 
-from tests.support import killAtCleanup, serverEnvironment, withoutSecretEnvironment
+from tests.support import killAtCleanup, serverEnvironment, startServer, withoutSecretEnvironment
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 DOCS = FilePath(__file__).parent().parent().child("docs")
@@ -193,9 +193,7 @@ class LiveApiTestCase(TestCase):
             "--max-group-size", str(MAX_GROUP), "--max-message-body", "1000",
             "--gate-id", "gate-1",
         ] + list(self.extraArgs))
-        self.root = root = tap.makeService(options, reactor)
-        root.startService()
-        self.addCleanup(lambda: root.stopService() if root.running else None)
+        self.root = root = startServer(self, options)
         self.gate = root.getServiceNamed("gate")
         self.factory = self.gate.factory
         self.apiService = root.getServiceNamed("api")
@@ -1295,12 +1293,7 @@ class StopTests(LiveApiTestCase):
         A request in flight when the API stops is answered before its
         connection is closed.
         """
-        pending = Deferred()
-        self.patch(self.factory.registry, "count", lambda: pending)
-        answered = self.call(b"GET", "/v1/stats")
-        site = self.apiService.site
-        while not site.inFlight:
-            yield deferLater(reactor, 0.01, lambda: None)
+        pending, answered = yield self._statsInFlight()
         stopped = self.apiService.stopService()
         yield deferLater(reactor, 0.05, lambda: None)
         self.assertNoResult(stopped)
@@ -1309,6 +1302,21 @@ class StopTests(LiveApiTestCase):
         self.assertEqual((response.code, answer["sessions"]), (200, 5))
         yield stopped
 
+    @inlineCallbacks
+    def _statsInFlight(self):
+        """
+        A C{GET /v1/stats} the API has accepted and cannot answer until the
+        test fires C{pending} (the registry's count).
+
+        @return: a L{Deferred} firing with C{(pending, answered)} once the
+            request is in flight; C{answered} fires with its response.
+        """
+        pending = Deferred()
+        self.patch(self.factory.registry, "count", lambda: pending)
+        answered = self.call(b"GET", "/v1/stats")
+        while not self.apiService.site.inFlight:
+            yield deferLater(reactor, 0.01, lambda: None)
+        return pending, answered
 
     @inlineCallbacks
     def test_abortsAfterGrace(self):
@@ -1322,12 +1330,8 @@ class StopTests(LiveApiTestCase):
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        pending = Deferred()
-        self.patch(self.factory.registry, "count", lambda: pending)
-        answered = self.call(b"GET", "/v1/stats")
+        pending, answered = yield self._statsInFlight()
         site = self.apiService.site
-        while not site.inFlight:
-            yield deferLater(reactor, 0.01, lambda: None)
         started = time.time()
         yield self.apiService.stopService()
         self.assertGreaterEqual(time.time() - started, 0.4)

@@ -44,7 +44,7 @@ from imserver.framing import encodeFrame
 from imserver.pb import im_pb2 as pb
 from imserver.tls import CERT_FILE_NAME
 
-from tests.support import serverEnvironment, withoutSecretEnvironment
+from tests.support import serverEnvironment, startServer, withoutSecretEnvironment
 from tests.test_delivery import DeliveryHarness, pushes, responses
 from tests.test_framing import readFrames
 from tests.test_protocol import SECRET, written
@@ -349,9 +349,7 @@ class LiveGateTestCase(TestCase):
             "--listen", "ssl:0:interface=127.0.0.1",
             "--api", "tcp:0:interface=127.0.0.1",
         ])
-        self.root = tap.makeService(options, reactor)
-        self.root.startService()
-        self.addCleanup(lambda: self.root.stopService() if self.root.running else None)
+        self.root = startServer(self, options)
         self.gate = self.root.getServiceNamed("gate")
         self.factory = self.gate.factory
         tcpAddress, sslAddress = yield self.gate.addresses()

@@ -42,7 +42,7 @@ from imserver.pb import im_pb2 as pb
 from imserver.spawn import childEnvironment
 from imserver.tls import CERT_FILE_NAME
 
-from tests.support import killAtCleanup, withoutSecretEnvironment
+from tests.support import killAtCleanup, startServer, withoutSecretEnvironment
 
 #: 2023-11-14 22:13:20 UTC, in milliseconds.
 CREATED_MS = 1700000000000
@@ -1019,9 +1019,7 @@ class LiveChatTests(TestCase):
         options = tap.Options()
         options.parseOptions(["--data-dir", self.dataDir.path, "--store", "memory",
                               "--listen", "ssl:0:interface=127.0.0.1", "--api", "none"])
-        self.root = tap.makeService(options, reactor)
-        self.root.startService()
-        self.addCleanup(self.root.stopService)
+        self.root = startServer(self, options)
         d = self.root.getServiceNamed("gate").addresses()
         return d.addCallback(self._listening)
 

@@ -27,6 +27,7 @@ from imserver.redisclient import RedisUnavailable
 from imserver.registry.redis import RedisGateDirectory, RedisSessionRegistry, RemoteSession
 from imserver.service import AdvertiseService, ClusterService
 
+from tests.support import startServer
 from tests.test_e2e import ConnectionWatch
 from tests.test_registry import RedisTestMixin, waitFor, whenConnected
 
@@ -181,9 +182,7 @@ class TwoGatesTests(RedisTestMixin, TestCase):
             "--gate-id", gateId, "--redis", self.server.url,
             "--secret-file", self.secretFile.path,
         ])
-        root = tap.makeService(options, reactor)
-        root.startService()
-        self.addCleanup(lambda: root.stopService() if root.running else None)
+        root = startServer(self, options)
         gate = root.getServiceNamed("gate")
         gate.root = root
         gate.cluster = root.getServiceNamed("cluster")

@@ -31,7 +31,7 @@ from imserver.protocol import AUTHENTICATED
 from imserver.spawn import spawnTwistd
 from imserver.tls import CERT_FILE_NAME, makeSelfSigned
 
-from tests.support import killAtCleanup, serverEnvironment, withoutSecretEnvironment
+from tests.support import killAtCleanup, serverEnvironment, startServer, withoutSecretEnvironment
 
 LISTEN = "ssl:0:interface=127.0.0.1"
 
@@ -125,9 +125,7 @@ class InProcessGateTests(TestCase):
                               "--api", "none"])
         env = serverEnvironment()
         withoutSecretEnvironment(self)
-        self.root = root = tap.makeService(options, reactor)
-        root.startService()
-        self.addCleanup(lambda: root.stopService() if root.running else None)
+        self.root = root = startServer(self, options)
         self.gate = root.getServiceNamed("gate")
         self.factory = self.gate.factory
         self.watch = ConnectionWatch(self, self.factory)

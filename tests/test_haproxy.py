@@ -30,7 +30,7 @@ from imserver.auth import mintToken
 from imserver.client import ClientProtocol, connect
 from imserver.tls import makeSelfSigned
 
-from tests.support import killAtCleanup, requireDependency, requireExecutable
+from tests.support import killAtCleanup, requireDependency, requireExecutable, startServer
 from tests.test_e2e import ConnectionWatch
 
 LISTEN = "haproxy:tcp:0:interface=127.0.0.1"
@@ -156,9 +156,7 @@ class HAProxyOffloadTests(TestCase):
             "--listen", LISTEN,
             "--api", "none",
         ])
-        root = tap.makeService(options, reactor)
-        root.startService()
-        self.addCleanup(lambda: root.stopService() if root.running else None)
+        root = startServer(self, options)
         gate = root.getServiceNamed("gate")
         self.factory = gate.factory
         self.watch = ConnectionWatch(self, self.factory)

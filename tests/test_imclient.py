@@ -15,6 +15,8 @@ from imserver.client import IMClient, fullJitterBackoff
 from imserver.errors import RemoteError
 from imserver.pb import im_pb2 as pb
 
+from tests.support import startServer
+
 
 class Inbox:
     """
@@ -59,9 +61,7 @@ class IMClientTests(TestCase):
         options = tap.Options()
         options.parseOptions(["--data-dir", self.dataDir.path, "--store", "memory",
                               "--listen", "tcp:0:interface=127.0.0.1", "--api", "none"])
-        self.root = tap.makeService(options, reactor)
-        self.root.startService()
-        self.addCleanup(self.root.stopService)
+        self.root = startServer(self, options)
         self.gate = self.root.getServiceNamed("gate")
         self.factory = self.gate.factory
         self.secret = loadSecret(self.dataDir)

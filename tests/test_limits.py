@@ -25,7 +25,7 @@ from imserver.client import connect
 from imserver.limits import AdmissionFactory, FailedAuthThrottle, TokenBucket
 from imserver.pb import im_pb2 as pb
 
-from tests.support import withoutSecretEnvironment
+from tests.support import startServer, withoutSecretEnvironment
 from tests.test_delivery import DeliveryHarness, pushes, responses
 from tests.test_protocol import written
 
@@ -296,9 +296,7 @@ class LiveLimitsTests(TestCase):
             "--data-dir", self.mktemp(), "--store", "memory", "--api", "none",
             "--listen", "ssl:0:interface=127.0.0.1", "--max-connections", "2",
         ])
-        self.root = tap.makeService(options, reactor)
-        self.root.startService()
-        self.addCleanup(self.root.stopService)
+        self.root = startServer(self, options)
         self.gate = self.root.getServiceNamed("gate")
         [address] = yield self.gate.addresses()
         self.port = address.port

@@ -132,7 +132,7 @@ from imserver.framing import encodeFrame
 from imserver.pb import im_pb2 as pb
 from imserver.tls import CERT_FILE_NAME
 
-from tests.support import serverEnvironment, withoutSecretEnvironment
+from tests.support import serverEnvironment, startServer, withoutSecretEnvironment
 
 #: Where the cases are.
 DATA = FilePath(__file__).sibling("data").child("malformed")
@@ -942,9 +942,7 @@ class MalformedInputTests(TestCase):
             # address (tests/test_limits.py) would refuse the later ones.
             "--auth-failure-burst", "1000000",
         ])
-        self.root = tap.makeService(options, reactor)
-        self.root.startService()
-        self.addCleanup(lambda: self.root.stopService() if self.root.running else None)
+        self.root = startServer(self, options)
         self.gate = self.root.getServiceNamed("gate")
         self.factory = self.gate.factory
         tcpAddress, sslAddress = yield self.gate.addresses()

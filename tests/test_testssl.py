@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 
 from imserver import tap
 
-from tests.support import killAtCleanup, requireExecutable, withoutSecretEnvironment
+from tests.support import killAtCleanup, requireExecutable, startServer, withoutSecretEnvironment
 
 #: Finding ids excused: the private test CA is not in the scanner's trust store.
 EXCUSED = frozenset(["cert_chain_of_trust"])
@@ -125,9 +125,7 @@ class TestSSLTests(TestCase):
             "--api", "none", "--listen", "ssl:0:interface=127.0.0.1",
             "--tls-cert", chain.path, "--tls-key", key.path,
         ])
-        root = tap.makeService(options, reactor)
-        root.startService()
-        self.addCleanup(root.stopService)
+        root = startServer(self, options)
         [address] = yield root.getServiceNamed("gate").addresses()
 
         report = directory.child("testssl.json")
