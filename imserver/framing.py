@@ -241,4 +241,11 @@ class FrameProtocol(Protocol):
         if not self._closing:
             self._closing = True
             self._buffer = b""
-            self.transport.loseConnection()
+            self.closeTransport()
+
+    def closeTransport(self):
+        """
+        Close the transport after pending writes: called once, by L{close}.
+        Subclasses may bound how long that takes.
+        """
+        self.transport.loseConnection()

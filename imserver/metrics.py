@@ -110,6 +110,7 @@ class GateMetrics:
         self.kicks = dict.fromkeys(pb.KickReason.keys()[1:], 0)
         self.connectionsRefused = dict.fromkeys(REFUSAL_REASONS, 0)
         self._connections = ()
+        self._closing = ()
         self.ackRoundTrip = FastHistogram(
             "imserver_ack_round_trip_seconds",
             "From pushing an entry to a session to its ack.", _LATENCY_BUCKETS,
@@ -132,12 +133,14 @@ class GateMetrics:
         )
         self.registry.register(self)
 
-    def watch(self, connections):
+    def watch(self, connections, closing=()):
         """
         Compute the connection gauges from C{connections} (the gate's live
-        L{imserver.protocol.GateProtocol}s) at each scrape.
+        L{imserver.protocol.GateProtocol}s) and C{closing} (those the gate
+        closed whose socket has not closed yet) at each scrape.
         """
         self._connections = connections
+        self._closing = closing
 
     def observeCommit(self, size, seconds):
         """
@@ -187,6 +190,12 @@ class GateMetrics:
         for state, count in states.items():
             gauge.add_metric([state], count)
         yield gauge
+        yield GaugeMetricFamily(
+            "imserver_connections_closing",
+            "Connections the gate closed whose socket is not closed yet (each for at"
+            " most close_timeout).",
+            value=len(self._closing),
+        )
         yield GaugeMetricFamily(
             "imserver_inbox_backlog",
             "Inbox entries not yet acknowledged by the connected sessions of their users.",

@@ -44,6 +44,7 @@ from imserver.messaging import Messenger
 from imserver.metrics import GateMetrics
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCProtocol
+from imserver.transport import closeBounded, socketTransport
 
 NEW = "new"
 AUTHENTICATING = "authenticating"
@@ -106,6 +107,7 @@ class GateProtocol(RPCProtocol):
         self._seconds = factory.clock.seconds
         self._metrics = factory.metrics
         self._authTimer = None
+        self._closeTimer = None
 
     def __repr__(self):
         return "<GateProtocol {} {} {}>".format(self.connectionId, self.state, self.uid)
@@ -126,7 +128,7 @@ class GateProtocol(RPCProtocol):
     def connectionMade(self):
         self.lastHeard = self._seconds()
         self.factory.connectionOpened(self)
-        socket = _socketTransport(self.transport)
+        socket = socketTransport(self.transport)
         if socket is not None:
             # Writes beyond this pause our pushes (pauseProducing) instead
             # of growing the buffer without bound.
@@ -175,14 +177,14 @@ class GateProtocol(RPCProtocol):
         if self._pausedAt is None:
             self._pausedAt = self._seconds()
             self._metrics.slowConsumerPauses += 1
-            socket = _socketTransport(self.transport)
+            socket = socketTransport(self.transport)
             if socket is not None:
                 socket.pauseProducing()
 
     def resumeProducing(self):
         if self._pausedAt is not None:
             self._pausedAt = None
-            socket = _socketTransport(self.transport)
+            socket = socketTransport(self.transport)
             if socket is not None:
                 socket.resumeProducing()
             self._pump()
@@ -191,12 +193,24 @@ class GateProtocol(RPCProtocol):
         pass
 
     def close(self):
+        """
+        Close the connection: the session ends now (unregistered, no longer
+        counted as open, its address's slot freed), the socket within
+        C{close_timeout} whatever the peer does (L{closeTransport}).
+        Idempotent.
+        """
         if not self._closing:
-            # A transport with a producer registered does not close until
-            # it is unregistered.
-            self.transport.unregisterProducer()
+            self.factory.connectionClosing(self)
+            self._leaveRegistry()
         RPCProtocol.close(self)
 
+    def closeTransport(self):
+        # A transport with a producer registered does not close until it
+        # is unregistered.
+        self.transport.unregisterProducer()
+        self._closeTimer = closeBounded(
+            self, self.clock, self.factory.settings.close_timeout
+        )
 
     def sendEncoded(self, data):
         if not self._closing:
@@ -206,9 +220,10 @@ class GateProtocol(RPCProtocol):
             self.transport.write(data)
 
     def connectionLost(self, reason):
-        if self._authTimer is not None and self._authTimer.active():
-            self._authTimer.cancel()
-        self._authTimer = None
+        for timer in (self._authTimer, self._closeTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._authTimer = self._closeTimer = None
         if self._fetchRetry is not None and self._fetchRetry.active():
             self._fetchRetry.cancel()
         self._fetchRetry = None
@@ -650,7 +665,10 @@ class GateFactory(Factory):
     """
     Shared state of one gate process: settings, seams and live connections.
 
-    @ivar connections: every open L{GateProtocol}, authenticated or not.
+    @ivar connections: every open L{GateProtocol}, authenticated or not,
+        that the gate has not decided to close.
+    @ivar closing: the L{GateProtocol}s the gate closed whose socket is not
+        closed yet (for at most C{close_timeout}).
     """
 
     log = Logger()
@@ -669,7 +687,8 @@ class GateFactory(Factory):
         self.gateId = gateId
         self.random = rng if rng is not None else random.SystemRandom()
         self.connections = set()
-        self.metrics.watch(self.connections)
+        self.closing = set()
+        self.metrics.watch(self.connections, self.closing)
         self._perHost = {}
         self._accepts = TokenBucket(settings.accept_rate, max(1.0, settings.accept_rate), clock)
         self.authThrottle = FailedAuthThrottle(
@@ -689,7 +708,9 @@ class GateFactory(Factory):
         @return: L{None} to take it, else the reason (a metrics label).
         """
         settings = self.settings
-        if len(self.connections) >= settings.max_connections:
+        # Connections being closed still hold a descriptor: they count
+        # against the process (for at most close_timeout), not the address.
+        if len(self.connections) + len(self.closing) >= settings.max_connections:
             return "max_connections"
         if host is not None and self._perHost.get(host, 0) >= settings.max_connections_per_ip:
             return "max_connections_per_ip"
@@ -798,21 +819,36 @@ class GateFactory(Factory):
             )
         return len(idle) + len(stuck)
 
+    def connectionClosing(self, protocol):
+        """
+        The gate decided to close C{protocol}: from now on it is not an open
+        connection (gauges, idle sweep, broadcast) and its address's slot
+        is free, though its socket may take up to C{close_timeout} to close.
+        """
+        if protocol in self.connections:
+            self._forget(protocol)
+            self.closing.add(protocol)
+
     def connectionClosed(self, protocol):
         """
         Forget a connection that is gone.
         """
         if protocol in self.connections:
-            self.connections.discard(protocol)
-            host = peerHost(protocol._acceptedFrom)
-            left = self._perHost[host] - 1
-            if left:
-                self._perHost[host] = left
-            else:
-                del self._perHost[host]
-        if self._drained is not None and not self.connections:
+            self._forget(protocol)
+        else:
+            self.closing.discard(protocol)
+        if self._drained is not None and not self.connections and not self.closing:
             d, self._drained = self._drained, None
             d.callback(None)
+
+    def _forget(self, protocol):
+        self.connections.discard(protocol)
+        host = peerHost(protocol._acceptedFrom)
+        left = self._perHost[host] - 1
+        if left:
+            self._perHost[host] = left
+        else:
+            del self._perHost[host]
 
     def shutdown(self):
         """
@@ -821,7 +857,7 @@ class GateFactory(Factory):
 
         @return: a L{Deferred} firing once every connection is gone.
         """
-        if not self.connections:
+        if not self.connections and not self.closing:
             return succeed(None)
         self.log.info("closing {n} connections for shutdown", n=len(self.connections))
         self._drained = drained = Deferred()
@@ -837,17 +873,7 @@ class GateFactory(Factory):
         return drained.addBoth(finished)
 
     def _abortAll(self):
-        for p in list(self.connections):
+        for p in list(self.connections) + list(self.closing):
             self.log.warn("aborting connection {conn}", conn=p.connectionId)
             p.transport.abortConnection()
 
-
-def _socketTransport(transport):
-    """
-    The socket's own transport under C{transport} (through TLS and PROXY
-    wrappers), which has the write buffer and reads the socket; or L{None}
-    (a test transport).
-    """
-    while transport is not None and not hasattr(transport, "bufferSize"):
-        transport = getattr(transport, "transport", None)
-    return transport

@@ -77,6 +77,12 @@ class Settings:
         "aborted.",
         0.0,
     )
+    close_timeout: float = _setting(
+        2.0,
+        "Seconds a connection the gate closes gets to finish (pending writes, "
+        "the TLS close) before it is aborted.",
+        0.001,
+    )
     listen_backlog: int = _setting(
         4096, "Listen queue length for endpoints that do not set backlog=.", 1
     )

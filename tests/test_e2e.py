@@ -82,7 +82,7 @@ class ConnectionWatch:
         the last connection.
         """
         self._connectionClosed(protocol)
-        if not self.factory.connections:
+        if not self.factory.connections and not self.factory.closing:
             waiters, self._waiters = self._waiters, []
             for d in waiters:
                 d.callback(None)
@@ -92,7 +92,7 @@ class ConnectionWatch:
         @return: a L{Deferred} firing once the server has no open connection
             (at once if it has none now).
         """
-        if not self.factory.connections:
+        if not self.factory.connections and not self.factory.closing:
             return succeed(None)
         d = Deferred()
         self._waiters.append(d)

@@ -863,7 +863,7 @@ class ServerWatch:
             d = self._closeWaiters.pop(protocol, None)
             if d is not None:
                 d.callback(None)
-            if not factory.connections:
+            if not factory.connections and not factory.closing:
                 waiters, self._emptyWaiters = self._emptyWaiters, []
                 for d in waiters:
                     d.callback(None)
@@ -877,7 +877,11 @@ class ServerWatch:
         port and the gate's.
         """
         protocol = self.byPort.get(port)
-        return protocol is not None and protocol in self.factory.connections
+        return protocol is not None and self._held(protocol)
+
+    def _held(self, protocol):
+        # Open, or closed by the gate with its socket not closed yet.
+        return protocol in self.factory.connections or protocol in self.factory.closing
 
     def whenClosed(self, port):
         """
@@ -885,7 +889,7 @@ class ServerWatch:
             connection from C{port}.
         """
         protocol = self.byPort.get(port)
-        if protocol is None or protocol not in self.factory.connections:
+        if protocol is None or not self._held(protocol):
             return succeed(None)
         d = self._closeWaiters.get(protocol)
         if d is None:
@@ -898,7 +902,7 @@ class ServerWatch:
         """
         @return: a L{Deferred} firing once the gate holds no connection.
         """
-        if not self.factory.connections:
+        if not self.factory.connections and not self.factory.closing:
             return succeed(None)
         d = Deferred()
         self._emptyWaiters.append(d)

@@ -300,14 +300,14 @@ class DeliveryMachine(RuleBasedStateMachine):
         The gate's side of a connection is closed (by the reactor, in a real
         gate, once its transport is done).
         """
-        if protocol in self.factory.connections:
+        if protocol in self.factory.connections or protocol in self.factory.closing:
             protocol.connectionLost(Failure(ConnectionDone()))
 
     def _reap(self):
         # Connections the gate closed but nobody reads (vanished clients)
         # are closed by the reactor in a real gate.
         for protocol in list(self.serverSide):
-            if protocol.transport.disconnecting and protocol in self.factory.connections:
+            if protocol in self.factory.closing:
                 if not any(d.protocol is protocol for d in self.devices):
                     self.lose(protocol)
 
