@@ -411,7 +411,7 @@ class Api:
         payload = _payload(body, self.settings.max_message_body)
         contentType = _contentType(body)
         d = maybeDeferred(
-            self.factory.messenger.push, sender, key, payload, contentType,
+            self.factory.messenger.storeMessage, sender, key, payload, contentType,
             to=to, uids=uids, groupId=groupId,
         )
         return d.addCallback(_deliveryJSON)

@@ -71,8 +71,8 @@ class ClientProtocol(RPCProtocol):
         if self.onConnected is not None:
             self.onConnected(self)
 
-    def sendEncoded(self, data):
-        RPCProtocol.sendEncoded(self, data)
+    def writeFrame(self, data):
+        RPCProtocol.writeFrame(self, data)
         self._lastSent = self._seconds()
 
     # -- requests -----------------------------------------------------------

@@ -1,11 +1,12 @@
 # -*- test-case-name: tests.test_framing -*-
 """
-Length-prefixed protobuf framing.
+Length-prefixed protobuf framing: the TCP transport of frames.
 
 On the wire every frame is a 4-byte big-endian unsigned length followed by
 exactly that many bytes holding one serialized L{pb.Frame}.  This module
-splits a byte stream into frames and nothing else; what frames mean is the
-business of L{imserver.rpc}.
+splits a byte stream into frames and prefixes the frames it writes, and
+nothing else: what frames hold is built by L{imserver.wire}, what they mean
+is the business of L{imserver.rpc}.
 """
 
 import struct
@@ -15,6 +16,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from imserver.pb import im_pb2 as pb
+from imserver.wire import encodeError
 
 _header = struct.Struct("!I")
 HEADER_LENGTH = _header.size
@@ -25,73 +27,13 @@ _unpackLength = _header.unpack_from
 DEFAULT_MAX_FRAME_LENGTH = 64 * 1024
 
 
-_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
-
-
-def varint(value):
+def lengthPrefixed(data):
     """
-    The protobuf base-128 varint of a non-negative C{value}.
+    The bytes of one frame on a TCP stream: C{data} (a serialized
+    L{pb.Frame}) behind its length prefix.
 
     @rtype: L{bytes}
     """
-    if value < 0x80:
-        return _SMALL_VARINTS[value]
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-# The fields of pb.Frame, as protobuf puts them on the wire (field number
-# << 3 | wire type): kind (1, varint), seq (2, varint), method (3, bytes),
-# body (4, bytes).
-_KIND_RESPONSE = b"\x08\x02"
-_SEQ = b"\x10"
-_METHOD = b"\x1a"
-_BODY = b"\x22"
-_KIND_NOTIFY = b"\x08\x03"
-
-
-def encodeResponse(seq, body):
-    """
-    The length-prefixed RESPONSE frame answering request C{seq} with
-    C{body} (a serialized response message): the exact bytes
-    L{encodeFrame} gives for the same L{pb.Frame}, without building one.
-
-    @rtype: L{bytes}
-    """
-    if body:
-        data = b"".join((_KIND_RESPONSE, _SEQ, varint(seq), _BODY, varint(len(body)), body))
-    else:
-        data = _KIND_RESPONSE + _SEQ + varint(seq)
-    return _packLength(len(data)) + data
-
-
-def notifyPrefix(name):
-    """
-    What every NOTIFY frame of method C{name} starts with (after the length
-    prefix): the kind and the method name.  L{encodeNotify} completes it.
-
-    @type name: L{str}
-    @rtype: L{bytes}
-    """
-    encoded = name.encode("utf-8")
-    return _KIND_NOTIFY + _METHOD + varint(len(encoded)) + encoded
-
-
-def encodeNotify(prefix, body):
-    """
-    The length-prefixed NOTIFY frame of the method whose L{notifyPrefix} is
-    C{prefix}, carrying C{body}: the exact bytes L{encodeFrame} gives.
-
-    @rtype: L{bytes}
-    """
-    if body:
-        data = b"".join((prefix, _BODY, varint(len(body)), body))
-    else:
-        data = prefix
     return _packLength(len(data)) + data
 
 
@@ -102,8 +44,7 @@ def encodeFrame(frame):
     @type frame: L{pb.Frame}
     @rtype: L{bytes}
     """
-    body = frame.SerializeToString()
-    return _packLength(len(body)) + body
+    return lengthPrefixed(frame.SerializeToString())
 
 
 def decodeLength(header):
@@ -192,24 +133,16 @@ class FrameProtocol(Protocol):
         """
         raise NotImplementedError()
 
-    def sendFrame(self, frame):
+    def writeFrame(self, data):
         """
-        Write one frame, unless the connection is closing.
-
-        @type frame: L{pb.Frame}
-        """
-        self.sendEncoded(encodeFrame(frame))
-
-    def sendEncoded(self, data):
-        """
-        Write one frame already encoded with its length prefix (a frame
-        serialized once for many connections), unless the connection is
+        Write one frame, C{data} (a serialized L{pb.Frame}, from
+        L{imserver.wire}), with its length prefix, unless the connection is
         closing.
 
         @type data: L{bytes}
         """
         if not self._closing:
-            self.transport.write(data)
+            self.transport.write(_packLength(len(data)) + data)
 
     def closeWithError(self, code, message, seq=0):
         """
@@ -228,9 +161,7 @@ class FrameProtocol(Protocol):
             code=pb.ErrorCode.Name(code),
             detail=message,
         )
-        self.sendFrame(
-            pb.Frame(kind=pb.ERROR, seq=seq, error=pb.Error(code=code, message=message))
-        )
+        self.writeFrame(encodeError(code, message, seq))
         self.close()
 
     def close(self):

@@ -45,7 +45,7 @@ class ISession(Interface):
         @param message: detail for the client.
         """
 
-    def inboxAdvanced(seq, outgoing, push):
+    def inboxAdvanced(seq, outgoing, encoded):
         """
         A new entry was committed to this session's user's inbox.  The
         session pushes it in seq order, after any backlog, within its
@@ -53,7 +53,7 @@ class ISession(Interface):
 
         @param seq: the entry's seq in this user's inbox.
         @param outgoing: whether the user sent it.
-        @type push: L{imserver.messaging.MessagePush} (shared by every
+        @type encoded: L{imserver.wire.EncodedMessage} (shared by every
             recipient: the message is serialized once)
         """
 
@@ -283,4 +283,75 @@ class IGateDirectory(Interface):
         """
         @return: a L{Deferred} firing with a L{dict} mapping the id of every
             live gate to its L{list} of C{(host, port, tls)}.
+        """
+
+
+class IGateBus(Interface):
+    """
+    Delivers notifications to the sessions another gate holds.  Every
+    method queues and returns at once; delivery is best effort (a gate that
+    is gone gets nothing, and its users find their messages in their
+    inboxes when they resume).
+    """
+
+    receiver = Attribute(
+        "The L{IBusReceiver} of this gate: what arrives on its own channel "
+        "goes there."
+    )
+
+    def forward(gateId, uid, seq, outgoing, encoded):
+        """
+        Tell gate C{gateId} that entry C{seq} of C{uid}'s inbox was
+        committed.
+
+        @type encoded: L{imserver.wire.EncodedMessage}: the same object for
+            every recipient of one message, so it is carried once per gate.
+        """
+
+    def kick(gateId, uid, deviceId, sessionId, generation, reason, message):
+        """
+        Ask gate C{gateId} to kick session C{sessionId} if it still holds
+        it with registration C{generation}.
+        """
+
+    def typing(gateId, toUid, fromUid, active, groupId):
+        """
+        Forward a typing signal of C{fromUid} to the sessions of C{toUid}
+        on gate C{gateId}.
+        """
+
+    def notice(gateId, sessionId, frame):
+        """
+        Have gate C{gateId} write the encoded notice C{frame} to session
+        C{sessionId}.
+        """
+
+
+class IBusReceiver(Interface):
+    """
+    What a gate does with what the bus brings it (the cluster session
+    registry, which knows this gate's sessions).
+    """
+
+    def forwardReceived(encoded, targets):
+        """
+        @type encoded: L{imserver.wire.EncodedMessage}
+        @param targets: C{(uid, seq, outgoing)} tuples: call
+            C{inboxAdvanced(seq, outgoing, encoded)} on every local session of
+            each uid.
+        """
+
+    def kickReceived(uid, deviceId, sessionId, generation, reason, message):
+        """
+        Kick local session C{sessionId} if its generation is C{generation}.
+        """
+
+    def typingReceived(toUid, fromUid, active, groupId):
+        """
+        Forward a typing signal to the local sessions of C{toUid}.
+        """
+
+    def noticeReceived(sessionId, frame):
+        """
+        Write C{frame} to local session C{sessionId}.
         """

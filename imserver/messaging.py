@@ -6,100 +6,22 @@ sessions of the recipients (found in the L{ISessionRegistry}) that their
 inbox advanced.  The sessions push in order themselves.
 """
 
-import struct
-
 from twisted.logger import Logger
 
-from imserver import methods
 from imserver.auth import validateUid
 from imserver.errors import BadRequest, MessageTooLarge, RPCError, Unavailable
-from imserver.framing import varint as _varint
 from imserver.pb import im_pb2 as pb
 from imserver.store import GroupNotFound
+from imserver.wire import EncodedMessage
 
 #: Longest client_msg_id and content_type, in UTF-8 bytes.
 MAX_CLIENT_MSG_ID = 64
 MAX_CONTENT_TYPE = 64
 
-_packLength = struct.Struct("!I").pack
-#: Frame.kind = NOTIFY, Frame.method = "message", then Frame.body's tag.
-_NOTIFY_MESSAGE = methods.MESSAGE.prefix + b"\x22"
-_OUTGOING = b"\x10\x01"
 
 
 def _bytesLength(text):
     return len(text.encode("utf-8"))
-
-
-class MessagePush:
-    """
-    One stored message on its way to every session of every recipient.
-
-    The message is serialized once; each session's C{message} notify is the
-    shared bytes behind a few bytes of its own (its inbox seq and outgoing
-    flag), put together without protobuf objects.  The result is the exact
-    encoding protobuf gives the same L{pb.Frame}.
-
-    @ivar data: the serialized L{pb.Message} (what the gate bus carries to
-        other gates, once per message per gate).
-    """
-
-    __slots__ = ("_message", "data", "_tail", "_outgoingTail", "_starts")
-
-    def __init__(self, message=None, data=None):
-        """
-        @param message: the L{pb.Message}; or L{None} with C{data}.
-        @param data: its serialization, if already at hand.
-        """
-        if data is None:
-            data = message.SerializeToString()
-        self._message = message
-        self.data = data
-        # InboxEntry.message (field 3, length-delimited).
-        self._tail = b"\x1a" + _varint(len(data)) + data
-        self._outgoingTail = _OUTGOING + self._tail
-        # What comes before the seq, by the seq's varint length (negative:
-        # outgoing), shared by every frame of this message.
-        self._starts = {}
-
-    @classmethod
-    def fromBytes(cls, data):
-        """
-        The push of a message serialized elsewhere (another gate, through
-        the gate bus): the bytes are used as they are, parsed only if
-        L{message} is asked for.
-        """
-        return cls(data=data)
-
-    @property
-    def message(self):
-        """
-        The L{pb.Message}.
-        """
-        if self._message is None:
-            self._message = pb.Message.FromString(self.data)
-        return self._message
-
-    def frame(self, seq, outgoing):
-        """
-        The length-prefixed C{message} NOTIFY frame of inbox entry C{seq}.
-
-        @rtype: L{bytes}
-        """
-        seqBytes = _varint(seq)
-        key = -len(seqBytes) if outgoing else len(seqBytes)
-        start = self._starts.get(key)
-        tail = self._outgoingTail if outgoing else self._tail
-        if start is None:
-            # InboxEntry.seq's tag, after the frame's length, kind, method
-            # and body length (the entry's size depends on the seq only
-            # through the length of its varint).
-            size = 1 + len(seqBytes) + len(tail)
-            prefix = _NOTIFY_MESSAGE + _varint(size)
-            start = self._starts[key] = (
-                _packLength(len(prefix) + size) + prefix + b"\x08"
-            )
-        return b"".join((start, seqBytes, tail))
 
 
 class Messenger:
@@ -134,7 +56,7 @@ class Messenger:
         """
         if request.to and request.group_id:
             raise BadRequest("set one of to and group_id, not both")
-        d = self.push(
+        d = self.storeMessage(
             sender,
             request.client_msg_id,
             request.body,
@@ -153,7 +75,8 @@ class Messenger:
             duplicate=delivery.duplicate,
         )
 
-    def push(self, sender, clientMsgId, body, contentType, to=None, uids=None, groupId=None):
+    def storeMessage(self, sender, clientMsgId, body, contentType, to=None, uids=None,
+                     groupId=None):
         """
         Store a message to one user (C{to}), a list of users (C{uids}) or a
         group's members (C{groupId}): exactly one of them.  The gate's
@@ -229,10 +152,10 @@ class Messenger:
         Tell every session of every recipient of C{delivery} that its inbox
         advanced: one registry lookup, one serialization.
         """
-        push = MessagePush(delivery.message)
+        encoded = EncodedMessage(delivery.message)
         seqs = delivery.seqs
         self.registry.sessionsForMany(list(seqs)).addCallback(
-            _advance, seqs, delivery.message.sender, push
+            _advance, seqs, delivery.message.sender, encoded
         ).addErrback(self._announceFailed, delivery.message.id)
 
     def _announceFailed(self, failure, messageId):
@@ -271,12 +194,12 @@ class Messenger:
         ).addErrback(lambda failure: self.log.failure("group typing failed", failure))
 
 
-def _advance(found, seqs, sender, push):
+def _advance(found, seqs, sender, encoded):
     for uid, sessions in found.items():
         seq = seqs[uid]
         outgoing = uid == sender
         for session in sessions:
-            session.inboxAdvanced(seq, outgoing, push)
+            session.inboxAdvanced(seq, outgoing, encoded)
 
 
 def _typing(sessions, sender, active, groupId):

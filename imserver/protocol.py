@@ -36,7 +36,7 @@ from imserver.errors import (
     TooManyDevices,
     Unavailable,
 )
-from imserver.framing import encodeFrame
+from imserver.framing import lengthPrefixed
 from imserver.groups import Groups, validateGroupId
 from imserver.interfaces import ISession
 from imserver.limits import FailedAuthThrottle, TokenBucket, peerHost
@@ -45,6 +45,7 @@ from imserver.metrics import GateMetrics
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCProtocol
 from imserver.transport import closeBounded, socketTransport
+from imserver.wire import encodeNotice
 
 NEW = "new"
 AUTHENTICATING = "authenticating"
@@ -212,12 +213,13 @@ class GateProtocol(RPCProtocol):
             self, self.clock, self.factory.settings.close_timeout
         )
 
-    def sendEncoded(self, data):
+    def writeFrame(self, data):
         if not self._closing:
             metrics = self._metrics
             metrics.framesSent += 1
-            metrics.bytesSent += len(data)
-            self.transport.write(data)
+            frame = lengthPrefixed(data)
+            metrics.bytesSent += len(frame)
+            self.transport.write(frame)
 
     def connectionLost(self, reason):
         for timer in (self._authTimer, self._closeTimer):
@@ -554,7 +556,7 @@ class GateProtocol(RPCProtocol):
                 if self._pausedAt is not None:
                     break  # the rest waits in the inbox for resumeProducing
                 if entry.seq > self._sent:
-                    self._pushed(entry.seq)
+                    self._countPush(entry.seq)
                     self.sendNotify(methods.MESSAGE, entry)
         else:
             # Everything up to the head was removed by retention.
@@ -593,7 +595,7 @@ class GateProtocol(RPCProtocol):
         """
         return 0 if self._unacked is None else len(self._unacked)
 
-    def _pushed(self, seq):
+    def _countPush(self, seq):
         """
         Account for pushing entry C{seq}.
         """
@@ -618,7 +620,7 @@ class GateProtocol(RPCProtocol):
 
     # -- ISession ----------------------------------------------------------
 
-    def inboxAdvanced(self, seq, outgoing, push):
+    def inboxAdvanced(self, seq, outgoing, encoded):
         if seq > self._head:
             self._head = seq
         if not self._delivering or seq <= self._sent:
@@ -631,8 +633,8 @@ class GateProtocol(RPCProtocol):
             and not self._closing
             and (unacked is None or len(unacked) < self.factory.settings.max_unacked)
         ):
-            self._pushed(seq)
-            self.sendEncoded(push.frame(seq, outgoing))
+            self._countPush(seq)
+            self.writeFrame(encoded.frame(seq, outgoing))
         else:
             self._pump()
 
@@ -645,7 +647,7 @@ class GateProtocol(RPCProtocol):
 
     def notice(self, frame):
         if self._delivering and self._pausedAt is None:
-            self.sendEncoded(frame)
+            self.writeFrame(frame)
 
     def kick(self, reason, message):
         if self._closing:
@@ -777,13 +779,7 @@ class GateFactory(Factory):
 
         @return: the number of sessions it was written to.
         """
-        notice = pb.Notice(
-            body=body, content_type=contentType,
-            server_time_ms=int(self.clock.seconds() * 1000),
-        )
-        frame = encodeFrame(pb.Frame(
-            kind=pb.NOTIFY, method=methods.NOTICE.name, body=notice.SerializeToString()
-        ))
+        frame = encodeNotice(body, contentType, int(self.clock.seconds() * 1000))
         # Not to a connection that is not reading its pushes (paused).
         sessions = [p for p in self.connections
                     if p._delivering and not p._closing and p._pausedAt is None]

@@ -25,7 +25,14 @@ from imserver.errors import (
     RPCError,
     UnknownMethod,
 )
-from imserver.framing import FrameProtocol, encodeNotify, encodeResponse, notifyPrefix
+from imserver.framing import FrameProtocol
+from imserver.wire import (
+    encodeErrorResponse,
+    encodeNotify,
+    encodeRequest,
+    encodeResponse,
+    notifyPrefix,
+)
 from imserver.pb import im_pb2 as pb
 
 _SEQ_MODULUS = 1 << 32
@@ -152,14 +159,7 @@ class RPCProtocol(FrameProtocol):
             self.requestTimeout if timeout is None else timeout, self._timedOut, seq
         )
         self._outstanding[seq] = (d, timer, method)
-        self.sendFrame(
-            pb.Frame(
-                kind=_REQUEST,
-                seq=seq,
-                method=method.name,
-                body=request.SerializeToString(),
-            )
-        )
+        self.writeFrame(encodeRequest(seq, method.name, request.SerializeToString()))
         return d
 
     def sendNotify(self, notification, message):
@@ -169,7 +169,7 @@ class RPCProtocol(FrameProtocol):
         @param notification: a L{Notification}.
         @param message: an instance of C{notification.messageType}.
         """
-        self.sendEncoded(encodeNotify(notification.prefix, message.SerializeToString()))
+        self.writeFrame(encodeNotify(notification.prefix, message.SerializeToString()))
 
     def _nextSeq(self):
         seq = self._lastSeq
@@ -305,16 +305,10 @@ class RPCProtocol(FrameProtocol):
             self._internalError(seq, failure)
 
     def _sendResult(self, seq, result):
-        self.sendEncoded(encodeResponse(seq, result.SerializeToString()))
+        self.writeFrame(encodeResponse(seq, result.SerializeToString()))
 
     def _sendError(self, seq, error):
-        self.sendFrame(
-            pb.Frame(
-                kind=_RESPONSE,
-                seq=seq,
-                error=pb.Error(code=error.code, message=error.message),
-            )
-        )
+        self.writeFrame(encodeErrorResponse(seq, error.code, error.message))
         if error.fatal:
             self.close()
 

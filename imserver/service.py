@@ -533,16 +533,16 @@ class ClusterService(Service):
 
         @return: a L{Deferred} firing with the number of users announced.
         """
-        from imserver.messaging import MessagePush
+        from imserver.wire import EncodedMessage
 
         store = self.store
         ds = []
 
         def announce(entries, sessions):
             for entry in entries:
-                push = MessagePush(entry.message)
+                encoded = EncodedMessage(entry.message)
                 for session in sessions:
-                    session.inboxAdvanced(entry.seq, entry.outgoing, push)
+                    session.inboxAdvanced(entry.seq, entry.outgoing, encoded)
             return len(entries)
 
         def newest(head, uid, sessions):

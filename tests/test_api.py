@@ -864,7 +864,7 @@ class MessageTests(LiveApiTestCase):
         """
         from twisted.internet.defer import fail
 
-        self.patch(self.factory.messenger, "push",
+        self.patch(self.factory.messenger, "storeMessage",
                    lambda *a, **k: fail(Unavailable("storage is down")))
         response, message = yield self.fails(
             b"POST", "/v1/messages", {"to": "bob", "text": "x"},

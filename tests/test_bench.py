@@ -49,7 +49,8 @@ from imserver.bench.stats import (
 )
 from imserver.bench.storm import Storm
 from imserver.bench.worker import Worker
-from imserver.messaging import MessagePush
+from imserver.framing import lengthPrefixed
+from imserver.wire import EncodedMessage
 from imserver.pb import im_pb2 as pb
 from imserver.spawn import (
     NotListening,
@@ -457,7 +458,7 @@ class MemberClientTests(SynchronousTestCase):
         body = struct.pack("!d", time.perf_counter()) + b"x" * 12
         message = pb.Message(id=seq, sender="u0", group_id=GROUP, client_msg_id="m", body=body,
                              created_ms=1767139200123)
-        return MessagePush(message).frame(seq, outgoing)
+        return lengthPrefixed(EncodedMessage(message).frame(seq, outgoing))
 
     def test_auth(self):
         """

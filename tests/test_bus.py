@@ -11,9 +11,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from imserver.bus import IBusReceiver, IGateBus, channelOf
+from imserver.bus import channelOf
+from imserver.interfaces import IBusReceiver, IGateBus
 from imserver.bus.redis import MAX_BATCH_BYTES, MAX_RETRY_BATCHES, RedisGateBus
-from imserver.messaging import MessagePush, Messenger
+from imserver.messaging import Messenger
+from imserver.wire import EncodedMessage
 from imserver.metrics import GateMetrics
 from imserver.pb import bus_pb2
 from imserver.pb import im_pb2 as pb
@@ -77,8 +79,8 @@ class Receiver:
     def __init__(self):
         self.calls = []
 
-    def pushReceived(self, push, targets):
-        self.calls.append(("push", push.data, targets))
+    def forwardReceived(self, encoded, targets):
+        self.calls.append(("push", encoded.data, targets))
 
     def kickReceived(self, uid, deviceId, sessionId, generation, reason, message):
         self.calls.append(("kick", uid, deviceId, sessionId, generation, reason, message))
@@ -121,9 +123,9 @@ class BatchingTests(SynchronousTestCase):
         A hundred pushes to one gate in one reactor pass are one PUBLISH of
         one batch, in order; nothing is published before the pass ends.
         """
-        pushes = [MessagePush(message(i)) for i in range(100)]
+        pushes = [EncodedMessage(message(i)) for i in range(100)]
         for i, push in enumerate(pushes):
-            self.bus.push("gate-b", "alice", i + 1, False, push)
+            self.bus.forward("gate-b", "alice", i + 1, False, push)
         self.assertEqual(self.connection.published, [])
         self.clock.advance(0)
         [batch] = self.connection.batches("gate-b")
@@ -193,7 +195,7 @@ class BatchingTests(SynchronousTestCase):
         Kicks, typing signals and notices travel in the same batch as
         pushes and reach the receiving gate's L{IBusReceiver} in order.
         """
-        push = MessagePush(message(1))
+        push = EncodedMessage(message(1))
         remote = self.remote("alice", "gate-b")
         remote.kick(pb.REPLACED, "again")
         remote.inboxAdvanced(3, True, push)
@@ -248,7 +250,7 @@ class BatchingTests(SynchronousTestCase):
         """
         size = MAX_BATCH_BYTES // 4  # a little more once serialized
         for i in range(10):
-            self.bus.push("gate-b", "alice", i + 1, False, MessagePush(message(i, size)))
+            self.bus.forward("gate-b", "alice", i + 1, False, EncodedMessage(message(i, size)))
         self.assertEqual(len(self.connection.published), 2)
         self.clock.advance(0)
         batches = self.connection.batches("gate-b")
@@ -262,7 +264,7 @@ class BatchingTests(SynchronousTestCase):
         published once the connection is back (up to a bound).
         """
         self.connection.down = True
-        self.bus.push("gate-b", "alice", 1, False, MessagePush(message(1)))
+        self.bus.forward("gate-b", "alice", 1, False, EncodedMessage(message(1)))
         self.clock.advance(0)
         self.assertEqual(self.connection.published, [])
         self.connection.down = False
@@ -326,7 +328,7 @@ class RedisBusTests(RedisTestMixin, TestCase):
         yield self.b.registry.refreshLease()
         yield self.b.registry.register(session)
         [remote] = yield self.a.registry.sessionsFor("alice")
-        remote.inboxAdvanced(1, False, MessagePush(message(1)))
+        remote.inboxAdvanced(1, False, EncodedMessage(message(1)))
         yield waitFor(lambda: session.advanced)
         self.assertEqual(session.advanced[0][:2], (1, False))
 

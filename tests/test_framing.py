@@ -8,15 +8,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from imserver.framing import (
-    FrameProtocol,
-    decodeLength,
-    encodeFrame,
-    encodeNotify,
-    encodeResponse,
-    notifyPrefix,
-    varint,
-)
+from imserver.framing import FrameProtocol, decodeLength, encodeFrame, lengthPrefixed
 from imserver.pb import im_pb2 as pb
 
 
@@ -82,6 +74,17 @@ class EncodeTests(SynchronousTestCase):
         self.assertEqual(data[:4], struct.pack(">I", len(body)))
         self.assertEqual(data[4:], body)
         self.assertEqual(decodeLength(data), len(body))
+        self.assertEqual(lengthPrefixed(body), data)
+
+    def test_writeFrame(self):
+        """
+        L{FrameProtocol.writeFrame} writes a serialized frame behind its
+        length prefix.
+        """
+        protocol, transport = connected()
+        frame = pb.Frame(kind=pb.REQUEST, seq=1, method="ping")
+        protocol.writeFrame(frame.SerializeToString())
+        self.assertEqual(transport.value(), encodeFrame(frame))
 
     def test_pingBytes(self):
         """
@@ -91,47 +94,6 @@ class EncodeTests(SynchronousTestCase):
         self.assertEqual(
             encodeFrame(pb.Frame(kind=pb.REQUEST, seq=1, method="ping")),
             bytes.fromhex("0000000a" "0801" "1001" "1a0470696e67"),
-        )
-
-
-class HandEncodingTests(SynchronousTestCase):
-    """
-    The frames the hot paths put together without protobuf objects are the
-    exact bytes protobuf gives.
-    """
-
-    @given(st.integers(min_value=0, max_value=2**64 - 1))
-    def test_varint(self, value):
-        """
-        L{varint} is protobuf's varint (a uint64 field's value).
-        """
-        encoded = pb.Ack(seq=value).SerializeToString()
-        if value:
-            self.assertEqual(b"\x08" + varint(value), encoded)
-        else:
-            self.assertEqual(varint(value), b"\x00")
-
-    @given(st.integers(min_value=1, max_value=2**32 - 1), st.binary(max_size=300))
-    def test_response(self, seq, body):
-        """
-        L{encodeResponse} is L{encodeFrame} of the RESPONSE frame, empty
-        body included.
-        """
-        self.assertEqual(
-            encodeResponse(seq, body),
-            encodeFrame(pb.Frame(kind=pb.RESPONSE, seq=seq, body=body)),
-        )
-
-    @given(st.sampled_from(["message", "ack", "typing", "kicked", "x" * 200]),
-           st.binary(max_size=300))
-    def test_notify(self, name, body):
-        """
-        L{encodeNotify} with the method's L{notifyPrefix} is L{encodeFrame}
-        of the NOTIFY frame, empty body included.
-        """
-        self.assertEqual(
-            encodeNotify(notifyPrefix(name), body),
-            encodeFrame(pb.Frame(kind=pb.NOTIFY, method=name, body=body)),
         )
 
 
@@ -298,11 +260,11 @@ class FramingErrorTests(SynchronousTestCase):
 
     def test_noWritesAfterClose(self):
         """
-        L{FrameProtocol.sendFrame} writes nothing once the protocol is
+        L{FrameProtocol.writeFrame} writes nothing once the protocol is
         closing.
         """
         protocol, transport = connected()
         protocol.close()
-        protocol.sendFrame(sampleFrames(1)[0])
+        protocol.writeFrame(sampleFrames(1)[0].SerializeToString())
         self.assertEqual(transport.value(), b"")
         self.assertTrue(transport.disconnecting)

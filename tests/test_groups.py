@@ -11,7 +11,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from imserver.errors import BadRequest, NotMember
 from imserver.framing import encodeFrame
 from imserver.groups import Groups
-from imserver.messaging import MessagePush
 from imserver.pb import im_pb2 as pb
 from imserver.settings import Settings
 from imserver.store import GroupFull, GroupNotFound
@@ -21,50 +20,6 @@ from tests.test_delivery import DeliveryHarness, pushes, responses
 from tests.test_protocol import written
 
 T0 = 1_700_000_000_000
-
-
-class MessagePushTests(SynchronousTestCase):
-    """
-    L{MessagePush.frame} gives the bytes protobuf gives.
-    """
-
-    @given(
-        seq=st.integers(min_value=1, max_value=2**64 - 1),
-        outgoing=st.booleans(),
-        body=st.binary(max_size=70000),
-        sender=st.text(max_size=20),
-        groupId=st.text(max_size=20),
-        messageId=st.integers(min_value=0, max_value=2**64 - 1),
-    )
-    def test_sameAsProtobuf(self, seq, outgoing, body, sender, groupId, messageId):
-        """
-        The hand-assembled frame equals the encoding of the same
-        L{pb.Frame} holding the same L{pb.InboxEntry}.
-        """
-        message = pb.Message(id=messageId, sender=sender, group_id=groupId, body=body,
-                             created_ms=T0)
-        entry = pb.InboxEntry(seq=seq, outgoing=outgoing, message=message)
-        expected = encodeFrame(pb.Frame(
-            kind=pb.NOTIFY, method="message", body=entry.SerializeToString()))
-        self.assertEqual(MessagePush(message).frame(seq, outgoing), expected)
-
-    @given(
-        seqs=st.lists(st.tuples(st.integers(min_value=1, max_value=2**64 - 1), st.booleans()),
-                      min_size=2, max_size=30),
-        body=st.binary(max_size=300),
-    )
-    def test_manyFramesOfOnePush(self, seqs, body):
-        """
-        Every frame of one push (the parts shared by frames whose seqs have
-        varints of the same length are reused) is protobuf's.
-        """
-        message = pb.Message(id=7, sender="alice", group_id="g", body=body, created_ms=T0)
-        push = MessagePush(message)
-        for seq, outgoing in seqs + [(127, False), (128, False), (127, True), (16384, True)]:
-            entry = pb.InboxEntry(seq=seq, outgoing=outgoing, message=message)
-            expected = encodeFrame(pb.Frame(
-                kind=pb.NOTIFY, method="message", body=entry.SerializeToString()))
-            self.assertEqual(push.frame(seq, outgoing), expected)
 
 
 class GroupsTests(SynchronousTestCase):

@@ -17,7 +17,7 @@ from zope.interface.verify import verifyObject
 from imserver.bus.redis import RedisGateBus
 from imserver.errors import TooManyDevices, Unavailable
 from imserver.interfaces import ISession, ISessionRegistry
-from imserver.messaging import MessagePush
+from imserver.wire import EncodedMessage
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisURL, connectRedis, subscribeRedis, userTag
 from imserver.registry.memory import MemorySessionRegistry
@@ -58,8 +58,8 @@ class FakeSession:
     def kick(self, reason, message):
         self.kicks.append(reason)
 
-    def inboxAdvanced(self, seq, outgoing, push):
-        self.advanced.append((seq, outgoing, push))
+    def inboxAdvanced(self, seq, outgoing, encoded):
+        self.advanced.append((seq, outgoing, encoded))
 
     def typing(self, uid, active, groupId):
         self.typings.append((uid, active, groupId))
@@ -470,7 +470,7 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
         remote = [s for s in found["alice"] + found["bob"] if s is not local]
         self.assertEqual(sorted(s.sessionId for s in remote),
                          sorted([phone.sessionId, tablet.sessionId, bob.sessionId]))
-        push = MessagePush(pb.Message(id=7, sender="bob", recipient="alice", body=b"hi"))
+        push = EncodedMessage(pb.Message(id=7, sender="bob", recipient="alice", body=b"hi"))
         for session in found["alice"]:
             session.inboxAdvanced(3, False, push)
         for session in found["bob"]:

@@ -56,7 +56,7 @@ MAX_FRAME = 64 * 1024
 _stamp = struct.Struct("!d")
 _length = struct.Struct("!I")
 #: How the gate encodes the start of every C{message} notify frame
-#: (L{imserver.messaging.MessagePush}): Frame.kind = NOTIFY, Frame.method
+#: (L{imserver.wire.EncodedMessage}): Frame.kind = NOTIFY, Frame.method
 #: = "message", then Frame.body's tag.  Anything else is parsed in full.
 _MESSAGE_PREFIX = b"\x08\x03\x1a\x07message\x22"
 

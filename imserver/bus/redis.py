@@ -22,10 +22,11 @@ from twisted.internet.defer import DeferredList
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from imserver.bus import IGateBus, channelOf
-from imserver.messaging import MessagePush
+from imserver.bus import channelOf
+from imserver.interfaces import IGateBus
 from imserver.pb import bus_pb2
 from imserver.redisclient import RedisUnavailable
+from imserver.wire import EncodedMessage
 
 #: A gate's batch is published at once (not at the end of the pass) when the
 #: message bytes it carries exceed this: big fan-out bursts go out as several
@@ -46,7 +47,7 @@ class _Outgoing:
 
     def __init__(self, source):
         self.batch = bus_pb2.Batch(source_gate=source)
-        # MessagePush -> (its bus_pb2.Push in the batch, uids targeted)
+        # EncodedMessage -> (its bus_pb2.Push in the batch, uids targeted)
         self.pushes = {}
         # (to, from, active, group) already queued: the target gate gives
         # one signal to every session of the user it holds.
@@ -59,7 +60,7 @@ class RedisGateBus:
     """
     The gate bus of one gate.
 
-    @ivar receiver: the L{imserver.bus.IBusReceiver} for what arrives.
+    @ivar receiver: the L{imserver.interfaces.IBusReceiver} for what arrives.
     @ivar subscriber: the L{imserver.redisclient.RedisSubscriber} of this
         gate's channel.
     @ivar published: PUBLISH commands sent (for tests and metrics).
@@ -138,14 +139,14 @@ class RedisGateBus:
                 self._flushCall = self.reactor.callLater(0, self.flush)
         return outgoing
 
-    def push(self, gateId, uid, seq, outgoing, push):
+    def forward(self, gateId, uid, seq, outgoing, encoded):
         queued = self._queue(gateId)
-        entry = queued.pushes.get(push)
+        entry = queued.pushes.get(encoded)
         if entry is None:
             item = queued.batch.items.add()
-            item.push.message = push.data
-            entry = queued.pushes[push] = (item.push, set())
-            queued.size += len(push.data)
+            item.push.message = encoded.data
+            entry = queued.pushes[encoded] = (item.push, set())
+            queued.size += len(encoded.data)
         pushed, uids = entry
         if uid in uids:
             # Another device of the same user on that gate: the gate
@@ -261,8 +262,8 @@ class RedisGateBus:
             try:
                 if kind == "push":
                     push = item.push
-                    receiver.pushReceived(
-                        MessagePush.fromBytes(push.message),
+                    receiver.forwardReceived(
+                        EncodedMessage.fromBytes(push.message),
                         [(t.uid, t.seq, t.outgoing) for t in push.targets],
                     )
                 elif kind == "kick":

@@ -37,9 +37,8 @@ from twisted.internet.defer import DeferredList, gatherResults, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from imserver.bus import IBusReceiver
 from imserver.errors import TooManyDevices
-from imserver.interfaces import IGateDirectory, ISession, ISessionRegistry
+from imserver.interfaces import IBusReceiver, IGateDirectory, ISession, ISessionRegistry
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable, userKey
 
@@ -271,8 +270,8 @@ class RemoteSession:
         self._bus.kick(self.gateId, self.uid, self.deviceId, self.sessionId,
                        self.generation, reason, message)
 
-    def inboxAdvanced(self, seq, outgoing, push):
-        self._bus.push(self.gateId, self.uid, seq, outgoing, push)
+    def inboxAdvanced(self, seq, outgoing, encoded):
+        self._bus.forward(self.gateId, self.uid, seq, outgoing, encoded)
 
     def typing(self, uid, active, groupId):
         self._bus.typing(self.gateId, self.uid, uid, active, groupId)
@@ -315,7 +314,7 @@ class RedisSessionRegistry:
                  incarnation=None):
         """
         @param connection: the L{imserver.redisclient.RedisConnection}.
-        @param bus: the L{imserver.bus.IGateBus}; this registry becomes its
+        @param bus: the L{imserver.interfaces.IGateBus}; this registry becomes its
             receiver.
         @param leaseSeconds: the lease's time to live; L{refreshLease} must
             run well within it (every sweep).
@@ -614,7 +613,7 @@ class RedisSessionRegistry:
 
     # -- IBusReceiver -------------------------------------------------------------
 
-    def pushReceived(self, push, targets):
+    def forwardReceived(self, encoded, targets):
         if not self.connection.connected:
             # A session behind the push would fetch from the store, fail,
             # and close.  The catch-up after the reconnect announces it.
@@ -625,7 +624,7 @@ class RedisSessionRegistry:
             sessions = byUid.get(uid)
             if sessions:
                 for local in list(sessions.values()):
-                    local.session.inboxAdvanced(seq, outgoing, push)
+                    local.session.inboxAdvanced(seq, outgoing, encoded)
 
     def kickReceived(self, uid, deviceId, sessionId, generation, reason, message):
         local = self._local.get(sessionId)

@@ -1,0 +1,203 @@
+# -*- test-case-name: tests.test_wire -*-
+"""
+The wire objects: one encoder for each kind of L{pb.Frame} the gate sends.
+
+Every encoder returns the serialized C{Frame} only, the bytes a transport
+carries as one frame: TCP puts a length prefix before them
+(L{imserver.framing}), a WebSocket message would carry them as they are.
+Responses, notifies and message pushes are assembled by hand instead of
+through protobuf objects (they are the hot paths); each gives exactly the
+bytes protobuf gives for the same C{Frame}, which the tests check.
+
+The logic layer never builds frame bytes: it hands the sessions values, or
+an L{EncodedMessage} (a message serialized once for all its recipients),
+and the sessions encode with this module.
+"""
+
+from imserver.pb import im_pb2 as pb
+
+_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
+
+
+def varint(value):
+    """
+    The protobuf base-128 varint of a non-negative C{value}.
+
+    @rtype: L{bytes}
+    """
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# The fields of pb.Frame, as protobuf puts them on the wire (field number
+# << 3 | wire type): kind (1, varint), seq (2, varint), method (3, bytes),
+# body (4, bytes).
+_KIND_RESPONSE = b"\x08\x02"
+_SEQ = b"\x10"
+_METHOD = b"\x1a"
+_BODY = b"\x22"
+_KIND_NOTIFY = b"\x08\x03"
+# pb.InboxEntry: seq (1, varint), outgoing (2, bool), message (3, bytes).
+_ENTRY_SEQ = b"\x08"
+_ENTRY_OUTGOING = b"\x10\x01"
+_ENTRY_MESSAGE = b"\x1a"
+
+
+def encodeFrame(frame):
+    """
+    Serialize any C{frame} (the general, slower encoder).
+
+    @type frame: L{pb.Frame}
+    @rtype: L{bytes}
+    """
+    return frame.SerializeToString()
+
+
+def encodeRequest(seq, method, body):
+    """
+    The REQUEST frame C{seq} of C{method} (its name) carrying C{body}.
+    """
+    return pb.Frame(kind=pb.REQUEST, seq=seq, method=method, body=body).SerializeToString()
+
+
+def encodeResponse(seq, body):
+    """
+    The RESPONSE frame answering request C{seq} with C{body} (a serialized
+    response message).
+
+    @rtype: L{bytes}
+    """
+    if body:
+        return b"".join((_KIND_RESPONSE, _SEQ, varint(seq), _BODY, varint(len(body)), body))
+    return _KIND_RESPONSE + _SEQ + varint(seq)
+
+
+def encodeErrorResponse(seq, code, message):
+    """
+    The RESPONSE frame refusing request C{seq} with error C{code}.
+    """
+    return pb.Frame(
+        kind=pb.RESPONSE, seq=seq, error=pb.Error(code=code, message=message)
+    ).SerializeToString()
+
+
+def encodeError(code, message, seq=0):
+    """
+    The ERROR frame that precedes a close: C{code}, detail C{message}, and
+    the seq of the request that caused it (0: none).
+    """
+    return pb.Frame(
+        kind=pb.ERROR, seq=seq, error=pb.Error(code=code, message=message)
+    ).SerializeToString()
+
+
+def notifyPrefix(name):
+    """
+    What every NOTIFY frame of method C{name} starts with: the kind and the
+    method name.  L{encodeNotify} completes it.
+
+    @type name: L{str}
+    @rtype: L{bytes}
+    """
+    encoded = name.encode("utf-8")
+    return _KIND_NOTIFY + _METHOD + varint(len(encoded)) + encoded
+
+
+def encodeNotify(prefix, body):
+    """
+    The NOTIFY frame of the method whose L{notifyPrefix} is C{prefix},
+    carrying C{body}.
+
+    @rtype: L{bytes}
+    """
+    if body:
+        return b"".join((prefix, _BODY, varint(len(body)), body))
+    return prefix
+
+
+_NOTICE = notifyPrefix("notice")
+
+
+def encodeNotice(body, contentType, serverTimeMs):
+    """
+    The C{notice} NOTIFY frame (a system notice, nothing stored).
+    """
+    notice = pb.Notice(body=body, content_type=contentType, server_time_ms=serverTimeMs)
+    return encodeNotify(_NOTICE, notice.SerializeToString())
+
+
+#: Frame.kind = NOTIFY, Frame.method = "message", then Frame.body's tag.
+_NOTIFY_MESSAGE = notifyPrefix("message") + _BODY
+
+
+class EncodedMessage:
+    """
+    A stored message on its way to every session of every recipient,
+    serialized once.
+
+    Each session's C{message} notify (L{frame}) is the shared bytes behind a
+    few bytes of its own (its inbox seq and outgoing flag), put together
+    without protobuf objects; the start of the frame is cached per length
+    of the seq's varint, so a fan-out builds it once or twice.
+
+    @ivar data: the serialized L{pb.Message} (what the gate bus carries to
+        other gates, once per message per gate).
+    """
+
+    __slots__ = ("_message", "data", "_tail", "_outgoingTail", "_starts")
+
+    def __init__(self, message=None, data=None):
+        """
+        @param message: the L{pb.Message}; or L{None} with C{data}.
+        @param data: its serialization, if already at hand.
+        """
+        if data is None:
+            data = message.SerializeToString()
+        self._message = message
+        self.data = data
+        self._tail = _ENTRY_MESSAGE + varint(len(data)) + data
+        self._outgoingTail = _ENTRY_OUTGOING + self._tail
+        # What comes before the seq, by the seq's varint length (negative:
+        # outgoing), shared by every frame of this message.
+        self._starts = {}
+
+    @classmethod
+    def fromBytes(cls, data):
+        """
+        A message serialized elsewhere (another gate, through the gate bus):
+        the bytes are used as they are, parsed only if L{message} is asked
+        for.
+        """
+        return cls(data=data)
+
+    @property
+    def message(self):
+        """
+        The L{pb.Message}.
+        """
+        if self._message is None:
+            self._message = pb.Message.FromString(self.data)
+        return self._message
+
+    def frame(self, seq, outgoing):
+        """
+        The C{message} NOTIFY frame of inbox entry C{seq}.
+
+        @rtype: L{bytes}
+        """
+        seqBytes = varint(seq)
+        key = -len(seqBytes) if outgoing else len(seqBytes)
+        start = self._starts.get(key)
+        tail = self._outgoingTail if outgoing else self._tail
+        if start is None:
+            # The entry's size depends on the seq only through the length
+            # of its varint.
+            size = 1 + len(seqBytes) + len(tail)
+            start = self._starts[key] = _NOTIFY_MESSAGE + varint(size) + _ENTRY_SEQ
+        return b"".join((start, seqBytes, tail))
