@@ -83,6 +83,11 @@ REQUIRE_ALL_ENV = "CI_REQUIRE_ALL"
 #: such as C{haproxy} in C{/usr/sbin}, which is not on a user's C{$PATH}.
 SBIN_DIRECTORIES = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
+#: The environment variable that replaces L{SBIN_DIRECTORIES} (a
+#: C{$PATH}-style list; empty: none).  C{.ci/run} empties it for its run with
+#: the outside programs hidden, so that they are not found there either.
+SBIN_ENV = "IMSERVER_TEST_SBIN"
+
 
 def requireDependency(available, what):
     """
@@ -120,9 +125,9 @@ def requireExecutable(name, what=None):
     @param what: the missing dependency, for the message (default: C{name}).
     @return: the program's path.
     """
-    path = os.pathsep.join(
-        [os.environ.get("PATH", os.defpath)] + list(SBIN_DIRECTORIES)
-    )
+    sbin = os.environ.get(SBIN_ENV)
+    extra = SBIN_DIRECTORIES if sbin is None else [d for d in sbin.split(os.pathsep) if d]
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath)] + list(extra))
     found = shutil.which(name, path=path)
     requireDependency(found is not None, what or name)
     return found

@@ -122,6 +122,9 @@ class ClusterMixin:
         port with C{reusePort=yes}; wait until every gate holds its lease
         and is in the directory.
         """
+        # Before anything that may skip the test (no redis-server): the
+        # cleanup below reads it.
+        self.gates = []
         # The last cleanup, once the gates stopped.
         self.addCleanup(self.assertNothingLogged)
         self.redis = RedisServer(self, reactor, appendfsync="always")
@@ -131,7 +134,6 @@ class ClusterMixin:
         tokenFile = FilePath(self.mktemp())
         createSecretFile(tokenFile)
         self.adminToken = tokenFile.getContent().strip()
-        self.gates = []
         for i in range(GATES):
             dataDir = FilePath(self.mktemp())
             dataDir.makedirs()
