@@ -26,7 +26,8 @@ L{RedisSubscriber} (L{subscribeRedis}), which subscribes again after every
 reconnect (txredisapi does not).
 
 Key names: every key of one user carries the same hash tag, L{userTag}, so
-a sharded Redis keeps a user's keys on one shard.
+a sharded Redis keeps a user's keys on one shard (the message store's keys
+are in L{imserver.store.redis.keys}).
 """
 
 import hashlib

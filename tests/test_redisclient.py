@@ -3,11 +3,12 @@ Tests for L{imserver.redisclient} against a real C{redis-server}.
 """
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from txredisapi import ResponseError
 
 from imserver.errors import Unavailable
-from imserver.redisclient import RedisUnavailable, RedisURL, connectRedis
+from imserver.redisclient import RedisUnavailable, RedisURL, _unavailable, connectRedis
 
 from tests.redisserver import RedisServer
 
@@ -56,6 +57,26 @@ class RedisURLTests(SynchronousTestCase):
         for text in ["http://h", "redis://", "redis://h:x", "redis://h/a",
                      "redis://h/1?x=1", "h:6379"]:
             self.assertRaises(ValueError, RedisURL.parse, text)
+
+
+class RetryableErrorTests(SynchronousTestCase):
+    """
+    The errors of L{imserver.redisclient.RedisConnection.execute}.
+    """
+
+    def test_retryableErrors(self):
+        """
+        Redis's "not now" refusals (loading its data after a restart, busy,
+        out of memory, a read-only replica) become L{RedisUnavailable};
+        other errors stay what they are.
+        """
+        for message in ["LOADING Redis is loading the dataset in memory",
+                        "BUSY Redis is busy running a script", "OOM command not allowed",
+                        "READONLY You can't write against a read only replica."]:
+            self.failureResultOf(fail(ResponseError(message)).addErrback(_unavailable),
+                                 RedisUnavailable)
+        self.failureResultOf(fail(ResponseError("ERR syntax")).addErrback(_unavailable),
+                             ResponseError)
 
 
 class ConnectionTests(TestCase):

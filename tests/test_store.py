@@ -9,7 +9,7 @@ import signal
 import sqlite3
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger, LogLevel
 from twisted.python.filepath import FilePath
@@ -981,7 +981,7 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         An inbox with more old entries than one script call examines is
         trimmed completely, over several calls.
         """
-        from imserver.store import redis as module
+        from imserver.store.redis import store as module
 
         self.patch(module, "TRIM_SCAN_LIMIT", 200)
         ds = [self.send("alice", str(i), "x", now=T0) for i in range(450)]
@@ -1173,21 +1173,3 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         self.assertEqual(second.seqs["bob"], first.seqs["bob"] + 1)
         self.assertEqual([e["log_level"] for e in events if "run id" in e["log_format"]],
                          [LogLevel.warn])
-
-    def test_retryableErrors(self):
-        """
-        Redis's "not now" refusals (loading its data after a restart, busy,
-        out of memory, a read-only replica) become L{RedisUnavailable};
-        other errors stay what they are.
-        """
-        from txredisapi import ResponseError
-
-        from imserver.store.redis import _retryable
-
-        for message in ["LOADING Redis is loading the dataset in memory",
-                        "BUSY Redis is busy running a script", "OOM command not allowed",
-                        "READONLY You can't write against a read only replica."]:
-            self.failureResultOf(fail(ResponseError(message)).addErrback(_retryable),
-                                 RedisUnavailable)
-        self.failureResultOf(fail(ResponseError("ERR syntax")).addErrback(_retryable),
-                             ResponseError)

@@ -1,0 +1,40 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+The cluster-mode message store: inboxes, dedup and groups in Redis.
+
+  - L{store}: L{RedisMessageStore}.  Every operation is one Lua script or
+    one command, so it is atomic in Redis, and usually one round trip; the
+    store speaks through an L{imserver.redisclient.RedisConnection}, reads
+    the time only from the injected clock, and needs no starting.
+  - L{keys}: the key names and what each key holds.
+  - C{scripts/*.lua}: the scripts, one per operation, each saying its
+    C{KEYS}, C{ARGV} and reply; C{prelude.lua} holds the helpers some of
+    them share.
+
+The semantics are those of L{imserver.store.memory.MemoryMessageStore}
+(the reference), except that seqs start above a floor, not at 1, and two
+details of retention.  The design (scripts, retention, durability, what
+happens when Redis is unavailable) is in docs/architecture.md, "The
+message store" and "Seqs, the floor and the epoch"; sharding it later is
+in docs/scaling.md, "Sharding Redis".
+"""
+
+from imserver.store.redis.keys import (
+    BODIES_KEY,
+    EPOCH_KEY,
+    MSGID_KEY,
+    RUNID_KEY,
+    SEQFLOOR_KEY,
+    bodyKey,
+    dedupKey,
+    groupKey,
+    userKey,
+    userTag,
+)
+from imserver.store.redis.store import RedisMessageStore, unpack
+
+__all__ = [
+    "RedisMessageStore", "unpack",
+    "EPOCH_KEY", "SEQFLOOR_KEY", "RUNID_KEY", "MSGID_KEY", "BODIES_KEY",
+    "userTag", "userKey", "dedupKey", "groupKey", "bodyKey",
+]

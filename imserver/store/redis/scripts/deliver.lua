@@ -1,0 +1,90 @@
+-- KEYS: 1 im:epoch, 2 im:seqfloor, 3 im:runid, 4 dedup record, 5 body,
+--       6 im:bodies, 7 group members (group messages only)
+-- ARGV: 1 sender, 2 now ms, 3 dedup window ms, 4 floor from the gate's
+--       clock, 5 a new epoch id, 6 Redis run id, 7 message id, 8 body,
+--       9 body TTL ms or '', 10 '1' for a group message, 11... recipients
+--       (uid, user tag hex) pairs
+-- Returns {'ok', epoch, status, packed (uid, seq, uid, seq, ...)},
+--   {'dup', epoch, status, id, sender seq, created ms, body or nil} or
+--   {'notmember', epoch, status}; status is 'same', 'new' or 'restart'.
+local sender, now = ARGV[1], tonumber(ARGV[2])
+local meta = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3])
+local epoch, floor = meta[1], meta[2]
+local status = 'same'
+if not epoch then
+  epoch = ARGV[5]
+  floor = math.max(tonumber(ARGV[4]), timeFloor())
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('SET', KEYS[2], fmt(floor))
+  redis.call('SET', KEYS[3], ARGV[6])
+  status = 'new'
+elseif not floor or meta[3] ~= ARGV[6] then
+  floor = math.max(tonumber(floor or '0'), tonumber(ARGV[4]), timeFloor())
+  redis.call('SET', KEYS[2], fmt(floor))
+  redis.call('SET', KEYS[3], ARGV[6])
+  status = 'restart'
+else
+  floor = tonumber(floor)
+end
+
+local seen = redis.call('GET', KEYS[4])
+if seen then
+  local id, senderSeq, created = string.match(seen, '^(%d+):(%d+):(%d+)$')
+  if tonumber(created) > now - tonumber(ARGV[3]) then
+    local body = redis.call('GET', 'im:m:' .. id)
+    return {'dup', epoch, status, id, senderSeq, created, body}
+  end
+end
+
+-- recipients: uid, user tag hex, uid, user tag hex, ...
+local recipients = {}
+if ARGV[10] == '1' then
+  local member = sender == ''
+  local all = redis.call('HGETALL', KEYS[7])
+  for i = 1, #all, 2 do
+    recipients[i] = all[i]
+    recipients[i + 1] = string.match(all[i + 1], '^%d+:%d+:(%x*)$')
+    if all[i] == sender then
+      member = true
+    end
+  end
+  if #recipients == 0 or not member then
+    return {'notmember', epoch, status}
+  end
+else
+  for i = 11, #ARGV do
+    recipients[i - 10] = ARGV[i]
+  end
+end
+
+local id = ARGV[7]
+if ARGV[9] ~= '' then
+  redis.call('SET', KEYS[5], ARGV[8], 'PX', ARGV[9])
+else
+  redis.call('SET', KEYS[5], ARGV[8])
+end
+redis.call('ZADD', KEYS[6], ARGV[2], id)
+
+local parts = {}
+local senderSeq = '0'
+for i = 1, #recipients, 2 do
+  local uid = recipients[i]
+  local prefix = 'im:{u:' .. recipients[i + 1] .. '}:'
+  local head = tonumber(redis.call('GET', prefix .. 'head') or '0')
+  if head < floor then
+    head = floor
+  end
+  local seq = fmt(head + 1)
+  local outgoing = '0'
+  if uid == sender then
+    outgoing = '1'
+    senderSeq = seq
+  end
+  redis.call('SET', prefix .. 'head', seq)
+  redis.call('ZADD', prefix .. 'inbox', seq, seq .. ':' .. id .. ':' .. outgoing .. ':' .. ARGV[2])
+  put(parts, uid)
+  put(parts, seq)
+end
+local window = math.max(1, tonumber(ARGV[3]))
+redis.call('SET', KEYS[4], id .. ':' .. senderSeq .. ':' .. ARGV[2], 'PX', fmt(window))
+return {'ok', epoch, status, table.concat(parts)}

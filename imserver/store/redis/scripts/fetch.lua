@@ -1,0 +1,29 @@
+-- KEYS: 1 inbox, 2 im:epoch.  ARGV: 1 after seq, 2 limit.
+-- Returns {epoch or nil, packed (seq, outgoing, body, seq, outgoing, ...)}.
+local limit = tonumber(ARGV[2])
+local parts = {}
+local n = 0
+local low = '(' .. ARGV[1]
+while n < limit do
+  local page = redis.call('ZRANGEBYSCORE', KEYS[1], low, '+inf', 'LIMIT', 0,
+                          math.min(limit - n, 500))
+  if #page == 0 then
+    break
+  end
+  local keys = {}
+  for i, member in ipairs(page) do
+    keys[i] = 'im:m:' .. string.match(member, '^%d+:(%d+):')
+  end
+  local bodies = redis.call('MGET', unpack(keys))
+  for i, member in ipairs(page) do
+    if bodies[i] then
+      local seq, outgoing = string.match(member, '^(%d+):%d+:(%d):')
+      put(parts, seq)
+      put(parts, outgoing)
+      put(parts, bodies[i])
+      n = n + 1
+    end
+  end
+  low = '(' .. string.match(page[#page], '^(%d+):')
+end
+return {redis.call('GET', KEYS[2]), table.concat(parts)}

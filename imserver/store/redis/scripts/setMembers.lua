@@ -1,0 +1,27 @@
+-- KEYS: 1 info, 2 members.
+-- ARGV: 1 group id, 2 max size, 3 now ms, 4... (uid, role, tag hex) triples.
+-- Returns {'ok', packed added uids}, {'notfound'} or {'full'}.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'notfound'}
+end
+local added = {}
+for i = 4, #ARGV, 3 do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+    put(added, ARGV[i])
+  end
+end
+if #added > 0 and redis.call('HLEN', KEYS[2]) + #added > tonumber(ARGV[2]) then
+  return {'full'}
+end
+for i = 4, #ARGV, 3 do
+  local uid, role, tag = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local old = redis.call('HGET', KEYS[2], uid)
+  if old then
+    local joined = string.match(old, '^%d+:(%d+):')
+    redis.call('HSET', KEYS[2], uid, role .. ':' .. joined .. ':' .. tag)
+  else
+    redis.call('HSET', KEYS[2], uid, role .. ':' .. ARGV[3] .. ':' .. tag)
+    redis.call('SADD', 'im:{u:' .. tag .. '}:groups', ARGV[1])
+  end
+end
+return {'ok', table.concat(added)}
