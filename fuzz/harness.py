@@ -193,7 +193,7 @@ def _run(factory, clock, authenticated, chunk, payload, tolerated):
     protocol.makeConnection(transport)
     if authenticated:
         protocol.dataReceived(authFrame())
-        if protocol.state != AUTHENTICATED:
+        if protocol.session.state != AUTHENTICATED:
             raise GateFault("the harness could not authenticate: {}".format(
                 _frames(transport.value())))
         transport.clear()
@@ -248,7 +248,7 @@ def _checkWritten(protocol, transport, tolerated):
     if transport.disconnecting:
         last = frames[-1] if frames else None
         explained = (
-            protocol._peerError is not None
+            protocol.session._peerError is not None
             or last is not None and last.kind == pb.ERROR
             or last is not None and last.kind == pb.RESPONSE
             and last.error.code in _FATAL_RESPONSES

@@ -182,7 +182,7 @@ class GateMetrics:
         for connection in list(self._connections):
             states[connection.state] += 1
             if connection.state == "authenticated":
-                backlog += max(0, connection._head - connection._acked)
+                backlog += connection.backlog
                 unacked += connection.unackedCount()
         gauge = GaugeMetricFamily(
             "imserver_connections", "Open client connections by state.", labels=["state"]

@@ -1,117 +1,56 @@
 # -*- test-case-name: tests.test_protocol -*-
 """
-The gate: one L{GateProtocol} per client connection, one L{GateFactory} per
-process holding the shared state.
-
-A connection moves through these states (docs/protocol.md draws them)::
-
-    NEW --auth--> AUTHENTICATING --ok--> AUTHENTICATED
-     |                 |  \\--fail--> closed (AUTH_FAILED / TOO_MANY_DEVICES)
-     |                 v
-     +--deadline--> closed (AUTH_TIMEOUT)
-
-Before auth only the C{auth} method is accepted and frames are limited to
-C{preauth_max_frame_length}.  Every connection, authenticated or not, is
-swept for idleness by L{GateFactory.sweep}: there is no per-connection
-timer on the idle path, only a timestamp written once per read.
+The gate over TCP: one L{GateProtocol} per client connection (the transport
+of its L{imserver.session.GateSession}), one L{GateFactory} per process
+holding the shared state.
 """
 
-import collections
 import itertools
 import random
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from zope.interface import implementer
 
-from imserver import methods
-from imserver.auth import validateDeviceId, validateUid
-from imserver.errors import (
-    AlreadyAuthenticated,
-    AuthFailed,
-    BadRequest,
-    NotAuthenticated,
-    RateLimited,
-    TooManyDevices,
-    Unavailable,
-)
-from imserver.framing import lengthPrefixed
-from imserver.groups import Groups, validateGroupId
-from imserver.interfaces import ISession
+from imserver.errors import Unavailable
+from imserver.framing import FrameProtocol, lengthPrefixed
+from imserver.groups import Groups
 from imserver.limits import FailedAuthThrottle, TokenBucket, peerHost
 from imserver.messaging import Messenger
 from imserver.metrics import GateMetrics
 from imserver.pb import im_pb2 as pb
-from imserver.rpc import RPCProtocol
+from imserver.session import (  # noqa: F401 (the states, for importers)
+    AUTHENTICATED,
+    AUTHENTICATING,
+    NEW,
+    GateSession,
+)
 from imserver.transport import closeBounded, socketTransport
 from imserver.wire import encodeNotice
 
-NEW = "new"
-AUTHENTICATING = "authenticating"
-AUTHENTICATED = "authenticated"
 
-_PLATFORMS = frozenset(pb.Platform.values())
-#: Bytes of a response frame besides its entries (envelope, head, slack).
-_FRAME_OVERHEAD = 256
-
-#: Seconds before a session tries again to fetch its inbox after the store
-#: was unavailable (the entries wait in the inbox meanwhile).
-FETCH_RETRY_DELAY = 1.0
-
-#: Methods accepted before auth has succeeded.
-PREAUTH_METHODS = frozenset([methods.AUTH.name])
-
-
-@implementer(ISession)
-class GateProtocol(RPCProtocol):
+class GateProtocol(FrameProtocol):
     """
-    One client connection.
+    The TCP transport of one gate session (also under TLS and PROXY-protocol
+    wrappers): splits the byte stream into frames for its L{GateSession},
+    writes the session's frames with their length prefix, relays the
+    socket's flow control, and closes within C{close_timeout}.
 
-    @ivar state: L{NEW}, L{AUTHENTICATING} or L{AUTHENTICATED}.
-    @ivar lastHeard: reactor time of the last read from the client.
+    @ivar session: the L{GateSession}, from C{connectionMade} on.
     """
 
-    log = Logger()
-    uid = None
-    deviceId = None
-    platform = pb.PLATFORM_UNSPECIFIED
-    heartbeatInterval = None
-    _inRegistry = False
-    # Delivery state, per connection, set at auth.  Class defaults keep the
-    # per-instance dict small until then.
-    _delivering = False
-    _sent = 0  # highest seq pushed on this connection
-    _acked = 0  # highest seq the client acknowledged
-    _unacked = None  # deque of the seqs pushed and not acknowledged yet
-    _fetchRetry = None  # IDelayedCall of the pump after a store outage
-    _head = 0  # highest seq known to exist in the inbox
-    _fetching = False
-    _lastTyping = float("-inf")
-    _typingActive = False
-    _pushedAt = None  # when a push went into an empty window (ack timing)
-    _pushedSeq = 0
-    _requests = None  # TokenBucket of requests, from the first request on
-    _refusedInARow = 0
-    _pausedAt = None  # reactor time writes filled the buffer; None: flowing
+    session = None
 
-    def __init__(self, factory, peer):
-        RPCProtocol.__init__(self, factory.clock)
+    def __init__(self, factory, acceptedFrom):
         self.factory = factory
-        self._acceptedFrom = peer
-        self.state = NEW
-        self.connectionId = factory.nextConnectionId()
-        self.sessionId = "{}/{}".format(factory.gateId, self.connectionId)
-        self.gateId = factory.gateId
-        self.requestTimeout = factory.settings.request_timeout
+        self.acceptedFrom = acceptedFrom
         self.maxFrameLength = factory.settings.preauth_max_frame_length
         self._seconds = factory.clock.seconds
         self._metrics = factory.metrics
-        self._authTimer = None
         self._closeTimer = None
 
     def __repr__(self):
-        return "<GateProtocol {} {} {}>".format(self.connectionId, self.state, self.uid)
+        return "<GateProtocol {!r}>".format(self.session)
 
     @property
     def peer(self):
@@ -123,95 +62,28 @@ class GateProtocol(RPCProtocol):
         connection was accepted from.
         """
         if self.transport is None:
-            return self._acceptedFrom
+            return self.acceptedFrom
         return self.transport.getPeer()
 
     def connectionMade(self):
-        self.lastHeard = self._seconds()
-        self.factory.connectionOpened(self)
         socket = socketTransport(self.transport)
         if socket is not None:
-            # Writes beyond this pause our pushes (pauseProducing) instead
-            # of growing the buffer without bound.
+            # Writes beyond this pause the session's pushes (pauseProducing)
+            # instead of growing the buffer without bound.
             socket.bufferSize = self.factory.settings.write_buffer_high
+        self.session = session = GateSession(self.factory, self, self.acceptedFrom)
+        self.connectionId = session.connectionId
         self.transport.registerProducer(self, True)
-        self._authTimer = self.clock.callLater(
-            self.factory.settings.auth_timeout, self._authTimedOut
-        )
-        self.log.debug(
-            "connection {conn} from {peer}", conn=self.connectionId, peer=self.peer
-        )
+        session.start()
 
     def dataReceived(self, data):
-        self.lastHeard = self._seconds()
+        self.session.lastHeard = self._seconds()
         metrics = self._metrics
         metrics.bytesReceived += len(data)
-        metrics.framesReceived += RPCProtocol.dataReceived(self, data)
+        metrics.framesReceived += FrameProtocol.dataReceived(self, data)
 
-    def requestAdmitted(self, seq):
-        requests = self._requests
-        if requests is None:
-            settings = self.factory.settings
-            requests = self._requests = TokenBucket(
-                settings.request_rate, settings.request_burst, self.clock
-            )
-        if requests.take():
-            if self._refusedInARow:
-                self._refusedInARow = 0
-            return True
-        self._metrics.rateLimited += 1
-        self._refusedInARow += 1
-        if self._refusedInARow >= self.factory.settings.rate_limit_close:
-            self.closeWithError(pb.RATE_LIMITED, "too many requests; closing", seq)
-        else:
-            self._sendError(seq, RateLimited(
-                "more than {} requests per second".format(self.factory.settings.request_rate)))
-        return False
-
-    # -- flow control (IPushProducer: the transport's write buffer) -----------
-
-    def pauseProducing(self):
-        """
-        The client is not reading fast enough: stop pushing (entries stay in
-        the inbox) and stop reading its requests until the buffer drains.
-        """
-        if self._pausedAt is None:
-            self._pausedAt = self._seconds()
-            self._metrics.slowConsumerPauses += 1
-            socket = socketTransport(self.transport)
-            if socket is not None:
-                socket.pauseProducing()
-
-    def resumeProducing(self):
-        if self._pausedAt is not None:
-            self._pausedAt = None
-            socket = socketTransport(self.transport)
-            if socket is not None:
-                socket.resumeProducing()
-            self._pump()
-
-    def stopProducing(self):
-        pass
-
-    def close(self):
-        """
-        Close the connection: the session ends now (unregistered, no longer
-        counted as open, its address's slot freed), the socket within
-        C{close_timeout} whatever the peer does (L{closeTransport}).
-        Idempotent.
-        """
-        if not self._closing:
-            self.factory.connectionClosing(self)
-            self._leaveRegistry()
-        RPCProtocol.close(self)
-
-    def closeTransport(self):
-        # A transport with a producer registered does not close until it
-        # is unregistered.
-        self.transport.unregisterProducer()
-        self._closeTimer = closeBounded(
-            self, self.clock, self.factory.settings.close_timeout
-        )
+    def frameReceived(self, frame):
+        self.session.frameReceived(frame)
 
     def writeFrame(self, data):
         if not self._closing:
@@ -221,456 +93,68 @@ class GateProtocol(RPCProtocol):
             metrics.bytesSent += len(frame)
             self.transport.write(frame)
 
+    def closeWithError(self, code, message, seq=0):
+        # Framing errors end the session like any other error.
+        self.session.closeWithError(code, message, seq)
+
+    def closeTransport(self):
+        # A transport with a producer registered does not close until it
+        # is unregistered.
+        self.transport.unregisterProducer()
+        self._closeTimer = closeBounded(
+            self, self.factory.clock, self.factory.settings.close_timeout
+        )
+
+    # -- IPushProducer: the transport's write buffer -------------------------
+
+    def pauseProducing(self):
+        self.session.pauseProducing()
+
+    def resumeProducing(self):
+        self.session.resumeProducing()
+
+    def stopProducing(self):
+        pass
+
+    def abort(self):
+        """
+        Abort the connection at once (the shutdown's last resort).
+        """
+        self.transport.abortConnection()
+
+    def pauseReading(self):
+        """
+        Stop reading the client's requests (flow control).
+        """
+        socket = socketTransport(self.transport)
+        if socket is not None:
+            socket.pauseProducing()
+
+    def resumeReading(self):
+        """
+        Read the client's requests again.
+        """
+        socket = socketTransport(self.transport)
+        if socket is not None:
+            socket.resumeProducing()
+
     def connectionLost(self, reason):
-        for timer in (self._authTimer, self._closeTimer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._authTimer = self._closeTimer = None
-        if self._fetchRetry is not None and self._fetchRetry.active():
-            self._fetchRetry.cancel()
-        self._fetchRetry = None
-        self._leaveRegistry()
-        RPCProtocol.connectionLost(self, reason)
-        self.factory.connectionClosed(self)
-        self.log.debug(
-            "connection {conn} ({uid}) closed: {reason}",
-            conn=self.connectionId,
-            uid=self.uid,
-            reason=reason.getErrorMessage(),
-        )
-
-    # -- dispatch -----------------------------------------------------------
-
-    def locateResponder(self, name):
-        if self.state != AUTHENTICATED and name not in PREAUTH_METHODS:
-            raise NotAuthenticated("authenticate first")
-        return RPCProtocol.locateResponder(self, name)
-
-    def locateNotificationHandler(self, name):
-        if self.state != AUTHENTICATED:
-            return None
-        return RPCProtocol.locateNotificationHandler(self, name)
-
-    # -- auth ------------------------------------------------------------------
-
-    @methods.AUTH.responder
-    def auth(self, request):
-        if self.state != NEW:
-            raise AlreadyAuthenticated("auth was already {}".format(
-                "done" if self.state == AUTHENTICATED else "requested"))
-        try:
-            validateUid(request.uid)
-            validateDeviceId(request.device_id)
-            if len(request.client_version.encode("utf-8")) > 64:
-                raise ValueError("client_version is longer than 64 bytes")
-            if request.platform not in _PLATFORMS:
-                raise ValueError("unknown platform {}".format(request.platform))
-        except ValueError as e:
-            self._metrics.authFailures["bad_request"] += 1
-            raise BadRequest(str(e))
-        if not self.factory.authThrottle.allowed(peerHost(self.peer), request.uid):
-            self._metrics.authFailures["throttled"] += 1
-            raise RateLimited("too many failed auths; retry later", fatal=True)
-        self.state = AUTHENTICATING
-        d = self.factory.authenticator.authenticate(request.uid, request.token)
-        d.addCallback(self._authenticated, request)
-        d.addErrback(self._authFailed, request)
-        return d
-
-    def _authenticated(self, uid, request):
-        if self._closing:
-            # Closed (auth deadline, shutdown) while the token was checked:
-            # nothing to register, and the answer goes nowhere.
-            return pb.AuthResponse()
-        self.uid = uid
-        self.deviceId = request.device_id
-        self.platform = request.platform
-        return self.factory.registry.register(self).addCallback(
-            self._registered, request
-        )
-
-    def _registered(self, displaced, request):
-        self._inRegistry = True
-        if displaced is not None:
-            # The registry already holds this session in its place, so the
-            # old one is kicked even if this connection closes right now.
-            displaced.kick(pb.REPLACED, "the same device signed in again")
-        # Registered first, head read second: any entry committed after the
-        # read is announced to this session (inboxAdvanced), so none is
-        # missed between the two.
-        return (
-            self.factory.store.head(self.uid)
-            .addErrback(self.factory.messenger.storeFailed)
-            .addCallback(self._ready, request)
-        )
-
-    def _ready(self, head, request):
-        if self._closing:
-            # Closed (auth deadline, shutdown) while registering or reading
-            # the head: leave no session behind.
-            self._leaveRegistry()
-            self.state = NEW
-            return pb.AuthResponse()
-        if request.last_seq > head:
-            self.log.warn(
-                "connection {conn}: {uid}/{device} claims last_seq {claimed} beyond"
-                " the inbox head {head}",
-                conn=self.connectionId, uid=self.uid, device=self.deviceId,
-                claimed=request.last_seq, head=head,
-            )
-        start = min(request.last_seq, head)
-        self._head = max(self._head, head)
-        self._sent = self._acked = start
-        settings = self.factory.settings
-        heartbeatInterval = settings.heartbeat_interval * (
-            1.0 - settings.heartbeat_jitter * self.factory.random.random()
-        )
-        response = pb.AuthResponse(
-            heartbeat_interval_ms=int(heartbeatInterval * 1000),
-            idle_timeout_ms=int(settings.idle_timeout * 1000),
-            server_time_ms=int(self._seconds() * 1000),
-            session_id=self.sessionId,
-            max_frame_length=settings.max_frame_length,
-            head_seq=self._head,
-            max_message_body=settings.max_message_body,
-            max_unacked=settings.max_unacked,
-        )
-        self._authTimer.cancel()
-        self._authTimer = None
-        self.state = AUTHENTICATED
-        self.heartbeatInterval = heartbeatInterval
-        self.maxFrameLength = settings.max_frame_length
-        self.log.info(
-            "connection {conn} from {peer} authenticated as {uid} device {device}"
-            " ({platform}, {version!r})",
-            conn=self.connectionId,
-            peer=self.peer,
-            uid=self.uid,
-            device=self.deviceId,
-            platform=pb.Platform.Name(self.platform),
-            version=request.client_version,
-        )
-        self._persistAck()
-        return response
-
-    def responseSent(self, method, response):
-        if method is methods.AUTH and self.state == AUTHENTICATED:
-            # The client has its auth response; now the backlog, in order.
-            self._delivering = True
-            self._pump()
-
-    def _leaveRegistry(self):
-        if self._inRegistry:
-            self._inRegistry = False
-            self.factory.registry.unregister(self).addErrback(
-                lambda f: self.log.failure(
-                    "unregistering connection {conn} failed", f, conn=self.connectionId
-                )
-            )
-
-    def _authFailed(self, failure, request):
-        reason = {AuthFailed: "bad_token", TooManyDevices: "too_many_devices"}.get(
-            failure.type, "unavailable"
-        )
-        self._metrics.authFailures[reason] += 1
-        if reason == "bad_token":
-            self.factory.authThrottle.failed(peerHost(self.peer), request.uid)
-        self.log.info(
-            "connection {conn} from {peer} failed auth: {why}",
-            conn=self.connectionId,
-            peer=self.peer,
-            why=failure.getErrorMessage(),
-        )
-        self._leaveRegistry()
-        self.uid = self.deviceId = None
-        self.state = NEW
-        return failure
-
-    def _authTimedOut(self):
-        self._authTimer = None
-        self._metrics.authFailures["timeout"] += 1
-        self.closeWithError(pb.AUTH_TIMEOUT, "no auth within the deadline")
-
-    # -- heartbeat ---------------------------------------------------------
-
-    @methods.PING.responder
-    def ping(self, request):
-        return pb.PingResponse(server_time_ms=int(self._seconds() * 1000))
-
-    # -- messages ----------------------------------------------------------
-
-    @methods.SEND.responder
-    def send(self, request):
-        return self.factory.messenger.send(self.uid, request)
-
-    @methods.SYNC.responder
-    def sync(self, request):
-        page = self.factory.settings.sync_page_size
-        limit = min(request.limit or page, page)
-        store = self.factory.store
-        d = store.fetch(self.uid, request.after_seq, limit)
-
-        def withHead(entries):
-            kept, _ = self._fitFrame(entries)
-            return store.head(self.uid).addCallback(synced, kept)
-
-        def synced(head, kept):
-            # What the client can now ack (and so skip) reaches this head.
-            if head > self._head:
-                self._head = head
-            return pb.SyncResponse(entries=kept, head_seq=head)
-
-        return d.addCallback(withHead).addErrback(self.factory.messenger.storeFailed)
-
-    @methods.ACK.handler
-    def _ackReceived(self, ack):
-        seq = ack.seq
-        if seq > max(self._sent, self._head):
-            self.closeWithError(
-                pb.BAD_ACK,
-                "ack for seq {} beyond the inbox head {}".format(seq, self._head),
-            )
-            return
-        if seq > self._acked:
-            metrics = self._metrics
-            unacked = self._unacked
-            if unacked is not None:
-                # Seqs need not be dense (cluster mode jumps over a floor):
-                # the window counts pushes, not seq distance.
-                while unacked and unacked[0] <= seq:
-                    unacked.popleft()
-                    metrics.messagesAcked += 1
-                if not unacked:
-                    self._unacked = None
-            if self._pushedAt is not None and seq >= self._pushedSeq:
-                metrics.ackRoundTrip.observe(self._seconds() - self._pushedAt)
-                self._pushedAt = None
-            self._acked = seq
-            if seq > self._sent:
-                # The client has these (through sync): push from after them.
-                self._sent = seq
-            self._persistAck()
-            self._pump()
-
-    @methods.TYPING.handler
-    def _typingReceived(self, message):
-        # Rate-limited, except that a stop right after a start always goes
-        # through (else the peer would see "typing" until it expires).
-        now = self._seconds()
-        stopping = not message.active and self._typingActive
-        if not stopping and now - self._lastTyping < 1.0 / self.factory.settings.typing_rate:
-            return
-        try:
-            if message.group_id:
-                validateGroupId(message.group_id)
-            else:
-                validateUid(message.uid)
-        except (ValueError, BadRequest):
-            return
-        self._lastTyping = now
-        self._typingActive = message.active
-        self.factory.messenger.typing(
-            self.uid, message.uid, message.active, message.group_id
-        )
-
-    def _fitFrame(self, items):
-        """
-        The leading C{items} (protobuf messages) that fit one response
-        frame: whole items only, at least one (every item is capped well
-        below the frame limit).
-
-        @return: C{(kept, more)}: the items, and whether any were left out.
-        """
-        budget = self.factory.settings.max_frame_length - _FRAME_OVERHEAD
-        kept, size = [], 0
-        for item in items:
-            size += item.ByteSize() + 6
-            if kept and size > budget:
-                return kept, True
-            kept.append(item)
-        return kept, False
-
-    def _page(self, items, key, after, limit):
-        """
-        One page of C{items} (sorted by C{key}) after C{after}.
-
-        @return: C{(page, more)}
-        """
-        pageSize = self.factory.settings.sync_page_size
-        limit = min(limit or pageSize, pageSize)
-        items = [item for item in items if getattr(item, key) > after]
-        page, more = self._fitFrame(items[:limit])
-        return page, more or len(items) > limit
-
-    # -- groups --------------------------------------------------------------
-
-    @methods.GROUPS.responder
-    def groups(self, request):
-        def page(groups):
-            groups, more = self._page(groups, "group_id", request.after_group_id, request.limit)
-            return pb.GroupsResponse(groups=groups, more=more)
-
-        return self.factory.groups.groupsOf(self.uid).addCallback(page).addErrback(
-            self.factory.messenger.storeFailed
-        )
-
-    @methods.MEMBERS.responder
-    def members(self, request):
-        def page(members):
-            members, more = self._page(members, "uid", request.after_uid, request.limit)
-            return pb.MembersResponse(members=members, more=more)
-
-        return self.factory.groups.membersFor(request.group_id, self.uid).addCallback(
-            page
-        ).addErrback(self.factory.messenger.storeFailed)
-
-    @methods.LEAVE.responder
-    def leave(self, request):
-        return self.factory.groups.leave(request.group_id, self.uid).addCallback(
-            lambda _: pb.LeaveResponse()
-        ).addErrback(self.factory.messenger.storeFailed)
-
-    def _pump(self):
-        """
-        Push what the inbox holds beyond what was pushed, in seq order,
-        while the unacknowledged window has room: one fetch at a time.
-        """
-        if (self._fetching or self._closing or not self._delivering
-                or self._pausedAt is not None):
-            return
-        settings = self.factory.settings
-        room = settings.max_unacked - self.unackedCount()
-        if room <= 0 or self._sent >= self._head:
-            return
-        self._fetching = True
-        self.factory.store.fetch(
-            self.uid, self._sent, min(room, settings.sync_page_size)
-        ).addCallbacks(self._fetched, self._fetchFailed)
-
-    def _fetched(self, entries):
-        self._fetching = False
-        if self._closing:
-            return
-        if entries:
-            for entry in entries:
-                if self._pausedAt is not None:
-                    break  # the rest waits in the inbox for resumeProducing
-                if entry.seq > self._sent:
-                    self._countPush(entry.seq)
-                    self.sendNotify(methods.MESSAGE, entry)
-        else:
-            # Everything up to the head was removed by retention.
-            self._sent = self._head
-        self._pump()
-
-    def _fetchFailed(self, failure):
-        self._fetching = False
-        if self._closing:
-            return
-        if failure.check(Unavailable):
-            # Nothing is lost: the entries wait in the inbox.  Keep the
-            # connection and try again shortly.
-            self.log.warn(
-                "the inbox of {uid} is unavailable for connection {conn}; retrying",
-                uid=self.uid, conn=self.connectionId,
-            )
-            self._fetchRetry = self.clock.callLater(FETCH_RETRY_DELAY, self._retryFetch)
-            return
-        self.log.failure(
-            "fetching the inbox of {uid} for connection {conn} failed",
-            failure, uid=self.uid, conn=self.connectionId,
-        )
-        # Unexpected: make the client reconnect (and resume) rather than
-        # stall silently.
-        self.closeWithError(pb.UNAVAILABLE, "message storage is unavailable")
-
-    def _retryFetch(self):
-        self._fetchRetry = None
-        self._pump()
-
-    def unackedCount(self):
-        """
-        @return: how many entries were pushed on this connection and not
-            acknowledged yet.
-        """
-        return 0 if self._unacked is None else len(self._unacked)
-
-    def _countPush(self, seq):
-        """
-        Account for pushing entry C{seq}.
-        """
-        unacked = self._unacked
-        if unacked is None:
-            unacked = self._unacked = collections.deque()
-            if self._pushedAt is None:
-                self._pushedAt = self._seconds()
-                self._pushedSeq = seq
-        unacked.append(seq)
-        self._sent = seq
-        self._metrics.messagesPushed += 1
-
-    def _persistAck(self):
-        """
-        Have the device's cursor written with the next batch of cursors
-        (L{GateFactory.flushCursors}); acks do not each cost a write.  Also
-        done at auth, so every device that connects has a cursor and
-        retention keeps what it has not acknowledged.
-        """
-        self.factory.cursorAdvanced(self.uid, self.deviceId, self._acked)
-
-    # -- ISession ----------------------------------------------------------
-
-    def inboxAdvanced(self, seq, outgoing, encoded):
-        if seq > self._head:
-            self._head = seq
-        if not self._delivering or seq <= self._sent:
-            return
-        unacked = self._unacked
-        if (
-            seq == self._sent + 1
-            and not self._fetching
-            and self._pausedAt is None
-            and not self._closing
-            and (unacked is None or len(unacked) < self.factory.settings.max_unacked)
-        ):
-            self._countPush(seq)
-            self.writeFrame(encoded.frame(seq, outgoing))
-        else:
-            self._pump()
-
-    def typing(self, uid, active, groupId):
-        # Transient: not for a connection that is not reading its pushes.
-        if self._delivering and self._pausedAt is None:
-            self.sendNotify(
-                methods.TYPING, pb.Typing(uid=uid, active=active, group_id=groupId)
-            )
-
-    def notice(self, frame):
-        if self._delivering and self._pausedAt is None:
-            self.writeFrame(frame)
-
-    def kick(self, reason, message):
-        if self._closing:
-            return
-        self._metrics.kicks[pb.KickReason.Name(reason)] += 1
-        self.log.info(
-            "kicking connection {conn} ({uid}): {reason}",
-            conn=self.connectionId,
-            uid=self.uid,
-            reason=pb.KickReason.Name(reason),
-        )
-        self.sendNotify(methods.KICKED, pb.Kicked(reason=reason, message=message))
-        self.close()
+        self.connected = 0
+        self._closing = True
+        if self._closeTimer is not None and self._closeTimer.active():
+            self._closeTimer.cancel()
+        self._closeTimer = None
+        self.session.connectionLost(reason)
 
 
 class GateFactory(Factory):
     """
     Shared state of one gate process: settings, seams and live connections.
 
-    @ivar connections: every open L{GateProtocol}, authenticated or not,
-        that the gate has not decided to close.
-    @ivar closing: the L{GateProtocol}s the gate closed whose socket is not
-        closed yet (for at most C{close_timeout}).
+    @ivar connections: the L{GateSession} of every open connection,
+        authenticated or not, that the gate has not decided to close.
+    @ivar closing: the L{GateSession}s the gate closed whose connection is
+        not closed yet (for at most C{close_timeout}).
     """
 
     log = Logger()
@@ -720,12 +204,12 @@ class GateFactory(Factory):
             return "accept_rate"
         return None
 
-    def connectionOpened(self, protocol):
+    def connectionOpened(self, session):
         """
         Count a new connection (in C{connectionMade}).
         """
-        self.connections.add(protocol)
-        host = peerHost(protocol._acceptedFrom)
+        self.connections.add(session)
+        host = peerHost(session.acceptedFrom)
         self._perHost[host] = self._perHost.get(host, 0) + 1
 
     def nextConnectionId(self):
@@ -782,7 +266,7 @@ class GateFactory(Factory):
         frame = encodeNotice(body, contentType, int(self.clock.seconds() * 1000))
         # Not to a connection that is not reading its pushes (paused).
         sessions = [p for p in self.connections
-                    if p._delivering and not p._closing and p._pausedAt is None]
+                    if p.delivering]
         for p in sessions:
             p.notice(frame)
         return len(sessions)
@@ -803,7 +287,7 @@ class GateFactory(Factory):
         for p in self.connections:
             if p.lastHeard <= deadline:
                 idle.append(p)
-            elif p._pausedAt is not None and now - p._pausedAt >= grace:
+            elif p.pausedSince is not None and now - p.pausedSince >= grace:
                 stuck.append(p)
         self.metrics.idleCloses += len(idle)
         self.metrics.slowConsumerCloses += len(stuck)
@@ -815,31 +299,31 @@ class GateFactory(Factory):
             )
         return len(idle) + len(stuck)
 
-    def connectionClosing(self, protocol):
+    def connectionClosing(self, session):
         """
-        The gate decided to close C{protocol}: from now on it is not an open
+        The gate decided to close C{session}: from now on it is not an open
         connection (gauges, idle sweep, broadcast) and its address's slot
         is free, though its socket may take up to C{close_timeout} to close.
         """
-        if protocol in self.connections:
-            self._forget(protocol)
-            self.closing.add(protocol)
+        if session in self.connections:
+            self._forget(session)
+            self.closing.add(session)
 
-    def connectionClosed(self, protocol):
+    def connectionClosed(self, session):
         """
         Forget a connection that is gone.
         """
-        if protocol in self.connections:
-            self._forget(protocol)
+        if session in self.connections:
+            self._forget(session)
         else:
-            self.closing.discard(protocol)
+            self.closing.discard(session)
         if self._drained is not None and not self.connections and not self.closing:
             d, self._drained = self._drained, None
             d.callback(None)
 
-    def _forget(self, protocol):
-        self.connections.discard(protocol)
-        host = peerHost(protocol._acceptedFrom)
+    def _forget(self, session):
+        self.connections.discard(session)
+        host = peerHost(session.acceptedFrom)
         left = self._perHost[host] - 1
         if left:
             self._perHost[host] = left
@@ -871,5 +355,5 @@ class GateFactory(Factory):
     def _abortAll(self):
         for p in list(self.connections) + list(self.closing):
             self.log.warn("aborting connection {conn}", conn=p.connectionId)
-            p.transport.abortConnection()
+            p.channel.abort()
 

@@ -13,8 +13,13 @@ from methods decorated with L{Method.responder}; incoming notifies through
 L{Notification.handler}.
 """
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
 from google.protobuf.message import DecodeError, Message as _Message
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imserver.errors import (
@@ -42,6 +47,11 @@ _RESPONSE = pb.RESPONSE
 _NOTIFY = pb.NOTIFY
 _ERROR = pb.ERROR
 
+#: A responder or notification handler: called as C{function(protocol,
+#: message)}.
+_Function = Callable[..., Any]
+_F = TypeVar("_F", bound=_Function)
+
 
 class Method:
     """
@@ -52,22 +62,24 @@ class Method:
     @ivar responseType: the protobuf class of the response body.
     """
 
-    def __init__(self, name, requestType, responseType):
+    def __init__(
+        self, name: str, requestType: type[_Message], responseType: type[_Message]
+    ) -> None:
         self.name = name
         self.requestType = requestType
         self.responseType = responseType
 
-    def responder(self, function):
+    def responder(self, function: _F) -> _F:
         """
         Decorate a method of an L{RPCProtocol} subclass as the responder for
         this method.  It is called with the parsed request and returns the
         response message or a L{Deferred} firing with it; raising
         L{RPCError} answers with that error.
         """
-        function._rpcMethod = self
+        function._rpcMethod = self  # type: ignore[attr-defined]
         return function
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<Method {}>".format(self.name)
 
 
@@ -76,31 +88,36 @@ class Notification:
     Declares a one-way notification: its name on the wire and message type.
     """
 
-    def __init__(self, name, messageType):
+    def __init__(self, name: str, messageType: type[_Message]) -> None:
         self.name = name
         self.messageType = messageType
         #: The start of every frame of this notification (L{notifyPrefix}).
         self.prefix = notifyPrefix(name)
 
-    def handler(self, function):
+    def handler(self, function: _F) -> _F:
         """
         Decorate a method of an L{RPCProtocol} subclass as the handler for
         this notification.
         """
-        function._rpcNotification = self
+        function._rpcNotification = self  # type: ignore[attr-defined]
         return function
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<Notification {}>".format(self.name)
 
 
-class RPCProtocol(FrameProtocol):
+class RPCDispatcher:
     """
-    Request/response/notify over frames, symmetric for client and server.
+    Request/response/notify over frames, symmetric for client and server,
+    and independent of any transport (AMP's C{BoxDispatcher}).
 
     Subclasses declare responders with L{Method.responder} and notification
     handlers with L{Notification.handler}; the tables are built once per
-    class, not per connection.
+    class, not per connection.  What carries the frames is supplied by the
+    class it is combined with: C{writeFrame(data)} (one serialized frame),
+    C{closeWithError(code, message, seq)} and C{close()}; the transport
+    hands over each decoded frame to L{frameReceived} and calls
+    L{connectionLost} at the end.
 
     @ivar responders: C{{name: (Method, function)}} for this class.
     @ivar notificationHandlers: C{{name: (Notification, function)}}.
@@ -108,12 +125,24 @@ class RPCProtocol(FrameProtocol):
         with L{RequestTimeout}.
     """
 
-    responders = {}
-    notificationHandlers = {}
+    log = Logger()
+    responders: dict[str, tuple[Method, _Function]] = {}
+    notificationHandlers: dict[str, tuple[Notification, _Function]] = {}
     requestTimeout = 30.0
+    #: Names the connection in log events.
+    connectionId = "-"
+    _closing = False
     _ignoredLogged = False
 
-    def __init_subclass__(cls, **kwargs):
+    if TYPE_CHECKING:
+        # Supplied by the transport class combined with this one.
+        def writeFrame(self, data: bytes) -> None: ...
+
+        def closeWithError(self, code: pb.ErrorCode, message: str, seq: int = 0) -> None: ...
+
+        def close(self) -> None: ...
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         responders = dict(cls.responders)
         handlers = dict(cls.notificationHandlers)
@@ -127,20 +156,22 @@ class RPCProtocol(FrameProtocol):
         cls.responders = responders
         cls.notificationHandlers = handlers
 
-    def __init__(self, clock):
+    def __init__(self, clock: IReactorTime) -> None:
         """
         @param clock: an L{IReactorTime} for request timeouts.
         """
         self.clock = clock
-        self._outstanding = {}
+        self._outstanding: dict[int, tuple[Deferred[Any], IDelayedCall, Method]] = {}
         self._lastSeq = 0
-        self._failAllReason = None
-        self._incoming = None
-        self._peerError = None
+        self._failAllReason: Failure | None = None
+        self._incoming: set[int] | None = None
+        self._peerError: ConnectionClosedByPeer | None = None
 
     # -- outgoing -------------------------------------------------------
 
-    def callRemote(self, method, request, timeout=None):
+    def callRemote(
+        self, method: Method, request: _Message, timeout: float | None = None
+    ) -> Deferred[Any]:
         """
         Send a request and return a L{Deferred} for its response.
 
@@ -154,7 +185,7 @@ class RPCProtocol(FrameProtocol):
         if self._failAllReason is not None:
             return fail(self._failAllReason)
         seq = self._nextSeq()
-        d = Deferred(lambda d: self._forget(seq))
+        d: Deferred[Any] = Deferred(lambda d: self._forget(seq))
         timer = self.clock.callLater(
             self.requestTimeout if timeout is None else timeout, self._timedOut, seq
         )
@@ -162,7 +193,7 @@ class RPCProtocol(FrameProtocol):
         self.writeFrame(encodeRequest(seq, method.name, request.SerializeToString()))
         return d
 
-    def sendNotify(self, notification, message):
+    def sendNotify(self, notification: Notification, message: _Message) -> None:
         """
         Send a one-way notification.
 
@@ -171,7 +202,7 @@ class RPCProtocol(FrameProtocol):
         """
         self.writeFrame(encodeNotify(notification.prefix, message.SerializeToString()))
 
-    def _nextSeq(self):
+    def _nextSeq(self) -> int:
         seq = self._lastSeq
         outstanding = self._outstanding
         while True:
@@ -180,19 +211,19 @@ class RPCProtocol(FrameProtocol):
                 self._lastSeq = seq
                 return seq
 
-    def _forget(self, seq):
+    def _forget(self, seq: int) -> None:
         entry = self._outstanding.pop(seq, None)
         if entry is not None and entry[1].active():
             entry[1].cancel()
 
-    def _timedOut(self, seq):
+    def _timedOut(self, seq: int) -> None:
         entry = self._outstanding.pop(seq, None)
         if entry is not None:
             entry[0].errback(
                 RequestTimeout("no response to {} (seq {})".format(entry[2].name, seq))
             )
 
-    def failAllOutgoing(self, reason):
+    def failAllOutgoing(self, reason: Failure) -> None:
         """
         Fail every outstanding request with C{reason}, and every later call
         at once.  The table is swapped out before any errback runs, so
@@ -209,7 +240,7 @@ class RPCProtocol(FrameProtocol):
 
     # -- incoming -------------------------------------------------------
 
-    def frameReceived(self, frame):
+    def frameReceived(self, frame: pb.Frame) -> None:
         kind = frame.kind
         if kind == _REQUEST:
             self._requestReceived(frame)
@@ -222,7 +253,7 @@ class RPCProtocol(FrameProtocol):
         else:
             self.closeWithError(pb.BAD_FRAME, "unknown frame kind {}".format(kind))
 
-    def locateResponder(self, name):
+    def locateResponder(self, name: str) -> tuple[Method, _Function]:
         """
         Find the responder for method C{name}.  Subclasses override this to
         restrict what is allowed in a connection state.
@@ -235,7 +266,7 @@ class RPCProtocol(FrameProtocol):
             raise UnknownMethod("unknown method {!r}".format(name[:64]))
         return entry
 
-    def _requestReceived(self, frame):
+    def _requestReceived(self, frame: pb.Frame) -> None:
         seq = frame.seq
         incoming = self._incoming
         if seq == 0 or (incoming is not None and seq in incoming):
@@ -275,7 +306,7 @@ class RPCProtocol(FrameProtocol):
                 self._asyncResult, self._asyncFailure, (seq, method), None, (seq,)
             )
 
-    def requestAdmitted(self, seq):
+    def requestAdmitted(self, seq: int) -> bool:
         """
         Called for each request with a valid seq, before it is dispatched.
         Subclasses override it to refuse requests (a rate limit): they
@@ -285,34 +316,34 @@ class RPCProtocol(FrameProtocol):
         """
         return True
 
-    def responseSent(self, method, response):
+    def responseSent(self, method: Method, response: _Message) -> None:
         """
         Called after a successful response to C{method} was written.
         Subclasses override it to act only once the peer has (in stream
         order) its answer, such as starting pushes after C{auth}.
         """
 
-    def _asyncResult(self, result, seq, method):
-        self._incoming.discard(seq)
+    def _asyncResult(self, result: _Message, seq: int, method: Method) -> None:
+        self._incoming.discard(seq)  # type: ignore[union-attr]
         self._sendResult(seq, result)
         self.responseSent(method, result)
 
-    def _asyncFailure(self, failure, seq):
-        self._incoming.discard(seq)
+    def _asyncFailure(self, failure: Failure, seq: int) -> None:
+        self._incoming.discard(seq)  # type: ignore[union-attr]
         if failure.check(RPCError):
-            self._sendError(seq, failure.value)
+            self._sendError(seq, cast(RPCError, failure.value))
         else:
             self._internalError(seq, failure)
 
-    def _sendResult(self, seq, result):
+    def _sendResult(self, seq: int, result: _Message) -> None:
         self.writeFrame(encodeResponse(seq, result.SerializeToString()))
 
-    def _sendError(self, seq, error):
+    def _sendError(self, seq: int, error: RPCError) -> None:
         self.writeFrame(encodeErrorResponse(seq, error.code, error.message))
         if error.fatal:
             self.close()
 
-    def _internalError(self, seq, failure):
+    def _internalError(self, seq: int, failure: Failure) -> None:
         self.log.failure(
             "unexpected error answering seq {seq} on connection {conn}",
             failure,
@@ -321,7 +352,7 @@ class RPCProtocol(FrameProtocol):
         )
         self._sendError(seq, RPCError("internal error", code=pb.INTERNAL))
 
-    def _responseReceived(self, frame):
+    def _responseReceived(self, frame: pb.Frame) -> None:
         entry = self._outstanding.pop(frame.seq, None)
         if entry is None:
             self._ignored(
@@ -344,7 +375,7 @@ class RPCProtocol(FrameProtocol):
             return
         d.callback(response)
 
-    def locateNotificationHandler(self, name):
+    def locateNotificationHandler(self, name: str) -> tuple[Notification, _Function] | None:
         """
         Find the handler for notification C{name}.  Subclasses override this
         to restrict what is accepted in a connection state.
@@ -353,7 +384,7 @@ class RPCProtocol(FrameProtocol):
         """
         return self.notificationHandlers.get(name)
 
-    def _notifyReceived(self, frame):
+    def _notifyReceived(self, frame: pb.Frame) -> None:
         entry = self.locateNotificationHandler(frame.method)
         if entry is None:
             self._ignored(
@@ -381,7 +412,7 @@ class RPCProtocol(FrameProtocol):
                 conn=self.connectionId,
             )
 
-    def _ignored(self, format, **fields):
+    def _ignored(self, format: str, **fields: Any) -> None:
         """
         Log a frame dropped as meaningless (the protocol ignores it, for
         compatibility), once per connection: a peer must not be able to
@@ -393,7 +424,7 @@ class RPCProtocol(FrameProtocol):
         self.log.info(format + " (more such frames on it are dropped silently)",
                       conn=self.connectionId, **fields)
 
-    def _errorReceived(self, frame):
+    def _errorReceived(self, frame: pb.Frame) -> None:
         self._peerError = ConnectionClosedByPeer(frame.error.code, frame.error.message)
         self.log.info(
             "peer closed connection {conn}: {code} {detail}",
@@ -405,7 +436,7 @@ class RPCProtocol(FrameProtocol):
         )
         self.close()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: Failure) -> None:
         # Twisted's Protocol leaves `connected` at 1 forever; make it true
         # to its name for everything built on this class.
         self.connected = 0
@@ -413,3 +444,12 @@ class RPCProtocol(FrameProtocol):
         if self._peerError is not None:
             reason = Failure(self._peerError)
         self.failAllOutgoing(reason)
+
+
+# misc: Protocol.connectionLost has a default reason, the dispatcher's
+# does not (the transport always passes one).
+class RPCProtocol(RPCDispatcher, FrameProtocol):  # type: ignore[misc]
+    """
+    An L{RPCDispatcher} over the length-prefixed TCP framing (the client
+    library's connection).
+    """

@@ -250,9 +250,9 @@ class TokenTests(SynchronousTestCase):
         self.assertEqual((frame.error.code, frame.error.message),
                          (pb.AUTH_FAILED, "authentication failed"))
         self.assertTrue(transport.disconnecting)
-        self.assertIsNone(protocol.uid)
+        self.assertIsNone(protocol.session.uid)
         sessions = self.successResultOf(self.gate.registry.sessionsFor(uid))
-        self.assertNotIn(protocol, sessions)
+        self.assertNotIn(protocol.session, sessions)
 
     def test_valid(self):
         """
@@ -260,7 +260,7 @@ class TokenTests(SynchronousTestCase):
         """
         protocol, transport, frame = self.auth(self.gate.token("alice"))
         self.assertFalse(frame.HasField("error"))
-        self.assertEqual(protocol.uid, "alice")
+        self.assertEqual(protocol.session.uid, "alice")
 
     def test_expired(self):
         """

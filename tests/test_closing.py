@@ -431,8 +431,8 @@ class CloseMixin:
         assignment to it would silently miss).
         """
         client = yield self.live.authed(self.listener, "alice")
-        [protocol] = self.live.factory.connections
-        socket = socketTransport(protocol.transport)
+        [session] = self.live.factory.connections
+        socket = socketTransport(session.channel.transport)
         self.assertIsInstance(socket, tcp.Server)
         self.assertEqual(socket.bufferSize, self.live.factory.settings.write_buffer_high)
         client.transport.loseConnection()
@@ -483,15 +483,16 @@ class AbortTests(TestCase):
         client = yield self.live.authed(listener, "alice")
         client.transport.pauseProducing()
         client.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        [protocol] = factory.connections
-        server = socketTransport(protocol.transport)
+        [session] = factory.connections
+        transport = session.channel.transport
+        server = socketTransport(transport)
         server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         aborted = []
-        original = protocol.transport.abortConnection
-        protocol.transport.abortConnection = lambda: aborted.append(True) or original()
+        original = transport.abortConnection
+        transport.abortConnection = lambda: aborted.append(True) or original()
         # More queued for the client than every buffer on the way holds.
-        protocol.transport.write(b"\0" * (8 << 20))
-        protocol.kick(pb.ADMIN, "bye")
+        transport.write(b"\0" * (8 << 20))
+        session.kick(pb.ADMIN, "bye")
         self.assertEqual(len(factory.connections), 0)
         self.assertEqual(self.live.sessions("alice"), [])
         yield waitFor(lambda: not factory.closing, "the gate's side aborted")

@@ -346,7 +346,7 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         yield registered()
         took = time.time() - started
         yield alice.ping()
-        self.assertEqual(self.a.watch.built[0].uid, "alice")
+        self.assertEqual(self.a.watch.built[0].session.uid, "alice")
         self.assertEqual(len(self.a.watch.built), 1)
         # Cursor flushes and the like, refused while Redis was away.
         self.flushLoggedErrors(RedisUnavailable)

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from imserver.errors import Unavailable
 from imserver.framing import encodeFrame
 from imserver.pb import im_pb2 as pb
-from imserver.protocol import FETCH_RETRY_DELAY
+from imserver.session import FETCH_RETRY_DELAY
 from imserver.store.memory import MemoryMessageStore
 
 from tests.test_protocol import GateHarness, written
@@ -225,7 +225,7 @@ class WindowTests(SynchronousTestCase):
         self.assertEqual([e.seq for e in pushes(written(bobT))], [1, 1001, 1002])
         self.gate.ack(bob, 1001)
         self.assertEqual([e.seq for e in pushes(written(bobT))], [1003, 1004])
-        self.assertEqual(bob.unackedCount(), 3)
+        self.assertEqual(bob.session.unackedCount(), 3)
 
     def test_storeUnavailableRetried(self):
         """

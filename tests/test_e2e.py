@@ -102,7 +102,8 @@ class ConnectionWatch:
         """
         @return: the built protocols that ever completed auth.
         """
-        return [p for p in self.built if p.state == AUTHENTICATED or p.uid is not None]
+        return [p for p in self.built
+                if p.session.state == AUTHENTICATED or p.session.uid is not None]
 
 
 class InProcessGateTests(TestCase):
@@ -200,7 +201,7 @@ class InProcessGateTests(TestCase):
         _assertNear(self, session.server_time_ms, before)
         self.assertEqual(client.heartbeatInterval, session.heartbeat_interval_ms / 1000.0)
 
-        [server] = self.watch.built
+        [server] = [p.session for p in self.watch.built]
         self.assertEqual(server.state, AUTHENTICATED)
         self.assertEqual((server.uid, server.deviceId), ("alice", "laptop"))
         self.assertEqual(server.sessionId, session.session_id)

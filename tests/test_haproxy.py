@@ -301,7 +301,7 @@ class HAProxyOffloadTests(TestCase):
             server = self.serverSession(uid)
             self.assertEqual(server.peer, clientAddress)
             # Under the PROXY wrapper, the connection comes from haproxy.
-            proxySide = server.transport.transport.getPeer()
+            proxySide = server.channel.transport.transport.getPeer()
             self.assertNotEqual(proxySide, clientAddress)
             [event] = [e for e in self.events
                        if "authenticated as" in e.get("log_format", "")

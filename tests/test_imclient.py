@@ -84,8 +84,8 @@ class IMClientTests(TestCase):
         """
         Abort every server-side connection, as a network failure would.
         """
-        for protocol in list(self.factory.connections):
-            protocol.transport.abortConnection()
+        for session in list(self.factory.connections):
+            session.channel.abort()
 
     @inlineCallbacks
     def test_exchange(self):

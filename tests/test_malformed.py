@@ -854,8 +854,8 @@ class ServerWatch:
             opened(protocol)
             # The client's port alone is not unique: connections to the two
             # listeners may share a local port.
-            key = (getattr(protocol._acceptedFrom, "port", None),
-                   protocol.transport.getHost().port)
+            key = (getattr(protocol.acceptedFrom, "port", None),
+                   protocol.channel.transport.getHost().port)
             self.byPort[key] = protocol
 
         def connectionClosed(protocol):

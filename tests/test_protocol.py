@@ -127,17 +127,20 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(response.server_time_ms, 1_700_000_000_000)
         self.assertEqual(response.session_id, "test/1")
         self.assertEqual(response.max_frame_length, 65536)
-        self.assertEqual(protocol.state, AUTHENTICATED)
-        self.assertEqual((protocol.uid, protocol.deviceId, protocol.platform),
+        self.assertEqual(protocol.session.state, AUTHENTICATED)
+        session = protocol.session
+        self.assertEqual((session.uid, session.deviceId, session.platform),
                          ("alice", "phone", pb.IOS))
-        self.assertEqual(self.successResultOf(self.gate.registry.sessionsFor("alice")), [protocol])
-        verifyObject(ISession, protocol)
+        self.assertEqual(self.successResultOf(self.gate.registry.sessionsFor("alice")),
+                         [protocol.session])
+        verifyObject(ISession, protocol.session)
 
     def test_jitterSpreads(self):
         """
         Heartbeat intervals differ between connections.
         """
-        intervals = {self.gate.authed(device=str(i))[0].heartbeatInterval for i in range(5)}
+        intervals = {self.gate.authed(device=str(i))[0].session.heartbeatInterval
+                     for i in range(5)}
         self.assertEqual(len(intervals), 5)
         self.assertTrue(all(24.0 <= i <= 30.0 for i in intervals))
 
@@ -147,7 +150,7 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(frame.error.code, pb.AUTH_FAILED)
         self.assertEqual(frame.error.message, "authentication failed")
         self.assertTrue(transport.disconnecting)
-        self.assertNotEqual(protocol.state, AUTHENTICATED)
+        self.assertNotEqual(protocol.session.state, AUTHENTICATED)
         self.assertEqual(self.successResultOf(self.gate.registry.count()), 0)
 
     def test_badToken(self):
@@ -287,7 +290,7 @@ class AuthTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         pending.callback("alice")
         self.assertEqual(self.successResultOf(self.gate.registry.count()), 0)
-        self.assertNotEqual(protocol.state, AUTHENTICATED)
+        self.assertNotEqual(protocol.session.state, AUTHENTICATED)
 
     def test_lostDuringAuth(self):
         """
@@ -336,7 +339,8 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(pb.Kicked.FromString(frame.body).reason, pb.REPLACED)
         self.assertTrue(oldTransport.disconnecting)
         self.gate.lose(old)
-        self.assertEqual(self.successResultOf(self.gate.registry.sessionsFor("alice")), [new])
+        self.assertEqual(self.successResultOf(self.gate.registry.sessionsFor("alice")),
+                         [new.session])
         self.assertFalse(newTransport.disconnecting)
 
     def test_otherDevicesCoexist(self):
@@ -346,7 +350,7 @@ class SessionTests(SynchronousTestCase):
         phone, _ = self.gate.authed(device="phone")
         laptop, _ = self.gate.authed(device="laptop")
         sessions = self.successResultOf(self.gate.registry.sessionsFor("alice"))
-        self.assertEqual(set(sessions), {phone, laptop})
+        self.assertEqual(set(sessions), {phone.session, laptop.session})
 
     def test_tooManyDevices(self):
         """
@@ -376,8 +380,8 @@ class SessionTests(SynchronousTestCase):
         Kicking a session twice sends one notify.
         """
         protocol, transport = self.gate.authed()
-        protocol.kick(pb.ADMIN, "bye")
-        protocol.kick(pb.ADMIN, "bye")
+        protocol.session.kick(pb.ADMIN, "bye")
+        protocol.session.kick(pb.ADMIN, "bye")
         self.assertEqual(len(written(transport)), 1)
 
 
@@ -556,4 +560,4 @@ class ValidationTests(SynchronousTestCase):
         self.gate.lose(protocol)
         registry.release()
         self.assertEqual(self.successResultOf(registry.count()), 0)
-        self.assertNotEqual(protocol.state, AUTHENTICATED)
+        self.assertNotEqual(protocol.session.state, AUTHENTICATED)

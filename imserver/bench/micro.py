@@ -130,7 +130,7 @@ class Gate:
         token = mintToken(_SECRET, uid, 3600, self.clock.seconds())
         protocol.dataReceived(_request(1, "auth", pb.AuthRequest(
             uid=uid, token=token, device_id="d", platform=pb.DESKTOP)))
-        if protocol.state != "authenticated":
+        if protocol.session.state != "authenticated":
             raise RuntimeError("auth failed for {}".format(uid))
         return protocol, transport
 

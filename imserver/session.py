@@ -1,0 +1,686 @@
+# -*- test-case-name: tests.test_protocol -*-
+"""
+The gate's session: one L{GateSession} per client connection, whatever
+carries its frames (L{imserver.protocol.GateProtocol} over TCP, TLS and
+PROXY-protocol listeners).
+
+A connection moves through these states (docs/protocol.md draws them)::
+
+    NEW --auth--> AUTHENTICATING --ok--> AUTHENTICATED
+     |                 |  \\--fail--> closed (AUTH_FAILED / TOO_MANY_DEVICES)
+     |                 v
+     +--deadline--> closed (AUTH_TIMEOUT)
+
+Before auth only the C{auth} method is accepted and frames are limited to
+C{preauth_max_frame_length}.  Every connection, authenticated or not, is
+swept for idleness by L{imserver.protocol.GateFactory.sweep}: there is no
+per-connection timer on the idle path, only a timestamp written once per
+read.
+"""
+
+import collections
+
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from imserver import methods
+from imserver.auth import validateDeviceId, validateUid
+from imserver.errors import (
+    AlreadyAuthenticated,
+    AuthFailed,
+    BadRequest,
+    NotAuthenticated,
+    RateLimited,
+    TooManyDevices,
+    Unavailable,
+)
+from imserver.groups import validateGroupId
+from imserver.interfaces import ISession
+from imserver.limits import TokenBucket, peerHost
+from imserver.pb import im_pb2 as pb
+from imserver.rpc import RPCDispatcher
+from imserver.wire import encodeError
+
+NEW = "new"
+AUTHENTICATING = "authenticating"
+AUTHENTICATED = "authenticated"
+
+_PLATFORMS = frozenset(pb.Platform.values())
+#: Bytes of a response frame besides its entries (envelope, head, slack).
+_FRAME_OVERHEAD = 256
+
+#: Seconds before a session tries again to fetch its inbox after the store
+#: was unavailable (the entries wait in the inbox meanwhile).
+FETCH_RETRY_DELAY = 1.0
+
+#: Methods accepted before auth has succeeded.
+PREAUTH_METHODS = frozenset([methods.AUTH.name])
+
+
+@implementer(ISession)
+class GateSession(RPCDispatcher):
+    """
+    One client connection's session: the connection state machine, auth,
+    request dispatch, the delivery pump, acks and flow control.  It knows
+    no transport: its C{channel} (L{imserver.protocol.GateProtocol} for
+    TCP) hands it frames and carries its frames.
+
+    @ivar state: L{NEW}, L{AUTHENTICATING} or L{AUTHENTICATED}.
+    @ivar lastHeard: reactor time of the last read from the client (the
+        channel writes it).
+    @ivar acceptedFrom: the address the connection was accepted from.
+    """
+
+    log = Logger()
+    uid = None
+    deviceId = None
+    platform = pb.PLATFORM_UNSPECIFIED
+    heartbeatInterval = None
+    _inRegistry = False
+    # Delivery state, per connection, set at auth.  Class defaults keep the
+    # per-instance dict small until then.
+    _delivering = False
+    _sent = 0  # highest seq pushed on this connection
+    _acked = 0  # highest seq the client acknowledged
+    _unacked = None  # deque of the seqs pushed and not acknowledged yet
+    _fetchRetry = None  # IDelayedCall of the pump after a store outage
+    _head = 0  # highest seq known to exist in the inbox
+    _fetching = False
+    _lastTyping = float("-inf")
+    _typingActive = False
+    _pushedAt = None  # when a push went into an empty window (ack timing)
+    _pushedSeq = 0
+    _requests = None  # TokenBucket of requests, from the first request on
+    _refusedInARow = 0
+    _pausedAt = None  # reactor time writes filled the buffer; None: flowing
+
+    def __init__(self, factory, channel, acceptedFrom):
+        """
+        @param channel: what carries this session's frames: C{writeFrame},
+            C{close} (bounded), C{pauseReading}, C{resumeReading}, C{peer}
+            and a writable C{maxFrameLength}.
+        """
+        RPCDispatcher.__init__(self, factory.clock)
+        self.factory = factory
+        self.channel = channel
+        self.acceptedFrom = acceptedFrom
+        self.state = NEW
+        self.connectionId = factory.nextConnectionId()
+        self.sessionId = "{}/{}".format(factory.gateId, self.connectionId)
+        self.gateId = factory.gateId
+        self.requestTimeout = factory.settings.request_timeout
+        channel.maxFrameLength = factory.settings.preauth_max_frame_length
+        self._seconds = factory.clock.seconds
+        self._metrics = factory.metrics
+        self._authTimer = None
+        self.lastHeard = self._seconds()
+
+    def __repr__(self):
+        return "<GateSession {} {} {}>".format(self.connectionId, self.state, self.uid)
+
+    @property
+    def peer(self):
+        """
+        The client's address, as the channel knows it now (behind a
+        C{haproxy:} listener, the source address of the PROXY header once
+        it has been read).
+        """
+        return self.channel.peer
+
+    @property
+    def delivering(self):
+        """
+        Whether the session takes pushes now: authenticated, its auth
+        answer written, not closing and not paused by flow control.
+        """
+        return self._delivering and not self._closing and self._pausedAt is None
+
+    @property
+    def pausedSince(self):
+        """
+        The reactor time flow control paused the session, or L{None}.
+        """
+        return self._pausedAt
+
+    @property
+    def backlog(self):
+        """
+        Inbox entries known to exist that the client has not acknowledged.
+        """
+        return max(0, self._head - self._acked)
+
+    def start(self):
+        """
+        The connection is open: count it and start the auth deadline.
+        """
+        self.factory.connectionOpened(self)
+        self._authTimer = self.clock.callLater(
+            self.factory.settings.auth_timeout, self._authTimedOut
+        )
+        self.log.debug(
+            "connection {conn} from {peer}", conn=self.connectionId, peer=self.peer
+        )
+
+    def requestAdmitted(self, seq):
+        requests = self._requests
+        if requests is None:
+            settings = self.factory.settings
+            requests = self._requests = TokenBucket(
+                settings.request_rate, settings.request_burst, self.clock
+            )
+        if requests.take():
+            if self._refusedInARow:
+                self._refusedInARow = 0
+            return True
+        self._metrics.rateLimited += 1
+        self._refusedInARow += 1
+        if self._refusedInARow >= self.factory.settings.rate_limit_close:
+            self.closeWithError(pb.RATE_LIMITED, "too many requests; closing", seq)
+        else:
+            self._sendError(seq, RateLimited(
+                "more than {} requests per second".format(self.factory.settings.request_rate)))
+        return False
+
+    # -- flow control (the channel's write buffer) ---------------------------
+
+    def pauseProducing(self):
+        """
+        The client is not reading fast enough: stop pushing (entries stay in
+        the inbox) and stop reading its requests until the buffer drains.
+        """
+        if self._pausedAt is None:
+            self._pausedAt = self._seconds()
+            self._metrics.slowConsumerPauses += 1
+            self.channel.pauseReading()
+
+    def resumeProducing(self):
+        """
+        The client's buffer drained: read and push again.
+        """
+        if self._pausedAt is not None:
+            self._pausedAt = None
+            self.channel.resumeReading()
+            self._pump()
+
+    def close(self):
+        """
+        Close the connection: the session ends now (unregistered, no longer
+        counted as open, its address's slot freed), the connection within
+        C{close_timeout} whatever the peer does (the channel's bounded
+        close).  Idempotent.
+        """
+        if not self._closing:
+            self._closing = True
+            self.factory.connectionClosing(self)
+            self._leaveRegistry()
+            self.channel.close()
+
+    def closeWithError(self, code, message, seq=0):
+        """
+        Send an ERROR frame and close.  Idempotent.
+
+        @param code: an L{pb.ErrorCode}.
+        @param message: detail for the peer's logs.
+        @param seq: the seq of the request that caused it, if any.
+        """
+        if self._closing:
+            return
+        self.log.info(
+            "closing connection {conn}: {code} {detail}",
+            conn=self.connectionId,
+            code=pb.ErrorCode.Name(code),
+            detail=message,
+        )
+        self.writeFrame(encodeError(code, message, seq))
+        self.close()
+
+    def writeFrame(self, data):
+        """
+        Write one serialized frame (from L{imserver.wire}), unless closing.
+        """
+        if not self._closing:
+            self.channel.writeFrame(data)
+
+    def connectionLost(self, reason):
+        """
+        The channel's connection is gone: cancel the timers, leave the
+        registry, fail what is outstanding, stop counting it.
+        """
+        if self._authTimer is not None and self._authTimer.active():
+            self._authTimer.cancel()
+        self._authTimer = None
+        if self._fetchRetry is not None and self._fetchRetry.active():
+            self._fetchRetry.cancel()
+        self._fetchRetry = None
+        self._leaveRegistry()
+        RPCDispatcher.connectionLost(self, reason)
+        self.factory.connectionClosed(self)
+        self.log.debug(
+            "connection {conn} ({uid}) closed: {reason}",
+            conn=self.connectionId,
+            uid=self.uid,
+            reason=reason.getErrorMessage(),
+        )
+
+    # -- dispatch -----------------------------------------------------------
+
+    def locateResponder(self, name):
+        if self.state != AUTHENTICATED and name not in PREAUTH_METHODS:
+            raise NotAuthenticated("authenticate first")
+        return RPCDispatcher.locateResponder(self, name)
+
+    def locateNotificationHandler(self, name):
+        if self.state != AUTHENTICATED:
+            return None
+        return RPCDispatcher.locateNotificationHandler(self, name)
+
+    # -- auth ------------------------------------------------------------------
+
+    @methods.AUTH.responder
+    def auth(self, request):
+        if self.state != NEW:
+            raise AlreadyAuthenticated("auth was already {}".format(
+                "done" if self.state == AUTHENTICATED else "requested"))
+        try:
+            validateUid(request.uid)
+            validateDeviceId(request.device_id)
+            if len(request.client_version.encode("utf-8")) > 64:
+                raise ValueError("client_version is longer than 64 bytes")
+            if request.platform not in _PLATFORMS:
+                raise ValueError("unknown platform {}".format(request.platform))
+        except ValueError as e:
+            self._metrics.authFailures["bad_request"] += 1
+            raise BadRequest(str(e))
+        if not self.factory.authThrottle.allowed(peerHost(self.peer), request.uid):
+            self._metrics.authFailures["throttled"] += 1
+            raise RateLimited("too many failed auths; retry later", fatal=True)
+        self.state = AUTHENTICATING
+        d = self.factory.authenticator.authenticate(request.uid, request.token)
+        d.addCallback(self._authenticated, request)
+        d.addErrback(self._authFailed, request)
+        return d
+
+    def _authenticated(self, uid, request):
+        if self._closing:
+            # Closed (auth deadline, shutdown) while the token was checked:
+            # nothing to register, and the answer goes nowhere.
+            return pb.AuthResponse()
+        self.uid = uid
+        self.deviceId = request.device_id
+        self.platform = request.platform
+        return self.factory.registry.register(self).addCallback(
+            self._registered, request
+        )
+
+    def _registered(self, displaced, request):
+        self._inRegistry = True
+        if displaced is not None:
+            # The registry already holds this session in its place, so the
+            # old one is kicked even if this connection closes right now.
+            displaced.kick(pb.REPLACED, "the same device signed in again")
+        # Registered first, head read second: any entry committed after the
+        # read is announced to this session (inboxAdvanced), so none is
+        # missed between the two.
+        return (
+            self.factory.store.head(self.uid)
+            .addErrback(self.factory.messenger.storeFailed)
+            .addCallback(self._ready, request)
+        )
+
+    def _ready(self, head, request):
+        if self._closing:
+            # Closed (auth deadline, shutdown) while registering or reading
+            # the head: leave no session behind.
+            self._leaveRegistry()
+            self.state = NEW
+            return pb.AuthResponse()
+        if request.last_seq > head:
+            self.log.warn(
+                "connection {conn}: {uid}/{device} claims last_seq {claimed} beyond"
+                " the inbox head {head}",
+                conn=self.connectionId, uid=self.uid, device=self.deviceId,
+                claimed=request.last_seq, head=head,
+            )
+        start = min(request.last_seq, head)
+        self._head = max(self._head, head)
+        self._sent = self._acked = start
+        settings = self.factory.settings
+        heartbeatInterval = settings.heartbeat_interval * (
+            1.0 - settings.heartbeat_jitter * self.factory.random.random()
+        )
+        response = pb.AuthResponse(
+            heartbeat_interval_ms=int(heartbeatInterval * 1000),
+            idle_timeout_ms=int(settings.idle_timeout * 1000),
+            server_time_ms=int(self._seconds() * 1000),
+            session_id=self.sessionId,
+            max_frame_length=settings.max_frame_length,
+            head_seq=self._head,
+            max_message_body=settings.max_message_body,
+            max_unacked=settings.max_unacked,
+        )
+        self._authTimer.cancel()
+        self._authTimer = None
+        self.state = AUTHENTICATED
+        self.heartbeatInterval = heartbeatInterval
+        self.channel.maxFrameLength = settings.max_frame_length
+        self.log.info(
+            "connection {conn} from {peer} authenticated as {uid} device {device}"
+            " ({platform}, {version!r})",
+            conn=self.connectionId,
+            peer=self.peer,
+            uid=self.uid,
+            device=self.deviceId,
+            platform=pb.Platform.Name(self.platform),
+            version=request.client_version,
+        )
+        self._persistAck()
+        return response
+
+    def responseSent(self, method, response):
+        if method is methods.AUTH and self.state == AUTHENTICATED:
+            # The client has its auth response; now the backlog, in order.
+            self._delivering = True
+            self._pump()
+
+    def _leaveRegistry(self):
+        if self._inRegistry:
+            self._inRegistry = False
+            self.factory.registry.unregister(self).addErrback(
+                lambda f: self.log.failure(
+                    "unregistering connection {conn} failed", f, conn=self.connectionId
+                )
+            )
+
+    def _authFailed(self, failure, request):
+        reason = {AuthFailed: "bad_token", TooManyDevices: "too_many_devices"}.get(
+            failure.type, "unavailable"
+        )
+        self._metrics.authFailures[reason] += 1
+        if reason == "bad_token":
+            self.factory.authThrottle.failed(peerHost(self.peer), request.uid)
+        self.log.info(
+            "connection {conn} from {peer} failed auth: {why}",
+            conn=self.connectionId,
+            peer=self.peer,
+            why=failure.getErrorMessage(),
+        )
+        self._leaveRegistry()
+        self.uid = self.deviceId = None
+        self.state = NEW
+        return failure
+
+    def _authTimedOut(self):
+        self._authTimer = None
+        self._metrics.authFailures["timeout"] += 1
+        self.closeWithError(pb.AUTH_TIMEOUT, "no auth within the deadline")
+
+    # -- heartbeat ---------------------------------------------------------
+
+    @methods.PING.responder
+    def ping(self, request):
+        return pb.PingResponse(server_time_ms=int(self._seconds() * 1000))
+
+    # -- messages ----------------------------------------------------------
+
+    @methods.SEND.responder
+    def send(self, request):
+        return self.factory.messenger.send(self.uid, request)
+
+    @methods.SYNC.responder
+    def sync(self, request):
+        page = self.factory.settings.sync_page_size
+        limit = min(request.limit or page, page)
+        store = self.factory.store
+        d = store.fetch(self.uid, request.after_seq, limit)
+
+        def withHead(entries):
+            kept, _ = self._fitFrame(entries)
+            return store.head(self.uid).addCallback(synced, kept)
+
+        def synced(head, kept):
+            # What the client can now ack (and so skip) reaches this head.
+            if head > self._head:
+                self._head = head
+            return pb.SyncResponse(entries=kept, head_seq=head)
+
+        return d.addCallback(withHead).addErrback(self.factory.messenger.storeFailed)
+
+    @methods.ACK.handler
+    def _ackReceived(self, ack):
+        seq = ack.seq
+        if seq > max(self._sent, self._head):
+            self.closeWithError(
+                pb.BAD_ACK,
+                "ack for seq {} beyond the inbox head {}".format(seq, self._head),
+            )
+            return
+        if seq > self._acked:
+            metrics = self._metrics
+            unacked = self._unacked
+            if unacked is not None:
+                # Seqs need not be dense (cluster mode jumps over a floor):
+                # the window counts pushes, not seq distance.
+                while unacked and unacked[0] <= seq:
+                    unacked.popleft()
+                    metrics.messagesAcked += 1
+                if not unacked:
+                    self._unacked = None
+            if self._pushedAt is not None and seq >= self._pushedSeq:
+                metrics.ackRoundTrip.observe(self._seconds() - self._pushedAt)
+                self._pushedAt = None
+            self._acked = seq
+            if seq > self._sent:
+                # The client has these (through sync): push from after them.
+                self._sent = seq
+            self._persistAck()
+            self._pump()
+
+    @methods.TYPING.handler
+    def _typingReceived(self, message):
+        # Rate-limited, except that a stop right after a start always goes
+        # through (else the peer would see "typing" until it expires).
+        now = self._seconds()
+        stopping = not message.active and self._typingActive
+        if not stopping and now - self._lastTyping < 1.0 / self.factory.settings.typing_rate:
+            return
+        try:
+            if message.group_id:
+                validateGroupId(message.group_id)
+            else:
+                validateUid(message.uid)
+        except (ValueError, BadRequest):
+            return
+        self._lastTyping = now
+        self._typingActive = message.active
+        self.factory.messenger.typing(
+            self.uid, message.uid, message.active, message.group_id
+        )
+
+    def _fitFrame(self, items):
+        """
+        The leading C{items} (protobuf messages) that fit one response
+        frame: whole items only, at least one (every item is capped well
+        below the frame limit).
+
+        @return: C{(kept, more)}: the items, and whether any were left out.
+        """
+        budget = self.factory.settings.max_frame_length - _FRAME_OVERHEAD
+        kept, size = [], 0
+        for item in items:
+            size += item.ByteSize() + 6
+            if kept and size > budget:
+                return kept, True
+            kept.append(item)
+        return kept, False
+
+    def _page(self, items, key, after, limit):
+        """
+        One page of C{items} (sorted by C{key}) after C{after}.
+
+        @return: C{(page, more)}
+        """
+        pageSize = self.factory.settings.sync_page_size
+        limit = min(limit or pageSize, pageSize)
+        items = [item for item in items if getattr(item, key) > after]
+        page, more = self._fitFrame(items[:limit])
+        return page, more or len(items) > limit
+
+    # -- groups --------------------------------------------------------------
+
+    @methods.GROUPS.responder
+    def groups(self, request):
+        def page(groups):
+            groups, more = self._page(groups, "group_id", request.after_group_id, request.limit)
+            return pb.GroupsResponse(groups=groups, more=more)
+
+        return self.factory.groups.groupsOf(self.uid).addCallback(page).addErrback(
+            self.factory.messenger.storeFailed
+        )
+
+    @methods.MEMBERS.responder
+    def members(self, request):
+        def page(members):
+            members, more = self._page(members, "uid", request.after_uid, request.limit)
+            return pb.MembersResponse(members=members, more=more)
+
+        return self.factory.groups.membersFor(request.group_id, self.uid).addCallback(
+            page
+        ).addErrback(self.factory.messenger.storeFailed)
+
+    @methods.LEAVE.responder
+    def leave(self, request):
+        return self.factory.groups.leave(request.group_id, self.uid).addCallback(
+            lambda _: pb.LeaveResponse()
+        ).addErrback(self.factory.messenger.storeFailed)
+
+    def _pump(self):
+        """
+        Push what the inbox holds beyond what was pushed, in seq order,
+        while the unacknowledged window has room: one fetch at a time.
+        """
+        if (self._fetching or self._closing or not self._delivering
+                or self._pausedAt is not None):
+            return
+        settings = self.factory.settings
+        room = settings.max_unacked - self.unackedCount()
+        if room <= 0 or self._sent >= self._head:
+            return
+        self._fetching = True
+        self.factory.store.fetch(
+            self.uid, self._sent, min(room, settings.sync_page_size)
+        ).addCallbacks(self._fetched, self._fetchFailed)
+
+    def _fetched(self, entries):
+        self._fetching = False
+        if self._closing:
+            return
+        if entries:
+            for entry in entries:
+                if self._pausedAt is not None:
+                    break  # the rest waits in the inbox for resumeProducing
+                if entry.seq > self._sent:
+                    self._countPush(entry.seq)
+                    self.sendNotify(methods.MESSAGE, entry)
+        else:
+            # Everything up to the head was removed by retention.
+            self._sent = self._head
+        self._pump()
+
+    def _fetchFailed(self, failure):
+        self._fetching = False
+        if self._closing:
+            return
+        if failure.check(Unavailable):
+            # Nothing is lost: the entries wait in the inbox.  Keep the
+            # connection and try again shortly.
+            self.log.warn(
+                "the inbox of {uid} is unavailable for connection {conn}; retrying",
+                uid=self.uid, conn=self.connectionId,
+            )
+            self._fetchRetry = self.clock.callLater(FETCH_RETRY_DELAY, self._retryFetch)
+            return
+        self.log.failure(
+            "fetching the inbox of {uid} for connection {conn} failed",
+            failure, uid=self.uid, conn=self.connectionId,
+        )
+        # Unexpected: make the client reconnect (and resume) rather than
+        # stall silently.
+        self.closeWithError(pb.UNAVAILABLE, "message storage is unavailable")
+
+    def _retryFetch(self):
+        self._fetchRetry = None
+        self._pump()
+
+    def unackedCount(self):
+        """
+        @return: how many entries were pushed on this connection and not
+            acknowledged yet.
+        """
+        return 0 if self._unacked is None else len(self._unacked)
+
+    def _countPush(self, seq):
+        """
+        Account for pushing entry C{seq}.
+        """
+        unacked = self._unacked
+        if unacked is None:
+            unacked = self._unacked = collections.deque()
+            if self._pushedAt is None:
+                self._pushedAt = self._seconds()
+                self._pushedSeq = seq
+        unacked.append(seq)
+        self._sent = seq
+        self._metrics.messagesPushed += 1
+
+    def _persistAck(self):
+        """
+        Have the device's cursor written with the next batch of cursors
+        (L{GateFactory.flushCursors}); acks do not each cost a write.  Also
+        done at auth, so every device that connects has a cursor and
+        retention keeps what it has not acknowledged.
+        """
+        self.factory.cursorAdvanced(self.uid, self.deviceId, self._acked)
+
+    # -- ISession ----------------------------------------------------------
+
+    def inboxAdvanced(self, seq, outgoing, encoded):
+        if seq > self._head:
+            self._head = seq
+        if not self._delivering or seq <= self._sent:
+            return
+        unacked = self._unacked
+        if (
+            seq == self._sent + 1
+            and not self._fetching
+            and self._pausedAt is None
+            and not self._closing
+            and (unacked is None or len(unacked) < self.factory.settings.max_unacked)
+        ):
+            self._countPush(seq)
+            self.writeFrame(encoded.frame(seq, outgoing))
+        else:
+            self._pump()
+
+    def typing(self, uid, active, groupId):
+        # Transient: not for a connection that is not reading its pushes.
+        if self._delivering and self._pausedAt is None:
+            self.sendNotify(
+                methods.TYPING, pb.Typing(uid=uid, active=active, group_id=groupId)
+            )
+
+    def notice(self, frame):
+        if self._delivering and self._pausedAt is None:
+            self.writeFrame(frame)
+
+    def kick(self, reason, message):
+        if self._closing:
+            return
+        self._metrics.kicks[pb.KickReason.Name(reason)] += 1
+        self.log.info(
+            "kicking connection {conn} ({uid}): {reason}",
+            conn=self.connectionId,
+            uid=self.uid,
+            reason=pb.KickReason.Name(reason),
+        )
+        self.sendNotify(methods.KICKED, pb.Kicked(reason=reason, message=message))
+        self.close()
