@@ -3,6 +3,9 @@
 C{twisted.application} services that make up a gate process.
 """
 
+import errno
+import sys
+
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (
     Deferred,
@@ -19,46 +22,135 @@ from imserver.errors import Unavailable
 from imserver.observe import OneShot
 
 
+class StartupError(SystemExit, Exception):
+    """
+    The gate cannot start.  Its message is one line naming the option at
+    fault and what to do about it, and is all the user sees: no traceback.
+
+    It is a L{SystemExit}, because that is how a twistd process ends
+    with an exit status and a message but no traceback.  twistd prints a
+    traceback for any other exception from C{makeService} or from starting
+    the services, and its whole usage text above a C{UsageError}; it lets
+    a L{SystemExit} through, and Python prints an uncaught one's message
+    to standard error and exits with status 1 (twistd's own
+    C{sys.exit("Another twistd server is running...")} works so).  Stopping
+    the reactor instead would exit with status 0: this twistd has no
+    setting for the exit status.  It is also an L{Exception}, so that
+    twistd's runner, which catches L{Exception} from starting the
+    services, still removes its pidfile and tells a daemon's parent why
+    (which prints C{An error has occurred: ...}) before letting it
+    through; and so that tests and callers can catch it like any error.
+    """
+
+    def __init__(self, message):
+        SystemExit.__init__(self, message)
+
+
+#: What to do when a listener cannot bind, by C{errno}.
+_LISTEN_REMEDIES = {
+    errno.EADDRINUSE: "stop the program using that port or choose another one",
+    errno.EACCES: "choose a port above 1023, or start twistd as root with --uid",
+    errno.EADDRNOTAVAIL: "choose an interface= address this machine has",
+}
+
+
 class ListenerService(Service):
     """
     Listen on one endpoint while running.
 
-    Like Twisted's C{StreamServerEndpointService} run by twistd: a listen
-    error that happens at once (port in use, bad interface) is raised from
-    L{startService}, so the process fails to start instead of running deaf.
+    Like Twisted's C{StreamServerEndpointService}, it listens in
+    L{privilegedStartService}, which twistd calls on every service before
+    it starts any (and before it drops privileges for C{--uid}), or in
+    L{startService} if that was not called.  A listen error that happens at
+    once (port in use, bad interface) raises a L{StartupError} naming the
+    option and the address, so the process stops before anything else has
+    started (the message store has not opened its database) instead of
+    running deaf.
 
     @ivar port: the L{IListeningPort} once listening, else L{None}.
+    @ivar option: the command-line option the endpoint comes from, for
+        messages.
     """
 
     log = Logger()
 
-    def __init__(self, description, endpoint, factory):
+    def __init__(self, description, endpoint, factory, option="--listen"):
         self.setName("listen " + description)
+        self.description = description
+        self.option = option
         self.endpoint = endpoint
         self.factory = factory
         self.port = None
         self._listening = OneShot()
+        self._listenCalled = False
+        self._starting = False
+
+    def privilegedStartService(self):
+        Service.privilegedStartService(self)
+        self._listen()
 
     def startService(self):
         Service.startService(self)
+        if not self._listenCalled:
+            self._listen()
+
+    def _listen(self):
+        self._listenCalled = True
         if self._listening.fired:
             # Started again after a stop: wait for the new port.
             self._listening = OneShot()
-        self.endpoint.listen(self.factory).addBoth(self._listenDone)
+        self._starting = True
+        try:
+            self.endpoint.listen(self.factory).addBoth(self._listenDone)
+        finally:
+            self._starting = False
         if isinstance(self._listening.result, Failure):
-            self._listening.result.raiseException()
+            raise StartupError(self.cannotListen(self._listening.result))
+
+    def cannotListen(self, failure):
+        """
+        The one line saying that this listener cannot listen, why, and
+        what to do.
+
+        @param failure: the L{Failure} the endpoint's listen failed with.
+        """
+        reason = failure.value
+        socketError = getattr(reason, "socketError", None)
+        remedy = "check {}".format(self.option)
+        if isinstance(socketError, OSError) and socketError.strerror:
+            why = socketError.strerror
+            remedy = _LISTEN_REMEDIES.get(socketError.errno, remedy)
+        else:
+            why = failure.getErrorMessage()
+        port = getattr(reason, "port", None)
+        where = ""
+        if port is not None:
+            where = " on " + _listenAddress(getattr(reason, "interface", None), port)
+        return "{} {}: cannot listen{}: {}; {}".format(
+            self.option, self.description, where, why, remedy)
 
     def _listenDone(self, result):
         if isinstance(result, Failure):
-            self.log.failure("{name} cannot listen", result, name=self.name)
+            if not self._starting:
+                # Too late for a StartupError: the process runs on without
+                # this listener.
+                self.log.error("{message}", message=self.cannotListen(result))
         else:
             self.port = result
-            self.log.info(
-                "{name} listening on {address}",
-                name=self.name,
-                address=_format(result.getHost()),
-            )
+            self.listened(result)
         self._listening.fire(result)
+
+    def listened(self, port):
+        """
+        Log that the endpoint listens.
+
+        @param port: its L{IListeningPort}.
+        """
+        self.log.info(
+            "{name} listening on {address}",
+            name=self.name,
+            address=_format(port.getHost()),
+        )
 
     def whenListening(self):
         """
@@ -69,9 +161,23 @@ class ListenerService(Service):
 
     def stopService(self):
         Service.stopService(self)
+        self._listenCalled = False
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
+
+
+def _listenAddress(interface, port):
+    """
+    The address of a L{CannotListenError}: C{HOST:PORT} (C{*} for every
+    interface), or a UNIX socket's path.
+    """
+    if not isinstance(port, int):
+        return str(port)
+    host = interface or "*"
+    if ":" in host:
+        host = "[{}]".format(host)
+    return "{}:{}".format(host, port)
 
 
 def _format(address):
@@ -155,6 +261,23 @@ class ServerService(MultiService):
     """
 
     log = Logger()
+
+    def privilegedStartService(self):
+        # twistd calls this on the root (and nothing else does) before
+        # startService: the listeners bind here, and a StartupError ends
+        # the process (see StartupError).  By now twistd has redirected
+        # sys.stderr into its log, where Python prints the message (stdout
+        # with -n, the --logfile otherwise): write it to the process's own
+        # standard error too, as twistd does for a daemon that failed to
+        # start, so that a user at a terminal reads it there.
+        try:
+            MultiService.privilegedStartService(self)
+        except StartupError as e:
+            stderr = sys.__stderr__
+            if stderr is not None and sys.stderr is not stderr:
+                stderr.write("{}\n".format(e))
+                stderr.flush()
+            raise
 
     def stopService(self):
         Service.stopService(self)
@@ -252,24 +375,20 @@ class ApiService(ListenerService):
         from imserver.api import ConnectionTracker
         from imserver.endpoints import splitDescription
 
-        ListenerService.__init__(self, description, endpoint, ConnectionTracker(site))
+        ListenerService.__init__(
+            self, description, endpoint, ConnectionTracker(site), option="--api")
         self.setName("api")
         self.scheme = "https" if splitDescription(description)[0][0].lower() == "ssl" else "http"
         self.site = site
         self.clock = clock
         self.grace = grace
 
-    def _listenDone(self, result):
-        if isinstance(result, Failure):
-            self.log.failure("the HTTP API cannot listen", result)
-        else:
-            self.port = result
-            self.log.info(
-                "HTTP API at {scheme}://{address}/",
-                scheme=self.scheme,
-                address=_format(result.getHost()),
-            )
-        self._listening.fire(result)
+    def listened(self, port):
+        self.log.info(
+            "HTTP API at {scheme}://{address}/",
+            scheme=self.scheme,
+            address=_format(port.getHost()),
+        )
 
     def stopService(self):
         d = maybeDeferred(ListenerService.stopService, self)

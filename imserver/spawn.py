@@ -127,6 +127,8 @@ class TwistdProcess(ProcessProtocol):
         L{ProcessTerminated}), or L{None} while it runs.
     @ivar listening: a L{Deferred} firing with L{port}, or failing with
         L{NotListening} if the process ends first.
+    @ivar errors: the end of what it wrote to stderr alone (at most C{keep}
+        bytes), which is also part of L{output}.
     @ivar ended: a L{Deferred} firing with L{reason} once it has ended.
         Cancel (or time out) L{whenEnded} rather than this.
     """
@@ -149,6 +151,7 @@ class TwistdProcess(ProcessProtocol):
         self._kept = 0
         self._seen = b""
         self._waiters = []
+        self.errors = b""
         self.listening = self.waitFor(listening, "listening")
         self.listening.addCallback(self._listened)
 
@@ -225,7 +228,12 @@ class TwistdProcess(ProcessProtocol):
                 else:
                     d.callback(int(match.group(1)))
 
-    errReceived = outReceived
+    def errReceived(self, data):
+        """
+        Keep the end of stderr apart (L{errors}), and as output.
+        """
+        self.errors = (self.errors + data)[-self._keep:]
+        self.outReceived(data)
 
     def whenEnded(self):
         """

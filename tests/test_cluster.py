@@ -86,14 +86,22 @@ class OptionsTests(SynchronousTestCase):
 
     def test_redisCA(self):
         """
-        C{--redis-ca} needs a C{rediss://} URL and an existing file.
+        C{--redis-ca} needs a C{rediss://} URL and an existing file holding
+        a PEM certificate.
         """
+        from imserver.tls import makeSelfSigned
+
         ca = FilePath(self.mktemp())
-        ca.setContent(b"pem")
+        ca.setContent(makeSelfSigned()[0])
         self.assertRaises(UsageError, self.parse, "--redis-ca", ca.path)
         self.assertRaises(UsageError, self.parse, "--redis", URL, "--redis-ca", ca.path)
         self.assertRaises(UsageError, self.parse, "--redis", "rediss://h", "--redis-ca",
                           ca.path + "-missing")
+        notPEM = FilePath(self.mktemp())
+        notPEM.setContent(b"pem")
+        e = self.assertRaises(UsageError, self.parse, "--redis", "rediss://h",
+                              "--redis-ca", notPEM.path)
+        self.assertIn("--redis-ca", str(e))
         options = self.parse("--redis", "rediss://h", "--redis-ca", ca.path)
         self.assertTrue(options.redisURL.tls)
 

@@ -28,7 +28,7 @@ from imserver.auth import SECRET_FILE_NAME, loadSecret, verifyToken
 from imserver.protocol import GateFactory
 from imserver.service import GateService, ListenerService
 from imserver.settings import Settings, optionName, settingFields
-from imserver.tls import CERT_FILE_NAME, KEY_FILE_NAME
+from imserver.tls import CERT_FILE_NAME, KEY_FILE_NAME, makeSelfSigned
 
 from tests.support import withoutSecretEnvironment
 
@@ -180,10 +180,14 @@ class OptionsTests(SynchronousTestCase):
         """
         C{--tls-cert} and C{--tls-key} go together.
         """
-        self.assertRaises(UsageError, self.parse, "--tls-cert", "cert.pem")
-        self.assertRaises(UsageError, self.parse, "--tls-key", "key.pem")
-        options = self.parse("--tls-cert", "cert.pem", "--tls-key", "key.pem")
-        self.assertEqual((options["tls-cert"], options["tls-key"]), ("cert.pem", "key.pem"))
+        certPEM, keyPEM = makeSelfSigned()
+        cert, key = FilePath(self.mktemp()), FilePath(self.mktemp())
+        cert.setContent(certPEM)
+        key.setContent(keyPEM)
+        self.assertRaises(UsageError, self.parse, "--tls-cert", cert.path)
+        self.assertRaises(UsageError, self.parse, "--tls-key", key.path)
+        options = self.parse("--tls-cert", cert.path, "--tls-key", key.path)
+        self.assertEqual((options["tls-cert"], options["tls-key"]), (cert.path, key.path))
 
     def test_heartbeatJitterTooLarge(self):
         """
@@ -413,15 +417,18 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_missingCertificateFile(self):
         """
-        A C{--tls-cert} that does not exist is a L{UsageError}.
+        A C{--tls-cert} that does not exist is a L{UsageError} naming it,
+        before the data directory is created.
         """
         missing = FilePath(self.mktemp())
-        self.assertRaises(
+        e = self.assertRaises(
             UsageError,
             self.makeService,
             SSL_LISTEN,
             extra=["--tls-cert", missing.path, "--tls-key", missing.path],
         )
+        self.assertIn("--tls-cert " + missing.path, str(e))
+        self.assertFalse(self.dataDir.exists())
 
 
 class RequireUpbTests(SynchronousTestCase):
