@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_commandline -*-
 """
 C{python -m imserver}: command-line tools.
 
@@ -8,14 +9,30 @@ C{python -m imserver}: command-line tools.
 import sys
 import time
 
-from twisted.python import usage
+try:
+    from twisted.python import usage
+except ImportError as e:
+    # In the repository's folder, the twistd plugin folder twisted/ (no
+    # __init__.py) is importable as an empty namespace package when this
+    # Python has no Twisted of its own: say so rather than fail on
+    # "No module named 'twisted.python'".
+    sys.exit(
+        "error: this Python ({}) cannot import Twisted ({}). Run the"
+        " virtualenv's Python, which has imserver and its dependencies:"
+        " .venv/bin/python -m imserver (`make run` creates .venv)".format(
+            sys.executable, e))
+
 from twisted.python.filepath import FilePath
 
+from imserver import commandline
 from imserver.chat import ChatOptions
 from imserver.tap import DEFAULT_DATA_DIR
 
+#: How the commands are run, for their usage lines.
+COMMAND_NAME = "python -m imserver"
 
-class TokenOptions(usage.Options):
+
+class TokenOptions(commandline.Options):
     synopsis = "--uid UID [--ttl SECONDS] [--data-dir DIR | --secret-file FILE]"
     longdesc = (
         "Print a client token for UID, signed with the server secret "
@@ -36,12 +53,30 @@ class TokenOptions(usage.Options):
             raise usage.UsageError("--ttl must be at least 1")
 
 
-class Options(usage.Options):
-    synopsis = "COMMAND [options]"
+class Options(commandline.Options):
+    """
+    C{python -m imserver}: a command and its options.
+    """
+
+    longdesc = (
+        "imserver's command-line tools. '{} COMMAND --help' lists the options of"
+        " COMMAND. The server itself runs under twistd: 'twistd -n im --help'"
+        " lists its options.".format(COMMAND_NAME)
+    )
     subCommands = [
-        ["token", None, TokenOptions, "Mint a client token for a uid."],
         ["chat", None, ChatOptions, "Chat with another user from this terminal."],
+        ["token", None, TokenOptions, "Mint a client token for a uid."],
     ]
+
+    def getSynopsis(self):
+        """
+        C{Usage: python -m imserver (chat | token) [options]}; just the
+        command name once a subcommand is chosen (its usage line follows).
+        """
+        if getattr(self, "subCommand", None) is not None:
+            return "Usage: " + COMMAND_NAME
+        return "Usage: {} ({}) [options]".format(
+            COMMAND_NAME, " | ".join(c[0] for c in self.subCommands))
 
     def postOptions(self):
         if self.subCommand is None:
@@ -79,7 +114,8 @@ def main(argv=None, out=sys.stdout):
         elif options.subCommand == "chat":
             return chat(options.subOptions)
     except usage.UsageError as e:
-        sys.stderr.write("{}\n{}: {}\n".format(options, sys.argv[0], e))
+        shown = getattr(options, "subOptions", options)
+        sys.stderr.write("{}\n{}: {}\n".format(shown, COMMAND_NAME, e))
         return 2
     except ValueError as e:
         sys.stderr.write("error: {}\n".format(e))

@@ -2,7 +2,8 @@
 """
 The HTTP API: what the app backend calls.  JSON over C{twisted.web} on its
 own listener (C{--api}, loopback by default), never on a client listener.
-Every route but C{GET /health} needs C{Authorization: Bearer <admin token>}.
+Every route but C{GET /health} (and C{/health/live}, C{/health/ready})
+needs C{Authorization: Bearer <admin token>}.
 
 docs/api.md shows every route with curl; docs/openapi.yaml is the OpenAPI
 document, which tests/test_api.py keeps equal to L{ROUTES}.
@@ -34,7 +35,13 @@ import json
 import random
 from io import BytesIO
 
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    maybeDeferred,
+    succeed,
+)
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.filepath import FilePath
@@ -51,7 +58,7 @@ from imserver.auth import (
     validateDeviceId,
     validateUid,
 )
-from imserver.errors import RPCError
+from imserver.errors import RPCError, Unavailable
 from imserver.interfaces import IGateDirectory
 from imserver.messaging import MAX_CONTENT_TYPE
 from imserver.pb import im_pb2 as pb
@@ -67,11 +74,15 @@ MAX_TOKEN_TTL = 366 * 86400
 MAX_KICK_MESSAGE = 256
 #: Seconds an idle keep-alive connection to the API stays open.
 IDLE_TIMEOUT = 60
+#: Seconds C{GET /health/ready} waits for the message store to answer.
+READY_TIMEOUT = 5.0
 
 #: Every route: (method, path template, name of the L{Api} handler).  A
 #: C{{name}} segment matches one percent-decoded path segment.
 ROUTES = (
     ("GET", "/health", "health"),
+    ("GET", "/health/live", "health"),
+    ("GET", "/health/ready", "ready"),
     ("GET", "/v1/stats", "stats"),
     ("GET", "/v1/gates", "gates"),
     ("POST", "/v1/tokens", "createToken"),
@@ -89,7 +100,7 @@ ROUTES = (
 )
 
 #: Paths served without the admin token.
-PUBLIC_PATHS = frozenset([b"/health"])
+PUBLIC_PATHS = frozenset([b"/health", b"/health/live", b"/health/ready"])
 
 #: Every error code of the API, with its HTTP status (docs/api.md lists
 #: them; tests/test_api.py checks the list is the documented one).
@@ -346,7 +357,33 @@ class Api:
     # -- service --------------------------------------------------------------
 
     def health(self, params, body, request):
+        """
+        Liveness (C{/health}, C{/health/live}): the process runs and
+        answers, whatever the state of the store.
+        """
         return {"status": "ok"}
+
+    def ready(self, params, body, request):
+        """
+        Readiness (C{/health/ready}): one read from the message store (in
+        cluster mode a Redis command), answered within L{READY_TIMEOUT}
+        seconds; else C{UNAVAILABLE}, as the routes that need the store
+        answer meanwhile.
+        """
+        d = maybeDeferred(self.factory.store.head, SYSTEM)
+        d.addTimeout(READY_TIMEOUT, self.clock)
+        return d.addCallbacks(lambda _: {"status": "ok"}, self._notReady)
+
+    def _notReady(self, failure):
+        # The route needs no token: say what is wrong, not the details.
+        if failure.check(TimeoutError, CancelledError):
+            why = "did not answer within {:g} s".format(READY_TIMEOUT)
+        else:
+            if not failure.check(Unavailable):
+                Router.log.failure("the readiness check failed", failure)
+            why = "is unavailable"
+        raise ApiError("UNAVAILABLE", "not ready: the message store " + why,
+                       [(b"Retry-After", b"1")])
 
     def stats(self, params, body, request):
         factory = self.factory

@@ -13,6 +13,19 @@ L{IMClient}: it reconnects by itself, resumes where it left off and re-sends
 unanswered messages.  Ctrl-D waits (briefly) for the server to confirm what
 was sent, then quits.
 
+While the user types a line the peer (or the group) gets C{typing}
+signals: one when the line starts, again every L{TYPING_REFRESH} seconds
+while it goes on, and a stop when it is sent, erased, or left alone for
+L{TYPING_IDLE} seconds.  To see the line start, a terminal is read key by
+key (L{RawTerminal}, L{TerminalEditor}: this module echoes and edits the
+line); other input (a pipe) is read as it comes (L{TerminalInput}), and a
+partial line counts as typing.  C{--no-typing} sends no signals and leaves
+the terminal as it is.
+
+A certificate the chat does not trust (or that does not name the host)
+ends it with a hint (C{--ca}, C{--data-dir}, C{--host}) instead of retrying
+forever, unless C{--keep-trying}.
+
 By default it finds the server the way C{make run} starts it: TLS on
 localhost:7443, trusting C{<data-dir>/tls-cert.pem}, with a token minted
 from the server secret (C{--secret-file}, else C{$IMSERVER_SECRET}, else
@@ -23,6 +36,8 @@ the reactor, the client and the output stream as arguments.
 """
 
 import hashlib
+import os
+import signal
 import socket
 import sys
 import time
@@ -37,6 +52,7 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from imserver import commandline
 from imserver.auth import validateDeviceId, validateUid
 from imserver.errors import RemoteError
 from imserver.pb import im_pb2 as pb
@@ -48,8 +64,18 @@ DEFAULT_PORT = 7443
 MINTED_TOKEN_TTL = 3600
 #: How long Ctrl-D waits for the server to confirm pending sends.
 DRAIN_TIMEOUT = 5.0
-#: "(bob is typing...)" is shown at most once per this many seconds.
+#: "(bob is typing...)" is shown when bob starts typing, and again only
+#: after a stop, a message from bob, or this many seconds without a signal.
 TYPING_INTERVAL = 4.0
+#: While the user types, "still typing" is sent again every this many
+#: seconds (below L{TYPING_INTERVAL}, so the peer keeps one indicator).
+TYPING_REFRESH = 2.5
+#: A line left alone this many seconds sends "stopped typing".
+TYPING_IDLE = 5.0
+#: No two typing signals closer than this (1 / the server's default
+#: C{--typing-rate}), except a stop right after a start, which the server
+#: always lets through (docs/protocol.md, section 7.4).
+TYPING_MIN_GAP = 0.5
 #: The longest input line accepted, in bytes (the server's own limit on a
 #: message body is lower by default and reported as a failed send).
 MAX_LINE_LENGTH = 64 * 1024
@@ -81,7 +107,7 @@ def clientMsgIdPrefix(deviceId):
     return "cli" + hashlib.sha256(deviceId.encode("utf-8")).hexdigest()[:8] + "-"
 
 
-class ChatOptions(usage.Options):
+class ChatOptions(commandline.Options):
     """
     Options of C{python -m imserver chat}.
     """
@@ -89,17 +115,25 @@ class ChatOptions(usage.Options):
     synopsis = (
         "--uid UID (--to PEER | --group GROUP_ID) [--host HOST] [--port PORT]"
         " [--ca FILE] [--no-tls] [--token TOKEN | --token-file FILE]"
-        " [--data-dir DIR] [--secret-file FILE] [--device ID]"
+        " [--data-dir DIR] [--secret-file FILE] [--device ID] [--no-typing]"
+        " [--keep-trying]"
     )
     longdesc = (
         "Chat with PEER, or in the group GROUP_ID, as UID: every line read is"
-        " sent, every message received is printed; Ctrl-D quits. Without"
+        " sent, every message received is printed; Ctrl-D quits. While you"
+        " type a line, the peer sees that you are typing. Without"
         " --token or --token-file, a token is minted from the server secret"
         " found as the server finds it (--secret-file, else $IMSERVER_SECRET,"
         " else <data-dir>/secret)."
     )
     optFlags = [
         ["no-tls", None, "Plain TCP, for a tcp: listener (loopback testing only)."],
+        ["no-typing", None,
+         "Do not tell the peer when you type (and let the terminal edit"
+         " lines as usual)."],
+        ["keep-trying", None,
+         "Keep trying to connect when the gate's certificate is not trusted"
+         " or does not name --host (default: say what to do and exit)."],
     ]
     optParameters = [
         ["uid", "u", None, "Your user id."],
@@ -155,9 +189,10 @@ class ChatConfig:
         current time.
     @ivar trustRoot: the certificate to trust, or L{None} for the system's
         trust store (or no TLS).
+    @ivar trusted: what is trusted, in words, for messages.
     """
 
-    def __init__(self, options, token, trustRoot):
+    def __init__(self, options, token, trustRoot, trusted=None):
         self.uid = options["uid"]
         self.peer = options["to"]
         self.group = options["group"]
@@ -165,8 +200,11 @@ class ChatConfig:
         self.port = options["port"]
         self.tls = not options["no-tls"]
         self.deviceId = options["device"]
+        self.typing = not options["no-typing"]
+        self.keepTrying = bool(options["keep-trying"])
         self.token = token
         self.trustRoot = trustRoot
+        self.trusted = trusted
 
 
 def prepare(options):
@@ -177,7 +215,8 @@ def prepare(options):
     @rtype: L{ChatConfig}
     @raise ValueError: with a message for the user if either is missing.
     """
-    return ChatConfig(options, _token(options), _trustRoot(options))
+    trustRoot, trusted = _trustRoot(options)
+    return ChatConfig(options, _token(options), trustRoot, trusted)
 
 
 def _token(options):
@@ -214,20 +253,24 @@ def _token(options):
 
 
 def _trustRoot(options):
+    """
+    @return: C{(trust root or None, what is trusted in words)}.
+    """
     if options["no-tls"]:
-        return None
+        return None, None
     path = options["ca"]
     if path is None:
         from imserver.tls import CERT_FILE_NAME
 
         default = FilePath(options["data-dir"]).child(CERT_FILE_NAME)
         if not default.exists():
-            return None
+            return None, "the system's CAs, since there is no {}".format(
+                os.path.join(options["data-dir"], CERT_FILE_NAME))
         path = default.path
     from twisted.internet import ssl
 
     try:
-        return ssl.Certificate.loadPEM(FilePath(path).getContent())
+        return ssl.Certificate.loadPEM(FilePath(path).getContent()), path
     except Exception as e:
         raise ValueError("cannot use {} as the CA certificate: {}".format(path, e))
 
@@ -264,6 +307,35 @@ def describe(reason):
         ]
         return "TLS failed: {}".format("; ".join(details) or "handshake error")
     return str(reason) or type(reason).__name__
+
+
+#: L{certificateProblem}'s answers.
+UNTRUSTED = "untrusted"
+WRONG_NAME = "wrong name"
+
+
+def certificateProblem(reason):
+    """
+    Did a connection fail because of the server's certificate?
+
+    @param reason: why it failed (an exception).
+    @return: L{UNTRUSTED} (it does not chain to a trusted certificate,
+        or has expired), L{WRONG_NAME} (it does not name the host), or
+        L{None} (something else).
+    """
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(reason, SSL.Error) and "certificate verify failed" in describe(reason):
+        return UNTRUSTED
+    try:
+        from service_identity import VerificationError
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(reason, VerificationError):
+        return WRONG_NAME
+    return None
 
 
 def printable(text):
@@ -305,6 +377,14 @@ class ChatSession:
     this process remembers the C{client_msg_id}s it sent so it does not print
     them a second time.
 
+    The terminal input tells it when the user types (L{typing}) and
+    empties a line without sending it (L{typingStopped}); it turns that into
+    C{typing} signals to the peer or the group, as rare as docs/protocol.md
+    (section 7.4) asks: a start, a refresh every C{typingRefresh} seconds
+    while typing goes on, a stop when the line is sent or emptied or after
+    C{typingIdle} seconds without a key, and never two signals closer than
+    L{TYPING_MIN_GAP} but for a stop after a start.
+
     @ivar done: a L{Deferred} firing with the exit status once the session
         is over (0 after Ctrl-D with every send confirmed).
     """
@@ -313,7 +393,9 @@ class ChatSession:
 
     def __init__(self, reactor, client, out, me, peer, where=None,
                  localtime=time.localtime, drainTimeout=DRAIN_TIMEOUT,
-                 typingInterval=TYPING_INTERVAL, group=None):
+                 typingInterval=TYPING_INTERVAL, group=None, sendTyping=True,
+                 typingRefresh=TYPING_REFRESH, typingIdle=TYPING_IDLE,
+                 keepTrying=False, host=None, trusted=None):
         """
         @param reactor: an L{IReactorTime}.
         @param client: an L{imserver.client.IMClient} (or a fake of one);
@@ -324,6 +406,11 @@ class ChatSession:
         @param group: the group to chat in, instead of C{peer}.
         @param where: C{"host:port"} for messages about connecting.
         @param localtime: turns Unix seconds into a C{struct_time}.
+        @param sendTyping: whether to send typing signals.
+        @param keepTrying: whether to keep trying when the server's
+            certificate is refused (else the session ends, status 1).
+        @param host: the host name the certificate must name, for messages.
+        @param trusted: what is trusted, in words, for messages.
         """
         self.clock = reactor
         self.client = client
@@ -335,6 +422,12 @@ class ChatSession:
         self.localtime = localtime
         self.drainTimeout = drainTimeout
         self.typingInterval = typingInterval
+        self.sendTyping = sendTyping
+        self.typingRefresh = typingRefresh
+        self.typingIdle = typingIdle
+        self.keepTrying = keepTrying
+        self.host = host
+        self.trusted = trusted
         self.done = Deferred()
         self._prefix = clientMsgIdPrefix(client.deviceId)
         self._sentIds = set()
@@ -342,8 +435,15 @@ class ChatSession:
         self._inputEnded = False
         self._finished = False
         self._drainTimer = None
-        # (uid, group id) -> when "(uid is typing...)" was last shown.
-        self._typingShownAt = {}
+        # (uid, group id) -> when uid was last seen typing.
+        self._typingSeenAt = {}
+        # This user typing: whether the peer was told so, when a signal was
+        # last sent (and a start), the timer of the stop after idling.
+        self._typingActive = False
+        self._typingSentAt = float("-inf")
+        self._typingStartedAt = float("-inf")
+        self._typingIdleTimer = None
+        self._certificateHinted = False
         self._membersShown = False
         self._everConnected = False
         self._lastFailure = None
@@ -424,11 +524,32 @@ class ChatSession:
         if self._finished or self.client.stopReason is not None:
             return
         text = describe(reason).rstrip(".")
+        problem = certificateProblem(reason)
+        if problem is not None and not self.keepTrying:
+            self.show("! cannot connect{}: {}".format(
+                " to " + self.where if self.where else "", text))
+            self.show("! " + self._certificateHint(problem)
+                      + "; or --keep-trying to try again and again")
+            self._finish(1)
+            return
         if text == self._lastFailure:
             return
         self._lastFailure = text
         self.show("! cannot connect{}: {} (still trying)".format(
             " to " + self.where if self.where else "", text))
+        if problem is not None and not self._certificateHinted:
+            self._certificateHinted = True
+            self.show("! " + self._certificateHint(problem))
+
+    def _certificateHint(self, problem):
+        if problem == WRONG_NAME:
+            return ("the gate's certificate does not name {}: give --host a name it"
+                    " holds (the self-signed one names localhost, 127.0.0.1 and ::1)".format(
+                        self.host or "this host"))
+        return ("the gate's certificate is not trusted{}: pass --ca FILE with the"
+                " gate's certificate (or its CA's), or --data-dir DIR naming the server's"
+                " data directory (which holds tls-cert.pem)".format(
+                    " (this chat trusts {})".format(self.trusted) if self.trusted else ""))
 
     def _stopped(self, reason):
         if self._finished:
@@ -451,6 +572,7 @@ class ChatSession:
     def _finish(self, status):
         if self._finished:
             return
+        self._stopTyping()
         self._finished = True
         if self._drainTimer is not None:
             if self._drainTimer.active():
@@ -469,6 +591,7 @@ class ChatSession:
         """
         if self._finished or self._inputEnded:
             return
+        self._stopTyping()
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line.strip():
@@ -510,11 +633,56 @@ class ChatSession:
         """
         if self._inputEnded or self._finished:
             return
+        self._stopTyping()
         self._inputEnded = True
         if self._unanswered == 0:
             self._finish(0)
             return
         self._drainTimer = self.clock.callLater(self.drainTimeout, self._drainTimedOut)
+
+    def typing(self):
+        """
+        The user typed on a line not sent yet (that is not blank): tell the
+        peer, unless it was told recently; stop after C{typingIdle} seconds
+        without a call.
+        """
+        if not self.sendTyping or self._finished or self._inputEnded:
+            return
+        if self._typingIdleTimer is not None and self._typingIdleTimer.active():
+            self._typingIdleTimer.reset(self.typingIdle)
+        else:
+            self._typingIdleTimer = self.clock.callLater(self.typingIdle, self._typingIdled)
+        now = self.clock.seconds()
+        if self._typingActive and now - self._typingStartedAt < self.typingRefresh:
+            return
+        if now - self._typingSentAt < TYPING_MIN_GAP:
+            return
+        if self._signalTyping(True):
+            self._typingActive = True
+            self._typingSentAt = self._typingStartedAt = now
+
+    def typingStopped(self):
+        """
+        The user emptied the line without sending it.
+        """
+        self._stopTyping()
+
+    def _typingIdled(self):
+        self._typingIdleTimer = None
+        self._stopTyping()
+
+    def _stopTyping(self):
+        if self._typingIdleTimer is not None:
+            if self._typingIdleTimer.active():
+                self._typingIdleTimer.cancel()
+            self._typingIdleTimer = None
+        if self._typingActive:
+            self._typingActive = False
+            if self._signalTyping(False):
+                self._typingSentAt = self.clock.seconds()
+
+    def _signalTyping(self, active):
+        return self.client.sendTyping(self.peer or "", active, groupId=self.group or "")
 
     def _drainTimedOut(self):
         self._drainTimer = None
@@ -544,7 +712,7 @@ class ChatSession:
                 who += " to " + message.recipient
         else:
             who = message.sender or SYSTEM_SENDER
-            self._typingShownAt.pop((message.sender, message.group_id), None)
+            self._typingSeenAt.pop((message.sender, message.group_id), None)
         if message.group_id:
             who += " in " + message.group_id
         self.show("[{}] {}: {}".format(self._time(message.created_ms), who,
@@ -553,13 +721,15 @@ class ChatSession:
     def onNotify(self, name, message):
         """
         Show a system notice; show the peer (or a member of the group)
-        typing, at most once per C{typingInterval} seconds each.
+        starting to type: once, and again only after a stop, a message from
+        them, or C{typingInterval} seconds without a signal (the sender
+        refreshes its signal more often while it types).
         """
         if name == "notice":
             self.show("[{}] notice: {}".format(self._time(message.server_time_ms),
                                                bodyText(message)))
             return
-        if name != "typing" or not message.active:
+        if name != "typing":
             return
         if self.group:
             if message.group_id != self.group or message.uid == self.me:
@@ -567,11 +737,14 @@ class ChatSession:
         elif message.group_id or message.uid != self.peer:
             return
         key = (message.uid, message.group_id)
-        now = self.clock.seconds()
-        shownAt = self._typingShownAt.get(key)
-        if shownAt is not None and now - shownAt < self.typingInterval:
+        if not message.active:
+            self._typingSeenAt.pop(key, None)
             return
-        self._typingShownAt[key] = now
+        now = self.clock.seconds()
+        seenAt = self._typingSeenAt.get(key)
+        self._typingSeenAt[key] = now
+        if seenAt is not None and now - seenAt < self.typingInterval:
+            return
         self.show("({} is typing...)".format(message.uid))
 
     def _time(self, ms):
@@ -583,7 +756,8 @@ class TerminalInput(LineReceiver):
     """
     Lines from standard input, handed to a L{ChatSession}.  End of input
     hands over a last unterminated line, then calls C{inputEnded}.  A line
-    longer than C{MAX_LENGTH} is dropped whole, with a note.
+    longer than C{MAX_LENGTH} is dropped whole, with a note.  Data that
+    ends in a line not blank and not complete yet calls C{typing}.
 
     Half-closeable, so that standard output stays open after end of input.
 
@@ -602,8 +776,10 @@ class TerminalInput(LineReceiver):
 
     def dataReceived(self, data):
         """
-        Split C{data} into lines, skipping the rest of a too long line.
+        Split C{data} into lines, skipping the rest of a too long line; a
+        partial line (not blank) is the user typing.
         """
+        partial = data.rpartition(self.delimiter)[2].strip()
         while data:
             if self._discarding:
                 _, newline, data = data.partition(self.delimiter)
@@ -612,6 +788,8 @@ class TerminalInput(LineReceiver):
                 self._discarding = False
             LineReceiver.dataReceived(self, data)
             data, self._leftover = self._leftover, b""
+        if partial and not self._discarding:
+            self.session.typing()
 
     def lineReceived(self, line):
         self.session.lineReceived(line)
@@ -644,6 +822,256 @@ class TerminalInput(LineReceiver):
     def connectionLost(self, reason):
         if not self.closed.called:
             self.closed.callback(None)
+
+    def finish(self):
+        """
+        The session is over; nothing to tidy on the terminal.
+        """
+
+
+def displayWidth(text):
+    """
+    The columns C{text} takes on a terminal: 2 for wide (East Asian)
+    characters, 0 for combining ones, 1 for the others.
+    """
+    width = 0
+    for ch in text:
+        if unicodedata.combining(ch):
+            continue
+        width += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return width
+
+
+class TerminalEditor(TerminalInput):
+    """
+    Keys from a terminal in non-canonical mode without echo
+    (L{RawTerminal}), edited into lines here, so the session learns when the
+    user starts typing a line, not only when it is sent.
+
+    Characters are echoed and added to the line; Enter sends it (the
+    session gets C{lineReceived}); the terminal's erase key (Backspace)
+    removes the last character, its kill key (Ctrl-U) the line, its word
+    erase key (Ctrl-W) the last word; its end-of-file key (Ctrl-D) on an
+    empty line ends the input.  Other control characters and escape
+    sequences (arrow keys...) are ignored; at C{MAX_LENGTH} bytes further
+    characters are refused with a bell.  Ctrl-C, Ctrl-Z and Ctrl-\\ stay
+    signals (the terminal keeps C{ISIG}).
+
+    The session writes through L{write}, which prints above the line being
+    edited, then redraws it.
+    """
+
+    ESCAPE = 0x1B
+
+    def __init__(self, session=None, erase=(b"\x7f", b"\x08"), kill=(b"\x15",),
+                 wordErase=(b"\x17",), endOfFile=(b"\x04",)):
+        """
+        @param erase: the keys (single bytes) erasing a character; likewise
+            C{kill} (the line), C{wordErase} (a word) and C{endOfFile}.
+        """
+        TerminalInput.__init__(self, session)
+        self._keys = {}
+        for action, keys in (("erase", erase), ("kill", kill),
+                             ("wordErase", wordErase), ("endOfFile", endOfFile)):
+            for key in keys:
+                self._keys.setdefault(key[0], action)
+        self._line = bytearray()
+        self._escape = None
+        self._afterCR = False
+        self._ended = False
+
+    def dataReceived(self, data):
+        """
+        Edit the line with the keys in C{data}.
+        """
+        if self._ended:
+            return
+        echo = bytearray()
+        typed = erased = False
+        for byte in data:
+            if self._escape is not None:
+                self._escapeByte(byte)
+                continue
+            afterCR, self._afterCR = self._afterCR, byte == 0x0D
+            if byte in (0x0A, 0x0D):
+                if byte == 0x0A and afterCR:
+                    continue
+                self.transport.write(bytes(echo) + b"\n")
+                del echo[:]
+                line, self._line = bytes(self._line), bytearray()
+                typed = erased = False
+                self.session.lineReceived(line)
+                if self._ended:
+                    return
+                continue
+            action = self._keys.get(byte)
+            if action == "endOfFile":
+                if not self._line:
+                    self.transport.write(bytes(echo))
+                    self._ended = True
+                    self.session.inputEnded()
+                    return
+            elif action is not None:
+                if self._line:
+                    echo += self._erase(action)
+                    erased = True
+            elif byte == self.ESCAPE:
+                self._escape = b""
+            elif byte < 0x20 and byte != 0x09:
+                pass
+            elif len(self._line) >= self.MAX_LENGTH:
+                echo += b"\x07"
+            else:
+                self._line.append(byte)
+                echo.append(byte)
+                typed = True
+        if echo:
+            self.transport.write(bytes(echo))
+        if self._line.strip():
+            if typed:
+                self.session.typing()
+        elif erased:
+            self.session.typingStopped()
+
+    def _escapeByte(self, byte):
+        # ESC [ ... final (CSI), ESC O x (SS3), ESC x (Alt+x): all ignored.
+        sequence = self._escape + bytes([byte])
+        if sequence in (b"[", b"O"):
+            self._escape = sequence
+        elif sequence[:1] == b"[" and len(sequence) > 1 and not 0x40 <= byte <= 0x7E:
+            self._escape = sequence if len(sequence) < 32 else None
+        else:
+            self._escape = None
+
+    def _erase(self, action):
+        """
+        Remove the last character, word or the whole line.
+
+        @return: what erases it on the screen.
+        """
+        line = self._line
+        end = len(line)
+        if action == "kill":
+            start = 0
+        elif action == "wordErase":
+            start = end
+            while start > 0 and line[start - 1] in b" \t":
+                start -= 1
+            while start > 0 and line[start - 1] not in b" \t":
+                start -= 1
+        else:
+            start = max(end - 1, 0)
+            while start > 0 and line[start] & 0xC0 == 0x80:
+                start -= 1
+        gone = bytes(line[start:]).decode("utf-8", "replace")
+        del line[start:]
+        if "\t" in gone:
+            return b"\r\x1b[K" + bytes(line)
+        width = displayWidth(gone)
+        return b"\b" * width + b" " * width + b"\b" * width
+
+    def write(self, data):
+        """
+        Print C{data} (whole lines) above the line being edited.
+        """
+        if self._line:
+            self.transport.write(b"\r\x1b[K" + data + bytes(self._line))
+        else:
+            self.transport.write(data)
+
+    def redraw(self):
+        """
+        Draw the line being edited again (after the terminal was used by
+        someone else: the shell, after Ctrl-Z).
+        """
+        self.transport.write(b"\r\x1b[K" + bytes(self._line))
+
+    def readConnectionLost(self):
+        """
+        The terminal is gone: the line being edited was never sent.
+        """
+        if not self._ended:
+            self._ended = True
+            self.session.inputEnded()
+
+    def finish(self):
+        """
+        The session is over: leave the line being edited on the screen, on
+        its own line.
+        """
+        if self._line:
+            self.transport.write(b"\n")
+            del self._line[:]
+
+
+class RawTerminal:
+    """
+    A terminal read key by key: non-canonical mode without echo (for
+    L{TerminalEditor}), output processing and signals kept; and restored.
+    """
+
+    def __init__(self, fd):
+        """
+        @param fd: the terminal's file descriptor.
+        """
+        self.fd = fd
+        self._saved = None
+
+    @property
+    def entered(self):
+        """
+        Whether the terminal is (to be) read key by key: L{enter} was
+        called, L{restore} not yet.
+        """
+        return self._saved is not None
+
+    def enter(self):
+        """
+        Save the terminal's mode and switch to key-by-key reading.
+
+        @return: the keyword arguments of L{TerminalEditor} for the
+            terminal's own erase, kill, word erase and end-of-file keys
+            (added to the usual ones).
+        @raise termios.error: if C{fd} is not a terminal.
+        """
+        import termios
+
+        self._saved = termios.tcgetattr(self.fd)
+        self.apply()
+        keys = {}
+        for name, index, usual in (("erase", termios.VERASE, (b"\x7f", b"\x08")),
+                                   ("kill", termios.VKILL, (b"\x15",)),
+                                   ("wordErase", termios.VWERASE, (b"\x17",)),
+                                   ("endOfFile", termios.VEOF, (b"\x04",))):
+            key = self._saved[6][index]
+            own = (key,) if isinstance(key, bytes) and key not in (b"", b"\x00") else ()
+            keys[name] = own + usual
+        return keys
+
+    def apply(self):
+        """
+        (Again) set key-by-key reading, from the mode saved by L{enter}.
+        """
+        import termios
+
+        mode = self._saved[:6] + [list(self._saved[6])]
+        mode[3] &= ~(termios.ICANON | termios.ECHO)
+        mode[6][termios.VMIN] = 1
+        mode[6][termios.VTIME] = 0
+        termios.tcsetattr(self.fd, termios.TCSANOW, mode)
+
+    def restore(self):
+        """
+        Put the saved mode back (once).
+        """
+        import termios
+
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            try:
+                termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
+            except termios.error:
+                pass
 
 
 class TransportText:
@@ -719,19 +1147,25 @@ def run(reactor, config, stdin=0, stdout=1):
         reactor, config.host, config.port, config.uid, token, config.deviceId,
         endpoint=endpoint, retryPolicy=fullJitterBackoff(0.5, MAX_RECONNECT_DELAY),
     )
-    terminal = TerminalInput()
+    raw, terminal, restoreSignal = _terminal(reactor, config, stdin, stdout)
     stdio = StandardIO(terminal, stdin=stdin, stdout=stdout, reactor=reactor)
     session = ChatSession(
-        reactor, client, TransportText(stdio, getattr(sys.stdout, "encoding", None)
-                                       or "utf-8"),
+        reactor, client, TransportText(terminal if raw is not None else stdio,
+                                       getattr(sys.stdout, "encoding", None) or "utf-8"),
         config.uid, config.peer, where="{}:{}".format(config.host, config.port),
-        group=config.group,
+        group=config.group, sendTyping=config.typing, keepTrying=config.keepTrying,
+        host=config.host, trusted=config.trusted,
     )
     terminal.session = session
     endpoint.onFailure = session.connectFailed
 
     def flushed(status):
-        # Let standard output drain (bounded), then report the status.
+        # Give the terminal back (its mode is about input only), let
+        # standard output drain (bounded), then report the status.
+        terminal.finish()
+        restoreSignal()
+        if raw is not None:
+            raw.restore()
         stdio.loseConnection()
         d = terminal.closed.addTimeout(OUTPUT_FLUSH_TIMEOUT, reactor)
         d.addErrback(lambda f: f.trap(TimeoutError))
@@ -743,6 +1177,44 @@ def run(reactor, config, stdin=0, stdout=1):
         return d.addCallback(over)
 
     return session.start().addCallback(flushed)
+
+
+def _terminal(reactor, config, stdin, stdout):
+    """
+    The input protocol: a L{TerminalEditor} on a L{RawTerminal} when
+    typing signals are wanted and standard input and output are a terminal
+    (restored at reactor shutdown at the latest, set again after Ctrl-Z and
+    C{fg}), else a L{TerminalInput}.
+
+    @return: C{(RawTerminal or None, protocol, function undoing the SIGCONT
+        handler)}.
+    """
+    if not (config.typing and os.isatty(stdin) and os.isatty(stdout)):
+        return None, TerminalInput(), lambda: None
+    try:
+        import termios
+    except ImportError:  # pragma: no cover (not POSIX)
+        return None, TerminalInput(), lambda: None
+    raw = RawTerminal(stdin)
+    try:
+        keys = raw.enter()
+    except termios.error:
+        return None, TerminalInput(), lambda: None
+    reactor.addSystemEventTrigger("after", "shutdown", raw.restore)
+    editor = TerminalEditor(**keys)
+
+    def continued():
+        if raw.entered:
+            raw.apply()
+            editor.redraw()
+
+    previous = signal.signal(
+        signal.SIGCONT, lambda signum, frame: reactor.callFromThread(continued))
+
+    def restoreSignal():
+        signal.signal(signal.SIGCONT, previous)
+
+    return raw, editor, restoreSignal
 
 
 def main(config):

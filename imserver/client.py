@@ -583,6 +583,21 @@ class IMClient:
         if self.protocol is not None:
             self.protocol.ack(self.lastSeq if seq is None else seq)
 
+    def sendTyping(self, to, active=True, groupId=""):
+        """
+        Tell C{to}, or with C{to=""} the other members of C{groupId}, that
+        this user is typing (C{active}) or stopped, on the current
+        connection.  Best effort: never queued, and limited by the server
+        (docs/protocol.md, section 7.4, C{typing}).
+
+        @return: whether it was sent (L{False} while not connected).
+        """
+        protocol = self.protocol
+        if protocol is None or not protocol.connected:
+            return False
+        protocol.sendTyping(to, active, groupId)
+        return True
+
     def _notified(self, protocol, name, message):
         if name == methods.MESSAGE.name:
             if message.seq <= self.lastSeq:

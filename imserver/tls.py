@@ -42,6 +42,9 @@ KEY_FILE_NAME = "tls-key.pem"
 SELF_SIGNED_DAYS = 397
 #: A generated certificate this close to expiry is replaced at start.
 RENEW_BEFORE = datetime.timedelta(days=30)
+#: Permissions of the generated certificate (public) and key (secret).
+CERT_FILE_MODE = 0o644
+KEY_FILE_MODE = 0o600
 
 
 class HardenedCertificateOptions(ssl.CertificateOptions):
@@ -136,12 +139,39 @@ def makeSelfSigned(hostnames=("localhost",), addresses=("127.0.0.1", "::1"),
     )
 
 
+def writeFile(path, content, mode):
+    """
+    Replace the file at C{path} with C{content}, with permissions exactly
+    C{mode}: written to a new sibling created with C{mode} (set again with
+    C{fchmod}, which the umask does not touch), flushed to disk, then
+    renamed over C{path}.  Readers see the old file or the whole new one.
+
+    @type path: L{twisted.python.filepath.FilePath}
+    @type content: L{bytes}
+    @param mode: the permission bits, such as C{0o600}.
+    """
+    temporary = path.temporarySibling(".new")
+    fd = os.open(temporary.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary.path, path.path)
+    except BaseException:
+        if os.path.exists(temporary.path):
+            os.unlink(temporary.path)
+        raise
+
+
 def ensureSelfSigned(dataDir, now=None):
     """
     Return the paths of the data directory's self-signed certificate and
     key, generating them first if absent, or if the one there expires
-    within L{RENEW_BEFORE} (key mode 0600).  Logs the path and the SHA-256
-    fingerprint, so clients can pin or trust it.
+    within L{RENEW_BEFORE} (certificate mode 0644, key mode 0600, whatever
+    the umask and the modes of the files replaced).  Logs the path and the
+    SHA-256 fingerprint, so clients can pin or trust it.
 
     @type dataDir: L{twisted.python.filepath.FilePath}
     @param now: the time (UTC L{datetime.datetime}); for tests.
@@ -165,10 +195,8 @@ def ensureSelfSigned(dataDir, now=None):
         if not dataDir.exists():
             dataDir.makedirs()
         certPEM, keyPEM = makeSelfSigned(now=now)
-        fd = os.open(keyPath.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(keyPEM)
-        certPath.setContent(certPEM)
+        writeFile(keyPath, keyPEM, KEY_FILE_MODE)
+        writeFile(certPath, certPEM, CERT_FILE_MODE)
         log.info("generated a self-signed TLS certificate {path}", path=certPath.path)
     log.info(
         "TLS certificate {path} SHA-256 {fingerprint}",

@@ -442,11 +442,12 @@ class AuthTests(LiveApiTestCase):
     @inlineCallbacks
     def test_everyRouteNeedsToken(self):
         """
-        Every route but C{/health}, and unknown paths, answer 401 without
-        the token (so the routes cannot be probed without it).
+        Every route but C{/health} (and C{/health/live}, C{/health/ready}),
+        and unknown paths, answer 401 without the token (so the routes
+        cannot be probed without it).
         """
         for method, template, name in api.ROUTES + (("GET", "/nowhere", None),):
-            if template == "/health":
+            if template.encode("ascii") in api.PUBLIC_PATHS:
                 continue
             path = template.replace("{uid}", "alice").replace("{group_id}", "g")
             yield self.fails(method.encode("ascii"), path, status=401,
@@ -463,10 +464,161 @@ class AuthTests(LiveApiTestCase):
     @inlineCallbacks
     def test_health(self):
         """
-        C{GET /health} needs no token.
+        C{GET /health}, C{/health/live} and C{/health/ready} need no token.
         """
-        answer = yield self.ok(b"GET", "/health", token=False)
-        self.assertEqual(answer, {"status": "ok"})
+        for path in ("/health", "/health/live", "/health/ready"):
+            answer = yield self.ok(b"GET", path, token=False)
+            self.assertEqual(answer, {"status": "ok"})
+
+
+class HealthTests(LiveApiTestCase):
+    """
+    Liveness (C{/health}, C{/health/live}) and readiness (C{/health/ready}).
+    """
+
+    @inlineCallbacks
+    def assertReadiness(self, ready, message=None):
+        """
+        C{/health} and C{/health/live} answer 200; C{/health/ready} 200 if
+        C{ready}, else 503 C{UNAVAILABLE} with C{Retry-After} and
+        C{message}.
+        """
+        for path in ("/health", "/health/live"):
+            answer = yield self.ok(b"GET", path, token=False)
+            self.assertEqual(answer, {"status": "ok"})
+        if ready:
+            answer = yield self.ok(b"GET", "/health/ready", token=False)
+            self.assertEqual(answer, {"status": "ok"})
+        else:
+            response, text = yield self.fails(b"GET", "/health/ready", status=503,
+                                              code="UNAVAILABLE", token=False)
+            self.assertEqual(response.headers.getRawHeaders(b"Retry-After"), [b"1"])
+            self.assertEqual(text, message)
+
+    @inlineCallbacks
+    def test_ready(self):
+        """
+        With the store answering, the gate is live and ready; the readiness
+        check reads the store.
+        """
+        reads = []
+        head = self.factory.store.head
+        self.patch(self.factory.store, "head",
+                   lambda uid: reads.append(uid) or head(uid))
+        yield self.assertReadiness(True)
+        self.assertEqual(reads, [""])
+
+    @inlineCallbacks
+    def test_storeUnavailable(self):
+        """
+        While the store fails with L{Unavailable}, the gate is live but not
+        ready; ready again once the store answers.
+        """
+        from twisted.internet.defer import fail
+
+        head = self.factory.store.head
+        self.patch(self.factory.store, "head",
+                   lambda uid: fail(Unavailable("Redis is unavailable")))
+        yield self.assertReadiness(False, "not ready: the message store is unavailable")
+        self.patch(self.factory.store, "head", head)
+        yield self.assertReadiness(True)
+
+    @inlineCallbacks
+    def test_storeSilent(self):
+        """
+        A store that does not answer within L{api.READY_TIMEOUT} seconds is
+        not ready.
+        """
+        self.patch(api, "READY_TIMEOUT", 0.05)
+        self.patch(self.factory.store, "head", lambda uid: Deferred())
+        yield self.assertReadiness(False, "not ready: the message store did not answer"
+                                          " within 0.05 s")
+
+    @inlineCallbacks
+    def test_storeBroken(self):
+        """
+        Any other failure of the store is not ready either, and is logged.
+        """
+        def head(uid):
+            raise RuntimeError("disk on fire")
+
+        self.patch(self.factory.store, "head", head)
+        yield self.assertReadiness(False, "not ready: the message store is unavailable")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class ClusterHealthTests(TestCase):
+    """
+    Readiness in cluster mode follows Redis: a gate with a real
+    C{redis-server} is not ready while Redis is down, and live throughout.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self):
+        """
+        Start Redis, then a gate in cluster mode with its API on loopback.
+        """
+        from tests.redisserver import RedisServer
+
+        withoutSecretEnvironment(self)
+        self.redis = RedisServer(self, reactor, appendfsync=None)
+        yield self.redis.start()
+        self.dataDir = FilePath(self.mktemp())
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", self.dataDir.path, "--listen", LOOPBACK, "--api", LOOPBACK,
+            "--redis", self.redis.url, "--gate-id", "gate-1",
+        ])
+        root = startServer(self, options)
+        port = yield root.getServiceNamed("api").whenListening()
+        self.apiPort = port.getHost().port
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.agent = Agent(reactor, pool=self.pool)
+        self.addCleanup(self.pool.closeCachedConnections)
+
+    @inlineCallbacks
+    def status(self, path):
+        """
+        @return: a L{Deferred} firing with the status and JSON answer of
+            C{GET path}.
+        """
+        url = "http://127.0.0.1:{}{}".format(self.apiPort, path).encode("ascii")
+        response = yield self.agent.request(b"GET", url)
+        body = yield readBody(response)
+        return response.code, json.loads(body)
+
+    @inlineCallbacks
+    def waitFor(self, code, seconds=20):
+        """
+        Ask C{/health/ready} every 50 ms until it answers C{code}.
+
+        @return: a L{Deferred} firing with the last answer.
+        """
+        deadline = reactor.seconds() + seconds
+        while True:
+            status, answer = yield self.status("/health/ready")
+            if status == code or reactor.seconds() > deadline:
+                self.assertEqual(status, code, answer)
+                return answer
+            yield deferLater(reactor, 0.05, lambda: None)
+
+    @inlineCallbacks
+    def test_redisDown(self):
+        """
+        Ready with Redis up; 503 C{UNAVAILABLE} once Redis stops, while
+        C{/health} stays 200; ready again once Redis is back.
+        """
+        yield self.waitFor(200)
+        yield self.redis.stop()
+        answer = yield self.waitFor(503)
+        self.assertEqual(answer["error"]["code"], "UNAVAILABLE")
+        for path in ("/health", "/health/live"):
+            status, answer = yield self.status(path)
+            self.assertEqual((status, answer), (200, {"status": "ok"}))
+        yield self.redis.start()
+        yield self.waitFor(200)
 
 
 class MetricsTests(LiveApiTestCase):

@@ -8,6 +8,10 @@ against an in-process gate on loopback TLS, one pair talking 1:1 and one
 in a group.
 """
 
+import os
+import re
+import shlex
+import signal
 import sys
 import time
 from io import StringIO
@@ -18,19 +22,23 @@ from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, suc
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from imserver import tap
+from imserver import chat, tap
 from imserver.__main__ import main
 from imserver.auth import verifyToken
 from imserver.chat import (
     ChatOptions,
     ChatSession,
+    RawTerminal,
+    TerminalEditor,
     TerminalInput,
     _WatchedEndpoint,
     bodyText,
+    certificateProblem,
     clientMsgIdPrefix,
     defaultDeviceId,
     describe,
@@ -74,10 +82,14 @@ class FakeClient:
 
     @ivar sent: C{(to, body, contentType, clientMsgId, d)} per send.
     @ivar sentGroups: the C{groupId} of each send.
+    @ivar typing: C{(to, active, groupId)} per typing signal sent.
+    @ivar online: whether typing signals can be sent.
     """
 
     def __init__(self, deviceId="cli-test"):
         self.deviceId = deviceId
+        self.typing = []
+        self.online = True
         self.onMessage = None
         self.onNotify = None
         self.stopReason = None
@@ -100,6 +112,12 @@ class FakeClient:
         self.sent.append((to, body, contentType, clientMsgId, d))
         self.sentGroups.append(groupId)
         return d
+
+    def sendTyping(self, to, active=True, groupId=""):
+        if not self.online:
+            return False
+        self.typing.append((to, active, groupId))
+        return True
 
     def whenConnected(self):
         d = Deferred()
@@ -375,6 +393,21 @@ class ChatSessionTests(SynchronousTestCase):
             "(bob is typing...)",
         ])
 
+    def test_typingRefreshed(self):
+        """
+        A peer that keeps typing (a signal every few seconds) is shown once;
+        again after a stop, or after C{typingInterval} seconds of silence.
+        """
+        typing = self.client.onNotify
+        for _ in range(4):
+            typing("typing", pb.Typing(uid="bob", active=True))
+            self.clock.advance(2.5)
+        typing("typing", pb.Typing(uid="bob", active=False))
+        typing("typing", pb.Typing(uid="bob", active=True))
+        self.clock.advance(self.session.typingInterval)
+        typing("typing", pb.Typing(uid="bob", active=True))
+        self.assertEqual(self.lines(), ["(bob is typing...)"] * 3)
+
     def test_typingInAGroup(self):
         """
         The peer typing in a group is not shown in a 1:1 chat.
@@ -460,6 +493,200 @@ class ChatSessionTests(SynchronousTestCase):
         self.session.connectFailed(OSError("refused"))
         self.assertEqual(self.client.sent, [])
         self.assertEqual(self.lines(), [])
+
+
+class TypingSignalTests(SynchronousTestCase):
+    """
+    L{ChatSession} tells the peer (or the group) when this user types.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.client = FakeClient()
+        self.session = ChatSession(self.clock, self.client, StringIO(), "alice", "bob")
+        self.session.start()
+
+    def test_startRefreshStop(self):
+        """
+        Typing sends a start, nothing more for C{typingRefresh} seconds,
+        then a refresh; sending the line sends a stop first.
+        """
+        self.session.typing()
+        self.clock.advance(1)
+        self.session.typing()
+        self.assertEqual(self.client.typing, [("bob", True, "")])
+        self.clock.advance(self.session.typingRefresh - 1)
+        self.session.typing()
+        self.assertEqual(self.client.typing, [("bob", True, "")] * 2)
+        self.session.lineReceived(b"hello")
+        self.assertEqual(self.client.typing, [("bob", True, "")] * 2 + [("bob", False, "")])
+        self.assertEqual(len(self.client.sent), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_idle(self):
+        """
+        A line left alone for C{typingIdle} seconds (counted from the last
+        key) sends a stop.
+        """
+        self.session.typing()
+        self.clock.advance(2)
+        self.session.typing()
+        self.clock.advance(self.session.typingIdle - 0.1)
+        self.assertEqual(self.client.typing, [("bob", True, "")])
+        self.clock.advance(0.1)
+        self.assertEqual(self.client.typing, [("bob", True, ""), ("bob", False, "")])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_erased(self):
+        """
+        A line emptied without being sent sends a stop, once.
+        """
+        self.session.typing()
+        self.session.typingStopped()
+        self.session.typingStopped()
+        self.assertEqual(self.client.typing, [("bob", True, ""), ("bob", False, "")])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_rate(self):
+        """
+        No signal follows another by less than L{chat.TYPING_MIN_GAP}
+        seconds, but a stop right after a start (as the server allows).
+        """
+        self.session.typing()
+        self.session.lineReceived(b"one")
+        self.clock.advance(chat.TYPING_MIN_GAP / 2)
+        self.session.typing()
+        self.assertEqual(self.client.typing, [("bob", True, ""), ("bob", False, "")])
+        self.clock.advance(chat.TYPING_MIN_GAP / 2)
+        self.session.typing()
+        self.assertEqual(self.client.typing, [("bob", True, ""), ("bob", False, ""),
+                                              ("bob", True, "")])
+
+    def test_offline(self):
+        """
+        While not connected nothing is sent, and no stop follows; the next
+        key once connected sends the start.
+        """
+        self.client.online = False
+        self.session.typing()
+        self.session.lineReceived(b"one")
+        self.session.typing()
+        self.client.online = True
+        self.session.typing()
+        self.assertEqual(self.client.typing, [("bob", True, "")])
+
+    def test_group(self):
+        """
+        In a group the signals go to the group.
+        """
+        client = FakeClient()
+        session = ChatSession(self.clock, client, StringIO(), "alice", None, group="team")
+        session.typing()
+        session.typingStopped()
+        self.assertEqual(client.typing, [("", True, "team"), ("", False, "team")])
+
+    def test_disabled(self):
+        """
+        With C{sendTyping=False} (C{--no-typing}) nothing is sent.
+        """
+        client = FakeClient()
+        session = ChatSession(self.clock, client, StringIO(), "alice", "bob",
+                              sendTyping=False)
+        session.typing()
+        self.assertEqual(client.typing, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_end(self):
+        """
+        The end of input, or of the session, sends a stop.
+        """
+        self.session.typing()
+        self.session.inputEnded()
+        self.assertEqual(self.client.typing, [("bob", True, ""), ("bob", False, "")])
+        client = FakeClient()
+        session = ChatSession(self.clock, client, StringIO(), "alice", "bob")
+        session.start()
+        session.typing()
+        client.giveUp(pb.Kicked(reason=pb.ADMIN))
+        self.assertEqual(client.typing, [("bob", True, ""), ("bob", False, "")])
+        session.typing()
+        self.assertEqual(len(client.typing), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class CertificateTests(SynchronousTestCase):
+    """
+    L{ChatSession.connectFailed} with a certificate the chat refuses, and
+    L{certificateProblem}.
+    """
+
+    UNTRUSTED = SSL.Error([("SSL routines", "", "certificate verify failed")])
+
+    def session(self, **kwargs):
+        self.client = FakeClient()
+        self.out = StringIO()
+        session = ChatSession(Clock(), self.client, self.out, "alice", "bob",
+                              where="localhost:7443", host="localhost", **kwargs)
+        self.done = session.start()
+        return session
+
+    def lines(self):
+        return self.out.getvalue().splitlines()[1:]
+
+    def test_problem(self):
+        """
+        An untrusted certificate and one that does not name the host are
+        certificate problems; other failures are not.
+        """
+        from service_identity import VerificationError
+
+        self.assertEqual(certificateProblem(self.UNTRUSTED), chat.UNTRUSTED)
+        self.assertEqual(certificateProblem(VerificationError(errors=[])), chat.WRONG_NAME)
+        self.assertIsNone(certificateProblem(SSL.Error([("SSL routines", "", "bad")])))
+        self.assertIsNone(certificateProblem(OSError("refused")))
+
+    def test_untrusted(self):
+        """
+        An untrusted certificate ends the session, status 1, saying what
+        was trusted and what to do.
+        """
+        self.session(trusted="imserver-data/tls-cert.pem").connectFailed(self.UNTRUSTED)
+        self.assertEqual(self.successResultOf(self.done), 1)
+        self.assertTrue(self.client.stopped)
+        self.assertEqual(self.lines(), [
+            "! cannot connect to localhost:7443: TLS failed: certificate verify failed",
+            "! the gate's certificate is not trusted (this chat trusts"
+            " imserver-data/tls-cert.pem): pass --ca FILE with the gate's certificate"
+            " (or its CA's), or --data-dir DIR naming the server's data directory"
+            " (which holds tls-cert.pem); or --keep-trying to try again and again",
+        ])
+
+    def test_wrongName(self):
+        """
+        A certificate that does not name the host ends the session, status
+        1, with a hint about C{--host}.
+        """
+        from service_identity import VerificationError
+
+        self.session().connectFailed(VerificationError(errors=[]))
+        self.assertEqual(self.successResultOf(self.done), 1)
+        self.assertIn("the gate's certificate does not name localhost: give --host",
+                      self.lines()[1])
+
+    def test_keepTrying(self):
+        """
+        With C{keepTrying} the failure is reported once, with the hint once,
+        and the client keeps trying.
+        """
+        session = self.session(keepTrying=True)
+        session.connectFailed(self.UNTRUSTED)
+        session.connectFailed(self.UNTRUSTED)
+        self.assertNoResult(self.done)
+        self.assertFalse(self.client.stopped)
+        [failed, hint] = self.lines()
+        self.assertTrue(failed.endswith("certificate verify failed (still trying)"), failed)
+        self.assertTrue(hint.startswith("! the gate's certificate is not trusted: pass --ca"),
+                        hint)
 
 
 class GroupChatSessionTests(SynchronousTestCase):
@@ -611,15 +838,24 @@ class RecordingSession:
         self.lines = []
         self.shown = []
         self.ended = False
+        self.events = []
 
     def lineReceived(self, line):
         self.lines.append(line)
+        self.events.append(("line", line))
 
     def show(self, text):
         self.shown.append(text)
 
     def inputEnded(self):
         self.ended = True
+        self.events.append(("end",))
+
+    def typing(self):
+        self.events.append(("typing",))
+
+    def typingStopped(self):
+        self.events.append(("stopped",))
 
 
 class TerminalInputTests(SynchronousTestCase):
@@ -688,6 +924,199 @@ class TerminalInputTests(SynchronousTestCase):
         """
         self.input.connectionLost(None)
         self.successResultOf(self.input.closed)
+
+    def test_typing(self):
+        """
+        Data ending in a partial line that is not blank is the user typing.
+        """
+        for data in (b"he", b"llo\n", b"  ", b"\n", b"a\nb"):
+            self.input.dataReceived(data)
+        self.assertEqual(self.session.events, [
+            ("typing",), ("line", b"hello"), ("line", b"  "), ("line", b"a"), ("typing",)])
+
+
+class TerminalEditorTests(SynchronousTestCase):
+    """
+    L{TerminalEditor} edits lines from a terminal's keys.
+    """
+
+    def setUp(self):
+        self.session = RecordingSession()
+        self.editor = TerminalEditor(self.session)
+        self.transport = StringTransport()
+        self.editor.makeConnection(self.transport)
+
+    def typed(self, *chunks):
+        """
+        Feed C{chunks}; return what was echoed.
+        """
+        for chunk in chunks:
+            self.editor.dataReceived(chunk)
+        echoed = self.transport.value()
+        self.transport.clear()
+        return echoed
+
+    def test_line(self):
+        """
+        Keys are echoed; Enter (CR, LF or CR LF) echoes a newline and sends
+        the line; the user typing is reported as the line grows (not for
+        lines that arrive whole, pasted).
+        """
+        self.assertEqual(self.typed(b"hi", b" bo", b"b\r\n", b"x\ry\n"),
+                         b"hi bob\nx\ny\n")
+        self.assertEqual(self.session.events, [
+            ("typing",), ("typing",), ("line", b"hi bob"), ("line", b"x"), ("line", b"y")])
+
+    def test_erase(self):
+        """
+        Backspace (DEL or BS) removes the last character, a multi-byte or
+        wide one whole; emptying the line reports the typing stopped.
+        """
+        echoed = self.typed("a\u00e9\u6f22".encode("utf-8"), b"\x7f", b"\x08")
+        self.assertEqual(echoed, "a\u00e9\u6f22".encode("utf-8")
+                         + b"\b\b  \b\b" + b"\b \b")
+        self.assertEqual(self.session.events, [("typing",)])
+        self.assertEqual(self.typed(b"\x7f", b"\x7f"), b"\b \b")
+        self.assertEqual(self.session.events, [("typing",), ("stopped",)])
+        self.assertEqual(self.typed(b"b\n"), b"b\n")
+        self.assertEqual(self.session.lines, [b"b"])
+
+    def test_killAndWordErase(self):
+        """
+        Ctrl-W removes the last word (and the blanks after it), Ctrl-U the
+        line.
+        """
+        self.typed(b"one two  ")
+        self.assertEqual(self.typed(b"\x17"), b"\b" * 5 + b" " * 5 + b"\b" * 5)
+        self.assertEqual(self.typed(b"\x15"), b"\b" * 4 + b" " * 4 + b"\b" * 4)
+        self.typed(b"three\n")
+        self.assertEqual(self.session.lines, [b"three"])
+
+    def test_tab(self):
+        """
+        A tab is kept; erasing it redraws the line.
+        """
+        self.typed(b"a\t")
+        self.assertEqual(self.typed(b"\x7f"), b"\r\x1b[Ka")
+
+    def test_ignored(self):
+        """
+        Escape sequences (arrows, function keys, Alt+key) and other control
+        characters change nothing.
+        """
+        self.assertEqual(self.typed(b"a\x1b[A\x1b[1;5C\x1bOP\x1bx\x01\x1b", b"[Bb\n"),
+                         b"ab\n")
+        self.assertEqual(self.session.lines, [b"ab"])
+
+    def test_endOfFile(self):
+        """
+        Ctrl-D on a line that is not empty is ignored; on an empty line it
+        ends the input, and later keys are ignored.
+        """
+        self.typed(b"a\x04")
+        self.assertFalse(self.session.ended)
+        self.typed(b"\x7f\x04b\n")
+        self.assertTrue(self.session.ended)
+        self.assertEqual(self.session.lines, [])
+
+    def test_tooLong(self):
+        """
+        At C{MAX_LENGTH} bytes, more characters are refused with a bell.
+        """
+        self.editor.MAX_LENGTH = 3
+        self.assertEqual(self.typed(b"abcd"), b"abc\x07")
+        self.typed(b"\n")
+        self.assertEqual(self.session.lines, [b"abc"])
+
+    def test_ownKeys(self):
+        """
+        The terminal's own keys can be given.
+        """
+        editor = TerminalEditor(self.session, erase=(b"#",), kill=(b"@",))
+        editor.makeConnection(StringTransport())
+        editor.dataReceived(b"ab#c@d\n")
+        self.assertEqual(self.session.lines, [b"d"])
+
+    def test_output(self):
+        """
+        Output is printed above the line being edited, which is redrawn.
+        """
+        self.editor.write(b"first\n")
+        self.assertEqual(self.typed(b"hel"), b"first\nhel")
+        self.editor.write(b"[12:00:00] bob: hi\n")
+        self.assertEqual(self.transport.value(), b"\r\x1b[K[12:00:00] bob: hi\nhel")
+        self.transport.clear()
+        self.editor.redraw()
+        self.assertEqual(self.transport.value(), b"\r\x1b[Khel")
+
+    def test_hangUp(self):
+        """
+        When the terminal goes, the input ends; the line being edited is not
+        sent.
+        """
+        self.typed(b"half")
+        self.editor.readConnectionLost()
+        self.editor.readConnectionLost()
+        self.assertEqual(self.session.events, [("typing",), ("end",)])
+
+    def test_finish(self):
+        """
+        At the end a line being edited is left on its own line.
+        """
+        self.editor.finish()
+        self.typed(b"half")
+        self.editor.finish()
+        self.assertEqual(self.transport.value(), b"\n")
+
+
+class RawTerminalTests(SynchronousTestCase):
+    """
+    L{RawTerminal} on a pseudo-terminal.
+    """
+
+    def setUp(self):
+        import pty
+
+        self.master, self.slave = pty.openpty()
+        self.addCleanup(os.close, self.master)
+        self.addCleanup(os.close, self.slave)
+
+    def test_enterAndRestore(self):
+        """
+        L{RawTerminal.enter} turns off line editing and echo, keeps signals
+        and output processing, and reports the terminal's own keys;
+        L{RawTerminal.restore} puts the mode back, once.
+        """
+        import termios
+
+        mode = termios.tcgetattr(self.slave)
+        mode[6][termios.VERASE] = b"#"
+        termios.tcsetattr(self.slave, termios.TCSANOW, mode)
+        before = termios.tcgetattr(self.slave)
+        terminal = RawTerminal(self.slave)
+        keys = terminal.enter()
+        self.assertTrue(terminal.entered)
+        self.assertEqual(keys["erase"], (b"#", b"\x7f", b"\x08"))
+        self.assertIn(b"\x04", keys["endOfFile"])
+        lflag = termios.tcgetattr(self.slave)[3]
+        self.assertFalse(lflag & (termios.ICANON | termios.ECHO))
+        self.assertTrue(lflag & termios.ISIG)
+        self.assertEqual(termios.tcgetattr(self.slave)[6][termios.VMIN], 1)
+        terminal.restore()
+        self.assertFalse(terminal.entered)
+        self.assertEqual(termios.tcgetattr(self.slave), before)
+        terminal.restore()
+
+    def test_notATerminal(self):
+        """
+        On something else L{RawTerminal.enter} raises C{termios.error}.
+        """
+        import termios
+
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        self.assertRaises(termios.error, RawTerminal(r).enter)
 
 
 class FormattingTests(SynchronousTestCase):
@@ -931,6 +1360,31 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(trustRoot.dumpPEM(), expected)
         self.assertIsNone(prepare(self.parse("--no-tls")).trustRoot)
 
+    def test_typingAndKeepTrying(self):
+        """
+        Typing signals are on and certificate failures final by default;
+        C{--no-typing} and C{--keep-trying} change that.
+        """
+        self.writeSecret()
+        config = prepare(self.parse())
+        self.assertEqual((config.typing, config.keepTrying), (True, False))
+        config = prepare(self.parse("--no-typing", "--keep-trying"))
+        self.assertEqual((config.typing, config.keepTrying), (False, True))
+
+    def test_trusted(self):
+        """
+        The configuration says in words what it trusts, for messages.
+        """
+        self.writeSecret()
+        self.assertEqual(prepare(self.parse()).trusted, "the system's CAs, since there is"
+                         " no " + self.dataDir.child(CERT_FILE_NAME).path)
+        from imserver.tls import ensureSelfSigned
+
+        cert, _ = ensureSelfSigned(self.dataDir)
+        self.assertEqual(prepare(self.parse()).trusted, cert.path)
+        self.assertEqual(prepare(self.parse("--ca", cert.path)).trusted, cert.path)
+        self.assertIsNone(prepare(self.parse("--no-tls")).trusted)
+
     def test_badCA(self):
         """
         A --ca that is missing or not a certificate is an error.
@@ -1012,13 +1466,16 @@ class LiveChatTests(TestCase):
     """
 
     timeout = 60
+    #: More C{twistd im} arguments for the gate.
+    gateArgs = ()
 
     def setUp(self):
         withoutSecretEnvironment(self)
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
         options.parseOptions(["--data-dir", self.dataDir.path, "--store", "memory",
-                              "--listen", "ssl:0:interface=127.0.0.1", "--api", "none"])
+                              "--listen", "ssl:0:interface=127.0.0.1", "--api", "none"]
+                             + list(self.gateArgs))
         self.root = startServer(self, options)
         d = self.root.getServiceNamed("gate").addresses()
         return d.addCallback(self._listening)
@@ -1026,20 +1483,32 @@ class LiveChatTests(TestCase):
     def _listening(self, addresses):
         self.port = addresses[0].port
 
-    def chat(self, uid, peer=None, group=None):
+    def chat(self, uid, peer=None, group=None, extra=(), usePTY=False, thenStty=False):
         """
         Start C{python -m imserver chat --uid uid --to peer} (or C{--group
         group}) on the gate's port and data directory; kill it at cleanup if
         it still runs.
 
+        @param extra: more arguments.
+        @param usePTY: run it on a pseudo-terminal, as in a terminal window
+            (its standard error goes there too).
+        @param thenStty: run it from C{sh}, which prints C{STTY:} and the
+            terminal's mode (C{stty -a}) once it is over, and exits with
+            its status.
         @return: the L{ChatProcess}.
         """
         process = ChatProcess(uid)
         env = childEnvironment()
         target = ["--to", peer] if group is None else ["--group", group]
         argv = [sys.executable, "-m", "imserver", "chat", "--uid", uid] + target + [
-            "--port", str(self.port), "--data-dir", self.dataDir.path]
-        transport = reactor.spawnProcess(process, sys.executable, argv, env=env)
+            "--port", str(self.port), "--data-dir", self.dataDir.path] + list(extra)
+        executable = sys.executable
+        if thenStty:
+            executable = "/bin/sh"
+            argv = [executable, "-c",
+                    shlex.join(argv) + "; s=$?; echo STTY:; stty -a; exit $s"]
+        transport = reactor.spawnProcess(process, executable, argv, env=env,
+                                         usePTY=usePTY)
         process.transport = transport
         killAtCleanup(self, process, transport)
         return process
@@ -1094,3 +1563,143 @@ class LiveChatTests(TestCase):
         self.assertEqual(statuses, [0, 0], alice.errors + bob.errors)
         self.assertNotIn("hello team", alice.output)
         self.assertEqual(alice.errors + bob.errors, "")
+
+    @inlineCallbacks
+    def test_typingFromAPipe(self):
+        """
+        A partial line on alice's input shows C{(alice is typing...)} in
+        bob's chat; the line, once complete, arrives as a message.
+        """
+        alice = self.chat("alice", "bob")
+        bob = self.chat("bob", "alice")
+        yield gatherResults([alice.waitFor("connected as alice (session "),
+                             bob.waitFor("connected as bob (session ")])
+        alice.transport.write(b"hel")
+        yield bob.waitFor("(alice is typing...)\n")
+        alice.transport.write(b"lo\n")
+        yield bob.waitFor("] alice: hello\n")
+        alice.transport.closeStdin()
+        bob.transport.closeStdin()
+        statuses = yield gatherResults([alice.ended, bob.ended])
+        self.assertEqual(statuses, [0, 0], alice.errors + bob.errors)
+
+    @inlineCallbacks
+    def test_typingInATerminal(self):
+        """
+        In a terminal, alice's chat reads key by key and echoes them: the
+        first keys of a line show C{(alice is typing...)} in bob's chat
+        before Enter sends it; Backspace edits the line; Ctrl-D on an empty
+        line quits with status 0, leaving the terminal as it was (line
+        editing, echo and signals on).
+        """
+        alice = self.chat("alice", "bob", usePTY=True, thenStty=True)
+        bob = self.chat("bob", "alice")
+        yield gatherResults([alice.waitFor("connected as alice (session "),
+                             bob.waitFor("connected as bob (session ")])
+        alice.transport.write(b"hx")
+        yield bob.waitFor("(alice is typing...)\n")
+        yield alice.waitFor("hx")
+        alice.transport.write(b"\x7fello\r")
+        yield bob.waitFor("] alice: hello\n")
+        bob.transport.write(b"hi alice\n")
+        yield alice.waitFor("] bob: hi alice")
+        alice.transport.write(b"\x04")
+        bob.transport.closeStdin()
+        statuses = yield gatherResults([alice.ended, bob.ended])
+        self.assertEqual(statuses, [0, 0], alice.output + bob.errors)
+        self.assertNotIn("Traceback", alice.output)
+        modes = set(re.split(r"[\s;]+", alice.output.partition("STTY:")[2]))
+        self.assertLessEqual({"icanon", "echo", "isig"}, modes, alice.output)
+
+    @inlineCallbacks
+    def test_terminalAfterSuspend(self):
+        """
+        After Ctrl-Z and C{fg} (the shell set its own terminal mode
+        meanwhile), the chat reads key by key again and redraws the line
+        being typed.
+        """
+        import termios
+
+        alice = self.chat("alice", "bob", usePTY=True)
+        yield alice.waitFor("connected as alice (session ")
+        alice.transport.write(b"zq")
+        yield alice.waitFor("zq")
+        master = alice.transport.fileno()
+        mode = termios.tcgetattr(master)
+        self.assertFalse(mode[3] & termios.ICANON)
+        mode[3] |= termios.ICANON | termios.ECHO
+        termios.tcsetattr(master, termios.TCSANOW, mode)
+        alice.transport.signalProcess(signal.SIGSTOP)
+        alice.transport.signalProcess(signal.SIGCONT)
+        yield alice.waitFor("\r\x1b[Kzq")
+        self.assertFalse(termios.tcgetattr(master)[3] & (termios.ICANON | termios.ECHO))
+        alice.transport.write(b"\x15\x04")
+        status = yield alice.ended
+        self.assertEqual(status, 0, alice.output)
+
+    @inlineCallbacks
+    def test_untrustedCertificate(self):
+        """
+        A chat that does not trust the gate's certificate says what to do
+        and exits with status 1; with C{--keep-trying} it keeps trying.
+        """
+        from imserver.tls import makeSelfSigned
+
+        other = FilePath(self.mktemp())
+        other.setContent(makeSelfSigned()[0])
+        alice = self.chat("alice", "bob", extra=["--ca", other.path])
+        status = yield alice.ended
+        self.assertEqual(status, 1, alice.output + alice.errors)
+        self.assertIn("! cannot connect to localhost:{}: TLS failed: certificate verify"
+                      " failed\n".format(self.port), alice.output)
+        self.assertIn("(this chat trusts {}): pass --ca FILE".format(other.path),
+                      alice.output)
+        self.assertIn("--data-dir DIR", alice.output)
+        self.assertNotIn("still trying", alice.output)
+        self.assertEqual(alice.errors, "")
+
+        bob = self.chat("bob", "alice", extra=["--ca", other.path, "--keep-trying"])
+        yield bob.waitFor("certificate verify failed (still trying)\n")
+        yield bob.waitFor("pass --ca FILE")
+        self.assertFalse(bob.ended.called)
+        bob.transport.signalProcess("KILL")
+        yield bob.ended
+
+
+class LiveCertificateNameTests(TestCase):
+    """
+    A chat against a gate whose certificate, trusted, does not name the
+    host the chat connects to.
+    """
+
+    timeout = 60
+    _listening = LiveChatTests._listening
+    chat = LiveChatTests.chat
+
+    def setUp(self):
+        """
+        Start the gate of L{LiveChatTests} with a certificate for
+        C{gate.example} only.
+        """
+        from imserver.tls import makeSelfSigned
+
+        cert, key = makeSelfSigned(hostnames=("gate.example",), addresses=())
+        directory = FilePath(self.mktemp())
+        directory.makedirs()
+        self.certPath, keyPath = directory.child("cert.pem"), directory.child("key.pem")
+        self.certPath.setContent(cert)
+        keyPath.setContent(key)
+        self.gateArgs = ["--tls-cert", self.certPath.path, "--tls-key", keyPath.path]
+        return LiveChatTests.setUp(self)
+
+    @inlineCallbacks
+    def test_wrongName(self):
+        """
+        The chat says to use a host name the certificate holds and exits
+        with status 1.
+        """
+        alice = self.chat("alice", "bob", extra=["--ca", self.certPath.path])
+        status = yield alice.ended
+        self.assertEqual(status, 1, alice.output + alice.errors)
+        self.assertIn("the gate's certificate does not name localhost: give --host",
+                      alice.output)

@@ -197,3 +197,57 @@ class IMClientOfflineTests(SynchronousTestCase):
         clock.advance(1)
         self.failureResultOf(d, RequestTimeout)
         self.assertEqual(client.pendingCount(), 0)
+
+
+class StringEndpoint:
+    """
+    A client endpoint whose connections are L{StringTransport}s, at once.
+
+    @ivar connected: the protocols connected, in order.
+    """
+
+    def __init__(self):
+        self.connected = []
+
+    def connect(self, factory):
+        from twisted.internet.defer import succeed
+
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(StringTransport())
+        self.connected.append(protocol)
+        return succeed(protocol)
+
+
+class IMClientTypingTests(SynchronousTestCase):
+    """
+    L{IMClient.sendTyping}.
+    """
+
+    def test_sendTyping(self):
+        """
+        Typing signals go out on the authenticated connection only: before
+        it, nothing is sent (or queued) and the call says so.
+        """
+        from imserver.client import IMClient
+
+        clock = Clock()
+        endpoint = StringEndpoint()
+        client = IMClient(clock, None, None, "alice", "tok", "phone", endpoint=endpoint)
+        self.assertFalse(client.sendTyping("bob"))
+        client.start()
+        [protocol] = endpoint.connected
+        [auth] = readFrames(protocol.transport.value())
+        protocol.transport.clear()
+        self.assertFalse(client.sendTyping("bob"))
+        protocol.dataReceived(encodeFrame(pb.Frame(
+            kind=pb.RESPONSE, seq=auth.seq, body=pb.AuthResponse().SerializeToString())))
+        self.assertTrue(client.sendTyping("bob"))
+        self.assertTrue(client.sendTyping("", active=False, groupId="team"))
+        frames = readFrames(protocol.transport.value())
+        self.assertEqual([(f.kind, f.method) for f in frames], [(pb.NOTIFY, "typing")] * 2)
+        self.assertEqual([pb.Typing.FromString(f.body) for f in frames], [
+            pb.Typing(uid="bob", active=True), pb.Typing(active=False, group_id="team")])
+        protocol.transport.loseConnection()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(client.sendTyping("bob"))
+        client.stop()

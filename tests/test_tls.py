@@ -4,6 +4,8 @@ Tests for L{imserver.tls} and L{imserver.endpoints}.
 
 from OpenSSL import SSL
 import datetime
+import os
+import stat
 
 from cryptography import x509
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -15,6 +17,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imserver import tls
 from imserver.endpoints import listenEndpoint, splitDescription
+
+
+def _mode(path):
+    """
+    The permission bits of the file at C{path} (a L{FilePath}).
+    """
+    return stat.S_IMODE(os.stat(path.path).st_mode)
 
 
 class ContextTests(SynchronousTestCase):
@@ -66,6 +75,46 @@ class SelfSignedTests(SynchronousTestCase):
         content = cert.getContent()
         cert2, key2 = tls.ensureSelfSigned(dataDir)
         self.assertEqual(cert2.getContent(), content)
+
+    def test_modes(self):
+        """
+        The certificate is written with mode 0644 and the key with 0600,
+        whatever the umask.
+        """
+        for umask in (0o000, 0o022, 0o077):
+            old = os.umask(umask)
+            try:
+                cert, key = tls.ensureSelfSigned(FilePath(self.mktemp()))
+            finally:
+                os.umask(old)
+            self.assertEqual((_mode(cert), _mode(key)), (0o644, 0o600), oct(umask))
+
+    def test_renewedModes(self):
+        """
+        A renewed certificate and key get modes 0644 and 0600 even where the
+        files they replace had others; no temporary file is left behind.
+        """
+        dataDir = FilePath(self.mktemp())
+        start = datetime.datetime.now(datetime.timezone.utc)
+        cert, key = tls.ensureSelfSigned(dataDir, now=start)
+        cert.chmod(0o755)
+        key.chmod(0o644)
+        tls.ensureSelfSigned(dataDir, now=start + datetime.timedelta(days=370))
+        self.assertEqual((_mode(cert), _mode(key)), (0o644, 0o600))
+        self.assertEqual(sorted(dataDir.listdir()), [tls.CERT_FILE_NAME, tls.KEY_FILE_NAME])
+
+    def test_writeFileFails(self):
+        """
+        L{tls.writeFile} removes its temporary file when writing fails, and
+        leaves the file it was to replace as it was.
+        """
+        dataDir = FilePath(self.mktemp())
+        dataDir.makedirs()
+        path = dataDir.child("f")
+        path.setContent(b"old")
+        self.assertRaises(TypeError, tls.writeFile, path, "not bytes", 0o600)
+        self.assertEqual(dataDir.listdir(), ["f"])
+        self.assertEqual(path.getContent(), b"old")
 
     def test_validity(self):
         """

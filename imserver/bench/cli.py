@@ -10,21 +10,32 @@ import sys
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
+from imserver import commandline
 from imserver.bench import runReactor
 from imserver.bench.coordinator import BenchError, Coordinator
 from imserver.bench.scenarios import SCENARIOS
 
 
-class Options(usage.Options):
+class Options(commandline.Options):
     """
     The options of C{im-bench}: a scenario and its options.
     """
 
     longdesc = ("The imserver load generator: runs a scenario against its own gate, then a "
                 "raw Twisted echo server as the reference, and prints a JSON result. "
-                "'SCENARIO --help' lists a scenario's options.")
+                "'im-bench SCENARIO --help' lists a scenario's options "
+                "(im-bench is also 'python -m imserver.bench').")
     subCommands = [[name, None, scenario.Options, scenario.summary]
                    for name, scenario in SCENARIOS.items()]
+
+    def getSynopsis(self):
+        """
+        C{Usage: im-bench (fanout | hold | ...) [options]}; just the command
+        name once a scenario is chosen (its usage line follows).
+        """
+        if getattr(self, "subCommand", None) is not None:
+            return "Usage: im-bench"
+        return "Usage: im-bench ({}) [options]".format(" | ".join(SCENARIOS))
 
     def postOptions(self):
         if self.subCommand is None:
@@ -60,7 +71,8 @@ def main(argv):
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
-        sys.stderr.write("{}\n{}\n".format(options, e))
+        shown = getattr(options, "subOptions", options)
+        sys.stderr.write("{}\nim-bench: {}\n".format(shown, e))
         return 2
     scenario = SCENARIOS[options.subCommand](options.subOptions)
     outcome = []

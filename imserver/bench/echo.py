@@ -17,6 +17,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python import usage
 from twisted.python.filepath import FilePath
 
+from imserver import commandline
 from imserver.bench import runReactor
 from imserver.bench.options import loopback
 
@@ -32,10 +33,16 @@ class Echo(Int32StringReceiver):
         self.sendString(data)
 
 
-class EchoServerOptions(usage.Options):
+class EchoServerOptions(commandline.Options):
     """
     The options of C{echo-server}.
     """
+
+    synopsis = "Usage: im-bench echo-server [options]"
+    longdesc = (
+        "The bench's reference server (started by im-bench itself): echoes"
+        " length-prefixed frames over plain TCP, or TLS with --tls-cert."
+    )
 
     optParameters = [
         ["host", None, "127.0.0.1", "Loopback address to listen on."],

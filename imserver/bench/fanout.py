@@ -66,6 +66,11 @@ class FanoutOptions(WindowOptions):
     The options of C{fanout}.
     """
 
+    longdesc = (
+        "One sender to a group of --members online members (the group is made through the gate's "
+        "HTTP API): send -> store in every inbox -> push to every member -> ack."
+    )
+
     optParameters = [
         ["members", "m", 1000,
          "Group members, the sender (member 0) included; one connection each.", int],

@@ -27,6 +27,11 @@ class HoldOptions(WindowOptions):
     The options of C{hold}.
     """
 
+    longdesc = (
+        "N authenticated connections that heartbeat as the client library does: how fast they "
+        "connect, the gate's memory per connection and its CPU while holding them for --duration."
+    )
+
     optParameters = [
         ["heartbeat", None, 30.0,
          "The gate's heartbeat interval in seconds (its idle timeout is 3 times that).", float],

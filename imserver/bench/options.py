@@ -15,6 +15,8 @@ import shutil
 
 from twisted.python import usage
 
+from imserver import commandline
+
 #: Connections one worker process holds by default.
 CONNECTIONS_PER_WORKER = 15000
 #: Connections one source address carries by default (the ephemeral port
@@ -118,7 +120,7 @@ def listenDescription(transport, host):
     return "{}:0:interface={}".format(kind, escaped)
 
 
-class BaseOptions(usage.Options):
+class BaseOptions(commandline.Options):
     """
     The options of every scenario.
 

@@ -31,6 +31,12 @@ class P2POptions(WindowOptions):
     The options of C{p2p}.
     """
 
+    longdesc = (
+        "1:1 durable delivery: users in pairs, the even one of each pair sending to the odd one "
+        "over the real protocol (send -> store -> push -> ack), closed loop (--inflight sends "
+        "outstanding per sender) or open loop at a total --rate."
+    )
+
     pairs = True
     optParameters = [
         ["inflight", None, 1, "Closed loop: sends outstanding per sender.", int],

@@ -28,6 +28,12 @@ class PingOptions(WindowOptions):
     The options of C{ping}: the common ones.
     """
 
+    longdesc = (
+        "RPC round trips through the gate's request dispatch (the ping method), one in flight per "
+        "connection; its ratio to the echo reference is what imserver's framing, protobuf and RPC "
+        "layers cost on top of Twisted."
+    )
+
 
 class PingLoad(RoundTripLoad):
     """

@@ -33,6 +33,12 @@ class StormOptions(BaseOptions):
     The options of C{storm}.
     """
 
+    longdesc = (
+        "A reconnect storm: N sessions are held, --drop K of them lose their connection at once, "
+        "reconnect, resume and receive what they missed (--backlog M messages each); reports the "
+        "time until all K are back."
+    )
+
     pairs = True
     optParameters = [
         ["drop", "k", None, "Connections dropped at once (default: half of --users).", int],
