@@ -1,25 +1,51 @@
 # The two commands of the README: `make run` and `make test`.  Each makes its
-# own virtualenv in .venv and installs the project into it first.
+# own virtualenv in .venv and installs the project into it first.  `make lint`
+# checks the code (ruff, mypy); `make format` rewrites it to pass ruff.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+LINT_STAMP = $(VENV)/.installed-lint
 
-.PHONY: run test proto fuzz clean
+.PHONY: run test lint format proto fuzz clean
 
-$(STAMP): setup.cfg pyproject.toml
+# constraints.txt pins the tested version of every dependency.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# compat mode: a .pth entry for this folder, so twistd finds
 	# twisted/plugins/imserver_plugin.py (the default editable mode hides it).
-	$(BIN)/pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]' \
+	    --config-settings editable_mode=compat
 	touch $(STAMP)
+
+# The lint tools (setup.cfg extra `lint`), added to the same .venv.
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[lint]' \
+	    --config-settings editable_mode=compat
+	touch $(LINT_STAMP)
 
 run: $(STAMP)
 	$(BIN)/twistd -n im $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/trial $(TRIAL_ARGS) tests
+
+# ruff check, ruff format --check and mypy (configured in pyproject.toml):
+# all three run, and the target fails if any of them does.
+lint: $(LINT_STAMP)
+	@status=0; \
+	echo '== ruff check'; $(BIN)/ruff check . || status=1; \
+	echo '== ruff format --check'; $(BIN)/ruff format --check --output-format concise . \
+	    || status=1; \
+	echo '== mypy'; $(BIN)/mypy || status=1; \
+	exit $$status
+
+# Rewrites the files: the fixable findings of ruff check (import order, ...)
+# fixed, then everything formatted.  What is left, ruff check prints.
+format: $(LINT_STAMP)
+	$(BIN)/ruff check --fix --exit-zero .
+	$(BIN)/ruff format .
 
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=imserver/pb \
@@ -37,4 +63,4 @@ fuzz: $(STAMP)
 	    -artifact_prefix=fuzz/crashes/ $(FUZZ_ARGS)
 
 clean:
-	rm -rf $(VENV) _trial_temp build *.egg-info
+	rm -rf $(VENV) _trial_temp build *.egg-info .mypy_cache .ruff_cache

@@ -21,10 +21,12 @@ class RPCError(Exception):
     @ivar fatal: if true, the connection is closed after the error response.
     """
 
-    code = pb.INTERNAL
-    fatal = False
+    code: "pb.ErrorCode" = pb.INTERNAL
+    fatal: bool = False
 
-    def __init__(self, message="", code=None, fatal=None):
+    def __init__(
+        self, message: str = "", code: "pb.ErrorCode | None" = None, fatal: bool | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -32,7 +34,7 @@ class RPCError(Exception):
         if fatal is not None:
             self.fatal = fatal
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<{} {} {!r}>".format(
             type(self).__name__, ErrorCode.Name(self.code), self.message
         )
@@ -62,7 +64,7 @@ class AuthFailed(RPCError):
     code = pb.AUTH_FAILED
     fatal = True
 
-    def __init__(self, message="authentication failed"):
+    def __init__(self, message: str = "authentication failed") -> None:
         super().__init__(message)
 
 
@@ -113,12 +115,12 @@ class RemoteError(Exception):
     @ivar message: the peer's detail text.
     """
 
-    def __init__(self, code, message):
+    def __init__(self, code: int, message: str) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
 
-    def __str__(self):
+    def __str__(self) -> str:
         try:
             name = ErrorCode.Name(self.code)
         except ValueError:
@@ -149,7 +151,7 @@ class ConnectionClosedByPeer(Exception):
     @ivar code: the L{ErrorCode} from the ERROR frame.
     """
 
-    def __init__(self, code, message):
+    def __init__(self, code: int, message: str) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message

@@ -10,8 +10,10 @@ is the business of L{imserver.rpc}.
 """
 
 import struct
+from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
+from twisted.internet.interfaces import ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
@@ -21,13 +23,13 @@ from imserver.wire import encodeError
 _header = struct.Struct("!I")
 HEADER_LENGTH = _header.size
 _packLength = _header.pack
-_unpackLength = _header.unpack_from
+_unpackLength: Callable[..., tuple[int]] = _header.unpack_from
 
 #: The default largest frame, in bytes, length prefix excluded.
 DEFAULT_MAX_FRAME_LENGTH = 64 * 1024
 
 
-def lengthPrefixed(data):
+def lengthPrefixed(data: bytes) -> bytes:
     """
     The bytes of one frame on a TCP stream: C{data} (a serialized
     L{pb.Frame}) behind its length prefix.
@@ -37,7 +39,7 @@ def lengthPrefixed(data):
     return _packLength(len(data)) + data
 
 
-def encodeFrame(frame):
+def encodeFrame(frame: pb.Frame) -> bytes:
     """
     Serialize C{frame} with its length prefix.
 
@@ -47,7 +49,7 @@ def encodeFrame(frame):
     return lengthPrefixed(frame.SerializeToString())
 
 
-def decodeLength(header):
+def decodeLength(header: bytes) -> int:
     """
     Read a length prefix.
 
@@ -76,8 +78,10 @@ class FrameProtocol(Protocol):
     connectionId = "-"
     _buffer = b""
     _closing = False
+    #: Set by makeConnection: frames are written only once connected.
+    transport: ITransport
 
-    def dataReceived(self, data):
+    def dataReceived(self, data: bytes) -> int:  # type: ignore[override]
         """
         Split C{data} (and what was left of earlier reads) into frames and
         hand each to L{frameReceived}.
@@ -125,7 +129,7 @@ class FrameProtocol(Protocol):
             self._buffer = data[offset:] if offset else data
         return count
 
-    def frameReceived(self, frame):
+    def frameReceived(self, frame: pb.Frame) -> None:
         """
         Handle one complete frame.
 
@@ -133,7 +137,7 @@ class FrameProtocol(Protocol):
         """
         raise NotImplementedError()
 
-    def writeFrame(self, data):
+    def writeFrame(self, data: bytes) -> None:
         """
         Write one frame, C{data} (a serialized L{pb.Frame}, from
         L{imserver.wire}), with its length prefix, unless the connection is
@@ -144,7 +148,7 @@ class FrameProtocol(Protocol):
         if not self._closing:
             self.transport.write(_packLength(len(data)) + data)
 
-    def closeWithError(self, code, message, seq=0):
+    def closeWithError(self, code: "pb.ErrorCode", message: str, seq: int = 0) -> None:
         """
         Send an ERROR frame and close the connection cleanly.  Further input
         is ignored.  Idempotent.
@@ -164,7 +168,7 @@ class FrameProtocol(Protocol):
         self.writeFrame(encodeError(code, message, seq))
         self.close()
 
-    def close(self):
+    def close(self) -> None:
         """
         Close the connection after pending writes; further input is ignored.
         Idempotent.
@@ -174,7 +178,7 @@ class FrameProtocol(Protocol):
             self._buffer = b""
             self.closeTransport()
 
-    def closeTransport(self):
+    def closeTransport(self) -> None:
         """
         Close the transport after pending writes: called once, by L{close}.
         Subclasses may bound how long that takes.

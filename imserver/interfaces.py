@@ -5,7 +5,22 @@ Each has an in-process implementation; cluster mode adds Redis ones.  Tests
 run one suite against every implementation (see tests/test_registry.py).
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from imserver.pb import im_pb2 as pb
+    from imserver.store import Delivery
+    from imserver.wire import EncodedMessage
+
+    #: A client address of a gate: C{(host, port, tls)}.
+    Address = tuple[str, int, bool]
 
 
 class IAuthenticator(Interface):
@@ -13,7 +28,7 @@ class IAuthenticator(Interface):
     Decides whether a client may act as a uid.
     """
 
-    def authenticate(uid, token):
+    def authenticate(uid: str, token: str) -> Deferred[str]:
         """
         Check C{token} for C{uid}.
 
@@ -37,7 +52,7 @@ class ISession(Interface):
     sessionId = Attribute("Unique id of this session (L{str}).")
     gateId = Attribute("Id of the gate process holding the session (L{str}).")
 
-    def kick(reason, message):
+    def kick(reason: pb.KickReason, message: str) -> None:
         """
         Tell the client why, then close the session.
 
@@ -45,7 +60,7 @@ class ISession(Interface):
         @param message: detail for the client.
         """
 
-    def inboxAdvanced(seq, outgoing, encoded):
+    def inboxAdvanced(seq: int, outgoing: bool, encoded: EncodedMessage) -> None:
         """
         A new entry was committed to this session's user's inbox.  The
         session pushes it in seq order, after any backlog, within its
@@ -57,13 +72,13 @@ class ISession(Interface):
             recipient: the message is serialized once)
         """
 
-    def typing(uid, active, groupId):
+    def typing(uid: str, active: bool, groupId: str) -> None:
         """
         Forward a transient typing signal from C{uid} (in C{groupId}, or
         to this user directly if it is empty).
         """
 
-    def notice(frame):
+    def notice(frame: bytes) -> None:
         """
         Write a system notice: C{frame} is the encoded C{notice} NOTIFY
         frame, the same bytes for every session.
@@ -79,7 +94,7 @@ class ISessionRegistry(Interface):
     a late close of an old connection never removes a newer login.
     """
 
-    def register(session):
+    def register(session: ISession) -> Deferred[ISession | None]:
         """
         Register an authenticated L{ISession}.
 
@@ -89,7 +104,7 @@ class ISessionRegistry(Interface):
             already has the maximum number of other devices registered.
         """
 
-    def unregister(session):
+    def unregister(session: ISession) -> Deferred[bool]:
         """
         Remove C{session} if, and only if, it is still the registered session
         for its uid and device id.
@@ -97,13 +112,13 @@ class ISessionRegistry(Interface):
         @return: a L{Deferred} firing with L{True} if it was removed.
         """
 
-    def sessionsFor(uid):
+    def sessionsFor(uid: str) -> Deferred[list[ISession]]:
         """
         @return: a L{Deferred} firing with a L{list} of the L{ISession}s
             registered for C{uid}, in no particular order.
         """
 
-    def sessionsForMany(uids):
+    def sessionsForMany(uids: Iterable[str]) -> Deferred[dict[str, list[ISession]]]:
         """
         One lookup for many users (a group message's recipients).
 
@@ -111,7 +126,7 @@ class ISessionRegistry(Interface):
             uids in C{uids} that have sessions.
         """
 
-    def count():
+    def count() -> Deferred[int]:
         """
         @return: a L{Deferred} firing with the number of registered sessions.
         """
@@ -129,7 +144,9 @@ class IMessageStore(Interface):
     once the write is durable.
     """
 
-    def deliver(sender, clientMsgId, message, recipients, nowMs):
+    def deliver(
+        sender: str, clientMsgId: str, message: pb.Message, recipients: Iterable[str], nowMs: int
+    ) -> Deferred[Delivery]:
         """
         Store C{message} once and append it to the inbox of every uid in
         C{recipients} and to the sender's own (marked outgoing), atomically.
@@ -149,20 +166,20 @@ class IMessageStore(Interface):
             non-member, or no such group).
         """
 
-    def fetch(uid, afterSeq, limit):
+    def fetch(uid: str, afterSeq: int, limit: int) -> Deferred[list[pb.InboxEntry]]:
         """
         @return: a L{Deferred} firing with a L{list} of at most C{limit}
             L{imserver.pb.im_pb2.InboxEntry}s of C{uid} with
             C{seq > afterSeq}, in seq order.
         """
 
-    def head(uid):
+    def head(uid: str) -> Deferred[int]:
         """
         @return: a L{Deferred} firing with the newest seq assigned in
             C{uid}'s inbox (0 if none).
         """
 
-    def ack(cursors, nowMs):
+    def ack(cursors: Iterable[tuple[str, str, int]], nowMs: int) -> Deferred[int]:
         """
         Raise device cursors (never lower them), all in one write.
 
@@ -170,12 +187,12 @@ class IMessageStore(Interface):
         @return: a L{Deferred} firing with the number of cursors written.
         """
 
-    def cursor(uid, deviceId):
+    def cursor(uid: str, deviceId: str) -> Deferred[int]:
         """
         @return: a L{Deferred} firing with the device's cursor (0 if none).
         """
 
-    def trim(nowMs, maxAgeMs, maxCount):
+    def trim(nowMs: int, maxAgeMs: int, maxCount: int) -> Deferred[int]:
         """
         Apply retention: remove entries older than C{maxAgeMs}; from inboxes
         holding more than C{maxCount} entries remove the oldest ones that
@@ -198,7 +215,7 @@ class IGroupStore(Interface):
     L{Deferred}.
     """
 
-    def createGroup(groupId, name, owner, nowMs):
+    def createGroup(groupId: str, name: str, owner: str, nowMs: int) -> Deferred[pb.Group]:
         """
         Create a group with C{owner} as its only member (role C{ROLE_OWNER}).
 
@@ -206,7 +223,7 @@ class IGroupStore(Interface):
             (role: owner), or failing with L{imserver.store.GroupExists}.
         """
 
-    def deleteGroup(groupId):
+    def deleteGroup(groupId: str) -> Deferred[bool]:
         """
         Delete a group and its memberships (messages already delivered stay
         in the inboxes).
@@ -215,7 +232,9 @@ class IGroupStore(Interface):
             L{imserver.store.GroupNotFound}.
         """
 
-    def setMembers(groupId, members, maxSize, nowMs):
+    def setMembers(
+        groupId: str, members: Iterable[tuple[str, pb.Role]], maxSize: int, nowMs: int
+    ) -> Deferred[list[str]]:
         """
         Add members, or change the role of existing ones, all or nothing.
 
@@ -226,27 +245,27 @@ class IGroupStore(Interface):
             L{imserver.store.GroupNotFound} or L{imserver.store.GroupFull}.
         """
 
-    def removeMembers(groupId, uids):
+    def removeMembers(groupId: str, uids: Iterable[str]) -> Deferred[list[str]]:
         """
         @return: a L{Deferred} firing with the L{list} of uids that were
             members and are not any more, or failing with
             L{imserver.store.GroupNotFound}.
         """
 
-    def group(groupId):
+    def group(groupId: str) -> Deferred[pb.Group | None]:
         """
         @return: a L{Deferred} firing with the L{imserver.pb.im_pb2.Group}
             (role unset), or L{None} if there is no such group.
         """
 
-    def members(groupId):
+    def members(groupId: str) -> Deferred[list[pb.Member]]:
         """
         @return: a L{Deferred} firing with the group's
             L{imserver.pb.im_pb2.Member}s ordered by uid, or failing with
             L{imserver.store.GroupNotFound}.
         """
 
-    def groupsOf(uid):
+    def groupsOf(uid: str) -> Deferred[list[pb.Group]]:
         """
         @return: a L{Deferred} firing with the L{imserver.pb.im_pb2.Group}s
             C{uid} is a member of (role: C{uid}'s), ordered by group id.
@@ -263,7 +282,7 @@ class IGateDirectory(Interface):
     (L{bool}).
     """
 
-    def advertise(gateId, addresses):
+    def advertise(gateId: str, addresses: list[Address]) -> Deferred[None]:
         """
         Publish the client addresses of gate C{gateId}, replacing those it
         published before.
@@ -272,14 +291,14 @@ class IGateDirectory(Interface):
         @return: a L{Deferred} firing once published.
         """
 
-    def withdraw(gateId):
+    def withdraw(gateId: str) -> Deferred[None]:
         """
         Remove gate C{gateId} (it is stopping).
 
         @return: a L{Deferred} firing once removed.
         """
 
-    def gates():
+    def gates() -> Deferred[dict[str, list[Address]]]:
         """
         @return: a L{Deferred} firing with a L{dict} mapping the id of every
             live gate to its L{list} of C{(host, port, tls)}.
@@ -299,7 +318,9 @@ class IGateBus(Interface):
         "goes there."
     )
 
-    def forward(gateId, uid, seq, outgoing, encoded):
+    def forward(
+        gateId: str, uid: str, seq: int, outgoing: bool, encoded: EncodedMessage
+    ) -> None:
         """
         Tell gate C{gateId} that entry C{seq} of C{uid}'s inbox was
         committed.
@@ -308,19 +329,27 @@ class IGateBus(Interface):
             every recipient of one message, so it is carried once per gate.
         """
 
-    def kick(gateId, uid, deviceId, sessionId, generation, reason, message):
+    def kick(
+        gateId: str,
+        uid: str,
+        deviceId: str,
+        sessionId: str,
+        generation: int,
+        reason: pb.KickReason,
+        message: str,
+    ) -> None:
         """
         Ask gate C{gateId} to kick session C{sessionId} if it still holds
         it with registration C{generation}.
         """
 
-    def typing(gateId, toUid, fromUid, active, groupId):
+    def typing(gateId: str, toUid: str, fromUid: str, active: bool, groupId: str) -> None:
         """
         Forward a typing signal of C{fromUid} to the sessions of C{toUid}
         on gate C{gateId}.
         """
 
-    def notice(gateId, sessionId, frame):
+    def notice(gateId: str, sessionId: str, frame: bytes) -> None:
         """
         Have gate C{gateId} write the encoded notice C{frame} to session
         C{sessionId}.
@@ -333,7 +362,9 @@ class IBusReceiver(Interface):
     registry, which knows this gate's sessions).
     """
 
-    def forwardReceived(encoded, targets):
+    def forwardReceived(
+        encoded: EncodedMessage, targets: Iterable[tuple[str, int, bool]]
+    ) -> None:
         """
         @type encoded: L{imserver.wire.EncodedMessage}
         @param targets: C{(uid, seq, outgoing)} tuples: call
@@ -341,17 +372,24 @@ class IBusReceiver(Interface):
             each uid.
         """
 
-    def kickReceived(uid, deviceId, sessionId, generation, reason, message):
+    def kickReceived(
+        uid: str,
+        deviceId: str,
+        sessionId: str,
+        generation: int,
+        reason: pb.KickReason,
+        message: str,
+    ) -> None:
         """
         Kick local session C{sessionId} if its generation is C{generation}.
         """
 
-    def typingReceived(toUid, fromUid, active, groupId):
+    def typingReceived(toUid: str, fromUid: str, active: bool, groupId: str) -> None:
         """
         Forward a typing signal to the local sessions of C{toUid}.
         """
 
-    def noticeReceived(sessionId, frame):
+    def noticeReceived(sessionId: str, frame: bytes) -> None:
         """
         Write C{frame} to local session C{sessionId}.
         """

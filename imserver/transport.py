@@ -17,8 +17,13 @@ arrives on a half-closed socket, the socket's C{connectionLost} runs inside
 the TLS layer's own read and it fails with an C{AttributeError}.)
 """
 
+from typing import Any, cast
 
-def socketTransport(transport):
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport, ITransport
+from twisted.internet.protocol import Protocol
+
+
+def socketTransport(transport: ITransport | None) -> Any:
     """
     The socket's own transport under C{transport} (through TLS and PROXY
     wrappers), which has the write buffer and reads the socket; or L{None}
@@ -31,7 +36,7 @@ def socketTransport(transport):
     return transport
 
 
-def closeBounded(protocol, clock, timeout):
+def closeBounded(protocol: Protocol, clock: IReactorTime, timeout: float) -> IDelayedCall | None:
     """
     Close C{protocol}'s connection after its pending writes, the peer's
     answer not awaited, and abort it if it is still open C{timeout} seconds
@@ -47,7 +52,8 @@ def closeBounded(protocol, clock, timeout):
     @return: the L{IDelayedCall} of the abort, to be cancelled in
         C{connectionLost}; or L{None} if the connection was lost at once.
     """
-    transport = protocol.transport
+    # TCP, or a wrapper (TLS, PROXY) passing abortConnection on.
+    transport = cast(ITCPTransport, protocol.transport)
     transport.loseConnection()
     if not protocol.connected:
         return None
@@ -57,7 +63,7 @@ def closeBounded(protocol, clock, timeout):
         # wrapper's last bytes (close_notify) are out instead.
         socket.loseConnection()
 
-    def abort():
+    def abort() -> None:
         if protocol.connected:
             transport.abortConnection()
 

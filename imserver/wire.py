@@ -19,7 +19,7 @@ from imserver.pb import im_pb2 as pb
 _SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
 
 
-def varint(value):
+def varint(value: int) -> bytes:
     """
     The protobuf base-128 varint of a non-negative C{value}.
 
@@ -49,7 +49,7 @@ _ENTRY_OUTGOING = b"\x10\x01"
 _ENTRY_MESSAGE = b"\x1a"
 
 
-def encodeFrame(frame):
+def encodeFrame(frame: pb.Frame) -> bytes:
     """
     Serialize any C{frame} (the general, slower encoder).
 
@@ -59,14 +59,14 @@ def encodeFrame(frame):
     return frame.SerializeToString()
 
 
-def encodeRequest(seq, method, body):
+def encodeRequest(seq: int, method: str, body: bytes) -> bytes:
     """
     The REQUEST frame C{seq} of C{method} (its name) carrying C{body}.
     """
     return pb.Frame(kind=pb.REQUEST, seq=seq, method=method, body=body).SerializeToString()
 
 
-def encodeResponse(seq, body):
+def encodeResponse(seq: int, body: bytes) -> bytes:
     """
     The RESPONSE frame answering request C{seq} with C{body} (a serialized
     response message).
@@ -78,7 +78,7 @@ def encodeResponse(seq, body):
     return _KIND_RESPONSE + _SEQ + varint(seq)
 
 
-def encodeErrorResponse(seq, code, message):
+def encodeErrorResponse(seq: int, code: "pb.ErrorCode", message: str) -> bytes:
     """
     The RESPONSE frame refusing request C{seq} with error C{code}.
     """
@@ -87,7 +87,7 @@ def encodeErrorResponse(seq, code, message):
     ).SerializeToString()
 
 
-def encodeError(code, message, seq=0):
+def encodeError(code: "pb.ErrorCode", message: str, seq: int = 0) -> bytes:
     """
     The ERROR frame that precedes a close: C{code}, detail C{message}, and
     the seq of the request that caused it (0: none).
@@ -97,7 +97,7 @@ def encodeError(code, message, seq=0):
     ).SerializeToString()
 
 
-def notifyPrefix(name):
+def notifyPrefix(name: str) -> bytes:
     """
     What every NOTIFY frame of method C{name} starts with: the kind and the
     method name.  L{encodeNotify} completes it.
@@ -109,7 +109,7 @@ def notifyPrefix(name):
     return _KIND_NOTIFY + _METHOD + varint(len(encoded)) + encoded
 
 
-def encodeNotify(prefix, body):
+def encodeNotify(prefix: bytes, body: bytes) -> bytes:
     """
     The NOTIFY frame of the method whose L{notifyPrefix} is C{prefix},
     carrying C{body}.
@@ -124,7 +124,7 @@ def encodeNotify(prefix, body):
 _NOTICE = notifyPrefix("notice")
 
 
-def encodeNotice(body, contentType, serverTimeMs):
+def encodeNotice(body: bytes, contentType: str, serverTimeMs: int) -> bytes:
     """
     The C{notice} NOTIFY frame (a system notice, nothing stored).
     """
@@ -152,23 +152,24 @@ class EncodedMessage:
 
     __slots__ = ("_message", "data", "_tail", "_outgoingTail", "_starts")
 
-    def __init__(self, message=None, data=None):
+    def __init__(self, message: pb.Message | None = None, data: bytes | None = None) -> None:
         """
         @param message: the L{pb.Message}; or L{None} with C{data}.
         @param data: its serialization, if already at hand.
         """
         if data is None:
-            data = message.SerializeToString()
+            # Without data, message is given.
+            data = message.SerializeToString()  # type: ignore[union-attr]
         self._message = message
         self.data = data
         self._tail = _ENTRY_MESSAGE + varint(len(data)) + data
         self._outgoingTail = _ENTRY_OUTGOING + self._tail
         # What comes before the seq, by the seq's varint length (negative:
         # outgoing), shared by every frame of this message.
-        self._starts = {}
+        self._starts: dict[int, bytes] = {}
 
     @classmethod
-    def fromBytes(cls, data):
+    def fromBytes(cls, data: bytes) -> "EncodedMessage":
         """
         A message serialized elsewhere (another gate, through the gate bus):
         the bytes are used as they are, parsed only if L{message} is asked
@@ -177,7 +178,7 @@ class EncodedMessage:
         return cls(data=data)
 
     @property
-    def message(self):
+    def message(self) -> pb.Message:
         """
         The L{pb.Message}.
         """
@@ -185,7 +186,7 @@ class EncodedMessage:
             self._message = pb.Message.FromString(self.data)
         return self._message
 
-    def frame(self, seq, outgoing):
+    def frame(self, seq: int, outgoing: bool) -> bytes:
         """
         The C{message} NOTIFY frame of inbox entry C{seq}.
 
