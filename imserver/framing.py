@@ -22,7 +22,9 @@ from imserver.wire import encodeError
 
 _header = struct.Struct("!I")
 HEADER_LENGTH = _header.size
-_packLength = _header.pack
+#: The 4-byte length prefix of a frame of the given length.
+packLength: Callable[[int], bytes] = _header.pack
+_packLength = packLength
 _unpackLength: Callable[..., tuple[int]] = _header.unpack_from
 
 #: The default largest frame, in bytes, length prefix excluded.

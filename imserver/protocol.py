@@ -13,7 +13,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from imserver.errors import Unavailable
-from imserver.framing import FrameProtocol, lengthPrefixed
+from imserver.framing import HEADER_LENGTH, FrameProtocol, packLength
 from imserver.groups import Groups
 from imserver.limits import FailedAuthThrottle, TokenBucket, peerHost
 from imserver.messaging import Messenger
@@ -89,9 +89,8 @@ class GateProtocol(FrameProtocol):
         if not self._closing:
             metrics = self._metrics
             metrics.framesSent += 1
-            frame = lengthPrefixed(data)
-            metrics.bytesSent += len(frame)
-            self.transport.write(frame)
+            metrics.bytesSent += HEADER_LENGTH + len(data)
+            self.transport.write(packLength(len(data)) + data)
 
     def closeWithError(self, code, message, seq=0):
         # Framing errors end the session like any other error.

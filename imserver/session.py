@@ -103,6 +103,10 @@ class GateSession(RPCDispatcher):
         RPCDispatcher.__init__(self, factory.clock)
         self.factory = factory
         self.channel = channel
+        #: Write one serialized frame (from L{imserver.wire}): the channel's
+        #: own method, which writes nothing once the session closed it (a
+        #: bound method here saves a call per frame on the push path).
+        self.writeFrame = channel.writeFrame
         self.acceptedFrom = acceptedFrom
         self.state = NEW
         self.connectionId = factory.nextConnectionId()
@@ -234,12 +238,6 @@ class GateSession(RPCDispatcher):
         self.writeFrame(encodeError(code, message, seq))
         self.close()
 
-    def writeFrame(self, data):
-        """
-        Write one serialized frame (from L{imserver.wire}), unless closing.
-        """
-        if not self._closing:
-            self.channel.writeFrame(data)
 
     def connectionLost(self, reason):
         """
