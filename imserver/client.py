@@ -400,6 +400,8 @@ class IMClient:
         self.stopReason = None
         self._token = token
         self._pending = collections.OrderedDict()
+        # clientMsgId -> IDelayedCall of a retransmission on this connection
+        self._retransmits = {}
         self._stopped = OneShot()
         self._nextConnection = OneShot()
         if endpoint is None:
@@ -432,6 +434,10 @@ class IMClient:
 
         @return: a L{Deferred} firing when disconnected.
         """
+        retransmits, self._retransmits = self._retransmits, {}
+        for call in retransmits.values():
+            if call.active():
+                call.cancel()
         return self._service.stopService()
 
     def whenConnected(self):
@@ -563,10 +569,12 @@ class IMClient:
         if failure.check(RemoteError, RequestTimeout) and protocol is self.protocol:
             # UNAVAILABLE, INTERNAL or no answer yet: try again shortly on
             # this connection; the client_msg_id makes it safe.
-            self.clock.callLater(1.0, self._retransmit, clientMsgId, protocol)
+            self._retransmits[clientMsgId] = self.clock.callLater(
+                1.0, self._retransmit, clientMsgId, protocol)
         # Connection gone: re-sent after the next auth.
 
     def _retransmit(self, clientMsgId, protocol):
+        self._retransmits.pop(clientMsgId, None)
         if clientMsgId in self._pending and protocol is self.protocol:
             self._transmit(clientMsgId)
 

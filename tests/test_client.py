@@ -251,3 +251,50 @@ class IMClientTypingTests(SynchronousTestCase):
         protocol.connectionLost(Failure(ConnectionDone()))
         self.assertFalse(client.sendTyping("bob"))
         client.stop()
+
+
+class IMClientRetransmitTests(SynchronousTestCase):
+    """
+    L{IMClient} sending again a message the server could not store yet.
+    """
+
+    def test_stopCancelsRetransmit(self):
+        """
+        A send answered C{UNAVAILABLE} is sent again a second later on the
+        same connection; L{IMClient.stop} cancels that, leaving no timer
+        behind but the send's own expiry.
+        """
+        from imserver.client import IMClient
+
+        clock = Clock()
+        endpoint = StringEndpoint()
+        client = IMClient(clock, None, None, "alice", "tok", "phone", endpoint=endpoint,
+                          maxSendAge=60)
+        client.start()
+        [protocol] = endpoint.connected
+        [auth] = readFrames(protocol.transport.value())
+        protocol.transport.clear()
+        protocol.dataReceived(encodeFrame(pb.Frame(
+            kind=pb.RESPONSE, seq=auth.seq, body=pb.AuthResponse().SerializeToString())))
+        d = client.send("bob", b"hi", clientMsgId="m1")
+        [send] = readFrames(protocol.transport.value())
+        protocol.transport.clear()
+        protocol.dataReceived(encodeFrame(pb.Frame(
+            kind=pb.RESPONSE, seq=send.seq,
+            error=pb.Error(code=pb.UNAVAILABLE, message="later"))))
+        clock.advance(1)
+        [again] = readFrames(protocol.transport.value())
+        self.assertEqual(pb.SendRequest.FromString(again.body).client_msg_id, "m1")
+        protocol.transport.clear()
+        protocol.dataReceived(encodeFrame(pb.Frame(
+            kind=pb.RESPONSE, seq=again.seq,
+            error=pb.Error(code=pb.UNAVAILABLE, message="later"))))
+        heartbeat = [c for c in clock.getDelayedCalls() if c.func == protocol._beat]
+        client.stop()
+        self.assertEqual(
+            [c for c in clock.getDelayedCalls() if c not in heartbeat and c.active()
+             and c.getTime() - clock.seconds() < 59],
+            [])
+        self.assertNoResult(d)
+        clock.advance(60)
+        self.failureResultOf(d)
