@@ -7,7 +7,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 LINT_STAMP = $(VENV)/.installed-lint
 
-.PHONY: run test lint format proto fuzz clean
+.PHONY: run test test-fast lint format proto fuzz clean
 
 # constraints.txt pins the tested version of every dependency.
 $(STAMP): setup.cfg pyproject.toml constraints.txt
@@ -30,6 +30,16 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/trial $(TRIAL_ARGS) tests
+
+# The unit tests only, in a few seconds: the modules that open no socket,
+# start no subprocess and need no Redis (StringTransport, Clock, memory
+# reactor).  A module with any live test is not listed; `make test` runs all.
+FAST_TESTS = tests.test_auth tests.test_client tests.test_delivery tests.test_docs \
+	tests.test_framing tests.test_groups tests.test_identifiers tests.test_metrics \
+	tests.test_observe tests.test_properties tests.test_protocol tests.test_rpc \
+	tests.test_tap tests.test_tls tests.test_wire
+test-fast: $(STAMP)
+	$(BIN)/trial $(TRIAL_ARGS) $(FAST_TESTS)
 
 # ruff check, ruff format --check and mypy (configured in pyproject.toml):
 # all three run, and the target fails if any of them does.

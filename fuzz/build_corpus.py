@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from fuzz.harness import NOW, SECRET, UID, makeInput  # noqa: E402
-from tests.test_malformed import BuildContext, loadCases  # noqa: E402
+from tests.support.malformed import BuildContext, loadCases  # noqa: E402
 
 
 def corpus():

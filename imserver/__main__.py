@@ -26,7 +26,9 @@ from twisted.python.filepath import FilePath
 
 from imserver import commandline
 from imserver.chat import ChatOptions
-from imserver.tap import DEFAULT_DATA_DIR
+from imserver.datadir import DEFAULT_DATA_DIR
+from imserver.errors import BadRequest
+from imserver.identifiers import validateUid
 
 #: How the commands are run, for their usage lines.
 COMMAND_NAME = "python -m imserver"
@@ -49,6 +51,10 @@ class TokenOptions(commandline.Options):
     def postOptions(self):
         if not self["uid"]:
             raise usage.UsageError("--uid is required")
+        try:
+            validateUid(self["uid"])
+        except BadRequest as e:
+            raise usage.UsageError("--uid: {}".format(e.message))
         if self["ttl"] < 1:
             raise usage.UsageError("--ttl must be at least 1")
 

@@ -18,13 +18,14 @@ import hashlib
 import hmac
 import os
 import secrets
-import unicodedata
 
 from twisted.internet.defer import fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from imserver.datadir import SECRET_FILE_NAME
 from imserver.errors import AuthFailed
+from imserver.identifiers import validateUid
 from imserver.interfaces import IAuthenticator
 
 log = Logger()
@@ -35,12 +36,8 @@ _CONTEXT = b"imserver-token-v1\n"
 MAX_TOKEN_LENGTH = 256
 #: The smallest secret accepted, in bytes.
 MIN_SECRET_LENGTH = 16
-#: Unicode categories refused in identifiers: control characters (C0, DEL,
-#: C1), line and paragraph separators.
-_FORBIDDEN_CATEGORIES = frozenset(["Cc", "Zl", "Zp"])
 #: Environment variable that may hold the secret itself.
 SECRET_ENV = "IMSERVER_SECRET"
-SECRET_FILE_NAME = "secret"
 
 
 def _signature(secret, uid, expiry):
@@ -60,6 +57,8 @@ def mintToken(secret, uid, ttl, now):
     @param ttl: seconds, at least 1.
     @param now: the current Unix time.
     @rtype: L{str}
+    @raise ValueError: if C{ttl} is below 1.
+    @raise imserver.errors.BadRequest: if C{uid} is not a valid uid.
     """
     if ttl < 1:
         raise ValueError("ttl must be at least 1 second")
@@ -87,37 +86,6 @@ def verifyToken(secret, uid, token, now):
     if not hmac.compare_digest(expected.encode("ascii"), parts[2].encode("utf-8")):
         return False
     return int(expiry) > now
-
-
-def validateUid(uid):
-    """
-    Check the shape of a user id: 1 to 128 bytes of UTF-8 without control
-    characters (Unicode category Cc) or line/paragraph separators (Zl, Zp).
-
-    @raise ValueError: if it is not.
-    """
-    _validateIdentifier("uid", uid)
-
-
-def validateDeviceId(deviceId):
-    """
-    Check the shape of a device id (same rules as L{validateUid}).
-
-    @raise ValueError: if it is not.
-    """
-    _validateIdentifier("device_id", deviceId)
-
-
-def _validateIdentifier(name, value):
-    if not value:
-        raise ValueError("{} is empty".format(name))
-    if len(value.encode("utf-8")) > 128:
-        raise ValueError("{} is longer than 128 bytes".format(name))
-    for ch in value:
-        if unicodedata.category(ch) in _FORBIDDEN_CATEGORIES:
-            raise ValueError(
-                "{} contains a control or line-separator character".format(name)
-            )
 
 
 @implementer(IAuthenticator)

@@ -12,8 +12,8 @@ import functools
 
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 
-from imserver.auth import validateUid
 from imserver.errors import BadRequest, NotMember
+from imserver.identifiers import validateGroupId, validateLength, validateUid
 from imserver.pb import im_pb2 as pb
 from imserver.store import GroupNotFound
 
@@ -22,25 +22,6 @@ MAX_GROUP_NAME = 256
 
 #: Roles that can be given with L{Groups.setMembers}.
 ASSIGNABLE_ROLES = frozenset([pb.ROLE_MEMBER, pb.ROLE_ADMIN])
-
-
-def validateGroupId(groupId):
-    """
-    Check the shape of a group id: the same rules as a uid.
-
-    @raise BadRequest: if it is not.
-    """
-    try:
-        validateUid(groupId)
-    except ValueError as e:
-        raise BadRequest("group_id: {}".format(e))
-
-
-def _validateMember(uid):
-    try:
-        validateUid(uid)
-    except ValueError as e:
-        raise BadRequest("uid: {}".format(e))
 
 
 def _deferred(function):
@@ -73,9 +54,8 @@ class Groups:
             with L{BadRequest} or L{imserver.store.GroupExists}.
         """
         validateGroupId(groupId)
-        _validateMember(owner)
-        if len(name.encode("utf-8")) > MAX_GROUP_NAME:
-            raise BadRequest("name is longer than {} bytes".format(MAX_GROUP_NAME))
+        validateUid(owner, "owner")
+        validateLength("name", name, MAX_GROUP_NAME)
         return self.store.createGroup(groupId, name, owner, nowMs)
 
     @_deferred
@@ -103,7 +83,7 @@ class Groups:
         if not members:
             raise BadRequest("no members given")
         for uid, role in members:
-            _validateMember(uid)
+            validateUid(uid)
             if role not in ASSIGNABLE_ROLES:
                 raise BadRequest("role must be member or admin")
         owner = yield self._owner(groupId)
@@ -178,7 +158,7 @@ class Groups:
         """
         @return: a L{Deferred} firing with the L{pb.Group}s of C{uid}.
         """
-        _validateMember(uid)
+        validateUid(uid)
         return self.store.groupsOf(uid)
 
     @_deferred

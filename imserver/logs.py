@@ -9,7 +9,7 @@ twistd's command line, before C{im})::
 Each line is one JSON object::
 
     {"time": "2026-05-01T12:00:00.123Z", "level": "info",
-     "namespace": "imserver.api.Router",
+     "namespace": "imserver.api.http.Router",
      "message": "API POST /v1/messages -> 200 (3.1 ms)",
      "method": "POST", "route": "/v1/messages", "status": 200, ...}
 

@@ -8,20 +8,16 @@ inbox advanced.  The sessions push in order themselves.
 
 from twisted.logger import Logger
 
-from imserver.auth import validateUid
 from imserver.errors import BadRequest, MessageTooLarge, RPCError, Unavailable
+from imserver.identifiers import (
+    validateClientMsgId,
+    validateContentType,
+    validateGroupId,
+    validateUid,
+)
 from imserver.pb import im_pb2 as pb
 from imserver.store import GroupNotFound
 from imserver.wire import EncodedMessage
-
-#: Longest client_msg_id and content_type, in UTF-8 bytes.
-MAX_CLIENT_MSG_ID = 64
-MAX_CONTENT_TYPE = 64
-
-
-
-def _bytesLength(text):
-    return len(text.encode("utf-8"))
 
 
 class Messenger:
@@ -99,21 +95,11 @@ class Messenger:
             if not uids:
                 raise BadRequest("no recipients")
             for uid in uids:
-                try:
-                    validateUid(uid)
-                except ValueError as e:
-                    raise BadRequest("recipient: {}".format(e))
+                validateUid(uid, "recipient")
         else:
-            try:
-                validateUid(groupId)
-            except ValueError as e:
-                raise BadRequest("group_id: {}".format(e))
-        if not clientMsgId:
-            raise BadRequest("client_msg_id is empty")
-        if _bytesLength(clientMsgId) > MAX_CLIENT_MSG_ID:
-            raise BadRequest("client_msg_id is longer than 64 bytes")
-        if _bytesLength(contentType) > MAX_CONTENT_TYPE:
-            raise BadRequest("content_type is longer than 64 bytes")
+            validateGroupId(groupId)
+        validateClientMsgId(clientMsgId)
+        validateContentType(contentType)
         if len(body) > self.settings.max_message_body:
             raise MessageTooLarge(
                 "body of {} bytes exceeds the limit of {}".format(
@@ -155,8 +141,49 @@ class Messenger:
         encoded = EncodedMessage(delivery.message)
         seqs = delivery.seqs
         self.registry.sessionsForMany(list(seqs)).addCallback(
-            _advance, seqs, delivery.message.sender, encoded
+            self._advance, seqs, delivery.message.sender, encoded
         ).addErrback(self._announceFailed, delivery.message.id)
+
+    def _advance(self, found, seqs, sender, encoded):
+        for uid, sessions in found.items():
+            self.announce(sessions, seqs[uid], uid == sender, encoded)
+
+    def announce(self, sessions, seq, outgoing, encoded):
+        """
+        Tell C{sessions}, all of one user, that an entry was committed to
+        the user's inbox: they push it, or fetch what comes before it.
+
+        @param seq: the entry's seq in that inbox.
+        @param outgoing: whether the user sent it (the sender's copy).
+        @param encoded: the message's L{EncodedMessage}, shared by every
+            recipient.
+        """
+        for session in sessions:
+            session.inboxAdvanced(seq, outgoing, encoded)
+
+    def announceNewest(self, uid, sessions):
+        """
+        Announce C{uid}'s newest inbox entry to C{sessions}, read from the
+        store: those behind it fetch what they missed (a session already
+        past it ignores it).  Cluster mode's catch-up after Redis returns.
+
+        @return: a L{Deferred} firing with the number of entries announced
+            (0 for an empty inbox, else 1).
+        """
+        store = self.store
+
+        def announce(entries):
+            for entry in entries:
+                self.announce(sessions, entry.seq, entry.outgoing,
+                              EncodedMessage(entry.message))
+            return len(entries)
+
+        def newest(head):
+            if head <= 0:
+                return 0
+            return store.fetch(uid, head - 1, 1).addCallback(announce)
+
+        return store.head(uid).addCallback(newest)
 
     def _announceFailed(self, failure, messageId):
         # Nothing is lost: the sessions fetch the entries on their next
@@ -192,14 +219,6 @@ class Messenger:
             lambda found: [_typing(sessions, sender, active, groupId)
                            for sessions in found.values()]
         ).addErrback(lambda failure: self.log.failure("group typing failed", failure))
-
-
-def _advance(found, seqs, sender, encoded):
-    for uid, sessions in found.items():
-        seq = seqs[uid]
-        outgoing = uid == sender
-        for session in sessions:
-            session.inboxAdvanced(seq, outgoing, encoded)
 
 
 def _typing(sessions, sender, active, groupId):

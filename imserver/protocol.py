@@ -150,6 +150,9 @@ class GateFactory(Factory):
     """
     Shared state of one gate process: settings, seams and live connections.
 
+    @ivar messenger: the L{Messenger} that stores and announces the
+        messages of the sessions and of the HTTP API.
+    @ivar groups: the L{Groups} that manages groups for both.
     @ivar connections: the L{GateSession} of every open connection,
         authenticated or not, that the gate has not decided to close.
     @ivar closing: the L{GateSession}s the gate closed whose connection is
@@ -160,14 +163,22 @@ class GateFactory(Factory):
     noisy = False
 
     def __init__(self, settings, authenticator, registry, store, clock, gateId,
-                 rng=None, metrics=None):
+                 rng=None, metrics=None, messenger=None, groups=None):
+        """
+        @param messenger: the L{Messenger} (default: one of C{store},
+            C{registry}, C{clock}, C{settings} and the metrics).
+        @param groups: the L{Groups} (default: one of C{store} and
+            C{settings}).
+        """
         self.settings = settings
         self.authenticator = authenticator
         self.registry = registry
         self.store = store
         self.metrics = metrics if metrics is not None else GateMetrics()
-        self.messenger = Messenger(store, registry, clock, settings, self.metrics)
-        self.groups = Groups(store, settings)
+        if messenger is None:
+            messenger = Messenger(store, registry, clock, settings, self.metrics)
+        self.messenger = messenger
+        self.groups = groups if groups is not None else Groups(store, settings)
         self.clock = clock
         self.gateId = gateId
         self.random = rng if rng is not None else random.SystemRandom()

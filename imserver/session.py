@@ -24,7 +24,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imserver import methods
-from imserver.auth import validateDeviceId, validateUid
 from imserver.errors import (
     AlreadyAuthenticated,
     AuthFailed,
@@ -34,7 +33,7 @@ from imserver.errors import (
     TooManyDevices,
     Unavailable,
 )
-from imserver.groups import validateGroupId
+from imserver.identifiers import validateDeviceId, validateGroupId, validateLength, validateUid
 from imserver.interfaces import ISession
 from imserver.limits import TokenBucket, peerHost
 from imserver.pb import im_pb2 as pb
@@ -46,6 +45,8 @@ AUTHENTICATING = "authenticating"
 AUTHENTICATED = "authenticated"
 
 _PLATFORMS = frozenset(pb.Platform.values())
+#: Longest client_version of an auth request, in UTF-8 bytes.
+MAX_CLIENT_VERSION = 64
 #: Bytes of a response frame besides its entries (envelope, head, slack).
 _FRAME_OVERHEAD = 256
 
@@ -282,13 +283,12 @@ class GateSession(RPCDispatcher):
         try:
             validateUid(request.uid)
             validateDeviceId(request.device_id)
-            if len(request.client_version.encode("utf-8")) > 64:
-                raise ValueError("client_version is longer than 64 bytes")
+            validateLength("client_version", request.client_version, MAX_CLIENT_VERSION)
             if request.platform not in _PLATFORMS:
-                raise ValueError("unknown platform {}".format(request.platform))
-        except ValueError as e:
+                raise BadRequest("unknown platform {}".format(request.platform))
+        except BadRequest:
             self._metrics.authFailures["bad_request"] += 1
-            raise BadRequest(str(e))
+            raise
         if not self.factory.authThrottle.allowed(peerHost(self.peer), request.uid):
             self._metrics.authFailures["throttled"] += 1
             raise RateLimited("too many failed auths; retry later", fatal=True)
@@ -486,7 +486,7 @@ class GateSession(RPCDispatcher):
                 validateGroupId(message.group_id)
             else:
                 validateUid(message.uid)
-        except (ValueError, BadRequest):
+        except BadRequest:
             return
         self._lastTyping = now
         self._typingActive = message.active

@@ -8,10 +8,11 @@ C{./imserver-data} on first start.
 
 A mistake on the command line stops C{twistd im} with one line on standard
 error naming the option and what to do, exit status 1 and no traceback
-(L{imserver.service.StartupError}): L{Options} checks every option, the
-files it names and the data directory before L{makeService} creates
-anything there.  A listener that cannot listen (a port in use) stops it
-the same way, before the message store opens its database.
+(L{imserver.service.StartupError}): L{Options} checks every option, then
+the files it names and the data directory (L{imserver.startup}), before
+L{makeService} creates anything there.  A listener that cannot listen (a
+port in use) stops it the same way, before the message store opens its
+database.  Cluster mode's side of the tree is in L{imserver.cluster}.
 """
 
 import math
@@ -23,10 +24,11 @@ from twisted.python import usage
 from twisted.python.filepath import FilePath
 
 from imserver import __version__
+from imserver.datadir import DEFAULT_DATA_DIR, MESSAGES_FILE_NAME
 from imserver.settings import Settings, optionName, settingFields
+from imserver.startup import checkFiles, checkRedisCA, needsDefaultCertificate
 
 DEFAULT_LISTEN = "ssl:7443:interface=127.0.0.1"
-DEFAULT_DATA_DIR = "imserver-data"
 DEFAULT_API = "tcp:7480:interface=127.0.0.1"
 
 
@@ -86,7 +88,7 @@ class Options(usage.Options):
         ["tls-key", None, None, "PEM private key for --tls-cert."],
         ["gate-id", None, None, "Name of this gate process (default: host:pid)."],
         ["store", None, None,
-         "Message store: sqlite (durable, <data-dir>/messages.sqlite3; the "
+         "Message store: sqlite (durable, <data-dir>/" + MESSAGES_FILE_NAME + "; the "
          "default) or memory (lost on restart; tests and benchmarks). Not with "
          "--redis, whose store is Redis."],
         ["redis", None, None,
@@ -202,67 +204,7 @@ class Options(usage.Options):
                 "--advertise: {}; give [tls:|tcp:]HOST:PORT".format(e))
         # The files and the directory last, once the options themselves
         # are known to be right; makeService creates nothing before this.
-        self._checkFiles()
-
-    def _checkFiles(self):
-        """
-        Check the files the options name and the data directory: what
-        L{makeService} reads can be read and used, what it creates can be
-        created.  Nothing is written.
-
-        @raise usage.UsageError: naming the option, if not.
-        """
-        from imserver.api import ADMIN_TOKEN_FILE_NAME
-        from imserver.auth import MIN_SECRET_LENGTH, SECRET_ENV, SECRET_FILE_NAME
-        from imserver.tls import CERT_FILE_NAME, KEY_FILE_NAME
-
-        dataDir = FilePath(self["data-dir"])
-        described = [("--listen", d) for d in self["listen"]]
-        if self["api"] is not None:
-            described.append(("--api", self["api"]))
-        selfSigned = self["tls-cert"] is None and any(
-            _needsDefaultCertificate(d) for _, d in described)
-        # The files of the data directory makeService reads, with what to
-        # do if one cannot be used, and what it writes there.
-        reads, writes = [], []
-        if self["secret-file"] is None and not os.environ.get(SECRET_ENV):
-            reads.append((SECRET_FILE_NAME,
-                          "fix it, delete it to have a new one generated (tokens signed "
-                          "with the old one stop working), or give --secret-file"))
-        if self["api"] is not None and self["admin-token-file"] is None:
-            reads.append((ADMIN_TOKEN_FILE_NAME,
-                          "fix it, or delete it to have a new one generated"))
-        for name, remedy in reads:
-            if not dataDir.child(name).exists():
-                writes.append(name)
-        if selfSigned and not (dataDir.child(CERT_FILE_NAME).exists()
-                               and dataDir.child(KEY_FILE_NAME).exists()):
-            writes.append(CERT_FILE_NAME)
-        if self["store"] == "sqlite":
-            writes.append("the message database")
-        _checkDataDir(dataDir, writes)
-
-        for name, remedy in reads:
-            if name not in writes:
-                _readSecret("--data-dir", dataDir.child(name), remedy)
-        if self["secret-file"] is not None:
-            _readSecret("--secret-file", FilePath(self["secret-file"]))
-        elif (os.environ.get(SECRET_ENV)
-              and len(os.environ[SECRET_ENV].strip()) < MIN_SECRET_LENGTH):
-            raise usage.UsageError(
-                "${}: shorter than {} bytes; set a longer secret, or unset it to use "
-                "<data-dir>/{}".format(SECRET_ENV, MIN_SECRET_LENGTH, SECRET_FILE_NAME))
-        if self["api"] is not None and self["admin-token-file"] is not None:
-            _readSecret("--admin-token-file", FilePath(self["admin-token-file"]),
-                        "or leave the option out to have one generated in the data "
-                        "directory")
-        certificate = None
-        if self["tls-cert"] is not None:
-            certificate = (FilePath(self["tls-cert"]), FilePath(self["tls-key"]))
-            _checkCertificate(*certificate)
-        elif selfSigned:
-            certificate = _selfSignedForCheck(dataDir)
-        _checkEndpoints(described, certificate, self.settings.listen_backlog)
+        checkFiles(self)
 
     def _clusterOptions(self):
         from imserver.redisclient import RedisURL
@@ -283,7 +225,7 @@ class Options(usage.Options):
         if self["redis-ca"] is not None:
             if not self.redisURL.tls:
                 raise usage.UsageError("--redis-ca goes with a rediss:// --redis")
-            _checkRedisCA(self.redisURL, self["redis-ca"])
+            checkRedisCA(self.redisURL, self["redis-ca"])
         if self["gate-id"] is not None:
             try:
                 validateGateId(self["gate-id"])
@@ -319,229 +261,6 @@ def parseAdvertise(text):
     if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise ValueError("{!r} has no valid port".format(text))
     return host, int(port), tls
-
-
-def _reason(error):
-    """
-    Why C{error} happened, as a clause: for an L{OSError} without its
-    C{[Errno n]} and path, without a final full stop.
-    """
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return (str(error) or type(error).__name__).rstrip(". ")
-
-
-def _readSecret(option, path, remedy=None):
-    """
-    Check that the secret (or admin token) file at C{path} can be read and
-    is long enough.
-
-    @param option: what to name in the message: the option giving the
-        file, or C{--data-dir} for a file in the data directory.
-    @param remedy: what to do about it; by default, give a readable file.
-    @raise usage.UsageError: if not.
-    """
-    from imserver.auth import MIN_SECRET_LENGTH
-
-    head = "{} {}".format(option, path.path)
-    if option == "--data-dir":
-        head = "--data-dir {}: {}".format(path.parent().path, path.basename())
-    if remedy is None:
-        remedy = "give a readable file holding at least {} bytes".format(MIN_SECRET_LENGTH)
-    elif remedy.startswith("or "):
-        remedy = "give a readable file holding at least {} bytes, {}".format(
-            MIN_SECRET_LENGTH, remedy)
-    try:
-        content = path.getContent()
-    except OSError as e:
-        raise usage.UsageError("{}: cannot read it ({}); {}".format(head, _reason(e), remedy))
-    if len(content.strip()) < MIN_SECRET_LENGTH:
-        raise usage.UsageError("{}: holds fewer than {} bytes; {}".format(
-            head, MIN_SECRET_LENGTH, remedy))
-
-
-def _checkDataDir(dataDir, writes):
-    """
-    Check that the data directory is a directory, or can be created, and
-    that this user can write into it if something is to be written.
-
-    @type dataDir: L{FilePath}
-    @param writes: what is to be written there (for the message); empty if
-        nothing.
-    @raise usage.UsageError: naming C{--data-dir}, if not.
-    """
-    head = "--data-dir {}".format(dataDir.path)
-    if dataDir.exists():
-        if not dataDir.isdir():
-            raise usage.UsageError(
-                "{}: not a directory; give a directory (it is created if missing)".format(
-                    head))
-        if writes and not os.access(dataDir.path, os.W_OK | os.X_OK):
-            raise usage.UsageError(
-                "{}: this user cannot write to it (for {}); give it write permission, "
-                "or give another directory".format(head, ", ".join(writes)))
-        return
-    ancestor = dataDir.parent()
-    while not ancestor.exists() and ancestor.parent() != ancestor:
-        ancestor = ancestor.parent()
-    if not ancestor.isdir():
-        raise usage.UsageError(
-            "{}: cannot be created, {} is not a directory; give another directory".format(
-                head, ancestor.path))
-    if not os.access(ancestor.path, os.W_OK | os.X_OK):
-        raise usage.UsageError(
-            "{}: cannot be created, this user cannot write to {}; create it, or give "
-            "another directory".format(head, ancestor.path))
-
-
-def _checkCertificate(certPath, keyPath):
-    """
-    Check that C{--tls-cert} and C{--tls-key} can be read and go together.
-
-    @raise usage.UsageError: naming the option at fault, if not.
-    """
-    from imserver.tls import serverOptions
-
-    contents = []
-    for option, path, what in [("--tls-cert", certPath, "PEM certificate"),
-                               ("--tls-key", keyPath, "PEM private key")]:
-        try:
-            contents.append(path.getContent())
-        except OSError as e:
-            raise usage.UsageError("{} {}: cannot read it ({}); give the {} file".format(
-                option, path.path, _reason(e), what))
-    try:
-        serverOptions(*contents)
-    except ValueError as e:
-        raise usage.UsageError(
-            "--tls-cert {} with --tls-key {}: {}; give a PEM certificate and its "
-            "unencrypted private key".format(certPath.path, keyPath.path, _reason(e)))
-
-
-class _NotWrittenYet:
-    """
-    Stands for a file of the self-signed certificate that
-    L{imserver.tls.ensureSelfSigned} will write at start, while the
-    endpoint descriptions are checked (L{imserver.tls.ReloadableServerOptions}
-    reads only C{getContent} and C{path}).
-    """
-
-    def __init__(self, path, content):
-        self.path = path
-        self._content = content
-
-    def getContent(self):
-        return self._content
-
-
-def _selfSignedForCheck(dataDir):
-    """
-    The certificate to check the C{ssl:} endpoint descriptions with when
-    they use the self-signed one: the data directory's if it is there, else
-    one made in memory (it is not written).
-
-    @raise usage.UsageError: naming C{--data-dir}, if the one there cannot
-        be used.
-    """
-    from cryptography import x509
-
-    from imserver.tls import (
-        CERT_FILE_NAME,
-        KEY_FILE_NAME,
-        makeSelfSigned,
-        serverOptions,
-    )
-
-    certPath, keyPath = dataDir.child(CERT_FILE_NAME), dataDir.child(KEY_FILE_NAME)
-    if not (certPath.exists() and keyPath.exists()):
-        certPEM, keyPEM = makeSelfSigned()
-        return _NotWrittenYet(certPath.path, certPEM), _NotWrittenYet(keyPath.path, keyPEM)
-    try:
-        serverOptions(certPath.getContent(), keyPath.getContent())
-        # As ensureSelfSigned reads it to see when it expires.
-        x509.load_pem_x509_certificate(certPath.getContent())
-    except (OSError, ValueError) as e:
-        raise usage.UsageError(
-            "--data-dir {}: its self-signed certificate cannot be used ({}); delete {} "
-            "and {} to have new ones generated, or give --tls-cert and --tls-key".format(
-                dataDir.path, _reason(e), CERT_FILE_NAME, KEY_FILE_NAME))
-    return certPath, keyPath
-
-
-#: What to give instead of a wrong endpoint description, per option.
-_ENDPOINT_EXAMPLES = {
-    "--listen": "an endpoint string such as ssl:7443 or tcp:7000:interface=127.0.0.1",
-    "--api": "an endpoint string such as tcp:7480:interface=127.0.0.1, or none",
-}
-
-
-def _checkEndpoints(described, certificate, backlog):
-    """
-    Build the endpoint of every C{--listen} and C{--api} to check it, and
-    drop it: nothing listens, and building one needs no reactor.
-
-    @param described: C{(option, description)} pairs.
-    @param certificate: for L{imserver.endpoints.listenEndpoint}.
-    @raise usage.UsageError: naming the option, if one cannot be built.
-    """
-    from imserver.endpoints import listenEndpoint, splitDescription
-
-    for option, description in described:
-        try:
-            listenEndpoint(None, description, certificate, backlog)
-        except (ValueError, TypeError, LookupError, OSError) as e:
-            # Endpoint parsers, plugins included, raise more than ValueError:
-            # an OSError for a certKey= file, an IndexError for a systemd:
-            # index beyond the descriptors passed.
-            if isinstance(e, OSError) and e.filename:
-                raise usage.UsageError("{} {}: cannot read {} ({}); give a file this "
-                                       "user can read".format(option, description,
-                                                              e.filename, _reason(e)))
-            raise usage.UsageError("{} {}: {}; give {}".format(
-                option, description, _reason(e), _ENDPOINT_EXAMPLES[option]))
-        # A UNIX socket is made at start, in a directory that must be there.
-        args, kwargs = splitDescription(description)
-        kinds = [a.lower() for a in args]
-        while kinds and kinds[0] == "haproxy":
-            kinds, args = kinds[1:], args[1:]
-        if kinds and kinds[0] == "unix":
-            address = kwargs.get("address", args[1] if len(args) > 1 else "")
-            directory = FilePath(address).parent()
-            if not directory.isdir():
-                raise usage.UsageError(
-                    "{} {}: no directory {} for the socket; create it, or give "
-                    "another path".format(option, description, directory.path))
-
-
-def _checkRedisCA(url, caFile):
-    """
-    Check that C{--redis-ca} can be read and holds a PEM certificate.
-
-    @raise usage.UsageError: naming it, if not.
-    """
-    from OpenSSL import SSL, crypto
-
-    from imserver.redisclient import clientTLSOptions
-
-    remedy = ("give the PEM file of the CA (or self-signed certificate) that signs the "
-              "Redis server's certificate")
-    try:
-        clientTLSOptions(url, caFile)
-    except OSError as e:
-        raise usage.UsageError("--redis-ca {}: cannot read it ({}); {}".format(
-            caFile, _reason(e), remedy))
-    except (SSL.Error, crypto.Error, ValueError) as e:
-        raise usage.UsageError("--redis-ca {}: not a PEM certificate ({}); {}".format(
-            caFile, e, remedy))
-
-
-def _needsDefaultCertificate(description):
-    from imserver.endpoints import splitDescription
-
-    args, kwargs = splitDescription(description)
-    return args[0].lower() == "ssl" and not (
-        "certKey" in kwargs or "privateKey" in kwargs
-    )
 
 
 def requireUpb():
@@ -583,6 +302,8 @@ def makeService(options, reactor=None):
 
     from imserver.auth import TokenAuthenticator, loadSecret
     from imserver.endpoints import listenEndpoint
+    from imserver.groups import Groups
+    from imserver.messaging import Messenger
     from imserver.metrics import GateMetrics
     from imserver.protocol import GateFactory
     from imserver.registry.memory import MemorySessionRegistry
@@ -605,7 +326,7 @@ def makeService(options, reactor=None):
         if options["tls-cert"] is not None:
             certificate = (FilePath(options["tls-cert"]), FilePath(options["tls-key"]))
         elif any(
-            _needsDefaultCertificate(d)
+            needsDefaultCertificate(d)
             for d in options["listen"] + ([options["api"]] if options["api"] else [])
         ):
             certificate = ensureSelfSigned(dataDir)
@@ -617,10 +338,13 @@ def makeService(options, reactor=None):
     ProcessCollector(registry=metrics.registry)
     PlatformCollector(registry=metrics.registry)
     dedupWindowMs = int(settings.dedup_window * 1000)
-    cluster = directory = None
+    seams = directory = None
     if options.redisURL is not None:
-        cluster = _cluster(options, reactor, gateId, dedupWindowMs)
-        registry, store, directory = cluster.registry, cluster.store, cluster.directory
+        from imserver.cluster import clusterSeams
+
+        seams = clusterSeams(reactor, options.redisURL, options["redis-ca"], gateId,
+                             settings, dedupWindowMs)
+        registry, store, directory = seams.registry, seams.store, seams.directory
     elif options["store"] == "memory":
         from imserver.store.memory import MemoryMessageStore
 
@@ -631,9 +355,10 @@ def makeService(options, reactor=None):
         from imserver.store.sqlite import SQLiteMessageStore
 
         store = SQLiteMessageStore(
-            dataDir.child("messages.sqlite3").path, reactor, dedupWindowMs,
+            dataDir.child(MESSAGES_FILE_NAME).path, reactor, dedupWindowMs,
             commitObserver=metrics.observeCommit,
         )
+    messenger = Messenger(store, registry, reactor, settings, metrics)
     factory = GateFactory(
         settings=settings,
         authenticator=TokenAuthenticator(secret, reactor),
@@ -642,6 +367,8 @@ def makeService(options, reactor=None):
         clock=reactor,
         gateId=gateId,
         metrics=metrics,
+        messenger=messenger,
+        groups=Groups(store, settings),
     )
     endpoints = []
     for description in options["listen"]:
@@ -655,7 +382,12 @@ def makeService(options, reactor=None):
 
     root = ServerService()
     root.setName("imserver")
-    if cluster is not None:
+    cluster = None
+    if seams is not None:
+        from imserver.cluster import ClusterService
+
+        cluster = ClusterService(seams.connection, registry, seams.bus, directory, messenger,
+                                 reactor, seams.interval)
         # First to start (it starts connecting to Redis; until connected,
         # auths and sends answer UNAVAILABLE), last to stop (after the gate
         # drained its connections).
@@ -681,47 +413,6 @@ def makeService(options, reactor=None):
 
         CertificateReloadService(certificates, reactor).setServiceParent(root)
     return root
-
-
-#: Seconds between lease refreshes in cluster mode: the sweep interval,
-#: but at least this.
-MIN_LEASE_INTERVAL = 0.5
-#: A gate's lease lives this many refresh intervals: a gate that stopped
-#: refreshing is dead for the others after about as long.
-LEASE_INTERVALS = 3
-
-
-def _cluster(options, reactor, gateId, dedupWindowMs):
-    """
-    The Redis side of a gate in cluster mode: connection, subscriber, bus,
-    registry, store and directory, under one L{ClusterService} (nothing
-    connects before it starts).
-    """
-    from imserver.bus.redis import RedisGateBus
-    from imserver.redisclient import connectRedis, subscribeRedis
-    from imserver.registry.redis import RedisGateDirectory, RedisSessionRegistry
-    from imserver.service import ClusterService, StartupError
-    from imserver.store.redis import RedisMessageStore
-
-    settings = options.settings
-    url, caFile = options.redisURL, options["redis-ca"]
-    try:
-        connection = connectRedis(reactor, url, caFile, start=False)
-    except Exception as e:  # an unreadable --redis-ca
-        raise StartupError("--redis-ca {}: {}".format(caFile, e))
-
-    def subscribe(channels, onMessage):
-        return subscribeRedis(reactor, url, channels, onMessage, caFile, start=False)
-
-    bus = RedisGateBus(connection, subscribe, gateId, reactor)
-    interval = max(settings.sweep_interval, MIN_LEASE_INTERVAL)
-    registry = RedisSessionRegistry(
-        connection, bus, reactor, gateId, maxDevices=settings.max_devices,
-        leaseSeconds=LEASE_INTERVALS * interval,
-    )
-    store = RedisMessageStore(connection, reactor, dedupWindowMs)
-    directory = RedisGateDirectory(connection)
-    return ClusterService(connection, registry, bus, directory, store, reactor, interval)
 
 
 def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor,

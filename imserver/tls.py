@@ -25,6 +25,8 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from imserver.datadir import CERT_FILE_NAME, KEY_FILE_NAME
+
 log = Logger()
 
 #: TLS 1.2 suites allowed (TLS 1.3 suites are all AEAD and forward secret).
@@ -33,9 +35,6 @@ CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
-
-CERT_FILE_NAME = "tls-cert.pem"
-KEY_FILE_NAME = "tls-key.pem"
 
 #: Validity of a generated self-signed certificate, in days: at most 398,
 #: what browsers and TLS scanners (testssl) accept for a server certificate.

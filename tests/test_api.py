@@ -12,6 +12,7 @@ Every test waits for its connections to close before it finishes.
 """
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -43,7 +44,7 @@ from zope.interface.verify import verifyObject
 from imserver import __version__, api, logs, tap
 from imserver.auth import loadSecret, mintToken, verifyToken
 from imserver.client import connect
-from imserver.errors import Unavailable
+from imserver.errors import BadRequest, MessageTooLarge, NotMember, RateLimited, Unavailable
 from imserver.framing import FrameProtocol
 from imserver.interfaces import IGateDirectory
 from imserver.pb import im_pb2 as pb
@@ -526,10 +527,10 @@ class HealthTests(LiveApiTestCase):
     @inlineCallbacks
     def test_storeSilent(self):
         """
-        A store that does not answer within L{api.READY_TIMEOUT} seconds is
-        not ready.
+        A store that does not answer within L{api.handlers.READY_TIMEOUT}
+        seconds is not ready.
         """
-        self.patch(api, "READY_TIMEOUT", 0.05)
+        self.patch(api.handlers, "READY_TIMEOUT", 0.05)
         self.patch(self.factory.store, "head", lambda uid: Deferred())
         yield self.assertReadiness(False, "not ready: the message store did not answer"
                                           " within 0.05 s")
@@ -560,7 +561,7 @@ class ClusterHealthTests(TestCase):
         """
         Start Redis, then a gate in cluster mode with its API on loopback.
         """
-        from tests.redisserver import RedisServer
+        from tests.support.redis import RedisServer
 
         withoutSecretEnvironment(self)
         self.redis = RedisServer(self, reactor, appendfsync=None)
@@ -800,6 +801,69 @@ class ErrorTests(LiveApiTestCase):
         )
         self.assertNotIn("secret detail", message)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @inlineCallbacks
+    def test_badRequestNamesTheField(self):
+        """
+        A malformed identifier is 400 C{BAD_REQUEST} naming its field,
+        whether the handler finds it or the logic layer (L{Groups}) does.
+        """
+        for body, expected in [
+            ({"uid": ""}, "uid is empty"),
+            ({"uid": 5}, "uid must be a string"),
+        ]:
+            response, message = yield self.fails(b"POST", "/v1/tokens", body)
+            self.assertEqual(message, expected)
+        response, message = yield self.fails(
+            b"POST", "/v1/groups", {"group_id": "a\nb", "owner": "alice"}
+        )
+        self.assertEqual(message, "group_id contains a control or line-separator character")
+        response, message = yield self.fails(
+            b"POST", "/v1/messages", {"uids": ["bob", ""], "text": "x"},
+            headers=[(b"Idempotency-Key", b"k")],
+        )
+        self.assertEqual(message, "uids[1] is empty")
+
+
+class ErrorMappingTests(SynchronousTestCase):
+    """
+    L{imserver.api.errors.toApiError}: the one place where an error of the
+    logic layer becomes an answer.
+    """
+
+    def answer(self, error, params=None):
+        """
+        The answer to a handler that failed with C{error}.
+        """
+        found = api.errors.toApiError(Failure(error), params or {})
+        if found is None:
+            return None
+        return found.status, found.code, found.message, found.headers
+
+    def test_badRequest(self):
+        """
+        A L{BadRequest} is 400 C{BAD_REQUEST} with its message.
+        """
+        self.assertEqual(self.answer(BadRequest("uid is empty")),
+                         (400, "BAD_REQUEST", "uid is empty", []))
+
+    def test_protocolErrors(self):
+        """
+        The other protocol errors with an API code keep their message;
+        C{UNAVAILABLE} says when to retry.
+        """
+        self.assertEqual(self.answer(MessageTooLarge("big")),
+                         (413, "MESSAGE_TOO_LARGE", "big", []))
+        self.assertEqual(self.answer(NotMember("no")), (403, "NOT_MEMBER", "no", []))
+        self.assertEqual(self.answer(Unavailable("down")),
+                         (503, "UNAVAILABLE", "down", [(b"Retry-After", b"1")]))
+
+    def test_unmapped(self):
+        """
+        Any other error is not mapped: the router answers it 500.
+        """
+        self.assertIsNone(self.answer(RateLimited("slow down")))
+        self.assertIsNone(self.answer(ValueError("uid is empty")))
 
 
 class ClientListenerTests(LiveApiTestCase):
@@ -1754,7 +1818,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(path.getContent().strip(), token)
         self.assertNotEqual(token, self.dataDir.child("secret").getContent().strip())
         router = first.getServiceNamed("api").site.resource.router
-        self.assertEqual(router._tokenDigest, api.hashlib.sha256(token).digest())
+        self.assertEqual(router._tokenDigest, hashlib.sha256(token).digest())
 
     def test_adminTokenFile(self):
         """

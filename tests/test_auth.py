@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_auth -*-
 """
 Tests for L{imserver.auth}: tokens, the authenticator and the secret.
 """
@@ -20,7 +21,7 @@ from imserver.auth import (
     validateUid,
     verifyToken,
 )
-from imserver.errors import AuthFailed
+from imserver.errors import AuthFailed, BadRequest
 from imserver.interfaces import IAuthenticator
 
 SECRET = b"s" * 32
@@ -92,7 +93,7 @@ class TokenTests(SynchronousTestCase):
         validateUid("a")
         validateUid("é" * 64)
         for bad in ["", "é" * 65, "a\tb", "\x7f"]:
-            self.assertRaises(ValueError, validateUid, bad)
+            self.assertRaises(BadRequest, validateUid, bad)
 
 
 class AuthenticatorTests(SynchronousTestCase):

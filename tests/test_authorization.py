@@ -1,7 +1,6 @@
 # -*- test-case-name: tests.test_authorization -*-
 """
-Authorization (issue 7, item 7): who may do what, as docs/security.md sets
-it out.
+Authorization: who may do what, as docs/security.md sets it out.
 
   - The sender of a message is always the authenticated uid: no payload can
     claim another (L{SenderTests}).
@@ -39,15 +38,14 @@ from imserver import logs, tap
 from imserver.api import loadAdminToken
 from imserver.auth import loadSecret, mintToken
 from imserver.client import connect
+from imserver.datadir import CERT_FILE_NAME
 from imserver.errors import RemoteError
 from imserver.framing import encodeFrame
 from imserver.pb import im_pb2 as pb
-from imserver.tls import CERT_FILE_NAME
 
 from tests.support import serverEnvironment, startServer, withoutSecretEnvironment
-from tests.test_delivery import DeliveryHarness, pushes, responses
-from tests.test_framing import readFrames
-from tests.test_protocol import SECRET, written
+from tests.support.frames import readFrames, written
+from tests.support.gate import SECRET, DeliveryHarness, pushes, responses
 
 #: A secret that is not the gate's.
 OTHER_SECRET = b"another-secret-another-secret-00"

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_bench -*-
 """
 Tests of C{im-bench} (L{imserver.bench}) and of L{imserver.spawn}: unit
 tests of their pure pieces, and smoke tests that run each scenario (and the

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_bus -*-
 """
 Tests for the gate bus (L{imserver.bus.redis}): batching with a fake
 connection and a L{Clock}, then a real C{redis-server} for delivery and
@@ -24,7 +25,9 @@ from imserver.registry.redis import RemoteSession
 from imserver.settings import Settings
 from imserver.store import Delivery
 
-from tests.test_registry import FakeSession, RedisTestMixin, waitFor, whenConnected
+from tests.support.cluster import FakeSession, RedisTestMixin
+from tests.support.live import waitFor
+from tests.support.redis import whenConnected
 
 
 class FakeConnection:

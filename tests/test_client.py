@@ -13,7 +13,7 @@ from imserver.errors import ConnectionClosedByPeer
 from imserver.framing import encodeFrame
 from imserver.pb import im_pb2 as pb
 
-from tests.test_framing import readFrames
+from tests.support.frames import readFrames
 
 
 class ClientTests(SynchronousTestCase):

@@ -35,9 +35,9 @@ from zope.interface import implementer
 
 from imserver import tap
 from imserver.auth import loadSecret, mintToken
+from imserver.datadir import CERT_FILE_NAME
 from imserver.framing import decodeLength, encodeFrame
 from imserver.pb import im_pb2 as pb
-from imserver.tls import CERT_FILE_NAME
 from imserver.transport import closeBounded, socketTransport
 
 from tests.support import serverEnvironment, startServer, withoutSecretEnvironment

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_cluster -*-
 """
 Cluster mode (C{--redis}): the options, the service tree, and two gates in
 this process (L{imserver.tap.makeService} twice, plain TCP listeners on
@@ -11,7 +12,7 @@ import sys
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.filepath import FilePath
@@ -21,21 +22,27 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from imserver import tap
 from imserver.auth import createSecretFile, loadSecret, mintToken
 from imserver.client import connect
+from imserver.cluster import ClusterService
 from imserver.errors import RemoteError
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable
 from imserver.registry.redis import RedisGateDirectory, RedisSessionRegistry, RemoteSession
-from imserver.service import AdvertiseService, ClusterService
+from imserver.service import AdvertiseService
 
 from tests.support import startServer
-from tests.test_e2e import ConnectionWatch
-from tests.test_registry import RedisTestMixin, waitFor, whenConnected
+from tests.support.cluster import RedisTestMixin
+from tests.support.live import Changes, ConnectionWatch, withDeadline
+from tests.support.redis import whenConnected, whenDisconnected
 
 LISTEN = "tcp:0:interface=127.0.0.1"
 URL = "redis://gate:s3cret@127.0.0.1:6390/0"
 
 #: Seconds a gate has to be whole again once Redis is back.
 RECOVERY = 5.0
+#: Seconds a message has to arrive.
+DEADLINE = 5.0
+#: Seconds between two tries while a gate recovers from an outage.
+RETRY_INTERVAL = 0.05
 
 
 class OptionsTests(SynchronousTestCase):
@@ -131,6 +138,7 @@ class OptionsTests(SynchronousTestCase):
         factory = root.getServiceNamed("gate").factory
         self.assertIsInstance(factory.registry, RedisSessionRegistry)
         self.assertIs(factory.registry, cluster.registry)
+        self.assertIs(factory.messenger, cluster.messenger)
         self.assertIsInstance(factory.store, RedisMessageStore)
         self.assertEqual(factory.registry.leaseSeconds, 3.0)
         [advertise] = [s for s in root.getServiceNamed("gate")
@@ -161,12 +169,20 @@ class TwoGatesTests(RedisTestMixin, TestCase):
     """
     Two gates in this process, one C{redis-server} (with an AOF, so a
     stopped Redis comes back with its data), real clients over plain TCP.
+
+    The tests wait on events: a client's notifications (L{Changes}), the
+    gates' Redis connections going down and coming back, connections
+    closing.  Only a gate's recovery after an outage is polled, within
+    L{RECOVERY}: what it waits for (every gate using Redis again, the
+    sessions registered again) is state in Redis and in the gates that
+    announces nothing.
     """
 
     timeout = 60
 
     @inlineCallbacks
     def setUp(self):
+        self.changes = Changes()
         yield self.startRedis(appendfsync="always")
         secretFile = FilePath(self.mktemp())
         createSecretFile(secretFile)
@@ -206,7 +222,8 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         Connect and authenticate a client to C{gate}.
 
         @return: the L{ClientProtocol}, with C{notified}: the
-            C{(name, message)} notifications it got.
+            C{(name, message)} notifications it got (each one a change of
+            C{self.changes}).
         """
         notified = []
         holder = []
@@ -217,6 +234,7 @@ class TwoGatesTests(RedisTestMixin, TestCase):
                 # As every real client does: the push window counts from
                 # the last ack (and seqs start high with the Redis store).
                 holder[0].ack(message.seq)
+            self.changes.changed()
 
         client = yield connect(
             reactor, "127.0.0.1", gate.port, uid=uid,
@@ -240,7 +258,8 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         bob = yield self.connect(self.b, "bob")
         carol = yield self.connect(self.b, "carol")
         sent = yield alice.send("bob", b"hello", "m1")
-        yield waitFor(lambda: self.messages(bob) and self.messages(alice))
+        yield self.changes.until(lambda: self.messages(bob) and self.messages(alice),
+                                 DEADLINE, "the message at bob and alice")
         [entry] = self.messages(bob)
         self.assertEqual((entry.message.sender, entry.message.body, entry.outgoing),
                          ("alice", b"hello", False))
@@ -252,8 +271,9 @@ class TwoGatesTests(RedisTestMixin, TestCase):
                                 int(time.time() * 1000))
         published = self.a.cluster.bus.published
         yield alice.send("", b"all", "m2", groupId="team")
-        yield waitFor(lambda: len(self.messages(bob)) == 2 and self.messages(carol)
-                      and len(self.messages(alice)) == 2)
+        yield self.changes.until(lambda: len(self.messages(bob)) == 2 and self.messages(carol)
+                                 and len(self.messages(alice)) == 2,
+                                 DEADLINE, "the group message at every member")
         self.assertEqual(self.messages(carol)[0].message.body, b"all")
         self.assertEqual(self.a.cluster.bus.published - published, 1)
 
@@ -286,10 +306,8 @@ class TwoGatesTests(RedisTestMixin, TestCase):
             connection = gate.cluster.connection
             if event == "up":
                 yield whenConnected(connection)
-            elif connection.connected:
-                d = Deferred()
-                connection.onDisconnect.append(lambda d=d: d.callback(None))
-                yield d
+            else:
+                yield whenDisconnected(connection)
 
     @inlineCallbacks
     def outage(self, restart, downFor=0):
@@ -298,14 +316,16 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         C{UNAVAILABLE}, connections and heartbeats stay.  Redis comes back
         (by C{restart}): within L{RECOVERY} seconds a send (retried with the
         same id) works and reaches the other gate, and both sessions are
-        registered again.
+        registered again.  The retries and the check of the registrations
+        poll (every L{RETRY_INTERVAL}) once both gates are connected again:
+        nothing announces when a gate uses Redis again.
 
         @return: the seconds it took.
         """
         alice = yield self.connect(self.a, "alice")
         bob = yield self.connect(self.b, "bob")
         yield alice.send("bob", b"before", "m1")
-        yield waitFor(lambda: self.messages(bob))
+        yield self.changes.until(lambda: self.messages(bob), DEADLINE, "the message at bob")
         yield self.server.stop()
         yield self.waitForRedis([self.a, self.b], "down")
 
@@ -323,17 +343,20 @@ class TwoGatesTests(RedisTestMixin, TestCase):
             self.assertTrue(alice.connected and bob.connected)
 
         yield restart()
-        started = time.time()
+        started = reactor.seconds()
+        yield withDeadline(self.waitForRedis([self.a, self.b], "up"), RECOVERY,
+                           "both gates connected to Redis again")
         while True:
             try:
                 yield alice.send("bob", b"during", "m2")
                 break
             except RemoteError as e:
                 self.assertEqual(e.code, pb.UNAVAILABLE)
-                self.assertLess(time.time() - started, RECOVERY)
-                yield deferLater(reactor, 0.05, lambda: None)
-        yield waitFor(lambda: len(self.messages(bob)) == 2,
-                      timeout=max(0.1, RECOVERY - (time.time() - started)))
+                self.assertLess(reactor.seconds() - started, RECOVERY)
+                yield deferLater(reactor, RETRY_INTERVAL, lambda: None)
+        yield self.changes.until(lambda: len(self.messages(bob)) == 2,
+                                 max(0.1, RECOVERY - (reactor.seconds() - started)),
+                                 "the message sent after the outage at bob")
         self.assertEqual(self.messages(bob)[1].message.body, b"during")
 
         @inlineCallbacks
@@ -348,11 +371,11 @@ class TwoGatesTests(RedisTestMixin, TestCase):
                         and [s.sessionId for s in found.get("bob", [])]
                         == [bob.session.session_id]):
                     return
-                self.assertLess(time.time() - started, RECOVERY)
-                yield deferLater(reactor, 0.05, lambda: None)
+                self.assertLess(reactor.seconds() - started, RECOVERY)
+                yield deferLater(reactor, RETRY_INTERVAL, lambda: None)
 
         yield registered()
-        took = time.time() - started
+        took = reactor.seconds() - started
         yield alice.ping()
         self.assertEqual(self.a.watch.built[0].session.uid, "alice")
         self.assertEqual(len(self.a.watch.built), 1)

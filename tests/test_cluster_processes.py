@@ -13,8 +13,11 @@ gate, 1:1 and group messages and kicks cross gates, a gate killed with
 C{kill -9} loses nothing (its clients resume on another gate), and a Redis
 that comes back empty gets every session registered again.
 
-Everything listens and connects on 127.0.0.1 only; waits poll with
-deadlines on the reactor.
+Everything listens and connects on 127.0.0.1 only.  What the clients are
+handed (messages, kicks) is waited for as it happens (L{Changes}); what
+only Redis or a gate's HTTP API tells (leases, the gate directory,
+registered sessions, presence) is polled, with a deadline
+(L{ClusterMixin.poll}): those processes announce nothing to the test.
 """
 
 import json
@@ -35,15 +38,16 @@ from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisURL, connectRedis
 from imserver.registry.redis import GATE_KEY_PREFIX, GATES_KEY, parseEntry, sessionsKey
 
-from tests.redisserver import RedisServer, freePort
-from tests.test_crash import (
+from tests.support import freePort
+from tests.support.live import Changes
+from tests.support.redis import RedisServer, whenConnected
+from tests.support.twistd import (
     TOLERATED,
     RotatingEndpoint,
     clusterGate,
     loggedTracebacks,
     newSecretFile,
 )
-from tests.test_registry import waitFor, whenConnected
 
 #: Gate processes in the cluster.
 GATES = 3
@@ -60,7 +64,7 @@ DEADLINE = 10.0
 class Client:
     """
     One user's L{IMClient}, to the gates in turn starting with one, and
-    what it was handed.
+    what it was handed (each a change of the cluster's C{changes}).
 
     @ivar entries: the inbox entries handed to the application, in order.
     @ivar kicked: the L{pb.Kicked} that stopped it, or L{None}.
@@ -74,14 +78,19 @@ class Client:
         self.endpoint = RotatingEndpoint(cluster.gates, first)
         self.imclient = IMClient(
             reactor, None, None, uid, mintToken(cluster.secret, uid, 3600, time.time()),
-            deviceId, onMessage=self.entries.append, endpoint=self.endpoint,
+            deviceId, onMessage=self._received, endpoint=self.endpoint,
             retryPolicy=lambda attempt: 0.05,
         )
         self.imclient.whenStopped().addCallback(self._stopped)
 
+    def _received(self, entry):
+        self.entries.append(entry)
+        self.cluster.changes.changed()
+
     def _stopped(self, reason):
         if isinstance(reason, pb.Kicked):
             self.kicked = reason
+            self.cluster.changes.changed()
 
     @property
     def protocol(self):
@@ -125,6 +134,7 @@ class ClusterMixin:
         # Before anything that may skip the test (no redis-server): the
         # cleanup below reads it.
         self.gates = []
+        self.changes = Changes()
         # The last cleanup, once the gates stopped.
         self.addCleanup(self.assertNothingLogged)
         self.redis = RedisServer(self, reactor, appendfsync="always")
@@ -191,7 +201,8 @@ class ClusterMixin:
     def poll(self, query, predicate, what, timeout=DEADLINE):
         """
         Run C{query()} (returning a L{Deferred}) until C{predicate} holds
-        for its result.
+        for its result: for state in Redis or behind a gate's API, which
+        the gate processes announce nothing about.
 
         @return: a L{Deferred} firing with that result, or failing after
             C{timeout} seconds (a query that fails counts as not yet).
@@ -331,8 +342,8 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         yield alice.imclient.send("bob", b"a->b", clientMsgId="m1")
         yield bob.imclient.send("carol", b"b->c", clientMsgId="m2")
         yield carol.imclient.send("alice", b"c->a", clientMsgId="m3")
-        yield waitFor(lambda: bob.bodies("alice") and carol.bodies("bob")
-                      and alice.bodies("carol"), timeout=DEADLINE)
+        yield self.changes.until(lambda: bob.bodies("alice") and carol.bodies("bob")
+                                 and alice.bodies("carol"), DEADLINE, "the 1:1 messages")
         self.assertEqual((bob.bodies("alice"), carol.bodies("bob"), alice.bodies("carol")),
                          ([b"a->b"], [b"b->c"], [b"c->a"]))
         self.assertEqual(alice.bodies(outgoing=True), [b"a->b"])
@@ -353,7 +364,7 @@ class ClusterProcessTests(ClusterMixin, TestCase):
             return (all(b"hello team" in m.bodies("carol") for m in members)
                     and all(b"from the backend" in m.bodies("") for m in members + [carol]))
 
-        yield waitFor(everyoneHasBoth, timeout=DEADLINE)
+        yield self.changes.until(everyoneHasBoth, DEADLINE, "both group messages")
         for member in members:
             [entry] = [e for e in member.entries if e.message.group_id == "team"
                        and e.message.sender == "carol"]
@@ -371,7 +382,7 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         """
         old = yield self.client("alice", 0)
         new = yield self.client("alice", 2)
-        yield waitFor(lambda: old.kicked is not None, timeout=DEADLINE)
+        yield self.changes.until(lambda: old.kicked is not None, DEADLINE, "the first kick")
         self.assertEqual(old.kicked.reason, pb.REPLACED)
         devices = yield self.presence(1, "alice")
         self.assertEqual(devices, [("phone", "gate-2", new.protocol.session.session_id)])
@@ -379,7 +390,7 @@ class ClusterProcessTests(ClusterMixin, TestCase):
 
         answer = yield self.ok(1, b"POST", "/v1/users/alice/kick", {})
         self.assertEqual(answer["kicked"], ["phone"])
-        yield waitFor(lambda: new.kicked is not None, timeout=DEADLINE)
+        yield self.changes.until(lambda: new.kicked is not None, DEADLINE, "the admin kick")
         self.assertEqual(new.kicked.reason, pb.ADMIN)
         yield self.poll(lambda: self.presence(0, "alice"), lambda devices: devices == [],
                         "alice offline")
@@ -410,8 +421,12 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         yield self.gates[0].kill()
         yield gatherResults(sends)
         expected = [b"a%d" % (n,) for n in range(1, 41)], [b"b%d" % (n,) for n in range(1, 41)]
-        yield waitFor(lambda: (bob.bodies("alice"), alice.bodies("bob")) == expected,
-                      timeout=DEADLINE)
+        # Every message, and each sender's own copy: 80 entries each (the
+        # copies interleave with the incoming messages in the inbox).
+        yield self.changes.until(
+            lambda: (bob.bodies("alice"), alice.bodies("bob")) == expected
+            and len(alice.entries) >= 80 and len(bob.entries) >= 80, DEADLINE,
+            "every message and every sender's copy delivered")
         self.assertEqual(alice.gate(), 1)
         self.assertEqual(alice.bodies(outgoing=True), expected[0])
         self.assertEqual(bob.bodies(outgoing=True), expected[1])
@@ -444,7 +459,9 @@ class ClusterProcessTests(ClusterMixin, TestCase):
             client = yield self.client("user{}".format(i), i % GATES)
             clients.append(client)
         yield clients[0].imclient.send("user5", b"before", clientMsgId="before")
-        yield waitFor(lambda: clients[5].bodies("user0"), timeout=DEADLINE)
+        yield self.changes.until(
+            lambda: clients[5].bodies("user0") and clients[0].bodies(outgoing=True), DEADLINE,
+            "the message before, and its sender's copy")
         highest = max(e.seq for c in clients for e in c.entries)
         protocols = [c.protocol for c in clients]
 
@@ -469,7 +486,8 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         # the client retries it (same client_msg_id) until it is stored.
         response = yield clients[1].imclient.send("user3", b"after", clientMsgId="after")
         self.assertGreater(response.seq, highest)
-        yield waitFor(lambda: clients[3].bodies("user1"), timeout=DEADLINE)
+        yield self.changes.until(lambda: clients[3].bodies("user1"), DEADLINE,
+                                 "the message after")
         [entry] = [e for e in clients[3].entries if e.message.body == b"after"]
         self.assertGreater(entry.seq, highest)
         self.assertEqual([c.protocol for c in clients], protocols)
@@ -524,7 +542,8 @@ class SharedPortTests(ClusterMixin, TestCase):
         first = clients[0]
         other = next(c for c, g in zip(clients, placed) if g != placed[0])
         yield first.imclient.send(other.uid, b"across", clientMsgId="across")
-        yield waitFor(lambda: other.bodies(first.uid) == [b"across"], timeout=DEADLINE)
+        yield self.changes.until(lambda: other.bodies(first.uid) == [b"across"], DEADLINE,
+                                 "the message across gates")
 
         victim = int(placed[0].rpartition("-")[2])
         orphans = [c for c, g in zip(clients, placed) if g == placed[0]]
@@ -532,8 +551,9 @@ class SharedPortTests(ClusterMixin, TestCase):
         sends = [other.imclient.send(c.uid, b"meanwhile", clientMsgId="m-" + c.uid)
                  for c in orphans]
         yield gatherResults(sends)
-        yield waitFor(lambda: all(c.bodies(other.uid) == [b"meanwhile"] for c in orphans),
-                      timeout=DEADLINE)
+        yield self.changes.until(
+            lambda: all(c.bodies(other.uid) == [b"meanwhile"] for c in orphans), DEADLINE,
+            "the messages sent meanwhile")
         placed = yield self.gatesOf(clients)
         self.assertNotIn("gate-{}".format(victim), placed)
         self.assertEqual(len(placed), 15)

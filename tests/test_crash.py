@@ -42,35 +42,41 @@ and connects on 127.0.0.1 only.
 
 import os
 import random
-import socket
 import time
 from dataclasses import dataclass, field
 
 from twisted.internet import reactor
 from twisted.internet.defer import (
-    CancelledError,
     Deferred,
     DeferredList,
-    TimeoutError,
     gatherResults,
     inlineCallbacks,
     succeed,
 )
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectionClosed, ProcessExitedAlready
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.error import ConnectionClosed
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import implementer
 
-from imserver.auth import createSecretFile, loadSecret, mintToken
+from imserver.auth import mintToken
 from imserver.client import IMClient
 from imserver.errors import ConnectionClosedByPeer, RequestTimeout
 from imserver.pb import im_pb2 as pb
-from imserver.spawn import NotListening, apiPattern, spawnTwistd
 
-from tests.support import serverEnvironment
+from tests.support.live import withDeadline
+from tests.support.redis import RedisServer, whenConnected
+from tests.support.twistd import (
+    HEARTBEAT_INTERVAL,
+    IDLE_TIMEOUT,
+    START_DEADLINE,
+    TOLERATED,
+    Gate,
+    RotatingEndpoint,
+    clusterGate,
+    loggedTracebacks,
+    newSecretFile,
+)
 
 #: Users exchanging messages (each one client, one device).
 USERS = 6
@@ -93,10 +99,6 @@ KILL_AT = (1.0 / 3, 2.0 / 3)
 #: fractions of the messages are acknowledged: a gate index, or C{"redis"}.
 CLUSTER_FAULTS = ((1.0 / 6, 0), (2.0 / 6, "redis"), (3.0 / 6, 1), (4.0 / 6, 2),
                   (5.0 / 6, "redis"))
-#: Heartbeat interval and idle timeout given to the server, in seconds: a
-#: dead connection is noticed within a few seconds.
-HEARTBEAT_INTERVAL = 2
-IDLE_TIMEOUT = 6
 #: Seconds allowed for every send to be acknowledged, per 10,000 messages.
 ACK_DEADLINE = 120.0
 #: Seconds allowed, once every send is acknowledged, for every inbox to be
@@ -104,188 +106,14 @@ ACK_DEADLINE = 120.0
 CATCH_UP_DEADLINE = 30.0
 #: The trial timeout: room for both deadlines, the starts and the cleanup.
 TEST_TIMEOUT = 240.0
-#: Seconds the server gets to start listening, and to exit on SIGTERM.
-START_DEADLINE = 30.0
-STOP_DEADLINE = 15.0
-#: Attempts at starting the server when its port is taken meanwhile.
-START_ATTEMPTS = 5
 #: Violations described in a failure message, at most.
 MAX_DETAILS = 20
-#: Tracebacks a gate in cluster mode may log that are known and harmless,
-#: so not counted as errors by L{ClusterCrashTests} (none now: a publish
-#: that finds Redis gone is a warning without a traceback).
-TOLERATED = ()
-
-
 def _scale(messages):
     """
     How many times longer than a 10,000-message run a run of C{messages}
     may take (at least 1).
     """
     return max(1.0, messages / 10000.0)
-
-
-def _freePort():
-    """
-    A TCP port on 127.0.0.1 that was free a moment ago (the OS's choice).
-    """
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
-def _withDeadline(d, seconds, what):
-    """
-    Fail C{d} with a L{TimeoutError} naming C{what} if it has not fired
-    within C{seconds}.
-    """
-
-    def timedOut(failure):
-        failure.trap(TimeoutError, CancelledError)
-        raise TimeoutError("{} did not happen within {:.0f}s".format(what, seconds))
-
-    return d.addTimeout(seconds, reactor).addErrback(timedOut)
-
-
-class Gate:
-    """
-    A C{twistd im} gate in one data directory, on one loopback TCP port
-    across restarts.
-
-    @ivar port: the port, chosen at the first L{start}.
-    @ivar apiPort: the port of its HTTP API (on 127.0.0.1, a new one at
-        every start), or L{None} if it has none.
-    @ivar runs: a L{imserver.spawn.TwistdProcess} per start, the last one
-        current.
-    @ivar kills: how often it was killed with SIGKILL.
-    """
-
-    def __init__(self, dataDir, args, secretFile=None, api=False, listenOptions=""):
-        """
-        @param args: the C{im} options beyond the data directory, the
-            listener and the API (the store, C{--redis}, timeouts, ...).
-        @param secretFile: the L{FilePath} of the secret the gate is given
-            with C{--secret-file} (in C{args}), or L{None} for the data
-            directory's.
-        @param api: whether to run the HTTP API (on a free loopback port).
-        @param listenOptions: appended to the C{tcp:} listener's
-            description (C{":reusePort=yes"}).
-        """
-        self.dataDir = dataDir
-        self.args = list(args)
-        self.secretFile = secretFile
-        self.api = api
-        self.listenOptions = listenOptions
-        self.env = serverEnvironment()
-        self.port = None
-        self.apiPort = None
-        self.runs = []
-        self.kills = 0
-        self._transport = None
-        self._apiListening = None
-
-    @inlineCallbacks
-    def start(self):
-        """
-        Start the gate and wait until it listens (and its API, if it has
-        one).  The first start picks a free port (another one if it is taken
-        before the gate binds it); later starts reuse it.
-
-        @return: a L{Deferred} firing with the port.
-        """
-        for attempt in range(START_ATTEMPTS):
-            port = self.port if self.port is not None else _freePort()
-            process = self._spawn(port)
-            try:
-                listening = yield _withDeadline(
-                    process.listening, START_DEADLINE, "the gate listening"
-                )
-            except NotListening as e:
-                portTaken = "Address already in use" in e.output
-                if not portTaken or attempt == START_ATTEMPTS - 1:
-                    raise
-                continue
-            self.port = listening
-            if self._apiListening is not None:
-                self.apiPort = yield _withDeadline(
-                    self._apiListening, START_DEADLINE, "the HTTP API listening")
-            return listening
-
-    def _spawn(self, port):
-        process = spawnTwistd(reactor, [
-            "--data-dir", self.dataDir.path,
-            "--listen", "tcp:{}:interface=127.0.0.1{}".format(port, self.listenOptions),
-            "--api", "tcp:0:interface=127.0.0.1" if self.api else "none",
-        ] + self.args, path=self.dataDir.path, env=self.env)
-        self._transport = process.transport
-        if self.api:
-            self._apiListening = process.waitFor(apiPattern(), "the HTTP API listening")
-        self.runs.append(process)
-        return process
-
-    def secret(self):
-        """
-        The token-signing secret: the C{--secret-file}'s, or the one the
-        gate generated in its data directory at its first start.
-        """
-        return loadSecret(self.dataDir, self.secretFile, environ=self.env, create=False)
-
-    def _signal(self, name):
-        try:
-            self._transport.signalProcess(name)
-        except ProcessExitedAlready:
-            pass
-
-    @inlineCallbacks
-    def kill(self):
-        """
-        C{kill -9} the gate and wait for it to end.
-        """
-        self.kills += 1
-        self._signal("KILL")
-        yield _withDeadline(
-            self.runs[-1].whenEnded(), STOP_DEADLINE, "the killed gate ending"
-        )
-
-    @inlineCallbacks
-    def crash(self):
-        """
-        C{kill -9} the gate, wait for it to end, start it again.
-
-        @return: a L{Deferred} firing with the seconds it was down.
-        """
-        started = time.monotonic()
-        yield self.kill()
-        yield self.start()
-        return time.monotonic() - started
-
-    @inlineCallbacks
-    def stop(self):
-        """
-        Stop the gate if it runs: SIGTERM, then SIGKILL if it has not ended
-        within L{STOP_DEADLINE}.
-        """
-        if not self.runs or self.runs[-1].reason is not None:
-            return
-        run = self.runs[-1]
-        self._signal("TERM")
-        try:
-            yield _withDeadline(run.whenEnded(), STOP_DEADLINE, "the gate exiting on SIGTERM")
-        except TimeoutError:
-            self._signal("KILL")
-            yield run.whenEnded()
-
-    def output(self):
-        """
-        The output of every run, decoded, separated by a header line.
-        """
-        return "".join(
-            "--- run {} ---\n{}".format(i + 1, run.text())
-            for i, run in enumerate(self.runs)
-        )
 
 
 def sqliteGate(dataDir):
@@ -299,61 +127,9 @@ def sqliteGate(dataDir):
     ])
 
 
-def clusterGate(dataDir, redisURL, gateId, secretFile, api=False, args=(),
-                listenOptions=""):
-    """
-    A L{Gate} in cluster mode: C{--redis redisURL}, its own C{--gate-id} and
-    data directory, the cluster's shared C{--secret-file}.
-    """
-    return Gate(dataDir, [
-        "--redis", redisURL,
-        "--gate-id", gateId,
-        "--secret-file", secretFile.path,
-        "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
-        "--idle-timeout", str(IDLE_TIMEOUT),
-    ] + list(args), secretFile=secretFile, api=api, listenOptions=listenOptions)
-
-
-def newSecretFile(testCase):
-    """
-    A new secret file for the gates of a cluster (each gate is given it
-    with C{--secret-file}).
-
-    @rtype: L{FilePath}
-    """
-    secretFile = FilePath(testCase.mktemp())
-    createSecretFile(secretFile)
-    return secretFile
-
-
-@implementer(IStreamClientEndpoint)
-class RotatingEndpoint:
-    """
-    Connects to several gates in turn: each connection attempt goes to the
-    next gate of the list, so a client whose gate died (or whose socket was
-    dropped) comes back on another one, as a client going down the
-    dispatcher's list does.
-    """
-
-    def __init__(self, gates, first=0, timeout=5):
-        """
-        @param gates: L{Gate}s; their C{port} is read at each attempt.
-        @param first: the index of the gate tried first.
-        """
-        self.gates = gates
-        self.attempts = first
-        self.timeout = timeout
-
-    def connect(self, factory):
-        gate = self.gates[self.attempts % len(self.gates)]
-        self.attempts += 1
-        return TCP4ClientEndpoint(
-            reactor, "127.0.0.1", gate.port, timeout=self.timeout).connect(factory)
-
-
 class CrashableRedis:
     """
-    A L{tests.redisserver.RedisServer} as the workload crashes it.
+    A L{tests.support.redis.RedisServer} as the workload crashes it.
 
     @ivar kills: how often it was killed with SIGKILL.
     """
@@ -392,11 +168,9 @@ def redisInboxes(url, uids):
     """
     from imserver.redisclient import RedisURL, connectRedis, userKey
 
-    from tests.test_registry import whenConnected
-
     connection = connectRedis(reactor, RedisURL.parse(url))
     try:
-        yield _withDeadline(whenConnected(connection), START_DEADLINE, "connecting to Redis")
+        yield withDeadline(whenConnected(connection), START_DEADLINE, "connecting to Redis")
         inboxes = {}
         for uid in uids:
             members = yield connection.execute("ZRANGE", userKey(uid, "inbox"), 0, -1)
@@ -844,7 +618,7 @@ class CrashTestMixin:
         scale = _scale(workload.total)
         problems = []
         try:
-            yield _withDeadline(workload.run(), ACK_DEADLINE * scale,
+            yield withDeadline(workload.run(), ACK_DEADLINE * scale,
                                 "every send acknowledged")
         except Exception as e:
             problems.append(str(e))
@@ -859,7 +633,7 @@ class CrashTestMixin:
             yield history.whenDelivered(uid, heads[uid])
 
         results = yield DeferredList([
-            _withDeadline(catchUp(uid), CATCH_UP_DEADLINE, "the catch-up of " + uid)
+            withDeadline(catchUp(uid), CATCH_UP_DEADLINE, "the catch-up of " + uid)
             for uid in users
         ], consumeErrors=True)
         problems.extend(
@@ -985,8 +759,6 @@ class ClusterCrashTests(CrashTestMixin, TestCase):
         delivered twice, every inbox stream is in order and holds exactly
         the inbox's seqs.
         """
-        from tests.redisserver import RedisServer
-
         started = time.monotonic()
         seed = _seed()
         rng = random.Random(seed)
@@ -1023,18 +795,6 @@ class ClusterCrashTests(CrashTestMixin, TestCase):
         self.assertEqual([gate.kills for gate in gates],
                          [targets.count(i) for i in range(CLUSTER_GATES)])
         self.assertEqual(redis.kills, targets.count("redis"))
-
-
-def loggedTracebacks(output, context=15):
-    """
-    The lines around each C{Traceback} in C{output}.
-    """
-    lines = output.splitlines()
-    return [
-        "\n".join(lines[max(0, i - 2):i + context])
-        for i, line in enumerate(lines)
-        if "Traceback" in line
-    ]
 
 
 def _entry(seq, messageId, sender, recipient, counter, outgoing=False, body=None):

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_delivery -*-
 """
 Tests for reliable delivery through the gate: store-then-ack, pushes in
 seq order within the unacknowledged window, cumulative acks, resume with no
@@ -8,12 +9,12 @@ from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from imserver.errors import Unavailable
-from imserver.framing import encodeFrame
 from imserver.pb import im_pb2 as pb
 from imserver.session import FETCH_RETRY_DELAY
 from imserver.store.memory import MemoryMessageStore
 
-from tests.test_protocol import GateHarness, written
+from tests.support.frames import written
+from tests.support.gate import DeliveryHarness, pushes, responses
 
 
 class SlowStore(MemoryMessageStore):
@@ -38,51 +39,6 @@ class SlowStore(MemoryMessageStore):
         held, self.held = self.held, []
         for d, result in held:
             result.chainDeferred(d)
-
-
-class DeliveryHarness(GateHarness):
-    """
-    A gate with helpers to send, ack and read pushes.
-    """
-
-    def __init__(self, testCase, store=None, **settings):
-        GateHarness.__init__(self, testCase, **settings)
-        if store is not None:
-            self.store = self.factory.store = self.factory.messenger.store = store
-        self.seq = 100
-
-    def login(self, uid, device="phone", lastSeq=0):
-        protocol, transport = self.connect()
-        self.request(protocol, "auth", pb.AuthRequest(
-            uid=uid, device_id=device, token=self.token(uid), last_seq=lastSeq))
-        frames = written(transport)
-        self.testCase.assertEqual(frames[0].kind, pb.RESPONSE)
-        self.testCase.assertFalse(frames[0].HasField("error"), frames[0].error)
-        return protocol, transport, pb.AuthResponse.FromString(frames[0].body), frames[1:]
-
-    def send(self, protocol, to, clientMsgId, body=b"hi"):
-        self.seq += 1
-        self.request(protocol, "send", pb.SendRequest(
-            to=to, client_msg_id=clientMsgId, body=body), seq=self.seq)
-
-    def notify(self, protocol, method, message):
-        protocol.dataReceived(encodeFrame(pb.Frame(
-            kind=pb.NOTIFY, method=method, body=message.SerializeToString())))
-
-    def ack(self, protocol, seq):
-        self.notify(protocol, "ack", pb.Ack(seq=seq))
-
-
-def pushes(frames):
-    """
-    The inbox entries among C{frames}.
-    """
-    return [pb.InboxEntry.FromString(f.body) for f in frames
-            if f.kind == pb.NOTIFY and f.method == "message"]
-
-
-def responses(frames):
-    return [f for f in frames if f.kind == pb.RESPONSE]
 
 
 class SendTests(SynchronousTestCase):
@@ -627,3 +583,55 @@ class ContractFixTests(SynchronousTestCase):
         self.assertEqual(frame.error.code, pb.UNAVAILABLE)
         self.assertEqual(self.successResultOf(self.gate.registry.sessionsFor("bob")), [])
         self.assertEqual(len(self.flushLoggedErrors(IOError)), 1)
+
+
+class RecordingSession:
+    """
+    Records what it is told about its user's inbox.
+    """
+
+    def __init__(self):
+        self.advanced = []
+
+    def inboxAdvanced(self, seq, outgoing, encoded):
+        self.advanced.append((seq, outgoing, pb.Message.FromString(encoded.data).body))
+
+
+class AnnounceNewestTests(SynchronousTestCase):
+    """
+    L{imserver.messaging.Messenger.announceNewest}, cluster mode's catch-up:
+    a user's newest inbox entry, read from the store, announced to the
+    sessions given.
+    """
+
+    def setUp(self):
+        self.gate = DeliveryHarness(self)
+        self.messenger = self.gate.factory.messenger
+
+    def store(self, sender, to, clientMsgId, body):
+        return self.successResultOf(
+            self.messenger.storeMessage(sender, clientMsgId, body, "", to=to))
+
+    def test_newest(self):
+        """
+        Every session given is told of the newest entry only, with its seq
+        and outgoing flag; the result counts the entries announced.
+        """
+        self.store("alice", "bob", "m1", b"one")
+        delivery = self.store("alice", "bob", "m2", b"two")
+        sessions = [RecordingSession(), RecordingSession()]
+        self.assertEqual(self.successResultOf(self.messenger.announceNewest("bob", sessions)), 1)
+        for session in sessions:
+            self.assertEqual(session.advanced, [(delivery.seqs["bob"], False, b"two")])
+        sender = RecordingSession()
+        self.successResultOf(self.messenger.announceNewest("alice", [sender]))
+        self.assertEqual(sender.advanced, [(delivery.seqs["alice"], True, b"two")])
+
+    def test_emptyInbox(self):
+        """
+        A user with an empty inbox announces nothing.
+        """
+        session = RecordingSession()
+        self.assertEqual(self.successResultOf(self.messenger.announceNewest("carol", [session])),
+                         0)
+        self.assertEqual(session.advanced, [])

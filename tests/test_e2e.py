@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_e2e -*-
 """
 Live end-to-end tests: the real service tree (L{imserver.tap.makeService})
 and the real client (L{imserver.client}) over loopback TLS, in process and
@@ -15,7 +16,7 @@ import time
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, ProcessTerminated
 from twisted.internet.ssl import Certificate
@@ -25,13 +26,15 @@ from twisted.trial.unittest import TestCase
 from imserver import tap
 from imserver.auth import loadSecret, mintToken
 from imserver.client import ClientProtocol, clientEndpoint, connect
+from imserver.datadir import CERT_FILE_NAME, KEY_FILE_NAME
 from imserver.errors import ConnectionClosedByPeer, RemoteError
 from imserver.pb import im_pb2 as pb
 from imserver.protocol import AUTHENTICATED
 from imserver.spawn import spawnTwistd
-from imserver.tls import CERT_FILE_NAME, makeSelfSigned
+from imserver.tls import makeSelfSigned
 
 from tests.support import killAtCleanup, serverEnvironment, startServer, withoutSecretEnvironment
+from tests.support.live import ConnectionWatch
 
 LISTEN = "ssl:0:interface=127.0.0.1"
 
@@ -49,61 +52,6 @@ def _assertNear(testCase, serverTimeMs, now):
         abs(serverTime - now) <= CLOCK_SLACK,
         "server time {} is not within {}s of {}".format(serverTime, CLOCK_SLACK, now),
     )
-
-
-class ConnectionWatch:
-    """
-    Watches the server side of a L{imserver.protocol.GateFactory}: records
-    every protocol it builds and tells when it has no connection left.
-
-    @ivar built: every L{GateProtocol} built, in order.
-    """
-
-    def __init__(self, testCase, factory):
-        self.factory = factory
-        self.built = []
-        self._waiters = []
-        self._buildProtocol = factory.buildProtocol
-        self._connectionClosed = factory.connectionClosed
-        testCase.patch(factory, "buildProtocol", self.buildProtocol)
-        testCase.patch(factory, "connectionClosed", self.connectionClosed)
-
-    def buildProtocol(self, addr):
-        """
-        Build and record a protocol with the factory's own method.
-        """
-        protocol = self._buildProtocol(addr)
-        self.built.append(protocol)
-        return protocol
-
-    def connectionClosed(self, protocol):
-        """
-        Let the factory forget C{protocol}, then wake the waiters if it was
-        the last connection.
-        """
-        self._connectionClosed(protocol)
-        if not self.factory.connections and not self.factory.closing:
-            waiters, self._waiters = self._waiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def whenAllClosed(self):
-        """
-        @return: a L{Deferred} firing once the server has no open connection
-            (at once if it has none now).
-        """
-        if not self.factory.connections and not self.factory.closing:
-            return succeed(None)
-        d = Deferred()
-        self._waiters.append(d)
-        return d
-
-    def authenticated(self):
-        """
-        @return: the built protocols that ever completed auth.
-        """
-        return [p for p in self.built
-                if p.session.state == AUTHENTICATED or p.session.uid is not None]
 
 
 class InProcessGateTests(TestCase):
@@ -295,7 +243,7 @@ class InProcessGateTests(TestCase):
         """
         before = yield self.connect()
         certPEM, keyPEM = makeSelfSigned(hostnames=("localhost", "renewed.example"))
-        self.dataDir.child("tls-key.pem").setContent(keyPEM)
+        self.dataDir.child(KEY_FILE_NAME).setContent(keyPEM)
         self.dataDir.child(CERT_FILE_NAME).setContent(certPEM)
         reloaded = Deferred()
         service = self.root.getServiceNamed("certificates")

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_endpoints -*-
 """
 Tests for L{imserver.endpoints}: descriptions with a C{haproxy:} wrapper, and
 the client address a gate sees through it; C{reusePort=} (one port shared
@@ -27,8 +28,8 @@ from imserver.framing import encodeFrame
 from imserver.pb import im_pb2 as pb
 from imserver.protocol import NEW
 
-from tests.test_framing import readFrames
-from tests.test_protocol import GateHarness
+from tests.support.frames import readFrames
+from tests.support.gate import GateHarness
 
 #: The address the proxy connects to the gate from.
 PROXY_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)

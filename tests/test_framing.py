@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_framing -*-
 """
 Tests for L{imserver.framing}.
 """
@@ -10,6 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imserver.framing import FrameProtocol, decodeLength, encodeFrame, lengthPrefixed
 from imserver.pb import im_pb2 as pb
+
+from tests.support.frames import readFrames
 
 
 class RecordingFrameProtocol(FrameProtocol):
@@ -44,18 +47,6 @@ def sampleFrames(count):
         pb.Frame(kind=pb.REQUEST, seq=i + 1, method="ping", body=b"x" * (i * 37 % 300))
         for i in range(count)
     ]
-
-
-def readFrames(data):
-    """
-    Split written bytes back into frames (the test's own reference parser).
-    """
-    frames = []
-    while data:
-        (length,) = struct.unpack("!I", data[:4])
-        frames.append(pb.Frame.FromString(data[4 : 4 + length]))
-        data = data[4 + length :]
-    return frames
 
 
 class EncodeTests(SynchronousTestCase):

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_groups -*-
 """
 Tests for groups through the gate (group send, fan-out, membership checks,
 list / members / leave, group typing), the rules of L{imserver.groups}, the
@@ -16,8 +17,8 @@ from imserver.settings import Settings
 from imserver.store import GroupFull, GroupNotFound
 from imserver.store.memory import MemoryMessageStore
 
-from tests.test_delivery import DeliveryHarness, pushes, responses
-from tests.test_protocol import written
+from tests.support.frames import written
+from tests.support.gate import DeliveryHarness, pushes, responses
 
 T0 = 1_700_000_000_000
 

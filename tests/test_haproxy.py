@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_haproxy -*-
 """
 Live test of TLS offload: a real C{haproxy} terminates TLS and passes
 connections to an in-process gate on a C{haproxy:tcp:} listener with the
@@ -31,7 +32,7 @@ from imserver.client import ClientProtocol, connect
 from imserver.tls import makeSelfSigned
 
 from tests.support import killAtCleanup, requireDependency, requireExecutable, startServer
-from tests.test_e2e import ConnectionWatch
+from tests.support.live import ConnectionWatch
 
 LISTEN = "haproxy:tcp:0:interface=127.0.0.1"
 #: The source address of the client whose address the gate must see: all of

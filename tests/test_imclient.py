@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_imclient -*-
 """
 Live tests of L{imserver.client.IMClient}, the reconnecting client, against
 a real gate on loopback (plain TCP: TLS is covered by tests.test_e2e).

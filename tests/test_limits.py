@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_limits -*-
 """
 Tests for the limits against abuse (L{imserver.limits} and their use by the
 gate): connections per process and per address and the accept rate (closed
@@ -26,8 +27,8 @@ from imserver.limits import AdmissionFactory, FailedAuthThrottle, TokenBucket
 from imserver.pb import im_pb2 as pb
 
 from tests.support import startServer, withoutSecretEnvironment
-from tests.test_delivery import DeliveryHarness, pushes, responses
-from tests.test_protocol import written
+from tests.support.frames import written
+from tests.support.gate import DeliveryHarness, pushes, responses
 
 
 def address(host):

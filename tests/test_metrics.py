@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_metrics -*-
 """
 Tests for L{imserver.metrics}: the IM metrics move when their events happen.
 """
@@ -10,8 +11,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from imserver.metrics import GateMetrics
 from imserver.pb import im_pb2 as pb
 
-from tests.test_delivery import DeliveryHarness
-from tests.test_protocol import written
+from tests.support.frames import written
+from tests.support.gate import DeliveryHarness
 
 
 def sample(metrics, name, **labels):

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_observe -*-
 """
 Tests for L{imserver.observe.OneShot}.
 """

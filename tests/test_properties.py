@@ -1,10 +1,10 @@
 # -*- test-case-name: tests.test_properties -*-
 """
-Property tests of delivery (issue 7, item 5): a hypothesis state machine
-over send, read, ack, drop connection, vanish (the client goes away and the
-gate does not notice), resume, store progress and restart gate, checking
-that no acknowledged message is lost, every recipient sees its inbox in
-order and without a gap, and no message becomes visible twice.
+Property tests of delivery: a hypothesis state machine over send, read,
+ack, drop connection, vanish (the client goes away and the gate does not
+notice), resume, store progress and restart gate, checking that no
+acknowledged message is lost, every recipient sees its inbox in order and
+without a gap, and no message becomes visible twice.
 
 The harness is deterministic: in-memory transports (L{StringTransport}), a
 L{Clock}, and the real SQLite store (L{SQLiteMessageStore}, not threaded)
@@ -61,7 +61,7 @@ from imserver.registry.memory import MemorySessionRegistry
 from imserver.settings import Settings
 from imserver.store.sqlite import SQLiteMessageStore
 
-from tests.test_framing import readFrames
+from tests.support.frames import readFrames
 
 #: Examples and steps per example in the default suite; the environment
 #: variables raise them for the long job.

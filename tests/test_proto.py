@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_proto -*-
 """
 The generated protobuf code is current, and runs on the upb backend.
 """

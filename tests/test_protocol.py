@@ -1,106 +1,20 @@
+# -*- test-case-name: tests.test_protocol -*-
 """
 Tests for L{imserver.protocol}: the gate's connection state machine, auth,
 heartbeat sweep, kicks and shutdown, on L{StringTransport} and L{Clock}.
 """
 
-import random
-
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import Clock, StringTransport
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from imserver.auth import TokenAuthenticator, mintToken
-from imserver.framing import encodeFrame
 from imserver.interfaces import ISession
 from imserver.pb import im_pb2 as pb
-from imserver.protocol import AUTHENTICATED, GateFactory
+from imserver.protocol import AUTHENTICATED
 from imserver.registry.memory import MemorySessionRegistry
-from imserver.settings import Settings
-from imserver.store.memory import MemoryMessageStore
 
-from tests.test_framing import readFrames
-
-SECRET = b"0123456789abcdef0123456789abcdef"
-
-
-class GateHarness:
-    """
-    A gate factory with a L{Clock}, and helpers to drive connections to it.
-    """
-
-    def __init__(self, testCase, **settings):
-        self.testCase = testCase
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.settings = Settings(**settings)
-        self.registry = MemorySessionRegistry(maxDevices=self.settings.max_devices)
-        self.store = MemoryMessageStore()
-        self.factory = GateFactory(
-            settings=self.settings,
-            authenticator=TokenAuthenticator(SECRET, self.clock),
-            registry=self.registry,
-            store=self.store,
-            clock=self.clock,
-            gateId="test",
-            rng=random.Random(4),
-        )
-
-    def connect(self):
-        """
-        A new connection.
-
-        @return: C{(protocol, transport)}
-        """
-        protocol = self.factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        return protocol, transport
-
-    def token(self, uid, ttl=3600):
-        return mintToken(SECRET, uid, ttl, self.clock.seconds())
-
-    def request(self, protocol, method, message, seq=1):
-        protocol.dataReceived(
-            encodeFrame(
-                pb.Frame(kind=pb.REQUEST, seq=seq, method=method,
-                         body=message.SerializeToString())
-            )
-        )
-
-    def auth(self, protocol, uid="alice", device="phone", token=None, seq=1):
-        self.request(
-            protocol, "auth",
-            pb.AuthRequest(uid=uid, device_id=device,
-                           token=self.token(uid) if token is None else token,
-                           platform=pb.IOS),
-            seq,
-        )
-
-    def authed(self, uid="alice", device="phone"):
-        """
-        An authenticated connection; its written bytes are cleared.
-        """
-        protocol, transport = self.connect()
-        self.auth(protocol, uid, device)
-        [frame] = readFrames(transport.value())
-        self.testCase.assertFalse(frame.HasField("error"), frame.error)
-        transport.clear()
-        return protocol, transport
-
-    def lose(self, protocol):
-        protocol.connectionLost(Failure(ConnectionDone()))
-
-
-def written(transport):
-    """
-    The frames written to C{transport} since the last call.
-    """
-    frames = readFrames(transport.value())
-    transport.clear()
-    return frames
+from tests.support.frames import written
+from tests.support.gate import GateHarness
 
 
 class AuthTests(SynchronousTestCase):
@@ -554,7 +468,8 @@ class ValidationTests(SynchronousTestCase):
         A connection lost while its registration is pending is unregistered
         once the registration completes: it never holds a device slot.
         """
-        self.gate.factory.registry = registry = SlowRegistry()
+        self.gate = GateHarness(self, registry=SlowRegistry())
+        registry = self.gate.registry
         protocol, transport = self.gate.connect()
         self.gate.auth(protocol)
         self.gate.lose(protocol)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_redisclient -*-
 """
 Tests for L{imserver.redisclient} against a real C{redis-server}.
 """
@@ -10,7 +11,7 @@ from txredisapi import ResponseError
 from imserver.errors import Unavailable
 from imserver.redisclient import RedisUnavailable, RedisURL, _unavailable, connectRedis
 
-from tests.redisserver import RedisServer
+from tests.support.redis import RedisServer, whenConnected
 
 
 class RedisURLTests(SynchronousTestCase):
@@ -93,18 +94,7 @@ class ConnectionTests(TestCase):
         self.connection = connectRedis(reactor, RedisURL.parse(self.server.url),
                                        replyTimeout=2)
         self.addCleanup(self.connection.disconnect)
-        yield self.whenConnected()
-
-    def whenConnected(self):
-        d = Deferred()
-        if self.connection.connected:
-            d.callback(None)
-        else:
-            def once():
-                self.connection.onConnect.remove(once)
-                d.callback(None)
-            self.connection.onConnect.append(once)
-        return d
+        yield whenConnected(self.connection)
 
     @inlineCallbacks
     def test_bytes(self):
@@ -144,7 +134,7 @@ class ConnectionTests(TestCase):
         failure = yield self.assertFailure(self.connection.execute("PING"), RedisUnavailable)
         self.assertIsInstance(failure, Unavailable)
         yield self.server.start()
-        yield self.whenConnected()
+        yield whenConnected(self.connection)
         self.assertEqual((yield self.connection.execute("PING")), "PONG")
 
 

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_registry -*-
 """
 Tests for session registries: one suite, run against every implementation
 of L{ISessionRegistry} (the Redis one against a real C{redis-server}), then
@@ -5,68 +6,27 @@ what only the cluster registry does: generations, kicks across gates,
 leases, re-registration.
 """
 
-import itertools
-
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from imserver.bus.redis import RedisGateBus
 from imserver.errors import TooManyDevices, Unavailable
 from imserver.interfaces import ISession, ISessionRegistry
 from imserver.wire import EncodedMessage
 from imserver.pb import im_pb2 as pb
-from imserver.redisclient import RedisURL, connectRedis, subscribeRedis, userTag
+from imserver.redisclient import userTag
 from imserver.registry.memory import MemorySessionRegistry
 from imserver.registry.redis import (
     GENERATION_KEY,
-    RedisSessionRegistry,
     RemoteSession,
-    parseEntry,
     sessionsKey,
 )
 
-from tests.redisserver import RedisServer
-
-_sessionIds = itertools.count(1)
-
-
-@implementer(ISession)
-class FakeSession:
-    """
-    A session that records what the registry and the bus do to it.
-    """
-
-    platform = pb.DESKTOP
-
-    def __init__(self, uid, deviceId, gateId="g"):
-        self.uid = uid
-        self.deviceId = deviceId
-        self.gateId = gateId
-        self.sessionId = "{}/{}".format(gateId, next(_sessionIds))
-        self.kicks = []
-        self.advanced = []
-        self.typings = []
-        self.notices = []
-
-    def __repr__(self):
-        return "<FakeSession {} {}/{}>".format(self.sessionId, self.uid, self.deviceId)
-
-    def kick(self, reason, message):
-        self.kicks.append(reason)
-
-    def inboxAdvanced(self, seq, outgoing, encoded):
-        self.advanced.append((seq, outgoing, encoded))
-
-    def typing(self, uid, active, groupId):
-        self.typings.append((uid, active, groupId))
-
-    def notice(self, frame):
-        self.notices.append(frame)
-
+from tests.support.cluster import FakeSession, RedisTestMixin
+from tests.support.live import waitFor
+from tests.support.redis import whenConnected
 
 class RegistryTestsMixin:
     """
@@ -183,121 +143,6 @@ class MemoryRegistryTests(RegistryTestsMixin, TestCase):
 
 
 # -- the cluster registry ----------------------------------------------------------
-
-
-def waitFor(predicate, timeout=5.0, interval=0.01):
-    """
-    Poll C{predicate} on the reactor until it is true.
-
-    @return: a L{Deferred} firing once it is, or failing after C{timeout}
-        seconds.
-    """
-
-    @inlineCallbacks
-    def poll():
-        deadline = reactor.seconds() + timeout
-        while not predicate():
-            if reactor.seconds() > deadline:
-                raise AssertionError("still false after {} s: {!r}".format(timeout, predicate))
-            yield deferLater(reactor, interval, lambda: None)
-
-    return poll()
-
-
-def whenConnected(connection):
-    """
-    @return: a L{Deferred} firing once C{connection} (a
-        L{imserver.redisclient.RedisConnection}) is up.
-    """
-    d = Deferred()
-    if connection.connected:
-        d.callback(None)
-        return d
-
-    def once():
-        connection.onConnect.remove(once)
-        d.callback(None)
-
-    connection.onConnect.append(once)
-    return d
-
-
-class FakeGate:
-    """
-    The Redis side of one gate, without the gate: a command connection, a
-    bus with its subscriber, and a L{RedisSessionRegistry}.
-    """
-
-    def __init__(self, testCase, url, gateId, maxDevices=3, leaseSeconds=30.0,
-                 incarnation=None):
-        url = RedisURL.parse(url)
-        self.gateId = gateId
-        self.connection = connectRedis(reactor, url, replyTimeout=2, start=False)
-        self.bus = RedisGateBus(
-            self.connection,
-            lambda channels, onMessage: subscribeRedis(
-                reactor, url, channels, onMessage, replyTimeout=2, start=False),
-            gateId, reactor)
-        self.registry = RedisSessionRegistry(
-            self.connection, self.bus, reactor, gateId, maxDevices=maxDevices,
-            leaseSeconds=leaseSeconds, incarnation=incarnation)
-        testCase.addCleanup(self.stop)
-
-    @inlineCallbacks
-    def start(self):
-        """
-        Connect, subscribe and take the lease.
-        """
-        connected = whenConnected(self.connection)
-        self.connection.start()
-        self.bus.start()
-        yield connected
-        yield waitFor(lambda: self.bus.subscribed)
-        yield self.registry.refreshLease()
-        return self
-
-    @inlineCallbacks
-    def stop(self):
-        yield self.bus.stop()
-        yield self.connection.disconnect()
-
-    def session(self, uid, deviceId):
-        """
-        A new L{FakeSession} of this gate.
-        """
-        return FakeSession(uid, deviceId, self.gateId)
-
-
-class RedisTestMixin:
-    """
-    A fresh C{redis-server} per test.
-    """
-
-    timeout = 30
-
-    @inlineCallbacks
-    def startRedis(self, appendfsync=None):
-        self.server = RedisServer(self, reactor, appendfsync=appendfsync)
-        yield self.server.start()
-
-    def gate(self, gateId, **kwargs):
-        """
-        @return: a L{Deferred} firing with a started L{FakeGate}.
-        """
-        return FakeGate(self, self.server.url, gateId, **kwargs).start()
-
-    @inlineCallbacks
-    def entries(self, uid):
-        """
-        The raw entries of C{uid}: C{{device: parseEntry(...)}}.
-        """
-        connection = connectRedis(reactor, RedisURL.parse(self.server.url))
-        try:
-            yield whenConnected(connection)
-            reply = yield connection.execute("HGETALL", sessionsKey(uid))
-        finally:
-            yield connection.disconnect()
-        return {reply[i].decode(): parseEntry(reply[i + 1]) for i in range(0, len(reply), 2)}
 
 
 class RedisRegistryTests(RedisTestMixin, RegistryTestsMixin, TestCase):

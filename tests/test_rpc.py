@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_rpc -*-
 """
 Tests for L{imserver.rpc}: the symmetric request/response/notify layer.
 """
@@ -20,7 +21,7 @@ from imserver.framing import encodeFrame
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import Method, Notification, RPCProtocol
 
-from tests.test_framing import readFrames
+from tests.support.frames import readFrames
 
 ECHO = Method("echo", pb.PingResponse, pb.PingResponse)
 SLOW = Method("slow", pb.PingRequest, pb.PingResponse)

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_store -*-
 """
 Tests for message stores: one suite, run against every implementation of
 L{IMessageStore} (memory, SQLite inline and threaded, Redis), plus SQLite's
@@ -9,7 +10,7 @@ import signal
 import sqlite3
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import Logger, LogLevel
 from twisted.python.filepath import FilePath
@@ -25,7 +26,7 @@ from imserver.store.memory import MemoryMessageStore
 from imserver.store.redis import RedisMessageStore
 from imserver.store.sqlite import SQLiteMessageStore, StoreClosed
 
-from tests.redisserver import RedisServer
+from tests.support.redis import RedisServer, whenConnected, whenDisconnected
 
 HOUR = 3600 * 1000
 T0 = 1_700_000_000_000
@@ -757,38 +758,6 @@ class QueryPlanTests(SynchronousTestCase):
         self.assertIn("USING PRIMARY KEY", plan)
         self.assertNotIn("SCAN d", plan)
         self.assertNotIn("SCAN dedup", plan)
-
-
-def whenConnected(connection):
-    """
-    @return: a L{Deferred} firing once C{connection} is up (at once if it
-        is).
-    """
-    d = Deferred()
-    if connection.connected:
-        d.callback(None)
-    else:
-        def once():
-            connection.onConnect.remove(once)
-            d.callback(None)
-        connection.onConnect.append(once)
-    return d
-
-
-def whenDisconnected(connection):
-    """
-    @return: a L{Deferred} firing once C{connection} is lost (at once if it
-        is down).
-    """
-    d = Deferred()
-    if not connection.connected:
-        d.callback(None)
-    else:
-        def once():
-            connection.onDisconnect.remove(once)
-            d.callback(None)
-        connection.onDisconnect.append(once)
-    return d
 
 
 class RedisStoreTests(StoreTestsMixin, TestCase):

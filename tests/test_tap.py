@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tap -*-
 """
 Tests for the C{twistd im} plugin, its options and service tree
 (L{imserver.tap}), and the C{python -m imserver token} command
@@ -24,11 +25,17 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imserver import tap
 from imserver.__main__ import main
-from imserver.auth import SECRET_FILE_NAME, loadSecret, verifyToken
+from imserver.auth import loadSecret, verifyToken
+from imserver.datadir import (
+    CERT_FILE_NAME,
+    KEY_FILE_NAME,
+    MESSAGES_FILE_NAME,
+    SECRET_FILE_NAME,
+)
 from imserver.protocol import GateFactory
 from imserver.service import GateService, ListenerService
 from imserver.settings import Settings, optionName, settingFields
-from imserver.tls import CERT_FILE_NAME, KEY_FILE_NAME, makeSelfSigned
+from imserver.tls import makeSelfSigned
 
 from tests.support import withoutSecretEnvironment
 
@@ -293,6 +300,21 @@ class MakeServiceTests(SynchronousTestCase):
         factory = root.getServiceNamed("gate").factory
         self.assertEqual(factory.settings.max_devices, 3)
         self.assertEqual(factory.registry.maxDevices, 3)
+
+    def test_logicSharesTheSeams(self):
+        """
+        The L{imserver.messaging.Messenger} and L{imserver.groups.Groups}
+        that C{makeService} gives the factory work on its store, registry,
+        settings and metrics.
+        """
+        factory = self.makeService(TCP_LISTEN).getServiceNamed("gate").factory
+        messenger, groups = factory.messenger, factory.groups
+        self.assertIs(messenger.store, factory.store)
+        self.assertIs(messenger.registry, factory.registry)
+        self.assertIs(messenger.settings, factory.settings)
+        self.assertIs(messenger.metrics, factory.metrics)
+        self.assertIs(groups.store, factory.store)
+        self.assertIs(groups.settings, factory.settings)
 
     def test_gateId(self):
         """
@@ -597,7 +619,7 @@ class StoreChoiceTests(SynchronousTestCase):
         root = tap.makeService(options, reactor=MemoryReactorClock())
         store = root.getServiceNamed("store")
         self.assertIsInstance(store, SQLiteMessageStore)
-        self.assertEqual(store.path, dataDir.child("messages.sqlite3").path)
+        self.assertEqual(store.path, dataDir.child(MESSAGES_FILE_NAME).path)
         self.assertIs(list(root)[0], store)
         self.assertIs(root.getServiceNamed("gate").factory.store, store)
 

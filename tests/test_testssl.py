@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_testssl -*-
 """
 The gate's TLS profile, checked by an outside scanner: C{testssl} (Debian
 package C{testssl.sh}) against a live gate on loopback.  Any finding of

@@ -16,6 +16,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from imserver import tls
+from imserver.datadir import CERT_FILE_NAME, KEY_FILE_NAME
 from imserver.endpoints import listenEndpoint, splitDescription
 
 
@@ -101,7 +102,7 @@ class SelfSignedTests(SynchronousTestCase):
         key.chmod(0o644)
         tls.ensureSelfSigned(dataDir, now=start + datetime.timedelta(days=370))
         self.assertEqual((_mode(cert), _mode(key)), (0o644, 0o600))
-        self.assertEqual(sorted(dataDir.listdir()), [tls.CERT_FILE_NAME, tls.KEY_FILE_NAME])
+        self.assertEqual(sorted(dataDir.listdir()), [CERT_FILE_NAME, KEY_FILE_NAME])
 
     def test_writeFileFails(self):
         """

@@ -32,7 +32,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from imserver.api import ADMIN_TOKEN_FILE_NAME
 from imserver.auth import loadSecret
 from imserver.bench import ECHO_COMMAND, WORKER_COMMAND
 from imserver.bench.control import WorkerProcess
@@ -52,6 +51,7 @@ from imserver.bench.stats import (
     ratiosTo,
     sumCounts,
 )
+from imserver.datadir import ADMIN_TOKEN_FILE_NAME, CERT_FILE_NAME, KEY_FILE_NAME
 from imserver.spawn import (
     apiPattern,
     childEnvironment,
@@ -59,7 +59,6 @@ from imserver.spawn import (
     spawnTwistd,
     tasksetPrefix,
 )
-from imserver.tls import CERT_FILE_NAME, KEY_FILE_NAME
 
 #: Seconds into a run after which the progress line is shown.
 PROGRESS_AFTER = 3.0

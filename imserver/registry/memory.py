@@ -1,13 +1,14 @@
 # -*- test-case-name: tests.test_registry -*-
 """
-The in-process session registry, for a single gate process.
+The in-process session registry and gate directory, for a single gate
+process.
 """
 
 from twisted.internet.defer import fail, succeed
 from zope.interface import implementer
 
 from imserver.errors import TooManyDevices
-from imserver.interfaces import ISessionRegistry
+from imserver.interfaces import IGateDirectory, ISessionRegistry
 
 
 @implementer(ISessionRegistry)
@@ -60,3 +61,25 @@ class MemorySessionRegistry:
 
     def count(self):
         return succeed(self._count)
+
+
+@implementer(IGateDirectory)
+class MemoryGateDirectory:
+    """
+    The gates of one process (so, this gate): a dictionary.  The API's
+    dispatcher route (C{GET /v1/gates}) reads it in embedded mode.
+    """
+
+    def __init__(self):
+        self._gates = {}
+
+    def advertise(self, gateId, addresses):
+        self._gates[gateId] = [tuple(a) for a in addresses]
+        return succeed(None)
+
+    def withdraw(self, gateId):
+        self._gates.pop(gateId, None)
+        return succeed(None)
+
+    def gates(self):
+        return succeed({gateId: list(a) for gateId, a in self._gates.items()})

@@ -1,11 +1,33 @@
+# -*- test-case-name: tests -*-
 """
-Helpers shared by the tests: the environment of a gate under test, the real
-service tree started in the test's process, the cleanup of child processes, and the programs some tests need (skipped when
-missing, except in CI).
+Helpers shared by the tests.
+
+This package holds every harness more than one test module uses; a harness
+only one module needs stays in that module.  Here: the environment of a gate
+under test, the real service tree started in the test's process, the
+cleanup of child processes, free ports, and the programs some tests need
+(skipped when missing, except in CI).  The submodules:
+
+  - L{tests.support.frames}: reading back the frames written to a
+    L{twisted.internet.testing.StringTransport};
+  - L{tests.support.gate}: a gate factory on a L{twisted.internet.task.Clock}
+    and C{StringTransport}s (L{tests.support.gate.GateHarness},
+    L{tests.support.gate.DeliveryHarness});
+  - L{tests.support.live}: waiting on a live reactor: events
+    (L{tests.support.live.Changes}), connections closing
+    (L{tests.support.live.ConnectionWatch}), and bounded polling where
+    there is no event;
+  - L{tests.support.redis}: a real C{redis-server} and Redis connections;
+  - L{tests.support.cluster}: fake sessions and the Redis side of fake
+    gates, on a real C{redis-server};
+  - L{tests.support.twistd}: real C{twistd im} gate processes;
+  - L{tests.support.malformed}: the data format of the malformed-input
+    suite (C{tests/data/malformed}), shared with C{fuzz/}.
 """
 
 import os
 import shutil
+import socket
 
 from twisted.internet.error import ProcessExitedAlready
 from twisted.trial.unittest import FailTest, SkipTest
@@ -13,6 +35,17 @@ from twisted.trial.unittest import FailTest, SkipTest
 from imserver import tap
 from imserver.auth import SECRET_ENV
 from imserver.spawn import childEnvironment
+
+
+def freePort(host="127.0.0.1"):
+    """
+    A TCP port free on C{host} right now (the OS's choice; another process
+    may take it before it is used, so a caller that binds it later retries
+    with another one).
+    """
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def startServer(testCase, options):

@@ -1,31 +1,22 @@
+# -*- test-case-name: tests.test_redisclient,tests.test_registry,tests.test_store -*-
 """
-A real C{redis-server} for tests: started on a free loopback port in a
-temporary directory, stopped (or killed, or restarted) by the test, always
-gone after it.  Missing C{redis-server} skips the test locally and fails it
-in CI (L{tests.support.requireExecutable}).
+Redis for tests: a real C{redis-server} (L{RedisServer}), started on a free
+loopback port in a temporary directory, stopped (or killed, or restarted)
+by the test, always gone after it; missing C{redis-server} skips the test
+locally and fails it in CI (L{tests.support.requireExecutable}).  And
+waiting for a L{imserver.redisclient.RedisConnection} to come up or go
+down, on its own C{onConnect} and C{onDisconnect} events.
 """
-
-import socket
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.filepath import FilePath
 
-from tests.support import requireExecutable
+from tests.support import freePort, requireExecutable
 
 #: Seconds a redis-server may take to say it is ready.
 START_TIMEOUT = 10.0
-
-
-def freePort(host="127.0.0.1"):
-    """
-    A TCP port free on C{host} right now (another process may take it
-    before it is used; L{RedisServer.start} retries then).
-    """
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class _RedisProcess(ProcessProtocol):
@@ -62,7 +53,8 @@ class RedisServer:
         """
         @param appendfsync: C{always}, C{everysec}, or L{None} for no AOF.
         """
-        self.executable = requireExecutable("redis-server", "redis-server (Debian package redis-server)")
+        self.executable = requireExecutable(
+            "redis-server", "redis-server (Debian package redis-server)")
         self.testCase = testCase
         self.reactor = reactor
         self.appendfsync = appendfsync
@@ -145,3 +137,59 @@ class RedisServer:
         yield self.kill()
         for child in self.directory.children():
             child.remove()
+
+
+def whenConnected(connection):
+    """
+    @return: a L{Deferred} firing once C{connection} (a
+        L{imserver.redisclient.RedisConnection}) is up (at once if it is).
+    """
+    d = Deferred()
+    if connection.connected:
+        d.callback(None)
+        return d
+
+    def once():
+        connection.onConnect.remove(once)
+        d.callback(None)
+
+    connection.onConnect.append(once)
+    return d
+
+
+def whenDisconnected(connection):
+    """
+    @return: a L{Deferred} firing once C{connection} (a
+        L{imserver.redisclient.RedisConnection}) is lost (at once if it is
+        down).
+    """
+    d = Deferred()
+    if not connection.connected:
+        d.callback(None)
+        return d
+
+    def once():
+        connection.onDisconnect.remove(once)
+        d.callback(None)
+
+    connection.onDisconnect.append(once)
+    return d
+
+
+def whenSubscribed(subscriber):
+    """
+    @return: a L{Deferred} firing once C{subscriber} (a
+        L{imserver.redisclient.RedisSubscriber}) has its subscription in
+        place (at once if it has).
+    """
+    d = Deferred()
+    if subscriber.subscribed:
+        d.callback(None)
+        return d
+
+    def once():
+        subscriber.onSubscribe.remove(once)
+        d.callback(None)
+
+    subscriber.onSubscribe.append(once)
+    return d
