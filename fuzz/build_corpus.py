@@ -2,9 +2,10 @@
 """
 Build the seed corpus of C{fuzz/fuzz_gate.py} from the malformed-input
 suite (tests/data/malformed/*.json): one file per distinct case input,
-named by its SHA-1, each in three variants of the first byte (C{fuzz/harness.py}): one
-read with the memory store, reads of 7 bytes, one read with SQLite.  Cases that are not about framing (raw bytes
-to the TLS port) are included too: they are just more odd bytes.
+named by its SHA-1, each in three variants of the first byte
+(C{fuzz/harness.py}): one read with the memory store, reads of 7 bytes, one
+read with SQLite.  Cases that are not about framing (raw bytes to the TLS
+port) are included too: they are just more odd bytes.
 
     .venv/bin/python fuzz/build_corpus.py [DIRECTORY]    # default fuzz/corpus
 """

@@ -116,8 +116,7 @@ def _gate(sqlite):
     )
     nowMs = NOW * 1000
     for i in range(BACKLOG):
-        store.deliver("peer", "b{}".format(i), pb.Message(recipient=UID, body=b"x"),
-                      [UID], nowMs)
+        store.deliver("peer", "b{}".format(i), pb.Message(recipient=UID, body=b"x"), [UID], nowMs)
     factory.groups.create(GROUP, "Team", UID, nowMs)
     factory.groups.create(OTHER_GROUP, "Others", "peer", nowMs)
     return factory, clock, store
@@ -128,8 +127,9 @@ def authFrame(seq=1):
     The encoded C{auth} request of L{UID} that succeeds in a run.
     """
     request = pb.AuthRequest(uid=UID, device_id="fuzz", token=mintToken(SECRET, UID, 3600, NOW))
-    return encodeFrame(pb.Frame(kind=pb.REQUEST, seq=seq, method="auth",
-                                body=request.SerializeToString()))
+    return encodeFrame(
+        pb.Frame(kind=pb.REQUEST, seq=seq, method="auth", body=request.SerializeToString())
+    )
 
 
 def makeInput(state, payload, chunk=0, sqlite=False):
@@ -149,7 +149,7 @@ def _frames(data):
         if len(data) - offset < 4:
             raise GateFault("the gate wrote a partial length prefix: {!r}".format(data[offset:]))
         (length,) = struct.unpack_from("!I", data, offset)
-        body = data[offset + 4:offset + 4 + length]
+        body = data[offset + 4 : offset + 4 + length]
         if len(body) != length:
             raise GateFault("the gate wrote a partial frame")
         frame = pb.Frame()
@@ -175,16 +175,20 @@ def runInput(data, strict=False):
     del _failures.failures[:]
     factory, clock, store = _gate(sqlite)
     try:
-        return _run(factory, clock, authenticated, chunk, payload,
-                    () if strict else KNOWN_BUGS.values())
+        return _run(
+            factory, clock, authenticated, chunk, payload, () if strict else KNOWN_BUGS.values()
+        )
     finally:
         if sqlite:
             store.stopService()
 
 
 def _unexplained(tolerated):
-    return [event for event in _failures.failures
-            if not any(known is not None and known(event) for _, known in tolerated)]
+    return [
+        event
+        for event in _failures.failures
+        if not any(known is not None and known(event) for _, known in tolerated)
+    ]
 
 
 def _run(factory, clock, authenticated, chunk, payload, tolerated):
@@ -194,21 +198,23 @@ def _run(factory, clock, authenticated, chunk, payload, tolerated):
     if authenticated:
         protocol.dataReceived(authFrame())
         if protocol.session.state != AUTHENTICATED:
-            raise GateFault("the harness could not authenticate: {}".format(
-                _frames(transport.value())))
+            raise GateFault(
+                "the harness could not authenticate: {}".format(_frames(transport.value()))
+            )
         transport.clear()
     try:
         if chunk:
             for start in range(0, len(payload), chunk):
-                protocol.dataReceived(payload[start:start + chunk])
+                protocol.dataReceived(payload[start : start + chunk])
         else:
             protocol.dataReceived(payload)
     except Exception as e:
         raise GateFault("dataReceived raised {!r}".format(e)) from e
     failures = _unexplained(tolerated)
     if failures:
-        raise GateFault("the gate logged a failure: {}".format(
-            failures[0]["log_failure"].getTraceback()))
+        raise GateFault(
+            "the gate logged a failure: {}".format(failures[0]["log_failure"].getTraceback())
+        )
     frames = _checkWritten(protocol, transport, tolerated)
     try:
         protocol.connectionLost(Failure(ConnectionDone()))
@@ -217,8 +223,11 @@ def _run(factory, clock, authenticated, chunk, payload, tolerated):
     clock.advance(3600)
     failures = _unexplained(tolerated)
     if failures:
-        raise GateFault("the gate logged a failure after the close: {}".format(
-            failures[0]["log_failure"].getTraceback()))
+        raise GateFault(
+            "the gate logged a failure after the close: {}".format(
+                failures[0]["log_failure"].getTraceback()
+            )
+        )
     return frames
 
 
@@ -231,7 +240,9 @@ def _checkWritten(protocol, transport, tolerated):
             if frame.seq == 0:
                 raise GateFault("a RESPONSE with seq 0: {}".format(frame))
             if frame.HasField("error") and frame.error.code in (
-                    pb.INTERNAL, pb.ERROR_CODE_UNSPECIFIED):
+                pb.INTERNAL,
+                pb.ERROR_CODE_UNSPECIFIED,
+            ):
                 raise GateFault("an error response {}".format(frame))
         elif frame.kind == pb.ERROR:
             if not frame.HasField("error") or frame.error.code == pb.ERROR_CODE_UNSPECIFIED:
@@ -249,8 +260,10 @@ def _checkWritten(protocol, transport, tolerated):
         last = frames[-1] if frames else None
         explained = (
             protocol.session._peerError is not None
-            or last is not None and last.kind == pb.ERROR
-            or last is not None and last.kind == pb.RESPONSE
+            or last is not None
+            and last.kind == pb.ERROR
+            or last is not None
+            and last.kind == pb.RESPONSE
             and last.error.code in _FATAL_RESPONSES
         )
         if not explained:

@@ -19,8 +19,8 @@ except ImportError as e:
     sys.exit(
         "error: this Python ({}) cannot import Twisted ({}). Run the"
         " virtualenv's Python, which has imserver and its dependencies:"
-        " .venv/bin/python -m imserver (`make run` creates .venv)".format(
-            sys.executable, e))
+        " .venv/bin/python -m imserver (`make run` creates .venv)".format(sys.executable, e)
+    )
 
 from twisted.python.filepath import FilePath
 
@@ -82,12 +82,12 @@ class Options(commandline.Options):
         if getattr(self, "subCommand", None) is not None:
             return "Usage: " + COMMAND_NAME
         return "Usage: {} ({}) [options]".format(
-            COMMAND_NAME, " | ".join(c[0] for c in self.subCommands))
+            COMMAND_NAME, " | ".join(c[0] for c in self.subCommands)
+        )
 
     def postOptions(self):
         if self.subCommand is None:
-            raise usage.UsageError("name a command: " + ", ".join(
-                c[0] for c in self.subCommands))
+            raise usage.UsageError("name a command: " + ", ".join(c[0] for c in self.subCommands))
 
 
 def token(options, out):

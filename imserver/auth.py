@@ -42,7 +42,8 @@ SECRET_ENV = "IMSERVER_SECRET"
 
 def _signature(secret, uid, expiry):
     mac = hmac.new(
-        secret, _CONTEXT + uid.encode("utf-8") + b"\n" + expiry.encode("ascii"),
+        secret,
+        _CONTEXT + uid.encode("utf-8") + b"\n" + expiry.encode("ascii"),
         hashlib.sha256,
     ).digest()
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")

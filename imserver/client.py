@@ -24,8 +24,8 @@ import uuid
 from twisted.application.internet import ClientService
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.protocol import Factory
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
@@ -87,8 +87,7 @@ class ClientProtocol(RPCProtocol):
         """
         return self.callRemote(method, request, timeout)
 
-    def authenticate(self, uid, token, deviceId, platform=pb.DESKTOP, lastSeq=0,
-                     timeout=None):
+    def authenticate(self, uid, token, deviceId, platform=pb.DESKTOP, lastSeq=0, timeout=None):
         """
         Send C{auth}; on success start heartbeating.
 
@@ -102,9 +101,7 @@ class ClientProtocol(RPCProtocol):
             last_seq=lastSeq,
             client_version="imserver.client/" + __version__,
         )
-        return self.callRemote(methods.AUTH, request, timeout).addCallback(
-            self._authenticated
-        )
+        return self.callRemote(methods.AUTH, request, timeout).addCallback(self._authenticated)
 
     def _authenticated(self, response):
         self.session = response
@@ -131,7 +128,10 @@ class ClientProtocol(RPCProtocol):
             server has stored it.
         """
         request = pb.SendRequest(
-            to=to, group_id=groupId, client_msg_id=clientMsgId, body=body,
+            to=to,
+            group_id=groupId,
+            client_msg_id=clientMsgId,
+            body=body,
             content_type=contentType,
         )
         return self.callRemote(methods.SEND, request, timeout)
@@ -271,8 +271,9 @@ class ClientProtocol(RPCProtocol):
         self._closed.fire(self._peerError or reason.value)
 
 
-def clientEndpoint(reactor, host, port, tls=True, caFile=None, trustRoot=None,
-                   hostname=None, timeout=10):
+def clientEndpoint(
+    reactor, host, port, tls=True, caFile=None, trustRoot=None, hostname=None, timeout=10
+):
     """
     An endpoint to a gate.
 
@@ -296,9 +297,22 @@ def clientEndpoint(reactor, host, port, tls=True, caFile=None, trustRoot=None,
     return wrapClientTLS(options, endpoint)
 
 
-def connect(reactor, host, port, uid, token, deviceId, platform=pb.DESKTOP,
-            lastSeq=0, onNotify=None, tls=True, caFile=None, trustRoot=None,
-            hostname=None, timeout=10.0):
+def connect(
+    reactor,
+    host,
+    port,
+    uid,
+    token,
+    deviceId,
+    platform=pb.DESKTOP,
+    lastSeq=0,
+    onNotify=None,
+    tls=True,
+    caFile=None,
+    trustRoot=None,
+    hostname=None,
+    timeout=10.0,
+):
     """
     Connect to a gate and authenticate.
 
@@ -307,9 +321,7 @@ def connect(reactor, host, port, uid, token, deviceId, platform=pb.DESKTOP,
         with C{AUTH_FAILED}, timeout, ...), in which case the connection is
         closed.
     """
-    endpoint = clientEndpoint(
-        reactor, host, port, tls, caFile, trustRoot, hostname, timeout
-    )
+    endpoint = clientEndpoint(reactor, host, port, tls, caFile, trustRoot, hostname, timeout)
     protocol = ClientProtocol(reactor, onNotify, requestTimeout=timeout)
     d = connectProtocol(endpoint, protocol)
 
@@ -368,11 +380,28 @@ class IMClient:
 
     log = Logger()
 
-    def __init__(self, reactor, host, port, uid, token, deviceId, onMessage=None,
-                 onNotify=None, lastSeq=0, autoAck=True, platform=pb.DESKTOP,
-                 tls=True, caFile=None, trustRoot=None, hostname=None,
-                 requestTimeout=10.0, retryPolicy=None, endpoint=None,
-                 maxSendAge=3600.0):
+    def __init__(
+        self,
+        reactor,
+        host,
+        port,
+        uid,
+        token,
+        deviceId,
+        onMessage=None,
+        onNotify=None,
+        lastSeq=0,
+        autoAck=True,
+        platform=pb.DESKTOP,
+        tls=True,
+        caFile=None,
+        trustRoot=None,
+        hostname=None,
+        requestTimeout=10.0,
+        retryPolicy=None,
+        endpoint=None,
+        maxSendAge=3600.0,
+    ):
         """
         @param token: the token, or a callable returning it (or a Deferred
             of it), asked again before each connection.
@@ -460,8 +489,12 @@ class IMClient:
         if self.stopReason is not None:
             return
         self.stopReason = reason
-        self.log.warn("{uid}/{device} stops reconnecting: {reason}",
-                      uid=self.uid, device=self.deviceId, reason=reason)
+        self.log.warn(
+            "{uid}/{device} stops reconnecting: {reason}",
+            uid=self.uid,
+            device=self.deviceId,
+            reason=reason,
+        )
         self._service.stopService()
         self._stopped.fire(reason)
 
@@ -488,7 +521,8 @@ class IMClient:
             # duplicates.
             self.log.warn(
                 "server inbox head {head} is below our last seq {last}; following it",
-                head=response.head_seq, last=self.lastSeq,
+                head=response.head_seq,
+                last=self.lastSeq,
             )
             self.lastSeq = response.head_seq
         self.protocol = protocol
@@ -527,7 +561,10 @@ class IMClient:
         """
         clientMsgId = clientMsgId or uuid.uuid4().hex
         request = pb.SendRequest(
-            to=to, group_id=groupId, client_msg_id=clientMsgId, body=body,
+            to=to,
+            group_id=groupId,
+            client_msg_id=clientMsgId,
+            body=body,
             content_type=contentType,
         )
         pending = self._pending[clientMsgId] = _PendingSend(
@@ -540,16 +577,17 @@ class IMClient:
     def _expire(self, clientMsgId):
         pending = self._pending.pop(clientMsgId, None)
         if pending is not None:
-            pending.result.errback(RequestTimeout(
-                "message {} not answered within {} s".format(clientMsgId, self.maxSendAge)))
+            pending.result.errback(
+                RequestTimeout(
+                    "message {} not answered within {} s".format(clientMsgId, self.maxSendAge)
+                )
+            )
 
     def _transmit(self, clientMsgId):
         protocol = self.protocol
         protocol.callRemote(
             methods.SEND, self._pending[clientMsgId].request, self.requestTimeout
-        ).addCallbacks(
-            self._sent, self._sendFailed, (clientMsgId,), None, (clientMsgId, protocol)
-        )
+        ).addCallbacks(self._sent, self._sendFailed, (clientMsgId,), None, (clientMsgId, protocol))
 
     def _sent(self, response, clientMsgId):
         pending = self._pending.pop(clientMsgId, None)
@@ -570,7 +608,8 @@ class IMClient:
             # UNAVAILABLE, INTERNAL or no answer yet: try again shortly on
             # this connection; the client_msg_id makes it safe.
             self._retransmits[clientMsgId] = self.clock.callLater(
-                1.0, self._retransmit, clientMsgId, protocol)
+                1.0, self._retransmit, clientMsgId, protocol
+            )
         # Connection gone: re-sent after the next auth.
 
     def _retransmit(self, clientMsgId, protocol):

@@ -35,7 +35,8 @@ LEASE_INTERVALS = 3
 #: L{imserver.registry.redis.RedisGateDirectory}, and the seconds between
 #: lease refreshes.
 ClusterSeams = namedtuple(
-    "ClusterSeams", ["connection", "bus", "registry", "store", "directory", "interval"])
+    "ClusterSeams", ["connection", "bus", "registry", "store", "directory", "interval"]
+)
 
 
 def clusterSeams(reactor, url, caFile, gateId, settings, dedupWindowMs):
@@ -65,7 +66,11 @@ def clusterSeams(reactor, url, caFile, gateId, settings, dedupWindowMs):
     bus = RedisGateBus(connection, subscribe, gateId, reactor)
     interval = max(settings.sweep_interval, MIN_LEASE_INTERVAL)
     registry = RedisSessionRegistry(
-        connection, bus, reactor, gateId, maxDevices=settings.max_devices,
+        connection,
+        bus,
+        reactor,
+        gateId,
+        maxDevices=settings.max_devices,
         leaseSeconds=LEASE_INTERVALS * interval,
     )
     store = RedisMessageStore(connection, reactor, dedupWindowMs)
@@ -164,19 +169,25 @@ class ClusterService(Service):
             self.resync()
         else:
             if self.registry.orphans:
-                self.registry.dropOrphans().addErrback(lambda f: self.log.debug(
-                    "deleting entries of closed sessions failed: {why}",
-                    why=f.getErrorMessage()))
+                self.registry.dropOrphans().addErrback(
+                    lambda f: self.log.debug(
+                        "deleting entries of closed sessions failed: {why}", why=f.getErrorMessage()
+                    )
+                )
             d = self.registry.refreshLease()
 
             def refreshed(lapsed):
                 if lapsed:
-                    self.log.warn("the lease of gate {gate} had lapsed; registering "
-                                  "its sessions again", gate=self.registry.gateId)
+                    self.log.warn(
+                        "the lease of gate {gate} had lapsed; registering its sessions again",
+                        gate=self.registry.gateId,
+                    )
                     self.resync(catchUp=True)
 
-            d.addCallbacks(refreshed, lambda f: self.log.debug(
-                "lease refresh failed: {why}", why=f.getErrorMessage()))
+            d.addCallbacks(
+                refreshed,
+                lambda f: self.log.debug("lease refresh failed: {why}", why=f.getErrorMessage()),
+            )
         self.bus.ping()
 
     def resync(self, catchUp=False):
@@ -211,8 +222,9 @@ class ClusterService(Service):
                     yield self.catchUp()
             except Exception as e:
                 if isinstance(e, Unavailable):
-                    self.log.warn("resynchronizing with Redis failed ({why}); retrying",
-                                  why=e.message)
+                    self.log.warn(
+                        "resynchronizing with Redis failed ({why}); retrying", why=e.message
+                    )
                 else:
                     self.log.failure("resynchronizing with Redis failed; retrying")
                 self._needResync = True
@@ -221,8 +233,12 @@ class ClusterService(Service):
                 break
             self.resyncs += 1
         self._resyncing = False
-        if (not self._needResync and self.connection.connected and self.bus.subscribed
-                and not self._catchUpPending):
+        if (
+            not self._needResync
+            and self.connection.connected
+            and self.bus.subscribed
+            and not self._catchUpPending
+        ):
             self._ready.fire(None)
         waiters, self._resyncWaiters = self._resyncWaiters, []
         for d in waiters:
@@ -242,15 +258,18 @@ class ClusterService(Service):
             if sessions
         ]
         return gatherResults(ds, consumeErrors=True).addCallbacks(
-            sum, lambda failure: failure.value.subFailure)
+            sum, lambda failure: failure.value.subFailure
+        )
 
     @inlineCallbacks
     def stopService(self):
         Service.stopService(self)
         if self._loop.running:
             self._loop.stop()
-        for hooks, hook in [(self.connection.onConnect, self._connected),
-                            (self.bus.subscriber.onSubscribe, self._subscribed)]:
+        for hooks, hook in [
+            (self.connection.onConnect, self._connected),
+            (self.bus.subscriber.onSubscribe, self._subscribed),
+        ]:
             if hook in hooks:
                 hooks.remove(hook)
         steps = [

@@ -105,7 +105,7 @@ def _parseParts(parts):
     for index, part in enumerate(parts):
         text, eq = _unescapePart(part)
         if index and eq is not None:
-            kwargs[text[:eq]] = text[eq + 1:]
+            kwargs[text[:eq]] = text[eq + 1 :]
         else:
             args.append(text)
             positions.append(index)
@@ -151,8 +151,7 @@ def listenEndpoint(reactor, description, certificate, backlog):
     while args[depth].lower() in _WRAPPER_TYPES:
         if depth + 1 == len(args):
             raise ValueError(
-                "{}: needs an endpoint to wrap, as in haproxy:tcp:7000".format(
-                    args[depth].lower())
+                "{}: needs an endpoint to wrap, as in haproxy:tcp:7000".format(args[depth].lower())
             )
         depth += 1
     kind = args[depth].lower()
@@ -160,13 +159,13 @@ def listenEndpoint(reactor, description, certificate, backlog):
     if kind == "ssl":
         return _sslEndpoint(reactor, args[1:], kwargs, certificate, backlog, reusePort)
     if reusePort:
-        endpoint = _reusePortEndpoint(reactor, kind, args[depth + 1:], kwargs, backlog)
+        endpoint = _reusePortEndpoint(reactor, kind, args[depth + 1 :], kwargs, backlog)
         if depth:
             endpoint = proxyEndpoint(endpoint)
         return GateEndpoint(endpoint, reactor, perPeer=depth == 0)
     # Twisted matches built-in types case-sensitively and plugins
     # case-insensitively; we accept any case for all.
-    for index in positions[:depth + 1]:
+    for index in positions[: depth + 1]:
         parts[index] = parts[index].lower()
     if kind in _BACKLOG_TYPES and "backlog" not in kwargs:
         parts.append("backlog={}".format(backlog))
@@ -216,8 +215,9 @@ def _reusePortEndpoint(reactor, kind, args, kwargs, backlog):
     """
     unknown = set(kwargs) - _TCP_KEYWORDS
     if unknown:
-        raise ValueError("unsupported {}: option(s) with reusePort=: {}".format(
-            kind, ", ".join(sorted(unknown))))
+        raise ValueError(
+            "unsupported {}: option(s) with reusePort=: {}".format(kind, ", ".join(sorted(unknown)))
+        )
     if args:
         if "port" in kwargs or len(args) > 1:
             raise ValueError("{}: takes one port".format(kind))
@@ -228,7 +228,8 @@ def _reusePortEndpoint(reactor, kind, args, kwargs, backlog):
     if kind == "tcp6" and not isIPv6Address(interface):
         raise ValueError("tcp6: needs an IPv6 interface, not {!r}".format(interface))
     return ReusePortEndpoint(
-        reactor, int(kwargs["port"]), interface, int(kwargs.get("backlog", backlog)))
+        reactor, int(kwargs["port"]), interface, int(kwargs.get("backlog", backlog))
+    )
 
 
 def _sslEndpoint(reactor, args, kwargs, certificate, backlog, reusePort=False):
@@ -251,9 +252,7 @@ def _sslEndpoint(reactor, args, kwargs, certificate, backlog, reusePort=False):
         certPath = FilePath(certFile)
         keyPath = FilePath(keyFile if keyFile is not None else certFile)
     chain = kwargs.get("extraCertChain")
-    options = tls.ReloadableServerOptions(
-        certPath, keyPath, FilePath(chain) if chain else None
-    )
+    options = tls.ReloadableServerOptions(certPath, keyPath, FilePath(chain) if chain else None)
     port, interface = int(kwargs["port"]), kwargs.get("interface", "")
     backlog = int(kwargs.get("backlog", backlog))
     if reusePort:
@@ -305,8 +304,7 @@ class ReusePortEndpoint:
             sock.listen(self.backlog)
             sock.setblocking(False)
             # The reactor's port uses a duplicate of the descriptor.
-            return succeed(self.reactor.adoptStreamPort(sock.fileno(), family,
-                                                        protocolFactory))
+            return succeed(self.reactor.adoptStreamPort(sock.fileno(), family, protocolFactory))
         except OSError as e:
             return fail(CannotListenError(self.interface, self.port, e))
         finally:

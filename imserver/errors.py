@@ -35,9 +35,7 @@ class RPCError(Exception):
             self.fatal = fatal
 
     def __repr__(self) -> str:
-        return "<{} {} {!r}>".format(
-            type(self).__name__, ErrorCode.Name(self.code), self.message
-        )
+        return "<{} {} {!r}>".format(type(self).__name__, ErrorCode.Name(self.code), self.message)
 
     __str__ = __repr__
 

@@ -105,9 +105,7 @@ class FrameProtocol(Protocol):
             if length > self.maxFrameLength:
                 self.closeWithError(
                     pb.FRAME_TOO_LARGE,
-                    "frame of {} bytes exceeds the limit of {}".format(
-                        length, self.maxFrameLength
-                    ),
+                    "frame of {} bytes exceeds the limit of {}".format(length, self.maxFrameLength),
                 )
                 return count
             if length == 0:

@@ -89,9 +89,7 @@ class Groups:
         owner = yield self._owner(groupId)
         if owner in dict(members):
             raise BadRequest("the owner's role cannot change")
-        added = yield self.store.setMembers(
-            groupId, members, self.settings.max_group_size, nowMs
-        )
+        added = yield self.store.setMembers(groupId, members, self.settings.max_group_size, nowMs)
         return added
 
     @inlineCallbacks

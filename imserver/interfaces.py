@@ -314,13 +314,10 @@ class IGateBus(Interface):
     """
 
     receiver = Attribute(
-        "The L{IBusReceiver} of this gate: what arrives on its own channel "
-        "goes there."
+        "The L{IBusReceiver} of this gate: what arrives on its own channel goes there."
     )
 
-    def forward(
-        gateId: str, uid: str, seq: int, outgoing: bool, encoded: EncodedMessage
-    ) -> None:
+    def forward(gateId: str, uid: str, seq: int, outgoing: bool, encoded: EncodedMessage) -> None:
         """
         Tell gate C{gateId} that entry C{seq} of C{uid}'s inbox was
         committed.
@@ -362,9 +359,7 @@ class IBusReceiver(Interface):
     registry, which knows this gate's sessions).
     """
 
-    def forwardReceived(
-        encoded: EncodedMessage, targets: Iterable[tuple[str, int, bool]]
-    ) -> None:
+    def forwardReceived(encoded: EncodedMessage, targets: Iterable[tuple[str, int, bool]]) -> None:
         """
         @type encoded: L{imserver.wire.EncodedMessage}
         @param targets: C{(uid, seq, outgoing)} tuples: call

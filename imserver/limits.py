@@ -99,8 +99,7 @@ class AdmissionFactory:
         reason = self.gate.refusal(peerHost(addr) if self.perPeer else None)
         if reason is not None:
             self.gate.metrics.connectionsRefused[reason] += 1
-            self.log.debug("refused a connection from {peer}: {reason}",
-                           peer=addr, reason=reason)
+            self.log.debug("refused a connection from {peer}: {reason}", peer=addr, reason=reason)
             return None
         return self.wrapped.buildProtocol(addr)
 

@@ -30,8 +30,9 @@ from twisted.logger import FileLogObserver, formatEvent
 
 #: Keys of legacy (C{twisted.python.log}) events that repeat what the
 #: fixed fields already say, or are internal to it.
-_LEGACY_KEYS = frozenset(["message", "time", "format", "isError", "printed", "why",
-                          "failure", "system"])
+_LEGACY_KEYS = frozenset(
+    ["message", "time", "format", "isError", "printed", "why", "failure", "system"]
+)
 _FIXED = ("time", "level", "namespace", "message")
 _MAX_VALUE = 1000
 

@@ -71,8 +71,9 @@ class Messenger:
             duplicate=delivery.duplicate,
         )
 
-    def storeMessage(self, sender, clientMsgId, body, contentType, to=None, uids=None,
-                     groupId=None):
+    def storeMessage(
+        self, sender, clientMsgId, body, contentType, to=None, uids=None, groupId=None
+    ):
         """
         Store a message to one user (C{to}), a list of users (C{uids}) or a
         group's members (C{groupId}): exactly one of them.  The gate's
@@ -174,8 +175,7 @@ class Messenger:
 
         def announce(entries):
             for entry in entries:
-                self.announce(sessions, entry.seq, entry.outgoing,
-                              EncodedMessage(entry.message))
+                self.announce(sessions, entry.seq, entry.outgoing, EncodedMessage(entry.message))
             return len(entries)
 
         def newest(head):
@@ -190,8 +190,11 @@ class Messenger:
         # pump, ack or reconnect (in cluster mode, the catch-up after Redis
         # returns announces them).
         if failure.check(Unavailable):
-            self.log.warn("announcing message {id} postponed: {why}",
-                          id=messageId, why=failure.getErrorMessage())
+            self.log.warn(
+                "announcing message {id} postponed: {why}",
+                id=messageId,
+                why=failure.getErrorMessage(),
+            )
         else:
             self.log.failure("announcing message {id} failed", failure, id=messageId)
 
@@ -201,9 +204,9 @@ class Messenger:
         other members of C{groupId} if the sender is one; nothing is stored.
         """
         if not groupId:
-            self.registry.sessionsFor(to).addCallback(
-                _typing, sender, active, ""
-            ).addErrback(lambda failure: self.log.failure("typing failed", failure))
+            self.registry.sessionsFor(to).addCallback(_typing, sender, active, "").addErrback(
+                lambda failure: self.log.failure("typing failed", failure)
+            )
             return
         d = self.store.members(groupId)
         d.addCallback(self._groupTyping, sender, active, groupId)
@@ -216,8 +219,9 @@ class Messenger:
             return
         uids.remove(sender)
         self.registry.sessionsForMany(uids).addCallback(
-            lambda found: [_typing(sessions, sender, active, groupId)
-                           for sessions in found.values()]
+            lambda found: [
+                _typing(sessions, sender, active, groupId) for sessions in found.values()
+            ]
         ).addErrback(lambda failure: self.log.failure("group typing failed", failure))
 
 

@@ -27,14 +27,32 @@ from imserver.pb import im_pb2 as pb
 
 #: Auth failure reasons (label values of C{imserver_auth_failures_total}).
 AUTH_FAILURE_REASONS = (
-    "bad_token", "bad_request", "too_many_devices", "timeout", "unavailable", "throttled"
+    "bad_token",
+    "bad_request",
+    "too_many_devices",
+    "timeout",
+    "unavailable",
+    "throttled",
 )
 
 #: Why a connection was refused at accept (label values).
 REFUSAL_REASONS = ("max_connections", "max_connections_per_ip", "accept_rate")
 
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 _BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 
@@ -44,19 +62,30 @@ _COUNTERS = (
     ("framesSent", "frames_sent", "Frames written to clients."),
     ("bytesReceived", "bytes_received", "Bytes read from clients (after TLS)."),
     ("bytesSent", "bytes_sent", "Bytes written to clients (before TLS)."),
-    ("messagesStored", "messages_stored",
-     "Messages stored (sent by clients or pushed by the HTTP API), retries excluded."),
-    ("messagesPushed", "messages_pushed",
-     "Inbox entries pushed to sessions (message notifies)."),
+    (
+        "messagesStored",
+        "messages_stored",
+        "Messages stored (sent by clients or pushed by the HTTP API), retries excluded.",
+    ),
+    ("messagesPushed", "messages_pushed", "Inbox entries pushed to sessions (message notifies)."),
     ("messagesAcked", "messages_acked", "Inbox entries acknowledged by sessions."),
-    ("dedupHits", "dedup_hits",
-     "Sends answered from the dedup record (a retry of a stored message)."),
+    (
+        "dedupHits",
+        "dedup_hits",
+        "Sends answered from the dedup record (a retry of a stored message).",
+    ),
     ("idleCloses", "idle_closes", "Connections closed for the idle timeout."),
     ("rateLimited", "rate_limited", "Requests refused with RATE_LIMITED."),
-    ("slowConsumerPauses", "slow_consumer_pauses",
-     "Times a connection's full write buffer paused its pushes."),
-    ("slowConsumerCloses", "slow_consumer_closes",
-     "Connections closed with SLOW_CONSUMER (paused longer than the grace period)."),
+    (
+        "slowConsumerPauses",
+        "slow_consumer_pauses",
+        "Times a connection's full write buffer paused its pushes.",
+    ),
+    (
+        "slowConsumerCloses",
+        "slow_consumer_closes",
+        "Connections closed with SLOW_CONSUMER (paused longer than the grace period).",
+    ),
 )
 
 
@@ -91,8 +120,7 @@ class FastHistogram:
         for bound, count in zip(self.bounds + (float("inf"),), list(self.counts)):
             total += count
             buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
-        return HistogramMetricFamily(self.name, self.help, buckets=buckets,
-                                     sum_value=self.sum)
+        return HistogramMetricFamily(self.name, self.help, buckets=buckets, sum_value=self.sum)
 
 
 class GateMetrics:
@@ -113,7 +141,8 @@ class GateMetrics:
         self._closing = ()
         self.ackRoundTrip = FastHistogram(
             "imserver_ack_round_trip_seconds",
-            "From pushing an entry to a session to its ack.", _LATENCY_BUCKETS,
+            "From pushing an entry to a session to its ack.",
+            _LATENCY_BUCKETS,
         )
         self.sendToPush = FastHistogram(
             "imserver_send_to_push_seconds",
@@ -122,14 +151,19 @@ class GateMetrics:
         )
         self.commitBatch = FastHistogram(
             "imserver_store_commit_batch_size",
-            "Operations committed per store transaction (group commit).", _BATCH_BUCKETS,
+            "Operations committed per store transaction (group commit).",
+            _BATCH_BUCKETS,
         )
         self.commitSeconds = FastHistogram(
             "imserver_store_commit_seconds",
-            "Time of one store transaction, commit (fsync) included.", _LATENCY_BUCKETS,
+            "Time of one store transaction, commit (fsync) included.",
+            _LATENCY_BUCKETS,
         )
         self._histograms = (
-            self.ackRoundTrip, self.sendToPush, self.commitBatch, self.commitSeconds
+            self.ackRoundTrip,
+            self.sendToPush,
+            self.commitBatch,
+            self.commitSeconds,
         )
         self.registry.register(self)
 
@@ -172,7 +206,8 @@ class GateMetrics:
         yield kicks
         refused = CounterMetricFamily(
             "imserver_connections_refused",
-            "Connections closed at accept, before TLS, by reason.", labels=["reason"],
+            "Connections closed at accept, before TLS, by reason.",
+            labels=["reason"],
         )
         for reason, count in self.connectionsRefused.items():
             refused.add_metric([reason], count)

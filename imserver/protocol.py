@@ -162,8 +162,19 @@ class GateFactory(Factory):
     log = Logger()
     noisy = False
 
-    def __init__(self, settings, authenticator, registry, store, clock, gateId,
-                 rng=None, metrics=None, messenger=None, groups=None):
+    def __init__(
+        self,
+        settings,
+        authenticator,
+        registry,
+        store,
+        clock,
+        gateId,
+        rng=None,
+        metrics=None,
+        messenger=None,
+        groups=None,
+    ):
         """
         @param messenger: the L{Messenger} (default: one of C{store},
             C{registry}, C{clock}, C{settings} and the metrics).
@@ -255,8 +266,11 @@ class GateFactory(Factory):
         def failed(failure):
             if failure.check(Unavailable):
                 # An outage, not a bug: no traceback every flush.
-                self.log.warn("writing {n} cursors postponed: {why}",
-                              n=len(dirty), why=failure.getErrorMessage())
+                self.log.warn(
+                    "writing {n} cursors postponed: {why}",
+                    n=len(dirty),
+                    why=failure.getErrorMessage(),
+                )
             else:
                 self.log.failure("writing {n} cursors failed", failure, n=len(dirty))
             for key, seq in dirty.items():
@@ -275,8 +289,7 @@ class GateFactory(Factory):
         """
         frame = encodeNotice(body, contentType, int(self.clock.seconds() * 1000))
         # Not to a connection that is not reading its pushes (paused).
-        sessions = [p for p in self.connections
-                    if p.delivering]
+        sessions = [p for p in self.connections if p.delivering]
         for p in sessions:
             p.notice(frame)
         return len(sessions)
@@ -366,4 +379,3 @@ class GateFactory(Factory):
         for p in list(self.connections) + list(self.closing):
             self.log.warn("aborting connection {conn}", conn=p.connectionId)
             p.channel.abort()
-

@@ -151,9 +151,16 @@ class _Factory(txredisapi.RedisFactory):
 
     def __init__(self, owner, url, replyTimeout, dbid=None, protocol=None):
         txredisapi.RedisFactory.__init__(
-            self, uuid=str(url), dbid=dbid, poolsize=1, isLazy=True,
-            charset=None, password=url.password, replyTimeout=replyTimeout,
-            convertNumbers=False, username=url.username,
+            self,
+            uuid=str(url),
+            dbid=dbid,
+            poolsize=1,
+            isLazy=True,
+            charset=None,
+            password=url.password,
+            replyTimeout=replyTimeout,
+            convertNumbers=False,
+            username=url.username,
         )
         if protocol is not None:
             self.protocol = protocol
@@ -180,8 +187,9 @@ class _Factory(txredisapi.RedisFactory):
 
     def connectionError(self, why):
         # Never the password: Redis's own message only ("WRONGPASS ...").
-        self.log.error("Redis at {url} refused the connection: {why}; retrying",
-                       url=self.uuid, why=why)
+        self.log.error(
+            "Redis at {url} refused the connection: {why}; retrying", url=self.uuid, why=why
+        )
 
 
 class RedisConnection:
@@ -284,10 +292,20 @@ class RedisConnection:
 #: Redis error replies that mean "not now" (loading its data, a script
 #: running too long, a failover, out of memory...): the command was not
 #: run; they fail with L{RedisUnavailable} like a lost connection.
-RETRYABLE_ERRORS = frozenset([
-    "LOADING", "BUSY", "MISCONF", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN",
-    "CLUSTERDOWN", "NOREPLICAS", "NOTREADY",
-])
+RETRYABLE_ERRORS = frozenset(
+    [
+        "LOADING",
+        "BUSY",
+        "MISCONF",
+        "OOM",
+        "READONLY",
+        "MASTERDOWN",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "NOREPLICAS",
+        "NOTREADY",
+    ]
+)
 
 
 def _unavailable(failure):
@@ -350,8 +368,9 @@ def _endpoint(reactor, url, caFile, connectTimeout):
     return endpoint
 
 
-def connectRedis(reactor, url, caFile=None, replyTimeout=DEFAULT_REPLY_TIMEOUT,
-                 connectTimeout=5.0, start=True):
+def connectRedis(
+    reactor, url, caFile=None, replyTimeout=DEFAULT_REPLY_TIMEOUT, connectTimeout=5.0, start=True
+):
     """
     Start a (re)connecting connection to Redis through C{reactor}.
 
@@ -362,7 +381,8 @@ def connectRedis(reactor, url, caFile=None, replyTimeout=DEFAULT_REPLY_TIMEOUT,
     @rtype: L{RedisConnection}
     """
     connection = RedisConnection(
-        reactor, url, None, _endpoint(reactor, url, caFile, connectTimeout))
+        reactor, url, None, _endpoint(reactor, url, caFile, connectTimeout)
+    )
     connection._factory = _Factory(connection, url, replyTimeout, dbid=url.db or None)
     if start:
         connection.start()
@@ -419,20 +439,27 @@ class RedisSubscriber:
     def _connected(self, protocol):
         self._protocol = protocol
         protocol.subscribe(self.channels).addCallbacks(
-            self._subscribedOn, self._subscribeFailed, (protocol,), None, (protocol,))
+            self._subscribedOn, self._subscribeFailed, (protocol,), None, (protocol,)
+        )
 
     def _subscribedOn(self, reply, protocol):
         if protocol is not self._protocol or self._subscribed:
             return
         self._subscribed = True
-        self.log.info("subscribed to {channels} at {url}",
-                      channels=", ".join(_text(c) for c in self.channels), url=str(self.url))
+        self.log.info(
+            "subscribed to {channels} at {url}",
+            channels=", ".join(_text(c) for c in self.channels),
+            url=str(self.url),
+        )
         for callback in list(self.onSubscribe):
             _run(self.log, callback)
 
     def _subscribeFailed(self, failure, protocol):
-        self.log.warn("subscribing at {url} failed ({why}); reconnecting",
-                      url=str(self.url), why=failure.getErrorMessage())
+        self.log.warn(
+            "subscribing at {url} failed ({why}); reconnecting",
+            url=str(self.url),
+            why=failure.getErrorMessage(),
+        )
         if protocol.transport is not None:
             protocol.transport.abortConnection()
 
@@ -442,8 +469,7 @@ class RedisSubscriber:
         self._protocol = None
         if self._subscribed:
             self._subscribed = False
-            self.log.warn("lost the subscriber connection to Redis at {url}",
-                          url=str(self.url))
+            self.log.warn("lost the subscriber connection to Redis at {url}", url=str(self.url))
             for callback in list(self.onUnsubscribe):
                 _run(self.log, callback)
 
@@ -451,8 +477,7 @@ class RedisSubscriber:
         try:
             self.onMessage(channel, message)
         except Exception:
-            self.log.failure("handling a message on {channel} failed",
-                             channel=_text(channel))
+            self.log.failure("handling a message on {channel} failed", channel=_text(channel))
 
     def ping(self):
         """
@@ -502,8 +527,16 @@ def _run(log, callback):
         log.failure("Redis callback {cb!r} failed", cb=callback)
 
 
-def subscribeRedis(reactor, url, channels, onMessage, caFile=None,
-                   replyTimeout=DEFAULT_REPLY_TIMEOUT, connectTimeout=5.0, start=True):
+def subscribeRedis(
+    reactor,
+    url,
+    channels,
+    onMessage,
+    caFile=None,
+    replyTimeout=DEFAULT_REPLY_TIMEOUT,
+    connectTimeout=5.0,
+    start=True,
+):
     """
     A (re)connecting subscriber to C{channels} through C{reactor}.
 
@@ -513,8 +546,13 @@ def subscribeRedis(reactor, url, channels, onMessage, caFile=None,
     @rtype: L{RedisSubscriber}
     """
     subscriber = RedisSubscriber(
-        reactor, url, channels, onMessage,
-        _endpoint(reactor, url, caFile, connectTimeout), replyTimeout)
+        reactor,
+        url,
+        channels,
+        onMessage,
+        _endpoint(reactor, url, caFile, connectTimeout),
+        replyTimeout,
+    )
     if start:
         subscriber.start()
     return subscriber

@@ -31,6 +31,7 @@ from imserver.errors import (
     UnknownMethod,
 )
 from imserver.framing import FrameProtocol
+from imserver.pb import im_pb2 as pb
 from imserver.wire import (
     encodeErrorResponse,
     encodeNotify,
@@ -38,7 +39,6 @@ from imserver.wire import (
     encodeResponse,
     notifyPrefix,
 )
-from imserver.pb import im_pb2 as pb
 
 _SEQ_MODULUS = 1 << 32
 
@@ -233,7 +233,7 @@ class RPCDispatcher:
         """
         self._failAllReason = reason
         outstanding, self._outstanding = self._outstanding, {}
-        for d, timer, method in outstanding.values():
+        for d, timer, _method in outstanding.values():
             if timer.active():
                 timer.cancel()
             d.errback(reason)
@@ -302,9 +302,7 @@ class RPCDispatcher:
             if incoming is None:
                 incoming = self._incoming = set()
             incoming.add(seq)
-            result.addCallbacks(
-                self._asyncResult, self._asyncFailure, (seq, method), None, (seq,)
-            )
+            result.addCallbacks(self._asyncResult, self._asyncFailure, (seq, method), None, (seq,))
 
     def requestAdmitted(self, seq: int) -> bool:
         """
@@ -369,9 +367,7 @@ class RPCDispatcher:
         try:
             response.ParseFromString(frame.body)
         except DecodeError:
-            d.errback(
-                MalformedResponse("response to {} does not parse".format(method.name))
-            )
+            d.errback(MalformedResponse("response to {} does not parse".format(method.name)))
             return
         d.callback(response)
 
@@ -398,8 +394,7 @@ class RPCDispatcher:
             message.ParseFromString(frame.body)
         except DecodeError:
             self._ignored(
-                "ignoring notification {name} with a body that does not parse"
-                " on connection {conn}",
+                "ignoring notification {name} with a body that does not parse on connection {conn}",
                 name=notification.name,
             )
             return
@@ -421,8 +416,11 @@ class RPCDispatcher:
         if self._ignoredLogged:
             return
         self._ignoredLogged = True
-        self.log.info(format + " (more such frames on it are dropped silently)",
-                      conn=self.connectionId, **fields)
+        self.log.info(
+            format + " (more such frames on it are dropped silently)",
+            conn=self.connectionId,
+            **fields,
+        )
 
     def _errorReceived(self, frame: pb.Frame) -> None:
         self._peerError = ConnectionClosedByPeer(frame.error.code, frame.error.message)

@@ -122,7 +122,8 @@ class ListenerService(Service):
         if port is not None:
             where = " on " + _listenAddress(getattr(reason, "interface", None), port)
         return "{} {}: cannot listen{}: {}; {}".format(
-            self.option, self.description, where, why, remedy)
+            self.option, self.description, where, why, remedy
+        )
 
     def _listenDone(self, result):
         if isinstance(result, Failure):
@@ -242,9 +243,9 @@ class GateService(MultiService):
         @return: a L{Deferred} firing with the listening addresses
             (C{IAddress}), in the order of the endpoints.
         """
-        return gatherResults(
-            [listener.whenListening() for listener in self.listeners]
-        ).addCallback(lambda ports: [p.getHost() for p in ports])
+        return gatherResults([listener.whenListening() for listener in self.listeners]).addCallback(
+            lambda ports: [p.getHost() for p in ports]
+        )
 
 
 class ServerService(MultiService):
@@ -347,8 +348,7 @@ class RetentionService(Service):
 
         def failed(failure):
             if failure.check(Unavailable):
-                self.log.warn("retention pass postponed: {why}",
-                              why=failure.getErrorMessage())
+                self.log.warn("retention pass postponed: {why}", why=failure.getErrorMessage())
             else:
                 self.log.failure("retention pass failed", failure)
 
@@ -371,7 +371,8 @@ class ApiService(ListenerService):
         from imserver.endpoints import splitDescription
 
         ListenerService.__init__(
-            self, description, endpoint, ConnectionTracker(site), option="--api")
+            self, description, endpoint, ConnectionTracker(site), option="--api"
+        )
         self.setName("api")
         self.scheme = "https" if splitDescription(description)[0][0].lower() == "ssl" else "http"
         self.site = site
@@ -427,8 +428,7 @@ class AdvertiseService(Service):
 
     log = Logger()
 
-    def __init__(self, directory, gateId, gate, descriptions, explicit=(),
-                 hostname=None):
+    def __init__(self, directory, gateId, gate, descriptions, explicit=(), hostname=None):
         """
         @param gate: the L{GateService}.
         @param descriptions: its C{--listen} endpoint strings.
@@ -479,8 +479,7 @@ class AdvertiseService(Service):
     def _withdrawFailed(self, failure):
         if failure.check(Unavailable):
             # Its lease lapses by itself: the gate drops out of the list.
-            self.log.warn("withdrawing the gate postponed: {why}",
-                          why=failure.getErrorMessage())
+            self.log.warn("withdrawing the gate postponed: {why}", why=failure.getErrorMessage())
         else:
             self.log.failure("withdrawing the gate failed", failure)
 

@@ -162,9 +162,7 @@ class GateSession(RPCDispatcher):
         self._authTimer = self.clock.callLater(
             self.factory.settings.auth_timeout, self._authTimedOut
         )
-        self.log.debug(
-            "connection {conn} from {peer}", conn=self.connectionId, peer=self.peer
-        )
+        self.log.debug("connection {conn} from {peer}", conn=self.connectionId, peer=self.peer)
 
     def requestAdmitted(self, seq):
         requests = self._requests
@@ -182,8 +180,12 @@ class GateSession(RPCDispatcher):
         if self._refusedInARow >= self.factory.settings.rate_limit_close:
             self.closeWithError(pb.RATE_LIMITED, "too many requests; closing", seq)
         else:
-            self._sendError(seq, RateLimited(
-                "more than {} requests per second".format(self.factory.settings.request_rate)))
+            self._sendError(
+                seq,
+                RateLimited(
+                    "more than {} requests per second".format(self.factory.settings.request_rate)
+                ),
+            )
         return False
 
     # -- flow control (the channel's write buffer) ---------------------------
@@ -239,7 +241,6 @@ class GateSession(RPCDispatcher):
         self.writeFrame(encodeError(code, message, seq))
         self.close()
 
-
     def connectionLost(self, reason):
         """
         The channel's connection is gone: cancel the timers, leave the
@@ -278,8 +279,9 @@ class GateSession(RPCDispatcher):
     @methods.AUTH.responder
     def auth(self, request):
         if self.state != NEW:
-            raise AlreadyAuthenticated("auth was already {}".format(
-                "done" if self.state == AUTHENTICATED else "requested"))
+            raise AlreadyAuthenticated(
+                "auth was already {}".format("done" if self.state == AUTHENTICATED else "requested")
+            )
         try:
             validateUid(request.uid)
             validateDeviceId(request.device_id)
@@ -306,9 +308,7 @@ class GateSession(RPCDispatcher):
         self.uid = uid
         self.deviceId = request.device_id
         self.platform = request.platform
-        return self.factory.registry.register(self).addCallback(
-            self._registered, request
-        )
+        return self.factory.registry.register(self).addCallback(self._registered, request)
 
     def _registered(self, displaced, request):
         self._inRegistry = True
@@ -336,8 +336,11 @@ class GateSession(RPCDispatcher):
             self.log.warn(
                 "connection {conn}: {uid}/{device} claims last_seq {claimed} beyond"
                 " the inbox head {head}",
-                conn=self.connectionId, uid=self.uid, device=self.deviceId,
-                claimed=request.last_seq, head=head,
+                conn=self.connectionId,
+                uid=self.uid,
+                device=self.deviceId,
+                claimed=request.last_seq,
+                head=head,
             )
         start = min(request.last_seq, head)
         self._head = max(self._head, head)
@@ -490,9 +493,7 @@ class GateSession(RPCDispatcher):
             return
         self._lastTyping = now
         self._typingActive = message.active
-        self.factory.messenger.typing(
-            self.uid, message.uid, message.active, message.group_id
-        )
+        self.factory.messenger.typing(self.uid, message.uid, message.active, message.group_id)
 
     def _fitFrame(self, items):
         """
@@ -531,8 +532,10 @@ class GateSession(RPCDispatcher):
             groups, more = self._page(groups, "group_id", request.after_group_id, request.limit)
             return pb.GroupsResponse(groups=groups, more=more)
 
-        return self.factory.groups.groupsOf(self.uid).addCallback(page).addErrback(
-            self.factory.messenger.storeFailed
+        return (
+            self.factory.groups.groupsOf(self.uid)
+            .addCallback(page)
+            .addErrback(self.factory.messenger.storeFailed)
         )
 
     @methods.MEMBERS.responder
@@ -541,23 +544,26 @@ class GateSession(RPCDispatcher):
             members, more = self._page(members, "uid", request.after_uid, request.limit)
             return pb.MembersResponse(members=members, more=more)
 
-        return self.factory.groups.membersFor(request.group_id, self.uid).addCallback(
-            page
-        ).addErrback(self.factory.messenger.storeFailed)
+        return (
+            self.factory.groups.membersFor(request.group_id, self.uid)
+            .addCallback(page)
+            .addErrback(self.factory.messenger.storeFailed)
+        )
 
     @methods.LEAVE.responder
     def leave(self, request):
-        return self.factory.groups.leave(request.group_id, self.uid).addCallback(
-            lambda _: pb.LeaveResponse()
-        ).addErrback(self.factory.messenger.storeFailed)
+        return (
+            self.factory.groups.leave(request.group_id, self.uid)
+            .addCallback(lambda _: pb.LeaveResponse())
+            .addErrback(self.factory.messenger.storeFailed)
+        )
 
     def _pump(self):
         """
         Push what the inbox holds beyond what was pushed, in seq order,
         while the unacknowledged window has room: one fetch at a time.
         """
-        if (self._fetching or self._closing or not self._delivering
-                or self._pausedAt is not None):
+        if self._fetching or self._closing or not self._delivering or self._pausedAt is not None:
             return
         settings = self.factory.settings
         room = settings.max_unacked - self.unackedCount()
@@ -593,13 +599,16 @@ class GateSession(RPCDispatcher):
             # connection and try again shortly.
             self.log.warn(
                 "the inbox of {uid} is unavailable for connection {conn}; retrying",
-                uid=self.uid, conn=self.connectionId,
+                uid=self.uid,
+                conn=self.connectionId,
             )
             self._fetchRetry = self.clock.callLater(FETCH_RETRY_DELAY, self._retryFetch)
             return
         self.log.failure(
             "fetching the inbox of {uid} for connection {conn} failed",
-            failure, uid=self.uid, conn=self.connectionId,
+            failure,
+            uid=self.uid,
+            conn=self.connectionId,
         )
         # Unexpected: make the client reconnect (and resume) rather than
         # stall silently.
@@ -662,9 +671,7 @@ class GateSession(RPCDispatcher):
     def typing(self, uid, active, groupId):
         # Transient: not for a connection that is not reading its pushes.
         if self._delivering and self._pausedAt is None:
-            self.sendNotify(
-                methods.TYPING, pb.Typing(uid=uid, active=active, group_id=groupId)
-            )
+            self.sendNotify(methods.TYPING, pb.Typing(uid=uid, active=active, group_id=groupId))
 
     def notice(self, frame):
         if self._delivering and self._pausedAt is None:

@@ -10,7 +10,6 @@ docs/protocol.md and docs/configuration.md give the same table.
 
 from dataclasses import dataclass, field, fields, replace
 
-
 #: Times sent to clients in milliseconds must fit the uint32 wire fields.
 _MAX_SECONDS = 0xFFFFFFFF // 1000
 
@@ -37,9 +36,7 @@ class Settings:
     preauth_max_frame_length: int = _setting(
         4 * 1024, "Largest frame accepted before auth has succeeded.", 64
     )
-    auth_timeout: float = _setting(
-        10.0, "Seconds a new connection has to authenticate.", 0.001
-    )
+    auth_timeout: float = _setting(10.0, "Seconds a new connection has to authenticate.", 0.001)
     heartbeat_interval: float = _setting(
         30.0,
         "Heartbeat interval told to clients (upper bound, before jitter).",
@@ -65,16 +62,13 @@ class Settings:
         "this much after its idle timeout.",
         0.001,
     )
-    max_devices: int = _setting(
-        10, "Concurrent sessions (devices) allowed per user.", 1
-    )
+    max_devices: int = _setting(10, "Concurrent sessions (devices) allowed per user.", 1)
     request_timeout: float = _setting(
         30.0, "Seconds the server waits for a response to its own requests.", 0.001
     )
     shutdown_grace: float = _setting(
         5.0,
-        "Seconds connections get to close cleanly on shutdown before they are "
-        "aborted.",
+        "Seconds connections get to close cleanly on shutdown before they are aborted.",
         0.0,
     )
     close_timeout: float = _setting(
@@ -142,21 +136,18 @@ class Settings:
     )
     max_message_body: int = _setting(
         32 * 1024,
-        "Largest message body accepted by send, in bytes (at most "
-        "--max-frame-length minus 1024).",
+        "Largest message body accepted by send, in bytes (at most --max-frame-length minus 1024).",
         1,
     )
     max_unacked: int = _setting(
         64,
-        "Pushed messages a connection may have unacknowledged; the rest waits "
-        "in the inbox.",
+        "Pushed messages a connection may have unacknowledged; the rest waits in the inbox.",
         1,
         1_000_000,
     )
     max_group_size: int = _setting(
         2000,
-        "Most members a group may have (each group message is written to every "
-        "member's inbox).",
+        "Most members a group may have (each group message is written to every member's inbox).",
         1,
         1_000_000,
     )
@@ -208,28 +199,20 @@ class Settings:
             value = getattr(self, f.name)
             if minimum is not None and value < minimum:
                 raise ValueError(
-                    "{} must be at least {}, not {}".format(
-                        optionName(f.name), minimum, value
-                    )
+                    "{} must be at least {}, not {}".format(optionName(f.name), minimum, value)
                 )
             if maximum is not None and value > maximum:
                 raise ValueError(
-                    "{} must be at most {}, not {}".format(
-                        optionName(f.name), maximum, value
-                    )
+                    "{} must be at most {}, not {}".format(optionName(f.name), maximum, value)
                 )
         if self.idle_timeout <= self.heartbeat_interval:
             raise ValueError("--idle-timeout must exceed --heartbeat-interval")
         if self.max_message_body + 1024 > self.max_frame_length:
-            raise ValueError(
-                "--max-message-body must be at most --max-frame-length minus 1024"
-            )
+            raise ValueError("--max-message-body must be at most --max-frame-length minus 1024")
         if self.dedup_window > self.retention_age:
             raise ValueError("--dedup-window must not exceed --retention-age")
         if self.preauth_max_frame_length > self.max_frame_length:
-            raise ValueError(
-                "--preauth-max-frame-length must not exceed --max-frame-length"
-            )
+            raise ValueError("--preauth-max-frame-length must not exceed --max-frame-length")
 
     def replace(self, **changes):
         """

@@ -89,9 +89,18 @@ def twistdArgv(imArgs, cpu=None):
     @param cpu: see L{tasksetPrefix}.
     @return: the argument L{list}, the executable first.
     """
-    return tasksetPrefix(cpu) + [
-        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-        "--nodaemon", "--pidfile=", "im"] + list(imArgs)
+    return (
+        tasksetPrefix(cpu)
+        + [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            "im",
+        ]
+        + list(imArgs)
+    )
 
 
 class NotListening(RuntimeError):
@@ -105,8 +114,9 @@ class NotListening(RuntimeError):
     """
 
     def __init__(self, reason, output, what="listening"):
-        RuntimeError.__init__(self, "the process ended before {} ({}):\n{}".format(
-            what, reason, output))
+        RuntimeError.__init__(
+            self, "the process ended before {} ({}):\n{}".format(what, reason, output)
+        )
         self.reason = reason
         self.output = output
 
@@ -168,7 +178,7 @@ class TwistdProcess(ProcessProtocol):
         if len(self._chunks) > 1:
             joined = b"".join(self._chunks)
             self._chunks = collections.deque([joined])
-        return self._chunks[0][-self._keep:] if self._chunks else b""
+        return self._chunks[0][-self._keep :] if self._chunks else b""
 
     def text(self):
         """
@@ -232,7 +242,7 @@ class TwistdProcess(ProcessProtocol):
         """
         Keep the end of stderr apart (L{errors}), and as output.
         """
-        self.errors = (self.errors + data)[-self._keep:]
+        self.errors = (self.errors + data)[-self._keep :]
         self.outReceived(data)
 
     def whenEnded(self):
@@ -257,7 +267,7 @@ class TwistdProcess(ProcessProtocol):
         """
         self.reason = reason.value
         waiting, self._waiters = self._waiters, []
-        for pattern, d, what in waiting:
+        for _pattern, d, what in waiting:
             d.errback(NotListening(self.reason, self.text(), what))
         self.ended.callback(self.reason)
 

@@ -37,22 +37,27 @@ def checkFiles(options):
     if options["api"] is not None:
         described.append(("--api", options["api"]))
     selfSigned = options["tls-cert"] is None and any(
-        needsDefaultCertificate(d) for _, d in described)
+        needsDefaultCertificate(d) for _, d in described
+    )
     # The files of the data directory makeService reads, with what to
     # do if one cannot be used, and what it writes there.
     reads, writes = [], []
     if options["secret-file"] is None and not os.environ.get(SECRET_ENV):
-        reads.append((SECRET_FILE_NAME,
-                      "fix it, delete it to have a new one generated (tokens signed "
-                      "with the old one stop working), or give --secret-file"))
+        reads.append(
+            (
+                SECRET_FILE_NAME,
+                "fix it, delete it to have a new one generated (tokens signed "
+                "with the old one stop working), or give --secret-file",
+            )
+        )
     if options["api"] is not None and options["admin-token-file"] is None:
-        reads.append((ADMIN_TOKEN_FILE_NAME,
-                      "fix it, or delete it to have a new one generated"))
+        reads.append((ADMIN_TOKEN_FILE_NAME, "fix it, or delete it to have a new one generated"))
     for name, _ in reads:
         if not dataDir.child(name).exists():
             writes.append(name)
-    if selfSigned and not (dataDir.child(CERT_FILE_NAME).exists()
-                           and dataDir.child(KEY_FILE_NAME).exists()):
+    if selfSigned and not (
+        dataDir.child(CERT_FILE_NAME).exists() and dataDir.child(KEY_FILE_NAME).exists()
+    ):
         writes.append(CERT_FILE_NAME)
     if options["store"] == "sqlite":
         writes.append("the message database")
@@ -63,15 +68,17 @@ def checkFiles(options):
             _readSecret("--data-dir", dataDir.child(name), remedy)
     if options["secret-file"] is not None:
         _readSecret("--secret-file", FilePath(options["secret-file"]))
-    elif (os.environ.get(SECRET_ENV)
-          and len(os.environ[SECRET_ENV].strip()) < MIN_SECRET_LENGTH):
+    elif os.environ.get(SECRET_ENV) and len(os.environ[SECRET_ENV].strip()) < MIN_SECRET_LENGTH:
         raise usage.UsageError(
             "${}: shorter than {} bytes; set a longer secret, or unset it to use "
-            "<data-dir>/{}".format(SECRET_ENV, MIN_SECRET_LENGTH, SECRET_FILE_NAME))
+            "<data-dir>/{}".format(SECRET_ENV, MIN_SECRET_LENGTH, SECRET_FILE_NAME)
+        )
     if options["api"] is not None and options["admin-token-file"] is not None:
-        _readSecret("--admin-token-file", FilePath(options["admin-token-file"]),
-                    "or leave the option out to have one generated in the data "
-                    "directory")
+        _readSecret(
+            "--admin-token-file",
+            FilePath(options["admin-token-file"]),
+            "or leave the option out to have one generated in the data directory",
+        )
     certificate = None
     if options["tls-cert"] is not None:
         certificate = (FilePath(options["tls-cert"]), FilePath(options["tls-key"]))
@@ -110,14 +117,16 @@ def _readSecret(option, path, remedy=None):
         remedy = "give a readable file holding at least {} bytes".format(MIN_SECRET_LENGTH)
     elif remedy.startswith("or "):
         remedy = "give a readable file holding at least {} bytes, {}".format(
-            MIN_SECRET_LENGTH, remedy)
+            MIN_SECRET_LENGTH, remedy
+        )
     try:
         content = path.getContent()
     except OSError as e:
         raise usage.UsageError("{}: cannot read it ({}); {}".format(head, _reason(e), remedy))
     if len(content.strip()) < MIN_SECRET_LENGTH:
-        raise usage.UsageError("{}: holds fewer than {} bytes; {}".format(
-            head, MIN_SECRET_LENGTH, remedy))
+        raise usage.UsageError(
+            "{}: holds fewer than {} bytes; {}".format(head, MIN_SECRET_LENGTH, remedy)
+        )
 
 
 def _checkDataDir(dataDir, writes):
@@ -134,12 +143,13 @@ def _checkDataDir(dataDir, writes):
     if dataDir.exists():
         if not dataDir.isdir():
             raise usage.UsageError(
-                "{}: not a directory; give a directory (it is created if missing)".format(
-                    head))
+                "{}: not a directory; give a directory (it is created if missing)".format(head)
+            )
         if writes and not os.access(dataDir.path, os.W_OK | os.X_OK):
             raise usage.UsageError(
                 "{}: this user cannot write to it (for {}); give it write permission, "
-                "or give another directory".format(head, ", ".join(writes)))
+                "or give another directory".format(head, ", ".join(writes))
+            )
         return
     ancestor = dataDir.parent()
     while not ancestor.exists() and ancestor.parent() != ancestor:
@@ -147,11 +157,14 @@ def _checkDataDir(dataDir, writes):
     if not ancestor.isdir():
         raise usage.UsageError(
             "{}: cannot be created, {} is not a directory; give another directory".format(
-                head, ancestor.path))
+                head, ancestor.path
+            )
+        )
     if not os.access(ancestor.path, os.W_OK | os.X_OK):
         raise usage.UsageError(
             "{}: cannot be created, this user cannot write to {}; create it, or give "
-            "another directory".format(head, ancestor.path))
+            "another directory".format(head, ancestor.path)
+        )
 
 
 def _checkCertificate(certPath, keyPath):
@@ -163,19 +176,25 @@ def _checkCertificate(certPath, keyPath):
     from imserver.tls import serverOptions
 
     contents = []
-    for option, path, what in [("--tls-cert", certPath, "PEM certificate"),
-                               ("--tls-key", keyPath, "PEM private key")]:
+    for option, path, what in [
+        ("--tls-cert", certPath, "PEM certificate"),
+        ("--tls-key", keyPath, "PEM private key"),
+    ]:
         try:
             contents.append(path.getContent())
         except OSError as e:
-            raise usage.UsageError("{} {}: cannot read it ({}); give the {} file".format(
-                option, path.path, _reason(e), what))
+            raise usage.UsageError(
+                "{} {}: cannot read it ({}); give the {} file".format(
+                    option, path.path, _reason(e), what
+                )
+            )
     try:
         serverOptions(*contents)
     except ValueError as e:
         raise usage.UsageError(
             "--tls-cert {} with --tls-key {}: {}; give a PEM certificate and its "
-            "unencrypted private key".format(certPath.path, keyPath.path, _reason(e)))
+            "unencrypted private key".format(certPath.path, keyPath.path, _reason(e))
+        )
 
 
 class _NotWrittenYet:
@@ -219,7 +238,9 @@ def _selfSignedForCheck(dataDir):
         raise usage.UsageError(
             "--data-dir {}: its self-signed certificate cannot be used ({}); delete {} "
             "and {} to have new ones generated, or give --tls-cert and --tls-key".format(
-                dataDir.path, _reason(e), CERT_FILE_NAME, KEY_FILE_NAME))
+                dataDir.path, _reason(e), CERT_FILE_NAME, KEY_FILE_NAME
+            )
+        )
     return certPath, keyPath
 
 
@@ -249,11 +270,16 @@ def _checkEndpoints(described, certificate, backlog):
             # an OSError for a certKey= file, an IndexError for a systemd:
             # index beyond the descriptors passed.
             if isinstance(e, OSError) and e.filename:
-                raise usage.UsageError("{} {}: cannot read {} ({}); give a file this "
-                                       "user can read".format(option, description,
-                                                              e.filename, _reason(e)))
-            raise usage.UsageError("{} {}: {}; give {}".format(
-                option, description, _reason(e), _ENDPOINT_EXAMPLES[option]))
+                raise usage.UsageError(
+                    "{} {}: cannot read {} ({}); give a file this user can read".format(
+                        option, description, e.filename, _reason(e)
+                    )
+                )
+            raise usage.UsageError(
+                "{} {}: {}; give {}".format(
+                    option, description, _reason(e), _ENDPOINT_EXAMPLES[option]
+                )
+            )
         # A UNIX socket is made at start, in a directory that must be there.
         args, kwargs = splitDescription(description)
         kinds = [a.lower() for a in args]
@@ -264,8 +290,10 @@ def _checkEndpoints(described, certificate, backlog):
             directory = FilePath(address).parent()
             if not directory.isdir():
                 raise usage.UsageError(
-                    "{} {}: no directory {} for the socket; create it, or give "
-                    "another path".format(option, description, directory.path))
+                    "{} {}: no directory {} for the socket; create it, or give another path".format(
+                        option, description, directory.path
+                    )
+                )
 
 
 def checkRedisCA(url, caFile):
@@ -278,16 +306,20 @@ def checkRedisCA(url, caFile):
 
     from imserver.redisclient import clientTLSOptions
 
-    remedy = ("give the PEM file of the CA (or self-signed certificate) that signs the "
-              "Redis server's certificate")
+    remedy = (
+        "give the PEM file of the CA (or self-signed certificate) that signs the "
+        "Redis server's certificate"
+    )
     try:
         clientTLSOptions(url, caFile)
     except OSError as e:
-        raise usage.UsageError("--redis-ca {}: cannot read it ({}); {}".format(
-            caFile, _reason(e), remedy))
+        raise usage.UsageError(
+            "--redis-ca {}: cannot read it ({}); {}".format(caFile, _reason(e), remedy)
+        )
     except (SSL.Error, crypto.Error, ValueError) as e:
-        raise usage.UsageError("--redis-ca {}: not a PEM certificate ({}); {}".format(
-            caFile, e, remedy))
+        raise usage.UsageError(
+            "--redis-ca {}: not a PEM certificate ({}); {}".format(caFile, e, remedy)
+        )
 
 
 def needsDefaultCertificate(description):
@@ -299,6 +331,4 @@ def needsDefaultCertificate(description):
     from imserver.endpoints import splitDescription
 
     args, kwargs = splitDescription(description)
-    return args[0].lower() == "ssl" and not (
-        "certKey" in kwargs or "privateKey" in kwargs
-    )
+    return args[0].lower() == "ssl" and not ("certKey" in kwargs or "privateKey" in kwargs)

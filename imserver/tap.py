@@ -57,7 +57,8 @@ def _coerceSetting(f):
             value = None
         if value is None or not math.isfinite(value):
             raise usage.UsageError(
-                "{} {}: not {}; give one such as {}".format(option, text, what, f.default))
+                "{} {}: not {}; give one such as {}".format(option, text, what, f.default)
+            )
         return value
 
     return coerce
@@ -77,33 +78,64 @@ class Options(usage.Options):
     )
 
     optParameters = [
-        ["data-dir", "d", DEFAULT_DATA_DIR,
-         "Directory for the secret, the self-signed certificate and the message "
-         "database."],
-        ["secret-file", None, None,
-         "File holding the token-signing secret (default: $IMSERVER_SECRET, "
-         "else <data-dir>/secret, generated if absent)."],
-        ["tls-cert", None, None,
-         "PEM certificate for ssl: endpoints (default: self-signed in the data dir)."],
+        [
+            "data-dir",
+            "d",
+            DEFAULT_DATA_DIR,
+            "Directory for the secret, the self-signed certificate and the message database.",
+        ],
+        [
+            "secret-file",
+            None,
+            None,
+            "File holding the token-signing secret (default: $IMSERVER_SECRET, "
+            "else <data-dir>/secret, generated if absent).",
+        ],
+        [
+            "tls-cert",
+            None,
+            None,
+            "PEM certificate for ssl: endpoints (default: self-signed in the data dir).",
+        ],
         ["tls-key", None, None, "PEM private key for --tls-cert."],
         ["gate-id", None, None, "Name of this gate process (default: host:pid)."],
-        ["store", None, None,
-         "Message store: sqlite (durable, <data-dir>/" + MESSAGES_FILE_NAME + "; the "
-         "default) or memory (lost on restart; tests and benchmarks). Not with "
-         "--redis, whose store is Redis."],
-        ["redis", None, None,
-         "Cluster mode: redis://[user:password@]host[:port][/db], or rediss:// "
-         "for TLS with a verified certificate. Sessions, messages and the gate "
-         "bus are then in Redis, shared by every gate started with the same URL."],
-        ["redis-ca", None, None,
-         "PEM file of the CA (or self-signed certificate) that signs the "
-         "rediss:// server's certificate (default: the system's trust store)."],
-        ["api", None, DEFAULT_API,
-         "Endpoint string of the HTTP API for the app backend (JSON, admin "
-         "token); 'none' disables it. Never put it where clients can reach it."],
-        ["admin-token-file", None, None,
-         "File holding the HTTP API's bearer token (default: "
-         "<data-dir>/admin-token, generated if absent)."],
+        [
+            "store",
+            None,
+            None,
+            "Message store: sqlite (durable, <data-dir>/" + MESSAGES_FILE_NAME + "; the "
+            "default) or memory (lost on restart; tests and benchmarks). Not with "
+            "--redis, whose store is Redis.",
+        ],
+        [
+            "redis",
+            None,
+            None,
+            "Cluster mode: redis://[user:password@]host[:port][/db], or rediss:// "
+            "for TLS with a verified certificate. Sessions, messages and the gate "
+            "bus are then in Redis, shared by every gate started with the same URL.",
+        ],
+        [
+            "redis-ca",
+            None,
+            None,
+            "PEM file of the CA (or self-signed certificate) that signs the "
+            "rediss:// server's certificate (default: the system's trust store).",
+        ],
+        [
+            "api",
+            None,
+            DEFAULT_API,
+            "Endpoint string of the HTTP API for the app backend (JSON, admin "
+            "token); 'none' disables it. Never put it where clients can reach it.",
+        ],
+        [
+            "admin-token-file",
+            None,
+            None,
+            "File holding the HTTP API's bearer token (default: "
+            "<data-dir>/admin-token, generated if absent).",
+        ],
     ] + _settingParameters()
 
     def __init__(self):
@@ -173,11 +205,13 @@ class Options(usage.Options):
             self["store"] = "sqlite" if self.redisURL is None else "redis"
         elif self["store"] not in ("sqlite", "memory"):
             raise usage.UsageError(
-                "--store is sqlite or memory (the Redis store comes with --redis)")
+                "--store is sqlite or memory (the Redis store comes with --redis)"
+            )
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError(
                 "--tls-cert and --tls-key go together: give both, or neither for "
-                "the self-signed certificate")
+                "the self-signed certificate"
+            )
         values = {f.name: self[optionName(f.name)[2:]] for f in settingFields()}
         try:
             self.settings = Settings(**values)
@@ -200,8 +234,7 @@ class Options(usage.Options):
         try:
             self.advertised = [parseAdvertise(a) for a in self["advertise"]]
         except ValueError as e:
-            raise usage.UsageError(
-                "--advertise: {}; give [tls:|tcp:]HOST:PORT".format(e))
+            raise usage.UsageError("--advertise: {}; give [tls:|tcp:]HOST:PORT".format(e))
         # The files and the directory last, once the options themselves
         # are known to be right; makeService creates nothing before this.
         checkFiles(self)
@@ -217,11 +250,12 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--redis: not a redis:// or rediss:// URL: {}; give "
                 "redis://[user:password@]host[:port][/db], or rediss://... for "
-                "TLS".format(str(e).rpartition(": ")[2]))
+                "TLS".format(str(e).rpartition(": ")[2])
+            )
         if self["store"] is not None:
             raise usage.UsageError(
-                "--store does not go with --redis: in cluster mode messages are "
-                "stored in Redis")
+                "--store does not go with --redis: in cluster mode messages are stored in Redis"
+            )
         if self["redis-ca"] is not None:
             if not self.redisURL.tls:
                 raise usage.UsageError("--redis-ca goes with a rediss:// --redis")
@@ -342,8 +376,9 @@ def makeService(options, reactor=None):
     if options.redisURL is not None:
         from imserver.cluster import clusterSeams
 
-        seams = clusterSeams(reactor, options.redisURL, options["redis-ca"], gateId,
-                             settings, dedupWindowMs)
+        seams = clusterSeams(
+            reactor, options.redisURL, options["redis-ca"], gateId, settings, dedupWindowMs
+        )
         registry, store, directory = seams.registry, seams.store, seams.directory
     elif options["store"] == "memory":
         from imserver.store.memory import MemoryMessageStore
@@ -355,7 +390,9 @@ def makeService(options, reactor=None):
         from imserver.store.sqlite import SQLiteMessageStore
 
         store = SQLiteMessageStore(
-            dataDir.child(MESSAGES_FILE_NAME).path, reactor, dedupWindowMs,
+            dataDir.child(MESSAGES_FILE_NAME).path,
+            reactor,
+            dedupWindowMs,
             commitObserver=metrics.observeCommit,
         )
     messenger = Messenger(store, registry, reactor, settings, metrics)
@@ -373,9 +410,7 @@ def makeService(options, reactor=None):
     endpoints = []
     for description in options["listen"]:
         try:
-            endpoint = listenEndpoint(
-                reactor, description, certificate, settings.listen_backlog
-            )
+            endpoint = listenEndpoint(reactor, description, certificate, settings.listen_backlog)
         except (ValueError, OSError) as e:
             raise StartupError("--listen {}: {}".format(description, e))
         endpoints.append((description, endpoint))
@@ -386,8 +421,9 @@ def makeService(options, reactor=None):
     if seams is not None:
         from imserver.cluster import ClusterService
 
-        cluster = ClusterService(seams.connection, registry, seams.bus, directory, messenger,
-                                 reactor, seams.interval)
+        cluster = ClusterService(
+            seams.connection, registry, seams.bus, directory, messenger, reactor, seams.interval
+        )
         # First to start (it starts connecting to Redis; until connected,
         # auths and sends answer UNAVAILABLE), last to stop (after the gate
         # drained its connections).
@@ -415,8 +451,7 @@ def makeService(options, reactor=None):
     return root
 
 
-def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor,
-            directory=None):
+def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor, directory=None):
     """
     Add the gate directory's advertiser to the gate (it advertises once the
     listeners listen, and withdraws when they stop) and, unless C{--api
@@ -447,7 +482,5 @@ def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor,
     except (ValueError, OSError) as e:
         raise StartupError("--api {}: {}".format(description, e))
     site = makeSite(factory, directory, secret, adminToken, reactor)
-    ApiService(
-        description, endpoint, site, reactor, settings.shutdown_grace
-    ).setServiceParent(root)
+    ApiService(description, endpoint, site, reactor, settings.shutdown_grace).setServiceParent(root)
     return endpoint

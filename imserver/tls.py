@@ -101,8 +101,9 @@ def fingerprint(certPEM):
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
-def makeSelfSigned(hostnames=("localhost",), addresses=("127.0.0.1", "::1"),
-                   days=SELF_SIGNED_DAYS, now=None):
+def makeSelfSigned(
+    hostnames=("localhost",), addresses=("127.0.0.1", "::1"), days=SELF_SIGNED_DAYS, now=None
+):
     """
     Make a self-signed ECDSA P-256 certificate for C{hostnames} and
     C{addresses}.
@@ -187,7 +188,8 @@ def ensureSelfSigned(dataDir, now=None):
             log.warn(
                 "the self-signed TLS certificate {path} expires {expires}: replacing it"
                 " (clients that pinned it must trust the new one)",
-                path=certPath.path, expires=expires.isoformat(),
+                path=certPath.path,
+                expires=expires.isoformat(),
             )
             exists = False
     if not exists:
@@ -238,12 +240,15 @@ class ReloadableServerOptions:
         try:
             self.current = self._load()
         except (OSError, ValueError) as e:
-            log.error("TLS certificate {path} not reloaded: {why}",
-                      path=self.certPath.path, why=str(e))
+            log.error(
+                "TLS certificate {path} not reloaded: {why}", path=self.certPath.path, why=str(e)
+            )
             return False
-        log.info("TLS certificate {path} reloaded, SHA-256 {fingerprint}",
-                 path=self.certPath.path,
-                 fingerprint=fingerprint(self.certPath.getContent()))
+        log.info(
+            "TLS certificate {path} reloaded, SHA-256 {fingerprint}",
+            path=self.certPath.path,
+            fingerprint=fingerprint(self.certPath.getContent()),
+        )
         return True
 
     def serverConnectionForTLS(self, tlsProtocol):

@@ -188,12 +188,27 @@ class LiveApiTestCase(TestCase):
         withoutSecretEnvironment(self)
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
-        options.parseOptions([
-            "--data-dir", self.dataDir.path, "--listen", LOOPBACK, "--api", LOOPBACK,
-            "--store", "memory", "--api-max-body", str(MAX_BODY),
-            "--max-group-size", str(MAX_GROUP), "--max-message-body", "1000",
-            "--gate-id", "gate-1",
-        ] + list(self.extraArgs))
+        options.parseOptions(
+            [
+                "--data-dir",
+                self.dataDir.path,
+                "--listen",
+                LOOPBACK,
+                "--api",
+                LOOPBACK,
+                "--store",
+                "memory",
+                "--api-max-body",
+                str(MAX_BODY),
+                "--max-group-size",
+                str(MAX_GROUP),
+                "--max-message-body",
+                "1000",
+                "--gate-id",
+                "gate-1",
+            ]
+            + list(self.extraArgs)
+        )
         self.root = root = startServer(self, options)
         self.gate = root.getServiceNamed("gate")
         self.factory = self.gate.factory
@@ -215,8 +230,7 @@ class LiveApiTestCase(TestCase):
         return "http://127.0.0.1:{}{}".format(self.apiPort, path).encode("ascii")
 
     @inlineCallbacks
-    def call(self, method, path, body=None, token=True, headers=(), raw=None,
-             producer=None):
+    def call(self, method, path, body=None, token=True, headers=(), raw=None, producer=None):
         """
         Make one request to the API.
 
@@ -242,9 +256,7 @@ class LiveApiTestCase(TestCase):
             producer = FileBodyProducer(BytesIO(raw))
         response = yield self.agent.request(method, self.url(path), h, producer)
         data = yield readBody(response)
-        self.assertEqual(
-            response.headers.getRawHeaders(b"Content-Type"), [b"application/json"]
-        )
+        self.assertEqual(response.headers.getRawHeaders(b"Content-Type"), [b"application/json"])
         return response, json.loads(data)
 
     @inlineCallbacks
@@ -278,8 +290,13 @@ class LiveApiTestCase(TestCase):
         C{POST /v1/messages} with C{body} and the idempotency key C{key};
         must succeed.
         """
-        return self.ok("POST", "/v1/messages", body,
-                       headers=[(b"Idempotency-Key", key.encode("utf-8"))], **kwargs)
+        return self.ok(
+            "POST",
+            "/v1/messages",
+            body,
+            headers=[(b"Idempotency-Key", key.encode("utf-8"))],
+            **kwargs,
+        )
 
     def token(self, uid):
         """
@@ -296,9 +313,15 @@ class LiveApiTestCase(TestCase):
         """
         notifications = Notifications()
         client = yield connect(
-            reactor, "127.0.0.1", self.clientPort, uid=uid,
-            token=token or self.token(uid), deviceId=deviceId, platform=platform,
-            onNotify=notifications, tls=False,
+            reactor,
+            "127.0.0.1",
+            self.clientPort,
+            uid=uid,
+            token=token or self.token(uid),
+            deviceId=deviceId,
+            platform=platform,
+            onNotify=notifications,
+            tls=False,
         )
         self.addCleanup(client.close)
         return client, notifications
@@ -358,7 +381,7 @@ class DocumentTests(SynchronousTestCase):
         self.assertEqual(document["security"], [{"adminToken": []}])
         public = set()
         for path, item in document["paths"].items():
-            for method, operation in item.items():
+            for _method, operation in item.items():
                 if isinstance(operation, dict) and operation.get("security") == []:
                     public.add(path)
         self.assertEqual(public, self.served()[1])
@@ -434,11 +457,14 @@ class AuthTests(LiveApiTestCase):
         A wrong token, another scheme, a token with a suffix or an empty
         one are all 401.
         """
-        for value in [b"Bearer nope", b"Basic " + self.adminToken,
-                      b"Bearer " + self.adminToken + b"x", b"Bearer ",
-                      self.adminToken]:
-            yield self.fails(b"GET", "/v1/stats", status=401, code="UNAUTHORIZED",
-                             token=value)
+        for value in [
+            b"Bearer nope",
+            b"Basic " + self.adminToken,
+            b"Bearer " + self.adminToken + b"x",
+            b"Bearer ",
+            self.adminToken,
+        ]:
+            yield self.fails(b"GET", "/v1/stats", status=401, code="UNAUTHORIZED", token=value)
 
     @inlineCallbacks
     def test_everyRouteNeedsToken(self):
@@ -447,12 +473,13 @@ class AuthTests(LiveApiTestCase):
         and unknown paths, answer 401 without the token (so the routes
         cannot be probed without it).
         """
-        for method, template, name in api.ROUTES + (("GET", "/nowhere", None),):
+        for method, template, _name in api.ROUTES + (("GET", "/nowhere", None),):
             if template.encode("ascii") in api.PUBLIC_PATHS:
                 continue
             path = template.replace("{uid}", "alice").replace("{group_id}", "g")
-            yield self.fails(method.encode("ascii"), path, status=401,
-                             code="UNAUTHORIZED", token=False)
+            yield self.fails(
+                method.encode("ascii"), path, status=401, code="UNAUTHORIZED", token=False
+            )
 
     @inlineCallbacks
     def test_schemeCaseInsensitive(self):
@@ -491,8 +518,9 @@ class HealthTests(LiveApiTestCase):
             answer = yield self.ok(b"GET", "/health/ready", token=False)
             self.assertEqual(answer, {"status": "ok"})
         else:
-            response, text = yield self.fails(b"GET", "/health/ready", status=503,
-                                              code="UNAVAILABLE", token=False)
+            response, text = yield self.fails(
+                b"GET", "/health/ready", status=503, code="UNAVAILABLE", token=False
+            )
             self.assertEqual(response.headers.getRawHeaders(b"Retry-After"), [b"1"])
             self.assertEqual(text, message)
 
@@ -504,8 +532,7 @@ class HealthTests(LiveApiTestCase):
         """
         reads = []
         head = self.factory.store.head
-        self.patch(self.factory.store, "head",
-                   lambda uid: reads.append(uid) or head(uid))
+        self.patch(self.factory.store, "head", lambda uid: reads.append(uid) or head(uid))
         yield self.assertReadiness(True)
         self.assertEqual(reads, [""])
 
@@ -518,8 +545,9 @@ class HealthTests(LiveApiTestCase):
         from twisted.internet.defer import fail
 
         head = self.factory.store.head
-        self.patch(self.factory.store, "head",
-                   lambda uid: fail(Unavailable("Redis is unavailable")))
+        self.patch(
+            self.factory.store, "head", lambda uid: fail(Unavailable("Redis is unavailable"))
+        )
         yield self.assertReadiness(False, "not ready: the message store is unavailable")
         self.patch(self.factory.store, "head", head)
         yield self.assertReadiness(True)
@@ -532,14 +560,16 @@ class HealthTests(LiveApiTestCase):
         """
         self.patch(api.handlers, "READY_TIMEOUT", 0.05)
         self.patch(self.factory.store, "head", lambda uid: Deferred())
-        yield self.assertReadiness(False, "not ready: the message store did not answer"
-                                          " within 0.05 s")
+        yield self.assertReadiness(
+            False, "not ready: the message store did not answer within 0.05 s"
+        )
 
     @inlineCallbacks
     def test_storeBroken(self):
         """
         Any other failure of the store is not ready either, and is logged.
         """
+
         def head(uid):
             raise RuntimeError("disk on fire")
 
@@ -568,10 +598,20 @@ class ClusterHealthTests(TestCase):
         yield self.redis.start()
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
-        options.parseOptions([
-            "--data-dir", self.dataDir.path, "--listen", LOOPBACK, "--api", LOOPBACK,
-            "--redis", self.redis.url, "--gate-id", "gate-1",
-        ])
+        options.parseOptions(
+            [
+                "--data-dir",
+                self.dataDir.path,
+                "--listen",
+                LOOPBACK,
+                "--api",
+                LOOPBACK,
+                "--redis",
+                self.redis.url,
+                "--gate-id",
+                "gate-1",
+            ]
+        )
         root = startServer(self, options)
         port = yield root.getServiceNamed("api").whenListening()
         self.apiPort = port.getHost().port
@@ -708,9 +748,7 @@ class ErrorTests(LiveApiTestCase):
         """
         A field the route does not know is 400, naming it.
         """
-        response, message = yield self.fails(
-            b"POST", "/v1/tokens", {"uid": "alice", "tll": 5}
-        )
+        response, message = yield self.fails(b"POST", "/v1/tokens", {"uid": "alice", "tll": 5})
         self.assertIn("tll", message)
 
     @inlineCallbacks
@@ -751,8 +789,11 @@ class ErrorTests(LiveApiTestCase):
         grows past the limit.
         """
         yield self.fails(
-            b"POST", "/v1/tokens", producer=ChunkedProducer(b" " * (MAX_BODY + 10)),
-            status=413, code="PAYLOAD_TOO_LARGE",
+            b"POST",
+            "/v1/tokens",
+            producer=ChunkedProducer(b" " * (MAX_BODY + 10)),
+            status=413,
+            code="PAYLOAD_TOO_LARGE",
         )
 
     @inlineCallbacks
@@ -760,9 +801,7 @@ class ErrorTests(LiveApiTestCase):
         """
         A chunked body within the limit is read.
         """
-        answer = yield self.ok(
-            b"POST", "/v1/tokens", producer=ChunkedProducer(b'{"uid": "alice"}')
-        )
+        answer = yield self.ok(b"POST", "/v1/tokens", producer=ChunkedProducer(b'{"uid": "alice"}'))
         self.assertEqual(answer["uid"], "alice")
 
     @inlineCallbacks
@@ -773,9 +812,7 @@ class ErrorTests(LiveApiTestCase):
         client never sends the body.
         """
         client = RawClient()
-        yield connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", self.apiPort), client
-        )
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.apiPort), client)
         client.transport.write(
             b"POST /v1/tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
             + self.adminToken
@@ -792,13 +829,12 @@ class ErrorTests(LiveApiTestCase):
         An unexpected exception is logged and answered 500 C{INTERNAL},
         without its text.
         """
+
         def broken():
             raise RuntimeError("secret detail")
 
         self.patch(self.factory.registry, "count", broken)
-        response, message = yield self.fails(
-            b"GET", "/v1/stats", status=500, code="INTERNAL"
-        )
+        response, message = yield self.fails(b"GET", "/v1/stats", status=500, code="INTERNAL")
         self.assertNotIn("secret detail", message)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
@@ -819,7 +855,9 @@ class ErrorTests(LiveApiTestCase):
         )
         self.assertEqual(message, "group_id contains a control or line-separator character")
         response, message = yield self.fails(
-            b"POST", "/v1/messages", {"uids": ["bob", ""], "text": "x"},
+            b"POST",
+            "/v1/messages",
+            {"uids": ["bob", ""], "text": "x"},
             headers=[(b"Idempotency-Key", b"k")],
         )
         self.assertEqual(message, "uids[1] is empty")
@@ -844,19 +882,20 @@ class ErrorMappingTests(SynchronousTestCase):
         """
         A L{BadRequest} is 400 C{BAD_REQUEST} with its message.
         """
-        self.assertEqual(self.answer(BadRequest("uid is empty")),
-                         (400, "BAD_REQUEST", "uid is empty", []))
+        self.assertEqual(
+            self.answer(BadRequest("uid is empty")), (400, "BAD_REQUEST", "uid is empty", [])
+        )
 
     def test_protocolErrors(self):
         """
         The other protocol errors with an API code keep their message;
         C{UNAVAILABLE} says when to retry.
         """
-        self.assertEqual(self.answer(MessageTooLarge("big")),
-                         (413, "MESSAGE_TOO_LARGE", "big", []))
+        self.assertEqual(self.answer(MessageTooLarge("big")), (413, "MESSAGE_TOO_LARGE", "big", []))
         self.assertEqual(self.answer(NotMember("no")), (403, "NOT_MEMBER", "no", []))
-        self.assertEqual(self.answer(Unavailable("down")),
-                         (503, "UNAVAILABLE", "down", [(b"Retry-After", b"1")]))
+        self.assertEqual(
+            self.answer(Unavailable("down")), (503, "UNAVAILABLE", "down", [(b"Retry-After", b"1")])
+        )
 
     def test_unmapped(self):
         """
@@ -879,12 +918,11 @@ class ClientListenerTests(LiveApiTestCase):
         the connection is closed, while the API port answers it.
         """
         client = RawClient()
-        yield connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", self.clientPort), client
-        )
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.clientPort), client)
         client.transport.write(
             b"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-            + self.adminToken + b"\r\n\r\n"
+            + self.adminToken
+            + b"\r\n\r\n"
         )
         data = yield client.closed
         self.assertNotIn(b"HTTP/", data)
@@ -938,10 +976,19 @@ class TokenTests(LiveApiTestCase):
         A missing or invalid uid, and a ttl that is not an integer in
         1..366 days, are 400.
         """
-        for body in [{}, {"uid": ""}, {"uid": "a\nb"}, {"uid": 7}, {"uid": "x" * 129},
-                     {"uid": "a", "ttl": 0}, {"uid": "a", "ttl": 366 * 86400 + 1},
-                     {"uid": "a", "ttl": "60"}, {"uid": "a", "ttl": 1.5},
-                     {"uid": "a", "ttl": True}, {"uid": "\ud800"}]:
+        for body in [
+            {},
+            {"uid": ""},
+            {"uid": "a\nb"},
+            {"uid": 7},
+            {"uid": "x" * 129},
+            {"uid": "a", "ttl": 0},
+            {"uid": "a", "ttl": 366 * 86400 + 1},
+            {"uid": "a", "ttl": "60"},
+            {"uid": "a", "ttl": 1.5},
+            {"uid": "a", "ttl": True},
+            {"uid": "\ud800"},
+        ]:
             yield self.fails(b"POST", "/v1/tokens", body)
 
 
@@ -957,8 +1004,7 @@ class MessageTests(LiveApiTestCase):
         once, from the empty sender, and is in its inbox only.
         """
         client, notifications = yield self.connectClient("bob")
-        answer = yield self.push({"to": "bob", "text": "h\u00e9llo",
-                                  "content_type": "text/plain"})
+        answer = yield self.push({"to": "bob", "text": "h\u00e9llo", "content_type": "text/plain"})
         self.assertEqual(sorted(answer), ["created_ms", "duplicate", "message_id", "seqs"])
         self.assertEqual(answer["seqs"], {"bob": 1})
         self.assertFalse(answer["duplicate"])
@@ -990,8 +1036,13 @@ class MessageTests(LiveApiTestCase):
         """
         body = bytes(range(256))
         client, notifications = yield self.connectClient("bob")
-        yield self.push({"to": "bob", "body_b64": base64.b64encode(body).decode("ascii"),
-                         "content_type": "application/octet-stream"})
+        yield self.push(
+            {
+                "to": "bob",
+                "body_b64": base64.b64encode(body).decode("ascii"),
+                "content_type": "application/octet-stream",
+            }
+        )
         [entry] = yield notifications.wait("message")
         self.assertEqual(entry.message.body, body)
 
@@ -1045,12 +1096,24 @@ class MessageTests(LiveApiTestCase):
         """
         key = [(b"Idempotency-Key", b"k")]
         yield self.fails(b"POST", "/v1/messages", {"to": "bob", "text": "x"})
-        yield self.fails(b"POST", "/v1/messages", {"to": "bob", "text": "x"},
-                         headers=[(b"Idempotency-Key", b" ")])
-        yield self.fails(b"POST", "/v1/messages", {"to": "bob", "text": "x"},
-                         headers=[(b"Idempotency-Key", b"x" * 65)])
-        yield self.fails(b"POST", "/v1/messages", {"to": "bob", "text": "x"},
-                         headers=[(b"Idempotency-Key", b"\xff")])
+        yield self.fails(
+            b"POST",
+            "/v1/messages",
+            {"to": "bob", "text": "x"},
+            headers=[(b"Idempotency-Key", b" ")],
+        )
+        yield self.fails(
+            b"POST",
+            "/v1/messages",
+            {"to": "bob", "text": "x"},
+            headers=[(b"Idempotency-Key", b"x" * 65)],
+        )
+        yield self.fails(
+            b"POST",
+            "/v1/messages",
+            {"to": "bob", "text": "x"},
+            headers=[(b"Idempotency-Key", b"\xff")],
+        )
         for body in [
             {"text": "no target"},
             {"to": "bob", "uids": ["carol"], "text": "two targets"},
@@ -1070,8 +1133,14 @@ class MessageTests(LiveApiTestCase):
         ]:
             yield self.fails(b"POST", "/v1/messages", body, headers=key)
         big = "x" * (self.factory.settings.max_message_body + 1)
-        yield self.fails(b"POST", "/v1/messages", {"to": "bob", "text": big},
-                         headers=key, status=413, code="MESSAGE_TOO_LARGE")
+        yield self.fails(
+            b"POST",
+            "/v1/messages",
+            {"to": "bob", "text": big},
+            headers=key,
+            status=413,
+            code="MESSAGE_TOO_LARGE",
+        )
 
     @inlineCallbacks
     def test_unavailable(self):
@@ -1080,11 +1149,18 @@ class MessageTests(LiveApiTestCase):
         """
         from twisted.internet.defer import fail
 
-        self.patch(self.factory.messenger, "storeMessage",
-                   lambda *a, **k: fail(Unavailable("storage is down")))
+        self.patch(
+            self.factory.messenger,
+            "storeMessage",
+            lambda *a, **k: fail(Unavailable("storage is down")),
+        )
         response, message = yield self.fails(
-            b"POST", "/v1/messages", {"to": "bob", "text": "x"},
-            headers=[(b"Idempotency-Key", b"k")], status=503, code="UNAVAILABLE",
+            b"POST",
+            "/v1/messages",
+            {"to": "bob", "text": "x"},
+            headers=[(b"Idempotency-Key", b"k")],
+            status=503,
+            code="UNAVAILABLE",
         )
         self.assertEqual(response.headers.getRawHeaders(b"Retry-After"), [b"1"])
 
@@ -1095,8 +1171,7 @@ class MessageTests(LiveApiTestCase):
         every member's inbox and is pushed to the online ones; on behalf of
         a non-member it is 403 C{NOT_MEMBER}, to no group 403 too.
         """
-        yield self.ok(b"POST", "/v1/groups", {"group_id": "g", "owner": "alice"},
-                      status=201)
+        yield self.ok(b"POST", "/v1/groups", {"group_id": "g", "owner": "alice"}, status=201)
         yield self.ok(b"POST", "/v1/groups/g/members", {"members": [{"uid": "bob"}]})
         bob, notes = yield self.connectClient("bob")
         answer = yield self.push({"group_id": "g", "text": "news"}, key="g1")
@@ -1107,12 +1182,22 @@ class MessageTests(LiveApiTestCase):
         answer = yield self.push({"from": "alice", "group_id": "g", "text": "hi"}, key="g2")
         self.assertEqual(answer["seqs"], {"alice": 2, "bob": 2})
         key = [(b"Idempotency-Key", b"g3")]
-        yield self.fails(b"POST", "/v1/messages",
-                         {"from": "mallory", "group_id": "g", "text": "x"},
-                         headers=key, status=403, code="NOT_MEMBER")
-        yield self.fails(b"POST", "/v1/messages",
-                         {"from": "alice", "group_id": "nope", "text": "x"},
-                         headers=key, status=403, code="NOT_MEMBER")
+        yield self.fails(
+            b"POST",
+            "/v1/messages",
+            {"from": "mallory", "group_id": "g", "text": "x"},
+            headers=key,
+            status=403,
+            code="NOT_MEMBER",
+        )
+        yield self.fails(
+            b"POST",
+            "/v1/messages",
+            {"from": "alice", "group_id": "nope", "text": "x"},
+            headers=key,
+            status=403,
+            code="NOT_MEMBER",
+        )
 
 
 class BroadcastTests(LiveApiTestCase):
@@ -1128,8 +1213,9 @@ class BroadcastTests(LiveApiTestCase):
         """
         alice, aliceNotes = yield self.connectClient("alice")
         bob, bobNotes = yield self.connectClient("bob", platform=pb.IOS)
-        answer = yield self.ok(b"POST", "/v1/broadcast",
-                               {"text": "maintenance at 10", "content_type": "text/plain"})
+        answer = yield self.ok(
+            b"POST", "/v1/broadcast", {"text": "maintenance at 10", "content_type": "text/plain"}
+        )
         self.assertEqual(answer, {"sessions": 2})
         for notes in aliceNotes, bobNotes:
             [notice] = yield notes.wait("notice")
@@ -1154,8 +1240,9 @@ class BroadcastTests(LiveApiTestCase):
         yield self.fails(b"POST", "/v1/broadcast", {})
         yield self.fails(b"POST", "/v1/broadcast", {"text": "x", "to": "bob"})
         big = "x" * (self.factory.settings.max_message_body + 1)
-        yield self.fails(b"POST", "/v1/broadcast", {"text": big},
-                         status=413, code="MESSAGE_TOO_LARGE")
+        yield self.fails(
+            b"POST", "/v1/broadcast", {"text": big}, status=413, code="MESSAGE_TOO_LARGE"
+        )
 
 
 class PresenceTests(LiveApiTestCase):
@@ -1180,12 +1267,27 @@ class PresenceTests(LiveApiTestCase):
         laptop, _ = yield self.connectClient("alice", "laptop")
         phone, _ = yield self.connectClient("alice", "phone", platform=pb.IOS)
         answer = yield self.ok(b"GET", "/v1/users/alice/presence")
-        self.assertEqual(answer, {"uid": "alice", "online": True, "devices": [
-            {"device_id": "laptop", "platform": "desktop",
-             "session_id": laptop.session.session_id, "gate_id": "gate-1"},
-            {"device_id": "phone", "platform": "ios",
-             "session_id": phone.session.session_id, "gate_id": "gate-1"},
-        ]})
+        self.assertEqual(
+            answer,
+            {
+                "uid": "alice",
+                "online": True,
+                "devices": [
+                    {
+                        "device_id": "laptop",
+                        "platform": "desktop",
+                        "session_id": laptop.session.session_id,
+                        "gate_id": "gate-1",
+                    },
+                    {
+                        "device_id": "phone",
+                        "platform": "ios",
+                        "session_id": phone.session.session_id,
+                        "gate_id": "gate-1",
+                    },
+                ],
+            },
+        )
 
     @inlineCallbacks
     def test_percentEncodedUid(self):
@@ -1241,8 +1343,9 @@ class KickTests(LiveApiTestCase):
         laptop, laptopNotes = yield self.connectClient("alice", "laptop")
         phone, phoneNotes = yield self.connectClient("alice", "phone")
         closed = phone.whenClosed()
-        answer = yield self.ok(b"POST", "/v1/users/alice/kick",
-                               {"device_id": "phone", "message": "lost phone"})
+        answer = yield self.ok(
+            b"POST", "/v1/users/alice/kick", {"device_id": "phone", "message": "lost phone"}
+        )
         self.assertEqual(answer, {"uid": "alice", "kicked": ["phone"]})
         [kicked] = yield phoneNotes.wait("kicked")
         self.assertEqual((kicked.reason, kicked.message), (pb.ADMIN, "lost phone"))
@@ -1267,8 +1370,13 @@ class KickTests(LiveApiTestCase):
         """
         A bad device id or too long a message is 400.
         """
-        for body in [{"device_id": ""}, {"device_id": "a\tb"}, {"message": "m" * 257},
-                     {"device": "x"}, {"message": 3}]:
+        for body in [
+            {"device_id": ""},
+            {"device_id": "a\tb"},
+            {"message": "m" * 257},
+            {"device": "x"},
+            {"message": 3},
+        ]:
             yield self.fails(b"POST", "/v1/users/alice/kick", body)
 
 
@@ -1283,9 +1391,9 @@ class GroupTests(LiveApiTestCase):
         Create a group, add members, list them and the user's groups,
         remove one, delete the group.
         """
-        created = yield self.ok(b"POST", "/v1/groups",
-                                {"group_id": "g1", "name": "Team", "owner": "alice"},
-                                status=201)
+        created = yield self.ok(
+            b"POST", "/v1/groups", {"group_id": "g1", "name": "Team", "owner": "alice"}, status=201
+        )
         self.assertEqual(
             {k: created[k] for k in ("group_id", "name", "member_count")},
             {"group_id": "g1", "name": "Team", "member_count": 1},
@@ -1293,11 +1401,15 @@ class GroupTests(LiveApiTestCase):
         self.assertLess(abs(created["created_ms"] / 1000.0 - time.time()), 5)
         group = yield self.ok(b"GET", "/v1/groups/g1")
         self.assertEqual(group, created)
-        added = yield self.ok(b"POST", "/v1/groups/g1/members", {"members": [
-            {"uid": "bob"}, {"uid": "carol", "role": "admin"}]})
+        added = yield self.ok(
+            b"POST",
+            "/v1/groups/g1/members",
+            {"members": [{"uid": "bob"}, {"uid": "carol", "role": "admin"}]},
+        )
         self.assertEqual(added, {"group_id": "g1", "added": ["bob", "carol"]})
-        again = yield self.ok(b"POST", "/v1/groups/g1/members", {"members": [
-            {"uid": "bob", "role": "admin"}]})
+        again = yield self.ok(
+            b"POST", "/v1/groups/g1/members", {"members": [{"uid": "bob", "role": "admin"}]}
+        )
         self.assertEqual(again, {"group_id": "g1", "added": []})
         members = yield self.ok(b"GET", "/v1/groups/g1/members")
         self.assertEqual(
@@ -1308,8 +1420,9 @@ class GroupTests(LiveApiTestCase):
         groups = yield self.ok(b"GET", "/v1/users/carol/groups")
         self.assertEqual(groups["uid"], "carol")
         [entry] = groups["groups"]
-        self.assertEqual((entry["group_id"], entry["role"], entry["member_count"]),
-                         ("g1", "admin", 3))
+        self.assertEqual(
+            (entry["group_id"], entry["role"], entry["member_count"]), ("g1", "admin", 3)
+        )
         removed = yield self.ok(b"DELETE", "/v1/groups/g1/members/bob")
         self.assertEqual(removed, {"group_id": "g1", "uid": "bob", "removed": True})
         removed = yield self.ok(b"DELETE", "/v1/groups/g1/members/bob")
@@ -1326,8 +1439,7 @@ class GroupTests(LiveApiTestCase):
         Group ids in paths are percent-decoded like uids.
         """
         groupId = "a/b \u00e9"
-        yield self.ok(b"POST", "/v1/groups", {"group_id": groupId, "owner": "alice"},
-                      status=201)
+        yield self.ok(b"POST", "/v1/groups", {"group_id": groupId, "owner": "alice"}, status=201)
         group = yield self.ok(b"GET", "/v1/groups/" + quote(groupId, safe=""))
         self.assertEqual(group["group_id"], groupId)
 
@@ -1337,15 +1449,24 @@ class GroupTests(LiveApiTestCase):
         An existing group id is 409 C{GROUP_EXISTS}; a missing or bad id or
         owner, or a bad name, is 400.
         """
-        yield self.ok(b"POST", "/v1/groups", {"group_id": "g1", "owner": "alice"},
-                      status=201)
-        yield self.fails(b"POST", "/v1/groups", {"group_id": "g1", "owner": "bob"},
-                         status=409, code="GROUP_EXISTS")
-        for body in [{"owner": "alice"}, {"group_id": "g2"}, {"group_id": "", "owner": "a"},
-                     {"group_id": "g\n", "owner": "a"}, {"group_id": "g2", "owner": ""},
-                     {"group_id": "g2", "owner": "a", "name": 5},
-                     {"group_id": "g2", "owner": "a", "name": "n" * 257},
-                     {"group_id": "g2", "owner": "a", "members": []}]:
+        yield self.ok(b"POST", "/v1/groups", {"group_id": "g1", "owner": "alice"}, status=201)
+        yield self.fails(
+            b"POST",
+            "/v1/groups",
+            {"group_id": "g1", "owner": "bob"},
+            status=409,
+            code="GROUP_EXISTS",
+        )
+        for body in [
+            {"owner": "alice"},
+            {"group_id": "g2"},
+            {"group_id": "", "owner": "a"},
+            {"group_id": "g\n", "owner": "a"},
+            {"group_id": "g2", "owner": ""},
+            {"group_id": "g2", "owner": "a", "name": 5},
+            {"group_id": "g2", "owner": "a", "name": "n" * 257},
+            {"group_id": "g2", "owner": "a", "members": []},
+        ]:
             yield self.fails(b"POST", "/v1/groups", body)
 
     @inlineCallbacks
@@ -1358,8 +1479,9 @@ class GroupTests(LiveApiTestCase):
         yield self.fails(b"GET", "/v1/groups/nope", **notFound)
         yield self.fails(b"DELETE", "/v1/groups/nope", **notFound)
         yield self.fails(b"GET", "/v1/groups/nope/members", **notFound)
-        yield self.fails(b"POST", "/v1/groups/nope/members",
-                         {"members": [{"uid": "bob"}]}, **notFound)
+        yield self.fails(
+            b"POST", "/v1/groups/nope/members", {"members": [{"uid": "bob"}]}, **notFound
+        )
         yield self.fails(b"DELETE", "/v1/groups/nope/members/bob", **notFound)
 
     @inlineCallbacks
@@ -1368,14 +1490,17 @@ class GroupTests(LiveApiTestCase):
         Members beyond C{--max-group-size} are 409 C{GROUP_FULL}, and none
         of them is added.
         """
-        yield self.ok(b"POST", "/v1/groups", {"group_id": "g", "owner": "alice"},
-                      status=201)
-        yield self.fails(b"POST", "/v1/groups/g/members", {"members": [
-            {"uid": "b"}, {"uid": "c"}, {"uid": "d"}]}, status=409, code="GROUP_FULL")
+        yield self.ok(b"POST", "/v1/groups", {"group_id": "g", "owner": "alice"}, status=201)
+        yield self.fails(
+            b"POST",
+            "/v1/groups/g/members",
+            {"members": [{"uid": "b"}, {"uid": "c"}, {"uid": "d"}]},
+            status=409,
+            code="GROUP_FULL",
+        )
         members = yield self.ok(b"GET", "/v1/groups/g/members")
         self.assertEqual(len(members["members"]), 1)
-        yield self.ok(b"POST", "/v1/groups/g/members", {"members": [
-            {"uid": "b"}, {"uid": "c"}]})
+        yield self.ok(b"POST", "/v1/groups/g/members", {"members": [{"uid": "b"}, {"uid": "c"}]})
 
     @inlineCallbacks
     def test_memberErrors(self):
@@ -1383,14 +1508,18 @@ class GroupTests(LiveApiTestCase):
         Bad member lists and roles are 400, and so is changing or removing
         the owner.
         """
-        yield self.ok(b"POST", "/v1/groups", {"group_id": "g", "owner": "alice"},
-                      status=201)
-        for body in [{}, {"members": []}, {"members": "bob"}, {"members": ["bob"]},
-                     {"members": [{"uid": "bob", "role": "boss"}]},
-                     {"members": [{"uid": "bob", "role": "owner"}]},
-                     {"members": [{"role": "member"}]},
-                     {"members": [{"uid": "bob", "rank": 1}]},
-                     {"members": [{"uid": "alice", "role": "admin"}]}]:
+        yield self.ok(b"POST", "/v1/groups", {"group_id": "g", "owner": "alice"}, status=201)
+        for body in [
+            {},
+            {"members": []},
+            {"members": "bob"},
+            {"members": ["bob"]},
+            {"members": [{"uid": "bob", "role": "boss"}]},
+            {"members": [{"uid": "bob", "role": "owner"}]},
+            {"members": [{"role": "member"}]},
+            {"members": [{"uid": "bob", "rank": 1}]},
+            {"members": [{"uid": "alice", "role": "admin"}]},
+        ]:
             yield self.fails(b"POST", "/v1/groups/g/members", body)
         yield self.fails(b"DELETE", "/v1/groups/g/members/alice")
 
@@ -1406,9 +1535,19 @@ class GatesTests(LiveApiTestCase):
         By default the gate advertises its client listener.
         """
         answer = yield self.ok(b"GET", "/v1/gates")
-        self.assertEqual(answer, {"addresses": [
-            {"host": "127.0.0.1", "port": self.clientPort, "tls": False,
-             "gate_id": "gate-1"}]})
+        self.assertEqual(
+            answer,
+            {
+                "addresses": [
+                    {
+                        "host": "127.0.0.1",
+                        "port": self.clientPort,
+                        "tls": False,
+                        "gate_id": "gate-1",
+                    }
+                ]
+            },
+        )
 
     @inlineCallbacks
     def test_shuffled(self):
@@ -1418,12 +1557,12 @@ class GatesTests(LiveApiTestCase):
         """
         router = self.apiService.site.resource.router
         directory = router.api.directory
-        yield directory.advertise("gate-2", [("b{}.example".format(i), 443, True)
-                                             for i in range(10)])
+        yield directory.advertise(
+            "gate-2", [("b{}.example".format(i), 443, True) for i in range(10)]
+        )
         router.api.random = random.Random(1)
         answer = yield self.ok(b"GET", "/v1/gates")
-        addresses = [(a["host"], a["port"], a["tls"], a["gate_id"])
-                     for a in answer["addresses"]]
+        addresses = [(a["host"], a["port"], a["tls"], a["gate_id"]) for a in answer["addresses"]]
         expected = sorted(addresses)
         self.assertEqual(len(expected), 11)
         random.Random(1).shuffle(expected)
@@ -1435,8 +1574,7 @@ class AdvertiseOptionTests(LiveApiTestCase):
     C{--advertise} replaces the derived addresses.
     """
 
-    extraArgs = ("--advertise", "chat.example.com:443",
-                 "--advertise", "tcp:[2001:db8::1]:7000")
+    extraArgs = ("--advertise", "chat.example.com:443", "--advertise", "tcp:[2001:db8::1]:7000")
 
     @inlineCallbacks
     def test_advertised(self):
@@ -1583,8 +1721,7 @@ class LoggingTests(LiveApiTestCase):
         events = self.capture()
         yield self.ok(b"GET", "/v1/users/alice/presence")
         [event] = [e for e in events if e.get("route") == "/v1/users/{uid}/presence"]
-        self.assertEqual((event["method"], event["status"], event["uid"]),
-                         ("GET", 200, "alice"))
+        self.assertEqual((event["method"], event["status"], event["uid"]), ("GET", 200, "alice"))
         self.assertIn("GET /v1/users/{uid}/presence -> 200", formatEvent(event))
 
     @inlineCallbacks
@@ -1595,14 +1732,20 @@ class LoggingTests(LiveApiTestCase):
         """
         events = self.capture()
         answer = yield self.ok(b"POST", "/v1/tokens", {"uid": "alice"})
-        yield self.fails(b"GET", "/v1/stats", status=401, code="UNAUTHORIZED",
-                         token=b"Bearer wrong-token-value")
-        yield self.fails(b"POST", "/v1/tokens", raw=b" " * (MAX_BODY + 1),
-                         status=413, code="PAYLOAD_TOO_LARGE")
+        yield self.fails(
+            b"GET", "/v1/stats", status=401, code="UNAUTHORIZED", token=b"Bearer wrong-token-value"
+        )
+        yield self.fails(
+            b"POST", "/v1/tokens", raw=b" " * (MAX_BODY + 1), status=413, code="PAYLOAD_TOO_LARGE"
+        )
         self.assertTrue(events)
         text = "\n".join(formatEvent(e) + repr(e) + logs.formatJSONLine(e) for e in events)
-        for secret in [self.adminToken.decode("ascii"), answer["token"],
-                       "wrong-token-value", self.secret.decode("ascii")]:
+        for secret in [
+            self.adminToken.decode("ascii"),
+            answer["token"],
+            "wrong-token-value",
+            self.secret.decode("ascii"),
+        ]:
             self.assertNotIn(secret, text)
 
 
@@ -1621,8 +1764,14 @@ class JSONLogTests(SynchronousTestCase):
         self.patch(sys, "stdout", out)
         observer = logs.jsonLogger()
         log = Logger(namespace="imserver.test", observer=observer)
-        log.info("API {method} {route} -> {status}", method="GET", route="/x",
-                 status=200, uid="\u00e9l\u00e8ve", peer=object())
+        log.info(
+            "API {method} {route} -> {status}",
+            method="GET",
+            route="/x",
+            status=200,
+            uid="\u00e9l\u00e8ve",
+            peer=object(),
+        )
         log.warn("second")
         lines = out.getvalue().splitlines(True)
         self.assertEqual(len(lines), 2)
@@ -1631,8 +1780,9 @@ class JSONLogTests(SynchronousTestCase):
         self.assertEqual(record["level"], "info")
         self.assertEqual(record["namespace"], "imserver.test")
         self.assertEqual(record["message"], "API GET /x -> 200")
-        self.assertEqual((record["method"], record["status"], record["uid"]),
-                         ("GET", 200, "\u00e9l\u00e8ve"))
+        self.assertEqual(
+            (record["method"], record["status"], record["uid"]), ("GET", 200, "\u00e9l\u00e8ve")
+        )
         self.assertTrue(record["peer"].startswith("<object object"))
         self.assertRegex(record["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
         self.assertEqual(json.loads(lines[1])["level"], "warn")
@@ -1647,15 +1797,23 @@ class JSONLogTests(SynchronousTestCase):
         try:
             1 / 0
         except ZeroDivisionError:
-            log.failure("it broke", Failure(), message="mine", time=3, namespace="n",
-                        ratio=float("nan"))
+            log.failure(
+                "it broke", Failure(), message="mine", time=3, namespace="n", ratio=float("nan")
+            )
         record = json.loads(out.getvalue())
         self.assertEqual(record["message"], "it broke")
         self.assertEqual(record["level"], "critical")
         self.assertIn("ZeroDivisionError", record["traceback"])
         self.assertIn("division", record["error"])
-        self.assertEqual((record["field_message"], record["field_time"],
-                          record["field_namespace"], record["ratio"]), ("mine", 3, "n", "nan"))
+        self.assertEqual(
+            (
+                record["field_message"],
+                record["field_time"],
+                record["field_namespace"],
+                record["ratio"],
+            ),
+            ("mine", 3, "n", "nan"),
+        )
 
 
 class TwistdJSONLogTests(TestCase):
@@ -1675,10 +1833,24 @@ class TwistdJSONLogTests(TestCase):
         dataDir = FilePath(self.mktemp())
         dataDir.makedirs()
         process = TwistdProcess()
-        argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=", "--logger", "imserver.logs.jsonLogger", "im",
-                "--data-dir", dataDir.path, "--listen", LOOPBACK, "--api", LOOPBACK,
-                "--store", "memory"]
+        argv = [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            "--logger",
+            "imserver.logs.jsonLogger",
+            "im",
+            "--data-dir",
+            dataDir.path,
+            "--listen",
+            LOOPBACK,
+            "--api",
+            LOOPBACK,
+            "--store",
+            "memory",
+        ]
         process.transport = reactor.spawnProcess(
             process, argv[0], argv, env=serverEnvironment(), path=dataDir.parent().path
         )
@@ -1703,8 +1875,7 @@ class TwistdJSONLogTests(TestCase):
         self.assertTrue(lines)
         records = [json.loads(line) for line in lines]
         messages = [r["message"] for r in records]
-        self.assertTrue(any(m.startswith("API GET /health -> 200") for m in messages),
-                        messages)
+        self.assertTrue(any(m.startswith("API GET /health -> 200") for m in messages), messages)
         self.assertNotIn("Traceback", process.text())
 
 
@@ -1727,9 +1898,7 @@ class OptionsTests(SynchronousTestCase):
         Parse C{argv} (with the data directory and a memory store).
         """
         options = tap.Options()
-        options.parseOptions(
-            ["--data-dir", self.dataDir.path, "--store", "memory"] + list(argv)
-        )
+        options.parseOptions(["--data-dir", self.dataDir.path, "--store", "memory"] + list(argv))
         return options
 
     def makeService(self, *argv):
@@ -1760,18 +1929,19 @@ class OptionsTests(SynchronousTestCase):
         names = [service.name for service in root]
         self.assertEqual(names, ["retention", "gate", "api"])
         gate = root.getServiceNamed("gate")
-        self.assertEqual([service.name for service in gate],
-                         ["listen tcp:7000:interface=127.0.0.1", "advertise"])
+        self.assertEqual(
+            [service.name for service in gate], ["listen tcp:7000:interface=127.0.0.1", "advertise"]
+        )
         self.assertIsInstance(gate.getServiceNamed("advertise"), AdvertiseService)
         service = root.getServiceNamed("api")
         self.assertIsInstance(service, ApiService)
         self.assertIsInstance(service.site, api.ApiSite)
         self.assertEqual(service.site.maxBody, 1024 * 1024)
-        self.assertIs(service.site.resource.router.api.factory,
-                      root.getServiceNamed("gate").factory)
+        self.assertIs(
+            service.site.resource.router.api.factory, root.getServiceNamed("gate").factory
+        )
         root.startService()
-        ports = [(port, interface) for port, factory, backlog, interface
-                 in self.reactor.tcpServers]
+        ports = [(port, interface) for port, factory, backlog, interface in self.reactor.tcpServers]
         self.assertEqual(ports, [(7000, "127.0.0.1"), (7480, "127.0.0.1")])
         self.assertIs(self.reactor.tcpServers[1][1], service.factory)
         self.assertIs(service.factory.wrappedFactory, service.site)
@@ -1840,15 +2010,26 @@ class OptionsTests(SynchronousTestCase):
         """
         C{--advertise} takes C{[tls:|ssl:|tcp:]HOST:PORT}, IPv6 in brackets.
         """
-        self.assertEqual(tap.parseAdvertise("chat.example.com:443"),
-                         ("chat.example.com", 443, True))
+        self.assertEqual(
+            tap.parseAdvertise("chat.example.com:443"), ("chat.example.com", 443, True)
+        )
         self.assertEqual(tap.parseAdvertise("tls:10.0.0.1:7443"), ("10.0.0.1", 7443, True))
         self.assertEqual(tap.parseAdvertise("ssl:h:1"), ("h", 1, True))
         self.assertEqual(tap.parseAdvertise("tcp:h:7000"), ("h", 7000, False))
         self.assertEqual(tap.parseAdvertise("[::1]:7443"), ("::1", 7443, True))
         self.assertEqual(tap.parseAdvertise("tcp:[::1]:7000"), ("::1", 7000, False))
-        for bad in ["host", "host:", ":443", "host:0", "host:65536", "host:x",
-                    "::1:7443", "[::1]7443", "[::1", "tcp:7000"]:
+        for bad in [
+            "host",
+            "host:",
+            ":443",
+            "host:0",
+            "host:65536",
+            "host:x",
+            "::1:7443",
+            "[::1]7443",
+            "[::1",
+            "tcp:7000",
+        ]:
             self.assertRaises(ValueError, tap.parseAdvertise, bad)
         self.assertRaises(UsageError, self.options, "--advertise", "nope")
         options = self.options("--advertise", "a:1", "--advertise", "tcp:b:2")
@@ -1870,8 +2051,10 @@ class AdvertiseTests(SynchronousTestCase):
         self.successResultOf(directory.advertise("g1", [("a", 1, True)]))
         self.successResultOf(directory.advertise("g2", [("b", 2, False)]))
         self.successResultOf(directory.advertise("g1", [("c", 3, True)]))
-        self.assertEqual(self.successResultOf(directory.gates()),
-                         {"g1": [("c", 3, True)], "g2": [("b", 2, False)]})
+        self.assertEqual(
+            self.successResultOf(directory.gates()),
+            {"g1": [("c", 3, True)], "g2": [("b", 2, False)]},
+        )
         self.successResultOf(directory.withdraw("g1"))
         self.successResultOf(directory.withdraw("g1"))
         self.assertEqual(self.successResultOf(directory.gates()), {"g2": [("b", 2, False)]})
@@ -1885,15 +2068,28 @@ class AdvertiseTests(SynchronousTestCase):
 
         self.assertEqual(
             advertisedAddresses(
-                ["ssl:7443", "tcp:7000:interface=127.0.0.1", "tcp6:7001", "unix:/s",
-                 "ssl:7444:interface=\\:\\:"],
-                [IPv4Address("TCP", "0.0.0.0", 7443), IPv4Address("TCP", "127.0.0.1", 7000),
-                 IPv6Address("TCP", "::1", 7001), UNIXAddress(b"/s"),
-                 IPv6Address("TCP", "::", 7444)],
+                [
+                    "ssl:7443",
+                    "tcp:7000:interface=127.0.0.1",
+                    "tcp6:7001",
+                    "unix:/s",
+                    "ssl:7444:interface=\\:\\:",
+                ],
+                [
+                    IPv4Address("TCP", "0.0.0.0", 7443),
+                    IPv4Address("TCP", "127.0.0.1", 7000),
+                    IPv6Address("TCP", "::1", 7001),
+                    UNIXAddress(b"/s"),
+                    IPv6Address("TCP", "::", 7444),
+                ],
                 "gatehost",
             ),
-            [("gatehost", 7443, True), ("127.0.0.1", 7000, False), ("::1", 7001, False),
-             ("gatehost", 7444, True)],
+            [
+                ("gatehost", 7443, True),
+                ("127.0.0.1", 7000, False),
+                ("::1", 7001, False),
+                ("gatehost", 7444, True),
+            ],
         )
 
     def test_service(self):
@@ -1918,4 +2114,3 @@ class AdvertiseTests(SynchronousTestCase):
         self.assertEqual(service.addresses, [("h", 7443, True)])
         self.successResultOf(service.stopService())
         self.assertEqual(self.successResultOf(directory.gates()), {})
-

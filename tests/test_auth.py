@@ -69,15 +69,29 @@ class TokenTests(SynchronousTestCase):
         Changing the expiry or the signature invalidates the token.
         """
         version, expiry, sig = mintToken(SECRET, "alice", 60, NOW).split(".")
-        self.assertFalse(verifyToken(SECRET, "alice", ".".join([version, str(int(expiry) + 1000), sig]), NOW))
-        self.assertFalse(verifyToken(SECRET, "alice", ".".join([version, expiry, sig[:-1] + "A"]), NOW))
+        self.assertFalse(
+            verifyToken(SECRET, "alice", ".".join([version, str(int(expiry) + 1000), sig]), NOW)
+        )
+        self.assertFalse(
+            verifyToken(SECRET, "alice", ".".join([version, expiry, sig[:-1] + "A"]), NOW)
+        )
 
     def test_malformed(self):
         """
         Malformed tokens are refused without raising.
         """
-        for token in ["", "v1", "v1..", "v2.1.x", "v1.-5.x", "v1.1e9.x", "v1.١٢٣.x",
-                      "v1.1.x.y", "v1.1." + "x" * 300, "v1.1.\u00e9"]:
+        for token in [
+            "",
+            "v1",
+            "v1..",
+            "v2.1.x",
+            "v1.-5.x",
+            "v1.1e9.x",
+            "v1.١٢٣.x",
+            "v1.1.x.y",
+            "v1.1." + "x" * 300,
+            "v1.1.\u00e9",
+        ]:
             self.assertFalse(verifyToken(SECRET, "alice", token, NOW), token)
 
     def test_ttl(self):
@@ -117,7 +131,9 @@ class AuthenticatorTests(SynchronousTestCase):
         A valid token fires with the uid.
         """
         token = mintToken(SECRET, "alice", 60, NOW)
-        self.assertEqual(self.successResultOf(self.authenticator.authenticate("alice", token)), "alice")
+        self.assertEqual(
+            self.successResultOf(self.authenticator.authenticate("alice", token)), "alice"
+        )
 
     def test_refusesUsingClock(self):
         """
@@ -172,9 +188,7 @@ class SecretTests(SynchronousTestCase):
         """
         C{$IMSERVER_SECRET} wins over the data dir.
         """
-        self.assertEqual(
-            loadSecret(self.dataDir, environ={"IMSERVER_SECRET": "e" * 20}), b"e" * 20
-        )
+        self.assertEqual(loadSecret(self.dataDir, environ={"IMSERVER_SECRET": "e" * 20}), b"e" * 20)
 
     def test_tooShort(self):
         """
@@ -189,5 +203,6 @@ class SecretTests(SynchronousTestCase):
         A secret file that cannot be read is a L{ValueError} naming it.
         """
         error = self.assertRaises(
-            ValueError, loadSecret, self.dataDir, FilePath(self.mktemp()), environ={})
+            ValueError, loadSecret, self.dataDir, FilePath(self.mktemp()), environ={}
+        )
         self.assertIn("cannot read the secret file", str(error))

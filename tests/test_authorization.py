@@ -77,8 +77,9 @@ class SenderTests(SynchronousTestCase):
         [response] = responses(written(self.aliceT))
         self.assertFalse(response.HasField("error"), response.error)
         [entry] = pushes(written(self.bobT))
-        self.assertEqual((entry.message.sender, entry.message.client_msg_id),
-                         ("alice", clientMsgId))
+        self.assertEqual(
+            (entry.message.sender, entry.message.client_msg_id), ("alice", clientMsgId)
+        )
         [stored] = self.successResultOf(self.gate.store.fetch("bob", entry.seq - 1, 1))
         self.assertEqual(stored.message.sender, "alice")
         return entry
@@ -89,8 +90,12 @@ class SenderTests(SynchronousTestCase):
         C{Message} keeps its sender, and others), change nothing.
         """
         request = pb.SendRequest(to="bob", client_msg_id="m1", body=b"hi")
-        self.sendRaw(request.SerializeToString() + _field(6, b"mallory")
-                     + _field(7, b"mallory") + _field(15, b"sender=mallory"))
+        self.sendRaw(
+            request.SerializeToString()
+            + _field(6, b"mallory")
+            + _field(7, b"mallory")
+            + _field(15, b"sender=mallory")
+        )
         self.assertSentByAlice("m1")
 
     def test_messageInBody(self):
@@ -99,8 +104,7 @@ class SenderTests(SynchronousTestCase):
         stored and delivered as an opaque body from alice.
         """
         forged = pb.Message(id=1, sender="mallory", recipient="bob", body=b"trust me")
-        request = pb.SendRequest(to="bob", client_msg_id="m2",
-                                 body=forged.SerializeToString())
+        request = pb.SendRequest(to="bob", client_msg_id="m2", body=forged.SerializeToString())
         self.sendRaw(request.SerializeToString())
         entry = self.assertSentByAlice("m2")
         self.assertEqual(entry.message.body, forged.SerializeToString())
@@ -120,8 +124,9 @@ class SenderTests(SynchronousTestCase):
         (nor authenticate as it).
         """
         protocol, transport = self.gate.connect()
-        self.gate.request(protocol, "auth", pb.AuthRequest(
-            uid="", device_id="d", token=self.gate.token("alice")))
+        self.gate.request(
+            protocol, "auth", pb.AuthRequest(uid="", device_id="d", token=self.gate.token("alice"))
+        )
         [frame] = written(transport)
         self.assertEqual(frame.error.code, pb.BAD_REQUEST)
         self.test_unknownFieldsNamingASender()
@@ -152,12 +157,17 @@ class GroupTests(SynchronousTestCase):
         self.carol, self.carolT, _, _ = self.gate.login("carol")
 
     def heads(self):
-        return [self.successResultOf(self.gate.store.head(uid))
-                for uid in ("alice", "bob", "carol")]
+        return [
+            self.successResultOf(self.gate.store.head(uid)) for uid in ("alice", "bob", "carol")
+        ]
 
     def sendToGroup(self, groupId, clientMsgId="g1"):
-        self.gate.request(self.alice, "send", pb.SendRequest(
-            group_id=groupId, client_msg_id=clientMsgId, body=b"let me in"), seq=9)
+        self.gate.request(
+            self.alice,
+            "send",
+            pb.SendRequest(group_id=groupId, client_msg_id=clientMsgId, body=b"let me in"),
+            seq=9,
+        )
         [response] = responses(written(self.aliceT))
         return response
 
@@ -173,8 +183,9 @@ class GroupTests(SynchronousTestCase):
         self.assertEqual(written(self.bobT) + written(self.carolT), [])
         self.assertFalse(self.aliceT.disconnecting)
         now = int(self.gate.clock.seconds() * 1000)
-        self.successResultOf(self.gate.factory.groups.setMembers(
-            "team", [("alice", pb.ROLE_MEMBER)], now))
+        self.successResultOf(
+            self.gate.factory.groups.setMembers("team", [("alice", pb.ROLE_MEMBER)], now)
+        )
         response = self.sendToGroup("team")
         self.assertFalse(pb.SendResponse.FromString(response.body).duplicate)
         self.assertEqual(self.heads(), [1, 1, 1])
@@ -203,8 +214,10 @@ class GroupTests(SynchronousTestCase):
         """
         A non-member can neither list the members nor leave.
         """
-        for method, request in [("members", pb.MembersRequest(group_id="team")),
-                                ("leave", pb.LeaveRequest(group_id="team"))]:
+        for method, request in [
+            ("members", pb.MembersRequest(group_id="team")),
+            ("leave", pb.LeaveRequest(group_id="team")),
+        ]:
             self.gate.request(self.alice, method, request, seq=4)
             [response] = responses(written(self.aliceT))
             self.assertEqual(response.error.code, pb.NOT_MEMBER, method)
@@ -237,16 +250,16 @@ class TokenTests(SynchronousTestCase):
 
     def auth(self, token, uid="alice"):
         protocol, transport = self.gate.connect()
-        self.gate.request(protocol, "auth", pb.AuthRequest(
-            uid=uid, device_id="phone", token=token))
+        self.gate.request(protocol, "auth", pb.AuthRequest(uid=uid, device_id="phone", token=token))
         [frame] = written(transport)
         return protocol, transport, frame
 
     def assertRefused(self, token, uid="alice"):
         protocol, transport, frame = self.auth(token, uid)
         self.assertEqual((frame.kind, frame.seq), (pb.RESPONSE, 1))
-        self.assertEqual((frame.error.code, frame.error.message),
-                         (pb.AUTH_FAILED, "authentication failed"))
+        self.assertEqual(
+            (frame.error.code, frame.error.message), (pb.AUTH_FAILED, "authentication failed")
+        )
         self.assertTrue(transport.disconnecting)
         self.assertIsNone(protocol.session.uid)
         sessions = self.successResultOf(self.gate.registry.sessionsFor(uid))
@@ -341,12 +354,18 @@ class LiveGateTestCase(TestCase):
         withoutSecretEnvironment(self)
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
-        options.parseOptions([
-            "--data-dir", self.dataDir.path,
-            "--listen", "tcp:0:interface=127.0.0.1",
-            "--listen", "ssl:0:interface=127.0.0.1",
-            "--api", "tcp:0:interface=127.0.0.1",
-        ])
+        options.parseOptions(
+            [
+                "--data-dir",
+                self.dataDir.path,
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--listen",
+                "ssl:0:interface=127.0.0.1",
+                "--api",
+                "tcp:0:interface=127.0.0.1",
+            ]
+        )
         self.root = startServer(self, options)
         self.gate = self.root.getServiceNamed("gate")
         self.factory = self.gate.factory
@@ -367,15 +386,20 @@ class LiveGateTestCase(TestCase):
 
         @return: a L{Deferred} firing with C{(status, parsed body)}.
         """
-        headers = Headers(dict([(b"Authorization", [b"Bearer " + (token or self.adminToken)])]
-                               + [(name, [value]) for name, value in headers]))
+        headers = Headers(
+            dict(
+                [(b"Authorization", [b"Bearer " + (token or self.adminToken)])]
+                + [(name, [value]) for name, value in headers]
+            )
+        )
         producer = None
         if body is not None:
             headers.addRawHeader(b"Content-Type", b"application/json")
             producer = FileBodyProducer(BytesIO(json.dumps(body).encode("utf-8")))
         url = "http://127.0.0.1:{}{}".format(self.apiPort, path).encode("ascii")
         response = yield Agent(reactor, pool=self.pool).request(
-            method.encode("ascii"), url, headers, producer)
+            method.encode("ascii"), url, headers, producer
+        )
         data = yield readBody(response)
         return response.code, json.loads(data)
 
@@ -397,9 +421,16 @@ class LiveGateTestCase(TestCase):
         """
         Connect and authenticate a real client; closed at cleanup.
         """
-        d = connect(reactor, "localhost", self.sslPort if tls else self.tcpPort, uid=uid,
-                    token=token or self.token(uid), deviceId="phone", caFile=self.caFile,
-                    tls=tls)
+        d = connect(
+            reactor,
+            "localhost",
+            self.sslPort if tls else self.tcpPort,
+            uid=uid,
+            token=token or self.token(uid),
+            deviceId="phone",
+            caFile=self.caFile,
+            tls=tls,
+        )
 
         def connected(client):
             self.addCleanup(client.close)
@@ -427,9 +458,12 @@ class ListenerSeparationTests(LiveGateTestCase):
         answer, and changes nothing: the group it asked for does not exist.
         """
         body = json.dumps({"group_id": "sneaky", "name": "x", "owner": "mallory"}).encode()
-        request = (b"POST /v1/groups HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
-                   + self.adminToken + b"\r\nContent-Type: application/json\r\n"
-                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        request = (
+            b"POST /v1/groups HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
+            + self.adminToken
+            + b"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
         for port, tls in [(self.tcpPort, False), (self.sslPort, True)]:
             client = yield self.raw(port, tls)
             client.transport.write(request)
@@ -449,8 +483,11 @@ class ListenerSeparationTests(LiveGateTestCase):
         """
         client = yield self.raw(self.apiPort)
         auth = pb.AuthRequest(uid="alice", device_id="phone", token=self.token("alice"))
-        client.transport.write(encodeFrame(pb.Frame(
-            kind=pb.REQUEST, seq=1, method="auth", body=auth.SerializeToString())))
+        client.transport.write(
+            encodeFrame(
+                pb.Frame(kind=pb.REQUEST, seq=1, method="auth", body=auth.SerializeToString())
+            )
+        )
         client.transport.write(b"\r\n\r\n")
         data = yield client.closed
         self.assertTrue(data.startswith(b"HTTP/1.1 400"), data[:80])
@@ -508,8 +545,12 @@ class LogSecrecyTests(LiveGateTestCase):
                 error = yield self.assertFailure(d, RemoteError)
                 self.assertEqual(error.code, pb.AUTH_FAILED)
 
-        status, _ = yield self.api("POST", "/v1/messages", {"to": "alice", "text": "sys"},
-                                   headers=[(b"Idempotency-Key", b"k1")])
+        status, _ = yield self.api(
+            "POST",
+            "/v1/messages",
+            {"to": "alice", "text": "sys"},
+            headers=[(b"Idempotency-Key", b"k1")],
+        )
         self.assertEqual(status, 200)
         status, _ = yield self.api("GET", "/v1/stats", token=secrets[2])
         self.assertEqual(status, 401)

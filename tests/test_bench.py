@@ -51,7 +51,6 @@ from imserver.bench.stats import (
 from imserver.bench.storm import Storm
 from imserver.bench.worker import Worker
 from imserver.framing import lengthPrefixed
-from imserver.wire import EncodedMessage
 from imserver.pb import im_pb2 as pb
 from imserver.spawn import (
     NotListening,
@@ -61,6 +60,8 @@ from imserver.spawn import (
     tasksetPrefix,
     twistdArgv,
 )
+from imserver.wire import EncodedMessage
+
 from tests.support import requireExecutable
 
 #: Every smoke run: unpinned, so the tests run on any machine.
@@ -88,8 +89,7 @@ class StatsTests(SynchronousTestCase):
         """
         summary = latencySummary(list(range(1000, 1001000, 1000)))
         self.assertEqual(summary, {"p50": 500.0, "p99": 990.0, "p999": 999.0, "max": 1000.0})
-        self.assertEqual(latencySummary([]),
-                         {"p50": None, "p99": None, "p999": None, "max": None})
+        self.assertEqual(latencySummary([]), {"p50": None, "p99": None, "p999": None, "max": None})
 
     def test_evenBlocks(self):
         """
@@ -119,8 +119,7 @@ class StatsTests(SynchronousTestCase):
         Counters of several workers add up by name; their sorted latencies
         merge into one sorted list.
         """
-        self.assertEqual(sumCounts([{"a": 1, "b": 2}, {"a": 3, "c": 1}]),
-                         {"a": 4, "b": 2, "c": 1})
+        self.assertEqual(sumCounts([{"a": 1, "b": 2}, {"a": 3, "c": 1}]), {"a": 4, "b": 2, "c": 1})
         self.assertEqual(sumCounts([]), {})
         self.assertEqual(mergeSorted([[1, 5, 9], [], [2, 5, 10]]), [1, 2, 5, 5, 9, 10])
 
@@ -128,8 +127,10 @@ class StatsTests(SynchronousTestCase):
         """
         Rates are the counters' gains over the time between two samples.
         """
-        self.assertEqual(ratesBetween((10.0, {"a": 100, "b": 5}), (10.5, {"a": 300, "b": 5})),
-                         {"a": 400.0, "b": 0.0})
+        self.assertEqual(
+            ratesBetween((10.0, {"a": 100, "b": 5}), (10.5, {"a": 300, "b": 5})),
+            {"a": 400.0, "b": 0.0},
+        )
         self.assertEqual(ratesBetween((1.0, {"a": 1}), (1.0, {"a": 2})), {"a": 0.0})
 
     def test_ratiosTo(self):
@@ -137,10 +138,15 @@ class StatsTests(SynchronousTestCase):
         Each mapped figure is divided by the reference's; missing or zero
         figures are left out.
         """
-        ratios = ratiosTo({"requests_per_s": 30000.0, "connect_per_s": 900.0, "x": 1},
-                          {"requests_per_s": 60000.0, "connect_per_s": 0},
-                          {"requests_per_s": "requests_per_s", "connect_per_s": "connect_per_s",
-                           "missing": "requests_per_s"})
+        ratios = ratiosTo(
+            {"requests_per_s": 30000.0, "connect_per_s": 900.0, "x": 1},
+            {"requests_per_s": 60000.0, "connect_per_s": 0},
+            {
+                "requests_per_s": "requests_per_s",
+                "connect_per_s": "connect_per_s",
+                "missing": "requests_per_s",
+            },
+        )
         self.assertEqual(ratios, {"requests_per_s": 0.5})
 
     def test_formatProgress(self):
@@ -148,11 +154,18 @@ class StatsTests(SynchronousTestCase):
         One line: scenario, elapsed seconds, phase, then every counter, with
         its rate for the rate counters.
         """
-        line = formatProgress("ping", "measuring", 12.4, {"connected": 1000, "requests": 123456,
-                                                          "errors": 0},
-                              {"connected": 0.0, "requests": 35210.4}, ("requests",))
-        self.assertEqual(line, "im-bench ping   12s measuring: connected 1,000  "
-                               "requests 123,456 (35,210/s)  errors 0")
+        line = formatProgress(
+            "ping",
+            "measuring",
+            12.4,
+            {"connected": 1000, "requests": 123456, "errors": 0},
+            {"connected": 0.0, "requests": 35210.4},
+            ("requests",),
+        )
+        self.assertEqual(
+            line,
+            "im-bench ping   12s measuring: connected 1,000  requests 123,456 (35,210/s)  errors 0",
+        )
         self.assertNotIn("\n", line)
 
     def test_cdfPoints(self):
@@ -190,8 +203,15 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(loopback("127.0.0.1"), "127.0.0.1")
         self.assertEqual(loopback("127.9.8.7"), "127.9.8.7")
         self.assertEqual(loopback("0:0:0:0:0:0:0:1"), "::1")
-        for address in ["10.0.0.1", "192.168.1.5", "0.0.0.0", "::", "2001:db8::1",
-                        "localhost", "example.com"]:
+        for address in [
+            "10.0.0.1",
+            "192.168.1.5",
+            "0.0.0.0",
+            "::",
+            "2001:db8::1",
+            "localhost",
+            "example.com",
+        ]:
             self.assertRaises(UsageError, loopback, address)
 
     def test_refusesNonLoopbackHost(self):
@@ -226,8 +246,9 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("RLIMIT_NOFILE", str(error))
         self.assertEqual(self.parse(Ping, "--users", "19000")["workers"], 2)
         self.patch(bench_options, "fileLimit", lambda: 100000)
-        error = self.assertRaises(UsageError, self.parse, Ping, "--users", "30000",
-                                  "--sources", "1")
+        error = self.assertRaises(
+            UsageError, self.parse, Ping, "--users", "30000", "--sources", "1"
+        )
         self.assertIn("--sources", str(error))
         self.assertEqual(self.parse(Ping, "--users", "30000")["sources"], 3)
 
@@ -240,11 +261,11 @@ class OptionsTests(SynchronousTestCase):
         self.patch(bench_options, "redisServer", lambda: "/usr/bin/redis-server")
         options = self.parse(Hold, "--users", "100000", "--gates", "6")
         self.assertEqual((options["gates"], options["workers"], options["sources"]), (6, 7, 10))
-        error = self.assertRaises(UsageError, self.parse, Hold, "--users", "100000",
-                                  "--gates", "5")
+        error = self.assertRaises(UsageError, self.parse, Hold, "--users", "100000", "--gates", "5")
         self.assertIn("--gates", str(error))
-        error = self.assertRaises(UsageError, self.parse, Hold, "--users", "38000",
-                                  "--gates", "2", "--workers", "1")
+        error = self.assertRaises(
+            UsageError, self.parse, Hold, "--users", "38000", "--gates", "2", "--workers", "1"
+        )
         self.assertIn("--workers", str(error))
         self.assertRaises(UsageError, self.parse, Hold, "--gates", "0")
         self.assertEqual(self.parse(Hold)["gates"], 1)
@@ -287,8 +308,10 @@ class OptionsTests(SynchronousTestCase):
         self.assertRaises(UsageError, self.parse, Fanout, "--inflight", "0")
         arguments = Fanout(self.parse(Fanout, "--members", "3000")).gateArguments()
         self.assertEqual(arguments[arguments.index("--max-group-size") + 1], "3000")
-        self.assertGreater(int(arguments[arguments.index("--max-unacked") + 1]),
-                           2 * self.parse(Fanout)["ack-every"])
+        self.assertGreater(
+            int(arguments[arguments.index("--max-unacked") + 1]),
+            2 * self.parse(Fanout)["ack-every"],
+        )
 
     def test_referenceFlags(self):
         """
@@ -324,16 +347,20 @@ class ControlTests(SynchronousTestCase):
         worker.transport = StringTransport()
         first = worker.call("connect")
         second = worker.call("report", x=1)
-        self.assertEqual([json.loads(line) for line in worker.transport.value().splitlines()],
-                         [{"id": 1, "cmd": "connect", "args": {}},
-                          {"id": 2, "cmd": "report", "args": {"x": 1}}])
-        worker.outReceived(b'{"event": "progress", "load": "ping", "t": 1.0, '
-                           b'"counts": {"requests": 5}}\n{"id": 1, "res')
+        self.assertEqual(
+            [json.loads(line) for line in worker.transport.value().splitlines()],
+            [{"id": 1, "cmd": "connect", "args": {}}, {"id": 2, "cmd": "report", "args": {"x": 1}}],
+        )
+        worker.outReceived(
+            b'{"event": "progress", "load": "ping", "t": 1.0, '
+            b'"counts": {"requests": 5}}\n{"id": 1, "res'
+        )
         worker.outReceived(b'ult": {"connected": 2}}\n')
         self.assertEqual(self.successResultOf(first), {"connected": 2})
         self.assertEqual(worker.progress, ("ping", 1.0, {"requests": 5}))
-        worker.outReceived(b'{"event": "progress", "load": "ping", "t": 1.5, '
-                           b'"counts": {"requests": 9}}\n')
+        worker.outReceived(
+            b'{"event": "progress", "load": "ping", "t": 1.5, "counts": {"requests": 9}}\n'
+        )
         self.assertEqual(worker.previous, ("ping", 1.0, {"requests": 5}))
         third = worker.call("stop")
         worker.outReceived(b'{"id": 3, "error": "no load"}\n')
@@ -368,19 +395,23 @@ class ControlTests(SynchronousTestCase):
         control = worker.control = ControlProtocol(worker)
         transport = StringTransport()
         control.makeConnection(transport)
-        for command in [{"id": 1, "cmd": "connect", "args": {}},
-                        {"id": 2, "cmd": "load", "args": {"name": "fake", "first": 0}},
-                        {"id": 3, "cmd": "connect", "args": {}},
-                        {"id": 4, "cmd": "load", "args": {"name": "nope"}}]:
+        for command in [
+            {"id": 1, "cmd": "connect", "args": {}},
+            {"id": 2, "cmd": "load", "args": {"name": "fake", "first": 0}},
+            {"id": 3, "cmd": "connect", "args": {}},
+            {"id": 4, "cmd": "load", "args": {"name": "nope"}},
+        ]:
             control.dataReceived(json.dumps(command).encode() + b"\n")
         clock.advance(0.5)
         answers = [json.loads(line) for line in transport.value().splitlines()]
         self.assertEqual(answers[0], {"id": 1, "error": "unknown command 'connect'"})
-        self.assertEqual(answers[1:3], [{"id": 2, "result": None},
-                                        {"id": 3, "result": {"connected": 3}}])
+        self.assertEqual(
+            answers[1:3], [{"id": 2, "result": None}, {"id": 3, "result": {"connected": 3}}]
+        )
         self.assertIn("nope", answers[3]["error"])
-        self.assertEqual(answers[4], {"event": "progress", "load": "fake", "t": 0.5,
-                                      "counts": {"connected": 3}})
+        self.assertEqual(
+            answers[4], {"event": "progress", "load": "fake", "t": 0.5, "counts": {"connected": 3}}
+        )
         worker.shutdown()
         self.successResultOf(worker.done)
 
@@ -418,8 +449,8 @@ def _acks(data):
     seqs = []
     while data:
         size = struct.unpack("!I", data[:4])[0]
-        frame = pb.Frame.FromString(data[4:4 + size])
-        data = data[4 + size:]
+        frame = pb.Frame.FromString(data[4 : 4 + size])
+        data = data[4 + size :]
         if frame.method == "ack":
             seqs.append(pb.Ack.FromString(frame.body).seq)
     return seqs
@@ -433,13 +464,27 @@ class MemberClientTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.err = io.StringIO()
-        self.load = FanoutLoad(self.clock, {
-            "target": {"host": "127.0.0.1", "port": 1, "tls": False, "ca": None},
-            "sources": ["127.0.0.2"], "first": 0, "count": 4, "secret": "00" * 32,
-            "connectWindow": 1, "timeout": 5,
-            "config": {"group": GROUP, "inflight": 1, "rate": 0, "body": 20, "ackEvery": 4,
-                       "sampleEvery": 3},
-        }, err=self.err)
+        self.load = FanoutLoad(
+            self.clock,
+            {
+                "target": {"host": "127.0.0.1", "port": 1, "tls": False, "ca": None},
+                "sources": ["127.0.0.2"],
+                "first": 0,
+                "count": 4,
+                "secret": "00" * 32,
+                "connectWindow": 1,
+                "timeout": 5,
+                "config": {
+                    "group": GROUP,
+                    "inflight": 1,
+                    "rate": 0,
+                    "body": 20,
+                    "ackEvery": 4,
+                    "sampleEvery": 3,
+                },
+            },
+            err=self.err,
+        )
         self.client = MemberClient(self.load, 1)
         self.transport = StringTransport()
         self.client.makeConnection(self.transport)
@@ -448,8 +493,13 @@ class MemberClientTests(SynchronousTestCase):
         """
         Answer the client's C{auth}.
         """
-        self.client.dataReceived(_frame(pb.Frame(
-            kind=pb.RESPONSE, seq=1, body=pb.AuthResponse(head_seq=0).SerializeToString())))
+        self.client.dataReceived(
+            _frame(
+                pb.Frame(
+                    kind=pb.RESPONSE, seq=1, body=pb.AuthResponse(head_seq=0).SerializeToString()
+                )
+            )
+        )
         self.assertIs(self.successResultOf(self.client.ready), self.client)
 
     def push(self, seq, outgoing=False):
@@ -457,8 +507,14 @@ class MemberClientTests(SynchronousTestCase):
         The gate's C{message} notify of inbox entry C{seq}.
         """
         body = struct.pack("!d", time.perf_counter()) + b"x" * 12
-        message = pb.Message(id=seq, sender="u0", group_id=GROUP, client_msg_id="m", body=body,
-                             created_ms=1767139200123)
+        message = pb.Message(
+            id=seq,
+            sender="u0",
+            group_id=GROUP,
+            client_msg_id="m",
+            body=body,
+            created_ms=1767139200123,
+        )
         return lengthPrefixed(EncodedMessage(message).frame(seq, outgoing))
 
     def test_auth(self):
@@ -473,8 +529,15 @@ class MemberClientTests(SynchronousTestCase):
         self.assertNoResult(self.client.ready)
         failing = MemberClient(self.load, 2)
         failing.makeConnection(StringTransport())
-        failing.dataReceived(_frame(pb.Frame(kind=pb.RESPONSE, seq=1, error=pb.Error(
-            code=pb.AUTH_FAILED, message="bad token"))))
+        failing.dataReceived(
+            _frame(
+                pb.Frame(
+                    kind=pb.RESPONSE,
+                    seq=1,
+                    error=pb.Error(code=pb.AUTH_FAILED, message="bad token"),
+                )
+            )
+        )
         self.failureResultOf(failing.ready, ValueError)
         self.assertTrue(failing.transport.disconnecting)
 
@@ -491,7 +554,7 @@ class MemberClientTests(SynchronousTestCase):
         self.load.on_start()
         data = b"".join(self.push(seq) for seq in range(1, 126)) + self.push(126, outgoing=True)
         for i in range(0, len(data), 7):
-            self.client.dataReceived(data[i:i + 7])
+            self.client.dataReceived(data[i : i + 7])
         self.assertEqual(self.load.counts["delivered"], 125)
         self.assertEqual(self.client.seq, 126)
         self.assertEqual(_acks(self.transport.value()), list(range(4, 125, 4)))
@@ -516,8 +579,11 @@ class MemberClientTests(SynchronousTestCase):
         """
         self.authenticate()
         entry = pb.InboxEntry(seq=3, message=pb.Message(id=1, body=b"\0" * 8))
-        self.client.dataReceived(_frame(pb.Frame(kind=pb.NOTIFY, seq=9, method="message",
-                                                 body=entry.SerializeToString())))
+        self.client.dataReceived(
+            _frame(
+                pb.Frame(kind=pb.NOTIFY, seq=9, method="message", body=entry.SerializeToString())
+            )
+        )
         self.assertEqual((self.load.counts["delivered"], self.client.seq), (1, 3))
 
     def test_error(self):
@@ -525,8 +591,9 @@ class MemberClientTests(SynchronousTestCase):
         An ERROR frame from the gate is an error, and the client closes.
         """
         self.authenticate()
-        self.client.dataReceived(_frame(pb.Frame(kind=pb.ERROR, error=pb.Error(
-            code=pb.SLOW_CONSUMER, message="slow"))))
+        self.client.dataReceived(
+            _frame(pb.Frame(kind=pb.ERROR, error=pb.Error(code=pb.SLOW_CONSUMER, message="slow")))
+        )
         self.assertEqual(self.load.counts["errors"], 1)
         self.assertIn("SLOW_CONSUMER", self.err.getvalue())
         self.assertTrue(self.transport.disconnecting)
@@ -542,9 +609,11 @@ class SpawnTests(SynchronousTestCase):
         A server child is listening once it logs its address (IPv6 in
         brackets), even split over two reads; other addresses do not count.
         """
-        for host, line in [("127.0.0.1", b"gate listening on 127.0.0.1:7001\n"),
-                           ("127.0.0.5", b"x\nlistening on 127.0.0.5:7002\n"),
-                           ("::1", b"listening on [::1]:7003\n")]:
+        for host, line in [
+            ("127.0.0.1", b"gate listening on 127.0.0.1:7001\n"),
+            ("127.0.0.5", b"x\nlistening on 127.0.0.5:7002\n"),
+            ("::1", b"listening on [::1]:7003\n"),
+        ]:
             process = TwistdProcess(host)
             process.outReceived(b"listening on 127.0.0.10:1\n")
             process.outReceived(line[:-9])
@@ -598,7 +667,7 @@ class SpawnTests(SynchronousTestCase):
         taskset = shutil.which("taskset")
         self.assertEqual(tasksetPrefix(1), [taskset, "-c", "1"] if taskset else [])
         argv = twistdArgv(["--store", "memory"], "0")
-        self.assertEqual(argv[:len(tasksetPrefix("0"))], tasksetPrefix("0"))
+        self.assertEqual(argv[: len(tasksetPrefix("0"))], tasksetPrefix("0"))
         self.assertEqual(argv[-3:], ["im", "--store", "memory"])
         self.assertEqual(twistdArgv([])[0], sys.executable)
 
@@ -617,8 +686,22 @@ class MicroTests(SynchronousTestCase):
 
         config = micro.Options()
         path = self.mktemp()
-        config.parseOptions(["--pings", "200", "--messages", "50", "--members", "20",
-                             "--group-messages", "32", "--repeat", "2", "--json", path])
+        config.parseOptions(
+            [
+                "--pings",
+                "200",
+                "--messages",
+                "50",
+                "--members",
+                "20",
+                "--group-messages",
+                "32",
+                "--repeat",
+                "2",
+                "--json",
+                path,
+            ]
+        )
         out = io.StringIO()
         result = micro.run(config, out)
         for name in ("ping_us", "p2p_message_us", "fanout_delivery_us"):
@@ -684,9 +767,21 @@ class SmokeTests(TestCase):
         Held connections heartbeat, and with the seed profile messages flow;
         the gate's memory per connection is reported.
         """
-        outcome = yield self.run_(Hold, "--users", "6", "--duration", "1", "--warmup", "0.2",
-                                  "--heartbeat", "0.2", "--seed-profile", "--seed-period", "0.3",
-                                  "--no-reference")
+        outcome = yield self.run_(
+            Hold,
+            "--users",
+            "6",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--heartbeat",
+            "0.2",
+            "--seed-profile",
+            "--seed-period",
+            "0.3",
+            "--no-reference",
+        )
         result = outcome.result
         self.assertClean(result, 6)
         self.assertGreater(result["pings_per_s"], 0)
@@ -706,8 +801,18 @@ class SmokeTests(TestCase):
         Redis's figures are reported.
         """
         requireExecutable("redis-server", "redis-server (Debian package redis-server)")
-        outcome = yield self.run_(Hold, "--gates", "2", "--users", "20", "--duration", "0.5",
-                                  "--warmup", "0.1", "--no-reference")
+        outcome = yield self.run_(
+            Hold,
+            "--gates",
+            "2",
+            "--users",
+            "20",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.1",
+            "--no-reference",
+        )
         result = outcome.result
         self.assertClean(result, 20)
         self.assertEqual((result["gates"], result["store"]), (2, "redis"))
@@ -725,8 +830,18 @@ class SmokeTests(TestCase):
         Messages flow between pairs held by two workers; latencies come from
         both.
         """
-        outcome = yield self.run_(P2P, "--users", "8", "--workers", "2", "--duration", "1",
-                                  "--warmup", "0.3", "--no-reference")
+        outcome = yield self.run_(
+            P2P,
+            "--users",
+            "8",
+            "--workers",
+            "2",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.3",
+            "--no-reference",
+        )
         result = outcome.result
         self.assertClean(result, 8)
         self.assertEqual(result["workers"], 2)
@@ -740,8 +855,18 @@ class SmokeTests(TestCase):
         """
         The open loop sends at a fixed rate.
         """
-        outcome = yield self.run_(P2P, "--users", "4", "--rate", "100", "--duration", "1",
-                                  "--warmup", "0.2", "--no-reference")
+        outcome = yield self.run_(
+            P2P,
+            "--users",
+            "4",
+            "--rate",
+            "100",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--no-reference",
+        )
         self.assertClean(outcome.result, 4)
         self.assertGreater(outcome.result["deliveries_per_s"], 0)
         self.assertIn("open loop", outcome.result["mode"])
@@ -753,8 +878,9 @@ class SmokeTests(TestCase):
         gate's certificate: both report round trips, the ratios relate them,
         and the charts are written.
         """
-        outcome = yield self.run_(Ping, "--users", "4", "--transport", "tls", "--duration", "1",
-                                  "--warmup", "0.2")
+        outcome = yield self.run_(
+            Ping, "--users", "4", "--transport", "tls", "--duration", "1", "--warmup", "0.2"
+        )
         result = outcome.result
         self.assertClean(result, 4)
         self.assertGreater(result["requests_per_s"], 0)
@@ -783,9 +909,22 @@ class SmokeTests(TestCase):
         either worker, receives the sender's messages (its own copy is not
         counted) and acks them; latencies come from both workers.
         """
-        outcome = yield self.run_(Fanout, "--members", "7", "--workers", "2", "--duration", "1",
-                                  "--warmup", "0.3", "--inflight", "2", "--sample-every", "1",
-                                  "--no-reference")
+        outcome = yield self.run_(
+            Fanout,
+            "--members",
+            "7",
+            "--workers",
+            "2",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.3",
+            "--inflight",
+            "2",
+            "--sample-every",
+            "1",
+            "--no-reference",
+        )
         result = outcome.result
         self.assertClean(result, 7)
         self.assertGreater(result["deliveries_per_s"], 0)
@@ -800,8 +939,20 @@ class SmokeTests(TestCase):
         """
         The open loop sends at a fixed rate, here on the memory store.
         """
-        outcome = yield self.run_(Fanout, "--members", "4", "--rate", "50", "--store", "memory",
-                                  "--duration", "1", "--warmup", "0.2", "--no-reference")
+        outcome = yield self.run_(
+            Fanout,
+            "--members",
+            "4",
+            "--rate",
+            "50",
+            "--store",
+            "memory",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--no-reference",
+        )
         self.assertClean(outcome.result, 4)
         self.assertGreater(outcome.result["deliveries_per_s"], 0)
         self.assertIn("open loop", outcome.result["mode"])
@@ -812,8 +963,18 @@ class SmokeTests(TestCase):
         Dropped sessions all come back, re-authenticate with their last seq
         and receive the messages queued meanwhile.
         """
-        outcome = yield self.run_(Storm, "--users", "8", "--drop", "4", "--backlog", "3",
-                                  "--jitter", "0.05", "--no-reference")
+        outcome = yield self.run_(
+            Storm,
+            "--users",
+            "8",
+            "--drop",
+            "4",
+            "--backlog",
+            "3",
+            "--jitter",
+            "0.05",
+            "--no-reference",
+        )
         result = outcome.result
         self.assertClean(result, 8)
         self.assertEqual((result["dropped"], result["recovered"]), (4, 4))
@@ -829,16 +990,34 @@ class SmokeTests(TestCase):
         path = FilePath(self.mktemp())
         out, err, status = yield getProcessOutputAndValue(
             sys.executable,
-            ["-m", "imserver.bench", "ping", "--users", "2", "--duration", "0.3", "--warmup", "0",
-             "--no-reference", "--json", path.path] + UNPINNED,
-            env=childEnvironment(), reactor=reactor)
+            [
+                "-m",
+                "imserver.bench",
+                "ping",
+                "--users",
+                "2",
+                "--duration",
+                "0.3",
+                "--warmup",
+                "0",
+                "--no-reference",
+                "--json",
+                path.path,
+            ]
+            + UNPINNED,
+            env=childEnvironment(),
+            reactor=reactor,
+        )
         self.assertEqual(status, 0, err)
         result = json.loads(out)
         self.assertEqual(result["scenario"], "ping")
         self.assertEqual(result["errors"], 0)
         self.assertEqual(json.loads(path.getContent()), result)
         out, err, status = yield getProcessOutputAndValue(
-            sys.executable, ["-m", "imserver.bench", "ping", "--host", "192.0.2.1"],
-            env=childEnvironment(), reactor=reactor)
+            sys.executable,
+            ["-m", "imserver.bench", "ping", "--host", "192.0.2.1"],
+            env=childEnvironment(),
+            reactor=reactor,
+        )
         self.assertEqual(status, 2)
         self.assertIn(b"not a loopback address", err)

@@ -13,17 +13,16 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from imserver.bus import channelOf
-from imserver.interfaces import IBusReceiver, IGateBus
 from imserver.bus.redis import MAX_BATCH_BYTES, MAX_RETRY_BATCHES, RedisGateBus
+from imserver.interfaces import IBusReceiver, IGateBus
 from imserver.messaging import Messenger
-from imserver.wire import EncodedMessage
 from imserver.metrics import GateMetrics
-from imserver.pb import bus_pb2
-from imserver.pb import im_pb2 as pb
+from imserver.pb import bus_pb2, im_pb2 as pb
 from imserver.redisclient import RedisUnavailable
 from imserver.registry.redis import RemoteSession
 from imserver.settings import Settings
 from imserver.store import Delivery
+from imserver.wire import EncodedMessage
 
 from tests.support.cluster import FakeSession, RedisTestMixin
 from tests.support.live import waitFor
@@ -53,8 +52,11 @@ class FakeConnection:
         """
         The batches published to C{gateId}, parsed.
         """
-        return [bus_pb2.Batch.FromString(message)
-                for channel, message in self.published if channel == channelOf(gateId)]
+        return [
+            bus_pb2.Batch.FromString(message)
+            for channel, message in self.published
+            if channel == channelOf(gateId)
+        ]
 
 
 class FakeSubscriber:
@@ -134,11 +136,13 @@ class BatchingTests(SynchronousTestCase):
         [batch] = self.connection.batches("gate-b")
         self.assertEqual(len(self.connection.published), 1)
         self.assertEqual(batch.source_gate, "gate-a")
-        self.assertEqual([item.push.message for item in batch.items],
-                         [push.data for push in pushes])
-        self.assertEqual([[(t.uid, t.seq, t.outgoing) for t in item.push.targets]
-                          for item in batch.items],
-                         [[("alice", i + 1, False)] for i in range(100)])
+        self.assertEqual(
+            [item.push.message for item in batch.items], [push.data for push in pushes]
+        )
+        self.assertEqual(
+            [[(t.uid, t.seq, t.outgoing) for t in item.push.targets] for item in batch.items],
+            [[("alice", i + 1, False)] for i in range(100)],
+        )
         self.clock.advance(0)
         self.assertEqual(len(self.connection.published), 1)
         self.assertEqual(self.bus.published, 1)
@@ -153,8 +157,11 @@ class BatchingTests(SynchronousTestCase):
         local = FakeSession("carol", "laptop", "gate-a")
         found = {
             "bob": [self.remote("bob", "gate-b")],
-            "dave": [self.remote("dave", "gate-b"), self.remote("dave", "gate-b", "pad"),
-                     self.remote("dave", "gate-c")],
+            "dave": [
+                self.remote("dave", "gate-b"),
+                self.remote("dave", "gate-b", "pad"),
+                self.remote("dave", "gate-c"),
+            ],
             "erin": [self.remote("erin", "gate-c")],
             "carol": [local],
         }
@@ -170,13 +177,13 @@ class BatchingTests(SynchronousTestCase):
         self.clock.advance(0)
         self.assertEqual(len(self.connection.published), 2)
         for gateId, targets in [
-                ("gate-b", [("bob", 5, True), ("dave", 7, False)]),
-                ("gate-c", [("dave", 7, False), ("erin", 8, False)])]:
+            ("gate-b", [("bob", 5, True), ("dave", 7, False)]),
+            ("gate-c", [("dave", 7, False), ("erin", 8, False)]),
+        ]:
             [batch] = self.connection.batches(gateId)
             [item] = batch.items
             self.assertEqual(item.push.message, stored.SerializeToString())
-            self.assertEqual([(t.uid, t.seq, t.outgoing) for t in item.push.targets],
-                             targets)
+            self.assertEqual([(t.uid, t.seq, t.outgoing) for t in item.push.targets], targets)
         [(seq, outgoing, push)] = local.advanced
         self.assertEqual((seq, outgoing, push.message), (6, False, stored))
 
@@ -190,8 +197,10 @@ class BatchingTests(SynchronousTestCase):
         self.remote("carol", "gate-b").typing("bob", True, "")
         self.clock.advance(0)
         [batch] = self.connection.batches("gate-b")
-        self.assertEqual([(i.typing.to_uid, i.typing.from_uid) for i in batch.items],
-                         [("alice", "bob"), ("carol", "bob")])
+        self.assertEqual(
+            [(i.typing.to_uid, i.typing.from_uid) for i in batch.items],
+            [("alice", "bob"), ("carol", "bob")],
+        )
 
     def test_kinds(self):
         """
@@ -209,12 +218,15 @@ class BatchingTests(SynchronousTestCase):
         other = RedisGateBus(FakeConnection(), FakeSubscriber, "gate-b", self.clock)
         other.receiver = receiver = Receiver()
         other.subscriber.onMessage(channel, data)
-        self.assertEqual(receiver.calls, [
-            ("kick", "alice", "phone", "gate-b/1", 1, pb.REPLACED, "again"),
-            ("push", push.data, [("alice", 3, True)]),
-            ("typing", "alice", "bob", True, "team"),
-            ("notice", "gate-b/1", b"frame"),
-        ])
+        self.assertEqual(
+            receiver.calls,
+            [
+                ("kick", "alice", "phone", "gate-b/1", 1, pb.REPLACED, "again"),
+                ("push", push.data, [("alice", 3, True)]),
+                ("typing", "alice", "bob", True, "team"),
+                ("notice", "gate-b/1", b"frame"),
+            ],
+        )
         self.assertEqual(other.received, 1)
 
     def test_garbage(self):
@@ -258,8 +270,7 @@ class BatchingTests(SynchronousTestCase):
         self.clock.advance(0)
         batches = self.connection.batches("gate-b")
         self.assertEqual([len(b.items) for b in batches], [4, 4, 2])
-        self.assertTrue(all(len(b.SerializeToString()) < 2 * MAX_BATCH_BYTES
-                            for b in batches))
+        self.assertTrue(all(len(b.SerializeToString()) < 2 * MAX_BATCH_BYTES for b in batches))
 
     def test_retryAfterReconnect(self):
         """
@@ -313,9 +324,14 @@ class RedisBusTests(RedisTestMixin, TestCase):
         subscribed = []
         self.b.bus.subscriber.onSubscribe.append(lambda: subscribed.append(True))
         lost = [Deferred() for i in range(3)]
-        for hooks, d in zip([self.b.bus.subscriber.onUnsubscribe,
-                             self.a.connection.onDisconnect,
-                             self.b.connection.onDisconnect], lost):
+        for hooks, d in zip(
+            [
+                self.b.bus.subscriber.onUnsubscribe,
+                self.a.connection.onDisconnect,
+                self.b.connection.onDisconnect,
+            ],
+            lost,
+        ):
             hooks.append(lambda d=d: d.callback(None))
         yield self.server.kill()
         for d in lost:

@@ -147,12 +147,31 @@ class FakeClient:
             d.callback(reason)
 
 
-def _entry(sender, recipient, body, seq=1, outgoing=False, clientMsgId="x",
-           contentType="text/plain", createdMs=CREATED_MS, groupId=""):
-    return pb.InboxEntry(seq=seq, outgoing=outgoing, message=pb.Message(
-        id=seq, sender=sender, recipient=recipient, group_id=groupId,
-        client_msg_id=clientMsgId, body=body, content_type=contentType,
-        created_ms=createdMs))
+def _entry(
+    sender,
+    recipient,
+    body,
+    seq=1,
+    outgoing=False,
+    clientMsgId="x",
+    contentType="text/plain",
+    createdMs=CREATED_MS,
+    groupId="",
+):
+    return pb.InboxEntry(
+        seq=seq,
+        outgoing=outgoing,
+        message=pb.Message(
+            id=seq,
+            sender=sender,
+            recipient=recipient,
+            group_id=groupId,
+            client_msg_id=clientMsgId,
+            body=body,
+            content_type=contentType,
+            created_ms=createdMs,
+        ),
+    )
 
 
 class ChatSessionTests(SynchronousTestCase):
@@ -164,8 +183,15 @@ class ChatSessionTests(SynchronousTestCase):
         self.clock = Clock()
         self.client = FakeClient()
         self.out = StringIO()
-        self.session = ChatSession(self.clock, self.client, self.out, "alice", "bob",
-                                   where="localhost:7443", localtime=time.gmtime)
+        self.session = ChatSession(
+            self.clock,
+            self.client,
+            self.out,
+            "alice",
+            "bob",
+            where="localhost:7443",
+            localtime=time.gmtime,
+        )
         self.done = self.session.start()
         self.out.seek(0)
         self.out.truncate()
@@ -185,8 +211,9 @@ class ChatSessionTests(SynchronousTestCase):
         self.assertTrue(client.started)
         self.assertEqual(client.onMessage, session.onMessage)
         self.assertEqual(client.onNotify, session.onNotify)
-        self.assertEqual(out.getvalue(),
-                         "chat with bob as alice via h:1 (Enter sends a line, Ctrl-D quits)\n")
+        self.assertEqual(
+            out.getvalue(), "chat with bob as alice via h:1 (Enter sends a line, Ctrl-D quits)\n"
+        )
 
     def test_incoming(self):
         """
@@ -238,8 +265,9 @@ class ChatSessionTests(SynchronousTestCase):
         """
         self.session.lineReceived(b"hi bob")
         clientMsgId = self.client.sent[0][3]
-        self.session.onMessage(_entry("alice", "bob", b"hi bob", outgoing=True,
-                                      clientMsgId=clientMsgId))
+        self.session.onMessage(
+            _entry("alice", "bob", b"hi bob", outgoing=True, clientMsgId=clientMsgId)
+        )
         self.assertEqual(self.lines(), [])
 
     def test_otherDevice(self):
@@ -247,14 +275,19 @@ class ChatSessionTests(SynchronousTestCase):
         The user's own message sent from another device is printed as
         C{you (other device)}; to someone else, with the recipient.
         """
-        self.session.onMessage(_entry("alice", "bob", b"from my phone", outgoing=True,
-                                      clientMsgId="abc"))
-        self.session.onMessage(_entry("alice", "carol", b"hi carol", seq=2,
-                                      outgoing=True, clientMsgId="abd"))
-        self.assertEqual(self.lines(), [
-            "[22:13:20] you (other device): from my phone",
-            "[22:13:20] you (other device) to carol: hi carol",
-        ])
+        self.session.onMessage(
+            _entry("alice", "bob", b"from my phone", outgoing=True, clientMsgId="abc")
+        )
+        self.session.onMessage(
+            _entry("alice", "carol", b"hi carol", seq=2, outgoing=True, clientMsgId="abd")
+        )
+        self.assertEqual(
+            self.lines(),
+            [
+                "[22:13:20] you (other device): from my phone",
+                "[22:13:20] you (other device) to carol: hi carol",
+            ],
+        )
 
     def test_earlierRunOfThisDevice(self):
         """
@@ -262,8 +295,9 @@ class ChatSessionTests(SynchronousTestCase):
         printed as C{you}.
         """
         clientMsgId = clientMsgIdPrefix("cli-test") + "0" * 32
-        self.session.onMessage(_entry("alice", "bob", b"yesterday", outgoing=True,
-                                      clientMsgId=clientMsgId))
+        self.session.onMessage(
+            _entry("alice", "bob", b"yesterday", outgoing=True, clientMsgId=clientMsgId)
+        )
         self.assertEqual(self.lines(), ["[22:13:20] you: yesterday"])
 
     def test_groupMessage(self):
@@ -272,12 +306,16 @@ class ChatSessionTests(SynchronousTestCase):
         with; the user's own, from another device, too.
         """
         self.session.onMessage(_entry("carol", "", b"hi team", groupId="team"))
-        self.session.onMessage(_entry("alice", "", b"me too", seq=2, outgoing=True,
-                                      clientMsgId="abc", groupId="team"))
-        self.assertEqual(self.lines(), [
-            "[22:13:20] carol in team: hi team",
-            "[22:13:20] you (other device) in team: me too",
-        ])
+        self.session.onMessage(
+            _entry("alice", "", b"me too", seq=2, outgoing=True, clientMsgId="abc", groupId="team")
+        )
+        self.assertEqual(
+            self.lines(),
+            [
+                "[22:13:20] carol in team: hi team",
+                "[22:13:20] you (other device) in team: me too",
+            ],
+        )
 
     def test_systemSender(self):
         """
@@ -286,25 +324,38 @@ class ChatSessionTests(SynchronousTestCase):
         """
         self.session.onMessage(_entry("", "alice", b"welcome"))
         self.session.onMessage(_entry("", "", b"new rules", seq=2, groupId="team"))
-        self.assertEqual(self.lines(), [
-            "[22:13:20] (system): welcome",
-            "[22:13:20] (system) in team: new rules",
-        ])
+        self.assertEqual(
+            self.lines(),
+            [
+                "[22:13:20] (system): welcome",
+                "[22:13:20] (system) in team: new rules",
+            ],
+        )
 
     def test_notice(self):
         """
         A C{notice} is printed with its server time; a body that is not
         text by its size and content type.
         """
-        self.client.onNotify("notice", pb.Notice(
-            body=b"maintenance at 5", content_type="text/plain",
-            server_time_ms=CREATED_MS + 1000))
-        self.client.onNotify("notice", pb.Notice(
-            body=b"{}", content_type="application/json", server_time_ms=CREATED_MS))
-        self.assertEqual(self.lines(), [
-            "[22:13:21] notice: maintenance at 5",
-            "[22:13:20] notice: [2 bytes of application/json]",
-        ])
+        self.client.onNotify(
+            "notice",
+            pb.Notice(
+                body=b"maintenance at 5",
+                content_type="text/plain",
+                server_time_ms=CREATED_MS + 1000,
+            ),
+        )
+        self.client.onNotify(
+            "notice",
+            pb.Notice(body=b"{}", content_type="application/json", server_time_ms=CREATED_MS),
+        )
+        self.assertEqual(
+            self.lines(),
+            [
+                "[22:13:21] notice: maintenance at 5",
+                "[22:13:20] notice: [2 bytes of application/json]",
+            ],
+        )
 
     def test_unknownNotify(self):
         """
@@ -319,8 +370,7 @@ class ChatSessionTests(SynchronousTestCase):
         continuation lines are indented.
         """
         self.session.onMessage(_entry("bob", "alice", b"\x1b[2Jred\rx\none"))
-        self.assertEqual(self.out.getvalue(),
-                         "[22:13:20] bob: \ufffd[2Jred\ufffdx\n    one\n")
+        self.assertEqual(self.out.getvalue(), "[22:13:20] bob: \ufffd[2Jred\ufffdx\n    one\n")
 
     def test_notText(self):
         """
@@ -336,9 +386,10 @@ class ChatSessionTests(SynchronousTestCase):
         self.session.lineReceived(b"x" * 50)
         d = self.client.sent[0][4]
         d.errback(RemoteError(pb.MESSAGE_TOO_LARGE, "body above 32768 bytes"))
-        self.assertEqual(self.lines(), [
-            "! send failed: MESSAGE_TOO_LARGE: body above 32768 bytes: "
-            + "x" * 39 + "\u2026"])
+        self.assertEqual(
+            self.lines(),
+            ["! send failed: MESSAGE_TOO_LARGE: body above 32768 bytes: " + "x" * 39 + "\u2026"],
+        )
 
     def test_connectedAndReconnected(self):
         """
@@ -350,11 +401,14 @@ class ChatSessionTests(SynchronousTestCase):
         first.closed.callback(OSError("closed"))
         second = FakeProtocol("s2")
         self.client.connect(second)
-        self.assertEqual(self.lines(), [
-            "connected as alice (session s1)",
-            "disconnected (closed); reconnecting",
-            "reconnected as alice (session s2)",
-        ])
+        self.assertEqual(
+            self.lines(),
+            [
+                "connected as alice (session s1)",
+                "disconnected (closed); reconnecting",
+                "reconnected as alice (session s2)",
+            ],
+        )
 
     def test_connectFailedOnce(self):
         """
@@ -365,11 +419,14 @@ class ChatSessionTests(SynchronousTestCase):
         self.session.connectFailed(OSError("refused."))
         self.client.connect(FakeProtocol())
         self.session.connectFailed(OSError("refused."))
-        self.assertEqual(self.lines(), [
-            "! cannot connect to localhost:7443: refused (still trying)",
-            "connected as alice (session s1)",
-            "! cannot connect to localhost:7443: refused (still trying)",
-        ])
+        self.assertEqual(
+            self.lines(),
+            [
+                "! cannot connect to localhost:7443: refused (still trying)",
+                "connected as alice (session s1)",
+                "! cannot connect to localhost:7443: refused (still trying)",
+            ],
+        )
 
     def test_typing(self):
         """
@@ -386,12 +443,15 @@ class ChatSessionTests(SynchronousTestCase):
         typing("typing", pb.Typing(uid="bob", active=True))
         self.session.onMessage(_entry("bob", "alice", b"done"))
         typing("typing", pb.Typing(uid="bob", active=True))
-        self.assertEqual(self.lines(), [
-            "(bob is typing...)",
-            "(bob is typing...)",
-            "[22:13:20] bob: done",
-            "(bob is typing...)",
-        ])
+        self.assertEqual(
+            self.lines(),
+            [
+                "(bob is typing...)",
+                "(bob is typing...)",
+                "[22:13:20] bob: done",
+                "(bob is typing...)",
+            ],
+        )
 
     def test_typingRefreshed(self):
         """
@@ -432,8 +492,7 @@ class ChatSessionTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.done), 1)
         self.assertTrue(self.client.stopped)
         [line] = self.lines()
-        self.assertTrue(line.startswith("kicked: REPLACED: signed in again (another"),
-                        line)
+        self.assertTrue(line.startswith("kicked: REPLACED: signed in again (another"), line)
         self.assertIn("--device", line)
 
     def test_tokenRefused(self):
@@ -443,8 +502,9 @@ class ChatSessionTests(SynchronousTestCase):
         self.client.giveUp(RemoteError(pb.AUTH_FAILED, "authentication failed"))
         self.assertEqual(self.successResultOf(self.done), 1)
         [line] = self.lines()
-        self.assertTrue(line.startswith(
-            "kicked: the server refused the token for alice (AUTH_FAILED"), line)
+        self.assertTrue(
+            line.startswith("kicked: the server refused the token for alice (AUTH_FAILED"), line
+        )
 
     def test_endOfInput(self):
         """
@@ -479,8 +539,10 @@ class ChatSessionTests(SynchronousTestCase):
         self.assertNoResult(self.done)
         self.clock.advance(0.1)
         self.assertEqual(self.successResultOf(self.done), 1)
-        self.assertEqual(self.lines(), [
-            "! 1 message(s) not confirmed by the server; they may not have been sent"])
+        self.assertEqual(
+            self.lines(),
+            ["! 1 message(s) not confirmed by the server; they may not have been sent"],
+        )
         self.client.sent[0][4].callback(pb.SendResponse())
 
     def test_nothingAfterTheEnd(self):
@@ -559,8 +621,9 @@ class TypingSignalTests(SynchronousTestCase):
         self.assertEqual(self.client.typing, [("bob", True, ""), ("bob", False, "")])
         self.clock.advance(chat.TYPING_MIN_GAP / 2)
         self.session.typing()
-        self.assertEqual(self.client.typing, [("bob", True, ""), ("bob", False, ""),
-                                              ("bob", True, "")])
+        self.assertEqual(
+            self.client.typing, [("bob", True, ""), ("bob", False, ""), ("bob", True, "")]
+        )
 
     def test_offline(self):
         """
@@ -590,8 +653,7 @@ class TypingSignalTests(SynchronousTestCase):
         With C{sendTyping=False} (C{--no-typing}) nothing is sent.
         """
         client = FakeClient()
-        session = ChatSession(self.clock, client, StringIO(), "alice", "bob",
-                              sendTyping=False)
+        session = ChatSession(self.clock, client, StringIO(), "alice", "bob", sendTyping=False)
         session.typing()
         self.assertEqual(client.typing, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -625,8 +687,16 @@ class CertificateTests(SynchronousTestCase):
     def session(self, **kwargs):
         self.client = FakeClient()
         self.out = StringIO()
-        session = ChatSession(Clock(), self.client, self.out, "alice", "bob",
-                              where="localhost:7443", host="localhost", **kwargs)
+        session = ChatSession(
+            Clock(),
+            self.client,
+            self.out,
+            "alice",
+            "bob",
+            where="localhost:7443",
+            host="localhost",
+            **kwargs,
+        )
         self.done = session.start()
         return session
 
@@ -653,13 +723,16 @@ class CertificateTests(SynchronousTestCase):
         self.session(trusted="imserver-data/tls-cert.pem").connectFailed(self.UNTRUSTED)
         self.assertEqual(self.successResultOf(self.done), 1)
         self.assertTrue(self.client.stopped)
-        self.assertEqual(self.lines(), [
-            "! cannot connect to localhost:7443: TLS failed: certificate verify failed",
-            "! the gate's certificate is not trusted (this chat trusts"
-            " imserver-data/tls-cert.pem): pass --ca FILE with the gate's certificate"
-            " (or its CA's), or --data-dir DIR naming the server's data directory"
-            " (which holds tls-cert.pem); or --keep-trying to try again and again",
-        ])
+        self.assertEqual(
+            self.lines(),
+            [
+                "! cannot connect to localhost:7443: TLS failed: certificate verify failed",
+                "! the gate's certificate is not trusted (this chat trusts"
+                " imserver-data/tls-cert.pem): pass --ca FILE with the gate's certificate"
+                " (or its CA's), or --data-dir DIR naming the server's data directory"
+                " (which holds tls-cert.pem); or --keep-trying to try again and again",
+            ],
+        )
 
     def test_wrongName(self):
         """
@@ -670,8 +743,9 @@ class CertificateTests(SynchronousTestCase):
 
         self.session().connectFailed(VerificationError(errors=[]))
         self.assertEqual(self.successResultOf(self.done), 1)
-        self.assertIn("the gate's certificate does not name localhost: give --host",
-                      self.lines()[1])
+        self.assertIn(
+            "the gate's certificate does not name localhost: give --host", self.lines()[1]
+        )
 
     def test_keepTrying(self):
         """
@@ -685,8 +759,7 @@ class CertificateTests(SynchronousTestCase):
         self.assertFalse(self.client.stopped)
         [failed, hint] = self.lines()
         self.assertTrue(failed.endswith("certificate verify failed (still trying)"), failed)
-        self.assertTrue(hint.startswith("! the gate's certificate is not trusted: pass --ca"),
-                        hint)
+        self.assertTrue(hint.startswith("! the gate's certificate is not trusted: pass --ca"), hint)
 
 
 class GroupChatSessionTests(SynchronousTestCase):
@@ -698,9 +771,16 @@ class GroupChatSessionTests(SynchronousTestCase):
         self.clock = Clock()
         self.client = FakeClient()
         self.out = StringIO()
-        self.session = ChatSession(self.clock, self.client, self.out, "alice", None,
-                                   where="localhost:7443", localtime=time.gmtime,
-                                   group="team")
+        self.session = ChatSession(
+            self.clock,
+            self.client,
+            self.out,
+            "alice",
+            None,
+            where="localhost:7443",
+            localtime=time.gmtime,
+            group="team",
+        )
         self.done = self.session.start()
 
     def lines(self):
@@ -710,9 +790,10 @@ class GroupChatSessionTests(SynchronousTestCase):
         """
         Starting names the group.
         """
-        self.assertEqual(self.lines(), [
-            "chat in group team as alice via localhost:7443"
-            " (Enter sends a line, Ctrl-D quits)"])
+        self.assertEqual(
+            self.lines(),
+            ["chat in group team as alice via localhost:7443 (Enter sends a line, Ctrl-D quits)"],
+        )
 
     def test_send(self):
         """
@@ -732,17 +813,24 @@ class GroupChatSessionTests(SynchronousTestCase):
         self.client.connect(first)
         [(groupId, d)] = first.membersAsked
         self.assertEqual(groupId, "team")
-        d.callback([pb.Member(uid="alice", role=pb.ROLE_OWNER),
-                    pb.Member(uid="bob", role=pb.ROLE_MEMBER),
-                    pb.Member(uid="carol", role=pb.ROLE_ADMIN)])
+        d.callback(
+            [
+                pb.Member(uid="alice", role=pb.ROLE_OWNER),
+                pb.Member(uid="bob", role=pb.ROLE_MEMBER),
+                pb.Member(uid="carol", role=pb.ROLE_ADMIN),
+            ]
+        )
         first.closed.callback(ConnectionDone())
         second = FakeProtocol("s2")
         self.client.connect(second)
         self.assertEqual(second.membersAsked, [])
-        self.assertEqual(self.lines()[1:3], [
-            "connected as alice (session s1)",
-            "members of team: alice (owner), bob, carol (admin)",
-        ])
+        self.assertEqual(
+            self.lines()[1:3],
+            [
+                "connected as alice (session s1)",
+                "members of team: alice (owner), bob, carol (admin)",
+            ],
+        )
 
     def test_notMember(self):
         """
@@ -752,15 +840,18 @@ class GroupChatSessionTests(SynchronousTestCase):
         protocol = FakeProtocol()
         self.client.connect(protocol)
         protocol.membersAsked[0][1].errback(
-            RemoteError(pb.NOT_MEMBER, "not a member of group 'team'"))
+            RemoteError(pb.NOT_MEMBER, "not a member of group 'team'")
+        )
         self.session.lineReceived(b"hello?")
-        self.client.sent[0][4].errback(
-            RemoteError(pb.NOT_MEMBER, "not a member of group 'team'"))
-        self.assertEqual(self.lines()[2:], [
-            "! you are not a member of group team (or it does not exist):"
-            " lines sent to it will be refused",
-            "! send failed: NOT_MEMBER: not a member of group 'team': hello?",
-        ])
+        self.client.sent[0][4].errback(RemoteError(pb.NOT_MEMBER, "not a member of group 'team'"))
+        self.assertEqual(
+            self.lines()[2:],
+            [
+                "! you are not a member of group team (or it does not exist):"
+                " lines sent to it will be refused",
+                "! send failed: NOT_MEMBER: not a member of group 'team': hello?",
+            ],
+        )
 
     def test_membersOtherError(self):
         """
@@ -769,8 +860,9 @@ class GroupChatSessionTests(SynchronousTestCase):
         protocol = FakeProtocol()
         self.client.connect(protocol)
         protocol.membersAsked[0][1].errback(RemoteError(pb.UNAVAILABLE, "later"))
-        self.assertEqual(self.lines()[2:],
-                         ["! cannot list the members of team: UNAVAILABLE: later"])
+        self.assertEqual(
+            self.lines()[2:], ["! cannot list the members of team: UNAVAILABLE: later"]
+        )
 
     def test_membersNotAnswered(self):
         """
@@ -793,17 +885,22 @@ class GroupChatSessionTests(SynchronousTestCase):
         """
         self.session.lineReceived(b"hi all")
         clientMsgId = self.client.sent[0][3]
-        self.session.onMessage(_entry("alice", "", b"hi all", outgoing=True,
-                                      clientMsgId=clientMsgId, groupId="team"))
+        self.session.onMessage(
+            _entry("alice", "", b"hi all", outgoing=True, clientMsgId=clientMsgId, groupId="team")
+        )
         self.session.onMessage(_entry("bob", "", b"hello", seq=2, groupId="team"))
         self.session.onMessage(_entry("carol", "alice", b"psst", seq=3))
-        self.session.onMessage(_entry("alice", "carol", b"later", seq=4, outgoing=True,
-                                      clientMsgId="abc"))
-        self.assertEqual(self.lines()[1:], [
-            "[22:13:20] bob in team: hello",
-            "[22:13:20] carol: psst",
-            "[22:13:20] you (other device) to carol: later",
-        ])
+        self.session.onMessage(
+            _entry("alice", "carol", b"later", seq=4, outgoing=True, clientMsgId="abc")
+        )
+        self.assertEqual(
+            self.lines()[1:],
+            [
+                "[22:13:20] bob in team: hello",
+                "[22:13:20] carol: psst",
+                "[22:13:20] you (other device) to carol: later",
+            ],
+        )
 
     def test_typing(self):
         """
@@ -821,12 +918,15 @@ class GroupChatSessionTests(SynchronousTestCase):
         self.session.onMessage(_entry("bob", "", b"done", groupId="team"))
         typing("typing", pb.Typing(uid="bob", active=True, group_id="team"))
         typing("typing", pb.Typing(uid="carol", active=True, group_id="team"))
-        self.assertEqual(self.lines()[1:], [
-            "(bob is typing...)",
-            "(carol is typing...)",
-            "[22:13:20] bob in team: done",
-            "(bob is typing...)",
-        ])
+        self.assertEqual(
+            self.lines()[1:],
+            [
+                "(bob is typing...)",
+                "(carol is typing...)",
+                "[22:13:20] bob in team: done",
+                "(bob is typing...)",
+            ],
+        )
 
 
 class RecordingSession:
@@ -931,8 +1031,10 @@ class TerminalInputTests(SynchronousTestCase):
         """
         for data in (b"he", b"llo\n", b"  ", b"\n", b"a\nb"):
             self.input.dataReceived(data)
-        self.assertEqual(self.session.events, [
-            ("typing",), ("line", b"hello"), ("line", b"  "), ("line", b"a"), ("typing",)])
+        self.assertEqual(
+            self.session.events,
+            [("typing",), ("line", b"hello"), ("line", b"  "), ("line", b"a"), ("typing",)],
+        )
 
 
 class TerminalEditorTests(SynchronousTestCase):
@@ -962,10 +1064,11 @@ class TerminalEditorTests(SynchronousTestCase):
         the line; the user typing is reported as the line grows (not for
         lines that arrive whole, pasted).
         """
-        self.assertEqual(self.typed(b"hi", b" bo", b"b\r\n", b"x\ry\n"),
-                         b"hi bob\nx\ny\n")
-        self.assertEqual(self.session.events, [
-            ("typing",), ("typing",), ("line", b"hi bob"), ("line", b"x"), ("line", b"y")])
+        self.assertEqual(self.typed(b"hi", b" bo", b"b\r\n", b"x\ry\n"), b"hi bob\nx\ny\n")
+        self.assertEqual(
+            self.session.events,
+            [("typing",), ("typing",), ("line", b"hi bob"), ("line", b"x"), ("line", b"y")],
+        )
 
     def test_erase(self):
         """
@@ -973,8 +1076,7 @@ class TerminalEditorTests(SynchronousTestCase):
         wide one whole; emptying the line reports the typing stopped.
         """
         echoed = self.typed("a\u00e9\u6f22".encode("utf-8"), b"\x7f", b"\x08")
-        self.assertEqual(echoed, "a\u00e9\u6f22".encode("utf-8")
-                         + b"\b\b  \b\b" + b"\b \b")
+        self.assertEqual(echoed, "a\u00e9\u6f22".encode("utf-8") + b"\b\b  \b\b" + b"\b \b")
         self.assertEqual(self.session.events, [("typing",)])
         self.assertEqual(self.typed(b"\x7f", b"\x7f"), b"\b \b")
         self.assertEqual(self.session.events, [("typing",), ("stopped",)])
@@ -1004,8 +1106,7 @@ class TerminalEditorTests(SynchronousTestCase):
         Escape sequences (arrows, function keys, Alt+key) and other control
         characters change nothing.
         """
-        self.assertEqual(self.typed(b"a\x1b[A\x1b[1;5C\x1bOP\x1bx\x01\x1b", b"[Bb\n"),
-                         b"ab\n")
+        self.assertEqual(self.typed(b"a\x1b[A\x1b[1;5C\x1bOP\x1bx\x01\x1b", b"[Bb\n"), b"ab\n")
         self.assertEqual(self.session.lines, [b"ab"])
 
     def test_endOfFile(self):
@@ -1135,8 +1236,7 @@ class FormattingTests(SynchronousTestCase):
         """
         A protocol error is described by its code name and message.
         """
-        self.assertEqual(describe(RemoteError(pb.UNAVAILABLE, "later")),
-                         "UNAVAILABLE: later")
+        self.assertEqual(describe(RemoteError(pb.UNAVAILABLE, "later")), "UNAVAILABLE: later")
 
     def test_describeTLS(self):
         """
@@ -1157,8 +1257,7 @@ class FormattingTests(SynchronousTestCase):
         """
         Tabs stay; C0, C1, DEL and line separators become U+FFFD.
         """
-        self.assertEqual(printable("a\tb\x00\x7f\x85\u2028c"),
-                         "a\tb\ufffd\ufffd\ufffd\ufffdc")
+        self.assertEqual(printable("a\tb\x00\x7f\x85\u2028c"), "a\tb\ufffd\ufffd\ufffd\ufffdc")
 
     def test_bodyText(self):
         """
@@ -1166,8 +1265,10 @@ class FormattingTests(SynchronousTestCase):
         """
         self.assertEqual(bodyText(pb.Message(body=b"a\xff", content_type="")), "a\ufffd")
         self.assertEqual(bodyText(pb.Message(body=b"a", content_type="text/markdown")), "a")
-        self.assertEqual(bodyText(pb.Message(body=b"{}", content_type="application/json")),
-                         "[2 bytes of application/json]")
+        self.assertEqual(
+            bodyText(pb.Message(body=b"{}", content_type="application/json")),
+            "[2 bytes of application/json]",
+        )
 
 
 class WatchedEndpointTests(SynchronousTestCase):
@@ -1235,8 +1336,9 @@ class OptionsTests(SynchronousTestCase):
 
     def parse(self, *args):
         options = ChatOptions()
-        options.parseOptions(["--uid", "alice", "--to", "bob",
-                              "--data-dir", self.dataDir.path] + list(args))
+        options.parseOptions(
+            ["--uid", "alice", "--to", "bob", "--data-dir", self.dataDir.path] + list(args)
+        )
         return options
 
     def writeSecret(self):
@@ -1250,7 +1352,8 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse()
         self.assertEqual(
             (options["host"], options["port"], options["no-tls"], options["device"]),
-            ("localhost", 7443, 0, defaultDeviceId()))
+            ("localhost", 7443, 0, defaultDeviceId()),
+        )
         self.assertTrue(defaultDeviceId().startswith("cli-"))
 
     def test_required(self):
@@ -1268,13 +1371,16 @@ class OptionsTests(SynchronousTestCase):
         C{--token} with C{--token-file}, C{--ca} with C{--no-tls}, a bad
         port or uid are usage errors.
         """
-        for args in (["--token", "t", "--token-file", "f"],
-                     ["--no-tls", "--ca", "ca.pem"],
-                     ["--port", "0"],
-                     ["--device", "a\nb"]):
+        for args in (
+            ["--token", "t", "--token-file", "f"],
+            ["--no-tls", "--ca", "ca.pem"],
+            ["--port", "0"],
+            ["--device", "a\nb"],
+        ):
             self.assertRaises(UsageError, self.parse, *args)
-        self.assertRaises(UsageError, ChatOptions().parseOptions,
-                          ["--uid", "al\x00ice", "--to", "bob"])
+        self.assertRaises(
+            UsageError, ChatOptions().parseOptions, ["--uid", "al\x00ice", "--to", "bob"]
+        )
 
     def test_group(self):
         """
@@ -1289,16 +1395,16 @@ class OptionsTests(SynchronousTestCase):
         self.assertIsNone(self.parse()["group"])
         error = self.assertRaises(UsageError, self.parse, "--group", "team")
         self.assertIn("not both", str(error))
-        self.assertRaises(UsageError, ChatOptions().parseOptions,
-                          ["--uid", "alice", "--group", "te\nam"])
+        self.assertRaises(
+            UsageError, ChatOptions().parseOptions, ["--uid", "alice", "--group", "te\nam"]
+        )
 
     def test_noSecretNoToken(self):
         """
         Without a token and without a secret to mint one: status 1 and an
         error telling to start the server or pass --token.
         """
-        status = main(["chat", "--uid", "alice", "--to", "bob",
-                       "--data-dir", self.dataDir.path])
+        status = main(["chat", "--uid", "alice", "--to", "bob", "--data-dir", self.dataDir.path])
         self.assertEqual(status, 1)
         error = self.stderr.getvalue()
         self.assertIn("cannot mint a token for alice", error)
@@ -1339,8 +1445,9 @@ class OptionsTests(SynchronousTestCase):
         A missing or empty --token-file is an error, status 1.
         """
         path = self.dataDir.child("alice.token")
-        self.assertEqual(main(["chat", "--uid", "alice", "--to", "bob",
-                               "--token-file", path.path]), 1)
+        self.assertEqual(
+            main(["chat", "--uid", "alice", "--to", "bob", "--token-file", path.path]), 1
+        )
         self.assertIn("cannot read --token-file", self.stderr.getvalue())
         path.setContent(b"\n")
         self.assertRaises(ValueError, prepare, self.parse("--token-file", path.path))
@@ -1376,8 +1483,10 @@ class OptionsTests(SynchronousTestCase):
         The configuration says in words what it trusts, for messages.
         """
         self.writeSecret()
-        self.assertEqual(prepare(self.parse()).trusted, "the system's CAs, since there is"
-                         " no " + self.dataDir.child(CERT_FILE_NAME).path)
+        self.assertEqual(
+            prepare(self.parse()).trusted,
+            "the system's CAs, since there is no " + self.dataDir.child(CERT_FILE_NAME).path,
+        )
         from imserver.tls import ensureSelfSigned
 
         cert, _ = ensureSelfSigned(self.dataDir)
@@ -1440,8 +1549,11 @@ class ChatProcess(ProcessProtocol):
 
         def timedOut(result, timeout):
             self._waiting.remove((text, d))
-            raise AssertionError("{} did not print {!r} in {} s:\n{}\n{}".format(
-                self.name, text, timeout, self.output, self.errors))
+            raise AssertionError(
+                "{} did not print {!r} in {} s:\n{}\n{}".format(
+                    self.name, text, timeout, self.output, self.errors
+                )
+            )
 
         return d.addTimeout(timeout, reactor, onTimeoutCancel=timedOut)
 
@@ -1452,8 +1564,13 @@ class ChatProcess(ProcessProtocol):
         """
         waiting, self._waiting = self._waiting, []
         for text, d in waiting:
-            d.errback(AssertionError("{} ended without printing {!r}:\n{}\n{}".format(
-                self.name, text, self.output, self.errors)))
+            d.errback(
+                AssertionError(
+                    "{} ended without printing {!r}:\n{}\n{}".format(
+                        self.name, text, self.output, self.errors
+                    )
+                )
+            )
         self.ended.callback(reason.value.exitCode)
 
 
@@ -1473,9 +1590,19 @@ class LiveChatTests(TestCase):
         withoutSecretEnvironment(self)
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
-        options.parseOptions(["--data-dir", self.dataDir.path, "--store", "memory",
-                              "--listen", "ssl:0:interface=127.0.0.1", "--api", "none"]
-                             + list(self.gateArgs))
+        options.parseOptions(
+            [
+                "--data-dir",
+                self.dataDir.path,
+                "--store",
+                "memory",
+                "--listen",
+                "ssl:0:interface=127.0.0.1",
+                "--api",
+                "none",
+            ]
+            + list(self.gateArgs)
+        )
         self.root = startServer(self, options)
         d = self.root.getServiceNamed("gate").addresses()
         return d.addCallback(self._listening)
@@ -1500,15 +1627,17 @@ class LiveChatTests(TestCase):
         process = ChatProcess(uid)
         env = childEnvironment()
         target = ["--to", peer] if group is None else ["--group", group]
-        argv = [sys.executable, "-m", "imserver", "chat", "--uid", uid] + target + [
-            "--port", str(self.port), "--data-dir", self.dataDir.path] + list(extra)
+        argv = (
+            [sys.executable, "-m", "imserver", "chat", "--uid", uid]
+            + target
+            + ["--port", str(self.port), "--data-dir", self.dataDir.path]
+            + list(extra)
+        )
         executable = sys.executable
         if thenStty:
             executable = "/bin/sh"
-            argv = [executable, "-c",
-                    shlex.join(argv) + "; s=$?; echo STTY:; stty -a; exit $s"]
-        transport = reactor.spawnProcess(process, executable, argv, env=env,
-                                         usePTY=usePTY)
+            argv = [executable, "-c", shlex.join(argv) + "; s=$?; echo STTY:; stty -a; exit $s"]
+        transport = reactor.spawnProcess(process, executable, argv, env=env, usePTY=usePTY)
         process.transport = transport
         killAtCleanup(self, process, transport)
         return process
@@ -1522,8 +1651,12 @@ class LiveChatTests(TestCase):
         """
         alice = self.chat("alice", "bob")
         bob = self.chat("bob", "alice")
-        yield gatherResults([alice.waitFor("connected as alice (session "),
-                             bob.waitFor("connected as bob (session ")])
+        yield gatherResults(
+            [
+                alice.waitFor("connected as alice (session "),
+                bob.waitFor("connected as bob (session "),
+            ]
+        )
         alice.transport.write("hello bob, \u00e7a va?\n".encode("utf-8"))
         yield bob.waitFor("] alice: hello bob, \u00e7a va?\n")
         bob.transport.write(b"fine, thanks\n")
@@ -1547,16 +1680,17 @@ class LiveChatTests(TestCase):
         yield factory.groups.setMembers("team", [("bob", pb.ROLE_MEMBER)], CREATED_MS)
         alice = self.chat("alice", group="team")
         bob = self.chat("bob", group="team")
-        yield gatherResults([
-            process.waitFor("members of team: alice (owner), bob\n")
-            for process in (alice, bob)])
+        yield gatherResults(
+            [process.waitFor("members of team: alice (owner), bob\n") for process in (alice, bob)]
+        )
         alice.transport.write(b"hello team\n")
         yield bob.waitFor("] alice in team: hello team\n")
         bob.transport.write(b"hi alice\n")
         yield alice.waitFor("] bob in team: hi alice\n")
         self.assertEqual(factory.broadcast(b"maintenance at 5", "text/plain"), 2)
-        yield gatherResults([process.waitFor("] notice: maintenance at 5\n")
-                             for process in (alice, bob)])
+        yield gatherResults(
+            [process.waitFor("] notice: maintenance at 5\n") for process in (alice, bob)]
+        )
         alice.transport.closeStdin()
         bob.transport.closeStdin()
         statuses = yield gatherResults([alice.ended, bob.ended])
@@ -1572,8 +1706,12 @@ class LiveChatTests(TestCase):
         """
         alice = self.chat("alice", "bob")
         bob = self.chat("bob", "alice")
-        yield gatherResults([alice.waitFor("connected as alice (session "),
-                             bob.waitFor("connected as bob (session ")])
+        yield gatherResults(
+            [
+                alice.waitFor("connected as alice (session "),
+                bob.waitFor("connected as bob (session "),
+            ]
+        )
         alice.transport.write(b"hel")
         yield bob.waitFor("(alice is typing...)\n")
         alice.transport.write(b"lo\n")
@@ -1594,8 +1732,12 @@ class LiveChatTests(TestCase):
         """
         alice = self.chat("alice", "bob", usePTY=True, thenStty=True)
         bob = self.chat("bob", "alice")
-        yield gatherResults([alice.waitFor("connected as alice (session "),
-                             bob.waitFor("connected as bob (session ")])
+        yield gatherResults(
+            [
+                alice.waitFor("connected as alice (session "),
+                bob.waitFor("connected as bob (session "),
+            ]
+        )
         alice.transport.write(b"hx")
         yield bob.waitFor("(alice is typing...)\n")
         yield alice.waitFor("hx")
@@ -1650,10 +1792,13 @@ class LiveChatTests(TestCase):
         alice = self.chat("alice", "bob", extra=["--ca", other.path])
         status = yield alice.ended
         self.assertEqual(status, 1, alice.output + alice.errors)
-        self.assertIn("! cannot connect to localhost:{}: TLS failed: certificate verify"
-                      " failed\n".format(self.port), alice.output)
-        self.assertIn("(this chat trusts {}): pass --ca FILE".format(other.path),
-                      alice.output)
+        self.assertIn(
+            "! cannot connect to localhost:{}: TLS failed: certificate verify failed\n".format(
+                self.port
+            ),
+            alice.output,
+        )
+        self.assertIn("(this chat trusts {}): pass --ca FILE".format(other.path), alice.output)
         self.assertIn("--data-dir DIR", alice.output)
         self.assertNotIn("still trying", alice.output)
         self.assertEqual(alice.errors, "")
@@ -1701,5 +1846,4 @@ class LiveCertificateNameTests(TestCase):
         alice = self.chat("alice", "bob", extra=["--ca", self.certPath.path])
         status = yield alice.ended
         self.assertEqual(status, 1, alice.output + alice.errors)
-        self.assertIn("the gate's certificate does not name localhost: give --host",
-                      alice.output)
+        self.assertIn("the gate's certificate does not name localhost: give --host", alice.output)

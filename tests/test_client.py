@@ -41,8 +41,9 @@ class ClientTests(SynchronousTestCase):
     def authenticate(self, interval_ms=10000):
         d = self.client.authenticate("alice", "tok", "phone", pb.ANDROID, lastSeq=5)
         [frame] = self.written()
-        self.respond(frame.seq, pb.AuthResponse(heartbeat_interval_ms=interval_ms,
-                                                idle_timeout_ms=30000))
+        self.respond(
+            frame.seq, pb.AuthResponse(heartbeat_interval_ms=interval_ms, idle_timeout_ms=30000)
+        )
         return self.successResultOf(d), frame
 
     def test_authRequest(self):
@@ -110,8 +111,9 @@ class ClientTests(SynchronousTestCase):
         A C{kicked} notify is recorded and delivered to the callback.
         """
         kicked = pb.Kicked(reason=pb.REPLACED, message="again")
-        self.client.dataReceived(encodeFrame(
-            pb.Frame(kind=pb.NOTIFY, method="kicked", body=kicked.SerializeToString())))
+        self.client.dataReceived(
+            encodeFrame(pb.Frame(kind=pb.NOTIFY, method="kicked", body=kicked.SerializeToString()))
+        )
         self.assertEqual(self.client.kicked, kicked)
         self.assertEqual(self.notified, [("kicked", kicked)])
 
@@ -133,8 +135,9 @@ class ClientTests(SynchronousTestCase):
         After an ERROR frame, C{whenClosed} fires with
         L{ConnectionClosedByPeer} carrying the code.
         """
-        self.client.dataReceived(encodeFrame(
-            pb.Frame(kind=pb.ERROR, error=pb.Error(code=pb.SERVER_SHUTDOWN))))
+        self.client.dataReceived(
+            encodeFrame(pb.Frame(kind=pb.ERROR, error=pb.Error(code=pb.SERVER_SHUTDOWN)))
+        )
         self.client.connectionLost(Failure(ConnectionDone()))
         reason = self.successResultOf(self.client.whenClosed())
         self.assertIsInstance(reason, ConnectionClosedByPeer)
@@ -157,8 +160,9 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(self.client.maxFrameLength, 65536)
         d = self.client.authenticate("alice", "tok", "phone")
         [frame] = self.written()
-        self.respond(frame.seq, pb.AuthResponse(heartbeat_interval_ms=1000,
-                                                max_frame_length=200000))
+        self.respond(
+            frame.seq, pb.AuthResponse(heartbeat_interval_ms=1000, max_frame_length=200000)
+        )
         self.successResultOf(d)
         self.assertEqual(self.client.maxFrameLength, 200000)
 
@@ -188,8 +192,9 @@ class IMClientOfflineTests(SynchronousTestCase):
         from imserver.errors import RequestTimeout
 
         clock = Clock()
-        client = IMClient(clock, None, None, "alice", "tok", "phone",
-                          endpoint=NeverConnects(), maxSendAge=60)
+        client = IMClient(
+            clock, None, None, "alice", "tok", "phone", endpoint=NeverConnects(), maxSendAge=60
+        )
         client.start()
         d = client.send("bob", b"hi")
         clock.advance(59)
@@ -239,14 +244,19 @@ class IMClientTypingTests(SynchronousTestCase):
         [auth] = readFrames(protocol.transport.value())
         protocol.transport.clear()
         self.assertFalse(client.sendTyping("bob"))
-        protocol.dataReceived(encodeFrame(pb.Frame(
-            kind=pb.RESPONSE, seq=auth.seq, body=pb.AuthResponse().SerializeToString())))
+        protocol.dataReceived(
+            encodeFrame(
+                pb.Frame(kind=pb.RESPONSE, seq=auth.seq, body=pb.AuthResponse().SerializeToString())
+            )
+        )
         self.assertTrue(client.sendTyping("bob"))
         self.assertTrue(client.sendTyping("", active=False, groupId="team"))
         frames = readFrames(protocol.transport.value())
         self.assertEqual([(f.kind, f.method) for f in frames], [(pb.NOTIFY, "typing")] * 2)
-        self.assertEqual([pb.Typing.FromString(f.body) for f in frames], [
-            pb.Typing(uid="bob", active=True), pb.Typing(active=False, group_id="team")])
+        self.assertEqual(
+            [pb.Typing.FromString(f.body) for f in frames],
+            [pb.Typing(uid="bob", active=True), pb.Typing(active=False, group_id="team")],
+        )
         protocol.transport.loseConnection()
         protocol.connectionLost(Failure(ConnectionDone()))
         self.assertFalse(client.sendTyping("bob"))
@@ -268,33 +278,53 @@ class IMClientRetransmitTests(SynchronousTestCase):
 
         clock = Clock()
         endpoint = StringEndpoint()
-        client = IMClient(clock, None, None, "alice", "tok", "phone", endpoint=endpoint,
-                          maxSendAge=60)
+        client = IMClient(
+            clock, None, None, "alice", "tok", "phone", endpoint=endpoint, maxSendAge=60
+        )
         client.start()
         [protocol] = endpoint.connected
         [auth] = readFrames(protocol.transport.value())
         protocol.transport.clear()
-        protocol.dataReceived(encodeFrame(pb.Frame(
-            kind=pb.RESPONSE, seq=auth.seq, body=pb.AuthResponse().SerializeToString())))
+        protocol.dataReceived(
+            encodeFrame(
+                pb.Frame(kind=pb.RESPONSE, seq=auth.seq, body=pb.AuthResponse().SerializeToString())
+            )
+        )
         d = client.send("bob", b"hi", clientMsgId="m1")
         [send] = readFrames(protocol.transport.value())
         protocol.transport.clear()
-        protocol.dataReceived(encodeFrame(pb.Frame(
-            kind=pb.RESPONSE, seq=send.seq,
-            error=pb.Error(code=pb.UNAVAILABLE, message="later"))))
+        protocol.dataReceived(
+            encodeFrame(
+                pb.Frame(
+                    kind=pb.RESPONSE,
+                    seq=send.seq,
+                    error=pb.Error(code=pb.UNAVAILABLE, message="later"),
+                )
+            )
+        )
         clock.advance(1)
         [again] = readFrames(protocol.transport.value())
         self.assertEqual(pb.SendRequest.FromString(again.body).client_msg_id, "m1")
         protocol.transport.clear()
-        protocol.dataReceived(encodeFrame(pb.Frame(
-            kind=pb.RESPONSE, seq=again.seq,
-            error=pb.Error(code=pb.UNAVAILABLE, message="later"))))
+        protocol.dataReceived(
+            encodeFrame(
+                pb.Frame(
+                    kind=pb.RESPONSE,
+                    seq=again.seq,
+                    error=pb.Error(code=pb.UNAVAILABLE, message="later"),
+                )
+            )
+        )
         heartbeat = [c for c in clock.getDelayedCalls() if c.func == protocol._beat]
         client.stop()
         self.assertEqual(
-            [c for c in clock.getDelayedCalls() if c not in heartbeat and c.active()
-             and c.getTime() - clock.seconds() < 59],
-            [])
+            [
+                c
+                for c in clock.getDelayedCalls()
+                if c not in heartbeat and c.active() and c.getTime() - clock.seconds() < 59
+            ],
+            [],
+        )
         self.assertNoResult(d)
         clock.advance(60)
         self.failureResultOf(d)

@@ -79,7 +79,8 @@ class RawClient(Protocol):
             self._incoming = ssl.MemoryBIO()
             self._outgoing = ssl.MemoryBIO()
             self._tls = self.context.wrap_bio(
-                self._incoming, self._outgoing, server_hostname="localhost")
+                self._incoming, self._outgoing, server_hostname="localhost"
+            )
             self._handshake()
 
     def _flush(self):
@@ -128,8 +129,8 @@ class RawClient(Protocol):
             if len(self._bytes) < 4 + length:
                 break
             frame = pb.Frame()
-            frame.ParseFromString(self._bytes[4:4 + length])
-            self._bytes = self._bytes[4 + length:]
+            frame.ParseFromString(self._bytes[4 : 4 + length])
+            self._bytes = self._bytes[4 + length :]
             self.frames.append(frame)
         self._wake()
 
@@ -224,20 +225,32 @@ class LiveGate:
         withoutSecretEnvironment(testCase)
         self.dataDir = FilePath(testCase.mktemp())
         options = tap.Options()
-        options.parseOptions([
-            "--data-dir", self.dataDir.path, "--api", "none", "--store", "memory",
-            "--listen", "tcp:0:interface=127.0.0.1",
-            "--listen", "ssl:0:interface=127.0.0.1",
-            "--listen", "haproxy:tcp:0:interface=127.0.0.1",
-            "--auth-failure-burst", "1000000",
-            "--sweep-interval", "0.05",
-        ] + list(arguments))
+        options.parseOptions(
+            [
+                "--data-dir",
+                self.dataDir.path,
+                "--api",
+                "none",
+                "--store",
+                "memory",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--listen",
+                "ssl:0:interface=127.0.0.1",
+                "--listen",
+                "haproxy:tcp:0:interface=127.0.0.1",
+                "--auth-failure-burst",
+                "1000000",
+                "--sweep-interval",
+                "0.05",
+            ]
+            + list(arguments)
+        )
         self.root = startServer(testCase, options)
         self.gate = self.root.getServiceNamed("gate")
         self.factory = self.gate.factory
         self.secret = loadSecret(self.dataDir, environ=serverEnvironment())
-        self.context = ssl.create_default_context(
-            cafile=self.dataDir.child(CERT_FILE_NAME).path)
+        self.context = ssl.create_default_context(cafile=self.dataDir.child(CERT_FILE_NAME).path)
 
     @inlineCallbacks
     def start(self):
@@ -259,7 +272,8 @@ class LiveGate:
         if listener == "haproxy":
             prefix = b"PROXY TCP4 127.0.0.5 127.0.0.1 40000 7443\r\n"
         client = RawClient(
-            self.context if listener == "ssl" else None, keepOpen=keepOpen, prefix=prefix)
+            self.context if listener == "ssl" else None, keepOpen=keepOpen, prefix=prefix
+        )
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.ports[listener], timeout=5)
         yield connectProtocol(endpoint, client)
         yield client.until(lambda: client.handshaken, "TLS handshake")
@@ -268,9 +282,14 @@ class LiveGate:
     def auth(self, client, uid, device="phone", token=None, seq=1):
         if token is None:
             token = mintToken(self.secret, uid, 3600, time.time())
-        client.send(pb.Frame(
-            kind=pb.REQUEST, seq=seq, method="auth",
-            body=pb.AuthRequest(uid=uid, device_id=device, token=token).SerializeToString()))
+        client.send(
+            pb.Frame(
+                kind=pb.REQUEST,
+                seq=seq,
+                method="auth",
+                body=pb.AuthRequest(uid=uid, device_id=device, token=token).SerializeToString(),
+            )
+        )
 
     @inlineCallbacks
     def authed(self, listener, uid, device="phone", keepOpen=False):
@@ -318,8 +337,16 @@ class CloseMixin:
     @inlineCallbacks
     def setUp(self):
         self.live = LiveGate(
-            self, "--auth-timeout", "1", "--idle-timeout", "1.5",
-            "--heartbeat-interval", "0.5", "--close-timeout", "30")
+            self,
+            "--auth-timeout",
+            "1",
+            "--idle-timeout",
+            "1.5",
+            "--heartbeat-interval",
+            "0.5",
+            "--close-timeout",
+            "30",
+        )
         yield self.live.start()
 
     @inlineCallbacks
@@ -350,6 +377,7 @@ class CloseMixin:
         """
         A zero-length frame: C{EMPTY_FRAME}, then the socket closes.
         """
+
         def run(client):
             client.send(b"\x00\x00\x00\x00")
             return self.assertClosedByGate(client, pb.EMPTY_FRAME)
@@ -360,6 +388,7 @@ class CloseMixin:
         """
         A bad token: C{AUTH_FAILED}, then the socket closes.
         """
+
         def run(client):
             self.live.auth(client, "alice", token="v1.1.bad")
             return self.assertClosedByGate(client, pb.AUTH_FAILED, "alice")
@@ -372,7 +401,8 @@ class CloseMixin:
         closes.
         """
         return self.live.connect(self.listener).addCallback(
-            self.assertClosedByGate, pb.AUTH_TIMEOUT)
+            self.assertClosedByGate, pb.AUTH_TIMEOUT
+        )
 
     @inlineCallbacks
     def test_idleTimeout(self):
@@ -421,7 +451,6 @@ class CloseMixin:
         self.assertEqual(client.frames[1].method, "kicked")
         yield client.until(lambda: client.eof or client.reason is not None, "the server's FIN")
         yield waitFor(lambda: not self.live.factory.closing, "the gate's side closed")
-
 
     @inlineCallbacks
     def test_writeBufferOnTheSocket(self):

@@ -61,8 +61,10 @@ class OptionsTests(SynchronousTestCase):
         """
         options = self.parse("--redis", URL)
         url = options.redisURL
-        self.assertEqual((url.host, url.port, url.db, url.username, url.password, url.tls),
-                         ("127.0.0.1", 6390, 0, "gate", "s3cret", False))
+        self.assertEqual(
+            (url.host, url.port, url.db, url.username, url.password, url.tls),
+            ("127.0.0.1", 6390, 0, "gate", "s3cret", False),
+        )
         self.assertEqual(options["store"], "redis")
 
     def test_embedded(self):
@@ -102,12 +104,14 @@ class OptionsTests(SynchronousTestCase):
         ca.setContent(makeSelfSigned()[0])
         self.assertRaises(UsageError, self.parse, "--redis-ca", ca.path)
         self.assertRaises(UsageError, self.parse, "--redis", URL, "--redis-ca", ca.path)
-        self.assertRaises(UsageError, self.parse, "--redis", "rediss://h", "--redis-ca",
-                          ca.path + "-missing")
+        self.assertRaises(
+            UsageError, self.parse, "--redis", "rediss://h", "--redis-ca", ca.path + "-missing"
+        )
         notPEM = FilePath(self.mktemp())
         notPEM.setContent(b"pem")
-        e = self.assertRaises(UsageError, self.parse, "--redis", "rediss://h",
-                              "--redis-ca", notPEM.path)
+        e = self.assertRaises(
+            UsageError, self.parse, "--redis", "rediss://h", "--redis-ca", notPEM.path
+        )
         self.assertIn("--redis-ca", str(e))
         options = self.parse("--redis", "rediss://h", "--redis-ca", ca.path)
         self.assertTrue(options.redisURL.tls)
@@ -129,8 +133,18 @@ class OptionsTests(SynchronousTestCase):
         from imserver.store.redis import RedisMessageStore
 
         memory = MemoryReactorClock()
-        options = self.parse("--data-dir", self.mktemp(), "--listen", LISTEN,
-                             "--api", "none", "--redis", URL, "--gate-id", "g1")
+        options = self.parse(
+            "--data-dir",
+            self.mktemp(),
+            "--listen",
+            LISTEN,
+            "--api",
+            "none",
+            "--redis",
+            URL,
+            "--gate-id",
+            "g1",
+        )
         root = tap.makeService(options, memory)
         self.assertEqual([s.name for s in root], ["cluster", "retention", "gate"])
         cluster = root.getServiceNamed("cluster")
@@ -141,8 +155,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIs(factory.messenger, cluster.messenger)
         self.assertIsInstance(factory.store, RedisMessageStore)
         self.assertEqual(factory.registry.leaseSeconds, 3.0)
-        [advertise] = [s for s in root.getServiceNamed("gate")
-                       if isinstance(s, AdvertiseService)]
+        [advertise] = [s for s in root.getServiceNamed("gate") if isinstance(s, AdvertiseService)]
         self.assertIsInstance(advertise.directory, RedisGateDirectory)
         self.assertEqual(memory.tcpClients, [])
 
@@ -160,8 +173,9 @@ class OptionsTests(SynchronousTestCase):
             "tap.makeService(o, MemoryReactorClock())\n"
             "print('txredisapi' in sys.modules)\n"
         )
-        out = subprocess.run([sys.executable, "-c", code, self.mktemp()], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", code, self.mktemp()], check=True, capture_output=True, text=True
+        ).stdout
         self.assertEqual(out.strip(), "False")
 
 
@@ -201,11 +215,22 @@ class TwoGatesTests(RedisTestMixin, TestCase):
             C{watch} attributes added.
         """
         options = tap.Options()
-        options.parseOptions([
-            "--data-dir", self.mktemp(), "--listen", LISTEN, "--api", "none",
-            "--gate-id", gateId, "--redis", self.server.url,
-            "--secret-file", self.secretFile.path,
-        ])
+        options.parseOptions(
+            [
+                "--data-dir",
+                self.mktemp(),
+                "--listen",
+                LISTEN,
+                "--api",
+                "none",
+                "--gate-id",
+                gateId,
+                "--redis",
+                self.server.url,
+                "--secret-file",
+                self.secretFile.path,
+            ]
+        )
         root = startServer(self, options)
         gate = root.getServiceNamed("gate")
         gate.root = root
@@ -237,9 +262,15 @@ class TwoGatesTests(RedisTestMixin, TestCase):
             self.changes.changed()
 
         client = yield connect(
-            reactor, "127.0.0.1", gate.port, uid=uid,
-            token=mintToken(self.secret, uid, 60, time.time()), deviceId=deviceId,
-            tls=False, onNotify=onNotify)
+            reactor,
+            "127.0.0.1",
+            gate.port,
+            uid=uid,
+            token=mintToken(self.secret, uid, 60, time.time()),
+            deviceId=deviceId,
+            tls=False,
+            onNotify=onNotify,
+        )
         holder.append(client)
         client.notified = notified
         self.addCleanup(client.close)
@@ -258,22 +289,33 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         bob = yield self.connect(self.b, "bob")
         carol = yield self.connect(self.b, "carol")
         sent = yield alice.send("bob", b"hello", "m1")
-        yield self.changes.until(lambda: self.messages(bob) and self.messages(alice),
-                                 DEADLINE, "the message at bob and alice")
+        yield self.changes.until(
+            lambda: self.messages(bob) and self.messages(alice),
+            DEADLINE,
+            "the message at bob and alice",
+        )
         [entry] = self.messages(bob)
-        self.assertEqual((entry.message.sender, entry.message.body, entry.outgoing),
-                         ("alice", b"hello", False))
+        self.assertEqual(
+            (entry.message.sender, entry.message.body, entry.outgoing), ("alice", b"hello", False)
+        )
         self.assertEqual(self.messages(alice)[0].seq, sent.seq)
 
         groups = self.a.factory.groups
         yield groups.create("team", "Team", "alice", int(time.time() * 1000))
-        yield groups.setMembers("team", [("bob", pb.ROLE_MEMBER), ("carol", pb.ROLE_MEMBER)],
-                                int(time.time() * 1000))
+        yield groups.setMembers(
+            "team", [("bob", pb.ROLE_MEMBER), ("carol", pb.ROLE_MEMBER)], int(time.time() * 1000)
+        )
         published = self.a.cluster.bus.published
         yield alice.send("", b"all", "m2", groupId="team")
-        yield self.changes.until(lambda: len(self.messages(bob)) == 2 and self.messages(carol)
-                                 and len(self.messages(alice)) == 2,
-                                 DEADLINE, "the group message at every member")
+        yield self.changes.until(
+            lambda: (
+                len(self.messages(bob)) == 2
+                and self.messages(carol)
+                and len(self.messages(alice)) == 2
+            ),
+            DEADLINE,
+            "the group message at every member",
+        )
         self.assertEqual(self.messages(carol)[0].message.body, b"all")
         self.assertEqual(self.a.cluster.bus.published - published, 1)
 
@@ -291,8 +333,7 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         yield self.a.watch.whenAllClosed()
         [session] = yield self.a.factory.registry.sessionsFor("alice")
         self.assertIsInstance(session, RemoteSession)
-        self.assertEqual((session.gateId, session.sessionId),
-                         ("gate-b", new.session.session_id))
+        self.assertEqual((session.gateId, session.sessionId), ("gate-b", new.session.session_id))
         yield new.ping()
         self.assertIsNone(new.kicked)
 
@@ -344,8 +385,11 @@ class TwoGatesTests(RedisTestMixin, TestCase):
 
         yield restart()
         started = reactor.seconds()
-        yield withDeadline(self.waitForRedis([self.a, self.b], "up"), RECOVERY,
-                           "both gates connected to Redis again")
+        yield withDeadline(
+            self.waitForRedis([self.a, self.b], "up"),
+            RECOVERY,
+            "both gates connected to Redis again",
+        )
         while True:
             try:
                 yield alice.send("bob", b"during", "m2")
@@ -354,9 +398,11 @@ class TwoGatesTests(RedisTestMixin, TestCase):
                 self.assertEqual(e.code, pb.UNAVAILABLE)
                 self.assertLess(reactor.seconds() - started, RECOVERY)
                 yield deferLater(reactor, RETRY_INTERVAL, lambda: None)
-        yield self.changes.until(lambda: len(self.messages(bob)) == 2,
-                                 max(0.1, RECOVERY - (reactor.seconds() - started)),
-                                 "the message sent after the outage at bob")
+        yield self.changes.until(
+            lambda: len(self.messages(bob)) == 2,
+            max(0.1, RECOVERY - (reactor.seconds() - started)),
+            "the message sent after the outage at bob",
+        )
         self.assertEqual(self.messages(bob)[1].message.body, b"during")
 
         @inlineCallbacks
@@ -366,10 +412,9 @@ class TwoGatesTests(RedisTestMixin, TestCase):
                     found = yield self.a.factory.registry.sessionsForMany(["alice", "bob"])
                 except RedisUnavailable:
                     found = {}
-                if ([s.sessionId for s in found.get("alice", [])]
-                        == [alice.session.session_id]
-                        and [s.sessionId for s in found.get("bob", [])]
-                        == [bob.session.session_id]):
+                if [s.sessionId for s in found.get("alice", [])] == [alice.session.session_id] and [
+                    s.sessionId for s in found.get("bob", [])
+                ] == [bob.session.session_id]:
                     return
                 self.assertLess(reactor.seconds() - started, RECOVERY)
                 yield deferLater(reactor, RETRY_INTERVAL, lambda: None)
@@ -420,10 +465,13 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         """
         directory = self.a.cluster.directory
         gates = yield directory.gates()
-        self.assertEqual(gates, {
-            "gate-a": [("127.0.0.1", self.a.port, False)],
-            "gate-b": [("127.0.0.1", self.b.port, False)],
-        })
+        self.assertEqual(
+            gates,
+            {
+                "gate-a": [("127.0.0.1", self.a.port, False)],
+                "gate-b": [("127.0.0.1", self.b.port, False)],
+            },
+        )
         yield self.b.root.stopService()
         gates = yield directory.gates()
         self.assertEqual(list(gates), ["gate-a"])
@@ -441,4 +489,3 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         lease = yield self.b.cluster.connection.execute("EXISTS", "im:gate:gate-a")
         self.assertEqual(lease, 0)
         self.assertFalse(self.a.cluster.connection.connected)
-

@@ -77,8 +77,14 @@ class Client:
         self.kicked = None
         self.endpoint = RotatingEndpoint(cluster.gates, first)
         self.imclient = IMClient(
-            reactor, None, None, uid, mintToken(cluster.secret, uid, 3600, time.time()),
-            deviceId, onMessage=self._received, endpoint=self.endpoint,
+            reactor,
+            None,
+            None,
+            uid,
+            mintToken(cluster.secret, uid, 3600, time.time()),
+            deviceId,
+            onMessage=self._received,
+            endpoint=self.endpoint,
             retryPolicy=lambda attempt: 0.05,
         )
         self.imclient.whenStopped().addCallback(self._stopped)
@@ -111,7 +117,8 @@ class Client:
         incoming or outgoing.
         """
         return [
-            e.message.body for e in self.entries
+            e.message.body
+            for e in self.entries
             if e.outgoing == outgoing and sender in (None, e.message.sender)
         ]
 
@@ -148,10 +155,19 @@ class ClusterMixin:
             dataDir = FilePath(self.mktemp())
             dataDir.makedirs()
             gate = clusterGate(
-                dataDir, self.redis.url, "gate-{}".format(i), self.secretFile, api=True,
-                args=["--admin-token-file", tokenFile.path,
-                      "--sweep-interval", str(SWEEP_INTERVAL)],
-                listenOptions=":reusePort=yes" if sharedPort else "")
+                dataDir,
+                self.redis.url,
+                "gate-{}".format(i),
+                self.secretFile,
+                api=True,
+                args=[
+                    "--admin-token-file",
+                    tokenFile.path,
+                    "--sweep-interval",
+                    str(SWEEP_INTERVAL),
+                ],
+                listenOptions=":reusePort=yes" if sharedPort else "",
+            )
             if sharedPort:
                 gate.port = self.gates[0].port if self.gates else freePort()
             self.addCleanup(gate.stop)
@@ -173,10 +189,16 @@ class ClusterMixin:
         yield gate.start()
         yield whenConnected(self.connection)
         gateId = "gate-{}".format(index)
-        yield self.poll(lambda: self.redisCall("EXISTS", GATE_KEY_PREFIX + gateId),
-                        lambda found: found == 1, "the lease of " + gateId)
-        yield self.poll(lambda: self.redisCall("HEXISTS", GATES_KEY, gateId),
-                        lambda found: found == 1, gateId + " in the directory")
+        yield self.poll(
+            lambda: self.redisCall("EXISTS", GATE_KEY_PREFIX + gateId),
+            lambda found: found == 1,
+            "the lease of " + gateId,
+        )
+        yield self.poll(
+            lambda: self.redisCall("HEXISTS", GATES_KEY, gateId),
+            lambda found: found == 1,
+            gateId + " in the directory",
+        )
 
     def assertNothingLogged(self):
         """
@@ -284,9 +306,10 @@ class ClusterMixin:
         C{[(device id, gate id, session id)]}.
         """
         return self.ok(index, b"GET", "/v1/users/{}/presence".format(uid)).addCallback(
-            lambda answer: [(d["device_id"], d["gate_id"], d["session_id"])
-                            for d in answer["devices"]])
-
+            lambda answer: [
+                (d["device_id"], d["gate_id"], d["session_id"]) for d in answer["devices"]
+            ]
+        )
 
 
 class ClusterProcessTests(ClusterMixin, TestCase):
@@ -307,24 +330,24 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         lapses.
         """
         expected = [
-            {"host": "127.0.0.1", "port": gate.port, "tls": False,
-             "gate_id": "gate-{}".format(i)}
-            for i, gate in enumerate(self.gates)]
+            {"host": "127.0.0.1", "port": gate.port, "tls": False, "gate_id": "gate-{}".format(i)}
+            for i, gate in enumerate(self.gates)
+        ]
         for index in range(GATES):
             answer = yield self.ok(index, b"GET", "/v1/gates")
-            self.assertEqual(sorted(answer["addresses"], key=lambda a: a["gate_id"]),
-                             expected)
+            self.assertEqual(sorted(answer["addresses"], key=lambda a: a["gate_id"]), expected)
         self.assertEqual(len({gate.port for gate in self.gates}), GATES)
 
         yield self.gates[2].stop()
         answer = yield self.ok(0, b"GET", "/v1/gates")
-        self.assertEqual(sorted(a["gate_id"] for a in answer["addresses"]),
-                         ["gate-0", "gate-1"])
+        self.assertEqual(sorted(a["gate_id"] for a in answer["addresses"]), ["gate-0", "gate-1"])
         yield self.gates[1].kill()
-        yield self.poll(lambda: self.ok(0, b"GET", "/v1/gates"),
-                        lambda answer: [a["gate_id"] for a in answer["addresses"]]
-                        == ["gate-0"], "gate-1 dropped from the directory",
-                        timeout=3 * 3 * SWEEP_INTERVAL)
+        yield self.poll(
+            lambda: self.ok(0, b"GET", "/v1/gates"),
+            lambda answer: [a["gate_id"] for a in answer["addresses"]] == ["gate-0"],
+            "gate-1 dropped from the directory",
+            timeout=3 * 3 * SWEEP_INTERVAL,
+        )
 
     @inlineCallbacks
     def test_messagesAcrossGates(self):
@@ -342,32 +365,53 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         yield alice.imclient.send("bob", b"a->b", clientMsgId="m1")
         yield bob.imclient.send("carol", b"b->c", clientMsgId="m2")
         yield carol.imclient.send("alice", b"c->a", clientMsgId="m3")
-        yield self.changes.until(lambda: bob.bodies("alice") and carol.bodies("bob")
-                                 and alice.bodies("carol"), DEADLINE, "the 1:1 messages")
-        self.assertEqual((bob.bodies("alice"), carol.bodies("bob"), alice.bodies("carol")),
-                         ([b"a->b"], [b"b->c"], [b"c->a"]))
+        yield self.changes.until(
+            lambda: bob.bodies("alice") and carol.bodies("bob") and alice.bodies("carol"),
+            DEADLINE,
+            "the 1:1 messages",
+        )
+        self.assertEqual(
+            (bob.bodies("alice"), carol.bodies("bob"), alice.bodies("carol")),
+            ([b"a->b"], [b"b->c"], [b"c->a"]),
+        )
         self.assertEqual(alice.bodies(outgoing=True), [b"a->b"])
 
-        yield self.ok(1, b"POST", "/v1/groups",
-                      {"group_id": "team", "name": "Team", "owner": "alice"}, status=201)
-        yield self.ok(1, b"POST", "/v1/groups/team/members",
-                      {"members": [{"uid": "bob"}, {"uid": "carol"}, {"uid": "dave"}]})
-        response = yield carol.imclient.send("", b"hello team", groupId="team",
-                                             clientMsgId="g1")
-        pushed = yield self.ok(0, b"POST", "/v1/messages",
-                               {"group_id": "team", "text": "from the backend"},
-                               headers=[(b"Idempotency-Key", b"backend-1")])
+        yield self.ok(
+            1,
+            b"POST",
+            "/v1/groups",
+            {"group_id": "team", "name": "Team", "owner": "alice"},
+            status=201,
+        )
+        yield self.ok(
+            1,
+            b"POST",
+            "/v1/groups/team/members",
+            {"members": [{"uid": "bob"}, {"uid": "carol"}, {"uid": "dave"}]},
+        )
+        response = yield carol.imclient.send("", b"hello team", groupId="team", clientMsgId="g1")
+        pushed = yield self.ok(
+            0,
+            b"POST",
+            "/v1/messages",
+            {"group_id": "team", "text": "from the backend"},
+            headers=[(b"Idempotency-Key", b"backend-1")],
+        )
         self.assertEqual(sorted(pushed["seqs"]), ["alice", "bob", "carol", "dave"])
         members = [alice, bob, dave]
 
         def everyoneHasBoth():
-            return (all(b"hello team" in m.bodies("carol") for m in members)
-                    and all(b"from the backend" in m.bodies("") for m in members + [carol]))
+            return all(b"hello team" in m.bodies("carol") for m in members) and all(
+                b"from the backend" in m.bodies("") for m in members + [carol]
+            )
 
         yield self.changes.until(everyoneHasBoth, DEADLINE, "both group messages")
         for member in members:
-            [entry] = [e for e in member.entries if e.message.group_id == "team"
-                       and e.message.sender == "carol"]
+            [entry] = [
+                e
+                for e in member.entries
+                if e.message.group_id == "team" and e.message.sender == "carol"
+            ]
             self.assertEqual(entry.message.body, b"hello team")
         self.assertEqual(carol.bodies(outgoing=True), [b"c->a", b"hello team"])
         self.assertEqual(carol.entries[-1].seq, pushed["seqs"]["carol"])
@@ -392,8 +436,9 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         self.assertEqual(answer["kicked"], ["phone"])
         yield self.changes.until(lambda: new.kicked is not None, DEADLINE, "the admin kick")
         self.assertEqual(new.kicked.reason, pb.ADMIN)
-        yield self.poll(lambda: self.presence(0, "alice"), lambda devices: devices == [],
-                        "alice offline")
+        yield self.poll(
+            lambda: self.presence(0, "alice"), lambda devices: devices == [], "alice offline"
+        )
 
     @inlineCallbacks
     def test_gateKilled(self):
@@ -410,10 +455,8 @@ class ClusterProcessTests(ClusterMixin, TestCase):
 
         def burst(first, last):
             for n in range(first, last + 1):
-                sends.append(alice.imclient.send(
-                    "bob", b"a%d" % (n,), clientMsgId="a%d" % (n,)))
-                sends.append(bob.imclient.send(
-                    "alice", b"b%d" % (n,), clientMsgId="b%d" % (n,)))
+                sends.append(alice.imclient.send("bob", b"a%d" % (n,), clientMsgId="a%d" % (n,)))
+                sends.append(bob.imclient.send("alice", b"b%d" % (n,), clientMsgId="b%d" % (n,)))
 
         burst(1, 10)
         yield gatherResults(sends)
@@ -424,9 +467,14 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         # Every message, and each sender's own copy: 80 entries each (the
         # copies interleave with the incoming messages in the inbox).
         yield self.changes.until(
-            lambda: (bob.bodies("alice"), alice.bodies("bob")) == expected
-            and len(alice.entries) >= 80 and len(bob.entries) >= 80, DEADLINE,
-            "every message and every sender's copy delivered")
+            lambda: (
+                (bob.bodies("alice"), alice.bodies("bob")) == expected
+                and len(alice.entries) >= 80
+                and len(bob.entries) >= 80
+            ),
+            DEADLINE,
+            "every message and every sender's copy delivered",
+        )
         self.assertEqual(alice.gate(), 1)
         self.assertEqual(alice.bodies(outgoing=True), expected[0])
         self.assertEqual(bob.bodies(outgoing=True), expected[1])
@@ -436,13 +484,16 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         devices = yield self.presence(2, "alice")
         self.assertEqual(devices, [("phone", "gate-1", alice.protocol.session.session_id)])
 
-        yield self.poll(lambda: self.ok(1, b"GET", "/v1/gates"),
-                        lambda answer: "gate-0" not in [a["gate_id"] for a in answer["addresses"]],
-                        "gate-0 dropped from the directory")
+        yield self.poll(
+            lambda: self.ok(1, b"GET", "/v1/gates"),
+            lambda answer: "gate-0" not in [a["gate_id"] for a in answer["addresses"]],
+            "gate-0 dropped from the directory",
+        )
         yield self.startGate(0)
         answer = yield self.ok(1, b"GET", "/v1/gates")
-        self.assertEqual(sorted(a["gate_id"] for a in answer["addresses"]),
-                         ["gate-0", "gate-1", "gate-2"])
+        self.assertEqual(
+            sorted(a["gate_id"] for a in answer["addresses"]), ["gate-0", "gate-1", "gate-2"]
+        )
 
     @inlineCallbacks
     def test_redisWiped(self):
@@ -460,8 +511,10 @@ class ClusterProcessTests(ClusterMixin, TestCase):
             clients.append(client)
         yield clients[0].imclient.send("user5", b"before", clientMsgId="before")
         yield self.changes.until(
-            lambda: clients[5].bodies("user0") and clients[0].bodies(outgoing=True), DEADLINE,
-            "the message before, and its sender's copy")
+            lambda: clients[5].bodies("user0") and clients[0].bodies(outgoing=True),
+            DEADLINE,
+            "the message before, and its sender's copy",
+        )
         highest = max(e.seq for c in clients for e in c.entries)
         protocols = [c.protocol for c in clients]
 
@@ -469,16 +522,19 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         yield self.redis.start()
         started = reactor.seconds()
         for i, client in enumerate(clients):
-            expected = {"phone": ("gate-{}".format(i % GATES),
-                                  client.protocol.session.session_id)}
-            yield self.poll(lambda client=client: self.sessions(client.uid),
-                            lambda found, expected=expected: found == expected,
-                            "the session of " + client.uid,
-                            timeout=max(0.1, RECOVERY - (reactor.seconds() - started)))
+            expected = {"phone": ("gate-{}".format(i % GATES), client.protocol.session.session_id)}
+            yield self.poll(
+                lambda client=client: self.sessions(client.uid),
+                lambda found, expected=expected: found == expected,
+                "the session of " + client.uid,
+                timeout=max(0.1, RECOVERY - (reactor.seconds() - started)),
+            )
         for i, client in enumerate(clients):
             devices = yield self.presence((i + 1) % GATES, client.uid)
-            self.assertEqual(devices, [("phone", "gate-{}".format(i % GATES),
-                                        client.protocol.session.session_id)])
+            self.assertEqual(
+                devices,
+                [("phone", "gate-{}".format(i % GATES), client.protocol.session.session_id)],
+            )
         self.assertLess(reactor.seconds() - started, RECOVERY)
         self.assertEqual([c.protocol for c in clients], protocols)
 
@@ -486,12 +542,10 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         # the client retries it (same client_msg_id) until it is stored.
         response = yield clients[1].imclient.send("user3", b"after", clientMsgId="after")
         self.assertGreater(response.seq, highest)
-        yield self.changes.until(lambda: clients[3].bodies("user1"), DEADLINE,
-                                 "the message after")
+        yield self.changes.until(lambda: clients[3].bodies("user1"), DEADLINE, "the message after")
         [entry] = [e for e in clients[3].entries if e.message.body == b"after"]
         self.assertGreater(entry.seq, highest)
         self.assertEqual([c.protocol for c in clients], protocols)
-
 
 
 class SharedPortTests(ClusterMixin, TestCase):
@@ -528,8 +582,10 @@ class SharedPortTests(ClusterMixin, TestCase):
         """
         [port] = {gate.port for gate in self.gates}
         answer = yield self.ok(0, b"GET", "/v1/gates")
-        self.assertEqual(sorted((a["gate_id"], a["port"]) for a in answer["addresses"]),
-                         [("gate-{}".format(i), port) for i in range(GATES)])
+        self.assertEqual(
+            sorted((a["gate_id"], a["port"]) for a in answer["addresses"]),
+            [("gate-{}".format(i), port) for i in range(GATES)],
+        )
         clients = []
         for i in range(15):
             client = Client(self, "user{}".format(i), 0)
@@ -542,18 +598,22 @@ class SharedPortTests(ClusterMixin, TestCase):
         first = clients[0]
         other = next(c for c, g in zip(clients, placed) if g != placed[0])
         yield first.imclient.send(other.uid, b"across", clientMsgId="across")
-        yield self.changes.until(lambda: other.bodies(first.uid) == [b"across"], DEADLINE,
-                                 "the message across gates")
+        yield self.changes.until(
+            lambda: other.bodies(first.uid) == [b"across"], DEADLINE, "the message across gates"
+        )
 
         victim = int(placed[0].rpartition("-")[2])
         orphans = [c for c, g in zip(clients, placed) if g == placed[0]]
         yield self.gates[victim].kill()
-        sends = [other.imclient.send(c.uid, b"meanwhile", clientMsgId="m-" + c.uid)
-                 for c in orphans]
+        sends = [
+            other.imclient.send(c.uid, b"meanwhile", clientMsgId="m-" + c.uid) for c in orphans
+        ]
         yield gatherResults(sends)
         yield self.changes.until(
-            lambda: all(c.bodies(other.uid) == [b"meanwhile"] for c in orphans), DEADLINE,
-            "the messages sent meanwhile")
+            lambda: all(c.bodies(other.uid) == [b"meanwhile"] for c in orphans),
+            DEADLINE,
+            "the messages sent meanwhile",
+        )
         placed = yield self.gatesOf(clients)
         self.assertNotIn("gate-{}".format(victim), placed)
         self.assertEqual(len(placed), 15)

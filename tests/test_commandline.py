@@ -18,10 +18,8 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from imserver import __main__ as imserverMain
-from imserver import __version__, commandline
-from imserver.bench import cli as benchCli
-from imserver.bench import echo, micro
+from imserver import __main__ as imserverMain, __version__, commandline
+from imserver.bench import cli as benchCli, echo, micro
 from imserver.bench.scenarios import SCENARIOS
 from imserver.spawn import childEnvironment
 
@@ -128,8 +126,7 @@ class HelpTests(SynchronousTestCase, CommandsMixin):
         and lists them; a command's help has the usage line of the command.
         """
         status, out = _run(imserverMain.Options(), ["--help"])
-        self.assertTrue(out.startswith("Usage: python -m imserver (chat | token) [options]\n"),
-                        out)
+        self.assertTrue(out.startswith("Usage: python -m imserver (chat | token) [options]\n"), out)
         self.assertRegex(out, r"\n    chat +Chat with another user")
         self.assertRegex(out, r"\n    token +Mint a client token")
         self.assertNotIn("COMMAND [options]", out)
@@ -142,8 +139,9 @@ class HelpTests(SynchronousTestCase, CommandsMixin):
         scenario's help describes it.
         """
         status, out = _run(benchCli.Options(), ["--help"])
-        self.assertTrue(out.startswith("Usage: im-bench ({}) [options]\n".format(
-            " | ".join(SCENARIOS))), out)
+        self.assertTrue(
+            out.startswith("Usage: im-bench ({}) [options]\n".format(" | ".join(SCENARIOS))), out
+        )
         for name in SCENARIOS:
             status, out = _run(benchCli.Options(), [name, "--help"])
             self.assertTrue(out.startswith("Usage: im-bench {} [options]".format(name)), out)
@@ -176,13 +174,15 @@ class SubprocessTests(TestCase):
 
         @return: a L{Deferred} firing with C{(out, err, status)}.
         """
-        return getProcessOutputAndValue(sys.executable, args, env=childEnvironment(),
-                                        path=ROOT.path, reactor=reactor, **kwargs)
+        return getProcessOutputAndValue(
+            sys.executable, args, env=childEnvironment(), path=ROOT.path, reactor=reactor, **kwargs
+        )
 
     def test_help(self):
         """
         C{python -m imserver --help} is plain text and exits with status 0.
         """
+
         def check(result):
             out, err, status = result
             out = out.decode("utf-8")
@@ -196,10 +196,10 @@ class SubprocessTests(TestCase):
         """
         C{python -m imserver --version} prints imserver's version.
         """
+
         def check(result):
             out, err, status = result
-            self.assertEqual((out, status), ("imserver {}\n".format(__version__).encode(), 0),
-                             err)
+            self.assertEqual((out, status), ("imserver {}\n".format(__version__).encode(), 0), err)
 
         return self.runPython("-m", "imserver", "--version").addCallback(check)
 

@@ -97,8 +97,7 @@ DROP_INTERVAL = 100
 KILL_AT = (1.0 / 3, 2.0 / 3)
 #: In cluster mode: what is killed (SIGKILL) and restarted when these
 #: fractions of the messages are acknowledged: a gate index, or C{"redis"}.
-CLUSTER_FAULTS = ((1.0 / 6, 0), (2.0 / 6, "redis"), (3.0 / 6, 1), (4.0 / 6, 2),
-                  (5.0 / 6, "redis"))
+CLUSTER_FAULTS = ((1.0 / 6, 0), (2.0 / 6, "redis"), (3.0 / 6, 1), (4.0 / 6, 2), (5.0 / 6, "redis"))
 #: Seconds allowed for every send to be acknowledged, per 10,000 messages.
 ACK_DEADLINE = 120.0
 #: Seconds allowed, once every send is acknowledged, for every inbox to be
@@ -108,6 +107,8 @@ CATCH_UP_DEADLINE = 30.0
 TEST_TIMEOUT = 240.0
 #: Violations described in a failure message, at most.
 MAX_DETAILS = 20
+
+
 def _scale(messages):
     """
     How many times longer than a 10,000-message run a run of C{messages}
@@ -120,11 +121,17 @@ def sqliteGate(dataDir):
     """
     The L{Gate} of L{CrashTests}: SQLite in C{dataDir}.
     """
-    return Gate(dataDir, [
-        "--store", "sqlite",
-        "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
-        "--idle-timeout", str(IDLE_TIMEOUT),
-    ])
+    return Gate(
+        dataDir,
+        [
+            "--store",
+            "sqlite",
+            "--heartbeat-interval",
+            str(HEARTBEAT_INTERVAL),
+            "--idle-timeout",
+            str(IDLE_TIMEOUT),
+        ],
+    )
 
 
 class CrashableRedis:
@@ -178,6 +185,8 @@ def redisInboxes(url, uids):
     finally:
         yield connection.disconnect()
     return inboxes
+
+
 @dataclass
 class Sent:
     """
@@ -304,27 +313,43 @@ class History:
             counts.acked += 1
             messageId = sent.response.message_id
             if messageId not in incoming[sent.to]:
-                counts.violation("lost", "{} -> {} ({}, id {}) acked, not delivered".format(
-                    sent.sender, sent.to, sent.clientMsgId, messageId))
+                counts.violation(
+                    "lost",
+                    "{} -> {} ({}, id {}) acked, not delivered".format(
+                        sent.sender, sent.to, sent.clientMsgId, messageId
+                    ),
+                )
             elif messageId not in outgoing[sent.sender]:
-                counts.violation("lost", "{} ({}, id {}) acked, missing from the"
-                                 " sender's stream".format(
-                                     sent.sender, sent.clientMsgId, messageId))
+                counts.violation(
+                    "lost",
+                    "{} ({}, id {}) acked, missing from the sender's stream".format(
+                        sent.sender, sent.clientMsgId, messageId
+                    ),
+                )
             elif outgoing[sent.sender][messageId] != sent.response.seq:
-                counts.violation("reordered", "{} ({}) acked with seq {}, delivered to"
-                                 " the sender at seq {}".format(
-                                     sent.sender, sent.clientMsgId, sent.response.seq,
-                                     outgoing[sent.sender][messageId]))
+                counts.violation(
+                    "reordered",
+                    "{} ({}) acked with seq {}, delivered to the sender at seq {}".format(
+                        sent.sender,
+                        sent.clientMsgId,
+                        sent.response.seq,
+                        outgoing[sent.sender][messageId],
+                    ),
+                )
             if sent.response.seq <= sent.floorSeq:
-                counts.violation("reordered", "{} ({}) got seq {}, not above {} acked"
-                                 " before it was sent".format(
-                                     sent.sender, sent.clientMsgId, sent.response.seq,
-                                     sent.floorSeq))
+                counts.violation(
+                    "reordered",
+                    "{} ({}) got seq {}, not above {} acked before it was sent".format(
+                        sent.sender, sent.clientMsgId, sent.response.seq, sent.floorSeq
+                    ),
+                )
             elif self.idsOrdered and messageId <= sent.floorId:
-                counts.violation("reordered", "{} ({}) got id {}, not above {} acked"
-                                 " before it was sent".format(
-                                     sent.sender, sent.clientMsgId, messageId,
-                                     sent.floorId))
+                counts.violation(
+                    "reordered",
+                    "{} ({}) got id {}, not above {} acked before it was sent".format(
+                        sent.sender, sent.clientMsgId, messageId, sent.floorId
+                    ),
+                )
         return counts
 
     def _checkStream(self, uid, stream, inbox, counts, incoming, outgoing):
@@ -334,7 +359,8 @@ class History:
         for entry in stream:
             message = entry.message
             where = "{} seq {} (id {}, {} {})".format(
-                uid, entry.seq, message.id, message.sender, message.client_msg_id)
+                uid, entry.seq, message.id, message.sender, message.client_msg_id
+            )
             if entry.seq <= previousSeq:
                 counts.violation("reordered", "{} after seq {}".format(where, previousSeq))
             elif self.idsOrdered and message.id <= previousId:
@@ -342,14 +368,17 @@ class History:
             previousSeq = max(previousSeq, entry.seq)
             previousId = max(previousId, message.id)
             if message.id in seenIds:
-                counts.violation("duplicates", "{} already delivered at seq {}".format(
-                    where, seenIds[message.id]))
+                counts.violation(
+                    "duplicates",
+                    "{} already delivered at seq {}".format(where, seenIds[message.id]),
+                )
                 continue
             seenIds[message.id] = entry.seq
             key = (message.sender, message.client_msg_id)
             if key in stored:
-                counts.violation("duplicates", "{} already stored as id {}".format(
-                    where, stored[key]))
+                counts.violation(
+                    "duplicates", "{} already stored as id {}".format(where, stored[key])
+                )
                 continue
             stored[key] = message.id
             sent = self.sends.get(key)
@@ -360,12 +389,17 @@ class History:
                 or sent.to != message.recipient
                 or sent.body != message.body
             ):
-                counts.violation("unexpected", "{} was not sent ({})".format(
-                    where, "unknown" if sent is None else "not as sent"))
+                counts.violation(
+                    "unexpected",
+                    "{} was not sent ({})".format(
+                        where, "unknown" if sent is None else "not as sent"
+                    ),
+                )
                 continue
             if sent.response is not None and sent.response.message_id != message.id:
-                counts.violation("duplicates", "{} acked as id {}".format(
-                    where, sent.response.message_id))
+                counts.violation(
+                    "duplicates", "{} acked as id {}".format(where, sent.response.message_id)
+                )
                 continue
             if entry.outgoing:
                 outgoing[uid][message.id] = entry.seq
@@ -383,9 +417,7 @@ class History:
         for seq in sorted(expected - seqs):
             counts.violation("gaps", "{} never got seq {} ({})".format(uid, seq, where))
         for seq in sorted(seqs - expected):
-            counts.violation("gaps", "{} got seq {} not in its inbox ({})".format(
-                uid, seq, where))
-
+            counts.violation("gaps", "{} got seq {} not in its inbox ({})".format(uid, seq, where))
 
 
 class Workload:
@@ -442,8 +474,12 @@ class Workload:
         rng = self.rng
         for i, uid in enumerate(self.users):
             client = IMClient(
-                reactor, None, None, uid,
-                mintToken(secret, uid, 3600, time.time()), "crash",
+                reactor,
+                None,
+                None,
+                uid,
+                mintToken(secret, uid, 3600, time.time()),
+                "crash",
                 onMessage=lambda entry, uid=uid: self.history.recordDelivery(uid, entry),
                 endpoint=endpointFor(i),
                 retryPolicy=lambda attempt: 0.05 + rng.random() * 0.05,
@@ -476,12 +512,12 @@ class Workload:
             self._done.errback(failure)
 
     def _gaveUp(self, reason, uid):
-        self._fail(Failure(AssertionError(
-            "the client of {} stopped reconnecting: {}".format(uid, reason))))
+        self._fail(
+            Failure(AssertionError("the client of {} stopped reconnecting: {}".format(uid, reason)))
+        )
 
     def _fill(self, uid):
-        while (self._inFlight[uid] < IN_FLIGHT
-               and self._sentCount[uid] < self._quota[uid]):
+        while self._inFlight[uid] < IN_FLIGHT and self._sentCount[uid] < self._quota[uid]:
             self._sendOne(uid)
 
     def _sendOne(self, uid):
@@ -489,9 +525,13 @@ class Workload:
         to = self.rng.choice([u for u in self.users if u != uid])
         clientMsgId = "{}-{}".format(uid, counter)
         sent = Sent(
-            sender=uid, to=to, counter=counter, clientMsgId=clientMsgId,
+            sender=uid,
+            to=to,
+            counter=counter,
+            clientMsgId=clientMsgId,
             body="{}:{}:{}".format(uid, counter, clientMsgId).encode("ascii"),
-            floorId=self._highestAckedId[uid], floorSeq=self._highestAckedSeq[uid],
+            floorId=self._highestAckedId[uid],
+            floorSeq=self._highestAckedSeq[uid],
         )
         self.history.recordSend(sent)
         self._inFlight[uid] += 1
@@ -514,9 +554,15 @@ class Workload:
         self._checkDone()
 
     def _sendFailed(self, failure, sent):
-        self._fail(Failure(AssertionError(
-            "send {} of {} failed: {}".format(
-                sent.clientMsgId, sent.sender, failure.getErrorMessage()))))
+        self._fail(
+            Failure(
+                AssertionError(
+                    "send {} of {} failed: {}".format(
+                        sent.clientMsgId, sent.sender, failure.getErrorMessage()
+                    )
+                )
+            )
+        )
 
     def _checkDone(self):
         if self.acked == self.total and self._crashing is None and not self._done.called:
@@ -544,7 +590,8 @@ class Workload:
         Abort the connection of a random connected client, if there is one.
         """
         connected = [
-            client.protocol for uid, client in sorted(self.clients.items())
+            client.protocol
+            for uid, client in sorted(self.clients.items())
             if client.protocol is not None and client.protocol not in self._aborted
         ]
         if connected:
@@ -581,13 +628,26 @@ class Workload:
         """
         The state of every client, for a failure message.
         """
-        lines = ["acked {} of {}; crashes {} of {} (one in progress: {})".format(
-            self.acked, self.total, len(self.downtimes), len(self.faults),
-            self._crashing is not None)]
+        lines = [
+            "acked {} of {}; crashes {} of {} (one in progress: {})".format(
+                self.acked,
+                self.total,
+                len(self.downtimes),
+                len(self.faults),
+                self._crashing is not None,
+            )
+        ]
         for uid, client in sorted(self.clients.items()):
-            lines.append("{}: sent {}/{}, pending {}, lastSeq {}, connected {}".format(
-                uid, self._sentCount[uid], self._quota[uid], client.pendingCount(),
-                client.lastSeq, client.protocol is not None))
+            lines.append(
+                "{}: sent {}/{}, pending {}, lastSeq {}, connected {}".format(
+                    uid,
+                    self._sentCount[uid],
+                    self._quota[uid],
+                    client.pendingCount(),
+                    client.lastSeq,
+                    client.protocol is not None,
+                )
+            )
         return "\n".join(lines)
 
 
@@ -597,8 +657,7 @@ class CrashTestMixin:
     """
 
     @inlineCallbacks
-    def runAndCheck(self, workload, history, readInboxes, processes, started, seed,
-                    tolerated=()):
+    def runAndCheck(self, workload, history, readInboxes, processes, started, seed, tolerated=()):
         """
         Run C{workload} (its clients connected), wait until every client has
         its whole inbox, print the counts, and fail on any violation, any
@@ -618,8 +677,7 @@ class CrashTestMixin:
         scale = _scale(workload.total)
         problems = []
         try:
-            yield withDeadline(workload.run(), ACK_DEADLINE * scale,
-                                "every send acknowledged")
+            yield withDeadline(workload.run(), ACK_DEADLINE * scale, "every send acknowledged")
         except Exception as e:
             problems.append(str(e))
         # Once every send is acknowledged nothing changes the inboxes: wait
@@ -632,14 +690,19 @@ class CrashTestMixin:
             heads[uid] = yield workload.head(uid)
             yield history.whenDelivered(uid, heads[uid])
 
-        results = yield DeferredList([
-            withDeadline(catchUp(uid), CATCH_UP_DEADLINE, "the catch-up of " + uid)
-            for uid in users
-        ], consumeErrors=True)
+        results = yield DeferredList(
+            [
+                withDeadline(catchUp(uid), CATCH_UP_DEADLINE, "the catch-up of " + uid)
+                for uid in users
+            ],
+            consumeErrors=True,
+        )
         problems.extend(
             "{} (head {}, delivered up to {})".format(
-                result.getErrorMessage(), heads.get(uid), workload.clients[uid].lastSeq)
-            for uid, (ok, result) in zip(users, results) if not ok
+                result.getErrorMessage(), heads.get(uid), workload.clients[uid].lastSeq
+            )
+            for uid, (ok, result) in zip(users, results)
+            if not ok
         )
         inboxes = {}
         if not problems:
@@ -652,7 +715,8 @@ class CrashTestMixin:
             for found in loggedTracebacks(process.output())
         ]
         logged = [
-            "{} logged:\n{}".format(name, found) for name, found in tracebacks
+            "{} logged:\n{}".format(name, found)
+            for name, found in tracebacks
             if not any(pattern.search(found) for pattern in tolerated)
         ]
         print(
@@ -661,34 +725,50 @@ class CrashTestMixin:
             " reordered={c.reordered} kills={kills} socket_drops={drops}"
             " seconds={seconds:.1f} gaps={c.gaps} resent_after_store={resent}"
             " downtime={downtime} tolerated_errors={tolerated} seed={seed}".format(
-                c=counts, drops=workload.drops, resent=workload.resent,
-                kills="+".join("{}:{}".format(name, p.kills)
-                               for name, p in sorted(processes.items())),
+                c=counts,
+                drops=workload.drops,
+                resent=workload.resent,
+                kills="+".join(
+                    "{}:{}".format(name, p.kills) for name, p in sorted(processes.items())
+                ),
                 downtime="+".join("{:.1f}".format(t) for t in workload.downtimes),
-                seconds=time.monotonic() - started, seed=seed,
+                seconds=time.monotonic() - started,
+                seed=seed,
                 tolerated=len(tracebacks) - len(logged),
             )
         )
-        outputs = "".join("=== {} ===\n{}".format(name, p.output()[-20000:])
-                          for name, p in sorted(processes.items()))
+        outputs = "".join(
+            "=== {} ===\n{}".format(name, p.output()[-20000:])
+            for name, p in sorted(processes.items())
+        )
         if problems:
-            self.fail("{}\nseed {}, heads {}\n{}\n{}\n{}".format(
-                "\n".join(problems), seed, heads, workload.describe(),
-                "\n".join(counts.details), outputs))
+            self.fail(
+                "{}\nseed {}, heads {}\n{}\n{}\n{}".format(
+                    "\n".join(problems),
+                    seed,
+                    heads,
+                    workload.describe(),
+                    "\n".join(counts.details),
+                    outputs,
+                )
+            )
         self.assertEqual(
-            (counts.lost, counts.unexpected, counts.duplicates, counts.reordered,
-             counts.gaps),
+            (counts.lost, counts.unexpected, counts.duplicates, counts.reordered, counts.gaps),
             (0, 0, 0, 0, 0),
-            "violations (lost, unexpected, duplicates, reordered, gaps), seed {}:\n{}"
-            .format(seed, "\n".join(counts.details)),
+            "violations (lost, unexpected, duplicates, reordered, gaps), seed {}:\n{}".format(
+                seed, "\n".join(counts.details)
+            ),
         )
         total = workload.total
         self.assertEqual((counts.sent, counts.acked, counts.delivered), (total, total, total))
         self.assertEqual(len(workload.downtimes), len(workload.faults))
         self.assertGreater(workload.drops, 0)
         if logged:
-            self.fail("{} errors logged, seed {}:\n{}".format(
-                len(logged), seed, "\n".join(logged[:MAX_DETAILS])))
+            self.fail(
+                "{} errors logged, seed {}:\n{}".format(
+                    len(logged), seed, "\n".join(logged[:MAX_DETAILS])
+                )
+            )
         return counts
 
 
@@ -696,7 +776,7 @@ def _seed():
     """
     The seed of a run: C{$IMSERVER_CRASH_SEED}, else a random one.
     """
-    return int(os.environ.get("IMSERVER_CRASH_SEED") or random.randrange(2 ** 32))
+    return int(os.environ.get("IMSERVER_CRASH_SEED") or random.randrange(2**32))
 
 
 class CrashTests(CrashTestMixin, TestCase):
@@ -725,17 +805,18 @@ class CrashTests(CrashTestMixin, TestCase):
         self.addCleanup(gate.stop)
         users = ["user{}".format(i) for i in range(USERS)]
         history = History(users)
-        workload = Workload(history, rng, users, MESSAGES,
-                            [(at, "gate", gate.crash) for at in KILL_AT])
+        workload = Workload(
+            history, rng, users, MESSAGES, [(at, "gate", gate.crash) for at in KILL_AT]
+        )
         self.addCleanup(workload.stop)
 
         port = yield gate.start()
-        workload.connect(gate.secret(), lambda i: TCP4ClientEndpoint(
-            reactor, "127.0.0.1", port, timeout=5))
+        workload.connect(
+            gate.secret(), lambda i: TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
+        )
         yield self.runAndCheck(workload, history, succeed, {"gate": gate}, started, seed)
         self.assertEqual(gate.kills, len(KILL_AT))
-        self.assertEqual(
-            len([run for run in gate.runs if run.port is not None]), len(KILL_AT) + 1)
+        self.assertEqual(len([run for run in gate.runs if run.port is not None]), len(KILL_AT) + 1)
 
 
 class ClusterCrashTests(CrashTestMixin, TestCase):
@@ -769,12 +850,18 @@ class ClusterCrashTests(CrashTestMixin, TestCase):
         for i in range(CLUSTER_GATES):
             dataDir = FilePath(self.mktemp())
             dataDir.makedirs()
-            gate = clusterGate(dataDir, redis.server.url, "gate-{}".format(i), secretFile,
-                               args=["--request-rate", "1000", "--request-burst", "1000"])
+            gate = clusterGate(
+                dataDir,
+                redis.server.url,
+                "gate-{}".format(i),
+                secretFile,
+                args=["--request-rate", "1000", "--request-burst", "1000"],
+            )
             self.addCleanup(gate.stop)
             gates.append(gate)
         faults = [
-            (at, "redis", redis.crash) if target == "redis"
+            (at, "redis", redis.crash)
+            if target == "redis"
             else (at, "gate-{}".format(target), gates[target].crash)
             for at, target in CLUSTER_FAULTS
         ]
@@ -784,16 +871,22 @@ class ClusterCrashTests(CrashTestMixin, TestCase):
         self.addCleanup(workload.stop)
 
         yield gatherResults([gate.start() for gate in gates])
-        workload.connect(gates[0].secret(),
-                         lambda i: RotatingEndpoint(gates, first=i))
+        workload.connect(gates[0].secret(), lambda i: RotatingEndpoint(gates, first=i))
         processes = {"gate-{}".format(i): gate for i, gate in enumerate(gates)}
         processes["redis"] = redis
         yield self.runAndCheck(
-            workload, history, lambda heads: redisInboxes(redis.server.url, users),
-            processes, started, seed, TOLERATED)
+            workload,
+            history,
+            lambda heads: redisInboxes(redis.server.url, users),
+            processes,
+            started,
+            seed,
+            TOLERATED,
+        )
         targets = [target for at, target in CLUSTER_FAULTS]
-        self.assertEqual([gate.kills for gate in gates],
-                         [targets.count(i) for i in range(CLUSTER_GATES)])
+        self.assertEqual(
+            [gate.kills for gate in gates], [targets.count(i) for i in range(CLUSTER_GATES)]
+        )
         self.assertEqual(redis.kills, targets.count("redis"))
 
 
@@ -805,9 +898,13 @@ def _entry(seq, messageId, sender, recipient, counter, outgoing=False, body=None
     clientMsgId = "{}-{}".format(sender, counter)
     if body is None:
         body = "{}:{}:{}".format(sender, counter, clientMsgId).encode("ascii")
-    return pb.InboxEntry(seq=seq, outgoing=outgoing, message=pb.Message(
-        id=messageId, sender=sender, recipient=recipient, body=body,
-        client_msg_id=clientMsgId))
+    return pb.InboxEntry(
+        seq=seq,
+        outgoing=outgoing,
+        message=pb.Message(
+            id=messageId, sender=sender, recipient=recipient, body=body, client_msg_id=clientMsgId
+        ),
+    )
 
 
 class HistoryCheckTests(SynchronousTestCase):
@@ -825,11 +922,18 @@ class HistoryCheckTests(SynchronousTestCase):
         history = History(["alice", "bob"], idsOrdered)
         for counter, floorId, floorSeq in zip((1, 2), floorIds, floorSeqs):
             clientMsgId = "alice-{}".format(counter)
-            history.recordSend(Sent(
-                sender="alice", to="bob", counter=counter, clientMsgId=clientMsgId,
-                body="alice:{}:{}".format(counter, clientMsgId).encode("ascii"),
-                floorId=floorId, floorSeq=floorSeq,
-                response=pb.SendResponse(message_id=counter, seq=counter)))
+            history.recordSend(
+                Sent(
+                    sender="alice",
+                    to="bob",
+                    counter=counter,
+                    clientMsgId=clientMsgId,
+                    body="alice:{}:{}".format(counter, clientMsgId).encode("ascii"),
+                    floorId=floorId,
+                    floorSeq=floorSeq,
+                    response=pb.SendResponse(message_id=counter, seq=counter),
+                )
+            )
         return history
 
     def deliver(self, history, bob, alice=None):
@@ -838,8 +942,7 @@ class HistoryCheckTests(SynchronousTestCase):
         copies in order).
         """
         if alice is None:
-            alice = [_entry(1, 1, "alice", "bob", 1, True),
-                     _entry(2, 2, "alice", "bob", 2, True)]
+            alice = [_entry(1, 1, "alice", "bob", 1, True), _entry(2, 2, "alice", "bob", 2, True)]
         for entry in alice:
             history.recordDelivery("alice", entry)
         for entry in bob:
@@ -862,8 +965,7 @@ class HistoryCheckTests(SynchronousTestCase):
         A complete, ordered history has no violation.
         """
         history = self.history()
-        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
-                               _entry(2, 2, "alice", "bob", 2)])
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1), _entry(2, 2, "alice", "bob", 2)])
         counts = history.check({"alice": 2, "bob": 2})
         self.assertCounts(counts)
         self.assertEqual((counts.sent, counts.acked, counts.delivered), (2, 2, 2))
@@ -882,9 +984,11 @@ class HistoryCheckTests(SynchronousTestCase):
         An acknowledged message missing from its sender's stream is lost.
         """
         history = self.history()
-        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
-                               _entry(2, 2, "alice", "bob", 2)],
-                     [_entry(1, 1, "alice", "bob", 1, True)])
+        self.deliver(
+            history,
+            [_entry(1, 1, "alice", "bob", 1), _entry(2, 2, "alice", "bob", 2)],
+            [_entry(1, 1, "alice", "bob", 1, True)],
+        )
         self.assertCounts(history.check({"alice": 1, "bob": 2}), lost=1)
 
     def test_unexpected(self):
@@ -892,35 +996,48 @@ class HistoryCheckTests(SynchronousTestCase):
         An entry never sent, or not as sent, is unexpected.
         """
         history = self.history()
-        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
-                               _entry(2, 2, "alice", "bob", 2),
-                               _entry(3, 3, "alice", "bob", 3),
-                               _entry(4, 4, "carol", "bob", 1),
-                               _entry(5, 5, "alice", "bob", 1, body=b"forged")])
+        self.deliver(
+            history,
+            [
+                _entry(1, 1, "alice", "bob", 1),
+                _entry(2, 2, "alice", "bob", 2),
+                _entry(3, 3, "alice", "bob", 3),
+                _entry(4, 4, "carol", "bob", 1),
+                _entry(5, 5, "alice", "bob", 1, body=b"forged"),
+            ],
+        )
         # The forged body reuses alice-1, already delivered as id 1: that
         # is a second message for one client_msg_id, a duplicate.
-        self.assertCounts(history.check({"alice": 2, "bob": 5}),
-                          unexpected=2, duplicates=1)
+        self.assertCounts(history.check({"alice": 2, "bob": 5}), unexpected=2, duplicates=1)
 
     def test_duplicateId(self):
         """
         One message id delivered at two seqs is a duplicate.
         """
         history = self.history()
-        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
-                               _entry(2, 2, "alice", "bob", 2),
-                               _entry(3, 2, "alice", "bob", 2)])
-        self.assertCounts(history.check({"alice": 2, "bob": 3}),
-                          duplicates=1, reordered=1)
+        self.deliver(
+            history,
+            [
+                _entry(1, 1, "alice", "bob", 1),
+                _entry(2, 2, "alice", "bob", 2),
+                _entry(3, 2, "alice", "bob", 2),
+            ],
+        )
+        self.assertCounts(history.check({"alice": 2, "bob": 3}), duplicates=1, reordered=1)
 
     def test_storedTwice(self):
         """
         One client_msg_id stored as a second message is a duplicate.
         """
         history = self.history()
-        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
-                               _entry(2, 2, "alice", "bob", 2),
-                               _entry(3, 3, "alice", "bob", 2)])
+        self.deliver(
+            history,
+            [
+                _entry(1, 1, "alice", "bob", 1),
+                _entry(2, 2, "alice", "bob", 2),
+                _entry(3, 3, "alice", "bob", 2),
+            ],
+        )
         self.assertCounts(history.check({"alice": 2, "bob": 3}), duplicates=1)
 
     def test_seqOrder(self):
@@ -928,8 +1045,7 @@ class HistoryCheckTests(SynchronousTestCase):
         A stream whose seqs go back is reordered.
         """
         history = self.history()
-        self.deliver(history, [_entry(2, 2, "alice", "bob", 2),
-                               _entry(1, 1, "alice", "bob", 1)])
+        self.deliver(history, [_entry(2, 2, "alice", "bob", 2), _entry(1, 1, "alice", "bob", 1)])
         self.assertCounts(history.check({"alice": 2, "bob": 2}), reordered=1)
 
     def test_idOrder(self):
@@ -938,8 +1054,7 @@ class HistoryCheckTests(SynchronousTestCase):
         the server's acceptance order.
         """
         history = self.history()
-        self.deliver(history, [_entry(1, 2, "alice", "bob", 2),
-                               _entry(2, 1, "alice", "bob", 1)])
+        self.deliver(history, [_entry(1, 2, "alice", "bob", 2), _entry(2, 1, "alice", "bob", 1)])
         self.assertCounts(history.check({"alice": 2, "bob": 2}), reordered=1)
 
     def test_ackedSeq(self):
@@ -948,10 +1063,11 @@ class HistoryCheckTests(SynchronousTestCase):
         is reordered.
         """
         history = self.history()
-        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
-                               _entry(2, 2, "alice", "bob", 2)],
-                     [_entry(1, 1, "alice", "bob", 1, True),
-                      _entry(3, 2, "alice", "bob", 2, True)])
+        self.deliver(
+            history,
+            [_entry(1, 1, "alice", "bob", 1), _entry(2, 2, "alice", "bob", 2)],
+            [_entry(1, 1, "alice", "bob", 1, True), _entry(3, 2, "alice", "bob", 2, True)],
+        )
         self.assertCounts(history.check({"alice": 3, "bob": 2}), reordered=1, gaps=1)
 
     def test_causalOrder(self):
@@ -960,8 +1076,7 @@ class HistoryCheckTests(SynchronousTestCase):
         reordered.
         """
         history = self.history(floorIds=(0, 5))
-        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
-                               _entry(2, 2, "alice", "bob", 2)])
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1), _entry(2, 2, "alice", "bob", 2)])
         self.assertCounts(history.check({"alice": 2, "bob": 2}), reordered=1)
 
     def test_causalSeqOrder(self):
@@ -971,8 +1086,7 @@ class HistoryCheckTests(SynchronousTestCase):
         not ordered.
         """
         history = self.history(floorSeqs=(0, 2), idsOrdered=False)
-        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
-                               _entry(2, 2, "alice", "bob", 2)])
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1), _entry(2, 2, "alice", "bob", 2)])
         self.assertCounts(history.check({"alice": 2, "bob": 2}), reordered=1)
 
     def test_idsNotOrdered(self):
@@ -984,14 +1098,14 @@ class HistoryCheckTests(SynchronousTestCase):
         """
         for idsOrdered, reordered in [(False, 0), (True, 3)]:
             # alice-1 got id 2, alice-2 (sent after alice-1's ack) id 1.
-            history = self.history(floorIds=(0, 2), floorSeqs=(0, 1),
-                                   idsOrdered=idsOrdered)
+            history = self.history(floorIds=(0, 2), floorSeqs=(0, 1), idsOrdered=idsOrdered)
             history.sends[("alice", "alice-1")].response.message_id = 2
             history.sends[("alice", "alice-2")].response.message_id = 1
-            self.deliver(history, [_entry(1, 2, "alice", "bob", 1),
-                                   _entry(2, 1, "alice", "bob", 2)],
-                         [_entry(1, 2, "alice", "bob", 1, True),
-                          _entry(2, 1, "alice", "bob", 2, True)])
+            self.deliver(
+                history,
+                [_entry(1, 2, "alice", "bob", 1), _entry(2, 1, "alice", "bob", 2)],
+                [_entry(1, 2, "alice", "bob", 1, True), _entry(2, 1, "alice", "bob", 2, True)],
+            )
             self.assertCounts(history.check({"alice": 2, "bob": 2}), reordered=reordered)
 
     def test_inboxSeqs(self):
@@ -1000,15 +1114,15 @@ class HistoryCheckTests(SynchronousTestCase):
         floor and jump), a stream must hold exactly those.
         """
         history = self.history()
-        self.deliver(history, [_entry(1001, 1, "alice", "bob", 1),
-                               _entry(5001, 2, "alice", "bob", 2)],
-                     [_entry(1001, 1, "alice", "bob", 1, True),
-                      _entry(5002, 2, "alice", "bob", 2, True)])
+        self.deliver(
+            history,
+            [_entry(1001, 1, "alice", "bob", 1), _entry(5001, 2, "alice", "bob", 2)],
+            [_entry(1001, 1, "alice", "bob", 1, True), _entry(5002, 2, "alice", "bob", 2, True)],
+        )
         history.sends[("alice", "alice-1")].response.seq = 1001
         history.sends[("alice", "alice-2")].response.seq = 5002
         self.assertCounts(history.check({"alice": {1001, 5002}, "bob": {1001, 5001}}))
-        self.assertCounts(history.check({"alice": {1001, 5002}, "bob": {1001, 1002, 5001}}),
-                          gaps=1)
+        self.assertCounts(history.check({"alice": {1001, 5002}, "bob": {1001, 1002, 5001}}), gaps=1)
         self.assertCounts(history.check({"alice": {1001, 5002}, "bob": {5001}}), gaps=1)
 
     def test_gapBeyondHead(self):
@@ -1016,8 +1130,7 @@ class HistoryCheckTests(SynchronousTestCase):
         A seq beyond the head the server reports is a gap too.
         """
         history = self.history()
-        self.deliver(history, [_entry(1, 1, "alice", "bob", 1),
-                               _entry(2, 2, "alice", "bob", 2)])
+        self.deliver(history, [_entry(1, 1, "alice", "bob", 1), _entry(2, 2, "alice", "bob", 2)])
         self.assertCounts(history.check({"alice": 2, "bob": 1}), gaps=1)
 
     def test_whenDelivered(self):

@@ -65,9 +65,16 @@ class SendTests(SynchronousTestCase):
         self.assertEqual(result.server_time_ms, 1_700_000_000_000)
         [entry] = pushes(written(self.bobT))
         self.assertEqual((entry.seq, entry.outgoing), (1, False))
-        self.assertEqual((entry.message.id, entry.message.sender, entry.message.recipient,
-                          entry.message.body, entry.message.client_msg_id),
-                         (result.message_id, "alice", "bob", b"hello", "m1"))
+        self.assertEqual(
+            (
+                entry.message.id,
+                entry.message.sender,
+                entry.message.recipient,
+                entry.message.body,
+                entry.message.client_msg_id,
+            ),
+            (result.message_id, "alice", "bob", b"hello", "m1"),
+        )
         [own] = pushes(aliceFrames)
         self.assertEqual((own.seq, own.outgoing, own.message.id), (1, True, result.message_id))
 
@@ -91,8 +98,9 @@ class SendTests(SynchronousTestCase):
         self.gate.send(self.alice, "bob", "m1")
         [response] = responses(written(self.aliceT))
         again = pb.SendResponse.FromString(response.body)
-        self.assertEqual((again.message_id, again.seq, again.duplicate),
-                         (first.message_id, first.seq, True))
+        self.assertEqual(
+            (again.message_id, again.seq, again.duplicate), (first.message_id, first.seq, True)
+        )
         self.assertEqual(pushes(written(self.bobT)), [])
 
     def test_invalid(self):
@@ -118,7 +126,7 @@ class SendTests(SynchronousTestCase):
         """
         A store failure answers C{UNAVAILABLE} (retryable) and is logged.
         """
-        self.gate.store.deliver = lambda *a: fail(IOError("disk"))
+        self.gate.store.deliver = lambda *a: fail(OSError("disk"))
         self.gate.send(self.alice, "bob", "m1")
         [frame] = written(self.aliceT)
         self.assertEqual(frame.error.code, pb.UNAVAILABLE)
@@ -247,8 +255,9 @@ class WindowTests(SynchronousTestCase):
         self.gate.ack(carol, 1)
         self.assertEqual(writes, [])
         self.successResultOf(self.gate.factory.flushCursors())
-        self.assertEqual(sorted(writes[0]),
-                         [("alice", "phone", 0), ("bob", "phone", 2), ("carol", "phone", 1)])
+        self.assertEqual(
+            sorted(writes[0]), [("alice", "phone", 0), ("bob", "phone", 2), ("carol", "phone", 1)]
+        )
         self.assertEqual(self.successResultOf(self.gate.store.cursor("bob", "phone")), 2)
         self.successResultOf(self.gate.factory.flushCursors())
         self.assertEqual(len(writes), 1)
@@ -261,7 +270,7 @@ class WindowTests(SynchronousTestCase):
         self.gate.send(self.alice, "bob", "1")
         self.gate.ack(bob, 1)
         ack = self.gate.store.ack
-        self.gate.store.ack = lambda cursors, now: fail(IOError("disk"))
+        self.gate.store.ack = lambda cursors, now: fail(OSError("disk"))
         self.successResultOf(self.gate.factory.flushCursors())
         self.assertEqual(len(self.flushLoggedErrors(IOError)), 1)
         self.gate.store.ack = ack
@@ -286,8 +295,7 @@ class ResumeTests(SynchronousTestCase):
 
     def setUp(self):
         self.store = SlowStore()
-        self.gate = DeliveryHarness(self, store=self.store, max_unacked=100,
-                                    sync_page_size=4)
+        self.gate = DeliveryHarness(self, store=self.store, max_unacked=100, sync_page_size=4)
         self.alice, self.aliceT, _, _ = self.gate.login("alice")
 
     def offline(self, count):
@@ -339,8 +347,9 @@ class ResumeTests(SynchronousTestCase):
         self.store.release()
         entries = pushes(written(bobT))
         self.assertEqual([e.seq for e in entries], list(range(1, 10)))
-        self.assertEqual([e.message.client_msg_id for e in entries[6:]],
-                         ["live0", "live1", "live2"])
+        self.assertEqual(
+            [e.message.client_msg_id for e in entries[6:]], ["live0", "live1", "live2"]
+        )
 
     def test_liveBetweenRegisterAndHead(self):
         """
@@ -357,8 +366,11 @@ class ResumeTests(SynchronousTestCase):
 
         self.store.head = slowHead
         protocol, transport = self.gate.connect()
-        self.gate.request(protocol, "auth", pb.AuthRequest(
-            uid="bob", device_id="phone", token=self.gate.token("bob")))
+        self.gate.request(
+            protocol,
+            "auth",
+            pb.AuthRequest(uid="bob", device_id="phone", token=self.gate.token("bob")),
+        )
         self.gate.send(self.alice, "bob", "racing")
         d, result = held[0]
         result.chainDeferred(d)
@@ -394,7 +406,7 @@ class ResumeTests(SynchronousTestCase):
         C{UNAVAILABLE} (it resumes on reconnect); nothing is skipped.
         """
         self.offline(2)
-        self.store.fetch = lambda *a: fail(IOError("disk"))
+        self.store.fetch = lambda *a: fail(OSError("disk"))
         bob, bobT, response, rest = self.gate.login("bob")
         [frame] = rest
         self.assertEqual((frame.kind, frame.error.code), (pb.ERROR, pb.UNAVAILABLE))
@@ -414,8 +426,9 @@ class SyncTests(SynchronousTestCase):
         written(self.aliceT)
 
     def sync(self, afterSeq, limit):
-        self.gate.request(self.alice, "sync", pb.SyncRequest(after_seq=afterSeq, limit=limit),
-                          seq=50)
+        self.gate.request(
+            self.alice, "sync", pb.SyncRequest(after_seq=afterSeq, limit=limit), seq=50
+        )
         [frame] = written(self.aliceT)
         return pb.SyncResponse.FromString(frame.body)
 
@@ -443,8 +456,7 @@ class TypingTests(SynchronousTestCase):
         self.bob, self.bobT, _, _ = self.gate.login("bob")
 
     def typed(self):
-        return [pb.Typing.FromString(f.body) for f in written(self.bobT)
-                if f.method == "typing"]
+        return [pb.Typing.FromString(f.body) for f in written(self.bobT) if f.method == "typing"]
 
     def test_forwarded(self):
         """
@@ -562,8 +574,11 @@ class ContractFixTests(SynchronousTestCase):
         head = self.gate.store.head
         self.gate.store.head = lambda uid: pending
         protocol, transport = self.gate.connect()
-        self.gate.request(protocol, "auth", pb.AuthRequest(
-            uid="bob", device_id="phone", token=self.gate.token("bob")))
+        self.gate.request(
+            protocol,
+            "auth",
+            pb.AuthRequest(uid="bob", device_id="phone", token=self.gate.token("bob")),
+        )
         self.gate.notify(self.alice, "typing", pb.Typing(uid="bob", active=True))
         self.assertEqual(written(transport), [])
         head("bob").chainDeferred(pending)
@@ -575,10 +590,13 @@ class ContractFixTests(SynchronousTestCase):
         If the inbox head cannot be read at auth, the answer is the
         retryable C{UNAVAILABLE} and no session stays registered.
         """
-        self.gate.store.head = lambda uid: fail(IOError("disk"))
+        self.gate.store.head = lambda uid: fail(OSError("disk"))
         protocol, transport = self.gate.connect()
-        self.gate.request(protocol, "auth", pb.AuthRequest(
-            uid="bob", device_id="phone", token=self.gate.token("bob")))
+        self.gate.request(
+            protocol,
+            "auth",
+            pb.AuthRequest(uid="bob", device_id="phone", token=self.gate.token("bob")),
+        )
         [frame] = written(transport)
         self.assertEqual(frame.error.code, pb.UNAVAILABLE)
         self.assertEqual(self.successResultOf(self.gate.registry.sessionsFor("bob")), [])
@@ -610,7 +628,8 @@ class AnnounceNewestTests(SynchronousTestCase):
 
     def store(self, sender, to, clientMsgId, body):
         return self.successResultOf(
-            self.messenger.storeMessage(sender, clientMsgId, body, "", to=to))
+            self.messenger.storeMessage(sender, clientMsgId, body, "", to=to)
+        )
 
     def test_newest(self):
         """
@@ -632,6 +651,5 @@ class AnnounceNewestTests(SynchronousTestCase):
         A user with an empty inbox announces nothing.
         """
         session = RecordingSession()
-        self.assertEqual(self.successResultOf(self.messenger.announceNewest("carol", [session])),
-                         0)
+        self.assertEqual(self.successResultOf(self.messenger.announceNewest("carol", [session])), 0)
         self.assertEqual(session.advanced, [])

@@ -85,10 +85,10 @@ def section(text, number):
     """
     lines = text.splitlines()
     found = headings(text)
-    for position, (i, level, n, title) in enumerate(found):
+    for position, (i, _level, n, _title) in enumerate(found):
         if n == number:
             end = found[position + 1][0] if position + 1 < len(found) else len(lines)
-            return "\n".join(lines[i + 1:end])
+            return "\n".join(lines[i + 1 : end])
     raise KeyError("docs/protocol.md has no section {}".format(number))
 
 
@@ -100,7 +100,7 @@ def subsectionNames(text, number):
     @return: C{{name: subsection number}}
     """
     names = {}
-    for i, level, n, title in headings(text):
+    for _i, _level, n, title in headings(text):
         if n.startswith(number + ".") and n.count(".") == number.count(".") + 1:
             for name in _BACKTICKED.findall(title):
                 names[name] = n
@@ -141,12 +141,15 @@ def findTable(testCase, chunk, where, columns):
     @return: its rows, each a C{{column: cell}} dictionary.
     """
     for header, rows in tables(chunk):
-        if header[:len(columns)] == list(columns):
+        if header[: len(columns)] == list(columns):
             return [dict(zip(header, row)) for row in rows]
     testCase.fail(
         "docs/protocol.md {}: no table with the columns {} (found: {})".format(
-            where, " | ".join(columns),
-            "; ".join(" | ".join(header) for header, _ in tables(chunk)) or "no table"))
+            where,
+            " | ".join(columns),
+            "; ".join(" | ".join(header) for header, _ in tables(chunk)) or "no table",
+        )
+    )
 
 
 def enumValues():
@@ -206,11 +209,15 @@ class DocumentationTestCase(SynchronousTestCase):
         if extra:
             problems.append(
                 "docs/protocol.md ({}) names {} that {} does not have: {}".format(
-                    where, what, source, ", ".join(extra)))
+                    where, what, source, ", ".join(extra)
+                )
+            )
         if missing:
             problems.append(
                 "{} has {} that docs/protocol.md ({}) does not document: {}".format(
-                    source, what, where, ", ".join(missing)))
+                    source, what, where, ", ".join(missing)
+                )
+            )
         if problems:
             self.fail("\n".join(problems))
 
@@ -225,8 +232,11 @@ class DocumentationTestCase(SynchronousTestCase):
             if documented[name] != actual[name]
         ]
         if wrong:
-            self.fail("docs/protocol.md ({}) gives wrong {}:\n  {}".format(
-                where, what, "\n  ".join(wrong)))
+            self.fail(
+                "docs/protocol.md ({}) gives wrong {}:\n  {}".format(
+                    where, what, "\n  ".join(wrong)
+                )
+            )
 
 
 class MethodTests(DocumentationTestCase):
@@ -240,70 +250,93 @@ class MethodTests(DocumentationTestCase):
         The table of section 6 has a row per L{Method}, with its request and
         response message types, and no other row.
         """
-        rows = findTable(self, section(self.text, "6"), "section 6",
-                         ["Name", "Direction", "Request", "Response"])
+        rows = findTable(
+            self, section(self.text, "6"), "section 6", ["Name", "Direction", "Request", "Response"]
+        )
         documented = {}
         for row in rows:
             for name in _BACKTICKED.findall(row["Name"]):
                 documented[name] = (row["Request"].strip("`"), row["Response"].strip("`"))
         actual = declared(Method)
-        self.assertSameNames(documented, actual, "methods", "section 6 table",
-                             "imserver/methods.py")
+        self.assertSameNames(
+            documented, actual, "methods", "section 6 table", "imserver/methods.py"
+        )
         self.assertSameMapping(
             documented,
-            {name: (m.requestType.DESCRIPTOR.name, m.responseType.DESCRIPTOR.name)
-             for name, m in actual.items()},
-            "(request, response) types", "section 6 table")
+            {
+                name: (m.requestType.DESCRIPTOR.name, m.responseType.DESCRIPTOR.name)
+                for name, m in actual.items()
+            },
+            "(request, response) types",
+            "section 6 table",
+        )
 
     def test_notificationTable(self):
         """
         The table of section 7 has a row per L{Notification}, with its
         message type, and no other row.
         """
-        rows = findTable(self, section(self.text, "7"), "section 7",
-                         ["Name", "Direction", "Message"])
+        rows = findTable(
+            self, section(self.text, "7"), "section 7", ["Name", "Direction", "Message"]
+        )
         documented = {}
         for row in rows:
             for name in _BACKTICKED.findall(row["Name"]):
                 documented[name] = row["Message"].strip("`")
         actual = declared(Notification)
-        self.assertSameNames(documented, actual, "notifications", "section 7 table",
-                             "imserver/methods.py")
+        self.assertSameNames(
+            documented, actual, "notifications", "section 7 table", "imserver/methods.py"
+        )
         self.assertSameMapping(
             documented,
             {name: n.messageType.DESCRIPTOR.name for name, n in actual.items()},
-            "message types", "section 7 table")
+            "message types",
+            "section 7 table",
+        )
 
     def test_methodSections(self):
         """
         Every method has a subsection of section 6 titled with its name, and
         every such subsection is a method.
         """
-        self.assertSameNames(subsectionNames(self.text, "6"), declared(Method), "methods",
-                             "headings 6.x", "imserver/methods.py")
+        self.assertSameNames(
+            subsectionNames(self.text, "6"),
+            declared(Method),
+            "methods",
+            "headings 6.x",
+            "imserver/methods.py",
+        )
 
     def test_notificationSections(self):
         """
         Every notification has a subsection of section 7 titled with its
         name, and every such subsection is a notification.
         """
-        self.assertSameNames(subsectionNames(self.text, "7"), declared(Notification),
-                             "notifications", "headings 7.x", "imserver/methods.py")
+        self.assertSameNames(
+            subsectionNames(self.text, "7"),
+            declared(Notification),
+            "notifications",
+            "headings 7.x",
+            "imserver/methods.py",
+        )
 
     def test_contents(self):
         """
         The contents list the methods after section 6 and the notifications
         after section 7.
         """
-        for number, title, kind in [("6", "Methods", Method),
-                                    ("7", "Notifications", Notification)]:
-            match = re.search(r"^{}\. \[{}\]\([^)]*\):(.*)$".format(number, title),
-                              self.text, re.MULTILINE)
-            self.assertIsNotNone(match, "the contents have no line for section {}".format(
-                number))
-            self.assertSameNames(_BACKTICKED.findall(match.group(1)), declared(kind),
-                                 title.lower(), "contents, section {}".format(number),
-                                 "imserver/methods.py")
+        for number, title, kind in [("6", "Methods", Method), ("7", "Notifications", Notification)]:
+            match = re.search(
+                r"^{}\. \[{}\]\([^)]*\):(.*)$".format(number, title), self.text, re.MULTILINE
+            )
+            self.assertIsNotNone(match, "the contents have no line for section {}".format(number))
+            self.assertSameNames(
+                _BACKTICKED.findall(match.group(1)),
+                declared(kind),
+                title.lower(),
+                "contents, section {}".format(number),
+                "imserver/methods.py",
+            )
 
 
 class EnumTests(DocumentationTestCase):
@@ -324,8 +357,9 @@ class EnumTests(DocumentationTestCase):
             for name in _BACKTICKED.findall(row["Code"]):
                 documented[name] = int(row["#"]) if row["#"].isdigit() else row["#"]
         actual = dict(pb.ErrorCode.items())
-        self.assertSameNames(documented, actual, "error codes", "section 12 table",
-                             "ErrorCode in proto/im.proto")
+        self.assertSameNames(
+            documented, actual, "error codes", "section 12 table", "ErrorCode in proto/im.proto"
+        )
         self.assertSameMapping(documented, actual, "numbers", "section 12 table")
 
     def test_kickReasonTable(self):
@@ -335,16 +369,16 @@ class EnumTests(DocumentationTestCase):
         add words such as "unknown"; its value cell starts with the
         number.)
         """
-        rows = findTable(self, section(self.text, "7.1"), "section 7.1",
-                         ["Value", "Name"])
+        rows = findTable(self, section(self.text, "7.1"), "section 7.1", ["Value", "Name"])
         documented = {}
         for row in rows:
             number = re.match(r"\d+", row["Value"])
             for name in _BACKTICKED.findall(row["Name"]):
                 documented[name] = int(number.group()) if number else row["Value"]
         actual = dict(pb.KickReason.items())
-        self.assertSameNames(documented, actual, "kick reasons", "section 7.1 table",
-                             "KickReason in proto/im.proto")
+        self.assertSameNames(
+            documented, actual, "kick reasons", "section 7.1 table", "KickReason in proto/im.proto"
+        )
         self.assertSameMapping(documented, actual, "numbers", "section 7.1 table")
 
     def mentions(self):
@@ -363,8 +397,7 @@ class EnumTests(DocumentationTestCase):
             if inCode:
                 names.update(_DIAGRAM_CODE.findall(line))
             else:
-                names.update(name for name in _BACKTICKED.findall(line)
-                             if _ENUM_LIKE.match(name))
+                names.update(name for name in _BACKTICKED.findall(line) if _ENUM_LIKE.match(name))
             found.extend((number, name) for name in sorted(names))
         return found
 
@@ -381,7 +414,8 @@ class EnumTests(DocumentationTestCase):
         unknown = [
             "line {}: {}".format(number, name)
             for number, name in mentions
-            if name not in values and name not in NOT_PROTOCOL_NAMES
+            if name not in values
+            and name not in NOT_PROTOCOL_NAMES
             and not NOT_PROTOCOL_PATTERN.match(name)
         ]
         if unknown:
@@ -389,8 +423,9 @@ class EnumTests(DocumentationTestCase):
                 "docs/protocol.md names values that no enum of proto/im.proto has ({}):\n  {}"
                 "\n(if a name is not meant as a protocol name, add it to NOT_PROTOCOL_NAMES"
                 " in tests/test_docs.py)".format(
-                    ", ".join(sorted({enum for enum, _ in values.values()})),
-                    "\n  ".join(unknown)))
+                    ", ".join(sorted({enum for enum, _ in values.values()})), "\n  ".join(unknown)
+                )
+            )
 
     def test_enumNumbers(self):
         """
@@ -402,16 +437,22 @@ class EnumTests(DocumentationTestCase):
         checked = 0
         wrong = []
         for number, line in enumerate(self.text.splitlines(), 1):
-            pairs = [(name, value) for pattern in _NUMBERED_MENTIONS
-                     for name, value in pattern.findall(line)]
+            pairs = [
+                (name, value)
+                for pattern in _NUMBERED_MENTIONS
+                for name, value in pattern.findall(line)
+            ]
             pairs += [(name, value) for value, name in _VALUE_THEN_NAME.findall(line)]
             for name, value in pairs:
                 if name in values:
                     checked += 1
                     enum, actual = values[name]
                     if int(value) != actual:
-                        wrong.append("line {}: {} {}, but {}.{} = {}".format(
-                            number, name, value, enum, name, actual))
+                        wrong.append(
+                            "line {}: {} {}, but {}.{} = {}".format(
+                                number, name, value, enum, name, actual
+                            )
+                        )
         self.assertGreater(checked, 30, "the numbered mentions were not found")
         if wrong:
             self.fail("docs/protocol.md gives wrong enum numbers:\n  " + "\n  ".join(wrong))
@@ -428,16 +469,18 @@ class ParserTests(SynchronousTestCase):
         stays inside its cell, and lines that only start like a table are
         not one.
         """
-        chunk = "\n".join([
-            "intro",
-            "| A | B |",
-            "|---|---|",
-            "| `x` | a \\| b |",
-            "| y | z |",
-            "",
-            "| not | a table |",
-            "text",
-        ])
+        chunk = "\n".join(
+            [
+                "intro",
+                "| A | B |",
+                "|---|---|",
+                "| `x` | a \\| b |",
+                "| y | z |",
+                "",
+                "| not | a table |",
+                "text",
+            ]
+        )
         self.assertEqual(tables(chunk), [(["A", "B"], [["`x`", "a \\| b"], ["y", "z"]])])
 
     def test_sectionAndSubsections(self):
@@ -446,18 +489,20 @@ class ParserTests(SynchronousTestCase):
         headings inside code blocks; L{subsectionNames} reads the backticked
         names of the direct subsections only.
         """
-        text = "\n".join([
-            "## 6. Methods",
-            "intro",
-            "```",
-            "## 9. not a heading",
-            "```",
-            "### 6.1 `auth`",
-            "body",
-            "#### 6.1.1 `deeper`",
-            "### 6.2 `ping` (both)",
-            "## 7. Next",
-        ])
+        text = "\n".join(
+            [
+                "## 6. Methods",
+                "intro",
+                "```",
+                "## 9. not a heading",
+                "```",
+                "### 6.1 `auth`",
+                "body",
+                "#### 6.1.1 `deeper`",
+                "### 6.2 `ping` (both)",
+                "## 7. Next",
+            ]
+        )
         self.assertEqual(section(text, "6"), "intro\n```\n## 9. not a heading\n```")
         self.assertEqual(subsectionNames(text, "6"), {"auth": "6.1", "ping": "6.2"})
         self.assertRaises(KeyError, section, text, "9")
@@ -506,8 +551,7 @@ class CipherOrderTests(SynchronousTestCase):
         self.certificate, key = tls.makeSelfSigned()
         self.context = tls.serverOptions(self.certificate, key).getContext()
         self.serverOrder = SSL.Connection(self.context, None).get_cipher_list()
-        rows = findTable(self, section(protocolText(), "1"), "section 1",
-                         ["Property", "Value"])
+        rows = findTable(self, section(protocolText(), "1"), "section 1", ["Property", "Value"])
         self.rows = {row["Property"]: row["Value"] for row in rows}
 
     def documented(self, prop, prefix):
@@ -515,8 +559,7 @@ class CipherOrderTests(SynchronousTestCase):
         The suites named in the row C{prop} of section 1's table that start
         with C{prefix}, in the order they are first named.
         """
-        names = [name for name in _BACKTICKED.findall(self.rows[prop])
-                 if name.startswith(prefix)]
+        names = [name for name in _BACKTICKED.findall(self.rows[prop]) if name.startswith(prefix)]
         return list(dict.fromkeys(names))
 
     def test_tls12Order(self):
@@ -525,18 +568,20 @@ class CipherOrderTests(SynchronousTestCase):
         in the server's order, and the RSA suites come in the same order.
         """
         documented = self.documented("TLS 1.2 cipher suites", "ECDHE-ECDSA-")
-        self.assertEqual(
-            documented, [n for n in self.serverOrder if n.startswith("ECDHE-ECDSA-")])
+        self.assertEqual(documented, [n for n in self.serverOrder if n.startswith("ECDHE-ECDSA-")])
         self.assertEqual(
             [n.replace("ECDHE-ECDSA-", "ECDHE-RSA-") for n in documented],
-            [n for n in self.serverOrder if n.startswith("ECDHE-RSA-")])
+            [n for n in self.serverOrder if n.startswith("ECDHE-RSA-")],
+        )
 
     def test_tls13Order(self):
         """
         The TLS 1.3 row names OpenSSL's TLS 1.3 suites in the server's order.
         """
-        self.assertEqual(self.documented("TLS 1.3 cipher suites", "TLS_"),
-                         [n for n in self.serverOrder if n.startswith("TLS_")])
+        self.assertEqual(
+            self.documented("TLS 1.3 cipher suites", "TLS_"),
+            [n for n in self.serverOrder if n.startswith("TLS_")],
+        )
 
     def test_serverPreferenceWins(self):
         """
@@ -546,7 +591,7 @@ class CipherOrderTests(SynchronousTestCase):
         documented = self.documented("TLS 1.2 cipher suites", "ECDHE-ECDSA-")
         self.assertEqual(len(documented), 3)
         for better, worse in zip(documented, documented[1:]):
-            self.assertEqual(handshake(self.context, [worse, better], self.certificate),
-                             better)
-        self.assertEqual(handshake(self.context, [documented[-1]], self.certificate),
-                         documented[-1])
+            self.assertEqual(handshake(self.context, [worse, better], self.certificate), better)
+        self.assertEqual(
+            handshake(self.context, [documented[-1]], self.certificate), documented[-1]
+        )

@@ -70,8 +70,7 @@ class InProcessGateTests(TestCase):
         """
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
-        options.parseOptions(["--data-dir", self.dataDir.path, "--listen", LISTEN,
-                              "--api", "none"])
+        options.parseOptions(["--data-dir", self.dataDir.path, "--listen", LISTEN, "--api", "none"])
         env = serverEnvironment()
         withoutSecretEnvironment(self)
         self.root = root = startServer(self, options)
@@ -173,8 +172,13 @@ class InProcessGateTests(TestCase):
         address verifies too.
         """
         client = yield connect(
-            reactor, "127.0.0.1", self.port, uid="alice", token=self.token("alice"),
-            deviceId="laptop", caFile=self.caFile,
+            reactor,
+            "127.0.0.1",
+            self.port,
+            uid="alice",
+            token=self.token("alice"),
+            deviceId="laptop",
+            caFile=self.caFile,
         )
         self.closeAtCleanup(client)
         yield client.ping()
@@ -251,8 +255,7 @@ class InProcessGateTests(TestCase):
         service.reload = lambda: reloaded.callback(reload())
         os.kill(os.getpid(), signal.SIGHUP)
         self.assertEqual((yield reloaded), 1)
-        after = yield self.connect(uid="bob", caFile=None,
-                                   trustRoot=Certificate.loadPEM(certPEM))
+        after = yield self.connect(uid="bob", caFile=None, trustRoot=Certificate.loadPEM(certPEM))
         self.assertTrue((yield after.ping()).server_time_ms)
         self.assertTrue((yield before.ping()).server_time_ms)
 
@@ -313,8 +316,13 @@ class InProcessGateTests(TestCase):
             self.assertIsInstance(reason, ConnectionClosedByPeer)
             self.assertEqual(reason.code, pb.SERVER_SHUTDOWN)
         d = connect(
-            reactor, "127.0.0.1", self.port, uid="alice", token=self.token("alice"),
-            deviceId="laptop", caFile=self.caFile,
+            reactor,
+            "127.0.0.1",
+            self.port,
+            uid="alice",
+            token=self.token("alice"),
+            deviceId="laptop",
+            caFile=self.caFile,
         )
         yield self.assertFailure(d, ConnectionRefusedError)
 
@@ -362,8 +370,10 @@ class TwistdTests(TestCase):
         @return: the L{imserver.spawn.TwistdProcess} and its transport.
         """
         process = spawnTwistd(
-            reactor, ["--data-dir", dataDir.path, "--listen", LISTEN, "--api", "none"],
-            path=dataDir.parent().path, env=env,
+            reactor,
+            ["--data-dir", dataDir.path, "--listen", LISTEN, "--api", "none"],
+            path=dataDir.parent().path,
+            env=env,
         )
         killAtCleanup(self, process, process.transport)
         return process, process.transport
@@ -384,9 +394,13 @@ class TwistdTests(TestCase):
 
         secret = loadSecret(dataDir, environ=env)
         client = yield connect(
-            reactor, "localhost", port, uid="alice",
+            reactor,
+            "localhost",
+            port,
+            uid="alice",
             token=mintToken(secret, "alice", 60, time.time()),
-            deviceId="laptop", caFile=dataDir.child(CERT_FILE_NAME).path,
+            deviceId="laptop",
+            caFile=dataDir.child(CERT_FILE_NAME).path,
         )
         self.addCleanup(client.close)
         self.assertTrue(client.session.session_id)

@@ -180,9 +180,7 @@ class HAProxyDescriptionTests(SynchronousTestCase):
         it as a usage error.
         """
         for description in ["haproxy:tcp", "haproxy:tcp:7000:bogus=1", "tcp:7000:bogus=1"]:
-            self.assertRaises(
-                ValueError, listenEndpoint, self.reactor, description, None, 4096
-            )
+            self.assertRaises(ValueError, listenEndpoint, self.reactor, description, None, 4096)
 
 
 class ProxiedPeerTests(SynchronousTestCase):
@@ -218,7 +216,8 @@ class ProxiedPeerTests(SynchronousTestCase):
         An C{auth} request frame for alice.
         """
         request = pb.AuthRequest(
-            uid="alice", device_id="phone",
+            uid="alice",
+            device_id="phone",
             token=self.gate.token("alice") if token is None else token,
         )
         return encodeFrame(
@@ -261,9 +260,7 @@ class ProxiedPeerTests(SynchronousTestCase):
         Behind C{haproxy:unix:} too, the peer is the header's client.
         """
         reactor = MemoryReactorClock()
-        listenEndpoint(reactor, "haproxy:unix:/run/gate.sock", None, 4096).listen(
-            self.gate.factory
-        )
+        listenEndpoint(reactor, "haproxy:unix:/run/gate.sock", None, 4096).listen(self.gate.factory)
         [(address, factory, backlog, mode, wantPID)] = reactor.unixServers
         wrapper = factory.buildProtocol(UNIXAddress(None))
         wrapper.makeConnection(StringTransport(peerAddress=UNIXAddress(None)))
@@ -313,10 +310,13 @@ class ReusePortDescriptionTests(SynchronousTestCase):
         port, with the default backlog, and hands it to the reactor.
         """
         endpoint = listenEndpoint(
-            self.reactor, "tcp:0:interface=127.0.0.1:reusePort=yes", None, 4096)
+            self.reactor, "tcp:0:interface=127.0.0.1:reusePort=yes", None, 4096
+        )
         self.assertIsInstance(endpoint.endpoint, ReusePortEndpoint)
-        self.assertEqual((endpoint.endpoint.port, endpoint.endpoint.interface,
-                          endpoint.endpoint.backlog), (0, "127.0.0.1", 4096))
+        self.assertEqual(
+            (endpoint.endpoint.port, endpoint.endpoint.interface, endpoint.endpoint.backlog),
+            (0, "127.0.0.1", 4096),
+        )
         fileno, family, factory = self.listen("tcp:0:interface=127.0.0.1:reusePort=yes")
         self.assertEqual(family, socket.AF_INET)
 
@@ -326,8 +326,14 @@ class ReusePortDescriptionTests(SynchronousTestCase):
         """
         fileno, family, factory = self.listen(r"tcp6:0:interface=\:\:1:reusePort=yes")
         self.assertEqual(family, socket.AF_INET6)
-        self.assertRaises(ValueError, listenEndpoint, self.reactor,
-                          "tcp6:0:interface=127.0.0.1:reusePort=yes", None, 4096)
+        self.assertRaises(
+            ValueError,
+            listenEndpoint,
+            self.reactor,
+            "tcp6:0:interface=127.0.0.1:reusePort=yes",
+            None,
+            4096,
+        )
 
     def test_values(self):
         """
@@ -339,19 +345,20 @@ class ReusePortDescriptionTests(SynchronousTestCase):
             self.assertIsInstance(endpoint.endpoint, ReusePortEndpoint)
         for value in ["no", "FALSE", "0"]:
             endpoint = listenEndpoint(
-                self.reactor, "tcp:7000:reusePort={}:backlog=9".format(value), None, 4096)
+                self.reactor, "tcp:7000:reusePort={}:backlog=9".format(value), None, 4096
+            )
             self.successResultOf(endpoint.listen(self.factory))
         self.assertEqual([(s[0], s[2]) for s in self.reactor.tcpServers], [(7000, 9)] * 3)
-        self.assertRaises(ValueError, listenEndpoint, self.reactor,
-                          "tcp:7000:reusePort=maybe", None, 4096)
+        self.assertRaises(
+            ValueError, listenEndpoint, self.reactor, "tcp:7000:reusePort=maybe", None, 4096
+        )
 
     def test_haproxy(self):
         """
         Inside C{haproxy:} the shared socket listens through the PROXY
         protocol wrapper.
         """
-        fileno, family, factory = self.listen(
-            "haproxy:tcp:0:reusePort=yes:interface=127.0.0.1")
+        fileno, family, factory = self.listen("haproxy:tcp:0:reusePort=yes:interface=127.0.0.1")
         self.assertIsInstance(factory, HAProxyWrappingFactory)
 
     def test_ssl(self):
@@ -360,7 +367,8 @@ class ReusePortDescriptionTests(SynchronousTestCase):
         """
         certificate = tls.ensureSelfSigned(FilePath(self.mktemp()))
         fileno, family, factory = self.listen(
-            "ssl:0:interface=127.0.0.1:reusePort=yes", certificate)
+            "ssl:0:interface=127.0.0.1:reusePort=yes", certificate
+        )
         self.assertIsInstance(factory, TLSMemoryBIOFactory)
 
     def test_refused(self):
@@ -368,13 +376,14 @@ class ReusePortDescriptionTests(SynchronousTestCase):
         Other endpoint types, and other keywords of C{tcp:} than Twisted's
         C{port}, C{interface} and C{backlog}, are refused with it.
         """
-        for description in ["unix:/run/gate.sock:reusePort=yes",
-                            "haproxy:unix:/run/gate.sock:reusePort=yes",
-                            "tcp:0:reusePort=yes:timeout=3",
-                            "tcp:reusePort=yes",
-                            "tcp:1:2:reusePort=yes"]:
-            self.assertRaises(ValueError, listenEndpoint, self.reactor, description,
-                              None, 4096)
+        for description in [
+            "unix:/run/gate.sock:reusePort=yes",
+            "haproxy:unix:/run/gate.sock:reusePort=yes",
+            "tcp:0:reusePort=yes:timeout=3",
+            "tcp:reusePort=yes",
+            "tcp:1:2:reusePort=yes",
+        ]:
+            self.assertRaises(ValueError, listenEndpoint, self.reactor, description, None, 4096)
 
 
 class _Accepted(Protocol):
@@ -406,9 +415,10 @@ class ReusePortLiveTests(TestCase):
         """
         Open and close C{count} connections to C{port}, one after another.
         """
-        for i in range(count):
+        for _i in range(count):
             protocol = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
-                Factory.forProtocol(Protocol))
+                Factory.forProtocol(Protocol)
+            )
             lost = Deferred()
             protocol.connectionLost = lambda reason, lost=lost: lost.callback(None)
             protocol.transport.loseConnection()
@@ -427,8 +437,7 @@ class ReusePortLiveTests(TestCase):
         number = port.getHost().port
         other = yield self.listen(number, second)
         for listening in (port, other):
-            self.assertEqual(
-                listening.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+            self.assertEqual(listening.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
         yield self.connect(number, 40)
         self.assertEqual(len(first.accepted) + len(second.accepted), 40)
         self.assertTrue(first.accepted and second.accepted)
@@ -445,12 +454,13 @@ class ReusePortLiveTests(TestCase):
         one held with it cannot be taken without it.
         """
         plain = yield self.listen(0, self.factory(), reusePort=False)
-        yield self.assertFailure(self.listen(plain.getHost().port, self.factory()),
-                                 CannotListenError)
+        yield self.assertFailure(
+            self.listen(plain.getHost().port, self.factory()), CannotListenError
+        )
         shared = yield self.listen(0, self.factory())
         yield self.assertFailure(
-            self.listen(shared.getHost().port, self.factory(), reusePort=False),
-            CannotListenError)
+            self.listen(shared.getHost().port, self.factory(), reusePort=False), CannotListenError
+        )
 
     @inlineCallbacks
     def test_addressInUse(self):

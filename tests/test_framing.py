@@ -84,7 +84,7 @@ class EncodeTests(SynchronousTestCase):
         """
         self.assertEqual(
             encodeFrame(pb.Frame(kind=pb.REQUEST, seq=1, method="ping")),
-            bytes.fromhex("0000000a" "0801" "1001" "1a0470696e67"),
+            bytes.fromhex("0000000a080110011a0470696e67"),
         )
 
 
@@ -111,9 +111,7 @@ class ReceiveTests(SynchronousTestCase):
         """
         frames = sampleFrames(data.draw(st.integers(1, 8)))
         stream = b"".join(encodeFrame(f) for f in frames)
-        cuts = sorted(
-            data.draw(st.lists(st.integers(0, len(stream)), max_size=20, unique=True))
-        )
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20, unique=True)))
         protocol, _ = connected()
         start = 0
         for cut in cuts + [len(stream)]:

@@ -5,12 +5,9 @@ list / members / leave, group typing), the rules of L{imserver.groups}, the
 serialize-once push encoding and broadcast notices.
 """
 
-from hypothesis import given
-from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from imserver.errors import BadRequest, NotMember
-from imserver.framing import encodeFrame
 from imserver.groups import Groups
 from imserver.pb import im_pb2 as pb
 from imserver.settings import Settings
@@ -37,8 +34,9 @@ class GroupsTests(SynchronousTestCase):
         Changing roles adds nobody, so it works even in a group at (or,
         after the limit was lowered, beyond) the maximum size.
         """
-        self.successResultOf(self.groups.setMembers(
-            "g1", [(u, pb.ROLE_MEMBER) for u in ["b", "c", "d"]], T0))
+        self.successResultOf(
+            self.groups.setMembers("g1", [(u, pb.ROLE_MEMBER) for u in ["b", "c", "d"]], T0)
+        )
         self.groups.settings = Settings(max_group_size=2)
         self.successResultOf(self.groups.setMembers("g1", [("b", pb.ROLE_ADMIN)], T0))
 
@@ -51,19 +49,24 @@ class GroupsTests(SynchronousTestCase):
         self.failureResultOf(self.groups.create("g2", "x", "", T0), BadRequest)
         self.failureResultOf(self.groups.create("g2", "x" * 257, "alice", T0), BadRequest)
         self.failureResultOf(
-            self.groups.setMembers("g1", [("b\x00", pb.ROLE_MEMBER)], T0), BadRequest)
+            self.groups.setMembers("g1", [("b\x00", pb.ROLE_MEMBER)], T0), BadRequest
+        )
 
     def test_roles(self):
         """
         Members can be made members or admins; the owner's role is fixed and
         nobody else can be made owner.
         """
-        self.assertEqual(self.successResultOf(
-            self.groups.setMembers("g1", [("bob", pb.ROLE_ADMIN)], T0)), ["bob"])
+        self.assertEqual(
+            self.successResultOf(self.groups.setMembers("g1", [("bob", pb.ROLE_ADMIN)], T0)),
+            ["bob"],
+        )
         self.failureResultOf(
-            self.groups.setMembers("g1", [("carol", pb.ROLE_OWNER)], T0), BadRequest)
+            self.groups.setMembers("g1", [("carol", pb.ROLE_OWNER)], T0), BadRequest
+        )
         self.failureResultOf(
-            self.groups.setMembers("g1", [("alice", pb.ROLE_MEMBER)], T0), BadRequest)
+            self.groups.setMembers("g1", [("alice", pb.ROLE_MEMBER)], T0), BadRequest
+        )
         self.failureResultOf(self.groups.setMembers("g1", [("carol", 99)], T0), BadRequest)
         self.failureResultOf(self.groups.setMembers("g1", [], T0), BadRequest)
 
@@ -71,10 +74,13 @@ class GroupsTests(SynchronousTestCase):
         """
         The store refuses members beyond the C{max_group_size} setting.
         """
-        self.failureResultOf(self.groups.setMembers(
-            "g1", [(u, pb.ROLE_MEMBER) for u in ["b", "c", "d", "e"]], T0), GroupFull)
-        self.successResultOf(self.groups.setMembers(
-            "g1", [(u, pb.ROLE_MEMBER) for u in ["b", "c", "d"]], T0))
+        self.failureResultOf(
+            self.groups.setMembers("g1", [(u, pb.ROLE_MEMBER) for u in ["b", "c", "d", "e"]], T0),
+            GroupFull,
+        )
+        self.successResultOf(
+            self.groups.setMembers("g1", [(u, pb.ROLE_MEMBER) for u in ["b", "c", "d"]], T0)
+        )
 
     def test_ownerStays(self):
         """
@@ -114,9 +120,14 @@ class GateGroupTests(SynchronousTestCase):
         self.gate = DeliveryHarness(self)
         store = self.gate.factory.store
         self.successResultOf(store.createGroup("g1", "Team", "alice", T0))
-        self.successResultOf(store.setMembers(
-            "g1", [("bob", pb.ROLE_MEMBER), ("carol", pb.ROLE_ADMIN),
-                   ("dave", pb.ROLE_MEMBER)], 100, T0))
+        self.successResultOf(
+            store.setMembers(
+                "g1",
+                [("bob", pb.ROLE_MEMBER), ("carol", pb.ROLE_ADMIN), ("dave", pb.ROLE_MEMBER)],
+                100,
+                T0,
+            )
+        )
         self.sessions = {}
         for uid in ["alice", "bob", "carol", "mallory"]:
             protocol, transport, _, _ = self.gate.login(uid)
@@ -129,8 +140,9 @@ class GateGroupTests(SynchronousTestCase):
         return responses(written(transport))[-1]
 
     def groupSend(self, uid, clientMsgId, body=b"hi", groupId="g1"):
-        return self.call(uid, "send", pb.SendRequest(
-            group_id=groupId, client_msg_id=clientMsgId, body=body))
+        return self.call(
+            uid, "send", pb.SendRequest(group_id=groupId, client_msg_id=clientMsgId, body=body)
+        )
 
     def test_fanOut(self):
         """
@@ -146,9 +158,15 @@ class GateGroupTests(SynchronousTestCase):
         for uid, seq in [("bob", 2), ("carol", 2)]:
             [entry] = pushes(written(self.sessions[uid][1]))
             self.assertEqual((entry.seq, entry.outgoing), (seq, False))
-            self.assertEqual((entry.message.group_id, entry.message.sender,
-                              entry.message.body, entry.message.id),
-                             ("g1", "alice", b"hello team", result.message_id))
+            self.assertEqual(
+                (
+                    entry.message.group_id,
+                    entry.message.sender,
+                    entry.message.body,
+                    entry.message.id,
+                ),
+                ("g1", "alice", b"hello team", result.message_id),
+            )
         self.assertEqual(pushes(written(self.sessions["mallory"][1])), [])
         [dave] = self.successResultOf(self.gate.factory.store.fetch("dave", 0, 10))
         self.assertEqual(dave.message.id, result.message_id)
@@ -181,8 +199,9 @@ class GateGroupTests(SynchronousTestCase):
         """
         A send naming both a recipient and a group is a C{BAD_REQUEST}.
         """
-        response = self.call("alice", "send", pb.SendRequest(
-            to="bob", group_id="g1", client_msg_id="m1"))
+        response = self.call(
+            "alice", "send", pb.SendRequest(to="bob", group_id="g1", client_msg_id="m1")
+        )
         self.assertEqual(response.error.code, pb.BAD_REQUEST)
 
     def test_removedMemberStops(self):
@@ -201,8 +220,10 @@ class GateGroupTests(SynchronousTestCase):
         """
         response = self.call("carol", "groups", pb.GroupsRequest())
         [group] = pb.GroupsResponse.FromString(response.body).groups
-        self.assertEqual((group.group_id, group.name, group.role, group.member_count),
-                         ("g1", "Team", pb.ROLE_ADMIN, 4))
+        self.assertEqual(
+            (group.group_id, group.name, group.role, group.member_count),
+            ("g1", "Team", pb.ROLE_ADMIN, 4),
+        )
         response = self.call("mallory", "groups", pb.GroupsRequest())
         self.assertEqual(list(pb.GroupsResponse.FromString(response.body).groups), [])
 
@@ -212,9 +233,15 @@ class GateGroupTests(SynchronousTestCase):
         """
         response = self.call("bob", "members", pb.MembersRequest(group_id="g1"))
         members = pb.MembersResponse.FromString(response.body).members
-        self.assertEqual([(m.uid, m.role) for m in members],
-                         [("alice", pb.ROLE_OWNER), ("bob", pb.ROLE_MEMBER),
-                          ("carol", pb.ROLE_ADMIN), ("dave", pb.ROLE_MEMBER)])
+        self.assertEqual(
+            [(m.uid, m.role) for m in members],
+            [
+                ("alice", pb.ROLE_OWNER),
+                ("bob", pb.ROLE_MEMBER),
+                ("carol", pb.ROLE_ADMIN),
+                ("dave", pb.ROLE_MEMBER),
+            ],
+        )
         response = self.call("mallory", "members", pb.MembersRequest(group_id="g1"))
         self.assertEqual(response.error.code, pb.NOT_MEMBER)
         response = self.call("bob", "members", pb.MembersRequest(group_id=""))
@@ -227,10 +254,12 @@ class GateGroupTests(SynchronousTestCase):
         """
         response = self.call("bob", "members", pb.MembersRequest(group_id="g1", limit=3))
         page = pb.MembersResponse.FromString(response.body)
-        self.assertEqual(([m.uid for m in page.members], page.more),
-                         (["alice", "bob", "carol"], True))
-        response = self.call("bob", "members", pb.MembersRequest(
-            group_id="g1", after_uid="carol", limit=3))
+        self.assertEqual(
+            ([m.uid for m in page.members], page.more), (["alice", "bob", "carol"], True)
+        )
+        response = self.call(
+            "bob", "members", pb.MembersRequest(group_id="g1", after_uid="carol", limit=3)
+        )
         page = pb.MembersResponse.FromString(response.body)
         self.assertEqual(([m.uid for m in page.members], page.more), (["dave"], False))
 
@@ -239,14 +268,20 @@ class GateGroupTests(SynchronousTestCase):
         A page never exceeds the frame limit, whatever the page size: it is
         cut short and says there is more.
         """
-        gate = DeliveryHarness(self, max_frame_length=2048, max_message_body=1024,
-                               preauth_max_frame_length=1024,
-                               sync_page_size=1000)
+        gate = DeliveryHarness(
+            self,
+            max_frame_length=2048,
+            max_message_body=1024,
+            preauth_max_frame_length=1024,
+            sync_page_size=1000,
+        )
         store = gate.factory.store
         self.successResultOf(store.createGroup("g", "G", "a" * 100, T0))
-        self.successResultOf(store.setMembers(
-            "g", [("m{:03d}".format(i) + "x" * 100, pb.ROLE_MEMBER) for i in range(50)],
-            100, T0))
+        self.successResultOf(
+            store.setMembers(
+                "g", [("m{:03d}".format(i) + "x" * 100, pb.ROLE_MEMBER) for i in range(50)], 100, T0
+            )
+        )
         protocol, transport, _, _ = gate.login("a" * 100)
         gate.request(protocol, "members", pb.MembersRequest(group_id="g"), seq=9)
         [response] = responses(written(transport))
@@ -293,11 +328,14 @@ class GateGroupTests(SynchronousTestCase):
         for uid in ["alice", "carol"]:
             [frame] = written(self.sessions[uid][1])
             typing = pb.Typing.FromString(frame.body)
-            self.assertEqual((frame.method, typing.uid, typing.group_id, typing.active),
-                             ("typing", "bob", "g1", True))
+            self.assertEqual(
+                (frame.method, typing.uid, typing.group_id, typing.active),
+                ("typing", "bob", "g1", True),
+            )
         self.assertEqual(written(self.sessions["bob"][1]), [])
-        self.gate.notify(self.sessions["mallory"][0], "typing",
-                         pb.Typing(group_id="g1", active=True))
+        self.gate.notify(
+            self.sessions["mallory"][0], "typing", pb.Typing(group_id="g1", active=True)
+        )
         for uid in self.sessions:
             self.assertEqual(written(self.sessions[uid][1]), [])
 
@@ -317,16 +355,21 @@ class LargeGroupTests(SynchronousTestCase):
         store = gate.factory.store
         uids = ["m{:03d}".format(i) for i in range(500)]
         self.successResultOf(store.createGroup("big", "Big", uids[0], T0))
-        self.successResultOf(gate.factory.groups.setMembers(
-            "big", [(uid, pb.ROLE_MEMBER) for uid in uids[1:]], T0))
+        self.successResultOf(
+            gate.factory.groups.setMembers("big", [(uid, pb.ROLE_MEMBER) for uid in uids[1:]], T0)
+        )
         online = {uid: gate.login(uid)[:2] for uid in uids[:300]}
         for _, transport in online.values():
             written(transport)
         sender = online[uids[1]][0]
         for n in range(3):
             gate.seq += 1
-            gate.request(sender, "send", pb.SendRequest(
-                group_id="big", client_msg_id="m{}".format(n), body=b"%d" % n), seq=gate.seq)
+            gate.request(
+                sender,
+                "send",
+                pb.SendRequest(group_id="big", client_msg_id="m{}".format(n), body=b"%d" % n),
+                seq=gate.seq,
+            )
         for uid, (_, transport) in online.items():
             entries = pushes(written(transport))
             self.assertEqual([e.message.body for e in entries], [b"0", b"1", b"2"], uid)
@@ -334,8 +377,11 @@ class LargeGroupTests(SynchronousTestCase):
         for uid in uids[300:]:
             _, transport, auth, frames = gate.login(uid)
             self.assertEqual(auth.head_seq, 3)
-            self.assertEqual([e.message.body for e in pushes(frames + written(transport))],
-                             [b"0", b"1", b"2"], uid)
+            self.assertEqual(
+                [e.message.body for e in pushes(frames + written(transport))],
+                [b"0", b"1", b"2"],
+                uid,
+            )
 
 
 class BroadcastTests(SynchronousTestCase):
@@ -357,7 +403,9 @@ class BroadcastTests(SynchronousTestCase):
         for _, transport in sessions:
             [frame] = written(transport)
             notice = pb.Notice.FromString(frame.body)
-            self.assertEqual((frame.kind, frame.method, notice.body, notice.content_type),
-                             (pb.NOTIFY, "notice", b"maintenance at 5", "text/plain"))
+            self.assertEqual(
+                (frame.kind, frame.method, notice.body, notice.content_type),
+                (pb.NOTIFY, "notice", b"maintenance at 5", "text/plain"),
+            )
             self.assertEqual(notice.server_time_ms, T0)
         self.assertEqual(written(anonymousT), [])

@@ -150,13 +150,20 @@ class HAProxyOffloadTests(TestCase):
         secretFile = self.directory.child("secret")
         secretFile.setContent(self.secret)
         options = tap.Options()
-        options.parseOptions([
-            "--data-dir", self.directory.child("data").path,
-            "--secret-file", secretFile.path,
-            "--store", "memory",
-            "--listen", LISTEN,
-            "--api", "none",
-        ])
+        options.parseOptions(
+            [
+                "--data-dir",
+                self.directory.child("data").path,
+                "--secret-file",
+                secretFile.path,
+                "--store",
+                "memory",
+                "--listen",
+                LISTEN,
+                "--api",
+                "none",
+            ]
+        )
         root = startServer(self, options)
         gate = root.getServiceNamed("gate")
         self.factory = gate.factory
@@ -182,13 +189,19 @@ class HAProxyOffloadTests(TestCase):
         """
         port = _freePort()
         config = self.directory.child("haproxy-{}.cfg".format(sendProxy))
-        config.setContent(HAPROXY_CONFIG.format(
-            frontendPort=port, pem=self.pem.path, gatePort=self.gatePort,
-            sendProxy=sendProxy,
-        ).encode("ascii"))
+        config.setContent(
+            HAPROXY_CONFIG.format(
+                frontendPort=port,
+                pem=self.pem.path,
+                gatePort=self.gatePort,
+                sendProxy=sendProxy,
+            ).encode("ascii")
+        )
         process = HAProxyProcess()
         transport = reactor.spawnProcess(
-            process, self.haproxy, [self.haproxy, "-db", "-f", config.path],
+            process,
+            self.haproxy,
+            [self.haproxy, "-db", "-f", config.path],
             env={"PATH": os.environ.get("PATH", os.defpath)},
         )
         killAtCleanup(self, process, transport)
@@ -205,14 +218,18 @@ class HAProxyOffloadTests(TestCase):
         deadline = reactor.seconds() + STARTUP_DEADLINE
         while True:
             if process.ended.called:
-                self.fail("haproxy ended before accepting:\n" + process.output.decode(
-                    "utf-8", "replace"))
+                self.fail(
+                    "haproxy ended before accepting:\n" + process.output.decode("utf-8", "replace")
+                )
             try:
                 probe = yield connectProtocol(endpoint, _Probe())
             except ConnectError:
                 if reactor.seconds() > deadline:
-                    self.fail("haproxy did not accept on port {} within {}s:\n{}".format(
-                        port, STARTUP_DEADLINE, process.output.decode("utf-8", "replace")))
+                    self.fail(
+                        "haproxy did not accept on port {} within {}s:\n{}".format(
+                            port, STARTUP_DEADLINE, process.output.decode("utf-8", "replace")
+                        )
+                    )
                 yield deferLater(reactor, 0.05, lambda: None)
             else:
                 probe.transport.loseConnection()
@@ -246,8 +263,7 @@ class HAProxyOffloadTests(TestCase):
         """
         endpoint = wrapClientTLS(
             optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(self.certPEM)),
-            TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10,
-                               bindAddress=(host, 0)),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10, bindAddress=(host, 0)),
         )
         client = yield connectProtocol(endpoint, ClientProtocol(reactor, onNotify))
         self.closeAtCleanup(client)
@@ -284,8 +300,15 @@ class HAProxyOffloadTests(TestCase):
         caFile = self.directory.child("ca.pem")
         caFile.setContent(self.certPEM)
         bob = yield connect(
-            reactor, "127.0.0.1", port, uid="bob", token=self.token("bob"),
-            deviceId="phone", onNotify=onNotify, caFile=caFile.path, hostname="localhost",
+            reactor,
+            "127.0.0.1",
+            port,
+            uid="bob",
+            token=self.token("bob"),
+            deviceId="phone",
+            onNotify=onNotify,
+            caFile=caFile.path,
+            hostname="localhost",
         )
         self.closeAtCleanup(bob)
         yield alice.ping()
@@ -304,9 +327,11 @@ class HAProxyOffloadTests(TestCase):
             # Under the PROXY wrapper, the connection comes from haproxy.
             proxySide = server.channel.transport.transport.getPeer()
             self.assertNotEqual(proxySide, clientAddress)
-            [event] = [e for e in self.events
-                       if "authenticated as" in e.get("log_format", "")
-                       and e["uid"] == uid]
+            [event] = [
+                e
+                for e in self.events
+                if "authenticated as" in e.get("log_format", "") and e["uid"] == uid
+            ]
             self.assertEqual(event["peer"], clientAddress)
         self.assertEqual(alice.transport.getHost().host, CLIENT_HOST)
 

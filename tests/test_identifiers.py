@@ -60,8 +60,11 @@ class IdentifierTests(SynchronousTestCase):
         Every check refuses the same values, with a message naming its
         field.
         """
-        for check, field in [(validateUid, "uid"), (validateDeviceId, "device_id"),
-                             (validateGroupId, "group_id")]:
+        for check, field in [
+            (validateUid, "uid"),
+            (validateDeviceId, "device_id"),
+            (validateGroupId, "group_id"),
+        ]:
             for value, why in BAD_IDENTIFIERS:
                 self.assertRefused(check, value, "{} {}".format(field, why))
 
@@ -70,8 +73,11 @@ class IdentifierTests(SynchronousTestCase):
         The caller may name the field that holds the identifier.
         """
         self.assertRefused(lambda v: validateUid(v, "owner"), "", "owner is empty")
-        self.assertRefused(lambda v: validateGroupId(v, "--group"), "a\nb",
-                           "--group contains a control or line-separator character")
+        self.assertRefused(
+            lambda v: validateGroupId(v, "--group"),
+            "a\nb",
+            "--group contains a control or line-separator character",
+        )
 
     def test_authNames(self):
         """
@@ -107,8 +113,10 @@ class LengthTests(SynchronousTestCase):
         A C{client_msg_id} is 1 to 64 bytes.
         """
         validateClientMsgId("x" * MAX_CLIENT_MSG_ID)
-        for value, message in [("", "client_msg_id is empty"),
-                               ("x" * 65, "client_msg_id is longer than 64 bytes")]:
+        for value, message in [
+            ("", "client_msg_id is empty"),
+            ("x" * 65, "client_msg_id is longer than 64 bytes"),
+        ]:
             error = self.assertRaises(BadRequest, validateClientMsgId, value)
             self.assertEqual(error.message, message)
 

@@ -60,8 +60,18 @@ class IMClientTests(TestCase):
     def setUp(self):
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
-        options.parseOptions(["--data-dir", self.dataDir.path, "--store", "memory",
-                              "--listen", "tcp:0:interface=127.0.0.1", "--api", "none"])
+        options.parseOptions(
+            [
+                "--data-dir",
+                self.dataDir.path,
+                "--store",
+                "memory",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--api",
+                "none",
+            ]
+        )
         self.root = startServer(self, options)
         self.gate = self.root.getServiceNamed("gate")
         self.factory = self.gate.factory
@@ -73,10 +83,16 @@ class IMClientTests(TestCase):
 
     def client(self, uid, device="phone", token=None, **kwargs):
         client = IMClient(
-            reactor, None, None, uid,
-            token or mintToken(self.secret, uid, 3600, reactor.seconds()), device,
+            reactor,
+            None,
+            None,
+            uid,
+            token or mintToken(self.secret, uid, 3600, reactor.seconds()),
+            device,
             endpoint=TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
-            retryPolicy=lambda attempt: 0.05, **kwargs)
+            retryPolicy=lambda attempt: 0.05,
+            **kwargs,
+        )
         client.start()
         self.addCleanup(client.stop)
         return client
@@ -102,8 +118,9 @@ class IMClientTests(TestCase):
         response = yield alice.send("bob", b"hello")
         self.assertFalse(response.duplicate)
         [entry] = yield inbox.waitFor(1)
-        self.assertEqual((entry.seq, entry.message.sender, entry.message.body),
-                         (1, "alice", b"hello"))
+        self.assertEqual(
+            (entry.seq, entry.message.sender, entry.message.body), (1, "alice", b"hello")
+        )
         self.assertEqual(bob.lastSeq, 1)
         yield bob.protocol.ping()
         yield self.factory.flushCursors()
@@ -122,8 +139,7 @@ class IMClientTests(TestCase):
         alice = self.client("alice")
         yield bob.whenConnected()
         yield alice.whenConnected()
-        sends = [alice.send("bob", str(i).encode(), clientMsgId="c{}".format(i))
-                 for i in range(20)]
+        sends = [alice.send("bob", str(i).encode(), clientMsgId="c{}".format(i)) for i in range(20)]
         self.dropAll()
         responses = []
         for d in sends:
@@ -224,6 +240,7 @@ class IMClientTests(TestCase):
         """
         The backoff is uniform in [0, min(max, initial * 2^attempt)].
         """
+
         class Fixed:
             def uniform(self, low, high):
                 return (low, high)

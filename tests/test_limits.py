@@ -11,8 +11,8 @@ import time
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.error import ConnectionDone
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -59,8 +59,9 @@ class AdmissionTests(SynchronousTestCase):
     """
 
     def setUp(self):
-        self.gate = DeliveryHarness(self, max_connections=3, max_connections_per_ip=2,
-                                    accept_rate=1000)
+        self.gate = DeliveryHarness(
+            self, max_connections=3, max_connections_per_ip=2, accept_rate=1000
+        )
         self.factory = self.gate.factory
         self.admission = AdmissionFactory(self.factory, self.factory)
 
@@ -127,8 +128,7 @@ class RequestRateTests(SynchronousTestCase):
     """
 
     def setUp(self):
-        self.gate = DeliveryHarness(self, request_rate=1, request_burst=2,
-                                    rate_limit_close=3)
+        self.gate = DeliveryHarness(self, request_rate=1, request_burst=2, rate_limit_close=3)
         self.protocol, self.transport, _, _ = self.gate.login("alice")  # 1 request
 
     def ping(self, seq):
@@ -191,8 +191,15 @@ class FailedAuthTests(SynchronousTestCase):
 
     def auth(self, uid, token=None):
         protocol, transport = self.gate.connect()
-        self.gate.request(protocol, "auth", pb.AuthRequest(
-            uid=uid, device_id="phone", token=token if token is not None else self.gate.token(uid)))
+        self.gate.request(
+            protocol,
+            "auth",
+            pb.AuthRequest(
+                uid=uid,
+                device_id="phone",
+                token=token if token is not None else self.gate.token(uid),
+            ),
+        )
         [response] = responses(written(transport))
         return response
 
@@ -293,10 +300,20 @@ class LiveLimitsTests(TestCase):
     def setUp(self):
         withoutSecretEnvironment(self)
         options = tap.Options()
-        options.parseOptions([
-            "--data-dir", self.mktemp(), "--store", "memory", "--api", "none",
-            "--listen", "ssl:0:interface=127.0.0.1", "--max-connections", "2",
-        ])
+        options.parseOptions(
+            [
+                "--data-dir",
+                self.mktemp(),
+                "--store",
+                "memory",
+                "--api",
+                "none",
+                "--listen",
+                "ssl:0:interface=127.0.0.1",
+                "--max-connections",
+                "2",
+            ]
+        )
         self.root = startServer(self, options)
         self.gate = self.root.getServiceNamed("gate")
         [address] = yield self.gate.addresses()
@@ -313,9 +330,16 @@ class LiveLimitsTests(TestCase):
         caFile = FilePath(self.dataDir).child("tls-cert.pem").path
         clients = []
         for uid in ["alice", "bob"]:
-            client = yield connect(reactor, "127.0.0.1", self.port, uid,
-                                   mintToken(secret, uid, 60, time.time()), "phone",
-                                   caFile=caFile, hostname="localhost")
+            client = yield connect(
+                reactor,
+                "127.0.0.1",
+                self.port,
+                uid,
+                mintToken(secret, uid, 60, time.time()),
+                "phone",
+                caFile=caFile,
+                hostname="localhost",
+            )
             clients.append(client)
             self.addCleanup(client.close)
         closed = Deferred()
@@ -332,7 +356,6 @@ class LiveLimitsTests(TestCase):
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), Raw())
         received = yield closed
         self.assertEqual(received, b"")  # not even a TLS alert: closed at accept
-        self.assertEqual(
-            self.gate.factory.metrics.connectionsRefused["max_connections"], 1)
+        self.assertEqual(self.gate.factory.metrics.connectionsRefused["max_connections"], 1)
         response = yield clients[0].ping()
         self.assertTrue(response.server_time_ms)

@@ -113,7 +113,7 @@ class RawClient(Protocol):
                 break
             frame = pb.Frame()
             try:
-                frame.ParseFromString(self.data[self._offset + 4:end])
+                frame.ParseFromString(self.data[self._offset + 4 : end])
             except DecodeError:
                 self.unparsable = True
                 break
@@ -149,8 +149,7 @@ class RawClient(Protocol):
                 d.errback(CaseFailed("no {} within {} s".format(what, seconds)))
 
         timer = reactor.callLater(seconds, expired)
-        return d.addBoth(lambda result: (timer.cancel() if timer.active() else None,
-                                         result)[1])
+        return d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
 
     def relevant(self):
         """
@@ -168,7 +167,7 @@ def matchFrames(specs, frames):
         used), and a description of the first mismatch, or L{None}.
     """
     position = 0
-    for index, spec in enumerate(specs):
+    for _index, spec in enumerate(specs):
         low, high = spec.count
         matched = 0
         while matched < high and position < len(frames) and spec.matches(frames[position]):
@@ -185,8 +184,9 @@ def describe(frame):
     """
     A short description of a received frame, for failure messages.
     """
-    text = "{} seq {}".format(pb.Kind.Name(frame.kind) if frame.kind in pb.Kind.values()
-                              else frame.kind, frame.seq)
+    text = "{} seq {}".format(
+        pb.Kind.Name(frame.kind) if frame.kind in pb.Kind.values() else frame.kind, frame.seq
+    )
     if frame.method:
         text += " " + frame.method
     if frame.HasField("error"):
@@ -248,8 +248,9 @@ class Canary:
                 yield self.sender.send("canary-b", b"%d" % counter, clientMsgId, timeout=2)
                 yield withDeadline(arrived, 2, "canary message")
             except Exception as e:
-                self.errors.append("canary stopped after {} round trips: {!r}".format(
-                    self.roundTrips, e))
+                self.errors.append(
+                    "canary stopped after {} round trips: {!r}".format(self.roundTrips, e)
+                )
                 self._running = False
                 break
             self.latencies.append(reactor.seconds() - started)
@@ -262,7 +263,7 @@ class Canary:
                     self._waiters.append((since, d))
             yield deferLater(reactor, CANARY_INTERVAL, lambda: None)
         waiters, self._waiters = self._waiters, []
-        for since, d in waiters:
+        for _since, d in waiters:
             d.errback(CaseFailed(self.errors[-1] if self.errors else "canary stopped"))
 
     def nextRoundTrip(self, seconds):
@@ -314,8 +315,10 @@ class ServerWatch:
             opened(protocol)
             # The client's port alone is not unique: connections to the two
             # listeners may share a local port.
-            key = (getattr(protocol.acceptedFrom, "port", None),
-                   protocol.channel.transport.getHost().port)
+            key = (
+                getattr(protocol.acceptedFrom, "port", None),
+                protocol.channel.transport.getHost().port,
+            )
             self.byPort[key] = protocol
 
         def connectionClosed(protocol):
@@ -398,14 +401,22 @@ class MalformedInputTests(TestCase):
         withoutSecretEnvironment(self)
         self.dataDir = FilePath(self.mktemp())
         options = tap.Options()
-        options.parseOptions([
-            "--data-dir", self.dataDir.path, "--api", "none",
-            "--listen", "tcp:0:interface=127.0.0.1",
-            "--listen", "ssl:0:interface=127.0.0.1",
-            # Every case comes from 127.0.0.1; the failed-auth throttle per
-            # address (tests/test_limits.py) would refuse the later ones.
-            "--auth-failure-burst", "1000000",
-        ])
+        options.parseOptions(
+            [
+                "--data-dir",
+                self.dataDir.path,
+                "--api",
+                "none",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--listen",
+                "ssl:0:interface=127.0.0.1",
+                # Every case comes from 127.0.0.1; the failed-auth throttle per
+                # address (tests/test_limits.py) would refuse the later ones.
+                "--auth-failure-burst",
+                "1000000",
+            ]
+        )
         self.root = startServer(self, options)
         self.gate = self.root.getServiceNamed("gate")
         self.factory = self.gate.factory
@@ -421,8 +432,16 @@ class MalformedInputTests(TestCase):
         Connect and authenticate a canary client over verified TLS.
         """
         token = mintToken(self.secret, uid, 3600, time.time())
-        return connect(reactor, "localhost", self.ports["ssl"], uid=uid, token=token,
-                       deviceId="canary", caFile=self.caFile, onNotify=onNotify)
+        return connect(
+            reactor,
+            "localhost",
+            self.ports["ssl"],
+            uid=uid,
+            token=token,
+            deviceId="canary",
+            caFile=self.caFile,
+            onNotify=onNotify,
+        )
 
     def endpoint(self, listener):
         """
@@ -433,7 +452,8 @@ class MalformedInputTests(TestCase):
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
         if listener == "ssl":
             endpoint = wrapClientTLS(
-                optionsForClientTLS("localhost", trustRoot=self.trustRoot), endpoint)
+                optionsForClientTLS("localhost", trustRoot=self.trustRoot), endpoint
+            )
         return endpoint
 
     @inlineCallbacks
@@ -447,8 +467,8 @@ class MalformedInputTests(TestCase):
         client = RawClient()
         try:
             yield withDeadline(
-                connectProtocol(self.endpoint(case.listener), client), SETUP_DEADLINE,
-                "connection")
+                connectProtocol(self.endpoint(case.listener), client), SETUP_DEADLINE, "connection"
+            )
             yield self._play(case, client, outcome)
         except CaseFailed as e:
             outcome.error = str(e)
@@ -458,8 +478,9 @@ class MalformedInputTests(TestCase):
         if client.transport is not None and client.reason is None:
             client.transport.loseConnection()
             try:
-                yield client.until(lambda: client.reason is not None, SETUP_DEADLINE,
-                                   "close at cleanup")
+                yield client.until(
+                    lambda: client.reason is not None, SETUP_DEADLINE, "close at cleanup"
+                )
             except CaseFailed:
                 client.transport.abortConnection()
         return outcome
@@ -475,8 +496,11 @@ class MalformedInputTests(TestCase):
             if step == "pause":
                 yield deferLater(reactor, value, lambda: None)
             elif step == "await":
-                yield client.until(lambda: len(client.relevant()) >= value or client.reason,
-                                   OUTCOME_DEADLINE, "{} frames before sending on".format(value))
+                yield client.until(
+                    lambda value=value: len(client.relevant()) >= value or client.reason,
+                    OUTCOME_DEADLINE,
+                    "{} frames before sending on".format(value),
+                )
             elif client.reason is None:
                 client.transport.write(value)
         if case.client == "halfClose":
@@ -493,18 +517,22 @@ class MalformedInputTests(TestCase):
                 if client.data and client.data[:1] not in (b"\x15", b"\x16"):
                     raise CaseFailed("received {!r}, not TLS".format(client.data[:40]))
                 if expect.alert is not None and not (
-                        len(client.data) == 7 and client.data[:1] == b"\x15"
-                        and client.data[6] == expect.alert):
-                    raise CaseFailed("received {}, not alert {}".format(
-                        client.data.hex(), expect.alert))
+                    len(client.data) == 7
+                    and client.data[:1] == b"\x15"
+                    and client.data[6] == expect.alert
+                ):
+                    raise CaseFailed(
+                        "received {}, not alert {}".format(client.data.hex(), expect.alert)
+                    )
                 return
             self._matchAll(expect, client.relevant(), client)
             if not client.reason.check(ConnectionDone):
                 raise CaseFailed("not a clean close: {}".format(client.reason.value))
             # Over TLS the client has answered the gate's close_notify; the
             # gate closes its socket when that answer arrives.
-            yield withDeadline(self.watch.whenClosed(port), OUTCOME_DEADLINE,
-                               "close of the gate's side")
+            yield withDeadline(
+                self.watch.whenClosed(port), OUTCOME_DEADLINE, "close of the gate's side"
+            )
             return
         if ranged:
             # Only synchronous requests (ping) use counts: their answers
@@ -515,11 +543,13 @@ class MalformedInputTests(TestCase):
             self._sendProbe(client)
 
         def answered():
-            return client.reason is not None or any(
-                f.seq == PROBE_SEQ for f in client.relevant())
+            return client.reason is not None or any(f.seq == PROBE_SEQ for f in client.relevant())
 
-        yield client.until(answered, OUTCOME_DEADLINE, "answer to the probe ping "
-                           "(after {})".format([describe(f) for f in client.relevant()]))
+        yield client.until(
+            answered,
+            OUTCOME_DEADLINE,
+            "answer to the probe ping (after {})".format([describe(f) for f in client.relevant()]),
+        )
         outcome.seconds = reactor.seconds() - started
         frames = client.relevant()
         probe = frames[-1] if frames and frames[-1].seq == PROBE_SEQ else None
@@ -534,21 +564,28 @@ class MalformedInputTests(TestCase):
 
     @inlineCallbacks
     def _authenticate(self, client, context):
-        auth = pb.AuthRequest(uid=context.uid, device_id="d",
-                              token=context.token("valid", context.uid))
-        client.transport.write(encodeFrame(pb.Frame(
-            kind=pb.REQUEST, seq=1, method="auth", body=auth.SerializeToString())))
-        yield client.until(lambda: client.frames or client.reason, SETUP_DEADLINE,
-                           "auth response")
+        auth = pb.AuthRequest(
+            uid=context.uid, device_id="d", token=context.token("valid", context.uid)
+        )
+        client.transport.write(
+            encodeFrame(
+                pb.Frame(kind=pb.REQUEST, seq=1, method="auth", body=auth.SerializeToString())
+            )
+        )
+        yield client.until(lambda: client.frames or client.reason, SETUP_DEADLINE, "auth response")
         if not client.frames or client.frames[0].HasField("error"):
-            raise CaseFailed("auth failed: {}".format(
-                describe(client.frames[0]) if client.frames else client.reason))
+            raise CaseFailed(
+                "auth failed: {}".format(
+                    describe(client.frames[0]) if client.frames else client.reason
+                )
+            )
         client.frames = []
 
     def _sendProbe(self, client):
         if client.reason is None:
-            client.transport.write(encodeFrame(pb.Frame(
-                kind=pb.REQUEST, seq=PROBE_SEQ, method="ping")))
+            client.transport.write(
+                encodeFrame(pb.Frame(kind=pb.REQUEST, seq=PROBE_SEQ, method="ping"))
+            )
 
     def _matchAll(self, expect, frames, client):
         used, error = matchFrames(expect.frames, frames)
@@ -559,14 +596,21 @@ class MalformedInputTests(TestCase):
         if error is None and client.unparsable:
             error = "bytes that are not frames: {!r}".format(client.data[-40:])
         if error is not None:
-            raise CaseFailed("{}; expected {}; got {}".format(
-                error, expect, [describe(f) for f in frames] or "nothing"))
+            raise CaseFailed(
+                "{}; expected {}; got {}".format(
+                    error, expect, [describe(f) for f in frames] or "nothing"
+                )
+            )
 
     def _expectFrames(self, client, expect):
         def check():
             used, error = matchFrames(expect.frames, client.relevant())
-            return (used is not None or error is not None or client.reason is not None
-                    or client.unparsable)
+            return (
+                used is not None
+                or error is not None
+                or client.reason is not None
+                or client.unparsable
+            )
 
         return client.until(check, OUTCOME_DEADLINE, "expected frames ({})".format(expect))
 
@@ -584,9 +628,8 @@ class MalformedInputTests(TestCase):
         failures, outcomes, known = [], [], []
         started = time.monotonic()
         for first in range(0, len(cases), BATCH):
-            batch = cases[first:first + BATCH]
-            results = yield DeferredList([self.runCase(case) for case in batch],
-                                         consumeErrors=True)
+            batch = cases[first : first + BATCH]
+            results = yield DeferredList([self.runCase(case) for case in batch], consumeErrors=True)
             for ok, outcome in results:
                 if not ok:
                     failures.append("runner crashed: {}".format(outcome.getTraceback()))
@@ -602,9 +645,15 @@ class MalformedInputTests(TestCase):
                     known.append(outcome)
                     continue
                 if outcome.error is not None:
-                    failures.append("{} ({}): {}\n    expected {}; received {}".format(
-                        outcome.case.title, outcome.case.source, outcome.error,
-                        outcome.case.expect, outcome.frames))
+                    failures.append(
+                        "{} ({}): {}\n    expected {}; received {}".format(
+                            outcome.case.title,
+                            outcome.case.source,
+                            outcome.error,
+                            outcome.case.expect,
+                            outcome.frames,
+                        )
+                    )
             try:
                 yield canary.nextRoundTrip(OUTCOME_DEADLINE)
             except CaseFailed as e:
@@ -614,23 +663,29 @@ class MalformedInputTests(TestCase):
         self.writeReport(outcomes, canary, elapsed)
         # What the known bugs log is expected; anything else logged as an
         # error still fails the test.
-        for name in sorted({name for outcome in known
-                            for name in outcome.case.knownBug.get("logs", [])}):
+        for name in sorted(
+            {name for outcome in known for name in outcome.case.knownBug.get("logs", [])}
+        ):
             self.flushLoggedErrors(getattr(builtins, name))
         yield canary.stop()
         failures.extend(canary.errors)
         expected = ["canary-{}".format(i + 1) for i in range(len(canary.received))]
         if canary.received != expected:
-            failures.append("canary messages out of order or repeated: {}".format(
-                canary.received[:20]))
+            failures.append(
+                "canary messages out of order or repeated: {}".format(canary.received[:20])
+            )
         try:
             yield withDeadline(self.watch.whenEmpty(), OUTCOME_DEADLINE, "empty gate")
         except CaseFailed:
-            failures.append("connections left on the gate: {}".format(
-                sorted(repr(p) for p in self.factory.connections)))
+            failures.append(
+                "connections left on the gate: {}".format(
+                    sorted(repr(p) for p in self.factory.connections)
+                )
+            )
         if failures:
-            self.fail("{} of {} cases failed:\n{}".format(
-                len(failures), len(cases), "\n".join(failures)))
+            self.fail(
+                "{} of {} cases failed:\n{}".format(len(failures), len(cases), "\n".join(failures))
+            )
         self.assertGreater(canary.roundTrips, len(cases) // BATCH)
 
     def writeReport(self, outcomes, canary, elapsed):
@@ -640,30 +695,39 @@ class MalformedInputTests(TestCase):
         """
         kinds, knownBugs = {}, []
         for outcome in outcomes:
-            entry = kinds.setdefault(outcome.case.kind, {"cases": 0, "failed": 0,
-                                                          "slowest": 0.0})
+            entry = kinds.setdefault(outcome.case.kind, {"cases": 0, "failed": 0, "slowest": 0.0})
             entry["cases"] += 1
             entry["failed"] += outcome.error is not None
             entry["slowest"] = round(max(entry["slowest"], outcome.seconds), 4)
             if outcome.case.knownBug is not None:
-                knownBugs.append({"case": outcome.case.title, "documented": str(
-                    outcome.case.expect), "got": outcome.error or "as documented: fixed?",
-                    "lastFrames": outcome.frames[-3:],
-                    "bug": outcome.case.knownBug["description"]})
+                knownBugs.append(
+                    {
+                        "case": outcome.case.title,
+                        "documented": str(outcome.case.expect),
+                        "got": outcome.error or "as documented: fixed?",
+                        "lastFrames": outcome.frames[-3:],
+                        "bug": outcome.case.knownBug["description"],
+                    }
+                )
         latencies = sorted(canary.latencies) or [0.0]
         report = {
             "cases": len(outcomes),
             "kinds": kinds,
             "seconds": round(elapsed, 2),
             "knownBugs": knownBugs,
-            "slowest": sorted(((round(o.seconds, 4), o.case.title) for o in outcomes),
-                              reverse=True)[:5],
-            "canary": {"roundTrips": canary.roundTrips,
-                       "medianLatency": round(latencies[len(latencies) // 2], 4),
-                       "maxLatency": round(latencies[-1], 4)},
+            "slowest": sorted(
+                ((round(o.seconds, 4), o.case.title) for o in outcomes), reverse=True
+            )[:5],
+            "canary": {
+                "roundTrips": canary.roundTrips,
+                "medianLatency": round(latencies[len(latencies) // 2], 4),
+                "maxLatency": round(latencies[-1], 4),
+            },
         }
-        path = os.environ.get("IMSERVER_MALFORMED_REPORT") or self.dataDir.sibling(
-            "malformed-report.json").path
+        path = (
+            os.environ.get("IMSERVER_MALFORMED_REPORT")
+            or self.dataDir.sibling("malformed-report.json").path
+        )
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
 
@@ -681,8 +745,9 @@ class DataTests(SynchronousTestCase):
         self.assertGreaterEqual(len(cases), 200)
         self.assertGreaterEqual(len({case.kind for case in cases}), 15)
         titles = [case.title for case in cases]
-        self.assertEqual(len(titles), len(set(titles)),
-                         sorted(t for t in titles if titles.count(t) > 1))
+        self.assertEqual(
+            len(titles), len(set(titles)), sorted(t for t in titles if titles.count(t) > 1)
+        )
 
     def test_buildable(self):
         """
@@ -700,8 +765,9 @@ class DataTests(SynchronousTestCase):
         """
         context = BuildContext(b"s" * 32, 0, "u")
         for size in (20, 127, 128, 129, 4096, 16384, 65536):
-            data = encodeFrameSpec({"kind": "REQUEST", "seq": 3, "method": "ping",
-                                    "padTo": size}, context)
+            data = encodeFrameSpec(
+                {"kind": "REQUEST", "seq": 3, "method": "ping", "padTo": size}, context
+            )
             self.assertEqual(len(data), size)
             frame = pb.Frame.FromString(data)
             self.assertEqual((frame.kind, frame.seq, frame.method), (pb.REQUEST, 3, "ping"))
@@ -713,7 +779,8 @@ class DataTests(SynchronousTestCase):
         context = BuildContext(b"s" * 32, 0, "u")
         self.assertEqual(
             encodeWire([[1, "varint", 1], [2, "varint", 300], [3, "bytes", "ping"]], context),
-            pb.Frame(kind=pb.REQUEST, seq=300, method="ping").SerializeToString())
+            pb.Frame(kind=pb.REQUEST, seq=300, method="ping").SerializeToString(),
+        )
 
 
 class FuzzHarnessTests(SynchronousTestCase):
@@ -737,8 +804,9 @@ class FuzzHarnessTests(SynchronousTestCase):
                 try:
                     runInput(makeInput(case.state, payload, chunk, sqlite))
                 except GateFault as e:
-                    faults.append("{} (chunk {}, sqlite {}): {}".format(
-                        case.title, chunk, sqlite, e))
+                    faults.append(
+                        "{} (chunk {}, sqlite {}): {}".format(case.title, chunk, sqlite, e)
+                    )
         self.assertEqual(faults, [])
         # The known bug "sqlite-uint64-overflow" logs this (see above).
         self.flushLoggedErrors(OverflowError)

@@ -45,15 +45,16 @@ class GateMetricsTests(SynchronousTestCase):
         self.gate.connect()
         self.gate.login("alice")
         self.assertEqual(sample(self.metrics, "imserver_connections", state="new"), 1)
-        self.assertEqual(
-            sample(self.metrics, "imserver_connections", state="authenticated"), 1)
+        self.assertEqual(sample(self.metrics, "imserver_connections", state="authenticated"), 1)
 
     def test_authFailures(self):
         """
         Failed auths are counted by reason.
         """
-        for request in [pb.AuthRequest(uid="alice", device_id="phone", token="v1.0.bad"),
-                        pb.AuthRequest(uid="", device_id="phone")]:
+        for request in [
+            pb.AuthRequest(uid="alice", device_id="phone", token="v1.0.bad"),
+            pb.AuthRequest(uid="", device_id="phone"),
+        ]:
             protocol, _ = self.gate.connect()
             self.gate.request(protocol, "auth", request)
             protocol.connectionLost(Failure(ConnectionDone()))
@@ -61,7 +62,8 @@ class GateMetricsTests(SynchronousTestCase):
         self.gate.clock.advance(self.gate.settings.auth_timeout)
         for reason in ["bad_token", "bad_request", "timeout"]:
             self.assertEqual(
-                sample(self.metrics, "imserver_auth_failures_total", reason=reason), 1, reason)
+                sample(self.metrics, "imserver_auth_failures_total", reason=reason), 1, reason
+            )
 
     def test_messages(self):
         """

@@ -119,7 +119,7 @@ class SteppedStore:
         """
         held, self.queue = self.queue, collections.deque()
         if committed:
-            for method, args, d in held:
+            for method, args, _d in held:
                 method(*args).addErrback(lambda f: None)
 
 
@@ -157,15 +157,26 @@ class Device:
         self.protocol.makeConnection(self.transport)
         self.machine.serverSide.append(self.protocol)
         self._requests = {}
-        self._call("auth", pb.AuthRequest(
-            uid=self.uid, device_id=self.deviceId, last_seq=self.lastSeq,
-            token=mintToken(SECRET, self.uid, 3600, self.machine.clock.seconds())))
+        self._call(
+            "auth",
+            pb.AuthRequest(
+                uid=self.uid,
+                device_id=self.deviceId,
+                last_seq=self.lastSeq,
+                token=mintToken(SECRET, self.uid, 3600, self.machine.clock.seconds()),
+            ),
+        )
 
     def _call(self, method, request, clientMsgId=None):
         self._seq += 1
         self._requests[self._seq] = (method, clientMsgId)
-        self.protocol.dataReceived(encodeFrame(pb.Frame(
-            kind=pb.REQUEST, seq=self._seq, method=method, body=request.SerializeToString())))
+        self.protocol.dataReceived(
+            encodeFrame(
+                pb.Frame(
+                    kind=pb.REQUEST, seq=self._seq, method=method, body=request.SerializeToString()
+                )
+            )
+        )
 
     def send(self, clientMsgId, request):
         self.pending[clientMsgId] = request
@@ -177,8 +188,15 @@ class Device:
 
     def ack(self):
         if self.authed:
-            self.protocol.dataReceived(encodeFrame(pb.Frame(
-                kind=pb.NOTIFY, method="ack", body=pb.Ack(seq=self.lastSeq).SerializeToString())))
+            self.protocol.dataReceived(
+                encodeFrame(
+                    pb.Frame(
+                        kind=pb.NOTIFY,
+                        method="ack",
+                        body=pb.Ack(seq=self.lastSeq).SerializeToString(),
+                    )
+                )
+            )
 
     def forget(self):
         """
@@ -219,7 +237,8 @@ class Device:
                 response = pb.AuthResponse.FromString(frame.body)
                 assert response.head_seq >= self.lastSeq, (
                     "{}: the gate's inbox head {} is below the seq {} this device processed:"
-                    " acknowledged data lost".format(self, response.head_seq, self.lastSeq))
+                    " acknowledged data lost".format(self, response.head_seq, self.lastSeq)
+                )
                 self.authed = True
                 for clientMsgId in list(self.pending):
                     self._transmit(clientMsgId)
@@ -236,7 +255,8 @@ class Device:
                 machine.repeats += 1
                 return
             assert entry.seq == self.lastSeq + 1, "{}: got seq {} after {}: a gap".format(
-                self, entry.seq, self.lastSeq)
+                self, entry.seq, self.lastSeq
+            )
             self.stream.append(entry)
             self.lastSeq = entry.seq
         elif frame.kind == pb.ERROR and frame.error.code in (pb.AUTH_TIMEOUT, pb.IDLE_TIMEOUT):
@@ -281,7 +301,8 @@ class DeliveryMachine(RuleBasedStateMachine):
 
     def _startGate(self):
         self.store = SQLiteMessageStore(
-            self.path, None, int(self.settings.dedup_window * 1000), threaded=False)
+            self.path, None, int(self.settings.dedup_window * 1000), threaded=False
+        )
         self.store.startService()
         self.stepped = SteppedStore(self.store)
         self.factory = GateFactory(
@@ -318,7 +339,8 @@ class DeliveryMachine(RuleBasedStateMachine):
             self.acked[key] = response
         else:
             assert (response.message_id, response.seq) == (first.message_id, first.seq), (
-                "{} acknowledged twice differently: {} and {}".format(key, first, response))
+                "{} acknowledged twice differently: {} and {}".format(key, first, response)
+            )
 
     # -- rules ----------------------------------------------------------------
 
@@ -331,8 +353,12 @@ class DeliveryMachine(RuleBasedStateMachine):
             device.connect(self.factory)
         self.flow()
 
-    @rule(index=st.integers(0, len(DEVICES) - 1), to=st.sampled_from(USERS),
-          size=st.integers(0, 20), wait=st.booleans())
+    @rule(
+        index=st.integers(0, len(DEVICES) - 1),
+        to=st.sampled_from(USERS),
+        size=st.integers(0, 20),
+        wait=st.booleans(),
+    )
     def send(self, index, to, size, wait):
         """
         Send a message (at once if authenticated, else after the next
@@ -342,8 +368,9 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.counter += 1
         clientMsgId = "m{}".format(self.counter)
         body = b"%d:" % self.counter + b"x" * size
-        floor = max((r.message_id for (s, _), r in self.acked.items() if s == device.uid),
-                    default=0)
+        floor = max(
+            (r.message_id for (s, _), r in self.acked.items() if s == device.uid), default=0
+        )
         self.sent[(device.uid, clientMsgId)] = (to, body, floor)
         device.send(clientMsgId, pb.SendRequest(to=to, client_msg_id=clientMsgId, body=body))
         if wait:
@@ -444,7 +471,8 @@ class DeliveryMachine(RuleBasedStateMachine):
     @invariant()
     def nothingLogged(self):
         assert not self.failures, "the gate logged a failure: {}".format(
-            self.failures[0].getTraceback())
+            self.failures[0].getTraceback()
+        )
 
     @invariant()
     def streamsInOrder(self):
@@ -453,7 +481,8 @@ class DeliveryMachine(RuleBasedStateMachine):
             assert seqs == list(range(1, len(seqs) + 1)), "{}: {}".format(device, seqs)
             ids = [entry.message.id for entry in device.stream]
             assert ids == sorted(set(ids)), "{}: message ids {} repeat or go back".format(
-                device, ids)
+                device, ids
+            )
 
     @invariant()
     def storedAsSeen(self):
@@ -470,9 +499,11 @@ class DeliveryMachine(RuleBasedStateMachine):
                 stored = inbox.get(entry.seq)
                 assert stored is not None and stored.message.id == entry.message.id, (
                     "{}: seq {} was message {}, the store now says {}".format(
-                        device, entry.seq, entry.message.id, stored))
+                        device, entry.seq, entry.message.id, stored
+                    )
+                )
         stored = collections.defaultdict(set)
-        for uid, inbox in inboxes.items():
+        for _uid, inbox in inboxes.items():
             for entry in inbox.values():
                 message = entry.message
                 stored[(message.sender, message.client_msg_id)].add(message.id)
@@ -482,9 +513,11 @@ class DeliveryMachine(RuleBasedStateMachine):
             to = self.sent[(sender, clientMsgId)][0]
             own = inboxes[sender].get(response.seq)
             assert own is not None and own.message.id == response.message_id, (
-                "acknowledged {} is not at seq {} of {}".format(clientMsgId, response.seq, sender))
+                "acknowledged {} is not at seq {} of {}".format(clientMsgId, response.seq, sender)
+            )
             assert any(e.message.id == response.message_id for e in inboxes[to].values()), (
-                "acknowledged {} is not in the inbox of {}".format(clientMsgId, to))
+                "acknowledged {} is not in the inbox of {}".format(clientMsgId, to)
+            )
 
     # -- the end ----------------------------------------------------------------
 
@@ -518,32 +551,41 @@ class DeliveryMachine(RuleBasedStateMachine):
         """
         for device in self.devices:
             assert not device.pending, "{}: sends never acknowledged: {}".format(
-                device, list(device.pending))
+                device, list(device.pending)
+            )
             inbox = self._inbox(device.uid)
             assert [e.message.id for e in device.stream] == [e.message.id for e in inbox], (
                 "{} has {} of the inbox {}".format(
-                    device, [e.seq for e in device.stream], [e.seq for e in inbox]))
+                    device, [e.seq for e in device.stream], [e.seq for e in inbox]
+                )
+            )
         assert set(self.acked) == set(self.sent), "sends not acknowledged: {}".format(
-            set(self.sent) - set(self.acked))
+            set(self.sent) - set(self.acked)
+        )
         for device in self.devices:
             seen = {entry.message.id: entry for entry in device.stream}
             for (sender, clientMsgId), response in self.acked.items():
                 to, body, floor = self.sent[(sender, clientMsgId)]
                 assert response.message_id > floor, (
                     "{} accepted after message {} was acknowledged, but has id {}".format(
-                        clientMsgId, floor, response.message_id))
+                        clientMsgId, floor, response.message_id
+                    )
+                )
                 if device.uid == sender:
                     entry = seen.get(response.message_id)
                     assert entry is not None and entry.seq == response.seq and entry.outgoing, (
-                        "{} lacks its own {} at seq {}".format(device, clientMsgId, response.seq))
+                        "{} lacks its own {} at seq {}".format(device, clientMsgId, response.seq)
+                    )
                 elif device.uid == to:
                     assert response.message_id in seen, "{} lacks {} from {}".format(
-                        device, clientMsgId, sender)
+                        device, clientMsgId, sender
+                    )
             for entry in device.stream:
                 message = entry.message
                 to, body, floor = self.sent[(message.sender, message.client_msg_id)]
                 assert (message.recipient, message.body) == (to, body), (
-                    "{}: {} is not as sent".format(device, message))
+                    "{}: {} is not as sent".format(device, message)
+                )
                 assert device.uid in (message.sender, to)
 
     def teardown(self):
@@ -570,11 +612,14 @@ class DeliveryPropertyTests(SynchronousTestCase):
         reads, acks, dropped and vanished connections, store progress and
         gate restarts.
         """
-        run_state_machine_as_test(DeliveryMachine, settings=settings(
-            max_examples=EXAMPLES,
-            stateful_step_count=STEPS,
-            deadline=None,
-            database=None,
-            print_blob=True,
-            suppress_health_check=list(HealthCheck),
-        ))
+        run_state_machine_as_test(
+            DeliveryMachine,
+            settings=settings(
+                max_examples=EXAMPLES,
+                stateful_step_count=STEPS,
+                deadline=None,
+                database=None,
+                print_blob=True,
+                suppress_health_check=list(HealthCheck),
+            ),
+        )

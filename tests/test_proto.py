@@ -29,8 +29,14 @@ class GeneratedCodeTests(SynchronousTestCase):
         out = FilePath(self.mktemp())
         out.makedirs()
         subprocess.run(
-            [sys.executable, "-m", "grpc_tools.protoc", "-I" + ROOT.child("proto").path,
-             "--python_out=" + out.path, "--pyi_out=" + out.path]
+            [
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                "-I" + ROOT.child("proto").path,
+                "--python_out=" + out.path,
+                "--pyi_out=" + out.path,
+            ]
             + [ROOT.child("proto").child(name + ".proto").path for name in self.PROTOS],
             check=True,
         )

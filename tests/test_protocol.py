@@ -43,18 +43,19 @@ class AuthTests(SynchronousTestCase):
         self.assertEqual(response.max_frame_length, 65536)
         self.assertEqual(protocol.session.state, AUTHENTICATED)
         session = protocol.session
-        self.assertEqual((session.uid, session.deviceId, session.platform),
-                         ("alice", "phone", pb.IOS))
-        self.assertEqual(self.successResultOf(self.gate.registry.sessionsFor("alice")),
-                         [protocol.session])
+        self.assertEqual(
+            (session.uid, session.deviceId, session.platform), ("alice", "phone", pb.IOS)
+        )
+        self.assertEqual(
+            self.successResultOf(self.gate.registry.sessionsFor("alice")), [protocol.session]
+        )
         verifyObject(ISession, protocol.session)
 
     def test_jitterSpreads(self):
         """
         Heartbeat intervals differ between connections.
         """
-        intervals = {self.gate.authed(device=str(i))[0].session.heartbeatInterval
-                     for i in range(5)}
+        intervals = {self.gate.authed(device=str(i))[0].session.heartbeatInterval for i in range(5)}
         self.assertEqual(len(intervals), 5)
         self.assertTrue(all(24.0 <= i <= 30.0 for i in intervals))
 
@@ -99,8 +100,7 @@ class AuthTests(SynchronousTestCase):
         C{BAD_REQUEST}; the connection stays for a corrected auth.
         """
         protocol, transport = self.gate.connect()
-        for uid, device in [("", "d"), ("a", ""), ("x" * 129, "d"), ("a\x00b", "d"),
-                            ("a", "d\n")]:
+        for uid, device in [("", "d"), ("a", ""), ("x" * 129, "d"), ("a\x00b", "d"), ("a", "d\n")]:
             self.gate.auth(protocol, uid=uid, device=device, token="t")
             [frame] = written(transport)
             self.assertEqual(frame.error.code, pb.BAD_REQUEST, (uid, device))
@@ -138,7 +138,8 @@ class AuthTests(SynchronousTestCase):
         """
         pending = Deferred()
         self.gate.factory.authenticator = type(
-            "Slow", (), {"authenticate": lambda self, uid, token: pending})()
+            "Slow", (), {"authenticate": lambda self, uid, token: pending}
+        )()
         protocol, transport = self.gate.connect()
         self.gate.auth(protocol, seq=1)
         self.gate.auth(protocol, seq=2)
@@ -154,8 +155,9 @@ class AuthTests(SynchronousTestCase):
         Before auth, frames are limited to C{preauth_max_frame_length};
         after auth to C{max_frame_length}.
         """
-        gate = GateHarness(self, preauth_max_frame_length=100, max_frame_length=1100,
-                           max_message_body=50)
+        gate = GateHarness(
+            self, preauth_max_frame_length=100, max_frame_length=1100, max_message_body=50
+        )
         protocol, transport = gate.connect()
         protocol.dataReceived(b"\x00\x00\x00\x65")
         [frame] = written(transport)
@@ -197,7 +199,8 @@ class AuthTests(SynchronousTestCase):
         """
         pending = Deferred()
         self.gate.factory.authenticator = type(
-            "Slow", (), {"authenticate": lambda self, uid, token: pending})()
+            "Slow", (), {"authenticate": lambda self, uid, token: pending}
+        )()
         protocol, transport = self.gate.connect()
         self.gate.auth(protocol)
         self.gate.clock.advance(10)
@@ -213,7 +216,8 @@ class AuthTests(SynchronousTestCase):
         """
         pending = Deferred()
         self.gate.factory.authenticator = type(
-            "Slow", (), {"authenticate": lambda self, uid, token: pending})()
+            "Slow", (), {"authenticate": lambda self, uid, token: pending}
+        )()
         protocol, transport = self.gate.connect()
         self.gate.auth(protocol)
         self.gate.lose(protocol)
@@ -253,8 +257,9 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(pb.Kicked.FromString(frame.body).reason, pb.REPLACED)
         self.assertTrue(oldTransport.disconnecting)
         self.gate.lose(old)
-        self.assertEqual(self.successResultOf(self.gate.registry.sessionsFor("alice")),
-                         [new.session])
+        self.assertEqual(
+            self.successResultOf(self.gate.registry.sessionsFor("alice")), [new.session]
+        )
         self.assertFalse(newTransport.disconnecting)
 
     def test_otherDevicesCoexist(self):
@@ -460,7 +465,7 @@ class ValidationTests(SynchronousTestCase):
         Identifiers may hold any printable Unicode, format characters such
         as the zero-width joiner included, but no line separators.
         """
-        self.assertFalse(self.authWith(device_id="\U0001F469\u200d\U0001F4BB").HasField("error"))
+        self.assertFalse(self.authWith(device_id="\U0001f469\u200d\U0001f4bb").HasField("error"))
         self.assertEqual(self.authWith(device_id="a\u2028b").error.code, pb.BAD_REQUEST)
 
     def test_closedWhileRegistering(self):

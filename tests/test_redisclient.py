@@ -26,15 +26,17 @@ class RedisURLTests(SynchronousTestCase):
         url = RedisURL.parse("rediss://gate:p%40ss@redis.example:6380/3")
         self.assertEqual(
             (url.host, url.port, url.db, url.username, url.password, url.tls),
-            ("redis.example", 6380, 3, "gate", "p@ss", True))
+            ("redis.example", 6380, 3, "gate", "p@ss", True),
+        )
 
     def test_defaults(self):
         """
         Port 6379, database 0, no credentials, no TLS.
         """
         url = RedisURL.parse("redis://localhost")
-        self.assertEqual((url.port, url.db, url.username, url.password, url.tls),
-                         (6379, 0, None, None, False))
+        self.assertEqual(
+            (url.port, url.db, url.username, url.password, url.tls), (6379, 0, None, None, False)
+        )
 
     def test_passwordOnly(self):
         """
@@ -55,8 +57,14 @@ class RedisURLTests(SynchronousTestCase):
         """
         Other schemes, no host, bad ports and databases are refused.
         """
-        for text in ["http://h", "redis://", "redis://h:x", "redis://h/a",
-                     "redis://h/1?x=1", "h:6379"]:
+        for text in [
+            "http://h",
+            "redis://",
+            "redis://h:x",
+            "redis://h/a",
+            "redis://h/1?x=1",
+            "h:6379",
+        ]:
             self.assertRaises(ValueError, RedisURL.parse, text)
 
 
@@ -71,13 +79,18 @@ class RetryableErrorTests(SynchronousTestCase):
         out of memory, a read-only replica) become L{RedisUnavailable};
         other errors stay what they are.
         """
-        for message in ["LOADING Redis is loading the dataset in memory",
-                        "BUSY Redis is busy running a script", "OOM command not allowed",
-                        "READONLY You can't write against a read only replica."]:
-            self.failureResultOf(fail(ResponseError(message)).addErrback(_unavailable),
-                                 RedisUnavailable)
-        self.failureResultOf(fail(ResponseError("ERR syntax")).addErrback(_unavailable),
-                             ResponseError)
+        for message in [
+            "LOADING Redis is loading the dataset in memory",
+            "BUSY Redis is busy running a script",
+            "OOM command not allowed",
+            "READONLY You can't write against a read only replica.",
+        ]:
+            self.failureResultOf(
+                fail(ResponseError(message)).addErrback(_unavailable), RedisUnavailable
+            )
+        self.failureResultOf(
+            fail(ResponseError("ERR syntax")).addErrback(_unavailable), ResponseError
+        )
 
 
 class ConnectionTests(TestCase):
@@ -91,8 +104,7 @@ class ConnectionTests(TestCase):
     def setUp(self):
         self.server = RedisServer(self, reactor, appendfsync=None)
         yield self.server.start()
-        self.connection = connectRedis(reactor, RedisURL.parse(self.server.url),
-                                       replyTimeout=2)
+        self.connection = connectRedis(reactor, RedisURL.parse(self.server.url), replyTimeout=2)
         self.addCleanup(self.connection.disconnect)
         yield whenConnected(self.connection)
 
@@ -153,16 +165,20 @@ class RefusedAuthTests(TestCase):
         password (a rotation finished on the Redis side), it comes up by
         itself.
         """
-        server = RedisServer(self, reactor, appendfsync=None,
-                             extraArgs=["--requirepass", "old-password"])
+        server = RedisServer(
+            self, reactor, appendfsync=None, extraArgs=["--requirepass", "old-password"]
+        )
         yield server.start()
         url = "redis://:new-password@127.0.0.1:{}/0".format(server.port)
         connection = connectRedis(reactor, RedisURL.parse(url), replyTimeout=2)
         self.addCleanup(connection.disconnect)
         up = Deferred()
         connection.onConnect.append(lambda: up.called or up.callback(None))
-        admin = connectRedis(reactor, RedisURL.parse(
-            "redis://:old-password@127.0.0.1:{}/0".format(server.port)), replyTimeout=2)
+        admin = connectRedis(
+            reactor,
+            RedisURL.parse("redis://:old-password@127.0.0.1:{}/0".format(server.port)),
+            replyTimeout=2,
+        )
         self.addCleanup(admin.disconnect)
         adminUp = Deferred()
         admin.onConnect.append(lambda: adminUp.called or adminUp.callback(None))

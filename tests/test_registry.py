@@ -14,7 +14,6 @@ from zope.interface.verify import verifyObject
 
 from imserver.errors import TooManyDevices, Unavailable
 from imserver.interfaces import ISession, ISessionRegistry
-from imserver.wire import EncodedMessage
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import userTag
 from imserver.registry.memory import MemorySessionRegistry
@@ -23,10 +22,12 @@ from imserver.registry.redis import (
     RemoteSession,
     sessionsKey,
 )
+from imserver.wire import EncodedMessage
 
 from tests.support.cluster import FakeSession, RedisTestMixin
 from tests.support.live import waitFor
 from tests.support.redis import whenConnected
+
 
 class RegistryTestsMixin:
     """
@@ -68,8 +69,7 @@ class RegistryTestsMixin:
         for session in (a, b, c, FakeSession("dave", "phone")):
             yield self.registry.register(session)
         found = yield self.registry.sessionsForMany(["alice", "bob", "carol"])
-        self.assertEqual({uid: set(s) for uid, s in found.items()},
-                         {"alice": {a, b}, "bob": {c}})
+        self.assertEqual({uid: set(s) for uid, s in found.items()}, {"alice": {a, b}, "bob": {c}})
         self.assertEqual((yield self.registry.sessionsForMany([])), {})
 
     @inlineCallbacks
@@ -113,8 +113,7 @@ class RegistryTestsMixin:
         """
         for device in "abc":
             yield self.registry.register(FakeSession("alice", device))
-        yield self.assertFailure(self.registry.register(FakeSession("alice", "d")),
-                                 TooManyDevices)
+        yield self.assertFailure(self.registry.register(FakeSession("alice", "d")), TooManyDevices)
         self.assertIsNotNone((yield self.registry.register(FakeSession("alice", "a"))))
         self.assertEqual((yield self.registry.count()), 3)
         self.assertEqual(len((yield self.registry.sessionsFor("alice"))), 3)
@@ -125,8 +124,16 @@ class RegistryTestsMixin:
         Uids and device ids with characters that mean something in key
         names or entries are kept apart.
         """
-        sessions = [FakeSession(uid, device) for uid, device in [
-            ("a}b", "x|y"), ("a", "}b|"), ("{u:61}", "d"), ("élan", "d"), ("a:b", "d")]]
+        sessions = [
+            FakeSession(uid, device)
+            for uid, device in [
+                ("a}b", "x|y"),
+                ("a", "}b|"),
+                ("{u:61}", "d"),
+                ("élan", "d"),
+                ("a:b", "d"),
+            ]
+        ]
         for session in sessions:
             yield self.registry.register(session)
         for session in sessions:
@@ -234,9 +241,14 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
         self.assertFalse((yield self.a.registry.unregister(old)))
         entries = yield self.entries("alice")
         self.assertEqual(entries["phone"][4], new.sessionId)
-        self.assertEqual((yield self.a.registry.sessionsFor("alice")),
-                         [RemoteSession(None, "alice", "phone", pb.DESKTOP, new.sessionId,
-                                        "gate-b", entries["phone"][2])])
+        self.assertEqual(
+            (yield self.a.registry.sessionsFor("alice")),
+            [
+                RemoteSession(
+                    None, "alice", "phone", pb.DESKTOP, new.sessionId, "gate-b", entries["phone"][2]
+                )
+            ],
+        )
         self.assertTrue((yield self.b.registry.unregister(new)))
         self.assertEqual((yield self.entries("alice")), {})
 
@@ -251,9 +263,15 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
         yield self.a.registry.register(old)
         displaced = yield self.b.registry.register(new)
         self.assertEqual(
-            (displaced.uid, displaced.deviceId, displaced.sessionId, displaced.gateId,
-             displaced.platform),
-            ("alice", "phone", old.sessionId, "gate-a", pb.DESKTOP))
+            (
+                displaced.uid,
+                displaced.deviceId,
+                displaced.sessionId,
+                displaced.gateId,
+                displaced.platform,
+            ),
+            ("alice", "phone", old.sessionId, "gate-a", pb.DESKTOP),
+        )
         verifyObject(ISession, displaced)
         displaced.kick(pb.REPLACED, "the same device signed in again")
         yield waitFor(lambda: old.kicks)
@@ -269,10 +287,18 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
         session = self.a.session("alice", "phone")
         yield self.a.registry.register(session)
         [remote] = yield self.b.registry.sessionsFor("alice")
-        RemoteSession(self.b.bus, "alice", "phone", pb.DESKTOP, session.sessionId,
-                      "gate-a", remote.generation - 1).kick(pb.ADMIN, "old")
-        RemoteSession(self.b.bus, "alice", "phone", pb.DESKTOP, "gate-a/nope",
-                      "gate-a", remote.generation).kick(pb.ADMIN, "gone")
+        RemoteSession(
+            self.b.bus,
+            "alice",
+            "phone",
+            pb.DESKTOP,
+            session.sessionId,
+            "gate-a",
+            remote.generation - 1,
+        ).kick(pb.ADMIN, "old")
+        RemoteSession(
+            self.b.bus, "alice", "phone", pb.DESKTOP, "gate-a/nope", "gate-a", remote.generation
+        ).kick(pb.ADMIN, "gone")
         remote.kick(pb.ADMIN, "now")
         yield waitFor(lambda: session.kicks)
         self.assertEqual(session.kicks, [pb.ADMIN])
@@ -288,8 +314,9 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
         yield self.a.connection.execute("SET", GENERATION_KEY, b"5000000000000000")
         first, second = self.a.session("alice", "a"), self.a.session("alice", "b")
         d1 = self.a.registry.register(first)
-        self.a.registry.kickReceived("alice", "a", first.sessionId, 5000000000000001,
-                                     pb.REPLACED, "displaced")
+        self.a.registry.kickReceived(
+            "alice", "a", first.sessionId, 5000000000000001, pb.REPLACED, "displaced"
+        )
         yield d1
         self.assertEqual(first.kicks, [pb.REPLACED])
         d2 = self.a.registry.register(second)
@@ -307,14 +334,15 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
         local = self.a.session("alice", "laptop")
         phone, tablet = self.b.session("alice", "phone"), self.b.session("alice", "tablet")
         bob = self.b.session("bob", "phone")
-        for gate, session in [(self.a, local), (self.b, phone), (self.b, tablet),
-                              (self.b, bob)]:
+        for gate, session in [(self.a, local), (self.b, phone), (self.b, tablet), (self.b, bob)]:
             yield gate.registry.register(session)
         found = yield self.a.registry.sessionsForMany(["alice", "bob"])
         self.assertIn(local, found["alice"])
         remote = [s for s in found["alice"] + found["bob"] if s is not local]
-        self.assertEqual(sorted(s.sessionId for s in remote),
-                         sorted([phone.sessionId, tablet.sessionId, bob.sessionId]))
+        self.assertEqual(
+            sorted(s.sessionId for s in remote),
+            sorted([phone.sessionId, tablet.sessionId, bob.sessionId]),
+        )
         push = EncodedMessage(pb.Message(id=7, sender="bob", recipient="alice", body=b"hi"))
         for session in found["alice"]:
             session.inboxAdvanced(3, False, push)
@@ -322,11 +350,9 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
             session.inboxAdvanced(9, True, push)
             session.typing("alice", True, "")
             session.notice(b"frame")
-        yield waitFor(lambda: phone.advanced and tablet.advanced and bob.advanced
-                      and bob.notices)
+        yield waitFor(lambda: phone.advanced and tablet.advanced and bob.advanced and bob.notices)
         self.assertEqual(self.a.bus.published, 1)
-        for session, seq, outgoing in [(phone, 3, False), (tablet, 3, False),
-                                       (bob, 9, True)]:
+        for session, seq, outgoing in [(phone, 3, False), (tablet, 3, False), (bob, 9, True)]:
             [(gotSeq, gotOutgoing, gotPush)] = session.advanced
             self.assertEqual((gotSeq, gotOutgoing), (seq, outgoing))
             self.assertEqual(gotPush.frame(seq, outgoing), push.frame(seq, outgoing))
@@ -365,8 +391,13 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
         entries = yield self.entries("alice")
         self.assertEqual(
             {device: entry[4] for device, entry in entries.items()},
-            {"phone": newPhone.sessionId, "watch": watch.sessionId,
-             "laptop": laptop.sessionId, "tablet": tablet.sessionId})
+            {
+                "phone": newPhone.sessionId,
+                "watch": watch.sessionId,
+                "laptop": laptop.sessionId,
+                "tablet": tablet.sessionId,
+            },
+        )
         self.assertFalse((yield c.registry.unregister(phone)))
         self.assertEqual((yield c.registry.count()), 2)
 
@@ -427,8 +458,10 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
         self.assertEqual((yield self.a.registry.reconcile()), (2, 0))
         self.assertEqual((yield self.entries("alice")), before)
         found = yield self.b.registry.sessionsForMany(["alice", "bob"])
-        self.assertEqual(sorted(s.sessionId for ss in found.values() for s in ss),
-                         sorted(s.sessionId for s in sessions))
+        self.assertEqual(
+            sorted(s.sessionId for ss in found.values() for s in ss),
+            sorted(s.sessionId for s in sessions),
+        )
         counter = yield self.a.connection.execute("GET", GENERATION_KEY)
         self.assertGreaterEqual(int(counter), before["phone"][2])
         self.assertEqual((yield self.a.registry.reconcile()), (0, 0))
@@ -452,7 +485,7 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
                 yield gate.registry.refreshLease()
             yield first.registry.reconcile()
             yield second.registry.reconcile()
-            yield waitFor(lambda: old.kicks)
+            yield waitFor(lambda old=old: old.kicks)
             entries = yield self.entries("alice")
             self.assertEqual(entries["phone"][4], new.sessionId)
             self.assertEqual(new.kicks, [])
@@ -476,7 +509,8 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
         yield self.a.registry.register(stays)
         yield self.restart(self.server.stop, down=True)
         failure = yield self.assertFailure(
-            self.a.registry.register(self.a.session("bob", "phone")), Unavailable)
+            self.a.registry.register(self.a.session("bob", "phone")), Unavailable
+        )
         self.assertEqual(failure.code, pb.UNAVAILABLE)
         yield self.assertFailure(self.a.registry.sessionsFor("alice"), Unavailable)
         self.assertFalse((yield self.a.registry.unregister(gone)))

@@ -104,9 +104,7 @@ class TablesTests(SynchronousTestCase):
         Decorated methods appear in the class's tables; the base class's
         tables stay empty.
         """
-        self.assertEqual(
-            sorted(Peer.responders), ["broken", "echo", "fatal", "refuse", "slow"]
-        )
+        self.assertEqual(sorted(Peer.responders), ["broken", "echo", "fatal", "refuse", "slow"])
         self.assertEqual(list(Peer.notificationHandlers), ["hello"])
         self.assertEqual(RPCProtocol.responders, {})
 
@@ -135,7 +133,9 @@ class IncomingTests(PeerTestCase):
         A request is answered with a RESPONSE echoing its seq.
         """
         self.receive(
-            kind=pb.REQUEST, seq=7, method="echo",
+            kind=pb.REQUEST,
+            seq=7,
+            method="echo",
             body=pb.PingResponse(server_time_ms=41).SerializeToString(),
         )
         [frame] = self.written()
@@ -208,7 +208,9 @@ class IncomingTests(PeerTestCase):
         self.peer.pending[1].callback(pb.PingResponse(server_time_ms=2))
         self.peer.pending[0].errback(RPCError("x", code=pb.BAD_REQUEST))
         first, second = self.written()
-        self.assertEqual((first.seq, first.body), (11, pb.PingResponse(server_time_ms=2).SerializeToString()))
+        self.assertEqual(
+            (first.seq, first.body), (11, pb.PingResponse(server_time_ms=2).SerializeToString())
+        )
         self.assertEqual((second.seq, second.error.code), (10, pb.BAD_REQUEST))
 
     def test_asyncUnexpectedFailure(self):
@@ -333,8 +335,11 @@ class OutgoingTests(PeerTestCase):
         message and cancels the timeout.
         """
         d, frame = self.call()
-        self.receive(kind=pb.RESPONSE, seq=frame.seq,
-                     body=pb.PingResponse(server_time_ms=5).SerializeToString())
+        self.receive(
+            kind=pb.RESPONSE,
+            seq=frame.seq,
+            body=pb.PingResponse(server_time_ms=5).SerializeToString(),
+        )
         self.assertEqual(self.successResultOf(d).server_time_ms, 5)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -343,8 +348,9 @@ class OutgoingTests(PeerTestCase):
         An error response fails the Deferred with L{RemoteError}.
         """
         d, frame = self.call()
-        self.receive(kind=pb.RESPONSE, seq=frame.seq,
-                     error=pb.Error(code=pb.BAD_REQUEST, message="m"))
+        self.receive(
+            kind=pb.RESPONSE, seq=frame.seq, error=pb.Error(code=pb.BAD_REQUEST, message="m")
+        )
         error = self.failureResultOf(d, RemoteError).value
         self.assertEqual((error.code, error.message), (pb.BAD_REQUEST, "m"))
 
@@ -422,7 +428,9 @@ class OutgoingTests(PeerTestCase):
         self.receive(kind=pb.ERROR, error=pb.Error(code=pb.IDLE_TIMEOUT, message="idle"))
         self.assertTrue(self.transport.disconnecting)
         self.peer.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.failureResultOf(d, ConnectionClosedByPeer).value.code, pb.IDLE_TIMEOUT)
+        self.assertEqual(
+            self.failureResultOf(d, ConnectionClosedByPeer).value.code, pb.IDLE_TIMEOUT
+        )
 
     def test_cancel(self):
         """

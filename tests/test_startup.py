@@ -119,12 +119,19 @@ class StartupMistakeTests(TestCase):
         self.dataDir.makedirs()
         listen = "tcp:{}:interface=127.0.0.1".format(port)
         line = yield self.assertStops(
-            "--listen " + listen, "--listen", listen, "--api", "none",
-            "--secret-file", self.secret.path)
+            "--listen " + listen,
+            "--listen",
+            listen,
+            "--api",
+            "none",
+            "--secret-file",
+            self.secret.path,
+        )
         self.assertEqual(
             line,
             "--listen {}: cannot listen on 127.0.0.1:{}: Address already in use; stop "
-            "the program using that port or choose another one".format(listen, port))
+            "the program using that port or choose another one".format(listen, port),
+        )
 
     @inlineCallbacks
     def test_apiPortInUse(self):
@@ -135,8 +142,16 @@ class StartupMistakeTests(TestCase):
         self.dataDir.makedirs()
         api = "tcp:{}:interface=127.0.0.1".format(port)
         line = yield self.assertStops(
-            "--api " + api, "--listen", LOOPBACK, "--api", api,
-            "--admin-token-file", self.secret.path, "--secret-file", self.secret.path)
+            "--api " + api,
+            "--listen",
+            LOOPBACK,
+            "--api",
+            api,
+            "--admin-token-file",
+            self.secret.path,
+            "--secret-file",
+            self.secret.path,
+        )
         self.assertIn("Address already in use", line)
 
     @inlineCallbacks
@@ -147,8 +162,14 @@ class StartupMistakeTests(TestCase):
         """
         missing = self.cwd.child("missing.pem").path
         line = yield self.assertStops(
-            "--tls-cert " + missing, "--listen", "ssl:0:interface=127.0.0.1",
-            "--tls-cert", missing, "--tls-key", missing)
+            "--tls-cert " + missing,
+            "--listen",
+            "ssl:0:interface=127.0.0.1",
+            "--tls-cert",
+            missing,
+            "--tls-key",
+            missing,
+        )
         self.assertIn("No such file", line)
 
     @inlineCallbacks
@@ -160,7 +181,8 @@ class StartupMistakeTests(TestCase):
         cert.setContent(makeSelfSigned()[0])
         key.setContent(makeSelfSigned()[1])
         line = yield self.assertStops(
-            "--tls-cert " + cert.path, "--tls-cert", cert.path, "--tls-key", key.path)
+            "--tls-cert " + cert.path, "--tls-cert", cert.path, "--tls-key", key.path
+        )
         self.assertIn("--tls-key " + key.path, line)
 
     @inlineCallbacks
@@ -202,7 +224,8 @@ class StartupMistakeTests(TestCase):
         """
         missing = self.cwd.child("missing").path
         line = yield self.assertStops(
-            "--admin-token-file " + missing, "--admin-token-file", missing)
+            "--admin-token-file " + missing, "--admin-token-file", missing
+        )
         self.assertNotIn("secret", line)
 
     @inlineCallbacks
@@ -212,8 +235,7 @@ class StartupMistakeTests(TestCase):
         """
         short = self.cwd.child("short")
         short.setContent(b"short\n")
-        yield self.assertStops(
-            "--admin-token-file " + short.path, "--admin-token-file", short.path)
+        yield self.assertStops("--admin-token-file " + short.path, "--admin-token-file", short.path)
 
     @inlineCallbacks
     def test_secretFileMissing(self):
@@ -228,8 +250,7 @@ class StartupMistakeTests(TestCase):
         """
         A setting that is not a number names the option and the value.
         """
-        line = yield self.assertStops(
-            "--max-connections lots", "--max-connections", "lots")
+        line = yield self.assertStops("--max-connections lots", "--max-connections", "lots")
         self.assertIn("whole number", line)
 
     @inlineCallbacks
@@ -326,7 +347,8 @@ class ListenerStartTests(SynchronousTestCase):
             str(e),
             "--listen tcp:7443:interface=127.0.0.1: cannot listen on 127.0.0.1:7443: "
             "Address already in use; stop the program using that port or choose "
-            "another one")
+            "another one",
+        )
         self.failureResultOf(service.whenListening(), CannotListenError)
 
     def test_apiPortInUse(self):
@@ -384,12 +406,13 @@ class DataDirCheckTests(SynchronousTestCase):
         dataDir = FilePath(self.mktemp())
         dataDir.makedirs()
         access = os.access
-        self.patch(os, "access",
-                   lambda path, mode: path != dataDir.path and access(path, mode))
-        e = self.assertRaises(StartupError, ServerOptions().parseOptions,
-                              ["im", "--data-dir", dataDir.path])
-        self.assertTrue(str(e).startswith("--data-dir {}: this user cannot write".format(
-            dataDir.path)), str(e))
+        self.patch(os, "access", lambda path, mode: path != dataDir.path and access(path, mode))
+        e = self.assertRaises(
+            StartupError, ServerOptions().parseOptions, ["im", "--data-dir", dataDir.path]
+        )
+        self.assertTrue(
+            str(e).startswith("--data-dir {}: this user cannot write".format(dataDir.path)), str(e)
+        )
         self.assertEqual(dataDir.listdir(), [])
 
     def test_cannotCreate(self):
@@ -399,10 +422,10 @@ class DataDirCheckTests(SynchronousTestCase):
         parent = FilePath(self.mktemp())
         parent.makedirs()
         access = os.access
-        self.patch(os, "access",
-                   lambda path, mode: path != parent.path and access(path, mode))
+        self.patch(os, "access", lambda path, mode: path != parent.path and access(path, mode))
         dataDir = parent.child("data")
-        e = self.assertRaises(StartupError, ServerOptions().parseOptions,
-                              ["im", "--data-dir", dataDir.path])
+        e = self.assertRaises(
+            StartupError, ServerOptions().parseOptions, ["im", "--data-dir", dataDir.path]
+        )
         self.assertIn("cannot be created", str(e))
         self.assertFalse(dataDir.exists())

@@ -20,8 +20,8 @@ from zope.interface.verify import verifyObject
 from imserver.errors import NotMember
 from imserver.interfaces import IGroupStore, IMessageStore
 from imserver.pb import im_pb2 as pb
-from imserver.store import SYSTEM, GroupExists, GroupFull, GroupNotFound
 from imserver.redisclient import RedisUnavailable, RedisURL, connectRedis
+from imserver.store import SYSTEM, GroupExists, GroupFull, GroupNotFound
 from imserver.store.memory import MemoryMessageStore
 from imserver.store.redis import RedisMessageStore
 from imserver.store.sqlite import SQLiteMessageStore, StoreClosed
@@ -85,8 +85,9 @@ class StoreTestsMixin:
         self.assertEqual(delivery.seqs, {"bob": first, "alice": first})
         message = delivery.message
         self.assertTrue(message.id)
-        self.assertEqual((message.sender, message.client_msg_id, message.created_ms),
-                         ("alice", "m1", T0))
+        self.assertEqual(
+            (message.sender, message.client_msg_id, message.created_ms), ("alice", "m1", T0)
+        )
         [entry] = yield self.store.fetch("bob", 0, 10)
         self.assertEqual((entry.seq, entry.outgoing, entry.message), (first, False, message))
         [own] = yield self.store.fetch("alice", 0, 10)
@@ -140,8 +141,7 @@ class StoreTestsMixin:
         """
         One body can land in many inboxes, each once.
         """
-        delivery = yield self.store.deliver(
-            "alice", "g", text("hi"), ["bob", "carol", "bob"], T0)
+        delivery = yield self.store.deliver("alice", "g", text("hi"), ["bob", "carol", "bob"], T0)
         self.assertEqual(sorted(delivery.seqs), ["alice", "bob", "carol"])
         ids = set()
         for uid in ["bob", "carol", "alice"]:
@@ -301,8 +301,7 @@ class StoreTestsMixin:
     @inlineCallbacks
     def group(self, groupId="g1", owner="alice", members=("bob", "carol")):
         yield self.store.createGroup(groupId, "Group " + groupId, owner, T0)
-        yield self.store.setMembers(
-            groupId, [(uid, pb.ROLE_MEMBER) for uid in members], 100, T0)
+        yield self.store.setMembers(groupId, [(uid, pb.ROLE_MEMBER) for uid in members], 100, T0)
 
     def groupSend(self, sender, clientMsgId, body, groupId="g1", now=T0):
         message = pb.Message(group_id=groupId, body=body.encode())
@@ -323,7 +322,8 @@ class StoreTestsMixin:
         info = yield self.store.createGroup("g1", "Friends", "alice", T0)
         self.assertEqual(
             (info.group_id, info.name, info.role, info.member_count, info.created_ms),
-            ("g1", "Friends", pb.ROLE_OWNER, 1, T0))
+            ("g1", "Friends", pb.ROLE_OWNER, 1, T0),
+        )
         yield self.assertFailure(self.store.createGroup("g1", "Again", "bob", T0), GroupExists)
         self.assertEqual((yield self.store.group("g1")).name, "Friends")
         self.assertIsNone((yield self.store.group("nope")))
@@ -335,8 +335,9 @@ class StoreTestsMixin:
         """
         yield self.group()
         info = yield self.store.group("g1")
-        self.assertEqual(info, pb.Group(group_id="g1", name="Group g1", created_ms=T0,
-                                        member_count=3))
+        self.assertEqual(
+            info, pb.Group(group_id="g1", name="Group g1", created_ms=T0, member_count=3)
+        )
 
     @inlineCallbacks
     def test_members(self):
@@ -346,13 +347,19 @@ class StoreTestsMixin:
         """
         yield self.group()
         added = yield self.store.setMembers(
-            "g1", [("bob", pb.ROLE_ADMIN), ("dave", pb.ROLE_MEMBER)], 100, T0 + 5)
+            "g1", [("bob", pb.ROLE_ADMIN), ("dave", pb.ROLE_MEMBER)], 100, T0 + 5
+        )
         self.assertEqual(added, ["dave"])
         members = yield self.store.members("g1")
         self.assertEqual(
             [(m.uid, m.role, m.joined_ms) for m in members],
-            [("alice", pb.ROLE_OWNER, T0), ("bob", pb.ROLE_ADMIN, T0),
-             ("carol", pb.ROLE_MEMBER, T0), ("dave", pb.ROLE_MEMBER, T0 + 5)])
+            [
+                ("alice", pb.ROLE_OWNER, T0),
+                ("bob", pb.ROLE_ADMIN, T0),
+                ("carol", pb.ROLE_MEMBER, T0),
+                ("dave", pb.ROLE_MEMBER, T0 + 5),
+            ],
+        )
         self.assertEqual((yield self.store.group("g1")).member_count, 4)
 
     @inlineCallbacks
@@ -362,13 +369,22 @@ class StoreTestsMixin:
         change in a full group is fine.
         """
         yield self.group()
-        yield self.assertFailure(self.store.setMembers(
-            "g1", [("dave", pb.ROLE_MEMBER), ("erin", pb.ROLE_MEMBER)], 4, T0), GroupFull)
+        yield self.assertFailure(
+            self.store.setMembers(
+                "g1", [("dave", pb.ROLE_MEMBER), ("erin", pb.ROLE_MEMBER)], 4, T0
+            ),
+            GroupFull,
+        )
         self.assertEqual(len((yield self.store.members("g1"))), 3)
-        self.assertEqual((yield self.store.setMembers(
-            "g1", [("dave", pb.ROLE_MEMBER), ("bob", pb.ROLE_ADMIN)], 4, T0)), ["dave"])
-        self.assertEqual((yield self.store.setMembers(
-            "g1", [("carol", pb.ROLE_ADMIN)], 4, T0)), [])
+        self.assertEqual(
+            (
+                yield self.store.setMembers(
+                    "g1", [("dave", pb.ROLE_MEMBER), ("bob", pb.ROLE_ADMIN)], 4, T0
+                )
+            ),
+            ["dave"],
+        )
+        self.assertEqual((yield self.store.setMembers("g1", [("carol", pb.ROLE_ADMIN)], 4, T0)), [])
         roles = {m.uid: m.role for m in (yield self.store.members("g1"))}
         self.assertEqual((roles["bob"], roles["carol"]), (pb.ROLE_ADMIN, pb.ROLE_ADMIN))
 
@@ -388,9 +404,12 @@ class StoreTestsMixin:
         Operations on a group that does not exist fail with
         L{GroupNotFound}.
         """
-        for d in [self.store.deleteGroup("g"), self.store.members("g"),
-                  self.store.removeMembers("g", ["a"]),
-                  self.store.setMembers("g", [("a", pb.ROLE_MEMBER)], 10, T0)]:
+        for d in [
+            self.store.deleteGroup("g"),
+            self.store.members("g"),
+            self.store.removeMembers("g", ["a"]),
+            self.store.setMembers("g", [("a", pb.ROLE_MEMBER)], 10, T0),
+        ]:
             yield self.assertFailure(d, GroupNotFound)
 
     @inlineCallbacks
@@ -401,10 +420,10 @@ class StoreTestsMixin:
         yield self.group("g2", owner="bob", members=["alice"])
         yield self.group("g1")
         groups = yield self.store.groupsOf("alice")
-        self.assertEqual([(g.group_id, g.name, g.role, g.member_count, g.created_ms)
-                          for g in groups],
-                         [("g1", "Group g1", pb.ROLE_OWNER, 3, T0),
-                          ("g2", "Group g2", pb.ROLE_MEMBER, 2, T0)])
+        self.assertEqual(
+            [(g.group_id, g.name, g.role, g.member_count, g.created_ms) for g in groups],
+            [("g1", "Group g1", pb.ROLE_OWNER, 3, T0), ("g2", "Group g2", pb.ROLE_MEMBER, 2, T0)],
+        )
         self.assertEqual((yield self.store.groupsOf("nobody")), [])
 
     @inlineCallbacks
@@ -466,10 +485,10 @@ class StoreTestsMixin:
         yield self.store.removeMembers("g1", ["bob"])
         delivery = yield self.groupSend("alice", "m2", "two")
         self.assertEqual(sorted(delivery.seqs), ["alice", "carol", "dave"])
-        self.assertEqual([e.message.body for e in (yield self.store.fetch("bob", 0, 10))],
-                         [b"one"])
-        self.assertEqual([e.message.body for e in (yield self.store.fetch("dave", 0, 10))],
-                         [b"two"])
+        self.assertEqual([e.message.body for e in (yield self.store.fetch("bob", 0, 10))], [b"one"])
+        self.assertEqual(
+            [e.message.body for e in (yield self.store.fetch("dave", 0, 10))], [b"two"]
+        )
         yield self.assertFailure(self.groupSend("bob", "m3", "x"), NotMember)
 
     @inlineCallbacks
@@ -532,23 +551,25 @@ class StoreTestsMixin:
         seen = {}
         for i, uid in enumerate(uids):
             delivery = yield self.store.deliver(
-                "s}:{x", "m:%d}" % (i,), text(str(i), uid), [uid], T0)
+                "s}:{x", "m:%d}" % (i,), text(str(i), uid), [uid], T0
+            )
             seen[uid] = delivery.seqs[uid]
         for i, uid in enumerate(uids):
             entries = yield self.store.fetch(uid, 0, 10)
-            self.assertEqual([(e.seq, e.message.body) for e in entries],
-                             [(seen[uid], str(i).encode())])
+            self.assertEqual(
+                [(e.seq, e.message.body) for e in entries], [(seen[uid], str(i).encode())]
+            )
         yield self.store.ack([("a}", "d:{1}", 7)], T0)
         self.assertEqual((yield self.store.cursor("a}", "d:{1}")), 7)
         self.assertEqual((yield self.store.cursor("a", "d:{1}")), 0)
         long = "\u00e9" * 150
         yield self.store.createGroup("g}:{1", "\u00e9", "a}", T0)
-        yield self.store.setMembers("g}:{1", [("{a}", pb.ROLE_MEMBER), (long, pb.ROLE_MEMBER)],
-                                    10, T0)
+        yield self.store.setMembers(
+            "g}:{1", [("{a}", pb.ROLE_MEMBER), (long, pb.ROLE_MEMBER)], 10, T0
+        )
         self.assertEqual([g.group_id for g in (yield self.store.groupsOf("{a}"))], ["g}:{1"])
         self.assertEqual([g.group_id for g in (yield self.store.groupsOf(long))], ["g}:{1"])
-        self.assertEqual([m.uid for m in (yield self.store.members("g}:{1"))],
-                         ["a}", "{a}", long])
+        self.assertEqual([m.uid for m in (yield self.store.members("g}:{1"))], ["a}", "{a}", long])
         delivery = yield self.groupSend("{a}", "m:1}", "g", groupId="g}:{1")
         self.assertEqual(sorted(delivery.seqs), ["a}", "{a}", long])
         [entry] = yield self.store.fetch(long, 0, 10)
@@ -659,10 +680,7 @@ class ThreadedSQLiteStoreTests(TestCase):
         Operations queued together commit in few transactions, and each is
         answered with its own result in order.
         """
-        ds = [
-            self.store.deliver("alice", str(i), text(str(i)), ["bob"], T0)
-            for i in range(500)
-        ]
+        ds = [self.store.deliver("alice", str(i), text(str(i)), ["bob"], T0) for i in range(500)]
         deliveries = yield gatherResults(ds)
         self.assertEqual([d.seqs["bob"] for d in deliveries], list(range(1, 501)))
         self.assertLess(self.store.batches, 50)
@@ -699,7 +717,9 @@ class ThreadedSQLiteStoreTests(TestCase):
         server does not start; the store stays stopped.
         """
         yield self.store.stopService()
-        self.store = SQLiteMessageStore(FilePath(self.mktemp()).child("no").child("db").path, reactor)
+        self.store = SQLiteMessageStore(
+            FilePath(self.mktemp()).child("no").child("db").path, reactor
+        )
         self.assertRaises(sqlite3.OperationalError, self.store.startService)
         self.assertFalse(self.store.running)
         yield self.assertFailure(self.store.head("bob"), StoreClosed)
@@ -753,8 +773,12 @@ class QueryPlanTests(SynchronousTestCase):
         from imserver.store.sqlite import dedupLookup, openDatabase
 
         db = openDatabase(":memory:")
-        plan = " | ".join(row[3] for row in db.execute(
-            "EXPLAIN QUERY PLAN " + dedupLookup(3), ["a", "1", "b", "2", "c", "3"]))
+        plan = " | ".join(
+            row[3]
+            for row in db.execute(
+                "EXPLAIN QUERY PLAN " + dedupLookup(3), ["a", "1", "b", "2", "c", "3"]
+            )
+        )
         self.assertIn("USING PRIMARY KEY", plan)
         self.assertNotIn("SCAN d", plan)
         self.assertNotIn("SCAN dedup", plan)
@@ -782,8 +806,9 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         return store
 
     def connect(self, replyTimeout=2):
-        connection = connectRedis(reactor, RedisURL.parse(self.server.url),
-                                  replyTimeout=replyTimeout)
+        connection = connectRedis(
+            reactor, RedisURL.parse(self.server.url), replyTimeout=replyTimeout
+        )
         # Reconnect within 0.1 s after a restart instead of 1 s, to keep
         # the tests short.
         connection._factory.initialDelay = 0.1
@@ -836,17 +861,30 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         yield self.store.ack([("bob", "phone", 1)], T0)
         yield self.store.createGroup("g", "G", "bob", T0)
         keys = sorted(k.decode() for k in (yield self.redis("KEYS", "*")))
-        alice = "al{i}ce".encode().hex()
+        alice = b"al{i}ce".hex()
         bob = b"bob".hex()
-        self.assertEqual(keys, sorted([
-            "im:epoch", "im:seqfloor", "im:runid", "im:msgid", "im:bodies",
-            "im:m:%d" % (delivery.message.id,),
-            "im:d:{u:%s}:m1" % (alice,),
-            "im:{u:%s}:head" % (alice,), "im:{u:%s}:inbox" % (alice,),
-            "im:{u:%s}:head" % (bob,), "im:{u:%s}:inbox" % (bob,),
-            "im:{u:%s}:cursors" % (bob,), "im:{u:%s}:groups" % (bob,),
-            "im:{g:%s}:info" % (b"g".hex(),), "im:{g:%s}:members" % (b"g".hex(),),
-        ]))
+        self.assertEqual(
+            keys,
+            sorted(
+                [
+                    "im:epoch",
+                    "im:seqfloor",
+                    "im:runid",
+                    "im:msgid",
+                    "im:bodies",
+                    "im:m:%d" % (delivery.message.id,),
+                    "im:d:{u:%s}:m1" % (alice,),
+                    "im:{u:%s}:head" % (alice,),
+                    "im:{u:%s}:inbox" % (alice,),
+                    "im:{u:%s}:head" % (bob,),
+                    "im:{u:%s}:inbox" % (bob,),
+                    "im:{u:%s}:cursors" % (bob,),
+                    "im:{u:%s}:groups" % (bob,),
+                    "im:{g:%s}:info" % (b"g".hex(),),
+                    "im:{g:%s}:members" % (b"g".hex(),),
+                ]
+            ),
+        )
         ttl = yield self.redis("PTTL", "im:d:{u:%s}:m1" % (alice,))
         self.assertTrue(23 * HOUR < ttl <= 24 * HOUR, ttl)
 
@@ -860,13 +898,14 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         delivery = yield self.send("alice", "m1", "x")
         floor = int((yield self.redis("GET", "im:seqfloor")))
         self.assertGreaterEqual(floor, before)
-        self.assertLess(floor, 2 ** 53)
+        self.assertLess(floor, 2**53)
         self.assertEqual(delivery.seqs, {"bob": floor + 1, "alice": floor + 1})
         for i in range(2, 5):
             delivery = yield self.send("alice", "m%d" % (i,), "x")
             self.assertEqual(delivery.seqs["bob"], floor + i)
-        self.assertEqual((yield self.redis("GET", "im:{u:%s}:head" % (b"bob".hex(),))),
-                         b"%d" % (floor + 4,))
+        self.assertEqual(
+            (yield self.redis("GET", "im:{u:%s}:head" % (b"bob".hex(),))), b"%d" % (floor + 4,)
+        )
         self.assertEqual((yield self.seqsOf("bob")), [floor + i for i in range(1, 5)])
 
     @inlineCallbacks
@@ -958,8 +997,7 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         yield self.send("alice", "new", "y", now=T0 + 10 * HOUR)
         removed = yield self.store.trim(T0 + 10 * HOUR, 5 * HOUR, 1000)
         self.assertEqual(removed, 900)
-        self.assertEqual([e.message.body for e in (yield self.store.fetch("bob", 0, 10))],
-                         [b"y"])
+        self.assertEqual([e.message.body for e in (yield self.store.fetch("bob", 0, 10))], [b"y"])
 
     @inlineCallbacks
     def test_epochAcrossWipe(self):
@@ -1014,8 +1052,9 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         self.assertTrue(again.duplicate)
         second = yield self.send("alice", "m2", "two")
         self.assertGreater(second.seqs["bob"], first.seqs["bob"] + 1000)
-        self.assertEqual([e.message.body for e in (yield self.store.fetch("bob", 0, 10))],
-                         [b"one", b"two"])
+        self.assertEqual(
+            [e.message.body for e in (yield self.store.fetch("bob", 0, 10))], [b"one", b"two"]
+        )
         third = yield self.send("alice", "m3", "three")
         self.assertEqual(third.seqs["bob"], second.seqs["bob"] + 1)
         self.assertEqual((self.store.rollbacks, self.store.restarts), (0, 1))
@@ -1118,8 +1157,9 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         self.server._transport.signalProcess(signal.SIGSTOP)
         self.addCleanup(self.server._transport.signalProcess, signal.SIGCONT)
         started = reactor.seconds()
-        yield self.assertFailure(store.deliver("alice", "m2", text("x"), ["bob"], T0),
-                                 RedisUnavailable)
+        yield self.assertFailure(
+            store.deliver("alice", "m2", text("x"), ["bob"], T0), RedisUnavailable
+        )
         self.assertLess(reactor.seconds() - started, 2)
 
     @inlineCallbacks
@@ -1128,8 +1168,9 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         If C{INFO} is not allowed (renamed away, or an ACL), the store
         warns and works without the restart check.
         """
-        server = RedisServer(self, reactor, appendfsync=None,
-                             extraArgs=["--rename-command", "INFO", ""])
+        server = RedisServer(
+            self, reactor, appendfsync=None, extraArgs=["--rename-command", "INFO", ""]
+        )
         yield server.start()
         connection = connectRedis(reactor, RedisURL.parse(server.url), replyTimeout=2)
         self.addCleanup(connection.disconnect)
@@ -1140,5 +1181,6 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         first = yield store.deliver("alice", "m1", text("x"), ["bob"], T0)
         second = yield store.deliver("alice", "m2", text("x"), ["bob"], T0)
         self.assertEqual(second.seqs["bob"], first.seqs["bob"] + 1)
-        self.assertEqual([e["log_level"] for e in events if "run id" in e["log_format"]],
-                         [LogLevel.warn])
+        self.assertEqual(
+            [e["log_level"] for e in events if "run id" in e["log_format"]], [LogLevel.warn]
+        )

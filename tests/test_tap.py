@@ -131,11 +131,21 @@ class OptionsTests(SynchronousTestCase):
         message body limit (32 KiB) needs both lowered with it.
         """
         self.assertRaises(UsageError, self.parse, "--max-frame-length", "1000")
-        self.assertRaises(UsageError, self.parse, "--max-frame-length", "1000",
-                          "--preauth-max-frame-length", "1000")
+        self.assertRaises(
+            UsageError,
+            self.parse,
+            "--max-frame-length",
+            "1000",
+            "--preauth-max-frame-length",
+            "1000",
+        )
         settings = self.parse(
-            "--max-frame-length", "2000", "--preauth-max-frame-length", "1000",
-            "--max-message-body", "976",
+            "--max-frame-length",
+            "2000",
+            "--preauth-max-frame-length",
+            "1000",
+            "--max-message-body",
+            "976",
         ).settings
         self.assertEqual(
             (settings.max_frame_length, settings.preauth_max_frame_length), (2000, 1000)
@@ -175,12 +185,20 @@ class OptionsTests(SynchronousTestCase):
         """
         e = self.assertRaises(
             UsageError,
-            self.parse, "--idle-timeout", "30", "--heartbeat-interval", "30",
+            self.parse,
+            "--idle-timeout",
+            "30",
+            "--heartbeat-interval",
+            "30",
         )
         self.assertIn("--idle-timeout", str(e))
         self.assertRaises(
             UsageError,
-            self.parse, "--idle-timeout", "10", "--heartbeat-interval", "20",
+            self.parse,
+            "--idle-timeout",
+            "10",
+            "--heartbeat-interval",
+            "20",
         )
 
     def test_tlsCertWithoutKey(self):
@@ -207,13 +225,14 @@ class OptionsTests(SynchronousTestCase):
         """
         C{--preauth-max-frame-length} must not exceed C{--max-frame-length}.
         """
-        self.assertRaises(
-            UsageError, self.parse, "--preauth-max-frame-length", "70000"
-        )
+        self.assertRaises(UsageError, self.parse, "--preauth-max-frame-length", "70000")
         self.assertRaises(
             UsageError,
             self.parse,
-            "--max-frame-length", "1000", "--preauth-max-frame-length", "1001",
+            "--max-frame-length",
+            "1000",
+            "--preauth-max-frame-length",
+            "1001",
         )
 
     def test_listenUnterminatedEscape(self):
@@ -280,8 +299,10 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(root.name, "imserver")
         gate = root.getServiceNamed("gate")
         self.assertIsInstance(gate, GateService)
-        self.assertEqual(list(root), [root.getServiceNamed("retention"), gate,
-                                      root.getServiceNamed("certificates")])
+        self.assertEqual(
+            list(root),
+            [root.getServiceNamed("retention"), gate, root.getServiceNamed("certificates")],
+        )
         self.assertIsInstance(gate.factory, GateFactory)
         self.assertEqual(len(gate.listeners), 2)
         for listener, description in zip(gate.listeners, [SSL_LISTEN, TCP_LISTEN]):
@@ -374,8 +395,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.start(root)
         gate = root.getServiceNamed("gate").factory
         # ssl: is TCP with TLS around the gate, and admission around that.
-        [(tlsPort, tlsFactory, backlog, interface), (port, factory, _, _)] = (
-            self.reactor.tcpServers)
+        [(tlsPort, tlsFactory, backlog, interface), (port, factory, _, _)] = self.reactor.tcpServers
         self.assertEqual((tlsPort, backlog, interface), (0, 4096, "127.0.0.1"))
         self.assertIsInstance(tlsFactory.wrapped, TLSMemoryBIOFactory)
         self.assertIs(tlsFactory.wrapped.wrappedFactory, gate)
@@ -482,9 +502,7 @@ class RequireUpbTests(SynchronousTestCase):
         dataDir = FilePath(self.mktemp())
         options = tap.Options()
         options.parseOptions(["--data-dir", dataDir.path])
-        self.assertRaises(
-            RuntimeError, tap.makeService, options, reactor=MemoryReactorClock()
-        )
+        self.assertRaises(RuntimeError, tap.makeService, options, reactor=MemoryReactorClock())
         self.assertFalse(dataDir.exists())
 
 
@@ -527,8 +545,9 @@ class TokenCommandTests(SynchronousTestCase):
         secret that gate generated.
         """
         options = tap.Options()
-        options.parseOptions(["--data-dir", self.dataDir.path, "--listen", TCP_LISTEN,
-                              "--api", "none"])
+        options.parseOptions(
+            ["--data-dir", self.dataDir.path, "--listen", TCP_LISTEN, "--api", "none"]
+        )
         tap.makeService(options, reactor=MemoryReactorClock())
         secret = self.dataDir.child(SECRET_FILE_NAME).getContent().strip()
         out = StringIO()
@@ -592,8 +611,10 @@ class SettingsBoundsTests(SynchronousTestCase):
         Intervals whose milliseconds do not fit 32 bits are refused, so an
         C{AuthResponse} can always be built.
         """
-        for args in (["--heartbeat-interval", "5e6", "--idle-timeout", "6e6"],
-                     ["--idle-timeout", "4294968"]):
+        for args in (
+            ["--heartbeat-interval", "5e6", "--idle-timeout", "6e6"],
+            ["--idle-timeout", "4294968"],
+        ):
             options = tap.Options()
             self.assertRaises(UsageError, options.parseOptions, args)
 
@@ -627,10 +648,20 @@ class StoreChoiceTests(SynchronousTestCase):
         """
         docs/configuration.md has a row for every setting's option.
         """
-        doc = FilePath(__file__).parent().parent().child("docs").child(
-            "configuration.md").getContent().decode("utf-8")
-        missing = [optionName(f.name) for f in settingFields()
-                   if "| `{}` |".format(optionName(f.name)) not in doc]
+        doc = (
+            FilePath(__file__)
+            .parent()
+            .parent()
+            .child("docs")
+            .child("configuration.md")
+            .getContent()
+            .decode("utf-8")
+        )
+        missing = [
+            optionName(f.name)
+            for f in settingFields()
+            if "| `{}` |".format(optionName(f.name)) not in doc
+        ]
         self.assertEqual(missing, [])
 
     def test_unknownStore(self):

@@ -48,41 +48,68 @@ def issueTestCertificate(directory):
     caKey = ec.generate_private_key(ec.SECP256R1())
     caName = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "imserver test CA")])
     ca = (
-        x509.CertificateBuilder().subject_name(caName).issuer_name(caName)
-        .public_key(caKey.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
+        x509.CertificateBuilder()
+        .subject_name(caName)
+        .issuer_name(caName)
+        .public_key(caKey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True,
-                                     False, False), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
         .sign(caKey, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(caName).public_key(key.public_key())
+        .issuer_name(caName)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False,
-                                     False, False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
-                       critical=False)
-        .add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
-            [x509.UniformResourceIdentifier("http://127.0.0.1:9/test-ca.crl")],
-            None, None, None)]), critical=False)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.CRLDistributionPoints(
+                [
+                    x509.DistributionPoint(
+                        [x509.UniformResourceIdentifier("http://127.0.0.1:9/test-ca.crl")],
+                        None,
+                        None,
+                        None,
+                    )
+                ]
+            ),
+            critical=False,
+        )
         .sign(caKey, hashes.SHA256())
     )
     chain = directory.child("fullchain.pem")
-    chain.setContent(leaf.public_bytes(serialization.Encoding.PEM)
-                     + ca.public_bytes(serialization.Encoding.PEM))
+    chain.setContent(
+        leaf.public_bytes(serialization.Encoding.PEM) + ca.public_bytes(serialization.Encoding.PEM)
+    )
     keyPath = directory.child("key.pem")
-    keyPath.setContent(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    keyPath.setContent(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return chain, keyPath
 
 
@@ -121,23 +148,44 @@ class TestSSLTests(TestCase):
         directory.makedirs()
         chain, key = issueTestCertificate(directory)
         options = tap.Options()
-        options.parseOptions([
-            "--data-dir", directory.child("data").path, "--store", "memory",
-            "--api", "none", "--listen", "ssl:0:interface=127.0.0.1",
-            "--tls-cert", chain.path, "--tls-key", key.path,
-        ])
+        options.parseOptions(
+            [
+                "--data-dir",
+                directory.child("data").path,
+                "--store",
+                "memory",
+                "--api",
+                "none",
+                "--listen",
+                "ssl:0:interface=127.0.0.1",
+                "--tls-cert",
+                chain.path,
+                "--tls-key",
+                key.path,
+            ]
+        )
         root = startServer(self, options)
         [address] = yield root.getServiceNamed("gate").addresses()
 
         report = directory.child("testssl.json")
         scanner = _Scanner()
         transport = reactor.spawnProcess(
-            scanner, testssl,
-            [testssl, "--quiet", "--color", "0", "--warnings", "batch",
-             "--severity", "MEDIUM", "--jsonfile", report.path,
-             "127.0.0.1:{}".format(address.port)],
-            env={"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-                 "HOME": directory.path},
+            scanner,
+            testssl,
+            [
+                testssl,
+                "--quiet",
+                "--color",
+                "0",
+                "--warnings",
+                "batch",
+                "--severity",
+                "MEDIUM",
+                "--jsonfile",
+                report.path,
+                "127.0.0.1:{}".format(address.port),
+            ],
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": directory.path},
         )
         killAtCleanup(self, scanner, transport)
         yield scanner.ended
@@ -146,7 +194,8 @@ class TestSSLTests(TestCase):
         findings = json.loads(report.getContent())
         self.assertIn("cert_chain_of_trust", {f["id"] for f in findings}, output)
         failing = [
-            "{severity} {id}: {finding}".format(**f) for f in findings
+            "{severity} {id}: {finding}".format(**f)
+            for f in findings
             if f["severity"] in FAILING and f["id"] not in EXCUSED
         ]
         self.assertEqual(failing, [], output)

@@ -2,12 +2,12 @@
 Tests for L{imserver.tls} and L{imserver.endpoints}.
 """
 
-from OpenSSL import SSL
 import datetime
 import os
 import stat
 
 from cryptography import x509
+from OpenSSL import SSL
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock
@@ -55,8 +55,12 @@ class ContextTests(SynchronousTestCase):
         TLS 1.0 and 1.1 are disabled; compression and renegotiation too.
         """
         options = self.context.set_options(0)  # returns the current options
-        for flag in (SSL.OP_NO_TLSv1, SSL.OP_NO_TLSv1_1, SSL.OP_NO_COMPRESSION,
-                     SSL.OP_NO_RENEGOTIATION):
+        for flag in (
+            SSL.OP_NO_TLSv1,
+            SSL.OP_NO_TLSv1_1,
+            SSL.OP_NO_COMPRESSION,
+            SSL.OP_NO_RENEGOTIATION,
+        ):
             self.assertTrue(options & flag, flag)
 
 
@@ -207,8 +211,9 @@ class EndpointTests(SynchronousTestCase):
         ssl: endpoints use the given certificate, the hardened options and
         the default backlog.
         """
-        endpoint = listenEndpoint(self.reactor, "ssl:7443:interface=127.0.0.1",
-                                  self.certificate, 4096)
+        endpoint = listenEndpoint(
+            self.reactor, "ssl:7443:interface=127.0.0.1", self.certificate, 4096
+        )
         self.assertIsInstance(endpoint.tlsOptions.current, tls.HardenedCertificateOptions)
         factory = Factory()
         endpoint.listen(factory)
@@ -223,8 +228,11 @@ class EndpointTests(SynchronousTestCase):
         """
         cert, key = self.certificate
         endpoint = listenEndpoint(
-            self.reactor, "ssl:port=1:certKey={}:privateKey={}".format(cert.path, key.path),
-            None, 4096)
+            self.reactor,
+            "ssl:port=1:certKey={}:privateKey={}".format(cert.path, key.path),
+            None,
+            4096,
+        )
         endpoint.listen(Factory())
         self.assertEqual(self.reactor.tcpServers[0][0], 1)
 
@@ -234,8 +242,9 @@ class EndpointTests(SynchronousTestCase):
         errors.
         """
         for description in ["ssl:1:sslmethod=TLSv1_METHOD", "ssl:interface=x"]:
-            self.assertRaises(ValueError, listenEndpoint, self.reactor, description,
-                              self.certificate, 4096)
+            self.assertRaises(
+                ValueError, listenEndpoint, self.reactor, description, self.certificate, 4096
+            )
         self.assertRaises(ValueError, listenEndpoint, self.reactor, "ssl:1", None, 4096)
 
 
@@ -272,8 +281,9 @@ class ChainTests(SynchronousTestCase):
         ssl: inside a wrapper endpoint would bypass the hardened profile, so
         it is refused.
         """
-        self.assertRaises(ValueError, listenEndpoint, MemoryReactorClock(),
-                          "haproxy:ssl:443", None, 4096)
+        self.assertRaises(
+            ValueError, listenEndpoint, MemoryReactorClock(), "haproxy:ssl:443", None, 4096
+        )
 
     def test_typeCaseInsensitive(self):
         """

@@ -48,25 +48,31 @@ class EncoderTests(SynchronousTestCase):
         """
         L{encodeResponse} is the RESPONSE frame, empty body included.
         """
-        self.assertEqual(encodeResponse(seq, body),
-                         serialized(kind=pb.RESPONSE, seq=seq, body=body))
+        self.assertEqual(
+            encodeResponse(seq, body), serialized(kind=pb.RESPONSE, seq=seq, body=body)
+        )
 
-    @given(st.sampled_from(["message", "ack", "typing", "kicked", "x" * 200]),
-           st.binary(max_size=300))
+    @given(
+        st.sampled_from(["message", "ack", "typing", "kicked", "x" * 200]), st.binary(max_size=300)
+    )
     def test_notify(self, name, body):
         """
         L{encodeNotify} with the method's L{notifyPrefix} is the NOTIFY
         frame, empty body included.
         """
-        self.assertEqual(encodeNotify(notifyPrefix(name), body),
-                         serialized(kind=pb.NOTIFY, method=name, body=body))
+        self.assertEqual(
+            encodeNotify(notifyPrefix(name), body),
+            serialized(kind=pb.NOTIFY, method=name, body=body),
+        )
 
     def test_request(self):
         """
         L{encodeRequest} is the REQUEST frame.
         """
-        self.assertEqual(encodeRequest(7, "ping", b"\x01"),
-                         serialized(kind=pb.REQUEST, seq=7, method="ping", body=b"\x01"))
+        self.assertEqual(
+            encodeRequest(7, "ping", b"\x01"),
+            serialized(kind=pb.REQUEST, seq=7, method="ping", body=b"\x01"),
+        )
 
     def test_errors(self):
         """
@@ -74,10 +80,13 @@ class EncoderTests(SynchronousTestCase):
         RESPONSE frame carrying an error.
         """
         error = pb.Error(code=pb.AUTH_FAILED, message="no")
-        self.assertEqual(encodeError(pb.AUTH_FAILED, "no", 3),
-                         serialized(kind=pb.ERROR, seq=3, error=error))
-        self.assertEqual(encodeErrorResponse(3, pb.AUTH_FAILED, "no"),
-                         serialized(kind=pb.RESPONSE, seq=3, error=error))
+        self.assertEqual(
+            encodeError(pb.AUTH_FAILED, "no", 3), serialized(kind=pb.ERROR, seq=3, error=error)
+        )
+        self.assertEqual(
+            encodeErrorResponse(3, pb.AUTH_FAILED, "no"),
+            serialized(kind=pb.RESPONSE, seq=3, error=error),
+        )
 
     def test_notice(self):
         """
@@ -86,7 +95,8 @@ class EncoderTests(SynchronousTestCase):
         notice = pb.Notice(body=b"hi", content_type="text/plain", server_time_ms=T0)
         self.assertEqual(
             encodeNotice(b"hi", "text/plain", T0),
-            serialized(kind=pb.NOTIFY, method="notice", body=notice.SerializeToString()))
+            serialized(kind=pb.NOTIFY, method="notice", body=notice.SerializeToString()),
+        )
 
 
 class EncodedMessageTests(SynchronousTestCase):
@@ -107,15 +117,19 @@ class EncodedMessageTests(SynchronousTestCase):
         The hand-assembled frame equals the encoding of the same
         L{pb.Frame} holding the same L{pb.InboxEntry}.
         """
-        message = pb.Message(id=messageId, sender=sender, group_id=groupId, body=body,
-                             created_ms=T0)
+        message = pb.Message(
+            id=messageId, sender=sender, group_id=groupId, body=body, created_ms=T0
+        )
         entry = pb.InboxEntry(seq=seq, outgoing=outgoing, message=message)
         expected = serialized(kind=pb.NOTIFY, method="message", body=entry.SerializeToString())
         self.assertEqual(EncodedMessage(message).frame(seq, outgoing), expected)
 
     @given(
-        seqs=st.lists(st.tuples(st.integers(min_value=1, max_value=2**64 - 1), st.booleans()),
-                      min_size=2, max_size=30),
+        seqs=st.lists(
+            st.tuples(st.integers(min_value=1, max_value=2**64 - 1), st.booleans()),
+            min_size=2,
+            max_size=30,
+        ),
         body=st.binary(max_size=300),
     )
     def test_manyFramesOfOneMessage(self, seqs, body):
@@ -127,8 +141,7 @@ class EncodedMessageTests(SynchronousTestCase):
         encoded = EncodedMessage(message)
         for seq, outgoing in seqs + [(127, False), (128, False), (127, True), (16384, True)]:
             entry = pb.InboxEntry(seq=seq, outgoing=outgoing, message=message)
-            expected = serialized(kind=pb.NOTIFY, method="message",
-                                  body=entry.SerializeToString())
+            expected = serialized(kind=pb.NOTIFY, method="message", body=entry.SerializeToString())
             self.assertEqual(encoded.frame(seq, outgoing), expected)
 
     def test_fromBytes(self):

@@ -162,8 +162,9 @@ class Api:
             if not failure.check(Unavailable):
                 Router.log.failure("the readiness check failed", failure)
             why = "is unavailable"
-        raise ApiError("UNAVAILABLE", "not ready: the message store " + why,
-                       [(b"Retry-After", b"1")])
+        raise ApiError(
+            "UNAVAILABLE", "not ready: the message store " + why, [(b"Retry-After", b"1")]
+        )
 
     def stats(self, params, body, request):
         factory = self.factory
@@ -227,8 +228,14 @@ class Api:
         payload = messagePayload(body, self.settings.max_message_body)
         contentType = contentTypeField(body)
         d = maybeDeferred(
-            self.factory.messenger.storeMessage, sender, key, payload, contentType,
-            to=to, uids=uids, groupId=groupId,
+            self.factory.messenger.storeMessage,
+            sender,
+            key,
+            payload,
+            contentType,
+            to=to,
+            uids=uids,
+            groupId=groupId,
         )
         return d.addCallback(_deliveryJSON)
 

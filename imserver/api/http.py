@@ -50,7 +50,6 @@ def errorBody(code, message):
     return encodeJSON({"error": {"code": code, "message": message}})
 
 
-
 def _refuseConstant(name):
     raise ValueError("{} is not JSON".format(name))
 
@@ -103,7 +102,6 @@ def decodePath(path):
         return [unquote_to_bytes(s).decode("utf-8") for s in path.split(b"/")[1:]]
     except UnicodeDecodeError:
         raise BadRequest("the path is not UTF-8 once percent-decoded")
-
 
 
 class Router(Resource):
@@ -164,10 +162,13 @@ class Router(Resource):
         request.notifyFinish().addErrback(gone.append)
         context = {"route": None, "params": {}, "body": {}}
         d = maybeDeferred(self._dispatch, request, context)
-        d.addCallback(lambda result: (
-            (result.status, result.body, [])
-            if isinstance(result, Answer) else (200, result, [])
-        ))
+        d.addCallback(
+            lambda result: (
+                (result.status, result.body, [])
+                if isinstance(result, Answer)
+                else (200, result, [])
+            )
+        )
         d.addErrback(self._failed, request, context)
         d.addCallback(self._respond, request, context, started, gone)
         d.addErrback(lambda f: self.log.failure("writing an API answer failed", f))
@@ -190,7 +191,7 @@ class Router(Resource):
         if not found:
             raise ApiError("NOT_FOUND", "no such route")
         method = request.method.decode("ascii", "replace")
-        for route, params in found:
+        for route, params in found:  # noqa: B007 (used after the break)
             if route.method == method:
                 break
         else:
@@ -210,14 +211,17 @@ class Router(Resource):
         error = toApiError(failure, context["params"])
         if error is None:
             self.log.failure(
-                "API {method} {route} failed", failure,
+                "API {method} {route} failed",
+                failure,
                 method=request.method.decode("ascii", "replace"),
                 route=context["route"],
             )
             error = ApiError("INTERNAL", "internal error")
-        return error.status, {"error": {"code": error.code, "message": error.message}}, [
-            (b"Cache-Control", b"no-store")
-        ] + error.headers
+        return (
+            error.status,
+            {"error": {"code": error.code, "message": error.message}},
+            [(b"Cache-Control", b"no-store")] + error.headers,
+        )
 
     def _respond(self, answer, request, context, started, gone):
         status, body, headers = answer
@@ -232,10 +236,12 @@ class Router(Resource):
                 request.setHeader(name, value)
             request.write(data)
             request.finish()
-        fields = {"method": request.method.decode("ascii", "replace")[:16],
-                  "route": context["route"] or request.path.decode("utf-8", "replace")[:200],
-                  "status": status,
-                  "duration_ms": round((self._clock.seconds() - started) * 1000, 1)}
+        fields = {
+            "method": request.method.decode("ascii", "replace")[:16],
+            "route": context["route"] or request.path.decode("utf-8", "replace")[:200],
+            "status": status,
+            "duration_ms": round((self._clock.seconds() - started) * 1000, 1),
+        }
         for name, value in list(context["params"].items()) + [
             (key, context["body"].get(key)) for key in ("uid", "to", "group_id", "owner")
         ]:
@@ -362,7 +368,10 @@ class ApiSite(Site):
 
     def __init__(self, resource, maxBody, reactor):
         Site.__init__(
-            self, resource, timeout=IDLE_TIMEOUT, reactor=reactor,
+            self,
+            resource,
+            timeout=IDLE_TIMEOUT,
+            reactor=reactor,
             parsePOSTFormSubmission=False,
         )
         self.maxBody = maxBody

@@ -21,12 +21,15 @@ class Options(commandline.Options):
     The options of C{im-bench}: a scenario and its options.
     """
 
-    longdesc = ("The imserver load generator: runs a scenario against its own gate, then a "
-                "raw Twisted echo server as the reference, and prints a JSON result. "
-                "'im-bench SCENARIO --help' lists a scenario's options "
-                "(im-bench is also 'python -m imserver.bench').")
-    subCommands = [[name, None, scenario.Options, scenario.summary]
-                   for name, scenario in SCENARIOS.items()]
+    longdesc = (
+        "The imserver load generator: runs a scenario against its own gate, then a "
+        "raw Twisted echo server as the reference, and prints a JSON result. "
+        "'im-bench SCENARIO --help' lists a scenario's options "
+        "(im-bench is also 'python -m imserver.bench')."
+    )
+    subCommands = [
+        [name, None, scenario.Options, scenario.summary] for name, scenario in SCENARIOS.items()
+    ]
 
     def getSynopsis(self):
         """
@@ -83,8 +86,9 @@ def main(argv):
         else:
             failure.printTraceback(sys.stderr)
 
-    runReactor(lambda reactor: Coordinator(reactor, scenario).run().addCallbacks(
-        outcome.append, failed))
+    runReactor(
+        lambda reactor: Coordinator(reactor, scenario).run().addCallbacks(outcome.append, failed)
+    )
     if not outcome:
         return 1
     writeReport(options.subOptions, outcome[0], sys.stdout)

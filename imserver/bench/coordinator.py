@@ -280,17 +280,20 @@ class Coordinator:
         o = self.options
         self._segment = _Segment(scenario.name, scenario.rates, self.reactor.seconds())
         self._timelines[scenario.name] = self._segment.samples
-        specs = [{
-            "name": scenario.name,
-            "target": self._target,
-            "sources": sourceAddresses(o["host"], o["sources"]),
-            "first": first,
-            "count": count,
-            "secret": self._secret,
-            "connectWindow": o["connect-window"],
-            "timeout": o["timeout"],
-            "config": scenario.workerConfig(first, count),
-        } for first, count in self.blocks]
+        specs = [
+            {
+                "name": scenario.name,
+                "target": self._target,
+                "sources": sourceAddresses(o["host"], o["sources"]),
+                "first": first,
+                "count": count,
+                "secret": self._secret,
+                "connectWindow": o["connect-window"],
+                "timeout": o["timeout"],
+                "config": scenario.workerConfig(first, count),
+            }
+            for first, count in self.blocks
+        ]
         yield self.tellEach("load", specs)
         result = yield scenario.drive(self)
         self.phase = "closing"
@@ -345,9 +348,14 @@ class Coordinator:
         seconds = figures["seconds"]
         connected = sum(answer["connected"] for answer in answers)
         failed = sum(answer["failed"] for answer in answers)
-        self.log("{}: {:,} connected in {:.2f} s{}".format(
-            self._segment.name, connected, seconds,
-            ", {:,} failed".format(failed) if failed else ""))
+        self.log(
+            "{}: {:,} connected in {:.2f} s{}".format(
+                self._segment.name,
+                connected,
+                seconds,
+                ", {:,} failed".format(failed) if failed else "",
+            )
+        )
         result = {
             "connected": connected,
             "connect_failed": failed,
@@ -357,8 +365,9 @@ class Coordinator:
             "connect_client_cpu_percent": figures["client_cpu_percent"],
         }
         if len(self.servers) > 1:
-            result["gate_connections"] = [sum(counts) for counts in zip(
-                *(answer["gates"] for answer in answers))]
+            result["gate_connections"] = [
+                sum(counts) for counts in zip(*(answer["gates"] for answer in answers))
+            ]
         if "redis_cpu_percent" in figures:
             result["connect_redis_cpu_percent"] = figures["redis_cpu_percent"]
         return result
@@ -386,8 +395,9 @@ class Coordinator:
         yield self.tell("stop")
         latencies = mergeSorted(report["latencies_us"] for report in reports)
         self.keepLatencies(latencies)
-        return Window(sumCounts(report["counts"] for report in reports), latencies, figures,
-                      serverRss)
+        return Window(
+            sumCounts(report["counts"] for report in reports), latencies, figures, serverRss
+        )
 
     @inlineCallbacks
     def callApi(self, method, path, body=None):
@@ -409,12 +419,24 @@ class Coordinator:
         headers = Headers({b"Authorization": [b"Bearer " + token]})
         what = "the gate's API to answer {} {}".format(method.decode("ascii"), path)
         response = yield self._bounded(
-            agent.request(method, (url + path).encode("utf-8"), headers,
-                          None if body is None else _JSONBody(body)), what)
+            agent.request(
+                method,
+                (url + path).encode("utf-8"),
+                headers,
+                None if body is None else _JSONBody(body),
+            ),
+            what,
+        )
         data = yield self._bounded(readBody(response), what)
         if not 200 <= response.code < 300:
-            raise BenchError("{} {}: {} {}".format(method.decode("ascii"), path, response.code,
-                                                   data.decode("utf-8", "replace")[:500]))
+            raise BenchError(
+                "{} {}: {} {}".format(
+                    method.decode("ascii"),
+                    path,
+                    response.code,
+                    data.decode("utf-8", "replace")[:500],
+                )
+            )
         return json.loads(data)
 
     def usage(self):
@@ -425,9 +447,12 @@ class Coordinator:
         @raise BenchError: if a server has ended.
         """
         self._checkServer()
-        return (self.reactor.seconds(), sum(cpuSeconds(server.pid) for server in self.servers),
-                sum(cpuSeconds(worker.pid) for worker in self.workers),
-                cpuSeconds(self.redis.pid) if self.redis is not None else 0.0)
+        return (
+            self.reactor.seconds(),
+            sum(cpuSeconds(server.pid) for server in self.servers),
+            sum(cpuSeconds(worker.pid) for worker in self.workers),
+            cpuSeconds(self.redis.pid) if self.redis is not None else 0.0,
+        )
 
     def usageSince(self, mark):
         """
@@ -447,8 +472,9 @@ class Coordinator:
             "server_rss_mb": round(self.serverRss() / 2**20, 1),
         }
         if len(self.servers) > 1:
-            figures["gate_rss_mb"] = [round(rssBytes(server.pid) / 2**20, 1)
-                                      for server in self.servers]
+            figures["gate_rss_mb"] = [
+                round(rssBytes(server.pid) / 2**20, 1) for server in self.servers
+            ]
         if self.redis is not None:
             figures["redis_cpu_percent"] = round(100 * (redis - mark[3]) / seconds, 1)
             figures["redis_rss_mb"] = round(rssBytes(self.redis.pid) / 2**20, 1)
@@ -469,15 +495,21 @@ class Coordinator:
         """
         for name, server in self._servers():
             if server.reason is not None:
-                raise BenchError("{} ended ({}); its output ends with:\n{}".format(
-                    name, server.reason, server.text()[-3000:]))
+                raise BenchError(
+                    "{} ended ({}); its output ends with:\n{}".format(
+                        name, server.reason, server.text()[-3000:]
+                    )
+                )
 
     def _servers(self):
         """
         @return: C{(name, process)} of each server and of Redis.
         """
-        names = ["the server"] if len(self.servers) == 1 else [
-            "server {}".format(i) for i in range(len(self.servers))]
+        names = (
+            ["the server"]
+            if len(self.servers) == 1
+            else ["server {}".format(i) for i in range(len(self.servers))]
+        )
         pairs = list(zip(names, self.servers))
         if self.redis is not None:
             pairs.append(("redis-server", self.redis))
@@ -513,13 +545,18 @@ class Coordinator:
         if gates > 1:
             redisURL = yield self._startRedis(dataDir)
         ports = [(yield self._startGate(dataDir, 0, redisURL))]
-        ports += (yield gatherResults(
-            [self._startGate(dataDir, i, redisURL) for i in range(1, gates)],
-            consumeErrors=True).addErrback(_firstError))
+        ports += yield gatherResults(
+            [self._startGate(dataDir, i, redisURL) for i in range(1, gates)], consumeErrors=True
+        ).addErrback(_firstError)
         self._secret = loadSecret(FilePath(dataDir), create=False).hex()
         tls = o["transport"] == "tls"
-        self._target = {"host": o["host"], "port": ports[0], "ports": ports, "tls": tls,
-                        "ca": os.path.join(dataDir, CERT_FILE_NAME) if tls else None}
+        self._target = {
+            "host": o["host"],
+            "port": ports[0],
+            "ports": ports,
+            "tls": tls,
+            "ca": os.path.join(dataDir, CERT_FILE_NAME) if tls else None,
+        }
 
     @inlineCallbacks
     def _startGate(self, dataDir, index, redisURL):
@@ -539,13 +576,21 @@ class Coordinator:
             imArgs += ["--redis", redisURL, "--gate-id", "bench-{}".format(index)]
         imArgs += [
             # The API on a free loopback port, if the scenario uses it.
-            "--api", listenDescription("tcp", o["host"]) if api else "none",
-            "--listen", listenDescription(o["transport"], o["host"]),
+            "--api",
+            listenDescription("tcp", o["host"]) if api else "none",
+            "--listen",
+            listenDescription(o["transport"], o["host"]),
             # The bench is the gate's only client: lift the limits
             # against abuse, but the open-file budget.
-            "--max-connections", str(fileLimit() - FILE_RESERVE),
-            "--max-connections-per-ip", str(2 * o["users"]),
-            "--accept-rate", "1e9", "--request-rate", "1e9"]
+            "--max-connections",
+            str(fileLimit() - FILE_RESERVE),
+            "--max-connections-per-ip",
+            str(2 * o["users"]),
+            "--accept-rate",
+            "1e9",
+            "--request-rate",
+            "1e9",
+        ]
         imArgs += self.scenario.gateArguments()
         server = spawnTwistd(self.reactor, imArgs, o["server-cpu"], listening=o["host"])
         self.servers.append(server)
@@ -557,8 +602,10 @@ class Coordinator:
         ports = yield self._bounded(listening, what)
         if api:
             host = "[{}]".format(o["host"]) if ":" in o["host"] else o["host"]
-            self._api = ("http://{}:{}".format(host, ports[1]),
-                         FilePath(dataDir).child(ADMIN_TOKEN_FILE_NAME).getContent().strip())
+            self._api = (
+                "http://{}:{}".format(host, ports[1]),
+                FilePath(dataDir).child(ADMIN_TOKEN_FILE_NAME).getContent().strip(),
+            )
         return ports[0]
 
     @inlineCallbacks
@@ -578,10 +625,26 @@ class Coordinator:
         for attempt in range(REDIS_ATTEMPTS):
             port = freePort(host)
             argv = tasksetPrefix(o["server-cpu"]) + [
-                executable, "--port", str(port), "--bind", host, "--dir", dataDir,
-                "--save", "", "--appendonly", "no", "--daemonize", "no",
-                "--protected-mode", "yes", "--loglevel", "notice",
-                "--maxclients", str(max(1000, 64 * o["gates"]))]
+                executable,
+                "--port",
+                str(port),
+                "--bind",
+                host,
+                "--dir",
+                dataDir,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+                "--loglevel",
+                "notice",
+                "--maxclients",
+                str(max(1000, 64 * o["gates"])),
+            ]
             self.redis = spawnServer(self.reactor, argv, listening=_REDIS_READY)
             try:
                 yield self._bounded(self.redis.listening, "redis-server to start")
@@ -591,8 +654,9 @@ class Coordinator:
                 self._signal(redis, "KILL")
                 yield redis.whenEnded()
                 if attempt == REDIS_ATTEMPTS - 1:
-                    raise BenchError("redis-server did not start; its output ends with:\n"
-                                     + redis.text()[-3000:])
+                    raise BenchError(
+                        "redis-server did not start; its output ends with:\n" + redis.text()[-3000:]
+                    )
                 continue
             self.log("redis-server {} on port {}".format(executable, port))
             return "redis://{}:{}/0".format(bracketed, port)
@@ -605,21 +669,33 @@ class Coordinator:
         o = self.options
         args = [sys.executable, "-m", "imserver.bench", ECHO_COMMAND, "--host", o["host"]]
         if self._target["tls"]:
-            args += ["--tls-cert", os.path.join(dataDir, CERT_FILE_NAME),
-                     "--tls-key", os.path.join(dataDir, KEY_FILE_NAME)]
-        self.servers = [spawnServer(self.reactor, tasksetPrefix(o["server-cpu"]) + args,
-                                    listening=o["host"]) for _ in range(o["gates"])]
-        listening = gatherResults([server.listening for server in self.servers],
-                                  consumeErrors=True).addErrback(_firstError)
+            args += [
+                "--tls-cert",
+                os.path.join(dataDir, CERT_FILE_NAME),
+                "--tls-key",
+                os.path.join(dataDir, KEY_FILE_NAME),
+            ]
+        self.servers = [
+            spawnServer(self.reactor, tasksetPrefix(o["server-cpu"]) + args, listening=o["host"])
+            for _ in range(o["gates"])
+        ]
+        listening = gatherResults(
+            [server.listening for server in self.servers], consumeErrors=True
+        ).addErrback(_firstError)
         ports = yield self._bounded(listening, "the echo server to listen")
         self._target = dict(self._target, port=ports[0], ports=ports)
 
     def _spawnWorker(self, index):
         process = WorkerProcess(index)
         argv = tasksetPrefix(self.options["client-cpu"]) + [
-            sys.executable, "-m", "imserver.bench", WORKER_COMMAND]
+            sys.executable,
+            "-m",
+            "imserver.bench",
+            WORKER_COMMAND,
+        ]
         process.transport = self.reactor.spawnProcess(
-            process, argv[0], argv, env=childEnvironment(), childFDs={0: "w", 1: "r", 2: 2})
+            process, argv[0], argv, env=childEnvironment(), childFDs={0: "w", 1: "r", 2: 2}
+        )
         return process
 
     @inlineCallbacks
@@ -628,8 +704,9 @@ class Coordinator:
         for server in servers:
             if server.reason is None:
                 self._signal(server, "TERM")
-        yield gatherResults([self._ended(server, "the server to stop") for server in servers],
-                            consumeErrors=True)
+        yield gatherResults(
+            [self._ended(server, "the server to stop") for server in servers], consumeErrors=True
+        )
 
     @inlineCallbacks
     def _stopRedis(self):
@@ -643,8 +720,13 @@ class Coordinator:
     def _shutdown(self):
         for worker in self.workers:
             worker.finish()
-        yield gatherResults([self._ended(worker, "worker {} to exit".format(worker.index))
-                             for worker in self.workers], consumeErrors=True)
+        yield gatherResults(
+            [
+                self._ended(worker, "worker {} to exit".format(worker.index))
+                for worker in self.workers
+            ],
+            consumeErrors=True,
+        )
         yield self._stopServers()
         yield self._stopRedis()
 
@@ -696,14 +778,28 @@ class Coordinator:
     def _tick(self):
         segment = self._segment
         now = self.reactor.seconds()
-        current = [worker for worker in self.workers
-                   if worker.progress is not None and worker.progress[0] == segment.name]
+        current = [
+            worker
+            for worker in self.workers
+            if worker.progress is not None and worker.progress[0] == segment.name
+        ]
         totals = sumCounts(worker.progress[2] for worker in current)
-        rates = sumCounts(ratesBetween(worker.previous[1:], worker.progress[1:])
-                          for worker in current if worker.previous is not None)
-        segment.samples.append((round(now - segment.started, 2),
-                                {name: round(rates.get(name, 0.0), 1) for name in segment.rates}))
+        rates = sumCounts(
+            ratesBetween(worker.previous[1:], worker.progress[1:])
+            for worker in current
+            if worker.previous is not None
+        )
+        segment.samples.append(
+            (
+                round(now - segment.started, 2),
+                {name: round(rates.get(name, 0.0), 1) for name in segment.rates},
+            )
+        )
         if now - self._started >= PROGRESS_AFTER and totals:
-            self.err.write(formatProgress(segment.name, self.phase, now - self._started,
-                                          totals, rates, segment.rates) + "\n")
+            self.err.write(
+                formatProgress(
+                    segment.name, self.phase, now - self._started, totals, rates, segment.rates
+                )
+                + "\n"
+            )
             self.err.flush()

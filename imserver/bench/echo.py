@@ -75,8 +75,9 @@ def serveEcho(reactor, options, out=sys.stdout):
     if options["tls-cert"]:
         from imserver import tls
 
-        contextFactory = tls.serverOptions(FilePath(options["tls-cert"]).getContent(),
-                                           FilePath(options["tls-key"]).getContent())
+        contextFactory = tls.serverOptions(
+            FilePath(options["tls-cert"]).getContent(), FilePath(options["tls-key"]).getContent()
+        )
         endpoint = SSL4ServerEndpoint(reactor, 0, contextFactory, backlog=4096, interface=host)
     elif ":" in host:
         endpoint = TCP6ServerEndpoint(reactor, 0, backlog=4096, interface=host)

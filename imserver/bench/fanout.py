@@ -72,19 +72,34 @@ class FanoutOptions(WindowOptions):
     )
 
     optParameters = [
-        ["members", "m", 1000,
-         "Group members, the sender (member 0) included; one connection each.", int],
+        [
+            "members",
+            "m",
+            1000,
+            "Group members, the sender (member 0) included; one connection each.",
+            int,
+        ],
         ["users", "u", None, "The same as --members.", int],
         ["inflight", None, 8, "Closed loop: sends outstanding.", int],
         ["rate", None, 0.0, "Open loop: sends per second (0: closed loop).", float],
         ["body", None, 100, "Message body bytes (at least 8: the timestamp).", int],
-        ["ack-every", None, 16,
-         "Members ack cumulatively every this many entries (and once their stream is quiet "
-         "for {} ms); at most {}, half the gate's --max-unacked.".format(
-             int(ACK_INTERVAL * 1000), MAX_UNACKED // 2),
-         int],
-        ["sample-every", None, 10,
-         "Latency of every this-many-th entry of each member's inbox.", int],
+        [
+            "ack-every",
+            None,
+            16,
+            "Members ack cumulatively every this many entries (and once their stream is quiet "
+            "for {} ms); at most {}, half the gate's --max-unacked.".format(
+                int(ACK_INTERVAL * 1000), MAX_UNACKED // 2
+            ),
+            int,
+        ],
+        [
+            "sample-every",
+            None,
+            10,
+            "Latency of every this-many-th entry of each member's inbox.",
+            int,
+        ],
     ]
 
     def postOptions(self):
@@ -96,8 +111,7 @@ class FanoutOptions(WindowOptions):
         WindowOptions.postOptions(self)
         checkSending(self, _stamp.size)
         if not 1 <= self["ack-every"] <= MAX_UNACKED // 2:
-            raise usage.UsageError("--ack-every must be between 1 and {}".format(
-                MAX_UNACKED // 2))
+            raise usage.UsageError("--ack-every must be between 1 and {}".format(MAX_UNACKED // 2))
         if self["sample-every"] < 1:
             raise usage.UsageError("--sample-every must be >= 1")
 
@@ -106,8 +120,9 @@ def ackFrame(seq):
     """
     The length-prefixed C{ack} notify frame for C{seq}.
     """
-    frame = pb.Frame(kind=pb.NOTIFY, method=methods.ACK.name,
-                     body=pb.Ack(seq=seq).SerializeToString()).SerializeToString()
+    frame = pb.Frame(
+        kind=pb.NOTIFY, method=methods.ACK.name, body=pb.Ack(seq=seq).SerializeToString()
+    ).SerializeToString()
     return _length.pack(len(frame)) + frame
 
 
@@ -228,8 +243,11 @@ class MemberClient(LeanClient, Protocol):
             self._fail("auth failed: {}".format(frame.error.message or frame))
             return False
         if frame.kind == pb.ERROR:
-            self._fail("the gate closed the connection: {} {}".format(
-                pb.ErrorCode.Name(frame.error.code), frame.error.message))
+            self._fail(
+                "the gate closed the connection: {} {}".format(
+                    pb.ErrorCode.Name(frame.error.code), frame.error.message
+                )
+            )
             return False
         if frame.kind == pb.NOTIFY and frame.method == methods.MESSAGE.name:
             entry = pb.InboxEntry.FromString(frame.body)
@@ -257,7 +275,6 @@ class MemberClient(LeanClient, Protocol):
             self.ready.errback(ValueError(reason))
 
 
-
 class FanoutLoad(Load):
     """
     The members of one worker; the sender too in the worker holding
@@ -277,6 +294,7 @@ class FanoutLoad(Load):
 
     def connectOne(self, index):
         if index == 0:
+
             def connected(client):
                 self._sender = client
                 self.clients.append(client)
@@ -354,13 +372,25 @@ class Fanout(Scenario):
     def gateArguments(self):
         # The members send nothing but acks: no heartbeat, so no idle
         # timeout while they connect and wait.
-        return ["--max-group-size", str(self.options["members"]),
-                "--max-unacked", str(MAX_UNACKED), "--idle-timeout", "3600"]
+        return [
+            "--max-group-size",
+            str(self.options["members"]),
+            "--max-unacked",
+            str(MAX_UNACKED),
+            "--idle-timeout",
+            "3600",
+        ]
 
     def workerConfig(self, first, count):
         o = self.options
-        return {"group": GROUP, "inflight": o["inflight"], "rate": o["rate"], "body": o["body"],
-                "ackEvery": o["ack-every"], "sampleEvery": o["sample-every"]}
+        return {
+            "group": GROUP,
+            "inflight": o["inflight"],
+            "rate": o["rate"],
+            "body": o["body"],
+            "ackEvery": o["ack-every"],
+            "sampleEvery": o["sample-every"],
+        }
 
     @inlineCallbacks
     def createGroup(self, run):
@@ -369,12 +399,21 @@ class Fanout(Scenario):
         """
         members = self.options["members"]
         run.phase = "creating the group"
-        yield run.callApi(b"POST", "/v1/groups",
-                          {"group_id": GROUP, "name": "im-bench fanout", "owner": userName(0)})
+        yield run.callApi(
+            b"POST",
+            "/v1/groups",
+            {"group_id": GROUP, "name": "im-bench fanout", "owner": userName(0)},
+        )
         for first in range(1, members, API_BATCH):
-            yield run.callApi(b"POST", "/v1/groups/{}/members".format(GROUP), {
-                "members": [{"uid": userName(i)}
-                            for i in range(first, min(members, first + API_BATCH))]})
+            yield run.callApi(
+                b"POST",
+                "/v1/groups/{}/members".format(GROUP),
+                {
+                    "members": [
+                        {"uid": userName(i)} for i in range(first, min(members, first + API_BATCH))
+                    ]
+                },
+            )
         run.log("fanout: group {} of {:,} members created".format(GROUP, members))
 
     @inlineCallbacks
@@ -387,19 +426,23 @@ class Fanout(Scenario):
         sent = window.counts.get("sent", 0)
         delivered = window.rate("delivered")
         cpu = window.figures["server_cpu_percent"]
-        result.update({
-            "mode": "open loop {} msg/s".format(o["rate"]) if o["rate"] else
-                    "closed loop, {} in flight".format(o["inflight"]),
-            "members": o["members"],
-            "body_bytes": o["body"],
-            "ack_every": o["ack-every"],
-            "sends_per_s": window.rate("sent"),
-            "deliveries_per_s": delivered,
-            "deliveries_per_send": round(window.counts.get("delivered", 0) / sent, 1)
-            if sent else None,
-            "deliveries_per_server_cpu_s": round(100 * delivered / cpu, 1) if cpu else None,
-            "acks_per_s": window.rate("acks"),
-            "latency_sample_every": o["sample-every"],
-            "latency_ms": latencySummary(window.latencies),
-        })
+        result.update(
+            {
+                "mode": "open loop {} msg/s".format(o["rate"])
+                if o["rate"]
+                else "closed loop, {} in flight".format(o["inflight"]),
+                "members": o["members"],
+                "body_bytes": o["body"],
+                "ack_every": o["ack-every"],
+                "sends_per_s": window.rate("sent"),
+                "deliveries_per_s": delivered,
+                "deliveries_per_send": round(window.counts.get("delivered", 0) / sent, 1)
+                if sent
+                else None,
+                "deliveries_per_server_cpu_s": round(100 * delivered / cpu, 1) if cpu else None,
+                "acks_per_s": window.rate("acks"),
+                "latency_sample_every": o["sample-every"],
+                "latency_ms": latencySummary(window.latencies),
+            }
+        )
         return result

@@ -33,14 +33,28 @@ class HoldOptions(WindowOptions):
     )
 
     optParameters = [
-        ["heartbeat", None, 30.0,
-         "The gate's heartbeat interval in seconds (its idle timeout is 3 times that).", float],
-        ["seed-period", None, 60.0, "With --seed-profile: seconds between two messages of a client.",
-         float],
+        [
+            "heartbeat",
+            None,
+            30.0,
+            "The gate's heartbeat interval in seconds (its idle timeout is 3 times that).",
+            float,
+        ],
+        [
+            "seed-period",
+            None,
+            60.0,
+            "With --seed-profile: seconds between two messages of a client.",
+            float,
+        ],
     ]
     optFlags = [
-        ["seed-profile", None, "Each client also sends 500 bytes to its partner once per "
-                               "--seed-period, spread evenly."],
+        [
+            "seed-profile",
+            None,
+            "Each client also sends 500 bytes to its partner once per "
+            "--seed-period, spread evenly.",
+        ],
     ]
 
     def postOptions(self):
@@ -91,8 +105,11 @@ class HoldLoad(Load):
         self._next += 1
         if not client.connected:
             return
-        d = client.send(userName(partner(client.index)), SEED_BODY,
-                        "seed-{}-{}".format(client.index, self._next))
+        d = client.send(
+            userName(partner(client.index)),
+            SEED_BODY,
+            "seed-{}-{}".format(client.index, self._next),
+        )
         self.countSent(d, counter="seeded")
 
 
@@ -106,8 +123,10 @@ class Hold(Scenario):
     Options = HoldOptions
     Load = HoldLoad
     rates = ("connected", "pings", "delivered")
-    ratios = {"connect_per_s": "connect_per_s",
-              "rss_per_connection_kb": "rss_per_idle_connection_kb"}
+    ratios = {
+        "connect_per_s": "connect_per_s",
+        "rss_per_connection_kb": "rss_per_idle_connection_kb",
+    }
 
     def gateArguments(self):
         interval = self.options["heartbeat"]
@@ -123,7 +142,8 @@ class Hold(Scenario):
         window = yield run.window()
         result.update(window.figures)
         result["rss_per_connection_kb"] = round(
-            (window.serverRss - before) / max(1, result["connected"]) / 1024, 2)
+            (window.serverRss - before) / max(1, result["connected"]) / 1024, 2
+        )
         result["heartbeat_s"] = self.options["heartbeat"]
         result["pings_per_s"] = window.rate("pings")
         if self.options["seed-profile"]:

@@ -87,13 +87,15 @@ class CountingTransport:
 
 
 def _request(seq, method, message):
-    return encodeFrame(pb.Frame(kind=pb.REQUEST, seq=seq, method=method,
-                                body=message.SerializeToString()))
+    return encodeFrame(
+        pb.Frame(kind=pb.REQUEST, seq=seq, method=method, body=message.SerializeToString())
+    )
 
 
 def _ack(seq):
-    return encodeFrame(pb.Frame(kind=pb.NOTIFY, method="ack",
-                                body=pb.Ack(seq=seq).SerializeToString()))
+    return encodeFrame(
+        pb.Frame(kind=pb.NOTIFY, method="ack", body=pb.Ack(seq=seq).SerializeToString())
+    )
 
 
 class Gate:
@@ -104,8 +106,9 @@ class Gate:
     def __init__(self, **settings):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        defaults = dict(request_rate=1e9, request_burst=10**9, max_unacked=256,
-                        max_group_size=100_000)
+        defaults = dict(
+            request_rate=1e9, request_burst=10**9, max_unacked=256, max_group_size=100_000
+        )
         defaults.update(settings)
         self.settings = Settings(**defaults)
         self.store = MemoryMessageStore()
@@ -129,8 +132,11 @@ class Gate:
         transport = CountingTransport()
         protocol.makeConnection(transport)
         token = mintToken(_SECRET, uid, 3600, self.clock.seconds())
-        protocol.dataReceived(_request(1, "auth", pb.AuthRequest(
-            uid=uid, token=token, device_id="d", platform=pb.DESKTOP)))
+        protocol.dataReceived(
+            _request(
+                1, "auth", pb.AuthRequest(uid=uid, token=token, device_id="d", platform=pb.DESKTOP)
+            )
+        )
         if protocol.session.state != "authenticated":
             raise RuntimeError("auth failed for {}".format(uid))
         return protocol, transport
@@ -150,8 +156,9 @@ def _check(transport, writes, what):
     Make sure the work measured was the work meant (not an error path).
     """
     if transport.writes != writes:
-        raise RuntimeError("{}: {} frames written, expected {}".format(
-            what, transport.writes, writes))
+        raise RuntimeError(
+            "{}: {} frames written, expected {}".format(what, transport.writes, writes)
+        )
 
 
 def measurePing(count):
@@ -176,8 +183,7 @@ def measureP2P(count):
     recipient, recipientTransport = gate.session("bob")
     before = senderTransport.writes, recipientTransport.writes
     sends = [
-        _request(2 + i, "send", pb.SendRequest(to="bob", client_msg_id=str(i),
-                                                body=b"x" * 100))
+        _request(2 + i, "send", pb.SendRequest(to="bob", client_msg_id=str(i), body=b"x" * 100))
         for i in range(count)
     ]
     # Own copies and pushes land at seqs 1, 2, ...: each side acks each.
@@ -200,15 +206,15 @@ def measureFanout(members, messages):
     gate = Gate()
     store = gate.store
     store.createGroup("g", "micro", "m0", 0)
-    store.setMembers("g", [("m{}".format(i), pb.ROLE_MEMBER) for i in range(1, members)],
-                     members, 0)
+    store.setMembers(
+        "g", [("m{}".format(i), pb.ROLE_MEMBER) for i in range(1, members)], members, 0
+    )
     connected = [gate.session("m{}".format(i)) for i in range(members)]
     sessions = [protocol for protocol, _ in connected]
     sender, others = sessions[0], sessions[1:]
     before = connected[-1][1].writes
     sends = [
-        _request(2 + i, "send", pb.SendRequest(group_id="g", client_msg_id=str(i),
-                                                body=b"x" * 100))
+        _request(2 + i, "send", pb.SendRequest(group_id="g", client_msg_id=str(i), body=b"x" * 100))
         for i in range(messages)
     ]
 
@@ -263,7 +269,8 @@ def run(config, out=sys.stdout):
         rounds["ping_us"].append(measurePing(config["pings"]) * 1e6)
         rounds["p2p_message_us"].append(measureP2P(config["messages"]) * 1e6)
         rounds["fanout_delivery_us"].append(
-            measureFanout(config["members"], config["group-messages"]) * 1e6)
+            measureFanout(config["members"], config["group-messages"]) * 1e6
+        )
     result = {
         "python": sys.version.split()[0],
         "members": config["members"],

@@ -85,11 +85,15 @@ def loopback(text, what="--host"):
     except ValueError:
         raise usage.UsageError(
             "{} {!r} is not an IP address: the bench only loads loopback addresses".format(
-                what, text))
+                what, text
+            )
+        )
     if not address.is_loopback:
         raise usage.UsageError(
             "{} {} is not a loopback address: the bench never loads another machine".format(
-                what, text))
+                what, text
+            )
+        )
     return str(address)
 
 
@@ -136,23 +140,47 @@ class BaseOptions(commandline.Options):
     optParameters = [
         ["users", "u", 400, "Connections (one user each).", int],
         ["transport", None, "tcp", "tcp or tls (TLS 1.3, the gate's self-signed certificate)."],
-        ["store", None, "sqlite",
-         "Gate store: sqlite or memory (one gate; with --gates > 1 the store is Redis)."],
-        ["gates", None, 1,
-         "Gate processes (cluster mode when > 1: the bench starts its own redis-server, and "
-         "user i connects to gate i % N).", int],
+        [
+            "store",
+            None,
+            "sqlite",
+            "Gate store: sqlite or memory (one gate; with --gates > 1 the store is Redis).",
+        ],
+        [
+            "gates",
+            None,
+            1,
+            "Gate processes (cluster mode when > 1: the bench starts its own redis-server, and "
+            "user i connects to gate i % N).",
+            int,
+        ],
         ["host", None, "127.0.0.1", "Loopback address the servers listen on (127.x or ::1)."],
-        ["workers", None, None,
-         "Client worker processes (default: enough for at most {:,} connections each).".format(
-             CONNECTIONS_PER_WORKER), int],
-        ["sources", None, None,
-         "Source addresses 127.0.0.2... to spread connections over (default: one per "
-         "{:,} connections).".format(CONNECTIONS_PER_SOURCE), int],
+        [
+            "workers",
+            None,
+            None,
+            "Client worker processes (default: enough for at most {:,} connections each).".format(
+                CONNECTIONS_PER_WORKER
+            ),
+            int,
+        ],
+        [
+            "sources",
+            None,
+            None,
+            "Source addresses 127.0.0.2... to spread connections over (default: one per "
+            "{:,} connections).".format(CONNECTIONS_PER_SOURCE),
+            int,
+        ],
         ["connect-window", None, 200, "Connection attempts in progress per worker.", int],
-        ["timeout", None, None,
-         "Seconds any phase (connecting, a storm's recovery, stopping) may take (default: "
-         "{:.0f}, or one per {} users if more).".format(TIMEOUT, USERS_PER_TIMEOUT_SECOND),
-         float],
+        [
+            "timeout",
+            None,
+            None,
+            "Seconds any phase (connecting, a storm's recovery, stopping) may take (default: "
+            "{:.0f}, or one per {} users if more).".format(TIMEOUT, USERS_PER_TIMEOUT_SECOND),
+            float,
+        ],
         ["server-cpu", None, "0", "CPU to pin the servers to ('' for none)."],
         ["client-cpu", None, "1", "CPU to pin the workers to ('' for none)."],
         ["json", None, None, "Also write the result to this file."],
@@ -179,19 +207,22 @@ class BaseOptions(commandline.Options):
         users = self["users"]
         if users < 1 or (self.pairs and users % 2):
             raise usage.UsageError(
-                "--users must be an even number >= 2" if self.pairs else "--users must be >= 1")
+                "--users must be an even number >= 2" if self.pairs else "--users must be >= 1"
+            )
         gates = self["gates"]
         if gates < 1:
             raise usage.UsageError("--gates must be >= 1")
         if gates > 1 and redisServer() is None:
             raise usage.UsageError(
                 "--gates > 1 runs the gates in cluster mode and needs redis-server "
-                "(Debian package redis-server), which is not installed")
+                "(Debian package redis-server), which is not installed"
+            )
         budget = fileLimit() - FILE_RESERVE
         if math.ceil(users / gates) > budget:
             raise usage.UsageError(
                 "--users {:,} over {} gate(s) exceeds the {:,} files a gate may hold "
-                "(RLIMIT_NOFILE {:,}): use more --gates".format(users, gates, budget, fileLimit()))
+                "(RLIMIT_NOFILE {:,}): use more --gates".format(users, gates, budget, fileLimit())
+            )
         if self["transport"] not in ("tcp", "tls"):
             raise usage.UsageError("--transport is tcp or tls")
         if self["store"] not in ("sqlite", "memory"):
@@ -219,7 +250,8 @@ class BaseOptions(commandline.Options):
         if math.ceil(users / self["workers"]) > budget:
             raise usage.UsageError(
                 "more than {:,} connections per worker exceed its file limit: use more "
-                "--workers".format(budget))
+                "--workers".format(budget)
+            )
 
     def _checkSources(self, users):
         ipv6 = ":" in self["host"]
@@ -233,7 +265,8 @@ class BaseOptions(commandline.Options):
         if math.ceil(users / sources) > MAX_CONNECTIONS_PER_SOURCE:
             raise usage.UsageError(
                 "more than {:,} connections per source address would run out of ephemeral "
-                "ports: use more --sources".format(MAX_CONNECTIONS_PER_SOURCE))
+                "ports: use more --sources".format(MAX_CONNECTIONS_PER_SOURCE)
+            )
 
 
 def checkSending(options, minimumBody):

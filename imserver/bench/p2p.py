@@ -97,8 +97,9 @@ class P2PLoad(Load):
             return
         self._messages += 1
         body = _stamp.pack(time.perf_counter()) + self._padding
-        d = client.send(userName(partner(client.index)), body,
-                        "{}-{}".format(client.index, self._messages))
+        d = client.send(
+            userName(partner(client.index)), body, "{}-{}".format(client.index, self._messages)
+        )
         self.countSent(d, again=(lambda: self.sendOne(client, loop)) if loop else None)
 
 
@@ -119,8 +120,11 @@ class P2P(Scenario):
 
     def workerConfig(self, first, count):
         o = self.options
-        return {"inflight": o["inflight"], "rate": o["rate"] * count / o["users"],
-                "body": o["body"]}
+        return {
+            "inflight": o["inflight"],
+            "rate": o["rate"] * count / o["users"],
+            "body": o["body"],
+        }
 
     @inlineCallbacks
     def drive(self, run):
@@ -128,12 +132,15 @@ class P2P(Scenario):
         result = yield run.connect()
         window = yield run.window()
         result.update(window.figures)
-        result.update({
-            "mode": "open loop {} msg/s".format(o["rate"]) if o["rate"] else
-                    "closed loop, {} in flight per sender".format(o["inflight"]),
-            "body_bytes": o["body"],
-            "sends_acked_per_s": window.rate("sent"),
-            "deliveries_per_s": window.rate("delivered"),
-            "latency_ms": latencySummary(window.latencies),
-        })
+        result.update(
+            {
+                "mode": "open loop {} msg/s".format(o["rate"])
+                if o["rate"]
+                else "closed loop, {} in flight per sender".format(o["inflight"]),
+                "body_bytes": o["body"],
+                "sends_acked_per_s": window.rate("sent"),
+                "deliveries_per_s": window.rate("delivered"),
+                "latency_ms": latencySummary(window.latencies),
+            }
+        )
         return result

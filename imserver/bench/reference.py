@@ -50,7 +50,8 @@ class Reference(Scenario):
         idle = run.serverRss()
         result = yield run.connect()
         result["rss_per_idle_connection_kb"] = round(
-            (run.serverRss() - idle) / max(1, result["connected"]) / 1024, 2)
+            (run.serverRss() - idle) / max(1, result["connected"]) / 1024, 2
+        )
         if "duration" in self.options:
             window = yield run.window()
             result.update(window.figures)

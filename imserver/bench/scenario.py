@@ -62,8 +62,9 @@ def requestFrame(seq, method, request):
 
     @param method: an L{imserver.rpc.Method}.
     """
-    return pb.Frame(kind=pb.REQUEST, seq=seq, method=method.name,
-                    body=request.SerializeToString()).SerializeToString()
+    return pb.Frame(
+        kind=pb.REQUEST, seq=seq, method=method.name, body=request.SerializeToString()
+    ).SerializeToString()
 
 
 class Scenario:
@@ -130,8 +131,9 @@ class SessionClient(ClientProtocol):
     """
 
     def __init__(self, load, index):
-        ClientProtocol.__init__(self, load.reactor, onNotify=self._notified,
-                                requestTimeout=load.timeout)
+        ClientProtocol.__init__(
+            self, load.reactor, onNotify=self._notified, requestTimeout=load.timeout
+        )
         self.load = load
         self.index = index
         self.onDisconnected = load.disconnected
@@ -224,9 +226,17 @@ class Load:
         (L{requestFrame}).
         """
         uid = userName(index)
-        return requestFrame(seq, methods.AUTH, pb.AuthRequest(
-            uid=uid, token=self.token(uid), device_id=DEVICE, platform=pb.DESKTOP,
-            client_version="im-bench/" + __version__))
+        return requestFrame(
+            seq,
+            methods.AUTH,
+            pb.AuthRequest(
+                uid=uid,
+                token=self.token(uid),
+                device_id=DEVICE,
+                platform=pb.DESKTOP,
+                client_version="im-bench/" + __version__,
+            ),
+        )
 
     def connectSession(self, index, lastSeq=0):
         """
@@ -240,8 +250,7 @@ class Load:
 
         def authenticate(client):
             d = client.authenticate(uid, self.token(uid), DEVICE, lastSeq=lastSeq)
-            return d.addCallbacks(lambda response: client, self._abortFailed, None, None,
-                                  (client,))
+            return d.addCallbacks(lambda response: client, self._abortFailed, None, None, (client,))
 
         client = self.Client(self, index)
         return connectProtocol(self.endpoint(index), client).addCallback(authenticate)
@@ -338,14 +347,19 @@ class Load:
                 self.error("connecting {}: {}".format(userName(index), failure.getErrorMessage()))
 
             return self.connectOne(index).addCallbacks(
-                connected, connectFailed, callbackArgs=(index,))
+                connected, connectFailed, callbackArgs=(index,)
+            )
 
         attempts = (attempt(i) for i in range(self.first, self.first + self.count))
         cooperator = Cooperator(scheduler=lambda step: self.reactor.callLater(0, step))
         lanes = max(1, min(self.connectWindow, self.count))
         return gatherResults([cooperator.coiterate(attempts) for _ in range(lanes)]).addCallback(
-            lambda _: {"connected": self.counts["connected"], "failed": len(failed),
-                       "gates": self.perGate})
+            lambda _: {
+                "connected": self.counts["connected"],
+                "failed": len(failed),
+                "gates": self.perGate,
+            }
+        )
 
     def on_start(self):
         """
@@ -418,7 +432,8 @@ class Load:
         self.on_stop()
         self.closing = True
         return gatherResults([self.closeClient(c) for c in self.clients]).addCallback(
-            lambda _: dict(self.counts))
+            lambda _: dict(self.counts)
+        )
 
     def closeClient(self, client):
         """

@@ -42,10 +42,20 @@ class StormOptions(BaseOptions):
     pairs = True
     optParameters = [
         ["drop", "k", None, "Connections dropped at once (default: half of --users).", int],
-        ["backlog", None, 0,
-         "Messages queued for each dropped user while it is gone (sent by its partner).", int],
-        ["jitter", None, 0.2,
-         "Largest random delay, in seconds, before a reconnect attempt.", float],
+        [
+            "backlog",
+            None,
+            0,
+            "Messages queued for each dropped user while it is gone (sent by its partner).",
+            int,
+        ],
+        [
+            "jitter",
+            None,
+            0.2,
+            "Largest random delay, in seconds, before a reconnect attempt.",
+            float,
+        ],
     ]
 
     def postOptions(self):
@@ -168,8 +178,11 @@ class ResumingClient:
             self._scheduleAttempt()
 
     def _checkRecovered(self):
-        if self._recovered is not None and self.protocol is not None \
-                and self.lastSeq >= self._headSeq:
+        if (
+            self._recovered is not None
+            and self.protocol is not None
+            and self.lastSeq >= self._headSeq
+        ):
             recovered, self._recovered = self._recovered, None
             recovered.callback(None)
 
@@ -227,8 +240,9 @@ class StormLoad(Load):
                 self.error("{} has no connected partner to queue messages".format(client.uid))
                 continue
             for n in range(backlog):
-                d = sender.protocol.send(client.uid, BACKLOG_BODY,
-                                         "backlog-{}-{}".format(client.index, n))
+                d = sender.protocol.send(
+                    client.uid, BACKLOG_BODY, "backlog-{}-{}".format(client.index, n)
+                )
                 sends.append(d.addCallback(lambda _: self.add("queued")))
         return gatherResults(sends).addCallback(lambda _: {"queued": len(sends)})
 
@@ -250,8 +264,14 @@ class StormLoad(Load):
                 timer.cancel()
             if not done.called:
                 times.sort()
-                done.callback({"dropped": len(dropping), "recovered": len(times),
-                               "retries": self.counts["retries"], "recovery_us": times})
+                done.callback(
+                    {
+                        "dropped": len(dropping),
+                        "recovered": len(times),
+                        "retries": self.counts["retries"],
+                        "recovery_us": times,
+                    }
+                )
 
         def recovered(_):
             times.append(int((time.perf_counter() - started) * 1e6))
@@ -295,23 +315,25 @@ class Storm(Scenario):
         victims = shares(o["drop"], [count for first, count in run.blocks])
         if o["backlog"]:
             run.phase = "queueing"
-            yield run.tellEach("freeze", [{"victims": v, "backlog": o["backlog"]}
-                                          for v in victims])
+            yield run.tellEach("freeze", [{"victims": v, "backlog": o["backlog"]} for v in victims])
         run.phase = "storm"
         mark = run.usage()
-        reports = yield run.tellEach("drop", [{"victims": v} for v in victims],
-                                     timeout=o["timeout"] + 10)
+        reports = yield run.tellEach(
+            "drop", [{"victims": v} for v in victims], timeout=o["timeout"] + 10
+        )
         figures = run.usageSince(mark)
         recovered = sum(report["recovered"] for report in reports)
         latencies = mergeSorted(report["recovery_us"] for report in reports)
         run.keepLatencies(latencies)
         result.update(figures)
-        result.update({
-            "dropped": sum(report["dropped"] for report in reports),
-            "backlog_per_user": o["backlog"],
-            "recovered": recovered,
-            "retries": sum(report["retries"] for report in reports),
-            "reconnects_per_s": round(recovered / figures["seconds"], 1),
-            "recovery_ms": latencySummary(latencies),
-        })
+        result.update(
+            {
+                "dropped": sum(report["dropped"] for report in reports),
+                "backlog_per_user": o["backlog"],
+                "recovered": recovered,
+                "retries": sum(report["retries"] for report in reports),
+                "reconnects_per_s": round(recovered / figures["seconds"], 1),
+                "recovery_ms": latencySummary(latencies),
+            }
+        )
         return result

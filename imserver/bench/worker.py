@@ -64,8 +64,14 @@ class Worker:
             self._progress.start(PROGRESS_INTERVAL, now=False)
 
     def _report(self):
-        self.control.send({"event": "progress", "load": self.loadName,
-                           "t": self.reactor.seconds(), "counts": self.load.counts})
+        self.control.send(
+            {
+                "event": "progress",
+                "load": self.loadName,
+                "t": self.reactor.seconds(),
+                "counts": self.load.counts,
+            }
+        )
 
     def shutdown(self):
         """
@@ -109,6 +115,11 @@ def main(argv):
 
     from imserver.bench.scenarios import LOADS
 
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
-        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)])])
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)]
+            )
+        ]
+    )
     return runReactor(runWorker, LOADS)

@@ -124,7 +124,9 @@ class RedisGateBus:
         if self._retry:
             self.log.warn(
                 "{n} bus batches were never published (Redis unavailable); "
-                "their entries wait in the inboxes", n=len(self._retry))
+                "their entries wait in the inboxes",
+                n=len(self._retry),
+            )
             self._retry = []
         d = DeferredList(list(self._inflight), consumeErrors=True)
         return d.addBoth(lambda _: self.subscriber.disconnect())
@@ -211,8 +213,7 @@ class RedisGateBus:
         d = self.connection.publish(channelOf(gateId), data)
         self._inflight.add(d)
         d.addBoth(self._landed, d)
-        d.addCallbacks(self._published, self._publishFailed, (gateId,), None,
-                       (gateId, data))
+        d.addCallbacks(self._published, self._publishFailed, (gateId,), None, (gateId, data))
 
     def _landed(self, result, d):
         self._inflight.discard(d)
@@ -234,15 +235,15 @@ class RedisGateBus:
             self._warned = True
             self.log.warn(
                 "cannot publish on the gate bus ({why}); retrying once Redis is back",
-                why=failure.getErrorMessage())
+                why=failure.getErrorMessage(),
+            )
         if len(self._retry) < MAX_RETRY_BATCHES:
             self._retry.append((gateId, data))
 
     def _republish(self):
         retry, self._retry = self._retry, []
         if retry:
-            self.log.info("publishing {n} bus batches kept while Redis was away",
-                          n=len(retry))
+            self.log.info("publishing {n} bus batches kept while Redis was away", n=len(retry))
         for gateId, data in retry:
             self._publish(gateId, data)
 
@@ -252,8 +253,11 @@ class RedisGateBus:
         try:
             batch = bus_pb2.Batch.FromString(data)
         except DecodeError:
-            self.log.warn("dropped an unparsable bus message of {n} bytes on {channel}",
-                          n=len(data), channel=channel.decode("utf-8", "replace"))
+            self.log.warn(
+                "dropped an unparsable bus message of {n} bytes on {channel}",
+                n=len(data),
+                channel=channel.decode("utf-8", "replace"),
+            )
             return
         self.received += 1
         receiver = self.receiver
@@ -268,14 +272,22 @@ class RedisGateBus:
                     )
                 elif kind == "kick":
                     kick = item.kick
-                    receiver.kickReceived(kick.uid, kick.device_id, kick.session_id,
-                                          kick.generation, kick.reason, kick.message)
+                    receiver.kickReceived(
+                        kick.uid,
+                        kick.device_id,
+                        kick.session_id,
+                        kick.generation,
+                        kick.reason,
+                        kick.message,
+                    )
                 elif kind == "typing":
                     typing = item.typing
-                    receiver.typingReceived(typing.to_uid, typing.from_uid,
-                                            typing.active, typing.group_id)
+                    receiver.typingReceived(
+                        typing.to_uid, typing.from_uid, typing.active, typing.group_id
+                    )
                 elif kind == "notice":
                     receiver.noticeReceived(item.notice.session_id, item.notice.frame)
             except Exception:
-                self.log.failure("handling a {kind} from gate {gate} failed",
-                                 kind=kind, gate=batch.source_gate)
+                self.log.failure(
+                    "handling a {kind} from gate {gate} failed", kind=kind, gate=batch.source_gate
+                )

@@ -62,26 +62,43 @@ def run(reactor, config, stdin=0, stdout=1):
     from imserver.client import IMClient, clientEndpoint, fullJitterBackoff
 
     if callable(config.token):
+
         def token():
             return config.token(reactor.seconds())
     else:
         token = config.token
 
-    endpoint = _WatchedEndpoint(clientEndpoint(
-        reactor, config.host, config.port, tls=config.tls, trustRoot=config.trustRoot
-    ))
+    endpoint = _WatchedEndpoint(
+        clientEndpoint(
+            reactor, config.host, config.port, tls=config.tls, trustRoot=config.trustRoot
+        )
+    )
     client = IMClient(
-        reactor, config.host, config.port, config.uid, token, config.deviceId,
-        endpoint=endpoint, retryPolicy=fullJitterBackoff(0.5, MAX_RECONNECT_DELAY),
+        reactor,
+        config.host,
+        config.port,
+        config.uid,
+        token,
+        config.deviceId,
+        endpoint=endpoint,
+        retryPolicy=fullJitterBackoff(0.5, MAX_RECONNECT_DELAY),
     )
     raw, terminal, restoreSignal = openTerminal(reactor, config.typing, stdin, stdout)
     stdio = StandardIO(terminal, stdin=stdin, stdout=stdout, reactor=reactor)
     session = ChatSession(
-        reactor, client, TransportText(terminal if raw is not None else stdio,
-                                       getattr(sys.stdout, "encoding", None) or "utf-8"),
-        config.uid, config.peer, where="{}:{}".format(config.host, config.port),
-        group=config.group, sendTyping=config.typing, keepTrying=config.keepTrying,
-        host=config.host, trusted=config.trusted,
+        reactor,
+        client,
+        TransportText(
+            terminal if raw is not None else stdio, getattr(sys.stdout, "encoding", None) or "utf-8"
+        ),
+        config.uid,
+        config.peer,
+        where="{}:{}".format(config.host, config.port),
+        group=config.group,
+        sendTyping=config.typing,
+        keepTrying=config.keepTrying,
+        host=config.host,
+        trusted=config.trusted,
     )
     terminal.session = session
     endpoint.onFailure = session.connectFailed
@@ -104,7 +121,6 @@ def run(reactor, config, stdin=0, stdout=1):
         return d.addCallback(over)
 
     return session.start().addCallback(flushed)
-
 
 
 def main(config):

@@ -35,7 +35,8 @@ def describe(reason):
         SSL = None
     if SSL is not None and isinstance(reason, SSL.Error):
         details = [
-            part[-1] for part in (reason.args[0] if reason.args else [])
+            part[-1]
+            for part in (reason.args[0] if reason.args else [])
             if isinstance(part, tuple) and part and part[-1]
         ]
         return "TLS failed: {}".format("; ".join(details) or "handshake error")
@@ -81,10 +82,16 @@ def certificateHint(problem, host=None, trusted=None):
     @rtype: L{str}
     """
     if problem == WRONG_NAME:
-        return ("the gate's certificate does not name {}: give --host a name it"
-                " holds (the self-signed one names localhost, 127.0.0.1 and ::1)".format(
-                    host or "this host"))
-    return ("the gate's certificate is not trusted{}: pass --ca FILE with the"
-            " gate's certificate (or its CA's), or --data-dir DIR naming the server's"
-            " data directory (which holds tls-cert.pem)".format(
-                " (this chat trusts {})".format(trusted) if trusted else ""))
+        return (
+            "the gate's certificate does not name {}: give --host a name it"
+            " holds (the self-signed one names localhost, 127.0.0.1 and ::1)".format(
+                host or "this host"
+            )
+        )
+    return (
+        "the gate's certificate is not trusted{}: pass --ca FILE with the"
+        " gate's certificate (or its CA's), or --data-dir DIR naming the server's"
+        " data directory (which holds tls-cert.pem)".format(
+            " (this chat trusts {})".format(trusted) if trusted else ""
+        )
+    )

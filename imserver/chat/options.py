@@ -29,7 +29,6 @@ def defaultDeviceId():
     return "cli-" + socket.gethostname()
 
 
-
 class ChatOptions(commandline.Options):
     """
     Options of C{python -m imserver chat}.
@@ -51,12 +50,17 @@ class ChatOptions(commandline.Options):
     )
     optFlags = [
         ["no-tls", None, "Plain TCP, for a tcp: listener (loopback testing only)."],
-        ["no-typing", None,
-         "Do not tell the peer when you type (and let the terminal edit"
-         " lines as usual)."],
-        ["keep-trying", None,
-         "Keep trying to connect when the gate's certificate is not trusted"
-         " or does not name --host (default: say what to do and exit)."],
+        [
+            "no-typing",
+            None,
+            "Do not tell the peer when you type (and let the terminal edit lines as usual).",
+        ],
+        [
+            "keep-trying",
+            None,
+            "Keep trying to connect when the gate's certificate is not trusted"
+            " or does not name --host (default: say what to do and exit).",
+        ],
     ]
     optParameters = [
         ["uid", "u", None, "Your user id."],
@@ -64,13 +68,21 @@ class ChatOptions(commandline.Options):
         ["group", "g", None, "The group to chat in (instead of --to)."],
         ["host", None, DEFAULT_HOST, "The gate's host name."],
         ["port", "p", DEFAULT_PORT, "The gate's port.", int],
-        ["ca", None, None,
-         "PEM certificate to trust (default: <data-dir>/tls-cert.pem if it "
-         "exists, else the system's trust store)."],
+        [
+            "ca",
+            None,
+            None,
+            "PEM certificate to trust (default: <data-dir>/tls-cert.pem if it "
+            "exists, else the system's trust store).",
+        ],
         ["token", None, None, "The token (from `python -m imserver token`)."],
         ["token-file", None, None, "A file holding the token."],
-        ["data-dir", "d", DEFAULT_DATA_DIR,
-         "The server's data directory (secret and self-signed certificate)."],
+        [
+            "data-dir",
+            "d",
+            DEFAULT_DATA_DIR,
+            "The server's data directory (secret and self-signed certificate).",
+        ],
         ["secret-file", None, None, "File holding the server secret."],
         ["device", None, None, "This device's id (default: cli-<hostname>)."],
     ]
@@ -151,8 +163,7 @@ def _token(options):
         try:
             token = FilePath(options["token-file"]).getContent().decode("utf-8").strip()
         except (OSError, UnicodeDecodeError) as e:
-            raise ValueError("cannot read --token-file {}: {}".format(
-                options["token-file"], e))
+            raise ValueError("cannot read --token-file {}: {}".format(options["token-file"], e))
         if not token:
             raise ValueError("--token-file {} is empty".format(options["token-file"]))
         return token
@@ -190,7 +201,8 @@ def _trustRoot(options):
         default = FilePath(options["data-dir"]).child(CERT_FILE_NAME)
         if not default.exists():
             return None, "the system's CAs, since there is no {}".format(
-                os.path.join(options["data-dir"], CERT_FILE_NAME))
+                os.path.join(options["data-dir"], CERT_FILE_NAME)
+            )
         path = default.path
     from twisted.internet import ssl
 
@@ -198,4 +210,3 @@ def _trustRoot(options):
         return ssl.Certificate.loadPEM(FilePath(path).getContent()), path
     except Exception as e:
         raise ValueError("cannot use {} as the CA certificate: {}".format(path, e))
-

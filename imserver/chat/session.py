@@ -91,11 +91,25 @@ class ChatSession:
 
     log = Logger()
 
-    def __init__(self, reactor, client, out, me, peer, where=None,
-                 localtime=time.localtime, drainTimeout=DRAIN_TIMEOUT,
-                 typingInterval=TYPING_INTERVAL, group=None, sendTyping=True,
-                 typingRefresh=TYPING_REFRESH, typingIdle=TYPING_IDLE,
-                 keepTrying=False, host=None, trusted=None):
+    def __init__(
+        self,
+        reactor,
+        client,
+        out,
+        me,
+        peer,
+        where=None,
+        localtime=time.localtime,
+        drainTimeout=DRAIN_TIMEOUT,
+        typingInterval=TYPING_INTERVAL,
+        group=None,
+        sendTyping=True,
+        typingRefresh=TYPING_REFRESH,
+        typingIdle=TYPING_IDLE,
+        keepTrying=False,
+        host=None,
+        trusted=None,
+    ):
         """
         @param reactor: an L{IReactorTime}.
         @param client: an L{imserver.client.IMClient} (or a fake of one);
@@ -138,8 +152,9 @@ class ChatSession:
         # (uid, group id) -> when uid was last seen typing.
         self._typingSeenAt = {}
         # This user typing.
-        self._typingSignals = TypingSignals(reactor, self._signalTyping,
-                                            refresh=typingRefresh, idle=typingIdle)
+        self._typingSignals = TypingSignals(
+            reactor, self._signalTyping, refresh=typingRefresh, idle=typingIdle
+        )
         self._certificateHinted = False
         self._membersShown = False
         self._everConnected = False
@@ -162,9 +177,13 @@ class ChatSession:
 
         @return: L{done}.
         """
-        self.show("chat {} as {}{} (Enter sends a line, Ctrl-D quits)".format(
-            "in group " + self.group if self.group else "with " + self.peer,
-            self.me, " via " + self.where if self.where else ""))
+        self.show(
+            "chat {} as {}{} (Enter sends a line, Ctrl-D quits)".format(
+                "in group " + self.group if self.group else "with " + self.peer,
+                self.me,
+                " via " + self.where if self.where else "",
+            )
+        )
         self.client.whenStopped().addCallback(self._stopped)
         self._awaitConnection()
         self.client.start()
@@ -177,21 +196,28 @@ class ChatSession:
         if self._finished:
             return
         self._lastFailure = None
-        self.show("{} as {} (session {})".format(
-            "reconnected" if self._everConnected else "connected",
-            self.me, protocol.session.session_id))
+        self.show(
+            "{} as {} (session {})".format(
+                "reconnected" if self._everConnected else "connected",
+                self.me,
+                protocol.session.session_id,
+            )
+        )
         self._everConnected = True
         protocol.whenClosed().addCallback(self._disconnected)
         if self.group and not self._membersShown:
-            protocol.members(self.group).addCallbacks(
-                self._showMembers, self._membersFailed)
+            protocol.members(self.group).addCallbacks(self._showMembers, self._membersFailed)
 
     def _showMembers(self, members):
         if self._finished or self._membersShown:
             return
         self._membersShown = True
-        self.show("members of {}: {}".format(self.group, ", ".join(
-            member.uid + ROLE_MARKS.get(member.role, "") for member in members)))
+        self.show(
+            "members of {}: {}".format(
+                self.group,
+                ", ".join(member.uid + ROLE_MARKS.get(member.role, "") for member in members),
+            )
+        )
 
     def _membersFailed(self, failure):
         # An answer is shown once; without one (the connection closed
@@ -200,11 +226,14 @@ class ChatSession:
             return
         self._membersShown = True
         if failure.value.code == pb.NOT_MEMBER:
-            self.show("! you are not a member of group {} (or it does not exist):"
-                      " lines sent to it will be refused".format(self.group))
+            self.show(
+                "! you are not a member of group {} (or it does not exist):"
+                " lines sent to it will be refused".format(self.group)
+            )
         else:
-            self.show("! cannot list the members of {}: {}".format(
-                self.group, describe(failure.value)))
+            self.show(
+                "! cannot list the members of {}: {}".format(self.group, describe(failure.value))
+            )
 
     def _disconnected(self, reason):
         if self._finished or self.client.stopReason is not None:
@@ -223,17 +252,24 @@ class ChatSession:
         text = describe(reason).rstrip(".")
         problem = certificateProblem(reason)
         if problem is not None and not self.keepTrying:
-            self.show("! cannot connect{}: {}".format(
-                " to " + self.where if self.where else "", text))
-            self.show("! " + certificateHint(problem, self.host, self.trusted)
-                      + "; or --keep-trying to try again and again")
+            self.show(
+                "! cannot connect{}: {}".format(" to " + self.where if self.where else "", text)
+            )
+            self.show(
+                "! "
+                + certificateHint(problem, self.host, self.trusted)
+                + "; or --keep-trying to try again and again"
+            )
             self._finish(1)
             return
         if text == self._lastFailure:
             return
         self._lastFailure = text
-        self.show("! cannot connect{}: {} (still trying)".format(
-            " to " + self.where if self.where else "", text))
+        self.show(
+            "! cannot connect{}: {} (still trying)".format(
+                " to " + self.where if self.where else "", text
+            )
+        )
         if problem is not None and not self._certificateHinted:
             self._certificateHinted = True
             self.show("! " + certificateHint(problem, self.host, self.trusted))
@@ -244,14 +280,16 @@ class ChatSession:
         if isinstance(reason, pb.Kicked):
             hint = ""
             if reason.reason == pb.REPLACED:
-                hint = (" (another session of {} signed in as device {!r};"
-                        " give each one its own --device)".format(
-                            self.me, self.client.deviceId))
+                hint = (
+                    " (another session of {} signed in as device {!r};"
+                    " give each one its own --device)".format(self.me, self.client.deviceId)
+                )
             self.show("kicked: {}{}".format(describe(reason), hint))
         elif getattr(reason, "code", None) == pb.AUTH_FAILED:
-            self.show("kicked: the server refused the token for {} ({}); check"
-                      " --token, or --data-dir / --secret-file".format(
-                          self.me, describe(reason)))
+            self.show(
+                "kicked: the server refused the token for {} ({}); check"
+                " --token, or --data-dir / --secret-file".format(self.me, describe(reason))
+            )
         else:
             self.show("kicked: {}".format(describe(reason)))
         self._finish(1)
@@ -291,10 +329,10 @@ class ChatSession:
         clientMsgId = self._prefix + uuid.uuid4().hex
         self._sentIds.add(clientMsgId)
         self._unanswered += 1
-        d = self.client.send(self.peer or "", line, "text/plain",
-                             clientMsgId=clientMsgId, groupId=self.group or "")
-        d.addCallbacks(self._sent, self._sendFailed,
-                       errbackArgs=(clientMsgId, line))
+        d = self.client.send(
+            self.peer or "", line, "text/plain", clientMsgId=clientMsgId, groupId=self.group or ""
+        )
+        d.addCallbacks(self._sent, self._sendFailed, errbackArgs=(clientMsgId, line))
 
     def _sent(self, response):
         self._answered()
@@ -348,8 +386,11 @@ class ChatSession:
 
     def _drainTimedOut(self):
         self._drainTimer = None
-        self.show("! {} message(s) not confirmed by the server; they may not"
-                  " have been sent".format(self._unanswered))
+        self.show(
+            "! {} message(s) not confirmed by the server; they may not have been sent".format(
+                self._unanswered
+            )
+        )
         self._finish(1)
 
     # -- from the server ----------------------------------------------------
@@ -377,8 +418,7 @@ class ChatSession:
             self._typingSeenAt.pop((message.sender, message.group_id), None)
         if message.group_id:
             who += " in " + message.group_id
-        self.show("[{}] {}: {}".format(self._time(message.created_ms), who,
-                                       bodyText(message)))
+        self.show("[{}] {}: {}".format(self._time(message.created_ms), who, bodyText(message)))
 
     def onNotify(self, name, message):
         """
@@ -388,8 +428,9 @@ class ChatSession:
         refreshes its signal more often while it types).
         """
         if name == "notice":
-            self.show("[{}] notice: {}".format(self._time(message.server_time_ms),
-                                               bodyText(message)))
+            self.show(
+                "[{}] notice: {}".format(self._time(message.server_time_ms), bodyText(message))
+            )
             return
         if name != "typing":
             return
@@ -411,4 +452,3 @@ class ChatSession:
 
     def _time(self, ms):
         return time.strftime("%H:%M:%S", self.localtime(ms / 1000.0))
-

@@ -134,16 +134,26 @@ class TerminalEditor(TerminalInput):
 
     ESCAPE = 0x1B
 
-    def __init__(self, session=None, erase=(b"\x7f", b"\x08"), kill=(b"\x15",),
-                 wordErase=(b"\x17",), endOfFile=(b"\x04",)):
+    def __init__(
+        self,
+        session=None,
+        erase=(b"\x7f", b"\x08"),
+        kill=(b"\x15",),
+        wordErase=(b"\x17",),
+        endOfFile=(b"\x04",),
+    ):
         """
         @param erase: the keys (single bytes) erasing a character; likewise
             C{kill} (the line), C{wordErase} (a word) and C{endOfFile}.
         """
         TerminalInput.__init__(self, session)
         self._keys = {}
-        for action, keys in (("erase", erase), ("kill", kill),
-                             ("wordErase", wordErase), ("endOfFile", endOfFile)):
+        for action, keys in (
+            ("erase", erase),
+            ("kill", kill),
+            ("wordErase", wordErase),
+            ("endOfFile", endOfFile),
+        ):
             for key in keys:
                 self._keys.setdefault(key[0], action)
         self._line = bytearray()
@@ -310,10 +320,12 @@ class RawTerminal:
         self._saved = termios.tcgetattr(self.fd)
         self.apply()
         keys = {}
-        for name, index, usual in (("erase", termios.VERASE, (b"\x7f", b"\x08")),
-                                   ("kill", termios.VKILL, (b"\x15",)),
-                                   ("wordErase", termios.VWERASE, (b"\x17",)),
-                                   ("endOfFile", termios.VEOF, (b"\x04",))):
+        for name, index, usual in (
+            ("erase", termios.VERASE, (b"\x7f", b"\x08")),
+            ("kill", termios.VKILL, (b"\x15",)),
+            ("wordErase", termios.VWERASE, (b"\x17",)),
+            ("endOfFile", termios.VEOF, (b"\x04",)),
+        ):
             key = self._saved[6][index]
             own = (key,) if isinstance(key, bytes) and key not in (b"", b"\x00") else ()
             keys[name] = own + usual
@@ -363,7 +375,6 @@ class TransportText:
         pass
 
 
-
 def openTerminal(reactor, typing, stdin, stdout):
     """
     The input protocol: a L{TerminalEditor} on a L{RawTerminal} when
@@ -394,10 +405,10 @@ def openTerminal(reactor, typing, stdin, stdout):
             editor.redraw()
 
     previous = signal.signal(
-        signal.SIGCONT, lambda signum, frame: reactor.callFromThread(continued))
+        signal.SIGCONT, lambda signum, frame: reactor.callFromThread(continued)
+    )
 
     def restoreSignal():
         signal.signal(signal.SIGCONT, previous)
 
     return raw, editor, restoreSignal
-

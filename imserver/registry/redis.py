@@ -87,7 +87,10 @@ end
 #: KEYS: the user's sessions, the generation counter.  ARGV: device id,
 #: C{<gate>|<incarnation>|}, C{|<platform>|<session id>}, max devices.
 #: Returns C{{1, entry, displaced entry or nil}} or C{{0, live devices}}.
-_REGISTER = _LIVE + _GENERATION + """
+_REGISTER = (
+    _LIVE
+    + _GENERATION
+    + """
 local key, device = KEYS[1], ARGV[1]
 local entries = redis.call('HGETALL', key)
 local others, displaced = 0, false
@@ -106,6 +109,7 @@ local value = ARGV[2] .. nextGeneration(KEYS[2]) .. ARGV[3]
 redis.call('HSET', key, device, value)
 return {1, value, displaced}
 """
+)
 
 #: KEYS: the user's sessions.  ARGV: device id, the entry.  Deletes it if
 #: it is still that entry.
@@ -119,7 +123,9 @@ return 0
 
 #: KEYS: users' sessions.  Returns, per key, C{{device, entry, ...}} of
 #: its live entries; deletes the dead ones.
-_LOOKUP = _LIVE + """
+_LOOKUP = (
+    _LIVE
+    + """
 local out = {}
 for k = 1, #KEYS do
   local entries = redis.call('HGETALL', KEYS[k])
@@ -137,6 +143,7 @@ for k = 1, #KEYS do
 end
 return out
 """
+)
 
 #: KEYS: the generation counter, then one user's sessions per session.
 #: ARGV: per session, device id, entry, generation.  Writes each entry
@@ -144,7 +151,9 @@ return out
 #: returns per session C{status, entry}: 0 (in place), 1 (written; the live
 #: entry it replaced or nil) or 2 (a newer live entry holds the device: it).
 #: Raises the counter to the highest generation given.
-_RESTORE = _LIVE + """
+_RESTORE = (
+    _LIVE
+    + """
 local top = 0
 local out = {}
 for k = 2, #KEYS do
@@ -177,6 +186,7 @@ if counter < top then
 end
 return out
 """
+)
 
 #: KEYS: a gate's lease.  ARGV: its incarnation.  Deletes the lease if it
 #: is still that incarnation's.
@@ -227,8 +237,13 @@ def parseEntry(value):
     @return: C{(gateId, incarnation, generation, platform, sessionId)}
     """
     gate, incarnation, generation, platform, sessionId = value.split(b"|", 4)
-    return (gate.decode("utf-8"), incarnation.decode("ascii"), int(generation),
-            int(platform), sessionId.decode("utf-8"))
+    return (
+        gate.decode("utf-8"),
+        incarnation.decode("ascii"),
+        int(generation),
+        int(platform),
+        sessionId.decode("utf-8"),
+    )
 
 
 @implementer(ISession)
@@ -241,8 +256,7 @@ class RemoteSession:
         the owner kicks only the registration that was looked up).
     """
 
-    __slots__ = ("uid", "deviceId", "platform", "sessionId", "gateId", "generation",
-                 "_bus")
+    __slots__ = ("uid", "deviceId", "platform", "sessionId", "gateId", "generation", "_bus")
 
     def __init__(self, bus, uid, deviceId, platform, sessionId, gateId, generation):
         self._bus = bus
@@ -255,20 +269,25 @@ class RemoteSession:
 
     def __repr__(self):
         return "<RemoteSession {} {}/{} on {} gen {}>".format(
-            self.sessionId, self.uid, self.deviceId, self.gateId, self.generation)
+            self.sessionId, self.uid, self.deviceId, self.gateId, self.generation
+        )
 
     def __eq__(self, other):
         if not isinstance(other, RemoteSession):
             return NotImplemented
         return (self.gateId, self.sessionId, self.generation) == (
-            other.gateId, other.sessionId, other.generation)
+            other.gateId,
+            other.sessionId,
+            other.generation,
+        )
 
     def __hash__(self):
         return hash((self.gateId, self.sessionId, self.generation))
 
     def kick(self, reason, message):
-        self._bus.kick(self.gateId, self.uid, self.deviceId, self.sessionId,
-                       self.generation, reason, message)
+        self._bus.kick(
+            self.gateId, self.uid, self.deviceId, self.sessionId, self.generation, reason, message
+        )
 
     def inboxAdvanced(self, seq, outgoing, encoded):
         self._bus.forward(self.gateId, self.uid, seq, outgoing, encoded)
@@ -310,8 +329,9 @@ class RedisSessionRegistry:
 
     log = Logger()
 
-    def __init__(self, connection, bus, clock, gateId, maxDevices=10, leaseSeconds=3.0,
-                 incarnation=None):
+    def __init__(
+        self, connection, bus, clock, gateId, maxDevices=10, leaseSeconds=3.0, incarnation=None
+    ):
         """
         @param connection: the L{imserver.redisclient.RedisConnection}.
         @param bus: the L{imserver.interfaces.IGateBus}; this registry becomes its
@@ -347,11 +367,14 @@ class RedisSessionRegistry:
         self._remember(local)
         d = self._register(
             [sessionsKey(session.uid), GENERATION_KEY],
-            [session.deviceId, self._prefix,
-             "|{}|{}".format(int(session.platform), session.sessionId), self.maxDevices],
+            [
+                session.deviceId,
+                self._prefix,
+                "|{}|{}".format(int(session.platform), session.sessionId),
+                self.maxDevices,
+            ],
         )
-        return d.addCallbacks(self._registered, self._registerFailed, (local,), None,
-                              (local,))
+        return d.addCallbacks(self._registered, self._registerFailed, (local,), None, (local,))
 
     def _registered(self, reply, local):
         session = local.session
@@ -359,7 +382,9 @@ class RedisSessionRegistry:
             self._forget(local)
             raise TooManyDevices(
                 "{} devices are already connected; the limit is {}".format(
-                    reply[1], self.maxDevices))
+                    reply[1], self.maxDevices
+                )
+            )
         entry, displaced = reply[1], reply[2]
         local.entry = entry
         local.generation = parseEntry(entry)[2]
@@ -410,8 +435,7 @@ class RedisSessionRegistry:
         def failed(failure):
             failure.trap(RedisUnavailable)
             self._orphans.add((uid, deviceId, entry))
-            self.log.debug("unregistering {uid}/{device} waits for Redis", uid=uid,
-                           device=deviceId)
+            self.log.debug("unregistering {uid}/{device} waits for Redis", uid=uid, device=deviceId)
             return False
 
         return d.addBoth(done).addCallbacks(lambda deleted: bool(deleted), failed)
@@ -423,7 +447,7 @@ class RedisSessionRegistry:
         uids = list(dict.fromkeys(uids))
         if not uids:
             return succeed({})
-        chunks = [uids[i:i + LOOKUP_CHUNK] for i in range(0, len(uids), LOOKUP_CHUNK)]
+        chunks = [uids[i : i + LOOKUP_CHUNK] for i in range(0, len(uids), LOOKUP_CHUNK)]
         ds = [self._lookup([sessionsKey(uid) for uid in chunk]) for chunk in chunks]
 
         def found(replies):
@@ -432,8 +456,7 @@ class RedisSessionRegistry:
                 for uid, entries in zip(chunk, reply):
                     sessions = []
                     for i in range(0, len(entries), 2):
-                        session = self._resolve(uid, entries[i].decode("utf-8"),
-                                                entries[i + 1])
+                        session = self._resolve(uid, entries[i].decode("utf-8"), entries[i + 1])
                         if session is not None:
                             sessions.append(session)
                     if sessions:
@@ -443,7 +466,8 @@ class RedisSessionRegistry:
         if len(ds) == 1:
             return ds[0].addCallback(lambda reply: found([reply]))
         return gatherResults(ds, consumeErrors=True).addCallbacks(
-            found, lambda failure: failure.value.subFailure)
+            found, lambda failure: failure.value.subFailure
+        )
 
     def count(self):
         return succeed(sum(1 for local in self._local.values() if local.entry is not None))
@@ -483,8 +507,7 @@ class RedisSessionRegistry:
             if forget:
                 self._forget(local)
             return local.session
-        return RemoteSession(self.bus, uid, deviceId, platform, sessionId, gateId,
-                             generation)
+        return RemoteSession(self.bus, uid, deviceId, platform, sessionId, gateId, generation)
 
     def localSessions(self):
         """
@@ -508,8 +531,8 @@ class RedisSessionRegistry:
             forgotten this gate's sessions, so they need L{reconcile}.
         """
         d = self.connection.execute(
-            "SET", self.leaseKey, self.incarnation, "PX", int(self.leaseSeconds * 1000),
-            "GET")
+            "SET", self.leaseKey, self.incarnation, "PX", int(self.leaseSeconds * 1000), "GET"
+        )
         return d.addCallback(lambda old: old != self.incarnation.encode("ascii"))
 
     def withdrawLease(self):
@@ -533,7 +556,7 @@ class RedisSessionRegistry:
         orphans = list(self._orphans)
         ds = []
         for start in range(0, len(locals_), RESTORE_CHUNK):
-            chunk = locals_[start:start + RESTORE_CHUNK]
+            chunk = locals_[start : start + RESTORE_CHUNK]
             keys, args = [GENERATION_KEY], []
             for local in chunk:
                 session = local.session
@@ -550,8 +573,11 @@ class RedisSessionRegistry:
                 self.log.info(
                     "re-registered {restored} of {n} sessions with Redis ({kicked} "
                     "displaced meanwhile), removed {orphans} left by closed sessions",
-                    restored=restored, n=len(locals_), kicked=kicked,
-                    orphans=len(orphans))
+                    restored=restored,
+                    n=len(locals_),
+                    kicked=kicked,
+                    orphans=len(orphans),
+                )
             return restored, kicked
 
         return d.addCallbacks(done, lambda failure: failure.value.subFailure)
@@ -578,12 +604,15 @@ class RedisSessionRegistry:
         def dropped(_, orphan):
             self._orphans.discard(orphan)
 
-        return gatherResults([
-            self._unregister([sessionsKey(uid)], [deviceId, entry]).addCallback(
-                dropped, (uid, deviceId, entry))
-            for uid, deviceId, entry in orphans
-        ], consumeErrors=True).addCallbacks(
-            lambda _: len(orphans), lambda failure: failure.value.subFailure)
+        return gatherResults(
+            [
+                self._unregister([sessionsKey(uid)], [deviceId, entry]).addCallback(
+                    dropped, (uid, deviceId, entry)
+                )
+                for uid, deviceId, entry in orphans
+            ],
+            consumeErrors=True,
+        ).addCallbacks(lambda _: len(orphans), lambda failure: failure.value.subFailure)
 
     def _restored(self, reply, chunk):
         restored = kicked = 0
@@ -593,8 +622,7 @@ class RedisSessionRegistry:
             if status == 1:
                 restored += 1
                 if current is not None:
-                    displaced = self._resolve(session.uid, session.deviceId, current,
-                                              forget=True)
+                    displaced = self._resolve(session.uid, session.deviceId, current, forget=True)
                     if displaced is not None:
                         displaced.kick(pb.REPLACED, "the same device signed in again")
             elif status == 2:
@@ -674,8 +702,7 @@ class RedisGateDirectory:
 
         def unavailable(failure):
             failure.trap(RedisUnavailable)
-            self.log.info("gate {gate} is advertised once Redis is available",
-                          gate=gateId)
+            self.log.info("gate {gate} is advertised once Redis is available", gate=gateId)
 
         return d.addCallbacks(lambda _: None, unavailable)
 
@@ -687,8 +714,7 @@ class RedisGateDirectory:
 
     def withdraw(self, gateId):
         self._mine.pop(gateId, None)
-        return self.connection.execute("HDEL", GATES_KEY, gateId).addCallback(
-            lambda _: None)
+        return self.connection.execute("HDEL", GATES_KEY, gateId).addCallback(lambda _: None)
 
     def gates(self):
         def parse(reply):

@@ -11,11 +11,11 @@ from imserver.errors import NotMember
 from imserver.interfaces import IGroupStore, IMessageStore
 from imserver.pb import im_pb2 as pb
 from imserver.store import (
+    SYSTEM,
     Delivery,
     GroupExists,
     GroupFull,
     GroupNotFound,
-    SYSTEM,
     uniqueRecipients,
 )
 
@@ -103,8 +103,7 @@ class MemoryMessageStore:
             acked = min(cursors) if cursors else 0
             cutoff = min(acked, self._heads[uid] - maxCount)
             kept = [
-                e for e in entries
-                if self._messages[e[1]].created_ms >= oldest and e[0] > cutoff
+                e for e in entries if self._messages[e[1]].created_ms >= oldest and e[0] > cutoff
             ]
             removed += len(entries) - len(kept)
             if kept:
@@ -127,9 +126,7 @@ class MemoryMessageStore:
         if groupId in self._groups:
             return fail(GroupExists(groupId))
         self._groups[groupId] = pb.Group(group_id=groupId, name=name, created_ms=nowMs)
-        self._members[groupId] = {
-            owner: pb.Member(uid=owner, role=pb.ROLE_OWNER, joined_ms=nowMs)
-        }
+        self._members[groupId] = {owner: pb.Member(uid=owner, role=pb.ROLE_OWNER, joined_ms=nowMs)}
         return succeed(self._info(groupId, owner))
 
     def deleteGroup(self, groupId):
@@ -169,14 +166,21 @@ class MemoryMessageStore:
         current = self._members.get(groupId)
         if current is None:
             return fail(GroupNotFound(groupId))
-        return succeed([pb.Member(uid=m.uid, role=m.role, joined_ms=m.joined_ms)
-                        for _, m in sorted(current.items())])
+        return succeed(
+            [
+                pb.Member(uid=m.uid, role=m.role, joined_ms=m.joined_ms)
+                for _, m in sorted(current.items())
+            ]
+        )
 
     def groupsOf(self, uid):
-        return succeed([
-            self._info(groupId, uid)
-            for groupId in sorted(self._groups) if uid in self._members[groupId]
-        ])
+        return succeed(
+            [
+                self._info(groupId, uid)
+                for groupId in sorted(self._groups)
+                if uid in self._members[groupId]
+            ]
+        )
 
     def _info(self, groupId, uid):
         info = pb.Group()

@@ -7,8 +7,9 @@ operation waiting when it starts a transaction, runs them all in it
 (consecutive deliveries share one set of multi-row statements), commits,
 and only then hands the results back to the reactor thread in one
 C{callFromThread}: group commit.  If an operation fails, the transaction is
-rolled back and each operation is run again alone, so it fails alone.  A C{deliver} is therefore answered only
-once its transaction is on disk, and many messages share one fsync.  The
+rolled back and each operation is run again alone, so it fails alone.  A
+C{deliver} is therefore answered only once its transaction is on disk, and
+many messages share one fsync.  The
 reactor never waits on the database.
 """
 
@@ -27,11 +28,11 @@ from imserver.errors import NotMember
 from imserver.interfaces import IGroupStore, IMessageStore
 from imserver.pb import im_pb2 as pb
 from imserver.store import (
+    SYSTEM,
     Delivery,
     GroupExists,
     GroupFull,
     GroupNotFound,
-    SYSTEM,
     uniqueRecipients,
 )
 
@@ -197,10 +198,14 @@ class _Operations:
         uids = list({uid for uids in recipientLists if uids is not None for uid in uids})
         heads = {}
         for chunk in _chunks(uids, 800):
-            heads.update(db.execute(
-                "SELECT uid, seq FROM heads WHERE uid IN ({})".format(",".join("?" * len(chunk))),
-                chunk,
-            ).fetchall())
+            heads.update(
+                db.execute(
+                    "SELECT uid, seq FROM heads WHERE uid IN ({})".format(
+                        ",".join("?" * len(chunk))
+                    ),
+                    chunk,
+                ).fetchall()
+            )
         messageRows, inboxRows, dedupRows, results = [], [], [], []
         stored = {}
         for (sender, clientMsgId, message, _, nowMs), recipients in zip(items, recipientLists):
@@ -210,8 +215,9 @@ class _Operations:
                 results.append(self._duplicate(db, sender, previous, stored))
                 continue
             if recipients is None:
-                results.append(Failure(NotMember(
-                    "not a member of group {!r}".format(message.group_id))))
+                results.append(
+                    Failure(NotMember("not a member of group {!r}".format(message.group_id)))
+                )
                 continue
             copy = pb.Message()
             copy.CopyFrom(message)
@@ -267,8 +273,10 @@ class _Operations:
             return uniqueRecipients(sender, recipients)
         members = self.memberCache.get(groupId)
         if members is None:
-            members = dict.fromkeys(row[0] for row in db.execute(
-                "SELECT uid FROM members WHERE group_id = ?", (groupId,)))
+            members = dict.fromkeys(
+                row[0]
+                for row in db.execute("SELECT uid FROM members WHERE group_id = ?", (groupId,))
+            )
             if len(self.memberCache) >= MEMBER_CACHE_SIZE:
                 self.memberCache.clear()
             self.memberCache[groupId] = members
@@ -338,12 +346,9 @@ class _Operations:
                 "DELETE FROM inbox WHERE uid = ? AND seq <= ?", (uid, cutoff)
             ).rowcount
         db.execute("DELETE FROM messages WHERE created_ms < ?", (oldest,))
-        db.execute(
-            "DELETE FROM dedup WHERE created_ms <= ?", (nowMs - self.dedupWindowMs,)
-        )
+        db.execute("DELETE FROM dedup WHERE created_ms <= ?", (nowMs - self.dedupWindowMs,))
         db.execute("DELETE FROM cursors WHERE updated_ms < ?", (oldest,))
         return removed
-
 
     # -- groups -------------------------------------------------------------
 
@@ -391,8 +396,9 @@ class _Operations:
     def setMembers(self, db, groupId, members, maxSize, nowMs):
         self._groupRow(db, groupId)
         roles = dict(members)
-        current = {row[0] for row in db.execute(
-            "SELECT uid FROM members WHERE group_id = ?", (groupId,))}
+        current = {
+            row[0] for row in db.execute("SELECT uid FROM members WHERE group_id = ?", (groupId,))
+        }
         added = [uid for uid in roles if uid not in current]
         if added and len(current) + len(added) > maxSize:
             raise GroupFull(groupId)
@@ -440,8 +446,9 @@ class _Operations:
             (uid,),
         ).fetchall()
         return [
-            pb.Group(group_id=groupId, name=name, created_ms=createdMs, role=role,
-                     member_count=count)
+            pb.Group(
+                group_id=groupId, name=name, created_ms=createdMs, role=role, member_count=count
+            )
             for groupId, name, createdMs, role, count in rows
         ]
 
@@ -462,8 +469,9 @@ class SQLiteMessageStore(Service):
 
     log = Logger()
 
-    def __init__(self, path, reactor, dedupWindowMs=24 * 3600 * 1000, threaded=True,
-                 commitObserver=None):
+    def __init__(
+        self, path, reactor, dedupWindowMs=24 * 3600 * 1000, threaded=True, commitObserver=None
+    ):
         self.path = path
         self._reactor = reactor
         self._ops = _Operations(dedupWindowMs)

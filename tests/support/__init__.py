@@ -143,9 +143,7 @@ def requireDependency(available, what):
             )
         )
     raise SkipTest(
-        "{} not found (with ${}=1, as in CI, this is a failure)".format(
-            what, REQUIRE_ALL_ENV
-        )
+        "{} not found (with ${}=1, as in CI, this is a failure)".format(what, REQUIRE_ALL_ENV)
     )
 
 

@@ -63,19 +63,27 @@ class FakeGate:
     bus with its subscriber, and a L{RedisSessionRegistry}.
     """
 
-    def __init__(self, testCase, url, gateId, maxDevices=3, leaseSeconds=30.0,
-                 incarnation=None):
+    def __init__(self, testCase, url, gateId, maxDevices=3, leaseSeconds=30.0, incarnation=None):
         url = RedisURL.parse(url)
         self.gateId = gateId
         self.connection = connectRedis(reactor, url, replyTimeout=2, start=False)
         self.bus = RedisGateBus(
             self.connection,
             lambda channels, onMessage: subscribeRedis(
-                reactor, url, channels, onMessage, replyTimeout=2, start=False),
-            gateId, reactor)
+                reactor, url, channels, onMessage, replyTimeout=2, start=False
+            ),
+            gateId,
+            reactor,
+        )
         self.registry = RedisSessionRegistry(
-            self.connection, self.bus, reactor, gateId, maxDevices=maxDevices,
-            leaseSeconds=leaseSeconds, incarnation=incarnation)
+            self.connection,
+            self.bus,
+            reactor,
+            gateId,
+            maxDevices=maxDevices,
+            leaseSeconds=leaseSeconds,
+            incarnation=incarnation,
+        )
         testCase.addCleanup(self.stop)
 
     @inlineCallbacks

@@ -74,17 +74,20 @@ class GateHarness:
     def request(self, protocol, method, message, seq=1):
         protocol.dataReceived(
             encodeFrame(
-                pb.Frame(kind=pb.REQUEST, seq=seq, method=method,
-                         body=message.SerializeToString())
+                pb.Frame(kind=pb.REQUEST, seq=seq, method=method, body=message.SerializeToString())
             )
         )
 
     def auth(self, protocol, uid="alice", device="phone", token=None, seq=1):
         self.request(
-            protocol, "auth",
-            pb.AuthRequest(uid=uid, device_id=device,
-                           token=self.token(uid) if token is None else token,
-                           platform=pb.IOS),
+            protocol,
+            "auth",
+            pb.AuthRequest(
+                uid=uid,
+                device_id=device,
+                token=self.token(uid) if token is None else token,
+                platform=pb.IOS,
+            ),
             seq,
         )
 
@@ -114,8 +117,11 @@ class DeliveryHarness(GateHarness):
 
     def login(self, uid, device="phone", lastSeq=0):
         protocol, transport = self.connect()
-        self.request(protocol, "auth", pb.AuthRequest(
-            uid=uid, device_id=device, token=self.token(uid), last_seq=lastSeq))
+        self.request(
+            protocol,
+            "auth",
+            pb.AuthRequest(uid=uid, device_id=device, token=self.token(uid), last_seq=lastSeq),
+        )
         frames = written(transport)
         self.testCase.assertEqual(frames[0].kind, pb.RESPONSE)
         self.testCase.assertFalse(frames[0].HasField("error"), frames[0].error)
@@ -123,12 +129,17 @@ class DeliveryHarness(GateHarness):
 
     def send(self, protocol, to, clientMsgId, body=b"hi"):
         self.seq += 1
-        self.request(protocol, "send", pb.SendRequest(
-            to=to, client_msg_id=clientMsgId, body=body), seq=self.seq)
+        self.request(
+            protocol,
+            "send",
+            pb.SendRequest(to=to, client_msg_id=clientMsgId, body=body),
+            seq=self.seq,
+        )
 
     def notify(self, protocol, method, message):
-        protocol.dataReceived(encodeFrame(pb.Frame(
-            kind=pb.NOTIFY, method=method, body=message.SerializeToString())))
+        protocol.dataReceived(
+            encodeFrame(pb.Frame(kind=pb.NOTIFY, method=method, body=message.SerializeToString()))
+        )
 
     def ack(self, protocol, seq):
         self.notify(protocol, "ack", pb.Ack(seq=seq))
@@ -138,8 +149,11 @@ def pushes(frames):
     """
     The inbox entries among C{frames}.
     """
-    return [pb.InboxEntry.FromString(f.body) for f in frames
-            if f.kind == pb.NOTIFY and f.method == "message"]
+    return [
+        pb.InboxEntry.FromString(f.body)
+        for f in frames
+        if f.kind == pb.NOTIFY and f.method == "message"
+    ]
 
 
 def responses(frames):

@@ -88,8 +88,11 @@ class Changes:
 
         def expired():
             self._waiters.remove(entry)
-            d.errback(AssertionError("still false after {} s: {}".format(
-                timeout, what or repr(predicate))))
+            d.errback(
+                AssertionError(
+                    "still false after {} s: {}".format(timeout, what or repr(predicate))
+                )
+            )
 
         entry = (predicate, d, self.clock.callLater(timeout, expired))
         self._waiters.append(entry)
@@ -147,8 +150,9 @@ class ConnectionWatch:
         """
         @return: the built protocols that ever completed auth.
         """
-        return [p for p in self.built
-                if p.session.state == AUTHENTICATED or p.session.uid is not None]
+        return [
+            p for p in self.built if p.session.state == AUTHENTICATED or p.session.uid is not None
+        ]
 
 
 def waitFor(predicate, timeout=5.0, interval=0.01):

@@ -278,7 +278,8 @@ def encodeFrameSpec(spec, context):
     if "method" in spec:
         method = spec["method"]
         frame.method = (
-            method if isinstance(method, str) else encodeBytes(method, context).decode("utf-8"))
+            method if isinstance(method, str) else encodeBytes(method, context).decode("utf-8")
+        )
     if "body" in spec:
         frame.body = encodeBytes(spec["body"], context)
     if "error" in spec:
@@ -287,7 +288,8 @@ def encodeFrameSpec(spec, context):
         frame.error.code = pb.ErrorCode.Value(code) if isinstance(code, str) else code
         message = error.get("message", "")
         frame.error.message = (
-            message if isinstance(message, str) else encodeBytes(message, context).decode("utf-8"))
+            message if isinstance(message, str) else encodeBytes(message, context).decode("utf-8")
+        )
     data = frame.SerializeToString()
     if "extra" in spec:
         data += encodeBytes(spec["extra"], context)
@@ -342,7 +344,7 @@ def buildSend(items, context):
             for start in range(0, len(data), size):
                 if start:
                     steps.append(("pause", float(item.get("pause", 0.01))))
-                steps.append(("data", data[start:start + size]))
+                steps.append(("data", data[start : start + size]))
         else:
             steps.append(("data", encodeBytes(item, context)))
     return steps
@@ -502,8 +504,9 @@ def _expandBulk(entry):
     [(name, values)] = each.items()
     template = {k: v for k, v in entry.items() if k != "each"}
     for value in values:
-        shown = value if not isinstance(value, str) else value.encode(
-            "unicode_escape").decode("ascii")
+        shown = (
+            value if not isinstance(value, str) else value.encode("unicode_escape").decode("ascii")
+        )
         case = _substitute(template, {name: value})
         case["name"] = template["name"].format(**{name: shown})
         yield case
@@ -525,8 +528,16 @@ def loadKind(path):
         raw.extend(_expandBulk(entry))
     cases = []
     for entry in raw:
-        unknown = set(entry) - {"name", "state", "listeners", "send", "expect", "client",
-                                "comment", "knownBug"}
+        unknown = set(entry) - {
+            "name",
+            "state",
+            "listeners",
+            "send",
+            "expect",
+            "client",
+            "comment",
+            "knownBug",
+        }
         if unknown:
             raise DataError("{}: {}: unknown keys {}".format(kind, entry.get("name"), unknown))
         state = entry.get("state", "new")
@@ -547,8 +558,19 @@ def loadKind(path):
         if knownBug is not None and not knownBug.get("description"):
             raise DataError("{}: {}: knownBug needs a description".format(kind, entry["name"]))
         for listener in listeners:
-            cases.append(Case(kind, entry["name"], state, listener, entry["send"], expect,
-                              client, knownBug, path.basename()))
+            cases.append(
+                Case(
+                    kind,
+                    entry["name"],
+                    state,
+                    listener,
+                    entry["send"],
+                    expect,
+                    client,
+                    knownBug,
+                    path.basename(),
+                )
+            )
     return cases
 
 

@@ -34,9 +34,12 @@ class _RedisProcess(ProcessProtocol):
 
     def processEnded(self, reason):
         if not self.ready.called:
-            self.ready.errback(RuntimeError(
-                "redis-server ended before it was ready:\n"
-                + b"".join(self.output).decode("utf-8", "replace")))
+            self.ready.errback(
+                RuntimeError(
+                    "redis-server ended before it was ready:\n"
+                    + b"".join(self.output).decode("utf-8", "replace")
+                )
+            )
         self.ended.callback(None)
 
 
@@ -54,7 +57,8 @@ class RedisServer:
         @param appendfsync: C{always}, C{everysec}, or L{None} for no AOF.
         """
         self.executable = requireExecutable(
-            "redis-server", "redis-server (Debian package redis-server)")
+            "redis-server", "redis-server (Debian package redis-server)"
+        )
         self.testCase = testCase
         self.reactor = reactor
         self.appendfsync = appendfsync
@@ -71,9 +75,23 @@ class RedisServer:
         return "redis://127.0.0.1:{}/0".format(self.port)
 
     def _argv(self, port):
-        argv = [self.executable, "--port", str(port), "--bind", "127.0.0.1",
-                "--dir", self.directory.path, "--save", "", "--daemonize", "no",
-                "--protected-mode", "yes", "--loglevel", "notice"]
+        argv = [
+            self.executable,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.directory.path,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "notice",
+        ]
         if self.appendfsync:
             argv += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
         return argv + self.extraArgs
@@ -89,7 +107,10 @@ class RedisServer:
             port = self.port or freePort()
             process = _RedisProcess()
             transport = self.reactor.spawnProcess(
-                process, self.executable, self._argv(port), env={},
+                process,
+                self.executable,
+                self._argv(port),
+                env={},
                 path=self.directory.path,
             )
             timer = self.reactor.callLater(START_TIMEOUT, transport.signalProcess, "KILL")

@@ -99,15 +99,25 @@ class Gate:
             self.port = listening
             if self._apiListening is not None:
                 self.apiPort = yield withDeadline(
-                    self._apiListening, START_DEADLINE, "the HTTP API listening")
+                    self._apiListening, START_DEADLINE, "the HTTP API listening"
+                )
             return listening
 
     def _spawn(self, port):
-        process = spawnTwistd(reactor, [
-            "--data-dir", self.dataDir.path,
-            "--listen", "tcp:{}:interface=127.0.0.1{}".format(port, self.listenOptions),
-            "--api", "tcp:0:interface=127.0.0.1" if self.api else "none",
-        ] + self.args, path=self.dataDir.path, env=self.env)
+        process = spawnTwistd(
+            reactor,
+            [
+                "--data-dir",
+                self.dataDir.path,
+                "--listen",
+                "tcp:{}:interface=127.0.0.1{}".format(port, self.listenOptions),
+                "--api",
+                "tcp:0:interface=127.0.0.1" if self.api else "none",
+            ]
+            + self.args,
+            path=self.dataDir.path,
+            env=self.env,
+        )
         self._transport = process.transport
         if self.api:
             self._apiListening = process.waitFor(apiPattern(), "the HTTP API listening")
@@ -134,9 +144,7 @@ class Gate:
         """
         self.kills += 1
         self._signal("KILL")
-        yield withDeadline(
-            self.runs[-1].whenEnded(), STOP_DEADLINE, "the killed gate ending"
-        )
+        yield withDeadline(self.runs[-1].whenEnded(), STOP_DEADLINE, "the killed gate ending")
 
     @inlineCallbacks
     def crash(self):
@@ -171,24 +179,34 @@ class Gate:
         The output of every run, decoded, separated by a header line.
         """
         return "".join(
-            "--- run {} ---\n{}".format(i + 1, run.text())
-            for i, run in enumerate(self.runs)
+            "--- run {} ---\n{}".format(i + 1, run.text()) for i, run in enumerate(self.runs)
         )
 
 
-def clusterGate(dataDir, redisURL, gateId, secretFile, api=False, args=(),
-                listenOptions=""):
+def clusterGate(dataDir, redisURL, gateId, secretFile, api=False, args=(), listenOptions=""):
     """
     A L{Gate} in cluster mode: C{--redis redisURL}, its own C{--gate-id} and
     data directory, the cluster's shared C{--secret-file}.
     """
-    return Gate(dataDir, [
-        "--redis", redisURL,
-        "--gate-id", gateId,
-        "--secret-file", secretFile.path,
-        "--heartbeat-interval", str(HEARTBEAT_INTERVAL),
-        "--idle-timeout", str(IDLE_TIMEOUT),
-    ] + list(args), secretFile=secretFile, api=api, listenOptions=listenOptions)
+    return Gate(
+        dataDir,
+        [
+            "--redis",
+            redisURL,
+            "--gate-id",
+            gateId,
+            "--secret-file",
+            secretFile.path,
+            "--heartbeat-interval",
+            str(HEARTBEAT_INTERVAL),
+            "--idle-timeout",
+            str(IDLE_TIMEOUT),
+        ]
+        + list(args),
+        secretFile=secretFile,
+        api=api,
+        listenOptions=listenOptions,
+    )
 
 
 def newSecretFile(testCase):
@@ -224,8 +242,9 @@ class RotatingEndpoint:
     def connect(self, factory):
         gate = self.gates[self.attempts % len(self.gates)]
         self.attempts += 1
-        return TCP4ClientEndpoint(
-            reactor, "127.0.0.1", gate.port, timeout=self.timeout).connect(factory)
+        return TCP4ClientEndpoint(reactor, "127.0.0.1", gate.port, timeout=self.timeout).connect(
+            factory
+        )
 
 
 def loggedTracebacks(output, context=15):
@@ -234,7 +253,7 @@ def loggedTracebacks(output, context=15):
     """
     lines = output.splitlines()
     return [
-        "\n".join(lines[max(0, i - 2):i + context])
+        "\n".join(lines[max(0, i - 2) : i + context])
         for i, line in enumerate(lines)
         if "Traceback" in line
     ]

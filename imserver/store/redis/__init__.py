@@ -34,7 +34,16 @@ from imserver.store.redis.keys import (
 from imserver.store.redis.store import RedisMessageStore, unpack
 
 __all__ = [
-    "RedisMessageStore", "unpack",
-    "EPOCH_KEY", "SEQFLOOR_KEY", "RUNID_KEY", "MSGID_KEY", "BODIES_KEY",
-    "userTag", "userKey", "dedupKey", "groupKey", "bodyKey",
+    "RedisMessageStore",
+    "unpack",
+    "EPOCH_KEY",
+    "SEQFLOOR_KEY",
+    "RUNID_KEY",
+    "MSGID_KEY",
+    "BODIES_KEY",
+    "userTag",
+    "userKey",
+    "dedupKey",
+    "groupKey",
+    "bodyKey",
 ]

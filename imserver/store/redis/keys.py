@@ -61,7 +61,7 @@ def tagHexOf(key):
     The hex of the user tag in C{key}, a user key (L{bytes}, as C{SCAN}
     answers it).
     """
-    return key[len(b"im:{u:"):key.index(b"}")]
+    return key[len(b"im:{u:") : key.index(b"}")]
 
 
 def dedupKey(sender, clientMsgId):
@@ -86,6 +86,17 @@ def bodyKey(messageId):
 
 
 __all__ = [
-    "EPOCH_KEY", "SEQFLOOR_KEY", "RUNID_KEY", "MSGID_KEY", "BODIES_KEY", "USER_KEYS",
-    "userTag", "userKey", "tagHex", "tagHexOf", "dedupKey", "groupKey", "bodyKey",
+    "EPOCH_KEY",
+    "SEQFLOOR_KEY",
+    "RUNID_KEY",
+    "MSGID_KEY",
+    "BODIES_KEY",
+    "USER_KEYS",
+    "userTag",
+    "userKey",
+    "tagHex",
+    "tagHexOf",
+    "dedupKey",
+    "groupKey",
+    "bodyKey",
 ]

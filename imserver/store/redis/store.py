@@ -135,8 +135,16 @@ class RedisMessageStore:
 
     log = Logger()
 
-    def __init__(self, connection, clock, dedupWindowMs=24 * 3600 * 1000, idBlock=100,
-                 bodyTtlMs=None, clockSkewMs=60 * 1000, scanCount=1000):
+    def __init__(
+        self,
+        connection,
+        clock,
+        dedupWindowMs=24 * 3600 * 1000,
+        idBlock=100,
+        bodyTtlMs=None,
+        clockSkewMs=60 * 1000,
+        scanCount=1000,
+    ):
         self.connection = connection
         self.clock = clock
         self.dedupWindowMs = dedupWindowMs
@@ -173,9 +181,19 @@ class RedisMessageStore:
         self._members = script(MEMBERS)
         self._groupsOf = script(GROUPS_OF)
         self._scripts = [
-            self._deliver, self._fetch, self._ack, self._reserveIds, self._trimUsers,
-            self._trimBodies, self._createGroup, self._deleteGroup, self._setMembers,
-            self._removeMembers, self._groupInfo, self._members, self._groupsOf,
+            self._deliver,
+            self._fetch,
+            self._ack,
+            self._reserveIds,
+            self._trimUsers,
+            self._trimBodies,
+            self._createGroup,
+            self._deleteGroup,
+            self._setMembers,
+            self._removeMembers,
+            self._groupInfo,
+            self._members,
+            self._groupsOf,
         ]
 
     # -- plumbing -----------------------------------------------------------
@@ -218,12 +236,14 @@ class RedisMessageStore:
             self.log.warn(
                 "cannot read the Redis run id ({error}): a Redis restart that lost"
                 " recent writes will not raise the seq floor",
-                error=failure.getErrorMessage())
+                error=failure.getErrorMessage(),
+            )
             return b""
 
         info = self.connection.execute("INFO", "server").addErrback(noInfo)
         loads = [
-            self.connection.execute("SCRIPT", "LOAD", script.source) for script in self._scripts]
+            self.connection.execute("SCRIPT", "LOAD", script.source) for script in self._scripts
+        ]
 
         def got(results):
             if number != self._connectionNumber:
@@ -280,7 +300,8 @@ class RedisMessageStore:
                 waiter.errback(failure)
 
         self._reserveIds([MSGID_KEY], [self._floorCandidate(), block]).addCallbacks(
-            reserved, failed)
+            reserved, failed
+        )
 
     def _observeEpoch(self, epoch):
         """
@@ -296,12 +317,18 @@ class RedisMessageStore:
             self.log.error(
                 "Redis lost the inbox epoch {old}: Redis lost its data; new seqs will"
                 " start above a new seq floor, messages stored before are gone",
-                old=old, epoch=epoch, rollbacks=self.rollbacks)
+                old=old,
+                epoch=epoch,
+                rollbacks=self.rollbacks,
+            )
         else:
             self.log.error(
                 "the inbox epoch changed from {old} to {epoch}: Redis lost its data;"
                 " seqs continue above the new seq floor, messages stored before are gone",
-                old=old, epoch=epoch, rollbacks=self.rollbacks)
+                old=old,
+                epoch=epoch,
+                rollbacks=self.rollbacks,
+            )
 
     def _observeStatus(self, status, epoch):
         if status == b"new":
@@ -311,7 +338,9 @@ class RedisMessageStore:
             self.log.warn(
                 "Redis restarted or failed over since the last delivery: raised the seq"
                 " floor, so seqs of writes it may have lost are not reused",
-                epoch=epoch, restarts=self.restarts)
+                epoch=epoch,
+                restarts=self.restarts,
+            )
 
     def epoch(self):
         """
@@ -319,6 +348,7 @@ class RedisMessageStore:
             (L{str}), or L{None} if Redis has none (nothing delivered since
             it was created or lost its data).
         """
+
         def got(value):
             self._observeEpoch(value)
             return self._epoch
@@ -335,13 +365,16 @@ class RedisMessageStore:
             messageId = self._nextId
             self._nextId += 1
             return self._deliverWith(
-                self._runId, messageId, sender, clientMsgId, message, recipients, nowMs)
+                self._runId, messageId, sender, clientMsgId, message, recipients, nowMs
+            )
         d = self._serverRunId()
 
         def withRunId(runId):
             return self._newId().addCallback(
                 lambda messageId: self._deliverWith(
-                    runId, messageId, sender, clientMsgId, message, recipients, nowMs))
+                    runId, messageId, sender, clientMsgId, message, recipients, nowMs
+                )
+            )
 
         return d.addCallback(withRunId)
 
@@ -354,17 +387,28 @@ class RedisMessageStore:
         stored.created_ms = nowMs
         groupId = message.group_id
         keys = [
-            EPOCH_KEY, SEQFLOOR_KEY, RUNID_KEY, dedupKey(sender, clientMsgId),
-            bodyKey(messageId), BODIES_KEY,
+            EPOCH_KEY,
+            SEQFLOOR_KEY,
+            RUNID_KEY,
+            dedupKey(sender, clientMsgId),
+            bodyKey(messageId),
+            BODIES_KEY,
         ]
         if groupId:
             # KEYS[7], read only for a group message: no empty key name
             # otherwise (an ACL user limited to ~im:* refuses one).
             keys.append(groupKey(groupId, "members"))
         args = [
-            sender, "%d" % (nowMs,), "%d" % (self.dedupWindowMs,), self._floorCandidate(),
-            os.urandom(8).hex(), runId, "%d" % (messageId,), stored.SerializeToString(),
-            "%d" % (self.bodyTtlMs,) if self.bodyTtlMs else "", "1" if groupId else "0",
+            sender,
+            "%d" % (nowMs,),
+            "%d" % (self.dedupWindowMs,),
+            self._floorCandidate(),
+            os.urandom(8).hex(),
+            runId,
+            "%d" % (messageId,),
+            stored.SerializeToString(),
+            "%d" % (self.bodyTtlMs,) if self.bodyTtlMs else "",
+            "1" if groupId else "0",
         ]
         for uid in recipients:
             args += [uid, tagHex(uid)]
@@ -396,8 +440,9 @@ class RedisMessageStore:
             self._observeEpoch(reply[0])
             it = iter(unpack(reply[1]))
             return [
-                pb.InboxEntry(seq=int(seq), outgoing=outgoing == b"1",
-                              message=pb.Message.FromString(body))
+                pb.InboxEntry(
+                    seq=int(seq), outgoing=outgoing == b"1", message=pb.Message.FromString(body)
+                )
                 for seq, outgoing, body in zip(it, it, it)
             ]
 
@@ -438,7 +483,8 @@ class RedisMessageStore:
         cursor = b"0"
         while True:
             cursor, keys = yield self.connection.execute(
-                "SCAN", cursor, "MATCH", USER_KEYS, "COUNT", self.scanCount)
+                "SCAN", cursor, "MATCH", USER_KEYS, "COUNT", self.scanCount
+            )
             tags = []
             for key in keys:
                 if key.endswith((b"}:inbox", b"}:cursors")):
@@ -452,8 +498,7 @@ class RedisMessageStore:
             if cursor in (b"0", 0, "0"):
                 break
         while True:
-            count = yield self._trimBodies(
-                [BODIES_KEY], [oldest, "%d" % (TRIM_BODY_BATCH,)])
+            count = yield self._trimBodies([BODIES_KEY], [oldest, "%d" % (TRIM_BODY_BATCH,)])
             if count < TRIM_BODY_BATCH:
                 break
         return removed
@@ -464,8 +509,9 @@ class RedisMessageStore:
         def done(reply):
             if reply == b"exists":
                 raise GroupExists(groupId)
-            return pb.Group(group_id=groupId, name=name, created_ms=nowMs, member_count=1,
-                            role=pb.ROLE_OWNER)
+            return pb.Group(
+                group_id=groupId, name=name, created_ms=nowMs, member_count=1, role=pb.ROLE_OWNER
+            )
 
         return self._createGroup(
             [groupKey(groupId, "info"), groupKey(groupId, "members"), userKey(owner, "groups")],
@@ -478,8 +524,7 @@ class RedisMessageStore:
                 raise GroupNotFound(groupId)
             return True
 
-        return self._deleteGroup(
-            self._groupKeys(groupId), [groupId]).addCallback(done)
+        return self._deleteGroup(self._groupKeys(groupId), [groupId]).addCallback(done)
 
     def setMembers(self, groupId, members, maxSize, nowMs):
         roles = dict(members)
@@ -512,8 +557,12 @@ class RedisMessageStore:
             if reply[0] == b"notfound":
                 return None
             _, name, createdMs, count = reply
-            return pb.Group(group_id=groupId, name=name.decode("utf-8"),
-                            created_ms=int(createdMs), member_count=count)
+            return pb.Group(
+                group_id=groupId,
+                name=name.decode("utf-8"),
+                created_ms=int(createdMs),
+                member_count=count,
+            )
 
         return self._groupInfo(self._groupKeys(groupId)).addCallback(done)
 
@@ -525,8 +574,9 @@ class RedisMessageStore:
             result = []
             for uid, value in zip(it, it):
                 role, joinedMs = value.split(b":")[:2]
-                result.append(pb.Member(uid=uid.decode("utf-8"), role=int(role),
-                                        joined_ms=int(joinedMs)))
+                result.append(
+                    pb.Member(uid=uid.decode("utf-8"), role=int(role), joined_ms=int(joinedMs))
+                )
             result.sort(key=lambda member: member.uid)
             return result
 
@@ -536,8 +586,13 @@ class RedisMessageStore:
         def done(reply):
             it = iter(unpack(reply))
             groups = [
-                pb.Group(group_id=groupId.decode("utf-8"), name=name.decode("utf-8"),
-                         created_ms=int(createdMs), role=int(role), member_count=int(count))
+                pb.Group(
+                    group_id=groupId.decode("utf-8"),
+                    name=name.decode("utf-8"),
+                    created_ms=int(createdMs),
+                    role=int(role),
+                    member_count=int(count),
+                )
                 for groupId, name, createdMs, role, count in zip(it, it, it, it, it)
             ]
             groups.sort(key=lambda group: group.group_id)
@@ -547,4 +602,3 @@ class RedisMessageStore:
 
     def _groupKeys(self, groupId):
         return [groupKey(groupId, "info"), groupKey(groupId, "members")]
-
