@@ -18,12 +18,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from imserver.pb import im_pb2 as pb
-from imserver.wire import encodeError
+from imserver.wire import HEADER_LENGTH, encodeError, packLength
 
 _header = struct.Struct("!I")
-HEADER_LENGTH = _header.size
-#: The 4-byte length prefix of a frame of the given length.
-packLength: Callable[[int], bytes] = _header.pack
 _packLength = packLength
 _unpackLength: Callable[..., tuple[int]] = _header.unpack_from
 

@@ -13,7 +13,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from imserver.errors import Unavailable
-from imserver.framing import HEADER_LENGTH, FrameProtocol, packLength
+from imserver.framing import FrameProtocol
 from imserver.groups import Groups
 from imserver.limits import FailedAuthThrottle, TokenBucket, peerHost
 from imserver.messaging import Messenger
@@ -26,7 +26,7 @@ from imserver.session import (  # noqa: F401 (the states, for importers)
     GateSession,
 )
 from imserver.transport import closeBounded, socketTransport
-from imserver.wire import encodeNotice
+from imserver.wire import HEADER_LENGTH, encodeNotice, packLength
 
 
 class GateProtocol(FrameProtocol):
@@ -91,6 +91,19 @@ class GateProtocol(FrameProtocol):
             metrics.framesSent += 1
             metrics.bytesSent += HEADER_LENGTH + len(data)
             self.transport.write(packLength(len(data)) + data)
+
+    def writeMessage(self, encoded, seq, outgoing):
+        """
+        Write the C{message} push of inbox entry C{seq} of C{encoded} (an
+        L{imserver.wire.EncodedMessage}): the push path of every delivery,
+        prefix and all from the message's cache.
+        """
+        if not self._closing:
+            data = encoded.streamFrame(seq, outgoing)
+            metrics = self._metrics
+            metrics.framesSent += 1
+            metrics.bytesSent += len(data)
+            self.transport.write(data)
 
     def closeWithError(self, code, message, seq=0):
         # Framing errors end the session like any other error.

@@ -98,8 +98,10 @@ class GateSession(RPCDispatcher):
     def __init__(self, factory, channel, acceptedFrom):
         """
         @param channel: what carries this session's frames: C{writeFrame},
-            C{close} (bounded), C{pauseReading}, C{resumeReading}, C{peer}
-            and a writable C{maxFrameLength}.
+            C{writeMessage(encoded, seq, outgoing)} (a message push, from an
+            L{imserver.wire.EncodedMessage}), C{close} (bounded), C{abort},
+            C{pauseReading}, C{resumeReading}, C{peer} and a writable
+            C{maxFrameLength}.
         """
         RPCDispatcher.__init__(self, factory.clock)
         self.factory = factory
@@ -108,6 +110,7 @@ class GateSession(RPCDispatcher):
         #: own method, which writes nothing once the session closed it (a
         #: bound method here saves a call per frame on the push path).
         self.writeFrame = channel.writeFrame
+        self._writeMessage = channel.writeMessage
         self.acceptedFrom = acceptedFrom
         self.state = NEW
         self.connectionId = factory.nextConnectionId()
@@ -664,7 +667,7 @@ class GateSession(RPCDispatcher):
             and (unacked is None or len(unacked) < self.factory.settings.max_unacked)
         ):
             self._countPush(seq)
-            self.writeFrame(encoded.frame(seq, outgoing))
+            self._writeMessage(encoded, seq, outgoing)
         else:
             self._pump()
 

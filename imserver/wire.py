@@ -14,7 +14,17 @@ an L{EncodedMessage} (a message serialized once for all its recipients),
 and the sessions encode with this module.
 """
 
+import struct
+from collections.abc import Callable
+
 from imserver.pb import im_pb2 as pb
+
+_header = struct.Struct("!I")
+#: Bytes of the length prefix stream transports put before each frame.
+HEADER_LENGTH = _header.size
+#: The 4-byte big-endian length prefix of a frame of the given length
+#: (docs/protocol.md, section 2; L{imserver.framing} splits streams by it).
+packLength: Callable[[int], bytes] = _header.pack
 
 _SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
 
@@ -150,7 +160,7 @@ class EncodedMessage:
         other gates, once per message per gate).
     """
 
-    __slots__ = ("_message", "data", "_tail", "_outgoingTail", "_starts")
+    __slots__ = ("_message", "data", "_tail", "_outgoingTail", "_starts", "_streamStarts")
 
     def __init__(self, message: pb.Message | None = None, data: bytes | None = None) -> None:
         """
@@ -167,6 +177,8 @@ class EncodedMessage:
         # What comes before the seq, by the seq's varint length (negative:
         # outgoing), shared by every frame of this message.
         self._starts: dict[int, bytes] = {}
+        # The same behind the frame's length prefix (L{streamFrame}).
+        self._streamStarts: dict[int, bytes] = {}
 
     @classmethod
     def fromBytes(cls, data: bytes) -> "EncodedMessage":
@@ -197,8 +209,31 @@ class EncodedMessage:
         start = self._starts.get(key)
         tail = self._outgoingTail if outgoing else self._tail
         if start is None:
-            # The entry's size depends on the seq only through the length
-            # of its varint.
-            size = 1 + len(seqBytes) + len(tail)
-            start = self._starts[key] = _NOTIFY_MESSAGE + varint(size) + _ENTRY_SEQ
+            start = self._start(key, len(seqBytes), tail)
         return b"".join((start, seqBytes, tail))
+
+    def streamFrame(self, seq: int, outgoing: bool) -> bytes:
+        """
+        L{frame} behind its length prefix, as a stream transport (TCP)
+        writes it: the same bytes as C{packLength(len(frame)) + frame},
+        without a second copy (the prefix is cached with the start).
+
+        @rtype: L{bytes}
+        """
+        seqBytes = varint(seq)
+        key = -len(seqBytes) if outgoing else len(seqBytes)
+        start = self._streamStarts.get(key)
+        tail = self._outgoingTail if outgoing else self._tail
+        if start is None:
+            bare = self._starts.get(key) or self._start(key, len(seqBytes), tail)
+            start = self._streamStarts[key] = (
+                packLength(len(bare) + len(seqBytes) + len(tail)) + bare
+            )
+        return b"".join((start, seqBytes, tail))
+
+    def _start(self, key: int, seqLength: int, tail: bytes) -> bytes:
+        # The entry's size depends on the seq only through the length of its
+        # varint, so the frame's start is shared by all those seqs.
+        size = 1 + seqLength + len(tail)
+        start = self._starts[key] = _NOTIFY_MESSAGE + varint(size) + _ENTRY_SEQ
+        return start

@@ -17,6 +17,7 @@ from imserver.wire import (
     encodeRequest,
     encodeResponse,
     notifyPrefix,
+    packLength,
     varint,
 )
 
@@ -153,3 +154,35 @@ class EncodedMessageTests(SynchronousTestCase):
         encoded = EncodedMessage.fromBytes(message.SerializeToString())
         self.assertEqual(encoded.frame(5, True), EncodedMessage(message).frame(5, True))
         self.assertEqual(encoded.message, message)
+
+
+class StreamFrameTests(SynchronousTestCase):
+    """
+    L{EncodedMessage.streamFrame}: the frame as a stream transport writes
+    it.
+    """
+
+    @given(
+        seqs=st.lists(
+            st.tuples(st.integers(min_value=1, max_value=2**64 - 1), st.booleans()),
+            min_size=1,
+            max_size=20,
+        ),
+        body=st.binary(max_size=300),
+    )
+    def test_lengthPrefixedFrame(self, seqs, body):
+        """
+        It is L{EncodedMessage.frame} behind its 4-byte length prefix,
+        whichever of the two is asked for first.
+        """
+        message = pb.Message(id=7, sender="alice", recipient="bob", body=body)
+        for firstStream in (True, False):
+            encoded = EncodedMessage(message)
+            for seq, outgoing in seqs + [(127, False), (128, True)]:
+                if firstStream:
+                    stream = encoded.streamFrame(seq, outgoing)
+                    frame = encoded.frame(seq, outgoing)
+                else:
+                    frame = encoded.frame(seq, outgoing)
+                    stream = encoded.streamFrame(seq, outgoing)
+                self.assertEqual(stream, packLength(len(frame)) + frame)
