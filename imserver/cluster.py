@@ -32,8 +32,8 @@ LEASE_INTERVALS = 3
 #: L{imserver.bus.redis.RedisGateBus}, the
 #: L{imserver.registry.redis.RedisSessionRegistry}, the
 #: L{imserver.store.redis.RedisMessageStore}, the
-#: L{imserver.registry.redis.RedisGateDirectory}, and the seconds between
-#: lease refreshes.
+#: L{imserver.registry.redisdirectory.RedisGateDirectory}, and the seconds
+#: between lease refreshes.
 ClusterSeams = namedtuple(
     "ClusterSeams", ["connection", "bus", "registry", "store", "directory", "interval"]
 )
@@ -52,7 +52,8 @@ def clusterSeams(reactor, url, caFile, gateId, settings, dedupWindowMs):
     """
     from imserver.bus.redis import RedisGateBus
     from imserver.redisclient import connectRedis, subscribeRedis
-    from imserver.registry.redis import RedisGateDirectory, RedisSessionRegistry
+    from imserver.registry.redis import RedisSessionRegistry
+    from imserver.registry.redisdirectory import RedisGateDirectory
     from imserver.store.redis import RedisMessageStore
 
     try:
@@ -113,7 +114,7 @@ class ClusterService(Service):
             (started here).
         @param registry: the L{imserver.registry.redis.RedisSessionRegistry}.
         @param bus: the L{imserver.bus.redis.RedisGateBus} (started here).
-        @param directory: the L{imserver.registry.redis.RedisGateDirectory}.
+        @param directory: the L{imserver.registry.redisdirectory.RedisGateDirectory}.
         @param messenger: the gate's L{imserver.messaging.Messenger}, which
             announces the entries of the catch-up.
         @param interval: seconds between lease refreshes.

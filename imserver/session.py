@@ -36,6 +36,7 @@ from imserver.errors import (
 from imserver.identifiers import validateDeviceId, validateGroupId, validateLength, validateUid
 from imserver.interfaces import ISession
 from imserver.limits import TokenBucket, peerHost
+from imserver.paging import fitFrame, groupsPage, membersPage
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCDispatcher
 from imserver.wire import encodeError
@@ -47,8 +48,6 @@ AUTHENTICATED = "authenticated"
 _PLATFORMS = frozenset(pb.Platform.values())
 #: Longest client_version of an auth request, in UTF-8 bytes.
 MAX_CLIENT_VERSION = 64
-#: Bytes of a response frame besides its entries (envelope, head, slack).
-_FRAME_OVERHEAD = 256
 
 #: Seconds before a session tries again to fetch its inbox after the store
 #: was unavailable (the entries wait in the inbox meanwhile).
@@ -438,7 +437,7 @@ class GateSession(RPCDispatcher):
         d = store.fetch(self.uid, request.after_seq, limit)
 
         def withHead(entries):
-            kept, _ = self._fitFrame(entries)
+            kept, _ = fitFrame(entries, self.factory.settings.max_frame_length)
             return store.head(self.uid).addCallback(synced, kept)
 
         def synced(head, kept):
@@ -498,58 +497,21 @@ class GateSession(RPCDispatcher):
         self._typingActive = message.active
         self.factory.messenger.typing(self.uid, message.uid, message.active, message.group_id)
 
-    def _fitFrame(self, items):
-        """
-        The leading C{items} (protobuf messages) that fit one response
-        frame: whole items only, at least one (every item is capped well
-        below the frame limit).
-
-        @return: C{(kept, more)}: the items, and whether any were left out.
-        """
-        budget = self.factory.settings.max_frame_length - _FRAME_OVERHEAD
-        kept, size = [], 0
-        for item in items:
-            size += item.ByteSize() + 6
-            if kept and size > budget:
-                return kept, True
-            kept.append(item)
-        return kept, False
-
-    def _page(self, items, key, after, limit):
-        """
-        One page of C{items} (sorted by C{key}) after C{after}.
-
-        @return: C{(page, more)}
-        """
-        pageSize = self.factory.settings.sync_page_size
-        limit = min(limit or pageSize, pageSize)
-        items = [item for item in items if getattr(item, key) > after]
-        page, more = self._fitFrame(items[:limit])
-        return page, more or len(items) > limit
-
     # -- groups --------------------------------------------------------------
 
     @methods.GROUPS.responder
     def groups(self, request):
-        def page(groups):
-            groups, more = self._page(groups, "group_id", request.after_group_id, request.limit)
-            return pb.GroupsResponse(groups=groups, more=more)
-
         return (
             self.factory.groups.groupsOf(self.uid)
-            .addCallback(page)
+            .addCallback(groupsPage, request, self.factory.settings)
             .addErrback(self.factory.messenger.storeFailed)
         )
 
     @methods.MEMBERS.responder
     def members(self, request):
-        def page(members):
-            members, more = self._page(members, "uid", request.after_uid, request.limit)
-            return pb.MembersResponse(members=members, more=more)
-
         return (
             self.factory.groups.membersFor(request.group_id, self.uid)
-            .addCallback(page)
+            .addCallback(membersPage, request, self.factory.settings)
             .addErrback(self.factory.messenger.storeFailed)
         )
 

@@ -19,7 +19,7 @@ from imserver.messaging import Messenger
 from imserver.metrics import GateMetrics
 from imserver.pb import bus_pb2, im_pb2 as pb
 from imserver.redisclient import RedisUnavailable
-from imserver.registry.redis import RemoteSession
+from imserver.registry.remote import RemoteSession
 from imserver.settings import Settings
 from imserver.store import Delivery
 from imserver.wire import EncodedMessage

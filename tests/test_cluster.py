@@ -26,7 +26,9 @@ from imserver.cluster import ClusterService
 from imserver.errors import RemoteError
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable
-from imserver.registry.redis import RedisGateDirectory, RedisSessionRegistry, RemoteSession
+from imserver.registry.redis import RedisSessionRegistry
+from imserver.registry.redisdirectory import RedisGateDirectory
+from imserver.registry.remote import RemoteSession
 from imserver.service import AdvertiseService
 
 from tests.support import startServer

@@ -36,7 +36,8 @@ from imserver.auth import createSecretFile, mintToken
 from imserver.client import IMClient
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisURL, connectRedis
-from imserver.registry.redis import GATE_KEY_PREFIX, GATES_KEY, parseEntry, sessionsKey
+from imserver.registry.redis import GATE_KEY_PREFIX, parseEntry, sessionsKey
+from imserver.registry.redisdirectory import GATES_KEY
 
 from tests.support import freePort
 from tests.support.live import Changes

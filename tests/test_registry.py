@@ -19,9 +19,9 @@ from imserver.redisclient import userTag
 from imserver.registry.memory import MemorySessionRegistry
 from imserver.registry.redis import (
     GENERATION_KEY,
-    RemoteSession,
     sessionsKey,
 )
+from imserver.registry.remote import RemoteSession
 from imserver.wire import EncodedMessage
 
 from tests.support.cluster import FakeSession, RedisTestMixin

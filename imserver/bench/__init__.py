@@ -10,16 +10,16 @@ group of online members), C{hold} (heartbeating idle connections), C{p2p}
 reconnect with backlog).  C{im-bench SCENARIO --help} lists each one's
 options.
 
-Processes: this one (the coordinator, L{imserver.bench.coordinator})
-starts its own C{twistd im} (L{imserver.spawn}) pinned to C{--server-cpu},
-with its HTTP API on a free loopback port if the scenario uses it, then
-C{--workers} client processes pinned to C{--client-cpu} (C{python -m
-imserver.bench worker}, driven over JSON lines on their stdio,
-L{imserver.bench.control}).  Client connections come from source addresses
-127.0.0.2 and up, so no source/destination pair runs out of ephemeral
-ports.  After the scenario the same workers drive a raw Twisted echo server
-(L{imserver.bench.reference}) with the same options, and the result gives
-the scenario's figures as ratios to it.
+Processes: this one (the coordinator, L{imserver.bench.coordinator}; its
+children in L{imserver.bench.processes}) starts its own C{twistd im}
+(L{imserver.spawn}) pinned to C{--server-cpu}, with its HTTP API on a free
+loopback port if the scenario uses it, then C{--workers} client processes
+pinned to C{--client-cpu} (C{python -m imserver.bench worker}, driven over
+JSON lines on their stdio, L{imserver.bench.control}).  Client connections
+come from source addresses 127.0.0.2 and up, so no source/destination pair
+runs out of ephemeral ports.  After the scenario the same workers drive a
+raw Twisted echo server (L{imserver.bench.reference}) with the same
+options, and the result gives the scenario's figures as ratios to it.
 
 The result is JSON, on stdout and in C{--json FILE}; C{--plot DIR} also
 draws charts.  Only loopback addresses are ever used; every run is bounded

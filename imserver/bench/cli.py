@@ -12,7 +12,8 @@ from twisted.python.filepath import FilePath
 
 from imserver import commandline
 from imserver.bench import runReactor
-from imserver.bench.coordinator import BenchError, Coordinator
+from imserver.bench.coordinator import Coordinator
+from imserver.bench.processes import BenchError
 from imserver.bench.scenarios import SCENARIOS
 
 

@@ -1,14 +1,15 @@
 # -*- test-case-name: tests.test_registry -*-
 """
 The cluster session registry, in Redis, fenced by generations and gate
-leases; and the cluster's gate directory.
+leases.  The cluster's gate directory, filtered by the same leases, is in
+L{imserver.registry.redisdirectory}; the sessions of other gates a lookup
+returns are L{imserver.registry.remote.RemoteSession}s.
 
 Keys (L{imserver.redisclient.userKey} hash-tags a user's keys)::
 
     im:{u:<hex uid>}:sessions  hash: device id -> entry
     im:gen                     the generation counter
     im:gate:<gate id>          the gate's lease: its incarnation, with a TTL
-    im:gates                   hash: gate id -> JSON addresses (directory)
 
 An entry is C{<gate id>|<incarnation>|<generation>|<platform>|<session
 id>}.  Every registration gets a new generation, larger than every one
@@ -30,7 +31,6 @@ gate's lease lapsed) writes an entry only where none newer is live: the
 highest generation wins, so two gates never kick each other back and forth.
 """
 
-import json
 import os
 
 from twisted.internet.defer import DeferredList, gatherResults, succeed
@@ -38,16 +38,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imserver.errors import TooManyDevices
-from imserver.interfaces import IBusReceiver, IGateDirectory, ISession, ISessionRegistry
+from imserver.interfaces import IBusReceiver, ISessionRegistry
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable, userKey
+from imserver.registry.remote import RemoteSession
 
 #: The generation counter.
 GENERATION_KEY = "im:gen"
 #: A gate's lease is C{GATE_KEY_PREFIX + gate id}.
 GATE_KEY_PREFIX = "im:gate:"
-#: The gate directory.
-GATES_KEY = "im:gates"
 
 #: Users per lookup script (a group's members are looked up in chunks).
 LOOKUP_CHUNK = 1000
@@ -198,22 +197,6 @@ end
 return 0
 """
 
-#: KEYS: the directory.  Returns C{{gate id, addresses, ...}} of the gates
-#: with a lease; forgets the others.
-_GATES = """
-local entries = redis.call('HGETALL', KEYS[1])
-local out = {}
-for i = 1, #entries, 2 do
-  if redis.call('EXISTS', '%s' .. entries[i]) == 1 then
-    out[#out + 1] = entries[i]
-    out[#out + 1] = entries[i + 1]
-  else
-    redis.call('HDEL', KEYS[1], entries[i])
-  end
-end
-return out
-""" % (GATE_KEY_PREFIX,)
-
 
 def sessionsKey(uid):
     """
@@ -244,59 +227,6 @@ def parseEntry(value):
         int(platform),
         sessionId.decode("utf-8"),
     )
-
-
-@implementer(ISession)
-class RemoteSession:
-    """
-    A session another gate holds, as a lookup finds it: its attributes, and
-    the L{ISession} methods, which go over the gate bus to that gate.
-
-    @ivar generation: its registration's generation (a kick names it, so
-        the owner kicks only the registration that was looked up).
-    """
-
-    __slots__ = ("uid", "deviceId", "platform", "sessionId", "gateId", "generation", "_bus")
-
-    def __init__(self, bus, uid, deviceId, platform, sessionId, gateId, generation):
-        self._bus = bus
-        self.uid = uid
-        self.deviceId = deviceId
-        self.platform = platform
-        self.sessionId = sessionId
-        self.gateId = gateId
-        self.generation = generation
-
-    def __repr__(self):
-        return "<RemoteSession {} {}/{} on {} gen {}>".format(
-            self.sessionId, self.uid, self.deviceId, self.gateId, self.generation
-        )
-
-    def __eq__(self, other):
-        if not isinstance(other, RemoteSession):
-            return NotImplemented
-        return (self.gateId, self.sessionId, self.generation) == (
-            other.gateId,
-            other.sessionId,
-            other.generation,
-        )
-
-    def __hash__(self):
-        return hash((self.gateId, self.sessionId, self.generation))
-
-    def kick(self, reason, message):
-        self._bus.kick(
-            self.gateId, self.uid, self.deviceId, self.sessionId, self.generation, reason, message
-        )
-
-    def inboxAdvanced(self, seq, outgoing, encoded):
-        self._bus.forward(self.gateId, self.uid, seq, outgoing, encoded)
-
-    def typing(self, uid, active, groupId):
-        self._bus.typing(self.gateId, self.uid, uid, active, groupId)
-
-    def notice(self, frame):
-        self._bus.notice(self.gateId, self.sessionId, frame)
 
 
 class _Local:
@@ -673,58 +603,3 @@ class RedisSessionRegistry:
         local = self._local.get(sessionId)
         if local is not None:
             local.session.notice(frame)
-
-
-@implementer(IGateDirectory)
-class RedisGateDirectory:
-    """
-    The live gates of the cluster, for the dispatcher: a hash of gate id ->
-    addresses, filtered by the gates' leases (a gate without a lease is
-    dropped from it).  Advertisements of this process are remembered and
-    written again by L{readvertise}, after Redis comes back or this gate's
-    lease lapsed.
-    """
-
-    log = Logger()
-
-    def __init__(self, connection):
-        self.connection = connection
-        self._mine = {}
-        self._gates = connection.script(_GATES)
-
-    def advertise(self, gateId, addresses):
-        addresses = [tuple(a) for a in addresses]
-        self._mine[gateId] = addresses
-        return self._write(gateId, addresses)
-
-    def _write(self, gateId, addresses):
-        d = self.connection.execute("HSET", GATES_KEY, gateId, json.dumps(addresses))
-
-        def unavailable(failure):
-            failure.trap(RedisUnavailable)
-            self.log.info("gate {gate} is advertised once Redis is available", gate=gateId)
-
-        return d.addCallbacks(lambda _: None, unavailable)
-
-    def readvertise(self):
-        """
-        Write every advertisement of this process again.
-        """
-        return gatherResults([self._write(g, a) for g, a in self._mine.items()])
-
-    def withdraw(self, gateId):
-        self._mine.pop(gateId, None)
-        return self.connection.execute("HDEL", GATES_KEY, gateId).addCallback(lambda _: None)
-
-    def gates(self):
-        def parse(reply):
-            result = {}
-            for i in range(0, len(reply), 2):
-                try:
-                    addresses = [tuple(a) for a in json.loads(reply[i + 1])]
-                except ValueError:
-                    continue
-                result[reply[i].decode("utf-8")] = addresses
-            return result
-
-        return self._gates([GATES_KEY]).addCallback(parse)

@@ -1,0 +1,202 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+The SQLite store's writer thread and its group commit: L{GroupCommitWriter}.
+
+Every operation runs on one dedicated writer thread.  The thread takes every
+operation waiting when it starts a transaction, runs them all in it
+(consecutive deliveries share one set of multi-row statements), commits,
+and only then hands the results back to the reactor thread in one
+C{callFromThread}: group commit.  If an operation fails, the transaction is
+rolled back and each operation is run again alone, so it fails alone.  A
+C{deliver} is therefore answered only once its transaction is on disk, and
+many messages share one fsync.  The
+reactor never waits on the database.
+"""
+
+import collections
+import sqlite3
+import threading
+import time
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+
+from imserver.store import GroupExists, GroupFull, GroupNotFound
+from imserver.store.sqlite.schema import openDatabase
+
+#: Most operations committed in one transaction.
+MAX_BATCH = 2000
+
+#: Exceptions an operation raises before it has written anything.
+_REFUSALS = (GroupExists, GroupFull, GroupNotFound)
+
+
+class StoreClosed(Exception):
+    """
+    The store is stopped; the operation was not run.
+    """
+
+
+class GroupCommitWriter(Service):
+    """
+    A service running operations (methods of an L{_Operations}, given the
+    connection first) on one writer thread, many to a transaction.  Start
+    it before use; stopping it finishes the queued operations, commits and
+    closes the database.
+
+    @param path: the database file.
+    @param reactor: for C{callFromThread}; with C{threaded=False} (tests)
+        operations run at once in the calling thread and it is unused.
+    @param ops: the L{imserver.store.sqlite.operations._Operations}.
+    @param commitObserver: called as C{(size, seconds)} after each
+        transaction, from the writer thread
+        (L{imserver.metrics.GateMetrics.observeCommit}), or L{None}.
+    """
+
+    def __init__(self, path, reactor, ops, threaded=True, commitObserver=None):
+        self.path = path
+        self._reactor = reactor
+        self._ops = ops
+        self._threaded = threaded
+        self._queue = collections.deque()
+        self._wakeup = threading.Condition()
+        self._thread = None
+        self._stopped = None
+        self._db = None
+        self.batches = 0
+        self.committed = 0
+        self.commitObserver = commitObserver
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self):
+        # Opened here, once, before anything is served: a store that cannot
+        # open stops the server from starting instead of failing every
+        # request.  From then on only the writer thread touches it.
+        db = openDatabase(self.path)
+        self._ops.loadIds(db)
+        Service.startService(self)
+        if self._threaded:
+            self._thread = threading.Thread(
+                target=self._run, args=(db,), name="imserver-sqlite-writer", daemon=True
+            )
+            self._stopped = Deferred()
+            self._thread.start()
+        else:
+            self._db = db
+
+    def stopService(self):
+        Service.stopService(self)
+        if not self._threaded:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            return succeed(None)
+        with self._wakeup:
+            self._queue.append(None)
+            self._wakeup.notify()
+        return self._stopped
+
+    # -- internals ------------------------------------------------------------
+
+    def _submit(self, function, *args):
+        if not self.running:
+            return fail(StoreClosed("the message store is not running"))
+        if not self._threaded:
+            [(_, result)] = self._runBatch(self._db, [(function, args, None)])
+            return fail(result) if isinstance(result, Failure) else succeed(result)
+        d = Deferred()
+        queue = self._queue
+        with self._wakeup:
+            queue.append((function, args, d))
+            if len(queue) == 1:
+                # The writer waits only on an empty queue: wake it then.
+                self._wakeup.notify()
+        return d
+
+    def _run(self, db):
+        queue = self._queue
+        stopping = False
+        while not stopping:
+            with self._wakeup:
+                while not queue:
+                    self._wakeup.wait()
+                batch = []
+                while queue and len(batch) < MAX_BATCH:
+                    item = queue.popleft()
+                    if item is None:
+                        stopping = True
+                        break
+                    batch.append(item)
+            if batch:
+                results = self._runBatch(db, batch)
+                self._reactor.callFromThread(self._fire, results)
+        db.close()
+        self._reactor.callFromThread(self._stopped.callback, None)
+
+    def _runBatch(self, db, batch):
+        """
+        Run C{batch} in one transaction.  If an operation raises, the
+        transaction is rolled back and every operation is run again in a
+        transaction of its own, so one failure fails alone.
+
+        @return: C{[(deferred, result or Failure)]}, in batch order.
+        """
+        started = time.perf_counter()
+        results = self._runTransaction(db, batch)
+        self.batches += 1
+        self.committed += len(batch)
+        if self.commitObserver is not None:
+            self.commitObserver(len(batch), time.perf_counter() - started)
+        return results
+
+    def _runTransaction(self, db, batch):
+        lastId = self._ops.lastId
+        deliver = self._ops.deliver
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            results = []
+            i = 0
+            while i < len(batch):
+                function, args, d = batch[i]
+                if function != deliver:
+                    try:
+                        result = function(db, *args)
+                    except _REFUSALS:
+                        # Refused before writing anything: fails alone,
+                        # without rolling back the rest of the batch.
+                        result = Failure()
+                    results.append((d, result))
+                    i += 1
+                    continue
+                # Consecutive deliveries: one set of statements for all.
+                j = i
+                while j < len(batch) and batch[j][0] == deliver:
+                    j += 1
+                deliveries = self._ops.deliverMany(db, [item[1] for item in batch[i:j]])
+                results.extend(zip([item[2] for item in batch[i:j]], deliveries))
+                i = j
+            db.execute("COMMIT")
+            return results
+        except Exception:
+            failure = Failure()
+            self._rollback(db)
+            self._ops.lastId = lastId
+            self._ops.memberCache.clear()
+            if len(batch) == 1:
+                return [(batch[0][2], failure)]
+        return [self._runTransaction(db, [item])[0] for item in batch]
+
+    def _rollback(self, db):
+        try:
+            db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def _fire(self, results):
+        for d, result in results:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
