@@ -25,7 +25,7 @@ from imserver.session import (  # noqa: F401 (the states, for importers)
     NEW,
     GateSession,
 )
-from imserver.transport import closeBounded, socketTransport
+from imserver.transport import closeBounded, noDelay, socketTransport
 from imserver.wire import HEADER_LENGTH, encodeNotice, packLength
 
 
@@ -66,6 +66,7 @@ class GateProtocol(FrameProtocol):
         return self.transport.getPeer()
 
     def connectionMade(self):
+        noDelay(self.transport)
         socket = socketTransport(self.transport)
         if socket is not None:
             # Writes beyond this pause the session's pushes (pauseProducing)

@@ -36,6 +36,23 @@ def socketTransport(transport: ITransport | None) -> Any:
     return transport
 
 
+def noDelay(transport: ITransport | None) -> bool:
+    """
+    Turn Nagle's algorithm off on the TCP socket under C{transport} (through
+    TLS and PROXY wrappers): a small frame goes out at once instead of
+    waiting for the peer's delayed ACK (about 40 ms on Linux) behind an
+    earlier unacknowledged one.
+
+    @return: whether there was a TCP socket to set it on (not for UNIX
+        sockets or test transports).
+    """
+    socket = socketTransport(transport)
+    if socket is None or not ITCPTransport.providedBy(socket):
+        return False
+    socket.setTcpNoDelay(True)
+    return True
+
+
 def closeBounded(protocol: Protocol, clock: IReactorTime, timeout: float) -> IDelayedCall | None:
     """
     Close C{protocol}'s connection after its pending writes, the peer's

@@ -467,6 +467,50 @@ class CloseMixin:
         client.transport.loseConnection()
         yield waitFor(lambda: not self.live.factory.connections, "closed")
 
+    @inlineCallbacks
+    def test_noDelay(self):
+        """
+        Nagle's algorithm is off on the accepted socket (a push must not
+        wait for the client's delayed ACK), whichever the listener.
+        """
+        client = yield self.live.authed(self.listener, "alice")
+        [session] = self.live.factory.connections
+        sock = socketTransport(session.channel.transport).socket
+        self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        client.transport.loseConnection()
+        yield waitFor(lambda: not self.live.factory.connections, "closed")
+
+
+class ClientNoDelayTests(TestCase):
+    """
+    The client library turns Nagle's algorithm off too.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_clientSocket(self):
+        """
+        A client made by L{imserver.client.connect} over TLS has
+        C{TCP_NODELAY} set on its socket.
+        """
+        from imserver.client import connect
+
+        live = LiveGate(self)
+        yield live.start()
+        client = yield connect(
+            reactor,
+            "localhost",
+            live.ports["ssl"],
+            uid="alice",
+            token=mintToken(live.secret, "alice", 3600, time.time()),
+            deviceId="laptop",
+            caFile=live.dataDir.child(CERT_FILE_NAME).path,
+        )
+        sock = socketTransport(client.transport).socket
+        self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        yield client.close()
+
 
 class TLSCloseTests(CloseMixin, TestCase):
     """

@@ -37,6 +37,7 @@ from imserver.bench.scenario import LeanClient, Load, Scenario, userName
 from imserver.bench.stats import latencySummary
 from imserver.observe import OneShot
 from imserver.pb import im_pb2 as pb
+from imserver.transport import noDelay
 
 #: The group's id.
 GROUP = "bench-fanout"
@@ -158,6 +159,7 @@ class MemberClient(LeanClient, Protocol):
         self._closed = OneShot()
 
     def connectionMade(self):
+        noDelay(self.transport)
         hello = self.load.authFrame(self.index)
         self.transport.write(_length.pack(len(hello)) + hello)
 

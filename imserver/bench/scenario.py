@@ -34,6 +34,7 @@ from imserver.bench.options import loopback
 from imserver.client import ClientProtocol
 from imserver.observe import OneShot
 from imserver.pb import im_pb2 as pb
+from imserver.transport import noDelay
 
 #: The device id of every bench session.
 DEVICE = "bench"
@@ -533,6 +534,7 @@ class RoundTripClient(LeanClient, Int32StringReceiver):
         self._closed = OneShot()
 
     def connectionMade(self):
+        noDelay(self.transport)
         self.sendString(self.hello)
 
     def stringReceived(self, data):

@@ -20,6 +20,7 @@ from imserver.errors import RequestTimeout
 from imserver.observe import OneShot
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCProtocol
+from imserver.transport import noDelay
 
 
 class ClientProtocol(RPCProtocol):
@@ -53,6 +54,7 @@ class ClientProtocol(RPCProtocol):
     onDisconnected = None
 
     def connectionMade(self):
+        noDelay(self.transport)
         self._lastSent = self._seconds()
         if self.onConnected is not None:
             self.onConnected(self)
