@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from imserver.pb import im_pb2 as pb
-from imserver.wire import HEADER_LENGTH, encodeError, packLength
+from imserver.wire import HEADER_LENGTH, ClosesWithError, packLength
 
 _header = struct.Struct("!I")
 _packLength = packLength
@@ -58,7 +58,7 @@ def decodeLength(header: bytes) -> int:
     return _unpackLength(header)[0]
 
 
-class FrameProtocol(Protocol):
+class FrameProtocol(ClosesWithError, Protocol):
     """
     Turn a byte stream into L{pb.Frame} objects and back.
 
@@ -144,26 +144,6 @@ class FrameProtocol(Protocol):
         """
         if not self._closing:
             self.transport.write(_packLength(len(data)) + data)
-
-    def closeWithError(self, code: "pb.ErrorCode", message: str, seq: int = 0) -> None:
-        """
-        Send an ERROR frame and close the connection cleanly.  Further input
-        is ignored.  Idempotent.
-
-        @param code: an L{pb.ErrorCode}.
-        @param message: detail for the peer's logs.
-        @param seq: the seq of the request that caused it, if any.
-        """
-        if self._closing:
-            return
-        self.log.info(
-            "closing connection {conn}: {code} {detail}",
-            conn=self.connectionId,
-            code=pb.ErrorCode.Name(code),
-            detail=message,
-        )
-        self.writeFrame(encodeError(code, message, seq))
-        self.close()
 
     def close(self) -> None:
         """

@@ -39,7 +39,7 @@ from imserver.limits import TokenBucket, peerHost
 from imserver.paging import fitFrame, groupsPage, membersPage
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCDispatcher
-from imserver.wire import encodeError
+from imserver.wire import ClosesWithError
 
 NEW = "new"
 AUTHENTICATING = "authenticating"
@@ -58,7 +58,7 @@ PREAUTH_METHODS = frozenset([methods.AUTH.name])
 
 
 @implementer(ISession)
-class GateSession(RPCDispatcher):
+class GateSession(RPCDispatcher, ClosesWithError):
     """
     One client connection's session: the connection state machine, auth,
     request dispatch, the delivery pump, acks and flow control.  It knows
@@ -223,25 +223,6 @@ class GateSession(RPCDispatcher):
             self.factory.connectionClosing(self)
             self._leaveRegistry()
             self.channel.close()
-
-    def closeWithError(self, code, message, seq=0):
-        """
-        Send an ERROR frame and close.  Idempotent.
-
-        @param code: an L{pb.ErrorCode}.
-        @param message: detail for the peer's logs.
-        @param seq: the seq of the request that caused it, if any.
-        """
-        if self._closing:
-            return
-        self.log.info(
-            "closing connection {conn}: {code} {detail}",
-            conn=self.connectionId,
-            code=pb.ErrorCode.Name(code),
-            detail=message,
-        )
-        self.writeFrame(encodeError(code, message, seq))
-        self.close()
 
     def connectionLost(self, reason):
         """

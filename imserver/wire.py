@@ -16,8 +16,12 @@ and the sessions encode with this module.
 
 import struct
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from imserver.pb import im_pb2 as pb
+
+if TYPE_CHECKING:
+    from twisted.logger import Logger
 
 _header = struct.Struct("!I")
 #: Bytes of the length prefix stream transports put before each frame.
@@ -237,3 +241,41 @@ class EncodedMessage:
         size = 1 + seqLength + len(tail)
         start = self._starts[key] = _NOTIFY_MESSAGE + varint(size) + _ENTRY_SEQ
         return start
+
+
+class ClosesWithError:
+    """
+    The close with an ERROR frame, shared by everything that writes frames
+    (the TCP framing, the gate's session): a class combined with it has
+    C{writeFrame(data)}, C{close()}, C{_closing}, C{connectionId} and a
+    C{log}.
+    """
+
+    if TYPE_CHECKING:
+        log: Logger
+        connectionId: str
+        _closing: bool
+
+        def writeFrame(self, data: bytes) -> None: ...
+
+        def close(self) -> None: ...
+
+    def closeWithError(self, code: "pb.ErrorCode", message: str, seq: int = 0) -> None:
+        """
+        Send an ERROR frame and close: further input is ignored.
+        Idempotent.
+
+        @param code: an L{pb.ErrorCode}.
+        @param message: detail for the peer's logs.
+        @param seq: the seq of the request that caused it, if any.
+        """
+        if self._closing:
+            return
+        self.log.info(
+            "closing connection {conn}: {code} {detail}",
+            conn=self.connectionId,
+            code=pb.ErrorCode.Name(code),
+            detail=message,
+        )
+        self.writeFrame(encodeError(code, message, seq))
+        self.close()
