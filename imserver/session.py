@@ -19,6 +19,8 @@ read.
 """
 
 import collections
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -41,6 +43,16 @@ from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCDispatcher
 from imserver.wire import ClosesWithError
 
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+    from twisted.internet.defer import Deferred
+    from twisted.internet.interfaces import IAddress, IDelayedCall
+    from twisted.python.failure import Failure
+
+    from imserver.protocol import GateFactory
+    from imserver.rpc import Method, Notification
+    from imserver.wire import EncodedMessage
+
 NEW = "new"
 AUTHENTICATING = "authenticating"
 AUTHENTICATED = "authenticated"
@@ -55,6 +67,53 @@ FETCH_RETRY_DELAY = 1.0
 
 #: Methods accepted before auth has succeeded.
 PREAUTH_METHODS = frozenset([methods.AUTH.name])
+
+
+class Channel(Protocol):
+    """
+    What carries a L{GateSession}'s frames (L{imserver.protocol.GateProtocol}
+    over TCP): the seam between the session and its transport.
+    """
+
+    #: The longest frame accepted from the client now (the session raises
+    #: it at auth).
+    maxFrameLength: int
+
+    @property
+    def peer(self) -> "IAddress":
+        """
+        The client's address, as the transport knows it now.
+        """
+
+    def writeFrame(self, data: bytes) -> None:
+        """
+        Write one serialized frame; nothing once the channel is closing.
+        """
+
+    def writeMessage(self, encoded: "EncodedMessage", seq: int, outgoing: bool) -> None:
+        """
+        Write the C{message} push of C{encoded} as inbox entry C{seq}.
+        """
+
+    def close(self) -> None:
+        """
+        Close the connection, within C{close_timeout} whatever the peer does.
+        """
+
+    def abort(self) -> None:
+        """
+        Drop the connection now.
+        """
+
+    def pauseReading(self) -> None:
+        """
+        Stop reading the client's frames (flow control).
+        """
+
+    def resumeReading(self) -> None:
+        """
+        Read the client's frames again.
+        """
 
 
 @implementer(ISession)
@@ -72,29 +131,33 @@ class GateSession(RPCDispatcher, ClosesWithError):
     """
 
     log = Logger()
-    uid = None
-    deviceId = None
-    platform = pb.PLATFORM_UNSPECIFIED
-    heartbeatInterval = None
+    uid: str | None = None
+    deviceId: str | None = None
+    platform: pb.Platform = pb.PLATFORM_UNSPECIFIED
+    heartbeatInterval: float | None = None
     _inRegistry = False
     # Delivery state, per connection, set at auth.  Class defaults keep the
     # per-instance dict small until then.
     _delivering = False
     _sent = 0  # highest seq pushed on this connection
     _acked = 0  # highest seq the client acknowledged
-    _unacked = None  # deque of the seqs pushed and not acknowledged yet
-    _fetchRetry = None  # IDelayedCall of the pump after a store outage
+    _unacked: "collections.deque[int] | None" = None  # seqs pushed, not acknowledged yet
+    _fetchRetry: "IDelayedCall | None" = None  # the pump after a store outage
     _head = 0  # highest seq known to exist in the inbox
     _fetching = False
     _lastTyping = float("-inf")
     _typingActive = False
-    _pushedAt = None  # when a push went into an empty window (ack timing)
+    _pushedAt: float | None = None  # when a push went into an empty window (ack timing)
     _pushedSeq = 0
-    _requests = None  # TokenBucket of requests, from the first request on
+    _requests: TokenBucket | None = None  # of requests, from the first request on
     _refusedInARow = 0
-    _pausedAt = None  # reactor time writes filled the buffer; None: flowing
+    _pausedAt: float | None = None  # reactor time writes filled the buffer; None: flowing
+    # Bound in __init__ to the channel's own methods.  (The ignore: mypy
+    # holds an attribute incompatible with the method the bases declare.)
+    writeFrame: Callable[[bytes], None]  # type: ignore[assignment]
+    _writeMessage: Callable[["EncodedMessage", int, bool], None]
 
-    def __init__(self, factory, channel, acceptedFrom):
+    def __init__(self, factory: "GateFactory", channel: Channel, acceptedFrom: "IAddress") -> None:
         """
         @param channel: what carries this session's frames: C{writeFrame},
             C{writeMessage(encoded, seq, outgoing)} (a message push, from an
@@ -103,6 +166,9 @@ class GateSession(RPCDispatcher, ClosesWithError):
             C{maxFrameLength}.
         """
         RPCDispatcher.__init__(self, factory.clock)
+        # GateFactory is not annotated yet: what comes of its seams
+        # (authenticator, registry, store, messenger, groups) is Any, hence
+        # the no-any-return ignores on the Deferreds returned from them.
         self.factory = factory
         self.channel = channel
         #: Write one serialized frame (from L{imserver.wire}): the channel's
@@ -119,14 +185,14 @@ class GateSession(RPCDispatcher, ClosesWithError):
         channel.maxFrameLength = factory.settings.preauth_max_frame_length
         self._seconds = factory.clock.seconds
         self._metrics = factory.metrics
-        self._authTimer = None
+        self._authTimer: IDelayedCall | None = None
         self.lastHeard = self._seconds()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<GateSession {} {} {}>".format(self.connectionId, self.state, self.uid)
 
     @property
-    def peer(self):
+    def peer(self) -> "IAddress":
         """
         The client's address, as the channel knows it now (behind a
         C{haproxy:} listener, the source address of the PROXY header once
@@ -135,7 +201,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
         return self.channel.peer
 
     @property
-    def delivering(self):
+    def delivering(self) -> bool:
         """
         Whether the session takes pushes now: authenticated, its auth
         answer written, not closing and not paused by flow control.
@@ -143,20 +209,20 @@ class GateSession(RPCDispatcher, ClosesWithError):
         return self._delivering and not self._closing and self._pausedAt is None
 
     @property
-    def pausedSince(self):
+    def pausedSince(self) -> float | None:
         """
         The reactor time flow control paused the session, or L{None}.
         """
         return self._pausedAt
 
     @property
-    def backlog(self):
+    def backlog(self) -> int:
         """
         Inbox entries known to exist that the client has not acknowledged.
         """
         return max(0, self._head - self._acked)
 
-    def start(self):
+    def start(self) -> None:
         """
         The connection is open: count it and start the auth deadline.
         """
@@ -166,7 +232,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
         )
         self.log.debug("connection {conn} from {peer}", conn=self.connectionId, peer=self.peer)
 
-    def requestAdmitted(self, seq):
+    def requestAdmitted(self, seq: int) -> bool:
         requests = self._requests
         if requests is None:
             settings = self.factory.settings
@@ -192,7 +258,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
 
     # -- flow control (the channel's write buffer) ---------------------------
 
-    def pauseProducing(self):
+    def pauseProducing(self) -> None:
         """
         The client is not reading fast enough: stop pushing (entries stay in
         the inbox) and stop reading its requests until the buffer drains.
@@ -202,7 +268,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
             self._metrics.slowConsumerPauses += 1
             self.channel.pauseReading()
 
-    def resumeProducing(self):
+    def resumeProducing(self) -> None:
         """
         The client's buffer drained: read and push again.
         """
@@ -211,7 +277,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
             self.channel.resumeReading()
             self._pump()
 
-    def close(self):
+    def close(self) -> None:
         """
         Close the connection: the session ends now (unregistered, no longer
         counted as open, its address's slot freed), the connection within
@@ -224,7 +290,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
             self._leaveRegistry()
             self.channel.close()
 
-    def connectionLost(self, reason):
+    def connectionLost(self, reason: "Failure") -> None:
         """
         The channel's connection is gone: cancel the timers, leave the
         registry, fail what is outstanding, stop counting it.
@@ -247,12 +313,14 @@ class GateSession(RPCDispatcher, ClosesWithError):
 
     # -- dispatch -----------------------------------------------------------
 
-    def locateResponder(self, name):
+    def locateResponder(self, name: str) -> "tuple[Method, Callable[..., Any]]":
         if self.state != AUTHENTICATED and name not in PREAUTH_METHODS:
             raise NotAuthenticated("authenticate first")
         return RPCDispatcher.locateResponder(self, name)
 
-    def locateNotificationHandler(self, name):
+    def locateNotificationHandler(
+        self, name: str
+    ) -> "tuple[Notification, Callable[..., Any]] | None":
         if self.state != AUTHENTICATED:
             return None
         return RPCDispatcher.locateNotificationHandler(self, name)
@@ -260,7 +328,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
     # -- auth ------------------------------------------------------------------
 
     @methods.AUTH.responder
-    def auth(self, request):
+    def auth(self, request: pb.AuthRequest) -> "Deferred[pb.AuthResponse]":
         if self.state != NEW:
             raise AlreadyAuthenticated(
                 "auth was already {}".format("done" if self.state == AUTHENTICATED else "requested")
@@ -281,9 +349,11 @@ class GateSession(RPCDispatcher, ClosesWithError):
         d = self.factory.authenticator.authenticate(request.uid, request.token)
         d.addCallback(self._authenticated, request)
         d.addErrback(self._authFailed, request)
-        return d
+        return d  # type: ignore[no-any-return]
 
-    def _authenticated(self, uid, request):
+    def _authenticated(
+        self, uid: str, request: pb.AuthRequest
+    ) -> "pb.AuthResponse | Deferred[pb.AuthResponse]":
         if self._closing:
             # Closed (auth deadline, shutdown) while the token was checked:
             # nothing to register, and the answer goes nowhere.
@@ -291,9 +361,11 @@ class GateSession(RPCDispatcher, ClosesWithError):
         self.uid = uid
         self.deviceId = request.device_id
         self.platform = request.platform
-        return self.factory.registry.register(self).addCallback(self._registered, request)
+        return self.factory.registry.register(self).addCallback(self._registered, request)  # type: ignore[no-any-return]
 
-    def _registered(self, displaced, request):
+    def _registered(
+        self, displaced: ISession | None, request: pb.AuthRequest
+    ) -> "Deferred[pb.AuthResponse]":
         self._inRegistry = True
         if displaced is not None:
             # The registry already holds this session in its place, so the
@@ -302,13 +374,13 @@ class GateSession(RPCDispatcher, ClosesWithError):
         # Registered first, head read second: any entry committed after the
         # read is announced to this session (inboxAdvanced), so none is
         # missed between the two.
-        return (
+        return (  # type: ignore[no-any-return]
             self.factory.store.head(self.uid)
             .addErrback(self.factory.messenger.storeFailed)
             .addCallback(self._ready, request)
         )
 
-    def _ready(self, head, request):
+    def _ready(self, head: int, request: pb.AuthRequest) -> pb.AuthResponse:
         if self._closing:
             # Closed (auth deadline, shutdown) while registering or reading
             # the head: leave no session behind.
@@ -342,7 +414,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
             max_message_body=settings.max_message_body,
             max_unacked=settings.max_unacked,
         )
-        self._authTimer.cancel()
+        self._authTimer.cancel()  # type: ignore[union-attr]  # running till now
         self._authTimer = None
         self.state = AUTHENTICATED
         self.heartbeatInterval = heartbeatInterval
@@ -360,13 +432,13 @@ class GateSession(RPCDispatcher, ClosesWithError):
         self._persistAck()
         return response
 
-    def responseSent(self, method, response):
+    def responseSent(self, method: "Method", response: "Message") -> None:
         if method is methods.AUTH and self.state == AUTHENTICATED:
             # The client has its auth response; now the backlog, in order.
             self._delivering = True
             self._pump()
 
-    def _leaveRegistry(self):
+    def _leaveRegistry(self) -> None:
         if self._inRegistry:
             self._inRegistry = False
             self.factory.registry.unregister(self).addErrback(
@@ -375,7 +447,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
                 )
             )
 
-    def _authFailed(self, failure, request):
+    def _authFailed(self, failure: "Failure", request: pb.AuthRequest) -> "Failure":
         reason = {AuthFailed: "bad_token", TooManyDevices: "too_many_devices"}.get(
             failure.type, "unavailable"
         )
@@ -393,7 +465,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
         self.state = NEW
         return failure
 
-    def _authTimedOut(self):
+    def _authTimedOut(self) -> None:
         self._authTimer = None
         self._metrics.authFailures["timeout"] += 1
         self.closeWithError(pb.AUTH_TIMEOUT, "no auth within the deadline")
@@ -401,36 +473,36 @@ class GateSession(RPCDispatcher, ClosesWithError):
     # -- heartbeat ---------------------------------------------------------
 
     @methods.PING.responder
-    def ping(self, request):
+    def ping(self, request: pb.PingRequest) -> pb.PingResponse:
         return pb.PingResponse(server_time_ms=int(self._seconds() * 1000))
 
     # -- messages ----------------------------------------------------------
 
     @methods.SEND.responder
-    def send(self, request):
-        return self.factory.messenger.send(self.uid, request)
+    def send(self, request: pb.SendRequest) -> "Deferred[pb.SendResponse]":
+        return self.factory.messenger.send(self.uid, request)  # type: ignore[no-any-return]
 
     @methods.SYNC.responder
-    def sync(self, request):
+    def sync(self, request: pb.SyncRequest) -> "Deferred[pb.SyncResponse]":
         page = self.factory.settings.sync_page_size
         limit = min(request.limit or page, page)
         store = self.factory.store
         d = store.fetch(self.uid, request.after_seq, limit)
 
-        def withHead(entries):
+        def withHead(entries: list[pb.InboxEntry]) -> "Deferred[pb.SyncResponse]":
             kept, _ = fitFrame(entries, self.factory.settings.max_frame_length)
-            return store.head(self.uid).addCallback(synced, kept)
+            return store.head(self.uid).addCallback(synced, kept)  # type: ignore[no-any-return]
 
-        def synced(head, kept):
+        def synced(head: int, kept: list[pb.InboxEntry]) -> pb.SyncResponse:
             # What the client can now ack (and so skip) reaches this head.
             if head > self._head:
                 self._head = head
             return pb.SyncResponse(entries=kept, head_seq=head)
 
-        return d.addCallback(withHead).addErrback(self.factory.messenger.storeFailed)
+        return d.addCallback(withHead).addErrback(self.factory.messenger.storeFailed)  # type: ignore[no-any-return]
 
     @methods.ACK.handler
-    def _ackReceived(self, ack):
+    def _ackReceived(self, ack: pb.Ack) -> None:
         seq = ack.seq
         if seq > max(self._sent, self._head):
             self.closeWithError(
@@ -460,7 +532,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
             self._pump()
 
     @methods.TYPING.handler
-    def _typingReceived(self, message):
+    def _typingReceived(self, message: pb.Typing) -> None:
         # Rate-limited, except that a stop right after a start always goes
         # through (else the peer would see "typing" until it expires).
         now = self._seconds()
@@ -481,30 +553,30 @@ class GateSession(RPCDispatcher, ClosesWithError):
     # -- groups --------------------------------------------------------------
 
     @methods.GROUPS.responder
-    def groups(self, request):
-        return (
+    def groups(self, request: pb.GroupsRequest) -> "Deferred[pb.GroupsResponse]":
+        return (  # type: ignore[no-any-return]
             self.factory.groups.groupsOf(self.uid)
             .addCallback(groupsPage, request, self.factory.settings)
             .addErrback(self.factory.messenger.storeFailed)
         )
 
     @methods.MEMBERS.responder
-    def members(self, request):
-        return (
+    def members(self, request: pb.MembersRequest) -> "Deferred[pb.MembersResponse]":
+        return (  # type: ignore[no-any-return]
             self.factory.groups.membersFor(request.group_id, self.uid)
             .addCallback(membersPage, request, self.factory.settings)
             .addErrback(self.factory.messenger.storeFailed)
         )
 
     @methods.LEAVE.responder
-    def leave(self, request):
-        return (
+    def leave(self, request: pb.LeaveRequest) -> "Deferred[pb.LeaveResponse]":
+        return (  # type: ignore[no-any-return]
             self.factory.groups.leave(request.group_id, self.uid)
             .addCallback(lambda _: pb.LeaveResponse())
             .addErrback(self.factory.messenger.storeFailed)
         )
 
-    def _pump(self):
+    def _pump(self) -> None:
         """
         Push what the inbox holds beyond what was pushed, in seq order,
         while the unacknowledged window has room: one fetch at a time.
@@ -520,7 +592,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
             self.uid, self._sent, min(room, settings.sync_page_size)
         ).addCallbacks(self._fetched, self._fetchFailed)
 
-    def _fetched(self, entries):
+    def _fetched(self, entries: list[pb.InboxEntry]) -> None:
         self._fetching = False
         if self._closing:
             return
@@ -536,7 +608,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
             self._sent = self._head
         self._pump()
 
-    def _fetchFailed(self, failure):
+    def _fetchFailed(self, failure: "Failure") -> None:
         self._fetching = False
         if self._closing:
             return
@@ -560,18 +632,18 @@ class GateSession(RPCDispatcher, ClosesWithError):
         # stall silently.
         self.closeWithError(pb.UNAVAILABLE, "message storage is unavailable")
 
-    def _retryFetch(self):
+    def _retryFetch(self) -> None:
         self._fetchRetry = None
         self._pump()
 
-    def unackedCount(self):
+    def unackedCount(self) -> int:
         """
         @return: how many entries were pushed on this connection and not
             acknowledged yet.
         """
         return 0 if self._unacked is None else len(self._unacked)
 
-    def _countPush(self, seq):
+    def _countPush(self, seq: int) -> None:
         """
         Account for pushing entry C{seq}.
         """
@@ -585,7 +657,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
         self._sent = seq
         self._metrics.messagesPushed += 1
 
-    def _persistAck(self):
+    def _persistAck(self) -> None:
         """
         Have the device's cursor written with the next batch of cursors
         (L{GateFactory.flushCursors}); acks do not each cost a write.  Also
@@ -596,7 +668,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
 
     # -- ISession ----------------------------------------------------------
 
-    def inboxAdvanced(self, seq, outgoing, encoded):
+    def inboxAdvanced(self, seq: int, outgoing: bool, encoded: "EncodedMessage") -> None:
         if seq > self._head:
             self._head = seq
         if not self._delivering or seq <= self._sent:
@@ -614,16 +686,16 @@ class GateSession(RPCDispatcher, ClosesWithError):
         else:
             self._pump()
 
-    def typing(self, uid, active, groupId):
+    def typing(self, uid: str, active: bool, groupId: str) -> None:
         # Transient: not for a connection that is not reading its pushes.
         if self._delivering and self._pausedAt is None:
             self.sendNotify(methods.TYPING, pb.Typing(uid=uid, active=active, group_id=groupId))
 
-    def notice(self, frame):
+    def notice(self, frame: bytes) -> None:
         if self._delivering and self._pausedAt is None:
             self.writeFrame(frame)
 
-    def kick(self, reason, message):
+    def kick(self, reason: pb.KickReason, message: str) -> None:
         if self._closing:
             return
         self._metrics.kicks[pb.KickReason.Name(reason)] += 1
