@@ -160,22 +160,32 @@ class RedisServer:
             child.remove()
 
 
+def _when(already, callbacks):
+    """
+    @param already: whether the awaited state holds now.
+    @param callbacks: the list of callables called when it comes about.
+    @return: a L{Deferred} firing at once if C{already}, else the next time
+        C{callbacks} are called.
+    """
+    d = Deferred()
+    if already:
+        d.callback(None)
+        return d
+
+    def once():
+        callbacks.remove(once)
+        d.callback(None)
+
+    callbacks.append(once)
+    return d
+
+
 def whenConnected(connection):
     """
     @return: a L{Deferred} firing once C{connection} (a
         L{imserver.redisclient.RedisConnection}) is up (at once if it is).
     """
-    d = Deferred()
-    if connection.connected:
-        d.callback(None)
-        return d
-
-    def once():
-        connection.onConnect.remove(once)
-        d.callback(None)
-
-    connection.onConnect.append(once)
-    return d
+    return _when(connection.connected, connection.onConnect)
 
 
 def whenDisconnected(connection):
@@ -184,17 +194,7 @@ def whenDisconnected(connection):
         L{imserver.redisclient.RedisConnection}) is lost (at once if it is
         down).
     """
-    d = Deferred()
-    if not connection.connected:
-        d.callback(None)
-        return d
-
-    def once():
-        connection.onDisconnect.remove(once)
-        d.callback(None)
-
-    connection.onDisconnect.append(once)
-    return d
+    return _when(not connection.connected, connection.onDisconnect)
 
 
 def whenSubscribed(subscriber):
@@ -203,14 +203,4 @@ def whenSubscribed(subscriber):
         L{imserver.redisclient.RedisSubscriber}) has its subscription in
         place (at once if it has).
     """
-    d = Deferred()
-    if subscriber.subscribed:
-        d.callback(None)
-        return d
-
-    def once():
-        subscriber.onSubscribe.remove(once)
-        d.callback(None)
-
-    subscriber.onSubscribe.append(once)
-    return d
+    return _when(subscriber.subscribed, subscriber.onSubscribe)
