@@ -4,6 +4,7 @@ C{python -m imserver}: command-line tools.
 
   - C{token}: mint a client token from the server secret.
   - C{chat}: talk to another user from this terminal.
+  - C{web-url}: the chat page's address, signed in as a uid (development).
 """
 
 import sys
@@ -59,6 +60,24 @@ class TokenOptions(commandline.Options):
             raise usage.UsageError("--ttl must be at least 1")
 
 
+class WebURLOptions(TokenOptions):
+    synopsis = "--uid UID [--url URL] [--ttl SECONDS] [--data-dir DIR | --secret-file FILE]"
+    longdesc = (
+        "Print the address of the chat page (the --web listener of make run by"
+        " default) that opens it signed in as UID, for development: the token"
+        " is in the URL's fragment, which the browser never sends to the"
+        " server. Anyone with the URL can act as UID until the token expires."
+    )
+    optParameters = [
+        ["url", None, "http://127.0.0.1:7481/", "The chat page's address (the --web listener)."],
+    ]
+
+    def postOptions(self):
+        TokenOptions.postOptions(self)
+        if not self["url"].startswith(("http://", "https://")) or "#" in self["url"]:
+            raise usage.UsageError("--url: give an http:// or https:// address, no fragment")
+
+
 class Options(commandline.Options):
     """
     C{python -m imserver}: a command and its options.
@@ -72,6 +91,7 @@ class Options(commandline.Options):
     subCommands = [
         ["chat", None, ChatOptions, "Chat with another user from this terminal."],
         ["token", None, TokenOptions, "Mint a client token for a uid."],
+        ["web-url", None, WebURLOptions, "Print the chat page's address, signed in as a uid."],
     ]
 
     def getSynopsis(self):
@@ -90,7 +110,7 @@ class Options(commandline.Options):
             raise usage.UsageError("name a command: " + ", ".join(c[0] for c in self.subCommands))
 
 
-def token(options, out):
+def _mint(options):
     from imserver.auth import loadSecret, mintToken
 
     secretFile = options["secret-file"]
@@ -100,9 +120,20 @@ def token(options, out):
         create=False,
     )
     try:
-        out.write(mintToken(secret, options["uid"], options["ttl"], time.time()) + "\n")
+        return mintToken(secret, options["uid"], options["ttl"], time.time())
     except ValueError as e:
         raise usage.UsageError(str(e))
+
+
+def token(options, out):
+    out.write(_mint(options) + "\n")
+
+
+def webURL(options, out):
+    from urllib.parse import urlencode
+
+    fragment = urlencode({"uid": options["uid"], "token": _mint(options)})
+    out.write("{}#{}\n".format(options["url"], fragment))
 
 
 def chat(options):
@@ -117,6 +148,8 @@ def main(argv=None, out=sys.stdout):
         options.parseOptions(sys.argv[1:] if argv is None else argv)
         if options.subCommand == "token":
             token(options.subOptions, out)
+        elif options.subCommand == "web-url":
+            webURL(options.subOptions, out)
         elif options.subCommand == "chat":
             return chat(options.subOptions)
     except usage.UsageError as e:

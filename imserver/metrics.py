@@ -139,6 +139,7 @@ class GateMetrics:
         self.connectionsRefused = dict.fromkeys(REFUSAL_REASONS, 0)
         self._connections = ()
         self._closing = ()
+        self._web = None
         self.ackRoundTrip = FastHistogram(
             "imserver_ack_round_trip_seconds",
             "From pushing an entry to a session to its ack.",
@@ -176,6 +177,13 @@ class GateMetrics:
         self._connections = connections
         self._closing = closing
 
+    def watchWeb(self, site):
+        """
+        Also report the web listener's (L{imserver.web.WebSite}): its HTTP
+        connections not upgraded yet and its refused WebSocket upgrades.
+        """
+        self._web = site
+
     def observeCommit(self, size, seconds):
         """
         Record one store transaction; safe to call from the store's thread.
@@ -212,6 +220,22 @@ class GateMetrics:
         for reason, count in self.connectionsRefused.items():
             refused.add_metric([reason], count)
         yield refused
+        web = self._web
+        if web is not None:
+            yield GaugeMetricFamily(
+                "imserver_web_http_connections",
+                "Connections of the --web listener still in HTTP (page requests, "
+                "WebSocket upgrades under way).",
+                value=len(web.http),
+            )
+            upgrades = CounterMetricFamily(
+                "imserver_websocket_upgrades_refused",
+                "WebSocket upgrade requests refused, by reason.",
+                labels=["reason"],
+            )
+            for reason, count in web.refusedUpgrades.items():
+                upgrades.add_metric([reason], count)
+            yield upgrades
         states = {"new": 0, "authenticating": 0, "authenticated": 0}
         backlog = unacked = 0
         for connection in list(self._connections):

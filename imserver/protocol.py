@@ -219,21 +219,28 @@ class GateFactory(Factory):
         self._ids = itertools.count(1)
         self._drained = None
 
-    def refusal(self, host):
+    def refusal(self, host, others=0, othersFromHost=0):
         """
         Whether a new connection from C{host} is refused, and why: checked
         at accept, before TLS (L{imserver.limits.AdmissionFactory}).
 
         @param host: the peer address, or L{None} if unknown (not checked
             per address).
+        @param others: open connections of the listener's own that are not
+            sessions yet (the web listener's HTTP connections), counted as
+            the gate's.
+        @param othersFromHost: how many of them are from C{host}.
         @return: L{None} to take it, else the reason (a metrics label).
         """
         settings = self.settings
         # Connections being closed still hold a descriptor: they count
         # against the process (for at most close_timeout), not the address.
-        if len(self.connections) + len(self.closing) >= settings.max_connections:
+        if len(self.connections) + len(self.closing) + others >= settings.max_connections:
             return "max_connections"
-        if host is not None and self._perHost.get(host, 0) >= settings.max_connections_per_ip:
+        if (
+            host is not None
+            and self._perHost.get(host, 0) + othersFromHost >= settings.max_connections_per_ip
+        ):
             return "max_connections_per_ip"
         if not self._accepts.take():
             return "accept_rate"

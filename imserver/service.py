@@ -355,6 +355,29 @@ class RetentionService(Service):
         return d.addCallbacks(done, failed)
 
 
+class WebService(ListenerService):
+    """
+    The web listener (C{--web}, L{imserver.web}): a gate listener whose
+    log line gives the chat page's and the WebSocket's addresses.
+    """
+
+    def __init__(self, description, endpoint, site):
+        from imserver.endpoints import splitDescription
+
+        ListenerService.__init__(self, "web " + description, endpoint, site, option="--web")
+        self.setName("web")
+        self.secure = splitDescription(description)[0][0].lower() == "ssl"
+
+    def listened(self, port):
+        address = _format(port.getHost())
+        self.log.info(
+            "chat page at {scheme}://{address}/, WebSocket at {ws}://{address}/ws",
+            scheme="https" if self.secure else "http",
+            ws="wss" if self.secure else "ws",
+            address=address,
+        )
+
+
 class ApiService(ListenerService):
     """
     The HTTP API's listener (L{imserver.api}).

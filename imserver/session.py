@@ -136,6 +136,9 @@ class GateSession(RPCDispatcher, ClosesWithError):
     platform: pb.Platform = pb.PLATFORM_UNSPECIFIED
     heartbeatInterval: float | None = None
     _inRegistry = False
+    #: The code of the ERROR frame the session closed with, if it did (a
+    #: WebSocket channel closes with 4000 + it).
+    errorCode: "pb.ErrorCode | None" = None
     # Delivery state, per connection, set at auth.  Class defaults keep the
     # per-instance dict small until then.
     _delivering = False
@@ -276,6 +279,11 @@ class GateSession(RPCDispatcher, ClosesWithError):
             self._pausedAt = None
             self.channel.resumeReading()
             self._pump()
+
+    def closeWithError(self, code: pb.ErrorCode, message: str, seq: int = 0) -> None:
+        if not self._closing:
+            self.errorCode = code
+        ClosesWithError.closeWithError(self, code, message, seq)
 
     def close(self) -> None:
         """

@@ -185,6 +185,17 @@ class Settings:
     typing_rate: float = _setting(
         2.0, "Typing signals per second a connection may send; more are dropped.", 0.01
     )
+    web_request_timeout: float = _setting(
+        10.0,
+        "Seconds an HTTP connection of the --web listener lives: until its "
+        "WebSocket upgrade is complete, or for page requests its whole life.",
+        0.001,
+    )
+    web_max_request_size: int = _setting(
+        8192,
+        "Largest request line plus headers of a request to the --web listener (bytes).",
+        1024,
+    )
     api_max_body: int = _setting(
         1024 * 1024,
         "Largest HTTP API request body, in bytes; a larger one is refused with "

@@ -30,6 +30,8 @@ from imserver.startup import checkFiles, checkRedisCA, needsDefaultCertificate
 
 DEFAULT_LISTEN = "ssl:7443:interface=127.0.0.1"
 DEFAULT_API = "tcp:7480:interface=127.0.0.1"
+#: The web listener of `make run` (off unless --web is given).
+DEFAULT_WEB = "tcp:7481:interface=127.0.0.1"
 
 
 def _settingParameters():
@@ -130,6 +132,14 @@ class Options(usage.Options):
             "token); 'none' disables it. Never put it where clients can reach it.",
         ],
         [
+            "web",
+            None,
+            None,
+            "Endpoint string of the web listener for browsers: WebSocket at /ws "
+            "(wss:// for ssl:), the chat page at /, the JavaScript client at "
+            "/imserver.js (make run: " + DEFAULT_WEB + "); default none.",
+        ],
+        [
             "admin-token-file",
             None,
             None,
@@ -142,6 +152,7 @@ class Options(usage.Options):
         usage.Options.__init__(self)
         self["listen"] = []
         self["advertise"] = []
+        self["web-origin"] = []
 
     def opt_listen(self, description):
         self["listen"].append(description)
@@ -151,6 +162,15 @@ class Options(usage.Options):
         + DEFAULT_LISTEN
         + "). ssl: endpoints use the hardened TLS profile and --tls-cert "
         "unless they name certKey=."
+    )
+
+    def opt_web_origin(self, origin):
+        self["web-origin"].append(origin)
+
+    opt_web_origin.__doc__ = (
+        "An origin (https://app.example.com) whose pages may open WebSockets "
+        "on --web, beside the page's own origin and loopback; repeatable; * "
+        "allows any origin."
     )
 
     def opt_advertise(self, address):
@@ -231,6 +251,23 @@ class Options(usage.Options):
                 splitDescription(self["api"])
             except ValueError as e:
                 raise usage.UsageError("--api {}: {}".format(self["api"], e))
+        if self["web"] is not None and self["web"].lower() == "none":
+            self["web"] = None
+        if self["web"] is not None:
+            try:
+                splitDescription(self["web"])
+            except ValueError as e:
+                raise usage.UsageError("--web {}: {}".format(self["web"], e))
+        from imserver.web.websocket import OriginPolicy
+
+        for origin in self["web-origin"]:
+            if origin != "*":
+                try:
+                    OriginPolicy.normalise(origin)
+                except ValueError as e:
+                    raise usage.UsageError(
+                        "--web-origin: {}; give scheme://host[:port] or *".format(e)
+                    )
         try:
             self.advertised = [parseAdvertise(a) for a in self["advertise"]]
         except ValueError as e:
@@ -361,7 +398,8 @@ def makeService(options, reactor=None):
             certificate = (FilePath(options["tls-cert"]), FilePath(options["tls-key"]))
         elif any(
             needsDefaultCertificate(d)
-            for d in options["listen"] + ([options["api"]] if options["api"] else [])
+            for d in options["listen"]
+            + [d for d in (options["api"], options["web"]) if d is not None]
         ):
             certificate = ensureSelfSigned(dataDir)
     except (OSError, ValueError) as e:
@@ -436,12 +474,13 @@ def makeService(options, reactor=None):
     ).setServiceParent(root)
     gate = GateService(factory, endpoints)
     gate.setServiceParent(root)
+    webEndpoint = _addWeb(options, gate, factory, certificate, reactor)
     apiEndpoint = _addApi(
         options, root, gate, factory, secret, dataDir, certificate, reactor, directory
     )
     certificates = [
         endpoint.tlsOptions
-        for endpoint in [e for _, e in endpoints] + [apiEndpoint]
+        for endpoint in [e for _, e in endpoints] + [apiEndpoint, webEndpoint]
         if getattr(endpoint, "tlsOptions", None) is not None
     ]
     if certificates:
@@ -449,6 +488,33 @@ def makeService(options, reactor=None):
 
         CertificateReloadService(certificates, reactor).setServiceParent(root)
     return root
+
+
+def _addWeb(options, gate, factory, certificate, reactor):
+    """
+    Add the web listener (C{--web}) to the gate's listeners: its
+    connections are the gate's, closed with them at shutdown.
+
+    @return: its endpoint, or L{None} without one.
+    """
+    from imserver.endpoints import listenEndpoint
+    from imserver.service import StartupError, WebService
+    from imserver.web import makeWebSite
+
+    description = options["web"]
+    if description is None:
+        return None
+    try:
+        endpoint = listenEndpoint(
+            reactor, description, certificate, factory.settings.listen_backlog
+        )
+    except (ValueError, OSError) as e:
+        raise StartupError("--web {}: {}".format(description, e))
+    site = makeWebSite(factory, options["web-origin"], clock=reactor)
+    listener = WebService(description, endpoint, site)
+    listener.setServiceParent(gate)
+    gate.web = listener
+    return endpoint
 
 
 def _addApi(options, root, gate, factory, secret, dataDir, certificate, reactor, directory=None):

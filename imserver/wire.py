@@ -164,7 +164,15 @@ class EncodedMessage:
         other gates, once per message per gate).
     """
 
-    __slots__ = ("_message", "data", "_tail", "_outgoingTail", "_starts", "_streamStarts")
+    __slots__ = (
+        "_message",
+        "data",
+        "_tail",
+        "_outgoingTail",
+        "_starts",
+        "_streamStarts",
+        "jsonCache",
+    )
 
     def __init__(self, message: pb.Message | None = None, data: bytes | None = None) -> None:
         """
@@ -183,6 +191,9 @@ class EncodedMessage:
         self._starts: dict[int, bytes] = {}
         # The same behind the frame's length prefix (L{streamFrame}).
         self._streamStarts: dict[int, bytes] = {}
+        #: The message in the JSON form of WebSocket clients, made by the
+        #: first one (L{imserver.web.jsonframes}).
+        self.jsonCache: str | None = None
 
     @classmethod
     def fromBytes(cls, data: bytes) -> "EncodedMessage":

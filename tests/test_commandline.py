@@ -126,9 +126,10 @@ class HelpTests(SynchronousTestCase, CommandsMixin):
         and lists them; a command's help has the usage line of the command.
         """
         status, out = _run(imserverMain.Options(), ["--help"])
-        self.assertTrue(out.startswith("Usage: python -m imserver (chat | token) [options]\n"), out)
+        self.assertTrue(out.startswith("Usage: python -m imserver (chat | token | web-url) [options]\n"), out)
         self.assertRegex(out, r"\n    chat +Chat with another user")
         self.assertRegex(out, r"\n    token +Mint a client token")
+        self.assertRegex(out, r"\n    web-url +Print the chat page's address")
         self.assertNotIn("COMMAND [options]", out)
         status, out = _run(imserverMain.Options(), ["chat", "--help"])
         self.assertTrue(out.startswith("Usage: python -m imserver chat --uid UID "), out)
@@ -187,7 +188,7 @@ class SubprocessTests(TestCase):
             out, err, status = result
             out = out.decode("utf-8")
             self.assertEqual(status, 0, err)
-            self.assertTrue(out.startswith("Usage: python -m imserver (chat | token)"), out)
+            self.assertTrue(out.startswith("Usage: python -m imserver (chat | token | web-url)"), out)
             self.assertIsNone(EPYTEXT.search(out), out)
 
         return self.runPython("-m", "imserver", "--help").addCallback(check)

@@ -539,6 +539,36 @@ class TokenCommandTests(SynchronousTestCase):
         self.assertFalse(verifyToken(secret, "bob", token, now))
         self.assertEqual(self.stderr.getvalue(), "")
 
+    def test_webURL(self):
+        """
+        C{web-url} prints the chat page's address with the uid and a valid
+        token in its fragment (never sent to the server), on make run's
+        web listener unless C{--url} names another.
+        """
+        from urllib.parse import parse_qs, urlsplit
+
+        loadSecret(self.dataDir, environ={})
+        for args, base in [
+            ([], "http://127.0.0.1:7481/"),
+            (["--url", "https://chat.example.com/im/"], "https://chat.example.com/im/"),
+        ]:
+            out = StringIO()
+            status = main(
+                ["web-url", "--uid", "alice b", "--data-dir", self.dataDir.path] + args, out=out
+            )
+            self.assertEqual(status, 0)
+            url = out.getvalue().strip()
+            self.assertEqual(url.split("#")[0], base)
+            fragment = parse_qs(urlsplit(url).fragment)
+            self.assertEqual(fragment["uid"], ["alice b"])
+            secret = loadSecret(self.dataDir, environ={})
+            self.assertTrue(verifyToken(secret, "alice b", fragment["token"][0], time.time()))
+        status = main(
+            ["web-url", "--uid", "a", "--data-dir", self.dataDir.path, "--url", "ftp://x/"],
+            out=StringIO(),
+        )
+        self.assertEqual(status, 2)
+
     def test_sameSecretAsServer(self):
         """
         A token minted from the data directory of a gate verifies with the

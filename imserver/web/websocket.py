@@ -1,0 +1,459 @@
+# -*- test-case-name: tests.test_websocket -*-
+"""
+The gate over WebSocket: one L{GateWebSocketProtocol} per upgraded
+connection (autobahn's RFC 6455 implementation), the transport of its
+L{imserver.session.GateSession} exactly as L{imserver.protocol.GateProtocol}
+is over TCP.  A binary message carries one serialized frame
+(C{imserver.v1.proto}), a text message one frame in the JSON form
+(C{imserver.v1.json}, L{imserver.web.jsonframes}).
+
+Everything above the frames (auth, limits, delivery, acks, kicks, the idle
+sweep, shutdown) is the session's, shared with TCP; this module only moves
+frames, relays flow control and closes within C{close_timeout}.
+"""
+
+from urllib.parse import urlsplit
+
+import txaio
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from google.protobuf.message import DecodeError
+from twisted.logger import Logger
+
+from imserver.pb import im_pb2 as pb
+from imserver.session import GateSession
+from imserver.transport import closeBounded, socketTransport
+from imserver.web.jsonframes import (
+    JSON,
+    JSON_EXPANSION,
+    PROTO,
+    SUBPROTOCOLS,
+    JSONFrameEncoder,
+    JSONFrameError,
+    decodeFrame,
+)
+
+#: WebSocket close code of a normal close (after C{kicked}, a refused auth).
+CLOSE_NORMAL = 1000
+#: A connection closed after an ERROR frame is closed with this plus the
+#: error's code (4005: IDLE_TIMEOUT), so a browser sees it in C{CloseEvent}.
+CLOSE_ERROR_BASE = 4000
+
+_log = Logger()
+_LOOPBACK_HOSTS = frozenset(["localhost", "127.0.0.1", "::1", "[::1]"])
+
+
+def isLoopbackHost(host):
+    """
+    Whether C{host} (of an origin or a C{Host} header, no port) names this
+    machine's loopback interface.
+    """
+    host = host.lower().strip("[]")
+    return host in _LOOPBACK_HOSTS or host.startswith("127.") or host.endswith(".localhost")
+
+
+class OriginPolicy:
+    """
+    Which web pages may open a WebSocket to the gate (against cross-site
+    WebSocket hijacking: a browser sends the page's origin, and a page of
+    another site must not use the user's connection).
+
+    Allowed: a request without an C{Origin} header (not a browser: native
+    and command-line clients, which could send any origin anyway); the
+    page's own origin (C{Origin} names the scheme, host and port the
+    request was sent to); any loopback origin unless C{allowLoopback} is
+    false; and each origin of C{allowed} (C{https://app.example.com}, or
+    C{*} for any).
+
+    @ivar allowed: origins allowed beside the same origin, normalised.
+    """
+
+    def __init__(self, allowed=(), allowLoopback=True):
+        self.any = "*" in allowed
+        self.allowed = frozenset(self.normalise(o) for o in allowed if o != "*")
+        self.allowLoopback = allowLoopback
+
+    @staticmethod
+    def normalise(origin):
+        """
+        C{scheme://host[:port]} in lower case, default ports removed.
+
+        @raise ValueError: if C{origin} is not such an origin.
+        """
+        parts = urlsplit(origin.strip().lower())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) origin: {!r}".format(origin))
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("an origin has no path: {!r}".format(origin))
+        port = parts.port
+        if port is None or port == {"http": 80, "https": 443}[parts.scheme]:
+            netloc = parts.hostname
+        else:
+            netloc = "{}:{}".format(parts.hostname, port)
+        if ":" in parts.hostname:
+            netloc = netloc.replace(parts.hostname, "[{}]".format(parts.hostname), 1)
+        return "{}://{}".format(parts.scheme, netloc)
+
+    def allows(self, origin, host, secure):
+        """
+        Whether a WebSocket request with header C{Origin: origin} sent to
+        C{Host: host} over TLS (C{secure}) or not is taken.
+
+        @param origin: the header's value, or L{None} without one.
+        """
+        if origin is None or self.any:
+            return True
+        try:
+            origin = self.normalise(origin)
+        except ValueError:
+            return False  # "null" (a sandboxed page, a file:), garbage
+        if origin in self.allowed:
+            return True
+        if host is not None:
+            try:
+                own = self.normalise("{}://{}".format("https" if secure else "http", host))
+            except ValueError:
+                own = None
+            if origin == own:
+                return True
+        if self.allowLoopback:
+            return isLoopbackHost(urlsplit(origin).hostname or "")
+        return False
+
+
+class GateWebSocketProtocol(WebSocketServerProtocol):
+    """
+    The WebSocket transport of one gate session: hands the session the
+    frames of the client's messages, writes the session's frames as
+    messages, relays the socket's flow control, and closes within
+    C{close_timeout}.
+
+    @ivar session: the L{GateSession}, from the upgrade on.
+    @ivar subprotocol: L{PROTO} or L{JSON}, from the upgrade on.
+    """
+
+    # (Not a twisted.logger Logger as log: autobahn's own, whose debug
+    # calls cost nothing below txaio's level, is self.log.)
+    session = None
+    subprotocol = None
+    _closing = False
+    _closeTimer = None
+    _encoder = None
+    _maxFrameLength = 0
+
+    def __init__(self, gate, acceptedFrom):
+        WebSocketServerProtocol.__init__(self)
+        self.gate = gate
+        self.acceptedFrom = acceptedFrom
+        self._seconds = gate.clock.seconds
+        self._metrics = gate.metrics
+
+    def __repr__(self):
+        return "<GateWebSocketProtocol {!r}>".format(self.session)
+
+    @property
+    def peer(self):
+        """
+        The client's address, as the transport gives it now (behind a
+        C{haproxy:} listener, the PROXY header's source address).
+        """
+        if self.transport is None:
+            return self.acceptedFrom
+        return self.transport.getPeer()
+
+    @peer.setter
+    def peer(self, description):
+        # autobahn's own description of the peer, for its log lines.
+        pass
+
+    # -- the session's view of the frame limit -------------------------------
+
+    @property
+    def maxFrameLength(self):
+        return self._maxFrameLength
+
+    @maxFrameLength.setter
+    def maxFrameLength(self, length):
+        self._maxFrameLength = length
+        # Checked by autobahn as a message's frames arrive, before it is
+        # buffered whole (_max_message_size_exceeded).
+        self.maxMessagePayloadSize = length * JSON_EXPANSION if self._encoder else length
+
+    # -- the upgrade ---------------------------------------------------------
+
+    def onConnect(self, request):
+        """
+        Check the upgrade request: its origin, then the subprotocol.
+
+        @raise ConnectionDeny: 403 for a page of a foreign origin, 400
+            without a subprotocol of ours.
+        """
+        factory = self.factory
+        origin = request.headers.get("origin")
+        if not factory.origins.allows(origin, request.headers.get("host"), self.isSecure()):
+            factory.refused("origin")
+            _log.info(
+                "refused a WebSocket from {peer}: origin {origin!r} not allowed",
+                peer=self.peer,
+                origin=origin,
+            )
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
+        for offered in request.protocols:
+            if offered in SUBPROTOCOLS:
+                return offered
+        factory.refused("subprotocol")
+        raise ConnectionDeny(
+            ConnectionDeny.BAD_REQUEST,
+            "offer the subprotocol {} or {} in Sec-WebSocket-Protocol".format(PROTO, JSON),
+        )
+
+    def isSecure(self):
+        return socketTransport(self.transport) is not self.transport
+
+    def onOpen(self):
+        """
+        Upgraded: the gate session starts (auth deadline and all).
+        """
+        self.subprotocol = self.websocket_protocol_in_use
+        if self.subprotocol == JSON:
+            self._encoder = JSONFrameEncoder()
+        socket = socketTransport(self.transport)
+        if socket is not None:
+            socket.bufferSize = self.gate.settings.write_buffer_high
+        self.session = session = GateSession(self.gate, self, self.acceptedFrom)
+        self.connectionId = session.connectionId
+        self.transport.registerProducer(self, True)
+        session.start()
+
+    # -- reading -------------------------------------------------------------
+
+    def dataReceived(self, data):
+        session = self.session
+        if session is not None:
+            # Any bytes (a message's part, a WebSocket ping) keep it alive.
+            session.lastHeard = self._seconds()
+            self._metrics.bytesReceived += len(data)
+        self._dataReceived(data)
+
+    def onMessage(self, payload, isBinary):
+        session = self.session
+        if session is None or self._closing:
+            return
+        self._metrics.framesReceived += 1
+        encoder = self._encoder
+        if encoder is None:
+            if not isBinary:
+                session.closeWithError(pb.BAD_FRAME, "a text message on " + PROTO)
+                return
+            if not payload:
+                session.closeWithError(pb.EMPTY_FRAME, "an empty message")
+                return
+            frame = pb.Frame()
+            try:
+                frame.ParseFromString(payload)
+            except DecodeError:
+                session.closeWithError(pb.BAD_FRAME, "frame does not parse")
+                return
+        else:
+            if isBinary:
+                session.closeWithError(pb.BAD_FRAME, "a binary message on " + JSON)
+                return
+            try:
+                frame = decodeFrame(payload)
+            except JSONFrameError as e:
+                session.closeWithError(pb.BAD_FRAME, str(e)[:200])
+                return
+            if frame.ByteSize() > self._maxFrameLength:
+                session.closeWithError(
+                    pb.FRAME_TOO_LARGE,
+                    "frame of {} bytes exceeds the limit of {}".format(
+                        frame.ByteSize(), self._maxFrameLength
+                    ),
+                )
+                return
+            if frame.kind == pb.REQUEST:
+                encoder.requestReceived(frame)
+        session.frameReceived(frame)
+
+    def _max_message_size_exceeded(self, msg_size, max_msg_size, reason):
+        # autobahn's hook for a message above maxMessagePayloadSize, called
+        # as soon as its frame header says so: the ERROR frame of the
+        # session instead of autobahn's bare close 1009.
+        self.failedByMe = True  # autobahn keeps none of the rest
+        if self.session is not None:
+            self.session.closeWithError(
+                pb.FRAME_TOO_LARGE,
+                "message of {} bytes exceeds the limit of {}".format(msg_size, max_msg_size),
+            )
+        else:
+            self._fail_connection(self.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG, reason)
+
+    # -- writing -------------------------------------------------------------
+
+    def writeFrame(self, data):
+        if not self._closing:
+            metrics = self._metrics
+            metrics.framesSent += 1
+            encoder = self._encoder
+            if encoder is None:
+                metrics.bytesSent += len(data)
+                self.sendMessage(data, True)
+            else:
+                text = encoder.encode(data).encode("utf-8")
+                metrics.bytesSent += len(text)
+                self.sendMessage(text, False)
+
+    def writeMessage(self, encoded, seq, outgoing):
+        """
+        Write the C{message} push of inbox entry C{seq} of C{encoded} (an
+        L{imserver.wire.EncodedMessage}).
+        """
+        if not self._closing:
+            encoder = self._encoder
+            if encoder is None:
+                data = encoded.frame(seq, outgoing)
+                self.sendMessage(data, True)
+            else:
+                data = encoder.encodeMessage(encoded, seq, outgoing).encode("utf-8")
+                self.sendMessage(data, False)
+            metrics = self._metrics
+            metrics.framesSent += 1
+            metrics.bytesSent += len(data)
+
+    # -- closing -------------------------------------------------------------
+
+    def close(self):
+        """
+        Start the WebSocket closing handshake (code 4000 + the error code
+        after an ERROR frame, else 1000) and abort the connection if it is
+        still open C{close_timeout} later.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        code = self.session.errorCode if self.session is not None else None
+        if code is None:
+            self.sendClose(CLOSE_NORMAL)
+        else:
+            self.sendClose(CLOSE_ERROR_BASE + code, pb.ErrorCode.Name(code))
+        self._closeTimer = self.gate.clock.callLater(
+            self.gate.settings.close_timeout, self._closeTimedOut
+        )
+
+    def _closeTimedOut(self):
+        self._closeTimer = None
+        if self.connected:
+            self.transport.abortConnection()
+
+    def _closeConnection(self, abort=False):
+        # autobahn's end of the closing handshake: close TCP without waiting
+        # for the peer's TLS close_notify (imserver.transport).
+        self.unregisterProducer()
+        if abort:
+            self.transport.abortConnection()
+        else:
+            timer = closeBounded(self, self.gate.clock, self.gate.settings.close_timeout)
+            if timer is not None:
+                if self._closeTimer is not None and self._closeTimer.active():
+                    self._closeTimer.cancel()
+                self._closeTimer = timer
+
+    def abort(self):
+        """
+        Abort the connection at once (the shutdown's last resort).
+        """
+        self.transport.abortConnection()
+
+    # -- flow control (IPushProducer of the socket's write buffer) -----------
+
+    def pauseProducing(self):
+        if self.session is not None:
+            self.session.pauseProducing()
+
+    def resumeProducing(self):
+        if self.session is not None:
+            self.session.resumeProducing()
+
+    def stopProducing(self):
+        pass
+
+    def pauseReading(self):
+        """
+        Stop reading the client's messages (flow control).
+        """
+        socket = socketTransport(self.transport)
+        if socket is not None:
+            socket.pauseProducing()
+
+    def resumeReading(self):
+        """
+        Read the client's messages again.
+        """
+        socket = socketTransport(self.transport)
+        if socket is not None:
+            socket.resumeProducing()
+
+    def connectionLost(self, reason):
+        self._closing = True
+        WebSocketServerProtocol.connectionLost(self, reason)
+        self.connected = 0
+        if self._closeTimer is not None and self._closeTimer.active():
+            self._closeTimer.cancel()
+        self._closeTimer = None
+        if self.session is not None:
+            self.session.connectionLost(reason)
+
+
+class GateWebSocketFactory(WebSocketServerFactory):
+    """
+    Builds the gate's WebSocket protocols (under L{imserver.web.WebSite}'s
+    C{/ws}), with the gate's limits as autobahn's options.
+
+    @ivar gate: the L{imserver.protocol.GateFactory}.
+    @ivar origins: the L{OriginPolicy}.
+    """
+
+    protocol = GateWebSocketProtocol  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, gate, origins, refused=None):
+        """
+        @param refused: called with a reason when an upgrade is refused
+            (origin, subprotocol), for the metrics.
+        """
+        settings = gate.settings
+        WebSocketServerFactory.__init__(self, reactor=gate.clock)
+        # autobahn's timers (none with these options) on the injected clock.
+        self._batched_timer = txaio.with_config(loop=gate.clock).make_batched_timer(
+            bucket_seconds=0.2, chunk_size=1000
+        )
+        self.gate = gate
+        self.origins = origins
+        self._refused = refused
+        self.setProtocolOptions(
+            # No timers of autobahn's: the request already came through
+            # twisted.web (imserver.web.WebSite bounds it) and the handshake
+            # is answered at once; a close is bounded by close_timeout
+            # (GateWebSocketProtocol.close).
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=0,
+            # Limits per message, set per connection (maxFrameLength).
+            maxFramePayloadSize=0,
+            maxMessagePayloadSize=settings.preauth_max_frame_length,
+            autoFragmentSize=0,
+            failByDrop=False,
+            tcpNoDelay=True,
+            perMessageCompressionAccept=None,
+            utf8validateIncoming=True,
+            requireMaskedClientFrames=True,
+            webStatus=False,
+        )
+
+    def refused(self, reason):
+        if self._refused is not None:
+            self._refused(reason)
+
+    def buildProtocol(self, addr):
+        protocol = self.protocol(self.gate, addr)
+        protocol.factory = self
+        return protocol
