@@ -25,8 +25,12 @@ $(LINT_STAMP): $(STAMP)
 	    --config-settings editable_mode=compat
 	touch $(LINT_STAMP)
 
+# make run also serves the chat page and the WebSocket endpoint for browsers
+# (http://127.0.0.1:7481/); WEB=none turns that off, ARGS="--web ..." changes it.
+WEB ?= tcp:7481:interface=127.0.0.1
+
 run: $(STAMP)
-	$(BIN)/twistd -n im $(ARGS)
+	$(BIN)/twistd -n im --web $(WEB) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/trial $(TRIAL_ARGS) tests

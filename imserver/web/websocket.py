@@ -12,6 +12,7 @@ sweep, shutdown) is the session's, shared with TCP; this module only moves
 frames, relays flow control and closes within C{close_timeout}.
 """
 
+import ipaddress
 from urllib.parse import urlsplit
 
 import txaio
@@ -49,7 +50,12 @@ def isLoopbackHost(host):
     machine's loopback interface.
     """
     host = host.lower().strip("[]")
-    return host in _LOOPBACK_HOSTS or host.startswith("127.") or host.endswith(".localhost")
+    if host in _LOOPBACK_HOSTS or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class OriginPolicy:
