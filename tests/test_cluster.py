@@ -35,6 +35,7 @@ from tests.support import startServer
 from tests.support.cluster import RedisTestMixin
 from tests.support.live import Changes, ConnectionWatch, withDeadline
 from tests.support.redis import whenConnected, whenDisconnected
+from tests.support.websocket import JSON, connectWS
 
 LISTEN = "tcp:0:interface=127.0.0.1"
 URL = "redis://gate:s3cret@127.0.0.1:6390/0"
@@ -208,17 +209,19 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         self.b = yield self.startGate("gate-b")
 
     @inlineCallbacks
-    def startGate(self, gateId):
+    def startGate(self, gateId, *extra):
         """
         Build and start a gate with C{--redis}; wait until it is connected,
         subscribed and registered.
 
+        @param extra: more options.
         @return: its L{GateService}, with C{root}, C{cluster}, C{port} and
             C{watch} attributes added.
         """
         options = tap.Options()
         options.parseOptions(
-            [
+            list(extra)
+            + [
                 "--data-dir",
                 self.mktemp(),
                 "--listen",
@@ -338,6 +341,35 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         self.assertEqual((session.gateId, session.sessionId), ("gate-b", new.session.session_id))
         yield new.ping()
         self.assertIsNone(new.kicked)
+
+    @inlineCallbacks
+    def test_webSocketAcrossGates(self):
+        """
+        A WebSocket session on gate C gets a message sent on gate B, and is
+        kicked (C{REPLACED}) when its uid and device sign in on gate B.
+        """
+        c = yield self.startGate("gate-c", "--web", "tcp:0:interface=127.0.0.1")
+        webPort = (yield c.web.whenListening()).getHost().port
+        browser = yield connectWS(webPort, [JSON])
+        self.addCleanup(lambda: browser.closed)
+        response = yield browser.call(
+            "auth",
+            {
+                "uid": "alice",
+                "token": mintToken(self.secret, "alice", 60, time.time()),
+                "deviceId": "web",
+            },
+        )
+        self.assertNotIn("error", response)
+        bob = yield self.connect(self.b, "bob")
+        yield bob.send("alice", b"via redis", "w1")
+        push = yield browser.nextNotify("message", timeout=DEADLINE)
+        self.assertEqual(push["body"]["message"]["sender"], "bob")
+        yield self.connect(self.b, "alice", deviceId="web")
+        kicked = yield browser.nextNotify("kicked", timeout=DEADLINE)
+        self.assertEqual(kicked["body"]["reason"], "REPLACED")
+        code = yield browser.closed
+        self.assertEqual(code, 1000)
 
     @inlineCallbacks
     def waitForRedis(self, gates, event):

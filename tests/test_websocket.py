@@ -13,13 +13,14 @@ import time
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from imserver import tap
 from imserver.auth import loadSecret, mintToken
 from imserver.client import connect
+from imserver.datadir import CERT_FILE_NAME
 from imserver.pb import im_pb2 as pb
 from imserver.web.websocket import CLOSE_ERROR_BASE
 
@@ -361,6 +362,91 @@ class WebSocketDeliveryTests(TestCase):
         self.assertEqual(len(self.web.site.http), 0)
         yield self.web.closeWS(browser)
         yield waitFor(lambda: not self.web.factory.connections and not self.web.factory.closing)
+
+
+class SecureWebSocketTests(TestCase):
+    """
+    C{--web ssl:...}: wss:// with the gate's certificate.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_wss(self):
+        """
+        A wss:// client that trusts the gate's certificate exchanges
+        messages with a TCP client; its close is bounded like the TLS
+        gate's.
+        """
+        web = WebGate(self, "--web", "ssl:0:interface=127.0.0.1")
+        yield web.ports()
+        caFile = web.dataDir.child(CERT_FILE_NAME).path
+        browser = yield connectWS(web.webPort, [PROTO], host="localhost", caFile=caFile)
+        self.addCleanup(web.closeWS, browser)
+        self.assertTrue(browser.transport.getHandle() is not None)
+        response = yield web.auth(browser, "alice")
+        self.assertFalse(response.HasField("error"))
+        phone = yield web.tcp("bob")
+        yield phone.send("alice", b"over wss", "s1")
+        push = yield browser.nextNotify("message")
+        self.assertEqual(pb.InboxEntry.FromString(push.body).message.body, b"over wss")
+        self.assertIn(web.gate.web.port.getHost().port, [web.webPort])
+
+    @inlineCallbacks
+    def test_plainOnTLS(self):
+        """
+        A plaintext upgrade request on the TLS listener gets no answer but
+        a close.
+        """
+        web = WebGate(self, "--web", "ssl:0:interface=127.0.0.1")
+        yield web.ports()
+        _, data = yield rawHTTP(web.webPort, upgradeRequest())
+        self.assertNotIn(b"HTTP/1.1 101", data)
+        self.assertEqual(len(web.factory.connections), 0)
+
+
+class SlowConsumerTests(TestCase):
+    """
+    A browser that stops reading is paused, then closed like a TCP client.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_slowConsumer(self):
+        web = WebGate(
+            self,
+            "--write-buffer-high",
+            "4096",
+            "--slow-consumer-grace",
+            "0.5",
+            "--sweep-interval",
+            "0.05",
+        )
+        yield web.ports()
+        browser = yield web.ws("alice")
+        other = yield web.ws("bob")
+        browser.transport.pauseProducing()
+        self.addCleanup(browser.transport.resumeProducing)
+        [session] = [s for s in web.factory.connections if s.uid == "alice"]
+        notice = b"n" * 60000
+        # Pushed to until the socket buffers (several MB on loopback) are
+        # full, it stays paused for the grace and is closed; broadcast skips
+        # it while it is paused.  3000 rounds, 180 MB, at most.
+        paused = 0
+        for _ in range(3000):
+            if session not in web.factory.connections:
+                break
+            paused += session.pausedSince is not None
+            web.factory.broadcast(notice, "text/plain")
+            yield deferLater(reactor, 0.001, lambda: None)
+        self.assertGreater(paused, 0)
+        self.assertNotIn(session, web.factory.connections)
+        self.assertEqual(session.errorCode, pb.SLOW_CONSUMER)
+        # The other session is unaffected.
+        yield other.call("ping", {})
+        browser.transport.resumeProducing()
+        yield browser.closed
 
 
 class WebSocketErrorTests(TestCase):

@@ -8,10 +8,11 @@ handshakes and requests the server must refuse (L{rawHTTP}).
 import json
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import reactor
+from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Protocol
+from twisted.python.filepath import FilePath
 
 from imserver.pb import im_pb2 as pb
 
@@ -164,18 +165,22 @@ class WSClient(WebSocketClientProtocol):
         return self.next(lambda item: self.kindOf(item) == pb.ERROR, timeout, "an ERROR frame")
 
 
-def connectWS(port, protocols=(JSON,), origin=None, host="127.0.0.1", timeout=5.0):
+def connectWS(port, protocols=(JSON,), origin=None, host="127.0.0.1", timeout=5.0, caFile=None):
     """
-    Open a WebSocket to C{ws://host:port/ws} offering C{protocols}.
+    Open a WebSocket to C{ws://host:port/ws} offering C{protocols}; with
+    C{caFile} (the PEM certificate to trust), C{wss://}.
 
     @return: a L{Deferred} firing with the open L{WSClient}.
     """
-    url = "ws://{}:{}/ws".format(host, port)
+    url = "{}://{}:{}/ws".format("ws" if caFile is None else "wss", host, port)
     factory = WebSocketClientFactory(url, protocols=list(protocols) or None, origin=origin)
     factory.protocol = WSClient
     # No autobahn timers (they outlive the test): withDeadline bounds it.
     factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
     endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if caFile is not None:
+        trustRoot = ssl.Certificate.loadPEM(FilePath(caFile).getContent())
+        endpoint = wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trustRoot), endpoint)
     d = endpoint.connect(factory)
     d.addCallback(lambda client: client.opened)
     return withDeadline(d, timeout, "a WebSocket to " + url)
