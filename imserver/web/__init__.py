@@ -209,6 +209,11 @@ class WebSite(Site):
     def metrics(self):
         return self.gate.metrics
 
+    def log(self, request):
+        # No access log: page loads are noise in the gate's log, and the
+        # sessions log what matters (connection, auth, close).
+        pass
+
     def refused(self, reason):
         self.refusedUpgrades[reason] += 1
 
