@@ -20,7 +20,8 @@ from twisted.trial.unittest import TestCase
 from imserver import tap
 from imserver.auth import loadSecret, mintToken
 from imserver.client import connect
-from imserver.datadir import CERT_FILE_NAME
+from imserver.datadir import CERT_FILE_NAME, KEY_FILE_NAME
+from imserver.tls import makeSelfSigned
 from imserver.pb import im_pb2 as pb
 from imserver.web.websocket import CLOSE_ERROR_BASE
 
@@ -340,6 +341,20 @@ class WebSocketDeliveryTests(TestCase):
         self.assertEqual((name, typing.uid, typing.active), ("typing", "alice", True))
 
     @inlineCallbacks
+    def test_notice(self):
+        """
+        A broadcast notice reaches WebSocket sessions of both subprotocols.
+        """
+        browser = yield self.web.ws("alice")
+        binary = yield self.web.ws("bob", protocol=PROTO)
+        self.assertEqual(self.web.factory.broadcast(b"maintenance at 5", "text/plain"), 2)
+        notice = yield browser.nextNotify("notice")
+        self.assertEqual(base64.b64decode(notice["body"]["body"]), b"maintenance at 5")
+        self.assertEqual(notice["body"]["contentType"], "text/plain")
+        notice = yield binary.nextNotify("notice")
+        self.assertEqual(pb.Notice.FromString(notice.body).body, b"maintenance at 5")
+
+    @inlineCallbacks
     def test_shutdown(self):
         """
         Stopping the gate sends SERVER_SHUTDOWN and closes with 4006.
@@ -391,6 +406,26 @@ class SecureWebSocketTests(TestCase):
         push = yield browser.nextNotify("message")
         self.assertEqual(pb.InboxEntry.FromString(push.body).message.body, b"over wss")
         self.assertIn(web.gate.web.port.getHost().port, [web.webPort])
+
+    @inlineCallbacks
+    def test_certificateReload(self):
+        """
+        The web listener's certificate is reloaded with the gate's: after
+        the files are replaced and reloaded, a new wss:// connection gets
+        the new certificate.
+        """
+        web = WebGate(self, "--web", "ssl:0:interface=127.0.0.1")
+        yield web.ports()
+        certPEM, keyPEM = makeSelfSigned(hostnames=("localhost", "renewed.example"))
+        web.dataDir.child(KEY_FILE_NAME).setContent(keyPEM)
+        web.dataDir.child(CERT_FILE_NAME).setContent(certPEM)
+        self.assertEqual(web.root.getServiceNamed("certificates").reload(), 1)
+        newCA = FilePath(self.mktemp())
+        newCA.setContent(certPEM)
+        browser = yield connectWS(web.webPort, [JSON], host="localhost", caFile=newCA.path)
+        self.addCleanup(web.closeWS, browser)
+        response = yield web.auth(browser, "alice")
+        self.assertNotIn("error", response)
 
     @inlineCallbacks
     def test_plainOnTLS(self):
