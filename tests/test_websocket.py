@@ -21,8 +21,8 @@ from imserver import tap
 from imserver.auth import loadSecret, mintToken
 from imserver.client import connect
 from imserver.datadir import CERT_FILE_NAME, KEY_FILE_NAME
-from imserver.tls import makeSelfSigned
 from imserver.pb import im_pb2 as pb
+from imserver.tls import makeSelfSigned
 from imserver.web.websocket import CLOSE_ERROR_BASE
 
 from tests.support import serverEnvironment, startServer, withoutSecretEnvironment
