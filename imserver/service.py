@@ -368,6 +368,22 @@ class WebService(ListenerService):
         self.setName("web")
         self.secure = splitDescription(description)[0][0].lower() == "ssl"
 
+    def stopService(self):
+        """
+        Stop listening, and drop the connections still in HTTP (page
+        requests, upgrades under way): the WebSocket sessions are the
+        gate's, closed by its shutdown.
+        """
+        d = maybeDeferred(ListenerService.stopService, self)
+
+        def dropHTTP(result):
+            for channel in list(self.factory.http):
+                if channel.transport is not None:
+                    channel.transport.abortConnection()
+            return result
+
+        return d.addCallback(dropHTTP)
+
     def listened(self, port):
         address = _format(port.getHost())
         self.log.info(

@@ -782,6 +782,19 @@ class HandshakeTests(TestCase):
         self.assertLess(time.monotonic() - started, 4)
 
     @inlineCallbacks
+    def test_stopDropsHTTP(self):
+        """
+        Stopping the gate drops the web listener's connections still in
+        HTTP at once.
+        """
+        pending = Collect(b"GET / HTTP/1.1\r\n")
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.web.webPort), pending)
+        yield waitFor(lambda: len(self.web.site.http) == 1)
+        yield self.web.root.stopService()
+        yield withDeadline(pending.done, 1, "the HTTP connection to be dropped")
+        self.assertEqual(len(self.web.site.http), 0)
+
+    @inlineCallbacks
     def test_admission(self):
         """
         Connections still in HTTP count against C{max_connections_per_ip}
