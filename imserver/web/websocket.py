@@ -66,7 +66,7 @@ class OriginPolicy:
 
     Allowed: a request without an C{Origin} header (not a browser: native
     and command-line clients, which could send any origin anyway); the
-    page's own origin (C{Origin} names the scheme, host and port the
+    page's own origin (C{Origin} names the host and port the
     request was sent to); any loopback origin unless C{allowLoopback} is
     false; and each origin of C{allowed} (C{https://app.example.com}, or
     C{*} for any).
@@ -100,10 +100,10 @@ class OriginPolicy:
             netloc = netloc.replace(parts.hostname, "[{}]".format(parts.hostname), 1)
         return "{}://{}".format(parts.scheme, netloc)
 
-    def allows(self, origin, host, secure):
+    def allows(self, origin, host):
         """
         Whether a WebSocket request with header C{Origin: origin} sent to
-        C{Host: host} over TLS (C{secure}) or not is taken.
+        C{Host: host} is taken.
 
         @param origin: the header's value, or L{None} without one.
         """
@@ -115,13 +115,11 @@ class OriginPolicy:
             return False  # "null" (a sandboxed page, a file:), garbage
         if origin in self.allowed:
             return True
-        if host is not None:
-            try:
-                own = self.normalise("{}://{}".format("https" if secure else "http", host))
-            except ValueError:
-                own = None
-            if origin == own:
-                return True
+        if host is not None and urlsplit(origin).netloc == host.strip().lower():
+            # The page's own host and port, whatever the scheme (as
+            # Gorilla's checkSameOrigin): behind a TLS terminator the gate
+            # sees http for an https page.
+            return True
         if self.allowLoopback:
             return isLoopbackHost(urlsplit(origin).hostname or "")
         return False
@@ -196,7 +194,7 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         """
         factory = self.factory
         origin = request.headers.get("origin")
-        if not factory.origins.allows(origin, request.headers.get("host"), self.isSecure()):
+        if not factory.origins.allows(origin, request.headers.get("host")):
             factory.refused("origin")
             _log.info(
                 "refused a WebSocket from {peer}: origin {origin!r} not allowed",
@@ -212,9 +210,6 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
             ConnectionDeny.BAD_REQUEST,
             "offer the subprotocol {} or {} in Sec-WebSocket-Protocol".format(PROTO, JSON),
         )
-
-    def isSecure(self):
-        return socketTransport(self.transport) is not self.transport
 
     def onOpen(self):
         """
