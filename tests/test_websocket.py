@@ -8,6 +8,7 @@ to each other through one gate.
 
 import base64
 import json
+import socket
 import time
 
 from twisted.internet import reactor
@@ -23,6 +24,7 @@ from imserver.client import connect
 from imserver.datadir import CERT_FILE_NAME, KEY_FILE_NAME
 from imserver.pb import im_pb2 as pb
 from imserver.tls import makeSelfSigned
+from imserver.transport import socketTransport
 from imserver.web.websocket import CLOSE_ERROR_BASE
 
 from tests.support import serverEnvironment, startServer, withoutSecretEnvironment
@@ -365,6 +367,17 @@ class WebSocketDeliveryTests(TestCase):
         self.assertEqual(error["error"]["code"], "SERVER_SHUTDOWN")
         code = yield browser.closed
         self.assertEqual(code, CLOSE_ERROR_BASE + pb.SERVER_SHUTDOWN)
+
+    @inlineCallbacks
+    def test_noDelay(self):
+        """
+        The gate's end of a WebSocket connection has Nagle's algorithm off
+        (C{TCP_NODELAY}), as its TCP connections do.
+        """
+        yield self.web.ws("alice")
+        [session] = self.web.factory.connections
+        sock = socketTransport(session.channel.transport).getHandle()
+        self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     @inlineCallbacks
     def test_countedAsConnections(self):
