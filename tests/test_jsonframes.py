@@ -162,11 +162,15 @@ class DecodeTests(SynchronousTestCase):
         self.assertEqual((frame.method, frame.body), ("nosuch", b""))
         frame = decodeFrame('{"kind":"NOTIFY","method":"nosuch","body":{"x":1}}')
         self.assertEqual(frame.method, "nosuch")
+        for body in ['"x"', "[1, 2]", "3"]:
+            frame = decodeFrame('{"kind":"REQUEST","seq":2,"method":"nosuch","body":%s}' % body)
+            self.assertEqual(frame.body, b"")
 
     def test_refused(self):
         """
         Not JSON, not an object, an unknown field (of the frame or of the
-        body), a wrong type, or a body that is not an object: refused.
+        body), a wrong type (a boolean for an enum too), or a body of a
+        known method that is not an object: refused.
         """
         for text in [
             b"",
@@ -180,7 +184,8 @@ class DecodeTests(SynchronousTestCase):
             b'{"kind":"BOGUS"}',
             b'{"kind":"REQUEST","seq":1,"method":"send","body":{"to":1}}',
             b'{"kind":"REQUEST","seq":1,"method":"send","body":"hi"}',
-            b'{"kind":"REQUEST","seq":1,"method":"nosuch","body":[]}',
+            b'{"kind":true}',
+            b'{"kind":"REQUEST","seq":true,"method":"ping"}',
             b'{"kind":"NOTIFY","method":"ack","body":{"seq":-1}}',
             b"[" * 100000 + b"]" * 100000,
         ]:

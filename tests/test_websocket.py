@@ -643,6 +643,33 @@ class WebSocketErrorTests(TestCase):
         yield self.assertClosedWith(client, pb.FRAME_TOO_LARGE)
 
     @inlineCallbacks
+    def test_violationEndsSession(self):
+        """
+        A violation of RFC 6455 that autobahn answers itself (here a
+        reserved opcode) ends the session at once, as any close the gate
+        decides: out of the gate's connections, its close frame 1002
+        written, TCP closed within C{close_timeout} though the client never
+        answers; the gate carries on (its idle sweep included).
+        """
+        client = Collect(upgradeRequest(protocols=(PROTO,)))
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.web.webPort), client)
+        yield waitFor(lambda: b"\r\n\r\n" in b"".join(client.data))
+        start = time.monotonic()
+        client.transport.write(bytes.fromhex("83815ac30f9622"))
+        yield withDeadline(client.done, 5, "the gate to close the connection")
+        # close_timeout (2 s) at most.
+        self.assertLess(time.monotonic() - start, 3)
+        data = b"".join(client.data)
+        self.assertIn(b"HTTP/1.1 101", data)
+        # The close frame (FIN + opcode 8) with code 1002.
+        self.assertIn(b"\x88", data)
+        self.assertIn((1002).to_bytes(2, "big"), data.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual([s for s in self.web.factory.connections if s.uid is None], [])
+        self.assertEqual(self.web.factory.closing, set())
+        self.web.factory.sweep()
+        yield self.bystander.call("ping", {})
+
+    @inlineCallbacks
     def test_requestBeforeAuth(self):
         client = yield self.web.ws()
         response = yield client.call("ping", {})

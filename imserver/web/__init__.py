@@ -100,6 +100,14 @@ class WebSocketUpgrade:
         raise NotImplementedError("/ws has no children")
 
     def render(self, request):
+        if request.postpath not in ([], [b""]):
+            request.setResponseCode(404)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"no such resource\n"
+        if request.clientproto != b"HTTP/1.1":
+            request.setResponseCode(400)
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"a WebSocket upgrade is an HTTP/1.1 request\n"
         channel = request.channel
         transport = channel.transport
         upgrade = (request.getHeader(b"upgrade") or b"").lower()

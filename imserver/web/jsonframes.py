@@ -84,6 +84,9 @@ def decodeFrame(text: str | bytes) -> pb.Frame:
     if not isinstance(value, dict):
         raise JSONFrameError("a frame is a JSON object")
     body = value.pop("body", None)
+    for name in ("kind", "seq"):
+        if isinstance(value.get(name), bool):
+            raise JSONFrameError("frame: {} is not a boolean".format(name))
     frame = pb.Frame()
     _parse(value, frame, "frame")
     if body is not None:
@@ -98,8 +101,6 @@ def decodeFrame(text: str | bytes) -> pb.Frame:
             message = bodyType()
             _parse(body, message, "body of {}".format(frame.method))
             frame.body = message.SerializeToString()
-        elif not isinstance(body, dict):
-            raise JSONFrameError("body is not a JSON object")
     return frame
 
 

@@ -292,7 +292,7 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
     # -- writing -------------------------------------------------------------
 
     def writeFrame(self, data):
-        if not self._closing:
+        if not self._closing and self.state == self.STATE_OPEN:
             metrics = self._metrics
             metrics.framesSent += 1
             encoder = self._encoder
@@ -309,7 +309,7 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         Write the C{message} push of inbox entry C{seq} of C{encoded} (an
         L{imserver.wire.EncodedMessage}).
         """
-        if not self._closing:
+        if not self._closing and self.state == self.STATE_OPEN:
             encoder = self._encoder
             if encoder is None:
                 data = encoded.frame(seq, outgoing)
@@ -333,13 +333,37 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
             return
         self._closing = True
         code = self.session.errorCode if self.session is not None else None
-        if code is None:
-            self.sendClose(CLOSE_NORMAL)
-        else:
-            self.sendClose(CLOSE_ERROR_BASE + code, pb.ErrorCode.Name(code))
-        self._closeTimer = self.gate.clock.callLater(
-            self.gate.settings.close_timeout, self._closeTimedOut
-        )
+        if self.state == self.STATE_OPEN:
+            if code is None:
+                self.sendClose(CLOSE_NORMAL)
+            else:
+                self.sendClose(CLOSE_ERROR_BASE + code, pb.ErrorCode.Name(code))
+        self._boundClose()
+
+    def _boundClose(self):
+        if self._closeTimer is None and self.connected:
+            self._closeTimer = self.gate.clock.callLater(
+                self.gate.settings.close_timeout, self._closeTimedOut
+            )
+
+    def _fail_connection(self, code=1001, reason="going away"):
+        # autobahn ends the connection by itself (a violation of RFC 6455,
+        # invalid UTF-8): its close frame, then the session ends as for any
+        # close the gate decides, within close_timeout.
+        WebSocketServerProtocol._fail_connection(self, code, reason)
+        self._closedByWebSocket()
+
+    def onClose(self, wasClean, code, reason):
+        # The closing handshake is under way or done (the client's close, or
+        # autobahn's): the session ends now.
+        self._closedByWebSocket()
+
+    def _closedByWebSocket(self):
+        if not self._closing:
+            self._closing = True
+            self._boundClose()
+            if self.session is not None:
+                self.session.close()
 
     def _closeTimedOut(self):
         self._closeTimer = None
@@ -347,17 +371,17 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
             self.transport.abortConnection()
 
     def _closeConnection(self, abort=False):
-        # autobahn's end of the closing handshake: close TCP without waiting
-        # for the peer's TLS close_notify (imserver.transport).
+        # autobahn's end of the connection (the closing handshake done, or a
+        # violation): with none of autobahn's timers on, every abort it asks
+        # for is "done, close now", so TCP is closed once the last frames
+        # (its close frame) are written, without waiting for the peer's TLS
+        # close_notify, and aborted at close_timeout (imserver.transport).
         self.unregisterProducer()
-        if abort:
-            self.transport.abortConnection()
-        else:
-            timer = closeBounded(self, self.gate.clock, self.gate.settings.close_timeout)
-            if timer is not None:
-                if self._closeTimer is not None and self._closeTimer.active():
-                    self._closeTimer.cancel()
-                self._closeTimer = timer
+        timer = closeBounded(self, self.gate.clock, self.gate.settings.close_timeout)
+        if timer is not None:
+            if self._closeTimer is not None and self._closeTimer.active():
+                self._closeTimer.cancel()
+            self._closeTimer = timer
 
     def abort(self):
         """
@@ -448,6 +472,8 @@ class GateWebSocketFactory(WebSocketServerFactory):
             utf8validateIncoming=True,
             requireMaskedClientFrames=True,
             webStatus=False,
+            # RFC 6455 only, not the drafts autobahn also speaks.
+            versions=[13],
         )
 
     def refused(self, reason):
