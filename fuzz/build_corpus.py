@@ -5,7 +5,9 @@ suite (tests/data/malformed/*.json): one file per distinct case input,
 named by its SHA-1, each in three variants of the first byte
 (C{fuzz/harness.py}): one read with the memory store, reads of 7 bytes, one
 read with SQLite.  Cases that are not about framing (raw bytes to the TLS
-port) are included too: they are just more odd bytes.
+port) are included too: they are just more odd bytes.  The web listener's
+cases are not: their bytes (HTTP, WebSocket frames) are for another
+protocol than the one the fuzz target reads.
 
     .venv/bin/python fuzz/build_corpus.py [DIRECTORY]    # default fuzz/corpus
 """
@@ -18,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from fuzz.harness import NOW, SECRET, UID, makeInput  # noqa: E402
-from tests.support.malformed import BuildContext, loadCases  # noqa: E402
+from tests.support.malformed import BuildContext, streamCases  # noqa: E402
 
 
 def corpus():
@@ -27,7 +29,7 @@ def corpus():
     """
     context = BuildContext(SECRET, NOW, UID)
     seen, inputs = set(), []
-    for case in loadCases():
+    for case in streamCases():
         payload = b"".join(value for step, value in case.steps(context) if step == "data")
         for chunk, sqlite in [(0, False), (7, False), (0, True)]:
             data = makeInput(case.state, payload, chunk, sqlite)

@@ -4,16 +4,21 @@ The malformed-input suite: every case of C{tests/data/malformed/*.json}
 against one real gate, in this process, on loopback.
 
 The gate is the service tree of C{twistd im} (L{imserver.tap.makeService})
-with a C{tcp:} and an C{ssl:} listener and C{--api none}.  Each case opens
-its own connection (raw bytes over TCP, or over verified TLS), optionally
-authenticates, sends its bytes, and must see the outcome its data file
-names within one second: an ERROR frame with a code and a clean close, an
-error RESPONSE for a seq, a clean close with no frame, or the connection
-kept open and still answering a C{ping}.  Meanwhile a canary pair of real
-clients (L{imserver.client}, TLS) sends messages to each other without a
-pause; after every batch of cases the canary must complete a round trip
-within a second, and at the end every canary message must have arrived once
-and in order.  docs/security.md describes the suite.
+with a C{tcp:} and an C{ssl:} listener, a C{--web} listener and C{--api
+none}.  Each case opens its own connection (raw bytes over TCP, over
+verified TLS, or over a WebSocket after an upgrade, hand-built frames and
+all), optionally authenticates, sends its bytes, and must see the outcome
+its data file names within one second: an ERROR frame with a code and a
+clean close (over WebSocket, the close frame of the code section 17.5
+gives), an error RESPONSE for a seq, a clean close with no frame, an HTTP
+refusal of the upgrade, or the connection kept open and still answering a
+C{ping}.  Meanwhile two canary pairs of real clients send messages to each
+other without a pause: one over TLS (L{imserver.client}), one over
+WebSocket (an C{imserver.v1.json} client sending to an
+C{imserver.v1.proto} one, L{tests.support.websocket}); after every batch of
+cases each canary must complete a round trip within a second, and at the
+end every canary message must have arrived once and in order.
+docs/security.md describes the suite.
 
 The data format is described in L{tests.support.malformed}, which loads
 the cases and builds their bytes.
@@ -25,7 +30,9 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from twisted.internet import reactor
 from twisted.internet.defer import (
@@ -53,12 +60,26 @@ from imserver.framing import encodeFrame
 from imserver.pb import im_pb2 as pb
 
 from tests.support import serverEnvironment, startServer, withoutSecretEnvironment
+from tests.support.live import waitFor
 from tests.support.malformed import (
+    WEB_LISTENERS,
     BuildContext,
     Case,
     encodeFrameSpec,
     encodeWire,
     loadCases,
+    streamCases,
+)
+from tests.support.websocket import (
+    JSON,
+    OPCODES,
+    PROTO,
+    acceptValue,
+    clientFrame,
+    connectWS,
+    parseResponseHead,
+    readServerFrame,
+    upgradeRequest,
 )
 
 #: Seconds a case has for its outcome once its bytes are written.
@@ -73,6 +94,8 @@ PROBE_SEQ = 0x7FFF0001
 CANARY_INTERVAL = 0.02
 
 _PUSHES = frozenset(["message", "typing", "notice"])
+#: The subprotocol the runner's upgrade offers, by listener.
+_SUBPROTOCOLS = {"ws": PROTO, "ws-json": JSON}
 # -- the runner ----------------------------------------------------------------
 
 
@@ -88,14 +111,15 @@ class RawClient(Protocol):
     they hold, and how the connection ended.
 
     @ivar frames: the frames received so far.
-    @ivar unparsable: bytes arrived that are not frames.
+    @ivar problems: what arrived that is not frames (reading stops at the
+        first).
     @ivar reason: the reason the connection was lost, or L{None}.
     """
 
     def __init__(self):
         self.data = b""
         self.frames = []
-        self.unparsable = False
+        self.problems = []
         self.reason = None
         self.closedAt = None
         self._offset = 0
@@ -103,23 +127,44 @@ class RawClient(Protocol):
 
     def dataReceived(self, data):
         self.data += data
-        while not self.unparsable and len(self.data) - self._offset >= 4:
+        while not self.problems and len(self.data) - self._offset >= 4:
             (length,) = struct.unpack_from("!I", self.data, self._offset)
             if length > 1 << 20:
-                self.unparsable = True
+                self._problem("a length prefix of {}".format(length))
                 break
             end = self._offset + 4 + length
             if len(self.data) < end:
                 break
-            frame = pb.Frame()
-            try:
-                frame.ParseFromString(self.data[self._offset + 4 : end])
-            except DecodeError:
-                self.unparsable = True
-                break
-            self.frames.append(frame)
+            self._frameReceived(self.data[self._offset + 4 : end])
             self._offset = end
         self._changed()
+
+    def _problem(self, what):
+        self.problems.append(what)
+
+    def _frameReceived(self, data):
+        frame = pb.Frame()
+        try:
+            frame.ParseFromString(data)
+        except DecodeError:
+            self._problem("a frame that does not parse: {!r}".format(data[:40]))
+        else:
+            self.frames.append(frame)
+
+    def sendRequest(self, seq, method, body):
+        """
+        Send a request (a frame the runner builds itself).
+
+        @param body: the request message.
+        """
+        frame = pb.Frame(kind=pb.REQUEST, seq=seq, method=method, body=body.SerializeToString())
+        self.transport.write(encodeFrame(frame))
+
+    def received(self):
+        """
+        Descriptions of what was received, for the report.
+        """
+        return [describe(f) for f in self.frames] + self.problems
 
     def connectionLost(self, reason):
         self.reason = reason
@@ -156,6 +201,123 @@ class RawClient(Protocol):
         The frames received, server pushes left out.
         """
         return [f for f in self.frames if not (f.kind == pb.NOTIFY and f.method in _PUSHES)]
+
+
+class WebSocketRawClient(RawClient):
+    """
+    A L{RawClient} of the web listener: reads the answer to an upgrade
+    request, then the gate's WebSocket frames (docs/protocol.md section
+    17): the frames of its messages, decoded as the subprotocol the gate
+    chose, and its close code.  It answers the gate's close frame (the
+    closing handshake) unless told not to, and its pings.
+
+    @ivar status: the HTTP status of the answer to the upgrade, or L{None}.
+    @ivar subprotocol: the subprotocol the gate chose.
+    @ivar closeCode: the code of the gate's close frame (L{None} before it;
+        C{0} for one without a code).
+    @ivar problems: what the gate sent that RFC 6455 or section 17 forbids.
+    """
+
+    status = None
+    subprotocol = None
+    closeCode = None
+
+    def __init__(self, replyToClose=True):
+        RawClient.__init__(self)
+        self._replyToClose = replyToClose
+        self._fragments = None
+
+    def upgrade(self, request, seconds):
+        """
+        Write an upgrade request.
+
+        @return: a L{Deferred} firing once it is answered (or the
+            connection is lost), or failing after C{seconds}.
+        """
+        self.transport.write(request)
+        return self.until(
+            lambda: self.status is not None or self.reason is not None or self.problems,
+            seconds,
+            "answer to the upgrade",
+        )
+
+    def dataReceived(self, data):
+        self.data += data
+        if self.status is None and not self.problems:
+            try:
+                head = parseResponseHead(self.data)
+            except ValueError as e:
+                self._problem(str(e))
+                head = None
+            if head is not None:
+                self.status, headers, self._offset = head
+                if self.status == 101:
+                    protocol = headers.get(b"sec-websocket-protocol", b"")
+                    self.subprotocol = protocol.decode("latin-1")
+                    if headers.get(b"sec-websocket-accept") != acceptValue():
+                        self._problem("a 101 without the right Sec-WebSocket-Accept")
+        while self.status == 101 and not self.problems:
+            read = readServerFrame(self.data, self._offset)
+            if read is None:
+                break
+            frame, self._offset = read
+            self._wsFrameReceived(frame)
+        self._changed()
+
+    def _wsFrameReceived(self, frame):
+        if self.closeCode is not None:
+            self._problem("a frame after the close frame")
+        elif frame.masked or frame.rsv:
+            self._problem("a masked frame, or reserved bits")
+        elif frame.opcode == OPCODES["close"]:
+            self.closeCode = int.from_bytes(frame.payload[:2], "big")
+            if self._replyToClose:
+                self.transport.write(clientFrame(OPCODES["close"], frame.payload[:2]))
+        elif frame.opcode == OPCODES["ping"]:
+            self.transport.write(clientFrame(OPCODES["pong"], frame.payload))
+        elif frame.opcode == OPCODES["pong"]:
+            pass
+        elif (frame.opcode == OPCODES["continuation"]) != (self._fragments is not None):
+            self._problem("opcode {} out of place".format(frame.opcode))
+        elif not frame.fin:
+            self._fragments = (self._fragments or [frame.opcode]) + [frame.payload]
+        elif self._fragments is not None:
+            opcode, *payloads = self._fragments + [frame.payload]
+            self._fragments = None
+            self._messageReceived(opcode, b"".join(payloads))
+        else:
+            self._messageReceived(frame.opcode, frame.payload)
+
+    def _messageReceived(self, opcode, payload):
+        if self.subprotocol == JSON and opcode == OPCODES["text"]:
+            try:
+                value = json.loads(payload.decode("utf-8"))
+                body = value.pop("body", None)
+                frame = json_format.ParseDict(value, pb.Frame())
+            except (ValueError, AttributeError, json_format.ParseError) as e:
+                self._problem("not a frame in the JSON form: {}".format(e))
+                return
+            if body is None and frame.kind == pb.RESPONSE and not frame.HasField("error"):
+                self._problem("a RESPONSE without body or error: {!r}".format(payload[:80]))
+            self.frames.append(frame)
+        elif self.subprotocol == PROTO and opcode == OPCODES["binary"] and payload:
+            self._frameReceived(payload)
+        else:
+            self._problem("opcode {} on {}: {!r}".format(opcode, self.subprotocol, payload[:40]))
+
+    def sendRequest(self, seq, method, body):
+        if self.subprotocol == JSON:
+            frame = {"kind": "REQUEST", "seq": seq, "method": method}
+            frame["body"] = json_format.MessageToDict(body)
+            self.transport.write(clientFrame(OPCODES["text"], json.dumps(frame).encode("utf-8")))
+        else:
+            frame = pb.Frame(kind=pb.REQUEST, seq=seq, method=method, body=body.SerializeToString())
+            self.transport.write(clientFrame(OPCODES["binary"], frame.SerializeToString()))
+
+    def received(self):
+        refused = ["HTTP {}".format(self.status)] if self.status not in (None, 101) else []
+        close = ["close {}".format(self.closeCode)] if self.closeCode is not None else []
+        return refused + [describe(f) for f in self.frames] + close + self.problems
 
 
 def matchFrames(specs, frames):
@@ -198,16 +360,25 @@ def describe(frame):
 
 class Canary:
     """
-    Two real clients on the gate's TLS listener; one sends to the other
-    without pause, and both ack everything they are pushed.
+    Two real clients, C{canary-NAME-a} sending to C{canary-NAME-b} without
+    pause, both acking everything they are pushed.
 
+    @ivar name: which pair this is, in the uids and the failures.
     @ivar roundTrips: messages sent, acknowledged and received.
     @ivar received: the C{client_msg_id}s received, in order.
     @ivar errors: what went wrong, if anything.
     """
 
-    def __init__(self, connectClient):
-        self._connect = connectClient
+    def __init__(self, name, connectSender, connectReceiver):
+        """
+        @param connectSender: called as C{connect(uid, onNotify)}, returns
+            a L{Deferred} firing with an authenticated client (C{send},
+            C{ack} and C{close} as in L{imserver.client.ClientProtocol});
+            C{connectReceiver} too.
+        """
+        self.name = name
+        self._connectSender = connectSender
+        self._connectReceiver = connectReceiver
         self.roundTrips = 0
         self.errors = []
         self.received = []
@@ -219,8 +390,11 @@ class Canary:
 
     @inlineCallbacks
     def start(self):
-        self.receiver = yield self._connect("canary-b", self._onReceiverNotify)
-        self.sender = yield self._connect("canary-a", self._onSenderNotify)
+        self._to = "canary-{}-b".format(self.name)
+        self.receiver = yield self._connectReceiver(self._to, self._onReceiverNotify)
+        self.sender = yield self._connectSender(
+            "canary-{}-a".format(self.name), self._onSenderNotify
+        )
         self._running = True
         self._stopped = self._loop()
 
@@ -245,11 +419,13 @@ class Canary:
             arrived = self._arrivals[clientMsgId] = Deferred()
             started = reactor.seconds()
             try:
-                yield self.sender.send("canary-b", b"%d" % counter, clientMsgId, timeout=2)
+                yield self.sender.send(self._to, b"%d" % counter, clientMsgId, timeout=2)
                 yield withDeadline(arrived, 2, "canary message")
             except Exception as e:
                 self.errors.append(
-                    "canary stopped after {} round trips: {!r}".format(self.roundTrips, e)
+                    "canary {} stopped after {} round trips: {!r}".format(
+                        self.name, self.roundTrips, e
+                    )
                 )
                 self._running = False
                 break
@@ -265,6 +441,17 @@ class Canary:
         waiters, self._waiters = self._waiters, []
         for _since, d in waiters:
             d.errback(CaseFailed(self.errors[-1] if self.errors else "canary stopped"))
+
+    def summary(self):
+        """
+        The round trips and their latency, for the report.
+        """
+        latencies = sorted(self.latencies) or [0.0]
+        return {
+            "roundTrips": self.roundTrips,
+            "medianLatency": round(latencies[len(latencies) // 2], 4),
+            "maxLatency": round(latencies[-1], 4),
+        }
 
     def nextRoundTrip(self, seconds):
         """
@@ -284,6 +471,62 @@ class Canary:
             yield self._stopped
         yield self.sender.close()
         yield self.receiver.close()
+
+
+class WebSocketCanaryClient:
+    """
+    A canary client over WebSocket: a L{WSClient} of either subprotocol,
+    with what L{Canary} uses of L{imserver.client.ClientProtocol}.
+    """
+
+    def __init__(self, client, onNotify):
+        """
+        @param onNotify: called as C{onNotify(name, message)} for each
+            C{message} push.
+        """
+        self.client = client
+        self._onNotify = onNotify
+        client.onNotify = self._notified
+
+    def _body(self, message):
+        # A body as the subprotocol carries it (section 17.3, 17.4).
+        return json_format.MessageToDict(message) if self.client.json else message
+
+    def _read(self, item, message):
+        if self.client.json:
+            return json_format.ParseDict(item.get("body", {}), message)
+        message.ParseFromString(item.body)
+        return message
+
+    def _notified(self, item):
+        if self.client.methodOf(item) == "message":
+            self._onNotify("message", self._read(item, pb.InboxEntry()))
+
+    @inlineCallbacks
+    def call(self, method, request, response, timeout):
+        """
+        Send a request and read its response into C{response}.
+        """
+        item = yield self.client.call(method, self._body(request), timeout)
+        if self.client.json:
+            error = item.get("error")
+        else:
+            error = item.error if item.HasField("error") else None
+        if error:
+            raise CaseFailed("{} refused: {}".format(method, error))
+        return self._read(item, response)
+
+    def send(self, to, body, clientMsgId, timeout):
+        request = pb.SendRequest(to=to, body=body, client_msg_id=clientMsgId)
+        return self.call("send", request, pb.SendResponse(), timeout)
+
+    def ack(self, seq):
+        self.client.notify("ack", self._body(pb.Ack(seq=seq)))
+
+    def close(self):
+        if self.client.state != self.client.STATE_CLOSED:
+            self.client.sendClose(1000)
+        return self.client.closed
 
 
 @inlineCallbacks
@@ -379,7 +622,7 @@ class Outcome:
 
     @ivar error: why it failed, or L{None}.
     @ivar seconds: from its last byte written to its outcome.
-    @ivar frames: descriptions of the frames received.
+    @ivar frames: descriptions of what was received (L{RawClient.received}).
     """
 
     case: Case
@@ -411,6 +654,13 @@ class MalformedInputTests(TestCase):
                 "tcp:0:interface=127.0.0.1",
                 "--listen",
                 "ssl:0:interface=127.0.0.1",
+                "--web",
+                "tcp:0:interface=127.0.0.1",
+                # The gate closes a WebSocket whose client does not answer
+                # its close frame after this (docs/protocol.md section
+                # 17.5): within a case's deadline.
+                "--close-timeout",
+                "0.25",
                 # Every case comes from 127.0.0.1; the failed-auth throttle per
                 # address (tests/test_limits.py) would refuse the later ones.
                 "--auth-failure-burst",
@@ -421,7 +671,9 @@ class MalformedInputTests(TestCase):
         self.gate = self.root.getServiceNamed("gate")
         self.factory = self.gate.factory
         tcpAddress, sslAddress = yield self.gate.addresses()
-        self.ports = {"tcp": tcpAddress.port, "ssl": sslAddress.port}
+        web = yield self.gate.web.whenListening()
+        self.ports = {"tcp": tcpAddress.port, "ssl": sslAddress.port, "web": web.getHost().port}
+        self.site = self.gate.web.factory
         self.caFile = self.dataDir.child(CERT_FILE_NAME).path
         self.trustRoot = Certificate.loadPEM(FilePath(self.caFile).getContent())
         self.secret = loadSecret(self.dataDir, environ=serverEnvironment())
@@ -443,12 +695,31 @@ class MalformedInputTests(TestCase):
             onNotify=onNotify,
         )
 
+    @inlineCallbacks
+    def connectWebSocketCanary(self, subprotocol, uid, onNotify):
+        """
+        Connect and authenticate a canary client over WebSocket, offering
+        C{subprotocol}.
+        """
+        client = yield connectWS(self.ports["web"], [subprotocol], timeout=SETUP_DEADLINE)
+        canary = WebSocketCanaryClient(client, onNotify)
+        auth = pb.AuthRequest(
+            uid=uid,
+            token=mintToken(self.secret, uid, 3600, time.time()),
+            device_id="canary",
+            platform=pb.WEB,
+        )
+        yield canary.call("auth", auth, pb.AuthResponse(), SETUP_DEADLINE)
+        return canary
+
     def endpoint(self, listener):
         """
         A client endpoint to one of the gate's listeners (TLS verified
         against the gate's certificate for C{ssl}).
         """
-        port = self.ports["ssl" if listener == "ssl-raw" else listener]
+        port = self.ports[
+            "ssl" if listener == "ssl-raw" else "web" if listener in WEB_LISTENERS else listener
+        ]
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
         if listener == "ssl":
             endpoint = wrapClientTLS(
@@ -464,17 +735,22 @@ class MalformedInputTests(TestCase):
         @return: a L{Deferred} firing with its L{Outcome}.
         """
         outcome = Outcome(case)
-        client = RawClient()
+        if case.listener in WEB_LISTENERS:
+            client = WebSocketRawClient(replyToClose=case.client != "noCloseReply")
+        else:
+            client = RawClient()
         try:
             yield withDeadline(
                 connectProtocol(self.endpoint(case.listener), client), SETUP_DEADLINE, "connection"
             )
+            if case.listener in _SUBPROTOCOLS:
+                yield self._upgrade(client, _SUBPROTOCOLS[case.listener])
             yield self._play(case, client, outcome)
         except CaseFailed as e:
             outcome.error = str(e)
         except Exception as e:
             outcome.error = "runner error: {!r}".format(e)
-        outcome.frames = [describe(f) for f in client.frames]
+        outcome.frames = client.received()
         if client.transport is not None and client.reason is None:
             client.transport.loseConnection()
             try:
@@ -486,14 +762,24 @@ class MalformedInputTests(TestCase):
         return outcome
 
     @inlineCallbacks
+    def _upgrade(self, client, subprotocol):
+        yield client.upgrade(upgradeRequest(protocols=[subprotocol]), SETUP_DEADLINE)
+        self._checkUpgrade(client, 101, subprotocol)
+
+    @inlineCallbacks
     def _play(self, case, client, outcome):
         uid = "case-{}".format(case.index)
         context = BuildContext(self.secret, time.time(), uid)
         port = (client.transport.getHost().port, client.transport.getPeer().port)
         if case.state == "authenticated":
             yield self._authenticate(client, context)
+        expect = case.expect
         for step, value in case.steps(context):
-            if step == "pause":
+            if step == "upgrade":
+                yield client.upgrade(value, OUTCOME_DEADLINE)
+                if client.status != 101:
+                    break
+            elif step == "pause":
                 yield deferLater(reactor, value, lambda: None)
             elif step == "await":
                 yield client.until(
@@ -506,7 +792,13 @@ class MalformedInputTests(TestCase):
         if case.client == "halfClose":
             client.transport.loseWriteConnection()
         started = reactor.seconds()
-        expect = case.expect
+        if case.listener == "web":
+            self._checkUpgrade(client, expect.status or 101, expect.subprotocol)
+            if expect.status is not None:
+                if expect.then == "closed":
+                    yield client.until(lambda: client.reason is not None, OUTCOME_DEADLINE, "close")
+                outcome.seconds = reactor.seconds() - started
+                return
         ranged = any(spec.count[0] != spec.count[1] for spec in expect.frames)
         if expect.then == "closed":
             yield client.until(lambda: client.reason is not None, OUTCOME_DEADLINE, "close")
@@ -526,7 +818,15 @@ class MalformedInputTests(TestCase):
                     )
                 return
             self._matchAll(expect, client.relevant(), client)
-            if not client.reason.check(ConnectionDone):
+            if case.listener in WEB_LISTENERS:
+                # The closing handshake is the clean close: once it is
+                # done the gate drops TCP (autobahn aborts it), or it aborts
+                # a client that does not answer after close_timeout.
+                if client.closeCode != expect.closeCode():
+                    raise CaseFailed(
+                        "close code {}, expected {}".format(client.closeCode, expect.closeCode())
+                    )
+            elif not client.reason.check(ConnectionDone):
                 raise CaseFailed("not a clean close: {}".format(client.reason.value))
             # Over TLS the client has answered the gate's close_notify; the
             # gate closes its socket when that answer arrives.
@@ -562,16 +862,27 @@ class MalformedInputTests(TestCase):
         if not self.watch.isOpen(port):
             raise CaseFailed("the gate no longer holds the connection")
 
+    def _checkUpgrade(self, client, status, subprotocol):
+        # The answer to an upgrade request: its status and, for a 101, the
+        # subprotocol chosen (any if None).
+        if client.status != status:
+            got = "HTTP {}".format(client.status) if client.status else "no answer"
+            raise CaseFailed(
+                "the upgrade got {} ({}), expected HTTP {}".format(
+                    got, client.received() or client.reason, status
+                )
+            )
+        if subprotocol not in (None, client.subprotocol):
+            raise CaseFailed(
+                "the upgrade chose {}, expected {}".format(client.subprotocol, subprotocol)
+            )
+
     @inlineCallbacks
     def _authenticate(self, client, context):
         auth = pb.AuthRequest(
             uid=context.uid, device_id="d", token=context.token("valid", context.uid)
         )
-        client.transport.write(
-            encodeFrame(
-                pb.Frame(kind=pb.REQUEST, seq=1, method="auth", body=auth.SerializeToString())
-            )
-        )
+        client.sendRequest(1, "auth", auth)
         yield client.until(lambda: client.frames or client.reason, SETUP_DEADLINE, "auth response")
         if not client.frames or client.frames[0].HasField("error"):
             raise CaseFailed(
@@ -583,9 +894,7 @@ class MalformedInputTests(TestCase):
 
     def _sendProbe(self, client):
         if client.reason is None:
-            client.transport.write(
-                encodeFrame(pb.Frame(kind=pb.REQUEST, seq=PROBE_SEQ, method="ping"))
-            )
+            client.sendRequest(PROBE_SEQ, "ping", pb.PingRequest())
 
     def _matchAll(self, expect, frames, client):
         used, error = matchFrames(expect.frames, frames)
@@ -593,8 +902,8 @@ class MalformedInputTests(TestCase):
             error = "unexpected {}".format([describe(f) for f in frames[used:]])
         elif error is None and used is None:
             error = "missing frames"
-        if error is None and client.unparsable:
-            error = "bytes that are not frames: {!r}".format(client.data[-40:])
+        if error is None and client.problems:
+            error = "; ".join(client.problems)
         if error is not None:
             raise CaseFailed(
                 "{}; expected {}; got {}".format(
@@ -609,7 +918,7 @@ class MalformedInputTests(TestCase):
                 used is not None
                 or error is not None
                 or client.reason is not None
-                or client.unparsable
+                or client.problems
             )
 
         return client.until(check, OUTCOME_DEADLINE, "expected frames ({})".format(expect))
@@ -623,8 +932,17 @@ class MalformedInputTests(TestCase):
         logged as an error.
         """
         cases = loadCases()
-        canary = Canary(self.connectCanary)
-        yield canary.start()
+        canaries = [
+            Canary("tls", self.connectCanary, self.connectCanary),
+            # Both subprotocols, each way of the gate's WebSocket transport.
+            Canary(
+                "ws",
+                partial(self.connectWebSocketCanary, JSON),
+                partial(self.connectWebSocketCanary, PROTO),
+            ),
+        ]
+        for canary in canaries:
+            yield canary.start()
         failures, outcomes, known = [], [], []
         started = time.monotonic()
         for first in range(0, len(cases), BATCH):
@@ -638,10 +956,10 @@ class MalformedInputTests(TestCase):
                 if outcome.error is None and outcome.seconds > OUTCOME_DEADLINE:
                     outcome.error = "took {:.2f} s".format(outcome.seconds)
                 if outcome.case.knownBug is not None:
-                    # Reported, not failed.  Whether a known bug still
-                    # reproduces is checked deterministically by
-                    # FuzzHarnessTests.test_regressions; here timing (the
-                    # rate limiter's refill) may hide one.
+                    # Reported, not failed.  Whether a known bug of the
+                    # TCP session still reproduces is checked
+                    # deterministically by FuzzHarnessTests.test_regressions;
+                    # here timing (the rate limiter's refill) may hide one.
                     known.append(outcome)
                     continue
                 if outcome.error is not None:
@@ -654,26 +972,32 @@ class MalformedInputTests(TestCase):
                             outcome.frames,
                         )
                     )
-            try:
-                yield canary.nextRoundTrip(OUTCOME_DEADLINE)
-            except CaseFailed as e:
-                failures.append("canary after batch {}: {}".format(first // BATCH, e))
+            results = yield DeferredList(
+                [canary.nextRoundTrip(OUTCOME_DEADLINE) for canary in canaries],
+                consumeErrors=True,
+            )
+            stopped = [f.value for ok, f in results if not ok]
+            failures.extend("canary after batch {}: {}".format(first // BATCH, e) for e in stopped)
+            if stopped:
                 break
         elapsed = time.monotonic() - started
-        self.writeReport(outcomes, canary, elapsed)
+        self.writeReport(outcomes, canaries, elapsed)
         # What the known bugs log is expected; anything else logged as an
         # error still fails the test.
         for name in sorted(
             {name for outcome in known for name in outcome.case.knownBug.get("logs", [])}
         ):
             self.flushLoggedErrors(getattr(builtins, name))
-        yield canary.stop()
-        failures.extend(canary.errors)
-        expected = ["canary-{}".format(i + 1) for i in range(len(canary.received))]
-        if canary.received != expected:
-            failures.append(
-                "canary messages out of order or repeated: {}".format(canary.received[:20])
-            )
+        for canary in canaries:
+            yield canary.stop()
+            failures.extend(canary.errors)
+            expected = ["canary-{}".format(i + 1) for i in range(len(canary.received))]
+            if canary.received != expected:
+                failures.append(
+                    "canary {} messages out of order or repeated: {}".format(
+                        canary.name, canary.received[:20]
+                    )
+                )
         try:
             yield withDeadline(self.watch.whenEmpty(), OUTCOME_DEADLINE, "empty gate")
         except CaseFailed:
@@ -682,15 +1006,20 @@ class MalformedInputTests(TestCase):
                     sorted(repr(p) for p in self.factory.connections)
                 )
             )
+        try:
+            yield waitFor(lambda: not self.site.http, OUTCOME_DEADLINE)
+        except AssertionError:
+            failures.append("HTTP connections left on the web listener: {}".format(self.site.http))
         if failures:
             self.fail(
                 "{} of {} cases failed:\n{}".format(len(failures), len(cases), "\n".join(failures))
             )
-        self.assertGreater(canary.roundTrips, len(cases) // BATCH)
+        for canary in canaries:
+            self.assertGreater(canary.roundTrips, len(cases) // BATCH, canary.name)
 
-    def writeReport(self, outcomes, canary, elapsed):
+    def writeReport(self, outcomes, canaries, elapsed):
         """
-        Write a summary (cases per kind, timings, canary) as JSON beside
+        Write a summary (cases per kind, timings, canaries) as JSON beside
         the test's data directory, or to C{$IMSERVER_MALFORMED_REPORT}.
         """
         kinds, knownBugs = {}, []
@@ -709,7 +1038,6 @@ class MalformedInputTests(TestCase):
                         "bug": outcome.case.knownBug["description"],
                     }
                 )
-        latencies = sorted(canary.latencies) or [0.0]
         report = {
             "cases": len(outcomes),
             "kinds": kinds,
@@ -718,11 +1046,7 @@ class MalformedInputTests(TestCase):
             "slowest": sorted(
                 ((round(o.seconds, 4), o.case.title) for o in outcomes), reverse=True
             )[:5],
-            "canary": {
-                "roundTrips": canary.roundTrips,
-                "medianLatency": round(latencies[len(latencies) // 2], 4),
-                "maxLatency": round(latencies[-1], 4),
-            },
+            "canaries": {canary.name: canary.summary() for canary in canaries},
         }
         path = (
             os.environ.get("IMSERVER_MALFORMED_REPORT")
@@ -756,7 +1080,7 @@ class DataTests(SynchronousTestCase):
         context = BuildContext(b"s" * 32, 1_700_000_000, "u")
         for case in loadCases():
             steps = case.steps(context)
-            self.assertTrue(any(step == "data" for step, _ in steps), case.title)
+            self.assertTrue(any(step in ("data", "upgrade") for step, _ in steps), case.title)
 
     def test_paddedFrame(self):
         """
@@ -791,14 +1115,15 @@ class FuzzHarnessTests(SynchronousTestCase):
 
     def test_malformedCases(self):
         """
-        Every case's bytes, in its state, with both stores, in one read and
-        in reads of 7 bytes, keeps every property the fuzz target checks.
+        Every case's bytes (of the gate's own listeners), in its state,
+        with both stores, in one read and in reads of 7 bytes, keeps every
+        property the fuzz target checks.
         """
         from fuzz.harness import NOW, SECRET, UID, GateFault, makeInput, runInput
 
         context = BuildContext(SECRET, NOW, UID)
         faults = []
-        for case in loadCases():
+        for case in streamCases():
             payload = b"".join(v for step, v in case.steps(context) if step == "data")
             for chunk, sqlite in [(0, False), (7, False), (0, True)]:
                 try:

@@ -26,8 +26,15 @@ C{state} is C{"new"} (a fresh connection) or C{"authenticated"} (the
 runner, L{tests.test_malformed}, authenticates first, as a user of its
 own, with seq 1).
 C{listeners} (C{"tcp"}; C{"ssl"}, through verified TLS; C{"ssl-raw"}, raw
-bytes to the TLS port) defaults to the file's C{listeners}, else
-C{["tcp"]}.  A bulk entry makes one case per
+bytes to the TLS port; C{"ws"} and C{"ws-json"}, the gate's web listener
+after an upgrade offering C{imserver.v1.proto} or C{imserver.v1.json};
+C{"web"}, the web listener before any upgrade, for cases that send their
+own) defaults to the file's C{listeners}, else C{["tcp"]}.  On C{ws} a
+C{frame} or C{framed} is one binary message (docs/protocol.md section
+17.3), so a case that sends only whole frames (C{frame}, C{framed}, and
+C{repeat}, C{concat} and C{split} of them, with C{await} and C{pause})
+means the same on C{tcp} and C{ws}, with the same expectation; a case on
+both must be such a case.  A bulk entry makes one case per
 value of its C{each} list, substituting C{{name}} in every string (a string
 that is only C{{name}} becomes the value itself, a number stays a number).
 
@@ -44,6 +51,32 @@ What C{send} holds, in order (each item written separately)::
                                     frames (pushes aside) have arrived
     {"clientHello": "TLSv1.3"}      a real TLS ClientHello from OpenSSL
                                     (also TLSv1.2, TLSv1.1, TLSv1)
+
+and on the web listeners (RFC 6455; every client frame masked with one
+fixed key unless it says otherwise)::
+
+    {"frame": FRAME, "fragments": 3}  (on ws) one binary message in that
+                                    many frames (default 1); "framed" too
+    {"binary": BYTES}               one binary message; "fragments" too
+    {"json": VALUE}                 one text message, VALUE as JSON ("$uid"
+                                    and "$token", a valid token, filled in);
+                                    "fragments" too
+    {"ws": {"opcode": "text", "fin": true, "rsv": 0, "mask": true,
+            "code": 1000, "payload": BYTES, "length": 4097, "lengthSize": 8}}
+                                    one frame built by hand: opcode
+                                    continuation, text, binary, close, ping,
+                                    pong or a number; "code" a close code
+                                    before the payload; "length" the length
+                                    the header announces, "lengthSize" the
+                                    size of its extended field (0, 2, 8;
+                                    default: the smallest, as the RFC says)
+    {"upgrade": {"path": "/ws", "method": "GET", "version": "HTTP/1.1",
+                 "headers": {"Origin": "https://x", ...}}}
+                                    (on "web" only) an upgrade request
+                                    offering imserver.v1.proto, each header
+                                    given replacing the default one of that
+                                    name or added (null: left out); the
+                                    runner waits for the answer
 
 A FRAME is C{{"kind": "REQUEST", "seq": 1, "method": "ping", "body":
 BYTES, "error": {"code": "BAD_FRAME", "message": "..."}, "padTo": N}}
@@ -71,6 +104,17 @@ C{expect} is one of::
     {"closed": "tls", "alert": 70}   exactly one alert record, of that
                               description (70: protocol_version)
     {"open": true}            nothing; the connection stays and answers ping
+    {"close": 1002}           (WebSocket) no frame, a close frame of that code
+    {"status": 403}           (web) the upgrade answered with that HTTP status,
+                              nothing checked after it unless "then":
+                              "closed" (the gate must close)
+
+Over WebSocket every close is the closing handshake, of code 4000 + the
+code of the ERROR frame before it (4001 after BAD_FRAME), else 1000
+(docs/protocol.md section 17.5); C{"close": N} says another.  The close
+frame's code is checked, not how TCP ends after it (the gate drops it once
+the handshake is done).  A case on C{web} may add C{"subprotocol":
+"imserver.v1.json"}: the one the upgrade must choose.
 
 A case may carry C{"knownBug": {"description": ..., "logs": ["OverflowError"]}}
 when the gate departs from docs/protocol.md because of a reported bug: it
@@ -84,7 +128,9 @@ a C{ping} and needs its answer, C{NOT_AUTHENTICATED} in state C{new}
 unless C{"probe"} says otherwise) or C{"closed"}.  Server pushes
 (C{message}, C{typing}, C{notice}) are ignored.  A case may end with
 C{"client": "halfClose"} (shut the write side down after sending, on the
-raw listeners only); the server must then close cleanly too.
+raw listeners only); the server must then close cleanly too.  On the web
+listeners the runner answers the gate's close frame (the closing
+handshake) unless the case says C{"client": "noCloseReply"}.
 """
 
 import base64
@@ -100,11 +146,27 @@ from imserver.auth import mintToken, validateUid
 from imserver.errors import BadRequest
 from imserver.pb import im_pb2 as pb
 
+from tests.support.websocket import (
+    CLOSE_ERROR_BASE,
+    CLOSE_NORMAL,
+    MASK_KEY,
+    OPCODES,
+    PROTO,
+    clientFrame,
+    upgradeRequest,
+)
+
 #: Where the cases are.
 DATA = FilePath(__file__).parent().sibling("data").child("malformed")
 
 _STATES = frozenset(["new", "authenticated"])
-_LISTENERS = frozenset(["tcp", "ssl", "ssl-raw"])
+#: The listeners of the web listener (C{--web}): WebSocket, each frame one
+#: message (docs/protocol.md section 17).
+WEB_LISTENERS = frozenset(["ws", "ws-json", "web"])
+#: The listeners where a frame has its 4-byte length prefix.
+_LENGTH_PREFIXED = frozenset(["tcp", "ssl"])
+_LISTENERS = _LENGTH_PREFIXED | {"ssl-raw"} | WEB_LISTENERS
+_CLIENT_ACTIONS = {"halfClose": {"tcp", "ssl-raw"}, "noCloseReply": WEB_LISTENERS}
 _TLS_VERSIONS = {
     "TLSv1": SSL.TLS1_VERSION,
     "TLSv1.1": SSL.TLS1_1_VERSION,
@@ -131,14 +193,35 @@ class BuildContext:
     @ivar secret: the gate's token secret.
     @ivar now: the Unix time tokens are minted at.
     @ivar uid: the case's own uid.
+    @ivar listener: the listener the bytes are for: a frame is length
+        prefixed on C{tcp} and C{ssl}, one binary message on the web
+        listeners.
     """
 
     OTHER_SECRET = b"not-the-gate-secret-not-the-gate"
 
-    def __init__(self, secret, now, uid):
+    def __init__(self, secret, now, uid, listener="tcp"):
         self.secret = secret
         self.now = now
         self.uid = uid
+        self.listener = listener
+
+    def on(self, listener):
+        """
+        The same context for the bytes of C{listener}.
+        """
+        return BuildContext(self.secret, self.now, self.uid, listener)
+
+    def frame(self, data, fragments=1):
+        """
+        One serialized frame as the listener carries it: after its length
+        prefix, or as one binary message (in that many fragments).
+        """
+        if self.listener in WEB_LISTENERS:
+            return webSocketMessage(OPCODES["binary"], data, fragments)
+        if fragments != 1:
+            raise DataError("fragments of a frame on {}".format(self.listener))
+        return struct.pack("!I", len(data)) + data
 
     def token(self, spec, uid):
         """
@@ -253,12 +336,18 @@ def encodeBytes(spec, context):
         return encodeMessage(spec["message"], spec.get("fields", {}), context)
     if "length" in spec:
         return struct.pack("!I", spec["length"])
+    fragments = spec.get("fragments", 1)
     if "frame" in spec:
-        data = encodeFrameSpec(spec["frame"], context)
-        return struct.pack("!I", len(data)) + data
+        return context.frame(encodeFrameSpec(spec["frame"], context), fragments)
     if "framed" in spec:
-        data = encodeBytes(spec["framed"], context)
-        return struct.pack("!I", len(data)) + data
+        return context.frame(encodeBytes(spec["framed"], context), fragments)
+    if "ws" in spec:
+        return encodeWebSocketFrame(spec["ws"], context)
+    if "binary" in spec:
+        return webSocketMessage(OPCODES["binary"], encodeBytes(spec["binary"], context), fragments)
+    if "json" in spec:
+        text = json.dumps(_jsonValue(spec["json"], context), ensure_ascii=False)
+        return webSocketMessage(OPCODES["text"], text.encode("utf-8"), fragments)
     if "clientHello" in spec:
         return clientHello(spec["clientHello"])
     if "wire" in spec:
@@ -298,6 +387,61 @@ def encodeFrameSpec(spec, context):
     return data
 
 
+def encodeWebSocketFrame(spec, context):
+    """
+    The WebSocket frame a C{ws} item describes.
+    """
+    keys = {"opcode", "fin", "rsv", "mask", "code", "payload", "length", "lengthSize"}
+    if set(spec) - keys:
+        raise DataError("unknown keys {} in a WebSocket frame".format(set(spec) - keys))
+    opcode = spec.get("opcode", "binary")
+    if isinstance(opcode, str):
+        if opcode not in OPCODES:
+            raise DataError("unknown opcode {!r}".format(opcode))
+        opcode = OPCODES[opcode]
+    payload = encodeBytes(spec.get("payload", ""), context)
+    if "code" in spec:
+        payload = struct.pack("!H", spec["code"]) + payload
+    return clientFrame(
+        opcode,
+        payload,
+        fin=spec.get("fin", True),
+        rsv=spec.get("rsv", 0),
+        mask=MASK_KEY if spec.get("mask", True) else None,
+        length=spec.get("length"),
+        lengthSize=spec.get("lengthSize"),
+    )
+
+
+def webSocketMessage(opcode, payload, fragments=1):
+    """
+    One WebSocket message of a client in C{fragments} frames, their
+    payloads of (nearly) equal size.
+    """
+    cuts = [len(payload) * i // fragments for i in range(fragments + 1)]
+    return b"".join(
+        clientFrame(
+            opcode if i == 0 else OPCODES["continuation"],
+            payload[cuts[i] : cuts[i + 1]],
+            fin=i == fragments - 1,
+        )
+        for i in range(fragments)
+    )
+
+
+def _jsonValue(value, context):
+    # A JSON value with "$uid" and "$token" (a valid one) filled in.
+    if value == "$uid":
+        return context.uid
+    if value == "$token":
+        return context.token("valid", context.uid)
+    if isinstance(value, list):
+        return [_jsonValue(v, context) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonValue(v, context) for k, v in value.items()}
+    return value
+
+
 def _padTo(data, size):
     # Field 15, bytes: tag 0x7a, a varint length, the padding.
     for lengthSize in range(1, 6):
@@ -329,12 +473,14 @@ def clientHello(version):
 
 def buildSend(items, context):
     """
-    Turn a case's C{send} list into steps: C{("data", bytes)} and
-    C{("pause", seconds)}.
+    Turn a case's C{send} list into steps: C{("data", bytes)},
+    C{("pause", seconds)}, C{("await", frames)} and C{("upgrade", bytes)}.
     """
     steps = []
     for item in items:
-        if "await" in item:
+        if "upgrade" in item:
+            steps.append(("upgrade", encodeUpgrade(item["upgrade"], context)))
+        elif "await" in item:
             steps.append(("await", int(item["await"])))
         elif "pause" in item and "split" not in item:
             steps.append(("pause", float(item["pause"])))
@@ -348,6 +494,51 @@ def buildSend(items, context):
         else:
             steps.append(("data", encodeBytes(item, context)))
     return steps
+
+
+def encodeUpgrade(spec, context):
+    """
+    The upgrade request an C{upgrade} item describes.
+    """
+    unknown = set(spec) - {"path", "headers", "method", "version"}
+    if unknown:
+        raise DataError("unknown keys {} in an upgrade".format(unknown))
+    headers = {
+        name.encode("ascii"): None if value is None else encodeBytes(value, context)
+        for name, value in spec.get("headers", {}).items()
+    }
+    return upgradeRequest(
+        path=spec.get("path", "/ws").encode("utf-8"),
+        protocols=[PROTO],
+        headers=headers,
+        method=spec.get("method", "GET").encode("ascii"),
+        version=spec.get("version", "HTTP/1.1").encode("ascii"),
+    )
+
+
+def _carriesFrames(item):
+    # Whether a send item (or BYTES) is made of whole frames only.
+    if not isinstance(item, dict):
+        return False
+    if "frame" in item or "framed" in item:
+        return True
+    if "repeat" in item:
+        return _carriesFrames(item["repeat"])
+    if "concat" in item:
+        return all(_carriesFrames(part) for part in item["concat"])
+    if "split" in item:
+        return _carriesFrames(item["split"])
+    return False
+
+
+def carriesFrames(send):
+    """
+    Whether a C{send} list is whole frames only (with C{await}s and
+    C{pause}s), so that it means the same over WebSocket, each frame one
+    binary message (docs/protocol.md section 17.3).
+    """
+    data = [item for item in send if "await" not in item and set(item) != {"pause"}]
+    return bool(data) and all(_carriesFrames(item) for item in data)
 
 
 # -- loading cases -------------------------------------------------------------
@@ -396,6 +587,10 @@ class Expectation:
     @ivar tls: only a TLS alert (or nothing) may arrive, no frames.
     @ivar probe: the answer expected to the probe C{ping}: C{"ok"} or an
         error code name.
+    @ivar close: the WebSocket close code, if not the one L{closeCode}
+        derives.
+    @ivar status: the HTTP status of a refused upgrade, or L{None}.
+    @ivar subprotocol: the subprotocol an upgrade must choose, or L{None}.
     """
 
     frames: list
@@ -403,11 +598,30 @@ class Expectation:
     tls: bool = False
     probe: str = None
     alert: int = None
+    close: int = None
+    status: int = None
+    subprotocol: str = None
+
+    def closeCode(self):
+        """
+        The WebSocket close code of a close (docs/protocol.md section
+        17.5): C{close} if given, else 4000 + the code of a final ERROR
+        frame, else 1000.
+        """
+        if self.close is not None:
+            return self.close
+        if self.frames and self.frames[-1].kind == pb.ERROR:
+            return CLOSE_ERROR_BASE + self.frames[-1].code
+        return CLOSE_NORMAL
 
     def __str__(self):
         if self.tls:
             return "only a TLS alert, then closed"
+        if self.status is not None:
+            return "HTTP {}, then {}".format(self.status, self.then)
         frames = ", ".join(str(f) for f in self.frames) or "no frame"
+        if self.then == "closed" and self.close is not None:
+            return "{}, then close {}".format(frames, self.close)
         return "{}, then {}".format(frames, self.then)
 
 
@@ -433,7 +647,10 @@ class Case:
         return "{}: {} [{}, {}]".format(self.kind, self.name, self.state, self.listener)
 
     def steps(self, context):
-        return buildSend(self.send, context)
+        """
+        The steps of L{buildSend}, with the bytes of the case's listener.
+        """
+        return buildSend(self.send, context.on(self.listener))
 
 
 def _code(name):
@@ -461,6 +678,16 @@ def normalizeExpectation(expect, state):
     """
     Turn the short forms of C{expect} into an L{Expectation}.
     """
+    expectation = _expectation(expect, state)
+    expectation.subprotocol = expect.get("subprotocol")
+    if "close" in expect:
+        if expectation.then != "closed":
+            raise DataError("a close code with {!r}".format(expect))
+        expectation.close = expect["close"]
+    return expectation
+
+
+def _expectation(expect, state):
     probe = expect.get("probe", "ok" if state == "authenticated" else "NOT_AUTHENTICATED")
     if "error" in expect:
         frames = [FrameSpec(pb.ERROR, expect.get("seq", 0), _code(expect["error"]))]
@@ -475,9 +702,11 @@ def normalizeExpectation(expect, state):
         if frames and frames[-1].kind == pb.ERROR:
             then = "closed"
         return Expectation(frames, then, probe=probe)
+    if "status" in expect:
+        return Expectation([], expect.get("then", "answered"), status=expect["status"])
     if expect.get("closed") == "tls":
         return Expectation([], "closed", tls=True, alert=expect.get("alert"))
-    if expect.get("closed"):
+    if expect.get("closed") or "close" in expect:
         return Expectation([], "closed")
     if expect.get("open"):
         return Expectation([], "open", probe=probe)
@@ -547,12 +776,18 @@ def loadKind(path):
         if set(listeners) - _LISTENERS:
             raise DataError("{}: {}: unknown listener".format(kind, entry["name"]))
         client = entry.get("client")
-        if client not in (None, "halfClose"):
+        if client is not None and client not in _CLIENT_ACTIONS:
             raise DataError("{}: {}: unknown client action".format(kind, entry["name"]))
-        if client == "halfClose" and "ssl" in listeners:
-            raise DataError("{}: {}: halfClose needs a raw listener".format(kind, entry["name"]))
-        if state == "authenticated" and "ssl-raw" in listeners:
-            raise DataError("{}: {}: ssl-raw cannot authenticate".format(kind, entry["name"]))
+        if client is not None and set(listeners) - _CLIENT_ACTIONS[client]:
+            raise DataError("{}: {}: {} not on {}".format(kind, entry["name"], client, listeners))
+        if state == "authenticated" and {"ssl-raw", "web"} & set(listeners):
+            raise DataError("{}: {}: cannot authenticate there".format(kind, entry["name"]))
+        send = entry["send"]
+        upgrades = any("upgrade" in item for item in send)
+        if upgrades and set(listeners) != {"web"} or "web" in listeners and not upgrades:
+            raise DataError("{}: {}: upgrade items go on web".format(kind, entry["name"]))
+        if "ws" in listeners and _LENGTH_PREFIXED & set(listeners) and not carriesFrames(send):
+            raise DataError("{}: {}: on ws and tcp, whole frames only".format(kind, entry["name"]))
         expect = normalizeExpectation(entry["expect"], state)
         knownBug = entry.get("knownBug")
         if knownBug is not None and not knownBug.get("description"):
@@ -564,7 +799,7 @@ def loadKind(path):
                     entry["name"],
                     state,
                     listener,
-                    entry["send"],
+                    send,
                     expect,
                     client,
                     knownBug,
@@ -587,3 +822,15 @@ def loadCases(directory=DATA):
     for index, case in enumerate(cases):
         case.index = index
     return cases
+
+
+def streamCases(directory=DATA):
+    """
+    The cases of the gate's own listeners (C{tcp}, C{ssl}, C{ssl-raw}):
+    their bytes are the stream a L{imserver.protocol.GateProtocol} reads,
+    as the fuzz harness (fuzz/harness.py) feeds it.  The web listener's
+    are WebSocket frames and HTTP, for another protocol.
+
+    @rtype: L{list} of L{Case}
+    """
+    return [case for case in loadCases(directory) if case.listener not in WEB_LISTENERS]
