@@ -33,6 +33,7 @@ from imserver.tls import makeSelfSigned
 
 from tests.support import killAtCleanup, requireDependency, requireExecutable, startServer
 from tests.support.live import ConnectionWatch
+from tests.support.websocket import JSON, connectWS
 
 LISTEN = "haproxy:tcp:0:interface=127.0.0.1"
 #: The source address of the client whose address the gate must see: all of
@@ -160,6 +161,8 @@ class HAProxyOffloadTests(TestCase):
                 "memory",
                 "--listen",
                 LISTEN,
+                "--web",
+                LISTEN,
                 "--api",
                 "none",
             ]
@@ -170,6 +173,7 @@ class HAProxyOffloadTests(TestCase):
         self.watch = ConnectionWatch(self, self.factory)
         [address] = yield gate.addresses()
         self.gatePort = address.port
+        self.webPort = (yield gate.web.whenListening()).getHost().port
 
         self.certPEM, keyPEM = makeSelfSigned()
         self.pem = self.directory.child("haproxy.pem")
@@ -178,7 +182,7 @@ class HAProxyOffloadTests(TestCase):
         self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
 
     @inlineCallbacks
-    def startHAProxy(self, sendProxy):
+    def startHAProxy(self, sendProxy, gatePort=None):
         """
         Start C{haproxy -db} with a TLS frontend on a free loopback port and
         the gate as its only server, reached with C{sendProxy}; kill it at
@@ -193,7 +197,7 @@ class HAProxyOffloadTests(TestCase):
             HAPROXY_CONFIG.format(
                 frontendPort=port,
                 pem=self.pem.path,
-                gatePort=self.gatePort,
+                gatePort=self.gatePort if gatePort is None else gatePort,
                 sendProxy=sendProxy,
             ).encode("ascii")
         )
@@ -345,6 +349,35 @@ class HAProxyOffloadTests(TestCase):
         With C{send-proxy} (PROXY protocol v1, text).
         """
         return self.assertOffloaded("send-proxy")
+
+    @inlineCallbacks
+    def test_webSocket(self):
+        """
+        A browser's wss:// through haproxy's TLS frontend to a C{--web
+        haproxy:tcp:} listener: the upgrade and the session work through
+        the PROXY wrapper, and the gate sees the browser's own address.
+        """
+        port = yield self.startHAProxy("send-proxy-v2", self.webPort)
+        caFile = self.directory.child("ca.pem")
+        caFile.setContent(self.certPEM)
+        browser = yield connectWS(
+            port,
+            [JSON],
+            origin="https://localhost:{}".format(port),
+            host="127.0.0.1",
+            tlsHost="localhost",
+            caFile=caFile.path,
+            bindAddress=(CLIENT_HOST, 0),
+        )
+        response = yield browser.call(
+            "auth", {"uid": "alice", "token": self.token("alice"), "deviceId": "web"}
+        )
+        self.assertNotIn("error", response)
+        self.assertEqual(self.serverSession("alice").peer, browser.transport.getHost())
+        self.assertEqual(browser.transport.getHost().host, CLIENT_HOST)
+        browser.sendClose(1000)
+        yield browser.closed
+        yield self.watch.whenAllClosed()
 
     def test_proxyV2(self):
         """

@@ -188,10 +188,22 @@ class WSClient(WebSocketClientProtocol):
         return self.next(lambda item: self.kindOf(item) == pb.ERROR, timeout, "an ERROR frame")
 
 
-def connectWS(port, protocols=(JSON,), origin=None, host="127.0.0.1", timeout=5.0, caFile=None):
+def connectWS(
+    port,
+    protocols=(JSON,),
+    origin=None,
+    host="127.0.0.1",
+    timeout=5.0,
+    caFile=None,
+    tlsHost=None,
+    bindAddress=None,
+):
     """
     Open a WebSocket to C{ws://host:port/ws} offering C{protocols}; with
-    C{caFile} (the PEM certificate to trust), C{wss://}.
+    C{caFile} (the PEM certificate to trust), C{wss://}, verified for
+    C{tlsHost} (default: C{host}).
+
+    @param bindAddress: the C{(host, port)} to connect from.
 
     @return: a L{Deferred} firing with the open L{WSClient}.
     """
@@ -200,10 +212,11 @@ def connectWS(port, protocols=(JSON,), origin=None, host="127.0.0.1", timeout=5.
     factory.protocol = WSClient
     # No autobahn timers (they outlive the test): withDeadline bounds it.
     factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
-    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout, bindAddress=bindAddress)
     if caFile is not None:
         trustRoot = ssl.Certificate.loadPEM(FilePath(caFile).getContent())
-        endpoint = wrapClientTLS(ssl.optionsForClientTLS(host, trustRoot=trustRoot), endpoint)
+        options = ssl.optionsForClientTLS(tlsHost or host, trustRoot=trustRoot)
+        endpoint = wrapClientTLS(options, endpoint)
     d = endpoint.connect(factory)
     d.addCallback(lambda client: client.opened)
     return withDeadline(d, timeout, "a WebSocket to " + url)
