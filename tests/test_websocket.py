@@ -497,6 +497,46 @@ class SlowConsumerTests(TestCase):
         yield browser.closed
 
 
+class IdleTests(TestCase):
+    """
+    The idle sweep over WebSocket.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_pingFramesAndIdle(self):
+        """
+        WebSocket ping frames count as activity; once nothing comes for
+        C{idle_timeout}, the session is closed with IDLE_TIMEOUT and 4005.
+        """
+        web = WebGate(
+            self,
+            "--heartbeat-interval",
+            "0.1",
+            "--idle-timeout",
+            "0.5",
+            "--sweep-interval",
+            "0.05",
+        )
+        yield web.ports()
+        browser = yield web.ws("alice")
+        [session] = web.factory.connections
+        loop = LoopingCall(browser.sendPing)
+        loop.clock = reactor
+        loop.start(0.1)
+        try:
+            started = reactor.seconds()
+            yield waitFor(lambda: reactor.seconds() - started > 1.2, timeout=3)
+            self.assertIn(session, web.factory.connections)
+        finally:
+            loop.stop()
+        error = yield browser.nextError()
+        self.assertEqual(error["error"]["code"], "IDLE_TIMEOUT")
+        code = yield browser.closed
+        self.assertEqual(code, CLOSE_ERROR_BASE + pb.IDLE_TIMEOUT)
+
+
 class WebSocketErrorTests(TestCase):
     """
     Bad input over WebSocket gets the documented ERROR frame and close code,
