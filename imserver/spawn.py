@@ -55,6 +55,16 @@ def apiPattern(host="127.0.0.1"):
     return re.compile(rb"HTTP API at https?://" + _address(host) + rb":(\d+)/")
 
 
+def webPattern(host="127.0.0.1"):
+    """
+    The gate's log line for its web listener (C{--web}) on C{host},
+    C{WebSocket at ws://HOST:PORT/ws} (or C{wss}).
+
+    @return: a compiled L{bytes} pattern whose group 1 is the port.
+    """
+    return re.compile(rb"WebSocket at wss?://" + _address(host) + rb":(\d+)/ws\b")
+
+
 def childEnvironment():
     """
     The environment for a child Python process: ours, with C{$PYTHONPATH}

@@ -8,6 +8,7 @@ and nothing failed, never how fast (timings belong in docs/performance.md,
 not in tests).
 """
 
+import base64
 import io
 import json
 import shutil
@@ -17,7 +18,8 @@ import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ConnectionDone, ProcessDone
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
@@ -26,13 +28,13 @@ from twisted.python.filepath import FilePath
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from imserver.bench import options as bench_options
+from imserver.bench import options as bench_options, websocket
 from imserver.bench.cli import writeReport
 from imserver.bench.control import ControlProtocol, LineBuffer, WorkerError, WorkerProcess
-from imserver.bench.coordinator import Coordinator
+from imserver.bench.coordinator import Coordinator, _Segment
 from imserver.bench.fanout import GROUP, Fanout, FanoutLoad, MemberClient
 from imserver.bench.hold import Hold
-from imserver.bench.options import loopback, sourceAddresses
+from imserver.bench.options import cpuCount, loopback, sourceAddresses
 from imserver.bench.p2p import P2P
 from imserver.bench.ping import Ping
 from imserver.bench.plot import cdfPoints
@@ -49,6 +51,13 @@ from imserver.bench.stats import (
     sumCounts,
 )
 from imserver.bench.storm import Storm
+from imserver.bench.websocket import (
+    HandshakeError,
+    WebSocketClientEndpoint,
+    WebSocketFramer,
+    acceptValue,
+    upgradeRequest,
+)
 from imserver.bench.worker import Worker
 from imserver.framing import lengthPrefixed
 from imserver.pb import im_pb2 as pb
@@ -59,7 +68,9 @@ from imserver.spawn import (
     childEnvironment,
     tasksetPrefix,
     twistdArgv,
+    webPattern,
 )
+from imserver.web import jsonframes
 from imserver.wire import EncodedMessage
 
 from tests.support import requireExecutable
@@ -312,6 +323,49 @@ class OptionsTests(SynchronousTestCase):
             int(arguments[arguments.index("--max-unacked") + 1]),
             2 * self.parse(Fanout)["ack-every"],
         )
+
+    def test_transports(self):
+        """
+        C{hold}, C{ping} and C{p2p} run over tcp, tls, ws and wss; the other
+        scenarios refuse a WebSocket with a message saying which take it.
+        """
+        for scenario in (Hold, Ping, P2P):
+            for transport in ("tcp", "tls", "ws", "wss"):
+                self.assertEqual(
+                    self.parse(scenario, "--transport", transport)["transport"], transport
+                )
+        for scenario in (Fanout, Storm):
+            self.assertEqual(self.parse(scenario, "--transport", "tls")["transport"], "tls")
+            error = self.assertRaises(UsageError, self.parse, scenario, "--transport", "ws")
+            self.assertIn("hold, ping and p2p", str(error))
+            self.assertIn("tcp or tls", str(error))
+        error = self.assertRaises(UsageError, self.parse, Ping, "--transport", "udp")
+        self.assertEqual(str(error), "--transport is tcp, tls, ws or wss")
+
+    def test_cpuLists(self):
+        """
+        C{--server-cpu} and C{--client-cpu} are C{taskset} CPU lists (or
+        C{""}, unpinned), counted for the client CPU check.
+        """
+        self.assertEqual([cpuCount(c) for c in ("1", "0-3", "0,2", "0-1,3")], [1, 4, 2, 3])
+        self.assertGreaterEqual(cpuCount(""), 1)
+        for bad in ("x", "3-1", "1,", "-1"):
+            self.assertRaises(UsageError, cpuCount, bad)
+        self.assertRaises(UsageError, self.parse, Ping, "--client-cpu", "one")
+
+    def test_clientBound(self):
+        """
+        A window in which the workers used more than 85 % of their cores
+        (C{--client-cpu}) is flagged, and said so on stderr.
+        """
+        for cpus, below, above in [("1", 85.0, 86.0), ("0-1", 170.0, 171.0)]:
+            err = io.StringIO()
+            coordinator = Coordinator(Clock(), Ping(self.parse(Ping, "--client-cpu", cpus)), err)
+            coordinator._segment = _Segment("ping", (), 0.0)
+            self.assertFalse(coordinator.clientBound({"client_cpu_percent": below}, "measuring"))
+            self.assertEqual(err.getvalue(), "")
+            self.assertTrue(coordinator.clientBound({"client_cpu_percent": above}, "measuring"))
+            self.assertIn("ping: the workers used 86 % of their", err.getvalue())
 
     def test_referenceFlags(self):
         """
@@ -642,6 +696,21 @@ class SpawnTests(SynchronousTestCase):
         self.failureResultOf(process.waitFor(apiPattern("::1")), NotListening)
         self.assertIsInstance(self.successResultOf(process.ended), ProcessDone)
 
+    def test_webListener(self):
+        """
+        The gate's web listener is found by its WebSocket address, C{ws} or
+        C{wss}, IPv6 in brackets.
+        """
+        process = TwistdProcess(webPattern("127.0.0.1"))
+        process.outReceived(b"listening on 127.0.0.1:5000\n")
+        self.assertNoResult(process.listening)
+        process.outReceived(b"chat page at http://127.0.0.1:5001/, WebSocket at ws://127.0.0.1:5")
+        process.outReceived(b"001/ws\n")
+        self.assertEqual(self.successResultOf(process.listening), 5001)
+        process = TwistdProcess(webPattern("::1"))
+        process.outReceived(b"chat page at https://[::1]:5002/, WebSocket at wss://[::1]:5002/ws\n")
+        self.assertEqual(self.successResultOf(process.listening), 5002)
+
     def test_boundedOutput(self):
         """
         Only the end of the output is kept, yet a line is found however
@@ -670,6 +739,313 @@ class SpawnTests(SynchronousTestCase):
         self.assertEqual(argv[: len(tasksetPrefix("0"))], tasksetPrefix("0"))
         self.assertEqual(argv[-3:], ["im", "--store", "memory"])
         self.assertEqual(twistdArgv([])[0], sys.executable)
+
+
+def _serverFrame(opcode, payload, final=True, masked=False):
+    """
+    A WebSocket frame from the server: unmasked (unless C{masked}, which a
+    server must never do).
+    """
+    first = (0x80 if final else 0) | opcode
+    mask = 0x80 if masked else 0
+    size = len(payload)
+    if size < 126:
+        header = bytes((first, mask | size))
+    elif size < 1 << 16:
+        header = bytes((first, mask | 126)) + struct.pack("!H", size)
+    else:
+        header = bytes((first, mask | 127)) + struct.pack("!Q", size)
+    return header + (b"\0\0\0\0" if masked else b"") + payload
+
+
+def _clientFrames(data):
+    """
+    The client frames in C{data}, as RFC 6455 reads them: C{(opcode,
+    final, masking key, unmasked payload)}.
+    """
+    frames = []
+    while data:
+        first, second = data[0], data[1]
+        assert second & 0x80, "an unmasked client frame"
+        size, offset = second & 0x7F, 2
+        if size == 126:
+            (size,), offset = struct.unpack("!H", data[2:4]), 4
+        elif size == 127:
+            (size,), offset = struct.unpack("!Q", data[2:10]), 10
+        key = data[offset : offset + 4]
+        masked = data[offset + 4 : offset + 4 + size]
+        payload = bytes(byte ^ key[i % 4] for i, byte in enumerate(masked))
+        frames.append((first & 0x0F, bool(first & 0x80), key, payload))
+        data = data[offset + 4 + size :]
+    return frames
+
+
+class _Recorder(Protocol):
+    """
+    A client protocol keeping what it is given.
+    """
+
+    made = False
+    lost = None
+
+    def __init__(self):
+        self.data = b""
+
+    def connectionMade(self):
+        self.made = True
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
+class _FakeEndpoint:
+    """
+    An endpoint connecting at once to a L{StringTransport}.
+    """
+
+    def connect(self, factory):
+        self.protocol = factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        return succeed(self.protocol)
+
+
+class WebSocketFramerTests(SynchronousTestCase):
+    """
+    L{imserver.bench.websocket}: the bench's WebSocket client layer, which
+    turns the client protocol's length-prefixed frames into binary
+    messages and back.
+    """
+
+    key = b"dGhlIHNhbXBsZSBub25jZQ=="
+
+    def setUp(self):
+        self.clock = Clock()
+        self.wrapped = _Recorder()
+        request = upgradeRequest("127.0.0.1", 7481, self.key)
+        self.framer = WebSocketFramer(self.wrapped, request, self.key, self.clock, 5)
+        self.transport = StringTransport()
+        self.framer.makeConnection(self.transport)
+
+    def answer(self, status=b"101 Switching Protocols", accept=None, protocol=b"imserver.v1.proto"):
+        """
+        The server's answer to the upgrade request.
+        """
+        lines = [
+            b"HTTP/1.1 " + status,
+            b"Upgrade: WebSocket",
+            b"Connection: Upgrade",
+            b"Sec-WebSocket-Accept: " + (accept or acceptValue(self.key)),
+        ]
+        if protocol:
+            lines.append(b"Sec-WebSocket-Protocol: " + protocol)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def upgrade(self):
+        """
+        Answer the upgrade; the client protocol is connected.
+        """
+        self.framer.dataReceived(self.answer())
+        self.assertIs(self.successResultOf(self.framer.opened), self.wrapped)
+        self.transport.clear()
+
+    def test_request(self):
+        """
+        The upgrade request asks for C{/ws} and the C{imserver.v1.proto}
+        subprotocol, without C{Origin}; the accept value is RFC 6455's.
+        """
+        lines = self.transport.value().split(b"\r\n")
+        self.assertEqual(lines[0], b"GET /ws HTTP/1.1")
+        for header in [
+            b"Host: 127.0.0.1:7481",
+            b"Upgrade: websocket",
+            b"Connection: Upgrade",
+            b"Sec-WebSocket-Version: 13",
+            b"Sec-WebSocket-Key: " + self.key,
+            b"Sec-WebSocket-Protocol: imserver.v1.proto",
+        ]:
+            self.assertIn(header, lines)
+        self.assertEqual(lines[-2:], [b"", b""])
+        self.assertFalse([line for line in lines if line.lower().startswith(b"origin")])
+        self.assertIn(b"Host: [::1]:80\r\n", upgradeRequest("::1", 80, self.key))
+        self.assertEqual(acceptValue(self.key), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        self.assertEqual(websocket.PROTO, jsonframes.PROTO)
+
+    def test_upgrade(self):
+        """
+        The client protocol is connected once the whole answer has come,
+        even split over reads; frames in the same read as its end go up.
+        """
+        answer = self.answer()
+        self.framer.dataReceived(answer[:30])
+        self.assertFalse(self.wrapped.made)
+        self.assertNoResult(self.framer.opened)
+        self.framer.dataReceived(answer[30:] + _serverFrame(0x2, b"abc"))
+        self.assertTrue(self.wrapped.made)
+        self.assertIs(self.wrapped.transport, self.framer)
+        self.assertIs(self.successResultOf(self.framer.opened), self.wrapped)
+        self.assertEqual(self.wrapped.data, lengthPrefixed(b"abc"))
+        self.clock.advance(10)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_refused(self):
+        """
+        An answer other than a 101 with the right accept value and our
+        subprotocol, and no extension, fails the connection; so do no
+        answer within the timeout and the connection ending first.
+        """
+        extension = self.answer().replace(
+            b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+        )
+        for answer in [
+            b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n",
+            self.answer(accept=b"wrong"),
+            self.answer(protocol=b"imserver.v1.json"),
+            self.answer(protocol=None),
+            extension,
+            b"x" * 9000,
+        ]:
+            self.setUp()
+            self.framer.dataReceived(answer)
+            self.failureResultOf(self.framer.opened, HandshakeError)
+            self.assertTrue(self.transport.disconnecting)
+            self.assertFalse(self.wrapped.made)
+        self.setUp()
+        self.clock.advance(5)
+        self.failureResultOf(self.framer.opened, HandshakeError)
+        self.setUp()
+        self.framer.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(self.framer.opened, ConnectionDone)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_write(self):
+        """
+        Each length-prefixed frame written is one final binary message,
+        masked with the all-zero key (so its payload is sent as it is),
+        whatever the writes' boundaries and the frames' sizes.
+        """
+        self.upgrade()
+        self.wrapped.transport.write(lengthPrefixed(b"ping"))
+        self.assertEqual(self.transport.value(), b"\x82\x84\0\0\0\0ping")
+        self.transport.clear()
+        medium, large = b"m" * 300, b"L" * 70000
+        data = b"".join(lengthPrefixed(p) for p in (b"a", medium, large, b"tail"))
+        self.wrapped.transport.write(data[:7])
+        self.wrapped.transport.writeSequence([data[7:100], data[100:-3]])
+        self.wrapped.transport.write(data[-3:])
+        self.assertEqual(
+            _clientFrames(self.transport.value()),
+            [(0x2, True, b"\0\0\0\0", p) for p in (b"a", medium, large, b"tail")],
+        )
+
+    def test_read(self):
+        """
+        Each binary message read goes up as one length-prefixed frame,
+        whatever the reads' boundaries and the lengths' encodings;
+        fragmented messages are reassembled; pings are answered; pongs are
+        ignored.
+        """
+        self.upgrade()
+        medium, large = b"m" * 300, b"L" * 70000
+        data = b"".join(
+            [
+                _serverFrame(0x2, b"one"),
+                _serverFrame(0x2, medium),
+                _serverFrame(0x9, b"hi"),
+                _serverFrame(0x2, b"fr", final=False),
+                _serverFrame(0xA, b""),
+                _serverFrame(0x0, b"ag", final=False),
+                _serverFrame(0x0, b"ment"),
+                _serverFrame(0x2, large),
+            ]
+        )
+        for i in range(0, len(data), 7):
+            self.framer.dataReceived(data[i : i + 7])
+        self.assertEqual(
+            self.wrapped.data,
+            b"".join(lengthPrefixed(p) for p in (b"one", medium, b"fragment", large)),
+        )
+        self.assertEqual(_clientFrames(self.transport.value()), [(0xA, True, b"\0\0\0\0", b"hi")])
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_serverCloses(self):
+        """
+        The server's close: the messages before it go up, its code is sent
+        back, TCP closes and nothing more is read or written; then the
+        client protocol loses its connection.
+        """
+        self.upgrade()
+        close = _serverFrame(0x8, struct.pack("!H", 4005) + b"IDLE_TIMEOUT")
+        self.framer.dataReceived(_serverFrame(0x2, b"error") + close + _serverFrame(0x2, b"x"))
+        self.assertEqual(self.wrapped.data, lengthPrefixed(b"error"))
+        self.assertEqual(
+            _clientFrames(self.transport.value()),
+            [(0x8, True, b"\0\0\0\0", struct.pack("!H", 4005))],
+        )
+        self.assertTrue(self.transport.disconnecting)
+        self.transport.clear()
+        self.wrapped.transport.write(lengthPrefixed(b"late"))
+        self.framer.dataReceived(_serverFrame(0x2, b"late"))
+        self.assertEqual(
+            (self.transport.value(), self.wrapped.data), (b"", lengthPrefixed(b"error"))
+        )
+        self.framer.connectionLost(Failure(ConnectionDone()))
+        self.assertIsInstance(self.wrapped.lost.value, ConnectionDone)
+
+    def test_clientCloses(self):
+        """
+        The client protocol closing sends a close (1000), then closes TCP.
+        """
+        self.upgrade()
+        self.wrapped.transport.loseConnection()
+        self.assertEqual(
+            _clientFrames(self.transport.value()),
+            [(0x8, True, b"\0\0\0\0", struct.pack("!H", 1000))],
+        )
+        self.assertTrue(self.transport.disconnecting)
+        self.wrapped.transport.loseConnection()
+        self.assertEqual(len(_clientFrames(self.transport.value())), 1)
+
+    def test_protocolErrors(self):
+        """
+        A masked server frame, a text message, a reserved opcode, a
+        continuation of nothing or a new message inside a fragmented one
+        abort the connection; nothing goes up.
+        """
+        for data in [
+            _serverFrame(0x2, b"m", masked=True),
+            _serverFrame(0x1, b"text"),
+            _serverFrame(0x3, b""),
+            _serverFrame(0x0, b"cont"),
+            _serverFrame(0x2, b"a", final=False) + _serverFrame(0x2, b"b"),
+        ]:
+            self.setUp()
+            self.upgrade()
+            self.framer.dataReceived(data)
+            self.assertTrue(self.transport.disconnecting)
+            self.assertEqual(self.wrapped.data, b"")
+
+    def test_endpoint(self):
+        """
+        The endpoint connects the one under it, upgrades, and fires with
+        the client protocol once upgraded.
+        """
+        below = _FakeEndpoint()
+        endpoint = WebSocketClientEndpoint(self.clock, below, "::1", 7481, 5)
+        wrapped = _Recorder()
+        d = endpoint.connect(Factory.forProtocol(lambda: wrapped))
+        self.assertNoResult(d)
+        request = below.transport.value()
+        self.assertIn(b"Host: [::1]:7481\r\n", request)
+        key = request.split(b"Sec-WebSocket-Key: ")[1].split(b"\r\n")[0]
+        self.assertEqual(len(base64.b64decode(key)), 16)
+        self.key = key
+        below.protocol.dataReceived(self.answer())
+        self.assertIs(self.successResultOf(d), wrapped)
+        self.assertTrue(wrapped.made)
 
 
 class MicroTests(SynchronousTestCase):
@@ -901,6 +1277,103 @@ class SmokeTests(TestCase):
         self.assertEqual(charts, ["ping-latency-cdf.png", "ping-throughput.png"])
         for chart in plots.children():
             self.assertEqual(chart.getContent()[:8], b"\x89PNG\r\n\x1a\n")
+
+    @inlineCallbacks
+    def test_pingWebSocket(self):
+        """
+        Ping round trips over WebSocket (the gate's web listener), then the
+        echo reference over the TCP under it; the result says whether the
+        clients were the limit.
+        """
+        outcome = yield self.run_(
+            Ping, "--users", "4", "--transport", "ws", "--duration", "1", "--warmup", "0.2"
+        )
+        result = outcome.result
+        self.assertClean(result, 4)
+        self.assertEqual(result["transport"], "ws")
+        self.assertGreater(result["requests_per_s"], 0)
+        self.assertIsNotNone(result["latency_ms"]["p99"])
+        # Whether one worker doing round trips flat out used most of the
+        # machine's cores depends on the machine: only that it is told.
+        self.assertIsInstance(result["client_bound"], bool)
+        self.assertIs(result["valid"], not result["client_bound"])
+        reference = result["reference"]
+        self.assertEqual((reference["transport"], reference["errors"]), ("tcp", 0))
+        self.assertGreater(reference["requests_per_s"], 0)
+        self.assertGreater(result["ratio_to_reference"]["requests_per_s"], 0)
+
+    @inlineCallbacks
+    def test_holdWebSocket(self):
+        """
+        Sessions of the client library held over WebSocket heartbeat, and
+        with the seed profile messages flow both ways.
+        """
+        outcome = yield self.run_(
+            Hold,
+            "--users",
+            "6",
+            "--transport",
+            "ws",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            "--heartbeat",
+            "0.2",
+            "--seed-profile",
+            "--seed-period",
+            "0.3",
+            "--no-reference",
+        )
+        result = outcome.result
+        self.assertClean(result, 6)
+        self.assertGreater(result["pings_per_s"], 0)
+        self.assertGreater(result["seed_messages_per_s"], 0)
+        self.assertGreater(result["deliveries_per_s"], 0)
+        self.assertIn("rss_per_connection_kb", result)
+
+    @inlineCallbacks
+    def test_p2pWebSocket(self):
+        """
+        Messages flow between pairs over WebSocket, with two workers.
+        """
+        outcome = yield self.run_(
+            P2P,
+            "--users",
+            "8",
+            "--workers",
+            "2",
+            "--transport",
+            "ws",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.3",
+            "--no-reference",
+        )
+        result = outcome.result
+        self.assertClean(result, 8)
+        self.assertGreater(result["deliveries_per_s"], 0)
+        self.assertGreater(result["sends_acked_per_s"], 0)
+        self.assertIsNotNone(result["latency_ms"]["p99"])
+
+    @inlineCallbacks
+    def test_p2pSecureWebSocket(self):
+        """
+        Over C{wss} (TLS with the gate's certificate, then WebSocket) too,
+        and the echo reference runs over TLS.
+        """
+        outcome = yield self.run_(
+            P2P, "--users", "4", "--transport", "wss", "--duration", "1", "--warmup", "0.3"
+        )
+        result = outcome.result
+        self.assertClean(result, 4)
+        self.assertEqual(result["transport"], "wss")
+        self.assertGreater(result["deliveries_per_s"], 0)
+        self.assertEqual(
+            (result["reference"]["transport"], result["reference"]["errors"]), ("tls", 0)
+        )
+        self.assertGreater(result["reference"]["requests_per_s"], 0)
 
     @inlineCallbacks
     def test_fanoutTwoWorkers(self):

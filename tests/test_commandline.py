@@ -126,7 +126,9 @@ class HelpTests(SynchronousTestCase, CommandsMixin):
         and lists them; a command's help has the usage line of the command.
         """
         status, out = _run(imserverMain.Options(), ["--help"])
-        self.assertTrue(out.startswith("Usage: python -m imserver (chat | token | web-url) [options]\n"), out)
+        self.assertTrue(
+            out.startswith("Usage: python -m imserver (chat | token | web-url) [options]\n"), out
+        )
         self.assertRegex(out, r"\n    chat +Chat with another user")
         self.assertRegex(out, r"\n    token +Mint a client token")
         self.assertRegex(out, r"\n    web-url +Print the chat page's address")
@@ -188,7 +190,9 @@ class SubprocessTests(TestCase):
             out, err, status = result
             out = out.decode("utf-8")
             self.assertEqual(status, 0, err)
-            self.assertTrue(out.startswith("Usage: python -m imserver (chat | token | web-url)"), out)
+            self.assertTrue(
+                out.startswith("Usage: python -m imserver (chat | token | web-url)"), out
+            )
             self.assertIsNone(EPYTEXT.search(out), out)
 
         return self.runPython("-m", "imserver", "--help").addCallback(check)

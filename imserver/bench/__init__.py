@@ -21,6 +21,10 @@ runs out of ephemeral ports.  After the scenario the same workers drive a
 raw Twisted echo server (L{imserver.bench.reference}) with the same
 options, and the result gives the scenario's figures as ratios to it.
 
+C{--transport} is C{tcp} or C{tls}; C{hold}, C{ping} and C{p2p} also run
+over WebSocket (C{ws}, C{wss}: the gate's C{--web} listener, the clients
+on L{imserver.bench.websocket}).
+
 The result is JSON, on stdout and in C{--json FILE}; C{--plot DIR} also
 draws charts.  Only loopback addresses are ever used; every run is bounded
 by C{--duration} and C{--timeout} and stops by itself.

@@ -21,7 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from imserver.bench.options import sourceAddresses
+from imserver.bench.options import cpuCount, isWebSocket, overTLS, sourceAddresses
 from imserver.bench.processes import BenchError, Processes, bounded, firstError
 from imserver.bench.reference import Reference
 from imserver.bench.stats import (
@@ -35,6 +35,9 @@ from imserver.bench.stats import (
 
 #: Seconds into a run after which the progress line is shown.
 PROGRESS_AFTER = 3.0
+#: Percent of their cores above which the workers, not the server, may
+#: have set the pace: the figures are then flagged (C{client_bound}).
+CLIENT_CPU_LIMIT = 85.0
 
 
 @implementer(IBodyProducer)
@@ -69,7 +72,8 @@ class Window:
     @ivar counts: C{{counter: gained in the window}}.
     @ivar latencies: every latency recorded, microseconds, sorted.
     @ivar figures: C{seconds}, C{server_cpu_percent},
-        C{client_cpu_percent} and C{server_rss_mb}, for the result.
+        C{client_cpu_percent}, C{client_bound} (L{Coordinator.clientBound})
+        and C{server_rss_mb}, for the result.
     @ivar serverRss: the server's RSS at its end, in bytes.
     """
 
@@ -154,7 +158,9 @@ class Coordinator:
     @inlineCallbacks
     def run(self):
         """
-        Run the scenario, then the reference unless disabled.
+        Run the scenario, then the reference unless disabled.  The result
+        says whether the run is C{valid}: no errors, and the workers were
+        not the limit while measuring (L{clientBound}).
 
         @return: a L{Deferred} firing with an L{Outcome}, or failing with
             L{BenchError} (or what went wrong) once every child has ended.
@@ -178,12 +184,16 @@ class Coordinator:
             if o["gates"] > 1:
                 result["gates"] = o["gates"]
             result.update((yield self._runLoad(self.scenario)))
+            result["valid"] = not result["errors"] and not result.get("client_bound")
             yield self.processes.stopServers()
             yield self.processes.stopRedis()
             if o["reference"]:
                 yield self.processes.startEcho(dataDir)
                 reference = yield self._runLoad(Reference(o))
                 yield self.processes.stopServers()
+                if isWebSocket(o["transport"]):
+                    # The echo runs on what is under the WebSocket.
+                    reference["transport"] = "tls" if overTLS(o["transport"]) else "tcp"
                 result["reference"] = reference
                 result["ratio_to_reference"] = ratiosTo(result, reference, self.scenario.ratios)
         finally:
@@ -257,7 +267,8 @@ class Coordinator:
         @return: a L{Deferred} firing with C{connected}, C{connect_failed},
             C{connect_seconds}, C{connect_per_s}, and the server's and the
             workers' CPU meanwhile (C{connect_server_cpu_percent},
-            C{connect_client_cpu_percent}): which side limits the rate.
+            C{connect_client_cpu_percent}, and C{connect_client_bound}, see
+            L{clientBound}): which side limits the rate.
             With several gates, also C{gate_connections} (per gate) and
             C{connect_redis_cpu_percent}.
         """
@@ -283,6 +294,7 @@ class Coordinator:
             "connect_per_s": round(connected / seconds, 1),
             "connect_server_cpu_percent": figures["server_cpu_percent"],
             "connect_client_cpu_percent": figures["client_cpu_percent"],
+            "connect_client_bound": self.clientBound(figures, "connecting"),
         }
         if len(self.processes.servers) > 1:
             result["gate_connections"] = [
@@ -309,6 +321,7 @@ class Coordinator:
         mark = self.usage()
         yield deferLater(self.reactor, o["duration"])
         figures = self.usageSince(mark)
+        figures["client_bound"] = self.clientBound(figures, "measuring")
         serverRss = self.serverRss()
         reports = yield self.tell("report")
         self.phase = "stopping"
@@ -358,6 +371,28 @@ class Coordinator:
                 )
             )
         return json.loads(data)
+
+    def clientBound(self, figures, what):
+        """
+        Whether the workers used more than L{CLIENT_CPU_LIMIT} percent of
+        their cores (C{--client-cpu}) over C{figures}: then they, not the
+        server, may have set the pace, and the rates measured are not the
+        server's.  Says so on stderr.
+
+        @param figures: from L{usageSince}.
+        @param what: the phase, for the note.
+        """
+        cores = cpuCount(self.options["client-cpu"])
+        percent = figures["client_cpu_percent"] / cores
+        if percent <= CLIENT_CPU_LIMIT:
+            return False
+        self.log(
+            "{}: the workers used {:.0f} % of their {} core(s) while {} (over {:.0f} %): "
+            "the clients may have been the limit, not the server".format(
+                self._segment.name, percent, cores, what, CLIENT_CPU_LIMIT
+            )
+        )
+        return True
 
     def usage(self):
         """

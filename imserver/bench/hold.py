@@ -9,13 +9,14 @@ connection (its RSS after holding minus its RSS before connecting, divided
 by N) and its CPU while holding them for C{--duration}.
 
     python -m imserver.bench hold --users 18000 --transport tls --duration 60
+    python -m imserver.bench hold --users 4000 --transport ws --duration 3
 """
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.python import usage
 
 from imserver import methods
-from imserver.bench.options import WindowOptions
+from imserver.bench.options import ALL_TRANSPORTS, WindowOptions
 from imserver.bench.scenario import Load, Scenario, SessionClient, partner, userName
 
 #: The body of a seed-profile message.
@@ -31,6 +32,8 @@ class HoldOptions(WindowOptions):
         "N authenticated connections that heartbeat as the client library does: how fast they "
         "connect, the gate's memory per connection and its CPU while holding them for --duration."
     )
+
+    transports = ALL_TRANSPORTS
 
     optParameters = [
         [

@@ -34,6 +34,10 @@ TIMEOUT = 120.0
 #: ... or one second per this many users if longer: connecting 100,000
 #: users across gates takes over 120 s on 2 cores.
 USERS_PER_TIMEOUT_SECOND = 500
+#: The C{--transport}s over WebSocket (the gate's C{--web} listener).
+WEBSOCKET_TRANSPORTS = ("ws", "wss")
+#: The C{--transport}s of the scenarios that also run over WebSocket.
+ALL_TRANSPORTS = ("tcp", "tls") + WEBSOCKET_TRANSPORTS
 #: A cap on the file limit when the hard limit is unlimited.
 _FILES_CAP = 1 << 20
 #: Where C{redis-server} is looked for after C{$PATH} (Debian installs it in
@@ -68,6 +72,30 @@ def raiseFileLimit():
     """
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (fileLimit(), hard))
+
+
+def cpuCount(cpus):
+    """
+    How many CPUs a C{taskset} CPU list names.
+
+    @param cpus: C{"1"}, C{"1-3"}, C{"0,2"}...; C{""} or L{None} (not
+        pinned) for every CPU this process may run on.
+    @raise usage.UsageError: if C{cpus} is not such a list.
+    """
+    if cpus in (None, ""):
+        return len(os.sched_getaffinity(0))
+    count = 0
+    for part in str(cpus).split(","):
+        first, dash, last = part.partition("-")
+        try:
+            low = int(first)
+            high = int(last) if dash else low
+        except ValueError:
+            high = low = -1
+        if not 0 <= low <= high:
+            raise usage.UsageError("{!r} is not a CPU list (0, 1-3, 0,2)".format(cpus))
+        count += high - low + 1
+    return count
 
 
 def loopback(text, what="--host"):
@@ -112,13 +140,28 @@ def sourceAddresses(host, count):
     return ["127.0.0.{}".format(2 + i) for i in range(count)]
 
 
+def overTLS(transport):
+    """
+    Whether C{--transport} C{transport} runs over TLS (C{tls}, C{wss}).
+    """
+    return transport in ("tls", "wss")
+
+
+def isWebSocket(transport):
+    """
+    Whether C{--transport} C{transport} is a WebSocket (C{ws}, C{wss}).
+    """
+    return transport in WEBSOCKET_TRANSPORTS
+
+
 def listenDescription(transport, host):
     """
     The Twisted endpoint string a bench server listens on: port 0 (any free
-    port) on C{host}, plain TCP or TLS.
+    port) on C{host}, plain TCP or TLS (C{tls}, and C{wss} for the gate's
+    web listener).
     """
     escaped = host.replace(":", "\\:")
-    if transport == "tls":
+    if overTLS(transport):
         return "ssl:0:interface={}".format(escaped)
     kind = "tcp6" if ":" in host else "tcp"
     return "{}:0:interface={}".format(kind, escaped)
@@ -133,13 +176,21 @@ class BaseOptions(commandline.Options):
 
     @cvar pairs: whether the scenario needs users in sender/receiver pairs
         (an even number of them).
+    @cvar transports: the C{--transport}s the scenario runs over.
     """
 
     pairs = False
+    transports = ("tcp", "tls")
 
     optParameters = [
         ["users", "u", 400, "Connections (one user each).", int],
-        ["transport", None, "tcp", "tcp or tls (TLS 1.3, the gate's self-signed certificate)."],
+        [
+            "transport",
+            None,
+            "tcp",
+            "tcp or tls (TLS 1.3, the gate's self-signed certificate); hold, ping and p2p also "
+            "take ws or wss (WebSocket on the gate's --web listener, wss over TLS).",
+        ],
         [
             "store",
             None,
@@ -223,11 +274,18 @@ class BaseOptions(commandline.Options):
                 "--users {:,} over {} gate(s) exceeds the {:,} files a gate may hold "
                 "(RLIMIT_NOFILE {:,}): use more --gates".format(users, gates, budget, fileLimit())
             )
-        if self["transport"] not in ("tcp", "tls"):
-            raise usage.UsageError("--transport is tcp or tls")
+        if self["transport"] not in self.transports:
+            if self["transport"] in WEBSOCKET_TRANSPORTS:
+                raise usage.UsageError(
+                    "--transport {} (WebSocket) is for the hold, ping and p2p scenarios only; "
+                    "this one takes {}".format(self["transport"], _alternatives(self.transports))
+                )
+            raise usage.UsageError("--transport is {}".format(_alternatives(self.transports)))
         if self["store"] not in ("sqlite", "memory"):
             raise usage.UsageError("--store is sqlite or memory")
         self["host"] = loopback(self["host"])
+        for option in ("server-cpu", "client-cpu"):
+            cpuCount(self[option])
         self._checkWorkers(users)
         self._checkSources(users)
         if self["connect-window"] < 1:
@@ -267,6 +325,13 @@ class BaseOptions(commandline.Options):
                 "more than {:,} connections per source address would run out of ephemeral "
                 "ports: use more --sources".format(MAX_CONNECTIONS_PER_SOURCE)
             )
+
+
+def _alternatives(names):
+    """
+    C{a, b or c}.
+    """
+    return " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 def checkSending(options, minimumBody):

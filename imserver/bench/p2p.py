@@ -11,6 +11,7 @@ into the body, the receiver subtracts it from its own.
 
     python -m imserver.bench p2p --users 400 --duration 10 --warmup 2
     python -m imserver.bench p2p --users 1000 --rate 2400 --transport tls
+    python -m imserver.bench p2p --users 400 --transport wss
 """
 
 import struct
@@ -19,7 +20,7 @@ import time
 from twisted.internet.defer import inlineCallbacks
 
 from imserver import methods
-from imserver.bench.options import WindowOptions, checkSending
+from imserver.bench.options import ALL_TRANSPORTS, WindowOptions, checkSending
 from imserver.bench.scenario import Load, Scenario, partner, userName
 from imserver.bench.stats import latencySummary
 
@@ -36,6 +37,8 @@ class P2POptions(WindowOptions):
         "over the real protocol (send -> store -> push -> ack), closed loop (--inflight sends "
         "outstanding per sender) or open loop at a total --rate."
     )
+
+    transports = ALL_TRANSPORTS
 
     pairs = True
     optParameters = [

@@ -11,13 +11,14 @@ again and again, which the protocol allows as each is answered before the
 next is sent.  So both runs spend the same client work per round trip.
 
     python -m imserver.bench ping --users 100 --duration 10
+    python -m imserver.bench ping --users 100 --duration 10 --transport ws
 """
 
 from google.protobuf.message import DecodeError
 from twisted.internet.defer import inlineCallbacks
 
 from imserver import methods
-from imserver.bench.options import WindowOptions
+from imserver.bench.options import ALL_TRANSPORTS, WindowOptions
 from imserver.bench.scenario import RoundTripLoad, Scenario, requestFrame
 from imserver.bench.stats import latencySummary
 from imserver.pb import im_pb2 as pb
@@ -33,6 +34,8 @@ class PingOptions(WindowOptions):
         "connection; its ratio to the echo reference is what imserver's framing, protobuf and RPC "
         "layers cost on top of Twisted."
     )
+
+    transports = ALL_TRANSPORTS
 
 
 class PingLoad(RoundTripLoad):

@@ -23,7 +23,9 @@ from imserver.bench.control import WorkerProcess
 from imserver.bench.options import (
     FILE_RESERVE,
     fileLimit,
+    isWebSocket,
     listenDescription,
+    overTLS,
     redisServer,
 )
 from imserver.datadir import ADMIN_TOKEN_FILE_NAME, CERT_FILE_NAME, KEY_FILE_NAME
@@ -33,6 +35,7 @@ from imserver.spawn import (
     spawnServer,
     spawnTwistd,
     tasksetPrefix,
+    webPattern,
 )
 
 #: Times the bench tries to start redis-server on a port that was free.
@@ -107,7 +110,7 @@ class Processes:
     @ivar redis: the C{redis-server} of a cluster run, or L{None}.
     @ivar workers: the L{WorkerProcess}es.
     @ivar target: what the workers connect to (C{host}, C{port},
-        C{ports}, C{tls}, C{ca}), once the servers listen.
+        C{ports}, C{tls}, C{ca}, C{websocket}), once the servers listen.
     @ivar secret: the gates' token secret (hex), once they started.
     @ivar api: C{(URL, admin token)} of the first gate's HTTP API, if the
         scenario uses it.
@@ -150,26 +153,30 @@ class Processes:
             consumeErrors=True,
         ).addErrback(firstError)
         self.secret = loadSecret(FilePath(dataDir), create=False).hex()
-        tls = o["transport"] == "tls"
+        tls = overTLS(o["transport"])
         self.target = {
             "host": o["host"],
             "port": ports[0],
             "ports": ports,
             "tls": tls,
             "ca": os.path.join(dataDir, CERT_FILE_NAME) if tls else None,
+            "websocket": isWebSocket(o["transport"]),
         }
 
     @inlineCallbacks
     def _startGate(self, dataDir, scenario, index, redisURL):
         """
         Start gate C{index} (the HTTP API on the first only, if the scenario
-        uses it) and wait until it listens.
+        uses it) and wait until it listens.  Over WebSocket its web listener
+        (C{--web}, TLS for C{wss}) is the client port; its C{--listen} is
+        then plain TCP, on a free port, unused.
 
         @param redisURL: the cluster's Redis, or L{None} for one gate.
         @return: a L{Deferred} firing with its client port.
         """
         o = self.options
         api = scenario.usesApi and index == 0
+        websocket = isWebSocket(o["transport"])
         imArgs = ["--data-dir", dataDir]
         if redisURL is None:
             imArgs += ["--store", o["store"]]
@@ -180,7 +187,7 @@ class Processes:
             "--api",
             listenDescription("tcp", o["host"]) if api else "none",
             "--listen",
-            listenDescription(o["transport"], o["host"]),
+            listenDescription("tcp" if websocket else o["transport"], o["host"]),
             # The bench is the gate's only client: lift the limits
             # against abuse, but the open-file budget.
             "--max-connections",
@@ -192,8 +199,15 @@ class Processes:
             "--request-rate",
             "1e9",
         ]
+        if websocket:
+            imArgs += ["--web", listenDescription(o["transport"], o["host"])]
         imArgs += scenario.gateArguments()
-        server = spawnTwistd(self.reactor, imArgs, o["server-cpu"], listening=o["host"])
+        server = spawnTwistd(
+            self.reactor,
+            imArgs,
+            o["server-cpu"],
+            listening=webPattern(o["host"]) if websocket else o["host"],
+        )
         self.servers.append(server)
         waits = [server.listening]
         if api:
@@ -265,7 +279,9 @@ class Processes:
     @inlineCallbacks
     def startEcho(self, dataDir):
         """
-        Start one echo server per gate: the same connections per process.
+        Start one echo server per gate: the same connections per process,
+        over the scenario's transport, or for a WebSocket the one under it
+        (TCP for C{ws}, TLS for C{wss}): the reference stays raw Twisted.
         """
         o = self.options
         args = [sys.executable, "-m", "imserver.bench", ECHO_COMMAND, "--host", o["host"]]
@@ -284,7 +300,7 @@ class Processes:
             [server.listening for server in self.servers], consumeErrors=True
         ).addErrback(firstError)
         ports = yield self._bounded(listening, "the echo server to listen")
-        self.target = dict(self.target, port=ports[0], ports=ports)
+        self.target = dict(self.target, port=ports[0], ports=ports, websocket=False)
 
     def spawnWorkers(self):
         """

@@ -31,6 +31,7 @@ from twisted.python.filepath import FilePath
 from imserver import __version__, methods
 from imserver.auth import mintToken
 from imserver.bench.options import loopback
+from imserver.bench.websocket import WebSocketClientEndpoint
 from imserver.client import ClientProtocol
 from imserver.observe import OneShot
 from imserver.pb import im_pb2 as pb
@@ -169,9 +170,9 @@ class Load:
     def __init__(self, reactor, spec, err=sys.stderr):
         """
         @param spec: from the coordinator: C{target} (C{host}, C{port},
-            C{ports}: every gate's, C{tls}, C{ca}), C{sources}, C{first}, C{count}, C{secret} (hex,
-            for the gate), C{connectWindow}, C{timeout} and the scenario's
-            C{config}.
+            C{ports}: every gate's, C{tls}, C{ca}, C{websocket}),
+            C{sources}, C{first}, C{count}, C{secret} (hex, for the gate),
+            C{connectWindow}, C{timeout} and the scenario's C{config}.
         @raise usage.UsageError: if the target or a source address is not a
             loopback address.
         """
@@ -195,6 +196,8 @@ class Load:
             trustRoot = ssl.Certificate.loadPEM(FilePath(target["ca"]).getContent())
             # One context for every connection of this worker.
             self._tls = ssl.optionsForClientTLS("localhost", trustRoot=trustRoot)
+        #: Whether connections are WebSockets (on TCP, or on TLS).
+        self.websocket = bool(target.get("websocket"))
         self.counts = dict.fromkeys(self.counters, 0)
         self.latencies = []
         self.clients = []
@@ -206,14 +209,22 @@ class Load:
     def endpoint(self, index):
         """
         A client endpoint to the target for user C{index} (its gate's port),
-        bound to its source address, wrapped in TLS if the target is TLS.
+        bound to its source address, wrapped in TLS if the target is TLS,
+        then in a WebSocket if it is one (the client protocol still reads
+        and writes length-prefixed frames: L{imserver.bench.websocket}).
         """
         source = self.sources[index % len(self.sources)]
         bind = None if source is None else (source, 0)
         kind = TCP6ClientEndpoint if ":" in self.host else TCP4ClientEndpoint
         port = self.ports[index % len(self.ports)]
         endpoint = kind(self.reactor, self.host, port, self.timeout, bind)
-        return endpoint if self._tls is None else wrapClientTLS(self._tls, endpoint)
+        if self._tls is not None:
+            endpoint = wrapClientTLS(self._tls, endpoint)
+        if self.websocket:
+            endpoint = WebSocketClientEndpoint(
+                self.reactor, endpoint, self.host, port, self.timeout
+            )
+        return endpoint
 
     def token(self, uid):
         """
