@@ -380,6 +380,23 @@ class WebSocketDeliveryTests(TestCase):
         self.assertTrue(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     @inlineCallbacks
+    def test_compact(self):
+        """
+        An open connection's protocol keeps a small instance dictionary
+        (autobahn's defaults and the factory's options are read from the
+        class), and a connection made so still works and closes.
+        """
+        browser = yield self.web.ws("alice")
+        [session] = self.web.factory.connections
+        state = vars(session.channel)
+        self.assertLess(len(state), 50, sorted(state))
+        self.assertNotIn("http_headers", state)
+        self.assertNotIn("versions", state)
+        self.assertEqual(session.channel.versions, [13])
+        yield browser.call("ping", {})
+        yield self.web.closeWS(browser)
+
+    @inlineCallbacks
     def test_countedAsConnections(self):
         """
         WebSocket sessions are the gate's connections: in its set while
