@@ -849,6 +849,23 @@ class HandshakeTests(TestCase):
             yield self.web.closeWS(client)
 
     @inlineCallbacks
+    def test_compressionOffered(self):
+        """
+        An upgrade offering permessage-deflate, as every browser's does, is
+        taken without it.
+        """
+        offer = b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+        client = Collect(upgradeRequest(extra=offer, origin=b"http://127.0.0.1"))
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.web.webPort), client)
+        yield waitFor(lambda: b"\r\n\r\n" in b"".join(client.data))
+        head = b"".join(client.data).split(b"\r\n\r\n")[0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+        self.assertIn(b"Sec-WebSocket-Protocol: imserver.v1.json", head)
+        self.assertNotIn(b"Sec-WebSocket-Extensions", head)
+        client.transport.loseConnection()
+        yield client.done
+
+    @inlineCallbacks
     def test_headersTooLarge(self):
         """
         A request whose headers exceed C{web_max_request_size} is refused.

@@ -527,6 +527,15 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
             self.session.connectionLost(reason)
 
 
+def _classAttribute(value):
+    """
+    C{value} as a class attribute that reads back as C{value} from an
+    instance: a function option (C{perMessageCompressionAccept}) must not
+    become a method.
+    """
+    return staticmethod(value) if callable(value) else value
+
+
 class GateWebSocketFactory(WebSocketServerFactory):
     """
     Builds the gate's WebSocket protocols (under L{imserver.web.WebSite}'s
@@ -580,7 +589,7 @@ class GateWebSocketFactory(WebSocketServerFactory):
             self.protocol.__name__,
             (self.protocol,),
             {
-                name: getattr(self, name)
+                name: _classAttribute(getattr(self, name))
                 for name in WebSocketServerProtocol.CONFIG_ATTRS
                 if name != "maxMessagePayloadSize"
             },
