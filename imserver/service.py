@@ -530,20 +530,29 @@ class CertificateReloadService(Service):
     (L{imserver.tls.ReloadableServerOptions}).  Renew a certificate by
     replacing its files, then C{kill -HUP <pid>}.
 
+    Also rotates the TLS session ticket keys every C{rotation} seconds
+    (C{--tls-ticket-rotation}): a new context for each listener, from its
+    files.
+
     @ivar certificates: the L{imserver.tls.ReloadableServerOptions} of the
         TLS listeners.
     """
 
     log = Logger()
 
-    def __init__(self, certificates, reactor):
+    def __init__(self, certificates, reactor, rotation=None):
         self.setName("certificates")
         self.certificates = list(certificates)
         self.reactor = reactor
+        self.rotation = rotation
         self._previous = None
+        self._rotating = LoopingCall(self.rotate)
+        self._rotating.clock = reactor
 
     def startService(self):
         Service.startService(self)
+        if self.rotation:
+            self._rotating.start(self.rotation, now=False)
         import signal
 
         try:
@@ -553,6 +562,8 @@ class CertificateReloadService(Service):
 
     def stopService(self):
         Service.stopService(self)
+        if self._rotating.running:
+            self._rotating.stop()
         if self._previous is not None:
             import signal
 
@@ -573,3 +584,13 @@ class CertificateReloadService(Service):
         """
         self.log.info("reloading {n} TLS certificate(s)", n=len(self.certificates))
         return sum(1 for options in self.certificates if options.reload())
+
+    def rotate(self):
+        """
+        Replace every listener's session ticket keys.
+
+        @return: how many were replaced.
+        """
+        rotated = sum(1 for options in self.certificates if options.rotate())
+        self.log.info("rotated the TLS session ticket keys of {n} listener(s)", n=rotated)
+        return rotated

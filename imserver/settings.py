@@ -185,6 +185,12 @@ class Settings:
     typing_rate: float = _setting(
         2.0, "Typing signals per second a connection may send; more are dropped.", 0.01
     )
+    tls_ticket_rotation: float = _setting(
+        43200.0,
+        "Seconds between rotations of the TLS session ticket keys of the ssl: "
+        "listeners (a ticket resumes a session until the next rotation or reload).",
+        60.0,
+    )
     web_request_timeout: float = _setting(
         10.0,
         "Seconds an HTTP connection of the --web listener lives: until its "

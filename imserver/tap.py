@@ -486,7 +486,9 @@ def makeService(options, reactor=None):
     if certificates:
         from imserver.service import CertificateReloadService
 
-        CertificateReloadService(certificates, reactor).setServiceParent(root)
+        CertificateReloadService(
+            certificates, reactor, settings.tls_ticket_rotation
+        ).setServiceParent(root)
     return root
 
 

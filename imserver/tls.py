@@ -87,6 +87,12 @@ def serverOptions(certPEM, keyPEM, chainPEM=None):
             extraCertChain=chain or None,
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
             acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(CIPHERS),
+            # Session resumption with stateless tickets (RFC 5077, and TLS
+            # 1.3's PSK): a client reconnecting to this process pays an
+            # abbreviated handshake.  The ticket keys are OpenSSL's, made
+            # with each context: a reload or a rotation
+            # (ReloadableServerOptions.rotate) replaces them.
+            enableSessionTickets=True,
         )
     except (SSL.Error, crypto.Error, VerifyError) as e:
         raise ValueError("cannot load the certificate or key: {}".format(e))
@@ -249,6 +255,25 @@ class ReloadableServerOptions:
             path=self.certPath.path,
             fingerprint=fingerprint(self.certPath.getContent()),
         )
+        return True
+
+    def rotate(self):
+        """
+        Replace the session ticket keys: a new context from the same files
+        (they are read again).  Tickets issued before no longer resume a
+        session; their clients make one full handshake.
+
+        @return: whether the keys were replaced.
+        """
+        try:
+            self.current = self._load()
+        except (OSError, ValueError) as e:
+            log.error(
+                "TLS session ticket keys of {path} not rotated: {why}",
+                path=self.certPath.path,
+                why=str(e),
+            )
+            return False
         return True
 
     def serverConnectionForTLS(self, tlsProtocol):

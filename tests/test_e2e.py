@@ -11,11 +11,13 @@ closed before it finishes.
 
 import os
 import signal
+import socket
+import ssl as stdlib_ssl
 import time
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import reactor
+from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import connectProtocol
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError, ProcessTerminated
@@ -258,6 +260,59 @@ class InProcessGateTests(TestCase):
         after = yield self.connect(uid="bob", caFile=None, trustRoot=Certificate.loadPEM(certPEM))
         self.assertTrue((yield after.ping()).server_time_ms)
         self.assertTrue((yield before.ping()).server_time_ms)
+
+    def handshakes(self, count, between=None):
+        """
+        C{count} TLS handshakes with the gate in a thread, each offering the
+        session of the one before (Python's own TLS client, not Twisted's).
+
+        @param between: called in the reactor thread between handshakes.
+        @return: a L{Deferred} firing with whether each resumed a session.
+        """
+        context = stdlib_ssl.create_default_context(cafile=self.caFile)
+
+        def run():
+            reused, session = [], None
+            for i in range(count):
+                if i and between is not None:
+                    threads.blockingCallFromThread(reactor, between)
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw:
+                    with context.wrap_socket(
+                        raw, server_hostname="localhost", session=session
+                    ) as sock:
+                        # Under TLS 1.3 the ticket follows the handshake: read
+                        # until the gate has nothing more to say (it waits
+                        # for auth).
+                        sock.settimeout(0.3)
+                        try:
+                            sock.recv(1)
+                        except TimeoutError:
+                            pass
+                        reused.append(sock.session_reused)
+                        session = sock.session
+            return reused
+
+        return threads.deferToThread(run)
+
+    @inlineCallbacks
+    def test_sessionResumption(self):
+        """
+        A client that offers the session ticket of its last connection
+        resumes its TLS session: an abbreviated handshake.
+        """
+        reused = yield self.handshakes(3)
+        self.assertEqual(reused, [False, True, True])
+
+    @inlineCallbacks
+    def test_ticketRotation(self):
+        """
+        After the ticket keys are rotated, an earlier ticket no longer
+        resumes a session.
+        """
+        service = self.root.getServiceNamed("certificates")
+        self.assertEqual(service.rotation, 43200.0)
+        reused = yield self.handshakes(2, between=service.rotate)
+        self.assertEqual(reused, [False, False])
 
     @inlineCallbacks
     def test_sameDeviceReplaces(self):
