@@ -55,13 +55,14 @@ from twisted.internet.defer import (
 )
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionClosed
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imserver.auth import mintToken
 from imserver.client import IMClient
-from imserver.errors import ConnectionClosedByPeer, RequestTimeout
+from imserver.errors import ConnectionClosedByPeer, RemoteError, RequestTimeout
 from imserver.pb import im_pb2 as pb
 
 from tests.support.live import withDeadline
@@ -614,6 +615,14 @@ class Workload:
             try:
                 response = yield protocol.sync(afterSeq=client.lastSeq, limit=1)
             except RequestTimeout:
+                continue
+            except RemoteError as e:
+                if e.code != pb.RATE_LIMITED:
+                    raise
+                # The connection's request bucket is empty (its client's
+                # re-sends after a crash come in bursts): as the protocol
+                # says, slow down and ask again.
+                yield deferLater(reactor, 0.5, lambda: None)
                 continue
             except (ConnectionClosed, ConnectionClosedByPeer):
                 # The request fails while the connection is being closed,
