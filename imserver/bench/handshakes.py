@@ -48,7 +48,7 @@ def _handshake(port, context, session):
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with context.wrap_socket(raw, server_hostname="localhost", session=session) as sock:
             # The tickets follow the handshake under TLS 1.3.
-            sock.settimeout(0.02)
+            sock.settimeout(0.005)
             try:
                 sock.recv(1)
             except TimeoutError:
@@ -74,21 +74,25 @@ def run(count, blocks, serverCPU):
             ],
             cpu=serverCPU,
         )
-        gate = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=childEnvironment()
-        )
+        # The gate's log goes to a file: a pipe nobody reads would fill and
+        # stop the gate.
+        logPath = os.path.join(dataDir, "gate.log")
+        with open(logPath, "wb") as log:
+            gate = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=childEnvironment()
+            )
         try:
-            output = b""
             deadline = time.monotonic() + 30
             while True:
-                line = gate.stdout.readline()
-                output += line
-                match = _LISTENING.search(line)
+                with open(logPath, "rb") as log:
+                    output = log.read()
+                match = _LISTENING.search(output)
                 if match:
                     port = int(match.group(1))
                     break
-                if not line or time.monotonic() > deadline:
+                if gate.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("the gate did not listen:\n" + output.decode())
+                time.sleep(0.05)
             context = ssl.create_default_context(cafile=os.path.join(dataDir, CERT_FILE_NAME))
             context.minimum_version = ssl.TLSVersion.TLSv1_3
             session, _ = _handshake(port, context, None)
