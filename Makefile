@@ -39,7 +39,7 @@ test: $(STAMP)
 # start no subprocess and need no Redis (StringTransport, Clock, memory
 # reactor).  A module with any live test is not listed; `make test` runs all.
 FAST_TESTS = tests.test_auth tests.test_client tests.test_delivery tests.test_docs \
-	tests.test_framing tests.test_groups tests.test_identifiers tests.test_metrics \
+	tests.test_framing tests.test_groups tests.test_identifiers tests.test_jsonframes tests.test_metrics \
 	tests.test_observe tests.test_properties tests.test_protocol tests.test_rpc \
 	tests.test_tap tests.test_tls tests.test_wire
 test-fast: $(STAMP)
