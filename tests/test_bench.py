@@ -9,9 +9,14 @@ not in tests).
 """
 
 import base64
+import collections
 import io
+import itertools
 import json
+import math
+import random
 import shutil
+import statistics
 import struct
 import sys
 import time
@@ -29,20 +34,29 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from imserver.bench import options as bench_options, websocket
+from imserver.bench.arrivals import (
+    BUSY,
+    TICK,
+    Arrivals,
+    arrivalTimes,
+    burstTimes,
+    evenTimes,
+    poissonTimes,
+)
 from imserver.bench.cli import writeReport
 from imserver.bench.control import ControlProtocol, LineBuffer, WorkerError, WorkerProcess
 from imserver.bench.coordinator import Coordinator, _Segment
 from imserver.bench.fanout import GROUP, Fanout, FanoutLoad, MemberClient
 from imserver.bench.hold import Hold
 from imserver.bench.options import cpuCount, loopback, sourceAddresses
-from imserver.bench.p2p import P2P
+from imserver.bench.p2p import P2P, P2PLoad
 from imserver.bench.ping import Ping
 from imserver.bench.plot import cdfPoints
-from imserver.bench.scenario import Ticker
 from imserver.bench.stats import (
     evenBlocks,
     formatProgress,
     latencySummary,
+    latenessSummary,
     mergeSorted,
     percentile,
     ratesBetween,
@@ -324,6 +338,33 @@ class OptionsTests(SynchronousTestCase):
             2 * self.parse(Fanout)["ack-every"],
         )
 
+    def test_arrivals(self):
+        """
+        The open-loop scenarios take C{--arrivals} (even by default, poisson
+        or burst, nothing else) and C{--seed}; each worker gets them with
+        its phase, the share of the users before it.
+        """
+        for scenario in (P2P, Fanout, Hold):
+            options = self.parse(scenario)
+            self.assertEqual((options["arrivals"], options["seed"]), ("even", 0))
+            for kind in ("poisson", "burst"):
+                self.assertEqual(self.parse(scenario, "--arrivals", kind)["arrivals"], kind)
+            error = self.assertRaises(UsageError, self.parse, scenario, "--arrivals", "bursty")
+            self.assertEqual(str(error), "--arrivals is even, poisson or burst")
+            self.assertRaises(UsageError, self.parse, scenario, "--seed", "x")
+        options = self.parse(
+            P2P, "--users", "400", "--workers", "2", "--rate", "2000", "--arrivals", "poisson",
+            "--seed", "7",
+        )  # fmt: skip
+        config = P2P(options).workerConfig(200, 200)
+        self.assertEqual(
+            (config["rate"], config["arrivals"], config["seed"], config["phase"]),
+            (1000.0, "poisson", 7, 0.5),
+        )
+        self.assertEqual(Fanout(self.parse(Fanout)).workerConfig(0, 1000)["phase"], 0.0)
+        self.assertEqual(Hold(self.parse(Hold)).workerConfig(100, 100)["phase"], 0.25)
+        self.assertNotIn("arrivals", self.parse(Ping))
+
     def test_transports(self):
         """
         C{hold}, C{ping} and C{p2p} run over tcp, tls, ws and wss; the other
@@ -469,22 +510,325 @@ class ControlTests(SynchronousTestCase):
         worker.shutdown()
         self.successResultOf(worker.done)
 
-    def test_ticker(self):
+
+class _Sender:
+    """
+    A session of an open-loop load (L{P2PLoad}): it records what it sends
+    and acks, and every send is answered at once.
+    """
+
+    connected = 1
+
+    def __init__(self, index):
+        self.index = index
+        self.sent = []
+        self.acked = []
+
+    def send(self, to, body, clientMsgId, **kwargs):
+        self.sent.append((to, body))
+        return succeed(None)
+
+    def ack(self, seq):
+        self.acked.append(seq)
+
+
+class ArrivalsTests(SynchronousTestCase):
+    """
+    The open loop: its arrival processes and its clock
+    (L{imserver.bench.arrivals}), and loads measuring latency from each
+    message's scheduled time.
+    """
+
+    @staticmethod
+    def take(times, count):
         """
-        An open-loop ticker fires at its rate on average, making up ticks
-        the clock skipped.
+        The first C{count} times of an arrival process.
+        """
+        return list(itertools.islice(times, count))
+
+    def test_evenTimes(self):
+        """
+        Even arrivals are 1 / rate apart, on a grid anchored at time 0 of
+        the clock, from the first at or after the start; two workers at half
+        the rate with phases 0 and 0.5 make one even schedule together,
+        whenever each starts.
+        """
+        times = self.take(evenTimes(250, 10.0011), 1000)
+        self.assertAlmostEqual(times[0], 10.004)
+        for earlier, later in zip(times, times[1:]):
+            self.assertAlmostEqual(later - earlier, 0.004)
+        self.assertEqual(self.take(evenTimes(128, 2.0), 3), [2.0, 2 + 1 / 128, 2 + 2 / 128])
+        merged = sorted(
+            self.take(evenTimes(125, 3.0), 500) + self.take(evenTimes(125, 3.0021, 0.5), 500)
+        )
+        for got, expected in zip(merged, self.take(evenTimes(250, 3.0), 1000)):
+            self.assertAlmostEqual(got, expected, places=9)
+
+    def test_poissonTimes(self):
+        """
+        Poisson arrivals have the mean rate (within 2 % over 20,000 for a
+        fixed seed) and gaps spread as an exponential's (standard deviation
+        the mean); the same seed gives the same times, another seed others.
+        """
+        times = self.take(poissonTimes(1000, 5.0, random.Random("7:0")), 20000)
+        gaps = [later - earlier for earlier, later in zip([5.0] + times, times)]
+        mean = statistics.fmean(gaps)
+        # (Trial's assertAlmostEqual has no delta.)
+        self.assertLess(abs(mean / 0.001 - 1), 0.02)
+        self.assertLess(abs(statistics.pstdev(gaps) / mean - 1), 0.03)
+        self.assertTrue(all(gap >= 0 for gap in gaps))
+        self.assertEqual(self.take(poissonTimes(1000, 5.0, random.Random("7:0")), 100), times[:100])
+        self.assertNotEqual(
+            self.take(poissonTimes(1000, 5.0, random.Random("7:200")), 100), times[:100]
+        )
+
+    def test_burstTimes(self):
+        """
+        Burst arrivals come every 10 ms after the start, as many at once as
+        are due, the fraction carried over: 2, 3, 2, 3... at 250/s.
+        """
+        times = self.take(burstTimes(250, 1.0), 250)
+        bursts = collections.Counter(round(t, 9) for t in times)
+        self.assertEqual(len(bursts), 100)
+        self.assertEqual(sorted(bursts)[:3], [1.01, 1.02, 1.03])
+        self.assertEqual([bursts[t] for t in sorted(bursts)][:4], [2, 3, 2, 3])
+        self.assertAlmostEqual(times[-1], 2.0)
+
+    def test_arrivalTimes(self):
+        """
+        L{arrivalTimes} names the three processes.
+        """
+        self.assertEqual(self.take(arrivalTimes("even", 128, 1.0), 2), [1.0, 1 + 1 / 128])
+        self.assertEqual(
+            self.take(arrivalTimes("poisson", 10, 1.0, rng=random.Random(3)), 5),
+            self.take(poissonTimes(10, 1.0, random.Random(3)), 5),
+        )
+        self.assertEqual(
+            self.take(arrivalTimes("burst", 250, 1.0), 5), self.take(burstTimes(250, 1.0), 5)
+        )
+        self.assertRaises(ValueError, arrivalTimes, "bursty", 10, 0.0)
+
+    def clockAt(self, seconds):
+        """
+        A L{Clock} at C{seconds}.
         """
         clock = Clock()
-        fired = []
-        ticker = Ticker(clock, 250, lambda: fired.append(clock.seconds()))
-        ticker.start()
-        clock.pump([0.01] * 100)
-        self.assertEqual(len(fired), 250)
-        clock.advance(0.5)
-        self.assertEqual(len(fired), 375)
-        ticker.stop()
+        clock.advance(seconds)
+        return clock
+
+    def test_onTime(self):
+        """
+        Each message is fired with its due time once that time has come; a
+        clock waking on time means no lateness; one timer at most is
+        pending, and stopping cancels it.
+        """
+        clock = self.clockAt(2.0)
+        fired, late = [], []
+        arrivals = Arrivals(
+            clock, evenTimes(128, 2.0), fired.append, late.append, now=clock.seconds
+        )
+        arrivals.start()
+        clock.advance(0)
+        for _ in range(128):
+            clock.advance(1 / 128)
+            self.assertEqual(len(clock.getDelayedCalls()), 1)
+        self.assertEqual(fired, [2.0 + k / 128 for k in range(129)])
+        self.assertEqual(late, [0.0] * 129)
+        arrivals.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
         clock.advance(1)
-        self.assertEqual(len(fired), 375)
+        self.assertEqual(len(fired), 129)
+
+    def test_lateWake(self):
+        """
+        A wake that comes late sends everything due by then, oldest first,
+        each message with its own due time and how late it is.
+        """
+        clock = self.clockAt(0.0)
+        fired, late = [], []
+        arrivals = Arrivals(clock, evenTimes(128, 0.0), fired.append, late.append, clock.seconds)
+        arrivals.start()
+        clock.advance(0)
+        clock.advance(4 / 128)
+        self.assertEqual(fired, [k / 128 for k in range(5)])
+        self.assertEqual(late, [0.0, 3 / 128, 2 / 128, 1 / 128, 0.0])
+
+    def test_tick(self):
+        """
+        Above 1 / L{TICK} messages a second the clock wakes at most once per
+        tick, however often the reactor runs, and sends what came due
+        meanwhile: no timer per message, and never more than one pending.
+        """
+        clock = self.clockAt(0.0)
+        wakes, late = [], []
+        arrivals = Arrivals(
+            clock,
+            evenTimes(10000, 0.0),
+            lambda due: wakes.append(clock.seconds()),
+            late.append,
+            clock.seconds,
+        )
+        arrivals.start()
+        for _ in range(10000):
+            clock.advance(0.0001)
+            self.assertLessEqual(len(clock.getDelayedCalls()), 1)
+        self.assertLessEqual(len(set(wakes)), 1 / TICK + 1)
+        self.assertGreaterEqual(len(wakes), 9990)
+        self.assertLessEqual(max(late), TICK + 0.0001 + 1e-9)
+        arrivals.stop()
+
+    def test_behind(self):
+        """
+        A client slower than its rate falls behind without starving its
+        reactor: a wake sends only what was due when it began, for at most
+        L{BUSY} seconds, then lets the reactor run; the lateness grows and
+        shows it.
+        """
+        clock = self.clockAt(0.0)
+        sent = []
+
+        def fire(due):
+            # Each send takes 3 ms; one is due every 1 ms.
+            sent.append(clock.seconds())
+            clock.rightNow += 0.003
+
+        late = []
+        arrivals = Arrivals(clock, evenTimes(1000, 0.0), fire, late.append, clock.seconds)
+        arrivals.start()
+        while clock.seconds() < 1.0:
+            clock.advance(0.0001)
+        self.assertEqual(late, sorted(late))
+        self.assertGreater(late[-1], 0.6)
+        self.assertEqual(len(late), len(sent))
+        self.assertLess(len(sent), 340)
+        # A wake sends for BUSY seconds at most, then the reactor runs again.
+        runs = [1]
+        for earlier, later in zip(sent, sent[1:]):
+            if later - earlier < 0.003 + 1e-9:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        self.assertEqual(max(runs), math.ceil(BUSY / 0.003))
+        arrivals.stop()
+
+    def openLoop(self, rate, arrivals="even", seed=0, phase=0.0, start=1.0):
+        """
+        A started open-loop L{P2PLoad} on a L{Clock} at C{start}, measuring,
+        with four users (two senders) of L{_Sender}.
+        """
+        clock = self.clockAt(start)
+        load = P2PLoad(
+            clock,
+            {
+                "target": {"host": "127.0.0.1", "port": 1, "tls": False, "ca": None},
+                "sources": ["127.0.0.2"],
+                "first": 0,
+                "count": 4,
+                "secret": "00" * 32,
+                "connectWindow": 1,
+                "timeout": 5,
+                "config": {
+                    "inflight": 1,
+                    "rate": rate,
+                    "body": 20,
+                    "arrivals": arrivals,
+                    "seed": seed,
+                    "phase": phase,
+                },
+            },
+            err=io.StringIO(),
+        )
+        load.now = clock.seconds
+        load.clients = [_Sender(index) for index in range(4)]
+        load.on_measure()
+        load.on_start()
+        return clock, load
+
+    def stamps(self, load):
+        """
+        The due times stamped in the messages the load's senders sent, in
+        order.
+        """
+        return sorted(
+            struct.unpack_from("!d", body)[0] for sender in load.clients for to, body in sender.sent
+        )
+
+    def deliver(self, load):
+        """
+        Deliver to each receiver what its partner sent.
+        """
+        for sender in load.clients[0::2]:
+            for seq, (to, body) in enumerate(sender.sent, 1):
+                self.assertEqual(to, "u{}".format(sender.index + 1))
+                entry = pb.InboxEntry(seq=seq, message=pb.Message(body=body))
+                load.notified(load.clients[sender.index + 1], "message", entry)
+
+    def test_latencyFromScheduledTime(self):
+        """
+        The open loop's senders take turns; each message carries its due
+        time, and its latency is measured from it: a message sent late has
+        its lateness in its latency.  The lateness is reported with the
+        latencies.
+        """
+        clock, load = self.openLoop(128)
+        clock.advance(0)
+        clock.advance(3 / 128)
+        self.assertEqual([len(sender.sent) for sender in load.clients], [2, 0, 2, 0])
+        self.assertEqual(self.stamps(load), [1 + k / 128 for k in range(4)])
+        clock.advance(1 / 256)
+        self.deliver(load)
+        report = load.on_report()
+        # Delivered at 1 + 7/256: due at 1 and sent on time, then due at
+        # 1 + 2/256, 4/256 and 6/256 and all sent at 1 + 6/256.
+        self.assertEqual(report["latencies_us"], [3906, 11718, 19531, 27343])
+        self.assertEqual(report["lateness_us"], [0, 0, 7812, 15625])
+        self.assertEqual(report["counts"]["sent"], 4)
+        self.assertEqual(report["counts"]["delivered"], 4)
+        self.assertEqual(load.clients[1].acked, [1, 2])
+        load.on_stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_loadArrivals(self):
+        """
+        A load's open loop follows the config's C{arrivals}: even on its
+        phase, Poisson drawn from C{seed} and its first user, bursts every
+        10 ms.
+        """
+        clock, load = self.openLoop(250, phase=0.5)
+        clock.pump([0.001] * 100)
+        self.assertEqual(
+            self.stamps(load), self.take(evenTimes(250, 1.0, 0.5), len(self.stamps(load)))
+        )
+        self.assertEqual(len(self.stamps(load)), 25)
+        clock, load = self.openLoop(250, "poisson", seed=7)
+        clock.pump([0.001] * 100)
+        expected = self.take(poissonTimes(250, 1.0, random.Random("7:0")), 100)
+        self.assertEqual(self.stamps(load), [t for t in expected if t <= clock.seconds()])
+        clock, load = self.openLoop(250, "burst")
+        clock.pump([0.001] * 100)
+        expected = self.take(burstTimes(250, 1.0), 30)
+        self.assertEqual(self.stamps(load), [t for t in expected if t <= clock.seconds()])
+        self.assertEqual(len(set(self.stamps(load))), 9)
+
+    def test_lateness(self):
+        """
+        The coordinator summarises the workers' lateness (p50, p99, max, in
+        ms), and says on stderr when the p99 is over 2 ms.
+        """
+        self.assertEqual(latenessSummary([100, 200, 1500]), {"p50": 0.2, "p99": 1.5, "max": 1.5})
+        self.assertEqual(latenessSummary([]), {"p50": None, "p99": None, "max": None})
+        err = io.StringIO()
+        options = P2P.Options()
+        options.parseOptions(["--rate", "10"])
+        coordinator = Coordinator(Clock(), P2P(options), err)
+        coordinator._segment = _Segment("p2p", (), 0.0)
+        self.assertEqual(coordinator.lateness([100, 200, 2000])["p99"], 2.0)
+        self.assertEqual(err.getvalue(), "")
+        self.assertEqual(
+            coordinator.lateness([100, 200, 2500]), {"p50": 0.2, "p99": 2.5, "max": 2.5}
+        )
+        self.assertIn("p2p: the clients sent late", err.getvalue())
+        self.assertIn("p99 2.5 ms", err.getvalue())
 
 
 def _frame(frame):
@@ -625,6 +969,7 @@ class MemberClientTests(SynchronousTestCase):
         self.assertEqual(len(self.load.latencies), 41)
         self.assertTrue(all(0 <= value < 60e6 for value in self.load.latencies))
         self.assertEqual(self.load.counts["errors"], 0)
+        self.assertNotIn("lateness_us", self.load.on_report())
 
     def test_otherEncoding(self):
         """
@@ -1163,6 +1508,8 @@ class SmokeTests(TestCase):
         self.assertGreater(result["pings_per_s"], 0)
         self.assertGreater(result["seed_messages_per_s"], 0)
         self.assertGreater(result["deliveries_per_s"], 0)
+        self.assertEqual(result["arrivals"], "even")
+        self.assertEqual(set(result["lateness_ms"]), {"p50", "p99", "max"})
         self.assertIn("rss_per_connection_kb", result)
         self.assertGreater(result["server_rss_mb"], 0)
         self.assertNotIn("reference", result)
@@ -1223,29 +1570,65 @@ class SmokeTests(TestCase):
         self.assertEqual(result["workers"], 2)
         self.assertGreater(result["deliveries_per_s"], 0)
         self.assertIsNotNone(result["latency_ms"]["p99"])
+        self.assertNotIn("arrivals", result)
+        self.assertNotIn("lateness_ms", result)
         self.assertTrue(outcome.latencies["p2p"])
         self.assertTrue(outcome.timelines["p2p"])
 
-    @inlineCallbacks
-    def test_p2pOpenLoop(self):
+    def openLoop(self, arrivals, *args):
         """
-        The open loop sends at a fixed rate.
+        Run C{p2p} in the open loop, C{arrivals} spaced, with two workers;
+        check that messages flowed, latency was measured and the lateness
+        reported.
+
+        @return: a L{Deferred} firing with the result.
         """
-        outcome = yield self.run_(
+
+        def check(outcome):
+            result = outcome.result
+            self.assertClean(result, 8)
+            self.assertGreater(result["deliveries_per_s"], 0)
+            self.assertIsNotNone(result["latency_ms"]["p99"])
+            self.assertEqual(result["arrivals"], arrivals)
+            self.assertEqual(result["mode"], "open loop 200.0 msg/s, {} arrivals".format(arrivals))
+            lateness = result["lateness_ms"]
+            self.assertEqual(set(lateness), {"p50", "p99", "max"})
+            self.assertTrue(0 <= lateness["p50"] <= lateness["p99"] <= lateness["max"])
+            return result
+
+        return self.run_(
             P2P,
             "--users",
-            "4",
+            "8",
+            "--workers",
+            "2",
             "--rate",
-            "100",
+            "200",
             "--duration",
-            "1",
+            "0.5",
             "--warmup",
             "0.2",
             "--no-reference",
-        )
-        self.assertClean(outcome.result, 4)
-        self.assertGreater(outcome.result["deliveries_per_s"], 0)
-        self.assertIn("open loop", outcome.result["mode"])
+            *args,
+        ).addCallback(check)
+
+    def test_p2pOpenLoop(self):
+        """
+        The open loop sends at a fixed rate, evenly spaced by default.
+        """
+        return self.openLoop("even")
+
+    def test_p2pOpenLoopPoisson(self):
+        """
+        The open loop with Poisson arrivals.
+        """
+        return self.openLoop("poisson", "--arrivals", "poisson", "--seed", "3")
+
+    def test_p2pOpenLoopBurst(self):
+        """
+        The open loop with the old bursts every 10 ms.
+        """
+        return self.openLoop("burst", "--arrivals", "burst")
 
     @inlineCallbacks
     def test_pingReferencePlot(self):
@@ -1330,6 +1713,8 @@ class SmokeTests(TestCase):
         self.assertGreater(result["pings_per_s"], 0)
         self.assertGreater(result["seed_messages_per_s"], 0)
         self.assertGreater(result["deliveries_per_s"], 0)
+        self.assertEqual(result["arrivals"], "even")
+        self.assertEqual(set(result["lateness_ms"]), {"p50", "p99", "max"})
         self.assertIn("rss_per_connection_kb", result)
 
     @inlineCallbacks
@@ -1428,7 +1813,8 @@ class SmokeTests(TestCase):
         )
         self.assertClean(outcome.result, 4)
         self.assertGreater(outcome.result["deliveries_per_s"], 0)
-        self.assertIn("open loop", outcome.result["mode"])
+        self.assertEqual(outcome.result["mode"], "open loop 50.0 msg/s, even arrivals")
+        self.assertIsNotNone(outcome.result["lateness_ms"]["max"])
 
     @inlineCallbacks
     def test_storm(self):

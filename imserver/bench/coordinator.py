@@ -27,6 +27,7 @@ from imserver.bench.reference import Reference
 from imserver.bench.stats import (
     evenBlocks,
     formatProgress,
+    latenessSummary,
     mergeSorted,
     ratesBetween,
     ratiosTo,
@@ -38,6 +39,9 @@ PROGRESS_AFTER = 3.0
 #: Percent of their cores above which the workers, not the server, may
 #: have set the pace: the figures are then flagged (C{client_bound}).
 CLIENT_CPU_LIMIT = 85.0
+#: Milliseconds of p99 lateness (an open loop's sends after their scheduled
+#: time) above which the run says on stderr that the clients ran late.
+LATENESS_LIMIT_MS = 2.0
 
 
 @implementer(IBodyProducer)
@@ -73,7 +77,8 @@ class Window:
     @ivar latencies: every latency recorded, microseconds, sorted.
     @ivar figures: C{seconds}, C{server_cpu_percent},
         C{client_cpu_percent}, C{client_bound} (L{Coordinator.clientBound})
-        and C{server_rss_mb}, for the result.
+        and C{server_rss_mb}, for the result; with an open loop also
+        C{lateness_ms} (L{Coordinator.lateness}).
     @ivar serverRss: the server's RSS at its end, in bytes.
     """
 
@@ -328,6 +333,9 @@ class Coordinator:
         yield self.tell("stop")
         latencies = mergeSorted(report["latencies_us"] for report in reports)
         self.keepLatencies(latencies)
+        lateness = [report["lateness_us"] for report in reports if "lateness_us" in report]
+        if lateness:
+            figures["lateness_ms"] = self.lateness(mergeSorted(lateness))
         return Window(
             sumCounts(report["counts"] for report in reports), latencies, figures, serverRss
         )
@@ -393,6 +401,31 @@ class Coordinator:
             )
         )
         return True
+
+    def lateness(self, sortedMicroseconds):
+        """
+        Summarise how late the workers' open loops sent (each send's actual
+        time minus its scheduled time, which latencies are measured from,
+        so they include it); say so on stderr if the p99 is over
+        L{LATENESS_LIMIT_MS}: the clients, not the server, then account for
+        part of the latency.
+
+        @param sortedMicroseconds: every lateness of the window, sorted.
+        @return: L{latenessSummary}.
+        """
+        summary = latenessSummary(sortedMicroseconds)
+        if summary["p99"] is not None and summary["p99"] > LATENESS_LIMIT_MS:
+            self.log(
+                "{}: the clients sent late: lateness p50 {} ms, p99 {} ms, max {} ms after the "
+                "scheduled times (over {} ms at p99); the latencies include it".format(
+                    self._segment.name,
+                    summary["p50"],
+                    summary["p99"],
+                    summary["max"],
+                    LATENESS_LIMIT_MS,
+                )
+            )
+        return summary
 
     def usage(self):
         """

@@ -7,23 +7,24 @@ C{u<M-1>}) through the gate's HTTP API before anyone connects; the members
 are spread over the workers like any users.  Member 0 sends to the group
 over the real protocol (send -> store in M inboxes -> push to every member
 -> ack), closed loop (C{--inflight} sends outstanding) or open loop at
-C{--rate} sends per second.  Every other member is a lean client
+C{--rate} sends per second, spaced as C{--arrivals} says (evenly by
+default; L{imserver.bench.arrivals}).  Every other member is a lean client
 (L{MemberClient}) that counts the pushes it receives and acks cumulatively
 every C{--ack-every} entries, and once its stream has gone quiet for
 L{ACK_INTERVAL}, as the protocol asks of a client batching its acks; the
 gate's window (C{--max-unacked}, set to L{MAX_UNACKED}) never stalls.
 
 Deliveries are the pushes the members receive (the sender's own copy
-excluded).  The send time is stamped in the body; the latency is from it to
-a member receiving the push, for every C{--sample-every}-th entry of each
-member's inbox.
+excluded).  The send time (in the open loop, the time the send was
+scheduled for) is stamped in the body; the latency is from it to a member
+receiving the push, for every C{--sample-every}-th entry of each member's
+inbox.
 
     python -m imserver.bench fanout --members 1000 --duration 10
     python -m imserver.bench fanout --members 1000 --store memory --transport tls
 """
 
 import struct
-import time
 
 from google.protobuf.message import DecodeError
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -32,7 +33,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
 from imserver import methods
-from imserver.bench.options import WindowOptions, checkSending
+from imserver.bench.options import OpenLoopOptions, checkSending
 from imserver.bench.scenario import LeanClient, Load, Scenario, userName
 from imserver.bench.stats import latencySummary
 from imserver.observe import OneShot
@@ -62,7 +63,7 @@ _length = struct.Struct("!I")
 _MESSAGE_PREFIX = b"\x08\x03\x1a\x07message\x22"
 
 
-class FanoutOptions(WindowOptions):
+class FanoutOptions(OpenLoopOptions):
     """
     The options of C{fanout}.
     """
@@ -109,7 +110,7 @@ class FanoutOptions(WindowOptions):
         self["users"] = self["members"]
         if self["members"] < 2:
             raise usage.UsageError("--members must be >= 2")
-        WindowOptions.postOptions(self)
+        OpenLoopOptions.postOptions(self)
         checkSending(self, _stamp.size)
         if not 1 <= self["ack-every"] <= MAX_UNACKED // 2:
             raise usage.UsageError("--ack-every must be between 1 and {}".format(MAX_UNACKED // 2))
@@ -222,7 +223,8 @@ class MemberClient(LeanClient, Protocol):
 
     def _sample(self, entryBytes):
         entry = pb.InboxEntry.FromString(entryBytes)
-        self.load.record(time.perf_counter() - _stamp.unpack_from(entry.message.body)[0])
+        load = self.load
+        load.record(load.now() - _stamp.unpack_from(entry.message.body)[0])
 
     def _otherFrame(self, data):
         """
@@ -329,21 +331,24 @@ class FanoutLoad(Load):
         if self._sender is None:
             return
         if self.config["rate"]:
-            self.startTicker(self.config["rate"], lambda: self.sendOne(loop=False))
+            self.startArrivals(self.config["rate"], lambda due: self.sendOne(False, due))
         else:
             for _ in range(self.config["inflight"]):
                 self.sendOne(loop=True)
 
-    def sendOne(self, loop):
+    def sendOne(self, loop, stamp=None):
         """
         Send one message to the group; when answered, send the next if
         C{loop}.
+
+        @param stamp: the time its latency is measured from, on L{now}'s
+            clock (its due time in the open loop); now if L{None}.
         """
         client = self._sender
         if self.stopping or not client.connected:
             return
         self._messages += 1
-        body = _stamp.pack(time.perf_counter()) + self._padding
+        body = _stamp.pack(self.now() if stamp is None else stamp) + self._padding
         d = client.send("", body, "fanout-{}".format(self._messages), groupId=self.config["group"])
         self.countSent(d, again=(lambda: self.sendOne(loop)) if loop else None)
 
@@ -392,6 +397,7 @@ class Fanout(Scenario):
             "body": o["body"],
             "ackEvery": o["ack-every"],
             "sampleEvery": o["sample-every"],
+            **self.arrivalConfig(first),
         }
 
     @inlineCallbacks
@@ -430,7 +436,7 @@ class Fanout(Scenario):
         cpu = window.figures["server_cpu_percent"]
         result.update(
             {
-                "mode": "open loop {} msg/s".format(o["rate"])
+                "mode": "open loop {} msg/s, {} arrivals".format(o["rate"], o["arrivals"])
                 if o["rate"]
                 else "closed loop, {} in flight".format(o["inflight"]),
                 "members": o["members"],
@@ -447,4 +453,6 @@ class Fanout(Scenario):
                 "latency_ms": latencySummary(window.latencies),
             }
         )
+        if o["rate"]:
+            result["arrivals"] = o["arrivals"]
         return result

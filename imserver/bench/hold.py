@@ -2,7 +2,8 @@
 """
 C{hold}: N authenticated connections that heartbeat as the client library
 does, and nothing else (unless C{--seed-profile}: each client also sends
-500 bytes to its partner once a minute, spread evenly).
+500 bytes to its partner once a minute, spread as C{--arrivals} says,
+evenly by default).
 
 Reports how fast they connect (TCP, TLS and C{auth}), the gate's memory per
 connection (its RSS after holding minus its RSS before connecting, divided
@@ -16,14 +17,14 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.python import usage
 
 from imserver import methods
-from imserver.bench.options import ALL_TRANSPORTS, WindowOptions
+from imserver.bench.options import ALL_TRANSPORTS, OpenLoopOptions
 from imserver.bench.scenario import Load, Scenario, SessionClient, partner, userName
 
 #: The body of a seed-profile message.
 SEED_BODY = b"s" * 500
 
 
-class HoldOptions(WindowOptions):
+class HoldOptions(OpenLoopOptions):
     """
     The options of C{hold}.
     """
@@ -56,12 +57,12 @@ class HoldOptions(WindowOptions):
             "seed-profile",
             None,
             "Each client also sends 500 bytes to its partner once per "
-            "--seed-period, spread evenly.",
+            "--seed-period, spread as --arrivals says.",
         ],
     ]
 
     def postOptions(self):
-        WindowOptions.postOptions(self)
+        OpenLoopOptions.postOptions(self)
         if self["heartbeat"] < 0.01:
             raise usage.UsageError("--heartbeat must be at least 0.01")
         if self["seed-period"] <= 0:
@@ -83,7 +84,7 @@ class HeldClient(SessionClient):
 class HoldLoad(Load):
     """
     Held sessions; with a seed period, each sends to its partner once per
-    period, all of them spread evenly over it.
+    period on average, all of them spread over it (L{Load.startArrivals}).
     """
 
     counters = ("connected", "pings", "seeded", "delivered", "errors")
@@ -101,9 +102,9 @@ class HoldLoad(Load):
     def on_start(self):
         period = self.config["seedPeriod"]
         if period and self.clients:
-            self.startTicker(len(self.clients) / period, self._seed)
+            self.startArrivals(len(self.clients) / period, self._seed)
 
-    def _seed(self):
+    def _seed(self, due):
         client = self.clients[self._next % len(self.clients)]
         self._next += 1
         if not client.connected:
@@ -136,7 +137,10 @@ class Hold(Scenario):
         return ["--heartbeat-interval", repr(interval), "--idle-timeout", repr(3 * interval)]
 
     def workerConfig(self, first, count):
-        return {"seedPeriod": self.options["seed-period"] if self.options["seed-profile"] else 0}
+        return {
+            "seedPeriod": self.options["seed-period"] if self.options["seed-profile"] else 0,
+            **self.arrivalConfig(first),
+        }
 
     @inlineCallbacks
     def drive(self, run):
@@ -150,6 +154,7 @@ class Hold(Scenario):
         result["heartbeat_s"] = self.options["heartbeat"]
         result["pings_per_s"] = window.rate("pings")
         if self.options["seed-profile"]:
+            result["arrivals"] = self.options["arrivals"]
             result["seed_messages_per_s"] = window.rate("seeded")
             result["deliveries_per_s"] = window.rate("delivered")
         return result

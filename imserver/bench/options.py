@@ -16,6 +16,7 @@ import shutil
 from twisted.python import usage
 
 from imserver import commandline
+from imserver.bench.arrivals import KINDS as ARRIVALS
 
 #: Connections one worker process holds by default.
 CONNECTIONS_PER_WORKER = 15000
@@ -366,3 +367,27 @@ class WindowOptions(BaseOptions):
             raise usage.UsageError("--duration must be in (0, 3600]")
         if not 0 <= self["warmup"] <= 600:
             raise usage.UsageError("--warmup must be in [0, 600]")
+
+
+class OpenLoopOptions(WindowOptions):
+    """
+    The options of a scenario with an open loop: how its sends are spaced.
+    """
+
+    optParameters = [
+        [
+            "arrivals",
+            None,
+            ARRIVALS[0],
+            "Open loop: how the sends are spaced: even (each sender on an evenly spaced schedule "
+            "of its own, the senders' offsets spread), poisson (exponential gaps, the same mean "
+            "rate, drawn with --seed) or burst (every 10 ms, all that are due: the bench's old "
+            "ticker, for comparison). Latency is from each send's scheduled time.",
+        ],
+        ["seed", None, 0, "The random seed of --arrivals poisson.", int],
+    ]
+
+    def postOptions(self):
+        WindowOptions.postOptions(self)
+        if self["arrivals"] not in ARRIVALS:
+            raise usage.UsageError("--arrivals is {}".format(_alternatives(ARRIVALS)))

@@ -3,31 +3,35 @@
 C{p2p}: 1:1 durable delivery.  Users are in pairs; the even one of each
 pair sends to the odd one over the real protocol (send -> store -> push ->
 ack), closed loop (C{--inflight} sends outstanding per sender) or open loop
-at a fixed total C{--rate}.
+at a fixed total C{--rate}, spaced as C{--arrivals} says (evenly by
+default: each sender on its own evenly spaced schedule, the senders'
+offsets spread; L{imserver.bench.arrivals}).
 
 Both halves of a pair live in the same worker, so the send-to-deliver
 latency is measured on one clock: the sender stamps C{time.perf_counter()}
-into the body, the receiver subtracts it from its own.
+into the body (in the open loop, the time the message was scheduled for,
+so the client's own lateness is part of the latency), the receiver
+subtracts it from its own.
 
     python -m imserver.bench p2p --users 400 --duration 10 --warmup 2
     python -m imserver.bench p2p --users 1000 --rate 2400 --transport tls
+    python -m imserver.bench p2p --users 1000 --rate 2400 --arrivals poisson --seed 7
     python -m imserver.bench p2p --users 400 --transport wss
 """
 
 import struct
-import time
 
 from twisted.internet.defer import inlineCallbacks
 
 from imserver import methods
-from imserver.bench.options import ALL_TRANSPORTS, WindowOptions, checkSending
+from imserver.bench.options import ALL_TRANSPORTS, OpenLoopOptions, checkSending
 from imserver.bench.scenario import Load, Scenario, partner, userName
 from imserver.bench.stats import latencySummary
 
 _stamp = struct.Struct("!d")
 
 
-class P2POptions(WindowOptions):
+class P2POptions(OpenLoopOptions):
     """
     The options of C{p2p}.
     """
@@ -35,7 +39,7 @@ class P2POptions(WindowOptions):
     longdesc = (
         "1:1 durable delivery: users in pairs, the even one of each pair sending to the odd one "
         "over the real protocol (send -> store -> push -> ack), closed loop (--inflight sends "
-        "outstanding per sender) or open loop at a total --rate."
+        "outstanding per sender) or open loop at a total --rate, spaced as --arrivals says."
     )
 
     transports = ALL_TRANSPORTS
@@ -48,7 +52,7 @@ class P2POptions(WindowOptions):
     ]
 
     def postOptions(self):
-        WindowOptions.postOptions(self)
+        OpenLoopOptions.postOptions(self)
         checkSending(self, _stamp.size)
 
 
@@ -64,6 +68,7 @@ class P2PLoad(Load):
         self._padding = b"x" * (self.config["body"] - _stamp.size)
         self._messages = 0
         self._senders = []
+        self._turn = 0
 
     def connectOne(self, index):
         return self.connectSession(index).addCallback(self.clients.append)
@@ -71,7 +76,7 @@ class P2PLoad(Load):
     def notified(self, client, name, message):
         if name == methods.MESSAGE.name and not message.outgoing:
             self.add("delivered")
-            self.record(time.perf_counter() - _stamp.unpack_from(message.message.body)[0])
+            self.record(self.now() - _stamp.unpack_from(message.message.body)[0])
         Load.notified(self, client, name, message)
 
     def on_start(self):
@@ -79,27 +84,33 @@ class P2PLoad(Load):
         if not self._senders:
             return
         if self.config["rate"]:
-            self.startTicker(self.config["rate"], self._sendNext)
+            self.startArrivals(self.config["rate"], self._sendNext)
         else:
             for sender in self._senders:
                 for _ in range(self.config["inflight"]):
                     self.sendOne(sender, loop=True)
 
-    def _sendNext(self):
+    def _sendNext(self, due):
         """
-        Open loop: the next sender in turn sends one message.
+        Open loop: the next sender in turn sends the message due at C{due}.
         """
-        self.sendOne(self._senders[self._messages % len(self._senders)], loop=False)
+        senders = self._senders
+        sender = senders[self._turn]
+        self._turn = (self._turn + 1) % len(senders)
+        self.sendOne(sender, loop=False, stamp=due)
 
-    def sendOne(self, client, loop):
+    def sendOne(self, client, loop, stamp=None):
         """
         Send one message from C{client} to its partner; when answered, send
         the next if C{loop}.
+
+        @param stamp: the time its latency is measured from, on L{now}'s
+            clock (its due time in the open loop); now if L{None}.
         """
         if self.stopping or not client.connected:
             return
         self._messages += 1
-        body = _stamp.pack(time.perf_counter()) + self._padding
+        body = _stamp.pack(self.now() if stamp is None else stamp) + self._padding
         d = client.send(
             userName(partner(client.index)), body, "{}-{}".format(client.index, self._messages)
         )
@@ -127,6 +138,7 @@ class P2P(Scenario):
             "inflight": o["inflight"],
             "rate": o["rate"] * count / o["users"],
             "body": o["body"],
+            **self.arrivalConfig(first),
         }
 
     @inlineCallbacks
@@ -137,7 +149,7 @@ class P2P(Scenario):
         result.update(window.figures)
         result.update(
             {
-                "mode": "open loop {} msg/s".format(o["rate"])
+                "mode": "open loop {} msg/s, {} arrivals".format(o["rate"], o["arrivals"])
                 if o["rate"]
                 else "closed loop, {} in flight per sender".format(o["inflight"]),
                 "body_bytes": o["body"],
@@ -146,4 +158,6 @@ class P2P(Scenario):
                 "latency_ms": latencySummary(window.latencies),
             }
         )
+        if o["rate"]:
+            result["arrivals"] = o["arrivals"]
         return result

@@ -13,6 +13,7 @@ same worker), connects from source address C{i % len(sources)} to gate
 C{i % len(ports)} (one gate unless C{--gates}).
 """
 
+import random
 import sys
 import time
 
@@ -24,12 +25,13 @@ from twisted.internet.endpoints import (
     connectProtocol,
     wrapClientTLS,
 )
-from twisted.internet.task import Cooperator, LoopingCall
+from twisted.internet.task import Cooperator
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.filepath import FilePath
 
 from imserver import __version__, methods
 from imserver.auth import mintToken
+from imserver.bench.arrivals import Arrivals, arrivalTimes
 from imserver.bench.options import loopback
 from imserver.bench.websocket import WebSocketClientEndpoint
 from imserver.client import ClientProtocol
@@ -111,6 +113,17 @@ class Scenario:
         """
         return {}
 
+    def arrivalConfig(self, first):
+        """
+        The open loop's settings for the worker whose users start at
+        C{first}, for L{Load.startArrivals}: C{arrivals} and C{seed} (the
+        options), and C{phase}, C{first / users}: where the worker's evenly
+        spaced arrivals sit among the other workers', so that they
+        interleave (exactly when the workers' rates are equal).
+        """
+        o = self.options
+        return {"arrivals": o["arrivals"], "seed": o["seed"], "phase": first / o["users"]}
+
     def drive(self, run):
         """
         Run the phases against the servers and workers of C{run}.
@@ -154,12 +167,16 @@ class Load:
     @ivar counts: C{{counter: total so far}}, sent to the coordinator as
         progress.
     @ivar latencies: latencies in microseconds, recorded while measuring.
+    @ivar lateness: how late the open loop sent each message (microseconds
+        after its due time), recorded while measuring.
+    @ivar now: the clock of latencies and of the open loop's due times
+        (C{time.perf_counter}: one clock for every process of the machine).
     @ivar clients: the connected clients.
     @ivar stopping: true once traffic is to stop.
     @ivar closing: true once the connections are being closed on purpose.
     """
 
-    _ticker = None
+    _arrivals = None
 
     counters = ("connected", "errors")
     #: Errors written to stderr; later ones are only counted.
@@ -200,6 +217,8 @@ class Load:
         self.websocket = bool(target.get("websocket"))
         self.counts = dict.fromkeys(self.counters, 0)
         self.latencies = []
+        self.lateness = []
+        self.now = time.perf_counter
         self.clients = []
         self.measuring = self.stopping = self.closing = False
         self._mark = {}
@@ -303,6 +322,13 @@ class Load:
         if self.measuring:
             self.latencies.append(int(seconds * 1e6))
 
+    def recordLateness(self, seconds):
+        """
+        Record how late the open loop sent a message, if measuring.
+        """
+        if self.measuring:
+            self.lateness.append(int(seconds * 1e6))
+
     def notified(self, client, name, message):
         """
         A L{SessionClient} was notified: messages are acknowledged.
@@ -385,27 +411,43 @@ class Load:
         """
         self._mark = dict(self.counts)
         self.latencies = []
+        self.lateness = []
         self.measuring = True
 
     def on_report(self):
         """
         End the measurement window.
 
-        @return: C{counts} (what each counter gained in the window) and
-            C{latencies_us} (sorted).
+        @return: C{counts} (what each counter gained in the window),
+            C{latencies_us} (sorted) and, with an open loop, C{lateness_us}
+            (sorted).
         """
         self.measuring = False
         self.latencies.sort()
         window = {name: value - self._mark.get(name, 0) for name, value in self.counts.items()}
-        return {"counts": window, "latencies_us": self.latencies}
+        report = {"counts": window, "latencies_us": self.latencies}
+        if self._arrivals is not None:
+            self.lateness.sort()
+            report["lateness_us"] = self.lateness
+        return report
 
-    def startTicker(self, rate, tick):
+    def startArrivals(self, rate, fire):
         """
-        Open loop: call C{tick} C{rate} times per second until
-        L{on_stop}.
+        Open loop: call C{fire(due)} C{rate} times per second on average
+        until L{on_stop}, spaced as the config's C{arrivals} says
+        (L{imserver.bench.arrivals}; C{phase} places even arrivals among
+        the other workers', C{seed} and this worker's first user seed
+        Poisson ones).  C{due} is the message's scheduled time on L{now}'s
+        clock, the time its latency is measured from; how late it was sent
+        is recorded (L{recordLateness}).
         """
-        self._ticker = Ticker(self.reactor, rate, tick)
-        self._ticker.start()
+        config = self.config
+        rng = random.Random("{}:{}".format(config.get("seed", 0), self.first))
+        times = arrivalTimes(
+            config.get("arrivals", "even"), rate, self.now(), config.get("phase", 0.0), rng
+        )
+        self._arrivals = Arrivals(self.reactor, times, fire, self.recordLateness, self.now)
+        self._arrivals.start()
 
     def countSent(self, d, counter="sent", again=None):
         """
@@ -426,13 +468,12 @@ class Load:
 
     def on_stop(self):
         """
-        Stop the traffic (and the open loop's ticker); outstanding requests
-        still complete.
+        Stop the traffic (and the open loop); outstanding requests still
+        complete.
         """
         self.stopping = True
-        if self._ticker is not None:
-            self._ticker.stop()
-            self._ticker = None
+        if self._arrivals is not None:
+            self._arrivals.stop()
 
     def on_close(self):
         """
@@ -457,41 +498,6 @@ class Load:
         if client.connected:
             client.transport.abortConnection()
         return closed
-
-
-class Ticker:
-    """
-    Calls C{fire} C{rate} times per second on average, in bursts every
-    C{tick} seconds: the clock of an open-loop load.  Ticks the reactor
-    could not run on time are made up in the next burst.
-    """
-
-    def __init__(self, clock, rate, fire, tick=0.01):
-        self._perTick = rate * tick
-        self._tick = tick
-        self._carry = 0.0
-        self._fire = fire
-        self._loop = LoopingCall.withCount(self._burst)
-        self._loop.clock = clock
-
-    def start(self):
-        """
-        Start firing.
-        """
-        self._loop.start(self._tick, now=False)
-
-    def stop(self):
-        """
-        Stop firing.
-        """
-        if self._loop.running:
-            self._loop.stop()
-
-    def _burst(self, ticks):
-        self._carry += self._perTick * ticks
-        while self._carry >= 1:
-            self._carry -= 1
-            self._fire()
 
 
 class LeanClient:

@@ -41,6 +41,20 @@ def latencySummary(sortedMicroseconds):
     }
 
 
+def latenessSummary(sortedMicroseconds):
+    """
+    Percentiles of an open loop's lateness (actual send time minus
+    scheduled time).
+
+    @param sortedMicroseconds: sorted latenesses, in microseconds.
+    @return: C{{"p50", "p99", "max"}} in milliseconds, each L{None} if
+        there are none.
+    """
+    summary = latencySummary(sortedMicroseconds)
+    del summary["p999"]
+    return summary
+
+
 def mergeSorted(lists):
     """
     Merge sorted lists (one per worker) into one sorted L{list}.
