@@ -24,12 +24,13 @@ from imserver.session import (  # noqa: F401 (the states, for importers)
     AUTHENTICATING,
     NEW,
     GateSession,
+    SocketChannel,
 )
-from imserver.transport import closeBounded, noDelay, socketTransport
+from imserver.transport import closeBounded, noDelay
 from imserver.wire import HEADER_LENGTH, encodeNotice, packLength
 
 
-class GateProtocol(FrameProtocol):
+class GateProtocol(SocketChannel, FrameProtocol):
     """
     The TCP transport of one gate session (also under TLS and PROXY-protocol
     wrappers): splits the byte stream into frames for its L{GateSession},
@@ -38,8 +39,6 @@ class GateProtocol(FrameProtocol):
 
     @ivar session: the L{GateSession}, from C{connectionMade} on.
     """
-
-    session = None
 
     def __init__(self, factory, acceptedFrom):
         self.factory = factory
@@ -67,15 +66,7 @@ class GateProtocol(FrameProtocol):
 
     def connectionMade(self):
         noDelay(self.transport)
-        socket = socketTransport(self.transport)
-        if socket is not None:
-            # Writes beyond this pause the session's pushes (pauseProducing)
-            # instead of growing the buffer without bound.
-            socket.bufferSize = self.factory.settings.write_buffer_high
-        self.session = session = GateSession(self.factory, self, self.acceptedFrom)
-        self.connectionId = session.connectionId
-        self.transport.registerProducer(self, True)
-        session.start()
+        self.startSession(self.factory, self.acceptedFrom)
 
     def dataReceived(self, data):
         self.session.lastHeard = self._seconds()
@@ -118,45 +109,10 @@ class GateProtocol(FrameProtocol):
             self, self.factory.clock, self.factory.settings.close_timeout
         )
 
-    # -- IPushProducer: the transport's write buffer -------------------------
-
-    def pauseProducing(self):
-        self.session.pauseProducing()
-
-    def resumeProducing(self):
-        self.session.resumeProducing()
-
-    def stopProducing(self):
-        pass
-
-    def abort(self):
-        """
-        Abort the connection at once (the shutdown's last resort).
-        """
-        self.transport.abortConnection()
-
-    def pauseReading(self):
-        """
-        Stop reading the client's requests (flow control).
-        """
-        socket = socketTransport(self.transport)
-        if socket is not None:
-            socket.pauseProducing()
-
-    def resumeReading(self):
-        """
-        Read the client's requests again.
-        """
-        socket = socketTransport(self.transport)
-        if socket is not None:
-            socket.resumeProducing()
-
     def connectionLost(self, reason):
         self.connected = 0
         self._closing = True
-        if self._closeTimer is not None and self._closeTimer.active():
-            self._closeTimer.cancel()
-        self._closeTimer = None
+        self.cancelCloseTimer()
         self.session.connectionLost(reason)
 
 

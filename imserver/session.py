@@ -20,7 +20,7 @@ read.
 
 import collections
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -41,6 +41,7 @@ from imserver.limits import TokenBucket, peerHost
 from imserver.paging import fitFrame, groupsPage, membersPage
 from imserver.pb import im_pb2 as pb
 from imserver.rpc import RPCDispatcher
+from imserver.transport import socketTransport
 from imserver.wire import ClosesWithError
 
 if TYPE_CHECKING:
@@ -715,3 +716,79 @@ class GateSession(RPCDispatcher, ClosesWithError):
         )
         self.sendNotify(methods.KICKED, pb.Kicked(reason=reason, message=message))
         self.close()
+
+
+class SocketChannel:
+    """
+    What the gate's channels (L{imserver.protocol.GateProtocol} over TCP,
+    L{imserver.web.websocket.GateWebSocketProtocol} over WebSocket) do
+    alike with the socket under them: start their session and relay the
+    socket's flow control to it (as the socket's streaming producer), pause
+    and resume reading the client, abort, and cancel the bounded close's
+    timer.
+    """
+
+    #: The channel's L{GateSession}, once it has one.
+    session: "GateSession | None" = None
+    connectionId: Any
+    transport: Any
+    _closeTimer: "IDelayedCall | None" = None
+
+    def startSession(self, gate: "GateFactory", acceptedFrom: "IAddress") -> None:
+        """
+        The connection is the gate's now (accepted, or upgraded): start its
+        session, and have the socket's write buffer pause the session's
+        pushes beyond C{write_buffer_high} instead of growing without bound.
+        """
+        socket = socketTransport(self.transport)
+        if socket is not None:
+            socket.bufferSize = gate.settings.write_buffer_high
+        self.session = session = GateSession(gate, cast(Channel, self), acceptedFrom)
+        self.connectionId = session.connectionId
+        self.transport.registerProducer(self, True)
+        session.start()
+
+    # -- IPushProducer: the socket's write buffer ----------------------------
+
+    def pauseProducing(self) -> None:
+        if self.session is not None:
+            self.session.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.session is not None:
+            self.session.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- what the session asks of its channel ---------------------------------
+
+    def abort(self) -> None:
+        """
+        Abort the connection at once (the shutdown's last resort).
+        """
+        self.transport.abortConnection()
+
+    def pauseReading(self) -> None:
+        """
+        Stop reading the client (flow control).
+        """
+        socket = socketTransport(self.transport)
+        if socket is not None:
+            socket.pauseProducing()
+
+    def resumeReading(self) -> None:
+        """
+        Read the client again.
+        """
+        socket = socketTransport(self.transport)
+        if socket is not None:
+            socket.resumeProducing()
+
+    def cancelCloseTimer(self) -> None:
+        """
+        The connection is gone: its bounded close has nothing left to abort.
+        """
+        if self._closeTimer is not None and self._closeTimer.active():
+            self._closeTimer.cancel()
+        self._closeTimer = None

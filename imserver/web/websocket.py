@@ -23,8 +23,8 @@ from google.protobuf.message import DecodeError
 from twisted.logger import Logger
 
 from imserver.pb import im_pb2 as pb
-from imserver.session import GateSession
-from imserver.transport import closeBounded, socketTransport
+from imserver.session import SocketChannel
+from imserver.transport import closeBounded
 from imserver.web.jsonframes import (
     JSON,
     JSON_EXPANSION,
@@ -174,7 +174,7 @@ _IDLE_STATE = {
 }
 
 
-class GateWebSocketProtocol(WebSocketServerProtocol):
+class GateWebSocketProtocol(SocketChannel, WebSocketServerProtocol):  # type: ignore[misc]  # autobahn's own bases disagree on _transport_details
     """
     The WebSocket transport of one gate session: hands the session the
     frames of the client's messages, writes the session's frames as
@@ -187,10 +187,8 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
 
     # (Not a twisted.logger Logger as log: autobahn's own, whose debug
     # calls cost nothing below txaio's level, is self.log.)
-    session = None
     subprotocol = None
     _closing = False
-    _closeTimer = None
     _encoder = None
     _maxFrameLength = 0
 
@@ -270,13 +268,7 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         self._compact()
         if self.subprotocol == JSON:
             self._encoder = JSONFrameEncoder()
-        socket = socketTransport(self.transport)
-        if socket is not None:
-            socket.bufferSize = self.gate.settings.write_buffer_high
-        self.session = session = GateSession(self.gate, self, self.acceptedFrom)
-        self.connectionId = session.connectionId
-        self.transport.registerProducer(self, True)
-        session.start()
+        self.startSession(self.gate, self.acceptedFrom)
 
     def _compact(self):
         """
@@ -477,52 +469,14 @@ class GateWebSocketProtocol(WebSocketServerProtocol):
         self.unregisterProducer()
         timer = closeBounded(self, self.gate.clock, self.gate.settings.close_timeout)
         if timer is not None:
-            if self._closeTimer is not None and self._closeTimer.active():
-                self._closeTimer.cancel()
+            self.cancelCloseTimer()
             self._closeTimer = timer
-
-    def abort(self):
-        """
-        Abort the connection at once (the shutdown's last resort).
-        """
-        self.transport.abortConnection()
-
-    # -- flow control (IPushProducer of the socket's write buffer) -----------
-
-    def pauseProducing(self):
-        if self.session is not None:
-            self.session.pauseProducing()
-
-    def resumeProducing(self):
-        if self.session is not None:
-            self.session.resumeProducing()
-
-    def stopProducing(self):
-        pass
-
-    def pauseReading(self):
-        """
-        Stop reading the client's messages (flow control).
-        """
-        socket = socketTransport(self.transport)
-        if socket is not None:
-            socket.pauseProducing()
-
-    def resumeReading(self):
-        """
-        Read the client's messages again.
-        """
-        socket = socketTransport(self.transport)
-        if socket is not None:
-            socket.resumeProducing()
 
     def connectionLost(self, reason):
         self._closing = True
         WebSocketServerProtocol.connectionLost(self, reason)
         self.connected = 0
-        if self._closeTimer is not None and self._closeTimer.active():
-            self._closeTimer.cancel()
-        self._closeTimer = None
+        self.cancelCloseTimer()
         if self.session is not None:
             self.session.connectionLost(reason)
 
