@@ -13,7 +13,6 @@ authenticating.  Prints one JSON object.
 
 import json
 import os
-import re
 import socket
 import ssl
 import subprocess
@@ -24,9 +23,9 @@ import time
 from twisted.python import usage
 
 from imserver.datadir import CERT_FILE_NAME
-from imserver.spawn import childEnvironment, twistdArgv
+from imserver.spawn import childEnvironment, listeningPattern, twistdArgv
 
-_LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
+_LISTENING = listeningPattern()
 
 
 class Options(usage.Options):

@@ -63,6 +63,24 @@ def _parse(value: object, message: Message, where: str) -> None:
         raise JSONFrameError("{}: {}".format(where, e)) from None
 
 
+def _bodyType(frame: pb.Frame, answers: Method | None = None) -> type[Message] | None:
+    """
+    The message type of C{frame}'s body: its method's request type for a
+    REQUEST, its notification's type for a NOTIFY, the response type of
+    C{answers} (the method of the request it answers) for a RESPONSE;
+    L{None} for an unknown method or any other kind.
+    """
+    if frame.kind == pb.REQUEST:
+        method = METHODS.get(frame.method)
+        return method.requestType if method is not None else None
+    if frame.kind == pb.NOTIFY:
+        notification = NOTIFICATIONS.get(frame.method)
+        return notification.messageType if notification is not None else None
+    if frame.kind == pb.RESPONSE and answers is not None:
+        return answers.responseType
+    return None
+
+
 def decodeFrame(text: str | bytes) -> pb.Frame:
     """
     Parse one frame in the JSON form.
@@ -90,13 +108,7 @@ def decodeFrame(text: str | bytes) -> pb.Frame:
     frame = pb.Frame()
     _parse(value, frame, "frame")
     if body is not None:
-        bodyType: type[Message] | None = None
-        if frame.kind == pb.REQUEST:
-            method = METHODS.get(frame.method)
-            bodyType = method.requestType if method is not None else None
-        elif frame.kind == pb.NOTIFY:
-            notification = NOTIFICATIONS.get(frame.method)
-            bodyType = notification.messageType if notification is not None else None
+        bodyType = _bodyType(frame)
         if bodyType is not None:
             message = bodyType()
             _parse(body, message, "body of {}".format(frame.method))
@@ -135,16 +147,8 @@ class JSONFrameEncoder:
             out["seq"] = frame.seq
         if frame.method:
             out["method"] = frame.method
-        bodyType: type[Message] | None = None
-        if frame.kind == pb.RESPONSE:
-            method = self._methods.pop(frame.seq, None)
-            bodyType = method.responseType if method is not None else None
-        elif frame.kind == pb.NOTIFY:
-            notification = NOTIFICATIONS.get(frame.method)
-            bodyType = notification.messageType if notification is not None else None
-        elif frame.kind == pb.REQUEST:
-            request = METHODS.get(frame.method)
-            bodyType = request.requestType if request is not None else None
+        answers = self._methods.pop(frame.seq, None) if frame.kind == pb.RESPONSE else None
+        bodyType = _bodyType(frame, answers)
         if frame.HasField("error"):
             out["error"] = _toDict(frame.error)
         elif bodyType is not None:
