@@ -9,6 +9,7 @@ to each other through one gate.
 import base64
 import json
 import socket
+import ssl as stdlib_ssl
 import time
 
 from twisted.internet import reactor
@@ -37,6 +38,7 @@ from tests.support.websocket import (
     rawHTTP,
     upgradeRequest,
 )
+from tests.test_closing import RawClient
 
 
 def b64(data):
@@ -409,6 +411,20 @@ class WebSocketDeliveryTests(TestCase):
         yield waitFor(lambda: not self.web.factory.connections and not self.web.factory.closing)
 
 
+class RudeWebSocket(RawClient):
+    """
+    The raw TLS client of L{tests.test_closing} (never answers
+    C{close_notify}) keeping the bytes it reads: it answers no WebSocket
+    close either.
+    """
+
+    raw = b""
+
+    def _received(self, data):
+        self.raw += data
+        self._wake()
+
+
 class SecureWebSocketTests(TestCase):
     """
     C{--web ssl:...}: wss:// with the gate's certificate.
@@ -456,6 +472,39 @@ class SecureWebSocketTests(TestCase):
         self.addCleanup(web.closeWS, browser)
         response = yield web.auth(browser, "alice")
         self.assertNotIn("error", response)
+
+    @inlineCallbacks
+    def test_rudeClientCutOff(self):
+        """
+        A wss:// client that answers neither the gate's WebSocket close nor
+        its TLS C{close_notify}, and never closes its socket, is cut off
+        within C{close_timeout} of the close (1 s here); its session ends at
+        once.
+        """
+        web = WebGate(
+            self,
+            "--web",
+            "ssl:0:interface=127.0.0.1",
+            "--auth-timeout",
+            "0.2",
+            "--close-timeout",
+            "1",
+        )
+        yield web.ports()
+        context = stdlib_ssl.create_default_context(cafile=web.dataDir.child(CERT_FILE_NAME).path)
+        client = RudeWebSocket(context, keepOpen=True)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", web.webPort), client)
+        yield client.until(lambda: client.handshaken, "the TLS handshake")
+        client.send(upgradeRequest(protocols=(PROTO,)))
+        yield client.until(lambda: b"\r\n\r\n" in client.raw, "the 101")
+        # The gate's close frame (AUTH_TIMEOUT, 4004) after the ERROR frame.
+        closeCode = (CLOSE_ERROR_BASE + pb.AUTH_TIMEOUT).to_bytes(2, "big")
+        yield client.until(lambda: b"\x88" in client.raw and closeCode in client.raw, "a close")
+        closed = reactor.seconds()
+        self.assertEqual(web.factory.connections, set())
+        yield client.until(lambda: client.reason is not None, "the gate to end the connection")
+        self.assertLess(reactor.seconds() - closed, 2)
+        yield waitFor(lambda: not web.factory.closing)
 
     @inlineCallbacks
     def test_plainOnTLS(self):
