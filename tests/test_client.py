@@ -328,3 +328,159 @@ class IMClientRetransmitTests(SynchronousTestCase):
         self.assertNoResult(d)
         clock.advance(60)
         self.failureResultOf(d)
+
+
+class IMClientAckTests(SynchronousTestCase):
+    """
+    L{IMClient} coalescing its acks: one cumulative C{ack} for several
+    entries, sent when C{ackEvery} are waiting or the stream went quiet.
+    """
+
+    def connect(self, **kwargs):
+        from imserver.client import IMClient
+
+        self.clock = Clock()
+        endpoint = StringEndpoint()
+        self.received = []
+        client = IMClient(
+            self.clock,
+            None,
+            None,
+            "bob",
+            "tok",
+            "phone",
+            endpoint=endpoint,
+            onMessage=self.received.append,
+            **kwargs,
+        )
+        client.start()
+        [protocol] = endpoint.connected
+        [auth] = readFrames(protocol.transport.value())
+        protocol.transport.clear()
+        protocol.dataReceived(
+            encodeFrame(
+                pb.Frame(
+                    kind=pb.RESPONSE,
+                    seq=auth.seq,
+                    body=pb.AuthResponse(max_unacked=64).SerializeToString(),
+                )
+            )
+        )
+        self.addCleanup(client.stop)
+        return client, protocol
+
+    def push(self, protocol, seq):
+        entry = pb.InboxEntry(seq=seq, message=pb.Message(id=seq, sender="alice", body=b"x"))
+        protocol.dataReceived(
+            encodeFrame(pb.Frame(kind=pb.NOTIFY, method="message", body=entry.SerializeToString()))
+        )
+
+    def acks(self, protocol):
+        frames = readFrames(protocol.transport.value())
+        protocol.transport.clear()
+        return [pb.Ack.FromString(f.body).seq for f in frames if f.method == "ack"]
+
+    def test_quietInterval(self):
+        """
+        Entries arriving close together are acknowledged with one ack for
+        the highest, once no entry came for C{ackDelay}.
+        """
+        client, protocol = self.connect(ackDelay=0.05)
+        for seq in (1, 2, 3):
+            self.push(protocol, seq)
+            self.clock.advance(0.03)
+        self.assertEqual(self.acks(protocol), [])
+        self.clock.advance(0.02)
+        self.assertEqual(self.acks(protocol), [3])
+        self.assertEqual([e.seq for e in self.received], [1, 2, 3])
+        self.clock.advance(1)
+        self.assertEqual(self.acks(protocol), [])
+
+    def test_everyQuarterWindow(self):
+        """
+        By default an ack goes out at once when a quarter of the push
+        window the server announced (64 here) is unacknowledged, so the
+        window never fills while the stream keeps coming.
+        """
+        client, protocol = self.connect()
+        for seq in range(1, 16):
+            self.push(protocol, seq)
+        self.assertEqual(self.acks(protocol), [])
+        self.push(protocol, 16)
+        self.assertEqual(self.acks(protocol), [16])
+        for seq in range(17, 33):
+            self.push(protocol, seq)
+        self.assertEqual(self.acks(protocol), [32])
+
+    def test_ackEvery(self):
+        """
+        C{ackEvery} sets the count explicitly.
+        """
+        client, protocol = self.connect(ackEvery=2, ackDelay=10)
+        for seq in (1, 2, 3):
+            self.push(protocol, seq)
+        self.assertEqual(self.acks(protocol), [2])
+        self.clock.advance(10)
+        self.assertEqual(self.acks(protocol), [3])
+
+    def test_noDelay(self):
+        """
+        C{ackDelay=0} acknowledges every entry at once.
+        """
+        client, protocol = self.connect(ackDelay=0)
+        self.push(protocol, 1)
+        self.push(protocol, 2)
+        self.assertEqual(self.acks(protocol), [1, 2])
+
+    def test_duplicateCounts(self):
+        """
+        An entry seen before (a resend after a reconnect) is not handed to
+        the application again, but still acknowledged, with the next ack.
+        """
+        client, protocol = self.connect(ackDelay=0.05)
+        self.push(protocol, 1)
+        self.push(protocol, 1)
+        self.assertEqual([e.seq for e in self.received], [1])
+        self.clock.advance(0.05)
+        self.assertEqual(self.acks(protocol), [1])
+
+    def test_stopFlushes(self):
+        """
+        L{IMClient.stop} sends the ack still waiting, so the server's
+        cursor is not left behind.
+        """
+        client, protocol = self.connect(ackDelay=5)
+        self.push(protocol, 1)
+        client.stop()
+        self.assertEqual(self.acks(protocol), [1])
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if c.active() and c.func == client._ackQuiet],
+            [],
+        )
+
+    def test_connectionLostCancels(self):
+        """
+        The connection going away drops the waiting ack and its timer: the
+        next auth resumes after the last entry handed over, so no ack is
+        needed there.
+        """
+        client, protocol = self.connect(ackDelay=5)
+        self.push(protocol, 1)
+        protocol.transport.loseConnection()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(
+            [c for c in self.clock.getDelayedCalls() if c.active() and c.func == client._ackQuiet],
+            [],
+        )
+        self.assertEqual(client.lastSeq, 1)
+
+    def test_manualAck(self):
+        """
+        With C{autoAck} false nothing is sent until L{IMClient.ack}.
+        """
+        client, protocol = self.connect(autoAck=False)
+        self.push(protocol, 1)
+        self.clock.advance(1)
+        self.assertEqual(self.acks(protocol), [])
+        client.ack()
+        self.assertEqual(self.acks(protocol), [1])

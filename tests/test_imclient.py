@@ -108,10 +108,11 @@ class IMClientTests(TestCase):
     def test_exchange(self):
         """
         A message reaches the recipient once, with its seq, and the
-        recipient's ack is stored as its cursor.
+        recipient's ack (sent at once with C{ackDelay=0}) is stored as its
+        cursor.
         """
         inbox = Inbox()
-        bob = self.client("bob", onMessage=inbox)
+        bob = self.client("bob", onMessage=inbox, ackDelay=0)
         alice = self.client("alice")
         yield bob.whenConnected()
         yield alice.whenConnected()

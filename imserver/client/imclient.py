@@ -84,6 +84,8 @@ class IMClient:
         retryPolicy=None,
         endpoint=None,
         maxSendAge=3600.0,
+        ackEvery=None,
+        ackDelay=0.05,
     ):
         """
         @param token: the token, or a callable returning it (or a Deferred
@@ -97,6 +99,13 @@ class IMClient:
         @param maxSendAge: seconds a send is retried before it fails with
             L{RequestTimeout}; keep it well below the server's dedup window
             (24 h by default), past which a retry would store a copy.
+        @param ackEvery: with C{autoAck}, acknowledge at once when this many
+            entries are unacknowledged (default: a quarter of the push
+            window the server announced at auth, at least 1); acks are
+            cumulative, so one covers them all.
+        @param ackDelay: with C{autoAck}, acknowledge what is left
+            unacknowledged once no new entry came for this many seconds
+            (0: acknowledge every entry at once, as before).
         """
         self.clock = reactor
         self.uid = uid
@@ -108,6 +117,13 @@ class IMClient:
         self.autoAck = autoAck
         self.requestTimeout = requestTimeout
         self.maxSendAge = maxSendAge
+        self.ackEvery = ackEvery
+        self.ackDelay = ackDelay
+        # Entries handed to the application but not acknowledged on the
+        # current connection, and the quiet-interval timer.
+        self._unacked = 0
+        self._ackCall = None
+        self._ackThreshold = ackEvery or 1
         self.protocol = None
         self.stopReason = None
         self._token = token
@@ -146,6 +162,7 @@ class IMClient:
 
         @return: a L{Deferred} firing when disconnected.
         """
+        self._flushAck()
         retransmits, self._retransmits = self._retransmits, {}
         for call in retransmits.values():
             if call.active():
@@ -210,6 +227,8 @@ class IMClient:
             self.lastSeq = response.head_seq
         self.protocol = protocol
         self._authFailures = 0
+        if self.ackEvery is None:
+            self._ackThreshold = max(1, response.max_unacked // 4)
         for clientMsgId in list(self._pending):
             self._transmit(clientMsgId)
         connected, self._nextConnection = self._nextConnection, OneShot()
@@ -226,6 +245,9 @@ class IMClient:
     def _connectionLost(self, protocol):
         if protocol is self.protocol:
             self.protocol = None
+            # The next auth resumes after lastSeq: an ack not sent is not
+            # needed there.
+            self._cancelAck()
         if protocol.kicked is not None:
             self._giveUp(protocol.kicked)
 
@@ -310,8 +332,43 @@ class IMClient:
         """
         Acknowledge every entry up to C{seq} (default: L{lastSeq}).
         """
+        self._cancelAck()
         if self.protocol is not None:
             self.protocol.ack(self.lastSeq if seq is None else seq)
+
+    def _cancelAck(self):
+        self._unacked = 0
+        if self._ackCall is not None:
+            if self._ackCall.active():
+                self._ackCall.cancel()
+            self._ackCall = None
+
+    def _flushAck(self):
+        """
+        Send the coalesced ack now, if one is due.
+        """
+        if self._unacked:
+            self.ack()
+
+    def _entryHandled(self, protocol):
+        """
+        An entry was handed to the application (or was a duplicate): ack
+        now if C{ackEvery} are waiting, else once the stream is quiet for
+        C{ackDelay}.
+        """
+        if not (self.autoAck and protocol.connected and protocol is self.protocol):
+            return
+        self._unacked += 1
+        if self._unacked >= self._ackThreshold or self.ackDelay <= 0:
+            self.ack()
+        elif self._ackCall is None:
+            self._ackCall = self.clock.callLater(self.ackDelay, self._ackQuiet)
+        else:
+            self._ackCall.reset(self.ackDelay)
+
+    def _ackQuiet(self):
+        self._ackCall = None
+        self._flushAck()
 
     def sendTyping(self, to, active=True, groupId=""):
         """
@@ -331,15 +388,14 @@ class IMClient:
     def _notified(self, protocol, name, message):
         if name == methods.MESSAGE.name:
             if message.seq <= self.lastSeq:
-                # Seen before: ack again (cumulative) so the window moves.
-                if self.autoAck and protocol.connected:
-                    protocol.ack(message.seq)
+                # Seen before: acked again (cumulatively, with the next
+                # ack) so the window moves.
+                self._entryHandled(protocol)
                 return
             self.lastSeq = message.seq
             if self.onMessage is not None:
                 self.onMessage(message)
-            if self.autoAck and protocol.connected:
-                protocol.ack(message.seq)
+            self._entryHandled(protocol)
         elif self.onNotify is not None:
             self.onNotify(name, message)
 
