@@ -20,6 +20,7 @@ import statistics
 import struct
 import sys
 import time
+from unittest import mock
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, succeed
@@ -1453,6 +1454,40 @@ class MicroTests(SynchronousTestCase):
 
         for argv in (["--members", "1"], ["--repeat", "0"], ["--group-messages", "10"]):
             self.assertRaises(UsageError, micro.Options().parseOptions, argv)
+
+
+class TLSMemoryTests(SynchronousTestCase):
+    """
+    C{python -m imserver.bench.tlsmemory}: OpenSSL's memory per server TLS
+    connection with the gate's context.
+    """
+
+    def test_measure(self):
+        """
+        Each variant completes real handshakes: the version asked for is
+        the one negotiated, and the figure is a size.
+        """
+        from imserver.bench import tlsmemory
+
+        result = tlsmemory.measure(20)
+        self.assertEqual(result["tls_version"], "TLSv1.3")
+        self.assertTrue(result["release_buffers"])
+        self.assertIsInstance(result["rss_per_connection_kb"], float)
+        older = tlsmemory.measure(5, maxVersion="1.2", releaseBuffers=False)
+        self.assertEqual(older["tls_version"], "TLSv1.2")
+        self.assertFalse(older["release_buffers"])
+
+    def test_options(self):
+        """
+        Only TLS 1.2 and 1.3 can be asked for.
+        """
+        from imserver.bench import tlsmemory
+
+        self.assertRaises(UsageError, tlsmemory.Options().parseOptions, ["--max-version", "1.1"])
+        out = io.StringIO()
+        with mock.patch("sys.stdout", out):
+            self.assertEqual(tlsmemory.main(["--count", "3"]), 0)
+        self.assertEqual(json.loads(out.getvalue())["count"], 3)
 
 
 class SmokeTests(TestCase):
