@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from imserver.pb import im_pb2 as pb
     from imserver.store import Delivery
+    from imserver.webhooks.events import OutboxEntry, OutboxEvent
     from imserver.wire import EncodedMessage
 
     #: A client address of a gate: C{(host, port, tls)}.
@@ -37,6 +38,29 @@ class IAuthenticator(Interface):
         @return: a L{Deferred} firing with the authenticated uid, or failing
             with L{imserver.errors.AuthFailed} (the same failure for every
             cause).
+        """
+
+
+class IJWTKeys(Interface):
+    """
+    The public keys that verify asymmetrically signed JWT client tokens
+    (L{imserver.jwtauth}), kept current from their sources (a PEM file, a
+    JWKS file or URL).
+    """
+
+    keys = Attribute(
+        "The keys in use now: a L{tuple} of L{imserver.jwtauth.VerificationKey}"
+        " (empty before the first successful read)."
+    )
+
+    def unknownKey() -> Deferred[None]:
+        """
+        A token needs a key that L{keys} lacks (an unknown C{kid}): read the
+        sources again now, unless that was done too recently.
+
+        @return: a L{Deferred} firing with L{None} once done (at once if
+            nothing is read); it never fails, and cancelling it only stops
+            waiting.
         """
 
 
@@ -269,6 +293,83 @@ class IGroupStore(Interface):
         """
         @return: a L{Deferred} firing with the L{imserver.pb.im_pb2.Group}s
             C{uid} is a member of (role: C{uid}'s), ordered by group id.
+        """
+
+
+class IOutbox(Interface):
+    """
+    The webhook outbox: events for the app backend, kept in the message
+    store until the backend has acknowledged them, as durable as the
+    messages (the events a store operation causes, C{message.stored} and
+    C{group.changed}, are written in the same transaction as the change
+    they report).  Bounded: beyond L{outboxLimit} entries a new event is
+    not kept and L{outboxDropped} counts it; the message or change it
+    reports is stored all the same.
+
+    Entries are L{imserver.webhooks.events.OutboxEntry}s; ids increase in
+    the order events were recorded.
+    """
+
+    outboxEvents = Attribute(
+        "The event types the store records itself, in the transaction of the"
+        " operation that causes them: a L{frozenset} drawn from"
+        " C{message.stored} and C{group.changed}; empty (the default): none."
+    )
+    outboxLimit = Attribute("The most entries kept (L{int}).")
+    outboxDropped = Attribute(
+        "How many events were not kept because the outbox was full (L{int}, this process's count)."
+    )
+
+    def enqueue(events: Iterable[OutboxEvent], nowMs: int) -> Deferred[int]:
+        """
+        Keep C{events} (L{imserver.webhooks.events.OutboxEvent}s), in order,
+        in one durable write.  An event with C{presence} set also records
+        (C{user.online}) or forgets (C{user.offline}) that device as
+        present on that gate.
+
+        @return: a L{Deferred} firing with the number kept (the others did
+            not fit).
+        """
+
+    def pending(afterId: int, limit: int) -> Deferred[list[OutboxEntry]]:
+        """
+        @return: a L{Deferred} firing with at most C{limit} entries with
+            C{id > afterId}, in id order.
+        """
+
+    def remove(ids: Iterable[int]) -> Deferred[int]:
+        """
+        Forget delivered entries.
+
+        @return: a L{Deferred} firing with the number removed.
+        """
+
+    def expire(beforeMs: int) -> Deferred[int]:
+        """
+        Remove the entries recorded before C{beforeMs} (retention).
+
+        @return: a L{Deferred} firing with the number removed.
+        """
+
+    def outboxStats() -> Deferred[tuple[int, int | None]]:
+        """
+        @return: a L{Deferred} firing with C{(entries, oldest createdMs or
+            None)}.
+        """
+
+    def claimOutbox(owner: str, ttlMs: int) -> Deferred[bool]:
+        """
+        Take or extend the right to send the outbox's events for C{ttlMs}:
+        one sender per outbox.  Always granted by a store only one gate
+        uses.
+
+        @return: a L{Deferred} firing with L{True} if C{owner} holds it.
+        """
+
+    def presentOn(gateId: str) -> Deferred[list[tuple[str, str, str]]]:
+        """
+        @return: a L{Deferred} firing with the C{(uid, deviceId, sessionId)}
+            last reported online on C{gateId} and not since offline.
         """
 
 

@@ -1,30 +1,55 @@
 # -*- test-case-name: tests.test_store -*-
 """
 Tests for message stores: one suite, run against every implementation of
-L{IMessageStore} (memory, SQLite inline and threaded, Redis), plus SQLite's
-durability and group commit, and Redis's seq floor, epoch, durability and
+L{IMessageStore} (memory, SQLite inline and threaded, Redis), and one for
+their webhook outbox (L{IOutbox}), plus SQLite's durability and group
+commit, and Redis's seq floor, epoch, durability, outbox lease and
 unavailability against a real C{redis-server}.
 """
 
+import base64
+import json
 import signal
 import sqlite3
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from imserver.errors import NotMember
-from imserver.interfaces import IGroupStore, IMessageStore
+from imserver.interfaces import IGroupStore, IMessageStore, IOutbox
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable, RedisURL, connectRedis
-from imserver.store import SYSTEM, GroupExists, GroupFull, GroupNotFound
+from imserver.store import (
+    OUTBOX_LIMIT,
+    SYSTEM,
+    GroupExists,
+    GroupFull,
+    GroupNotFound,
+    OutboxFullLog,
+)
 from imserver.store.memory import MemoryMessageStore
 from imserver.store.redis import RedisMessageStore
-from imserver.store.sqlite import SQLiteMessageStore, StoreClosed
+from imserver.store.sqlite import ADDED_TABLES, SQLiteMessageStore, StoreClosed
+from imserver.webhooks.events import (
+    GROUP_CHANGED,
+    GROUP_CREATED,
+    GROUP_DELETED,
+    GROUP_KEY_PREFIX,
+    MEMBERS_ADDED,
+    MESSAGE_STORED,
+    USER_OFFLINE,
+    USER_ONLINE,
+    groupChanged,
+    messageStored,
+    userOffline,
+    userOnline,
+)
 
 from tests.support.redis import RedisServer, whenConnected, whenDisconnected
 
@@ -578,7 +603,446 @@ class StoreTestsMixin:
         self.assertEqual((yield self.store.groupsOf(long)), [])
 
 
-class MemoryStoreTests(StoreTestsMixin, TestCase):
+def plain(i):
+    """
+    An outbox event without presence, told apart by C{i}.
+    """
+    return groupChanged("g%d" % (i,), GROUP_CREATED, ["u%d" % (i,)], "G%d" % (i,))
+
+
+#: Uids, group ids and client message ids whose JSON needs escapes.
+AWKWARD = ['q"uote', "back\\slash", "tab\tnl\nctl\x01\x1f\x7f", "/sl\u00e9\U0001f600"]
+
+
+class OutboxTestsMixin:
+    """
+    L{IOutbox}, for the test cases of L{StoreTestsMixin} (it uses their
+    C{self.store}, C{send}, C{group} and C{groupSend}): the events a store
+    records itself in the transaction of the change, the ones it is given,
+    their ids, paging, removal, expiry, the bound, and the presence ledger.
+    """
+
+    def enable(self, *types):
+        self.store.outboxEvents = frozenset(types)
+
+    @inlineCallbacks
+    def entries(self, afterId=0):
+        entries = yield self.store.pending(afterId, 1000)
+        return entries
+
+    @inlineCallbacks
+    def datas(self):
+        entries = yield self.entries()
+        return [json.loads(entry.data) for entry in entries]
+
+    def logged(self):
+        """
+        Capture the store's log events; return the list they go to.
+        """
+        events = []
+        self.store.log = Logger(observer=events.append)
+        return events
+
+    def test_outboxInterface(self):
+        """
+        The store provides L{IOutbox}; by default it records no events
+        itself and keeps up to L{OUTBOX_LIMIT} entries.
+        """
+        verifyObject(IOutbox, self.store)
+        self.assertEqual(self.store.outboxEvents, frozenset())
+        self.assertEqual(self.store.outboxLimit, OUTBOX_LIMIT)
+        self.assertEqual(self.store.outboxDropped, 0)
+
+    @inlineCallbacks
+    def test_noEventsByDefault(self):
+        """
+        With C{outboxEvents} empty, messages and group changes record
+        nothing.
+        """
+        yield self.group()
+        yield self.send("alice", "m1", "hello")
+        yield self.groupSend("alice", "m2", "hi")
+        yield self.store.removeMembers("g1", ["bob"])
+        yield self.store.deleteGroup("g1")
+        self.assertEqual((yield self.entries()), [])
+        self.assertEqual((yield self.store.outboxStats()), (0, None))
+
+    @inlineCallbacks
+    def test_messageStored(self):
+        """
+        With C{message.stored} on, a stored 1:1 message records its event,
+        with the time of the delivery, keyed by the sender, its data as
+        L{messageStored} makes it: recipients without the sender, body in
+        base64, the ids.  Group changes record nothing.
+        """
+        self.enable(MESSAGE_STORED)
+        yield self.group()
+        delivery = yield self.send("alice", "m1", "hello", now=T0 + 5)
+        [entry] = yield self.entries()
+        self.assertEqual(
+            (entry.type, entry.key, entry.createdMs), (MESSAGE_STORED, "alice", T0 + 5)
+        )
+        self.assertRegex(entry.eventId, r"^evt_[0-9a-f]{16}_%d$" % (entry.id,))
+        self.assertEqual(
+            json.loads(entry.data),
+            {
+                "message_id": str(delivery.message.id),
+                "client_msg_id": "m1",
+                "sender": "alice",
+                "to": "bob",
+                "recipients": ["bob"],
+                "body": base64.b64encode(b"hello").decode("ascii"),
+                "content_type": "text/plain",
+                "created_ms": T0 + 5,
+            },
+        )
+        self.assertEqual(entry.data, messageStored(delivery.message, delivery.seqs).data)
+
+    @inlineCallbacks
+    def test_messageStoredGroup(self):
+        """
+        A group message's event names the group, not a recipient, and lists
+        the members it was appended to, the sender excluded; a message of
+        the system sender lists every recipient.
+        """
+        self.enable(MESSAGE_STORED)
+        yield self.group()
+        delivery = yield self.groupSend("bob", "m1", "hi")
+        yield self.store.deliver(SYSTEM, "k1", text("notice"), ["bob", "carol"], T0)
+        first, second = yield self.datas()
+        self.assertEqual(
+            (first["group_id"], first["sender"], first["message_id"]),
+            ("g1", "bob", str(delivery.message.id)),
+        )
+        self.assertNotIn("to", first)
+        self.assertEqual(sorted(first["recipients"]), ["alice", "carol"])
+        self.assertEqual((second["sender"], second["recipients"]), ("", ["bob", "carol"]))
+
+    @inlineCallbacks
+    def test_messageStoredEscapes(self):
+        """
+        Uids, a group id and client message ids that JSON must escape give
+        the very bytes L{messageStored} makes (a store building the list of
+        recipients itself escapes them the same way).
+        """
+        self.enable(MESSAGE_STORED)
+        deliveries = []
+        for i, uid in enumerate(AWKWARD):
+            deliveries.append(
+                (yield self.store.deliver(uid, "m%s%d" % (uid, i), text("x", uid), AWKWARD, T0))
+            )
+        yield self.store.createGroup(AWKWARD[0], "G", AWKWARD[0], T0)
+        yield self.store.setMembers(AWKWARD[0], [(AWKWARD[1], pb.ROLE_MEMBER)], 10, T0)
+        deliveries.append((yield self.groupSend(AWKWARD[1], "g", "y", groupId=AWKWARD[0])))
+        entries = yield self.entries()
+        self.assertEqual(
+            [e.data for e in entries],
+            [messageStored(d.message, d.seqs).data for d in deliveries],
+        )
+        self.assertEqual([e.key for e in entries], AWKWARD + [AWKWARD[1]])
+
+    @inlineCallbacks
+    def test_noEventForDuplicateOrNotMember(self):
+        """
+        A duplicate stores nothing and records nothing; neither does a
+        group message refused with L{NotMember}.
+        """
+        self.enable(MESSAGE_STORED)
+        yield self.group()
+        yield self.send("alice", "m1", "hello")
+        self.assertTrue((yield self.send("alice", "m1", "hello")).duplicate)
+        yield self.assertFailure(self.groupSend("mallory", "m2", "x"), NotMember)
+        yield self.assertFailure(self.groupSend("alice", "m3", "x", groupId="nope"), NotMember)
+        self.assertEqual([d["client_msg_id"] for d in (yield self.datas())], ["m1"])
+
+    @inlineCallbacks
+    def test_batchInOrder(self):
+        """
+        Messages delivered together (one transaction for a store that
+        batches) record their events in message order, with increasing ids.
+        """
+        self.enable(MESSAGE_STORED)
+        ds = [
+            self.store.deliver("u%d" % (i % 3,), str(i), text(str(i)), ["bob"], T0)
+            for i in range(40)
+        ]
+        ds.append(self.store.deliver("u0", "0", text("again"), ["bob"], T0))
+        deliveries = yield gatherResults(ds)
+        self.assertTrue(deliveries[-1].duplicate)
+        entries = yield self.entries()
+        self.assertEqual(
+            [json.loads(e.data)["client_msg_id"] for e in entries], [str(i) for i in range(40)]
+        )
+        self.assertEqual(
+            [json.loads(e.data)["message_id"] for e in entries],
+            [str(d.message.id) for d in deliveries[:40]],
+        )
+        ids = [e.id for e in entries]
+        self.assertEqual(ids, sorted(set(ids)))
+
+    @inlineCallbacks
+    def test_groupChanged(self):
+        """
+        With C{group.changed} on: creating a group records C{created} (the
+        owner, the name), adding members C{members_added} with only the
+        uids that were not members (a role change records nothing),
+        removing C{members_removed} with the uids that were members,
+        deleting C{deleted}; refused changes and messages record nothing.
+        """
+        self.enable(GROUP_CHANGED)
+        yield self.store.createGroup("g1", "Friends", "alice", T0)
+        yield self.store.setMembers(
+            "g1", [("bob", pb.ROLE_MEMBER), ("carol", pb.ROLE_MEMBER)], 10, T0 + 1
+        )
+        yield self.store.setMembers(
+            "g1", [("bob", pb.ROLE_ADMIN), ("dave", pb.ROLE_MEMBER)], 10, T0 + 2
+        )
+        yield self.store.setMembers("g1", [("carol", pb.ROLE_ADMIN)], 10, T0 + 3)
+        yield self.assertFailure(self.store.createGroup("g1", "Again", "bob", T0), GroupExists)
+        yield self.assertFailure(
+            self.store.setMembers("g1", [("erin", pb.ROLE_MEMBER)], 4, T0), GroupFull
+        )
+        yield self.assertFailure(self.store.removeMembers("nope", ["bob"]), GroupNotFound)
+        yield self.assertFailure(self.store.deleteGroup("nope"), GroupNotFound)
+        yield self.groupSend("alice", "m1", "hi")
+        yield self.store.removeMembers("g1", ["bob", "zed", "bob"])
+        yield self.store.removeMembers("g1", ["zed"])
+        yield self.store.deleteGroup("g1")
+        entries = yield self.entries()
+        self.assertEqual(
+            {(e.type, e.key) for e in entries}, {(GROUP_CHANGED, GROUP_KEY_PREFIX + "g1")}
+        )
+        self.assertEqual([e.createdMs for e in entries[:3]], [T0, T0 + 1, T0 + 2])
+        self.assertEqual(
+            [json.loads(e.data) for e in entries],
+            [
+                {"group_id": "g1", "change": "created", "uids": ["alice"], "name": "Friends"},
+                {"group_id": "g1", "change": "members_added", "uids": ["bob", "carol"]},
+                {"group_id": "g1", "change": "members_added", "uids": ["dave"]},
+                {"group_id": "g1", "change": "members_removed", "uids": ["bob"]},
+                {"group_id": "g1", "change": "deleted", "uids": []},
+            ],
+        )
+        self.assertEqual(entries[1].data, groupChanged("g1", MEMBERS_ADDED, ["bob", "carol"]).data)
+
+    @inlineCallbacks
+    def test_enqueue(self):
+        """
+        C{enqueue} keeps the events it is given, in order, stamped with the
+        time given; it answers how many it kept.
+        """
+        events = [plain(i) for i in range(3)]
+        self.assertEqual((yield self.store.enqueue(events, T0 + 7)), 3)
+        self.assertEqual((yield self.store.enqueue([], T0)), 0)
+        entries = yield self.entries()
+        self.assertEqual(
+            [(e.type, e.key, e.data, e.createdMs) for e in entries],
+            [(e.type, e.key, e.data, T0 + 7) for e in events],
+        )
+        self.assertEqual(len({e.eventId for e in entries}), 3)
+        self.assertEqual(len({e.eventId.rsplit("_", 1)[0] for e in entries}), 1)
+
+    @inlineCallbacks
+    def test_pendingPages(self):
+        """
+        C{pending} gives at most C{limit} entries after C{afterId}, in id
+        order.
+        """
+        for i in range(5):
+            yield self.store.enqueue([plain(i)], T0 + i)
+        entries = yield self.entries()
+        ids = [e.id for e in entries]
+        self.assertEqual(ids, sorted(set(ids)))
+        first = yield self.store.pending(0, 2)
+        self.assertEqual(first, entries[:2])
+        self.assertEqual((yield self.store.pending(ids[1], 2)), entries[2:4])
+        self.assertEqual((yield self.store.pending(ids[3], 10)), entries[4:])
+        self.assertEqual((yield self.store.pending(ids[4], 10)), [])
+        self.assertEqual((yield self.store.pending(ids[0] - 1, 1)), entries[:1])
+
+    @inlineCallbacks
+    def test_remove(self):
+        """
+        C{remove} forgets delivered entries and answers how many it
+        removed; ids are never given again, not even once every entry is
+        gone.
+        """
+        yield self.store.enqueue([plain(i) for i in range(4)], T0)
+        entries = yield self.entries()
+        self.assertEqual((yield self.store.remove([entries[0].id, entries[2].id])), 2)
+        self.assertEqual((yield self.store.remove([entries[0].id])), 0)
+        self.assertEqual((yield self.entries()), [entries[1], entries[3]])
+        self.assertEqual((yield self.store.pending(entries[0].id, 10)), [entries[1], entries[3]])
+        self.assertEqual((yield self.store.outboxStats()), (2, T0))
+        self.assertEqual((yield self.store.remove([entries[1].id, entries[3].id])), 2)
+        self.assertEqual((yield self.store.outboxStats()), (0, None))
+        yield self.store.enqueue([plain(9)], T0)
+        [later] = yield self.entries()
+        self.assertGreater(later.id, entries[3].id)
+        self.assertNotIn(later.eventId, [e.eventId for e in entries])
+
+    @inlineCallbacks
+    def test_removeMany(self):
+        """
+        C{remove} takes any number of ids at once.
+        """
+        yield self.store.enqueue([plain(i) for i in range(2500)], T0)
+        entries = yield self.entries()
+        self.assertEqual(len(entries), 1000)
+        ids = [e.id for e in entries] + [e.id for e in (yield self.entries(entries[-1].id))]
+        self.assertEqual((yield self.store.remove(ids)), 2000)
+        self.assertEqual((yield self.store.outboxStats())[0], 500)
+
+    @inlineCallbacks
+    def test_expire(self):
+        """
+        C{expire} removes the entries recorded before the time given, and
+        answers how many.
+        """
+        for i in range(3):
+            yield self.store.enqueue([plain(i), plain(i + 10)], T0 + i * HOUR)
+        self.assertEqual((yield self.store.outboxStats()), (6, T0))
+        self.assertEqual((yield self.store.expire(T0)), 0)
+        self.assertEqual((yield self.store.expire(T0 + HOUR)), 2)
+        self.assertEqual((yield self.store.outboxStats()), (4, T0 + HOUR))
+        self.assertEqual(
+            [e.createdMs for e in (yield self.entries())], [T0 + HOUR] * 2 + [T0 + 2 * HOUR] * 2
+        )
+        self.assertEqual((yield self.store.expire(T0 + 3 * HOUR)), 4)
+        self.assertEqual((yield self.store.outboxStats()), (0, None))
+
+    @inlineCallbacks
+    def test_trimLeavesOutbox(self):
+        """
+        Inbox retention (C{trim}) does not touch the outbox.
+        """
+        self.enable(MESSAGE_STORED)
+        yield self.send("alice", "m1", "old", now=T0)
+        yield self.store.trim(T0 + 48 * HOUR, HOUR, 0)
+        self.assertEqual((yield self.store.fetch("bob", 0, 10)), [])
+        self.assertEqual((yield self.store.outboxStats()), (1, T0))
+
+    @inlineCallbacks
+    def test_limit(self):
+        """
+        A full outbox keeps no new event and counts it in C{outboxDropped},
+        with one warning; the message is stored all the same.  Once entries
+        are removed, events are kept again.
+        """
+        logged = self.logged()
+        self.enable(MESSAGE_STORED, GROUP_CHANGED)
+        self.store.outboxLimit = 2
+        for i in range(3):
+            yield self.send("alice", str(i), str(i))
+        yield self.store.createGroup("g1", "G", "alice", T0)
+        self.assertEqual(len((yield self.store.fetch("bob", 0, 10))), 3)
+        self.assertIsNotNone((yield self.store.group("g1")))
+        entries = yield self.entries()
+        self.assertEqual([json.loads(e.data)["client_msg_id"] for e in entries], ["0", "1"])
+        self.assertEqual(self.store.outboxDropped, 2)
+        self.assertEqual((yield self.store.outboxStats()), (2, T0))
+        self.assertEqual((yield self.store.enqueue([plain(1)], T0)), 0)
+        self.assertEqual(self.store.outboxDropped, 3)
+        warnings = [e for e in logged if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual((warnings[0]["limit"], warnings[0]["count"]), (2, 1))
+        yield self.store.remove([entries[0].id])
+        self.assertEqual((yield self.store.enqueue([plain(1), plain(2)], T0)), 1)
+        yield self.send("alice", "3", "3")
+        self.assertEqual(self.store.outboxDropped, 5)
+        entries = yield self.entries()
+        self.assertEqual(len(entries), 2)
+        self.assertEqual(entries[-1].data, plain(1).data)
+
+    @inlineCallbacks
+    def test_presence(self):
+        """
+        C{user.online} records the device as present on its gate and
+        C{user.offline} forgets exactly that session; C{presentOn} lists a
+        gate's devices.  Both events are kept in the outbox too.
+        """
+        yield self.store.enqueue(
+            [
+                userOnline("alice", "phone", pb.IOS, "gate-1", "s1"),
+                userOnline("bob", "pc", pb.WEB, "gate-1", "s2"),
+                userOnline("alice", "pc", pb.WEB, "gate-2", "s3"),
+            ],
+            T0,
+        )
+        self.assertEqual(
+            (yield self.store.presentOn("gate-1")),
+            [("alice", "phone", "s1"), ("bob", "pc", "s2")],
+        )
+        self.assertEqual((yield self.store.presentOn("gate-2")), [("alice", "pc", "s3")])
+        self.assertEqual((yield self.store.presentOn("gate-3")), [])
+        yield self.store.enqueue(
+            [
+                userOffline("alice", "phone", "gate-1", "s1", "closed"),
+                userOffline("bob", "pc", "gate-1", "old", "closed"),
+                userOffline("alice", "pc", "gate-1", "s3", "closed"),
+            ],
+            T0,
+        )
+        self.assertEqual((yield self.store.presentOn("gate-1")), [("bob", "pc", "s2")])
+        self.assertEqual((yield self.store.presentOn("gate-2")), [("alice", "pc", "s3")])
+        entries = yield self.entries()
+        self.assertEqual([e.type for e in entries], [USER_ONLINE] * 3 + [USER_OFFLINE] * 3)
+
+    @inlineCallbacks
+    def test_presenceWhenFull(self):
+        """
+        The presence ledger changes even when the outbox is full and the
+        event itself is not kept.
+        """
+        self.store.outboxLimit = 0
+        self.logged()
+        kept = yield self.store.enqueue(
+            [
+                userOnline("alice", "phone", pb.IOS, "gate-1", "s1"),
+                userOnline("bob", "pc", pb.WEB, "gate-1", "s2"),
+            ],
+            T0,
+        )
+        self.assertEqual(kept, 0)
+        self.assertEqual(len((yield self.store.presentOn("gate-1"))), 2)
+        yield self.store.enqueue([userOffline("bob", "pc", "gate-1", "s2", "kicked")], T0)
+        self.assertEqual((yield self.store.presentOn("gate-1")), [("alice", "phone", "s1")])
+        self.assertEqual((yield self.store.outboxStats()), (0, None))
+        self.assertEqual(self.store.outboxDropped, 3)
+
+    @inlineCallbacks
+    def test_presenceAwkwardIds(self):
+        """
+        Uids, device ids, gate ids (the empty one too) and session ids with
+        separators and non-ASCII characters are kept apart.
+        """
+        gate = "g:1}\u00e9"
+        yield self.store.enqueue(
+            [
+                userOnline("a:b", "c", pb.WEB, gate, "s"),
+                userOnline("a", "b:c", pb.WEB, gate, "s"),
+                userOnline("\u00e9", "", pb.WEB, gate, "1:2"),
+                userOnline("a", "b", pb.WEB, "", "s"),
+            ],
+            T0,
+        )
+        self.assertEqual(
+            (yield self.store.presentOn(gate)),
+            [("a", "b:c", "s"), ("a:b", "c", "s"), ("\u00e9", "", "1:2")],
+        )
+        self.assertEqual((yield self.store.presentOn("g:1}")), [])
+        self.assertEqual((yield self.store.presentOn("")), [("a", "b", "s")])
+
+    @inlineCallbacks
+    def test_claimOutbox(self):
+        """
+        A store one gate uses grants the outbox to whoever asks.
+        """
+        self.assertTrue((yield self.store.claimOutbox("gate-1", 10000)))
+        self.assertTrue((yield self.store.claimOutbox("gate-2", 10000)))
+
+
+class MemoryStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
     """
     L{MemoryMessageStore}.
     """
@@ -586,8 +1050,24 @@ class MemoryStoreTests(StoreTestsMixin, TestCase):
     def makeStore(self, dedupWindowMs):
         return MemoryMessageStore(dedupWindowMs=dedupWindowMs)
 
+    def test_outboxClock(self):
+        """
+        The group changes given no time record their events at the time of
+        the store's clock.
+        """
+        clock = Clock()
+        clock.advance(1234.5678)
+        self.store = MemoryMessageStore(clock=clock)
+        self.enable(GROUP_CHANGED)
+        self.r(self.group())
+        self.r(self.store.removeMembers("g1", ["bob"]))
+        clock.advance(1)
+        self.r(self.store.deleteGroup("g1"))
+        entries = self.r(self.store.pending(0, 10))
+        self.assertEqual([e.createdMs for e in entries], [T0, T0, 1234567, 1235567])
 
-class SQLiteStoreTests(StoreTestsMixin, TestCase):
+
+class SQLiteStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
     """
     L{SQLiteMessageStore}, operations run inline (no thread).
     """
@@ -627,6 +1107,145 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
         second = self.r(self.send("alice", "m2", "again", now=T0 + 48 * HOUR))
         self.assertGreater(second.message.id, first.message.id)
 
+    def reopen(self, **kwargs):
+        """
+        Close the store and open the database again, events as they were.
+        """
+        events = self.store.outboxEvents
+        self.store.stopService()
+        self.store = SQLiteMessageStore(self.path, None, 24 * HOUR, threaded=False, **kwargs)
+        self.store.outboxEvents = events
+        self.store.startService()
+        self.addCleanup(self.store.stopService)
+
+    def test_outboxDurableAcrossReopen(self):
+        """
+        The outbox and the presence ledger are there after the store is
+        closed and opened again, with the same ids and event ids; the
+        count is right; new ids continue above every id given before, even
+        once every entry was removed.
+        """
+        self.enable(MESSAGE_STORED)
+        self.r(self.send("alice", "m1", "hello"))
+        self.r(self.store.enqueue([userOnline("alice", "phone", pb.IOS, "gate-1", "s1")], T0))
+        before = self.r(self.store.pending(0, 10))
+        self.assertEqual(len(before), 2)
+        self.reopen()
+        self.assertEqual(self.r(self.store.pending(0, 10)), before)
+        self.assertEqual(self.r(self.store.presentOn("gate-1")), [("alice", "phone", "s1")])
+        self.assertEqual(self.r(self.store.outboxStats()), (2, T0))
+        self.assertEqual(self.r(self.store.remove([e.id for e in before])), 2)
+        self.reopen()
+        self.assertEqual(self.r(self.store.outboxStats()), (0, None))
+        self.r(self.send("alice", "m2", "again"))
+        [after] = self.r(self.store.pending(0, 10))
+        self.assertGreater(after.id, before[-1].id)
+        self.assertEqual(after.eventId.rsplit("_", 1)[0], before[0].eventId.rsplit("_", 1)[0])
+
+    def test_storeIdPerDatabase(self):
+        """
+        Every database has a store id of its own, so event ids of two
+        databases differ.
+        """
+        self.r(self.store.enqueue([plain(1)], T0))
+        other = SQLiteMessageStore(self.mktemp(), None, threaded=False)
+        other.startService()
+        self.addCleanup(other.stopService)
+        self.r(other.enqueue([plain(1)], T0))
+        [mine] = self.r(self.store.pending(0, 10))
+        [theirs] = self.r(other.pending(0, 10))
+        self.assertEqual(mine.id, theirs.id)
+        self.assertNotEqual(mine.eventId, theirs.eventId)
+
+    def test_upgradeOlderDatabase(self):
+        """
+        A database made before the outbox (without its tables and meta
+        keys) gets them when it is opened, and keeps its messages.
+        """
+        self.r(self.send("alice", "m1", "hello"))
+        self.store.stopService()
+        db = sqlite3.connect(self.path)
+        for table in ADDED_TABLES:
+            db.execute("DROP TABLE " + table)
+        db.execute("DELETE FROM meta WHERE key IN ('store_id', 'last_outbox_id')")
+        db.commit()
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        db.close()
+        self.assertEqual(
+            tables,
+            {"messages", "inbox", "heads", "dedup", "meta", "groups", "members", "cursors"},
+        )
+        self.reopen()
+        self.enable(MESSAGE_STORED)
+        self.assertEqual(len(self.r(self.store.fetch("bob", 0, 10))), 1)
+        self.r(self.send("alice", "m2", "again"))
+        self.r(self.store.enqueue([userOnline("alice", "pc", pb.WEB, "gate-1", "s1")], T0))
+        self.assertEqual(
+            [e.type for e in self.r(self.store.pending(0, 10))], [MESSAGE_STORED, USER_ONLINE]
+        )
+        self.assertEqual(self.r(self.store.presentOn("gate-1")), [("alice", "pc", "s1")])
+
+    def test_eventInMessageTransaction(self):
+        """
+        The event is written in the message's transaction: if writing the
+        event fails, the message is not stored either, and the outbox's
+        counters are as before.
+        """
+        self.enable(MESSAGE_STORED)
+        db = self.store._db
+        db.execute(
+            "CREATE TEMP TRIGGER refuse BEFORE INSERT ON outbox"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        self.failureResultOf(self.send("alice", "m1", "hello"), sqlite3.IntegrityError)
+        self.assertEqual(self.r(self.store.head("bob")), 0)
+        self.assertEqual(self.r(self.store.fetch("bob", 0, 10)), [])
+        db.execute("DROP TRIGGER refuse")
+        delivery = self.r(self.send("alice", "m1", "hello"))
+        self.assertFalse(delivery.duplicate)
+        [entry] = self.r(self.store.pending(0, 10))
+        self.assertEqual(entry.id, 1)
+        self.assertEqual(self.r(self.store.outboxStats()), (1, T0))
+
+    def test_rolledBackBatch(self):
+        """
+        When a transaction rolls back and its operations run again one by
+        one, the outbox's ids, count and dropped events are those of the
+        run that committed.
+        """
+        self.enable(MESSAGE_STORED)
+        self.store.outboxLimit = 2
+        ops = self.store._ops
+
+        def bad(db):
+            db.execute("SELECT * FROM nowhere")
+
+        batch = [
+            (ops.deliver, ("alice", str(i), text(str(i)), ["bob"], T0), None) for i in range(3)
+        ]
+        batch.append((bad, (), None))
+        results = self.store._runBatch(self.store._db, batch)
+        self.assertEqual([r.seqs["bob"] for _, r in results[:3]], [1, 2, 3])
+        self.assertIsInstance(results[3][1], Failure)
+        self.assertEqual([e.id for e in self.r(self.store.pending(0, 10))], [1, 2])
+        self.assertEqual(self.store.outboxDropped, 1)
+        self.assertEqual(self.r(self.store.outboxStats()), (2, T0))
+
+    def test_outboxClock(self):
+        """
+        The group changes given no time record their events at the time of
+        the store's clock.
+        """
+        clock = Clock()
+        clock.advance(1234.5678)
+        self.reopen(clock=clock)
+        self.enable(GROUP_CHANGED)
+        self.r(self.group())
+        self.r(self.store.deleteGroup("g1"))
+        entries = self.r(self.store.pending(0, 10))
+        self.assertEqual([e.createdMs for e in entries], [T0, T0, 1234567])
+        self.assertEqual(json.loads(entries[-1].data)["change"], GROUP_DELETED)
+
     def test_walAndFullSync(self):
         """
         The database runs in WAL mode with synchronous=FULL.
@@ -644,7 +1263,7 @@ class SQLiteStoreTests(StoreTestsMixin, TestCase):
         self.store.startService()
 
 
-class ThreadedSQLiteSuiteTests(StoreTestsMixin, TestCase):
+class ThreadedSQLiteSuiteTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
     """
     L{SQLiteMessageStore} on its writer thread, with the real reactor: the
     shared suite.
@@ -784,7 +1403,7 @@ class QueryPlanTests(SynchronousTestCase):
         self.assertNotIn("SCAN dedup", plan)
 
 
-class RedisStoreTests(StoreTestsMixin, TestCase):
+class RedisStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
     """
     L{RedisMessageStore} against a real C{redis-server} (one per test, AOF
     with C{appendfsync always}): the shared suite, then what is Redis's
@@ -887,6 +1506,105 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         )
         ttl = yield self.redis("PTTL", "im:d:{u:%s}:m1" % (alice,))
         self.assertTrue(23 * HOUR < ttl <= 24 * HOUR, ttl)
+
+    @inlineCallbacks
+    def test_claimOutbox(self):
+        """
+        The outbox's lease: one owner at a time; the holder extends it; once
+        it lapses another owner takes it.
+        """
+        other = RedisMessageStore(self.connect(), reactor, 24 * HOUR)
+        yield whenConnected(other.connection)
+        self.assertTrue((yield self.store.claimOutbox("gate-1", 10000)))
+        self.assertFalse((yield other.claimOutbox("gate-2", 10000)))
+        self.assertFalse((yield self.store.claimOutbox("gate-2", 10000)))
+        ttl = yield self.redis("PTTL", "im:outbox:lease")
+        self.assertTrue(0 < ttl <= 10000, ttl)
+        self.assertTrue((yield other.claimOutbox("gate-1", 60000)))
+        ttl = yield self.redis("PTTL", "im:outbox:lease")
+        self.assertTrue(10000 < ttl <= 60000, ttl)
+        self.assertTrue((yield self.store.claimOutbox("gate-1", 1)))
+        for _ in range(400):
+            if (yield other.claimOutbox("gate-2", 10000)):
+                break
+            yield deferLater(reactor, 0.005, lambda: None)
+        else:
+            self.fail("the lease of 1 ms did not lapse")
+        self.assertFalse((yield self.store.claimOutbox("gate-1", 10000)))
+        self.assertEqual((yield self.redis("GET", "im:outbox:lease")), b"gate-2")
+
+    @inlineCallbacks
+    def test_outboxKeys(self):
+        """
+        The outbox is a stream of entries C{<id>-0}, with the last id, the
+        store id and a presence hash per gate beside it; the event ids carry
+        the store id.
+        """
+        self.enable(MESSAGE_STORED, GROUP_CHANGED)
+        yield self.send("alice", "m1", "x")
+        yield self.store.enqueue([userOnline("bob", "pc", pb.WEB, "g:1", "s1")], T0)
+        keys = sorted(k.decode() for k in (yield self.redis("KEYS", "im:outbox*")))
+        self.assertEqual(keys, ["im:outbox", "im:outbox:last", "im:outbox:store"])
+        self.assertEqual((yield self.redis("TYPE", "im:outbox")), "stream")
+        self.assertEqual(
+            (yield self.redis("HKEYS", "im:presence:%s" % (b"g:1".hex(),))), [b"3:bob2:pc2:s1"]
+        )
+        entries = yield self.entries()
+        storeId = (yield self.redis("GET", "im:outbox:store")).decode()
+        self.assertEqual(
+            [e.eventId for e in entries], ["evt_%s_%d" % (storeId, e.id) for e in entries]
+        )
+        self.assertEqual(entries[0].id, T0 * 1000)
+        self.assertEqual(entries[1].id, T0 * 1000 + 1)
+        self.assertEqual(int((yield self.redis("GET", "im:outbox:last"))), entries[1].id)
+        raw = yield self.redis("XRANGE", "im:outbox", "-", "+")
+        self.assertEqual(raw[0][0], b"%d-0" % (entries[0].id,))
+
+    @inlineCallbacks
+    def test_outboxIdsAfterLoss(self):
+        """
+        Ids keep increasing if Redis lost the last id, and after it lost
+        everything they start above the earlier ones (at the time of the
+        event), under a new store id, so event ids are never given twice.
+        """
+        yield self.store.enqueue([plain(1)], T0)
+        yield self.redis("DEL", "im:outbox:last")
+        yield self.store.enqueue([plain(2)], T0)
+        first, second = yield self.entries()
+        self.assertGreater(second.id, first.id)
+        yield self.redis("FLUSHALL")
+        yield self.store.enqueue([plain(3)], T0 + 1)
+        [third] = yield self.entries()
+        self.assertGreater(third.id, second.id)
+        self.assertNotEqual(third.eventId.rsplit("_", 1)[0], first.eventId.rsplit("_", 1)[0])
+
+    @inlineCallbacks
+    def test_expireByIds(self):
+        """
+        C{expire} removes by id, and an entry's id is at least its time in
+        ms * 1000: an entry recorded with a clock behind the previous one's
+        goes only with that one.
+        """
+        yield self.store.enqueue([plain(1)], T0 + HOUR)
+        yield self.store.enqueue([plain(2)], T0)
+        self.assertEqual((yield self.store.expire(T0 + 1)), 0)
+        self.assertEqual((yield self.store.expire(T0 + HOUR + 1)), 2)
+
+    @inlineCallbacks
+    def test_outboxDurableAcrossKill(self):
+        """
+        With the AOF on, the outbox and the presence ledger survive C{kill
+        -9} of Redis.
+        """
+        self.enable(MESSAGE_STORED, GROUP_CHANGED)
+        yield self.group()
+        yield gatherResults([self.send("alice", str(i), str(i)) for i in range(20)])
+        yield self.store.enqueue([userOnline("bob", "pc", pb.WEB, "gate-1", "s1")], T0)
+        before = yield self.entries()
+        self.assertEqual(len(before), 23)
+        yield self.restartRedis("kill")
+        self.assertEqual((yield self.entries()), before)
+        self.assertEqual((yield self.store.presentOn("gate-1")), [("bob", "pc", "s1")])
 
     @inlineCallbacks
     def test_seqsStartAtFloor(self):
@@ -1134,6 +1852,13 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
             lambda: self.store.group("g1"),
             lambda: self.store.members("g1"),
             lambda: self.store.groupsOf("bob"),
+            lambda: self.store.enqueue([plain(1)], T0),
+            lambda: self.store.pending(0, 10),
+            lambda: self.store.remove([1]),
+            lambda: self.store.expire(T0),
+            lambda: self.store.outboxStats(),
+            lambda: self.store.claimOutbox("gate-1", 1000),
+            lambda: self.store.presentOn("gate-1"),
         ]
         for operation in operations:
             yield self.assertFailure(operation(), RedisUnavailable)
@@ -1183,4 +1908,28 @@ class RedisStoreTests(StoreTestsMixin, TestCase):
         self.assertEqual(second.seqs["bob"], first.seqs["bob"] + 1)
         self.assertEqual(
             [e["log_level"] for e in events if "run id" in e["log_format"]], [LogLevel.warn]
+        )
+
+
+class OutboxFullLogTests(SynchronousTestCase):
+    """
+    L{OutboxFullLog}: the warning that the outbox is full, rate-limited.
+    """
+
+    def test_rateLimited(self):
+        """
+        The first events not kept are reported at once, later ones at most
+        once per interval, counting what was not reported yet.
+        """
+        events = []
+        log = Logger(observer=events.append)
+        full = OutboxFullLog(interval=10)
+        full.dropped(log, 1, 1, 5, 100.0)
+        full.dropped(log, 2, 3, 5, 105.0)
+        full.dropped(log, 1, 4, 5, 109.9)
+        self.assertEqual(len(events), 1)
+        full.dropped(log, 1, 5, 5, 110.0)
+        self.assertEqual(
+            [(e["log_level"], e["count"], e["total"], e["limit"]) for e in events],
+            [(LogLevel.warn, 1, 1, 5), (LogLevel.warn, 4, 5, 5)],
         )

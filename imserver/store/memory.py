@@ -4,30 +4,58 @@ An in-memory message store: the reference semantics, for tests and
 benchmarks.  Nothing survives a restart.
 """
 
+import os
+from bisect import bisect_right
+
 from twisted.internet.defer import fail, succeed
+from twisted.logger import Logger
+from twisted.python import runtime
 from zope.interface import implementer
 
 from imserver.errors import NotMember
-from imserver.interfaces import IGroupStore, IMessageStore
+from imserver.interfaces import IGroupStore, IMessageStore, IOutbox
 from imserver.pb import im_pb2 as pb
 from imserver.store import (
+    OUTBOX_LIMIT,
     SYSTEM,
     Delivery,
     GroupExists,
     GroupFull,
     GroupNotFound,
+    OutboxFullLog,
     uniqueRecipients,
+)
+from imserver.webhooks.events import (
+    GROUP_CHANGED,
+    GROUP_CREATED,
+    GROUP_DELETED,
+    MEMBERS_ADDED,
+    MEMBERS_REMOVED,
+    MESSAGE_STORED,
+    USER_OFFLINE,
+    USER_ONLINE,
+    OutboxEntry,
+    eventId,
+    groupChanged,
+    messageStored,
 )
 
 
-@implementer(IMessageStore, IGroupStore)
+@implementer(IMessageStore, IGroupStore, IOutbox)
 class MemoryMessageStore:
     """
     Inboxes as lists, in process memory.
+
+    @param clock: an C{IReactorTime}: the time of the outbox events of
+        operations given none (C{deleteGroup}, C{removeMembers}) and of
+        the full-outbox warnings; the system clock if L{None}.
     """
 
-    def __init__(self, dedupWindowMs=24 * 3600 * 1000):
+    log = Logger()
+
+    def __init__(self, dedupWindowMs=24 * 3600 * 1000, clock=None):
         self.dedupWindowMs = dedupWindowMs
+        self._seconds = clock.seconds if clock is not None else runtime.seconds
         self._lastId = 0
         self._messages = {}  # id -> pb.Message
         self._inbox = {}  # uid -> list of (seq, message id, outgoing)
@@ -36,6 +64,18 @@ class MemoryMessageStore:
         self._cursors = {}  # (uid, device) -> (seq, ms)
         self._groups = {}  # group id -> pb.Group (role unset)
         self._members = {}  # group id -> {uid: pb.Member}
+        # IOutbox
+        self.outboxEvents = frozenset()
+        self.outboxLimit = OUTBOX_LIMIT
+        self.outboxDropped = 0
+        self._storeId = os.urandom(8).hex()
+        self._outbox = {}  # id -> OutboxEntry, in id order
+        # Every id in _outbox, ascending, and ids removed since the last
+        # compaction: pending finds its start by bisection.
+        self._outboxIds = []
+        self._lastOutboxId = 0
+        self._present = {}  # gate id -> {(uid, device id, session id): None}
+        self._fullLog = OutboxFullLog()
 
     def deliver(self, sender, clientMsgId, message, recipients, nowMs):
         key = (sender, clientMsgId)
@@ -68,6 +108,8 @@ class MemoryMessageStore:
             seqs[uid] = heads[uid] = seq = head(uid, 0) + 1
             inbox(uid, []).append((seq, messageId, uid == sender))
         self._dedup[key] = (stored.id, seqs.get(sender, 0), nowMs)
+        if self.outboxEvents and MESSAGE_STORED in self.outboxEvents:
+            self._record([messageStored(stored, seqs)], nowMs)
         return succeed(Delivery(stored, seqs, False))
 
     def fetch(self, uid, afterSeq, limit):
@@ -127,12 +169,14 @@ class MemoryMessageStore:
             return fail(GroupExists(groupId))
         self._groups[groupId] = pb.Group(group_id=groupId, name=name, created_ms=nowMs)
         self._members[groupId] = {owner: pb.Member(uid=owner, role=pb.ROLE_OWNER, joined_ms=nowMs)}
+        self._groupChanged(nowMs, groupId, GROUP_CREATED, [owner], name)
         return succeed(self._info(groupId, owner))
 
     def deleteGroup(self, groupId):
         if self._groups.pop(groupId, None) is None:
             return fail(GroupNotFound(groupId))
         del self._members[groupId]
+        self._groupChanged(None, groupId, GROUP_DELETED)
         return succeed(True)
 
     def setMembers(self, groupId, members, maxSize, nowMs):
@@ -148,6 +192,8 @@ class MemoryMessageStore:
                 current[uid].role = role
             else:
                 current[uid] = pb.Member(uid=uid, role=role, joined_ms=nowMs)
+        if added:
+            self._groupChanged(nowMs, groupId, MEMBERS_ADDED, added)
         return succeed(added)
 
     def removeMembers(self, groupId, uids):
@@ -155,6 +201,8 @@ class MemoryMessageStore:
         if current is None:
             return fail(GroupNotFound(groupId))
         removed = [uid for uid in dict.fromkeys(uids) if current.pop(uid, None) is not None]
+        if removed:
+            self._groupChanged(None, groupId, MEMBERS_REMOVED, removed)
         return succeed(removed)
 
     def group(self, groupId):
@@ -190,3 +238,95 @@ class MemoryMessageStore:
         if uid is not None:
             info.role = members[uid].role
         return info
+
+    # -- IOutbox ----------------------------------------------------------------
+
+    def _nowMs(self):
+        return int(self._seconds() * 1000)
+
+    def _groupChanged(self, nowMs, groupId, change, uids=(), name=None):
+        if self.outboxEvents and GROUP_CHANGED in self.outboxEvents:
+            if nowMs is None:
+                nowMs = self._nowMs()
+            self._record([groupChanged(groupId, change, uids, name)], nowMs)
+
+    def _record(self, events, nowMs):
+        """
+        Keep C{events} while there is room; count and report the others.
+
+        @return: how many were kept.
+        """
+        kept = dropped = 0
+        outbox = self._outbox
+        for event in events:
+            if len(outbox) >= self.outboxLimit:
+                dropped += 1
+                continue
+            self._lastOutboxId = number = self._lastOutboxId + 1
+            outbox[number] = OutboxEntry(
+                number, eventId(self._storeId, number), event.type, event.key, nowMs, event.data
+            )
+            self._outboxIds.append(number)
+            kept += 1
+        if dropped:
+            self.outboxDropped += dropped
+            self._fullLog.dropped(
+                self.log, dropped, self.outboxDropped, self.outboxLimit, self._seconds()
+            )
+        return kept
+
+    def enqueue(self, events, nowMs):
+        events = list(events)
+        for event in events:
+            if event.presence is None:
+                continue
+            uid, deviceId, gateId, sessionId = event.presence
+            if event.type == USER_ONLINE:
+                self._present.setdefault(gateId, {})[(uid, deviceId, sessionId)] = None
+            elif event.type == USER_OFFLINE:
+                present = self._present.get(gateId)
+                if present is not None:
+                    present.pop((uid, deviceId, sessionId), None)
+                    if not present:
+                        del self._present[gateId]
+        return succeed(self._record(events, nowMs))
+
+    def pending(self, afterId, limit):
+        ids, outbox = self._outboxIds, self._outbox
+        entries = []
+        i = bisect_right(ids, afterId)
+        while i < len(ids) and len(entries) < limit:
+            entry = outbox.get(ids[i])
+            if entry is not None:
+                entries.append(entry)
+            i += 1
+        return succeed(entries)
+
+    def _forget(self, ids):
+        outbox = self._outbox
+        removed = 0
+        for number in ids:
+            if outbox.pop(number, None) is not None:
+                removed += 1
+        if len(self._outboxIds) > 2 * len(outbox) + 64:
+            self._outboxIds = list(outbox)
+        return removed
+
+    def remove(self, ids):
+        return succeed(self._forget(ids))
+
+    def expire(self, beforeMs):
+        return succeed(
+            self._forget([n for n, entry in self._outbox.items() if entry.createdMs < beforeMs])
+        )
+
+    def outboxStats(self):
+        for entry in self._outbox.values():
+            return succeed((len(self._outbox), entry.createdMs))
+        return succeed((0, None))
+
+    def claimOutbox(self, owner, ttlMs):
+        return succeed(True)
+
+    def presentOn(self, gateId):
+        return succeed(sorted(self._present.get(gateId, ())))

@@ -9,7 +9,9 @@ The cluster-mode message store: inboxes, dedup and groups in Redis.
   - L{keys}: the key names and what each key holds.
   - C{scripts/*.lua}: the scripts, one per operation, each saying its
     C{KEYS}, C{ARGV} and reply; C{prelude.lua} holds the helpers some of
-    them share.
+    them share, C{outbox.lua} those of the scripts that record webhook
+    events (L{imserver.interfaces.IOutbox}) in the step that makes the
+    change they report.
 
 The semantics are those of L{imserver.store.memory.MemoryMessageStore}
 (the reference), except that seqs start above a floor, not at 1, and two

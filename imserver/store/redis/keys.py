@@ -29,6 +29,23 @@ C{im:{u:<hex>}:sessions}); groups are tagged the same way, C{{g:<hex>}}.
     C{im:runid}: the seq floor and the inbox epoch (docs/architecture.md,
     "Seqs, the floor and the epoch").
 
+The webhook outbox (L{imserver.interfaces.IOutbox}), written only once
+the store records events:
+
+  - C{im:outbox}: stream, one entry per event, id C{<entry id>-0},
+    fields C{c} (created ms), C{t} (type), C{k} (ordering key), C{d}
+    (the C{data} JSON).
+  - C{im:outbox:last}: the last entry id given: C{max(last + 1, created
+    ms * 1000)}, so ids increase, and stay above every earlier one even if
+    Redis lost this key.
+  - C{im:outbox:store}: the store id of the event ids, set (C{NX}) with
+    the first event: a Redis that lost its data makes a new one.
+  - C{im:outbox:lease}: the gate sending the outbox's events, with C{PX}.
+  - C{im:presence:<hex of gate id>}: hash, the devices last reported
+    online on that gate: field C{<uid><device id><session id>}, each
+    packed C{<length>:<bytes>} (L{imserver.store.redis.unpack}), value
+    the time it went online (ms).
+
 The scripts in C{scripts/} build the same names from a tag's hex when
 they reach keys they were not passed (a recipient's C{head} and C{inbox},
 C{im:m:<id>}, a member's C{groups}, a group's keys in C{groupsOf}): a change
@@ -43,6 +60,12 @@ SEQFLOOR_KEY = "im:seqfloor"
 RUNID_KEY = "im:runid"
 MSGID_KEY = "im:msgid"
 BODIES_KEY = "im:bodies"
+
+#: The webhook outbox's keys.
+OUTBOX_KEY = "im:outbox"
+OUTBOX_LAST_KEY = "im:outbox:last"
+OUTBOX_STORE_KEY = "im:outbox:store"
+OUTBOX_LEASE_KEY = "im:outbox:lease"
 
 #: The C{SCAN MATCH} pattern of the user keys (not the dedup records).
 USER_KEYS = "im:{u:*"
@@ -85,12 +108,35 @@ def bodyKey(messageId):
     return "im:m:%d" % (messageId,)
 
 
+def presenceKey(gateId):
+    """
+    The hash of the devices last reported online on gate C{gateId}.
+    """
+    return "im:presence:" + tagHex(gateId)
+
+
+def presenceField(uid, deviceId, sessionId):
+    """
+    A device's field in its gate's L{presenceKey}: the three packed as
+    L{imserver.store.redis.unpack} splits them.
+    """
+    parts = []
+    for text in (uid, deviceId, sessionId):
+        data = text.encode("utf-8")
+        parts.append(b"%d:%s" % (len(data), data))
+    return b"".join(parts)
+
+
 __all__ = [
     "EPOCH_KEY",
     "SEQFLOOR_KEY",
     "RUNID_KEY",
     "MSGID_KEY",
     "BODIES_KEY",
+    "OUTBOX_KEY",
+    "OUTBOX_LAST_KEY",
+    "OUTBOX_STORE_KEY",
+    "OUTBOX_LEASE_KEY",
     "USER_KEYS",
     "userTag",
     "userKey",
@@ -99,4 +145,6 @@ __all__ = [
     "dedupKey",
     "groupKey",
     "bodyKey",
+    "presenceKey",
+    "presenceField",
 ]

@@ -22,29 +22,51 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imserver.errors import NotMember
-from imserver.interfaces import IGroupStore, IMessageStore
+from imserver.interfaces import IGroupStore, IMessageStore, IOutbox
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable
 from imserver.store import (
+    OUTBOX_LIMIT,
     Delivery,
     GroupExists,
     GroupFull,
     GroupNotFound,
+    OutboxFullLog,
     uniqueRecipients,
 )
 from imserver.store.redis.keys import (
     BODIES_KEY,
     EPOCH_KEY,
     MSGID_KEY,
+    OUTBOX_KEY,
+    OUTBOX_LAST_KEY,
+    OUTBOX_LEASE_KEY,
+    OUTBOX_STORE_KEY,
     RUNID_KEY,
     SEQFLOOR_KEY,
     USER_KEYS,
     bodyKey,
     dedupKey,
     groupKey,
+    presenceField,
+    presenceKey,
     tagHex,
     tagHexOf,
     userKey,
+)
+from imserver.webhooks.events import (
+    GROUP_CHANGED,
+    GROUP_CREATED,
+    GROUP_DELETED,
+    MEMBERS_ADDED,
+    MEMBERS_REMOVED,
+    MESSAGE_STORED,
+    USER_OFFLINE,
+    USER_ONLINE,
+    OutboxEntry,
+    eventId,
+    groupChanged,
+    messageStored,
 )
 
 #: Most old entries C{trimUsers} examines in one inbox per script call.
@@ -52,6 +74,12 @@ TRIM_SCAN_LIMIT = 5000
 
 #: Most bodies C{trimBodies} deletes per script call.
 TRIM_BODY_BATCH = 1000
+
+#: Most outbox entries deleted per C{XDEL}.
+REMOVE_CHUNK = 1000
+
+#: The outbox keys passed to the scripts that record events.
+_OUTBOX_KEYS = [OUTBOX_KEY, OUTBOX_LAST_KEY, OUTBOX_STORE_KEY]
 
 _RUN_ID = re.compile(rb"^run_id:([0-9a-fA-F]+)\s*$", re.MULTILINE)
 
@@ -65,21 +93,43 @@ def _lua(name):
 
 # The scripts' sources, read once; each file says its KEYS, ARGV and reply.
 # Those that use the helpers of prelude.lua (hex, fmt, put, timeFloor) get
-# it in front.
+# it in front; those that record outbox events, outbox.lua after it.
 _PRELUDE = _lua("prelude")
-DELIVER = _PRELUDE + _lua("deliver")
+_OUTBOX = _PRELUDE + _lua("outbox")
+# deliver, on the hot path, comes in two: recording message.stored, and not
+# (without outbox.lua, so it does not even make its functions).
+DELIVER = _PRELUDE + "local outboxArgs = false\n" + _lua("deliver")
+DELIVER_OUTBOX = _OUTBOX + _lua("deliver")
 FETCH = _PRELUDE + _lua("fetch")
 ACK = _lua("ack")
 RESERVE_IDS = _PRELUDE + _lua("reserveIds")
 TRIM_USERS = _lua("trimUsers")
 TRIM_BODIES = _lua("trimBodies")
-CREATE_GROUP = _lua("createGroup")
-DELETE_GROUP = _lua("deleteGroup")
-SET_MEMBERS = _PRELUDE + _lua("setMembers")
-REMOVE_MEMBERS = _PRELUDE + _lua("removeMembers")
+CREATE_GROUP = _OUTBOX + _lua("createGroup")
+DELETE_GROUP = _OUTBOX + _lua("deleteGroup")
+SET_MEMBERS = _OUTBOX + _lua("setMembers")
+REMOVE_MEMBERS = _OUTBOX + _lua("removeMembers")
 GROUP_INFO = _lua("groupInfo")
 MEMBERS = _PRELUDE + _lua("members")
 GROUPS_OF = _PRELUDE + _lua("groupsOf")
+ENQUEUE = _OUTBOX + _lua("enqueue")
+PENDING = _PRELUDE + _lua("pending")
+OUTBOX_STATS = _lua("outboxStats")
+CLAIM_OUTBOX = _lua("claimOutbox")
+
+
+def _aroundList(data, name):
+    """
+    Split C{data}, an event's JSON whose list C{name} is empty, around that
+    list: the scripts fill it in.
+
+    @return: C{(before, after)}: C{before} ends with C{"<name>":[} and
+        C{after} starts with C{]}.  (The marker can only be the key: in a
+        JSON string every C{"} follows a backslash.)
+    """
+    marker = b'"%s":[]' % (name,)
+    before, after = data.split(marker)
+    return before + marker[:-1], marker[-1:] + after
 
 
 def unpack(data):
@@ -108,7 +158,7 @@ class _Unseen:
 _UNSEEN = _Unseen()
 
 
-@implementer(IMessageStore, IGroupStore)
+@implementer(IMessageStore, IGroupStore, IOutbox)
 class RedisMessageStore:
     """
     Inboxes, dedup records and groups in Redis.  Usable at once: there is
@@ -154,6 +204,10 @@ class RedisMessageStore:
         self.scanCount = scanCount
         self.rollbacks = 0
         self.restarts = 0
+        self.outboxEvents = frozenset()
+        self.outboxLimit = OUTBOX_LIMIT
+        self.outboxDropped = 0
+        self._fullLog = OutboxFullLog()
         self._epoch = _UNSEEN
         # Message ids reserved and not handed out: [next, last].
         self._nextId = 1
@@ -168,6 +222,7 @@ class RedisMessageStore:
         connection.onDisconnect.append(self._connectionChanged)
         script = connection.script
         self._deliver = script(DELIVER)
+        self._deliverOutbox = script(DELIVER_OUTBOX)
         self._fetch = script(FETCH)
         self._ack = script(ACK)
         self._reserveIds = script(RESERVE_IDS)
@@ -180,8 +235,13 @@ class RedisMessageStore:
         self._groupInfo = script(GROUP_INFO)
         self._members = script(MEMBERS)
         self._groupsOf = script(GROUPS_OF)
+        self._enqueue = script(ENQUEUE)
+        self._pending = script(PENDING)
+        self._outboxStats = script(OUTBOX_STATS)
+        self._claimOutbox = script(CLAIM_OUTBOX)
         self._scripts = [
             self._deliver,
+            self._deliverOutbox,
             self._fetch,
             self._ack,
             self._reserveIds,
@@ -194,6 +254,10 @@ class RedisMessageStore:
             self._groupInfo,
             self._members,
             self._groupsOf,
+            self._enqueue,
+            self._pending,
+            self._outboxStats,
+            self._claimOutbox,
         ]
 
     # -- plumbing -----------------------------------------------------------
@@ -412,12 +476,19 @@ class RedisMessageStore:
         ]
         for uid in recipients:
             args += [uid, tagHex(uid)]
+        script = self._deliver
+        if self.outboxEvents and MESSAGE_STORED in self.outboxEvents:
+            event = messageStored(stored, ())
+            self._withEvent(keys, args, event, nowMs, *_aroundList(event.data, b"recipients"))
+            script = self._deliverOutbox
 
         def done(reply):
             kind, epoch, status = reply[0], reply[1], reply[2]
             self._observeEpoch(epoch)
             self._observeStatus(status, self._epoch)
             if kind == b"ok":
+                if len(reply) > 4:
+                    self._kept(reply[4])
                 it = iter(unpack(reply[3]))
                 seqs = {uid.decode("utf-8"): int(seq) for uid, seq in zip(it, it)}
                 return Delivery(stored, seqs, False)
@@ -430,7 +501,7 @@ class RedisMessageStore:
                 return Delivery(original, {sender: int(senderSeq)}, True)
             raise NotMember("not a member of group {!r}".format(groupId))
 
-        return self._deliver(keys, args).addCallback(done)
+        return script(keys, args).addCallback(done)
 
     def fetch(self, uid, afterSeq, limit):
         if limit <= 0:
@@ -509,22 +580,28 @@ class RedisMessageStore:
         def done(reply):
             if reply == b"exists":
                 raise GroupExists(groupId)
+            if reply == b"full":
+                self._kept(0)
             return pb.Group(
                 group_id=groupId, name=name, created_ms=nowMs, member_count=1, role=pb.ROLE_OWNER
             )
 
-        return self._createGroup(
-            [groupKey(groupId, "info"), groupKey(groupId, "members"), userKey(owner, "groups")],
-            [groupId, name, owner, "%d" % (nowMs,), "%d" % (pb.ROLE_OWNER,), tagHex(owner)],
-        ).addCallback(done)
+        keys = [groupKey(groupId, "info"), groupKey(groupId, "members"), userKey(owner, "groups")]
+        args = [groupId, name, owner, "%d" % (nowMs,), "%d" % (pb.ROLE_OWNER,), tagHex(owner)]
+        self._withGroupEvent(keys, args, nowMs, groupId, GROUP_CREATED, [owner], name)
+        return self._createGroup(keys, args).addCallback(done)
 
     def deleteGroup(self, groupId):
         def done(reply):
             if reply == b"notfound":
                 raise GroupNotFound(groupId)
+            if reply == b"full":
+                self._kept(0)
             return True
 
-        return self._deleteGroup(self._groupKeys(groupId), [groupId]).addCallback(done)
+        keys, args = self._groupKeys(groupId), [groupId]
+        self._withGroupEvent(keys, args, self._nowMs(), groupId, GROUP_DELETED)
+        return self._deleteGroup(keys, args).addCallback(done)
 
     def setMembers(self, groupId, members, maxSize, nowMs):
         roles = dict(members)
@@ -537,20 +614,28 @@ class RedisMessageStore:
                 raise GroupNotFound(groupId)
             if reply[0] == b"full":
                 raise GroupFull(groupId)
+            if len(reply) > 2:
+                self._kept(reply[2])
             return [uid.decode("utf-8") for uid in unpack(reply[1])]
 
-        return self._setMembers(self._groupKeys(groupId), args).addCallback(done)
+        keys = self._groupKeys(groupId)
+        self._withGroupEvent(keys, args, nowMs, groupId, MEMBERS_ADDED, uids=None)
+        return self._setMembers(keys, args).addCallback(done)
 
     def removeMembers(self, groupId, uids):
         def done(reply):
             if reply[0] == b"notfound":
                 raise GroupNotFound(groupId)
+            if len(reply) > 2:
+                self._kept(reply[2])
             return [uid.decode("utf-8") for uid in unpack(reply[1])]
 
         args = [groupId]
         for uid in dict.fromkeys(uids):
             args += [uid, tagHex(uid)]
-        return self._removeMembers(self._groupKeys(groupId), args).addCallback(done)
+        keys = self._groupKeys(groupId)
+        self._withGroupEvent(keys, args, self._nowMs(), groupId, MEMBERS_REMOVED, uids=None)
+        return self._removeMembers(keys, args).addCallback(done)
 
     def group(self, groupId):
         def done(reply):
@@ -602,3 +687,138 @@ class RedisMessageStore:
 
     def _groupKeys(self, groupId):
         return [groupKey(groupId, "info"), groupKey(groupId, "members")]
+
+    # -- IOutbox --------------------------------------------------------------
+
+    def _nowMs(self):
+        return int(self.clock.seconds() * 1000)
+
+    def _withEvent(self, keys, args, event, nowMs, before, after=b""):
+        """
+        Pass a script what it needs to record C{event} (outbox.lua): the
+        outbox keys after C{keys}, the event's values after C{args}; its
+        data is C{before}, the uids the script fills in, C{after}.
+        """
+        keys += _OUTBOX_KEYS
+        args += [
+            "%d" % (self.outboxLimit,),
+            os.urandom(8).hex(),
+            "%d" % (nowMs,),
+            event.type,
+            event.key,
+            before,
+            after,
+        ]
+
+    def _withGroupEvent(self, keys, args, nowMs, groupId, change, uids=(), name=None):
+        """
+        L{_withEvent} for a C{group.changed} event, if the store records
+        them; C{uids} L{None}: the script fills them in.
+        """
+        if self.outboxEvents and GROUP_CHANGED in self.outboxEvents:
+            event = groupChanged(groupId, change, uids or (), name)
+            if uids is None:
+                self._withEvent(keys, args, event, nowMs, *_aroundList(event.data, b"uids"))
+            else:
+                self._withEvent(keys, args, event, nowMs, event.data)
+
+    def _kept(self, kept):
+        """
+        A script recorded an event (C{kept} 1) or found the outbox full (0).
+        """
+        if not kept:
+            self._dropped(1)
+
+    def _dropped(self, count):
+        self.outboxDropped += count
+        self._fullLog.dropped(
+            self.log, count, self.outboxDropped, self.outboxLimit, self.clock.seconds()
+        )
+
+    def enqueue(self, events, nowMs):
+        args = ["%d" % (self.outboxLimit,), os.urandom(8).hex(), "%d" % (nowMs,)]
+        count = 0
+        for event in events:
+            op, key, field = "", "", ""
+            if event.presence is not None and event.type in (USER_ONLINE, USER_OFFLINE):
+                uid, deviceId, gateId, sessionId = event.presence
+                op = "+" if event.type == USER_ONLINE else "-"
+                key, field = presenceKey(gateId), presenceField(uid, deviceId, sessionId)
+            args += [event.type, event.key, event.data, op, key, field]
+            count += 1
+        if not count:
+            return succeed(0)
+
+        def done(kept):
+            if kept < count:
+                self._dropped(count - kept)
+            return kept
+
+        return self._enqueue(_OUTBOX_KEYS, args).addCallback(done)
+
+    def pending(self, afterId, limit):
+        if limit <= 0:
+            return succeed([])
+
+        def done(reply):
+            packed, storeId = reply[0], reply[1] if len(reply) > 1 else None
+            storeId = storeId.decode("ascii") if storeId is not None else ""
+            it = iter(unpack(packed))
+            return [
+                OutboxEntry(
+                    int(number),
+                    eventId(storeId, int(number)),
+                    kind.decode("utf-8"),
+                    key.decode("utf-8"),
+                    int(createdMs),
+                    data,
+                )
+                for number, createdMs, kind, key, data in zip(it, it, it, it, it)
+            ]
+
+        return self._pending(
+            [OUTBOX_KEY, OUTBOX_STORE_KEY], ["%d" % (max(0, afterId),), "%d" % (limit,)]
+        ).addCallback(done)
+
+    @inlineCallbacks
+    def remove(self, ids):
+        ids = ["%d-0" % (number,) for number in ids]
+        removed = 0
+        for start in range(0, len(ids), REMOVE_CHUNK):
+            removed += yield self.connection.execute(
+                "XDEL", OUTBOX_KEY, *ids[start : start + REMOVE_CHUNK]
+            )
+        return removed
+
+    def expire(self, beforeMs):
+        # Entry ids are at least their created ms * 1000 (outbox.lua), so
+        # every entry below this one was recorded before beforeMs.  (An
+        # entry recorded by a gate whose clock is behind the others' may
+        # have a larger id and go later.)
+        return self.connection.execute(
+            "XTRIM", OUTBOX_KEY, "MINID", "%d-0" % (max(0, beforeMs) * 1000,)
+        )
+
+    def outboxStats(self):
+        def done(reply):
+            return (reply[0], int(reply[1]) if len(reply) > 1 else None)
+
+        return self._outboxStats([OUTBOX_KEY]).addCallback(done)
+
+    def claimOutbox(self, owner, ttlMs):
+        return self._claimOutbox([OUTBOX_LEASE_KEY], [owner, "%d" % (ttlMs,)]).addCallback(
+            lambda reply: reply == 1
+        )
+
+    def presentOn(self, gateId):
+        def done(fields):
+            present = []
+            for field in fields:
+                uid, deviceId, sessionId = unpack(field)
+                present.append(
+                    (uid.decode("utf-8"), deviceId.decode("utf-8"), sessionId.decode("utf-8"))
+                )
+            present.sort()
+            return present
+
+        return self.connection.execute("HKEYS", presenceKey(gateId)).addCallback(done)

@@ -16,6 +16,7 @@ The design is in docs/architecture.md, "The message store".
 
 from imserver.store.sqlite.operations import MEMBER_CACHE_SIZE, _Operations
 from imserver.store.sqlite.schema import (
+    ADDED_TABLES,
     MAX_SQLITE_INTEGER,
     MIN_SQLITE,
     SCHEMA,
@@ -33,6 +34,7 @@ __all__ = [
     "MEMBER_CACHE_SIZE",
     "_Operations",
     "SCHEMA",
+    "ADDED_TABLES",
     "MIN_SQLITE",
     "MAX_SQLITE_INTEGER",
     "dedupLookup",

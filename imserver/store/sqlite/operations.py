@@ -5,11 +5,14 @@ on the writer thread (L{imserver.store.sqlite.writer}) inside a
 transaction.
 """
 
+import os
+
 from twisted.python.failure import Failure
 
 from imserver.errors import NotMember
 from imserver.pb import im_pb2 as pb
 from imserver.store import (
+    OUTBOX_LIMIT,
     SYSTEM,
     Delivery,
     GroupExists,
@@ -18,6 +21,20 @@ from imserver.store import (
     uniqueRecipients,
 )
 from imserver.store.sqlite.schema import MAX_SQLITE_INTEGER, dedupLookup
+from imserver.webhooks.events import (
+    GROUP_CHANGED,
+    GROUP_CREATED,
+    GROUP_DELETED,
+    MEMBERS_ADDED,
+    MEMBERS_REMOVED,
+    MESSAGE_STORED,
+    USER_OFFLINE,
+    USER_ONLINE,
+    OutboxEntry,
+    eventId,
+    groupChanged,
+    messageStored,
+)
 
 #: Groups whose member lists the writer keeps in memory.
 MEMBER_CACHE_SIZE = 4096
@@ -40,17 +57,54 @@ class _Operations:
         # group id -> member uids.  Only this writer changes memberships, so
         # the cache is exact; it is emptied when a transaction rolls back.
         self.memberCache = {}
+        # The outbox.  outboxEvents and outboxLimit are set on the reactor
+        # thread (the store's attributes) and read here; the rest is this
+        # thread's: the entries in the table, the last entry id given, the
+        # events not kept.
+        self.outboxEvents = frozenset()
+        self.outboxLimit = OUTBOX_LIMIT
+        self.outboxCount = 0
+        self.outboxDropped = 0
+        self.lastOutboxId = 0
+        self.storeId = None
 
     def loadIds(self, db):
         """
         Read the last message id; ids are then assigned here, by the one
         writer, without a read per message.  The high-water mark is kept in
         C{meta} too, so ids are never reused even after retention removed
-        every message.
+        every message.  The same for outbox entry ids (the high-water mark
+        is written when entries are deleted), and the outbox's size and the
+        store id, made the first time.
         """
         row = db.execute("SELECT value FROM meta WHERE key = 'last_message_id'").fetchone()
         stored = db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
         self.lastId = max(stored, row[0] if row else 0)
+        row = db.execute("SELECT value FROM meta WHERE key = 'last_outbox_id'").fetchone()
+        count, highest = db.execute("SELECT count(*), coalesce(max(id), 0) FROM outbox").fetchone()
+        self.outboxCount = count
+        self.lastOutboxId = max(highest, row[0] if row else 0)
+        # The store id: a random 63-bit integer, shown in hex.
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('store_id', ?) ON CONFLICT (key) DO NOTHING",
+            (int.from_bytes(os.urandom(8), "big") >> 1,),
+        )
+        row = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        self.storeId = "%016x" % (row[0],)
+
+    def checkpoint(self):
+        """
+        @return: what a rolled back transaction must restore (L{restore}).
+        """
+        return (self.lastId, self.lastOutboxId, self.outboxCount, self.outboxDropped)
+
+    def restore(self, state):
+        """
+        After a rollback: forget what the transaction did to the counters
+        and the member cache.
+        """
+        self.lastId, self.lastOutboxId, self.outboxCount, self.outboxDropped = state
+        self.memberCache.clear()
 
     def deliver(self, db, sender, clientMsgId, message, recipients, nowMs):
         return self.deliverMany(db, [(sender, clientMsgId, message, recipients, nowMs)])[0]
@@ -139,7 +193,119 @@ class _Operations:
                 " ON CONFLICT (uid) DO UPDATE SET seq = excluded.seq",
                 [(uid, heads[uid]) for uid in touched],
             )
+            if self.outboxEvents and MESSAGE_STORED in self.outboxEvents:
+                self._record(
+                    db,
+                    [
+                        (result.message.created_ms, messageStored(result.message, result.seqs))
+                        for result in results
+                        if isinstance(result, Delivery) and not result.duplicate
+                    ],
+                )
         return results
+
+    # -- the outbox -----------------------------------------------------------
+
+    def _record(self, db, events):
+        """
+        Insert C{events}, C{(createdMs, OutboxEvent)} pairs, while there is
+        room; count the others.
+
+        @return: how many were kept.
+        """
+        room = max(0, self.outboxLimit - self.outboxCount)
+        if len(events) > room:
+            self.outboxDropped += len(events) - room
+            events = events[:room]
+        if not events:
+            return 0
+        first = self.lastOutboxId + 1
+        db.executemany(
+            "INSERT INTO outbox (id, created_ms, type, key, data) VALUES (?, ?, ?, ?, ?)",
+            [
+                (first + i, createdMs, event.type, event.key, event.data)
+                for i, (createdMs, event) in enumerate(events)
+            ],
+        )
+        self.lastOutboxId += len(events)
+        self.outboxCount += len(events)
+        return len(events)
+
+    def _groupChanged(self, db, nowMs, groupId, change, uids=(), name=None):
+        if self.outboxEvents and GROUP_CHANGED in self.outboxEvents:
+            self._record(db, [(nowMs, groupChanged(groupId, change, uids, name))])
+
+    def enqueue(self, db, events, nowMs):
+        for event in events:
+            if event.presence is None:
+                continue
+            uid, deviceId, gateId, sessionId = event.presence
+            if event.type == USER_ONLINE:
+                db.execute(
+                    "INSERT INTO presence (gate_id, uid, device_id, session_id)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (gateId, uid, deviceId, sessionId),
+                )
+            elif event.type == USER_OFFLINE:
+                db.execute(
+                    "DELETE FROM presence WHERE gate_id = ? AND uid = ? AND device_id = ?"
+                    " AND session_id = ?",
+                    (gateId, uid, deviceId, sessionId),
+                )
+        return self._record(db, [(nowMs, event) for event in events])
+
+    def pending(self, db, afterId, limit):
+        rows = db.execute(
+            "SELECT id, type, key, created_ms, data FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (min(afterId, MAX_SQLITE_INTEGER), limit),
+        ).fetchall()
+        storeId = self.storeId
+        return [
+            OutboxEntry(number, eventId(storeId, number), kind, key, createdMs, bytes(data))
+            for number, kind, key, createdMs, data in rows
+        ]
+
+    def _deleted(self, db, count):
+        """
+        C{count} entries were deleted: keep the id high-water mark, which
+        the table may no longer hold.
+        """
+        if count:
+            self.outboxCount -= count
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('last_outbox_id', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (self.lastOutboxId,),
+            )
+        return count
+
+    def remove(self, db, ids):
+        removed = 0
+        for chunk in _chunks(ids, 800):
+            removed += db.execute(
+                "DELETE FROM outbox WHERE id IN ({})".format(",".join("?" * len(chunk))), chunk
+            ).rowcount
+        return self._deleted(db, removed)
+
+    def expire(self, db, beforeMs):
+        removed = db.execute("DELETE FROM outbox WHERE created_ms < ?", (beforeMs,)).rowcount
+        return self._deleted(db, removed)
+
+    def outboxStats(self, db):
+        row = db.execute("SELECT created_ms FROM outbox ORDER BY id LIMIT 1").fetchone()
+        return (self.outboxCount, None if row is None else row[0])
+
+    def presentOn(self, db, gateId):
+        return [
+            tuple(row)
+            for row in db.execute(
+                "SELECT uid, device_id, session_id FROM presence WHERE gate_id = ?"
+                " ORDER BY uid, device_id, session_id",
+                (gateId,),
+            )
+        ]
+
+    # -- deliveries (helpers) ---------------------------------------------------
 
     def _recipients(self, db, sender, message, recipients):
         """
@@ -262,13 +428,15 @@ class _Operations:
             (groupId, owner, pb.ROLE_OWNER, nowMs),
         )
         self.memberCache.pop(groupId, None)
+        self._groupChanged(db, nowMs, groupId, GROUP_CREATED, [owner], name)
         return self._info(db, groupId, owner)
 
-    def deleteGroup(self, db, groupId):
+    def deleteGroup(self, db, groupId, nowMs=0):
         self._groupRow(db, groupId)
         db.execute("DELETE FROM members WHERE group_id = ?", (groupId,))
         db.execute("DELETE FROM groups WHERE group_id = ?", (groupId,))
         self.memberCache.pop(groupId, None)
+        self._groupChanged(db, nowMs, groupId, GROUP_DELETED)
         return True
 
     def setMembers(self, db, groupId, members, maxSize, nowMs):
@@ -286,9 +454,11 @@ class _Operations:
             [(groupId, uid, role, nowMs) for uid, role in roles.items()],
         )
         self.memberCache.pop(groupId, None)
+        if added:
+            self._groupChanged(db, nowMs, groupId, MEMBERS_ADDED, added)
         return added
 
-    def removeMembers(self, db, groupId, uids):
+    def removeMembers(self, db, groupId, uids, nowMs=0):
         self._groupRow(db, groupId)
         removed = []
         for uid in dict.fromkeys(uids):
@@ -297,6 +467,8 @@ class _Operations:
             ).rowcount:
                 removed.append(uid)
         self.memberCache.pop(groupId, None)
+        if removed:
+            self._groupChanged(db, nowMs, groupId, MEMBERS_REMOVED, removed)
         return removed
 
     def group(self, db, groupId):

@@ -58,7 +58,27 @@ CREATE TABLE IF NOT EXISTS cursors (
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (uid, device_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    created_ms INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    key TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_created ON outbox (created_ms);
+CREATE TABLE IF NOT EXISTS presence (
+    gate_id TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    PRIMARY KEY (gate_id, uid, device_id, session_id)
+) WITHOUT ROWID;
 """
+
+#: The tables added after the first release, by C{CREATE ... IF NOT EXISTS}
+#: when an older database is opened: the webhook outbox and the presence
+#: ledger (L{imserver.interfaces.IOutbox}).
+ADDED_TABLES = ("outbox", "presence")
 
 #: Upserts (3.24) and row values (3.15).
 MIN_SQLITE = (3, 24, 0)

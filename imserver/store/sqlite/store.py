@@ -4,15 +4,18 @@ L{SQLiteMessageStore}: the embedded default message store, every
 operation submitted to the writer thread.
 """
 
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
+from twisted.python import runtime
 from zope.interface import implementer
 
-from imserver.interfaces import IGroupStore, IMessageStore
+from imserver.interfaces import IGroupStore, IMessageStore, IOutbox
+from imserver.store import OutboxFullLog
 from imserver.store.sqlite.operations import _Operations
 from imserver.store.sqlite.writer import GroupCommitWriter
 
 
-@implementer(IMessageStore, IGroupStore)
+@implementer(IMessageStore, IGroupStore, IOutbox)
 class SQLiteMessageStore(GroupCommitWriter):
     """
     The durable store.  Start it (as a service) before use; stopping it
@@ -24,16 +27,67 @@ class SQLiteMessageStore(GroupCommitWriter):
     @param commitObserver: called as C{(size, seconds)} after each
         transaction, from the writer thread
         (L{imserver.metrics.GateMetrics.observeCommit}), or L{None}.
+    @param clock: an C{IReactorTime}: the time of the outbox events of
+        operations given none (C{deleteGroup}, C{removeMembers}) and of
+        the full-outbox warnings; C{reactor} if L{None}, or the system
+        clock if that is L{None} too.
+
+    @ivar outboxDropped: events not kept because the outbox was full, as
+        of the last commit (written by the writer thread).
     """
 
     log = Logger()
 
     def __init__(
-        self, path, reactor, dedupWindowMs=24 * 3600 * 1000, threaded=True, commitObserver=None
+        self,
+        path,
+        reactor,
+        dedupWindowMs=24 * 3600 * 1000,
+        threaded=True,
+        commitObserver=None,
+        clock=None,
     ):
         GroupCommitWriter.__init__(
             self, path, reactor, _Operations(dedupWindowMs), threaded, commitObserver
         )
+        if clock is None:
+            clock = reactor
+        self._seconds = clock.seconds if clock is not None else runtime.seconds
+        self._fullLog = OutboxFullLog()
+        self._droppedReported = 0
+
+    def _nowMs(self):
+        return int(self._seconds() * 1000)
+
+    # The outbox's settings are the writer's (_Operations) to read.
+
+    @property
+    def outboxEvents(self):
+        return self._ops.outboxEvents
+
+    @outboxEvents.setter
+    def outboxEvents(self, value):
+        self._ops.outboxEvents = frozenset(value)
+
+    @property
+    def outboxLimit(self):
+        return self._ops.outboxLimit
+
+    @outboxLimit.setter
+    def outboxLimit(self, value):
+        self._ops.outboxLimit = value
+
+    def _batchFired(self):
+        dropped = self.outboxDropped
+        if dropped > self._droppedReported:
+            self._fullLog.dropped(
+                self.log,
+                dropped - self._droppedReported,
+                dropped,
+                self._ops.outboxLimit,
+                self._seconds(),
+            )
+            self._droppedReported = dropped
 
     # -- IMessageStore ----------------------------------------------------
 
@@ -63,13 +117,13 @@ class SQLiteMessageStore(GroupCommitWriter):
         return self._submit(self._ops.createGroup, groupId, name, owner, nowMs)
 
     def deleteGroup(self, groupId):
-        return self._submit(self._ops.deleteGroup, groupId)
+        return self._submit(self._ops.deleteGroup, groupId, self._nowMs())
 
     def setMembers(self, groupId, members, maxSize, nowMs):
         return self._submit(self._ops.setMembers, groupId, list(members), maxSize, nowMs)
 
     def removeMembers(self, groupId, uids):
-        return self._submit(self._ops.removeMembers, groupId, list(uids))
+        return self._submit(self._ops.removeMembers, groupId, list(uids), self._nowMs())
 
     def group(self, groupId):
         return self._submit(self._ops.group, groupId)
@@ -79,3 +133,27 @@ class SQLiteMessageStore(GroupCommitWriter):
 
     def groupsOf(self, uid):
         return self._submit(self._ops.groupsOf, uid)
+
+    # -- IOutbox --------------------------------------------------------------
+
+    def enqueue(self, events, nowMs):
+        return self._submit(self._ops.enqueue, list(events), nowMs)
+
+    def pending(self, afterId, limit):
+        return self._submit(self._ops.pending, afterId, limit)
+
+    def remove(self, ids):
+        return self._submit(self._ops.remove, list(ids))
+
+    def expire(self, beforeMs):
+        return self._submit(self._ops.expire, beforeMs)
+
+    def outboxStats(self):
+        return self._submit(self._ops.outboxStats)
+
+    def claimOutbox(self, owner, ttlMs):
+        # One gate uses the database: it always holds the outbox.
+        return succeed(True)
+
+    def presentOn(self, gateId):
+        return self._submit(self._ops.presentOn, gateId)

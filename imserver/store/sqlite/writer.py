@@ -66,6 +66,9 @@ class GroupCommitWriter(Service):
         self._db = None
         self.batches = 0
         self.committed = 0
+        # Events the outbox did not keep, as of the last commit: written by
+        # the writer thread only.
+        self.outboxDropped = ops.outboxDropped
         self.commitObserver = commitObserver
 
     # -- service ------------------------------------------------------------
@@ -75,7 +78,11 @@ class GroupCommitWriter(Service):
         # open stops the server from starting instead of failing every
         # request.  From then on only the writer thread touches it.
         db = openDatabase(self.path)
-        self._ops.loadIds(db)
+        try:
+            self._ops.loadIds(db)
+        except BaseException:
+            db.close()
+            raise
         Service.startService(self)
         if self._threaded:
             self._thread = threading.Thread(
@@ -105,6 +112,7 @@ class GroupCommitWriter(Service):
             return fail(StoreClosed("the message store is not running"))
         if not self._threaded:
             [(_, result)] = self._runBatch(self._db, [(function, args, None)])
+            self._batchFired()
             return fail(result) if isinstance(result, Failure) else succeed(result)
         d = Deferred()
         queue = self._queue
@@ -145,6 +153,8 @@ class GroupCommitWriter(Service):
         """
         started = time.perf_counter()
         results = self._runTransaction(db, batch)
+        # Committed: publish the count (read on the reactor thread).
+        self.outboxDropped = self._ops.outboxDropped
         self.batches += 1
         self.committed += len(batch)
         if self.commitObserver is not None:
@@ -152,7 +162,7 @@ class GroupCommitWriter(Service):
         return results
 
     def _runTransaction(self, db, batch):
-        lastId = self._ops.lastId
+        state = self._ops.checkpoint()
         deliver = self._ops.deliver
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -182,8 +192,7 @@ class GroupCommitWriter(Service):
         except Exception:
             failure = Failure()
             self._rollback(db)
-            self._ops.lastId = lastId
-            self._ops.memberCache.clear()
+            self._ops.restore(state)
             if len(batch) == 1:
                 return [(batch[0][2], failure)]
         return [self._runTransaction(db, [item])[0] for item in batch]
@@ -200,3 +209,10 @@ class GroupCommitWriter(Service):
                 d.errback(result)
             else:
                 d.callback(result)
+        self._batchFired()
+
+    def _batchFired(self):
+        """
+        Called on the reactor thread after a transaction's results were
+        handed back.
+        """

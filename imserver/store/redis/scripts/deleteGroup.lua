@@ -1,4 +1,10 @@
--- KEYS: 1 info, 2 members.  ARGV: 1 group id.
+-- KEYS: 1 info, 2 members, then the outbox keys if the group.changed
+--       event is recorded (outbox.lua).
+-- ARGV: 1 group id, then the event's values (outbox.lua; the data
+--       complete).
+-- Returns 'notfound', or 'ok' (event kept, or none to record) or 'full'
+-- (the outbox was full).
+local event = outboxArgs(2)
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 'notfound'
 end
@@ -7,4 +13,7 @@ for _, value in ipairs(redis.call('HVALS', KEYS[2])) do
   redis.call('SREM', 'im:{u:' .. tag .. '}:groups', ARGV[1])
 end
 redis.call('DEL', KEYS[1], KEYS[2])
+if event and event.record(nil) == 0 then
+  return 'full'
+end
 return 'ok'

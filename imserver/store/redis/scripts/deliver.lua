@@ -1,13 +1,23 @@
 -- KEYS: 1 im:epoch, 2 im:seqfloor, 3 im:runid, 4 dedup record, 5 body,
---       6 im:bodies, 7 group members (group messages only)
+--       6 im:bodies, 7 group members (group messages only), then the
+--       outbox keys if the message.stored event is recorded (outbox.lua)
 -- ARGV: 1 sender, 2 now ms, 3 dedup window ms, 4 floor from the gate's
 --       clock, 5 a new epoch id, 6 Redis run id, 7 message id, 8 body,
 --       9 body TTL ms or '', 10 '1' for a group message, 11... recipients
---       (uid, user tag hex) pairs
--- Returns {'ok', epoch, status, packed (uid, seq, uid, seq, ...)},
+--       (uid, user tag hex) pairs, then the event's values (outbox.lua):
+--       its data is completed with the uids the message was appended to,
+--       the sender's own excluded
+-- (store.py loads it twice: with outbox.lua, used when the store records
+-- message.stored, and without: outboxArgs false, no event, no cost.)
+-- Returns {'ok', epoch, status, packed (uid, seq, uid, seq, ...), and if
+--   the event was to be recorded 1 (kept) or 0 (the outbox was full)},
 --   {'dup', epoch, status, id, sender seq, created ms, body or nil} or
 --   {'notmember', epoch, status}; status is 'same', 'new' or 'restart'.
 local sender, now = ARGV[1], tonumber(ARGV[2])
+local event, lastArg = nil, #ARGV
+if outboxArgs then
+  event, lastArg = outboxArgs(ARGV[10] == '1' and 7 or 6)
+end
 local meta = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3])
 local epoch, floor = meta[1], meta[2]
 local status = 'same'
@@ -52,7 +62,7 @@ if ARGV[10] == '1' then
     return {'notmember', epoch, status}
   end
 else
-  for i = 11, #ARGV do
+  for i = 11, lastArg do
     recipients[i - 10] = ARGV[i]
   end
 end
@@ -87,4 +97,14 @@ for i = 1, #recipients, 2 do
 end
 local window = math.max(1, tonumber(ARGV[3]))
 redis.call('SET', KEYS[4], id .. ':' .. senderSeq .. ':' .. ARGV[2], 'PX', fmt(window))
-return {'ok', epoch, status, table.concat(parts)}
+local kept = nil
+if event then
+  local uids = {}
+  for i = 1, #recipients, 2 do
+    if recipients[i] ~= sender then
+      uids[#uids + 1] = recipients[i]
+    end
+  end
+  kept = event.record(uids)
+end
+return {'ok', epoch, status, table.concat(parts), kept}
