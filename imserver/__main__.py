@@ -2,7 +2,8 @@
 """
 C{python -m imserver}: command-line tools.
 
-  - C{token}: mint a client token from the server secret.
+  - C{token}: mint a client token (v1, or C{--jwt} a JWT) from the server
+    secret.
   - C{chat}: talk to another user from this terminal.
   - C{web-url}: the chat page's address, signed in as a uid (development).
 """
@@ -36,20 +37,32 @@ COMMAND_NAME = "python -m imserver"
 
 
 class TokenOptions(commandline.Options):
-    synopsis = "--uid UID [--ttl SECONDS] [--data-dir DIR | --secret-file FILE]"
+    synopsis = (
+        "--uid UID [--ttl SECONDS] [--jwt [--alg HS256|HS384|HS512] [--aud AUD]"
+        " [--iss ISS]] [--data-dir DIR | --secret-file FILE]"
+    )
     longdesc = (
         "Print a client token for UID, signed with the server secret "
         "(--secret-file, else $IMSERVER_SECRET, else <data-dir>/secret, "
-        "as the server finds it; it is never generated here)."
+        "as the server finds it; it is never generated here): a v1 token, "
+        "or with --jwt a JWT (claims sub, iat, exp, and aud, iss if given)."
     )
+    optFlags = [
+        ["jwt", None, "Mint a JWT, HMAC-signed with the secret, instead of a v1 token."],
+    ]
     optParameters = [
         ["uid", "u", None, "The user id the token is for."],
         ["ttl", None, 86400, "Seconds the token stays valid.", int],
         ["data-dir", "d", DEFAULT_DATA_DIR, "The server's data directory."],
         ["secret-file", None, None, "File holding the secret."],
+        ["alg", None, "HS256", "With --jwt: HS256, HS384 or HS512."],
+        ["aud", None, None, "With --jwt: the aud claim (the gate's --jwt-audience)."],
+        ["iss", None, None, "With --jwt: the iss claim (the gate's --jwt-issuer)."],
     ]
 
     def postOptions(self):
+        from imserver.jwtauth import HMAC_ALGORITHMS
+
         if not self["uid"]:
             raise usage.UsageError("--uid is required")
         try:
@@ -58,6 +71,16 @@ class TokenOptions(commandline.Options):
             raise usage.UsageError("--uid: {}".format(e.message))
         if self["ttl"] < 1:
             raise usage.UsageError("--ttl must be at least 1")
+        if not self["jwt"] and (
+            self["alg"] != "HS256" or self["aud"] is not None or self["iss"] is not None
+        ):
+            raise usage.UsageError("--alg, --aud and --iss go with --jwt")
+        if self["alg"] not in HMAC_ALGORITHMS:
+            raise usage.UsageError(
+                "--alg: {} (the secret signs HMAC algorithms only)".format(
+                    ", ".join(HMAC_ALGORITHMS)
+                )
+            )
 
 
 class WebURLOptions(TokenOptions):
@@ -112,6 +135,7 @@ class Options(commandline.Options):
 
 def _mint(options):
     from imserver.auth import loadSecret, mintToken
+    from imserver.jwtauth import mintJWT
 
     secretFile = options["secret-file"]
     secret = loadSecret(
@@ -120,6 +144,16 @@ def _mint(options):
         create=False,
     )
     try:
+        if options["jwt"]:
+            return mintJWT(
+                secret,
+                options["uid"],
+                options["ttl"],
+                time.time(),
+                options["alg"],
+                options["aud"],
+                options["iss"],
+            )
         return mintToken(secret, options["uid"], options["ttl"], time.time())
     except ValueError as e:
         raise usage.UsageError(str(e))

@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_auth -*-
 """
-Client tokens: expiring, HMAC-SHA256 signed, bound to one uid.
+Client tokens: expiring, signed, bound to one uid.  Two forms are accepted,
+told apart by their first characters: C{v1.} tokens (below) and JWTs
+(C{eyJ...}, L{imserver.jwtauth}).
 
-A token is the ASCII text C{v1.<expiry>.<signature>} where C{expiry} is the
+A v1 token is the ASCII text C{v1.<expiry>.<signature>} where C{expiry} is the
 Unix time (whole seconds) after which it is no longer accepted and
 C{signature} is the unpadded base64url HMAC-SHA256, under the server secret,
 of C{b"imserver-token-v1\\n" + uid + b"\\n" + expiry}.  The uid is not in the
@@ -10,7 +12,8 @@ token: the client sends it beside the token, and a token minted for another
 uid does not verify.
 
 The app backend mints tokens through the HTTP API or with the shared secret
-(C{python -m imserver token --uid alice}); see docs/protocol.md.
+(C{python -m imserver token --uid alice}, C{--jwt} for a JWT); see
+docs/protocol.md.
 """
 
 import base64
@@ -27,13 +30,19 @@ from imserver.datadir import SECRET_FILE_NAME
 from imserver.errors import AuthFailed
 from imserver.identifiers import validateUid
 from imserver.interfaces import IAuthenticator
+from imserver.jwtauth import JWT_PREFIX, JWTVerifier
 
 log = Logger()
 
 TOKEN_VERSION = "v1"
 _CONTEXT = b"imserver-token-v1\n"
-#: Tokens longer than this are refused without computing anything.
+#: v1 tokens longer than this are refused without computing anything.
 MAX_TOKEN_LENGTH = 256
+#: Tokens of any form longer than this are refused unread (the default of
+#: the C{max_token_length} setting; an RS256 JWT is some 600 to 900).
+DEFAULT_MAX_TOKEN_LENGTH = 2048
+#: The failure reason of a token longer than the limit.
+TOO_LONG = "token_too_long"
 #: The smallest secret accepted, in bytes.
 MIN_SECRET_LENGTH = 16
 #: Environment variable that may hold the secret itself.
@@ -92,22 +101,68 @@ def verifyToken(secret, uid, token, now):
 @implementer(IAuthenticator)
 class TokenAuthenticator:
     """
-    Accepts tokens made by L{mintToken} with the same secret.
+    Accepts tokens made by L{mintToken} with the same secret, and JWTs its
+    L{JWTVerifier} accepts (by default: HS256, HS384 and HS512 keyed with
+    the same secret).  Every refusal is the same L{AuthFailed}; its
+    C{reason} says why, for the metrics.
 
     @ivar clock: an L{IReactorTime} giving the current time.
+    @ivar jwt: the L{JWTVerifier}.
+    @ivar maxTokenLength: the longest token looked at, in characters.
     """
 
-    def __init__(self, secret, clock):
+    def __init__(self, secret, clock, jwt=None, maxTokenLength=DEFAULT_MAX_TOKEN_LENGTH):
         self._secret = secret
         self.clock = clock
+        self.jwt = jwt if jwt is not None else JWTVerifier(secret, clock)
+        self.maxTokenLength = maxTokenLength
 
     def __repr__(self):
         return "<TokenAuthenticator>"
 
     def authenticate(self, uid, token):
-        if verifyToken(self._secret, uid, token, self.clock.seconds()):
-            return succeed(uid)
+        if len(token) > self.maxTokenLength:
+            return fail(AuthFailed(reason=TOO_LONG))
+        if not token.isascii():
+            return fail(AuthFailed())
+        if token.startswith(TOKEN_VERSION + "."):
+            if verifyToken(self._secret, uid, token, self.clock.seconds()):
+                return succeed(uid)
+            return fail(AuthFailed())
+        if token.startswith(JWT_PREFIX):
+            return self.jwt.verify(uid, token)
         return fail(AuthFailed())
+
+
+#: Bytes of an auth request besides its token, at most: protobuf needs
+#: some 400 (uid and device id 128 bytes each, client version 64, the
+#: frame's envelope), the JSON subprotocol about 1 KiB (escaped strings).
+AUTH_REQUEST_MARGIN = 1024
+
+
+def makeAuthenticator(secret, clock, settings, jwtConfig=None):
+    """
+    The gate's authenticator: v1 tokens and JWTs as C{jwtConfig} (an
+    L{imserver.jwtauth.JWTConfig}, the C{twistd im} JWT options; L{None}:
+    HS256/384/512 with C{secret} only) says, up to
+    C{settings.max_token_length} characters.
+
+    @return: C{(authenticator, service)}: the service keeps the JWT public
+        keys current (add it to the service tree), or is L{None}.
+    """
+    from imserver.jwtauth import makeVerifier
+
+    verifier, service = makeVerifier(jwtConfig, secret, clock, settings)
+    if settings.max_token_length + AUTH_REQUEST_MARGIN > settings.preauth_max_frame_length:
+        log.warn(
+            "--max-token-length {tokens} leaves less than {margin} bytes of"
+            " --preauth-max-frame-length {frame} for the rest of an auth request:"
+            " a token that long may not fit in one (FRAME_TOO_LARGE)",
+            tokens=settings.max_token_length,
+            margin=AUTH_REQUEST_MARGIN,
+            frame=settings.preauth_max_frame_length,
+        )
+    return TokenAuthenticator(secret, clock, verifier, settings.max_token_length), service
 
 
 def loadSecret(dataDir=None, secretFile=None, environ=os.environ, create=True):

@@ -57,13 +57,17 @@ class AuthFailed(RPCError):
     Authentication failed.  Every cause (bad signature, expired, foreign uid,
     malformed token) produces the same code and message, so a client learns
     nothing about which check failed.
+
+    @ivar reason: which check failed, for the gate's metrics and logs only
+        (a label of C{imserver_auth_failures_total}); never sent.
     """
 
     code = pb.AUTH_FAILED
     fatal = True
 
-    def __init__(self, message: str = "authentication failed") -> None:
+    def __init__(self, message: str = "authentication failed", reason: str = "bad_token") -> None:
         super().__init__(message)
+        self.reason = reason
 
 
 class AlreadyAuthenticated(RPCError):
@@ -103,6 +107,15 @@ class RateLimited(RPCError):
     """
 
     code = pb.RATE_LIMITED
+
+
+class Rejected(RPCError):
+    """
+    The app backend's before-send check refused the message
+    (L{imserver.beforesend}); the message is the backend's own text.
+    """
+
+    code = pb.REJECTED
 
 
 class RemoteError(Exception):

@@ -4,11 +4,16 @@ Message semantics, independent of sockets: the gate (and later the HTTP
 API) call L{Messenger}; it stores through an L{IMessageStore} and tells the
 sessions of the recipients (found in the L{ISessionRegistry}) that their
 inbox advanced.  The sessions push in order themselves.
+
+With a before-send check (L{imserver.beforesend}), a client's C{send} is
+stored only once the app backend allowed it (or replaced its body).
 """
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from imserver.errors import BadRequest, MessageTooLarge, RPCError, Unavailable
+from imserver.beforesend import REJECT, REPLACE, SendOrder
+from imserver.errors import BadRequest, MessageTooLarge, NotMember, Rejected, RPCError, Unavailable
 from imserver.identifiers import (
     validateClientMsgId,
     validateContentType,
@@ -19,6 +24,10 @@ from imserver.pb import im_pb2 as pb
 from imserver.store import GroupNotFound
 from imserver.wire import EncodedMessage
 
+#: The group of L{Messenger.storedBefore}'s probe: no group can have this
+#: id (a control character; L{validateGroupId} refuses it).
+PROBE_GROUP = "\x00dedup probe"
+
 
 class Messenger:
     """
@@ -26,41 +35,128 @@ class Messenger:
 
     @ivar store: the L{IMessageStore} (also an L{IGroupStore}).
     @ivar registry: the L{ISessionRegistry}.
+    @ivar beforeSend: the L{imserver.beforesend.BeforeSendCheck} asked
+        about every client C{send}, or L{None} (C{--before-send} unset).
     """
 
     log = Logger()
 
-    def __init__(self, store, registry, clock, settings, metrics):
+    def __init__(self, store, registry, clock, settings, metrics, beforeSend=None):
         self.store = store
         self.registry = registry
         self.clock = clock
         self.settings = settings
         self.metrics = metrics
+        self.beforeSend = beforeSend
 
-    def send(self, sender, request):
+    def send(self, sender, request, deviceId="", order=None):
         """
         Store a message from C{sender} (the authenticated uid, never a
         payload field) to a user or a group, and tell the recipients'
         sessions.
 
+        With a before-send check the request is validated, then checked,
+        then stored as the verdict says (L{_checked}), after the sends
+        received before it in C{order}.
+
         @type request: L{pb.SendRequest}
+        @param deviceId: the sending device, for the before-send check.
+        @param order: the L{SendOrder} of the connection it came on (a
+            send alone if L{None}).
         @return: a L{Deferred} firing with a L{pb.SendResponse} once the
             message is durably in every inbox, or failing with an
-            L{RPCError} (C{NOT_MEMBER}, C{UNAVAILABLE}).
+            L{RPCError} (C{NOT_MEMBER}, C{UNAVAILABLE}; with the check
+            C{REJECTED} and C{RATE_LIMITED} too).
         @raise RPCError: C{BAD_REQUEST} or C{MESSAGE_TOO_LARGE} for an
-            invalid request, before anything is stored.
+            invalid request, before anything is stored or checked.
         """
         if request.to and request.group_id:
             raise BadRequest("set one of to and group_id, not both")
-        d = self.storeMessage(
-            sender,
+        check = self.beforeSend
+        if check is None:
+            d = self.storeMessage(
+                sender,
+                request.client_msg_id,
+                request.body,
+                request.content_type,
+                to=request.to or None,
+                groupId=request.group_id or None,
+            )
+            return d.addCallback(self._answer, sender)
+        self.validate(
             request.client_msg_id,
             request.body,
             request.content_type,
             to=request.to or None,
             groupId=request.group_id or None,
         )
+        if order is None:
+            order = SendOrder()
+        d = order.add(check.check(sender, deviceId, request), self._checked, sender, request)
         return d.addCallback(self._answer, sender)
+
+    def _checked(self, verdict, sender, request):
+        """
+        Apply the before-send check's verdict (a L{Verdict}, or the
+        L{Failure} of a refused check): store the message, as sent or with
+        the backend's body; or refuse it, unless it is a retry of a message
+        already stored (L{storedBefore}): a retry keeps the original's
+        answer whatever the check says now.
+        """
+        if isinstance(verdict, Failure):
+            return verdict
+        clientMsgId = request.client_msg_id
+        if verdict.result == REJECT:
+            return self.storedBefore(sender, clientMsgId).addCallback(
+                _originalOr, Rejected(verdict.message)
+            )
+        body, contentType = request.body, request.content_type
+        if verdict.result == REPLACE:
+            body = verdict.body
+            if verdict.contentType is not None:
+                contentType = verdict.contentType
+        return self.storeMessage(
+            sender,
+            clientMsgId,
+            body,
+            contentType,
+            to=request.to or None,
+            groupId=request.group_id or None,
+        )
+
+    def storedBefore(self, sender, clientMsgId):
+        """
+        Find out, storing nothing, whether C{(sender, clientMsgId)} is
+        within the dedup window.  The store has no lookup of its own: this
+        asks it to deliver a message to L{PROBE_GROUP}, which does not
+        exist.  L{IMessageStore.deliver} answers a known key with the
+        original (before it looks at the group), and refuses an unknown one
+        with L{NotMember} (nothing stored, the key not used up).
+
+        @return: a L{Deferred} firing with the original's
+            L{imserver.store.Delivery}, or L{None} if there is none; or
+            failing with C{UNAVAILABLE} if the store fails.
+        """
+        d = self.store.deliver(
+            sender,
+            clientMsgId,
+            pb.Message(group_id=PROBE_GROUP),
+            [],
+            int(self.clock.seconds() * 1000),
+        )
+
+        def found(delivery):
+            if not delivery.duplicate:  # the group cannot exist: never
+                self.log.error("the dedup probe stored message {id}", id=delivery.message.id)
+                return None
+            self.metrics.dedupHits += 1
+            return delivery
+
+        def notStored(failure):
+            failure.trap(NotMember)
+            return None
+
+        return d.addCallbacks(found, notStored).addErrback(self.storeFailed)
 
     def _answer(self, delivery, sender):
         message = delivery.message
@@ -88,6 +184,23 @@ class Messenger:
         @raise RPCError: C{BAD_REQUEST} or C{MESSAGE_TOO_LARGE} for an
             invalid message, before anything is stored.
         """
+        self.validate(clientMsgId, body, contentType, to, uids, groupId)
+        if to is not None:
+            uids = [to]
+        message = pb.Message(
+            recipient=to or "", group_id=groupId or "", body=body, content_type=contentType
+        )
+        started = self.clock.seconds()
+        d = self.store.deliver(sender, clientMsgId, message, uids or [], int(started * 1000))
+        d.addCallbacks(self._delivered, self.storeFailed, (started,))
+        return d
+
+    def validate(self, clientMsgId, body, contentType, to=None, uids=None, groupId=None):
+        """
+        Check a message as L{storeMessage} does.
+
+        @raise RPCError: C{BAD_REQUEST} or C{MESSAGE_TOO_LARGE}.
+        """
         if sum(x is not None for x in (to, uids, groupId)) != 1:
             raise BadRequest("name exactly one of: to, a group")
         if to is not None:
@@ -107,13 +220,6 @@ class Messenger:
                     len(body), self.settings.max_message_body
                 )
             )
-        message = pb.Message(
-            recipient=to or "", group_id=groupId or "", body=body, content_type=contentType
-        )
-        started = self.clock.seconds()
-        d = self.store.deliver(sender, clientMsgId, message, uids or [], int(started * 1000))
-        d.addCallbacks(self._delivered, self.storeFailed, (started,))
-        return d
 
     def _delivered(self, delivery, started):
         metrics = self.metrics
@@ -223,6 +329,15 @@ class Messenger:
                 _typing(sessions, sender, active, groupId) for sessions in found.values()
             ]
         ).addErrback(lambda failure: self.log.failure("group typing failed", failure))
+
+
+def _originalOr(delivery, refusal):
+    """
+    C{delivery} if there is one, else raise C{refusal}.
+    """
+    if delivery is None:
+        raise refusal
+    return delivery
 
 
 def _typing(sessions, sender, active, groupId):

@@ -23,9 +23,13 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
+from imserver.beforesend import OUTCOMES as BEFORE_SEND_OUTCOMES
 from imserver.pb import im_pb2 as pb
 
 #: Auth failure reasons (label values of C{imserver_auth_failures_total}).
+#: C{bad_token}: a refused v1 token or one of no known form;
+#: C{token_too_long}: above C{--max-token-length}; C{jwt_*}: why a JWT was
+#: refused (L{imserver.jwtauth.FAILURE_REASONS}).
 AUTH_FAILURE_REASONS = (
     "bad_token",
     "bad_request",
@@ -33,6 +37,14 @@ AUTH_FAILURE_REASONS = (
     "timeout",
     "unavailable",
     "throttled",
+    "token_too_long",
+    "jwt_malformed",
+    "jwt_algorithm",
+    "jwt_unknown_key",
+    "jwt_bad_signature",
+    "jwt_expired",
+    "jwt_not_yet_valid",
+    "jwt_bad_claims",
 )
 
 #: Why a connection was refused at accept (label values).
@@ -137,9 +149,11 @@ class GateMetrics:
         self.authFailures = dict.fromkeys(AUTH_FAILURE_REASONS, 0)
         self.kicks = dict.fromkeys(pb.KickReason.keys()[1:], 0)
         self.connectionsRefused = dict.fromkeys(REFUSAL_REASONS, 0)
+        self.beforeSendChecks = dict.fromkeys(BEFORE_SEND_OUTCOMES, 0)
         self._connections = ()
         self._closing = ()
         self._web = None
+        self._beforeSend = None
         self.ackRoundTrip = FastHistogram(
             "imserver_ack_round_trip_seconds",
             "From pushing an entry to a session to its ack.",
@@ -160,11 +174,17 @@ class GateMetrics:
             "Time of one store transaction, commit (fsync) included.",
             _LATENCY_BUCKETS,
         )
+        self.beforeSendSeconds = FastHistogram(
+            "imserver_before_send_seconds",
+            "From a send arriving to the before-send check's verdict (queue included).",
+            _LATENCY_BUCKETS,
+        )
         self._histograms = (
             self.ackRoundTrip,
             self.sendToPush,
             self.commitBatch,
             self.commitSeconds,
+            self.beforeSendSeconds,
         )
         self.registry.register(self)
 
@@ -183,6 +203,13 @@ class GateMetrics:
         connections not upgraded yet and its refused WebSocket upgrades.
         """
         self._web = site
+
+    def watchBeforeSend(self, check):
+        """
+        Also report the before-send check's (L{imserver.beforesend}) sends
+        waiting for a verdict.
+        """
+        self._beforeSend = check
 
     def observeCommit(self, size, seconds):
         """
@@ -220,6 +247,21 @@ class GateMetrics:
         for reason, count in self.connectionsRefused.items():
             refused.add_metric([reason], count)
         yield refused
+        checks = CounterMetricFamily(
+            "imserver_before_send_checks",
+            "Before-send checks by outcome: allow, reject, replace, timeout, error"
+            " (connection, status, malformed answer), queue_full.",
+            labels=["result"],
+        )
+        for result, count in self.beforeSendChecks.items():
+            checks.add_metric([result], count)
+        yield checks
+        if self._beforeSend is not None:
+            yield GaugeMetricFamily(
+                "imserver_before_send_pending",
+                "Sends waiting for the before-send check's verdict (in flight and queued).",
+                value=self._beforeSend.pending,
+            )
         web = self._web
         if web is not None:
             yield GaugeMetricFamily(

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imserver import methods
+from imserver.beforesend import SendOrder
 from imserver.errors import (
     AlreadyAuthenticated,
     AuthFailed,
@@ -140,6 +141,9 @@ class GateSession(RPCDispatcher, ClosesWithError):
     #: The code of the ERROR frame the session closed with, if it did (a
     #: WebSocket channel closes with 4000 + it).
     errorCode: "pb.ErrorCode | None" = None
+    #: Why the session was kicked, if it was (its C{user.offline} webhook
+    #: says C{kicked}).
+    kickedFor: "pb.KickReason | None" = None
     # Delivery state, per connection, set at auth.  Class defaults keep the
     # per-instance dict small until then.
     _delivering = False
@@ -156,6 +160,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
     _requests: TokenBucket | None = None  # of requests, from the first request on
     _refusedInARow = 0
     _pausedAt: float | None = None  # reactor time writes filled the buffer; None: flowing
+    _sendOrder: SendOrder | None = None  # sends waiting for the before-send check
     # Bound in __init__ to the channel's own methods.  (The ignore: mypy
     # holds an attribute incompatible with the method the bases declare.)
     writeFrame: Callable[[bytes], None]  # type: ignore[assignment]
@@ -457,16 +462,25 @@ class GateSession(RPCDispatcher, ClosesWithError):
             )
 
     def _authFailed(self, failure: "Failure", request: pb.AuthRequest) -> "Failure":
-        reason = {AuthFailed: "bad_token", TooManyDevices: "too_many_devices"}.get(
-            failure.type, "unavailable"
-        )
+        refused = failure.check(AuthFailed) is not None
+        if refused:
+            # Which check refused the token: for the metrics and the log
+            # only, the client gets the same AUTH_FAILED whatever it is.
+            reason = getattr(failure.value, "reason", "bad_token")
+            if reason not in self._metrics.authFailures:
+                reason = "bad_token"
+        elif failure.check(TooManyDevices):
+            reason = "too_many_devices"
+        else:
+            reason = "unavailable"
         self._metrics.authFailures[reason] += 1
-        if reason == "bad_token":
+        if refused:
             self.factory.authThrottle.failed(peerHost(self.peer), request.uid)
         self.log.info(
-            "connection {conn} from {peer} failed auth: {why}",
+            "connection {conn} from {peer} failed auth: {why} ({reason})",
             conn=self.connectionId,
             peer=self.peer,
+            reason=reason,
             why=failure.getErrorMessage(),
         )
         self._leaveRegistry()
@@ -489,7 +503,13 @@ class GateSession(RPCDispatcher, ClosesWithError):
 
     @methods.SEND.responder
     def send(self, request: pb.SendRequest) -> "Deferred[pb.SendResponse]":
-        return self.factory.messenger.send(self.uid, request)  # type: ignore[no-any-return]
+        messenger = self.factory.messenger
+        if messenger.beforeSend is None:
+            return messenger.send(self.uid, request)  # type: ignore[no-any-return]
+        # Checked by the app backend first, yet stored in the order received.
+        if self._sendOrder is None:
+            self._sendOrder = SendOrder()
+        return messenger.send(self.uid, request, self.deviceId, self._sendOrder)  # type: ignore[no-any-return]
 
     @methods.SYNC.responder
     def sync(self, request: pb.SyncRequest) -> "Deferred[pb.SyncResponse]":
@@ -715,6 +735,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
             reason=pb.KickReason.Name(reason),
         )
         self.sendNotify(methods.KICKED, pb.Kicked(reason=reason, message=message))
+        self.kickedFor = reason
         self.close()
 
 

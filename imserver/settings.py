@@ -121,6 +121,36 @@ class Settings:
     auth_failure_burst: int = _setting(
         10, "Failed auths allowed at once per peer address and per uid.", 1
     )
+    max_token_length: int = _setting(
+        2048,
+        "Longest token accepted, in characters (an RS256 JWT is some 600 to 900); a "
+        "longer one is refused AUTH_FAILED unread. The auth request holding it must "
+        "also fit in --preauth-max-frame-length.",
+        64,
+        65536,
+    )
+    jwt_leeway: float = _setting(
+        30.0,
+        "Seconds of clock skew allowed when checking a JWT's exp, nbf and iat.",
+        0.0,
+        3600.0,
+    )
+    jwks_refresh_interval: float = _setting(
+        300.0,
+        "Seconds between reads of the JWT public keys (--jwks, --jwt-public-key).",
+        1.0,
+    )
+    jwks_min_refresh_interval: float = _setting(
+        30.0,
+        "Least seconds between two key reads triggered by JWTs naming an unknown key (kid).",
+        0.0,
+    )
+    jwks_fetch_timeout: float = _setting(
+        5.0,
+        "Seconds a fetch of the --jwks URL may take; an auth waiting for a key "
+        "refresh waits at most this long.",
+        0.001,
+    )
     write_buffer_high: int = _setting(
         256 * 1024,
         "Bytes waiting to be written to a connection above which pushes to it pause "
@@ -160,6 +190,25 @@ class Settings:
         24 * 3600.0,
         "Seconds a client_msg_id is remembered: a retry within it stores nothing.",
         1.0,
+    )
+    before_send_timeout: float = _setting(
+        2.0,
+        "Seconds a send waits for the --before-send check's answer (queue "
+        "included); then --before-send-failure decides.",
+        0.001,
+        600.0,
+    )
+    before_send_concurrency: int = _setting(
+        64,
+        "Before-send checks in flight at once (HTTP connections to the "
+        "--before-send URL); more wait in the queue.",
+        1,
+        10_000,
+    )
+    before_send_queue: int = _setting(
+        1024,
+        "Sends waiting for a before-send check slot; a send beyond it is answered RATE_LIMITED.",
+        0,
     )
     retention_age: float = _setting(
         30 * 24 * 3600.0,
@@ -208,6 +257,58 @@ class Settings:
         "413 before it is read.",
         1,
     )
+    webhook_timeout: float = _setting(
+        10.0,
+        "Seconds a webhook request may take (connecting, sending, the answer); "
+        "then it is cancelled and retried.",
+        0.001,
+    )
+    webhook_retry_initial: float = _setting(
+        1.0,
+        "Upper bound of the first webhook retry delay, in seconds; it doubles at "
+        "every failed attempt of the same event (full jitter).",
+        0.001,
+    )
+    webhook_retry_max: float = _setting(
+        300.0, "Most seconds between two webhook attempts of one event.", 0.001
+    )
+    webhook_retention: float = _setting(
+        3 * 86400.0,
+        "Seconds an undelivered webhook event is kept; older ones are dropped "
+        "(counted and logged).",
+        60.0,
+    )
+    webhook_concurrency: int = _setting(
+        16,
+        "Webhook requests in flight at once (each for a different ordering key).",
+        1,
+        10_000,
+    )
+    webhook_batch: int = _setting(
+        100, "Webhook events read from the outbox at once, and removed at once.", 1, 100_000
+    )
+    webhook_window: int = _setting(
+        1000,
+        "Webhook events the sender holds in memory at once (read ahead from the outbox).",
+        1,
+        1_000_000,
+    )
+    webhook_poll_interval: float = _setting(
+        0.2, "Seconds between looks at the webhook outbox for new events.", 0.001
+    )
+    outbox_max_events: int = _setting(
+        1_000_000,
+        "Most webhook events kept undelivered; beyond it new events are not kept "
+        "(counted and logged; what they report is stored all the same).",
+        1,
+    )
+    presence_flap_window: float = _setting(
+        5.0,
+        "Seconds a user.offline webhook is held: a device back on this gate "
+        "within it is reported neither offline nor online again (0: none held).",
+        0.0,
+        3600.0,
+    )
 
     def __post_init__(self):
         for f in fields(self):
@@ -230,6 +331,8 @@ class Settings:
             raise ValueError("--dedup-window must not exceed --retention-age")
         if self.preauth_max_frame_length > self.max_frame_length:
             raise ValueError("--preauth-max-frame-length must not exceed --max-frame-length")
+        if self.webhook_retry_initial > self.webhook_retry_max:
+            raise ValueError("--webhook-retry-initial must not exceed --webhook-retry-max")
 
     def replace(self, **changes):
         """

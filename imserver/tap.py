@@ -140,11 +140,86 @@ class Options(usage.Options):
             "/imserver.js (make run: " + DEFAULT_WEB + "); default none.",
         ],
         [
+            "before-send",
+            None,
+            None,
+            "URL (http:// or https://) of the app backend's before-send check: POSTed "
+            "every client send before it is stored, to allow, reject or replace it "
+            "(docs/api.md); default none.",
+        ],
+        [
+            "before-send-failure",
+            None,
+            "closed",
+            "When the before-send check fails (timeout, connection, status, malformed "
+            "answer): closed refuses the send UNAVAILABLE, open stores it unchecked.",
+        ],
+        [
+            "before-send-ca",
+            None,
+            None,
+            "PEM file of the CA (or self-signed certificate) that signs the https:// "
+            "--before-send server's certificate (default: the system's trust store).",
+        ],
+        [
             "admin-token-file",
             None,
             None,
             "File holding the HTTP API's bearer token (default: "
             "<data-dir>/admin-token, generated if absent).",
+        ],
+        [
+            "jwt-public-key",
+            None,
+            None,
+            "PEM file of the public key(s) (or certificates) verifying RS*, PS*, ES* "
+            "and EdDSA JWT client tokens.",
+        ],
+        [
+            "jwks",
+            None,
+            None,
+            "JWKS of the public keys verifying RS*, PS*, ES* and EdDSA JWT client "
+            "tokens: a file, or an https:// URL (http:// to loopback only), "
+            "refreshed every --jwks-refresh-interval.",
+        ],
+        [
+            "jwt-algorithms",
+            None,
+            None,
+            "Comma-separated JWT algorithms accepted (default: HS256,HS384,HS512, "
+            "keyed with the secret, plus every asymmetric one with --jwt-public-key "
+            "or --jwks). Never none.",
+        ],
+        ["jwt-audience", None, None, "Require JWTs to have this aud (audience)."],
+        ["jwt-issuer", None, None, "Require JWTs to have this iss (issuer)."],
+        [
+            "webhook",
+            None,
+            None,
+            "URL (http:// or https://) the app backend receives webhook events at "
+            "(signed POSTs: docs/api.md, Webhooks); default none: no events.",
+        ],
+        [
+            "webhook-events",
+            None,
+            None,
+            "Comma-separated webhook events to send, from user.online, user.offline, "
+            "message.stored, group.changed (default: all).",
+        ],
+        [
+            "webhook-secret-file",
+            None,
+            None,
+            "File holding the key of the webhook signatures (default: "
+            "<data-dir>/webhook-secret, generated if absent).",
+        ],
+        [
+            "webhook-ca",
+            None,
+            None,
+            "PEM file of the CA (or self-signed certificate) that signs the https:// "
+            "--webhook receiver's certificate (default: the system's trust store).",
         ],
     ] + _settingParameters()
 
@@ -272,9 +347,30 @@ class Options(usage.Options):
             self.advertised = [parseAdvertise(a) for a in self["advertise"]]
         except ValueError as e:
             raise usage.UsageError("--advertise: {}; give [tls:|tcp:]HOST:PORT".format(e))
+        from imserver.beforesend import checkOptions
+
+        checkOptions(self)
+        from imserver.webhooks.service import checkOptions as checkWebhookOptions
+
+        checkWebhookOptions(self)
         # The files and the directory last, once the options themselves
         # are known to be right; makeService creates nothing before this.
         checkFiles(self)
+        self._jwtOptions()
+
+    def _jwtOptions(self):
+        from imserver.jwtauth import parseJWTOptions
+
+        try:
+            self.jwt = parseJWTOptions(
+                self["jwt-public-key"],
+                self["jwks"],
+                self["jwt-algorithms"],
+                self["jwt-audience"],
+                self["jwt-issuer"],
+            )
+        except ValueError as e:
+            raise usage.UsageError(str(e))
 
     def _clusterOptions(self):
         from imserver.redisclient import RedisURL
@@ -371,7 +467,7 @@ def makeService(options, reactor=None):
 
     from prometheus_client import PlatformCollector, ProcessCollector
 
-    from imserver.auth import TokenAuthenticator, loadSecret
+    from imserver.auth import loadSecret, makeAuthenticator
     from imserver.endpoints import listenEndpoint
     from imserver.groups import Groups
     from imserver.messaging import Messenger
@@ -422,7 +518,7 @@ def makeService(options, reactor=None):
         from imserver.store.memory import MemoryMessageStore
 
         registry = MemorySessionRegistry(maxDevices=settings.max_devices)
-        store = MemoryMessageStore(dedupWindowMs)
+        store = MemoryMessageStore(dedupWindowMs, clock=reactor)
     else:
         registry = MemorySessionRegistry(maxDevices=settings.max_devices)
         from imserver.store.sqlite import SQLiteMessageStore
@@ -433,11 +529,23 @@ def makeService(options, reactor=None):
             dedupWindowMs,
             commitObserver=metrics.observeCommit,
         )
-    messenger = Messenger(store, registry, reactor, settings, metrics)
+    from imserver.beforesend import fromOptions as beforeSendFromOptions
+
+    beforeSend, beforeSendService = beforeSendFromOptions(options, reactor, settings, metrics)
+    messenger = Messenger(store, registry, reactor, settings, metrics, beforeSend)
+    authenticator, jwtKeys = makeAuthenticator(
+        secret, reactor, settings, getattr(options, "jwt", None)
+    )
+    from imserver.webhooks.service import fromOptions as webhooksFromOptions
+
+    webhooks = webhooksFromOptions(
+        options, store, reactor, gateId, metrics.registry, dataDir, embedded=seams is None
+    )
+    sessionRegistry = registry if webhooks is None else webhooks.wrapRegistry(registry)
     factory = GateFactory(
         settings=settings,
-        authenticator=TokenAuthenticator(secret, reactor),
-        registry=registry,
+        authenticator=authenticator,
+        registry=sessionRegistry,
         store=store,
         clock=reactor,
         gateId=gateId,
@@ -469,9 +577,19 @@ def makeService(options, reactor=None):
     if IService.providedBy(store):
         store.setName("store")
         store.setServiceParent(root)
+    if webhooks is not None:
+        # After the store, before the gate: it stops once the gate has
+        # closed its sessions (their offlines written), before the store.
+        if cluster is not None:
+            webhooks.service.ready = cluster.whenReady
+        webhooks.service.setServiceParent(root)
     RetentionService(
         store, reactor, settings, ready=cluster.whenReady if cluster is not None else None
     ).setServiceParent(root)
+    if beforeSendService is not None:
+        # Stopped after the gate: sends arriving while it closes its
+        # connections are still checked.
+        beforeSendService.setServiceParent(root)
     gate = GateService(factory, endpoints)
     gate.setServiceParent(root)
     webEndpoint = _addWeb(options, gate, factory, certificate, reactor)
@@ -489,6 +607,9 @@ def makeService(options, reactor=None):
         CertificateReloadService(
             certificates, reactor, settings.tls_ticket_rotation
         ).setServiceParent(root)
+    if jwtKeys is not None:
+        # After the certificates' service: its SIGHUP handler is chained.
+        jwtKeys.setServiceParent(root)
     return root
 
 

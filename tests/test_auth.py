@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_auth -*-
 """
-Tests for L{imserver.auth}: tokens, the authenticator and the secret.
+Tests for L{imserver.auth}: v1 tokens, the authenticator and the secret
+(JWTs: tests/test_jwt.py).
 """
 
 import base64
@@ -15,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from imserver.auth import (
+    DEFAULT_MAX_TOKEN_LENGTH,
     TokenAuthenticator,
     loadSecret,
     mintToken,
@@ -206,3 +208,56 @@ class SecretTests(SynchronousTestCase):
             ValueError, loadSecret, self.dataDir, FilePath(self.mktemp()), environ={}
         )
         self.assertIn("cannot read the secret file", str(error))
+
+
+class FormTests(SynchronousTestCase):
+    """
+    L{TokenAuthenticator} tells the token forms apart by their start and
+    gives every refusal the same L{AuthFailed}, with a reason for the
+    metrics.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(NOW)
+
+    def reason(self, authenticator, token, uid="alice"):
+        """
+        @return: the reason of the L{AuthFailed} C{token} gets.
+        """
+        failure = self.failureResultOf(authenticator.authenticate(uid, token), AuthFailed)
+        self.assertEqual(str(failure.value), str(AuthFailed()))
+        return failure.value.reason
+
+    def test_reasons(self):
+        """
+        A refused v1 token or a token of no known form is C{bad_token}; a
+        JWT is refused by the JWT verifier (C{jwt_*}); any token above the
+        length limit is C{token_too_long} without being looked at.
+        """
+        authenticator = TokenAuthenticator(SECRET, self.clock, maxTokenLength=100)
+        self.assertEqual(self.reason(authenticator, mintToken(SECRET, "bob", 60, NOW)), "bad_token")
+        self.assertEqual(self.reason(authenticator, "junk"), "bad_token")
+        self.assertEqual(self.reason(authenticator, "eyJhbGciOiJub25lIn0.e30."), "jwt_algorithm")
+        self.assertEqual(self.reason(authenticator, "v1." + "1" * 98), "token_too_long")
+        self.assertEqual(self.reason(authenticator, "é"), "bad_token")
+
+    def test_lengthLimit(self):
+        """
+        The limit applies to the token as given: one at the limit is
+        checked, and the default limit is 2048.
+        """
+        token = mintToken(SECRET, "alice", 60, NOW)
+        self.assertEqual(DEFAULT_MAX_TOKEN_LENGTH, 2048)
+        authenticator = TokenAuthenticator(SECRET, self.clock, maxTokenLength=len(token))
+        self.assertEqual(self.successResultOf(authenticator.authenticate("alice", token)), "alice")
+        authenticator = TokenAuthenticator(SECRET, self.clock, maxTokenLength=len(token) - 1)
+        self.assertEqual(self.reason(authenticator, token), "token_too_long")
+
+    def test_defaultReason(self):
+        """
+        An L{AuthFailed} made without a reason is C{bad_token}, and its
+        reason is not in its text.
+        """
+        self.assertEqual(AuthFailed().reason, "bad_token")
+        self.assertNotIn("jwt", str(AuthFailed(reason="jwt_expired")))

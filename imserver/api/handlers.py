@@ -28,6 +28,7 @@ from imserver.api.validation import (
 from imserver.auth import mintToken
 from imserver.errors import BadRequest, Unavailable
 from imserver.identifiers import validateLength
+from imserver.jwtauth import HMAC_ALGORITHMS, mintJWT
 from imserver.pb import im_pb2 as pb
 from imserver.store import SYSTEM, GroupNotFound
 
@@ -35,6 +36,9 @@ from imserver.store import SYSTEM, GroupNotFound
 DEFAULT_TOKEN_TTL = 86400
 #: The longest token lifetime C{POST /v1/tokens} accepts: 366 days.
 MAX_TOKEN_TTL = 366 * 86400
+#: The token forms C{POST /v1/tokens} mints (C{format}): C{v1.<expiry>.<hmac>}
+#: (the default), or a JWT signed with the secret.
+TOKEN_FORMATS = ("v1", "jwt")
 #: Longest kick message, in UTF-8 bytes.
 MAX_KICK_MESSAGE = 256
 #: Seconds C{GET /health/ready} waits for the message store to answer.
@@ -195,12 +199,39 @@ class Api:
     # -- tokens and messages ------------------------------------------------------
 
     def createToken(self, params, body, request):
-        body = checkFields(body, {"uid", "ttl"})
+        body = checkFields(body, {"uid", "ttl", "format"})
         uid = uidValue(requiredField(body, "uid"))
         ttl = integerField(body, "ttl", DEFAULT_TOKEN_TTL, 1, MAX_TOKEN_TTL)
+        tokenFormat = optionalString(body, "format", "v1")
+        if tokenFormat not in TOKEN_FORMATS:
+            raise BadRequest("format must be one of {}".format(", ".join(TOKEN_FORMATS)))
         now = self.clock.seconds()
-        token = mintToken(self._secret, uid, ttl, now)
+        if tokenFormat == "jwt":
+            token = self._mintJWT(uid, ttl, now)
+        else:
+            token = mintToken(self._secret, uid, ttl, now)
         return {"uid": uid, "token": token, "expires_at": int(now + ttl)}
+
+    def _mintJWT(self, uid, ttl, now):
+        """
+        A JWT the gate accepts: HMAC-signed with the secret (HS256 unless
+        C{--jwt-algorithms} leaves it out), with the C{aud} and C{iss} the
+        gate requires.
+        """
+        verifier = getattr(self.factory.authenticator, "jwt", None)
+        algorithms = verifier.algorithms if verifier is not None else HMAC_ALGORITHMS
+        hmacs = [alg for alg in HMAC_ALGORITHMS if alg in algorithms]
+        if not hmacs:
+            raise BadRequest("this gate accepts no HS256, HS384 or HS512 JWT (--jwt-algorithms)")
+        return mintJWT(
+            self._secret,
+            uid,
+            ttl,
+            now,
+            hmacs[0],
+            getattr(verifier, "audience", None),
+            getattr(verifier, "issuer", None),
+        )
 
     def createMessage(self, params, body, request):
         body = checkFields(

@@ -39,6 +39,9 @@ import sys
 WORKER_COMMAND = "worker"
 #: The hidden subcommand running the echo reference server.
 ECHO_COMMAND = "echo-server"
+#: The hidden subcommand running the allow-all before-send backend
+#: (C{p2p --before-send}).
+ALLOW_ALL_COMMAND = "allow-all-server"
 
 
 def runReactor(main, *args):
@@ -70,6 +73,10 @@ def main(argv=None):
         from imserver.bench.worker import main
     elif argv[:1] == [ECHO_COMMAND]:
         from imserver.bench.echo import main
+
+        argv = argv[1:]
+    elif argv[:1] == [ALLOW_ALL_COMMAND]:
+        from imserver.bench.allowall import main
 
         argv = argv[1:]
     else:

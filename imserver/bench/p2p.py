@@ -17,6 +17,12 @@ subtracts it from its own.
     python -m imserver.bench p2p --users 1000 --rate 2400 --transport tls
     python -m imserver.bench p2p --users 1000 --rate 2400 --arrivals poisson --seed 7
     python -m imserver.bench p2p --users 400 --transport wss
+    python -m imserver.bench p2p --users 400 --duration 10 --before-send
+
+With C{--before-send} the gate asks a before-send backend about every send
+(C{--before-send URL}, docs/api.md): the bench starts an allow-all one
+(L{imserver.bench.allowall}) on loopback, pinned with the gate, and reports
+its CPU as C{before_send_backend_cpu_percent}.
 """
 
 import struct
@@ -45,6 +51,14 @@ class P2POptions(OpenLoopOptions):
     transports = ALL_TRANSPORTS
 
     pairs = True
+    optFlags = [
+        [
+            "before-send",
+            None,
+            "Start an allow-all before-send backend on loopback (pinned with the gate) and "
+            "give its URL to the gate's --before-send: every send is checked over HTTP.",
+        ]
+    ]
     optParameters = [
         ["inflight", None, 1, "Closed loop: sends outstanding per sender.", int],
         ["rate", None, 0.0, "Open loop: total sends per second (0: closed loop).", float],
@@ -160,4 +174,6 @@ class P2P(Scenario):
         )
         if o["rate"]:
             result["arrivals"] = o["arrivals"]
+        if o["before-send"]:
+            result["before_send"] = "allow-all backend on loopback, pinned with the gate"
         return result

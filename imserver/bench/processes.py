@@ -2,7 +2,8 @@
 """
 The child processes of a bench run, for its coordinator
 (L{imserver.bench.coordinator}): the gate (pinned to C{--server-cpu}; with
-C{--gates N} > 1, its own C{redis-server} and N gates in cluster mode), the
+C{--gates N} > 1, its own C{redis-server} and N gates in cluster mode; with
+C{p2p --before-send}, the allow-all backend it asks, pinned with it), the
 echo servers of the reference, and the client workers (pinned to
 C{--client-cpu}); the CPU and memory they use; and stopping every one of
 them, however the run ends.
@@ -18,7 +19,7 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.python.filepath import FilePath
 
 from imserver.auth import loadSecret
-from imserver.bench import ECHO_COMMAND, WORKER_COMMAND
+from imserver.bench import ALLOW_ALL_COMMAND, ECHO_COMMAND, WORKER_COMMAND
 from imserver.bench.control import WorkerProcess
 from imserver.bench.options import (
     FILE_RESERVE,
@@ -108,6 +109,8 @@ class Processes:
 
     @ivar servers: the gates (or echo servers) running, one per C{--gates}.
     @ivar redis: the C{redis-server} of a cluster run, or L{None}.
+    @ivar backend: the allow-all before-send backend of a C{--before-send}
+        run, or L{None}.
     @ivar workers: the L{WorkerProcess}es.
     @ivar target: what the workers connect to (C{host}, C{port},
         C{ports}, C{tls}, C{ca}, C{websocket}), once the servers listen.
@@ -127,6 +130,8 @@ class Processes:
         self.workers = []
         self.servers = []
         self.redis = None
+        self.backend = None
+        self.beforeSendURL = None
         self.target = None
         self.secret = None
         self.api = None
@@ -147,6 +152,8 @@ class Processes:
         redisURL = None
         if gates > 1:
             redisURL = yield self._startRedis(dataDir)
+        if o.get("before-send"):
+            yield self._startBackend()
         ports = [(yield self._startGate(dataDir, scenario, 0, redisURL))]
         ports += yield gatherResults(
             [self._startGate(dataDir, scenario, i, redisURL) for i in range(1, gates)],
@@ -201,6 +208,8 @@ class Processes:
         ]
         if websocket:
             imArgs += ["--web", listenDescription(o["transport"], o["host"])]
+        if self.beforeSendURL is not None:
+            imArgs += ["--before-send", self.beforeSendURL]
         imArgs += scenario.gateArguments()
         server = spawnTwistd(
             self.reactor,
@@ -275,6 +284,28 @@ class Processes:
                 continue
             self.log("redis-server {} on port {}".format(executable, port))
             return "redis://{}:{}/0".format(bracketed, port)
+
+    @inlineCallbacks
+    def _startBackend(self):
+        """
+        Start the allow-all before-send backend (L{imserver.bench.allowall})
+        on a free loopback port, pinned with the gates.
+        """
+        from imserver.bench.allowall import url
+
+        o = self.options
+        argv = tasksetPrefix(o["server-cpu"]) + [
+            sys.executable,
+            "-m",
+            "imserver.bench",
+            ALLOW_ALL_COMMAND,
+            "--host",
+            o["host"],
+        ]
+        self.backend = spawnServer(self.reactor, argv, listening=o["host"])
+        port = yield self._bounded(self.backend.listening, "the before-send backend to listen")
+        self.beforeSendURL = url(o["host"], port)
+        self.log("before-send backend at {}".format(self.beforeSendURL))
 
     @inlineCallbacks
     def startEcho(self, dataDir):
@@ -352,6 +383,11 @@ class Processes:
         )
         yield self.stopServers()
         yield self.stopRedis()
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            if backend.reason is None:
+                self._signal(backend, "TERM")
+            yield self._ended(backend, "the before-send backend to stop")
 
     @inlineCallbacks
     def _ended(self, process, what):
@@ -370,7 +406,7 @@ class Processes:
         """
         Kill every child now (the reactor is stopping under us).
         """
-        for process in self.workers + self.servers + [self.redis]:
+        for process in self.workers + self.servers + [self.redis, self.backend]:
             if process is not None:
                 self._signal(process, "KILL")
 
@@ -392,8 +428,8 @@ class Processes:
     def usage(self):
         """
         @return: a mark for L{usageSince}: the time and the CPU seconds of
-            the servers (all gates together), of the workers and of Redis
-            so far.
+            the servers (all gates together), of the workers, of Redis and
+            of the before-send backend so far.
         @raise BenchError: if a server has ended.
         """
         self.checkServer()
@@ -402,6 +438,7 @@ class Processes:
             sum(cpuSeconds(server.pid) for server in self.servers),
             sum(cpuSeconds(worker.pid) for worker in self.workers),
             cpuSeconds(self.redis.pid) if self.redis is not None else 0.0,
+            cpuSeconds(self.backend.pid) if self.backend is not None else 0.0,
         )
 
     def usageSince(self, mark):
@@ -411,9 +448,10 @@ class Processes:
             (all workers together) meanwhile, and C{server_rss_mb} (all
             gates together) now; with several gates also
             C{gate_rss_mb} (each gate's), and C{redis_cpu_percent} and
-            C{redis_rss_mb}.
+            C{redis_rss_mb}; with a before-send backend
+            C{before_send_backend_cpu_percent}.
         """
-        now, server, clients, redis = self.usage()
+        now, server, clients, redis, backend = self.usage()
         seconds = now - mark[0]
         figures = {
             "seconds": round(seconds, 3),
@@ -428,6 +466,10 @@ class Processes:
         if self.redis is not None:
             figures["redis_cpu_percent"] = round(100 * (redis - mark[3]) / seconds, 1)
             figures["redis_rss_mb"] = round(rssBytes(self.redis.pid) / 2**20, 1)
+        if self.backend is not None:
+            figures["before_send_backend_cpu_percent"] = round(
+                100 * (backend - mark[4]) / seconds, 1
+            )
         return figures
 
     def serverRss(self):
@@ -463,4 +505,6 @@ class Processes:
         pairs = list(zip(names, self.servers))
         if self.redis is not None:
             pairs.append(("redis-server", self.redis))
+        if self.backend is not None:
+            pairs.append(("the before-send backend", self.backend))
         return pairs

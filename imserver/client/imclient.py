@@ -22,7 +22,7 @@ from imserver.pb import im_pb2 as pb
 
 #: Error codes after which a send is given up (the request itself is wrong).
 _FINAL_SEND_ERRORS = frozenset(
-    [pb.BAD_REQUEST, pb.MESSAGE_TOO_LARGE, pb.UNKNOWN_METHOD, pb.NOT_MEMBER]
+    [pb.BAD_REQUEST, pb.MESSAGE_TOO_LARGE, pb.UNKNOWN_METHOD, pb.NOT_MEMBER, pb.REJECTED]
 )
 #: Error codes after which reconnecting is pointless.
 _FINAL_AUTH_ERRORS = frozenset([pb.AUTH_FAILED, pb.BAD_REQUEST])
@@ -260,7 +260,8 @@ class IMClient:
 
         @return: a L{Deferred} firing with the L{pb.SendResponse}, or
             failing with L{RemoteError} if the server refuses the message
-            itself (C{BAD_REQUEST}, C{MESSAGE_TOO_LARGE}, C{NOT_MEMBER}), or with
+            itself (C{BAD_REQUEST}, C{MESSAGE_TOO_LARGE}, C{NOT_MEMBER},
+            C{REJECTED}: the app backend's before-send check), or with
             L{RequestTimeout} if it is not answered within C{maxSendAge}
             (connected or not).
         """

@@ -39,6 +39,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNAVAILABLE: _ClassVar[ErrorCode]
     NOT_MEMBER: _ClassVar[ErrorCode]
     RATE_LIMITED: _ClassVar[ErrorCode]
+    REJECTED: _ClassVar[ErrorCode]
 
 class Platform(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -89,6 +90,7 @@ MESSAGE_TOO_LARGE: ErrorCode
 UNAVAILABLE: ErrorCode
 NOT_MEMBER: ErrorCode
 RATE_LIMITED: ErrorCode
+REJECTED: ErrorCode
 PLATFORM_UNSPECIFIED: Platform
 IOS: Platform
 ANDROID: Platform

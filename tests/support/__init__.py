@@ -21,6 +21,8 @@ cleanup of child processes, free ports, and the programs some tests need
   - L{tests.support.cluster}: fake sessions and the Redis side of fake
     gates, on a real C{redis-server};
   - L{tests.support.twistd}: real C{twistd im} gate processes;
+  - L{tests.support.webhooks}: a webhook receiver on loopback whose
+    answers a test chooses, checking every signature;
   - L{tests.support.malformed}: the data format of the malformed-input
     suite (C{tests/data/malformed}), shared with C{fuzz/}.
 """

@@ -43,10 +43,11 @@ export const ERROR_CODES = Object.freeze({
   29: "UNAVAILABLE",
   30: "NOT_MEMBER",
   31: "RATE_LIMITED",
+  32: "REJECTED",
 });
 
 /** Error codes after which a send is given up: the request itself is wrong. */
-const FINAL_SEND_ERRORS = new Set(["BAD_REQUEST", "MESSAGE_TOO_LARGE", "UNKNOWN_METHOD", "NOT_MEMBER"]);
+const FINAL_SEND_ERRORS = new Set(["BAD_REQUEST", "MESSAGE_TOO_LARGE", "UNKNOWN_METHOD", "NOT_MEMBER", "REJECTED"]);
 /** Error codes of an auth refusal after which reconnecting is pointless. */
 const FINAL_AUTH_ERRORS = new Set(["AUTH_FAILED", "BAD_REQUEST"]);
 /** Largest request seq (Frame.seq is a uint32; 0 is never valid). */
@@ -919,7 +920,7 @@ export class IMClient extends EventTarget {
    * @returns {Promise<{messageId: number, serverTimeMs: number, seq: number, duplicate: boolean}>}
    *   the SendResponse once the message is stored; rejects with an IMError
    *   if the server refuses the message itself (BAD_REQUEST,
-   *   MESSAGE_TOO_LARGE, UNKNOWN_METHOD, NOT_MEMBER), or TIMEOUT if it is
+   *   MESSAGE_TOO_LARGE, UNKNOWN_METHOD, NOT_MEMBER, REJECTED), or TIMEOUT if it is
    *   not answered within maxSendAge.
    */
   send({ to = "", groupId = "", text, body, contentType, clientMsgId } = {}) {
