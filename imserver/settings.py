@@ -191,6 +191,13 @@ class Settings:
         "Seconds a client_msg_id is remembered: a retry within it stores nothing.",
         1.0,
     )
+    store_commit_delay: float = _setting(
+        0.001,
+        "SQLite store: least seconds between two commits while writes keep "
+        "coming, so steady sends share one (0: commit as soon as one waits).",
+        0.0,
+        0.1,
+    )
     before_send_timeout: float = _setting(
         2.0,
         "Seconds a send waits for the --before-send check's answer (queue "

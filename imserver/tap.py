@@ -528,6 +528,8 @@ def makeService(options, reactor=None):
             reactor,
             dedupWindowMs,
             commitObserver=metrics.observeCommit,
+            clock=reactor,
+            commitDelay=settings.store_commit_delay,
         )
     from imserver.beforesend import fromOptions as beforeSendFromOptions
 

@@ -11,6 +11,7 @@ import base64
 import json
 import signal
 import sqlite3
+import threading
 
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -1317,6 +1318,61 @@ class ThreadedSQLiteStoreTests(TestCase):
         yield self.assertFailure(bad, Exception)
         delivery = yield good
         self.assertEqual(delivery.seqs["bob"], 1)
+
+    def commitDelayed(self):
+        """
+        Restart the store with a commit delay of an hour, on a writer clock
+        the test sets (C{self.now}).
+        """
+        self.now = [1000.0]
+        #: Set when the writer reads its clock with operations queued: it
+        #: is deciding whether to wait for more.
+        self.deciding = threading.Event()
+        store = self.store = SQLiteMessageStore(self.mktemp(), reactor, commitDelay=3600)
+
+        def monotonic():
+            if store._queue:
+                self.deciding.set()
+            return self.now[0]
+
+        store.monotonic = monotonic
+        store.startService()
+
+    @inlineCallbacks
+    def test_commitDelayNotAfterQuiet(self):
+        """
+        With a commit delay, the first operation, and one arriving longer
+        than the delay after the last commit, are committed at once (an
+        hour's delay would time the test out).
+        """
+        yield self.store.stopService()
+        self.commitDelayed()
+        first = yield self.store.deliver("alice", "m1", text("x"), ["bob"], T0)
+        self.now[0] += 3601
+        second = yield self.store.deliver("alice", "m2", text("x"), ["bob"], T0)
+        self.assertEqual((first.seqs["bob"], second.seqs["bob"]), (1, 2))
+        self.assertEqual(self.store.batches, 2)
+
+    @inlineCallbacks
+    def test_commitDelayGathers(self):
+        """
+        Operations arriving within the delay after a commit wait for its
+        end and share one transaction (a stop ends the wait: they are
+        committed, not dropped).
+        """
+        yield self.store.stopService()
+        self.commitDelayed()
+        yield self.store.deliver("alice", "m0", text("x"), ["bob"], T0)
+        self.deciding.clear()
+        ds = [self.store.deliver("alice", "m1", text("x"), ["bob"], T0)]
+        # The writer has the operation, and waits instead of committing it.
+        self.assertTrue(self.deciding.wait(10))
+        ds += [self.store.deliver("alice", str(i), text("x"), ["bob"], T0) for i in range(4)]
+        self.assertEqual(self.store.batches, 1)
+        yield self.store.stopService()
+        results = yield gatherResults(ds)
+        self.assertEqual([d.seqs["bob"] for d in results], [2, 3, 4, 5, 6])
+        self.assertEqual(self.store.batches, 2)
 
     @inlineCallbacks
     def test_stopFinishesQueue(self):

@@ -27,6 +27,8 @@ class SQLiteMessageStore(GroupCommitWriter):
     @param commitObserver: called as C{(size, seconds)} after each
         transaction, from the writer thread
         (L{imserver.metrics.GateMetrics.observeCommit}), or L{None}.
+    @param commitDelay: the least seconds between two commits while
+        operations keep coming (L{GroupCommitWriter}).
     @param clock: an C{IReactorTime}: the time of the outbox events of
         operations given none (C{deleteGroup}, C{removeMembers}) and of
         the full-outbox warnings; C{reactor} if L{None}, or the system
@@ -46,9 +48,16 @@ class SQLiteMessageStore(GroupCommitWriter):
         threaded=True,
         commitObserver=None,
         clock=None,
+        commitDelay=0.0,
     ):
         GroupCommitWriter.__init__(
-            self, path, reactor, _Operations(dedupWindowMs), threaded, commitObserver
+            self,
+            path,
+            reactor,
+            _Operations(dedupWindowMs),
+            threaded,
+            commitObserver,
+            commitDelay,
         )
         if clock is None:
             clock = reactor

@@ -11,6 +11,16 @@ rolled back and each operation is run again alone, so it fails alone.  A
 C{deliver} is therefore answered only once its transaction is on disk, and
 many messages share one fsync.  The
 reactor never waits on the database.
+
+Under steady arrivals a writer that starts a transaction as soon as one
+operation waits commits nearly every message alone, and each commit costs
+the gate's core far more than a message does (a wake-up of the writer, one
+of the reactor, the statements' preparation).  So within C{commitDelay}
+seconds of the end of its previous commit the writer waits for that
+moment before it takes the queue: commits are at least C{commitDelay}
+apart, and operations arriving meanwhile share one.  An operation arriving
+after a quiet spell (more than C{commitDelay} since the last commit) is
+taken at once, so a lone message pays no wait.
 """
 
 import collections
@@ -52,9 +62,14 @@ class GroupCommitWriter(Service):
     @param commitObserver: called as C{(size, seconds)} after each
         transaction, from the writer thread
         (L{imserver.metrics.GateMetrics.observeCommit}), or L{None}.
+    @param commitDelay: the least seconds between the end of a commit and
+        the start of the next transaction while operations keep coming (the
+        C{store_commit_delay} setting; 0: none).
     """
 
-    def __init__(self, path, reactor, ops, threaded=True, commitObserver=None):
+    def __init__(
+        self, path, reactor, ops, threaded=True, commitObserver=None, commitDelay=0.0
+    ):
         self.path = path
         self._reactor = reactor
         self._ops = ops
@@ -70,6 +85,9 @@ class GroupCommitWriter(Service):
         # the writer thread only.
         self.outboxDropped = ops.outboxDropped
         self.commitObserver = commitObserver
+        self.commitDelay = commitDelay
+        # The writer thread's clock for commitDelay (tests replace it).
+        self.monotonic = time.monotonic
 
     # -- service ------------------------------------------------------------
 
@@ -126,10 +144,21 @@ class GroupCommitWriter(Service):
     def _run(self, db):
         queue = self._queue
         stopping = False
+        delay = self.commitDelay
+        clock = self.monotonic
+        lastCommit = clock() - delay
         while not stopping:
             with self._wakeup:
                 while not queue:
                     self._wakeup.wait()
+                if delay > 0:
+                    # Just committed: let the next operations join this one
+                    # (submitters do not notify a non-empty queue: the wait
+                    # runs to its end, or to a stop).
+                    remaining = lastCommit + delay - clock()
+                    while remaining > 0 and queue[-1] is not None and len(queue) < MAX_BATCH:
+                        self._wakeup.wait(remaining)
+                        remaining = lastCommit + delay - clock()
                 batch = []
                 while queue and len(batch) < MAX_BATCH:
                     item = queue.popleft()
@@ -139,6 +168,7 @@ class GroupCommitWriter(Service):
                     batch.append(item)
             if batch:
                 results = self._runBatch(db, batch)
+                lastCommit = clock()
                 self._reactor.callFromThread(self._fire, results)
         db.close()
         self._reactor.callFromThread(self._stopped.callback, None)
