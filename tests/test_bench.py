@@ -222,6 +222,18 @@ class OptionsTests(SynchronousTestCase):
         options.parseOptions(list(args))
         return options
 
+    def test_gateOption(self):
+        """
+        C{--gate-option} collects long options for the gates, in order, and
+        refuses anything else.
+        """
+        self.assertEqual(self.parse(P2P)["gate-options"], [])
+        options = self.parse(
+            P2P, "--gate-option=--store-commit-delay=0", "--gate-option", "--max-unacked=10"
+        )
+        self.assertEqual(options["gate-options"], ["--store-commit-delay=0", "--max-unacked=10"])
+        self.assertRaises(UsageError, self.parse, P2P, "--gate-option", "x")
+
     def test_loopbackOnly(self):
         """
         Only literal loopback addresses are accepted as the target.

@@ -242,6 +242,16 @@ class BaseOptions(commandline.Options):
     def __init__(self):
         usage.Options.__init__(self)
         self["reference"] = True
+        self["gate-options"] = []
+
+    def opt_gate_option(self, option):
+        """
+        One more argument for every gate's twistd im, e.g.
+        --gate-option=--store-commit-delay=0 (repeatable).
+        """
+        if not option.startswith("--"):
+            raise usage.UsageError("--gate-option takes a long option: --name=value")
+        self["gate-options"].append(option)
 
     def opt_reference(self):
         """

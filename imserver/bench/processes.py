@@ -211,6 +211,7 @@ class Processes:
         if self.beforeSendURL is not None:
             imArgs += ["--before-send", self.beforeSendURL]
         imArgs += scenario.gateArguments()
+        imArgs += o.get("gate-options", [])
         server = spawnTwistd(
             self.reactor,
             imArgs,

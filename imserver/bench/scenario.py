@@ -13,6 +13,7 @@ same worker), connects from source address C{i % len(sources)} to gate
 C{i % len(ports)} (one gate unless C{--gates}).
 """
 
+import gc
 import random
 import sys
 import time
@@ -69,6 +70,18 @@ def requestFrame(seq, method, request):
     return pb.Frame(
         kind=pb.REQUEST, seq=seq, method=method.name, body=request.SerializeToString()
     ).SerializeToString()
+
+
+def settleHeap():
+    """
+    Move everything alive now (the connections and their state, made while
+    connecting) out of the garbage collector's reach (C{gc.freeze}): a
+    worker holding thousands of connections otherwise stops for a full
+    collection over all of them (tens of ms, measured) in the middle of the
+    measurement, and its lateness shows up as the gate's latency.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class Scenario:
@@ -391,7 +404,9 @@ class Load:
         attempts = (attempt(i) for i in range(self.first, self.first + self.count))
         cooperator = Cooperator(scheduler=lambda step: self.reactor.callLater(0, step))
         lanes = max(1, min(self.connectWindow, self.count))
-        return gatherResults([cooperator.coiterate(attempts) for _ in range(lanes)]).addCallback(
+        done = gatherResults([cooperator.coiterate(attempts) for _ in range(lanes)])
+        done.addCallback(lambda _: settleHeap())
+        return done.addCallback(
             lambda _: {
                 "connected": self.counts["connected"],
                 "failed": len(failed),
