@@ -67,9 +67,7 @@ class GroupCommitWriter(Service):
         C{store_commit_delay} setting; 0: none).
     """
 
-    def __init__(
-        self, path, reactor, ops, threaded=True, commitObserver=None, commitDelay=0.0
-    ):
+    def __init__(self, path, reactor, ops, threaded=True, commitObserver=None, commitDelay=0.0):
         self.path = path
         self._reactor = reactor
         self._ops = ops
