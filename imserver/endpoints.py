@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from imserver import tls
 from imserver.limits import AdmissionFactory
+from imserver.transport import batchedListening
 
 _BACKLOG_TYPES = frozenset(["tcp", "tcp6", "unix", "ssl"])
 #: Types whose remaining arguments describe the endpoint they wrap.
@@ -139,6 +140,10 @@ def listenEndpoint(reactor, description, certificate, backlog):
     """
     parts = _rawParts(description)
     args, kwargs, positions = _parseParts(parts)
+    # The endpoints listen through it: TCP connections write once per
+    # reactor pass (imserver.transport.BatchedServer); the gate's own
+    # layers (TLS, admission) keep the reactor itself.
+    listening = batchedListening(reactor)
     if "ssl" in (a.lower() for a in args[1:]):
         raise ValueError(
             "ssl: inside another endpoint type is not supported; terminate TLS "
@@ -157,9 +162,9 @@ def listenEndpoint(reactor, description, certificate, backlog):
     kind = args[depth].lower()
     reusePort = _reusePort(parts, kwargs, kind)
     if kind == "ssl":
-        return _sslEndpoint(reactor, args[1:], kwargs, certificate, backlog, reusePort)
+        return _sslEndpoint(reactor, args[1:], kwargs, certificate, backlog, reusePort, listening)
     if reusePort:
-        endpoint = _reusePortEndpoint(reactor, kind, args[depth + 1 :], kwargs, backlog)
+        endpoint = _reusePortEndpoint(listening, kind, args[depth + 1 :], kwargs, backlog)
         if depth:
             endpoint = proxyEndpoint(endpoint)
         return GateEndpoint(endpoint, reactor, perPeer=depth == 0)
@@ -170,7 +175,7 @@ def listenEndpoint(reactor, description, certificate, backlog):
     if kind in _BACKLOG_TYPES and "backlog" not in kwargs:
         parts.append("backlog={}".format(backlog))
     try:
-        endpoint = serverFromString(reactor, ":".join(parts))
+        endpoint = serverFromString(listening, ":".join(parts))
     except TypeError as e:
         # A parser called with a missing or an unknown argument.
         raise ValueError(str(e))
@@ -232,7 +237,7 @@ def _reusePortEndpoint(reactor, kind, args, kwargs, backlog):
     )
 
 
-def _sslEndpoint(reactor, args, kwargs, certificate, backlog, reusePort=False):
+def _sslEndpoint(reactor, args, kwargs, certificate, backlog, reusePort=False, listening=None):
     unknown = set(kwargs) - _SSL_KEYWORDS
     if unknown:
         raise ValueError("unsupported ssl: option(s) {}".format(", ".join(sorted(unknown))))
@@ -255,10 +260,12 @@ def _sslEndpoint(reactor, args, kwargs, certificate, backlog, reusePort=False):
     options = tls.ReloadableServerOptions(certPath, keyPath, FilePath(chain) if chain else None)
     port, interface = int(kwargs["port"]), kwargs.get("interface", "")
     backlog = int(kwargs.get("backlog", backlog))
+    if listening is None:
+        listening = reactor
     if reusePort:
-        endpoint = ReusePortEndpoint(reactor, port, interface, backlog)
+        endpoint = ReusePortEndpoint(listening, port, interface, backlog)
     else:
-        endpoint = TCP4ServerEndpoint(reactor, port, backlog=backlog, interface=interface)
+        endpoint = TCP4ServerEndpoint(listening, port, backlog=backlog, interface=interface)
     return GateEndpoint(endpoint, reactor, tlsOptions=options)
 
 
