@@ -35,10 +35,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -54,15 +53,14 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from imserver import __version__
 from imserver.errors import BadRequest, RateLimited, Unavailable
+from imserver.httpclient import BytesBody, checkURL, trustRootFor
 from imserver.identifiers import validateContentType
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+    from twisted.internet.interfaces import IDelayedCall, IReactorTime
     from twisted.web.iweb import IAgent, IResponse
 
     from imserver.pb import im_pb2 as pb
@@ -214,59 +212,6 @@ def boundMessage(text: str) -> str:
     if len(encoded) <= MAX_REJECT_MESSAGE:
         return encoded.decode("utf-8")
     return encoded[:MAX_REJECT_MESSAGE].decode("utf-8", "ignore")
-
-
-def checkURL(text: str) -> bytes:
-    """
-    Check a C{--before-send} URL: C{http://} or C{https://}, with a host, no
-    user name or password (the check sends none), no fragment.
-
-    @return: the URL as bytes, for L{Agent.request}.
-    @raise ValueError: saying what is wrong.
-    """
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as e:
-        raise ValueError("not a URL: {}".format(e)) from None
-    if parts.scheme not in ("http", "https"):
-        raise ValueError("the scheme must be http or https")
-    if not parts.hostname:
-        raise ValueError("it has no host")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("user names and passwords in the URL are not sent")
-    if parts.fragment:
-        raise ValueError("it has a fragment")
-    if port == 0:
-        raise ValueError("port 0")
-    try:
-        return text.encode("ascii")
-    except UnicodeEncodeError:
-        raise ValueError("it is not ASCII (percent-encode it, IDNA for the host)") from None
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """
-    A request body written at once.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _BoundedBody(Protocol):
@@ -456,7 +401,7 @@ class BeforeSendCheck:
 
     def _post(self, pending: _Pending, retry: bool) -> Deferred[Verdict]:
         d = self.agent.request(
-            b"POST", self.url, self._headers, _Body(pending.payload)
+            b"POST", self.url, self._headers, BytesBody(pending.payload)
         ).addCallback(self._response)
 
         def again(failure: Failure) -> Deferred[Verdict]:
@@ -650,7 +595,7 @@ def makeAgent(
     pool.retryAutomatically = False
     trustRoot = None
     if caFile is not None:
-        trustRoot = loadCA(caFile)
+        trustRoot = trustRootFor(caFile)
     agent = Agent(
         reactor,
         contextFactory=BrowserLikePolicyForHTTPS(trustRoot),
@@ -658,23 +603,6 @@ def makeAgent(
         pool=pool,
     )
     return agent, pool
-
-
-def loadCA(path: str) -> Any:
-    """
-    @return: the certificate of the PEM file C{path}, as a trust root.
-    @raise OSError: if it cannot be read.
-    @raise ValueError: if it holds no PEM certificate.
-    """
-    from OpenSSL import crypto
-    from twisted.internet import ssl
-
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return ssl.Certificate.loadPEM(data)
-    except (crypto.Error, ValueError) as e:
-        raise ValueError("not a PEM certificate ({})".format(e)) from None
 
 
 def checkOptions(options: Any) -> None:
@@ -710,7 +638,7 @@ def checkOptions(options: Any) -> None:
         if not url.lower().startswith("https:"):
             raise usage.UsageError("--before-send-ca goes with an https:// --before-send")
         try:
-            loadCA(caFile)
+            trustRootFor(caFile)
         except (OSError, ValueError) as e:
             raise usage.UsageError(
                 "--before-send-ca {}: {}; give the PEM file of the CA (or self-signed "

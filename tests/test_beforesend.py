@@ -44,13 +44,13 @@ from imserver.beforesend import (
     CheckFailed,
     SendOrder,
     Verdict,
-    checkURL,
     parseAnswer,
     requestBody,
 )
 from imserver.client import connect
 from imserver.datadir import CERT_FILE_NAME
 from imserver.errors import RateLimited, RemoteError, Unavailable
+from imserver.httpclient import checkURL
 from imserver.messaging import Messenger
 from imserver.metrics import GateMetrics
 from imserver.pb import im_pb2 as pb

@@ -40,13 +40,14 @@ from zope.interface.verify import verifyObject
 from imserver import tap
 from imserver.auth import createSecretFile
 from imserver.errors import Unavailable
+from imserver.httpclient import trustRootFor
 from imserver.interfaces import ISessionRegistry
 from imserver.pb import im_pb2 as pb
 from imserver.registry.memory import MemorySessionRegistry
 from imserver.settings import Settings
 from imserver.store.memory import MemoryMessageStore
 from imserver.webhooks import events as ev
-from imserver.webhooks.http import HTTPPoster, trustRootFor
+from imserver.webhooks.http import HTTPPoster
 from imserver.webhooks.metrics import WebhookMetrics
 from imserver.webhooks.presence import (
     EMBEDDED_LEDGER,
@@ -461,6 +462,33 @@ class RetryTests(SenderTestCase):
             data(e) for e, status in self.poster.answered if e.key == "alice" and status == 200
         ]
         self.assertEqual(alice, [("alice", n) for n in range(1, 41)])
+        self.assertEqual(self.outbox(), [])
+
+    def test_failingMidPassKeepsOrder(self):
+        """
+        A key that fails while a pass over the outbox is under way (its
+        events beyond L{FAILING_KEY_HELD} let go) is read again before any
+        of its later events is sent: the end of that pass does not forget
+        it, even though the pass saw none of its events after the ones let
+        go (they were held when the pass went by).
+        """
+        self.record(*[event("alice", n) for n in range(1, 21)])
+        self.record(*[event("user{}".format(n), 1) for n in range(40)])
+        self.sender(webhook_batch=1)
+        # The first poll read alice's 20 (and no further: reads are
+        # bounded per poll); her first event fails.
+        self.assertEqual(self.poster.answer(500, key="alice"), 1)
+        for _ in range(3):
+            self.poster.answer(200)
+            self.tick()
+        self.record(*[event("alice", n) for n in range(21, 26)])
+        for _ in range(80):
+            self.poster.answer(200)
+            self.tick()
+        alice = [
+            data(e) for e, status in self.poster.answered if e.key == "alice" and status == 200
+        ]
+        self.assertEqual(alice, [("alice", n) for n in range(1, 26)])
         self.assertEqual(self.outbox(), [])
 
     def test_readsBounded(self):

@@ -14,15 +14,14 @@ thrown away, so the connection can be reused.
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
 from imserver import __version__
+from imserver.httpclient import BytesBody
 from imserver.webhooks.events import OutboxEntry, envelope
 from imserver.webhooks.sender import Answer
 from imserver.webhooks.signing import sign
@@ -32,90 +31,6 @@ USER_AGENT = "imserver/{} webhooks".format(__version__).encode("ascii")
 #: The most a C{Retry-After} is believed, in seconds (the sender also caps
 #: it at C{webhook_retry_max}).
 MAX_RETRY_AFTER = 86400.0
-
-
-def checkURL(url: str) -> bytes:
-    """
-    Check a C{--webhook} URL: C{http://} or C{https://}, a host, no user
-    or password.
-
-    @return: the URL as bytes, for the agent.
-    @raise ValueError: saying what is wrong, if it is not.
-    """
-    try:
-        raw = url.encode("ascii")
-    except UnicodeEncodeError:
-        raise ValueError("not ASCII: percent-encode it (and use the IDNA form of the host)")
-    scheme = raw.split(b":", 1)[0].lower()
-    if scheme not in (b"http", b"https") or not raw.lower().startswith(scheme + b"://"):
-        raise ValueError("not an http:// or https:// URL")
-    try:
-        uri = URI.fromBytes(raw)
-    except Exception as e:
-        raise ValueError("cannot be parsed ({})".format(e))
-    if not uri.host:
-        raise ValueError("has no host")
-    if b"@" in uri.netloc:
-        raise ValueError(
-            "holds a user or password: the signature authenticates the gate to the receiver"
-        )
-    if any(c in raw for c in b" \t\r\n"):
-        raise ValueError("holds white space")
-    return raw
-
-
-def trustRootFor(caFile: str | None) -> Any:
-    """
-    The trust root for an C{https://} URL: the certificates of C{caFile}
-    (PEM), or the platform's.
-
-    @raise OSError: if C{caFile} cannot be read.
-    @raise ValueError: if it holds no PEM certificate.
-    """
-    from twisted.internet import ssl
-
-    if caFile is None:
-        return ssl.platformTrust()
-    from twisted.python.filepath import FilePath
-
-    data = FilePath(caFile).getContent()
-    pems = [
-        b"-----BEGIN CERTIFICATE-----" + part
-        for part in data.split(b"-----BEGIN CERTIFICATE-----")[1:]
-    ]
-    if not pems:
-        raise ValueError("no PEM certificate in it")
-    try:
-        certificates = [ssl.Certificate.loadPEM(pem) for pem in pems]
-    except Exception as e:
-        raise ValueError("not a PEM certificate ({})".format(e))
-    if len(certificates) == 1:
-        return certificates[0]
-    return ssl.trustRootFromCertificates(certificates)
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """
-    A request body already in memory, written at once.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: Any) -> "Deferred[None]":
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Discard(Protocol):
@@ -208,7 +123,9 @@ class HTTPPoster:
         """
         body = envelope(entry)
         timestamp = int(self.clock.seconds())
-        d = self.agent.request(b"POST", self.url, self.headers(entry, body, timestamp), _Body(body))
+        d = self.agent.request(
+            b"POST", self.url, self.headers(entry, body, timestamp), BytesBody(body)
+        )
         answered: Deferred[Answer] = d.addCallback(self._answered)
         # Not Deferred.addTimeout: the agent turns the cancellation into a
         # ResponseNeverReceived, which it would not recognise.

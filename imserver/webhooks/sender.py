@@ -571,6 +571,11 @@ class WebhookSender:
             for dropped_entry in dropped:
                 self._held.discard(dropped_entry.id)
             self._behind[key] = dropped[-1].id
+            if self._passStart is not None:
+                # The pass under way went by those events while they were
+                # held: it must not conclude at its end that the key has
+                # nothing left to read again.
+                self._passSeen.add(key)
             self._caughtUp = False
         self._logFailure(entry, reason, detail)
 

@@ -72,7 +72,7 @@ def checkOptions(options: Any) -> None:
             if options[option] is not None:
                 raise usage.UsageError("--{} goes with --webhook".format(option))
         return
-    from imserver.webhooks.http import checkURL, trustRootFor
+    from imserver.httpclient import checkURL, trustRootFor
 
     try:
         options.webhookURL = checkURL(url)
@@ -177,7 +177,8 @@ def makeWebhooks(
     @param ready: in cluster mode, returns a L{Deferred} firing once the
         store can be used (L{imserver.cluster.ClusterService.whenReady}).
     """
-    from imserver.webhooks.http import HTTPPoster, trustRootFor
+    from imserver.httpclient import trustRootFor
+    from imserver.webhooks.http import HTTPPoster
     from imserver.webhooks.metrics import WebhookMetrics
     from imserver.webhooks.presence import EMBEDDED_LEDGER, PresenceNotifier
     from imserver.webhooks.sender import WebhookSender
