@@ -18,8 +18,9 @@ import re
 import stat
 import time
 
+from hypothesis import HealthCheck, given, settings as hypothesisSettings, strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
-from twisted.internet import reactor
+from twisted.internet import error, reactor
 from twisted.internet.defer import (
     Deferred,
     TimeoutError,
@@ -46,7 +47,7 @@ from imserver.pb import im_pb2 as pb
 from imserver.registry.memory import MemorySessionRegistry
 from imserver.settings import Settings
 from imserver.store.memory import MemoryMessageStore
-from imserver.webhooks import events as ev
+from imserver.webhooks import events as ev, sender as senderModule
 from imserver.webhooks.http import HTTPPoster
 from imserver.webhooks.metrics import WebhookMetrics
 from imserver.webhooks.presence import (
@@ -2140,3 +2141,378 @@ class ClusterTests(RedisTestMixin, TestCase):
         yield self.connect(other, "carol")
         yield delivered(lambda events: any(e["data"].get("uid") == "carol" for e in events))
         self.assertTrue(other.getServiceNamed("webhooks").sender.holding)
+
+
+#: The answers a property schedule gives: statuses, and failures without an
+#: answer.
+_CONNECTION_FAILED = "connection failed"
+_TIMED_OUT = "timed out"
+_ANSWERS = (500, 429, _CONNECTION_FAILED, _TIMED_OUT, 200)
+
+
+class _SlowOutbox:
+    """
+    An outbox (the memory store) whose reads and removals answer late, as a
+    remote one's do: a read sees the outbox as it is when asked and answers
+    after a random delay of up to C{maxDelay} seconds on C{clock}; a removal
+    happens when it answers, after such a delay.  The rest is the store's.
+    """
+
+    def __init__(self, store, clock, rng, maxDelay):
+        self.store = store
+        self.clock = clock
+        self.random = rng
+        self.maxDelay = maxDelay
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def _later(self, call):
+        d = Deferred()
+        self.clock.callLater(self.random.uniform(0, self.maxDelay), lambda: call().chainDeferred(d))
+        return d
+
+    def pending(self, afterId, limit):
+        entries = self.store.pending(afterId, limit)
+        return self._later(lambda: entries)
+
+    def remove(self, ids):
+        ids = list(ids)
+        return self._later(lambda: self.store.remove(ids))
+
+
+@st.composite
+def _schedules(draw):
+    """
+    A random sender configuration and schedule of steps for
+    L{SenderPropertyTests}: C{(config, steps)}.
+
+    The steps: C{("record", [key, ...])} records one event per key listed
+    (a key's events are numbered from 1 in recording order);
+    C{("recordRuns", [(key, count), ...])} records runs of events of one
+    key;
+    C{("answer", status, key)} answers every open request (of C{key}, or
+    all if L{None}); C{("answerByKey", {key: status})} answers every open
+    request, those of the keys not listed 200; C{("answerOne", index,
+    status)} answers one open request; C{("advance", seconds)};
+    C{("wake",)}.  A status is one of L{_ANSWERS}; a 429 carries a
+    C{Retry-After} of 3 s.
+    """
+    keyCount = draw(st.integers(3, 6), label="keys")
+    keys = ["k{}".format(i) for i in range(keyCount)]
+    config = dict(
+        webhook_window=draw(st.integers(5, 50), label="window"),
+        webhook_batch=draw(st.integers(1, 10), label="batch"),
+        webhook_concurrency=draw(st.integers(1, 8), label="concurrency"),
+        seed=draw(st.integers(0, 2**32 - 1), label="jitter seed"),
+        storeDelay=draw(st.sampled_from([0, 0, 0.05, 0.5]), label="store delay"),
+        sweeps=draw(st.booleans(), label="sweeps"),
+    )
+    # Mixes of events draw from some keys only: the others come in runs
+    # (more than FAILING_KEY_HELD, up to beyond the window) with nothing of
+    # theirs recorded for a while after.
+    mixed = draw(st.lists(st.sampled_from(keys), min_size=1, unique=True), label="mixed keys")
+    key = st.sampled_from(keys)
+    answer = st.sampled_from(_ANSWERS)
+    recordRuns = st.tuples(
+        st.just("recordRuns"),
+        st.lists(st.tuples(key, st.integers(1, 30)), min_size=1, max_size=3),
+        st.booleans(),
+    )
+    recordMix = st.tuples(
+        st.just("record"),
+        st.lists(st.sampled_from(mixed), min_size=1, max_size=30),
+        st.booleans(),
+    )
+    answerAll = st.tuples(st.just("answer"), answer, st.none() | key)
+    answerByKey = st.tuples(st.just("answerByKey"), st.dictionaries(key, answer, min_size=1))
+    answerOne = st.tuples(st.just("answerOne"), st.integers(0, 7), answer)
+    advance = st.tuples(st.just("advance"), st.integers(50, 5000).map(lambda ms: ms / 1000))
+    # Answers and advances more often than recordings, so the sender does
+    # not fall ever further behind.
+    step = st.one_of(
+        recordRuns,
+        recordMix,
+        answerAll,
+        answerAll,
+        answerByKey,
+        answerByKey,
+        answerOne,
+        advance,
+        advance,
+        st.just(("wake",)),
+    )
+    steps = draw(st.lists(step, min_size=20, max_size=60), label="steps")
+    return config, steps
+
+
+class SenderPropertyTests(SenderTestCase):
+    """
+    Random schedules of recordings, answers (2xx, 5xx, 429, failures
+    without an answer) and clock advances, with random window, batch and
+    concurrency; then the receiver answers 200 until the outbox is empty.
+    Every event is delivered at least once; per key, only the oldest
+    undelivered event is ever posted, so first deliveries are in order; at
+    most C{webhook_concurrency} requests are open at once; the window and a
+    failing key's share of it stay bounded.
+
+    Deterministic (C{derandomize}): a failure prints the shrunk
+    configuration and schedule.
+    """
+
+    #: The most rounds of "answer everything 200, advance 0.5 s" allowed
+    #: to empty the outbox once the schedule is over.
+    DRAIN_ROUNDS = 2000
+    #: The longest the sender may go without a request open while the
+    #: outbox is not empty once every answer is 200, in seconds: the
+    #: longest backoff (C{webhook_retry_max}, 8) and a few polls.
+    IDLE_LIMIT = 20.0
+
+    def _post(self, entry):
+        """
+        L{FakePoster.post}, checking first that every earlier event of the
+        entry's key was delivered and that the concurrency holds.  The
+        sender takes an exception from C{post} for a failed attempt, so
+        what is wrong is noted in C{self.violations}, checked by the test.
+        """
+        key, n = data(entry)
+        if (key, n) in self.delivered:
+            self.violations.append(
+                "posted {} {} at {} again after it was delivered".format(
+                    key, n, self.clock.seconds()
+                )
+            )
+        missing = [m for m in range(1, n) if (key, m) not in self.delivered]
+        if missing:
+            self.violations.append(
+                "posted {} {} at {} before {} was delivered".format(
+                    key, n, self.clock.seconds(), missing
+                )
+            )
+        d = self.poster.post(entry)
+        self.requests[d] = entry
+        openCount = len(self.requests)
+        if openCount > self.concurrency:
+            self.violations.append(
+                "{} requests open, concurrency {}".format(openCount, self.concurrency)
+            )
+        return d
+
+    def _answer(self, requests, answer, retryAfter=None):
+        """
+        Answer C{requests} (C{(entry, Deferred)}) still open with
+        C{answer}: a status, or a failure without one.  A first 2xx of an
+        event is noted before the sender sees it.
+        """
+        for entry, d in requests:
+            if self.requests.pop(d, None) is None:
+                continue
+            if retryAfter is None and answer == 429:
+                retryAfter = 3
+            if answer == _CONNECTION_FAILED:
+                d.errback(Failure(error.ConnectionRefusedError()))
+            elif answer == _TIMED_OUT:
+                d.errback(Failure(TimeoutError()))
+            else:
+                if 200 <= answer < 300:
+                    value = data(entry)
+                    if value not in self.delivered:
+                        self.delivered.add(value)
+                        self.firstDeliveries.append(value)
+                self.poster.answered.append((entry, answer))
+                d.callback(Answer(answer, retryAfter))
+
+    def _checkInvariants(self, sender, where):
+        """
+        Nothing wrong was posted; the window holds at most
+        C{webhook_window} events, a failing key at most
+        L{FAILING_KEY_HELD}.
+        """
+        self.assertEqual(self.violations, [], where)
+        self.assertLessEqual(len(sender._held), sender.window, where)
+        for key in sender._failures:
+            self.assertLessEqual(len(sender._queues.get(key, ())), FAILING_KEY_HELD, where)
+        # Every event in the outbox will be sent without the sweep's help:
+        # it is held or being removed, or after the cursor, or at or after
+        # the id its key is to be read again from.
+        held, removing, cursor, behind = (
+            sender._held,
+            sender._removing,
+            sender._cursor,
+            sender._behind,
+        )
+        for entry in self.successResultOf(self.store.pending(0, 10**9)):
+            if entry.id > cursor:
+                break
+            if (
+                entry.id in held
+                or entry.id in removing
+                or behind.get(entry.key, entry.id + 1) <= entry.id
+            ):
+                continue
+            self.fail("{}: {} {} (id {}) forgotten".format(where, *data(entry), entry.id))
+
+    def _open(self):
+        """
+        The requests not answered yet, C{[(entry, Deferred)]} in the order
+        posted.
+        """
+        return [(entry, d) for d, entry in self.requests.items()]
+
+    def _outboxSize(self):
+        return self.successResultOf(self.store.outboxStats())[0]
+
+    def _elapse(self, seconds):
+        """
+        Let C{seconds} pass, running every call at its time, also those
+        scheduled meanwhile (L{Clock.advance} runs those only at its end):
+        a chain of slow reads goes on as it would in real time.
+        """
+        end = self.clock.seconds() + seconds
+        while True:
+            due = [c.getTime() for c in self.clock.getDelayedCalls() if c.getTime() <= end]
+            if not due:
+                break
+            self.clock.advance(max(0, min(due) - self.clock.seconds()))
+        self.clock.advance(max(0, end - self.clock.seconds()))
+
+    def test_deliveredInOrder(self):
+        """
+        Every event is delivered, per key in recording order, within the
+        concurrency, whatever the answers and their timing.
+        """
+        try:
+            self._deliveredInOrder()
+        except Exception as e:
+            # Hypothesis adds the shrunk example to the exception's notes,
+            # which trial does not show.
+            notes = getattr(e, "__notes__", None)
+            if not notes:
+                raise
+            raise self.failureException("{}\n\n{}".format(e, "\n".join(notes))) from e
+
+    @hypothesisSettings(
+        max_examples=150,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(_schedules())
+    def _deliveredInOrder(self, schedule):
+        """
+        One example of L{test_deliveredInOrder}.
+        """
+        config, steps = schedule
+        config = dict(config)
+        seed = config.pop("seed")
+        storeDelay = config.pop("storeDelay")
+        sweepInterval = senderModule.SWEEP_INTERVAL
+        if not config.pop("sweeps"):
+            # The memory store makes every event visible at once: the
+            # sweep, a safety net for events made visible late, must
+            # never be what finds one.
+            senderModule.SWEEP_INTERVAL = float("inf")
+        # A fresh harness per example (setUp runs once per test method).
+        SenderTestCase.setUp(self)
+        self.delivered = set()
+        self.firstDeliveries = []
+        self.violations = []
+        self.requests = {}  # Deferred -> entry, of the open requests
+        self.concurrency = config["webhook_concurrency"]
+        outbox = self.store
+        if storeDelay:
+            outbox = _SlowOutbox(self.store, self.clock, random.Random(seed + 1), storeDelay)
+        sender = WebhookSender(
+            outbox,
+            self._post,
+            self.clock,
+            settings(**config),
+            "gate-1",
+            self.metrics,
+            random.Random(seed),
+        )
+        sender.log = Logger(observer=self.logged.append)
+        sender.start()
+        try:
+            recorded = {}
+            for index, step in enumerate(steps):
+                kind = step[0]
+                if kind in ("record", "recordRuns"):
+                    if kind == "record":
+                        keys = step[1]
+                    else:
+                        keys = [key for key, count in step[1] for _ in range(count)]
+                    events = []
+                    for key in keys:
+                        recorded[key] = recorded.get(key, 0) + 1
+                        events.append(event(key, recorded[key]))
+                    self.record(*events)
+                    if step[2]:
+                        sender.wake()
+                        self.clock.advance(0)
+                elif kind == "answer":
+                    _, answer, key = step
+                    requests = [(e, d) for e, d in self._open() if key in (None, e.key)]
+                    self._answer(requests, answer)
+                elif kind == "answerByKey":
+                    for entry, d in self._open():
+                        self._answer([(entry, d)], step[1].get(entry.key, 200))
+                elif kind == "answerOne":
+                    _, which, answer = step
+                    requests = self._open()
+                    if requests:
+                        self._answer([requests[which % len(requests)]], answer)
+                elif kind == "advance":
+                    self._elapse(step[1])
+                else:
+                    sender.wake()
+                    self.clock.advance(0)
+                self._checkInvariants(sender, "step {}: {!r}".format(index, step))
+
+            # Every answer is 200 from now on.  With a store that answers at
+            # once, the sender is never idle long with events in the
+            # outbox: the longest backoff, then polls, not the sweep.  (A
+            # slow store may take that long to read the outbox: a key that
+            # recovers is read again once the pass under way is over.)
+            idleSince = self.clock.seconds()
+            for _ in range(self.DRAIN_ROUNDS):
+                if not self._outboxSize() and not self._open():
+                    break
+                if self._open() or storeDelay:
+                    idleSince = self.clock.seconds()
+                self.assertLessEqual(
+                    self.clock.seconds() - idleSince, self.IDLE_LIMIT, "idle while draining"
+                )
+                self._answer(self._open(), 200)
+                self._elapse(0.5)
+                self._checkInvariants(sender, "draining")
+            self.assertEqual(self._outboxSize(), 0)
+            # Nothing is left behind in the sender either.
+            self._elapse(2)
+            self.assertEqual(
+                (
+                    sender._queues,
+                    sender._held,
+                    sender._inFlight,
+                    sender._retries,
+                    sender._failures,
+                    sender._behind,
+                ),
+                ({}, set(), {}, {}, {}, {}),
+            )
+
+            expected = {(key, n) for key, count in recorded.items() for n in range(1, count + 1)}
+            self.assertEqual(self.delivered, expected)
+            for key, count in recorded.items():
+                self.assertEqual(
+                    [n for k, n in self.firstDeliveries if k == key],
+                    list(range(1, count + 1)),
+                    key,
+                )
+        finally:
+            senderModule.SWEEP_INTERVAL = sweepInterval
+            stopped = sender.stop()
+            self._elapse(1)
+            self.successResultOf(stopped)
