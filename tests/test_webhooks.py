@@ -2150,12 +2150,15 @@ _TIMED_OUT = "timed out"
 _ANSWERS = (500, 429, _CONNECTION_FAILED, _TIMED_OUT, 200)
 
 
-class _SlowOutbox:
+class _TestOutbox:
     """
-    An outbox (the memory store) whose reads and removals answer late, as a
-    remote one's do: a read sees the outbox as it is when asked and answers
-    after a random delay of up to C{maxDelay} seconds on C{clock}; a removal
-    happens when it answers, after such a delay.  The rest is the store's.
+    The outbox of L{SenderPropertyTests}: the memory store, counting its
+    reads; if C{maxDelay}, its reads and removals answer late, as a remote
+    store's do: a read sees the outbox as it is when asked and answers
+    after a random delay of up to C{maxDelay} seconds on C{clock}; a
+    removal happens when it answers, after such a delay.
+
+    @ivar reads: how many reads were asked for.
     """
 
     def __init__(self, store, clock, rng, maxDelay):
@@ -2163,16 +2166,20 @@ class _SlowOutbox:
         self.clock = clock
         self.random = rng
         self.maxDelay = maxDelay
+        self.reads = 0
 
     def __getattr__(self, name):
         return getattr(self.store, name)
 
     def _later(self, call):
+        if not self.maxDelay:
+            return call()
         d = Deferred()
         self.clock.callLater(self.random.uniform(0, self.maxDelay), lambda: call().chainDeferred(d))
         return d
 
     def pending(self, afterId, limit):
+        self.reads += 1
         entries = self.store.pending(afterId, limit)
         return self._later(lambda: entries)
 
@@ -2250,18 +2257,25 @@ class SenderPropertyTests(SenderTestCase):
     """
     Random schedules of recordings, answers (2xx, 5xx, 429, failures
     without an answer) and clock advances, with random window, batch and
-    concurrency; then the receiver answers 200 until the outbox is empty.
-    Every event is delivered at least once; per key, only the oldest
-    undelivered event is ever posted, so first deliveries are in order; at
-    most C{webhook_concurrency} requests are open at once; the window and a
-    failing key's share of it stay bounded.
+    concurrency, a store answering at once or late, with or without the
+    sweep; then the receiver answers 200 until the outbox is empty.
 
-    Deterministic (C{derandomize}): a failure prints the shrunk
-    configuration and schedule.
+    Every event is delivered at least once, and none is posted again once
+    delivered (no restart here); per key, only the oldest undelivered event
+    is ever posted, so first deliveries are in order; at most
+    C{webhook_concurrency} requests are open at once; at most
+    L{MAX_READS_PER_POLL} reads between two polls; the window and a
+    failing key's share of it stay bounded; no event is forgotten; with a
+    store answering at once, the drain is never idle long; nothing is left
+    in the sender at the end.
+
+    Deterministic (C{derandomize}): a failure shows the shrunk
+    configuration and schedule, and a C{@reproduce_failure} blob.
     """
 
-    #: The most rounds of "answer everything 200, advance 0.5 s" allowed
-    #: to empty the outbox once the schedule is over.
+    #: The most rounds of "answer everything 200 until nothing is open,
+    #: let 0.5 s pass" allowed to empty the outbox once the schedule is
+    #: over, with a store that answers at once; a slow one gets more.
     DRAIN_ROUNDS = 2000
     #: The longest the sender may go without a request open while the
     #: outbox is not empty once every answer is 200, in seconds: the
@@ -2324,9 +2338,9 @@ class SenderPropertyTests(SenderTestCase):
 
     def _checkInvariants(self, sender, where):
         """
-        Nothing wrong was posted; the window holds at most
-        C{webhook_window} events, a failing key at most
-        L{FAILING_KEY_HELD}.
+        Nothing wrong was posted or read (C{self.violations}); the window
+        holds at most C{webhook_window} events, a failing key at most
+        L{FAILING_KEY_HELD}; no event of the outbox is forgotten.
         """
         self.assertEqual(self.violations, [], where)
         self.assertLessEqual(len(sender._held), sender.window, where)
@@ -2334,7 +2348,9 @@ class SenderPropertyTests(SenderTestCase):
             self.assertLessEqual(len(sender._queues.get(key, ())), FAILING_KEY_HELD, where)
         # Every event in the outbox will be sent without the sweep's help:
         # it is held or being removed, or after the cursor, or at or after
-        # the id its key is to be read again from.
+        # the id its key is to be read again from.  (This looks inside the
+        # sender: it fails when an event is forgotten, not only later when
+        # that shows as an event out of order or never delivered.)
         held, removing, cursor, behind = (
             sender._held,
             sender._removing,
@@ -2381,6 +2397,16 @@ class SenderPropertyTests(SenderTestCase):
         Every event is delivered, per key in recording order, within the
         concurrency, whatever the answers and their timing.
         """
+        tick = WebhookSender._tick
+
+        def countingTick(sender):
+            # A poll: the reads since the previous one are bounded.
+            if self.testOutbox.reads > MAX_READS_PER_POLL:
+                self.violations.append("{} reads between two polls".format(self.testOutbox.reads))
+            self.testOutbox.reads = 0
+            return tick(sender)
+
+        self.patch(WebhookSender, "_tick", countingTick)
         try:
             self._deliveredInOrder()
         except Exception as e:
@@ -2392,7 +2418,7 @@ class SenderPropertyTests(SenderTestCase):
             raise self.failureException("{}\n\n{}".format(e, "\n".join(notes))) from e
 
     @hypothesisSettings(
-        max_examples=150,
+        max_examples=200,
         derandomize=True,
         database=None,
         deadline=None,
@@ -2408,12 +2434,7 @@ class SenderPropertyTests(SenderTestCase):
         config = dict(config)
         seed = config.pop("seed")
         storeDelay = config.pop("storeDelay")
-        sweepInterval = senderModule.SWEEP_INTERVAL
-        if not config.pop("sweeps"):
-            # The memory store makes every event visible at once: the
-            # sweep, a safety net for events made visible late, must
-            # never be what finds one.
-            senderModule.SWEEP_INTERVAL = float("inf")
+        sweeps = config.pop("sweeps")
         # A fresh harness per example (setUp runs once per test method).
         SenderTestCase.setUp(self)
         self.delivered = set()
@@ -2421,9 +2442,9 @@ class SenderPropertyTests(SenderTestCase):
         self.violations = []
         self.requests = {}  # Deferred -> entry, of the open requests
         self.concurrency = config["webhook_concurrency"]
-        outbox = self.store
-        if storeDelay:
-            outbox = _SlowOutbox(self.store, self.clock, random.Random(seed + 1), storeDelay)
+        self.testOutbox = outbox = _TestOutbox(
+            self.store, self.clock, random.Random(seed + 1), storeDelay
+        )
         sender = WebhookSender(
             outbox,
             self._post,
@@ -2434,6 +2455,12 @@ class SenderPropertyTests(SenderTestCase):
             random.Random(seed),
         )
         sender.log = Logger(observer=self.logged.append)
+        sweepInterval = senderModule.SWEEP_INTERVAL
+        if not sweeps:
+            # The memory store makes every event visible at once: the
+            # sweep, a safety net for events made visible late, is never
+            # needed to find one.
+            senderModule.SWEEP_INTERVAL = float("inf")
         sender.start()
         try:
             recorded = {}
@@ -2476,8 +2503,9 @@ class SenderPropertyTests(SenderTestCase):
             # outbox: the longest backoff, then polls, not the sweep.  (A
             # slow store may take that long to read the outbox: a key that
             # recovers is read again once the pass under way is over.)
+            rounds = self.DRAIN_ROUNDS + int(8 * storeDelay * sum(recorded.values()))
             idleSince = self.clock.seconds()
-            for _ in range(self.DRAIN_ROUNDS):
+            for _ in range(rounds):
                 if not self._outboxSize() and not self._open():
                     break
                 if self._open() or storeDelay:
@@ -2485,10 +2513,11 @@ class SenderPropertyTests(SenderTestCase):
                 self.assertLessEqual(
                     self.clock.seconds() - idleSince, self.IDLE_LIMIT, "idle while draining"
                 )
-                self._answer(self._open(), 200)
+                while self._open():
+                    self._answer(self._open(), 200)
                 self._elapse(0.5)
                 self._checkInvariants(sender, "draining")
-            self.assertEqual(self._outboxSize(), 0)
+            self.assertEqual(self._outboxSize(), 0, "not drained")
             # Nothing is left behind in the sender either.
             self._elapse(2)
             self.assertEqual(
