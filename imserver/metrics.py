@@ -101,6 +101,20 @@ _COUNTERS = (
 )
 
 
+def labelled(name, help, label, counts, family=CounterMetricFamily):
+    """
+    A metric family with one label: a sample per C{(value, count)} of
+    C{counts}.
+
+    @param counts: a L{dict} (or iterable of pairs) of label value to count.
+    @param family: L{CounterMetricFamily} or L{GaugeMetricFamily}.
+    """
+    metric = family(name, help, labels=[label])
+    for value, count in counts.items() if isinstance(counts, dict) else counts:
+        metric.add_metric([value], count)
+    return metric
+
+
 class FastHistogram:
     """
     A histogram updated without locks: observations come from one thread
@@ -227,35 +241,31 @@ class GateMetrics:
             yield histogram.family()
         for attribute, name, help in _COUNTERS:
             yield CounterMetricFamily("imserver_" + name, help, value=getattr(self, attribute))
-        failures = CounterMetricFamily(
-            "imserver_auth_failures", "Failed authentications by reason.", labels=["reason"]
+        yield labelled(
+            "imserver_auth_failures",
+            "Failed authentications by reason.",
+            "reason",
+            self.authFailures,
         )
-        for reason, count in self.authFailures.items():
-            failures.add_metric([reason], count)
-        yield failures
-        kicks = CounterMetricFamily(
-            "imserver_kicks", "Sessions kicked, by reason.", labels=["reason"]
+        yield labelled(
+            "imserver_kicks",
+            "Sessions kicked, by reason.",
+            "reason",
+            [(reason.lower(), count) for reason, count in self.kicks.items()],
         )
-        for reason, count in self.kicks.items():
-            kicks.add_metric([reason.lower()], count)
-        yield kicks
-        refused = CounterMetricFamily(
+        yield labelled(
             "imserver_connections_refused",
             "Connections closed at accept, before TLS, by reason.",
-            labels=["reason"],
+            "reason",
+            self.connectionsRefused,
         )
-        for reason, count in self.connectionsRefused.items():
-            refused.add_metric([reason], count)
-        yield refused
-        checks = CounterMetricFamily(
+        yield labelled(
             "imserver_before_send_checks",
             "Before-send checks by outcome: allow, reject, replace, timeout, error"
             " (connection, status, malformed answer), queue_full.",
-            labels=["result"],
+            "result",
+            self.beforeSendChecks,
         )
-        for result, count in self.beforeSendChecks.items():
-            checks.add_metric([result], count)
-        yield checks
         if self._beforeSend is not None:
             yield GaugeMetricFamily(
                 "imserver_before_send_pending",
@@ -270,14 +280,12 @@ class GateMetrics:
                 "WebSocket upgrades under way).",
                 value=len(web.http),
             )
-            upgrades = CounterMetricFamily(
+            yield labelled(
                 "imserver_websocket_upgrades_refused",
                 "WebSocket upgrade requests refused, by reason.",
-                labels=["reason"],
+                "reason",
+                web.refusedUpgrades,
             )
-            for reason, count in web.refusedUpgrades.items():
-                upgrades.add_metric([reason], count)
-            yield upgrades
         states = {"new": 0, "authenticating": 0, "authenticated": 0}
         backlog = unacked = 0
         for connection in list(self._connections):
@@ -285,12 +293,13 @@ class GateMetrics:
             if connection.state == "authenticated":
                 backlog += connection.backlog
                 unacked += connection.unackedCount()
-        gauge = GaugeMetricFamily(
-            "imserver_connections", "Open client connections by state.", labels=["state"]
+        yield labelled(
+            "imserver_connections",
+            "Open client connections by state.",
+            "state",
+            states,
+            GaugeMetricFamily,
         )
-        for state, count in states.items():
-            gauge.add_metric([state], count)
-        yield gauge
         yield GaugeMetricFamily(
             "imserver_connections_closing",
             "Connections the gate closed whose socket is not closed yet (each for at"

@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from imserver.metrics import FastHistogram
+from imserver.metrics import FastHistogram, labelled
 from imserver.webhooks.events import EVENT_TYPES
 
 #: Why an attempt failed (label values of
@@ -99,36 +99,30 @@ class WebhookMetrics:
 
     def collect(self) -> Iterator[Any]:
         yield self.delivery.family()
-        queued = CounterMetricFamily(
+        yield labelled(
             "imserver_webhook_events_queued",
             "Webhook events read from the outbox into the sender's queue, by type.",
-            labels=["type"],
+            "type",
+            self.queued,
         )
-        for eventType, count in self.queued.items():
-            queued.add_metric([eventType], count)
-        yield queued
         yield CounterMetricFamily(
             "imserver_webhook_deliveries",
             "Webhook events delivered (answered 2xx).",
             value=self.deliveries,
         )
-        failed = CounterMetricFamily(
+        yield labelled(
             "imserver_webhook_attempts_failed",
             "Webhook requests that failed and will be retried, by reason.",
-            labels=["reason"],
+            "reason",
+            self.failures,
         )
-        for reason, count in self.failures.items():
-            failed.add_metric([reason], count)
-        yield failed
-        dropped = CounterMetricFamily(
+        yield labelled(
             "imserver_webhook_events_dropped",
             "Webhook events never delivered: not kept (outbox full) or removed undelivered"
             " by --webhook-retention.",
-            labels=["reason"],
+            "reason",
+            {"full": self._dropped() + self.presenceDropped, "expired": self.expired},
         )
-        dropped.add_metric(["full"], self._dropped() + self.presenceDropped)
-        dropped.add_metric(["expired"], self.expired)
-        yield dropped
         yield CounterMetricFamily(
             "imserver_webhook_presence_coalesced",
             "Offline/online pairs of one device not reported (back within --presence-flap-window).",
