@@ -492,6 +492,41 @@ class RetryTests(SenderTestCase):
         self.assertEqual(alice, [("alice", n) for n in range(1, 26)])
         self.assertEqual(self.outbox(), [])
 
+    def test_recoveredKeyReadAgainDuringSlowReads(self):
+        """
+        A key that recovers is read again from its first event left behind
+        at the next poll even when an outbox read is in flight then (a
+        remote store's reads take longer than a poll interval, and other
+        keys' steady traffic keeps a pass going): the rewind waits for that
+        read's answer, not for the pass to reach the outbox's end.
+        """
+        self.record(*[event("alice", n) for n in range(1, 41)])
+        self.record(*[event("user{}".format(n), 1) for n in range(3000)])
+        pending = self.store.pending
+
+        def slowPending(afterId, limit):
+            entries = pending(afterId, limit)
+            d = Deferred()
+            self.clock.callLater(0.3, lambda: entries.chainDeferred(d))
+            return d
+
+        self.patch(self.store, "pending", slowPending)
+        self.sender(webhook_window=30, webhook_batch=10, webhook_concurrency=30)
+        self.tick(0.3)
+        self.assertEqual(self.poster.answer(500, key="alice"), 1)
+        self.clock.advance(1)  # alice's retry is due
+        for _ in range(200):
+            self.poster.answer(200)
+            self.tick(0.1)
+            if len([e for e, status in self.poster.answered if e.key == "alice"]) > 40:
+                break
+        alice = [
+            data(e) for e, status in self.poster.answered if e.key == "alice" and status == 200
+        ]
+        self.assertEqual(alice, [("alice", n) for n in range(1, 41)])
+        # Long before the pass over the 3,000 other events ends.
+        self.assertLess(len([e for e, _ in self.poster.answered if e.key != "alice"]), 2000)
+
     def test_readsBounded(self):
         """
         A pass over an outbox full of a failing key's events (which are

@@ -173,6 +173,7 @@ class WebhookSender:
         self._forgetAfterRead: list[int] = []
         self._cursor = 0  # the id after which the next read starts
         self._reading = False
+        self._rereadDue = False  # a reread of the keys behind waits for a read
         self._inRead = False
         self._readAgain = False
         self._reads = 0  # reads since the last poll
@@ -258,6 +259,7 @@ class WebhookSender:
         self._behind.clear()
         self._rewind(0)
         self._reading = False
+        self._rereadDue = False
 
     def wake(self) -> None:
         """
@@ -308,17 +310,28 @@ class WebhookSender:
             return
         self._flushRemoved()
         now = self.clock.seconds()
-        if self._behind and not self._reading:
-            # Keys that recovered get their events read again.
-            due = [i for key, i in self._behind.items() if not self._capped(key)]
-            if due and min(due) - 1 < self._cursor:
-                self._rewind(min(due) - 1)
+        if self._behind:
+            if self._reading:
+                # After the read in flight: its answer moves the cursor.
+                self._rereadDue = True
+            else:
+                self._rereadBehind()
         if not self._queues and not self._reading and now - self._lastSweep >= SWEEP_INTERVAL:
             self._lastSweep = now
             self._rewind(0)
         self._caughtUp = False
         self._reads = 0
         self._read()
+
+    def _rereadBehind(self) -> None:
+        """
+        Keys that recovered get their events left behind read again: the
+        pass starts again before the first of them.
+        """
+        self._rereadDue = False
+        due = [i for key, i in self._behind.items() if not self._capped(key)]
+        if due and min(due) - 1 < self._cursor:
+            self._rewind(min(due) - 1)
 
     def _rewind(self, cursor: int) -> None:
         """
@@ -424,6 +437,8 @@ class WebhookSender:
                     if behind > passStart and key not in self._passSeen:
                         del behindKeys[key]
             self._passStart = None
+        if self._rereadDue:
+            self._rereadBehind()
         self._dispatch()
         if not self._caughtUp:
             self._read()
