@@ -155,6 +155,16 @@ class ISessionRegistry(Interface):
         @return: a L{Deferred} firing with the number of registered sessions.
         """
 
+    def broadcast(frame: bytes) -> Deferred[int]:
+        """
+        Have every other gate write the encoded notice C{frame} to all its
+        sessions (this gate writes it to its own).
+
+        @return: a L{Deferred} firing with the number of other gates that
+            got it (0 with one gate process), or failing with
+            L{imserver.errors.Unavailable} if none could be told.
+        """
+
 
 class IMessageStore(Interface):
     """
@@ -453,6 +463,15 @@ class IGateBus(Interface):
         C{sessionId}.
         """
 
+    def broadcast(frame: bytes) -> Deferred[int]:
+        """
+        Have every other gate write the encoded notice C{frame} to all its
+        sessions, now (not queued).
+
+        @return: a L{Deferred} firing with the number of other gates that
+            got it, or failing with L{imserver.errors.Unavailable}.
+        """
+
 
 class IBusReceiver(Interface):
     """
@@ -488,4 +507,9 @@ class IBusReceiver(Interface):
     def noticeReceived(sessionId: str, frame: bytes) -> None:
         """
         Write C{frame} to local session C{sessionId}.
+        """
+
+    def broadcastReceived(frame: bytes) -> None:
+        """
+        Write C{frame} to every local session (another gate's broadcast).
         """

@@ -8,7 +8,7 @@ holding the shared state.
 import itertools
 import random
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -264,7 +264,30 @@ class GateFactory(Factory):
 
         @return: the number of sessions it was written to.
         """
-        frame = encodeNotice(body, contentType, int(self.clock.seconds() * 1000))
+        return self._writeNotice(self._notice(body, contentType))
+
+    def broadcastAll(self, body, contentType):
+        """
+        Send a system notice to every authenticated session of every gate
+        (L{broadcast} here, the others told through the registry first: if
+        they cannot be, no session gets it and the caller may retry).
+
+        @return: a L{Deferred} firing with C{(sessions, gates)}: the
+            sessions of this gate it was written to, and the gates that got
+            it, this one included; or failing with
+            L{imserver.errors.Unavailable}.
+        """
+        frame = self._notice(body, contentType)
+
+        def told(others):
+            return self._writeNotice(frame), others + 1
+
+        return maybeDeferred(self.registry.broadcast, frame).addCallback(told)
+
+    def _notice(self, body, contentType):
+        return encodeNotice(body, contentType, int(self.clock.seconds() * 1000))
+
+    def _writeNotice(self, frame):
         # Not to a connection that is not reading its pushes (paused).
         sessions = [p for p in self.connections if p.delivering]
         for p in sessions:

@@ -1216,7 +1216,7 @@ class BroadcastTests(LiveApiTestCase):
         answer = yield self.ok(
             b"POST", "/v1/broadcast", {"text": "maintenance at 10", "content_type": "text/plain"}
         )
-        self.assertEqual(answer, {"sessions": 2})
+        self.assertEqual(answer, {"sessions": 2, "gates": 1})
         for notes in aliceNotes, bobNotes:
             [notice] = yield notes.wait("notice")
             self.assertEqual(notice.body, b"maintenance at 10")
@@ -1230,7 +1230,7 @@ class BroadcastTests(LiveApiTestCase):
         With no session connected it reaches 0 sessions.
         """
         answer = yield self.ok(b"POST", "/v1/broadcast", {"body_b64": "AAE="})
-        self.assertEqual(answer, {"sessions": 0})
+        self.assertEqual(answer, {"sessions": 0, "gates": 1})
 
     @inlineCallbacks
     def test_errors(self):

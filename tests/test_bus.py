@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from imserver.bus import channelOf
+from imserver.bus import BROADCAST_CHANNEL, channelOf
 from imserver.bus.redis import MAX_BATCH_BYTES, MAX_RETRY_BATCHES, RedisGateBus
 from imserver.interfaces import IBusReceiver, IGateBus
 from imserver.messaging import Messenger
@@ -96,6 +96,9 @@ class Receiver:
     def noticeReceived(self, sessionId, frame):
         self.calls.append(("notice", sessionId, frame))
 
+    def broadcastReceived(self, frame):
+        self.calls.append(("broadcast", frame))
+
 
 def message(i, size=10):
     return pb.Message(id=i, sender="bob", recipient="alice", body=b"x" * size)
@@ -118,10 +121,10 @@ class BatchingTests(SynchronousTestCase):
     def test_interface(self):
         """
         L{RedisGateBus} provides L{IGateBus}; it subscribes to its own
-        channel.
+        channel and to the broadcast channel.
         """
         verifyObject(IGateBus, self.bus)
-        self.assertEqual(self.bus.subscriber.channels, [b"im:bus:gate-a"])
+        self.assertEqual(self.bus.subscriber.channels, [b"im:bus:gate-a", b"im:bus:|all"])
 
     def test_onePublishPerPass(self):
         """
@@ -228,6 +231,42 @@ class BatchingTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(other.received, 1)
+
+    def test_broadcast(self):
+        """
+        A broadcast is published at once on the broadcast channel; it
+        answers how many other gates got it (the publishing gate's own
+        subscription is not counted), reaches every other gate's
+        L{IBusReceiver}, and the publishing gate skips its own copy.
+        """
+        self.bus.start()
+        self.connection.publish = lambda channel, data: (
+            self.connection.published.append((channel, data)) or succeed(3)
+        )
+        self.assertEqual(self.successResultOf(self.bus.broadcast(b"frame")), 2)
+        [(channel, data)] = self.connection.published
+        self.assertEqual(channel, BROADCAST_CHANNEL)
+        self.bus.receiver = own = Receiver()
+        self.bus.subscriber.onMessage(channel, data)
+        self.assertEqual(own.calls, [])
+        other = RedisGateBus(FakeConnection(), FakeSubscriber, "gate-b", self.clock)
+        other.receiver = receiver = Receiver()
+        other.subscriber.onMessage(channel, data)
+        self.assertEqual(receiver.calls, [("broadcast", b"frame")])
+
+    def test_broadcastUnavailable(self):
+        """
+        A broadcast that cannot be published fails with
+        L{RedisUnavailable} and is not kept for a retry (the caller
+        answers the failure).
+        """
+        self.connection.down = True
+        self.failureResultOf(self.bus.broadcast(b"frame"), RedisUnavailable)
+        self.assertEqual(self.bus._retry, [])
+        self.connection.down = False
+        for hook in self.connection.onConnect:
+            hook()
+        self.assertEqual(self.connection.published, [])
 
     def test_garbage(self):
         """

@@ -325,6 +325,61 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         self.assertEqual(self.a.cluster.bus.published - published, 1)
 
     @inlineCallbacks
+    def test_broadcastEveryGate(self):
+        """
+        A broadcast through one gate reaches every session of every gate
+        once: gate A writes it to its own, the others get it through the
+        bus; the answer counts A's sessions and the gates reached.
+        """
+        c = yield self.startGate("gate-c")
+        clients = [
+            (yield self.connect(self.a, "alice")),
+            (yield self.connect(self.b, "bob")),
+            (yield self.connect(self.b, "bob", "laptop")),
+            (yield self.connect(c, "carol")),
+        ]
+
+        def notices(client):
+            return [m.body for name, m in client.notified if name == "notice"]
+
+        answer = yield self.a.factory.broadcastAll(b"maintenance", "text/plain")
+        self.assertEqual(answer, (1, 3))
+        yield self.changes.until(
+            lambda: all(notices(client) for client in clients),
+            DEADLINE,
+            "the notice at every session",
+        )
+        # A second broadcast from another gate, then a round trip to each
+        # gate: had anything come twice, it would be here by now.
+        answer = yield c.factory.broadcastAll(b"again", "text/plain")
+        self.assertEqual(answer, (1, 3))
+        yield self.changes.until(
+            lambda: all(len(notices(client)) == 2 for client in clients),
+            DEADLINE,
+            "the second notice at every session",
+        )
+        for client in clients:
+            yield client.ping()
+        for client in clients:
+            self.assertEqual(notices(client), [b"maintenance", b"again"])
+
+    @inlineCallbacks
+    def test_broadcastRedisDown(self):
+        """
+        While Redis is unavailable a broadcast fails with
+        L{RedisUnavailable} (the API's C{503 UNAVAILABLE}) and no session
+        gets it, not even on the gate asked.
+        """
+        alice = yield self.connect(self.a, "alice")
+        lost = whenDisconnected(self.a.cluster.connection)
+        yield self.server.kill()
+        yield lost
+        yield self.assertFailure(
+            self.a.factory.broadcastAll(b"maintenance", "text/plain"), RedisUnavailable
+        )
+        self.assertEqual([m for name, m in alice.notified if name == "notice"], [])
+
+    @inlineCallbacks
     def test_kickAcrossGates(self):
         """
         The same uid and device logging in on gate B kicks the session on

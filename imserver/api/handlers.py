@@ -274,7 +274,12 @@ class Api:
         body = checkFields(body, {"text", "body_b64", "content_type"})
         payload = messagePayload(body, self.settings.max_message_body)
         contentType = contentTypeField(body)
-        return {"sessions": self.factory.broadcast(payload, contentType)}
+
+        def answer(result):
+            sessions, gates = result
+            return {"sessions": sessions, "gates": gates}
+
+        return self.factory.broadcastAll(payload, contentType).addCallback(answer)
 
     # -- users ------------------------------------------------------------------
 

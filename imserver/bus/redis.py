@@ -2,9 +2,10 @@
 """
 The gate bus over Redis pub/sub.
 
-Each gate subscribes to its own channel (C{im:bus:<gate id>}) on a
-connection of its own (L{imserver.redisclient.RedisSubscriber}, which
-subscribes again after every reconnect).  What this gate has for other
+Each gate subscribes to its own channel (C{im:bus:<gate id>}) and to the
+broadcast channel (L{imserver.bus.BROADCAST_CHANNEL}) on a connection of
+its own (L{imserver.redisclient.RedisSubscriber}, which subscribes again
+after every reconnect).  What this gate has for other
 gates is queued per target gate and flushed once per reactor pass: one
 C{PUBLISH} per gate per pass carrying a L{bus_pb2.Batch} with every item
 for it.  A push names the message once and lists its targets (uid, seq,
@@ -22,7 +23,7 @@ from twisted.internet.defer import DeferredList
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from imserver.bus import channelOf
+from imserver.bus import BROADCAST_CHANNEL, channelOf
 from imserver.interfaces import IGateBus
 from imserver.pb import bus_pb2
 from imserver.redisclient import RedisUnavailable
@@ -83,7 +84,7 @@ class RedisGateBus:
         self.reactor = reactor
         self.channel = channelOf(gateId)
         self.receiver = None
-        self.subscriber = subscribe([self.channel], self._received)
+        self.subscriber = subscribe([self.channel, BROADCAST_CHANNEL], self._received)
         self.published = 0
         self.received = 0
         self._outgoing = {}
@@ -191,6 +192,25 @@ class RedisGateBus:
         if queued.size > MAX_BATCH_BYTES:
             self._flushGate(gateId)
 
+    def broadcast(self, frame):
+        """
+        Publish C{frame} to every other gate at once (not at the end of the
+        pass: the caller waits for the answer).
+
+        @return: a L{Deferred} firing with the number of other gates
+            subscribed to broadcasts that got it, or failing with
+            L{imserver.redisclient.RedisUnavailable} (then no gate got it;
+            it is not kept for a retry, the caller says so).
+        """
+        batch = bus_pb2.Batch(source_gate=self.gateId)
+        batch.items.add().broadcast.frame = frame
+        self.published += 1
+        d = self.connection.publish(BROADCAST_CHANNEL, batch.SerializeToString())
+        self._inflight.add(d)
+        d.addBoth(self._landed, d)
+        # This gate's own subscription gets it too (and skips it).
+        return d.addCallback(lambda receivers: max(0, receivers - (1 if self.subscribed else 0)))
+
     def flush(self):
         """
         Publish everything queued: one PUBLISH per target gate.  Runs once
@@ -261,6 +281,8 @@ class RedisGateBus:
             return
         self.received += 1
         receiver = self.receiver
+        if channel == BROADCAST_CHANNEL and batch.source_gate == self.gateId:
+            return  # this gate wrote it to its own sessions
         for item in batch.items:
             kind = item.WhichOneof("item")
             try:
@@ -287,6 +309,8 @@ class RedisGateBus:
                     )
                 elif kind == "notice":
                     receiver.noticeReceived(item.notice.session_id, item.notice.frame)
+                elif kind == "broadcast":
+                    receiver.broadcastReceived(item.broadcast.frame)
             except Exception:
                 self.log.failure(
                     "handling a {kind} from gate {gate} failed", kind=kind, gate=batch.source_gate

@@ -15,16 +15,18 @@ class Batch(_message.Message):
     def __init__(self, source_gate: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("push", "kick", "typing", "notice")
+    __slots__ = ("push", "kick", "typing", "notice", "broadcast")
     PUSH_FIELD_NUMBER: _ClassVar[int]
     KICK_FIELD_NUMBER: _ClassVar[int]
     TYPING_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
+    BROADCAST_FIELD_NUMBER: _ClassVar[int]
     push: Push
     kick: Kick
     typing: Typing
     notice: Notice
-    def __init__(self, push: _Optional[_Union[Push, _Mapping]] = ..., kick: _Optional[_Union[Kick, _Mapping]] = ..., typing: _Optional[_Union[Typing, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ...) -> None: ...
+    broadcast: Broadcast
+    def __init__(self, push: _Optional[_Union[Push, _Mapping]] = ..., kick: _Optional[_Union[Kick, _Mapping]] = ..., typing: _Optional[_Union[Typing, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., broadcast: _Optional[_Union[Broadcast, _Mapping]] = ...) -> None: ...
 
 class Push(_message.Message):
     __slots__ = ("message", "targets")
@@ -79,3 +81,9 @@ class Notice(_message.Message):
     session_id: str
     frame: bytes
     def __init__(self, session_id: _Optional[str] = ..., frame: _Optional[bytes] = ...) -> None: ...
+
+class Broadcast(_message.Message):
+    __slots__ = ("frame",)
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    frame: bytes
+    def __init__(self, frame: _Optional[bytes] = ...) -> None: ...

@@ -562,6 +562,9 @@ class RedisSessionRegistry:
                     session.kick(pb.REPLACED, "the same device signed in again")
         return restored, kicked
 
+    def broadcast(self, frame):
+        return self.bus.broadcast(frame)
+
     def drain(self):
         """
         @return: a L{Deferred} firing once the unregistrations in flight are
@@ -602,4 +605,10 @@ class RedisSessionRegistry:
     def noticeReceived(self, sessionId, frame):
         local = self._local.get(sessionId)
         if local is not None:
+            local.session.notice(frame)
+
+    def broadcastReceived(self, frame):
+        # Every session this gate holds, as GateFactory.broadcast writes to
+        # its own (a session not delivering, or paused, skips it).
+        for local in list(self._local.values()):
             local.session.notice(frame)

@@ -412,3 +412,6 @@ class PresenceRegistry:
 
     def count(self) -> "Deferred[int]":
         return self.registry.count()
+
+    def broadcast(self, frame: bytes) -> "Deferred[int]":
+        return self.registry.broadcast(frame)
