@@ -9,6 +9,7 @@ not even import txredisapi).
 """
 
 from collections import namedtuple
+from functools import partial
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
@@ -32,10 +33,12 @@ LEASE_INTERVALS = 3
 #: L{imserver.bus.redis.RedisGateBus}, the
 #: L{imserver.registry.redis.RedisSessionRegistry}, the
 #: L{imserver.store.redis.RedisMessageStore}, the
-#: L{imserver.registry.redisdirectory.RedisGateDirectory}, and the seconds
-#: between lease refreshes.
+#: L{imserver.registry.redisdirectory.RedisGateDirectory}, the seconds
+#: between lease refreshes, and the retention lease (for
+#: L{imserver.service.RetentionService}: C{retentionLease(ttlMs)}).
 ClusterSeams = namedtuple(
-    "ClusterSeams", ["connection", "bus", "registry", "store", "directory", "interval"]
+    "ClusterSeams",
+    ["connection", "bus", "registry", "store", "directory", "interval", "retentionLease"],
 )
 
 
@@ -55,6 +58,7 @@ def clusterSeams(reactor, url, caFile, gateId, settings, dedupWindowMs):
     from imserver.registry.redis import RedisSessionRegistry
     from imserver.registry.redisdirectory import RedisGateDirectory
     from imserver.store.redis import RedisMessageStore
+    from imserver.store.redis.keys import RETENTION_LEASE_KEY
 
     try:
         connection = connectRedis(reactor, url, caFile, start=False)
@@ -76,7 +80,8 @@ def clusterSeams(reactor, url, caFile, gateId, settings, dedupWindowMs):
     )
     store = RedisMessageStore(connection, reactor, dedupWindowMs)
     directory = RedisGateDirectory(connection)
-    return ClusterSeams(connection, bus, registry, store, directory, interval)
+    retentionLease = partial(store.claimLease, RETENTION_LEASE_KEY, gateId)
+    return ClusterSeams(connection, bus, registry, store, directory, interval, retentionLease)
 
 
 class ClusterService(Service):

@@ -292,21 +292,40 @@ class RetentionService(Service):
     """
     Applies the retention settings to the message store every
     C{retention_interval} seconds.
+
+    In cluster mode every gate has one, and a lease makes one gate at a
+    time run the passes: each interval a gate runs a pass only if it holds
+    the lease, which it takes when nobody holds it and extends while it
+    does (for L{LEASE_INTERVALS} intervals), so another gate takes over
+    within about that long after the holder died.
+
+    @ivar passes: the passes run.
+    @ivar skipped: the intervals this gate did not hold the lease.
     """
 
     log = Logger()
 
-    def __init__(self, store, clock, settings, ready=None):
+    #: How many intervals the lease lasts: more than one, so the holder's
+    #: next pass extends it before it lapses.
+    LEASE_INTERVALS = 2
+
+    def __init__(self, store, clock, settings, ready=None, lease=None):
         """
         @param ready: if given, called at start; returns a L{Deferred} that
             fires when the store can be used (cluster mode: Redis is
             connected), and the passes start then.
+        @param lease: if given, called as C{lease(ttlMs)} before each
+            pass; returns a L{Deferred} firing with whether this gate holds
+            the lease now (for C{ttlMs}); the pass runs only if so.
         """
         self.setName("retention")
         self.store = store
         self.clock = clock
         self.settings = settings
         self.ready = ready
+        self.lease = lease
+        self.passes = 0
+        self.skipped = 0
         self._loop = LoopingCall(self.trim)
         self._loop.clock = clock
 
@@ -330,11 +349,28 @@ class RetentionService(Service):
 
     def trim(self):
         """
-        One retention pass.
+        One retention pass, if this gate holds the lease (when there is
+        one).
 
-        @return: a L{Deferred} firing with the number of entries removed.
+        @return: a L{Deferred} firing with the number of entries removed
+            (L{None} if the pass was skipped, or failed).
         """
+        if self.lease is None:
+            d = self._pass()
+        else:
+            ttlMs = max(1, int(self.settings.retention_interval * self.LEASE_INTERVALS * 1000))
+            d = self.lease(ttlMs).addCallback(self._leased)
+        return d.addErrback(self._failed)
+
+    def _leased(self, holding):
+        if not holding:
+            self.skipped += 1
+            return None
+        return self._pass()
+
+    def _pass(self):
         settings = self.settings
+        self.passes += 1
         d = self.store.trim(
             int(self.clock.seconds() * 1000),
             int(settings.retention_age * 1000),
@@ -346,13 +382,13 @@ class RetentionService(Service):
                 self.log.info("retention removed {n} inbox entries", n=removed)
             return removed
 
-        def failed(failure):
-            if failure.check(Unavailable):
-                self.log.warn("retention pass postponed: {why}", why=failure.getErrorMessage())
-            else:
-                self.log.failure("retention pass failed", failure)
+        return d.addCallback(done)
 
-        return d.addCallbacks(done, failed)
+    def _failed(self, failure):
+        if failure.check(Unavailable):
+            self.log.warn("retention pass postponed: {why}", why=failure.getErrorMessage())
+        else:
+            self.log.failure("retention pass failed", failure)
 
 
 class WebService(ListenerService):

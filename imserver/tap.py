@@ -585,9 +585,11 @@ def makeService(options, reactor=None):
         if cluster is not None:
             webhooks.service.ready = cluster.whenReady
         webhooks.service.setServiceParent(root)
-    RetentionService(
-        store, reactor, settings, ready=cluster.whenReady if cluster is not None else None
-    ).setServiceParent(root)
+    retention = RetentionService(store, reactor, settings)
+    if cluster is not None:
+        retention.ready = cluster.whenReady
+        retention.lease = seams.retentionLease
+    retention.setServiceParent(root)
     if beforeSendService is not None:
         # Stopped after the gate: sends arriving while it closes its
         # connections are still checked.

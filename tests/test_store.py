@@ -12,9 +12,10 @@ import json
 import signal
 import sqlite3
 import threading
+from functools import partial
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import fail, gatherResults, inlineCallbacks, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -26,6 +27,8 @@ from imserver.errors import NotMember
 from imserver.interfaces import IGroupStore, IMessageStore, IOutbox
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable, RedisURL, connectRedis
+from imserver.service import RetentionService
+from imserver.settings import Settings
 from imserver.store import (
     OUTBOX_LIMIT,
     SYSTEM,
@@ -1590,6 +1593,40 @@ class RedisStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         self.assertEqual((yield self.redis("GET", "im:outbox:lease")), b"gate-2")
 
     @inlineCallbacks
+    def test_retentionLease(self):
+        """
+        Two gates' L{RetentionService}s on one Redis: one runs the passes,
+        extending its lease by two intervals each time, the other skips
+        them; when the lease lapses (the holder died) the other takes over.
+        """
+        other = RedisMessageStore(self.connect(), reactor, 24 * HOUR)
+        yield whenConnected(other.connection)
+        yield self.send("alice", "m1", "old")
+        clock = Clock()
+        clock.advance(T0 / 1000 + 10 * 3600)
+        settings = Settings().replace(
+            retention_interval=600.0, retention_age=3600.0, dedup_window=60.0
+        )
+        a, b = [
+            RetentionService(
+                store, clock, settings, lease=partial(store.claimLease, "im:retention:lease", gate)
+            )
+            for store, gate in [(self.store, "gate-a"), (other, "gate-b")]
+        ]
+        self.assertEqual((yield a.trim()), 2)
+        for _ in range(3):
+            self.assertIsNone((yield b.trim()))
+            self.assertEqual((yield a.trim()), 0)
+        self.assertEqual((a.passes, a.skipped, b.passes, b.skipped), (4, 0, 0, 3))
+        ttl = yield self.redis("PTTL", "im:retention:lease")
+        self.assertTrue(600_000 < ttl <= 1_200_000, ttl)
+        yield self.redis("DEL", "im:retention:lease")
+        self.assertEqual((yield b.trim()), 0)
+        self.assertIsNone((yield a.trim()))
+        self.assertEqual((a.passes, a.skipped, b.passes, b.skipped), (4, 1, 1, 3))
+        self.assertEqual((yield self.redis("GET", "im:retention:lease")), b"gate-b")
+
+    @inlineCallbacks
     def test_outboxKeys(self):
         """
         The outbox is a stream of entries C{<id>-0}, with the last id, the
@@ -1964,6 +2001,76 @@ class RedisStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         self.assertEqual(second.seqs["bob"], first.seqs["bob"] + 1)
         self.assertEqual(
             [e["log_level"] for e in events if "run id" in e["log_format"]], [LogLevel.warn]
+        )
+
+
+class RetentionServiceTests(SynchronousTestCase):
+    """
+    L{RetentionService} on a L{Clock}: a pass per interval, skipped when
+    another gate holds the lease, postponed when the store or the lease is
+    unavailable.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.store = MemoryMessageStore(clock=self.clock)
+        self.trims = []
+        trim = self.store.trim
+        self.patch(self.store, "trim", lambda *a: self.trims.append(a) or trim(*a))
+        self.logged = []
+
+    def service(self, lease=None):
+        service = RetentionService(
+            self.store,
+            self.clock,
+            Settings().replace(
+                retention_interval=10.0, retention_age=60.0, retention_count=5, dedup_window=60.0
+            ),
+            lease=lease,
+        )
+        service.log = Logger(observer=self.logged.append)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def test_everyInterval(self):
+        """
+        Without a lease a pass runs at start and every interval, with the
+        retention settings in milliseconds.
+        """
+        service = self.service()
+        self.clock.advance(10)
+        self.clock.advance(10)
+        self.assertEqual(self.trims, [(0, 60000, 5), (10000, 60000, 5), (20000, 60000, 5)])
+        self.assertEqual(service.passes, 3)
+
+    def test_lease(self):
+        """
+        With a lease, the pass runs only in the intervals its answer is
+        true; it is asked for two intervals.
+        """
+        answers = [True, False, True]
+        asked = []
+        service = self.service(lambda ttlMs: asked.append(ttlMs) or succeed(answers.pop(0)))
+        self.clock.advance(10)
+        self.clock.advance(10)
+        self.assertEqual([a[0] for a in self.trims], [0, 20000])
+        self.assertEqual((service.passes, service.skipped), (2, 1))
+        self.assertEqual(asked, [20000] * 3)
+
+    def test_unavailable(self):
+        """
+        A lease or a pass that fails with L{Unavailable} is logged as a
+        warning and tried again at the next interval.
+        """
+        answers = [fail(RedisUnavailable("down")), succeed(True)]
+        service = self.service(lambda ttlMs: answers.pop(0))
+        self.assertEqual(self.trims, [])
+        self.clock.advance(10)
+        self.assertEqual(service.passes, 1)
+        self.assertEqual(
+            [e["log_level"] for e in self.logged if "postponed" in e["log_format"]],
+            [LogLevel.warn],
         )
 
 

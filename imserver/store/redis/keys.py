@@ -41,6 +41,8 @@ the store records events:
   - C{im:outbox:store}: the store id of the event ids, set (C{NX}) with
     the first event: a Redis that lost its data makes a new one.
   - C{im:outbox:lease}: the gate sending the outbox's events, with C{PX}.
+  - C{im:retention:lease}: the gate running the retention passes, with
+    C{PX} (L{imserver.service.RetentionService}).
   - C{im:presence:<hex of gate id>}: hash, the devices last reported
     online on that gate: field C{<uid><device id><session id>}, each
     packed C{<length>:<bytes>} (L{imserver.store.redis.unpack}), value
@@ -66,6 +68,9 @@ OUTBOX_KEY = "im:outbox"
 OUTBOX_LAST_KEY = "im:outbox:last"
 OUTBOX_STORE_KEY = "im:outbox:store"
 OUTBOX_LEASE_KEY = "im:outbox:lease"
+
+#: The gate running the retention passes.
+RETENTION_LEASE_KEY = "im:retention:lease"
 
 #: The C{SCAN MATCH} pattern of the user keys (not the dedup records).
 USER_KEYS = "im:{u:*"
@@ -137,6 +142,7 @@ __all__ = [
     "OUTBOX_LAST_KEY",
     "OUTBOX_STORE_KEY",
     "OUTBOX_LEASE_KEY",
+    "RETENTION_LEASE_KEY",
     "USER_KEYS",
     "userTag",
     "userKey",

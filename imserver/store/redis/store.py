@@ -115,7 +115,7 @@ GROUPS_OF = _PRELUDE + _lua("groupsOf")
 ENQUEUE = _OUTBOX + _lua("enqueue")
 PENDING = _PRELUDE + _lua("pending")
 OUTBOX_STATS = _lua("outboxStats")
-CLAIM_OUTBOX = _lua("claimOutbox")
+CLAIM_LEASE = _lua("claimLease")
 
 
 def _aroundList(data, name):
@@ -238,7 +238,7 @@ class RedisMessageStore:
         self._enqueue = script(ENQUEUE)
         self._pending = script(PENDING)
         self._outboxStats = script(OUTBOX_STATS)
-        self._claimOutbox = script(CLAIM_OUTBOX)
+        self._claimLease = script(CLAIM_LEASE)
         self._scripts = [
             self._deliver,
             self._deliverOutbox,
@@ -257,7 +257,7 @@ class RedisMessageStore:
             self._enqueue,
             self._pending,
             self._outboxStats,
-            self._claimOutbox,
+            self._claimLease,
         ]
 
     # -- plumbing -----------------------------------------------------------
@@ -806,7 +806,17 @@ class RedisMessageStore:
         return self._outboxStats([OUTBOX_KEY]).addCallback(done)
 
     def claimOutbox(self, owner, ttlMs):
-        return self._claimOutbox([OUTBOX_LEASE_KEY], [owner, "%d" % (ttlMs,)]).addCallback(
+        return self.claimLease(OUTBOX_LEASE_KEY, owner, ttlMs)
+
+    def claimLease(self, key, owner, ttlMs):
+        """
+        Take the lease C{key} for C{ttlMs} if nobody holds it, or extend it
+        if C{owner} does (one gate of the cluster doing a job:
+        L{OUTBOX_LEASE_KEY}, L{RETENTION_LEASE_KEY}).
+
+        @return: a L{Deferred} firing with whether C{owner} holds it now.
+        """
+        return self._claimLease([key], [owner, "%d" % (ttlMs,)]).addCallback(
             lambda reply: reply == 1
         )
 

@@ -1,4 +1,4 @@
--- KEYS: 1 im:outbox:lease.  ARGV: 1 owner, 2 ttl ms.
+-- KEYS: 1 the lease (im:outbox:lease, im:retention:lease).  ARGV: 1 owner, 2 ttl ms.
 -- Takes the lease if nobody holds it, extends it if the owner does.
 -- Returns 1 if the owner holds it now, else 0.
 local holder = redis.call('GET', KEYS[1])
