@@ -11,12 +11,14 @@ not even import txredisapi).
 from collections import namedtuple
 from functools import partial
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from imserver.errors import Unavailable
+from imserver.metrics import labelled
 from imserver.observe import OneShot
 from imserver.service import StartupError
 
@@ -54,7 +56,7 @@ def clusterSeams(reactor, url, caFile, gateId, settings, dedupWindowMs):
     @raise StartupError: if C{--redis-ca} cannot be read.
     """
     from imserver.bus.redis import RedisGateBus
-    from imserver.redisclient import connectRedis, subscribeRedis
+    from imserver.redisclient import CommandStats, connectRedis, subscribeRedis
     from imserver.registry.redis import RedisSessionRegistry
     from imserver.registry.redisdirectory import RedisGateDirectory
     from imserver.store.redis import RedisMessageStore
@@ -64,6 +66,7 @@ def clusterSeams(reactor, url, caFile, gateId, settings, dedupWindowMs):
         connection = connectRedis(reactor, url, caFile, start=False)
     except Exception as e:  # an unreadable --redis-ca
         raise StartupError("--redis-ca {}: {}".format(caFile, e))
+    connection.stats = CommandStats(reactor)
 
     def subscribe(channels, onMessage):
         return subscribeRedis(reactor, url, channels, onMessage, caFile, start=False)
@@ -291,3 +294,89 @@ class ClusterService(Service):
                 self.log.warn("{what} failed: {why}", what=what, why=e.message)
             except Exception:
                 self.log.failure("{what} failed", what=what)
+
+
+class ClusterMetrics:
+    """
+    Cluster mode's metrics, a collector registered in the gate's
+    L{prometheus_client.CollectorRegistry} beside
+    L{imserver.metrics.GateMetrics}: the Redis connection (up, command
+    latency and failures by command), the gate bus (batches published and
+    received, lag, subscription, batches kept for a retry), the store's
+    rollbacks and restarts, and the retention passes.  Read from the
+    objects' own counters when C{/metrics} is scraped.
+    """
+
+    def __init__(self, registry, seams, retention):
+        """
+        @param registry: the gate's C{CollectorRegistry}, or L{None}.
+        @param seams: the gate's L{ClusterSeams}.
+        @param retention: its L{imserver.service.RetentionService}.
+        """
+        self.seams = seams
+        self.retention = retention
+        if registry is not None:
+            registry.register(self)
+
+    def describe(self):
+        return [GaugeMetricFamily("imserver_redis_connected", "Whether Redis is connected.")]
+
+    def collect(self):
+        seams = self.seams
+        connection, bus, store = seams.connection, seams.bus, seams.store
+        yield GaugeMetricFamily(
+            "imserver_redis_connected",
+            "Whether the gate's command connection to Redis is up (1) or not (0).",
+            value=1 if connection.connected else 0,
+        )
+        stats = connection.stats
+        if stats is not None:
+            yield stats.seconds.family()
+            errors = CounterMetricFamily(
+                "imserver_redis_command_errors",
+                "Redis commands that failed, by command and kind: unavailable (no connection,"
+                " no reply in time, a not-now error), noscript (a script sent again in full),"
+                " error (any other error reply).",
+                labels=["command", "kind"],
+            )
+            for (command, kind), count in sorted(stats.errors.items()):
+                errors.add_metric([command, kind], count)
+            yield errors
+        yield CounterMetricFamily(
+            "imserver_bus_published",
+            "PUBLISH commands of the gate bus sent by this gate (batches and broadcasts).",
+            value=bus.published,
+        )
+        yield CounterMetricFamily(
+            "imserver_bus_received",
+            "Gate bus batches received by this gate.",
+            value=bus.received,
+        )
+        yield bus.lag.family()
+        yield GaugeMetricFamily(
+            "imserver_bus_subscribed",
+            "Whether this gate's bus subscription is in place (1) or not (0).",
+            value=1 if bus.subscribed else 0,
+        )
+        yield GaugeMetricFamily(
+            "imserver_bus_retry_batches",
+            "Gate bus batches kept while Redis is unreachable, to publish once it is back.",
+            value=len(bus._retry),
+        )
+        yield CounterMetricFamily(
+            "imserver_store_rollbacks",
+            "Times the Redis store saw the inbox epoch change (Redis lost data).",
+            value=store.rollbacks,
+        )
+        yield CounterMetricFamily(
+            "imserver_store_restarts",
+            "Times the Redis store found that Redis restarted.",
+            value=store.restarts,
+        )
+        yield labelled(
+            "imserver_retention_passes",
+            "Retention intervals by outcome: run (this gate held the retention lease)"
+            " or skipped (another gate did).",
+            "result",
+            {"run": self.retention.passes, "skipped": self.retention.skipped},
+        )

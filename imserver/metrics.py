@@ -138,15 +138,52 @@ class FastHistogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
 
-    def family(self):
+    def buckets(self):
         """
-        @return: the C{HistogramMetricFamily} (cumulative buckets).
+        @return: the cumulative C{(bound, count)} buckets, as
+            C{HistogramMetricFamily} takes them.
         """
         buckets, total = [], 0
         for bound, count in zip(self.bounds + (float("inf"),), list(self.counts)):
             total += count
             buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
-        return HistogramMetricFamily(self.name, self.help, buckets=buckets, sum_value=self.sum)
+        return buckets
+
+    def family(self):
+        """
+        @return: the C{HistogramMetricFamily} (cumulative buckets).
+        """
+        return HistogramMetricFamily(
+            self.name, self.help, buckets=self.buckets(), sum_value=self.sum
+        )
+
+
+class HistogramsByLabel:
+    """
+    One L{FastHistogram} per value of one label (made at its first
+    observation), served as one family.
+
+    @ivar histograms: C{{label value: FastHistogram}}.
+    """
+
+    def __init__(self, name, help, label, bounds):
+        self.name = name
+        self.help = help
+        self.label = label
+        self.bounds = tuple(bounds)
+        self.histograms = {}
+
+    def observe(self, value, seconds):
+        histogram = self.histograms.get(value)
+        if histogram is None:
+            histogram = self.histograms[value] = FastHistogram(self.name, self.help, self.bounds)
+        histogram.observe(seconds)
+
+    def family(self):
+        family = HistogramMetricFamily(self.name, self.help, labels=[self.label])
+        for value, histogram in sorted(self.histograms.items()):
+            family.add_metric([value], histogram.buckets(), histogram.sum)
+        return family
 
 
 class GateMetrics:

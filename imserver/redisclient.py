@@ -39,9 +39,11 @@ from twisted.internet import ssl
 from twisted.internet.defer import fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from imserver.errors import Unavailable
+from imserver.metrics import HistogramsByLabel
 
 #: Default seconds before an unanswered Redis command fails.
 DEFAULT_REPLY_TIMEOUT = 5.0
@@ -210,6 +212,9 @@ class RedisConnection:
         self.url = url
         self.onConnect = []
         self.onDisconnect = []
+        #: A L{CommandStats} the commands are timed and counted in, or
+        #: L{None} (tests).
+        self.stats = None
         self._factory = factory
         self._endpoint = endpoint
         self._up = False
@@ -250,25 +255,34 @@ class RedisConnection:
         except Exception:
             self.log.failure("Redis connection callback {cb!r} failed", cb=callback)
 
-    def execute(self, *command):
+    def execute(self, *command, label=None):
         """
         Run one Redis command.
 
+        @param label: what L{stats} counts it as (default: the command's
+            name; a L{Script} gives its name).
         @return: a L{Deferred} firing with the reply (bulk strings as
             bytes, status replies such as C{OK} as L{str}, integers, lists,
             L{None}), or failing with L{RedisUnavailable} (no connection,
             no reply in time, or a "not now" error such as C{LOADING}; see
             L{RETRYABLE_ERRORS}) or C{txredisapi.ResponseError}.
         """
+        stats = self.stats
         if not self._up:
+            if stats is not None:
+                stats.failed(label or command[0], "unavailable")
             return fail(RedisUnavailable("Redis is unavailable"))
-        return self._factory.handler.execute_command(*command).addErrback(_unavailable)
+        d = self._factory.handler.execute_command(*command)
+        if stats is not None:
+            d.addBoth(stats.observe, label or command[0], self.reactor.seconds())
+        return d.addErrback(_unavailable)
 
-    def script(self, source):
+    def script(self, source, name=None):
         """
+        @param name: what L{stats} counts its calls as.
         @return: a L{Script} for C{source}, run on this connection.
         """
-        return Script(self, source)
+        return Script(self, source, name)
 
     def publish(self, channel, message):
         """
@@ -326,25 +340,91 @@ class Script:
     C{SCRIPT FLUSH}).
     """
 
-    def __init__(self, connection, source):
+    def __init__(self, connection, source, name=None):
         self.connection = connection
         self.source = source.encode("utf-8") if isinstance(source, str) else source
         self.sha = hashlib.sha1(self.source).hexdigest()
+        self.name = name or "EVALSHA"
 
     def __call__(self, keys=(), args=()):
         """
         @return: a L{Deferred} firing with the script's reply.
         """
         keys, args = list(keys), list(args)
-        d = self.connection.execute("EVALSHA", self.sha, len(keys), *(keys + args))
+        label = self.name
+        d = self.connection.execute("EVALSHA", self.sha, len(keys), *(keys + args), label=label)
 
         def noScript(failure):
             failure.trap(txredisapi.ResponseError)
             if not str(failure.value).startswith("NOSCRIPT"):
                 return failure
-            return self.connection.execute("EVAL", self.source, len(keys), *(keys + args))
+            return self.connection.execute(
+                "EVAL", self.source, len(keys), *(keys + args), label=label
+            )
 
         return d.addErrback(noScript)
+
+
+#: Bounds (seconds) of C{imserver_redis_command_seconds}.
+COMMAND_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+
+class CommandStats:
+    """
+    The latency and the failures of the commands of a gate's Redis
+    connections, by command name (a script by its name), for
+    C{/metrics} (L{imserver.cluster.ClusterMetrics}).
+
+    @ivar seconds: L{imserver.metrics.HistogramsByLabel}: from sending a
+        command to its reply reaching the gate's code.
+    @ivar errors: C{{(command, kind): count}}; kind C{unavailable} (no
+        connection, no reply in time, a "not now" error), C{noscript}
+        (a script sent again in full: Redis restarted or was flushed), or
+        C{error} (any other error reply).
+    """
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.seconds = HistogramsByLabel(
+            "imserver_redis_command_seconds",
+            "Redis commands from sending to the reply, by command (a Lua script by its name).",
+            "command",
+            COMMAND_BUCKETS,
+        )
+        self.errors = {}
+
+    def observe(self, result, label, start):
+        self.seconds.observe(label, self.clock.seconds() - start)
+        if isinstance(result, Failure):
+            self.failed(label, _failureKind(result))
+        return result
+
+    def failed(self, label, kind):
+        key = (label, kind)
+        self.errors[key] = self.errors.get(key, 0) + 1
+
+
+def _failureKind(failure):
+    if not failure.check(txredisapi.ResponseError):
+        return "unavailable"
+    code = str(failure.value).split(" ", 1)[0]
+    if code in RETRYABLE_ERRORS:
+        return "unavailable"
+    return "noscript" if code == "NOSCRIPT" else "error"
 
 
 def clientTLSOptions(url, caFile=None):

@@ -567,7 +567,7 @@ def makeService(options, reactor=None):
     root.setName("imserver")
     cluster = None
     if seams is not None:
-        from imserver.cluster import ClusterService
+        from imserver.cluster import ClusterMetrics, ClusterService
 
         cluster = ClusterService(
             seams.connection, registry, seams.bus, directory, messenger, reactor, seams.interval
@@ -590,6 +590,8 @@ def makeService(options, reactor=None):
         retention.ready = cluster.whenReady
         retention.lease = seams.retentionLease
     retention.setServiceParent(root)
+    if cluster is not None:
+        ClusterMetrics(metrics.registry, seams, retention)
     if beforeSendService is not None:
         # Stopped after the gate: sends arriving while it closes its
         # connections are still checked.

@@ -210,6 +210,7 @@ class BatchingTests(SynchronousTestCase):
         Kicks, typing signals and notices travel in the same batch as
         pushes and reach the receiving gate's L{IBusReceiver} in order.
         """
+        self.clock.advance(1000)
         push = EncodedMessage(message(1))
         remote = self.remote("alice", "gate-b")
         remote.kick(pb.REPLACED, "again")
@@ -231,6 +232,9 @@ class BatchingTests(SynchronousTestCase):
             ],
         )
         self.assertEqual(other.received, 1)
+        # The batch carries its publication time: the lag is observed.
+        self.assertEqual(bus_pb2.Batch.FromString(data).sent_ms, int(self.clock.seconds() * 1000))
+        self.assertEqual(sum(other.lag.counts), 1)
 
     def test_broadcast(self):
         """

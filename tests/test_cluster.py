@@ -31,7 +31,7 @@ from imserver.registry.redisdirectory import RedisGateDirectory
 from imserver.registry.remote import RemoteSession
 from imserver.service import AdvertiseService
 
-from tests.support import startServer
+from tests.support import documentedMetrics, servedMetrics, startServer
 from tests.support.cluster import RedisTestMixin
 from tests.support.live import Changes, ConnectionWatch, withDeadline
 from tests.support.redis import whenConnected, whenDisconnected
@@ -323,6 +323,62 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         )
         self.assertEqual(self.messages(carol)[0].message.body, b"all")
         self.assertEqual(self.a.cluster.bus.published - published, 1)
+
+    @inlineCallbacks
+    def test_metrics(self):
+        """
+        C{/metrics} of a gate in cluster mode has the Redis connection's
+        command latencies and failures, the bus's batches and lag, the
+        store's rollbacks and restarts, and the retention passes: one gate
+        runs them, the other skips them.
+        """
+        alice = yield self.connect(self.a, "alice")
+        bob = yield self.connect(self.b, "bob")
+        yield alice.send("bob", b"hello", "m1")
+        yield self.changes.until(lambda: self.messages(bob), DEADLINE, "the message at bob")
+
+        def sample(gate, name, **labels):
+            return gate.factory.metrics.registry.get_sample_value(name, labels or None)
+
+        for gate in self.a, self.b:
+            self.assertEqual(sample(gate, "imserver_redis_connected"), 1)
+            self.assertEqual(sample(gate, "imserver_bus_subscribed"), 1)
+            self.assertEqual(sample(gate, "imserver_store_rollbacks_total"), 0)
+            self.assertEqual(sample(gate, "imserver_bus_retry_batches"), 0)
+            self.assertGreaterEqual(
+                sample(gate, "imserver_redis_command_seconds_count", command="registry.register"),
+                1,
+            )
+        self.assertEqual(
+            sample(self.a, "imserver_redis_command_seconds_count", command="store.deliver"), 1
+        )
+        self.assertGreaterEqual(sample(self.a, "imserver_bus_published_total"), 1)
+        self.assertGreaterEqual(sample(self.b, "imserver_bus_received_total"), 1)
+        self.assertGreaterEqual(sample(self.b, "imserver_bus_lag_seconds_count"), 1)
+        self.assertEqual(
+            sample(self.a, "imserver_redis_command_errors_total", command="PING", kind="error"),
+            None,
+        )
+        served = servedMetrics(self.a.factory.metrics.registry)
+        self.assertEqual(served - documentedMetrics(), set(), "served, not in docs/api.md")
+        # Served only with --webhook, --before-send, --web:
+        optional = {m for m in documentedMetrics() if m.startswith("imserver_webhook_")}
+        optional |= {
+            "imserver_before_send_pending",
+            "imserver_web_http_connections",
+            "imserver_websocket_upgrades_refused",
+        }
+        self.assertEqual(
+            documentedMetrics() - optional - served, set(), "in docs/api.md, not served"
+        )
+        runs = [
+            sample(g, "imserver_retention_passes_total", result="run") for g in (self.a, self.b)
+        ]
+        self.assertEqual(sorted(runs), [0, 1])
+        skipped = [
+            sample(g, "imserver_retention_passes_total", result="skipped") for g in (self.a, self.b)
+        ]
+        self.assertEqual(sorted(skipped), [0, 1])
 
     @inlineCallbacks
     def test_broadcastEveryGate(self):

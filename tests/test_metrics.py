@@ -3,6 +3,8 @@
 Tests for L{imserver.metrics}: the IM metrics move when their events happen.
 """
 
+from types import SimpleNamespace
+
 from prometheus_client import generate_latest
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
@@ -11,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from imserver.metrics import GateMetrics
 from imserver.pb import im_pb2 as pb
 
+from tests.support import documentedMetrics, servedMetrics
 from tests.support.frames import written
 from tests.support.gate import DeliveryHarness
 
@@ -139,3 +142,24 @@ class GateMetricsTests(SynchronousTestCase):
         text = generate_latest(self.metrics.registry).decode()
         self.assertIn("# TYPE imserver_messages_stored_total counter", text)
         self.assertIn('imserver_connections{state="authenticated"} 0.0', text)
+
+    def test_documented(self):
+        """
+        Every family a gate serves is in docs/api.md's table, and every
+        family of the table but those of cluster mode and of options is
+        served.
+        """
+        self.metrics.watchWeb(SimpleNamespace(http=set(), refusedUpgrades={"origin": 0}))
+        self.metrics.watchBeforeSend(SimpleNamespace(pending=0))
+        served = servedMetrics(self.metrics.registry)
+        documented = documentedMetrics()
+        self.assertEqual(served - documented, set(), "served, not in docs/api.md")
+        optional = {
+            m
+            for m in documented
+            if m.startswith(
+                ("imserver_webhook_", "imserver_redis_", "imserver_bus_", "imserver_retention_")
+            )
+        }
+        optional |= {"imserver_store_rollbacks", "imserver_store_restarts"}
+        self.assertEqual(documented - optional - served, set(), "in docs/api.md, not served")

@@ -9,9 +9,15 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txredisapi import ResponseError
 
 from imserver.errors import Unavailable
-from imserver.redisclient import RedisUnavailable, RedisURL, _unavailable, connectRedis
+from imserver.redisclient import (
+    CommandStats,
+    RedisUnavailable,
+    RedisURL,
+    _unavailable,
+    connectRedis,
+)
 
-from tests.support.redis import RedisServer, whenConnected
+from tests.support.redis import RedisServer, whenConnected, whenDisconnected
 
 
 class RedisURLTests(SynchronousTestCase):
@@ -130,6 +136,32 @@ class ConnectionTests(TestCase):
         self.assertEqual((yield script(["c"], [5])), 5)
         yield self.connection.execute("SCRIPT", "FLUSH")
         self.assertEqual((yield script(["c"], [2])), 7)
+
+    @inlineCallbacks
+    def test_stats(self):
+        """
+        With L{CommandStats}, every command is timed by name (a script by
+        its name, its C{NOSCRIPT} retry counted), and failures are counted
+        by command and kind.
+        """
+        stats = self.connection.stats = CommandStats(reactor)
+        yield self.connection.execute("SET", "k", b"v")
+        yield self.connection.execute("GET", "k")
+        yield self.assertFailure(self.connection.execute("INCR", "k"), ResponseError)
+        script = self.connection.script("return 1", "one")
+        yield script()
+        yield script()
+        histograms = stats.seconds.histograms
+        self.assertEqual(
+            {name: sum(h.counts) for name, h in histograms.items()},
+            {"SET": 1, "GET": 1, "INCR": 1, "one": 3},
+        )
+        self.assertEqual(stats.errors, {("INCR", "error"): 1, ("one", "noscript"): 1})
+        lost = whenDisconnected(self.connection)
+        yield self.server.stop()
+        yield lost
+        yield self.assertFailure(self.connection.execute("GET", "k"), RedisUnavailable)
+        self.assertEqual(stats.errors[("GET", "unavailable")], 1)
 
     @inlineCallbacks
     def test_unavailable(self):

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from imserver.bus import BROADCAST_CHANNEL, channelOf
 from imserver.interfaces import IGateBus
+from imserver.metrics import FastHistogram
 from imserver.pb import bus_pb2
 from imserver.redisclient import RedisUnavailable
 from imserver.wire import EncodedMessage
@@ -37,6 +38,9 @@ MAX_BATCH_BYTES = 512 * 1024
 
 #: Batches kept while Redis is unreachable, published again once it is back.
 MAX_RETRY_BATCHES = 1000
+
+#: Bounds (seconds) of C{imserver_bus_lag_seconds}.
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class _Outgoing:
@@ -66,6 +70,8 @@ class RedisGateBus:
         gate's channel.
     @ivar published: PUBLISH commands sent (for tests and metrics).
     @ivar received: batches received.
+    @ivar lag: L{FastHistogram} of the seconds from a batch's publication
+        (by the other gate's clock) to its arrival here.
     """
 
     log = Logger()
@@ -87,6 +93,11 @@ class RedisGateBus:
         self.subscriber = subscribe([self.channel, BROADCAST_CHANNEL], self._received)
         self.published = 0
         self.received = 0
+        self.lag = FastHistogram(
+            "imserver_bus_lag_seconds",
+            "From a gate bus batch's publication (the sending gate's clock) to its arrival.",
+            LAG_BUCKETS,
+        )
         self._outgoing = {}
         self._flushCall = None
         self._retry = []
@@ -202,7 +213,7 @@ class RedisGateBus:
             L{imserver.redisclient.RedisUnavailable} (then no gate got it;
             it is not kept for a retry, the caller says so).
         """
-        batch = bus_pb2.Batch(source_gate=self.gateId)
+        batch = bus_pb2.Batch(source_gate=self.gateId, sent_ms=self._nowMs())
         batch.items.add().broadcast.frame = frame
         self.published += 1
         d = self.connection.publish(BROADCAST_CHANNEL, batch.SerializeToString())
@@ -221,12 +232,18 @@ class RedisGateBus:
                 self._flushCall.cancel()
             self._flushCall = None
         outgoing, self._outgoing = self._outgoing, {}
+        nowMs = self._nowMs()
         for gateId, queued in outgoing.items():
+            queued.batch.sent_ms = nowMs
             self._publish(gateId, queued.batch.SerializeToString())
 
     def _flushGate(self, gateId):
         queued = self._outgoing.pop(gateId)
+        queued.batch.sent_ms = self._nowMs()
         self._publish(gateId, queued.batch.SerializeToString())
+
+    def _nowMs(self):
+        return int(self.reactor.seconds() * 1000)
 
     def _publish(self, gateId, data):
         self.published += 1
@@ -280,6 +297,8 @@ class RedisGateBus:
             )
             return
         self.received += 1
+        if batch.sent_ms:
+            self.lag.observe(max(0.0, self.reactor.seconds() - batch.sent_ms / 1000.0))
         receiver = self.receiver
         if channel == BROADCAST_CHANNEL and batch.source_gate == self.gateId:
             return  # this gate wrote it to its own sessions

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tbus.proto\x12\x0fimserver.bus.v1\"B\n\x05\x42\x61tch\x12\x13\n\x0bsource_gate\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.imserver.bus.v1.Item\"\xe3\x01\n\x04Item\x12%\n\x04push\x18\x01 \x01(\x0b\x32\x15.imserver.bus.v1.PushH\x00\x12%\n\x04kick\x18\x02 \x01(\x0b\x32\x15.imserver.bus.v1.KickH\x00\x12)\n\x06typing\x18\x03 \x01(\x0b\x32\x17.imserver.bus.v1.TypingH\x00\x12)\n\x06notice\x18\x04 \x01(\x0b\x32\x17.imserver.bus.v1.NoticeH\x00\x12/\n\tbroadcast\x18\x05 \x01(\x0b\x32\x1a.imserver.bus.v1.BroadcastH\x00\x42\x06\n\x04item\"A\n\x04Push\x12\x0f\n\x07message\x18\x01 \x01(\x0c\x12(\n\x07targets\x18\x02 \x03(\x0b\x32\x17.imserver.bus.v1.Target\"4\n\x06Target\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08outgoing\x18\x03 \x01(\x08\"o\n\x04Kick\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\t\"L\n\x06Typing\x12\x0e\n\x06to_uid\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_uid\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x08\x12\x10\n\x08group_id\x18\x04 \x01(\t\"+\n\x06Notice\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\"\x1a\n\tBroadcast\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\tbus.proto\x12\x0fimserver.bus.v1\"S\n\x05\x42\x61tch\x12\x13\n\x0bsource_gate\x18\x01 \x01(\t\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.imserver.bus.v1.Item\x12\x0f\n\x07sent_ms\x18\x03 \x01(\x04\"\xe3\x01\n\x04Item\x12%\n\x04push\x18\x01 \x01(\x0b\x32\x15.imserver.bus.v1.PushH\x00\x12%\n\x04kick\x18\x02 \x01(\x0b\x32\x15.imserver.bus.v1.KickH\x00\x12)\n\x06typing\x18\x03 \x01(\x0b\x32\x17.imserver.bus.v1.TypingH\x00\x12)\n\x06notice\x18\x04 \x01(\x0b\x32\x17.imserver.bus.v1.NoticeH\x00\x12/\n\tbroadcast\x18\x05 \x01(\x0b\x32\x1a.imserver.bus.v1.BroadcastH\x00\x42\x06\n\x04item\"A\n\x04Push\x12\x0f\n\x07message\x18\x01 \x01(\x0c\x12(\n\x07targets\x18\x02 \x03(\x0b\x32\x17.imserver.bus.v1.Target\"4\n\x06Target\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x10\n\x08outgoing\x18\x03 \x01(\x08\"o\n\x04Kick\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\x05\x12\x0f\n\x07message\x18\x06 \x01(\t\"L\n\x06Typing\x12\x0e\n\x06to_uid\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_uid\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x03 \x01(\x08\x12\x10\n\x08group_id\x18\x04 \x01(\t\"+\n\x06Notice\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05\x66rame\x18\x02 \x01(\x0c\"\x1a\n\tBroadcast\x12\r\n\x05\x66rame\x18\x01 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_BATCH']._serialized_start=30
-  _globals['_BATCH']._serialized_end=96
-  _globals['_ITEM']._serialized_start=99
-  _globals['_ITEM']._serialized_end=326
-  _globals['_PUSH']._serialized_start=328
-  _globals['_PUSH']._serialized_end=393
-  _globals['_TARGET']._serialized_start=395
-  _globals['_TARGET']._serialized_end=447
-  _globals['_KICK']._serialized_start=449
-  _globals['_KICK']._serialized_end=560
-  _globals['_TYPING']._serialized_start=562
-  _globals['_TYPING']._serialized_end=638
-  _globals['_NOTICE']._serialized_start=640
-  _globals['_NOTICE']._serialized_end=683
-  _globals['_BROADCAST']._serialized_start=685
-  _globals['_BROADCAST']._serialized_end=711
+  _globals['_BATCH']._serialized_end=113
+  _globals['_ITEM']._serialized_start=116
+  _globals['_ITEM']._serialized_end=343
+  _globals['_PUSH']._serialized_start=345
+  _globals['_PUSH']._serialized_end=410
+  _globals['_TARGET']._serialized_start=412
+  _globals['_TARGET']._serialized_end=464
+  _globals['_KICK']._serialized_start=466
+  _globals['_KICK']._serialized_end=577
+  _globals['_TYPING']._serialized_start=579
+  _globals['_TYPING']._serialized_end=655
+  _globals['_NOTICE']._serialized_start=657
+  _globals['_NOTICE']._serialized_end=700
+  _globals['_BROADCAST']._serialized_start=702
+  _globals['_BROADCAST']._serialized_end=728
 # @@protoc_insertion_point(module_scope)

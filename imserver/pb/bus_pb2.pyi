@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Batch(_message.Message):
-    __slots__ = ("source_gate", "items")
+    __slots__ = ("source_gate", "items", "sent_ms")
     SOURCE_GATE_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SENT_MS_FIELD_NUMBER: _ClassVar[int]
     source_gate: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
-    def __init__(self, source_gate: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ...) -> None: ...
+    sent_ms: int
+    def __init__(self, source_gate: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., sent_ms: _Optional[int] = ...) -> None: ...
 
 class Item(_message.Message):
     __slots__ = ("push", "kick", "typing", "notice", "broadcast")

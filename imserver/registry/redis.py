@@ -283,11 +283,11 @@ class RedisSessionRegistry:
         self._byUid = {}
         self._orphans = set()
         self._pending = set()
-        self._register = connection.script(_REGISTER)
-        self._unregister = connection.script(_UNREGISTER)
-        self._lookup = connection.script(_LOOKUP)
-        self._restore = connection.script(_RESTORE)
-        self._withdraw = connection.script(_WITHDRAW)
+        self._register = connection.script(_REGISTER, "registry.register")
+        self._unregister = connection.script(_UNREGISTER, "registry.unregister")
+        self._lookup = connection.script(_LOOKUP, "registry.lookup")
+        self._restore = connection.script(_RESTORE, "registry.restore")
+        self._withdraw = connection.script(_WITHDRAW, "registry.withdraw")
         bus.receiver = self
 
     # -- ISessionRegistry -----------------------------------------------------

@@ -54,7 +54,7 @@ class RedisGateDirectory:
     def __init__(self, connection):
         self.connection = connection
         self._mine = {}
-        self._gates = connection.script(_GATES)
+        self._gates = connection.script(_GATES, "directory.gates")
 
     def advertise(self, gateId, addresses):
         addresses = [tuple(a) for a in addresses]

@@ -28,10 +28,12 @@ cleanup of child processes, free ports, and the programs some tests need
 """
 
 import os
+import re
 import shutil
 import socket
 
 from twisted.internet.error import ProcessExitedAlready
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import FailTest, SkipTest
 
 from imserver import tap
@@ -164,3 +166,32 @@ def requireExecutable(name, what=None):
     found = shutil.which(name, path=path)
     requireDependency(found is not None, what or name)
     return found
+
+
+def documentedMetrics():
+    """
+    The metric family names docs/api.md lists under C{GET /metrics} (each
+    table row's backquoted C{imserver_*} names, without labels, and
+    without C{_total}, which the families' names do not carry).
+
+    @rtype: L{set} of L{str}
+    """
+    text = FilePath(__file__).parent().parent().parent().child("docs").child("api.md")
+    section = text.getContent().decode("utf-8").split("### `GET /metrics`", 1)[1]
+    section = section.split("\n### ", 1)[0]
+    names = set()
+    for line in section.splitlines():
+        if line.startswith("| `imserver_"):
+            first = line.split("|")[1]
+            for name in re.findall(r"`(imserver_[a-z_]+)", first):
+                names.add(name[: -len("_total")] if name.endswith("_total") else name)
+    return names
+
+
+def servedMetrics(registry):
+    """
+    The C{imserver_*} family names C{registry} serves.
+
+    @rtype: L{set} of L{str}
+    """
+    return {m.name for m in registry.collect() if m.name.startswith("imserver_")}
