@@ -311,6 +311,20 @@ class OptionsTests(SynchronousTestCase):
         error = self.assertRaises(UsageError, self.parse, Hold, "--gates", "2")
         self.assertIn("redis-server", str(error))
         self.assertEqual(self.parse(Hold, "--gates", "1")["gates"], 1)
+        error = self.assertRaises(UsageError, self.parse, Hold, "--store", "redis")
+        self.assertIn("redis-server", str(error))
+
+    def test_store(self):
+        """
+        C{--store} is sqlite, memory or redis; with C{--gates} > 1 it is
+        always redis.
+        """
+        self.patch(bench_options, "redisServer", lambda: "/usr/bin/redis-server")
+        self.assertEqual(self.parse(P2P)["store"], "sqlite")
+        self.assertEqual(self.parse(P2P, "--store", "redis")["store"], "redis")
+        self.assertEqual(self.parse(P2P, "--gates", "2")["store"], "redis")
+        error = self.assertRaises(UsageError, self.parse, P2P, "--store", "mysql")
+        self.assertIn("--store", str(error))
 
     def test_values(self):
         """

@@ -184,7 +184,7 @@ class Coordinator:
                 "workers": o["workers"],
                 "sources": o["sources"],
                 "transport": o["transport"],
-                "store": o["store"] if o["gates"] == 1 else "redis",
+                "store": o["store"],
             }
             if o["gates"] > 1:
                 result["gates"] = o["gates"]

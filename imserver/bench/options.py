@@ -196,7 +196,8 @@ class BaseOptions(commandline.Options):
             "store",
             None,
             "sqlite",
-            "Gate store: sqlite or memory (one gate; with --gates > 1 the store is Redis).",
+            "Gate store: sqlite, memory, or redis (cluster mode: the bench starts its own"
+            " redis-server; always with --gates > 1).",
         ],
         [
             "gates",
@@ -274,10 +275,14 @@ class BaseOptions(commandline.Options):
         gates = self["gates"]
         if gates < 1:
             raise usage.UsageError("--gates must be >= 1")
-        if gates > 1 and redisServer() is None:
+        if self["store"] not in ("sqlite", "memory", "redis"):
+            raise usage.UsageError("--store is sqlite, memory or redis")
+        if gates > 1:
+            self["store"] = "redis"
+        if self["store"] == "redis" and redisServer() is None:
             raise usage.UsageError(
-                "--gates > 1 runs the gates in cluster mode and needs redis-server "
-                "(Debian package redis-server), which is not installed"
+                "--gates > 1 and --store redis run the gates in cluster mode and need "
+                "redis-server (Debian package redis-server), which is not installed"
             )
         budget = fileLimit() - FILE_RESERVE
         if math.ceil(users / gates) > budget:
@@ -292,8 +297,6 @@ class BaseOptions(commandline.Options):
                     "this one takes {}".format(self["transport"], _alternatives(self.transports))
                 )
             raise usage.UsageError("--transport is {}".format(_alternatives(self.transports)))
-        if self["store"] not in ("sqlite", "memory"):
-            raise usage.UsageError("--store is sqlite or memory")
         self["host"] = loopback(self["host"])
         for option in ("server-cpu", "client-cpu"):
             cpuCount(self[option])

@@ -150,7 +150,7 @@ class Processes:
         o = self.options
         gates = o["gates"]
         redisURL = None
-        if gates > 1:
+        if o["store"] == "redis":
             redisURL = yield self._startRedis(dataDir)
         if o.get("before-send"):
             yield self._startBackend()
