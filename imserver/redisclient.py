@@ -19,7 +19,11 @@ do by itself:
     retries.
 
 Values are bytes both ways (C{charset=None}, no number conversion), so
-message bodies and protobuf blobs pass unchanged.
+message bodies and protobuf blobs pass unchanged; replies are parsed by
+C{hiredis} (a dependency: txredisapi uses it when installed; its own parser
+takes a reactor pass per bulk string of a reply), so status replies are
+bytes too.  Commands go straight to the connected protocol, not through
+txredisapi's connection pool (one connection, nothing to wait for).
 
 Cluster mode's pub/sub (the gate bus) has its own connection,
 L{RedisSubscriber} (L{subscribeRedis}), which subscribes again after every
@@ -218,6 +222,7 @@ class RedisConnection:
         self._factory = factory
         self._endpoint = endpoint
         self._up = False
+        self._protocol = None
 
     def start(self):
         """
@@ -236,6 +241,7 @@ class RedisConnection:
         return self._up
 
     def _connected(self, conn):
+        self._protocol = conn
         if not self._up:
             self._up = True
             self.log.info("connected to Redis at {url}", url=str(self.url))
@@ -243,6 +249,8 @@ class RedisConnection:
                 self._run(callback)
 
     def _disconnected(self, conn):
+        if conn is self._protocol:
+            self._protocol = None
         if self._up and not self._factory.size:
             self._up = False
             self.log.warn("lost the connection to Redis at {url}", url=str(self.url))
@@ -262,17 +270,19 @@ class RedisConnection:
         @param label: what L{stats} counts it as (default: the command's
             name; a L{Script} gives its name).
         @return: a L{Deferred} firing with the reply (bulk strings as
-            bytes, status replies such as C{OK} as L{str}, integers, lists,
+            bytes, status replies such as C{OK} as bytes too, integers, lists,
             L{None}), or failing with L{RedisUnavailable} (no connection,
             no reply in time, or a "not now" error such as C{LOADING}; see
             L{RETRYABLE_ERRORS}) or C{txredisapi.ResponseError}.
         """
         stats = self.stats
-        if not self._up:
+        protocol = self._protocol
+        if protocol is None or not protocol.connected:
             if stats is not None:
                 stats.failed(label or command[0], "unavailable")
             return fail(RedisUnavailable("Redis is unavailable"))
-        d = self._factory.handler.execute_command(*command)
+        # Straight to the protocol (one connection: no pool to wait for).
+        d = protocol.execute_command(*command)
         if stats is not None:
             d.addBoth(stats.observe, label or command[0], self.reactor.seconds())
         return d.addErrback(_unavailable)

@@ -179,7 +179,7 @@ class ConnectionTests(TestCase):
         self.assertIsInstance(failure, Unavailable)
         yield self.server.start()
         yield whenConnected(self.connection)
-        self.assertEqual((yield self.connection.execute("PING")), "PONG")
+        self.assertEqual((yield self.connection.execute("PING")), b"PONG")
 
 
 class RefusedAuthTests(TestCase):
@@ -218,5 +218,5 @@ class RefusedAuthTests(TestCase):
         yield self.assertFailure(connection.execute("PING"), RedisUnavailable)
         yield admin.execute("CONFIG", "SET", "requirepass", "new-password")
         yield up
-        self.assertEqual((yield connection.execute("PING")), "PONG")
+        self.assertEqual((yield connection.execute("PING")), b"PONG")
         self.flushLoggedErrors()

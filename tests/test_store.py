@@ -1638,7 +1638,7 @@ class RedisStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         yield self.store.enqueue([userOnline("bob", "pc", pb.WEB, "g:1", "s1")], T0)
         keys = sorted(k.decode() for k in (yield self.redis("KEYS", "im:outbox*")))
         self.assertEqual(keys, ["im:outbox", "im:outbox:last", "im:outbox:store"])
-        self.assertEqual((yield self.redis("TYPE", "im:outbox")), "stream")
+        self.assertEqual((yield self.redis("TYPE", "im:outbox")), b"stream")
         self.assertEqual(
             (yield self.redis("HKEYS", "im:presence:%s" % (b"g:1".hex(),))), [b"3:bob2:pc2:s1"]
         )
