@@ -18,6 +18,8 @@ cleanup of child processes, free ports, and the programs some tests need
     (L{tests.support.live.ConnectionWatch}), and bounded polling where
     there is no event;
   - L{tests.support.redis}: a real C{redis-server} and Redis connections;
+  - L{tests.support.rediscluster}: a real six-node Redis Cluster (three
+    primaries, three replicas), with failover and slot migration;
   - L{tests.support.cluster}: fake sessions and the Redis side of fake
     gates, on a real C{redis-server};
   - L{tests.support.twistd}: real C{twistd im} gate processes;
