@@ -53,6 +53,7 @@ from imserver.bench.options import cpuCount, loopback, sourceAddresses
 from imserver.bench.p2p import P2P, P2PLoad
 from imserver.bench.ping import Ping
 from imserver.bench.plot import cdfPoints
+from imserver.bench.scenario import gateOf
 from imserver.bench.stats import (
     evenBlocks,
     formatProgress,
@@ -204,6 +205,30 @@ class StatsTests(SynchronousTestCase):
         self.assertLessEqual(len(values), 102)
         self.assertEqual((values[-1], fractions[-1]), (99999, 1.0))
         self.assertEqual(cdfPoints([]), ([], []))
+
+
+class GateOfTests(SynchronousTestCase):
+    """
+    L{gateOf}: which gate each user connects to.
+    """
+
+    def test_pairsSpanGates(self):
+        """
+        With several gates every pair (C{i}, C{i ^ 1}) is on two gates and
+        the senders (even users) are spread evenly; with one gate all are
+        on it.
+        """
+        self.assertEqual({gateOf(i, 1) for i in range(100)}, {0})
+        for gates in 2, 3, 4:
+            users = 24 * gates
+            for i in range(0, users, 2):
+                self.assertNotEqual(gateOf(i, gates), gateOf(i ^ 1, gates))
+            senders = [gateOf(i, gates) for i in range(0, users, 2)]
+            self.assertEqual(
+                [senders.count(g) for g in range(gates)], [users // 2 // gates] * gates
+            )
+            everyone = [gateOf(i, gates) for i in range(users)]
+            self.assertEqual([everyone.count(g) for g in range(gates)], [users // gates] * gates)
 
 
 class OptionsTests(SynchronousTestCase):

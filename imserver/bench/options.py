@@ -204,7 +204,7 @@ class BaseOptions(commandline.Options):
             None,
             1,
             "Gate processes (cluster mode when > 1: the bench starts its own redis-server, and "
-            "user i connects to gate i % N).",
+            "each pair of users spans two gates).",
             int,
         ],
         ["host", None, "127.0.0.1", "Loopback address the servers listen on (127.x or ::1)."],

@@ -10,7 +10,7 @@ in L{imserver.bench.scenarios.SCENARIOS}.
 Users are numbered 0 .. N - 1 across all workers; user C{i} is C{u<i>},
 signs in as device L{DEVICE}, sends to its partner C{i ^ 1} (always in the
 same worker), connects from source address C{i % len(sources)} to gate
-C{i % len(ports)} (one gate unless C{--gates}).
+L{gateOf}C{(i, len(ports))} (one gate unless C{--gates}).
 """
 
 import gc
@@ -51,6 +51,16 @@ def userName(index):
     The uid of user C{index}.
     """
     return "u{}".format(index)
+
+
+def gateOf(index, gates):
+    """
+    The gate (of C{gates}) user C{index} connects to: pair C{k}'s even user
+    to gate C{k % gates}, its odd user to the next one, so that with
+    several gates every pair spans two gates and the senders (the even
+    users, in C{p2p}) are spread over all of them.
+    """
+    return (index // 2 + (index & 1)) % gates
 
 
 def partner(index):
@@ -248,7 +258,7 @@ class Load:
         source = self.sources[index % len(self.sources)]
         bind = None if source is None else (source, 0)
         kind = TCP6ClientEndpoint if ":" in self.host else TCP4ClientEndpoint
-        port = self.ports[index % len(self.ports)]
+        port = self.ports[gateOf(index, len(self.ports))]
         endpoint = kind(self.reactor, self.host, port, self.timeout, bind)
         if self._tls is not None:
             endpoint = wrapClientTLS(self._tls, endpoint)
@@ -390,7 +400,7 @@ class Load:
 
         def connected(_, index):
             self.add("connected")
-            self.perGate[index % len(self.ports)] += 1
+            self.perGate[gateOf(index, len(self.ports))] += 1
 
         def attempt(index):
             def connectFailed(failure):
