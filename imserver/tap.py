@@ -461,6 +461,7 @@ def makeService(options, reactor=None):
     @raise StartupError: if something L{Options} checked changed since
         (a file removed, a disk full).
     """
+    underTwistd = reactor is None
     if reactor is None:
         from twisted.internet import reactor
     requireUpb()
@@ -565,6 +566,7 @@ def makeService(options, reactor=None):
 
     root = ServerService()
     root.setName("imserver")
+    root.freezeHeap = underTwistd
     cluster = None
     if seams is not None:
         from imserver.cluster import ClusterMetrics, ClusterService

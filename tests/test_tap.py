@@ -8,6 +8,7 @@ Everything here is deterministic: the service tree is built and started on
 a L{MemoryReactorClock}, so nothing listens on a real socket.
 """
 
+import gc
 import os
 import stat
 import sys
@@ -33,7 +34,7 @@ from imserver.datadir import (
     SECRET_FILE_NAME,
 )
 from imserver.protocol import GateFactory
-from imserver.service import GateService, ListenerService
+from imserver.service import GateService, ListenerService, ServerService
 from imserver.settings import Settings, optionName, settingFields
 from imserver.tls import makeSelfSigned
 
@@ -280,6 +281,14 @@ class MakeServiceTests(SynchronousTestCase):
         Call L{tap.makeService} on the memory reactor.
         """
         return tap.makeService(self.options(*listen, extra=extra), reactor=self.reactor)
+
+    def test_freezeHeapUnderTwistd(self):
+        """
+        The root freezes the heap when built for C{twistd} (no reactor
+        given), not when given a reactor (tests, embedding).
+        """
+        self.assertFalse(self.makeService("tcp:0").freezeHeap)
+        self.assertTrue(tap.makeService(self.options("tcp:0")).freezeHeap)
 
     def start(self, root):
         """
@@ -712,3 +721,27 @@ class StoreChoiceTests(SynchronousTestCase):
         options = tap.Options()
         options.parseOptions(["--max-unacked", "1000000"])
         self.assertEqual(options.settings.max_unacked, 1000000)
+
+
+class FreezeHeapTests(SynchronousTestCase):
+    """
+    The root service freezes the heap at start under C{twistd} only.
+    """
+
+    def test_freeze(self):
+        """
+        With C{freezeHeap}, starting collects and freezes (C{gc.freeze});
+        without it, neither.
+        """
+        calls = []
+        self.patch(gc, "collect", lambda: calls.append("collect"))
+        self.patch(gc, "freeze", lambda: calls.append("freeze"))
+        root = ServerService()
+        root.startService()
+        self.assertEqual(calls, [])
+        root.stopService()
+        root = ServerService()
+        root.freezeHeap = True
+        root.startService()
+        self.assertEqual(calls, ["collect", "freeze"])
+        root.stopService()
