@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import struct
 import time
 from io import StringIO
 
@@ -28,6 +29,8 @@ from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -1483,10 +1486,10 @@ class DocumentTests(SynchronousTestCase):
         self.failureResultOf(authenticator.authenticate(self.uid, self.lines["jwt"]), AuthFailed)
 
 
-class EndToEndTests(TestCase):
+class LiveGateTestCase(TestCase):
     """
-    The real gate (L{tap.makeService}) on loopback TLS, and the real client
-    signing in with JWTs minted by PyJWT.
+    The real gate (L{tap.makeService}) on loopback TLS, accepting RS256
+    JWTs of C{self.rsaKey}'s public key and HS256 ones of its secret.
     """
 
     timeout = 30
@@ -1519,6 +1522,12 @@ class EndToEndTests(TestCase):
         [address] = yield root.getServiceNamed("gate").addresses()
         self.port = address.port
         self.secret = loadSecret(self.dataDir, environ={})
+
+
+class EndToEndTests(LiveGateTestCase):
+    """
+    The real client signing in with JWTs minted by PyJWT.
+    """
 
     @inlineCallbacks
     def signIn(self, token, uid=UID):
@@ -1564,6 +1573,110 @@ class EndToEndTests(TestCase):
         self.assertEqual(error.code, pb.AUTH_FAILED)
         yield self.watch.whenAllClosed()
         self.assertEqual(self.factory.metrics.authFailures["jwt_bad_signature"], 1)
+
+
+class _FrameReader(Protocol):
+    """
+    A stranger's client, written from docs/protocol.md alone: frames are
+    a 4-byte big-endian length and a serialized C{Frame}; it collects what
+    comes back and tells when the gate closes the connection.
+    """
+
+    def __init__(self):
+        self.buffer = b""
+        self.frames = []
+        self.closed = Deferred()
+        self._waiting = []
+
+    def send(self, seq, method, message):
+        frame = pb.Frame(kind=pb.REQUEST, seq=seq, method=method, body=message.SerializeToString())
+        data = frame.SerializeToString()
+        self.transport.write(struct.pack("!I", len(data)) + data)
+
+    def dataReceived(self, data):
+        self.buffer += data
+        while len(self.buffer) >= 4:
+            (length,) = struct.unpack("!I", self.buffer[:4])
+            if len(self.buffer) < 4 + length:
+                break
+            self.frames.append(pb.Frame.FromString(self.buffer[4 : 4 + length]))
+            self.buffer = self.buffer[4 + length :]
+        answers = [f for f in self.frames if f.kind == pb.RESPONSE]
+        for count, d in list(self._waiting):
+            if len(answers) >= count:
+                self._waiting.remove((count, d))
+                d.callback(answers[:count])
+
+    def responses(self, count):
+        """
+        @return: a L{Deferred} firing with the first C{count} RESPONSE
+            frames (pushes may come between them).
+        """
+        d = Deferred()
+        self._waiting.append((count, d))
+        self.dataReceived(b"")
+        return d
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+
+class RawClientTests(LiveGateTestCase):
+    """
+    JWTs through a client that is not imserver's: frames made by hand from
+    docs/protocol.md over verified TLS.
+    """
+
+    def connectRaw(self):
+        trustRoot = Certificate.loadPEM(self.dataDir.child(CERT_FILE_NAME).getContent())
+        endpoint = wrapClientTLS(
+            optionsForClientTLS("localhost", trustRoot),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
+        )
+        client = _FrameReader()
+
+        def connected(_):
+            self.addCleanup(lambda: client.transport.abortConnection())
+            return client
+
+        return connectProtocol(endpoint, client).addCallback(connected)
+
+    @inlineCallbacks
+    def test_rawPipelined(self):
+        """
+        A raw client signs in with an RS256 JWT and pipelines a ping and a
+        send right behind its auth, without waiting: three responses come
+        back, matched by seq, in order.
+        """
+        client = yield self.connectRaw()
+        token = jwt.encode({"sub": UID, "exp": int(time.time()) + 60}, self.rsaKey, "RS256")
+        client.send(7, "auth", pb.AuthRequest(uid=UID, token=token, device_id="raw"))
+        client.send(8, "ping", pb.PingRequest())
+        client.send(9, "send", pb.SendRequest(to="bob", client_msg_id="r1", body=b"hi"))
+        auth, ping, send = yield client.responses(3)
+        self.assertEqual([f.kind for f in (auth, ping, send)], [pb.RESPONSE] * 3)
+        self.assertEqual([f.seq for f in (auth, ping, send)], [7, 8, 9])
+        self.assertFalse(any(f.HasField("error") for f in (auth, ping, send)))
+        self.assertGreater(pb.AuthResponse.FromString(auth.body).heartbeat_interval_ms, 0)
+        self.assertTrue(pb.SendResponse.FromString(send.body).message_id)
+
+    @inlineCallbacks
+    def test_rawExpired(self):
+        """
+        An expired JWT (beyond the leeway) gets a RESPONSE with
+        C{AUTH_FAILED} (23) to the raw client's auth, then the close, and
+        the request it pipelined behind is never answered.
+        """
+        client = yield self.connectRaw()
+        token = jwt.encode({"sub": UID, "exp": int(time.time()) - 3600}, self.rsaKey, "RS256")
+        client.send(1, "auth", pb.AuthRequest(uid=UID, token=token, device_id="raw"))
+        client.send(2, "ping", pb.PingRequest())
+        yield client.closed
+        [answer] = client.frames
+        self.assertEqual((answer.kind, answer.seq), (pb.RESPONSE, 1))
+        self.assertEqual(answer.error.code, pb.AUTH_FAILED)
+        self.assertEqual(pb.AUTH_FAILED, 23)
+        self.assertEqual(self.factory.metrics.authFailures["jwt_expired"], 1)
 
 
 class WebSocketTests(TestCase):
