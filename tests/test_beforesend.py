@@ -60,7 +60,7 @@ from imserver.store.sqlite import SQLiteMessageStore
 from imserver.tls import makeSelfSigned, serverOptions
 
 from tests.support import startServer, withoutSecretEnvironment
-from tests.support.frames import written
+from tests.support.frames import connectRawTLS, written
 from tests.support.gate import DeliveryHarness, pushes, responses
 from tests.support.live import Changes, ConnectionWatch, waitFor
 
@@ -1381,6 +1381,34 @@ class EndToEndTests(TestCase):
         head = yield self.factory.store.head("bob")
         self.assertEqual(head, 0)
         yield self.closeAll(alice)
+
+    @inlineCallbacks
+    def test_rawClient(self):
+        """
+        A raw client written from docs/protocol.md pipelines two sends
+        behind its auth: the one the backend rejects is answered with an
+        error RESPONSE C{REJECTED} (32) and the backend's message, the next
+        one is stored; the answers come back in the order sent.
+        """
+        yield self.startGate()
+        self.receiver.answer = lambda value: (
+            (200, b'{"result":"reject","message":"no spam"}')
+            if base64.b64decode(value["body"]) == b"buy now"
+            else (200, b'{"result":"allow"}')
+        )
+        client = yield connectRawTLS(self, self.port, FilePath(self.caFile))
+        token = mintToken(self.secret, "alice", 60, time.time())
+        client.send(1, "auth", pb.AuthRequest(uid="alice", token=token, device_id="raw"))
+        client.send(2, "send", pb.SendRequest(to="bob", client_msg_id="m1", body=b"buy now"))
+        client.send(3, "send", pb.SendRequest(to="bob", client_msg_id="m2", body=b"hello"))
+        auth, rejected, stored = yield client.responses(3)
+        self.assertEqual([f.seq for f in (auth, rejected, stored)], [1, 2, 3])
+        self.assertFalse(auth.HasField("error"))
+        self.assertEqual(pb.REJECTED, 32)
+        self.assertEqual((rejected.error.code, rejected.error.message), (pb.REJECTED, "no spam"))
+        self.assertFalse(stored.HasField("error"))
+        head = yield self.factory.store.head("bob")
+        self.assertEqual(head, 1)
 
     @inlineCallbacks
     def test_replace(self):

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import signal
-import struct
 import time
 from io import StringIO
 
@@ -29,8 +28,6 @@ from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -84,7 +81,7 @@ from imserver.pb import im_pb2 as pb
 from imserver.settings import Settings
 
 from tests.support import startServer, withoutSecretEnvironment
-from tests.support.frames import written
+from tests.support.frames import connectRawTLS, written
 from tests.support.gate import GateHarness
 from tests.support.live import ConnectionWatch, waitFor
 from tests.support.websocket import JSON, PROTO
@@ -1575,52 +1572,6 @@ class EndToEndTests(LiveGateTestCase):
         self.assertEqual(self.factory.metrics.authFailures["jwt_bad_signature"], 1)
 
 
-class _FrameReader(Protocol):
-    """
-    A stranger's client, written from docs/protocol.md alone: frames are
-    a 4-byte big-endian length and a serialized C{Frame}; it collects what
-    comes back and tells when the gate closes the connection.
-    """
-
-    def __init__(self):
-        self.buffer = b""
-        self.frames = []
-        self.closed = Deferred()
-        self._waiting = []
-
-    def send(self, seq, method, message):
-        frame = pb.Frame(kind=pb.REQUEST, seq=seq, method=method, body=message.SerializeToString())
-        data = frame.SerializeToString()
-        self.transport.write(struct.pack("!I", len(data)) + data)
-
-    def dataReceived(self, data):
-        self.buffer += data
-        while len(self.buffer) >= 4:
-            (length,) = struct.unpack("!I", self.buffer[:4])
-            if len(self.buffer) < 4 + length:
-                break
-            self.frames.append(pb.Frame.FromString(self.buffer[4 : 4 + length]))
-            self.buffer = self.buffer[4 + length :]
-        answers = [f for f in self.frames if f.kind == pb.RESPONSE]
-        for count, d in list(self._waiting):
-            if len(answers) >= count:
-                self._waiting.remove((count, d))
-                d.callback(answers[:count])
-
-    def responses(self, count):
-        """
-        @return: a L{Deferred} firing with the first C{count} RESPONSE
-            frames (pushes may come between them).
-        """
-        d = Deferred()
-        self._waiting.append((count, d))
-        self.dataReceived(b"")
-        return d
-
-    def connectionLost(self, reason):
-        self.closed.callback(None)
-
-
 class RawClientTests(LiveGateTestCase):
     """
     JWTs through a client that is not imserver's: frames made by hand from
@@ -1628,18 +1579,7 @@ class RawClientTests(LiveGateTestCase):
     """
 
     def connectRaw(self):
-        trustRoot = Certificate.loadPEM(self.dataDir.child(CERT_FILE_NAME).getContent())
-        endpoint = wrapClientTLS(
-            optionsForClientTLS("localhost", trustRoot),
-            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port),
-        )
-        client = _FrameReader()
-
-        def connected(_):
-            self.addCleanup(lambda: client.transport.abortConnection())
-            return client
-
-        return connectProtocol(endpoint, client).addCallback(connected)
+        return connectRawTLS(self, self.port, self.dataDir.child(CERT_FILE_NAME))
 
     @inlineCallbacks
     def test_rawPipelined(self):
