@@ -1,32 +1,54 @@
 # -*- test-case-name: tests.test_registry -*-
 """
 Tests for session registries: one suite, run against every implementation
-of L{ISessionRegistry} (the Redis one against a real C{redis-server}), then
-what only the cluster registry does: generations, kicks across gates,
-leases, re-registration.
+of L{ISessionRegistry} (the Redis one against a real C{redis-server}, and
+against a real Redis Cluster), then what only the cluster registry does:
+generations, kicks across gates, leases, re-registration; on one Redis,
+then on a Redis Cluster (L{tests.support.rediscluster.RedisCluster}, one
+per test: a few seconds each).
 """
+
+import hashlib
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from imserver.bus.redis import RedisGateBus
 from imserver.errors import TooManyDevices, Unavailable
 from imserver.interfaces import ISession, ISessionRegistry
 from imserver.pb import im_pb2 as pb
-from imserver.redisclient import userTag
+from imserver.redisclient import RedisUnavailable, userTag
+from imserver.rediscluster import (
+    SLOTS,
+    ClusterConnection,
+    connectCluster,
+    keySlot,
+    parseRedisURL,
+    subscribeCluster,
+)
+from imserver.registry import redis as registryModule
 from imserver.registry.memory import MemorySessionRegistry
 from imserver.registry.redis import (
+    CLOCK_MARGIN_US,
+    CLUSTER_LEASES_KEY,
     GENERATION_KEY,
+    RedisSessionRegistry,
+    clusterGenerationKey,
+    parseEntry,
     sessionsKey,
+    slotTag,
 )
+from imserver.registry.redisdirectory import CLUSTER_GATES_KEY, RedisGateDirectory
 from imserver.registry.remote import RemoteSession
 from imserver.wire import EncodedMessage
 
 from tests.support.cluster import FakeSession, RedisTestMixin
-from tests.support.live import waitFor
-from tests.support.redis import whenConnected
+from tests.support.live import waitFor, withDeadline
+from tests.support.redis import whenConnected, whenSubscribed
+from tests.support.rediscluster import RedisCluster
 
 
 class RegistryTestsMixin:
@@ -370,6 +392,9 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
         it re-registers them, except where a newer login took the device:
         that session is kicked.
         """
+        # Gates share one lease time in production, which bounds the
+        # margin; here only C's lease is short.
+        self.patch(registryModule, "CLOCK_MARGIN_US", 100000)
         c = yield self.gate("gate-c", leaseSeconds=0.3)
         phone, laptop = c.session("alice", "phone"), c.session("alice", "laptop")
         tablet = c.session("alice", "tablet")
@@ -520,3 +545,480 @@ class ClusterRegistryTests(RedisTestMixin, TestCase):
         self.assertEqual((yield self.a.registry.reconcile()), (0, 0))
         self.assertEqual(list((yield self.entries("alice"))), ["laptop"])
         self.assertEqual(self.a.registry._orphans, set())
+
+
+# -- the cluster registry on a Redis Cluster ----------------------------------------
+
+
+#: The SHA-1 of each script of one Redis, as they were before cluster mode:
+#: single-Redis mode runs exactly the same scripts.
+SINGLE_REDIS_SCRIPTS = {
+    "registry.register": "dbdc4be4093217fe7d942c976cb5b73f3c713d7f",
+    "registry.unregister": "6fc26b6e2468983ca8df364e4be967ead191e139",
+    "registry.lookup": "eddf490b82cf83495a681839acba2da6355b4e36",
+    "registry.restore": "ab5e2277af56682930dad7b25ad4106f3c23804b",
+    "registry.withdraw": "55d885e5dc47cd61d043b8c310c65857aff0d8df",
+    "directory.gates": "36148faee406d3fa3853d40a85bb75a2387857ff",
+}
+
+
+class _ScriptRecorder:
+    """
+    A connection that records the scripts made on it, and has no cluster.
+    """
+
+    def __init__(self):
+        self.scripts = {}
+
+    def script(self, source, name=None):
+        self.scripts[name] = hashlib.sha1(source.encode("utf-8")).hexdigest()
+        return lambda keys=(), args=(): None
+
+
+class _Bus:
+    receiver = None
+
+
+class ModeTests(SynchronousTestCase):
+    """
+    Which mode the registry and the directory choose, and what each runs.
+    """
+
+    def test_singleRedisUnchanged(self):
+        """
+        With one Redis, the registry and the directory run the scripts they
+        ran before cluster mode existed, on the same keys.
+        """
+        connection = _ScriptRecorder()
+        registry = RedisSessionRegistry(connection, _Bus(), Clock(), "g")
+        directory = RedisGateDirectory(connection)
+        self.assertFalse(registry.cluster)
+        self.assertEqual(connection.scripts, SINGLE_REDIS_SCRIPTS)
+        self.assertEqual(registry.leaseKey, "im:gate:g")
+        self.assertEqual(directory.key, "im:gates")
+        self.assertEqual(registry._viewArgs(), [])
+        self.assertEqual(registry._generationKey("alice"), GENERATION_KEY)
+
+    def test_clusterMode(self):
+        """
+        A L{ClusterConnection} selects cluster mode (so does C{cluster=True}):
+        the gates' keys share the hash tag C{{gates}}, the generation
+        counters are per slot, and the scripts differ; nothing can register
+        before the lease gave an incarnation.
+        """
+        connection = ClusterConnection(Clock(), None, None)
+        registry = RedisSessionRegistry(connection, _Bus(), Clock(), "g")
+        directory = RedisGateDirectory(connection)
+        self.assertTrue(registry.cluster)
+        self.assertTrue(
+            RedisSessionRegistry(_ScriptRecorder(), _Bus(), Clock(), "g", cluster=True).cluster
+        )
+        self.assertEqual(
+            {keySlot(registry.leaseKey), keySlot(CLUSTER_LEASES_KEY), keySlot(directory.key)},
+            {keySlot("gates")},
+        )
+        self.assertIsNone(registry.incarnation)
+        self.failureResultOf(registry.register(FakeSession("alice", "phone")), RedisUnavailable)
+        for uid in ["alice", "bob", "élan"]:
+            key = registry._generationKey(uid)
+            self.assertEqual(keySlot(key), keySlot(sessionsKey(uid)))
+        self.assertEqual(len({slotTag(slot) for slot in range(SLOTS)}), SLOTS)
+        self.assertEqual(
+            [keySlot(clusterGenerationKey(slot)) for slot in (0, 1, 16383)], [0, 1, 16383]
+        )
+
+    def test_viewArgs(self):
+        """
+        In cluster mode the scripts get the view of the leases, this gate's
+        own incarnation always in it, then the freshness bound and the
+        number of items.
+        """
+        registry = RedisSessionRegistry(_ScriptRecorder(), _Bus(), Clock(), "g", cluster=True)
+        registry._leaseTaken([1, b"1000000000000000", b"1000000005000000", b"h", b"77"])
+        self.assertEqual(registry.incarnation, "1000000000000000")
+        self.assertEqual(
+            registry._viewArgs(),
+            ["h", "77", "g", "1000000000000000", 1000000005000000 - CLOCK_MARGIN_US, 4],
+        )
+
+
+class ClusterGate:
+    """
+    The Redis side of one gate on a Redis Cluster, as
+    L{tests.support.cluster.FakeGate} on one Redis.
+    """
+
+    def __init__(self, testCase, url, gateId, maxDevices=3, leaseSeconds=30.0):
+        self.gateId = gateId
+        self.connection = connectCluster(
+            reactor, url, replyTimeout=2, connectTimeout=2, start=False
+        )
+        self.bus = RedisGateBus(
+            self.connection,
+            lambda channels, onMessage: subscribeCluster(
+                reactor, url, channels, onMessage, replyTimeout=2, connectTimeout=2, start=False
+            ),
+            gateId,
+            reactor,
+        )
+        self.registry = RedisSessionRegistry(
+            self.connection,
+            self.bus,
+            reactor,
+            gateId,
+            maxDevices=maxDevices,
+            leaseSeconds=leaseSeconds,
+        )
+        testCase.addCleanup(self.stop)
+
+    @inlineCallbacks
+    def start(self):
+        connected = whenConnected(self.connection)
+        self.connection.start()
+        self.bus.start()
+        yield withDeadline(connected, 10, "the cluster connection")
+        yield withDeadline(whenSubscribed(self.bus.subscriber), 10, "the subscription")
+        yield self.registry.refreshLease()
+        return self
+
+    @inlineCallbacks
+    def stop(self):
+        yield self.bus.stop()
+        yield self.connection.disconnect()
+
+    def session(self, uid, deviceId):
+        return FakeSession(uid, deviceId, self.gateId)
+
+
+class RedisClusterMixin:
+    """
+    A fresh Redis Cluster (three primaries with a replica each) per test:
+    trial has no per-class fixture that survives its reactor cleanup.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def startCluster(self):
+        self.cluster = RedisCluster(self, reactor)
+        yield self.cluster.start()
+        self.url = parseRedisURL(self.cluster.url)
+
+    def gate(self, gateId, **kwargs):
+        return ClusterGate(self, self.url, gateId, **kwargs).start()
+
+    @inlineCallbacks
+    def entries(self, uid, via):
+        """
+        The raw entries of C{uid}: C{{device: parseEntry(...)}}.
+        """
+        reply = yield via.connection.execute("HGETALL", sessionsKey(uid))
+        return {reply[i].decode(): parseEntry(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+    @inlineCallbacks
+    def expired(self, key, tries=100):
+        """
+        Poll (Redis has no event for it) until C{key} expired.
+        """
+        for _ in range(tries):
+            if not (yield self.a.connection.execute("EXISTS", key)):
+                return
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail("{} did not expire".format(key))
+
+    def uidsOnEveryPrimary(self, connection, perPrimary=1):
+        """
+        C{perPrimary} uids whose keys are on each primary, by primary.
+        """
+        found, n = {}, 0
+        while len(found) < 3 or any(len(uids) < perPrimary for uids in found.values()):
+            uid = "user%d" % (n,)
+            uids = found.setdefault(connection.addressOf(keySlot(sessionsKey(uid))), [])
+            if len(uids) < perPrimary:
+                uids.append(uid)
+            n += 1
+        return [found[address] for address in sorted(found)]
+
+
+class RedisClusterRegistryTests(RedisClusterMixin, RegistryTestsMixin, TestCase):
+    """
+    L{RedisSessionRegistry} in cluster mode passes the shared suite.
+    """
+
+    @inlineCallbacks
+    def makeRegistry(self, maxDevices):
+        yield self.startCluster()
+        gate = yield self.gate("g", maxDevices=maxDevices)
+        return gate.registry
+
+
+class RedisClusterTests(RedisClusterMixin, TestCase):
+    """
+    What the cluster registry does on a Redis Cluster, with two or three
+    "gates" in this process, each with its own cluster connection and bus.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        yield self.startCluster()
+        self.a = yield self.gate("gate-a")
+        self.b = yield self.gate("gate-b")
+
+    @inlineCallbacks
+    def test_everyPrimary(self):
+        """
+        Users on all three primaries register and are found; a lookup of
+        many users runs one script per slot, chunked as with one Redis,
+        all at once, and finds them all; generations grow per user.
+        """
+        self.patch(registryModule, "LOOKUP_CHUNK", 2)
+        byPrimary = self.uidsOnEveryPrimary(self.a.connection, perPrimary=20)
+        uids = [uid for uids in byPrimary for uid in uids]
+        # Three users in one slot: two chunks for that slot.
+        bySlot = {}
+        n = 0
+        while True:
+            uid = "same%d" % (n,)
+            slot = keySlot(sessionsKey(uid))
+            bySlot.setdefault(slot, []).append(uid)
+            if len(bySlot[slot]) == 3:
+                break
+            n += 1
+        sameSlot = bySlot[slot]
+        sessions = {}
+        for i, uid in enumerate(uids + sameSlot):
+            gate = (self.a, self.b)[i % 2]
+            sessions[uid] = gate.session(uid, "phone")
+            yield gate.registry.register(sessions[uid])
+        calls = []
+        lookup = self.a.registry._lookup
+
+        def recording(keys, args):
+            calls.append(keys)
+            return lookup(keys, args)
+
+        self.a.registry._lookup = recording
+        found = yield self.a.registry.sessionsForMany(uids + sameSlot + ["nobody"])
+        self.assertEqual(
+            {uid: [s.sessionId for s in ss] for uid, ss in found.items()},
+            {uid: [session.sessionId] for uid, session in sessions.items()},
+        )
+        for keys in calls:
+            self.assertEqual(len({keySlot(key) for key in keys}), 1)
+            self.assertLessEqual(len(keys), 2)
+        slots = {keySlot(sessionsKey(uid)) for uid in uids + sameSlot + ["nobody"]}
+        self.assertEqual(len(calls), len(slots) + 1)
+        self.assertEqual(sorted(len(keys) for keys in calls if keySlot(keys[0]) == slot), [1, 2])
+        generations = []
+        for gate in (self.a, self.b, self.a):
+            yield gate.registry.register(gate.session(uids[0], "phone"))
+            generations.append((yield self.entries(uids[0], self.a))["phone"][2])
+        self.assertEqual(sorted(set(generations)), generations)
+
+    @inlineCallbacks
+    def test_generations(self):
+        """
+        Each slot has its own generation counter; generations keep growing
+        even when it is lost.
+        """
+        [[uid], _, _] = self.uidsOnEveryPrimary(self.a.connection)
+        yield self.a.registry.register(self.a.session(uid, "a"))
+        first = (yield self.entries(uid, self.a))["a"][2]
+        key = clusterGenerationKey(keySlot(sessionsKey(uid)))
+        self.assertEqual(int((yield self.a.connection.execute("GET", key))), first)
+        yield self.a.connection.execute("DEL", key)
+        yield self.b.registry.register(self.b.session(uid, "b"))
+        self.assertGreater((yield self.entries(uid, self.a))["b"][2], first)
+
+    @inlineCallbacks
+    def test_deviceLimit(self):
+        """
+        Devices count across gates: beyond C{max_devices} a new device is
+        refused, on either gate; a known device may still sign in again.
+        """
+        for uids in self.uidsOnEveryPrimary(self.a.connection):
+            uid = uids[0]
+            yield self.a.registry.register(self.a.session(uid, "a"))
+            yield self.b.registry.register(self.b.session(uid, "b"))
+            yield self.a.registry.register(self.a.session(uid, "c"))
+            for gate in (self.a, self.b):
+                failure = yield self.assertFailure(
+                    gate.registry.register(gate.session(uid, "d")), TooManyDevices
+                )
+                self.assertIn("3 devices", str(failure))
+            displaced = yield self.b.registry.register(self.b.session(uid, "a"))
+            self.assertIsInstance(displaced, RemoteSession)
+            self.assertEqual(len((yield self.a.registry.sessionsFor(uid))), 3)
+
+    @inlineCallbacks
+    def test_displacement(self):
+        """
+        A login on gate B for a device held on gate A displaces it: B's
+        register answers A's session, kicking it reaches A over the bus; A's
+        late unregister deletes nothing, and the newer generation holds.
+        """
+        for uids in self.uidsOnEveryPrimary(self.a.connection):
+            uid = uids[0]
+            old, new = self.a.session(uid, "phone"), self.b.session(uid, "phone")
+            yield self.a.registry.register(old)
+            displaced = yield self.b.registry.register(new)
+            self.assertEqual((displaced.sessionId, displaced.gateId), (old.sessionId, "gate-a"))
+            displaced.kick(pb.REPLACED, "the same device signed in again")
+            yield waitFor(lambda old=old: old.kicks)
+            self.assertEqual((old.kicks, new.kicks), ([pb.REPLACED], []))
+            self.assertFalse((yield self.a.registry.unregister(old)))
+            entries = yield self.entries(uid, self.a)
+            self.assertEqual(entries["phone"][4], new.sessionId)
+            self.assertGreater(entries["phone"][2], displaced.generation)
+            [found] = yield self.a.registry.sessionsFor(uid)
+            self.assertEqual(found.sessionId, new.sessionId)
+
+    @inlineCallbacks
+    def test_deadGate(self):
+        """
+        The sessions of a gate whose lease lapsed are ignored once the
+        others refreshed their view of the leases (until then, for at most
+        one interval, they still count), then deleted, and no longer count
+        against the device limit; the gate, finding its lease lapsed, takes
+        a new incarnation and registers its sessions again, except where a
+        newer login took the device: that session is kicked.
+        """
+        # Gates share one lease time in production, which bounds the
+        # margin; here only C's lease is short.
+        self.patch(registryModule, "CLOCK_MARGIN_US", 100000)
+        c = yield self.gate("gate-c", leaseSeconds=0.3)
+        # A and B know of C.
+        yield self.a.registry.refreshLease()
+        yield self.b.registry.refreshLease()
+        [[uid], _, _] = self.uidsOnEveryPrimary(self.a.connection)
+        phone, laptop, tablet = (c.session(uid, d) for d in ("phone", "laptop", "tablet"))
+        for session in (phone, laptop, tablet):
+            yield c.registry.register(session)
+        self.assertEqual(len((yield self.a.registry.sessionsFor(uid))), 3)
+        before = c.registry.incarnation
+        yield self.expired(c.registry.leaseKey)
+        # A's view still has C: its sessions still count until A refreshes.
+        self.assertEqual(len((yield self.a.registry.sessionsFor(uid))), 3)
+        self.assertFalse((yield self.a.registry.refreshLease()))
+        self.assertEqual((yield self.a.registry.sessionsFor(uid)), [])
+        self.assertEqual((yield self.entries(uid, self.a)), {})
+        newPhone, watch = self.a.session(uid, "phone"), self.a.session(uid, "watch")
+        self.assertIsNone((yield self.a.registry.register(newPhone)))
+        self.assertIsNone((yield self.a.registry.register(watch)))
+
+        self.assertTrue((yield c.registry.refreshLease()))
+        self.assertNotEqual(c.registry.incarnation, before)
+        self.assertFalse((yield c.registry.refreshLease()))
+        self.assertEqual((yield c.registry.reconcile()), (2, 1))
+        self.assertEqual(phone.kicks, [pb.REPLACED])
+        self.assertEqual((laptop.kicks, tablet.kicks), ([], []))
+        entries = yield self.entries(uid, self.a)
+        self.assertEqual(
+            {device: (entry[1], entry[4]) for device, entry in entries.items()},
+            {
+                "phone": (self.a.registry.incarnation, newPhone.sessionId),
+                "watch": (self.a.registry.incarnation, watch.sessionId),
+                "laptop": (c.registry.incarnation, laptop.sessionId),
+                "tablet": (c.registry.incarnation, tablet.sessionId),
+            },
+        )
+        # B's view predates C's new incarnation: it counts as live (newer
+        # than the view) without B refreshing.
+        self.assertEqual(len((yield self.b.registry.sessionsFor(uid))), 4)
+        self.assertTrue((yield c.registry.unregister(laptop)))
+        self.assertEqual((yield c.registry.count()), 1)
+
+    @inlineCallbacks
+    def test_restoreAfterWipe(self):
+        """
+        After one primary lost its data (C{FLUSHALL} on it), the users on it
+        have no sessions; the gates' reconcile registers them again per
+        slot, with their generations, and raises that slot's counter.
+        """
+        byPrimary = self.uidsOnEveryPrimary(self.a.connection, perPrimary=3)
+        gatesPrimary = self.a.connection.addressOf(keySlot(CLUSTER_LEASES_KEY))
+        self.assertEqual(len(self.a.connection.primaries), 3)
+        wiped = next(a for a in self.a.connection.primaries if a != gatesPrimary)
+        sessions = []
+        for i, uid in enumerate(uid for uids in byPrimary for uid in uids):
+            gate = (self.a, self.b)[i % 2]
+            session = gate.session(uid, "phone")
+            yield gate.registry.register(session)
+            sessions.append(session)
+        lost = [
+            s for s in sessions if self.a.connection.addressOf(keySlot(sessionsKey(s.uid))) == wiped
+        ]
+        self.assertEqual(len(lost), 3)
+        before = {}
+        for session in lost:
+            before[session.uid] = yield self.entries(session.uid, self.a)
+        yield self.cluster.call(self.cluster.nodeAt(wiped[1]), "FLUSHALL")
+        uids = [s.uid for s in sessions]
+        found = yield self.b.registry.sessionsForMany(uids)
+        self.assertEqual(set(found), {s.uid for s in sessions} - {s.uid for s in lost})
+        for gate in (self.a, self.b):
+            self.assertFalse((yield gate.registry.refreshLease()))
+        restored = 0
+        for gate in (self.a, self.b):
+            restored += (yield gate.registry.reconcile())[0]
+        self.assertEqual(restored, 3)
+        for s in lost:
+            self.assertEqual((yield self.entries(s.uid, self.a)), before[s.uid])
+            counter = yield self.a.connection.execute(
+                "GET", clusterGenerationKey(keySlot(sessionsKey(s.uid)))
+            )
+            self.assertGreaterEqual(int(counter), before[s.uid]["phone"][2])
+        found = yield self.a.registry.sessionsForMany(uids)
+        self.assertEqual(
+            sorted(s.sessionId for ss in found.values() for s in ss),
+            sorted(s.sessionId for s in sessions),
+        )
+        self.assertEqual((yield self.a.registry.reconcile()), (0, 0))
+
+    @inlineCallbacks
+    def test_gatesSlotWiped(self):
+        """
+        When the primary of the gates' slot loses its data, every gate finds
+        its lease lapsed, takes a new incarnation, and registers its
+        sessions again under it, on every primary.
+        """
+        uids = [uids[0] for uids in self.uidsOnEveryPrimary(self.a.connection)]
+        sessions = [self.a.session(uid, "phone") for uid in uids]
+        for session in sessions:
+            yield self.a.registry.register(session)
+        before = self.a.registry.incarnation
+        gatesPrimary = self.a.connection.addressOf(keySlot(CLUSTER_LEASES_KEY))
+        yield self.cluster.call(self.cluster.nodeAt(gatesPrimary[1]), "FLUSHALL")
+        self.assertTrue((yield self.a.registry.refreshLease()))
+        self.assertTrue((yield self.b.registry.refreshLease()))
+        self.assertNotEqual(self.a.registry.incarnation, before)
+        self.assertEqual((yield self.a.registry.reconcile()), (3, 0))
+        for session in sessions:
+            entries = yield self.entries(session.uid, self.b)
+            self.assertEqual(
+                (entries["phone"][1], entries["phone"][4]),
+                (self.a.registry.incarnation, session.sessionId),
+            )
+        found = yield self.b.registry.sessionsForMany(uids)
+        self.assertEqual(
+            sorted(s.sessionId for ss in found.values() for s in ss),
+            sorted(s.sessionId for s in sessions),
+        )
+        self.assertTrue((yield self.a.registry.unregister(sessions[0])))
+        self.assertEqual((yield self.a.registry.reconcile()), (0, 0))
+
+    @inlineCallbacks
+    def test_directory(self):
+        """
+        The directory, in the gates' slot, lists the gates with a lease;
+        a gate that withdrew its lease is dropped.
+        """
+        directories = [RedisGateDirectory(gate.connection) for gate in (self.a, self.b)]
+        yield directories[0].advertise("gate-a", [("tcp", 1)])
+        yield directories[1].advertise("gate-b", [("tcp", 2)])
+        self.assertEqual(
+            (yield directories[0].gates()), {"gate-a": [("tcp", 1)], "gate-b": [("tcp", 2)]}
+        )
+        yield self.b.registry.withdrawLease()
+        self.assertEqual((yield directories[1].gates()), {"gate-a": [("tcp", 1)]})
+        self.assertEqual((yield self.a.connection.execute("HKEYS", CLUSTER_GATES_KEY)), [b"gate-a"])

@@ -29,11 +29,37 @@ is still exactly the one this session wrote, so a late close never removes
 a newer login.  Re-registering (after Redis comes back, or after this
 gate's lease lapsed) writes an entry only where none newer is live: the
 highest generation wins, so two gates never kick each other back and forth.
+
+Cluster mode (a L{imserver.rediscluster.ClusterConnection}, or
+C{cluster=True}): every script runs in one slot, and the same scripts serve
+both modes (only C{live()} differs, L{_liveFunction}).  Keys::
+
+    im:{u:<hex uid>}:sessions   as above
+    im:{s:<n>}:gen              the generation counter of the slot of tag
+                                C{s:<n>} (L{slotTag}): one per slot
+    im:{gates}:lease:<gate id>  the gate's lease
+    im:{gates}:leases           set: the gates with a lease (maybe expired)
+
+  - Generations: per slot, C{max(INCR, Redis time in microseconds)} as
+    above; they are only ever compared within one user's hash, which is in
+    one slot.
+  - Leases: a script cannot read the leases from a user's slot, so each
+    gate reads them all (one script in the C{{gates}} slot that also
+    extends its own, L{refreshLease}: still one command per interval) and
+    passes that I{view} (gate -> incarnation) to its scripts.  An entry is
+    live if the view has its incarnation, or if its incarnation is newer
+    than the view (incarnations are the Redis time of the C{{gates}} slot
+    when taken: a gate whose lease lapsed takes a new one, so an
+    incarnation never comes back, and one older than the view and not in
+    it is dead for good).  So a stale view never deletes a live entry; it
+    keeps a dead gate's entries live for up to one refresh interval more
+    than with one Redis (the lease's time to live plus one interval).
+  - Lookups and re-registration: by slot, in chunks, all at once.
 """
 
 import os
 
-from twisted.internet.defer import DeferredList, gatherResults, succeed
+from twisted.internet.defer import DeferredList, fail, gatherResults, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -41,6 +67,7 @@ from imserver.errors import TooManyDevices
 from imserver.interfaces import IBusReceiver, ISessionRegistry
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable, userKey
+from imserver.rediscluster import SLOTS, ClusterConnection, keySlot
 from imserver.registry.remote import RemoteSession
 
 #: The generation counter.
@@ -48,26 +75,75 @@ GENERATION_KEY = "im:gen"
 #: A gate's lease is C{GATE_KEY_PREFIX + gate id}.
 GATE_KEY_PREFIX = "im:gate:"
 
+#: Cluster mode: the hash tag of the gates' keys (the leases, the set of
+#: gates with a lease, the directory), all in one slot.
+GATES_TAG = "{gates}"
+#: Cluster mode: a gate's lease is C{CLUSTER_GATE_KEY_PREFIX + gate id}.
+CLUSTER_GATE_KEY_PREFIX = "im:" + GATES_TAG + ":lease:"
+#: Cluster mode: the set of gate ids with a lease (which may have expired).
+CLUSTER_LEASES_KEY = "im:" + GATES_TAG + ":leases"
+#: Cluster mode: an incarnation newer than a view's Redis time less this
+#: (microseconds; at most half the lease's time to live) is taken as live
+#: (taken after the view was read): it covers the clock difference between
+#: the gates slot's primary and the replica that replaces it.
+CLOCK_MARGIN_US = 1000000
+
 #: Users per lookup script (a group's members are looked up in chunks).
 LOOKUP_CHUNK = 1000
 #: Sessions per re-registration script.
 RESTORE_CHUNK = 500
 
-#: Lua: is entry C{v} live (its gate's lease holds its incarnation)?  Each
-#: gate's lease is read once per script run.
-_LIVE = """
-local leases = {}
+#: Lua: is entry C{v} live?  C{live(v)} is built from this template by
+#: L{_liveFunction}: with one Redis, its gate's lease (read once per gate per
+#: script run) holds its incarnation; on a cluster, the gate's view of the
+#: leases, passed at the end of C{ARGV} (L{RedisSessionRegistry._viewArgs}).
+_LIVE_TEMPLATE = """
+local leases = {}%(view)s
 local function live(v)
   local gate, inc = string.match(v, '^([^|]*)|([^|]*)|')
   if not gate then return false end
   local lease = leases[gate]
   if lease == nil then
-    lease = redis.call('GET', '%s' .. gate) or ''
+    lease = %(lease)s
     leases[gate] = lease
   end
-  return lease == inc
+  return lease == inc%(fresh)s
 end
-""" % (GATE_KEY_PREFIX,)
+"""
+
+#: Lua, cluster mode: read the view at the end of C{ARGV}: C{gate,
+#: incarnation, ...}, then the freshness bound, then how many items the
+#: C{gate, incarnation} pairs are.  An incarnation is then live if the view
+#: has it, or if it is newer than the view (taken after it was read, less
+#: L{CLOCK_MARGIN_US}): such an incarnation cannot be known dead yet.
+_CLUSTER_VIEW = """
+local fresh
+do
+  local n = tonumber(ARGV[#ARGV])
+  fresh = tonumber(ARGV[#ARGV - 1])
+  for i = #ARGV - 1 - n, #ARGV - 2, 2 do
+    leases[ARGV[i]] = ARGV[i + 1]
+  end
+end"""
+
+
+def _liveFunction(cluster):
+    """
+    The Lua of C{live(v)}: reading the leases (one Redis) or the view passed
+    by the gate (cluster mode, see L{_CLUSTER_VIEW}).
+    """
+    if cluster:
+        return _LIVE_TEMPLATE % {
+            "view": _CLUSTER_VIEW,
+            "lease": "''",
+            "fresh": " or (tonumber(inc) or 0) > fresh",
+        }
+    return _LIVE_TEMPLATE % {
+        "view": "",
+        "lease": "redis.call('GET', '%s' .. gate) or ''" % (GATE_KEY_PREFIX,),
+        "fresh": "",
+    }
+
 
 #: Lua: take the next generation.
 _GENERATION = """
@@ -87,8 +163,7 @@ end
 #: C{<gate>|<incarnation>|}, C{|<platform>|<session id>}, max devices.
 #: Returns C{{1, entry, displaced entry or nil}} or C{{0, live devices}}.
 _REGISTER = (
-    _LIVE
-    + _GENERATION
+    _GENERATION
     + """
 local key, device = KEYS[1], ARGV[1]
 local entries = redis.call('HGETALL', key)
@@ -122,9 +197,7 @@ return 0
 
 #: KEYS: users' sessions.  Returns, per key, C{{device, entry, ...}} of
 #: its live entries; deletes the dead ones.
-_LOOKUP = (
-    _LIVE
-    + """
+_LOOKUP = """
 local out = {}
 for k = 1, #KEYS do
   local entries = redis.call('HGETALL', KEYS[k])
@@ -142,7 +215,6 @@ for k = 1, #KEYS do
 end
 return out
 """
-)
 
 #: KEYS: the generation counter, then one user's sessions per session.
 #: ARGV: per session, device id, entry, generation.  Writes each entry
@@ -150,9 +222,7 @@ return out
 #: returns per session C{status, entry}: 0 (in place), 1 (written; the live
 #: entry it replaced or nil) or 2 (a newer live entry holds the device: it).
 #: Raises the counter to the highest generation given.
-_RESTORE = (
-    _LIVE
-    + """
+_RESTORE = """
 local top = 0
 local out = {}
 for k = 2, #KEYS do
@@ -185,7 +255,6 @@ if counter < top then
 end
 return out
 """
-)
 
 #: KEYS: a gate's lease.  ARGV: its incarnation.  Deletes the lease if it
 #: is still that incarnation's.
@@ -197,12 +266,71 @@ end
 return 0
 """
 
+#: Cluster mode.  KEYS: this gate's lease, the set of gates with a lease
+#: (one hash tag: one slot).  ARGV: gate id, its incarnation (or empty),
+#: the lease's time to live in milliseconds.  Extends the lease if it still
+#: holds that incarnation, else starts a new incarnation (Redis time in
+#: microseconds).  Returns C{{lapsed (0 or 1), incarnation, Redis time in
+#: microseconds, gate id, incarnation, ...}}: the view, every gate with a
+#: lease; forgets the gates without one.
+_CLUSTER_LEASE = """
+local t = redis.call('TIME')
+local now = string.format('%%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2]))
+local inc, lapsed = ARGV[2], 0
+if inc == '' or redis.call('GET', KEYS[1]) ~= inc then
+  inc, lapsed = now, 1
+end
+redis.call('SET', KEYS[1], inc, 'PX', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
+local out = {lapsed, inc, now}
+for _, gate in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local lease = redis.call('GET', '%s' .. gate)
+  if lease then
+    out[#out + 1] = gate
+    out[#out + 1] = lease
+  else
+    redis.call('SREM', KEYS[2], gate)
+  end
+end
+return out
+""" % (CLUSTER_GATE_KEY_PREFIX,)
+
 
 def sessionsKey(uid):
     """
     The hash of C{uid}'s sessions.
     """
     return userKey(uid, "sessions")
+
+
+_slotTags: list[str] = []
+
+
+def slotTag(slot):
+    """
+    A hash tag C{s:<n>} of C{slot} (the smallest such C{n}), for keys that
+    must be in a given slot: the per-slot generation counters.  The table is
+    computed once, at the first call (a fraction of a second).
+    """
+    if not _slotTags:
+        table = [None] * SLOTS
+        left, n = SLOTS, 0
+        while left:
+            tag = "s:%d" % (n,)
+            slot_ = keySlot(tag)
+            if table[slot_] is None:
+                table[slot_] = tag
+                left -= 1
+            n += 1
+        _slotTags[:] = table
+    return _slotTags[slot]
+
+
+def clusterGenerationKey(slot):
+    """
+    The generation counter of C{slot}, in cluster mode: C{im:{s:<n>}:gen}.
+    """
+    return "im:{" + slotTag(slot) + "}:gen"
 
 
 def validateGateId(gateId):
@@ -254,55 +382,126 @@ class RedisSessionRegistry:
     L{RemoteSession}s for the others.  L{count} counts this gate's
     sessions only.
 
-    @ivar incarnation: this registry's lease value: new for every process.
+    @ivar incarnation: this registry's lease value: new for every process
+        (cluster mode: and after every lapse of the lease; L{None} before
+        the first L{refreshLease}, when register fails with
+        L{RedisUnavailable}).
+    @ivar cluster: whether it runs on a Redis Cluster.
     """
 
     log = Logger()
 
     def __init__(
-        self, connection, bus, clock, gateId, maxDevices=10, leaseSeconds=3.0, incarnation=None
+        self,
+        connection,
+        bus,
+        clock,
+        gateId,
+        maxDevices=10,
+        leaseSeconds=3.0,
+        incarnation=None,
+        cluster=None,
     ):
         """
-        @param connection: the L{imserver.redisclient.RedisConnection}.
+        @param connection: the L{imserver.redisclient.RedisConnection}, or
+            the L{imserver.rediscluster.ClusterConnection}.
         @param bus: the L{imserver.interfaces.IGateBus}; this registry becomes its
             receiver.
         @param leaseSeconds: the lease's time to live; L{refreshLease} must
             run well within it (every sweep).
+        @param incarnation: one Redis: this process's lease value (default:
+            random).  Cluster mode: the incarnation to resume if the lease
+            still holds it (default: none; L{refreshLease} takes one).
+        @param cluster: whether C{connection} is a Redis Cluster (default:
+            whether it is a L{ClusterConnection}).
         """
         validateGateId(gateId)
+        if cluster is None:
+            cluster = isinstance(connection, ClusterConnection)
         self.connection = connection
         self.bus = bus
         self.clock = clock
         self.gateId = gateId
         self.maxDevices = maxDevices
         self.leaseSeconds = leaseSeconds
-        self.incarnation = incarnation or os.urandom(8).hex()
-        self.leaseKey = GATE_KEY_PREFIX + gateId
-        self._prefix = "{}|{}|".format(gateId, self.incarnation)
+        self.cluster = cluster
         self._local = {}
         self._byUid = {}
         self._orphans = set()
         self._pending = set()
-        self._register = connection.script(_REGISTER, "registry.register")
+        live = _liveFunction(cluster)
+        self._register = connection.script(live + _REGISTER, "registry.register")
         self._unregister = connection.script(_UNREGISTER, "registry.unregister")
-        self._lookup = connection.script(_LOOKUP, "registry.lookup")
-        self._restore = connection.script(_RESTORE, "registry.restore")
+        self._lookup = connection.script(live + _LOOKUP, "registry.lookup")
+        self._restore = connection.script(live + _RESTORE, "registry.restore")
         self._withdraw = connection.script(_WITHDRAW, "registry.withdraw")
+        if cluster:
+            self.leaseKey = CLUSTER_GATE_KEY_PREFIX + gateId
+            self._takeLease = connection.script(_CLUSTER_LEASE, "registry.lease")
+            # {gate id: incarnation} of the leases at the last refresh, and
+            # the freshness bound (see _CLUSTER_VIEW).
+            self._view = {}
+            self._fresh = 0
+            slotTag(0)  # the table, now rather than at the first login
+            self._setIncarnation(incarnation)
+        else:
+            self.leaseKey = GATE_KEY_PREFIX + gateId
+            self._setIncarnation(incarnation or os.urandom(8).hex())
         bus.receiver = self
+
+    def _setIncarnation(self, incarnation):
+        self.incarnation = incarnation
+        self._prefix = None if incarnation is None else "{}|{}|".format(self.gateId, incarnation)
+
+    def _viewArgs(self):
+        """
+        The view of the leases the cluster mode's scripts take at the end of
+        their C{ARGV} (see L{_CLUSTER_VIEW}); nothing with one Redis.
+        """
+        if not self.cluster:
+            return []
+        view = dict(self._view)
+        view[self.gateId] = self.incarnation
+        args = []
+        for gate, incarnation in view.items():
+            args += [gate, incarnation]
+        return args + [self._fresh, len(args)]
+
+    def _shards(self, items, uid):
+        """
+        C{items} grouped by the slot of their user's keys (cluster mode),
+        or all together (one Redis), each group in their order.
+
+        @param uid: gives an item's uid.
+        """
+        if not self.cluster:
+            return [items] if items else []
+        groups = {}
+        for item in items:
+            groups.setdefault(keySlot(sessionsKey(uid(item))), []).append(item)
+        return list(groups.values())
+
+    def _generationKey(self, uid):
+        if not self.cluster:
+            return GENERATION_KEY
+        return clusterGenerationKey(keySlot(sessionsKey(uid)))
 
     # -- ISessionRegistry -----------------------------------------------------
 
     def register(self, session):
+        if self._prefix is None:
+            return fail(RedisUnavailable("gate {} has no lease yet".format(self.gateId)))
         local = _Local(session)
         self._remember(local)
         d = self._register(
-            [sessionsKey(session.uid), GENERATION_KEY],
+            [sessionsKey(session.uid), self._generationKey(session.uid)],
             [
                 session.deviceId,
                 self._prefix,
                 "|{}|{}".format(int(session.platform), session.sessionId),
                 self.maxDevices,
-            ],
+            ]
+            + self._viewArgs(),
         )
         return d.addCallbacks(self._registered, self._registerFailed, (local,), None, (local,))
 
@@ -322,6 +521,17 @@ class RedisSessionRegistry:
             # Unregistered while registering: take the entry back.
             self._delete(session.uid, session.deviceId, entry)
             return None
+        if not entry.startswith(self._prefix.encode("utf-8")):
+            # Cluster mode: this gate took a new incarnation meanwhile (its
+            # lease had lapsed), and the reconcile may have missed it.
+            self._restoreLocals([local]).addErrback(
+                lambda f: self.log.warn(
+                    "re-registering {uid}/{device} failed: {why}",
+                    uid=session.uid,
+                    device=session.deviceId,
+                    why=f.getErrorMessage(),
+                )
+            )
         result = None
         if displaced is not None:
             result = self._resolve(session.uid, session.deviceId, displaced, forget=True)
@@ -377,8 +587,13 @@ class RedisSessionRegistry:
         uids = list(dict.fromkeys(uids))
         if not uids:
             return succeed({})
-        chunks = [uids[i : i + LOOKUP_CHUNK] for i in range(0, len(uids), LOOKUP_CHUNK)]
-        ds = [self._lookup([sessionsKey(uid) for uid in chunk]) for chunk in chunks]
+        chunks = [
+            group[i : i + LOOKUP_CHUNK]
+            for group in self._shards(uids, lambda uid: uid)
+            for i in range(0, len(group), LOOKUP_CHUNK)
+        ]
+        view = self._viewArgs()
+        ds = [self._lookup([sessionsKey(uid) for uid in chunk], view) for chunk in chunks]
 
         def found(replies):
             result = {}
@@ -454,51 +669,63 @@ class RedisSessionRegistry:
     def refreshLease(self):
         """
         Extend this gate's lease by L{leaseSeconds}: one command, whatever
-        the number of sessions.
+        the number of sessions.  In cluster mode, the same command reads
+        the view of every gate's lease the scripts are given until the next
+        refresh, and a lapsed lease starts a new incarnation.
 
         @return: a L{Deferred} firing with L{True} if the lease had lapsed
             (or never existed, or Redis lost it): every gate may have
             forgotten this gate's sessions, so they need L{reconcile}.
         """
-        d = self.connection.execute(
-            "SET", self.leaseKey, self.incarnation, "PX", int(self.leaseSeconds * 1000), "GET"
-        )
+        ttl = int(self.leaseSeconds * 1000)
+        if self.cluster:
+            d = self._takeLease(
+                [self.leaseKey, CLUSTER_LEASES_KEY], [self.gateId, self.incarnation or "", ttl]
+            )
+            return d.addCallback(self._leaseTaken)
+        d = self.connection.execute("SET", self.leaseKey, self.incarnation, "PX", ttl, "GET")
         return d.addCallback(lambda old: old != self.incarnation.encode("ascii"))
+
+    def _leaseTaken(self, reply):
+        lapsed, incarnation, now = reply[0], reply[1].decode("ascii"), int(reply[2])
+        if incarnation != self.incarnation:
+            self._setIncarnation(incarnation)
+        self._view = {
+            reply[i].decode("utf-8"): reply[i + 1].decode("ascii") for i in range(3, len(reply), 2)
+        }
+        # No larger than half the lease: a lease that expired is always
+        # older than the margin, so its incarnation is never taken as new.
+        self._fresh = now - min(CLOCK_MARGIN_US, int(self.leaseSeconds * 500000))
+        return bool(lapsed)
 
     def withdrawLease(self):
         """
         Delete this gate's lease (it is stopping): every entry it still
-        has is dead at once.
+        has is dead at once (in cluster mode: for every other gate once it
+        refreshed its view).
         """
+        if self.incarnation is None:
+            return succeed(0)
         return self._withdraw([self.leaseKey], [self.incarnation])
 
     def reconcile(self):
         """
         Write this gate's sessions back where Redis lost them (a restart
-        without data, a lapsed lease), and delete the entries of sessions
-        that closed while Redis was unavailable.  A session whose device
-        has a newer live registration meanwhile is kicked (C{REPLACED}); a
-        registration it outlived (older generation) is kicked instead.
+        without data, a lapsed lease, in cluster mode a new incarnation),
+        and delete the entries of sessions that closed while Redis was
+        unavailable.  A session whose device has a newer live registration
+        meanwhile is kicked (C{REPLACED}); a registration it outlived
+        (older generation) is kicked instead.
 
         @return: a L{Deferred} firing with C{(restored, kicked)} counts.
         """
         locals_ = [local for local in self._local.values() if local.entry is not None]
         orphans = list(self._orphans)
-        ds = []
-        for start in range(0, len(locals_), RESTORE_CHUNK):
-            chunk = locals_[start : start + RESTORE_CHUNK]
-            keys, args = [GENERATION_KEY], []
-            for local in chunk:
-                session = local.session
-                keys.append(sessionsKey(session.uid))
-                args += [session.deviceId, local.entry, local.generation]
-            ds.append(self._restore(keys, args).addCallback(self._restored, chunk))
-        ds.append(self.dropOrphans())
+        ds = [self._restoreLocals(locals_), self.dropOrphans()]
         d = gatherResults(ds, consumeErrors=True)
 
         def done(results):
-            restored = sum(r[0] for r in results if isinstance(r, tuple))
-            kicked = sum(r[1] for r in results if isinstance(r, tuple))
+            restored, kicked = results[0]
             if restored or kicked or orphans:
                 self.log.info(
                     "re-registered {restored} of {n} sessions with Redis ({kicked} "
@@ -511,6 +738,39 @@ class RedisSessionRegistry:
             return restored, kicked
 
         return d.addCallbacks(done, lambda failure: failure.value.subFailure)
+
+    def _restoreLocals(self, locals_):
+        """
+        Write the entries of C{locals_} back, in chunks of L{RESTORE_CHUNK}
+        of one slot each in cluster mode, all at once.
+
+        @return: a L{Deferred} firing with C{(restored, kicked)} counts.
+        """
+        if not locals_:
+            return succeed((0, 0))
+        ds = []
+        view = self._viewArgs()
+        prefix = self._prefix.encode("utf-8")
+        for group in self._shards(locals_, lambda local: local.session.uid):
+            for start in range(0, len(group), RESTORE_CHUNK):
+                chunk = group[start : start + RESTORE_CHUNK]
+                keys, args, entries = [self._generationKey(chunk[0].session.uid)], [], []
+                for local in chunk:
+                    session = local.session
+                    # The same entry, but for this incarnation (cluster mode:
+                    # a new one after the lease lapsed).
+                    entry = prefix + local.entry.split(b"|", 2)[2]
+                    entries.append(entry)
+                    keys.append(sessionsKey(session.uid))
+                    args += [session.deviceId, entry, local.generation]
+                d = self._restore(keys, args + view)
+                ds.append(d.addCallback(self._restored, chunk, entries))
+        d = gatherResults(ds, consumeErrors=True)
+
+        def total(results):
+            return sum(r[0] for r in results), sum(r[1] for r in results)
+
+        return d.addCallbacks(total, lambda failure: failure.value.subFailure)
 
     @property
     def orphans(self):
@@ -544,11 +804,18 @@ class RedisSessionRegistry:
             consumeErrors=True,
         ).addCallbacks(lambda _: len(orphans), lambda failure: failure.value.subFailure)
 
-    def _restored(self, reply, chunk):
+    def _restored(self, reply, chunk, entries):
         restored = kicked = 0
         for i, local in enumerate(chunk):
             status, current = reply[2 * i], reply[2 * i + 1]
             session = local.session
+            if status != 2:
+                if self._local.get(session.sessionId) is local:
+                    local.entry = entries[i]
+                elif entries[i] != local.entry:
+                    # Unregistered meanwhile, with the entry of the previous
+                    # incarnation: delete the one just written.
+                    self._delete(session.uid, session.deviceId, entries[i])
             if status == 1:
                 restored += 1
                 if current is not None:

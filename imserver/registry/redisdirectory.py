@@ -3,10 +3,17 @@
 The cluster's gate directory, in Redis: the gates the dispatcher hands out,
 filtered by the gates' leases (L{imserver.registry.redis}).
 
-Keys::
+Keys (one Redis)::
 
     im:gates                   hash: gate id -> JSON addresses
     im:gate:<gate id>          the gate's lease (the registry's)
+
+On a Redis Cluster (C{cluster}, by default whether the connection is a
+L{imserver.rediscluster.ClusterConnection}), the same under the one hash
+tag C{{gates}}, so that the filtering script runs in one slot::
+
+    im:{gates}                 hash: gate id -> JSON addresses
+    im:{gates}:lease:<gate id> the gate's lease (the registry's)
 """
 
 import json
@@ -17,14 +24,17 @@ from zope.interface import implementer
 
 from imserver.interfaces import IGateDirectory
 from imserver.redisclient import RedisUnavailable
-from imserver.registry.redis import GATE_KEY_PREFIX
+from imserver.rediscluster import ClusterConnection
+from imserver.registry.redis import CLUSTER_GATE_KEY_PREFIX, GATE_KEY_PREFIX, GATES_TAG
 
 #: The gate directory.
 GATES_KEY = "im:gates"
+#: The gate directory, in cluster mode (in the slot of the leases).
+CLUSTER_GATES_KEY = "im:" + GATES_TAG
 
 #: KEYS: the directory.  Returns C{{gate id, addresses, ...}} of the gates
-#: with a lease; forgets the others.
-_GATES = """
+#: with a lease; forgets the others.  C{%s}: the leases' key prefix.
+_GATES_TEMPLATE = """
 local entries = redis.call('HGETALL', KEYS[1])
 local out = {}
 for i = 1, #entries, 2 do
@@ -36,7 +46,7 @@ for i = 1, #entries, 2 do
   end
 end
 return out
-""" % (GATE_KEY_PREFIX,)
+"""
 
 
 @implementer(IGateDirectory)
@@ -51,10 +61,20 @@ class RedisGateDirectory:
 
     log = Logger()
 
-    def __init__(self, connection):
+    def __init__(self, connection, cluster=None):
+        """
+        @param connection: the L{imserver.redisclient.RedisConnection}, or
+            the L{imserver.rediscluster.ClusterConnection}.
+        @param cluster: whether C{connection} is a Redis Cluster (default:
+            whether it is a L{ClusterConnection}).
+        """
+        if cluster is None:
+            cluster = isinstance(connection, ClusterConnection)
         self.connection = connection
+        self.key = CLUSTER_GATES_KEY if cluster else GATES_KEY
         self._mine = {}
-        self._gates = connection.script(_GATES, "directory.gates")
+        prefix = CLUSTER_GATE_KEY_PREFIX if cluster else GATE_KEY_PREFIX
+        self._gates = connection.script(_GATES_TEMPLATE % (prefix,), "directory.gates")
 
     def advertise(self, gateId, addresses):
         addresses = [tuple(a) for a in addresses]
@@ -62,7 +82,7 @@ class RedisGateDirectory:
         return self._write(gateId, addresses)
 
     def _write(self, gateId, addresses):
-        d = self.connection.execute("HSET", GATES_KEY, gateId, json.dumps(addresses))
+        d = self.connection.execute("HSET", self.key, gateId, json.dumps(addresses))
 
         def unavailable(failure):
             failure.trap(RedisUnavailable)
@@ -78,7 +98,7 @@ class RedisGateDirectory:
 
     def withdraw(self, gateId):
         self._mine.pop(gateId, None)
-        return self.connection.execute("HDEL", GATES_KEY, gateId).addCallback(lambda _: None)
+        return self.connection.execute("HDEL", self.key, gateId).addCallback(lambda _: None)
 
     def gates(self):
         def parse(reply):
@@ -91,4 +111,4 @@ class RedisGateDirectory:
                 result[reply[i].decode("utf-8")] = addresses
             return result
 
-        return self._gates([GATES_KEY]).addCallback(parse)
+        return self._gates([self.key]).addCallback(parse)
