@@ -451,7 +451,11 @@ def clientTLSOptions(url, caFile=None):
     return ssl.optionsForClientTLS(url.host, trustRoot=trustRoot)
 
 
-def _endpoint(reactor, url, caFile, connectTimeout):
+def redisEndpoint(reactor, url, caFile, connectTimeout):
+    """
+    The client endpoint of the Redis at C{url} (a L{RedisURL}): TCP, wrapped
+    in verified TLS for C{rediss://}.
+    """
     endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=connectTimeout)
     if url.tls:
         endpoint = wrapClientTLS(clientTLSOptions(url, caFile), endpoint)
@@ -471,7 +475,7 @@ def connectRedis(
     @rtype: L{RedisConnection}
     """
     connection = RedisConnection(
-        reactor, url, None, _endpoint(reactor, url, caFile, connectTimeout)
+        reactor, url, None, redisEndpoint(reactor, url, caFile, connectTimeout)
     )
     connection._factory = _Factory(connection, url, replyTimeout, dbid=url.db or None)
     if start:
@@ -640,7 +644,7 @@ def subscribeRedis(
         url,
         channels,
         onMessage,
-        _endpoint(reactor, url, caFile, connectTimeout),
+        redisEndpoint(reactor, url, caFile, connectTimeout),
         replyTimeout,
     )
     if start:

@@ -46,7 +46,6 @@ from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import txredisapi
 from twisted.internet.defer import fail, gatherResults, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -58,8 +57,8 @@ from imserver.redisclient import (
     RedisUnavailable,
     RedisURL,
     Script,
-    clientTLSOptions,
     connectRedis,
+    redisEndpoint,
 )
 
 #: The number of hash slots of a Redis Cluster.
@@ -138,6 +137,30 @@ def keySlot(key):
         if end > start + 1:
             key = key[start + 1 : end]
     return crc16(key) % SLOTS
+
+
+_slotTags: list[str] = []
+
+
+def slotTag(slot):
+    """
+    A hash tag of slot C{slot}: C{s:<n>} for the smallest C{n} whose tag
+    hashes to C{slot}, for keys that must live in a given slot (the store's
+    and the registry's per-slot keys).  The table of all 16384 is made at
+    the first call (a fraction of a second).
+    """
+    if not _slotTags:
+        tags = [""] * SLOTS
+        missing, n = SLOTS, 0
+        while missing:
+            tag = "s:%d" % (n,)
+            found = keySlot(tag)
+            if not tags[found]:
+                tags[found] = tag
+                missing -= 1
+            n += 1
+        _slotTags[:] = tags
+    return _slotTags[slot]
 
 
 def _name(value):
@@ -709,13 +732,6 @@ def _address(address):
     return "{}:{}".format(*address)
 
 
-def _nodeEndpoint(reactor, url, caFile, connectTimeout):
-    endpoint = HostnameEndpoint(reactor, url.host, url.port, timeout=connectTimeout)
-    if url.tls:
-        endpoint = wrapClientTLS(clientTLSOptions(url, caFile), endpoint)
-    return endpoint
-
-
 def connectCluster(
     reactor, url, caFile=None, replyTimeout=DEFAULT_REPLY_TIMEOUT, connectTimeout=5.0, start=True
 ):
@@ -801,7 +817,7 @@ def subscribeCluster(
     """
     endpoint = _RoundRobinEndpoint(
         [
-            _nodeEndpoint(reactor, url.node(host, port), caFile, connectTimeout)
+            redisEndpoint(reactor, url.node(host, port), caFile, connectTimeout)
             for host, port in url.seeds
         ]
     )

@@ -4,7 +4,8 @@ Tests for message stores: one suite, run against every implementation of
 L{IMessageStore} (memory, SQLite inline and threaded, Redis), and one for
 their webhook outbox (L{IOutbox}), plus SQLite's durability and group
 commit, and Redis's seq floor, epoch, durability, outbox lease and
-unavailability against a real C{redis-server}.
+unavailability against a real C{redis-server}; and the Redis store on a
+real Redis Cluster.
 """
 
 import base64
@@ -26,7 +27,8 @@ from zope.interface.verify import verifyObject
 from imserver.errors import NotMember
 from imserver.interfaces import IGroupStore, IMessageStore, IOutbox
 from imserver.pb import im_pb2 as pb
-from imserver.redisclient import RedisUnavailable, RedisURL, connectRedis
+from imserver.redisclient import RedisUnavailable, RedisURL, Script, connectRedis
+from imserver.rediscluster import connectCluster, keySlot, parseRedisURL
 from imserver.service import RetentionService
 from imserver.settings import Settings
 from imserver.store import (
@@ -39,6 +41,7 @@ from imserver.store import (
 )
 from imserver.store.memory import MemoryMessageStore
 from imserver.store.redis import RedisMessageStore
+from imserver.store.redis.keys import groupKey, slotTag, userKey, userSlot
 from imserver.store.sqlite import ADDED_TABLES, SQLiteMessageStore, StoreClosed
 from imserver.webhooks.events import (
     GROUP_CHANGED,
@@ -55,7 +58,9 @@ from imserver.webhooks.events import (
     userOnline,
 )
 
+from tests.support.live import withDeadline
 from tests.support.redis import RedisServer, whenConnected, whenDisconnected
+from tests.support.rediscluster import RedisCluster
 
 HOUR = 3600 * 1000
 T0 = 1_700_000_000_000
@@ -79,7 +84,12 @@ class StoreTestsMixin:
     Seqs are compared relative to a user's first one: they increase by one
     per entry in every store, but only the memory and SQLite stores start
     at 1 (Redis starts above its seq floor, L{imserver.store.redis}).
+
+    @cvar oneFloor: whether every new inbox starts at the same seq (not on
+        a Redis Cluster, where each slot has its own floor).
     """
+
+    oneFloor = True
 
     @inlineCallbacks
     def setUp(self):
@@ -111,7 +121,9 @@ class StoreTestsMixin:
         delivery = yield self.send("alice", "m1", "hello")
         self.assertFalse(delivery.duplicate)
         first = delivery.seqs["bob"]
-        self.assertEqual(delivery.seqs, {"bob": first, "alice": first})
+        if self.oneFloor:
+            self.assertEqual(delivery.seqs, {"bob": first, "alice": first})
+        self.assertEqual(sorted(delivery.seqs), ["alice", "bob"])
         message = delivery.message
         self.assertTrue(message.id)
         self.assertEqual(
@@ -120,7 +132,9 @@ class StoreTestsMixin:
         [entry] = yield self.store.fetch("bob", 0, 10)
         self.assertEqual((entry.seq, entry.outgoing, entry.message), (first, False, message))
         [own] = yield self.store.fetch("alice", 0, 10)
-        self.assertEqual((own.seq, own.outgoing, own.message.id), (first, True, message.id))
+        self.assertEqual(
+            (own.seq, own.outgoing, own.message.id), (delivery.seqs["alice"], True, message.id)
+        )
 
     @inlineCallbacks
     def test_firstSeq(self):
@@ -760,10 +774,11 @@ class OutboxTestsMixin:
         self.assertEqual([d["client_msg_id"] for d in (yield self.datas())], ["m1"])
 
     @inlineCallbacks
-    def test_batchInOrder(self):
+    def deliverBatch(self):
         """
-        Messages delivered together (one transaction for a store that
-        batches) record their events in message order, with increasing ids.
+        Deliver 40 messages from three senders, and a repeat, all at once,
+        with C{message.stored} on; return the deliveries and the entries
+        recorded, whose ids increase.
         """
         self.enable(MESSAGE_STORED)
         ds = [
@@ -774,6 +789,17 @@ class OutboxTestsMixin:
         deliveries = yield gatherResults(ds)
         self.assertTrue(deliveries[-1].duplicate)
         entries = yield self.entries()
+        ids = [e.id for e in entries]
+        self.assertEqual(ids, sorted(set(ids)))
+        return deliveries, entries
+
+    @inlineCallbacks
+    def test_batchInOrder(self):
+        """
+        Messages delivered together (one transaction for a store that
+        batches) record their events in message order, with increasing ids.
+        """
+        deliveries, entries = yield self.deliverBatch()
         self.assertEqual(
             [json.loads(e.data)["client_msg_id"] for e in entries], [str(i) for i in range(40)]
         )
@@ -781,8 +807,6 @@ class OutboxTestsMixin:
             [json.loads(e.data)["message_id"] for e in entries],
             [str(d.message.id) for d in deliveries[:40]],
         )
-        ids = [e.id for e in entries]
-        self.assertEqual(ids, sorted(set(ids)))
 
     @inlineCallbacks
     def test_groupChanged(self):
@@ -2002,6 +2026,423 @@ class RedisStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         self.assertEqual(
             [e["log_level"] for e in events if "run id" in e["log_format"]], [LogLevel.warn]
         )
+
+
+class _FailingSlots:
+    """
+    A L{ClusterConnection} whose scripts on the slots in C{failing} fail
+    with L{RedisUnavailable} before being sent: a step of a deliver that
+    did not happen (its primary unreachable).
+    """
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.onConnect = connection.onConnect
+        self.onDisconnect = connection.onDisconnect
+        self.failing = set()
+        self.refused = 0
+
+    @property
+    def connected(self):
+        return self.connection.connected
+
+    def execute(self, *command, label=None):
+        if command[0] in ("EVALSHA", "EVAL") and int(command[2]) > 0:
+            if keySlot(command[3]) in self.failing:
+                self.refused += 1
+                return fail(RedisUnavailable("slot {} is down".format(keySlot(command[3]))))
+        return self.connection.execute(*command, label=label)
+
+    def script(self, source, name=None):
+        return Script(self, source, name)
+
+
+class RedisClusterStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
+    """
+    L{RedisMessageStore} on a real Redis Cluster (three primaries with a
+    replica each, one cluster per test, about two seconds to start): the
+    shared suite, then what is the cluster mode's own: a delivery across
+    primaries, a partial fan-out completed by a retry, the seq floor of a
+    slot whose primary lost its data or failed over, retention on every
+    primary, the keys per slot.
+    """
+
+    timeout = 60
+    oneFloor = False
+
+    @inlineCallbacks
+    def makeStore(self, dedupWindowMs):
+        self.cluster = RedisCluster(self, reactor)
+        yield self.cluster.start()
+        self.connection = connectCluster(
+            reactor, parseRedisURL(self.cluster.url), replyTimeout=2, connectTimeout=2
+        )
+        self.addCleanup(self.connection.disconnect)
+        yield withDeadline(whenConnected(self.connection), 10, "the cluster connection")
+        self.events = []
+        store = RedisMessageStore(self.connection, reactor, dedupWindowMs)
+        store.log = Logger(observer=self.events.append)
+        return store
+
+    def redis(self, *command):
+        return self.connection.execute(*command)
+
+    def spread(self, prefix="u"):
+        """
+        Three uids whose keys are on three different primaries.
+        """
+        byPrimary, n = {}, 0
+        while len(byPrimary) < 3:
+            uid = "%s%d" % (prefix, n)
+            byPrimary.setdefault(self.connection.addressOf(userSlot(uid)), uid)
+            n += 1
+        return [byPrimary[address] for address in sorted(byPrimary)]
+
+    @inlineCallbacks
+    def allKeys(self):
+        found, cursor = set(), b"0"
+        while True:
+            cursor, page = yield self.redis("SCAN", cursor, "COUNT", 1000)
+            found.update(key.decode() for key in page)
+            if cursor == b"0":
+                return found
+
+    @inlineCallbacks
+    def bodies(self):
+        """
+        The message ids of the bodies stored, with how many slots hold each.
+        """
+        counts = {}
+        for key in (yield self.allKeys()):
+            if key.startswith("im:m:"):
+                messageId = int(key.rsplit(":", 1)[1])
+                counts[messageId] = counts.get(messageId, 0) + 1
+        return counts
+
+    def test_clusterMode(self):
+        """
+        The store sees it is on a cluster (a L{ClusterConnection}); any
+        other connection is one Redis unless told otherwise.
+        """
+        self.assertTrue(self.store.cluster)
+        failing = _FailingSlots(self.connection)
+        self.assertFalse(RedisMessageStore(failing, reactor).cluster)
+        self.assertTrue(RedisMessageStore(failing, reactor, cluster=True).cluster)
+
+    @inlineCallbacks
+    def test_acrossPrimaries(self):
+        """
+        A 1:1 delivery to a list of users and a group delivery, the users on
+        three primaries: every inbox gets its entry, the body is stored in
+        each of their slots, each slot has its own epoch and floor.
+        """
+        alice, bob, carol = self.spread()
+        delivery = yield self.store.deliver(alice, "m1", text("hi", bob), [bob, carol], T0)
+        self.assertEqual(sorted(delivery.seqs), sorted([alice, bob, carol]))
+        for uid in (alice, bob, carol):
+            [entry] = yield self.store.fetch(uid, 0, 10)
+            self.assertEqual(
+                (entry.seq, entry.message.id, entry.outgoing),
+                (delivery.seqs[uid], delivery.message.id, uid == alice),
+            )
+            self.assertEqual((yield self.store.head(uid)), delivery.seqs[uid])
+        self.assertEqual((yield self.bodies()), {delivery.message.id: 3})
+        epochs = set()
+        for uid in (alice, bob, carol):
+            epochs.add((yield self.store.epoch(uid)))
+        self.assertEqual(len(epochs), 3)
+        self.assertNotIn(None, epochs)
+        yield self.store.createGroup("g", "G", alice, T0)
+        yield self.store.setMembers("g", [(bob, pb.ROLE_MEMBER), (carol, pb.ROLE_MEMBER)], 10, T0)
+        group = yield self.store.deliver(carol, "g1", pb.Message(group_id="g", body=b"x"), [], T0)
+        self.assertEqual(sorted(group.seqs), sorted([alice, bob, carol]))
+        for uid in (alice, bob, carol):
+            self.assertEqual(group.seqs[uid], delivery.seqs[uid] + 1)
+            entries = yield self.store.fetch(uid, delivery.seqs[uid], 10)
+            self.assertEqual([e.message.body for e in entries], [b"x"])
+        self.assertEqual([g.group_id for g in (yield self.store.groupsOf(bob))], ["g"])
+        again = yield self.store.deliver(carol, "g1", pb.Message(group_id="g", body=b"x"), [], T0)
+        self.assertTrue(again.duplicate)
+        self.assertEqual(again.seqs, {carol: group.seqs[carol]})
+        self.assertEqual(self.store.rollbacks, 0)
+
+    @inlineCallbacks
+    def test_keyLayout(self):
+        """
+        The keys: the user and group keys as on one Redis, the seq floor,
+        epoch, run id and bodies per slot, the applied record in the other
+        slots, the outbox under C{{im}}.
+        """
+        alice, bob, _ = self.spread()
+        self.store.outboxEvents = frozenset([MESSAGE_STORED])
+        delivery = yield self.store.deliver(alice, "m1", text("x", bob), [bob], T0)
+        messageId = delivery.message.id
+        keys = yield self.allKeys()
+        expected = {"im:msgid", "im:{im}:outbox", "im:{im}:outbox:last", "im:{im}:outbox:store"}
+        expected.add("im:{im}:stored:%d" % (messageId,))
+        expected.add("im:d:{u:%s}:m1" % (alice.encode().hex(),))
+        expected.add("im:a:{%s}:%d" % (slotTag(userSlot(bob)), messageId))
+        for uid in (alice, bob):
+            tag = slotTag(userSlot(uid))
+            expected.update(
+                "im:{%s}:%s" % (tag, n) for n in ("epoch", "seqfloor", "runid", "bodies")
+            )
+            expected.add("im:m:{%s}:%d" % (tag, messageId))
+            expected.update("im:{u:%s}:%s" % (uid.encode().hex(), n) for n in ("head", "inbox"))
+        self.assertEqual(keys, expected)
+        self.assertEqual(keySlot(slotTag(userSlot(bob))), userSlot(bob))
+        ttl = yield self.redis("PTTL", "im:a:{%s}:%d" % (slotTag(userSlot(bob)), messageId))
+        self.assertTrue(23 * HOUR < ttl <= 24 * HOUR, ttl)
+
+    @inlineCallbacks
+    def test_claimOutbox(self):
+        """
+        The outbox's lease (alone in its slot): one owner at a time; the
+        holder extends it.
+        """
+        other = RedisMessageStore(self.connection, reactor, 24 * HOUR)
+        self.assertTrue((yield self.store.claimOutbox("gate-1", 10000)))
+        self.assertFalse((yield other.claimOutbox("gate-2", 10000)))
+        self.assertTrue((yield other.claimOutbox("gate-1", 60000)))
+        ttl = yield self.redis("PTTL", "im:outbox:lease")
+        self.assertTrue(10000 < ttl <= 60000, ttl)
+
+    @inlineCallbacks
+    def test_batchInOrder(self):
+        """
+        Concurrent deliveries record their events in order per ordering
+        key (the sender); senders on different slots are independent.
+        """
+        _, entries = yield self.deliverBatch()
+        self.assertEqual(len(entries), 40)
+        for sender in ("u0", "u1", "u2"):
+            mine = [json.loads(e.data) for e in entries if e.key == sender]
+            self.assertEqual(
+                [data["client_msg_id"] for data in mine],
+                [str(i) for i in range(40) if "u%d" % (i % 3,) == sender],
+            )
+
+    @inlineCallbacks
+    def test_partialFanOut(self):
+        """
+        A deliver whose step on one slot failed fails with
+        L{RedisUnavailable}, leaving the other inboxes written; a retry
+        completes it: the missing entry is appended, the others are not
+        appended again, the seqs are the same, the outcome is a first
+        delivery (the recipients were never told); the next retry is a
+        duplicate; the C{message.stored} event is recorded once.
+        """
+        alice, bob, carol = self.spread()
+        failing = _FailingSlots(self.connection)
+        store = RedisMessageStore(failing, reactor, 24 * HOUR, cluster=True)
+        store.outboxEvents = frozenset([MESSAGE_STORED])
+        failing.failing.add(userSlot(carol))
+        send = partial(store.deliver, alice, "m1", text("hi", bob), [bob, carol], T0)
+        yield self.assertFailure(send(), RedisUnavailable)
+        self.assertEqual(failing.refused, 1)
+        [bobEntry] = yield self.store.fetch(bob, 0, 10)
+        [aliceEntry] = yield self.store.fetch(alice, 0, 10)
+        self.assertEqual((yield self.store.fetch(carol, 0, 10)), [])
+        self.assertEqual((yield self.entries()), [])
+        failing.failing.clear()
+        retry = yield send()
+        self.assertFalse(retry.duplicate)
+        self.assertEqual(retry.message.id, bobEntry.message.id)
+        self.assertEqual((retry.seqs[alice], retry.seqs[bob]), (aliceEntry.seq, bobEntry.seq))
+        for uid in (alice, bob, carol):
+            entries = yield store.fetch(uid, 0, 10)
+            self.assertEqual([e.seq for e in entries], [retry.seqs[uid]])
+            self.assertEqual(entries[0].message.id, retry.message.id)
+        again = yield send()
+        self.assertTrue(again.duplicate)
+        self.assertEqual(again.seqs, {alice: aliceEntry.seq})
+        self.assertEqual(again.message, retry.message)
+        [event] = yield self.datas()
+        self.assertEqual(
+            (event["message_id"], sorted(event["recipients"])),
+            (str(retry.message.id), sorted([bob, carol])),
+        )
+        self.assertEqual((yield self.bodies()), {retry.message.id: 3})
+
+    @inlineCallbacks
+    def test_eventAfterFanOut(self):
+        """
+        The C{message.stored} event is recorded after every inbox was
+        written: if recording it fails, the deliver fails, and a retry (a
+        duplicate now) records it, once.
+        """
+        alice, bob, _ = self.spread()
+        failing = _FailingSlots(self.connection)
+        store = RedisMessageStore(failing, reactor, 24 * HOUR, cluster=True)
+        store.outboxEvents = frozenset([MESSAGE_STORED])
+        failing.failing.add(keySlot("im"))
+        send = partial(store.deliver, alice, "m1", text("hi", bob), [bob], T0)
+        yield self.assertFailure(send(), RedisUnavailable)
+        [entry] = yield store.fetch(bob, 0, 10)
+        self.assertEqual((yield self.entries()), [])
+        failing.failing.clear()
+        retry = yield send()
+        self.assertTrue(retry.duplicate)
+        yield send()
+        [event] = yield self.datas()
+        self.assertEqual(event["message_id"], str(entry.message.id))
+
+    @inlineCallbacks
+    def test_groupChangeRetried(self):
+        """
+        Adding a member whose group script failed (its slot unreachable)
+        leaves the member's groups set ahead of the group, which
+        C{groupsOf} ignores; the retry completes the change, recording its
+        event once.
+        """
+        alice, bob, _ = self.spread()
+        failing = _FailingSlots(self.connection)
+        store = RedisMessageStore(failing, reactor, 24 * HOUR, cluster=True)
+        store.outboxEvents = frozenset([GROUP_CHANGED])
+        yield store.createGroup("g", "G", alice, T0)
+        failing.failing.add(keySlot(groupKey("g", "info")))
+        add = partial(store.setMembers, "g", [(bob, pb.ROLE_MEMBER)], 10, T0)
+        yield self.assertFailure(add(), RedisUnavailable)
+        self.assertEqual((yield self.redis("SMEMBERS", userKey(bob, "groups"))), [b"g"])
+        self.assertEqual((yield self.store.groupsOf(bob)), [])
+        failing.failing.clear()
+        self.assertEqual((yield add()), [bob])
+        self.assertEqual([g.group_id for g in (yield store.groupsOf(bob))], ["g"])
+        self.assertEqual(
+            [(d["change"], d["uids"]) for d in (yield self.datas())],
+            [(GROUP_CREATED, [alice]), (MEMBERS_ADDED, [bob])],
+        )
+        yield store.removeMembers("g", [bob])
+        self.assertEqual((yield store.groupsOf(bob)), [])
+        self.assertEqual((yield self.redis("SMEMBERS", userKey(bob, "groups"))), [])
+
+    @inlineCallbacks
+    def test_floorAfterWipe(self):
+        """
+        A primary that lost its data (C{FLUSHALL} on it alone): the next
+        seqs of its users are above every seq given before, in a new epoch
+        of their slot; the other primaries' users go on as before.  Each
+        slot's loss is counted, the error logged once.
+        """
+        alice, bob, carol = self.spread()
+        address = self.connection.addressOf(userSlot(bob))
+        neighbour = next(
+            uid
+            for uid in ("n%d" % (i,) for i in range(1000))
+            if self.connection.addressOf(userSlot(uid)) == address
+            and userSlot(uid) != userSlot(bob)
+        )
+        yield self.store.deliver(alice, "m0", text("zero", neighbour), [neighbour], T0)
+        first = yield self.store.deliver(alice, "m1", text("one", bob), [bob, carol], T0)
+        second = yield self.store.deliver(alice, "m2", text("two", bob), [bob, carol], T0)
+        epoch = yield self.store.epoch(bob)
+        node = yield self.cluster.ownerOf(userSlot(bob))
+        yield self.cluster.call(node, "FLUSHALL")
+        self.assertEqual((yield self.store.head(bob)), 0)
+        self.assertEqual((yield self.store.head(neighbour)), 0)
+        self.assertEqual(self.store.rollbacks, 2)
+        third = yield self.store.deliver(alice, "m3", text("three", bob), [bob, carol], T0)
+        self.assertFalse(third.duplicate)
+        self.assertGreater(third.seqs[bob], second.seqs[bob])
+        self.assertNotIn((yield self.store.epoch(bob)), (None, epoch))
+        self.assertEqual(third.seqs[carol], first.seqs[carol] + 2)
+        self.assertEqual(third.seqs[alice], first.seqs[alice] + 2)
+        self.assertEqual([e.message.body for e in (yield self.store.fetch(bob, 0, 10))], [b"three"])
+        self.assertEqual(len((yield self.store.fetch(carol, 0, 10))), 3)
+        self.assertEqual(
+            [e["old"] for e in self.events if e["log_level"] == LogLevel.error], [epoch]
+        )
+
+    @inlineCallbacks
+    def test_floorAfterLaggingFailover(self):
+        """
+        A failover to a replica that missed the last writes (simulated: the
+        head goes back and the run id of the slot is another process's):
+        the slot's floor is raised, so no seq is given twice.
+        """
+        alice, bob, _ = self.spread()
+        deliveries = []
+        for i in range(3):
+            deliveries.append((yield self.store.deliver(alice, str(i), text("x", bob), [bob], T0)))
+        slot = userSlot(bob)
+        node = yield self.cluster.ownerOf(slot)
+        head = "im:{u:%s}:head" % (bob.encode().hex(),)
+        yield self.cluster.call(node, "SET", head, str(deliveries[0].seqs[bob]))
+        yield self.cluster.call(node, "SET", "im:{%s}:runid" % (slotTag(slot),), "0" * 40)
+        restarts = self.store.restarts
+        later = yield self.store.deliver(alice, "3", text("x", bob), [bob], T0)
+        self.assertGreater(later.seqs[bob], deliveries[-1].seqs[bob])
+        self.assertEqual(later.seqs[alice], deliveries[-1].seqs[alice] + 1)
+        self.assertEqual(self.store.restarts, restarts + 1)
+        self.assertEqual(self.store.rollbacks, 0)
+
+    @inlineCallbacks
+    def test_failover(self):
+        """
+        A real failover of a recipient's primary: its slot fails with
+        L{RedisUnavailable} meanwhile (the deliver can be retried), then the
+        promoted replica's run id raises the slot's floor; the retry
+        completes the message, nothing is given twice.
+        """
+        alice, bob, _ = self.spread()
+        first = yield self.store.deliver(alice, "m1", text("x", bob), [bob], T0)
+        slot = userSlot(bob)
+        yield self.cluster.killPrimaryOf(slot)
+        yield self.assertFailure(
+            self.store.deliver(alice, "m2", text("y", bob), [bob], T0), RedisUnavailable
+        )
+        yield self.cluster.waitForFailover(slot)
+        for _ in range(100):
+            try:
+                second = yield self.store.deliver(alice, "m2", text("y", bob), [bob], T0)
+                break
+            except RedisUnavailable:
+                yield deferLater(reactor, 0.1, lambda: None)
+        else:
+            self.fail("the slot of bob did not come back")
+        self.assertGreater(second.seqs[bob], first.seqs[bob])
+        self.assertEqual(second.seqs[alice], first.seqs[alice] + 1)
+        self.assertGreaterEqual(self.store.restarts, 1)
+        self.assertEqual(
+            [e.message.body for e in (yield self.store.fetch(bob, 0, 10))], [b"x", b"y"]
+        )
+
+    @inlineCallbacks
+    def test_trimAcrossPrimaries(self):
+        """
+        Retention reaches the users and the bodies of every primary.
+        """
+        self.store.scanCount = 7
+        senders = self.spread("s")
+        users = ["t%d" % (i,) for i in range(30)]
+        for age, body, now in (("old", "x", T0), ("new", "y", T0 + 10 * HOUR)):
+            for i, uid in enumerate(users):
+                sender = senders[i % 3]
+                yield self.store.deliver(sender, age + str(i), text(body, uid), [uid], now)
+        self.assertEqual(
+            len({self.connection.addressOf(userSlot(uid)) for uid in users + senders}), 3
+        )
+        removed = yield self.store.trim(T0 + 10 * HOUR, 5 * HOUR, 1000)
+        self.assertEqual(removed, 60)
+        for uid in users:
+            entries = yield self.store.fetch(uid, 0, 10)
+            self.assertEqual([e.message.body for e in entries], [b"y"])
+        for sender in senders:
+            entries = yield self.store.fetch(sender, 0, 100)
+            self.assertEqual({e.message.body for e in entries}, {b"y"})
+        bodies = yield self.bodies()
+        self.assertEqual(len(bodies), 30)
+
+    @inlineCallbacks
+    def test_ackAcrossPrimaries(self):
+        """
+        One C{ack} of cursors of users on three primaries.
+        """
+        users = self.spread()
+        count = yield self.store.ack([(uid, "phone", 5) for uid in users], T0)
+        self.assertEqual(count, 3)
+        for uid in users:
+            self.assertEqual((yield self.store.cursor(uid, "phone")), 5)
 
 
 class RetentionServiceTests(SynchronousTestCase):

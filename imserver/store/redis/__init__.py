@@ -9,9 +9,20 @@ The cluster-mode message store: inboxes, dedup and groups in Redis.
   - L{keys}: the key names and what each key holds.
   - C{scripts/*.lua}: the scripts, one per operation, each saying its
     C{KEYS}, C{ARGV} and reply; C{prelude.lua} holds the helpers some of
-    them share, C{outbox.lua} those of the scripts that record webhook
+    them share, C{inbox.lua} those that append to inboxes (the seq floor
+    and epoch check, the body, the entries), C{groupEntry.lua} one group
+    of C{groupsOf}, C{outbox.lua} those of the scripts that record webhook
     events (L{imserver.interfaces.IOutbox}) in the step that makes the
     change they report.
+
+On a Redis Cluster (an L{imserver.rediscluster.ClusterConnection}, seen at
+construction; C{cluster=True} forces it) every script touches the keys of
+one slot: a deliver is a step on the sender's slot, then one per other slot
+holding recipients, each idempotent, with the epoch and seq floor kept per
+slot and the bodies stored in each slot that references them (keys.py,
+C{deliverBegin.lua}, C{deliverAppend.lua}; docs/architecture.md, "The
+message store on a Redis Cluster").  On one Redis nothing of this changes
+the keys, the scripts' work or the round trips.
 
 The semantics are those of L{imserver.store.memory.MemoryMessageStore}
 (the reference), except that seqs start above a floor, not at 1, and two

@@ -48,6 +48,31 @@ the store records events:
     packed C{<length>:<bytes>} (L{imserver.store.redis.unpack}), value
     the time it went online (ms).
 
+On a Redis Cluster (L{imserver.store.redis.RedisMessageStore} with
+C{cluster=True}) the user, dedup and group keys are the same, and a
+script only touches keys of one slot, so the global keys are replaced:
+
+  - C{im:{s:<n>}:epoch}, C{im:{s:<n>}:seqfloor}, C{im:{s:<n>}:runid}:
+    the epoch, the seq floor and the run id of one slot, guarding the
+    inboxes of that slot; C{s:<n>} (L{slotTag}) is the first such tag in
+    the slot, so these keys are in the slot of the users they guard.
+  - C{im:m:{s:<n>}:<message id>}: a body, stored in every slot holding an
+    inbox entry of it (and in the sender's), so C{fetch} reads one slot;
+    C{im:{s:<n>}:bodies}: that slot's index of them by C{created_ms}.
+  - C{im:a:{s:<n>}:<message id>}: the seqs a deliver gave in that slot
+    (packed uid, seq), with C{PX} = the dedup window: a retry answers them
+    instead of appending again.
+  - The dedup record C{im:d:{u:<hex of sender>}:<client_msg_id>} is a hash:
+    C{id}, C{seq}, C{created}, C{here} (the packed uid, seq of the sender's
+    slot), C{there} (the packed uid, tag hex of the recipients in other
+    slots).
+  - The outbox and the presence ledger share the tag C{{im}}:
+    C{im:{im}:outbox}, C{im:{im}:outbox:last}, C{im:{im}:outbox:store},
+    C{im:{im}:presence:<hex of gate id>}, and C{im:{im}:stored:<message
+    id>}, the marker of a C{message.stored} event recorded (C{PX} = the
+    dedup window).  C{im:msgid} and the leases are used alone, and keep
+    their names.
+
 The scripts in C{scripts/} build the same names from a tag's hex when
 they reach keys they were not passed (a recipient's C{head} and C{inbox},
 C{im:m:<id>}, a member's C{groups}, a group's keys in C{groupsOf}): a change
@@ -55,6 +80,7 @@ here is a change there.
 """
 
 from imserver.redisclient import userKey, userTag
+from imserver.rediscluster import keySlot, slotTag
 
 #: The global keys.
 EPOCH_KEY = "im:epoch"
@@ -74,6 +100,68 @@ RETENTION_LEASE_KEY = "im:retention:lease"
 
 #: The C{SCAN MATCH} pattern of the user keys (not the dedup records).
 USER_KEYS = "im:{u:*"
+
+
+#: The cluster mode's outbox keys (one slot: C{{im}}).
+CLUSTER_OUTBOX_KEY = "im:{im}:outbox"
+CLUSTER_OUTBOX_LAST_KEY = "im:{im}:outbox:last"
+CLUSTER_OUTBOX_STORE_KEY = "im:{im}:outbox:store"
+
+#: The C{SCAN MATCH} pattern of the cluster mode's user and slot keys.
+CLUSTER_SCAN_KEYS = "im:{[us]:*"
+
+
+def tagKey(hexTag, name):
+    """
+    The key C{name} of the user whose tag's hex is C{hexTag} (as the
+    scripts build it): L{userKey} without the uid.
+    """
+    return "im:{u:%s}:%s" % (hexTag, name)
+
+
+def userSlot(uid):
+    """
+    The cluster slot of the keys of user C{uid}.
+    """
+    return keySlot(userTag(uid))
+
+
+def slotKey(slot, name):
+    """
+    The key C{name} (C{epoch}, C{seqfloor}, C{runid}, C{bodies}) of slot
+    C{slot}.
+    """
+    return "im:{%s}:%s" % (slotTag(slot), name)
+
+
+def slotBodyPrefix(slot):
+    """
+    What the keys of the bodies stored in slot C{slot} start with (their
+    message id follows).
+    """
+    return "im:m:{%s}:" % (slotTag(slot),)
+
+
+def appliedKey(slot, messageId):
+    """
+    The record of the entries a deliver of C{messageId} made in C{slot}.
+    """
+    return "im:a:{%s}:%d" % (slotTag(slot), messageId)
+
+
+def storedMarkerKey(messageId):
+    """
+    The marker of the C{message.stored} event of C{messageId} (cluster
+    mode).
+    """
+    return "im:{im}:stored:%d" % (messageId,)
+
+
+def clusterPresenceKey(gateId):
+    """
+    L{presenceKey} in cluster mode (tagged C{{im}}, as the outbox).
+    """
+    return "im:{im}:presence:" + tagHex(gateId)
 
 
 def tagHex(text):
@@ -153,4 +241,16 @@ __all__ = [
     "bodyKey",
     "presenceKey",
     "presenceField",
+    "CLUSTER_OUTBOX_KEY",
+    "CLUSTER_OUTBOX_LAST_KEY",
+    "CLUSTER_OUTBOX_STORE_KEY",
+    "CLUSTER_SCAN_KEYS",
+    "slotTag",
+    "tagKey",
+    "userSlot",
+    "slotKey",
+    "slotBodyPrefix",
+    "appliedKey",
+    "storedMarkerKey",
+    "clusterPresenceKey",
 ]

@@ -12,6 +12,7 @@ from importlib.resources import files
 import txredisapi
 from twisted.internet.defer import (
     Deferred,
+    DeferredList,
     FirstError,
     gatherResults,
     inlineCallbacks,
@@ -25,8 +26,10 @@ from imserver.errors import NotMember
 from imserver.interfaces import IGroupStore, IMessageStore, IOutbox
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable
+from imserver.rediscluster import ClusterConnection, keySlot
 from imserver.store import (
     OUTBOX_LIMIT,
+    SYSTEM,
     Delivery,
     GroupExists,
     GroupFull,
@@ -36,6 +39,10 @@ from imserver.store import (
 )
 from imserver.store.redis.keys import (
     BODIES_KEY,
+    CLUSTER_OUTBOX_KEY,
+    CLUSTER_OUTBOX_LAST_KEY,
+    CLUSTER_OUTBOX_STORE_KEY,
+    CLUSTER_SCAN_KEYS,
     EPOCH_KEY,
     MSGID_KEY,
     OUTBOX_KEY,
@@ -45,14 +52,21 @@ from imserver.store.redis.keys import (
     RUNID_KEY,
     SEQFLOOR_KEY,
     USER_KEYS,
+    appliedKey,
     bodyKey,
+    clusterPresenceKey,
     dedupKey,
     groupKey,
     presenceField,
     presenceKey,
+    slotBodyPrefix,
+    slotKey,
+    storedMarkerKey,
     tagHex,
     tagHexOf,
+    tagKey,
     userKey,
+    userSlot,
 )
 from imserver.webhooks.events import (
     GROUP_CHANGED,
@@ -75,6 +89,12 @@ TRIM_SCAN_LIMIT = 5000
 #: Most bodies C{trimBodies} deletes per script call.
 TRIM_BODY_BATCH = 1000
 
+#: Seconds at least between two log events of one kind (an epoch lost or
+#: changed, created, a floor raised) on a cluster, where each slot of a
+#: primary reports them (L{RedisMessageStore.rollbacks} and C{restarts}
+#: still count each).
+SLOT_LOG_INTERVAL = 10.0
+
 #: Most outbox entries deleted per C{XDEL}.
 REMOVE_CHUNK = 1000
 
@@ -93,26 +113,34 @@ def _lua(name):
 
 # The scripts' sources, read once; each file says its KEYS, ARGV and reply.
 # Those that use the helpers of prelude.lua (hex, fmt, put, timeFloor) get
-# it in front; those that record outbox events, outbox.lua after it.
+# it in front; those that append to inboxes, inbox.lua after it; those that
+# record outbox events, outbox.lua.
 _PRELUDE = _lua("prelude")
+_INBOX = _PRELUDE + _lua("inbox")
 _OUTBOX = _PRELUDE + _lua("outbox")
 # deliver, on the hot path, comes in two: recording message.stored, and not
 # (without outbox.lua, so it does not even make its functions).
-DELIVER = _PRELUDE + "local outboxArgs = false\n" + _lua("deliver")
-DELIVER_OUTBOX = _OUTBOX + _lua("deliver")
+DELIVER = _INBOX + "local outboxArgs = false\n" + _lua("deliver")
+DELIVER_OUTBOX = _INBOX + _lua("outbox") + _lua("deliver")
 FETCH = _PRELUDE + _lua("fetch")
 ACK = _lua("ack")
 RESERVE_IDS = _PRELUDE + _lua("reserveIds")
 TRIM_USERS = _lua("trimUsers")
 TRIM_BODIES = _lua("trimBodies")
-CREATE_GROUP = _OUTBOX + _lua("createGroup")
-DELETE_GROUP = _OUTBOX + _lua("deleteGroup")
-SET_MEMBERS = _OUTBOX + _lua("setMembers")
-REMOVE_MEMBERS = _OUTBOX + _lua("removeMembers")
+# The group scripts keep the users' groups sets themselves on one Redis
+# (indexHere), not on a cluster, where those are in the users' slots.
+_GROUP_CHANGES = ("createGroup", "deleteGroup", "setMembers", "removeMembers")
+GROUP_CHANGES = {n: _OUTBOX + "local indexHere = true\n" + _lua(n) for n in _GROUP_CHANGES}
+CLUSTER_GROUP_CHANGES = {n: _OUTBOX + "local indexHere = false\n" + _lua(n) for n in _GROUP_CHANGES}
 GROUP_INFO = _lua("groupInfo")
 MEMBERS = _PRELUDE + _lua("members")
-GROUPS_OF = _PRELUDE + _lua("groupsOf")
+GROUPS_OF = _PRELUDE + _lua("groupEntry") + _lua("groupsOf")
 ENQUEUE = _OUTBOX + _lua("enqueue")
+# The Redis Cluster mode's own (one slot each).
+DELIVER_BEGIN = _INBOX + _lua("deliverBegin")
+DELIVER_APPEND = _INBOX + _lua("deliverAppend")
+STORED_EVENT = _OUTBOX + _lua("storedEvent")
+GROUP_OF = _PRELUDE + _lua("groupEntry") + _lua("groupOf")
 PENDING = _PRELUDE + _lua("pending")
 OUTBOX_STATS = _lua("outboxStats")
 CLAIM_LEASE = _lua("claimLease")
@@ -150,6 +178,43 @@ def unpack(data):
     return items
 
 
+def _pack(items):
+    """
+    Pack C{items} (L{str} or L{bytes}) as the scripts' C{put} does
+    (L{unpack} splits them).
+    """
+    parts = []
+    for item in items:
+        data = item.encode("utf-8") if isinstance(item, str) else item
+        parts.append(b"%d:%s" % (len(data), data))
+    return b"".join(parts)
+
+
+def _seqs(packed):
+    """
+    C{{uid: seq}} from the packed C{uid, seq, ...} of a script.
+    """
+    it = iter(unpack(packed))
+    return {uid.decode("utf-8"): int(seq) for uid, seq in zip(it, it)}
+
+
+def _all(ds):
+    """
+    Wait for every one of C{ds}, operations in parallel (on a cluster,
+    each on its slot): a L{Deferred} firing with their results, or once
+    all are done, failing with the first failure (never before all are
+    done, so a caller that retries finds every one finished).
+    """
+
+    def done(results):
+        for ok, result in results:
+            if not ok:
+                return result
+        return [result for _, result in results]
+
+    return DeferredList(ds, consumeErrors=True).addCallback(done)
+
+
 class _Unseen:
     def __repr__(self):
         return "<unseen>"
@@ -164,7 +229,8 @@ class RedisMessageStore:
     Inboxes, dedup records and groups in Redis.  Usable at once: there is
     nothing to start or stop (the connection is the caller's).
 
-    @param connection: an L{imserver.redisclient.RedisConnection}.
+    @param connection: an L{imserver.redisclient.RedisConnection}, or an
+        L{imserver.rediscluster.ClusterConnection} (see C{cluster}).
     @param clock: an C{IReactorTime}, for the seq and id floors.
     @param dedupWindowMs: how long a C{(sender, client_msg_id)} is
         remembered.
@@ -176,6 +242,13 @@ class RedisMessageStore:
         retention trims an inbox less exactly (docs/architecture.md, "The
         message store", Retention).
     @param scanCount: the C{COUNT} of retention's C{SCAN} calls.
+    @param cluster: whether C{connection} is a Redis Cluster (an
+        L{imserver.rediscluster.ClusterConnection}): every script then
+        touches one slot, with the keys and steps of
+        docs/architecture.md, "The message store on a Redis Cluster".
+        L{None} (the default): if C{connection} is a C{ClusterConnection}.
+        On one Redis the keys, scripts and round trips are those of before
+        the cluster mode.
 
     @ivar rollbacks: how many times the store saw the inbox epoch change or
         vanish (Redis lost data).
@@ -194,7 +267,11 @@ class RedisMessageStore:
         bodyTtlMs=None,
         clockSkewMs=60 * 1000,
         scanCount=1000,
+        cluster=None,
     ):
+        if cluster is None:
+            cluster = isinstance(connection, ClusterConnection)
+        self.cluster = cluster
         self.connection = connection
         self.clock = clock
         self.dedupWindowMs = dedupWindowMs
@@ -208,7 +285,10 @@ class RedisMessageStore:
         self.outboxLimit = OUTBOX_LIMIT
         self.outboxDropped = 0
         self._fullLog = OutboxFullLog()
-        self._epoch = _UNSEEN
+        # The last epoch seen: one (key None) on one Redis, per slot on a
+        # cluster.
+        self._epochs = {}
+        self._slotLogged = {}
         # Message ids reserved and not handed out: [next, last].
         self._nextId = 1
         self._lastId = 0
@@ -220,45 +300,46 @@ class RedisMessageStore:
         self._connectionNumber = 0
         connection.onConnect.append(self._connectionChanged)
         connection.onDisconnect.append(self._connectionChanged)
-        script = connection.script
-        self._deliver = script(DELIVER, "store.deliver")
-        self._deliverOutbox = script(DELIVER_OUTBOX, "store.deliverOutbox")
-        self._fetch = script(FETCH, "store.fetch")
-        self._ack = script(ACK, "store.ack")
-        self._reserveIds = script(RESERVE_IDS, "store.reserveIds")
-        self._trimUsers = script(TRIM_USERS, "store.trimUsers")
-        self._trimBodies = script(TRIM_BODIES, "store.trimBodies")
-        self._createGroup = script(CREATE_GROUP, "store.createGroup")
-        self._deleteGroup = script(DELETE_GROUP, "store.deleteGroup")
-        self._setMembers = script(SET_MEMBERS, "store.setMembers")
-        self._removeMembers = script(REMOVE_MEMBERS, "store.removeMembers")
-        self._groupInfo = script(GROUP_INFO, "store.groupInfo")
-        self._members = script(MEMBERS, "store.members")
-        self._groupsOf = script(GROUPS_OF, "store.groupsOf")
-        self._enqueue = script(ENQUEUE, "store.enqueue")
-        self._pending = script(PENDING, "store.pending")
-        self._outboxStats = script(OUTBOX_STATS, "store.outboxStats")
-        self._claimLease = script(CLAIM_LEASE, "store.claimLease")
-        self._scripts = [
-            self._deliver,
-            self._deliverOutbox,
-            self._fetch,
-            self._ack,
-            self._reserveIds,
-            self._trimUsers,
-            self._trimBodies,
-            self._createGroup,
-            self._deleteGroup,
-            self._setMembers,
-            self._removeMembers,
-            self._groupInfo,
-            self._members,
-            self._groupsOf,
-            self._enqueue,
-            self._pending,
-            self._outboxStats,
-            self._claimLease,
-        ]
+        self._scripts = []
+
+        def script(source, name):
+            made = connection.script(source, "store." + name)
+            self._scripts.append(made)
+            return made
+
+        self._fetch = script(FETCH, "fetch")
+        self._ack = script(ACK, "ack")
+        self._reserveIds = script(RESERVE_IDS, "reserveIds")
+        self._trimUsers = script(TRIM_USERS, "trimUsers")
+        self._trimBodies = script(TRIM_BODIES, "trimBodies")
+        self._groupInfo = script(GROUP_INFO, "groupInfo")
+        self._members = script(MEMBERS, "members")
+        self._enqueue = script(ENQUEUE, "enqueue")
+        self._pending = script(PENDING, "pending")
+        self._outboxStats = script(OUTBOX_STATS, "outboxStats")
+        self._claimLease = script(CLAIM_LEASE, "claimLease")
+        if cluster:
+            self._outboxKeys = [
+                CLUSTER_OUTBOX_KEY,
+                CLUSTER_OUTBOX_LAST_KEY,
+                CLUSTER_OUTBOX_STORE_KEY,
+            ]
+            self._presenceKey = clusterPresenceKey
+            self._deliverBegin = script(DELIVER_BEGIN, "deliverBegin")
+            self._deliverAppend = script(DELIVER_APPEND, "deliverAppend")
+            self._storedEvent = script(STORED_EVENT, "storedEvent")
+            self._groupOf = script(GROUP_OF, "groupOf")
+        else:
+            self._outboxKeys = _OUTBOX_KEYS
+            self._presenceKey = presenceKey
+            self._deliver = script(DELIVER, "deliver")
+            self._deliverOutbox = script(DELIVER_OUTBOX, "deliverOutbox")
+            self._groupsOf = script(GROUPS_OF, "groupsOf")
+        changes = CLUSTER_GROUP_CHANGES if cluster else GROUP_CHANGES
+        self._createGroup = script(changes["createGroup"], "createGroup")
+        self._deleteGroup = script(changes["deleteGroup"], "deleteGroup")
+        self._setMembers = script(changes["setMembers"], "setMembers")
+        self._removeMembers = script(changes["removeMembers"], "removeMembers")
 
     # -- plumbing -----------------------------------------------------------
 
@@ -280,7 +361,10 @@ class RedisMessageStore:
         """
         Read the run id of the Redis process of the current connection, and
         load the scripts into it (so deliveries do not fall back to C{EVAL}
-        after a restart, which could reorder them).
+        after a restart, which could reorder them).  On a cluster the
+        scripts go to every primary, and read the run id themselves (the
+        gate cannot know which process will run them): the run id is then
+        C{"cluster"}.
 
         @return: a L{Deferred} firing with the run id.
         """
@@ -304,16 +388,28 @@ class RedisMessageStore:
             )
             return b""
 
-        info = self.connection.execute("INFO", "server").addErrback(noInfo)
+        if self.cluster:
+            # The scripts read the run id themselves.
+            info = succeed(b"")
+        else:
+            info = self.connection.execute("INFO", "server").addErrback(noInfo)
         loads = [
             self.connection.execute("SCRIPT", "LOAD", script.source) for script in self._scripts
         ]
+        if self.cluster:
+            # Loaded on every primary: one that is down (its slots fail
+            # over) must not stop the others' deliveries; a script missing
+            # on the promoted replica is sent with EVAL there once.
+            loads = [load.addErrback(lambda _: None) for load in loads]
 
         def got(results):
             if number != self._connectionNumber:
                 raise RedisUnavailable("the Redis connection changed meanwhile")
-            match = _RUN_ID.search(results[0])
-            self._runId = match.group(1).decode("ascii") if match else "unknown"
+            if self.cluster:
+                self._runId = "cluster"
+            else:
+                match = _RUN_ID.search(results[0])
+                self._runId = match.group(1).decode("ascii") if match else "unknown"
             return self._runId
 
         def fire(result):
@@ -367,22 +463,31 @@ class RedisMessageStore:
             reserved, failed
         )
 
-    def _observeEpoch(self, epoch):
+    @property
+    def _epoch(self):
+        return self._epochs.get(None, _UNSEEN)
+
+    def _observeEpoch(self, epoch, slot=None):
         """
-        Note the epoch an answer carried; log and count a change or a loss.
+        Note the epoch an answer carried (on a cluster, C{slot}'s); log and
+        count a change or a loss.
         """
         if isinstance(epoch, bytes):
             epoch = epoch.decode("ascii", "replace")
-        old, self._epoch = self._epoch, epoch
+        old = self._epochs.get(slot, _UNSEEN)
+        self._epochs[slot] = epoch
         if old is _UNSEEN or old is None or old == epoch:
             return
         self.rollbacks += 1
+        if not self._loud("rollback"):
+            return
         if epoch is None:
             self.log.error(
                 "Redis lost the inbox epoch {old}: Redis lost its data; new seqs will"
                 " start above a new seq floor, messages stored before are gone",
                 old=old,
                 epoch=epoch,
+                slot=slot,
                 rollbacks=self.rollbacks,
             )
         else:
@@ -391,33 +496,67 @@ class RedisMessageStore:
                 " seqs continue above the new seq floor, messages stored before are gone",
                 old=old,
                 epoch=epoch,
+                slot=slot,
                 rollbacks=self.rollbacks,
             )
 
-    def _observeStatus(self, status, epoch):
+    def _loud(self, kind):
+        """
+        Whether to log an event of C{kind} (C{"rollback"}, C{"new"},
+        C{"restart"}): always on one Redis; on a cluster, where each slot
+        sees it (thousands for one primary), at most once per
+        L{SLOT_LOG_INTERVAL} seconds per kind.
+        """
+        if not self.cluster:
+            return True
+        now = self.clock.seconds()
+        last = self._slotLogged.get(kind)
+        if last is not None and now - last < SLOT_LOG_INTERVAL:
+            return False
+        self._slotLogged[kind] = now
+        return True
+
+    def _observeStatus(self, status, epoch, slot=None):
         if status == b"new":
-            self.log.info("created the inbox epoch {epoch} and its seq floor", epoch=epoch)
+            if self._loud("new"):
+                self.log.info(
+                    "created the inbox epoch {epoch} and its seq floor", epoch=epoch, slot=slot
+                )
         elif status == b"restart":
             self.restarts += 1
+            if not self._loud("restart"):
+                return
             self.log.warn(
                 "Redis restarted or failed over since the last delivery: raised the seq"
                 " floor, so seqs of writes it may have lost are not reused",
                 epoch=epoch,
+                slot=slot,
                 restarts=self.restarts,
             )
 
-    def epoch(self):
+    def _observe(self, reply, slot=None):
         """
+        Note the epoch and the floor status at the start of a deliver
+        script's C{reply}.
+        """
+        self._observeEpoch(reply[1], slot)
+        self._observeStatus(reply[2], self._epochs[slot], slot)
+
+    def epoch(self, uid=None):
+        """
+        @param uid: on a cluster, whose slot's epoch (required there).
         @return: a L{Deferred} firing with the current inbox epoch id
             (L{str}), or L{None} if Redis has none (nothing delivered since
             it was created or lost its data).
         """
+        slot = userSlot(uid) if self.cluster else None
+        key = slotKey(slot, "epoch") if self.cluster else EPOCH_KEY
 
         def got(value):
-            self._observeEpoch(value)
-            return self._epoch
+            self._observeEpoch(value, slot)
+            return self._epochs[slot]
 
-        return self.connection.execute("GET", EPOCH_KEY).addCallback(got)
+        return self.connection.execute("GET", key).addCallback(got)
 
     # -- IMessageStore --------------------------------------------------------
 
@@ -442,6 +581,24 @@ class RedisMessageStore:
 
         return d.addCallback(withRunId)
 
+    def _deliverArgs(self, sender, nowMs, messageId, data, *runId):
+        """
+        The first C{ARGV} of the deliver scripts: sender, now ms, dedup
+        window, floor candidate, a new epoch id, (on one Redis) the run id,
+        message id, body, body TTL.
+        """
+        return [
+            sender,
+            "%d" % (nowMs,),
+            "%d" % (self.dedupWindowMs,),
+            self._floorCandidate(),
+            os.urandom(8).hex(),
+            *runId,
+            "%d" % (messageId,),
+            data,
+            "%d" % (self.bodyTtlMs,) if self.bodyTtlMs else "",
+        ]
+
     def _deliverWith(self, runId, messageId, sender, clientMsgId, message, recipients, nowMs):
         stored = pb.Message()
         stored.CopyFrom(message)
@@ -450,6 +607,8 @@ class RedisMessageStore:
         stored.client_msg_id = clientMsgId
         stored.created_ms = nowMs
         groupId = message.group_id
+        if self.cluster:
+            return self._deliverCluster(stored, recipients, nowMs)
         keys = [
             EPOCH_KEY,
             SEQFLOOR_KEY,
@@ -462,18 +621,8 @@ class RedisMessageStore:
             # KEYS[7], read only for a group message: no empty key name
             # otherwise (an ACL user limited to ~im:* refuses one).
             keys.append(groupKey(groupId, "members"))
-        args = [
-            sender,
-            "%d" % (nowMs,),
-            "%d" % (self.dedupWindowMs,),
-            self._floorCandidate(),
-            os.urandom(8).hex(),
-            runId,
-            "%d" % (messageId,),
-            stored.SerializeToString(),
-            "%d" % (self.bodyTtlMs,) if self.bodyTtlMs else "",
-            "1" if groupId else "0",
-        ]
+        args = self._deliverArgs(sender, nowMs, messageId, stored.SerializeToString(), runId)
+        args.append("1" if groupId else "0")
         for uid in recipients:
             args += [uid, tagHex(uid)]
         script = self._deliver
@@ -483,9 +632,8 @@ class RedisMessageStore:
             script = self._deliverOutbox
 
         def done(reply):
-            kind, epoch, status = reply[0], reply[1], reply[2]
-            self._observeEpoch(epoch)
-            self._observeStatus(status, self._epoch)
+            kind = reply[0]
+            self._observe(reply)
             if kind == b"ok":
                 if len(reply) > 4:
                     self._kept(reply[4])
@@ -503,12 +651,156 @@ class RedisMessageStore:
 
         return script(keys, args).addCallback(done)
 
+    # -- deliver on a Redis Cluster ---------------------------------------------
+
+    def _deliverCluster(self, stored, recipients, nowMs):
+        """
+        L{deliver} on a cluster: for a group, its members first (the
+        group's slot); then L{_begin} on the sender's slot, L{_fanOut} to
+        the other slots, and the C{message.stored} event.
+        """
+        groupId = stored.group_id
+        if not groupId:
+            return self._begin(stored, recipients, nowMs)
+
+        def gotMembers(reply):
+            members = []
+            if reply[0] == b"ok":
+                it = iter(unpack(reply[1]))
+                members = [uid.decode("utf-8") for uid, _ in zip(it, it)]
+            if members and (stored.sender == SYSTEM or stored.sender in members):
+                return self._begin(stored, members, nowMs)
+            # Not a member (now): a retry of a message sent while it was
+            # one is still a duplicate.
+            return self._begin(stored, None, nowMs)
+
+        return self._members(self._groupKeys(groupId)).addCallback(gotMembers)
+
+    def _slotArgs(self, slot, messageId):
+        """
+        The first keys of the deliver scripts of a cluster: the slot's
+        epoch, floor and run id, and the body's key; and the body prefix.
+        """
+        prefix = slotBodyPrefix(slot)
+        keys = [slotKey(slot, "epoch"), slotKey(slot, "seqfloor"), slotKey(slot, "runid")]
+        return keys, prefix + "%d" % (messageId,), prefix
+
+    def _begin(self, stored, recipients, nowMs):
+        """
+        Step 1 (C{deliverBegin.lua}), on the sender's slot: the dedup
+        check; the body, the entries of that slot, and the dedup record
+        naming the recipients of the other slots.
+
+        @param recipients: the uids, in order, or L{None} to look for the
+            dedup record only (a group message from a non-member).
+        """
+        sender = stored.sender
+        slot = userSlot(sender)
+        here, there = [], []
+        for uid in recipients or ():
+            (here if userSlot(uid) == slot else there).append(uid)
+        keys, body, prefix = self._slotArgs(slot, stored.id)
+        keys += [dedupKey(sender, stored.client_msg_id), body, slotKey(slot, "bodies")]
+        packed = []
+        for uid in there:
+            packed += [uid, tagHex(uid)]
+        data = stored.SerializeToString()
+        args = self._deliverArgs(sender, nowMs, stored.id, data)
+        args += [prefix, _pack(packed), "1" if recipients is None else "0"]
+        for uid in here:
+            args += [uid, tagHex(uid)]
+
+        def begun(reply):
+            kind = reply[0]
+            self._observe(reply, slot)
+            if kind == b"none":
+                raise NotMember("not a member of group {!r}".format(stored.group_id))
+            if kind == b"ok":
+                seqs = _seqs(reply[3])
+                return self._fanOut(stored, data, recipients, seqs, there, None)
+            originalId, senderSeq, createdMs, originalData, herePacked, therePacked = reply[3:9]
+            if originalData is None:
+                # Its body is gone (retention): nothing left to complete.
+                original = pb.Message(id=int(originalId), created_ms=int(createdMs))
+                return Delivery(original, {sender: int(senderSeq)}, True)
+            original = pb.Message.FromString(originalData)
+            seqs = _seqs(herePacked)
+            it = iter(unpack(therePacked))
+            there[:] = [uid.decode("utf-8") for uid, _ in zip(it, it)]
+            order = list(seqs) + there
+            return self._fanOut(original, originalData, order, seqs, there, int(senderSeq))
+
+        return self._deliverBegin(keys, args).addCallback(begun)
+
+    def _fanOut(self, stored, data, order, seqs, there, senderSeq):
+        """
+        Step 2 (C{deliverAppend.lua}), on every other slot of C{there} in
+        parallel, idempotent on the message id; then the C{message.stored}
+        event, once per message id; then the outcome.
+
+        @param senderSeq: L{None} for a first delivery; for a retry (the
+            dedup record was there), the sender's seq: the outcome is then
+            a duplicate unless this call appended anything.
+        """
+        bySlot = {}
+        for uid in there:
+            bySlot.setdefault(userSlot(uid), []).append(uid)
+        appends = [self._append(slot, stored, data, uids) for slot, uids in bySlot.items()]
+
+        def appended(results):
+            fresh = senderSeq is None
+            for kind, packed in results:
+                fresh = fresh or kind == b"ok"
+                seqs.update(_seqs(packed))
+            if fresh:
+                outcome = Delivery(stored, {uid: seqs[uid] for uid in order}, False)
+            else:
+                outcome = Delivery(stored, {stored.sender: senderSeq}, True)
+            if self.outboxEvents and MESSAGE_STORED in self.outboxEvents:
+                return self._recordStored(stored, order).addCallback(lambda _: outcome)
+            return outcome
+
+        return _all(appends).addCallback(appended)
+
+    def _append(self, slot, stored, data, uids):
+        keys, body, _ = self._slotArgs(slot, stored.id)
+        keys += [appliedKey(slot, stored.id), body, slotKey(slot, "bodies")]
+        args = self._deliverArgs(stored.sender, stored.created_ms, stored.id, data)
+        for uid in uids:
+            args += [uid, tagHex(uid)]
+
+        def done(reply):
+            self._observe(reply, slot)
+            return reply[0], reply[3]
+
+        return self._deliverAppend(keys, args).addCallback(done)
+
+    def _recordStored(self, stored, recipients):
+        """
+        Record the C{message.stored} event of C{stored} unless it was
+        recorded within the dedup window (C{storedEvent.lua}).
+        """
+        event = messageStored(stored, recipients)
+        keys = self._outboxKeys + [storedMarkerKey(stored.id)]
+        args = [
+            "%d" % (self.outboxLimit,),
+            os.urandom(8).hex(),
+            "%d" % (stored.created_ms,),
+            event.type,
+            event.key,
+            event.data,
+            "%d" % (max(1, self.dedupWindowMs),),
+        ]
+        return self._storedEvent(keys, args).addCallback(self._kept)
+
     def fetch(self, uid, afterSeq, limit):
         if limit <= 0:
             return succeed([])
 
+        slot = userSlot(uid) if self.cluster else None
+
         def done(reply):
-            self._observeEpoch(reply[0])
+            self._observeEpoch(reply[0], slot)
             it = iter(unpack(reply[1]))
             return [
                 pb.InboxEntry(
@@ -517,25 +809,48 @@ class RedisMessageStore:
                 for seq, outgoing, body in zip(it, it, it)
             ]
 
-        return self._fetch(
-            [userKey(uid, "inbox"), EPOCH_KEY], ["%d" % (afterSeq,), "%d" % (limit,)]
-        ).addCallback(done)
+        keys = [userKey(uid, "inbox"), EPOCH_KEY]
+        args = ["%d" % (afterSeq,), "%d" % (limit,)]
+        if self.cluster:
+            keys[1] = slotKey(slot, "epoch")
+            args.append(slotBodyPrefix(slot))
+        return self._fetch(keys, args).addCallback(done)
 
     def head(self, uid):
+        slot = userSlot(uid) if self.cluster else None
+
         def done(reply):
             epoch, head = reply
-            self._observeEpoch(epoch)
+            self._observeEpoch(epoch, slot)
             return int(head) if head is not None else 0
 
-        return self.connection.execute("MGET", EPOCH_KEY, userKey(uid, "head")).addCallback(done)
+        epochKey = slotKey(slot, "epoch") if self.cluster else EPOCH_KEY
+        return self.connection.execute("MGET", epochKey, userKey(uid, "head")).addCallback(done)
 
     def ack(self, cursors, nowMs):
+        if self.cluster:
+            return self._ackCluster(cursors, nowMs)
         args = ["%d" % (nowMs,)]
         for uid, deviceId, seq in cursors:
             args += [tagHex(uid), deviceId, "%d" % (max(0, seq),)]
         if len(args) == 1:
             return succeed(0)
         return self._ack([], args)
+
+    def _ackCluster(self, cursors, nowMs):
+        """
+        L{ack} on a cluster: one C{ack.lua} per slot, in parallel, each
+        given a key of its slot to be routed there.
+        """
+        bySlot = {}
+        for uid, deviceId, seq in cursors:
+            keys, args = bySlot.setdefault(
+                userSlot(uid), ([userKey(uid, "cursors")], ["%d" % (nowMs,)])
+            )
+            args += [tagHex(uid), deviceId, "%d" % (max(0, seq),)]
+        if not bySlot:
+            return succeed(0)
+        return _all([self._ack(keys, args) for keys, args in bySlot.values()]).addCallback(sum)
 
     def cursor(self, uid, deviceId):
         def done(value):
@@ -552,27 +867,49 @@ class RedisMessageStore:
         params = [oldest, "%d" % (maxCount,), "%d" % (self.clockSkewMs,), "%d" % (TRIM_SCAN_LIMIT,)]
         removed = 0
         cursor = b"0"
+        pattern = CLUSTER_SCAN_KEYS if self.cluster else USER_KEYS
         while True:
             cursor, keys = yield self.connection.execute(
-                "SCAN", cursor, "MATCH", USER_KEYS, "COUNT", self.scanCount
+                "SCAN", cursor, "MATCH", pattern, "COUNT", self.scanCount
             )
-            tags = []
+            # On a cluster, the users by slot, each slot's run with one of
+            # its keys (routing), and the slots' bodies indexes.
+            bySlot = {}
+            indexes = []
             for key in keys:
-                if key.endswith((b"}:inbox", b"}:cursors")):
+                if key.startswith(b"im:{u:") and key.endswith((b"}:inbox", b"}:cursors")):
                     tag = tagHexOf(key)
+                    slot = keySlot(b"u:" + tag) if self.cluster else None
+                    routing, tags = bySlot.setdefault(slot, ([key] if self.cluster else [], []))
                     if tag not in tags:
                         tags.append(tag)
-            while tags:
-                reply = yield self._trimUsers([], params + tags)
-                removed += reply[0]
-                tags = reply[1:]
+                elif key.startswith(b"im:{s:") and key.endswith(b"}:bodies"):
+                    indexes.append(key)
+            for routing, tags in bySlot.values():
+                while tags:
+                    reply = yield self._trimUsers(routing, params + tags)
+                    removed += reply[0]
+                    tags = reply[1:]
+            for index in indexes:
+                tag = index[len(b"im:{") : index.index(b"}")]
+                yield self._trimBodiesOf(index, oldest, b"im:m:{%s}:" % (tag,))
             if cursor in (b"0", 0, "0"):
                 break
+        if not self.cluster:
+            yield self._trimBodiesOf(BODIES_KEY, oldest)
+        return removed
+
+    @inlineCallbacks
+    def _trimBodiesOf(self, index, oldest, *prefix):
+        """
+        Delete the bodies of the index C{index} older than C{oldest}, a
+        batch per call (C{prefix}: on a cluster, their keys' prefix).
+        """
         while True:
-            count = yield self._trimBodies([BODIES_KEY], [oldest, "%d" % (TRIM_BODY_BATCH,)])
+            args = [oldest, "%d" % (TRIM_BODY_BATCH,)] + list(prefix)
+            count = yield self._trimBodies([index], args)
             if count < TRIM_BODY_BATCH:
                 break
-        return removed
 
     # -- IGroupStore --------------------------------------------------------
 
@@ -588,6 +925,12 @@ class RedisMessageStore:
 
         keys = [groupKey(groupId, "info"), groupKey(groupId, "members"), userKey(owner, "groups")]
         args = [groupId, name, owner, "%d" % (nowMs,), "%d" % (pb.ROLE_OWNER,), tagHex(owner)]
+        if self.cluster:
+            # The owner's groups first: an entry there for a group it is not
+            # a member of is ignored (groupsOf checks the members).
+            d = self.connection.execute("SADD", keys.pop(), groupId)
+            d.addCallback(lambda _: self._createGroup(keys, args)).addCallback(done)
+            return self._thenGroupEvent(d, nowMs, groupId, GROUP_CREATED, [owner], name)
         self._withGroupEvent(keys, args, nowMs, groupId, GROUP_CREATED, [owner], name)
         return self._createGroup(keys, args).addCallback(done)
 
@@ -600,6 +943,16 @@ class RedisMessageStore:
             return True
 
         keys, args = self._groupKeys(groupId), [groupId]
+        if self.cluster:
+
+            def deleted(reply):
+                if reply == b"notfound":
+                    raise GroupNotFound(groupId)
+                keys = [tagKey(tag.decode("ascii"), "groups") for tag in unpack(reply[1])]
+                return self._index("SREM", groupId, keys)
+
+            d = self._deleteGroup(keys, args).addCallback(deleted).addCallback(lambda _: True)
+            return self._thenGroupEvent(d, self._nowMs(), groupId, GROUP_DELETED, ())
         self._withGroupEvent(keys, args, self._nowMs(), groupId, GROUP_DELETED)
         return self._deleteGroup(keys, args).addCallback(done)
 
@@ -619,6 +972,11 @@ class RedisMessageStore:
             return [uid.decode("utf-8") for uid in unpack(reply[1])]
 
         keys = self._groupKeys(groupId)
+        if self.cluster:
+            # Their groups first (see createGroup).
+            d = self._index("SADD", groupId, [userKey(uid, "groups") for uid in roles])
+            d.addCallback(lambda _: self._setMembers(keys, args)).addCallback(done)
+            return self._thenGroupEvent(d, nowMs, groupId, MEMBERS_ADDED, None)
         self._withGroupEvent(keys, args, nowMs, groupId, MEMBERS_ADDED, uids=None)
         return self._setMembers(keys, args).addCallback(done)
 
@@ -634,6 +992,14 @@ class RedisMessageStore:
         for uid in dict.fromkeys(uids):
             args += [uid, tagHex(uid)]
         keys = self._groupKeys(groupId)
+        if self.cluster:
+
+            def unlink(removed):
+                keys = [userKey(uid, "groups") for uid in removed]
+                return self._index("SREM", groupId, keys).addCallback(lambda _: removed)
+
+            d = self._removeMembers(keys, args).addCallback(done).addCallback(unlink)
+            return self._thenGroupEvent(d, self._nowMs(), groupId, MEMBERS_REMOVED, None)
         self._withGroupEvent(keys, args, self._nowMs(), groupId, MEMBERS_REMOVED, uids=None)
         return self._removeMembers(keys, args).addCallback(done)
 
@@ -683,10 +1049,56 @@ class RedisMessageStore:
             groups.sort(key=lambda group: group.group_id)
             return groups
 
+        if self.cluster:
+            return self._groupsOfCluster(uid).addCallback(done)
         return self._groupsOf([userKey(uid, "groups")], [uid]).addCallback(done)
+
+    def _groupsOfCluster(self, uid):
+        """
+        On a cluster: the user's groups, then each group on its slot (in
+        parallel); the reply packed as C{groupsOf.lua}'s.
+        """
+
+        def got(groupIds):
+            d = _all(
+                [
+                    self._groupOf([groupKey(groupId.decode("utf-8"), "info")], [uid, groupId])
+                    for groupId in groupIds
+                ]
+            )
+            return d.addCallback(b"".join)
+
+        return self.connection.execute("SMEMBERS", userKey(uid, "groups")).addCallback(got)
 
     def _groupKeys(self, groupId):
         return [groupKey(groupId, "info"), groupKey(groupId, "members")]
+
+    def _index(self, command, groupId, keys):
+        """
+        On a cluster: add C{groupId} to (C{SADD}) or remove it from
+        (C{SREM}) the users' groups sets C{keys}, in parallel.
+        """
+        return _all([self.connection.execute(command, key, groupId) for key in keys])
+
+    def _thenGroupEvent(self, d, nowMs, groupId, change, uids, name=None):
+        """
+        On a cluster, after the change C{d} made: record its
+        C{group.changed} event, if the store records them (C{uids}
+        L{None}: those C{d} fires with, and only if there are some).  The
+        outbox is in another slot: an event is lost if this fails after
+        the change (at most once).
+        """
+        if not (self.outboxEvents and GROUP_CHANGED in self.outboxEvents):
+            return d
+
+        def record(result):
+            listed = result if uids is None else uids
+            if uids is None and not listed:
+                return result
+            event = groupChanged(groupId, change, listed, name)
+            return self.enqueue([event], nowMs).addCallback(lambda _: result)
+
+        return d.addCallback(record)
 
     # -- IOutbox --------------------------------------------------------------
 
@@ -699,7 +1111,7 @@ class RedisMessageStore:
         outbox keys after C{keys}, the event's values after C{args}; its
         data is C{before}, the uids the script fills in, C{after}.
         """
-        keys += _OUTBOX_KEYS
+        keys += self._outboxKeys
         args += [
             "%d" % (self.outboxLimit,),
             os.urandom(8).hex(),
@@ -743,7 +1155,7 @@ class RedisMessageStore:
             if event.presence is not None and event.type in (USER_ONLINE, USER_OFFLINE):
                 uid, deviceId, gateId, sessionId = event.presence
                 op = "+" if event.type == USER_ONLINE else "-"
-                key, field = presenceKey(gateId), presenceField(uid, deviceId, sessionId)
+                key, field = self._presenceKey(gateId), presenceField(uid, deviceId, sessionId)
             args += [event.type, event.key, event.data, op, key, field]
             count += 1
         if not count:
@@ -754,7 +1166,7 @@ class RedisMessageStore:
                 self._dropped(count - kept)
             return kept
 
-        return self._enqueue(_OUTBOX_KEYS, args).addCallback(done)
+        return self._enqueue(self._outboxKeys, args).addCallback(done)
 
     def pending(self, afterId, limit):
         if limit <= 0:
@@ -777,7 +1189,7 @@ class RedisMessageStore:
             ]
 
         return self._pending(
-            [OUTBOX_KEY, OUTBOX_STORE_KEY], ["%d" % (max(0, afterId),), "%d" % (limit,)]
+            [self._outboxKeys[0], self._outboxKeys[2]], ["%d" % (max(0, afterId),), "%d" % (limit,)]
         ).addCallback(done)
 
     @inlineCallbacks
@@ -786,7 +1198,7 @@ class RedisMessageStore:
         removed = 0
         for start in range(0, len(ids), REMOVE_CHUNK):
             removed += yield self.connection.execute(
-                "XDEL", OUTBOX_KEY, *ids[start : start + REMOVE_CHUNK]
+                "XDEL", self._outboxKeys[0], *ids[start : start + REMOVE_CHUNK]
             )
         return removed
 
@@ -796,14 +1208,14 @@ class RedisMessageStore:
         # entry recorded by a gate whose clock is behind the others' may
         # have a larger id and go later.)
         return self.connection.execute(
-            "XTRIM", OUTBOX_KEY, "MINID", "%d-0" % (max(0, beforeMs) * 1000,)
+            "XTRIM", self._outboxKeys[0], "MINID", "%d-0" % (max(0, beforeMs) * 1000,)
         )
 
     def outboxStats(self):
         def done(reply):
             return (reply[0], int(reply[1]) if len(reply) > 1 else None)
 
-        return self._outboxStats([OUTBOX_KEY]).addCallback(done)
+        return self._outboxStats(self._outboxKeys[:1]).addCallback(done)
 
     def claimOutbox(self, owner, ttlMs):
         return self.claimLease(OUTBOX_LEASE_KEY, owner, ttlMs)
@@ -831,4 +1243,4 @@ class RedisMessageStore:
             present.sort()
             return present
 
-        return self.connection.execute("HKEYS", presenceKey(gateId)).addCallback(done)
+        return self.connection.execute("HKEYS", self._presenceKey(gateId)).addCallback(done)

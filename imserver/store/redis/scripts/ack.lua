@@ -1,3 +1,4 @@
+-- KEYS: none, or on a cluster one key of the users' slot (for routing).
 -- ARGV: 1 now ms, then (user tag hex, device id, seq) triples.
 local function greater(a, b)
   if #a ~= #b then

@@ -7,8 +7,9 @@
 --       (uid, user tag hex) pairs, then the event's values (outbox.lua):
 --       its data is completed with the uids the message was appended to,
 --       the sender's own excluded
--- (store.py loads it twice: with outbox.lua, used when the store records
--- message.stored, and without: outboxArgs false, no event, no cost.)
+-- (The helpers are in inbox.lua.  store.py loads it twice: with
+-- outbox.lua, used when the store records message.stored, and without:
+-- outboxArgs false, no event, no cost.)
 -- Returns {'ok', epoch, status, packed (uid, seq, uid, seq, ...), and if
 --   the event was to be recorded 1 (kept) or 0 (the outbox was full)},
 --   {'dup', epoch, status, id, sender seq, created ms, body or nil} or
@@ -18,24 +19,7 @@ local event, lastArg = nil, #ARGV
 if outboxArgs then
   event, lastArg = outboxArgs(ARGV[10] == '1' and 7 or 6)
 end
-local meta = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3])
-local epoch, floor = meta[1], meta[2]
-local status = 'same'
-if not epoch then
-  epoch = ARGV[5]
-  floor = math.max(tonumber(ARGV[4]), timeFloor())
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('SET', KEYS[2], fmt(floor))
-  redis.call('SET', KEYS[3], ARGV[6])
-  status = 'new'
-elseif not floor or meta[3] ~= ARGV[6] then
-  floor = math.max(tonumber(floor or '0'), tonumber(ARGV[4]), timeFloor())
-  redis.call('SET', KEYS[2], fmt(floor))
-  redis.call('SET', KEYS[3], ARGV[6])
-  status = 'restart'
-else
-  floor = tonumber(floor)
-end
+local epoch, floor, status = checkFloor(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[5], ARGV[6])
 
 local seen = redis.call('GET', KEYS[4])
 if seen then
@@ -68,33 +52,9 @@ else
 end
 
 local id = ARGV[7]
-if ARGV[9] ~= '' then
-  redis.call('SET', KEYS[5], ARGV[8], 'PX', ARGV[9])
-else
-  redis.call('SET', KEYS[5], ARGV[8])
-end
-redis.call('ZADD', KEYS[6], ARGV[2], id)
-
+storeBody(KEYS[5], KEYS[6], id, ARGV[2], ARGV[8], ARGV[9])
 local parts = {}
-local senderSeq = '0'
-for i = 1, #recipients, 2 do
-  local uid = recipients[i]
-  local prefix = 'im:{u:' .. recipients[i + 1] .. '}:'
-  local head = tonumber(redis.call('GET', prefix .. 'head') or '0')
-  if head < floor then
-    head = floor
-  end
-  local seq = fmt(head + 1)
-  local outgoing = '0'
-  if uid == sender then
-    outgoing = '1'
-    senderSeq = seq
-  end
-  redis.call('SET', prefix .. 'head', seq)
-  redis.call('ZADD', prefix .. 'inbox', seq, seq .. ':' .. id .. ':' .. outgoing .. ':' .. ARGV[2])
-  put(parts, uid)
-  put(parts, seq)
-end
+local senderSeq = appendAll(recipients, sender, id, ARGV[2], floor, parts)
 local window = math.max(1, tonumber(ARGV[3]))
 redis.call('SET', KEYS[4], id .. ':' .. senderSeq .. ':' .. ARGV[2], 'PX', fmt(window))
 local kept = nil

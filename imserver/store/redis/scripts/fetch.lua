@@ -1,6 +1,9 @@
--- KEYS: 1 inbox, 2 im:epoch.  ARGV: 1 after seq, 2 limit.
+-- KEYS: 1 inbox, 2 im:epoch (on a cluster, the slot's).  ARGV: 1 after seq,
+--       2 limit, 3 the bodies' key prefix (on a cluster, the slot's;
+--       default im:m:).
 -- Returns {epoch or nil, packed (seq, outgoing, body, seq, outgoing, ...)}.
 local limit = tonumber(ARGV[2])
+local bodyPrefix = ARGV[3] or 'im:m:'
 local parts = {}
 local n = 0
 local low = '(' .. ARGV[1]
@@ -12,7 +15,7 @@ while n < limit do
   end
   local keys = {}
   for i, member in ipairs(page) do
-    keys[i] = 'im:m:' .. string.match(member, '^%d+:(%d+):')
+    keys[i] = bodyPrefix .. string.match(member, '^%d+:(%d+):')
   end
   local bodies = redis.call('MGET', unpack(keys))
   for i, member in ipairs(page) do

@@ -4,7 +4,8 @@
 --       (outbox.lua; the data completed with the uids removed).
 -- Returns {'ok', packed removed uids, and if uids were removed and the
 -- event was to be recorded 1 (kept) or 0 (the outbox was full)} or
--- {'notfound'}.
+-- {'notfound'}.  indexHere (a line store.py puts in front) false on a
+-- Redis Cluster: the store removes the group from their groups itself.
 local event, lastArg = outboxArgs(2)
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'notfound'}
@@ -15,7 +16,9 @@ for i = 2, lastArg, 2 do
   if redis.call('HDEL', KEYS[2], ARGV[i]) == 1 then
     put(removed, ARGV[i])
     uids[#uids + 1] = ARGV[i]
-    redis.call('SREM', 'im:{u:' .. ARGV[i + 1] .. '}:groups', ARGV[1])
+    if indexHere then
+      redis.call('SREM', 'im:{u:' .. ARGV[i + 1] .. '}:groups', ARGV[1])
+    end
   end
 end
 local kept = nil

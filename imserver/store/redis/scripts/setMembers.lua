@@ -5,7 +5,8 @@
 --       with the uids added).
 -- Returns {'ok', packed added uids, and if uids were added and the event
 -- was to be recorded 1 (kept) or 0 (the outbox was full)}, {'notfound'} or
--- {'full'}.
+-- {'full'}.  indexHere (a line store.py puts in front) false on a Redis
+-- Cluster: the store adds the group to the members' groups itself, first.
 local event, lastArg = outboxArgs(2)
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'notfound'}
@@ -29,7 +30,9 @@ for i = 4, lastArg, 3 do
     redis.call('HSET', KEYS[2], uid, role .. ':' .. joined .. ':' .. tag)
   else
     redis.call('HSET', KEYS[2], uid, role .. ':' .. ARGV[3] .. ':' .. tag)
-    redis.call('SADD', 'im:{u:' .. tag .. '}:groups', ARGV[1])
+    if indexHere then
+      redis.call('SADD', 'im:{u:' .. tag .. '}:groups', ARGV[1])
+    end
   end
 end
 local kept = nil

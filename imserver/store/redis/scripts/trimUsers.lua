@@ -1,3 +1,4 @@
+-- KEYS: none, or on a cluster one key of the users' slot (for routing).
 -- ARGV: 1 oldest ms kept, 2 max count, 3 clock skew ms, 4 scan limit,
 --       5... user tags (hex).
 -- Returns {removed, tag, ...}: the tags listed have more old entries.
