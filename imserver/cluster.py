@@ -50,26 +50,34 @@ def clusterSeams(reactor, url, caFile, gateId, settings, dedupWindowMs):
     registry, store and directory.  Nothing connects before the
     L{ClusterService} given them starts.
 
-    @param url: the C{--redis} L{imserver.redisclient.RedisURL}.
+    @param url: the C{--redis} L{imserver.redisclient.RedisURL}, or an
+        L{imserver.rediscluster.ClusterURL} (a Redis Cluster: the registry,
+        the directory and the store then run in cluster mode, every script
+        in one slot).
     @param caFile: the C{--redis-ca} path, or L{None}.
     @rtype: L{ClusterSeams}
     @raise StartupError: if C{--redis-ca} cannot be read.
     """
     from imserver.bus.redis import RedisGateBus
     from imserver.redisclient import CommandStats, connectRedis, subscribeRedis
+    from imserver.rediscluster import ClusterURL, connectCluster, subscribeCluster
     from imserver.registry.redis import RedisSessionRegistry
     from imserver.registry.redisdirectory import RedisGateDirectory
     from imserver.store.redis import RedisMessageStore
     from imserver.store.redis.keys import RETENTION_LEASE_KEY
 
+    cluster = isinstance(url, ClusterURL)
+    connect, subscribeTo = (
+        (connectCluster, subscribeCluster) if cluster else (connectRedis, subscribeRedis)
+    )
     try:
-        connection = connectRedis(reactor, url, caFile, start=False)
+        connection = connect(reactor, url, caFile, start=False)
     except Exception as e:  # an unreadable --redis-ca
         raise StartupError("--redis-ca {}: {}".format(caFile, e))
     connection.stats = CommandStats(reactor)
 
     def subscribe(channels, onMessage):
-        return subscribeRedis(reactor, url, channels, onMessage, caFile, start=False)
+        return subscribeTo(reactor, url, channels, onMessage, caFile, start=False)
 
     bus = RedisGateBus(connection, subscribe, gateId, reactor)
     interval = max(settings.sweep_interval, MIN_LEASE_INTERVAL)
@@ -342,6 +350,20 @@ class ClusterMetrics:
             for (command, kind), count in sorted(stats.errors.items()):
                 errors.add_metric([command, kind], count)
             yield errors
+        redirections = getattr(connection, "redirections", None)
+        if redirections is not None:  # a Redis Cluster
+            yield labelled(
+                "imserver_redis_redirections",
+                "Redis Cluster redirections followed, by kind: moved (the slot map is"
+                " updated), ask (a slot being migrated).",
+                "kind",
+                [(kind.lower(), count) for kind, count in sorted(redirections.items())],
+            )
+            yield CounterMetricFamily(
+                "imserver_redis_slot_map_reads",
+                "Reads of the Redis Cluster's slot map (CLUSTER SLOTS).",
+                value=connection.refreshes,
+            )
         yield CounterMetricFamily(
             "imserver_bus_published",
             "PUBLISH commands of the gate bus sent by this gate (batches and broadcasts).",

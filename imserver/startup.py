@@ -310,6 +310,8 @@ def checkRedisCA(url, caFile):
         "give the PEM file of the CA (or self-signed certificate) that signs the "
         "Redis server's certificate"
     )
+    if hasattr(url, "seeds"):  # a Redis Cluster: the same CA for every node
+        url = url.node(*url.seeds[0])
     try:
         clientTLSOptions(url, caFile)
     except OSError as e:

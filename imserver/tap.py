@@ -373,17 +373,18 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
 
     def _clusterOptions(self):
-        from imserver.redisclient import RedisURL
+        from imserver.rediscluster import parseRedisURL
         from imserver.registry.redis import validateGateId
 
         try:
-            self.redisURL = RedisURL.parse(self["redis"])
+            self.redisURL = parseRedisURL(self["redis"])
         except ValueError as e:
             # The URL may hold a password: say why, never repeat it.
             raise usage.UsageError(
                 "--redis: not a redis:// or rediss:// URL: {}; give "
-                "redis://[user:password@]host[:port][/db], or rediss://... for "
-                "TLS".format(str(e).rpartition(": ")[2])
+                "redis://[user:password@]host[:port][/db], rediss://... for TLS, or "
+                "redis://host:port,host:port,.../0?cluster=yes for a Redis "
+                "Cluster".format(str(e).rpartition(": ")[2])
             )
         if self["store"] is not None:
             raise usage.UsageError(

@@ -88,6 +88,27 @@ class OptionsTests(SynchronousTestCase):
             self.assertNotIn("s3cret", str(e))
             self.assertIn("--redis", str(e))
 
+    def test_clusterURL(self):
+        """
+        C{?cluster=yes} with several seeds is a Redis Cluster's URL; a
+        database other than 0 or an unknown parameter is a usage error that
+        does not repeat the password.
+        """
+        url = self.parse(
+            "--redis", "redis://gate:s3cret@127.0.0.1:7000,127.0.0.1:7001/0?cluster=yes"
+        ).redisURL
+        self.assertEqual(
+            (url.seeds, url.username, url.password, url.tls),
+            ((("127.0.0.1", 7000), ("127.0.0.1", 7001)), "gate", "s3cret", False),
+        )
+        for bad in [
+            "redis://gate:s3cret@h:1,h:2/1?cluster=yes",
+            "redis://gate:s3cret@h:1,h:2/0",
+            "redis://gate:s3cret@h:1/0?shards=3",
+        ]:
+            e = self.assertRaises(UsageError, self.parse, "--redis", bad)
+            self.assertNotIn("s3cret", str(e))
+
     def test_storeRefused(self):
         """
         C{--store} does not go with C{--redis}.
@@ -182,31 +203,13 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(out.strip(), "False")
 
 
-class TwoGatesTests(RedisTestMixin, TestCase):
+class GatesMixin:
     """
-    Two gates in this process, one C{redis-server} (with an AOF, so a
-    stopped Redis comes back with its data), real clients over plain TCP.
-
-    The tests wait on events: a client's notifications (L{Changes}), the
-    gates' Redis connections going down and coming back, connections
-    closing.  Only a gate's recovery after an outage is polled, within
-    L{RECOVERY}: what it waits for (every gate using Redis again, the
-    sessions registered again) is state in Redis and in the gates that
-    announces nothing.
+    Gates in this process in cluster mode on C{self.server} (a Redis, or a
+    Redis Cluster: anything with a C{url}), sharing C{self.secretFile};
+    real clients over plain TCP whose notifications change
+    C{self.changes}.
     """
-
-    timeout = 60
-
-    @inlineCallbacks
-    def setUp(self):
-        self.changes = Changes()
-        yield self.startRedis(appendfsync="always")
-        secretFile = FilePath(self.mktemp())
-        createSecretFile(secretFile)
-        self.secretFile = secretFile
-        self.secret = loadSecret(secretFile=secretFile, environ={})
-        self.a = yield self.startGate("gate-a")
-        self.b = yield self.startGate("gate-b")
 
     @inlineCallbacks
     def startGate(self, gateId, *extra):
@@ -283,6 +286,33 @@ class TwoGatesTests(RedisTestMixin, TestCase):
 
     def messages(self, client):
         return [m for name, m in client.notified if name == "message"]
+
+
+class TwoGatesTests(GatesMixin, RedisTestMixin, TestCase):
+    """
+    Two gates in this process, one C{redis-server} (with an AOF, so a
+    stopped Redis comes back with its data), real clients over plain TCP.
+
+    The tests wait on events: a client's notifications (L{Changes}), the
+    gates' Redis connections going down and coming back, connections
+    closing.  Only a gate's recovery after an outage is polled, within
+    L{RECOVERY}: what it waits for (every gate using Redis again, the
+    sessions registered again) is state in Redis and in the gates that
+    announces nothing.
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def setUp(self):
+        self.changes = Changes()
+        yield self.startRedis(appendfsync="always")
+        secretFile = FilePath(self.mktemp())
+        createSecretFile(secretFile)
+        self.secretFile = secretFile
+        self.secret = loadSecret(secretFile=secretFile, environ={})
+        self.a = yield self.startGate("gate-a")
+        self.b = yield self.startGate("gate-b")
 
     @inlineCallbacks
     def test_messageAcrossGates(self):
@@ -367,6 +397,9 @@ class TwoGatesTests(RedisTestMixin, TestCase):
             "imserver_before_send_pending",
             "imserver_web_http_connections",
             "imserver_websocket_upgrades_refused",
+            # Redis Cluster only:
+            "imserver_redis_redirections",
+            "imserver_redis_slot_map_reads",
         }
         self.assertEqual(
             documentedMetrics() - optional - served, set(), "in docs/api.md, not served"
@@ -634,3 +667,160 @@ class TwoGatesTests(RedisTestMixin, TestCase):
         lease = yield self.b.cluster.connection.execute("EXISTS", "im:gate:gate-a")
         self.assertEqual(lease, 0)
         self.assertFalse(self.a.cluster.connection.connected)
+
+
+def _usersOnPrimaries(primaries, count):
+    """
+    C{count} uids per primary of a cluster whose slot ranges C{primaries}
+    lists (C{[(first, last), ...]} per primary): C{u0}, C{u1}... taken in
+    order, each kept if its keys' slot is on a primary still short of
+    users.
+
+    @return: a list per primary.
+    """
+    from imserver.redisclient import userTag
+    from imserver.rediscluster import keySlot
+
+    chosen = [[] for _ in primaries]
+    n = 0
+    while any(len(users) < count for users in chosen):
+        uid = "u{}".format(n)
+        n += 1
+        slot = keySlot("{" + userTag(uid) + "}")
+        for users, ranges in zip(chosen, primaries):
+            if any(first <= slot <= last for first, last in ranges) and len(users) < count:
+                users.append(uid)
+    return chosen
+
+
+class RedisClusterGatesTests(GatesMixin, TestCase):
+    """
+    Three gates on a real six-node Redis Cluster (three primaries, three
+    replicas), users whose keys are on each of the three primaries, real
+    clients over plain TCP.
+    """
+
+    timeout = 90
+
+    @inlineCallbacks
+    def setUp(self):
+        from tests.support.rediscluster import RedisCluster
+
+        self.changes = Changes()
+        self.server = RedisCluster(self, reactor)
+        yield self.server.start()
+        secretFile = FilePath(self.mktemp())
+        createSecretFile(secretFile)
+        self.secretFile = secretFile
+        self.secret = loadSecret(secretFile=secretFile, environ={})
+        self.gates = []
+        for name in "gate-a", "gate-b", "gate-c":
+            self.gates.append((yield self.startGate(name)))
+        infos = yield self.server.clusterNodes(self.server.nodes[0])
+        self.primaries = [info.slots for info in infos if "master" in info.flags and info.slots]
+        self.assertEqual(len(self.primaries), 3)
+
+    @inlineCallbacks
+    def test_acrossShardsAndGates(self):
+        """
+        1:1 messages between users on different gates whose keys are on
+        different primaries arrive once, in order; a group message whose
+        members are spread over the three primaries and three gates reaches
+        every member once; a broadcast reaches every session; a login on
+        another gate kicks the older session.
+        """
+        (a1, a2), (b1, b2), (c1, c2) = _usersOnPrimaries(self.primaries, 2)
+        ga, gb, gc = self.gates
+        clients = {}
+        for uid, gate in [(a1, ga), (b1, gb), (c1, gc), (a2, gb), (b2, gc), (c2, ga)]:
+            clients[uid] = yield self.connect(gate, uid)
+        for n in range(5):
+            yield clients[a1].send(b1, b"1:1 %d" % (n,), "m%d" % (n,))
+            yield clients[b2].send(c2, b"back %d" % (n,), "n%d" % (n,))
+        yield self.changes.until(
+            lambda: len(self.messages(clients[b1])) == 5 and len(self.messages(clients[c2])) == 5,
+            DEADLINE,
+            "the 1:1 messages",
+        )
+        self.assertEqual(
+            [e.message.body for e in self.messages(clients[b1])],
+            [b"1:1 %d" % (n,) for n in range(5)],
+        )
+        seqs = [e.seq for e in self.messages(clients[c2])]
+        self.assertEqual(seqs, sorted(set(seqs)))
+
+        nowMs = int(time.time() * 1000)
+        groups = ga.factory.groups
+        yield groups.create("team", "Team", a1, nowMs)
+        others = [b1, c1, a2, b2, c2]
+        yield groups.setMembers("team", [(uid, pb.ROLE_MEMBER) for uid in others], nowMs)
+        yield clients[c1].send("", b"everyone", "g1", groupId="team")
+
+        def everyone():
+            return all(
+                [e.message.body for e in self.messages(clients[uid])].count(b"everyone") == 1
+                for uid in [a1] + others
+            )
+
+        yield self.changes.until(everyone, DEADLINE, "the group message at every member")
+
+        answer = yield gb.factory.broadcastAll(b"maintenance", "text/plain")
+        self.assertEqual(answer, (2, 3))
+        registry = ga.factory.metrics.registry
+        self.assertGreaterEqual(registry.get_sample_value("imserver_redis_slot_map_reads_total"), 1)
+        self.assertEqual(
+            registry.get_sample_value("imserver_redis_redirections_total", {"kind": "moved"}), 0
+        )
+        served = servedMetrics(registry)
+        self.assertEqual(served - documentedMetrics(), set(), "served, not in docs/api.md")
+        yield self.changes.until(
+            lambda: all(
+                any(name == "notice" for name, _ in client.notified) for client in clients.values()
+            ),
+            DEADLINE,
+            "the broadcast at every session",
+        )
+
+        newer = yield self.connect(gc, a1)
+        reason = yield clients[a1].whenClosed()
+        self.assertEqual(clients[a1].kicked.reason, pb.REPLACED, reason)
+        yield newer.ping()
+        # Nothing came twice meanwhile.
+        self.assertTrue(everyone())
+
+    @inlineCallbacks
+    def test_failover(self):
+        """
+        A primary killed (SIGKILL) with its replica promoted: sends to the
+        users whose keys it held answer C{UNAVAILABLE} while nobody serves
+        their slot, the clients stay connected, and once the replica is
+        promoted the same sends (retried with the same ids) are stored and
+        delivered, by themselves.
+        """
+        from imserver.redisclient import userTag
+        from imserver.rediscluster import keySlot
+
+        (a1,), (b1,), (c1,) = _usersOnPrimaries(self.primaries, 1)
+        ga, gb, gc = self.gates
+        sender = yield self.connect(ga, a1)
+        receiver = yield self.connect(gb, b1)
+        yield sender.send(b1, b"before", "m0")
+        yield self.changes.until(lambda: self.messages(receiver), DEADLINE, "the first message")
+        slot = keySlot("{" + userTag(b1) + "}")
+        yield self.server.killPrimaryOf(slot)
+        failure = yield self.assertFailure(sender.send(b1, b"during", "m1"), RemoteError)
+        self.assertEqual(failure.code, pb.UNAVAILABLE)
+        yield self.server.waitForFailover(slot)
+        # Each gate's cluster connection is back once its slot map names
+        # the promoted replica and it is connected to it.
+        for gate in self.gates:
+            yield withDeadline(whenConnected(gate.cluster.connection), 20, "the slot map")
+        yield sender.send(b1, b"during", "m1")
+        yield self.changes.until(
+            lambda: [e.message.body for e in self.messages(receiver)] == [b"before", b"during"],
+            20,
+            "the message sent during the failover",
+        )
+        self.assertIsNone(sender.kicked)
+        yield sender.ping()
+        yield receiver.ping()

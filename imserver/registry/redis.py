@@ -67,7 +67,7 @@ from imserver.errors import TooManyDevices
 from imserver.interfaces import IBusReceiver, ISessionRegistry
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable, userKey
-from imserver.rediscluster import SLOTS, ClusterConnection, keySlot
+from imserver.rediscluster import ClusterConnection, keySlot, slotTag
 from imserver.registry.remote import RemoteSession
 
 #: The generation counter.
@@ -295,35 +295,22 @@ end
 return out
 """ % (CLUSTER_GATE_KEY_PREFIX,)
 
+#: Cluster mode.  KEYS: the set of gates with a lease.  Returns how many of
+#: them hold a lease now.
+_CLUSTER_LIVE_GATES = """
+local n = 0
+for _, gate in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  n = n + redis.call('EXISTS', '%s' .. gate)
+end
+return n
+""" % (CLUSTER_GATE_KEY_PREFIX,)
+
 
 def sessionsKey(uid):
     """
     The hash of C{uid}'s sessions.
     """
     return userKey(uid, "sessions")
-
-
-_slotTags: list[str] = []
-
-
-def slotTag(slot):
-    """
-    A hash tag C{s:<n>} of C{slot} (the smallest such C{n}), for keys that
-    must be in a given slot: the per-slot generation counters.  The table is
-    computed once, at the first call (a fraction of a second).
-    """
-    if not _slotTags:
-        table = [None] * SLOTS
-        left, n = SLOTS, 0
-        while left:
-            tag = "s:%d" % (n,)
-            slot_ = keySlot(tag)
-            if table[slot_] is None:
-                table[slot_] = tag
-                left -= 1
-            n += 1
-        _slotTags[:] = table
-    return _slotTags[slot]
 
 
 def clusterGenerationKey(slot):
@@ -438,6 +425,7 @@ class RedisSessionRegistry:
         if cluster:
             self.leaseKey = CLUSTER_GATE_KEY_PREFIX + gateId
             self._takeLease = connection.script(_CLUSTER_LEASE, "registry.lease")
+            self._liveGates = connection.script(_CLUSTER_LIVE_GATES, "registry.liveGates")
             # {gate id: incarnation} of the leases at the last refresh, and
             # the freshness bound (see _CLUSTER_VIEW).
             self._view = {}
@@ -830,7 +818,13 @@ class RedisSessionRegistry:
         return restored, kicked
 
     def broadcast(self, frame):
-        return self.bus.broadcast(frame)
+        d = self.bus.broadcast(frame)
+        if self.cluster:
+            # A cluster's PUBLISH counts the subscribers of the node that
+            # got it only: the other gates are those holding a lease now.
+            d.addCallback(lambda _: self._liveGates([CLUSTER_LEASES_KEY]))
+            d.addCallback(lambda live: max(0, live - 1))
+        return d
 
     def drain(self):
         """
