@@ -824,3 +824,48 @@ class RedisClusterGatesTests(GatesMixin, TestCase):
         self.assertIsNone(sender.kicked)
         yield sender.ping()
         yield receiver.ping()
+
+    @inlineCallbacks
+    def test_reshard(self):
+        """
+        The slot of a recipient's keys moved to another primary while the
+        gates run (migration begun, its keys moved, then handed over): a
+        send during the migration is stored (through C{ASK}) or answers
+        C{UNAVAILABLE} (C{TRYAGAIN}) and is stored by its retry; after it
+        the gates follow C{MOVED}; every message arrives once, in order.
+        """
+        from imserver.redisclient import userTag
+        from imserver.rediscluster import keySlot
+
+        (a1,), (b1,), _ = _usersOnPrimaries(self.primaries, 1)
+        ga, gb, _ = self.gates
+        sender = yield self.connect(ga, a1)
+        receiver = yield self.connect(gb, b1)
+        for n in range(3):
+            yield sender.send(b1, b"m%d" % (n,), "m%d" % (n,))
+        slot = keySlot("{" + userTag(b1) + "}")
+        source = yield self.server.ownerOf(slot)
+        primaries = [node for node in self.server.nodes[:3] if node is not source]
+        target = primaries[0]
+        yield self.server.beginMigration(slot, source, target)
+        yield self.server.moveKeys(slot, source, target)
+        pending = []
+        try:
+            yield sender.send(b1, b"m3", "m3")
+        except RemoteError as e:
+            self.assertEqual(e.code, pb.UNAVAILABLE)
+            pending.append(e)
+        yield self.server.endMigration(slot, target)
+        if pending:
+            yield sender.send(b1, b"m3", "m3")
+        for n in range(4, 6):
+            yield sender.send(b1, b"m%d" % (n,), "m%d" % (n,))
+        yield self.changes.until(
+            lambda: len(self.messages(receiver)) >= 6, DEADLINE, "the six messages"
+        )
+        yield receiver.ping()
+        self.assertEqual(
+            [e.message.body for e in self.messages(receiver)], [b"m%d" % (n,) for n in range(6)]
+        )
+        redirections = ga.cluster.connection.redirections
+        self.assertGreaterEqual(redirections["MOVED"] + redirections["ASK"], 1)
