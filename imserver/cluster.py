@@ -90,6 +90,8 @@ def clusterSeams(reactor, url, caFile, gateId, settings, dedupWindowMs):
         leaseSeconds=LEASE_INTERVALS * interval,
     )
     store = RedisMessageStore(connection, reactor, dedupWindowMs)
+    store.waitReplicas = settings.redis_wait_replicas
+    store.waitTimeoutMs = max(1, int(settings.redis_wait_timeout * 1000))
     directory = RedisGateDirectory(connection)
     retentionLease = partial(store.claimLease, RETENTION_LEASE_KEY, gateId)
     return ClusterSeams(connection, bus, registry, store, directory, interval, retentionLease)

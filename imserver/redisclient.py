@@ -294,6 +294,15 @@ class RedisConnection:
         """
         return Script(self, source, name)
 
+    def waitReplicas(self, replicas, timeoutMs):
+        """
+        C{WAIT}: until C{replicas} replicas have every write sent on this
+        connection so far, or C{timeoutMs}.
+
+        @return: a L{Deferred} firing with how many have them.
+        """
+        return self.execute("WAIT", replicas, timeoutMs)
+
     def publish(self, channel, message):
         """
         @return: a L{Deferred} firing with the number of subscribers that

@@ -82,8 +82,8 @@ DEGRADED_REFRESH_INTERVAL = 0.5
 KEYLESS = frozenset("CLUSTER COMMAND ECHO INFO LASTSAVE PING PUBLISH TIME".split())
 
 #: Commands sent to every primary (each has its own scripts and keys); the
-#: reply is the first primary's.
-EVERY_PRIMARY = frozenset(["FLUSHALL", "FLUSHDB", "SCRIPT"])
+#: reply is the first primary's (C{WAIT}: the list of every primary's).
+EVERY_PRIMARY = frozenset(["FLUSHALL", "FLUSHDB", "SCRIPT", "WAIT"])
 
 #: Commands whose arguments are all keys.
 ALL_KEYS = frozenset(
@@ -644,6 +644,18 @@ class ClusterConnection:
         self._scheduleRefresh()
         return self._send(command, label, slot, redirections - 1, address)
 
+    def waitReplicas(self, replicas, timeoutMs):
+        """
+        C{WAIT} on every primary at once: until C{replicas} replicas of
+        each have every write this client sent it so far (a primary this
+        client wrote nothing to lately answers at once), or C{timeoutMs}.
+
+        @return: a L{Deferred} firing with the fewest replicas that have
+            them, over the primaries.
+        """
+        d = self.execute("WAIT", replicas, timeoutMs)
+        return d.addCallback(min)
+
     def _everyPrimary(self, command, label):
         if not self._owners:
             raise RedisUnavailable("no primary of {} is known".format(self.url))
@@ -651,7 +663,10 @@ class ClusterConnection:
             [self._nodes[a].execute(*command, label=label) for a in sorted(self._owners)],
             consumeErrors=True,
         )
-        return d.addCallbacks(lambda replies: replies[0], lambda f: f.value.subFailure)
+        every = _name(command[0]) == "WAIT"
+        return d.addCallbacks(
+            lambda replies: replies if every else replies[0], lambda f: f.value.subFailure
+        )
 
     def _scan(self, command, label):
         """

@@ -191,6 +191,19 @@ class Settings:
         "Seconds a client_msg_id is remembered: a retry within it stores nothing.",
         1.0,
     )
+    redis_wait_replicas: int = _setting(
+        0,
+        "Cluster mode: replicas (Redis WAIT) that must have a message before its send is "
+        "answered (0: answer once the primary has it).",
+        0,
+        16,
+    )
+    redis_wait_timeout: float = _setting(
+        1.0,
+        "Cluster mode: seconds to wait for --redis-wait-replicas; fewer in time: UNAVAILABLE.",
+        0.001,
+        60.0,
+    )
     store_commit_delay: float = _setting(
         0.001,
         "SQLite store: least seconds between two commits while writes keep "

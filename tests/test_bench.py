@@ -350,6 +350,11 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(self.parse(P2P, "--gates", "2")["store"], "redis")
         error = self.assertRaises(UsageError, self.parse, P2P, "--store", "mysql")
         self.assertIn("--store", str(error))
+        options = self.parse(P2P, "--store", "redis", "--redis-replicas", "1")
+        self.assertEqual(options["redis-replicas"], 1)
+        for argv in [["--redis-replicas", "1"], ["--store", "redis", "--redis-replicas", "2"]]:
+            error = self.assertRaises(UsageError, self.parse, P2P, *argv)
+            self.assertIn("--redis-replicas", str(error))
 
     def test_values(self):
         """

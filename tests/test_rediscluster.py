@@ -717,6 +717,18 @@ class RealClusterTests(TestCase):
         yield self.assertFailure(client.execute("GET", keys[0]), RedisUnavailable)
 
     @inlineCallbacks
+    def test_waitReplicas(self):
+        """
+        L{ClusterConnection.waitReplicas} runs C{WAIT} on every primary
+        and answers the fewest replicas that have this client's writes:
+        each primary's replica, once it has synchronised.
+        """
+        for key in self.keysOfEveryPrimary():
+            yield self.client.execute("SET", key, b"v")
+        self.assertEqual((yield self.client.waitReplicas(1, 5000)), 1)
+        self.assertEqual((yield self.client.waitReplicas(2, 50)), 1)
+
+    @inlineCallbacks
     def migration(self, key):
         slot = keySlot(key)
         source = yield self.cluster.ownerOf(slot)

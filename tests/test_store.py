@@ -2445,6 +2445,82 @@ class RedisClusterStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
             self.assertEqual((yield self.store.cursor(uid, "phone")), 5)
 
 
+class WaitReplicasTests(TestCase):
+    """
+    C{--redis-wait-replicas}: a delivery is answered once a replica has it
+    (Redis C{WAIT}), on a real primary and replica.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def setUp(self):
+        # No 5 s wait before a replica's synchronisation.
+        self.primary = RedisServer(
+            self, reactor, appendfsync=None, extraArgs=["--repl-diskless-sync-delay", "0"]
+        )
+        yield self.primary.start()
+        self.replica = RedisServer(
+            self,
+            reactor,
+            appendfsync=None,
+            extraArgs=["--replicaof", "127.0.0.1", str(self.primary.port)],
+        )
+        yield self.replica.start()
+        connection = connectRedis(reactor, RedisURL.parse(self.primary.url), replyTimeout=2)
+        self.addCleanup(connection.disconnect)
+        yield whenConnected(connection)
+        self.store = RedisMessageStore(connection, reactor, 24 * HOUR)
+        self.store.waitReplicas = 1
+        self.store.waitTimeoutMs = 200
+        self.connection = connection
+        # The replica has synchronised once it says so.
+        for _ in range(200):
+            info = yield connection.execute("INFO", "replication")
+            if b"connected_slaves:1" in info and b"state=online" in info:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        else:
+            self.fail("the replica never came online")
+
+    def send(self, clientMsgId, body):
+        return self.store.deliver("alice", clientMsgId, text(body, "bob"), ["bob"], T0)
+
+    @inlineCallbacks
+    def test_waits(self):
+        """
+        With the replica up a delivery is answered; with the replica gone
+        it fails with L{RedisUnavailable} after the timeout, though the
+        primary stored it; the retry, once the replica is back, is
+        answered (a duplicate: the original, with its seq).
+        """
+        first = yield self.send("m1", "one")
+        self.assertFalse(first.duplicate)
+        yield self.replica.stop()
+        yield self.assertFailure(self.send("m2", "two"), RedisUnavailable)
+        self.assertEqual((yield self.store.head("bob")) - first.seqs["bob"], 1)
+        yield self.replica.start()
+        for _ in range(200):
+            info = yield self.connection.execute("INFO", "replication")
+            if b"state=online" in info:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        retry = yield self.send("m2", "two")
+        self.assertTrue(retry.duplicate)
+        self.assertEqual(retry.message.body, b"two")
+
+    @inlineCallbacks
+    def test_off(self):
+        """
+        With C{waitReplicas} 0 (the default) nothing waits: a delivery is
+        answered with the replica gone.
+        """
+        self.store.waitReplicas = 0
+        yield self.replica.stop()
+        delivery = yield self.send("m1", "one")
+        self.assertFalse(delivery.duplicate)
+
+
 class RetentionServiceTests(SynchronousTestCase):
     """
     L{RetentionService} on a L{Clock}: a pass per interval, skipped when

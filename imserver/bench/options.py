@@ -207,6 +207,14 @@ class BaseOptions(commandline.Options):
             "each pair of users spans two gates).",
             int,
         ],
+        [
+            "redis-replicas",
+            None,
+            0,
+            "With Redis: start a replica of it too (0 or 1), e.g. for "
+            "--gate-option=--redis-wait-replicas=1.",
+            int,
+        ],
         ["host", None, "127.0.0.1", "Loopback address the servers listen on (127.x or ::1)."],
         [
             "workers",
@@ -279,6 +287,10 @@ class BaseOptions(commandline.Options):
             raise usage.UsageError("--store is sqlite, memory or redis")
         if gates > 1:
             self["store"] = "redis"
+        if self["redis-replicas"] not in (0, 1):
+            raise usage.UsageError("--redis-replicas is 0 or 1")
+        if self["redis-replicas"] and self["store"] != "redis":
+            raise usage.UsageError("--redis-replicas goes with --store redis or --gates > 1")
         if self["store"] == "redis" and redisServer() is None:
             raise usage.UsageError(
                 "--gates > 1 and --store redis run the gates in cluster mode and need "

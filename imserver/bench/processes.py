@@ -130,6 +130,7 @@ class Processes:
         self.workers = []
         self.servers = []
         self.redis = None
+        self.replica = None
         self.backend = None
         self.beforeSendURL = None
         self.target = None
@@ -237,9 +238,27 @@ class Processes:
     def _startRedis(self, dataDir):
         """
         Start C{redis-server} on a free loopback port, in C{dataDir}, without
-        persistence, pinned with the gates.
+        persistence, pinned with the gates; with C{--redis-replicas 1} a
+        replica of it too (in C{dataDir}/replica, pinned with the gates).
 
-        @return: a L{Deferred} firing with its C{redis://} URL.
+        @return: a L{Deferred} firing with the primary's C{redis://} URL.
+        """
+        self.redis, url, port = yield self._spawnRedis(dataDir, [])
+        if self.options["redis-replicas"]:
+            replicaDir = os.path.join(dataDir, "replica")
+            os.mkdir(replicaDir)
+            host = url.split("//", 1)[1].rsplit(":", 1)[0].strip("[]")
+            self.replica, _, _ = yield self._spawnRedis(
+                replicaDir, ["--replicaof", host, str(port)]
+            )
+        return url
+
+    @inlineCallbacks
+    def _spawnRedis(self, dataDir, extra):
+        """
+        Start one C{redis-server} with the arguments C{extra}.
+
+        @return: a L{Deferred} firing with C{(process, URL, port)}.
         """
         o = self.options
         executable = redisServer()
@@ -249,33 +268,39 @@ class Processes:
         bracketed = "[{}]".format(host) if ":" in host else host
         for attempt in range(REDIS_ATTEMPTS):
             port = freePort(host)
-            argv = tasksetPrefix(o["server-cpu"]) + [
-                executable,
-                "--port",
-                str(port),
-                "--bind",
-                host,
-                "--dir",
-                dataDir,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--protected-mode",
-                "yes",
-                "--loglevel",
-                "notice",
-                "--maxclients",
-                str(max(1000, 64 * o["gates"])),
-            ]
-            self.redis = spawnServer(self.reactor, argv, listening=_REDIS_READY)
+            argv = (
+                tasksetPrefix(o["server-cpu"])
+                + [
+                    executable,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    host,
+                    "--dir",
+                    dataDir,
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    "--protected-mode",
+                    "yes",
+                    "--loglevel",
+                    "notice",
+                    "--maxclients",
+                    str(max(1000, 64 * o["gates"])),
+                    # A replica synchronises at once.
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ]
+                + extra
+            )
+            redis = spawnServer(self.reactor, argv, listening=_REDIS_READY)
             try:
-                yield self._bounded(self.redis.listening, "redis-server to start")
+                yield self._bounded(redis.listening, "redis-server to start")
             except Exception:
                 # Most likely the port was taken meanwhile: another one.
-                redis, self.redis = self.redis, None
                 self._signal(redis, "KILL")
                 yield redis.whenEnded()
                 if attempt == REDIS_ATTEMPTS - 1:
@@ -284,7 +309,7 @@ class Processes:
                     )
                 continue
             self.log("redis-server {} on port {}".format(executable, port))
-            return "redis://{}:{}/0".format(bracketed, port)
+            return redis, "redis://{}:{}/0".format(bracketed, port), port
 
     @inlineCallbacks
     def _startBackend(self):
@@ -365,11 +390,13 @@ class Processes:
 
     @inlineCallbacks
     def stopRedis(self):
-        redis, self.redis = self.redis, None
-        if redis is not None:
-            if redis.reason is None:
-                self._signal(redis, "TERM")
-            yield self._ended(redis, "redis-server to stop")
+        for name in "replica", "redis":
+            redis = getattr(self, name)
+            setattr(self, name, None)
+            if redis is not None:
+                if redis.reason is None:
+                    self._signal(redis, "TERM")
+                yield self._ended(redis, "redis-server to stop")
 
     @inlineCallbacks
     def shutdown(self):
@@ -407,7 +434,7 @@ class Processes:
         """
         Kill every child now (the reactor is stopping under us).
         """
-        for process in self.workers + self.servers + [self.redis, self.backend]:
+        for process in self.workers + self.servers + [self.redis, self.replica, self.backend]:
             if process is not None:
                 self._signal(process, "KILL")
 
@@ -506,6 +533,8 @@ class Processes:
         pairs = list(zip(names, self.servers))
         if self.redis is not None:
             pairs.append(("redis-server", self.redis))
+        if self.replica is not None:
+            pairs.append(("the Redis replica", self.replica))
         if self.backend is not None:
             pairs.append(("the before-send backend", self.backend))
         return pairs

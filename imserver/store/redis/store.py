@@ -281,6 +281,10 @@ class RedisMessageStore:
         self.scanCount = scanCount
         self.rollbacks = 0
         self.restarts = 0
+        # Replicas (Redis WAIT) a delivery waits for before it is answered,
+        # and for how long (ms): --redis-wait-replicas, --redis-wait-timeout.
+        self.waitReplicas = 0
+        self.waitTimeoutMs = 1000
         self.outboxEvents = frozenset()
         self.outboxLimit = OUTBOX_LIMIT
         self.outboxDropped = 0
@@ -561,6 +565,32 @@ class RedisMessageStore:
     # -- IMessageStore --------------------------------------------------------
 
     def deliver(self, sender, clientMsgId, message, recipients, nowMs):
+        d = self._write(sender, clientMsgId, message, recipients, nowMs)
+        if self.waitReplicas:
+            d.addCallback(self._replicated)
+        return d
+
+    def _replicated(self, delivery):
+        """
+        Wait until L{waitReplicas} replicas have the delivery (C{WAIT} on
+        the connection: every write it sent so far; on a cluster, on every
+        primary); fewer within L{waitTimeoutMs}: L{RedisUnavailable}, and the
+        client's retry (answered from the dedup record) waits again.
+        """
+
+        def waited(replicas):
+            if replicas < self.waitReplicas:
+                raise RedisUnavailable(
+                    "{} of {} replicas acknowledged the message within {} ms".format(
+                        replicas, self.waitReplicas, self.waitTimeoutMs
+                    )
+                )
+            return delivery
+
+        d = self.connection.waitReplicas(self.waitReplicas, self.waitTimeoutMs)
+        return d.addCallback(waited)
+
+    def _write(self, sender, clientMsgId, message, recipients, nowMs):
         groupId = message.group_id
         recipients = [] if groupId else uniqueRecipients(sender, recipients)
         if self._runId is not None and self._nextId <= self._lastId:
