@@ -352,6 +352,15 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("--store", str(error))
         options = self.parse(P2P, "--store", "redis", "--redis-replicas", "1")
         self.assertEqual(options["redis-replicas"], 1)
+        self.patch(bench_options, "redisCli", lambda: "/usr/bin/redis-cli")
+        options = self.parse(P2P, "--redis-cluster", "3")
+        self.assertEqual((options["redis-cluster"], options["store"]), (3, "redis"))
+        for argv in [["--redis-cluster", "2"], ["--redis-cluster", "3", "--redis-replicas", "1"]]:
+            error = self.assertRaises(UsageError, self.parse, P2P, *argv)
+            self.assertIn("--redis-", str(error))
+        self.patch(bench_options, "redisCli", lambda: None)
+        error = self.assertRaises(UsageError, self.parse, P2P, "--redis-cluster", "3")
+        self.assertIn("redis-cli", str(error))
         for argv in [["--redis-replicas", "1"], ["--store", "redis", "--redis-replicas", "2"]]:
             error = self.assertRaises(UsageError, self.parse, P2P, *argv)
             self.assertIn("--redis-replicas", str(error))
@@ -1650,6 +1659,34 @@ class SmokeTests(TestCase):
         self.assertGreater(result["server_rss_mb"], max(result["gate_rss_mb"]))
         self.assertGreater(result["redis_rss_mb"], 0)
         self.assertIn("redis_cpu_percent", result)
+
+    @inlineCallbacks
+    def test_p2pRedisCluster(self):
+        """
+        With C{--redis-cluster 3} the bench starts a Redis Cluster of three
+        primaries and runs the gates on it; messages flow.
+        """
+        requireExecutable("redis-server", "redis-server (Debian package redis-server)")
+        requireExecutable("redis-cli", "redis-cli (Debian package redis-tools)")
+        outcome = yield self.run_(
+            P2P,
+            "--redis-cluster",
+            "3",
+            "--gates",
+            "2",
+            "--users",
+            "20",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.1",
+            "--no-reference",
+        )
+        result = outcome.result
+        self.assertEqual(result["store"], "redis")
+        self.assertEqual(result["errors"], 0)
+        self.assertGreater(result["sends_acked_per_s"], 0)
+        self.assertGreater(result["redis_rss_mb"], 0)
 
     @inlineCallbacks
     def test_p2pTwoWorkers(self):

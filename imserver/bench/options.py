@@ -56,6 +56,16 @@ def redisServer():
     return shutil.which("redis-server", path=path)
 
 
+def redisCli():
+    """
+    The C{redis-cli} program the bench runs for C{--redis-cluster}.
+
+    @return: its path, or L{None} if it is not installed.
+    """
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath)] + list(_SBIN))
+    return shutil.which("redis-cli", path=path)
+
+
 def fileLimit():
     """
     The number of files a process of the bench may open: the hard
@@ -208,6 +218,14 @@ class BaseOptions(commandline.Options):
             int,
         ],
         [
+            "redis-cluster",
+            None,
+            0,
+            "Run the gates on a Redis Cluster of this many primaries (3 or more; no replicas) "
+            "that the bench starts, instead of one redis-server.",
+            int,
+        ],
+        [
             "redis-replicas",
             None,
             0,
@@ -286,6 +304,16 @@ class BaseOptions(commandline.Options):
         if self["store"] not in ("sqlite", "memory", "redis"):
             raise usage.UsageError("--store is sqlite, memory or redis")
         if gates > 1:
+            self["store"] = "redis"
+        if self["redis-cluster"]:
+            if self["redis-cluster"] < 3:
+                raise usage.UsageError("--redis-cluster is 3 primaries or more")
+            if self["redis-replicas"]:
+                raise usage.UsageError("--redis-replicas does not go with --redis-cluster")
+            if redisCli() is None:
+                raise usage.UsageError(
+                    "--redis-cluster needs redis-cli (Debian package redis-tools)"
+                )
             self["store"] = "redis"
         if self["redis-replicas"] not in (0, 1):
             raise usage.UsageError("--redis-replicas is 0 or 1")

@@ -16,6 +16,8 @@ import sys
 
 from twisted.internet.defer import FirstError, TimeoutError, gatherResults, inlineCallbacks
 from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.task import deferLater
+from twisted.internet.utils import getProcessOutput, getProcessOutputAndValue
 from twisted.python.filepath import FilePath
 
 from imserver.auth import loadSecret
@@ -27,6 +29,7 @@ from imserver.bench.options import (
     isWebSocket,
     listenDescription,
     overTLS,
+    redisCli,
     redisServer,
 )
 from imserver.datadir import ADMIN_TOKEN_FILE_NAME, CERT_FILE_NAME, KEY_FILE_NAME
@@ -129,8 +132,9 @@ class Processes:
         self.log = log
         self.workers = []
         self.servers = []
-        self.redis = None
-        self.replica = None
+        # Every redis-server started: the primary first, then its replica,
+        # or the nodes of a cluster.
+        self.redises = []
         self.backend = None
         self.beforeSendURL = None
         self.target = None
@@ -234,24 +238,89 @@ class Processes:
             )
         return ports[0]
 
+    @property
+    def redis(self):
+        """
+        The (first) C{redis-server}, or L{None}.
+        """
+        return self.redises[0] if self.redises else None
+
     @inlineCallbacks
     def _startRedis(self, dataDir):
         """
         Start C{redis-server} on a free loopback port, in C{dataDir}, without
         persistence, pinned with the gates; with C{--redis-replicas 1} a
-        replica of it too (in C{dataDir}/replica, pinned with the gates).
+        replica of it too (in C{dataDir}/replica); with C{--redis-cluster N}
+        a Redis Cluster of N primaries instead (L{_startCluster}).
 
-        @return: a L{Deferred} firing with the primary's C{redis://} URL.
+        @return: a L{Deferred} firing with the C{redis://} URL for the gates.
         """
-        self.redis, url, port = yield self._spawnRedis(dataDir, [])
+        if self.options["redis-cluster"]:
+            return (yield self._startCluster(dataDir))
+        redis, url, port = yield self._spawnRedis(dataDir, [])
+        self.redises.append(redis)
         if self.options["redis-replicas"]:
             replicaDir = os.path.join(dataDir, "replica")
             os.mkdir(replicaDir)
-            host = url.split("//", 1)[1].rsplit(":", 1)[0].strip("[]")
-            self.replica, _, _ = yield self._spawnRedis(
-                replicaDir, ["--replicaof", host, str(port)]
+            replica, _, _ = yield self._spawnRedis(
+                replicaDir, ["--replicaof", _redisHost(self.options["host"]), str(port)]
             )
+            self.redises.append(replica)
         return url
+
+    @inlineCallbacks
+    def _startCluster(self, dataDir):
+        """
+        Start C{--redis-cluster} nodes (each in its own directory below
+        C{dataDir}, pinned with the gates), make them a Redis Cluster with
+        C{redis-cli --cluster create} (no replicas: every node a primary),
+        and wait until every node says the cluster is ok.
+
+        @return: a L{Deferred} firing with the cluster's C{redis://} URL
+            (every node a seed, C{?cluster=yes}).
+        """
+        o = self.options
+        host = _redisHost(o["host"])
+        ports = []
+        for i in range(o["redis-cluster"]):
+            nodeDir = os.path.join(dataDir, "redis-{}".format(i))
+            os.mkdir(nodeDir)
+            config = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            redis, _, port = yield self._spawnRedis(nodeDir, config)
+            self.redises.append(redis)
+            ports.append(port)
+        addresses = ["{}:{}".format(host, port) for port in ports]
+        cli = redisCli()
+        out, err, code = yield self._bounded(
+            getProcessOutputAndValue(
+                cli,
+                ["--cluster", "create"] + addresses + ["--cluster-replicas", "0", "--cluster-yes"],
+                env={},
+                reactor=self.reactor,
+            ),
+            "redis-cli --cluster create",
+        )
+        if code != 0:
+            raise BenchError("redis-cli --cluster create failed:\n" + (out + err).decode()[-3000:])
+        deadline = self.reactor.seconds() + o["timeout"]
+        for port in ports:
+            while True:
+                info = yield getProcessOutput(
+                    cli,
+                    ["-h", host, "-p", str(port), "CLUSTER", "INFO"],
+                    env={},
+                    reactor=self.reactor,
+                )
+                if b"cluster_state:ok" in info:
+                    break
+                if self.reactor.seconds() > deadline:
+                    raise BenchError("the Redis Cluster did not form in time")
+                yield deferLater(self.reactor, 0.1, lambda: None)
+        self.log("Redis Cluster of {} primaries: {}".format(len(ports), ", ".join(addresses)))
+        bracketed = [
+            "[{}]:{}".format(host, p) if ":" in host else a for p, a in zip(ports, addresses)
+        ]
+        return "redis://{}/0?cluster=yes".format(",".join(bracketed))
 
     @inlineCallbacks
     def _spawnRedis(self, dataDir, extra):
@@ -264,7 +333,7 @@ class Processes:
         executable = redisServer()
         if executable is None:
             raise BenchError("--gates > 1 needs redis-server (Debian package redis-server)")
-        host = "127.0.0.1" if ":" not in o["host"] else o["host"]
+        host = _redisHost(o["host"])
         bracketed = "[{}]".format(host) if ":" in host else host
         for attempt in range(REDIS_ATTEMPTS):
             port = freePort(host)
@@ -390,13 +459,13 @@ class Processes:
 
     @inlineCallbacks
     def stopRedis(self):
-        for name in "replica", "redis":
-            redis = getattr(self, name)
-            setattr(self, name, None)
-            if redis is not None:
-                if redis.reason is None:
-                    self._signal(redis, "TERM")
-                yield self._ended(redis, "redis-server to stop")
+        redises, self.redises = self.redises, []
+        for redis in redises:
+            if redis.reason is None:
+                self._signal(redis, "TERM")
+        yield gatherResults(
+            [self._ended(redis, "redis-server to stop") for redis in redises], consumeErrors=True
+        )
 
     @inlineCallbacks
     def shutdown(self):
@@ -434,7 +503,7 @@ class Processes:
         """
         Kill every child now (the reactor is stopping under us).
         """
-        for process in self.workers + self.servers + [self.redis, self.replica, self.backend]:
+        for process in self.workers + self.servers + self.redises + [self.backend]:
             if process is not None:
                 self._signal(process, "KILL")
 
@@ -465,7 +534,7 @@ class Processes:
             self.reactor.seconds(),
             sum(cpuSeconds(server.pid) for server in self.servers),
             sum(cpuSeconds(worker.pid) for worker in self.workers),
-            cpuSeconds(self.redis.pid) if self.redis is not None else 0.0,
+            sum(cpuSeconds(redis.pid) for redis in self.redises),
             cpuSeconds(self.backend.pid) if self.backend is not None else 0.0,
         )
 
@@ -493,7 +562,9 @@ class Processes:
             ]
         if self.redis is not None:
             figures["redis_cpu_percent"] = round(100 * (redis - mark[3]) / seconds, 1)
-            figures["redis_rss_mb"] = round(rssBytes(self.redis.pid) / 2**20, 1)
+            figures["redis_rss_mb"] = round(
+                sum(rssBytes(redis.pid) for redis in self.redises) / 2**20, 1
+            )
         if self.backend is not None:
             figures["before_send_backend_cpu_percent"] = round(
                 100 * (backend - mark[4]) / seconds, 1
@@ -531,10 +602,16 @@ class Processes:
             else ["server {}".format(i) for i in range(len(self.servers))]
         )
         pairs = list(zip(names, self.servers))
-        if self.redis is not None:
-            pairs.append(("redis-server", self.redis))
-        if self.replica is not None:
-            pairs.append(("the Redis replica", self.replica))
+        for i, redis in enumerate(self.redises):
+            pairs.append(("redis-server" if i == 0 else "redis-server {}".format(i), redis))
         if self.backend is not None:
             pairs.append(("the before-send backend", self.backend))
         return pairs
+
+
+def _redisHost(host):
+    """
+    The address Redis listens on for the bench's C{--host}: 127.0.0.1, or
+    C{--host} itself if it is IPv6.
+    """
+    return "127.0.0.1" if ":" not in host else host
