@@ -294,11 +294,12 @@ class RedisConnection:
         """
         return Script(self, source, name)
 
-    def waitReplicas(self, replicas, timeoutMs):
+    def waitReplicas(self, replicas, timeoutMs, keys=None):
         """
         C{WAIT}: until C{replicas} replicas have every write sent on this
         connection so far, or C{timeoutMs}.
 
+        @param keys: ignored (one Redis: every key is on it).
         @return: a L{Deferred} firing with how many have them.
         """
         return self.execute("WAIT", replicas, timeoutMs)

@@ -338,6 +338,8 @@ class ClusterConnection:
         self._owners = frozenset()
         self._nodes = {}
         self._closing = set()
+        # Nodes whose connection was lost and has not come back.
+        self._lost = set()
         self._up = False
         self._started = self._stopped = False
         self._refreshing = self._again = False
@@ -418,6 +420,13 @@ class ClusterConnection:
 
     def _nodeChanged(self, address, lost=False):
         self._update()
+        if lost:
+            self._lost.add(address)
+        elif address in self._lost:
+            # Back after a loss: after a failover it is a replica now,
+            # which only a fresh map says.
+            self._lost.discard(address)
+            self._scheduleRefresh()
         if self._slots is None or (lost and address in self._owners):
             self._scheduleRefresh()
 
@@ -644,17 +653,35 @@ class ClusterConnection:
         self._scheduleRefresh()
         return self._send(command, label, slot, redirections - 1, address)
 
-    def waitReplicas(self, replicas, timeoutMs):
+    def waitReplicas(self, replicas, timeoutMs, keys=None):
         """
-        C{WAIT} on every primary at once: until C{replicas} replicas of
-        each have every write this client sent it so far (a primary this
-        client wrote nothing to lately answers at once), or C{timeoutMs}.
+        C{WAIT}: until C{replicas} replicas of each primary have every
+        write this client sent it so far, or C{timeoutMs}; on the primaries
+        of C{keys}' slots, or on every primary.  A node that refuses (it is
+        a replica now: a failover the map does not show yet) makes the map
+        read again and fails with L{RedisUnavailable}.
 
         @return: a L{Deferred} firing with the fewest replicas that have
-            them, over the primaries.
+            them, over those primaries.
         """
-        d = self.execute("WAIT", replicas, timeoutMs)
-        return d.addCallback(min)
+        if keys is None:
+            d = self.execute("WAIT", replicas, timeoutMs)
+        else:
+            try:
+                addresses = sorted({self._route(keySlot(key)) for key in keys})
+            except RedisUnavailable:
+                return fail()
+            d = gatherResults(
+                [self._node(a).execute("WAIT", replicas, timeoutMs) for a in addresses],
+                consumeErrors=True,
+            ).addErrback(lambda f: f.value.subFailure)
+
+        def refused(failure):
+            failure.trap(txredisapi.ResponseError)
+            self._scheduleRefresh()
+            raise RedisUnavailable("WAIT refused: {}".format(failure.getErrorMessage()))
+
+        return d.addCallbacks(min, refused)
 
     def _everyPrimary(self, command, label):
         if not self._owners:

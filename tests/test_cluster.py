@@ -35,6 +35,7 @@ from tests.support import documentedMetrics, servedMetrics, startServer
 from tests.support.cluster import RedisTestMixin
 from tests.support.live import Changes, ConnectionWatch, withDeadline
 from tests.support.redis import whenConnected, whenDisconnected
+from tests.support.rediscluster import usersOnPrimaries
 from tests.support.websocket import JSON, connectWS
 
 LISTEN = "tcp:0:interface=127.0.0.1"
@@ -669,30 +670,6 @@ class TwoGatesTests(GatesMixin, RedisTestMixin, TestCase):
         self.assertFalse(self.a.cluster.connection.connected)
 
 
-def _usersOnPrimaries(primaries, count):
-    """
-    C{count} uids per primary of a cluster whose slot ranges C{primaries}
-    lists (C{[(first, last), ...]} per primary): C{u0}, C{u1}... taken in
-    order, each kept if its keys' slot is on a primary still short of
-    users.
-
-    @return: a list per primary.
-    """
-    from imserver.redisclient import userTag
-    from imserver.rediscluster import keySlot
-
-    chosen = [[] for _ in primaries]
-    n = 0
-    while any(len(users) < count for users in chosen):
-        uid = "u{}".format(n)
-        n += 1
-        slot = keySlot("{" + userTag(uid) + "}")
-        for users, ranges in zip(chosen, primaries):
-            if any(first <= slot <= last for first, last in ranges) and len(users) < count:
-                users.append(uid)
-    return chosen
-
-
 class RedisClusterGatesTests(GatesMixin, TestCase):
     """
     Three gates on a real six-node Redis Cluster (three primaries, three
@@ -729,7 +706,7 @@ class RedisClusterGatesTests(GatesMixin, TestCase):
         every member once; a broadcast reaches every session; a login on
         another gate kicks the older session.
         """
-        (a1, a2), (b1, b2), (c1, c2) = _usersOnPrimaries(self.primaries, 2)
+        (a1, a2), (b1, b2), (c1, c2) = usersOnPrimaries(self.primaries, 2)
         ga, gb, gc = self.gates
         clients = {}
         for uid, gate in [(a1, ga), (b1, gb), (c1, gc), (a2, gb), (b2, gc), (c2, ga)]:
@@ -800,7 +777,7 @@ class RedisClusterGatesTests(GatesMixin, TestCase):
         from imserver.redisclient import userTag
         from imserver.rediscluster import keySlot
 
-        (a1,), (b1,), (c1,) = _usersOnPrimaries(self.primaries, 1)
+        (a1,), (b1,), (c1,) = usersOnPrimaries(self.primaries, 1)
         ga, gb, gc = self.gates
         sender = yield self.connect(ga, a1)
         receiver = yield self.connect(gb, b1)
@@ -837,7 +814,7 @@ class RedisClusterGatesTests(GatesMixin, TestCase):
         from imserver.redisclient import userTag
         from imserver.rediscluster import keySlot
 
-        (a1,), (b1,), _ = _usersOnPrimaries(self.primaries, 1)
+        (a1,), (b1,), _ = usersOnPrimaries(self.primaries, 1)
         ga, gb, _ = self.gates
         sender = yield self.connect(ga, a1)
         receiver = yield self.connect(gb, b1)

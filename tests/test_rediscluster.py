@@ -548,6 +548,60 @@ class FakeClusterTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(self.cluster.refreshes, refreshes)
 
+    def test_backAsReplica(self):
+        """
+        A primary that comes back after its replica was promoted (a replica
+        itself now) makes the map read again at once, not only when a
+        command is redirected: the slots go to the promoted node, and a
+        C{WAIT} that reached the old node meanwhile fails with
+        L{RedisUnavailable} (a replica refuses C{WAIT}) and asks for the
+        map too.
+        """
+        self.connect()
+        onA = keyOn(self.fake, A)
+        self.fake.kill(A)
+        self.clock.advance(0)
+        # D is promoted, and A restarts as a replica before the next read.
+        self.fake.ranges[D] = self.fake.ranges.pop(A)
+        self.fake.alive.add(A)
+        self.fake.nodes[A].up()
+        refreshes = self.cluster.refreshes
+        self.clock.advance(DEGRADED_REFRESH_INTERVAL)
+        self.clock.advance(0)
+        self.assertGreater(self.cluster.refreshes, refreshes)
+        self.assertEqual(self.cluster.primaries, [B, C, D])
+        self.successResultOf(self.cluster.execute("SET", onA, b"a"))
+        self.assertEqual(self.fake.data[D], {onA: b"a"})
+
+    def test_waitOnKeys(self):
+        """
+        C{waitReplicas} with keys sends C{WAIT} to their primaries only and
+        answers the fewest; a node refusing it fails it with
+        L{RedisUnavailable} and the map is read again.
+        """
+        self.connect()
+        onA, onB = keyOn(self.fake, A), keyOn(self.fake, B)
+        answers = {A: 2, B: 1}
+
+        def run(node, command):
+            if command[0] == "WAIT":
+                answer = answers[node.address]
+                if isinstance(answer, Exception):
+                    raise answer
+                return answer
+            return original(node, command)
+
+        original = self.fake.run
+        self.fake.run = run
+        self.assertEqual(self.successResultOf(self.cluster.waitReplicas(1, 100, [onA, onB])), 1)
+        self.assertEqual([c[0] for c in self.fake.nodes[C].sent].count("WAIT"), 0)
+        self.assertEqual(self.successResultOf(self.cluster.waitReplicas(1, 100, [onA])), 2)
+        answers[A] = ResponseError("ERR WAIT cannot be used with replica instances.")
+        refreshes = self.cluster.refreshes
+        self.failureResultOf(self.cluster.waitReplicas(1, 100, [onA]), RedisUnavailable)
+        self.clock.advance(DEGRADED_REFRESH_INTERVAL)
+        self.assertGreater(self.cluster.refreshes, refreshes)
+
     def test_scripts(self):
         """
         C{EVALSHA}, and C{EVAL} on each primary that does not know the

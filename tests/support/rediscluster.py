@@ -1,11 +1,13 @@
-# -*- test-case-name: tests.test_rediscluster -*-
+# -*- test-case-name: tests.test_rediscluster,tests.test_crash -*-
 """
 A real Redis Cluster for tests (L{RedisCluster}): six C{redis-server
 --cluster-enabled yes} processes (L{tests.support.redis.RedisServer}) on
 free loopback ports, joined by C{redis-cli --cluster create} into three
-primaries with a replica each, and the manual steps of a failover and of a
-slot migration.  Every process is killed at the test's cleanup; a missing
-C{redis-server} or C{redis-cli} skips the test locally and fails it in CI
+primaries with a replica each, and the manual steps of a failover (and of
+a killed primary rejoining as a replica) and of a slot migration; and
+L{usersOnPrimaries}, users whose keys are on each primary.  Every process
+is killed at the test's cleanup; a missing C{redis-server} or C{redis-cli}
+skips the test locally and fails it in CI
 (L{tests.support.requireExecutable}).
 
 Every wait is bounded: C{redis-cli} runs are killed after L{CLI_TIMEOUT},
@@ -278,6 +280,29 @@ class RedisCluster:
         return owners[0]
 
     @inlineCallbacks
+    def rejoin(self, node):
+        """
+        Start C{node}, killed after its replica was promoted, again on its
+        port, cluster bus port and C{nodes.conf}, without its data: the
+        cluster tells it its slots have a newer owner, and it becomes a
+        replica of that owner.  Wait until it has synced and every node says
+        the cluster is ok.
+
+        @return: a L{Deferred} firing with C{node}.
+        """
+        yield node.start()
+
+        @inlineCallbacks
+        def replicating():
+            replication = yield self.call(node, "INFO", "replication")
+            if "role:slave" not in replication:
+                return False
+            return (yield self._formed())
+
+        yield self._until(replicating, "the rejoin of node {}".format(node.port))
+        return node
+
+    @inlineCallbacks
     def beginMigration(self, slot, source, target):
         """
         The first steps of moving C{slot} from C{source} to C{target}: the
@@ -322,3 +347,27 @@ class RedisCluster:
         yield self.beginMigration(slot, source, target)
         yield self.moveKeys(slot, source, target)
         yield self.endMigration(slot, target)
+
+
+def usersOnPrimaries(primaries, count, prefix="u"):
+    """
+    C{count} uids per primary of a cluster whose slot ranges C{primaries}
+    lists (C{[[(first, last), ...], ...]}, one list per primary, as
+    L{NodeInfo.slots}): C{<prefix>0}, C{<prefix>1}... taken in order, each
+    kept if its keys' slot is on a primary still short of users.
+
+    @return: a list of uids per primary.
+    """
+    from imserver.redisclient import userTag
+    from imserver.rediscluster import keySlot
+
+    chosen = [[] for _ in primaries]
+    n = 0
+    while any(len(users) < count for users in chosen):
+        uid = "{}{}".format(prefix, n)
+        n += 1
+        slot = keySlot("{" + userTag(uid) + "}")
+        for users, ranges in zip(chosen, primaries):
+            if any(first <= slot <= last for first, last in ranges) and len(users) < count:
+                users.append(uid)
+    return chosen

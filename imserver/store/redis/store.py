@@ -587,7 +587,16 @@ class RedisMessageStore:
                 )
             return delivery
 
-        d = self.connection.waitReplicas(self.waitReplicas, self.waitTimeoutMs)
+        keys = None
+        if self.cluster and not delivery.duplicate:
+            # The primaries written: the sender's and the recipients'
+            # slots, and the outbox's if the event was recorded.  (A
+            # duplicate may come after writes to any: every primary.)
+            keys = [userKey(uid, "inbox") for uid in delivery.seqs]
+            keys.append(userKey(delivery.message.sender, "inbox"))
+            if self.outboxEvents and MESSAGE_STORED in self.outboxEvents:
+                keys.append(self._outboxKeys[0])
+        d = self.connection.waitReplicas(self.waitReplicas, self.waitTimeoutMs, keys)
         return d.addCallback(waited)
 
     def _write(self, sender, clientMsgId, message, recipients, nowMs):
