@@ -137,6 +137,39 @@ class RedisURL:
         )
 
 
+def encodeCommand(args, encodeValue):
+    """
+    A command in RESP, as txredisapi's C{_build_command} makes it, in a
+    fraction of its time (one C{%} per argument instead of a C{bytearray}
+    grown token by token): bytes as they are, text as UTF-8, integers in
+    decimal, anything else as C{encodeValue} (txredisapi's) makes it.
+
+    @rtype: L{bytes}
+    """
+    parts = [b"*%d\r\n" % (len(args),)]
+    for arg in args:
+        kind = type(arg)
+        if kind is bytes:
+            data = arg
+        elif kind is str:
+            data = arg.encode("utf-8")
+        elif kind is int:
+            data = b"%d" % (arg,)
+        else:
+            data = encodeValue(arg)
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class _RedisProtocol(txredisapi.RedisProtocol):
+    """
+    txredisapi's protocol (hiredis's parser) with L{encodeCommand}.
+    """
+
+    def _build_command(self, *args, **kwargs):
+        return encodeCommand(args, self._encode_value)
+
+
 class _Factory(txredisapi.RedisFactory):
     """
     txredisapi's factory as we use it: bytes both ways, reply timeouts on
@@ -168,8 +201,7 @@ class _Factory(txredisapi.RedisFactory):
             convertNumbers=False,
             username=url.username,
         )
-        if protocol is not None:
-            self.protocol = protocol
+        self.protocol = protocol if protocol is not None else _RedisProtocol
         self.owner = owner
 
     def buildProtocol(self, addr):

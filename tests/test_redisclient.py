@@ -3,6 +3,7 @@
 Tests for L{imserver.redisclient} against a real C{redis-server}.
 """
 
+import txredisapi
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -15,6 +16,7 @@ from imserver.redisclient import (
     RedisURL,
     _unavailable,
     connectRedis,
+    encodeCommand,
 )
 
 from tests.support.redis import RedisServer, whenConnected, whenDisconnected
@@ -97,6 +99,29 @@ class RetryableErrorTests(SynchronousTestCase):
         self.failureResultOf(
             fail(ResponseError("ERR syntax")).addErrback(_unavailable), ResponseError
         )
+
+
+class EncodeTests(SynchronousTestCase):
+    """
+    L{encodeCommand} makes the bytes txredisapi's own encoder makes.
+    """
+
+    def test_sameAsTxredisapi(self):
+        """
+        Bytes, text (ASCII and not), integers (negative, large), floats,
+        bytearrays and other objects are encoded as txredisapi does.
+        """
+        protocol = txredisapi.BaseRedisProtocol(charset=None)
+        commands = [
+            ("PING",),
+            ("SET", "k", b"\x00\xff\r\n"),
+            ("EVALSHA", "abc", 2, "k1", "k2", -5, 10**20, "h\u00e9", 1.5, bytearray(b"ba"), True),
+            ("SET", "", b""),
+        ]
+        for command in commands:
+            self.assertEqual(
+                encodeCommand(command, protocol._encode_value), protocol._build_command(*command)
+            )
 
 
 class ConnectionTests(TestCase):
