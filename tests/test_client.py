@@ -203,6 +203,27 @@ class IMClientOfflineTests(SynchronousTestCase):
         self.failureResultOf(d, RequestTimeout)
         self.assertEqual(client.pendingCount(), 0)
 
+    def test_sendExpiresWhileStopped(self):
+        """
+        After L{IMClient.stop} an unanswered send stays pending until its
+        C{maxSendAge} runs out, then fails with L{RequestTimeout}.
+        """
+        from imserver.client import IMClient
+        from imserver.errors import RequestTimeout
+
+        clock = Clock()
+        client = IMClient(
+            clock, None, None, "alice", "tok", "phone", endpoint=NeverConnects(), maxSendAge=60
+        )
+        client.start()
+        d = client.send("bob", b"hi")
+        client.stop()
+        clock.advance(30)
+        self.assertNoResult(d)
+        self.assertEqual(client.pendingCount(), 1)
+        clock.advance(30)
+        self.failureResultOf(d, RequestTimeout)
+
 
 class StringEndpoint:
     """

@@ -158,7 +158,9 @@ class IMClient:
     def stop(self):
         """
         Disconnect and stop reconnecting.  Unanswered sends stay pending
-        (their Deferreds do not fire) until L{start} is called again.
+        until L{start} is called again (which sends them), or until their
+        C{maxSendAge} runs out (L{RequestTimeout}): their expiry timers go
+        on running.
 
         @return: a L{Deferred} firing when disconnected.
         """
