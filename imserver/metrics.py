@@ -50,7 +50,8 @@ AUTH_FAILURE_REASONS = (
 #: Why a connection was refused at accept (label values).
 REFUSAL_REASONS = ("max_connections", "max_connections_per_ip", "accept_rate")
 
-_LATENCY_BUCKETS = (
+#: Bounds (seconds) of the latency histograms: 0.5 ms to 10 s.
+LATENCY_BUCKETS = (
     0.0005,
     0.001,
     0.0025,
@@ -208,12 +209,12 @@ class GateMetrics:
         self.ackRoundTrip = FastHistogram(
             "imserver_ack_round_trip_seconds",
             "From pushing an entry to a session to its ack.",
-            _LATENCY_BUCKETS,
+            LATENCY_BUCKETS,
         )
         self.sendToPush = FastHistogram(
             "imserver_send_to_push_seconds",
             "From a send arriving to its recipients' pushes (storing included).",
-            _LATENCY_BUCKETS,
+            LATENCY_BUCKETS,
         )
         self.commitBatch = FastHistogram(
             "imserver_store_commit_batch_size",
@@ -223,12 +224,12 @@ class GateMetrics:
         self.commitSeconds = FastHistogram(
             "imserver_store_commit_seconds",
             "Time of one store transaction, commit (fsync) included.",
-            _LATENCY_BUCKETS,
+            LATENCY_BUCKETS,
         )
         self.beforeSendSeconds = FastHistogram(
             "imserver_before_send_seconds",
             "From a send arriving to the before-send check's verdict (queue included).",
-            _LATENCY_BUCKETS,
+            LATENCY_BUCKETS,
         )
         self._histograms = (
             self.ackRoundTrip,

@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
 from imserver.errors import Unavailable
-from imserver.metrics import HistogramsByLabel
+from imserver.metrics import LATENCY_BUCKETS, HistogramsByLabel
 
 #: Default seconds before an unanswered Redis command fails.
 DEFAULT_REPLY_TIMEOUT = 5.0
@@ -417,24 +417,6 @@ class Script:
         return d.addErrback(noScript)
 
 
-#: Bounds (seconds) of C{imserver_redis_command_seconds}.
-COMMAND_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
-
-
 class CommandStats:
     """
     The latency and the failures of the commands of a gate's Redis
@@ -455,7 +437,7 @@ class CommandStats:
             "imserver_redis_command_seconds",
             "Redis commands from sending to the reply, by command (a Lua script by its name).",
             "command",
-            COMMAND_BUCKETS,
+            LATENCY_BUCKETS,
         )
         self.errors = {}
 

@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from imserver.bus import BROADCAST_CHANNEL, channelOf
 from imserver.interfaces import IGateBus
-from imserver.metrics import FastHistogram
+from imserver.metrics import LATENCY_BUCKETS, FastHistogram
 from imserver.pb import bus_pb2
 from imserver.redisclient import RedisUnavailable
 from imserver.wire import EncodedMessage
@@ -38,9 +38,6 @@ MAX_BATCH_BYTES = 512 * 1024
 
 #: Batches kept while Redis is unreachable, published again once it is back.
 MAX_RETRY_BATCHES = 1000
-
-#: Bounds (seconds) of C{imserver_bus_lag_seconds}.
-LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class _Outgoing:
@@ -96,7 +93,7 @@ class RedisGateBus:
         self.lag = FastHistogram(
             "imserver_bus_lag_seconds",
             "From a gate bus batch's publication (the sending gate's clock) to its arrival.",
-            LAG_BUCKETS,
+            LATENCY_BUCKETS,
         )
         self._outgoing = {}
         self._flushCall = None
