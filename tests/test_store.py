@@ -2472,7 +2472,8 @@ class WaitReplicasTests(TestCase):
         yield whenConnected(connection)
         self.store = RedisMessageStore(connection, reactor, 24 * HOUR)
         self.store.waitReplicas = 1
-        self.store.waitTimeoutMs = 200
+        # Long enough for a loaded machine; short where no replica answers.
+        self.store.waitTimeoutMs = 10000
         self.connection = connection
         # The replica has synchronised once it says so.
         for _ in range(200):
@@ -2497,7 +2498,9 @@ class WaitReplicasTests(TestCase):
         first = yield self.send("m1", "one")
         self.assertFalse(first.duplicate)
         yield self.replica.stop()
+        self.store.waitTimeoutMs = 200
         yield self.assertFailure(self.send("m2", "two"), RedisUnavailable)
+        self.store.waitTimeoutMs = 10000
         self.assertEqual((yield self.store.head("bob")) - first.seqs["bob"], 1)
         yield self.replica.start()
         for _ in range(200):
