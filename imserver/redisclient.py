@@ -34,13 +34,14 @@ a sharded Redis keeps a user's keys on one shard (the message store's keys
 are in L{imserver.store.redis.keys}).
 """
 
+import collections
 import hashlib
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.internet import ssl
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -163,11 +164,74 @@ def encodeCommand(args, encodeValue):
 
 class _RedisProtocol(txredisapi.RedisProtocol):
     """
-    txredisapi's protocol (hiredis's parser) with L{encodeCommand}.
+    txredisapi's protocol (hiredis's parser) with a lean command path: a
+    command is encoded by L{encodeCommand} and written, its L{Deferred}
+    queued; each reply fires the oldest.  No C{DeferredQueue}, and one
+    timer for the reply timeout of all the commands in flight (txredisapi
+    makes a C{DelayedCall} and three Deferreds per command): no reply to
+    the oldest command within C{replyTimeout} fails them all with
+    C{txredisapi.TimeoutError} and drops the connection, as txredisapi does.
+    Transactions and pipelines (not used here) keep txredisapi's path.
     """
+
+    def __init__(self, *args, **kwargs):
+        txredisapi.RedisProtocol.__init__(self, *args, **kwargs)
+        self._inFlight = collections.deque()
+        self._timer = None
 
     def _build_command(self, *args, **kwargs):
         return encodeCommand(args, self._encode_value)
+
+    def execute_command(self, *args, **kwargs):
+        if self.inTransaction or self.inMulti or self.pipelining:
+            return txredisapi.RedisProtocol.execute_command(self, *args, **kwargs)
+        if self.connected == 0:
+            raise txredisapi.ConnectionError("Not connected")
+        self.transport.write(encodeCommand(args, self._encode_value))
+        d = Deferred()
+        self._inFlight.append((d, self.factory.owner.reactor.seconds()))
+        if self._timer is None and self.replyTimeout:
+            self._timer = self.callLater(self.replyTimeout, self._checkTimeout)
+        return d
+
+    def replyReceived(self, reply):
+        if not self._inFlight:
+            return txredisapi.RedisProtocol.replyReceived(self, reply)
+        d, _ = self._inFlight.popleft()
+        if isinstance(reply, Exception):
+            d.errback(reply)
+        else:
+            d.callback(reply)
+
+    def _checkTimeout(self):
+        self._timer = None
+        if not self._inFlight:
+            return
+        oldest = self._inFlight[0][1]
+        left = oldest + self.replyTimeout - self.factory.owner.reactor.seconds()
+        if left > 0:
+            self._timer = self.callLater(left, self._checkTimeout)
+            return
+        self._failAll(
+            txredisapi.TimeoutError(
+                "Not received Redis response in {} seconds".format(self.replyTimeout)
+            )
+        )
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _failAll(self, error):
+        inFlight, self._inFlight = self._inFlight, collections.deque()
+        for d, _ in inFlight:
+            d.errback(error)
+
+    def connectionLost(self, why):
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        txredisapi.RedisProtocol.connectionLost(self, why)
+        self._failAll(txredisapi.ConnectionError("Lost connection"))
 
 
 class _Factory(txredisapi.RedisFactory):

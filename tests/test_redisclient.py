@@ -3,9 +3,15 @@
 Tests for L{imserver.redisclient} against a real C{redis-server}.
 """
 
+from types import SimpleNamespace
+
 import txredisapi
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, inlineCallbacks
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txredisapi import ResponseError
 
@@ -14,6 +20,7 @@ from imserver.redisclient import (
     CommandStats,
     RedisUnavailable,
     RedisURL,
+    _RedisProtocol,
     _unavailable,
     connectRedis,
     encodeCommand,
@@ -122,6 +129,81 @@ class EncodeTests(SynchronousTestCase):
             self.assertEqual(
                 encodeCommand(command, protocol._encode_value), protocol._build_command(*command)
             )
+
+
+class LeanProtocolTests(SynchronousTestCase):
+    """
+    The command path of L{_RedisProtocol}, on a L{Clock} and a
+    L{StringTransport}.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.protocol = _RedisProtocol(charset=None, replyTimeout=5, convertNumbers=False)
+        self.protocol.factory = SimpleNamespace(owner=SimpleNamespace(reactor=self.clock))
+        self.protocol.callLater = self.clock.callLater
+        self.transport = StringTransport()
+        self.protocol.transport = self.transport
+        self.protocol.connected = 1
+
+    def test_repliesInOrder(self):
+        """
+        Commands are written as RESP; each reply fires the oldest command's
+        Deferred, an error reply as a failure.
+        """
+        first = self.protocol.execute_command("GET", "a")
+        second = self.protocol.execute_command("GET", "b")
+        self.assertEqual(
+            self.transport.value(), b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*2\r\n$3\r\nGET\r\n$1\r\nb\r\n"
+        )
+        self.protocol.dataReceived(b"$1\r\nx\r\n-ERR no\r\n")
+        self.assertEqual(self.successResultOf(first), b"x")
+        self.failureResultOf(second, ResponseError)
+
+    def test_timeout(self):
+        """
+        No reply to the oldest command within the reply timeout fails every
+        command in flight with C{txredisapi.TimeoutError} (a
+        C{ConnectionError}: the gate's L{RedisUnavailable}) and drops the
+        connection; one timer serves them all.
+        """
+        first = self.protocol.execute_command("GET", "a")
+        self.clock.advance(3)
+        second = self.protocol.execute_command("GET", "b")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(1.9)
+        self.assertNoResult(first)
+        self.clock.advance(0.1)
+        self.failureResultOf(first, txredisapi.TimeoutError)
+        self.failureResultOf(second, txredisapi.TimeoutError)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_timerMoves(self):
+        """
+        Once the oldest command is answered, the timeout counts from the
+        next one's sending.
+        """
+        first = self.protocol.execute_command("GET", "a")
+        self.clock.advance(4)
+        second = self.protocol.execute_command("GET", "b")
+        self.protocol.dataReceived(b"$1\r\nx\r\n")
+        self.successResultOf(first)
+        self.clock.advance(1)
+        self.assertNoResult(second)
+        self.clock.advance(4)
+        self.failureResultOf(second, txredisapi.TimeoutError)
+
+    def test_connectionLost(self):
+        """
+        A lost connection fails the commands in flight with
+        C{txredisapi.ConnectionError} and stops the timer.
+        """
+        d = self.protocol.execute_command("GET", "a")
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, txredisapi.ConnectionError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.protocol.connected = 0
+        self.assertRaises(txredisapi.ConnectionError, self.protocol.execute_command, "GET", "a")
 
 
 class ConnectionTests(TestCase):
