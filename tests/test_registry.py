@@ -16,7 +16,6 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from imserver.bus.redis import RedisGateBus
 from imserver.errors import TooManyDevices, Unavailable
 from imserver.interfaces import ISession, ISessionRegistry
 from imserver.pb import im_pb2 as pb
@@ -24,10 +23,8 @@ from imserver.redisclient import RedisUnavailable, userTag
 from imserver.rediscluster import (
     SLOTS,
     ClusterConnection,
-    connectCluster,
     keySlot,
     parseRedisURL,
-    subscribeCluster,
 )
 from imserver.registry import redis as registryModule
 from imserver.registry.memory import MemorySessionRegistry
@@ -45,9 +42,9 @@ from imserver.registry.redisdirectory import CLUSTER_GATES_KEY, RedisGateDirecto
 from imserver.registry.remote import RemoteSession
 from imserver.wire import EncodedMessage
 
-from tests.support.cluster import FakeSession, RedisTestMixin
-from tests.support.live import waitFor, withDeadline
-from tests.support.redis import whenConnected, whenSubscribed
+from tests.support.cluster import FakeGate, FakeSession, RedisTestMixin
+from tests.support.live import waitFor
+from tests.support.redis import whenConnected
 from tests.support.rediscluster import RedisCluster
 
 
@@ -642,54 +639,6 @@ class ModeTests(SynchronousTestCase):
         )
 
 
-class ClusterGate:
-    """
-    The Redis side of one gate on a Redis Cluster, as
-    L{tests.support.cluster.FakeGate} on one Redis.
-    """
-
-    def __init__(self, testCase, url, gateId, maxDevices=3, leaseSeconds=30.0):
-        self.gateId = gateId
-        self.connection = connectCluster(
-            reactor, url, replyTimeout=2, connectTimeout=2, start=False
-        )
-        self.bus = RedisGateBus(
-            self.connection,
-            lambda channels, onMessage: subscribeCluster(
-                reactor, url, channels, onMessage, replyTimeout=2, connectTimeout=2, start=False
-            ),
-            gateId,
-            reactor,
-        )
-        self.registry = RedisSessionRegistry(
-            self.connection,
-            self.bus,
-            reactor,
-            gateId,
-            maxDevices=maxDevices,
-            leaseSeconds=leaseSeconds,
-        )
-        testCase.addCleanup(self.stop)
-
-    @inlineCallbacks
-    def start(self):
-        connected = whenConnected(self.connection)
-        self.connection.start()
-        self.bus.start()
-        yield withDeadline(connected, 10, "the cluster connection")
-        yield withDeadline(whenSubscribed(self.bus.subscriber), 10, "the subscription")
-        yield self.registry.refreshLease()
-        return self
-
-    @inlineCallbacks
-    def stop(self):
-        yield self.bus.stop()
-        yield self.connection.disconnect()
-
-    def session(self, uid, deviceId):
-        return FakeSession(uid, deviceId, self.gateId)
-
-
 class RedisClusterMixin:
     """
     A fresh Redis Cluster (three primaries with a replica each) per test:
@@ -705,7 +654,7 @@ class RedisClusterMixin:
         self.url = parseRedisURL(self.cluster.url)
 
     def gate(self, gateId, **kwargs):
-        return ClusterGate(self, self.url, gateId, **kwargs).start()
+        return FakeGate(self, self.url, gateId, **kwargs).start()
 
     @inlineCallbacks
     def entries(self, uid, via):

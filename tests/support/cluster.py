@@ -16,8 +16,10 @@ from imserver.bus.redis import RedisGateBus
 from imserver.interfaces import ISession
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisURL, connectRedis, subscribeRedis
+from imserver.rediscluster import ClusterURL, connectCluster, parseRedisURL, subscribeCluster
 from imserver.registry.redis import RedisSessionRegistry, parseEntry, sessionsKey
 
+from tests.support.live import withDeadline
 from tests.support.redis import RedisServer, whenConnected, whenSubscribed
 
 _sessionIds = itertools.count(1)
@@ -64,13 +66,19 @@ class FakeGate:
     """
 
     def __init__(self, testCase, url, gateId, maxDevices=3, leaseSeconds=30.0, incarnation=None):
-        url = RedisURL.parse(url)
+        if isinstance(url, str):
+            url = parseRedisURL(url)
+        connect, subscribe = (
+            (connectCluster, subscribeCluster)
+            if isinstance(url, ClusterURL)
+            else (connectRedis, subscribeRedis)
+        )
         self.gateId = gateId
-        self.connection = connectRedis(reactor, url, replyTimeout=2, start=False)
+        self.connection = connect(reactor, url, replyTimeout=2, connectTimeout=2, start=False)
         self.bus = RedisGateBus(
             self.connection,
-            lambda channels, onMessage: subscribeRedis(
-                reactor, url, channels, onMessage, replyTimeout=2, start=False
+            lambda channels, onMessage: subscribe(
+                reactor, url, channels, onMessage, replyTimeout=2, connectTimeout=2, start=False
             ),
             gateId,
             reactor,
@@ -94,8 +102,8 @@ class FakeGate:
         connected = whenConnected(self.connection)
         self.connection.start()
         self.bus.start()
-        yield connected
-        yield whenSubscribed(self.bus.subscriber)
+        yield withDeadline(connected, 10, "the Redis connection")
+        yield withDeadline(whenSubscribed(self.bus.subscriber), 10, "the subscription")
         yield self.registry.refreshLease()
         return self
 
