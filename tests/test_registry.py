@@ -713,51 +713,82 @@ class RedisClusterTests(RedisClusterMixin, TestCase):
         self.a = yield self.gate("gate-a")
         self.b = yield self.gate("gate-b")
 
-    @inlineCallbacks
-    def test_everyPrimary(self):
+    def recordLookups(self, registry):
         """
-        Users on all three primaries register and are found; a lookup of
-        many users runs one script per slot, chunked as with one Redis,
-        all at once, and finds them all; generations grow per user.
+        Record the keys of each lookup script call of C{registry}: the
+        declared one and those passed as arguments.
         """
-        self.patch(registryModule, "LOOKUP_CHUNK", 2)
-        byPrimary = self.uidsOnEveryPrimary(self.a.connection, perPrimary=20)
-        uids = [uid for uids in byPrimary for uid in uids]
-        # Three users in one slot: two chunks for that slot.
-        bySlot = {}
-        n = 0
-        while True:
-            uid = "same%d" % (n,)
-            slot = keySlot(sessionsKey(uid))
-            bySlot.setdefault(slot, []).append(uid)
-            if len(bySlot[slot]) == 3:
-                break
-            n += 1
-        sameSlot = bySlot[slot]
-        sessions = {}
-        for i, uid in enumerate(uids + sameSlot):
-            gate = (self.a, self.b)[i % 2]
-            sessions[uid] = gate.session(uid, "phone")
-            yield gate.registry.register(sessions[uid])
         calls = []
-        lookup = self.a.registry._lookup
+        lookup = registry._lookup
 
         def recording(keys, args):
-            calls.append(keys)
+            calls.append(keys + args[1 : 1 + int(args[0])])
             return lookup(keys, args)
 
-        self.a.registry._lookup = recording
-        found = yield self.a.registry.sessionsForMany(uids + sameSlot + ["nobody"])
+        registry._lookup = recording
+        return calls
+
+    @inlineCallbacks
+    def test_lookupRefused(self):
+        """
+        A lookup script sent to a primary with keys of slots it does not
+        serve (the gate's slot map is stale) answers those as refused, and
+        each of them is looked up on its own, routed by its key: every
+        user is found.
+        """
+        byPrimary = self.uidsOnEveryPrimary(self.a.connection, perPrimary=3)
+        uids = [uid for uids in byPrimary for uid in uids]
+        sessions = {}
+        for uid in uids:
+            sessions[uid] = self.b.session(uid, "phone")
+            yield self.b.registry.register(sessions[uid])
+        first = self.a.connection.addressOf(keySlot(sessionsKey(uids[0])))
+        self.patch(self.a.connection, "addressOf", lambda slot: first)
+        calls = self.recordLookups(self.a.registry)
+        found = yield self.a.registry.sessionsForMany(uids)
         self.assertEqual(
             {uid: [s.sessionId for s in ss] for uid, ss in found.items()},
             {uid: [session.sessionId] for uid, session in sessions.items()},
         )
+        self.assertEqual(len(calls[0]), 9)
+        self.assertEqual(
+            sorted(keys for keys in calls[1:]),
+            sorted([sessionsKey(uid)] for uid in byPrimary[1] + byPrimary[2]),
+        )
+
+    @inlineCallbacks
+    def test_everyPrimary(self):
+        """
+        Users on all three primaries register and are found; a lookup of
+        many users runs one script per primary (one key declared, the
+        others of that primary's slots as arguments), chunked as with one
+        Redis, all at once, and finds them all; generations grow per user.
+        """
+        self.patch(registryModule, "LOOKUP_CHUNK", 2)
+        byPrimary = self.uidsOnEveryPrimary(self.a.connection, perPrimary=20)
+        uids = [uid for uids in byPrimary for uid in uids]
+        sessions = {}
+        for i, uid in enumerate(uids):
+            gate = (self.a, self.b)[i % 2]
+            sessions[uid] = gate.session(uid, "phone")
+            yield gate.registry.register(sessions[uid])
+        calls = self.recordLookups(self.a.registry)
+        found = yield self.a.registry.sessionsForMany(uids + ["nobody"])
+        self.assertEqual(
+            {uid: [s.sessionId for s in ss] for uid, ss in found.items()},
+            {uid: [session.sessionId] for uid, session in sessions.items()},
+        )
+        primaries = []
         for keys in calls:
-            self.assertEqual(len({keySlot(key) for key in keys}), 1)
+            addresses = {self.a.connection.addressOf(keySlot(key)) for key in keys}
+            self.assertEqual(len(addresses), 1)
             self.assertLessEqual(len(keys), 2)
-        slots = {keySlot(sessionsKey(uid)) for uid in uids + sameSlot + ["nobody"]}
-        self.assertEqual(len(calls), len(slots) + 1)
-        self.assertEqual(sorted(len(keys) for keys in calls if keySlot(keys[0]) == slot), [1, 2])
+            primaries.append(addresses.pop())
+        nobody = self.a.connection.addressOf(keySlot(sessionsKey("nobody")))
+        self.assertEqual(
+            sorted(primaries.count(a) for a in set(primaries)),
+            sorted(10 + (a == nobody) for a in set(primaries)),
+        )
         generations = []
         for gate in (self.a, self.b, self.a):
             yield gate.registry.register(gate.session(uids[0], "phone"))

@@ -2046,6 +2046,9 @@ class _FailingSlots:
     def connected(self):
         return self.connection.connected
 
+    def addressOf(self, slot):
+        return self.connection.addressOf(slot)
+
     def execute(self, *command, label=None):
         if command[0] in ("EVALSHA", "EVAL") and int(command[2]) > 0:
             if keySlot(command[3]) in self.failing:
@@ -2165,6 +2168,88 @@ class RedisClusterStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         self.assertTrue(again.duplicate)
         self.assertEqual(again.seqs, {carol: group.seqs[carol]})
         self.assertEqual(self.store.rollbacks, 0)
+
+    def recordAppends(self):
+        """
+        Record the slots of each C{deliverAppend.lua} call of the store.
+        """
+        calls = []
+        append = self.store._deliverAppend
+
+        def recording(keys, args):
+            slots, i = [], 8
+            while i < len(args):
+                slots.append(keySlot(args[i]))
+                i += 7 + 2 * int(args[i + 6])
+            calls.append(slots)
+            return append(keys, args)
+
+        self.store._deliverAppend = recording
+        return calls
+
+    def manySlots(self, count):
+        """
+        C{count} uids of different slots, on every primary.
+        """
+        uids, slots, n = [], set(), 0
+        while len(uids) < count:
+            uid = "many%d" % (n,)
+            if userSlot(uid) not in slots:
+                slots.add(userSlot(uid))
+                uids.append(uid)
+            n += 1
+        return uids
+
+    @inlineCallbacks
+    def test_appendPerPrimary(self):
+        """
+        A message to users of many slots is appended with one script call
+        per other primary, carrying every slot of that primary; each inbox
+        gets its one entry; a retry of that call finds every slot applied.
+        """
+        sender, *others = self.manySlots(40)
+        calls = self.recordAppends()
+        delivery = yield self.store.deliver(sender, "m1", text("hi", others[0]), others, T0)
+        there = {userSlot(uid) for uid in others} - {userSlot(sender)}
+        self.assertEqual(len(calls), len({self.connection.addressOf(slot) for slot in there}))
+        for slots in calls:
+            self.assertEqual(len({self.connection.addressOf(slot) for slot in slots}), 1)
+        self.assertEqual(sorted(slot for slots in calls for slot in slots), sorted(there))
+        for uid in [sender] + others:
+            [entry] = yield self.store.fetch(uid, 0, 10)
+            self.assertEqual(
+                (entry.seq, entry.message.id), (delivery.seqs[uid], delivery.message.id)
+            )
+        del calls[:]
+        again = yield self.store.deliver(sender, "m1", text("hi", others[0]), others, T0)
+        self.assertTrue(again.duplicate)
+        self.assertEqual(sorted(slot for slots in calls for slot in slots), sorted(there))
+        for uid in others:
+            self.assertEqual(len((yield self.store.fetch(uid, 0, 10))), 1)
+
+    @inlineCallbacks
+    def test_appendRefused(self):
+        """
+        When the gate's slot map puts on one primary slots another serves
+        (it is stale), the script refuses before writing anything, and each
+        slot gets a call of its own, routed by its keys: every inbox gets
+        exactly one entry, with the seqs answered.
+        """
+        sender, *others = self.manySlots(12)
+        self.patch(
+            self.connection, "addressOf", lambda slot, real=self.connection.addressOf: real(0)
+        )
+        calls = self.recordAppends()
+        delivery = yield self.store.deliver(sender, "m1", text("hi", others[0]), others, T0)
+        slots = sorted({userSlot(uid) for uid in others} - {userSlot(sender)})
+        self.assertEqual(sorted(calls[0]), slots)
+        self.assertEqual(sorted(calls[1:]), [[slot] for slot in slots])
+        for uid in [sender] + others:
+            [entry] = yield self.store.fetch(uid, 0, 10)
+            self.assertEqual(
+                (entry.seq, entry.message.id), (delivery.seqs[uid], delivery.message.id)
+            )
+            self.assertEqual((yield self.store.head(uid)), delivery.seqs[uid])
 
     @inlineCallbacks
     def test_keyLayout(self):

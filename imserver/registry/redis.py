@@ -54,7 +54,12 @@ both modes (only C{live()} differs, L{_liveFunction}).  Keys::
     it is dead for good).  So a stale view never deletes a live entry; it
     keeps a dead gate's entries live for up to one refresh interval more
     than with one Redis (the lease's time to live plus one interval).
-  - Lookups and re-registration: by slot, in chunks, all at once.
+  - Lookups: by primary (in the slot map), in chunks, all at once: one
+    key declared (it routes the call), the others passed as arguments and
+    read by the script, which Redis allows for keys of other slots served
+    by the same node.  A key the node refuses (its slot moved or is
+    migrating) is answered "ask its own slot" and looked up on its own.
+  - Re-registration: by slot, in chunks, all at once.
 """
 
 import os
@@ -87,6 +92,37 @@ CLUSTER_LEASES_KEY = "im:" + GATES_TAG + ":leases"
 #: (taken after the view was read): it covers the clock difference between
 #: the gates slot's primary and the replica that replaces it.
 CLOCK_MARGIN_US = 1000000
+
+#: Cluster mode: KEYS: the first user's sessions (it routes the call).
+#: ARGV: how many other users' sessions keys, those keys (of slots served
+#: by the same primary), then the view.  Returns, per key, as L{_LOOKUP},
+#: or 0 for a key this node refused (not served here, or migrating).
+_CLUSTER_LOOKUP = """
+local keys = {KEYS[1]}
+for k = 2, tonumber(ARGV[1]) + 1 do
+  keys[k] = ARGV[k]
+end
+local out = {}
+for k = 1, #keys do
+  local entries = redis.pcall('HGETALL', keys[k])
+  if entries.err then
+    out[k] = 0
+  else
+    local found = {}
+    for i = 1, #entries, 2 do
+      local v = entries[i + 1]
+      if live(v) then
+        found[#found + 1] = entries[i]
+        found[#found + 1] = v
+      else
+        redis.call('HDEL', keys[k], entries[i])
+      end
+    end
+    out[k] = found
+  end
+end
+return out
+"""
 
 #: Users per lookup script (a group's members are looked up in chunks).
 LOOKUP_CHUNK = 1000
@@ -419,7 +455,9 @@ class RedisSessionRegistry:
         live = _liveFunction(cluster)
         self._register = connection.script(live + _REGISTER, "registry.register")
         self._unregister = connection.script(_UNREGISTER, "registry.unregister")
-        self._lookup = connection.script(live + _LOOKUP, "registry.lookup")
+        self._lookup = connection.script(
+            live + (_CLUSTER_LOOKUP if cluster else _LOOKUP), "registry.lookup"
+        )
         self._restore = connection.script(live + _RESTORE, "registry.restore")
         self._withdraw = connection.script(_WITHDRAW, "registry.withdraw")
         if cluster:
@@ -575,13 +613,17 @@ class RedisSessionRegistry:
         uids = list(dict.fromkeys(uids))
         if not uids:
             return succeed({})
+        if self.cluster:
+            groups = self._byPrimary(uids)
+        else:
+            groups = [uids]
         chunks = [
             group[i : i + LOOKUP_CHUNK]
-            for group in self._shards(uids, lambda uid: uid)
+            for group in groups
             for i in range(0, len(group), LOOKUP_CHUNK)
         ]
         view = self._viewArgs()
-        ds = [self._lookup([sessionsKey(uid) for uid in chunk], view) for chunk in chunks]
+        ds = [self._lookupChunk(chunk, view) for chunk in chunks]
 
         def found(replies):
             result = {}
@@ -601,6 +643,49 @@ class RedisSessionRegistry:
         return gatherResults(ds, consumeErrors=True).addCallbacks(
             found, lambda failure: failure.value.subFailure
         )
+
+    def _byPrimary(self, uids):
+        """
+        Cluster mode: C{uids} grouped by the primary of their sessions'
+        slot in the slot map, each group in their order.
+        """
+        groups = {}
+        addressOf = self.connection.addressOf
+        for uid in uids:
+            slot = keySlot(sessionsKey(uid))
+            groups.setdefault(addressOf(slot) or slot, []).append(uid)
+        return list(groups.values())
+
+    def _lookupChunk(self, chunk, view):
+        """
+        The lookup script for the users of C{chunk}: with one Redis, all
+        keys declared; on a cluster, one call on the primary of the first
+        (L{_CLUSTER_LOOKUP}), and a call of its own for each user whose
+        key that node refused.
+
+        @return: a L{Deferred} firing with the entries per user of C{chunk}.
+        """
+        keys = [sessionsKey(uid) for uid in chunk]
+        if not self.cluster:
+            return self._lookup(keys, view)
+
+        def done(reply):
+            refused = [i for i, entries in enumerate(reply) if entries == 0]
+            if not refused:
+                return reply
+
+            def alone(replies):
+                for i, entries in zip(refused, replies):
+                    if entries[0] == 0:
+                        raise RedisUnavailable("{} refused its own key".format(keys[i]))
+                    reply[i] = entries[0]
+                return reply
+
+            return gatherResults(
+                [self._lookup([keys[i]], ["0"] + view) for i in refused], consumeErrors=True
+            ).addCallbacks(alone, lambda failure: failure.value.subFailure)
+
+        return self._lookup(keys[:1], ["%d" % (len(keys) - 1,)] + keys[1:] + view).addCallback(done)
 
     def count(self):
         return succeed(sum(1 for local in self._local.values() if local.entry is not None))

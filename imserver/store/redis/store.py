@@ -784,13 +784,14 @@ class RedisMessageStore:
         bySlot = {}
         for uid in there:
             bySlot.setdefault(userSlot(uid), []).append(uid)
-        appends = [self._append(slot, stored, data, uids) for slot, uids in bySlot.items()]
+        appends = [self._append(slots, stored, data, bySlot) for slots in self._byPrimary(bySlot)]
 
         def appended(results):
             fresh = senderSeq is None
-            for kind, packed in results:
-                fresh = fresh or kind == b"ok"
-                seqs.update(_seqs(packed))
+            for replies in results:
+                for kind, packed in replies:
+                    fresh = fresh or kind == b"ok"
+                    seqs.update(_seqs(packed))
             if fresh:
                 outcome = Delivery(stored, {uid: seqs[uid] for uid in order}, False)
             else:
@@ -801,16 +802,55 @@ class RedisMessageStore:
 
         return _all(appends).addCallback(appended)
 
-    def _append(self, slot, stored, data, uids):
-        keys, body, _ = self._slotArgs(slot, stored.id)
-        keys += [appliedKey(slot, stored.id), body, slotKey(slot, "bodies")]
+    def _byPrimary(self, slots):
+        """
+        C{slots} grouped by the primary serving them in the slot map, each
+        group in their order: one call per primary (a slot the map does
+        not place yet goes alone, and its call fails as it would).
+        """
+        groups = {}
+        for slot in slots:
+            groups.setdefault(self.connection.addressOf(slot) or slot, []).append(slot)
+        return list(groups.values())
+
+    def _append(self, slots, stored, data, bySlot):
+        """
+        C{deliverAppend.lua} on the primary of C{slots}, for the
+        recipients C{bySlot[slot]} of each: one call.  If the script finds
+        a slot not (or no longer) served there, it writes nothing, and each
+        slot gets a call of its own, routed by its own keys (C{MOVED} and
+        C{ASK} followed).
+
+        @return: a L{Deferred} firing with C{[(kind, packed)]}, per slot.
+        """
+        keys = None
         args = self._deliverArgs(stored.sender, stored.created_ms, stored.id, data)
-        for uid in uids:
-            args += [uid, tagHex(uid)]
+        for slot in slots:
+            slotKeys, body, _ = self._slotArgs(slot, stored.id)
+            slotKeys += [appliedKey(slot, stored.id), body, slotKey(slot, "bodies")]
+            if keys is None:
+                keys = slotKeys
+            uids = bySlot[slot]
+            args += slotKeys
+            args.append("%d" % (len(uids),))
+            for uid in uids:
+                args += [uid, tagHex(uid)]
 
         def done(reply):
-            self._observe(reply, slot)
-            return reply[0], reply[3]
+            if reply[0] == b"moved":
+                self.log.debug(
+                    "slot {slot} is not on the primary of slot {first} any more: one call per slot",
+                    slot=slots[int(reply[1]) - 1],
+                    first=slots[0],
+                )
+                return _all(
+                    [self._append([slot], stored, data, bySlot) for slot in slots]
+                ).addCallback(lambda results: [r for replies in results for r in replies])
+            out = []
+            for slot, (kind, epoch, status, packed) in zip(slots, reply):
+                self._observe((kind, epoch, status), slot)
+                out.append((kind, packed))
+            return out
 
         return self._deliverAppend(keys, args).addCallback(done)
 
