@@ -2252,6 +2252,37 @@ class RedisClusterStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
             self.assertEqual((yield self.store.head(uid)), delivery.seqs[uid])
 
     @inlineCallbacks
+    def test_ackPerPrimary(self):
+        """
+        Cursors of users of many slots are written with one C{ack.lua} call
+        per primary; with a stale slot map (every slot placed on one
+        primary) the cursors that node refuses are written again, each on
+        its own: every cursor is written, once counted.
+        """
+        uids = self.manySlots(30)
+        calls = []
+        ack = self.store._ack
+
+        def recording(keys, args):
+            calls.append(len(args) // 3)
+            return ack(keys, args)
+
+        self.store._ack = recording
+        written = yield self.store.ack([(uid, "d", 5) for uid in uids], T0)
+        self.assertEqual(written, 30)
+        primaries = [self.connection.addressOf(userSlot(uid)) for uid in uids]
+        self.assertEqual(sorted(calls), sorted(primaries.count(a) for a in set(primaries)))
+        del calls[:]
+        first = self.connection.addressOf(0)
+        self.patch(self.connection, "addressOf", lambda slot: first)
+        written = yield self.store.ack([(uid, "d", 7) for uid in uids], T0)
+        self.assertEqual(written, 30)
+        # The call goes to the primary of the first user's key (it routes).
+        self.assertEqual(calls, [30] + [1] * (30 - primaries.count(primaries[0])))
+        for uid in uids:
+            self.assertEqual((yield self.store.cursor(uid, "d")), 7)
+
+    @inlineCallbacks
     def test_keyLayout(self):
         """
         The keys: the user and group keys as on one Redis, the seq floor,

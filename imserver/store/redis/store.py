@@ -914,22 +914,48 @@ class RedisMessageStore:
             args += [tagHex(uid), deviceId, "%d" % (max(0, seq),)]
         if len(args) == 1:
             return succeed(0)
-        return self._ack([], args)
+        return self._ack([], args).addCallback(lambda reply: reply[0])
 
     def _ackCluster(self, cursors, nowMs):
         """
-        L{ack} on a cluster: one C{ack.lua} per slot, in parallel, each
-        given a key of its slot to be routed there.
+        L{ack} on a cluster: one C{ack.lua} per primary (by the slot map),
+        in parallel, each given a key of its first user's slot to be routed
+        there; the cursors a node refused (their slot is not, or no longer,
+        served there) are written again, each routed by its own key.
         """
-        bySlot = {}
+        byPrimary = {}
         for uid, deviceId, seq in cursors:
-            keys, args = bySlot.setdefault(
-                userSlot(uid), ([userKey(uid, "cursors")], ["%d" % (nowMs,)])
+            slot = userSlot(uid)
+            byPrimary.setdefault(self.connection.addressOf(slot) or slot, []).append(
+                (uid, deviceId, seq)
             )
-            args += [tagHex(uid), deviceId, "%d" % (max(0, seq),)]
-        if not bySlot:
+        if not byPrimary:
             return succeed(0)
-        return _all([self._ack(keys, args) for keys, args in bySlot.values()]).addCallback(sum)
+        return _all([self._ackOn(triples, nowMs) for triples in byPrimary.values()]).addCallback(
+            sum
+        )
+
+    def _ackOn(self, triples, nowMs):
+        """
+        C{ack.lua} for C{triples} (C{(uid, deviceId, seq)}), routed by the
+        first user's key; each triple the node refused, again on its own.
+
+        @return: a L{Deferred} firing with the number of cursors written.
+        """
+        args = ["%d" % (nowMs,)]
+        for uid, deviceId, seq in triples:
+            args += [tagHex(uid), deviceId, "%d" % (max(0, seq),)]
+
+        def done(reply):
+            refused = [triples[int(n) - 1] for n in reply[1:]]
+            if not refused:
+                return reply[0]
+            if len(triples) == 1:
+                raise RedisUnavailable("the primary of {} refused its key".format(triples[0][0]))
+            alone = _all([self._ackOn([triple], nowMs) for triple in refused])
+            return alone.addCallback(lambda counts: reply[0] + sum(counts))
+
+        return self._ack([userKey(triples[0][0], "cursors")], args).addCallback(done)
 
     def cursor(self, uid, deviceId):
         def done(value):
