@@ -438,11 +438,25 @@ RETRYABLE_ERRORS = frozenset(
 )
 
 
+#: The error of a Redis Cluster node when a script touches a key of a slot
+#: it does not serve (the slot moved, or is migrating and the key is gone):
+#: not run here, or not completed; retryable as L{RETRYABLE_ERRORS}.
+NON_LOCAL_KEY = "ERR Script attempted to access a non local key"
+
+
+def retryableError(message):
+    """
+    @return: whether the error reply C{message} says "not now" (see
+        L{RETRYABLE_ERRORS}, L{NON_LOCAL_KEY}).
+    """
+    return message.split(" ", 1)[0] in RETRYABLE_ERRORS or message.startswith(NON_LOCAL_KEY)
+
+
 def _unavailable(failure):
     error = failure.trap(txredisapi.ConnectionError, txredisapi.ResponseError)
     if error is txredisapi.ResponseError:
         message = str(failure.value)
-        if message.split(" ", 1)[0] not in RETRYABLE_ERRORS:
+        if not retryableError(message):
             return failure
         raise RedisUnavailable("Redis refused: {}".format(message))
     # A lost connection; TimeoutError (no reply in time) is one too.
@@ -519,9 +533,10 @@ class CommandStats:
 def _failureKind(failure):
     if not failure.check(txredisapi.ResponseError):
         return "unavailable"
-    code = str(failure.value).split(" ", 1)[0]
-    if code in RETRYABLE_ERRORS:
+    message = str(failure.value)
+    if retryableError(message):
         return "unavailable"
+    code = message.split(" ", 1)[0]
     return "noscript" if code == "NOSCRIPT" else "error"
 
 

@@ -91,21 +91,26 @@ class RetryableErrorTests(SynchronousTestCase):
     def test_retryableErrors(self):
         """
         Redis's "not now" refusals (loading its data after a restart, busy,
-        out of memory, a read-only replica) become L{RedisUnavailable};
-        other errors stay what they are.
+        out of memory, a read-only replica, a script touching a key of a
+        slot its cluster node does not serve now) become
+        L{RedisUnavailable}; other errors stay what they are.
         """
         for message in [
             "LOADING Redis is loading the dataset in memory",
             "BUSY Redis is busy running a script",
             "OOM command not allowed",
             "READONLY You can't write against a read only replica.",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "ERR Script attempted to access a non local key in a cluster node script: 2e, on"
+            " @user_script:47.",
         ]:
             self.failureResultOf(
                 fail(ResponseError(message)).addErrback(_unavailable), RedisUnavailable
             )
-        self.failureResultOf(
-            fail(ResponseError("ERR syntax")).addErrback(_unavailable), ResponseError
-        )
+        for message in ["ERR syntax", "ERR Script attempted to call an unknown command"]:
+            self.failureResultOf(
+                fail(ResponseError(message)).addErrback(_unavailable), ResponseError
+            )
 
 
 class EncodeTests(SynchronousTestCase):
