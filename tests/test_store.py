@@ -41,7 +41,7 @@ from imserver.store import (
 )
 from imserver.store.memory import MemoryMessageStore
 from imserver.store.redis import RedisMessageStore
-from imserver.store.redis.keys import groupKey, slotTag, userKey, userSlot
+from imserver.store.redis.keys import groupKey, slotBodyPrefix, slotTag, userKey, userSlot
 from imserver.store.sqlite import ADDED_TABLES, SQLiteMessageStore, StoreClosed
 from imserver.webhooks.events import (
     GROUP_CHANGED,
@@ -2281,6 +2281,62 @@ class RedisClusterStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         self.assertEqual(calls, [30] + [1] * (30 - primaries.count(primaries[0])))
         for uid in uids:
             self.assertEqual((yield self.store.cursor(uid, "d")), 7)
+
+    @inlineCallbacks
+    def test_fetchDuringMigration(self):
+        """
+        While a user's slot migrates, with their inbox on the target and a
+        body not moved yet, a fetch fails with L{RedisUnavailable} (the
+        session retries) rather than answering without that entry; once
+        every key is moved, it answers the entry.
+        """
+        alice, bob, _ = self.spread()
+        delivery = yield self.store.deliver(alice, "m1", text("hi", bob), [bob], T0)
+        slot = userSlot(bob)
+        source = yield self.cluster.ownerOf(slot)
+        target = next(node for node in self.cluster.nodes[:3] if node is not source)
+        yield self.cluster.beginMigration(slot, source, target)
+        body = slotBodyPrefix(slot) + "%d" % (delivery.message.id,)
+        keys = [key for key in (yield self.allKeys()) if keySlot(key) == slot]
+        self.assertIn(body, keys)
+        yield self.cluster.moveKeys(slot, source, target, [k for k in keys if k != body])
+        yield self.assertFailure(self.store.fetch(bob, 0, 10), RedisUnavailable)
+        yield self.cluster.moveKeys(slot, source, target, [body])
+        yield self.cluster.endMigration(slot, target)
+        [entry] = yield self.store.fetch(bob, 0, 10)
+        self.assertEqual((entry.seq, entry.message.id), (delivery.seqs[bob], delivery.message.id))
+
+    @inlineCallbacks
+    def test_deliverDuringMigration(self):
+        """
+        While a recipient's slot migrates, with every key of it on the
+        target but the recipient's head, a deliver fails with
+        L{RedisUnavailable} (Redis refuses the script on both nodes: it
+        declares new keys, the body and the applied record, and a migrating
+        slot serves a call only with all its keys) rather than taking a seq
+        without the head; once the head
+        is moved too, the retry appends a higher seq (higher by more than
+        one: the slot's run id is now another primary's, which raises its
+        floor).
+        """
+        alice, bob, _ = self.spread()
+        first = yield self.store.deliver(alice, "m1", text("hi", bob), [bob], T0)
+        slot = userSlot(bob)
+        source = yield self.cluster.ownerOf(slot)
+        target = next(node for node in self.cluster.nodes[:3] if node is not source)
+        yield self.cluster.beginMigration(slot, source, target)
+        head = userKey(bob, "head")
+        keys = [key for key in (yield self.allKeys()) if keySlot(key) == slot]
+        self.assertIn(head, keys)
+        yield self.cluster.moveKeys(slot, source, target, [k for k in keys if k != head])
+        send = partial(self.store.deliver, alice, "m2", text("again", bob), [bob], T0)
+        yield self.assertFailure(send(), RedisUnavailable)
+        yield self.cluster.moveKeys(slot, source, target, [head])
+        yield self.cluster.endMigration(slot, target)
+        second = yield send()
+        self.assertGreater(second.seqs[bob], first.seqs[bob])
+        entries = yield self.store.fetch(bob, 0, 10)
+        self.assertEqual([e.seq for e in entries], [first.seqs[bob], second.seqs[bob]])
 
     @inlineCallbacks
     def test_keyLayout(self):

@@ -892,7 +892,7 @@ class RedisMessageStore:
         args = ["%d" % (afterSeq,), "%d" % (limit,)]
         if self.cluster:
             keys[1] = slotKey(slot, "epoch")
-            args.append(slotBodyPrefix(slot))
+            args += [slotBodyPrefix(slot), slotKey(slot, "bodies")]
         return self._fetch(keys, args).addCallback(done)
 
     def head(self, uid):

@@ -6,6 +6,9 @@
 --       of the message, 5 body key of the message, 6 bodies index.  Only
 --       these are declared (the declared keys of a call on a cluster must
 --       be of one slot, and route it); the other slots' keys are in ARGV.
+--       The body and the applied record are new keys: while that slot
+--       migrates, Redis refuses the call (ASK, then TRYAGAIN on the target)
+--       until all of the slot's keys are moved.
 -- ARGV: 1 sender, 2 now ms, 3 dedup window ms, 4 floor from the gate's
 --       clock, 5 a new epoch id, 6 message id, 7 body, 8 body TTL ms or '',
 --       then per slot, the first included: its 6 keys (as KEYS above), the
