@@ -300,9 +300,15 @@ class GateSession(RPCDispatcher, ClosesWithError):
         """
         if not self._closing:
             self._closing = True
+            self._cancelFetchRetry()
             self.factory.connectionClosing(self)
             self._leaveRegistry()
             self.channel.close()
+
+    def _cancelFetchRetry(self) -> None:
+        if self._fetchRetry is not None and self._fetchRetry.active():
+            self._fetchRetry.cancel()
+        self._fetchRetry = None
 
     def connectionLost(self, reason: "Failure") -> None:
         """
@@ -312,9 +318,7 @@ class GateSession(RPCDispatcher, ClosesWithError):
         if self._authTimer is not None and self._authTimer.active():
             self._authTimer.cancel()
         self._authTimer = None
-        if self._fetchRetry is not None and self._fetchRetry.active():
-            self._fetchRetry.cancel()
-        self._fetchRetry = None
+        self._cancelFetchRetry()
         self._leaveRegistry()
         RPCDispatcher.connectionLost(self, reason)
         self.factory.connectionClosed(self)

@@ -6,6 +6,8 @@ gap and no repeat, idempotent send, sync, typing.
 """
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from imserver.errors import Unavailable
@@ -210,6 +212,24 @@ class WindowTests(SynchronousTestCase):
         store.fetch = fetch
         self.gate.clock.advance(FETCH_RETRY_DELAY)
         self.assertEqual([e.seq for e in pushes(written(bobT))], [4, 5])
+
+    def test_fetchFailsAfterConnectionLost(self):
+        """
+        A fetch in flight when the connection is lost, refused with
+        C{UNAVAILABLE} afterwards, leaves no retry behind.
+        """
+        store = self.gate.store
+        bob, bobT, _, _ = self.gate.login("bob")
+        for i in range(5):
+            self.gate.send(self.alice, "bob", str(i))
+        written(bobT)
+        pending = Deferred()
+        store.fetch = lambda *args: pending
+        self.gate.ack(bob, 3)
+        bobT.loseConnection()
+        bob.connectionLost(Failure(ConnectionDone()))
+        pending.errback(Unavailable("redis is down"))
+        self.assertEqual(self.gate.clock.getDelayedCalls(), [])
 
     def test_ackBeyondPushed(self):
         """
