@@ -12,7 +12,7 @@ import sys
 import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.filepath import FilePath
@@ -45,6 +45,9 @@ URL = "redis://gate:s3cret@127.0.0.1:6390/0"
 RECOVERY = 5.0
 #: Seconds a message has to arrive.
 DEADLINE = 5.0
+#: test_reshardRange: the slots moved, and a bound on the sends per pair.
+RESHARD_SLOTS = 200
+RESHARD_MAX_SENDS = 2000
 #: Seconds between two tries while a gate recovers from an outage.
 RETRY_INTERVAL = 0.05
 
@@ -801,6 +804,107 @@ class RedisClusterGatesTests(GatesMixin, TestCase):
         self.assertIsNone(sender.kicked)
         yield sender.ping()
         yield receiver.ping()
+
+    @inlineCallbacks
+    def test_reshardRange(self):
+        """
+        A range of slots resharded by C{redis-cli --cluster reshard} from
+        one primary to another while messages flow between users whose
+        keys are in that range and users elsewhere, across gates; senders
+        retry C{UNAVAILABLE} with the same id, as clients do.  Every
+        message arrives once, in order, with rising seqs; the slots end on
+        the target, and the gates followed C{MOVED}.
+        """
+        from imserver.store.redis.keys import userSlot
+
+        infos = yield self.server.clusterNodes(self.server.nodes[0])
+        owners = {info.port: info for info in infos if "master" in info.flags and info.slots}
+        source = yield self.server.ownerOf(0)
+        target = next(node for node in self.server.nodes[:3] if node is not source)
+        count = RESHARD_SLOTS
+        moved = range(owners[source.port].slots[0][0], owners[source.port].slots[0][0] + count)
+        inRange, elsewhere, n = [], [], 0
+        while len(inRange) < 3 or len(elsewhere) < 3:
+            uid = "r%d" % (n,)
+            (inRange if userSlot(uid) in moved else elsewhere).append(uid)
+            n += 1
+        pairs = [
+            (elsewhere[0], inRange[0]),
+            (inRange[1], elsewhere[1]),
+            (inRange[2], inRange[0]),
+            (elsewhere[2], inRange[1]),
+        ]
+        clients = {}
+        for i, uid in enumerate(inRange[:3] + elsewhere[:3]):
+            clients[uid] = yield self.connect(self.gates[i % 3], uid)
+        sent = {pair: 0 for pair in pairs}
+        unavailable = []
+        resharding = self.server.run(
+            [
+                "--cluster",
+                "reshard",
+                "127.0.0.1:{}".format(source.port),
+                "--cluster-from",
+                source.nodeId,
+                "--cluster-to",
+                target.nodeId,
+                "--cluster-slots",
+                count,
+                "--cluster-yes",
+            ]
+        )
+        done = []
+        resharding.addBoth(done.append)
+
+        @inlineCallbacks
+        def sendUntilDone(pair):
+            sender, recipient = pair
+            while (not done or sent[pair] < 20) and sent[pair] < RESHARD_MAX_SENDS:
+                body = b"%s>%s %d" % (sender.encode(), recipient.encode(), sent[pair])
+                msgId = "%s-%d" % (recipient, sent[pair])
+                try:
+                    yield clients[sender].send(recipient, body, msgId)
+                except RemoteError as e:
+                    self.assertEqual(e.code, pb.UNAVAILABLE, e)
+                    unavailable.append(e)
+                    yield deferLater(reactor, 0.05, lambda: None)
+                    continue
+                sent[pair] += 1
+
+        yield gatherResults([sendUntilDone(pair) for pair in pairs], consumeErrors=True)
+        # redis-cli's output, or its Failure.
+        self.assertIsInstance(done[0], str)
+        for slot in (moved[0], moved[-1]):
+            self.assertIs((yield self.server.ownerOf(slot)), target)
+
+        def received(recipient, sender):
+            prefix = sender.encode() + b">"
+            return [
+                e for e in self.messages(clients[recipient]) if e.message.body.startswith(prefix)
+            ]
+
+        yield self.changes.until(
+            lambda: all(len(received(r, s)) >= sent[(s, r)] for s, r in pairs),
+            DEADLINE,
+            "every message",
+        )
+        for sender, recipient in pairs:
+            bodies = [e.message.body for e in received(recipient, sender)]
+            self.assertEqual(
+                bodies,
+                [
+                    b"%s>%s %d" % (sender.encode(), recipient.encode(), k)
+                    for k in range(sent[(sender, recipient)])
+                ],
+            )
+        for uid, client in clients.items():
+            seqs = [e.seq for e in self.messages(client)]
+            self.assertEqual(seqs, sorted(set(seqs)), uid)
+        redirections = {"MOVED": 0, "ASK": 0}
+        for gate in self.gates:
+            for kind, n in gate.cluster.connection.redirections.items():
+                redirections[kind] += n
+        self.assertGreaterEqual(redirections["MOVED"], 1, (redirections, len(unavailable)))
 
     @inlineCallbacks
     def test_reshard(self):
