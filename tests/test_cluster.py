@@ -33,6 +33,7 @@ from imserver.service import AdvertiseService
 
 from tests.support import documentedMetrics, servedMetrics, startServer
 from tests.support.cluster import RedisTestMixin
+from tests.support.frames import connectRaw
 from tests.support.live import Changes, ConnectionWatch, withDeadline
 from tests.support.redis import whenConnected, whenDisconnected
 from tests.support.rediscluster import usersOnPrimaries
@@ -767,6 +768,56 @@ class RedisClusterGatesTests(GatesMixin, TestCase):
         yield newer.ping()
         # Nothing came twice meanwhile.
         self.assertTrue(everyone())
+
+    @inlineCallbacks
+    def test_rawClient(self):
+        """
+        A client written from docs/protocol.md alone (not ours), on a third
+        gate, pipelining a ping behind its auth (refused: not signed in
+        yet, as docs/protocol.md says): it gets a 1:1 message from a
+        user of another gate and primary, a group message, and a broadcast
+        made on another gate, each once; it acks late, after all of them,
+        and its ack is taken (the device's cursor).
+        """
+        (a1,), (b1,), (c1,) = usersOnPrimaries(self.primaries, 1)
+        ga, gb, gc = self.gates
+        sender = yield self.connect(ga, a1)
+        token = mintToken(self.secret, b1, 60, time.time())
+        raw = yield connectRaw(self, gc.port)
+        raw.onFrame = self.changes.changed
+        raw.send(1, "auth", pb.AuthRequest(uid=b1, token=token, device_id="raw"))
+        raw.send(2, "ping", pb.PingRequest())
+        answers = yield raw.responses(2)
+        # The ping came before the auth succeeded: refused, as documented.
+        self.assertEqual(
+            sorted((f.seq, f.error.code) for f in answers), [(1, 0), (2, pb.NOT_AUTHENTICATED)]
+        )
+        yield sender.send(b1, b"direct", "m1")
+        nowMs = int(time.time() * 1000)
+        yield ga.factory.groups.create("team", "Team", a1, nowMs)
+        yield ga.factory.groups.setMembers(
+            "team", [(b1, pb.ROLE_MEMBER), (c1, pb.ROLE_MEMBER)], nowMs
+        )
+        yield sender.send("", b"to the team", "g1", groupId="team")
+        yield gb.factory.broadcastAll(b"maintenance", "text/plain")
+        yield self.changes.until(
+            lambda: len(raw.notifications("message")) >= 2 and raw.notifications("notice"),
+            DEADLINE,
+            "the pushes at the raw client",
+        )
+        entries = [pb.InboxEntry.FromString(body) for body in raw.notifications("message")]
+        self.assertEqual([e.message.body for e in entries], [b"direct", b"to the team"])
+        self.assertLess(entries[0].seq, entries[1].seq)
+        [notice] = [pb.Notice.FromString(body) for body in raw.notifications("notice")]
+        self.assertEqual((notice.body, notice.content_type), (b"maintenance", "text/plain"))
+        raw.notify("ack", pb.Ack(seq=entries[1].seq))
+        raw.send(3, "ping", pb.PingRequest())
+        pong = (yield raw.responses(3))[2]
+        self.assertFalse(pong.HasField("error"))
+        self.assertEqual([f for f in raw.frames if f.kind == pb.ERROR], [])
+        yield gc.factory.flushCursors()
+        self.assertEqual((yield gc.factory.store.cursor(b1, "raw")), entries[1].seq)
+        self.assertEqual(len(raw.notifications("message")), 2)
 
     @inlineCallbacks
     def test_failover(self):

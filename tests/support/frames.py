@@ -44,6 +44,9 @@ class RawFrameClient(Protocol):
     comes back and tells when the gate closes the connection.
     """
 
+    #: Called (with no argument) after each read that parsed frames.
+    onFrame = None
+
     def __init__(self):
         self.buffer = b""
         self.frames = []
@@ -51,7 +54,17 @@ class RawFrameClient(Protocol):
         self._waiting = []
 
     def send(self, seq, method, message):
-        frame = pb.Frame(kind=pb.REQUEST, seq=seq, method=method, body=message.SerializeToString())
+        self._write(
+            pb.Frame(kind=pb.REQUEST, seq=seq, method=method, body=message.SerializeToString())
+        )
+
+    def notify(self, method, message):
+        """
+        Send the notification C{method} (C{ack}, C{typing}).
+        """
+        self._write(pb.Frame(kind=pb.NOTIFY, method=method, body=message.SerializeToString()))
+
+    def _write(self, frame):
         data = frame.SerializeToString()
         self.transport.write(struct.pack("!I", len(data)) + data)
 
@@ -63,6 +76,8 @@ class RawFrameClient(Protocol):
                 break
             self.frames.append(pb.Frame.FromString(self.buffer[4 : 4 + length]))
             self.buffer = self.buffer[4 + length :]
+        if data and self.onFrame is not None:
+            self.onFrame()
         answers = [f for f in self.frames if f.kind == pb.RESPONSE]
         for count, d in list(self._waiting):
             if len(answers) >= count:
@@ -78,6 +93,12 @@ class RawFrameClient(Protocol):
         self._waiting.append((count, d))
         self.dataReceived(b"")
         return d
+
+    def notifications(self, method):
+        """
+        @return: the bodies of the C{NOTIFY} frames named C{method} so far.
+        """
+        return [f.body for f in self.frames if f.kind == pb.NOTIFY and f.method == method]
 
     def connectionLost(self, reason):
         self.closed.callback(None)
@@ -95,6 +116,20 @@ def connectRawTLS(testCase, port, caFile):
         optionsForClientTLS("localhost", trustRoot),
         TCP4ClientEndpoint(reactor, "127.0.0.1", port),
     )
+    return _connectRaw(testCase, endpoint)
+
+
+def connectRaw(testCase, port):
+    """
+    Connect a L{RawFrameClient} to C{port} on 127.0.0.1 over plain TCP;
+    aborted at cleanup.
+
+    @return: a L{Deferred} firing with it.
+    """
+    return _connectRaw(testCase, TCP4ClientEndpoint(reactor, "127.0.0.1", port))
+
+
+def _connectRaw(testCase, endpoint):
     client = RawFrameClient()
 
     def connected(_):
