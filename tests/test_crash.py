@@ -96,6 +96,8 @@ MESSAGES = max(10000, _REQUESTED)
 CLUSTER_MESSAGES = max(10000, _REQUESTED)
 #: Gate processes in L{ClusterCrashTests}.
 CLUSTER_GATES = 3
+#: The share of the sends that go to a group, where the test has groups.
+GROUP_SHARE = 0.1
 #: Sends each user has awaiting an answer at most.
 IN_FLIGHT = 20
 #: A random client socket is aborted after about every this many acks.
@@ -253,6 +255,33 @@ def redisInboxes(url, uids):
     return inboxes
 
 
+@inlineCallbacks
+def createGroups(url, groups):
+    """
+    Create C{groups} (C{{group id: [member, ...]}}, the first the owner)
+    in the Redis (or cluster) at C{url}, through the store.
+    """
+    from imserver.redisclient import connectRedis
+    from imserver.rediscluster import ClusterURL, connectCluster, parseRedisURL
+    from imserver.store.redis import RedisMessageStore
+
+    parsed = parseRedisURL(url)
+    if isinstance(parsed, ClusterURL):
+        connection = connectCluster(reactor, parsed)
+    else:
+        connection = connectRedis(reactor, parsed)
+    try:
+        yield withDeadline(whenConnected(connection), START_DEADLINE, "connecting to Redis")
+        store = RedisMessageStore(connection, reactor)
+        nowMs = int(time.time() * 1000)
+        for groupId, members in groups.items():
+            yield store.createGroup(groupId, groupId, members[0], nowMs)
+            others = [(uid, pb.ROLE_MEMBER) for uid in members[1:]]
+            yield store.setMembers(groupId, others, len(members), nowMs)
+    finally:
+        yield connection.disconnect()
+
+
 def storedLost(history, inboxes):
     """
     The acknowledged messages the store no longer has: missing from the
@@ -270,7 +299,7 @@ def storedLost(history, inboxes):
         for sent in history.sends.values()
         if sent.response is not None
         and not (
-            (sent.response.message_id, False) in held.get(sent.to, ())
+            all((sent.response.message_id, False) in held.get(uid, ()) for uid in sent.recipients)
             and (sent.response.message_id, True) in held.get(sent.sender, ())
         )
     ]
@@ -287,6 +316,9 @@ class Sent:
     @ivar floorSeq: the highest seq in the sender's inbox acknowledged to
         it when this one was sent: this one's must be higher.
     @ivar response: the L{pb.SendResponse} once acknowledged.
+    @ivar groupId: for a group message (C{to} empty), the group.
+    @ivar members: for a group message, its recipients: the members but
+        the sender.
     """
 
     sender: str
@@ -297,6 +329,15 @@ class Sent:
     floorId: int
     floorSeq: int = 0
     response: object = None
+    groupId: str = ""
+    members: tuple = ()
+
+    @property
+    def recipients(self):
+        """
+        Who must get it: the members but the sender, or C{to}.
+        """
+        return self.members if self.groupId else (self.to,)
 
 
 @dataclass
@@ -380,6 +421,13 @@ class History:
         waiting.append((seq, d))
         return d
 
+    def expectedDeliveries(self):
+        """
+        How many deliveries the sends make: one per recipient (a group
+        message one per member but the sender).
+        """
+        return sum(len(sent.recipients) for sent in self.sends.values())
+
     def check(self, inboxes):
         """
         Check the history.
@@ -402,21 +450,22 @@ class History:
                 continue
             counts.acked += 1
             messageId = sent.response.message_id
-            if messageId not in incoming[sent.to]:
+            missing = [uid for uid in sent.recipients if messageId not in incoming[uid]]
+            for uid in missing:
                 counts.violation(
                     "lost",
                     "{} -> {} ({}, id {}) acked, not delivered".format(
-                        sent.sender, sent.to, sent.clientMsgId, messageId
+                        sent.sender, uid, sent.clientMsgId, messageId
                     ),
                 )
-            elif messageId not in outgoing[sent.sender]:
+            if not missing and messageId not in outgoing[sent.sender]:
                 counts.violation(
                     "lost",
                     "{} ({}, id {}) acked, missing from the sender's stream".format(
                         sent.sender, sent.clientMsgId, messageId
                     ),
                 )
-            elif outgoing[sent.sender][messageId] != sent.response.seq:
+            elif not missing and outgoing[sent.sender][messageId] != sent.response.seq:
                 counts.violation(
                     "reordered",
                     "{} ({}) acked with seq {}, delivered to the sender at seq {}".format(
@@ -472,13 +521,14 @@ class History:
                 continue
             stored[key] = message.id
             sent = self.sends.get(key)
-            owner = message.sender if entry.outgoing else message.recipient
-            if (
-                sent is None
-                or uid != owner
-                or sent.to != message.recipient
-                or sent.body != message.body
-            ):
+            if sent is not None and sent.groupId:
+                mine = uid == message.sender if entry.outgoing else uid in sent.members
+                asSent = message.group_id == sent.groupId and not message.recipient
+            else:
+                owner = message.sender if entry.outgoing else message.recipient
+                mine = uid == owner
+                asSent = sent is not None and sent.to == message.recipient
+            if sent is None or not mine or not asSent or sent.body != message.body:
                 counts.violation(
                     "unexpected",
                     "{} was not sent ({})".format(
@@ -530,13 +580,19 @@ class Workload:
     load.
     """
 
-    def __init__(self, history, rng, users, total, faults):
+    def __init__(self, history, rng, users, total, faults, groups=None, groupShare=0.0):
         """
         @param faults: C{(fraction, name, crash)}: when C{fraction} of
             C{total} are acknowledged, C{crash()} is called (no two at
             once), which returns a L{Deferred} firing with the downtime
             once the process it killed is back.
+        @param groups: C{{group id: [member, ...]}}, groups that exist
+            (none by default).
+        @param groupShare: the share of the sends of a member of a group
+            that go to one of its groups.
         """
+        self.groups = groups or {}
+        self.groupShare = groupShare
         self.history = history
         self.rng = rng
         self.users = users
@@ -638,7 +694,14 @@ class Workload:
     def _sendOne(self, uid):
         counter = self._sentCount[uid] = self._sentCount[uid] + 1
         self._sentTotal += 1
-        to = self.rng.choice([u for u in self.users if u != uid])
+        groupId, members = "", ()
+        mine = sorted(g for g, group in self.groups.items() if uid in group)
+        if mine and self.rng.random() < self.groupShare:
+            groupId = self.rng.choice(mine)
+            members = tuple(m for m in self.groups[groupId] if m != uid)
+            to = ""
+        else:
+            to = self.rng.choice([u for u in self.users if u != uid])
         clientMsgId = "{}-{}".format(uid, counter)
         sent = Sent(
             sender=uid,
@@ -648,10 +711,12 @@ class Workload:
             body="{}:{}:{}".format(uid, counter, clientMsgId).encode("ascii"),
             floorId=self._highestAckedId[uid],
             floorSeq=self._highestAckedSeq[uid],
+            groupId=groupId,
+            members=members,
         )
         self.history.recordSend(sent)
         self._inFlight[uid] += 1
-        d = self.clients[uid].send(to, sent.body, clientMsgId=clientMsgId)
+        d = self.clients[uid].send(to, sent.body, clientMsgId=clientMsgId, groupId=groupId)
         d.addCallbacks(self._acknowledged, self._sendFailed, (sent,), None, (sent,))
 
     def _acknowledged(self, response, sent):
@@ -918,7 +983,7 @@ class CrashTestMixin:
         total = workload.total
         self.assertEqual((counts.sent, counts.acked), (total, total))
         if not lossTolerated:
-            self.assertEqual(counts.delivered, total)
+            self.assertEqual(counts.delivered, history.expectedDeliveries())
         self.assertEqual(len(workload.downtimes), len(workload.faults))
         self.assertGreater(workload.drops, 0)
         if logged:
@@ -954,7 +1019,19 @@ class CrashTestMixin:
         return gates
 
     @inlineCallbacks
-    def runOnGates(self, gates, faults, others, history, readInboxes, started, seed, **kwargs):
+    def runOnGates(
+        self,
+        gates,
+        faults,
+        others,
+        history,
+        readInboxes,
+        started,
+        seed,
+        groups=None,
+        groupShare=0.0,
+        **kwargs,
+    ):
         """
         Start C{gates}, connect a client per user of C{history}, each to the
         next gate at every (re)connect, and run L{CLUSTER_MESSAGES} messages
@@ -967,6 +1044,8 @@ class CrashTestMixin:
             (with C{crash()}, C{kills} and C{output()}).
         @param readInboxes: called with no argument, returns (a L{Deferred}
             of) the C{inboxes} for L{History.check}.
+        @param groups: for the L{Workload}: the groups (created already).
+        @param groupShare: for the L{Workload}.
         @param kwargs: for L{runAndCheck}.
         @return: a L{Deferred} firing with the L{Counts}.
         """
@@ -982,6 +1061,8 @@ class CrashTestMixin:
             users,
             CLUSTER_MESSAGES,
             [(at, name, processes[name].crash) for at, name in named],
+            groups,
+            groupShare,
         )
         self.addCleanup(workload.stop)
         yield gatherResults([gate.start() for gate in gates])
@@ -1063,7 +1144,8 @@ class ClusterCrashTests(CrashTestMixin, TestCase):
     @inlineCallbacks
     def test_crash(self):
         """
-        L{CLUSTER_MESSAGES} messages among L{USERS} users connected to
+        L{CLUSTER_MESSAGES} messages among L{USERS} users (L{GROUP_SHARE} of
+        them to a group of all of them) connected to
         L{CLUSTER_GATES} gates sharing one C{redis-server}; each client
         connects to the next gate at every reconnect; client sockets are
         aborted about every L{DROP_INTERVAL} acks; each gate and Redis
@@ -1077,6 +1159,8 @@ class ClusterCrashTests(CrashTestMixin, TestCase):
         redis = CrashableRedis(RedisServer(self, reactor, appendfsync="always"))
         yield redis.server.start()
         users = ["user{}".format(i) for i in range(USERS)]
+        groups = {"crash-group": users}
+        yield createGroups(redis.server.url, groups)
         yield self.runOnGates(
             self.clusterGates(redis.server.url),
             CLUSTER_FAULTS,
@@ -1085,6 +1169,8 @@ class ClusterCrashTests(CrashTestMixin, TestCase):
             lambda: redisInboxes(redis.server.url, users),
             started,
             seed,
+            groups=groups,
+            groupShare=GROUP_SHARE,
         )
 
 
@@ -1105,7 +1191,8 @@ class RedisClusterCrashTests(CrashTestMixin, TestCase):
     def test_crash(self):
         """
         L{CLUSTER_MESSAGES} messages among L{USERS} users whose keys are on
-        all three primaries, connected to L{CLUSTER_GATES} gates with
+        all three primaries (L{GROUP_SHARE} of them to a group of all of
+        them), connected to L{CLUSTER_GATES} gates with
         C{--redis-wait-replicas 1}; each client connects to the next gate at
         every reconnect; client sockets are aborted about every
         L{DROP_INTERVAL} acks; each gate is killed with SIGKILL and
@@ -1149,6 +1236,9 @@ class RedisClusterCrashTests(CrashTestMixin, TestCase):
         users = [uid for together in zip(*perPrimary) for uid in together]
         primary = CrashablePrimary(cluster, keySlot("{" + userTag(users[0]) + "}"))
         history = History(users, idsOrdered=False)
+        # One group of every user (on all three primaries).
+        groups = {"crash-group": users}
+        yield createGroups(cluster.url, groups)
         yield self.runOnGates(
             self.clusterGates(cluster.url, ["--redis-wait-replicas", str(waitReplicas)]),
             REDIS_CLUSTER_FAULTS,
@@ -1157,8 +1247,11 @@ class RedisClusterCrashTests(CrashTestMixin, TestCase):
             lambda: redisInboxes(cluster.url, users),
             started,
             seed,
+            groups=groups,
+            groupShare=GROUP_SHARE,
             lossTolerated=not waitReplicas,
             summary=lambda inboxes: {
+                "group_sends": sum(1 for sent in history.sends.values() if sent.groupId),
                 "wait_replicas": waitReplicas,
                 "failovers": primary.failovers,
                 "stored_lost": len(storedLost(history, inboxes)) if inboxes else "?",
@@ -1246,6 +1339,62 @@ class HistoryCheckTests(SynchronousTestCase):
         counts = history.check({"alice": 2, "bob": 2})
         self.assertCounts(counts)
         self.assertEqual((counts.sent, counts.acked, counts.delivered), (2, 2, 2))
+
+    def groupHistory(self):
+        """
+        A history of one group message from alice to the group C{g} of
+        alice, bob and carol, acknowledged (id 3, alice's seq 1).
+        """
+        history = History(["alice", "bob", "carol"], idsOrdered=False)
+        history.recordSend(
+            Sent(
+                sender="alice",
+                to="",
+                counter=1,
+                clientMsgId="alice-1",
+                body=b"alice:1:alice-1",
+                floorId=0,
+                response=pb.SendResponse(message_id=3, seq=1),
+                groupId="g",
+                members=("bob", "carol"),
+            )
+        )
+        return history
+
+    def groupEntry(self, seq, outgoing=False):
+        entry = _entry(seq, 3, "alice", "", 1, outgoing)
+        entry.message.group_id = "g"
+        return entry
+
+    def test_groupClean(self):
+        """
+        A group message in every member's stream (the sender's as its
+        outgoing copy) is clean: one delivery per member but the sender.
+        """
+        history = self.groupHistory()
+        history.recordDelivery("alice", self.groupEntry(1, outgoing=True))
+        history.recordDelivery("bob", self.groupEntry(1))
+        history.recordDelivery("carol", self.groupEntry(1))
+        counts = history.check({"alice": 1, "bob": 1, "carol": 1})
+        self.assertCounts(counts)
+        self.assertEqual((counts.acked, counts.delivered), (1, 2))
+        self.assertEqual(history.expectedDeliveries(), 2)
+
+    def test_groupLostAtOneMember(self):
+        """
+        A group message missing from one member's stream is lost there;
+        one delivered to a user who is not a recipient is unexpected.
+        """
+        history = self.groupHistory()
+        history.recordDelivery("alice", self.groupEntry(1, outgoing=True))
+        history.recordDelivery("bob", self.groupEntry(1))
+        self.assertCounts(history.check({"alice": 1, "bob": 1}), lost=1)
+        outsider = self.groupHistory()
+        outsider.sends[("alice", "alice-1")].members = ("bob",)
+        outsider.recordDelivery("alice", self.groupEntry(1, outgoing=True))
+        outsider.recordDelivery("bob", self.groupEntry(1))
+        outsider.recordDelivery("carol", self.groupEntry(1))
+        self.assertCounts(outsider.check({"alice": 1, "bob": 1, "carol": 1}), unexpected=1)
 
     def test_lost(self):
         """
