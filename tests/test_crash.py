@@ -224,15 +224,12 @@ class CrashablePrimary:
 
 
 @inlineCallbacks
-def redisInboxes(url, uids):
+def _connected(url):
     """
-    Read the inboxes of C{uids} straight from Redis (one, or a cluster).
-
-    @param url: the C{redis://} URL (C{?cluster=yes} for a cluster).
-    @return: a L{Deferred} firing with C{{uid: {seq: (message id,
-        outgoing)}}}.
+    @return: a L{Deferred} firing with a connection to the Redis (or the
+        cluster) at C{url}, once connected.
     """
-    from imserver.redisclient import connectRedis, userKey
+    from imserver.redisclient import connectRedis
     from imserver.rediscluster import ClusterURL, connectCluster, parseRedisURL
 
     parsed = parseRedisURL(url)
@@ -242,6 +239,25 @@ def redisInboxes(url, uids):
         connection = connectRedis(reactor, parsed)
     try:
         yield withDeadline(whenConnected(connection), START_DEADLINE, "connecting to Redis")
+    except BaseException:
+        yield connection.disconnect()
+        raise
+    return connection
+
+
+@inlineCallbacks
+def redisInboxes(url, uids):
+    """
+    Read the inboxes of C{uids} straight from Redis (one, or a cluster).
+
+    @param url: the C{redis://} URL (C{?cluster=yes} for a cluster).
+    @return: a L{Deferred} firing with C{{uid: {seq: (message id,
+        outgoing)}}}.
+    """
+    from imserver.redisclient import userKey
+
+    connection = yield _connected(url)
+    try:
         inboxes = {}
         for uid in uids:
             members = yield connection.execute("ZRANGE", userKey(uid, "inbox"), 0, -1)
@@ -261,17 +277,10 @@ def createGroups(url, groups):
     Create C{groups} (C{{group id: [member, ...]}}, the first the owner)
     in the Redis (or cluster) at C{url}, through the store.
     """
-    from imserver.redisclient import connectRedis
-    from imserver.rediscluster import ClusterURL, connectCluster, parseRedisURL
     from imserver.store.redis import RedisMessageStore
 
-    parsed = parseRedisURL(url)
-    if isinstance(parsed, ClusterURL):
-        connection = connectCluster(reactor, parsed)
-    else:
-        connection = connectRedis(reactor, parsed)
+    connection = yield _connected(url)
     try:
-        yield withDeadline(whenConnected(connection), START_DEADLINE, "connecting to Redis")
         store = RedisMessageStore(connection, reactor)
         nowMs = int(time.time() * 1000)
         for groupId, members in groups.items():

@@ -2283,6 +2283,29 @@ class RedisClusterStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
             self.assertEqual((yield self.store.cursor(uid, "d")), 7)
 
     @inlineCallbacks
+    def migrateAllBut(self, slot, kept):
+        """
+        Begin moving C{slot} to another primary and move every key of it
+        but C{kept} (which must exist).
+
+        @return: a L{Deferred} firing with a callable that moves C{kept}
+            and ends the migration (returning a L{Deferred}).
+        """
+        source = yield self.cluster.ownerOf(slot)
+        target = next(node for node in self.cluster.nodes[:3] if node is not source)
+        yield self.cluster.beginMigration(slot, source, target)
+        keys = [key for key in (yield self.allKeys()) if keySlot(key) == slot]
+        self.assertIn(kept, keys)
+        yield self.cluster.moveKeys(slot, source, target, [k for k in keys if k != kept])
+
+        @inlineCallbacks
+        def finish():
+            yield self.cluster.moveKeys(slot, source, target, [kept])
+            yield self.cluster.endMigration(slot, target)
+
+        return finish
+
+    @inlineCallbacks
     def test_fetchDuringMigration(self):
         """
         While a user's slot migrates, with their inbox on the target and a
@@ -2293,16 +2316,10 @@ class RedisClusterStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         alice, bob, _ = self.spread()
         delivery = yield self.store.deliver(alice, "m1", text("hi", bob), [bob], T0)
         slot = userSlot(bob)
-        source = yield self.cluster.ownerOf(slot)
-        target = next(node for node in self.cluster.nodes[:3] if node is not source)
-        yield self.cluster.beginMigration(slot, source, target)
         body = slotBodyPrefix(slot) + "%d" % (delivery.message.id,)
-        keys = [key for key in (yield self.allKeys()) if keySlot(key) == slot]
-        self.assertIn(body, keys)
-        yield self.cluster.moveKeys(slot, source, target, [k for k in keys if k != body])
+        finish = yield self.migrateAllBut(slot, body)
         yield self.assertFailure(self.store.fetch(bob, 0, 10), RedisUnavailable)
-        yield self.cluster.moveKeys(slot, source, target, [body])
-        yield self.cluster.endMigration(slot, target)
+        yield finish()
         [entry] = yield self.store.fetch(bob, 0, 10)
         self.assertEqual((entry.seq, entry.message.id), (delivery.seqs[bob], delivery.message.id))
 
@@ -2321,18 +2338,10 @@ class RedisClusterStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         """
         alice, bob, _ = self.spread()
         first = yield self.store.deliver(alice, "m1", text("hi", bob), [bob], T0)
-        slot = userSlot(bob)
-        source = yield self.cluster.ownerOf(slot)
-        target = next(node for node in self.cluster.nodes[:3] if node is not source)
-        yield self.cluster.beginMigration(slot, source, target)
-        head = userKey(bob, "head")
-        keys = [key for key in (yield self.allKeys()) if keySlot(key) == slot]
-        self.assertIn(head, keys)
-        yield self.cluster.moveKeys(slot, source, target, [k for k in keys if k != head])
+        finish = yield self.migrateAllBut(userSlot(bob), userKey(bob, "head"))
         send = partial(self.store.deliver, alice, "m2", text("again", bob), [bob], T0)
         yield self.assertFailure(send(), RedisUnavailable)
-        yield self.cluster.moveKeys(slot, source, target, [head])
-        yield self.cluster.endMigration(slot, target)
+        yield finish()
         second = yield send()
         self.assertGreater(second.seqs[bob], first.seqs[bob])
         entries = yield self.store.fetch(bob, 0, 10)

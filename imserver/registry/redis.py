@@ -96,7 +96,9 @@ CLOCK_MARGIN_US = 1000000
 #: Cluster mode: KEYS: the first user's sessions (it routes the call).
 #: ARGV: how many other users' sessions keys, those keys (of slots served
 #: by the same primary), then the view.  Returns, per key, as L{_LOOKUP},
-#: or 0 for a key this node refused (not served here, or migrating).
+#: or 0 for a key this node refused (not served here, or migrating).  (Its
+#: loop is L{_LOOKUP}'s: that one is kept byte for byte, the script one
+#: Redis has always run, see the registry tests' C{SINGLE_REDIS_SCRIPTS}.)
 _CLUSTER_LOOKUP = """
 local keys = {KEYS[1]}
 for k = 2, tonumber(ARGV[1]) + 1 do
