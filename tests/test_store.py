@@ -40,7 +40,7 @@ from imserver.store import (
     OutboxFullLog,
 )
 from imserver.store.memory import MemoryMessageStore
-from imserver.store.redis import RedisMessageStore
+from imserver.store.redis import RedisMessageStore, store as redisStoreModule
 from imserver.store.redis.keys import groupKey, slotBodyPrefix, slotTag, userKey, userSlot
 from imserver.store.sqlite import ADDED_TABLES, SQLiteMessageStore, StoreClosed
 from imserver.webhooks.events import (
@@ -2204,17 +2204,23 @@ class RedisClusterStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
     def test_appendPerPrimary(self):
         """
         A message to users of many slots is appended with one script call
-        per other primary, carrying every slot of that primary; each inbox
-        gets its one entry; a retry of that call finds every slot applied.
+        per other primary, carrying every slot of that primary (those of
+        the sender's primary go with the begin script, up to
+        C{BEGIN_APPEND_LIMIT} recipients); each inbox gets its one entry; a
+        retry finds every slot applied.
         """
         sender, *others = self.manySlots(40)
         calls = self.recordAppends()
         delivery = yield self.store.deliver(sender, "m1", text("hi", others[0]), others, T0)
         there = {userSlot(uid) for uid in others} - {userSlot(sender)}
-        self.assertEqual(len(calls), len({self.connection.addressOf(slot) for slot in there}))
+        # The sender's primary's other slots go with the begin script.
+        senderPrimary = self.connection.addressOf(userSlot(sender))
+        elsewhere = {slot for slot in there if self.connection.addressOf(slot) != senderPrimary}
+        self.assertLess(len(elsewhere), len(there))
+        self.assertEqual(len(calls), len({self.connection.addressOf(slot) for slot in elsewhere}))
         for slots in calls:
             self.assertEqual(len({self.connection.addressOf(slot) for slot in slots}), 1)
-        self.assertEqual(sorted(slot for slots in calls for slot in slots), sorted(there))
+        self.assertEqual(sorted(slot for slots in calls for slot in slots), sorted(elsewhere))
         for uid in [sender] + others:
             [entry] = yield self.store.fetch(uid, 0, 10)
             self.assertEqual(
@@ -2226,22 +2232,42 @@ class RedisClusterStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         self.assertEqual(sorted(slot for slots in calls for slot in slots), sorted(there))
         for uid in others:
             self.assertEqual(len((yield self.store.fetch(uid, 0, 10))), 1)
+        # Beyond BEGIN_APPEND_LIMIT recipients, every other slot is
+        # appended in parallel, none by the begin.
+        self.patch(redisStoreModule, "BEGIN_APPEND_LIMIT", len(others) - 1)
+        del calls[:]
+        yield self.store.deliver(sender, "m2", text("hi", others[0]), others, T0)
+        self.assertEqual(sorted(slot for slots in calls for slot in slots), sorted(there))
 
     @inlineCallbacks
     def test_appendRefused(self):
         """
         When the gate's slot map puts on one primary slots another serves
-        (it is stale), the script refuses before writing anything, and each
-        slot gets a call of its own, routed by its keys: every inbox gets
-        exactly one entry, with the seqs answered.
+        (it is stale), the scripts refuse before writing anything (the
+        begin is sent again without the other slots, the append splits into
+        a call per slot, routed by its keys): every inbox gets exactly one
+        entry, with the seqs answered.
         """
         sender, *others = self.manySlots(12)
         self.patch(
             self.connection, "addressOf", lambda slot, real=self.connection.addressOf: real(0)
         )
         calls = self.recordAppends()
+        begins = []
+        begin = self.store._deliverBegin
+
+        def recording(keys, args):
+            begins.append(len(args) - 12 - int(args[11]))
+            return begin(keys, args)
+
+        self.store._deliverBegin = recording
         delivery = yield self.store.deliver(sender, "m1", text("hi", others[0]), others, T0)
         slots = sorted({userSlot(uid) for uid in others} - {userSlot(sender)})
+        # The begin with the other slots of "its primary" (all of them, by
+        # the stale map), refused; again alone; then the appends.
+        self.assertEqual(len(begins), 2)
+        self.assertGreater(begins[0], 0)
+        self.assertEqual(begins[1], 0)
         self.assertEqual(sorted(calls[0]), slots)
         self.assertEqual(sorted(calls[1:]), [[slot] for slot in slots])
         for uid in [sender] + others:

@@ -101,6 +101,13 @@ REMOVE_CHUNK = 1000
 #: The outbox keys passed to the scripts that record events.
 _OUTBOX_KEYS = [OUTBOX_KEY, OUTBOX_LAST_KEY, OUTBOX_STORE_KEY]
 
+#: Cluster mode: a message to at most this many recipients outside the
+#: sender's slot has those of the sender's primary appended by the begin
+#: script (one round trip less); a larger one has them appended in
+#: parallel with the other primaries' (measured: a 1,000-member group is
+#: 9 % slower when a third of its appends wait for the begin).
+BEGIN_APPEND_LIMIT = 64
+
 _RUN_ID = re.compile(rb"^run_id:([0-9a-fA-F]+)\s*$", re.MULTILINE)
 
 
@@ -113,8 +120,9 @@ def _lua(name):
 
 # The scripts' sources, read once; each file says its KEYS, ARGV and reply.
 # Those that use the helpers of prelude.lua (hex, fmt, put, timeFloor) get
-# it in front; those that append to inboxes, inbox.lua after it; those that
-# record outbox events, outbox.lua.
+# it in front; those that append to inboxes, inbox.lua after it (and on a
+# cluster, slots.lua: the appends to several slots of one primary); those
+# that record outbox events, outbox.lua.
 _PRELUDE = _lua("prelude")
 _INBOX = _PRELUDE + _lua("inbox")
 _OUTBOX = _PRELUDE + _lua("outbox")
@@ -137,8 +145,9 @@ MEMBERS = _PRELUDE + _lua("members")
 GROUPS_OF = _PRELUDE + _lua("groupEntry") + _lua("groupsOf")
 ENQUEUE = _OUTBOX + _lua("enqueue")
 # The Redis Cluster mode's own (one slot each).
-DELIVER_BEGIN = _INBOX + _lua("deliverBegin")
-DELIVER_APPEND = _INBOX + _lua("deliverAppend")
+_SLOTS = _INBOX + _lua("slots")
+DELIVER_BEGIN = _SLOTS + _lua("deliverBegin")
+DELIVER_APPEND = _SLOTS + _lua("deliverAppend")
 STORED_EVENT = _OUTBOX + _lua("storedEvent")
 GROUP_OF = _PRELUDE + _lua("groupEntry") + _lua("groupOf")
 PENDING = _PRELUDE + _lua("pending")
@@ -724,14 +733,20 @@ class RedisMessageStore:
         keys = [slotKey(slot, "epoch"), slotKey(slot, "seqfloor"), slotKey(slot, "runid")]
         return keys, prefix + "%d" % (messageId,), prefix
 
-    def _begin(self, stored, recipients, nowMs):
+    def _begin(self, stored, recipients, nowMs, together=True):
         """
         Step 1 (C{deliverBegin.lua}), on the sender's slot: the dedup
         check; the body, the entries of that slot, and the dedup record
-        naming the recipients of the other slots.
+        naming the recipients of the other slots; and, in the same call,
+        step 2 for the other slots the sender's primary serves (slot
+        blocks, as L{_append}).
 
         @param recipients: the uids, in order, or L{None} to look for the
             dedup record only (a group message from a non-member).
+        @param together: whether to send the other slots of the sender's
+            primary with it (if one of them is not served there, it is sent
+            again without them); only for at most L{BEGIN_APPEND_LIMIT}
+            recipients in other slots.
         """
         sender = stored.sender
         slot = userSlot(sender)
@@ -745,18 +760,33 @@ class RedisMessageStore:
             packed += [uid, tagHex(uid)]
         data = stored.SerializeToString()
         args = self._deliverArgs(sender, nowMs, stored.id, data)
-        args += [prefix, _pack(packed), "1" if recipients is None else "0"]
+        args += [prefix, _pack(packed), "1" if recipients is None else "0", "%d" % (2 * len(here),)]
         for uid in here:
             args += [uid, tagHex(uid)]
+        bySlot = {}
+        for uid in there:
+            bySlot.setdefault(userSlot(uid), []).append(uid)
+        local = []
+        if together and bySlot and len(there) <= BEGIN_APPEND_LIMIT:
+            primary = self.connection.addressOf(slot)
+            local = [other for other in bySlot if self.connection.addressOf(other) == primary]
+            for other in local:
+                args += self._slotBlock(other, stored.id, bySlot[other])
+        elsewhere = [uid for uid in there if userSlot(uid) not in local]
 
         def begun(reply):
             kind = reply[0]
+            if kind == b"moved":
+                return self._begin(stored, recipients, nowMs, together=False)
             self._observe(reply, slot)
             if kind == b"none":
                 raise NotMember("not a member of group {!r}".format(stored.group_id))
             if kind == b"ok":
                 seqs = _seqs(reply[3])
-                return self._fanOut(stored, data, recipients, seqs, there, None)
+                for other, (_, epoch, status, otherPacked) in zip(local, reply[4:]):
+                    self._observe((None, epoch, status), other)
+                    seqs.update(_seqs(otherPacked))
+                return self._fanOut(stored, data, recipients, seqs, elsewhere, None)
             originalId, senderSeq, createdMs, originalData, herePacked, therePacked = reply[3:9]
             if originalData is None:
                 # Its body is gone (retention): nothing left to complete.
@@ -823,18 +853,11 @@ class RedisMessageStore:
 
         @return: a L{Deferred} firing with C{[(kind, packed)]}, per slot.
         """
-        keys = None
         args = self._deliverArgs(stored.sender, stored.created_ms, stored.id, data)
         for slot in slots:
-            slotKeys, body, _ = self._slotArgs(slot, stored.id)
-            slotKeys += [appliedKey(slot, stored.id), body, slotKey(slot, "bodies")]
-            if keys is None:
-                keys = slotKeys
-            uids = bySlot[slot]
-            args += slotKeys
-            args.append("%d" % (len(uids),))
-            for uid in uids:
-                args += [uid, tagHex(uid)]
+            args += self._slotBlock(slot, stored.id, bySlot[slot])
+        # The first slot's keys, declared: they route the call.
+        keys = args[8:14]
 
         def done(reply):
             if reply[0] == b"moved":
@@ -853,6 +876,18 @@ class RedisMessageStore:
             return out
 
         return self._deliverAppend(keys, args).addCallback(done)
+
+    def _slotBlock(self, slot, messageId, uids):
+        """
+        The slot block (C{slots.lua}) of the recipients C{uids} of C{slot}:
+        the slot's 6 keys, how many recipients, their (uid, user tag hex).
+        """
+        keys, body, _ = self._slotArgs(slot, messageId)
+        block = keys + [appliedKey(slot, messageId), body, slotKey(slot, "bodies")]
+        block.append("%d" % (len(uids),))
+        for uid in uids:
+            block += [uid, tagHex(uid)]
+        return block
 
     def _recordStored(self, stored, recipients):
         """
