@@ -653,7 +653,10 @@ class GateSession(RPCDispatcher, ClosesWithError):
                 uid=self.uid,
                 conn=self.connectionId,
             )
-            self._fetchRetry = self.clock.callLater(FETCH_RETRY_DELAY, self._retryFetch)
+            # One retry at a time: a fetch started meanwhile (new entries
+            # announced) that fails too leaves the pending one in charge.
+            if self._fetchRetry is None or not self._fetchRetry.active():
+                self._fetchRetry = self.clock.callLater(FETCH_RETRY_DELAY, self._retryFetch)
             return
         self.log.failure(
             "fetching the inbox of {uid} for connection {conn} failed",

@@ -213,6 +213,33 @@ class WindowTests(SynchronousTestCase):
         self.gate.clock.advance(FETCH_RETRY_DELAY)
         self.assertEqual([e.seq for e in pushes(written(bobT))], [4, 5])
 
+    def test_oneFetchRetry(self):
+        """
+        A fetch that fails while a retry is pending (new entries were
+        announced meanwhile) does not add a second retry: one is pending,
+        and closing the connection cancels it.
+        """
+        store = self.gate.store
+        bob, bobT, _, _ = self.gate.login("bob")
+        for i in range(5):
+            self.gate.send(self.alice, "bob", str(i))
+        written(bobT)
+        store.fetch = lambda *args: fail(Unavailable("redis is down"))
+        self.gate.ack(bob, 3)
+        self.gate.send(self.alice, "bob", "more")
+
+        def retries():
+            return [
+                call
+                for call in self.gate.clock.getDelayedCalls()
+                if getattr(call.func, "__name__", "") == "_retryFetch"
+            ]
+
+        self.assertEqual(len(retries()), 1)
+        [retry] = retries()
+        bob.session.close()
+        self.assertFalse(retry.active())
+
     def test_fetchFailsAfterConnectionLost(self):
         """
         A fetch in flight when the connection is lost, refused with
