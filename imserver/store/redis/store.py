@@ -832,15 +832,17 @@ class RedisMessageStore:
 
         return _all(appends).addCallback(appended)
 
-    def _byPrimary(self, slots):
+    def _byPrimary(self, items, slotOf=lambda slot: slot):
         """
-        C{slots} grouped by the primary serving them in the slot map, each
-        group in their order: one call per primary (a slot the map does
-        not place yet goes alone, and its call fails as it would).
+        C{items} (slots, or anything L{slotOf} gives the slot of) grouped by
+        the primary serving their slot in the slot map, each group in their
+        order: one call per primary (a slot the map does not place yet goes
+        alone, and its call fails as it would).
         """
         groups = {}
-        for slot in slots:
-            groups.setdefault(self.connection.addressOf(slot) or slot, []).append(slot)
+        for item in items:
+            slot = slotOf(item)
+            groups.setdefault(self.connection.addressOf(slot) or slot, []).append(item)
         return list(groups.values())
 
     def _append(self, slots, stored, data, bySlot):
@@ -958,17 +960,10 @@ class RedisMessageStore:
         there; the cursors a node refused (their slot is not, or no longer,
         served there) are written again, each routed by its own key.
         """
-        byPrimary = {}
-        for uid, deviceId, seq in cursors:
-            slot = userSlot(uid)
-            byPrimary.setdefault(self.connection.addressOf(slot) or slot, []).append(
-                (uid, deviceId, seq)
-            )
-        if not byPrimary:
+        groups = self._byPrimary(cursors, lambda cursor: userSlot(cursor[0]))
+        if not groups:
             return succeed(0)
-        return _all([self._ackOn(triples, nowMs) for triples in byPrimary.values()]).addCallback(
-            sum
-        )
+        return _all([self._ackOn(triples, nowMs) for triples in groups]).addCallback(sum)
 
     def _ackOn(self, triples, nowMs):
         """
