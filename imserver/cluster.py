@@ -8,6 +8,7 @@ Nothing here is imported without C{--redis} (a gate in embedded mode does
 not even import txredisapi).
 """
 
+import zlib
 from collections import namedtuple
 from functools import partial
 
@@ -36,11 +37,21 @@ LEASE_INTERVALS = 3
 #: L{imserver.registry.redis.RedisSessionRegistry}, the
 #: L{imserver.store.redis.RedisMessageStore}, the
 #: L{imserver.registry.redisdirectory.RedisGateDirectory}, the seconds
-#: between lease refreshes, and the retention lease (for
-#: L{imserver.service.RetentionService}: C{retentionLease(ttlMs)}).
+#: between lease refreshes, the retention lease (for
+#: L{imserver.service.RetentionService}: C{retentionLease(ttlMs)}), and on
+#: a Redis Cluster its retention shards (L{shardsOf}; L{None} otherwise).
 ClusterSeams = namedtuple(
     "ClusterSeams",
-    ["connection", "bus", "registry", "store", "directory", "interval", "retentionLease"],
+    [
+        "connection",
+        "bus",
+        "registry",
+        "store",
+        "directory",
+        "interval",
+        "retentionLease",
+        "retentionShards",
+    ],
 )
 
 
@@ -94,7 +105,40 @@ def clusterSeams(reactor, url, caFile, gateId, settings, dedupWindowMs):
     store.waitTimeoutMs = max(1, int(settings.redis_wait_timeout * 1000))
     directory = RedisGateDirectory(connection)
     retentionLease = partial(store.claimLease, RETENTION_LEASE_KEY, gateId)
-    return ClusterSeams(connection, bus, registry, store, directory, interval, retentionLease)
+    retentionShards = None
+    if cluster:
+        retentionShards = partial(shardsOf, connection, store, gateId, registry.liveGates)
+    return ClusterSeams(
+        connection, bus, registry, store, directory, interval, retentionLease, retentionShards
+    )
+
+
+def shardsOf(connection, store, gateId, liveGates):
+    """
+    The retention shards of a Redis Cluster for
+    L{imserver.service.RetentionService}: a lease and a pass per primary
+    (C{im:retention:lease:<host>:<port>}), in an order that starts at a
+    place of this gate's own, and a quota of the primaries over the live
+    gates (rounded up), so that the gates share the passes.
+
+    @param liveGates: returns how many gates are live.
+    @return: C{(quota, [(lease, trim), ...])}.
+    """
+    from imserver.store.redis.keys import retentionLeaseKey
+
+    primaries = connection.primaries
+    if not primaries:
+        return 0, []
+    start = zlib.crc32(gateId.encode("utf-8")) % len(primaries)
+    order = primaries[start:] + primaries[:start]
+    quota = -(-len(primaries) // max(1, liveGates()))
+    return quota, [
+        (
+            partial(store.claimLease, retentionLeaseKey(address), gateId),
+            partial(store.trimPrimary, address),
+        )
+        for address in order
+    ]
 
 
 class ClusterService(Service):

@@ -9,7 +9,7 @@ import gc
 import sys
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import gatherResults, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -312,10 +312,12 @@ class RetentionService(Service):
     time run the passes: each interval a gate runs a pass only if it holds
     the lease, which it takes when nobody holds it and extends while it
     does (for L{LEASE_INTERVALS} intervals), so another gate takes over
-    within about that long after the holder died.
+    within about that long after the holder died.  On a Redis Cluster there
+    is a lease and a pass per primary (C{shards}), each gate running its
+    share of them.
 
     @ivar passes: the passes run.
-    @ivar skipped: the intervals this gate did not hold the lease.
+    @ivar skipped: the intervals this gate held no lease.
     """
 
     log = Logger()
@@ -324,7 +326,7 @@ class RetentionService(Service):
     #: next pass extends it before it lapses.
     LEASE_INTERVALS = 2
 
-    def __init__(self, store, clock, settings, ready=None, lease=None):
+    def __init__(self, store, clock, settings, ready=None, lease=None, shards=None):
         """
         @param ready: if given, called at start; returns a L{Deferred} that
             fires when the store can be used (cluster mode: Redis is
@@ -332,6 +334,13 @@ class RetentionService(Service):
         @param lease: if given, called as C{lease(ttlMs)} before each
             pass; returns a L{Deferred} firing with whether this gate holds
             the lease now (for C{ttlMs}); the pass runs only if so.
+        @param shards: instead of one lease and one pass, a lease and a
+            pass per shard (a Redis Cluster's primaries): if given, called
+            before each interval's passes, returns C{(quota, [(lease,
+            trim), ...])}: the shards in the order this gate tries them,
+            each with its lease (as C{lease} above) and its pass (called as
+            the store's C{trim}); this gate runs the passes of the first
+            C{quota} shards whose lease it holds.
         """
         self.setName("retention")
         self.store = store
@@ -339,6 +348,7 @@ class RetentionService(Service):
         self.settings = settings
         self.ready = ready
         self.lease = lease
+        self.shards = shards
         self.passes = 0
         self.skipped = 0
         self._loop = LoopingCall(self.trim)
@@ -370,12 +380,16 @@ class RetentionService(Service):
         @return: a L{Deferred} firing with the number of entries removed
             (L{None} if the pass was skipped, or failed).
         """
-        if self.lease is None:
+        if self.shards is not None:
+            d = self._shardPasses()
+        elif self.lease is None:
             d = self._pass()
         else:
-            ttlMs = max(1, int(self.settings.retention_interval * self.LEASE_INTERVALS * 1000))
-            d = self.lease(ttlMs).addCallback(self._leased)
+            d = self.lease(self._leaseMs()).addCallback(self._leased)
         return d.addErrback(self._failed)
+
+    def _leaseMs(self):
+        return max(1, int(self.settings.retention_interval * self.LEASE_INTERVALS * 1000))
 
     def _leased(self, holding):
         if not holding:
@@ -383,10 +397,31 @@ class RetentionService(Service):
             return None
         return self._pass()
 
-    def _pass(self):
+    @inlineCallbacks
+    def _shardPasses(self):
+        """
+        The passes of the shards whose leases this gate holds, at most the
+        quota; an interval with none counts as skipped.
+
+        @return: a L{Deferred} firing with the entries removed, or L{None}.
+        """
+        quota, shards = self.shards()
+        held, removed = 0, 0
+        for lease, trim in shards:
+            if held >= quota:
+                break
+            if (yield lease(self._leaseMs())):
+                held += 1
+                removed += yield self._pass(trim)
+        if not held:
+            self.skipped += 1
+            return None
+        return removed
+
+    def _pass(self, trim=None):
         settings = self.settings
         self.passes += 1
-        d = self.store.trim(
+        d = (trim or self.store.trim)(
             int(self.clock.seconds() * 1000),
             int(settings.retention_age * 1000),
             settings.retention_count,

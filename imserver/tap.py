@@ -592,6 +592,7 @@ def makeService(options, reactor=None):
     if cluster is not None:
         retention.ready = cluster.whenReady
         retention.lease = seams.retentionLease
+        retention.shards = seams.retentionShards
     retention.setServiceParent(root)
     if cluster is not None:
         ClusterMetrics(metrics.registry, seams, retention)

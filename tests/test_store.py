@@ -2641,6 +2641,59 @@ class RedisClusterStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         self.assertEqual(len(bodies), 30)
 
     @inlineCallbacks
+    def test_trimPrimary(self):
+        """
+        C{trimPrimary} trims the users and bodies of one primary only.
+        """
+        self.store.scanCount = 7
+        senders = self.spread("s")
+        users = ["t%d" % (i,) for i in range(30)]
+        for i, uid in enumerate(users):
+            yield self.store.deliver(senders[i % 3], "old" + str(i), text("x", uid), [uid], T0)
+        primary = self.connection.addressOf(userSlot(users[0]))
+        removed = yield self.store.trimPrimary(primary, T0 + 10 * HOUR, 5 * HOUR, 1000)
+        mine = [
+            uid for uid in users + senders if self.connection.addressOf(userSlot(uid)) == primary
+        ]
+        self.assertEqual(removed, sum(10 if uid in senders else 1 for uid in mine))
+        for uid in users + senders:
+            entries = yield self.store.fetch(uid, 0, 100)
+            self.assertEqual(entries == [], uid in mine, uid)
+        self.assertEqual((yield self.store.trimPrimary(("127.0.0.1", 1), T0, 0, 0)), 0)
+
+    @inlineCallbacks
+    def test_retentionShards(self):
+        """
+        Three gates' retention services on three primaries, with the shards
+        of L{imserver.cluster.shardsOf}: each interval each gate runs the
+        pass of one primary, a different one each, and keeps it.
+        """
+        from imserver.cluster import shardsOf
+        from imserver.store.redis.keys import retentionLeaseKey
+
+        clock = Clock()
+        settings = Settings().replace(
+            retention_interval=600.0, retention_age=3600.0, dedup_window=60.0
+        )
+        services = {
+            gate: RetentionService(
+                self.store,
+                clock,
+                settings,
+                shards=partial(shardsOf, self.connection, self.store, gate, lambda: 3),
+            )
+            for gate in ["gate-a", "gate-b", "gate-c"]
+        }
+        for _ in range(2):
+            for service in services.values():
+                yield service.trim()
+        self.assertEqual([s.passes for s in services.values()], [2, 2, 2])
+        holders = []
+        for primary in self.connection.primaries:
+            holders.append((yield self.redis("GET", retentionLeaseKey(primary))))
+        self.assertEqual(sorted(holders), [b"gate-a", b"gate-b", b"gate-c"])
+
+    @inlineCallbacks
     def test_ackAcrossPrimaries(self):
         """
         One C{ack} of cursors of users on three primaries.
@@ -2746,7 +2799,7 @@ class RetentionServiceTests(SynchronousTestCase):
         self.patch(self.store, "trim", lambda *a: self.trims.append(a) or trim(*a))
         self.logged = []
 
-    def service(self, lease=None):
+    def service(self, lease=None, shards=None):
         service = RetentionService(
             self.store,
             self.clock,
@@ -2754,6 +2807,7 @@ class RetentionServiceTests(SynchronousTestCase):
                 retention_interval=10.0, retention_age=60.0, retention_count=5, dedup_window=60.0
             ),
             lease=lease,
+            shards=shards,
         )
         service.log = Logger(observer=self.logged.append)
         service.startService()
@@ -2784,6 +2838,38 @@ class RetentionServiceTests(SynchronousTestCase):
         self.assertEqual([a[0] for a in self.trims], [0, 20000])
         self.assertEqual((service.passes, service.skipped), (2, 1))
         self.assertEqual(asked, [20000] * 3)
+
+    def test_shards(self):
+        """
+        With shards, each interval the gate asks their leases in their
+        order and runs the passes of those it holds, up to the quota; an
+        interval with none held is skipped.
+        """
+        held = {"a": False, "b": True, "c": True}
+        asked, ran = [], []
+
+        def shard(name):
+            def lease(ttlMs):
+                asked.append((name, ttlMs))
+                return succeed(held[name])
+
+            def trim(*args):
+                ran.append((name,) + args)
+                return succeed(1)
+
+            return lease, trim
+
+        quota = [1]
+        service = self.service(shards=lambda: (quota[0], [shard(n) for n in "abc"]))
+        self.assertEqual(ran, [("b", 0, 60000, 5)])
+        self.assertEqual(asked, [("a", 20000), ("b", 20000)])
+        quota[0] = 2
+        self.clock.advance(10)
+        self.assertEqual([r[0] for r in ran], ["b", "b", "c"])
+        held.update(b=False, c=False)
+        self.clock.advance(10)
+        self.assertEqual((service.passes, service.skipped), (3, 1))
+        self.assertEqual(self.trims, [])
 
     def test_unavailable(self):
         """

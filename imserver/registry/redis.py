@@ -481,6 +481,13 @@ class RedisSessionRegistry:
         self.incarnation = incarnation
         self._prefix = None if incarnation is None else "{}|{}|".format(self.gateId, incarnation)
 
+    def liveGates(self):
+        """
+        Cluster mode: how many gates held a lease at this gate's last lease
+        refresh (the view), this one included.
+        """
+        return len(set(self._view) | {self.gateId})
+
     def _viewArgs(self):
         """
         The view of the leases the cluster mode's scripts take at the end of

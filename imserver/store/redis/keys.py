@@ -98,6 +98,16 @@ OUTBOX_LEASE_KEY = "im:outbox:lease"
 #: The gate running the retention passes.
 RETENTION_LEASE_KEY = "im:retention:lease"
 
+
+def retentionLeaseKey(address):
+    """
+    On a Redis Cluster, the lease of the gate running the retention passes
+    of the primary at C{address} (C{(host, port)}):
+    C{im:retention:lease:<host>:<port>}.
+    """
+    return "%s:%s:%d" % (RETENTION_LEASE_KEY, address[0], address[1])
+
+
 #: The C{SCAN MATCH} pattern of the user keys (not the dedup records).
 USER_KEYS = "im:{u:*"
 
@@ -231,6 +241,7 @@ __all__ = [
     "OUTBOX_STORE_KEY",
     "OUTBOX_LEASE_KEY",
     "RETENTION_LEASE_KEY",
+    "retentionLeaseKey",
     "USER_KEYS",
     "userTag",
     "userKey",

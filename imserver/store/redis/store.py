@@ -996,17 +996,36 @@ class RedisMessageStore:
     def trim(self, nowMs, maxAgeMs, maxCount):
         return self._trim(nowMs, maxAgeMs, maxCount)
 
+    def trimPrimary(self, address, nowMs, maxAgeMs, maxCount):
+        """
+        L{trim} on a Redis Cluster, of the keys of one primary only.
+
+        @param address: the primary's C{(host, port)}, as
+            L{imserver.rediscluster.ClusterConnection.primaries} has it (if
+            it is not a primary now: nothing done, 0).
+        """
+        if address not in self.connection.primaries:
+            return succeed(0)
+        return self._trim(nowMs, maxAgeMs, maxCount, address)
+
     @inlineCallbacks
-    def _trim(self, nowMs, maxAgeMs, maxCount):
+    def _trim(self, nowMs, maxAgeMs, maxCount, primary=None):
         oldest = "%d" % (nowMs - maxAgeMs,)
         params = [oldest, "%d" % (maxCount,), "%d" % (self.clockSkewMs,), "%d" % (TRIM_SCAN_LIMIT,)]
         removed = 0
         cursor = b"0"
+        if primary is not None:
+            # The cluster connection's SCAN cursor names the node it is at.
+            here = b"%s:%d:" % (primary[0].encode(), primary[1])
+            cursor = here + b"0"
         pattern = CLUSTER_SCAN_KEYS if self.cluster else USER_KEYS
         while True:
             cursor, keys = yield self.connection.execute(
                 "SCAN", cursor, "MATCH", pattern, "COUNT", self.scanCount
             )
+            if primary is not None and not bytes(cursor).startswith(here):
+                # That primary is done (the cursor moved on to the next).
+                cursor = b"0"
             # On a cluster, the users by slot, each slot's run with one of
             # its keys (routing), and the slots' bodies indexes.
             bySlot = {}
