@@ -68,6 +68,7 @@ class Client:
     what it was handed (each a change of the cluster's C{changes}).
 
     @ivar entries: the inbox entries handed to the application, in order.
+    @ivar notices: the L{pb.Notice}s it got, in order.
     @ivar kicked: the L{pb.Kicked} that stopped it, or L{None}.
     """
 
@@ -75,6 +76,7 @@ class Client:
         self.cluster = cluster
         self.uid = uid
         self.entries = []
+        self.notices = []
         self.kicked = None
         self.endpoint = RotatingEndpoint(cluster.gates, first)
         self.imclient = IMClient(
@@ -85,6 +87,7 @@ class Client:
             mintToken(cluster.secret, uid, 3600, time.time()),
             deviceId,
             onMessage=self._received,
+            onNotify=self._notified,
             endpoint=self.endpoint,
             retryPolicy=lambda attempt: 0.05,
         )
@@ -93,6 +96,11 @@ class Client:
     def _received(self, entry):
         self.entries.append(entry)
         self.cluster.changes.changed()
+
+    def _notified(self, name, message):
+        if name == "notice":
+            self.notices.append(message)
+            self.cluster.changes.changed()
 
     def _stopped(self, reason):
         if isinstance(reason, pb.Kicked):
@@ -417,6 +425,26 @@ class ClusterProcessTests(ClusterMixin, TestCase):
         self.assertEqual(carol.bodies(outgoing=True), [b"c->a", b"hello team"])
         self.assertEqual(carol.entries[-1].seq, pushed["seqs"]["carol"])
         self.assertLess(response.seq, pushed["seqs"]["carol"])
+
+    @inlineCallbacks
+    def test_broadcastAcrossGates(self):
+        """
+        C{POST /v1/broadcast} to one gate process reaches every session of
+        every gate process once; the answer counts this gate's sessions
+        and every gate.
+        """
+        clients = []
+        for i in range(2 * GATES):
+            clients.append((yield self.client("user{}".format(i), i % GATES)))
+        answer = yield self.ok(1, b"POST", "/v1/broadcast", {"text": "maintenance"})
+        self.assertEqual(answer, {"sessions": 2, "gates": GATES})
+        yield self.changes.until(
+            lambda: all(client.notices for client in clients), DEADLINE, "the broadcast"
+        )
+        # A round trip on every connection: what was written before is in.
+        yield gatherResults([client.protocol.ping() for client in clients])
+        for client in clients:
+            self.assertEqual([n.body for n in client.notices], [b"maintenance"])
 
     @inlineCallbacks
     def test_kickAcrossGates(self):
