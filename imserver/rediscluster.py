@@ -163,6 +163,24 @@ def slotTag(slot):
     return _slotTags[slot]
 
 
+def byPrimary(connection, items, slotOf):
+    """
+    C{items} grouped by the primary serving their slot (C{slotOf(item)}) in
+    C{connection}'s slot map, each group in their order: one call per
+    primary.  An item whose slot the map does not place yet goes in a
+    group of its slot (its call then fails as it would alone).
+
+    @type connection: L{ClusterConnection}
+    @return: a L{list} of L{list}s.
+    """
+    groups = {}
+    addressOf = connection.addressOf
+    for item in items:
+        slot = slotOf(item)
+        groups.setdefault(addressOf(slot) or slot, []).append(item)
+    return list(groups.values())
+
+
 def _name(value):
     return _text(value).upper()
 

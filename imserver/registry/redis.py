@@ -72,7 +72,7 @@ from imserver.errors import TooManyDevices
 from imserver.interfaces import IBusReceiver, ISessionRegistry
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable, userKey
-from imserver.rediscluster import ClusterConnection, keySlot, slotTag
+from imserver.rediscluster import ClusterConnection, byPrimary, keySlot, slotTag
 from imserver.registry.remote import RemoteSession
 
 #: The generation counter.
@@ -623,7 +623,7 @@ class RedisSessionRegistry:
         if not uids:
             return succeed({})
         if self.cluster:
-            groups = self._byPrimary(uids)
+            groups = byPrimary(self.connection, uids, lambda uid: keySlot(sessionsKey(uid)))
         else:
             groups = [uids]
         chunks = [
@@ -652,18 +652,6 @@ class RedisSessionRegistry:
         return gatherResults(ds, consumeErrors=True).addCallbacks(
             found, lambda failure: failure.value.subFailure
         )
-
-    def _byPrimary(self, uids):
-        """
-        Cluster mode: C{uids} grouped by the primary of their sessions'
-        slot in the slot map, each group in their order.
-        """
-        groups = {}
-        addressOf = self.connection.addressOf
-        for uid in uids:
-            slot = keySlot(sessionsKey(uid))
-            groups.setdefault(addressOf(slot) or slot, []).append(uid)
-        return list(groups.values())
 
     def _lookupChunk(self, chunk, view):
         """

@@ -26,7 +26,7 @@ from imserver.errors import NotMember
 from imserver.interfaces import IGroupStore, IMessageStore, IOutbox
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable
-from imserver.rediscluster import ClusterConnection, keySlot
+from imserver.rediscluster import ClusterConnection, byPrimary, keySlot
 from imserver.store import (
     OUTBOX_LIMIT,
     SYSTEM,
@@ -834,16 +834,9 @@ class RedisMessageStore:
 
     def _byPrimary(self, items, slotOf=lambda slot: slot):
         """
-        C{items} (slots, or anything L{slotOf} gives the slot of) grouped by
-        the primary serving their slot in the slot map, each group in their
-        order: one call per primary (a slot the map does not place yet goes
-        alone, and its call fails as it would).
+        C{items} (slots by default) grouped by primary (L{byPrimary}).
         """
-        groups = {}
-        for item in items:
-            slot = slotOf(item)
-            groups.setdefault(self.connection.addressOf(slot) or slot, []).append(item)
-        return list(groups.values())
+        return byPrimary(self.connection, items, slotOf)
 
     def _append(self, slots, stored, data, bySlot):
         """
