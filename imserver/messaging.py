@@ -49,7 +49,7 @@ class Messenger:
         self.metrics = metrics
         self.beforeSend = beforeSend
 
-    def send(self, sender, request, deviceId="", order=None):
+    def send(self, sender, request, deviceId="", order=None, origin=None):
         """
         Store a message from C{sender} (the authenticated uid, never a
         payload field) to a user or a group, and tell the recipients'
@@ -63,6 +63,9 @@ class Messenger:
         @param deviceId: the sending device, for the before-send check.
         @param order: the L{SendOrder} of the connection it came on (a
             send alone if L{None}).
+        @param origin: the session it came on, if that session asked not to
+            be pushed its own sends (C{no_echo}): told the sender's seq by
+            C{sentHere(seq)} once it is stored, before anyone is pushed it.
         @return: a L{Deferred} firing with a L{pb.SendResponse} once the
             message is durably in every inbox, or failing with an
             L{RPCError} (C{NOT_MEMBER}, C{UNAVAILABLE}; with the check
@@ -81,6 +84,7 @@ class Messenger:
                 request.content_type,
                 to=request.to or None,
                 groupId=request.group_id or None,
+                origin=origin,
             )
             return d.addCallback(self._answer, sender)
         self.validate(
@@ -92,10 +96,12 @@ class Messenger:
         )
         if order is None:
             order = SendOrder()
-        d = order.add(check.check(sender, deviceId, request), self._checked, sender, request)
+        d = order.add(
+            check.check(sender, deviceId, request), self._checked, sender, request, origin
+        )
         return d.addCallback(self._answer, sender)
 
-    def _checked(self, verdict, sender, request):
+    def _checked(self, verdict, sender, request, origin=None):
         """
         Apply the before-send check's verdict (a L{Verdict}, or the
         L{Failure} of a refused check): store the message, as sent or with
@@ -122,6 +128,7 @@ class Messenger:
             contentType,
             to=request.to or None,
             groupId=request.group_id or None,
+            origin=origin,
         )
 
     def storedBefore(self, sender, clientMsgId):
@@ -168,7 +175,7 @@ class Messenger:
         )
 
     def storeMessage(
-        self, sender, clientMsgId, body, contentType, to=None, uids=None, groupId=None
+        self, sender, clientMsgId, body, contentType, to=None, uids=None, groupId=None, origin=None
     ):
         """
         Store a message to one user (C{to}), a list of users (C{uids}) or a
@@ -178,6 +185,8 @@ class Messenger:
         @param sender: the uid it is sent as, or L{imserver.store.SYSTEM} (no sender
             inbox; a group message as the system needs no membership).
         @param clientMsgId: the idempotency key, per sender.
+        @param origin: the sending session that asked not to be pushed its
+            own sends (L{send}), or L{None}.
         @return: a L{Deferred} firing with the L{imserver.store.Delivery}
             once durable, or failing with an L{RPCError} (C{NOT_MEMBER},
             C{UNAVAILABLE}).
@@ -192,7 +201,7 @@ class Messenger:
         )
         started = self.clock.seconds()
         d = self.store.deliver(sender, clientMsgId, message, uids or [], int(started * 1000))
-        d.addCallbacks(self._delivered, self.storeFailed, (started,))
+        d.addCallbacks(self._delivered, self.storeFailed, (started, origin))
         return d
 
     def validate(self, clientMsgId, body, contentType, to=None, uids=None, groupId=None):
@@ -221,12 +230,16 @@ class Messenger:
                 )
             )
 
-    def _delivered(self, delivery, started):
+    def _delivered(self, delivery, started, origin=None):
         metrics = self.metrics
         if delivery.duplicate:
             metrics.dedupHits += 1
         else:
             metrics.messagesStored += 1
+            if origin is not None:
+                # Before the publish: the sending session may then leave its
+                # own entry out of its stream (the answer is its copy).
+                origin.sentHere(delivery.seqs[delivery.message.sender])
             self.publish(delivery)
             metrics.sendToPush.observe(self.clock.seconds() - started)
         return delivery

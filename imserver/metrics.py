@@ -83,6 +83,11 @@ _COUNTERS = (
     ("messagesPushed", "messages_pushed", "Inbox entries pushed to sessions (message notifies)."),
     ("messagesAcked", "messages_acked", "Inbox entries acknowledged by sessions."),
     (
+        "echoesSkipped",
+        "echoes_skipped",
+        "Own sends not pushed back to a no_echo session (its answer was its copy).",
+    ),
+    (
         "dedupHits",
         "dedup_hits",
         "Sends answered from the dedup record (a retry of a stored message).",

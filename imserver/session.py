@@ -161,6 +161,8 @@ class GateSession(RPCDispatcher, ClosesWithError):
     _refusedInARow = 0
     _pausedAt: float | None = None  # reactor time writes filled the buffer; None: flowing
     _sendOrder: SendOrder | None = None  # sends waiting for the before-send check
+    _noEcho = False  # the client asked not to be pushed its own sends
+    _echoesSkipped: "set[int] | None" = None  # own entries left out, to be answered so
     # Bound in __init__ to the channel's own methods.  (The ignore: mypy
     # holds an attribute incompatible with the method the bases declare.)
     writeFrame: Callable[[bytes], None]  # type: ignore[assignment]
@@ -431,7 +433,9 @@ class GateSession(RPCDispatcher, ClosesWithError):
             head_seq=self._head,
             max_message_body=settings.max_message_body,
             max_unacked=settings.max_unacked,
+            no_echo=request.no_echo,
         )
+        self._noEcho = request.no_echo
         self._authTimer.cancel()  # type: ignore[union-attr]  # running till now
         self._authTimer = None
         self.state = AUTHENTICATED
@@ -509,11 +513,48 @@ class GateSession(RPCDispatcher, ClosesWithError):
     def send(self, request: pb.SendRequest) -> "Deferred[pb.SendResponse]":
         messenger = self.factory.messenger
         if messenger.beforeSend is None:
-            return messenger.send(self.uid, request)  # type: ignore[no-any-return]
-        # Checked by the app backend first, yet stored in the order received.
-        if self._sendOrder is None:
-            self._sendOrder = SendOrder()
-        return messenger.send(self.uid, request, self.deviceId, self._sendOrder)  # type: ignore[no-any-return]
+            if not self._noEcho:
+                return messenger.send(self.uid, request)  # type: ignore[no-any-return]
+            d = messenger.send(self.uid, request, origin=self)
+        else:
+            # Checked by the app backend first, yet stored in the order received.
+            if self._sendOrder is None:
+                self._sendOrder = SendOrder()
+            d = messenger.send(
+                self.uid,
+                request,
+                self.deviceId,
+                self._sendOrder,
+                origin=self if self._noEcho else None,
+            )
+            if not self._noEcho:
+                return d  # type: ignore[no-any-return]
+        return d.addCallback(self._echoAnswered)  # type: ignore[no-any-return]
+
+    def sentHere(self, seq: int) -> None:
+        """
+        A send of this connection (with C{no_echo}) was stored as entry
+        C{seq} of the user's inbox, and is about to be answered.  If that
+        entry is next in this connection's stream, leave it out: every
+        entry before it was pushed already, so the answer, written after
+        them, is the client's copy of it (C{SendResponse.echo_skipped}).
+        Otherwise it is pushed in its turn, as for any client.
+        """
+        if seq > self._head:
+            self._head = seq
+        if seq == self._sent + 1 and self._delivering and not self._closing:
+            self._sent = seq
+            if self._echoesSkipped is None:
+                self._echoesSkipped = set()
+            self._echoesSkipped.add(seq)
+            self._metrics.echoesSkipped += 1
+
+    def _echoAnswered(self, response: pb.SendResponse) -> pb.SendResponse:
+        skipped = self._echoesSkipped
+        if skipped and response.seq in skipped and not response.duplicate:
+            skipped.discard(response.seq)
+            response.echo_skipped = True
+        return response
 
     @methods.SYNC.responder
     def sync(self, request: pb.SyncRequest) -> "Deferred[pb.SyncResponse]":

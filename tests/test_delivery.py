@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from imserver.errors import Unavailable
 from imserver.pb import im_pb2 as pb
+from imserver.registry.memory import MemorySessionRegistry
 from imserver.session import FETCH_RETRY_DELAY
 from imserver.store.memory import MemoryMessageStore
 
@@ -148,6 +149,176 @@ class SendTests(SynchronousTestCase):
         deliver(*["alice", "m1", pb.Message(recipient="bob"), ["bob"], 1]).chainDeferred(pending)
         self.assertEqual(len(responses(written(self.aliceT))), 1)
         self.assertEqual(len(pushes(written(self.bobT))), 1)
+
+
+class DeferredRegistry(MemorySessionRegistry):
+    """
+    A registry whose lookups for a publish answer only when the test says
+    so, as Redis's do (an answer comes back on a later reactor pass).
+    """
+
+    def __init__(self):
+        MemorySessionRegistry.__init__(self)
+        self.waiting = []
+
+    def sessionsForMany(self, uids):
+        d = Deferred()
+        self.waiting.append((d, MemorySessionRegistry.sessionsForMany(self, uids)))
+        return d
+
+    def release(self):
+        waiting, self.waiting = self.waiting, []
+        for d, result in waiting:
+            result.chainDeferred(d)
+
+
+class NoEchoTests(SynchronousTestCase):
+    """
+    C{AuthRequest.no_echo}: a connection is not pushed what it sent itself
+    when its answer can be its copy (C{SendResponse.echo_skipped}).
+    """
+
+    def setUp(self):
+        self.gate = DeliveryHarness(self)
+        self.alice, self.aliceT, self.auth, _ = self.gate.login("alice", noEcho=True)
+        self.bob, self.bobT, _, _ = self.gate.login("bob")
+
+    def answers(self, transport):
+        return [pb.SendResponse.FromString(f.body) for f in responses(written(transport))]
+
+    def test_told(self):
+        """
+        The auth answer says whether the capability is honoured: yes when
+        asked, no (the default) otherwise.
+        """
+        self.assertTrue(self.auth.no_echo)
+        _, _, plain, _ = self.gate.login("carol")
+        self.assertFalse(plain.no_echo)
+
+    def test_answerIsTheCopy(self):
+        """
+        The sender is answered C{echo_skipped} and pushed nothing; the
+        recipient is pushed as usual; the sender's pushes continue after
+        the skipped entry, and an ack of it is taken.
+        """
+        self.gate.send(self.alice, "bob", "m1")
+        aliceFrames = written(self.aliceT)
+        self.assertEqual(pushes(aliceFrames), [])
+        [answer] = [pb.SendResponse.FromString(f.body) for f in responses(aliceFrames)]
+        self.assertEqual((answer.seq, answer.echo_skipped, answer.duplicate), (1, True, False))
+        [entry] = pushes(written(self.bobT))
+        self.assertEqual((entry.seq, entry.message.client_msg_id), (1, "m1"))
+        self.assertEqual(self.gate.factory.metrics.echoesSkipped, 1)
+
+        self.gate.send(self.bob, "alice", "b1")
+        [reply] = pushes(written(self.aliceT))
+        self.assertEqual((reply.seq, reply.outgoing), (2, False))
+        self.gate.ack(self.alice, 1)
+        self.gate.ack(self.alice, 2)
+        self.assertFalse(self.aliceT.disconnecting)
+        self.assertEqual(self.alice.session.unackedCount(), 0)
+
+    def test_otherDevicesPushed(self):
+        """
+        The sender's other devices, with or without the capability, are
+        pushed the message (outgoing): only the connection that sent it
+        has the answer.
+        """
+        _, laptopT, _, _ = self.gate.login("alice", "laptop", noEcho=True)
+        self.gate.send(self.alice, "bob", "m1")
+        [entry] = pushes(written(laptopT))
+        self.assertEqual((entry.seq, entry.outgoing), (1, True))
+
+    def test_groupMessage(self):
+        """
+        A group message's own entry (the sender's as a member) is left out
+        the same way; the other members are pushed.
+        """
+        store = self.gate.store
+        self.successResultOf(store.createGroup("g1", "Team", "alice", 0))
+        self.successResultOf(store.setMembers("g1", [("bob", pb.ROLE_MEMBER)], 10, 0))
+        self.gate.send(self.alice, "", "g-1", groupId="g1")
+        [answer] = self.answers(self.aliceT)
+        self.assertTrue(answer.echo_skipped)
+        self.assertEqual(pushes(written(self.aliceT)), [])
+        [entry] = pushes(written(self.bobT))
+        self.assertEqual(entry.message.group_id, "g1")
+
+    def test_earlierEntryNotPushedYet(self):
+        """
+        When an earlier entry is still to be pushed (the window is full),
+        the own entry is not skipped: it is pushed in its turn, in seq
+        order, and the answer says so.
+        """
+        gate = DeliveryHarness(self, max_unacked=1)
+        alice, aliceT, _, _ = gate.login("alice", noEcho=True)
+        bob, _, _, _ = gate.login("bob")
+        gate.send(bob, "alice", "b1")
+        gate.send(bob, "alice", "b2")
+        self.assertEqual([e.seq for e in pushes(written(aliceT))], [1])
+        gate.send(alice, "bob", "m1")
+        frames = written(aliceT)
+        [answer] = [pb.SendResponse.FromString(f.body) for f in responses(frames)]
+        self.assertEqual((answer.seq, answer.echo_skipped), (3, False))
+        self.assertEqual(pushes(frames), [])
+        gate.ack(alice, 1)
+        self.assertEqual([e.seq for e in pushes(written(aliceT))], [2])
+        gate.ack(alice, 2)
+        [own] = pushes(written(aliceT))
+        self.assertEqual((own.seq, own.outgoing, own.message.client_msg_id), (3, True, "m1"))
+        self.assertEqual(gate.factory.metrics.echoesSkipped, 0)
+
+    def test_retryNotSkipped(self):
+        """
+        A retry answered C{duplicate} is never C{echo_skipped}: the
+        original's entry was skipped (or pushed) when it was stored.
+        """
+        self.gate.send(self.alice, "bob", "m1")
+        [first] = self.answers(self.aliceT)
+        self.gate.send(self.alice, "bob", "m1")
+        [again] = self.answers(self.aliceT)
+        self.assertEqual((first.echo_skipped, again.echo_skipped), (True, False))
+        self.assertEqual((again.seq, again.duplicate), (first.seq, True))
+        self.assertEqual(pushes(written(self.aliceT)), [])
+
+    def test_lookupAnsweredLater(self):
+        """
+        With a registry that answers on a later pass (Redis), the entry is
+        skipped all the same, and the late announcement pushes nothing.
+        """
+        registry = DeferredRegistry()
+        gate = DeliveryHarness(self, registry=registry)
+        alice, aliceT, _, _ = gate.login("alice", noEcho=True)
+        bob, bobT, _, _ = gate.login("bob")
+        gate.send(alice, "bob", "m1")
+        [answer] = self.answers(aliceT)
+        self.assertTrue(answer.echo_skipped)
+        registry.release()
+        self.assertEqual(pushes(written(aliceT)), [])
+        self.assertEqual([e.seq for e in pushes(written(bobT))], [1])
+
+    def test_resumeGetsIt(self):
+        """
+        A new connection resuming from before the skipped entry is pushed
+        it (the answer was only the old connection's copy).
+        """
+        self.gate.send(self.alice, "bob", "m1")
+        self.gate.lose(self.alice)
+        _, aliceT, _, backlog = self.gate.login("alice", noEcho=True)
+        [entry] = pushes(backlog + written(aliceT))
+        self.assertEqual((entry.seq, entry.outgoing), (1, True))
+
+    def test_withoutCapability(self):
+        """
+        Without the capability nothing changes: the sender is pushed its
+        own entry and the answer does not say C{echo_skipped}.
+        """
+        self.gate.send(self.bob, "alice", "b1")
+        frames = written(self.bobT)
+        [answer] = [pb.SendResponse.FromString(f.body) for f in responses(frames)]
+        self.assertFalse(answer.echo_skipped)
+        [own] = pushes(frames)
+        self.assertEqual((own.seq, own.outgoing), (answer.seq, True))
 
 
 class WindowTests(SynchronousTestCase):

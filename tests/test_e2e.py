@@ -36,6 +36,7 @@ from imserver.spawn import spawnTwistd
 from imserver.tls import makeSelfSigned
 
 from tests.support import killAtCleanup, serverEnvironment, startServer, withoutSecretEnvironment
+from tests.support.frames import connectRawTLS
 from tests.support.live import ConnectionWatch
 
 LISTEN = "ssl:0:interface=127.0.0.1"
@@ -166,6 +167,55 @@ class InProcessGateTests(TestCase):
         self.assertEqual(self.factory.connections, set())
         count = yield self.factory.registry.count()
         self.assertEqual(count, 0)
+
+    @inlineCallbacks
+    def test_rawNoEcho(self):
+        """
+        A raw client written from docs/protocol.md, over TLS, asks for
+        C{no_echo}: its pipelined sends are answered C{echo_skipped} with
+        their seqs and never pushed back to it; its ack of the last one is
+        taken; the peer gets every message; the peer's reply comes next in
+        its stream.
+        """
+        alice = yield connectRawTLS(self, self.port, FilePath(self.caFile))
+        bob = yield connectRawTLS(self, self.port, FilePath(self.caFile))
+        alice.send(
+            1,
+            "auth",
+            pb.AuthRequest(uid="alice", token=self.token("alice"), device_id="raw", no_echo=True),
+        )
+        bob.send(1, "auth", pb.AuthRequest(uid="bob", token=self.token("bob"), device_id="raw"))
+        [auth] = yield alice.responses(1)
+        yield bob.responses(1)
+        self.assertTrue(pb.AuthResponse.FromString(auth.body).no_echo)
+        for i in range(3):
+            alice.send(
+                2 + i, "send", pb.SendRequest(to="bob", client_msg_id="m%d" % i, body=b"%d" % i)
+            )
+        answers = (yield alice.responses(4))[1:]
+        results = [pb.SendResponse.FromString(f.body) for f in answers]
+        self.assertEqual(
+            [(r.seq, r.echo_skipped) for r in results], [(1, True), (2, True), (3, True)]
+        )
+        alice.notify("ack", pb.Ack(seq=3))
+        alice.send(5, "ping", pb.PingRequest())
+        bob.send(2, "ping", pb.PingRequest())
+        pong = (yield alice.responses(5))[4]
+        yield bob.responses(2)
+        self.assertFalse(pong.HasField("error"))
+        self.assertEqual(alice.notifications("message"), [])
+        received = [pb.InboxEntry.FromString(b) for b in bob.notifications("message")]
+        self.assertEqual(
+            [(e.seq, e.message.body) for e in received], [(1, b"0"), (2, b"1"), (3, b"2")]
+        )
+
+        bob.send(3, "send", pb.SendRequest(to="alice", client_msg_id="r", body=b"reply"))
+        yield bob.responses(3)
+        alice.send(6, "ping", pb.PingRequest())
+        yield alice.responses(6)
+        [reply] = [pb.InboxEntry.FromString(b) for b in alice.notifications("message")]
+        self.assertEqual((reply.seq, reply.outgoing, reply.message.body), (4, False, b"reply"))
+        self.assertEqual(self.factory.metrics.echoesSkipped, 3)
 
     @inlineCallbacks
     def test_ipAddress(self):

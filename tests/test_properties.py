@@ -70,8 +70,14 @@ STEPS = int(os.environ.get("IMSERVER_PROPERTY_STEPS") or 30)
 
 SECRET = b"property-test-secret-0123456789ab"
 USERS = ("alice", "bob", "carol")
-#: (uid, device id) of every client device.
-DEVICES = (("alice", "phone"), ("alice", "laptop"), ("bob", "phone"), ("carol", "phone"))
+#: (uid, device id, no_echo) of every client device: two of them take their
+#: own sends' answers as their copies (AuthRequest.no_echo).
+DEVICES = (
+    ("alice", "phone", False),
+    ("alice", "laptop", True),
+    ("bob", "phone", False),
+    ("carol", "phone", True),
+)
 #: Small windows and pages, so the limits are reached within a few steps.
 SETTINGS = dict(max_unacked=3, sync_page_size=2)
 #: Rounds of "run the store, reconnect, read, ack" allowed to settle.
@@ -130,12 +136,15 @@ class Device:
     @ivar lastSeq: the highest inbox seq processed.
     @ivar stream: every entry processed, in order.
     @ivar pending: C{{client_msg_id: SendRequest}} not answered yet.
+    @ivar noEcho: whether it authenticates with C{no_echo}, taking an answer
+        with C{echo_skipped} as its entry, in its place in the stream.
     """
 
-    def __init__(self, machine, uid, deviceId):
+    def __init__(self, machine, uid, deviceId, noEcho=False):
         self.machine = machine
         self.uid = uid
         self.deviceId = deviceId
+        self.noEcho = noEcho
         self.lastSeq = 0
         self.stream = []
         self.pending = collections.OrderedDict()
@@ -164,6 +173,7 @@ class Device:
                 device_id=self.deviceId,
                 last_seq=self.lastSeq,
                 token=mintToken(SECRET, self.uid, 3600, self.machine.clock.seconds()),
+                no_echo=self.noEcho,
             ),
         )
 
@@ -239,6 +249,7 @@ class Device:
                     "{}: the gate's inbox head {} is below the seq {} this device processed:"
                     " acknowledged data lost".format(self, response.head_seq, self.lastSeq)
                 )
+                assert response.no_echo == self.noEcho, response
                 self.authed = True
                 for clientMsgId in list(self.pending):
                     self._transmit(clientMsgId)
@@ -247,24 +258,46 @@ class Device:
                     # Only retryable answers are possible here.
                     assert frame.error.code == pb.UNAVAILABLE, frame.error
                     return
-                machine.sendAcked(self, clientMsgId, pb.SendResponse.FromString(frame.body))
-                self.pending.pop(clientMsgId, None)
+                response = pb.SendResponse.FromString(frame.body)
+                machine.sendAcked(self, clientMsgId, response)
+                request = self.pending.pop(clientMsgId, None)
+                if response.echo_skipped:
+                    assert self.noEcho, "{}: echo_skipped without no_echo".format(self)
+                    assert not response.duplicate and request is not None, response
+                    # The answer is the entry, in its place in the stream.
+                    self._process(
+                        pb.InboxEntry(
+                            seq=response.seq,
+                            outgoing=True,
+                            message=pb.Message(
+                                id=response.message_id,
+                                sender=self.uid,
+                                recipient=request.to,
+                                client_msg_id=clientMsgId,
+                                body=request.body,
+                                created_ms=response.server_time_ms,
+                            ),
+                        )
+                    )
         elif frame.kind == pb.NOTIFY and frame.method == "message":
             entry = pb.InboxEntry.FromString(frame.body)
             if entry.seq <= self.lastSeq:
                 machine.repeats += 1
                 return
-            assert entry.seq == self.lastSeq + 1, "{}: got seq {} after {}: a gap".format(
-                self, entry.seq, self.lastSeq
-            )
-            self.stream.append(entry)
-            self.lastSeq = entry.seq
+            self._process(entry)
         elif frame.kind == pb.ERROR and frame.error.code in (pb.AUTH_TIMEOUT, pb.IDLE_TIMEOUT):
             # Time passed (tick) with the auth or the connection idle; the
             # gate closes the connection and the device reconnects later.
             pass
         else:
             raise AssertionError("{}: unexpected frame {}".format(self, frame))
+
+    def _process(self, entry):
+        assert entry.seq == self.lastSeq + 1, "{}: got seq {} after {}: a gap".format(
+            self, entry.seq, self.lastSeq
+        )
+        self.stream.append(entry)
+        self.lastSeq = entry.seq
 
 
 class DeliveryMachine(RuleBasedStateMachine):
@@ -280,7 +313,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.settings = Settings(**SETTINGS)
-        self.devices = [Device(self, uid, device) for uid, device in DEVICES]
+        self.devices = [Device(self, uid, device, noEcho) for uid, device, noEcho in DEVICES]
         #: (sender, client_msg_id) -> the first SendResponse.
         self.acked = {}
         #: (sender, client_msg_id) -> (to, body, the highest message id

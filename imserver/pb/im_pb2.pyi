@@ -129,23 +129,25 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class AuthRequest(_message.Message):
-    __slots__ = ("uid", "token", "device_id", "platform", "last_seq", "client_version")
+    __slots__ = ("uid", "token", "device_id", "platform", "last_seq", "client_version", "no_echo")
     UID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     CLIENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NO_ECHO_FIELD_NUMBER: _ClassVar[int]
     uid: str
     token: str
     device_id: str
     platform: Platform
     last_seq: int
     client_version: str
-    def __init__(self, uid: _Optional[str] = ..., token: _Optional[str] = ..., device_id: _Optional[str] = ..., platform: _Optional[_Union[Platform, str]] = ..., last_seq: _Optional[int] = ..., client_version: _Optional[str] = ...) -> None: ...
+    no_echo: bool
+    def __init__(self, uid: _Optional[str] = ..., token: _Optional[str] = ..., device_id: _Optional[str] = ..., platform: _Optional[_Union[Platform, str]] = ..., last_seq: _Optional[int] = ..., client_version: _Optional[str] = ..., no_echo: _Optional[bool] = ...) -> None: ...
 
 class AuthResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_ms", "idle_timeout_ms", "server_time_ms", "session_id", "max_frame_length", "head_seq", "max_message_body", "max_unacked")
+    __slots__ = ("heartbeat_interval_ms", "idle_timeout_ms", "server_time_ms", "session_id", "max_frame_length", "head_seq", "max_message_body", "max_unacked", "no_echo")
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +156,7 @@ class AuthResponse(_message.Message):
     HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BODY_FIELD_NUMBER: _ClassVar[int]
     MAX_UNACKED_FIELD_NUMBER: _ClassVar[int]
+    NO_ECHO_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_ms: int
     idle_timeout_ms: int
     server_time_ms: int
@@ -162,7 +165,8 @@ class AuthResponse(_message.Message):
     head_seq: int
     max_message_body: int
     max_unacked: int
-    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., session_id: _Optional[str] = ..., max_frame_length: _Optional[int] = ..., head_seq: _Optional[int] = ..., max_message_body: _Optional[int] = ..., max_unacked: _Optional[int] = ...) -> None: ...
+    no_echo: bool
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., idle_timeout_ms: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., session_id: _Optional[str] = ..., max_frame_length: _Optional[int] = ..., head_seq: _Optional[int] = ..., max_message_body: _Optional[int] = ..., max_unacked: _Optional[int] = ..., no_echo: _Optional[bool] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ()
@@ -237,16 +241,18 @@ class SendRequest(_message.Message):
     def __init__(self, to: _Optional[str] = ..., group_id: _Optional[str] = ..., client_msg_id: _Optional[str] = ..., body: _Optional[bytes] = ..., content_type: _Optional[str] = ...) -> None: ...
 
 class SendResponse(_message.Message):
-    __slots__ = ("message_id", "server_time_ms", "seq", "duplicate")
+    __slots__ = ("message_id", "server_time_ms", "seq", "duplicate", "echo_skipped")
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    ECHO_SKIPPED_FIELD_NUMBER: _ClassVar[int]
     message_id: int
     server_time_ms: int
     seq: int
     duplicate: bool
-    def __init__(self, message_id: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., seq: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    echo_skipped: bool
+    def __init__(self, message_id: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., seq: _Optional[int] = ..., duplicate: _Optional[bool] = ..., echo_skipped: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("seq",)

@@ -115,24 +115,30 @@ class DeliveryHarness(GateHarness):
         GateHarness.__init__(self, testCase, store=store, **settings)
         self.seq = 100
 
-    def login(self, uid, device="phone", lastSeq=0):
+    def login(self, uid, device="phone", lastSeq=0, noEcho=False):
         protocol, transport = self.connect()
         self.request(
             protocol,
             "auth",
-            pb.AuthRequest(uid=uid, device_id=device, token=self.token(uid), last_seq=lastSeq),
+            pb.AuthRequest(
+                uid=uid,
+                device_id=device,
+                token=self.token(uid),
+                last_seq=lastSeq,
+                no_echo=noEcho,
+            ),
         )
         frames = written(transport)
         self.testCase.assertEqual(frames[0].kind, pb.RESPONSE)
         self.testCase.assertFalse(frames[0].HasField("error"), frames[0].error)
         return protocol, transport, pb.AuthResponse.FromString(frames[0].body), frames[1:]
 
-    def send(self, protocol, to, clientMsgId, body=b"hi"):
+    def send(self, protocol, to, clientMsgId, body=b"hi", groupId=""):
         self.seq += 1
         self.request(
             protocol,
             "send",
-            pb.SendRequest(to=to, client_msg_id=clientMsgId, body=body),
+            pb.SendRequest(to=to, group_id=groupId, client_msg_id=clientMsgId, body=body),
             seq=self.seq,
         )
 
