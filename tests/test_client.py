@@ -305,6 +305,7 @@ class IMClientRetransmitTests(SynchronousTestCase):
         client.start()
         [protocol] = endpoint.connected
         [auth] = readFrames(protocol.transport.value())
+        self.authRequest = pb.AuthRequest.FromString(auth.body)
         protocol.transport.clear()
         protocol.dataReceived(
             encodeFrame(
@@ -377,6 +378,7 @@ class IMClientAckTests(SynchronousTestCase):
         client.start()
         [protocol] = endpoint.connected
         [auth] = readFrames(protocol.transport.value())
+        self.authRequest = pb.AuthRequest.FromString(auth.body)
         protocol.transport.clear()
         protocol.dataReceived(
             encodeFrame(
@@ -390,8 +392,12 @@ class IMClientAckTests(SynchronousTestCase):
         self.addCleanup(client.stop)
         return client, protocol
 
-    def push(self, protocol, seq):
-        entry = pb.InboxEntry(seq=seq, message=pb.Message(id=seq, sender="alice", body=b"x"))
+    def push(self, protocol, seq, outgoing=False, clientMsgId=""):
+        entry = pb.InboxEntry(
+            seq=seq,
+            outgoing=outgoing,
+            message=pb.Message(id=seq, sender="alice", body=b"x", client_msg_id=clientMsgId),
+        )
         protocol.dataReceived(
             encodeFrame(pb.Frame(kind=pb.NOTIFY, method="message", body=entry.SerializeToString()))
         )
@@ -505,3 +511,100 @@ class IMClientAckTests(SynchronousTestCase):
         self.assertEqual(self.acks(protocol), [])
         client.ack()
         self.assertEqual(self.acks(protocol), [1])
+
+
+class IMClientNoEchoTests(SynchronousTestCase):
+    """
+    L{IMClient} with C{noEcho}: its own sends reach the application as the
+    results of C{send} only; the entries they made count as received.
+    """
+
+    connect = IMClientAckTests.connect
+    push = IMClientAckTests.push
+    acks = IMClientAckTests.acks
+
+    def answer(self, protocol, seq, **fields):
+        """
+        Answer the one C{send} written since the last look with a
+        L{pb.SendResponse} of C{seq} and C{fields}.
+        """
+        [request] = [f for f in readFrames(protocol.transport.value()) if f.method == "send"]
+        protocol.transport.clear()
+        protocol.dataReceived(
+            encodeFrame(
+                pb.Frame(
+                    kind=pb.RESPONSE,
+                    seq=request.seq,
+                    body=pb.SendResponse(seq=seq, message_id=seq, **fields).SerializeToString(),
+                )
+            )
+        )
+
+    def test_asked(self):
+        """
+        The auth request carries C{no_echo} with C{noEcho}, not without.
+        """
+        self.connect(noEcho=True)
+        self.assertTrue(self.authRequest.no_echo)
+        self.connect()
+        self.assertFalse(self.authRequest.no_echo)
+
+    def test_skippedAnswerIsReceived(self):
+        """
+        An answer with C{echo_skipped} moves L{IMClient.lastSeq} to its seq
+        and is acknowledged like a received entry; the application gets the
+        result, not an C{onMessage}.
+        """
+        client, protocol = self.connect(noEcho=True, ackDelay=0.05)
+        self.push(protocol, 1)
+        results = []
+        client.send("alice", b"hi", clientMsgId="c1").addCallback(results.append)
+        self.answer(protocol, 2, echo_skipped=True)
+        self.assertEqual([r.seq for r in results], [2])
+        self.assertEqual(client.lastSeq, 2)
+        self.assertEqual([e.seq for e in self.received], [1])
+        self.clock.advance(0.05)
+        self.assertEqual(self.acks(protocol), [2])
+
+    def test_pushedAfterAnswer(self):
+        """
+        An own entry the server pushes all the same (its answer was not
+        C{echo_skipped}) is taken as received, acked, and not handed on;
+        the entries around it are.
+        """
+        client, protocol = self.connect(noEcho=True, ackDelay=0)
+        client.send("alice", b"hi", clientMsgId="c1")
+        self.answer(protocol, 2)
+        self.assertEqual(client.lastSeq, 0)
+        self.push(protocol, 1)
+        self.push(protocol, 2, outgoing=True, clientMsgId="c1")
+        self.push(protocol, 3)
+        self.assertEqual([e.seq for e in self.received], [1, 3])
+        self.assertEqual(self.acks(protocol), [1, 2, 3])
+        self.assertEqual(client._ownSeqs, set())
+
+    def test_pushedBeforeAnswer(self):
+        """
+        An own entry pushed before the answer is recognised by its pending
+        C{client_msg_id}; the answer then changes nothing.
+        """
+        client, protocol = self.connect(noEcho=True, ackDelay=0)
+        client.send("alice", b"hi", clientMsgId="c1")
+        self.push(protocol, 1, outgoing=True, clientMsgId="c1")
+        self.answer(protocol, 1)
+        self.assertEqual(self.received, [])
+        self.assertEqual((client.lastSeq, client._ownSeqs), (1, set()))
+
+    def test_otherDevicesHandedOn(self):
+        """
+        Outgoing entries that are not this client's sends (another device
+        of the user) still reach C{onMessage}; so does everything without
+        C{noEcho}.
+        """
+        client, protocol = self.connect(noEcho=True)
+        self.push(protocol, 1, outgoing=True, clientMsgId="laptop-1")
+        self.assertEqual([e.seq for e in self.received], [1])
+        client, protocol = self.connect()
+        client.send("alice", b"hi", clientMsgId="c1")
+        self.push(protocol, 1, outgoing=True, clientMsgId="c1")
+        self.assertEqual([e.seq for e in self.received], [1])

@@ -153,6 +153,43 @@ class IMClientTests(TestCase):
         self.assertEqual(len({r.message_id for r in responses}), 20)
 
     @inlineCallbacks
+    def test_noEcho(self):
+        """
+        With C{noEcho} a client's own sends reach its application only as
+        send results, and the gate pushes them to it not at all (the metric
+        counts each); the user's other device gets them, the peer's replies
+        arrive in order, once, and a drop and resume loses and repeats
+        nothing.
+        """
+        inbox, laptopInbox, bobInbox = Inbox(), Inbox(), Inbox()
+        alice = self.client("alice", onMessage=inbox, noEcho=True)
+        laptop = self.client("alice", "laptop", onMessage=laptopInbox)
+        bob = self.client("bob", onMessage=bobInbox)
+        for client in (alice, laptop, bob):
+            yield client.whenConnected()
+        pushedBefore = self.factory.metrics.messagesPushed
+        for i in range(5):
+            answer = yield alice.send("bob", b"a%d" % i)
+            self.assertTrue(answer.echo_skipped)
+            self.assertEqual(alice.lastSeq, answer.seq)
+            yield bobInbox.waitFor(i + 1)
+            yield bob.send("alice", b"b%d" % i)
+            yield inbox.waitFor(i + 1)
+        self.assertEqual([e.message.body for e in inbox.entries], [b"b%d" % i for i in range(5)])
+        self.assertEqual(self.factory.metrics.echoesSkipped, 5)
+        laptopEntries = yield laptopInbox.waitFor(10)
+        self.assertEqual([e.seq for e in laptopEntries], list(range(1, 11)))
+        # Pushed: 5 to bob, 5 back to alice, 10 to the laptop, 5 to bob's own.
+        self.assertEqual(self.factory.metrics.messagesPushed - pushedBefore, 25)
+
+        self.dropAll()
+        yield bob.send("alice", b"after the drop")
+        [entry] = (yield inbox.waitFor(6))[5:]
+        self.assertEqual((entry.seq, entry.message.body), (11, b"after the drop"))
+        self.assertEqual(len(inbox.entries), 6)
+        self.assertEqual(alice.lastSeq, 11)
+
+    @inlineCallbacks
     def test_resumeAfterDrop(self):
         """
         Messages sent while the recipient is disconnected arrive after its

@@ -86,6 +86,7 @@ class IMClient:
         maxSendAge=3600.0,
         ackEvery=None,
         ackDelay=0.05,
+        noEcho=False,
     ):
         """
         @param token: the token, or a callable returning it (or a Deferred
@@ -106,6 +107,13 @@ class IMClient:
         @param ackDelay: with C{autoAck}, acknowledge what is left
             unacknowledged once no new entry came for this many seconds
             (0: acknowledge every entry at once, as before).
+        @param noEcho: this client's own sends reach the application only
+            as the results of L{send}, never through C{onMessage}: the
+            server is asked not to push them back (C{no_echo}), and those it
+            pushes all the same (its answer could not be the copy, or after
+            a reconnect) are recognised, counted as received and acked, and
+            not handed to C{onMessage}.  Other devices' messages of the
+            same user still come through C{onMessage} (C{outgoing} true).
         """
         self.clock = reactor
         self.uid = uid
@@ -119,6 +127,10 @@ class IMClient:
         self.maxSendAge = maxSendAge
         self.ackEvery = ackEvery
         self.ackDelay = ackDelay
+        self.noEcho = noEcho
+        # With noEcho: seqs above lastSeq of sends this client was answered,
+        # whose entries the server may still push (not handed on then).
+        self._ownSeqs = set()
         # Entries handed to the application but not acknowledged on the
         # current connection, and the quiet-interval timer.
         self._unacked = 0
@@ -211,7 +223,7 @@ class IMClient:
         d = maybeDeferred(lambda: token)
         d.addCallback(
             lambda token: protocol.authenticate(
-                self.uid, token, self.deviceId, self.platform, self.lastSeq
+                self.uid, token, self.deviceId, self.platform, self.lastSeq, noEcho=self.noEcho
             )
         )
         d.addCallbacks(self._authenticated, self._authFailed, (protocol,), None, (protocol,))
@@ -298,10 +310,27 @@ class IMClient:
         ).addCallbacks(self._sent, self._sendFailed, (clientMsgId,), None, (clientMsgId, protocol))
 
     def _sent(self, response, clientMsgId):
+        if self.noEcho and response.seq > self.lastSeq:
+            if response.echo_skipped:
+                # Every entry before it came first, on this connection: the
+                # answer is the entry, received (and acked in its turn).
+                self.lastSeq = response.seq
+                self._forgetOwn()
+                if self.protocol is not None:
+                    self._entryHandled(self.protocol)
+            else:
+                self._ownSeqs.add(response.seq)
         pending = self._pending.pop(clientMsgId, None)
         if pending is not None:
             pending.expiry.cancel()
             pending.result.callback(response)
+
+    def _forgetOwn(self):
+        """
+        Forget the own seqs at or below L{lastSeq}: passed.
+        """
+        if self._ownSeqs:
+            self._ownSeqs = {seq for seq in self._ownSeqs if seq > self.lastSeq}
 
     def _sendFailed(self, failure, clientMsgId, protocol):
         pending = self._pending.get(clientMsgId)
@@ -396,11 +425,23 @@ class IMClient:
                 self._entryHandled(protocol)
                 return
             self.lastSeq = message.seq
-            if self.onMessage is not None:
+            if self.noEcho and self._isOwn(message):
+                # Already the application's, as a send's result.
+                self._forgetOwn()
+            elif self.onMessage is not None:
                 self.onMessage(message)
             self._entryHandled(protocol)
         elif self.onNotify is not None:
             self.onNotify(name, message)
+
+    def _isOwn(self, entry):
+        """
+        Whether C{entry} is one of this client's sends: answered (its seq),
+        or pushed before its answer (its C{client_msg_id} is pending).
+        """
+        return entry.outgoing and (
+            entry.seq in self._ownSeqs or entry.message.client_msg_id in self._pending
+        )
 
 
 class _PendingSend:

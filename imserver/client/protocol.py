@@ -75,9 +75,15 @@ class ClientProtocol(RPCProtocol):
         """
         return self.callRemote(method, request, timeout)
 
-    def authenticate(self, uid, token, deviceId, platform=pb.DESKTOP, lastSeq=0, timeout=None):
+    def authenticate(
+        self, uid, token, deviceId, platform=pb.DESKTOP, lastSeq=0, timeout=None, noEcho=False
+    ):
         """
         Send C{auth}; on success start heartbeating.
+
+        @param noEcho: ask the server not to push this connection's own
+            sends back to it when their answers can be its copies
+            (C{AuthRequest.no_echo}, docs/protocol.md section 6.1).
 
         @return: a L{Deferred} firing with the L{pb.AuthResponse}.
         """
@@ -88,6 +94,7 @@ class ClientProtocol(RPCProtocol):
             platform=platform,
             last_seq=lastSeq,
             client_version="imserver.client/" + __version__,
+            no_echo=noEcho,
         )
         return self.callRemote(methods.AUTH, request, timeout).addCallback(self._authenticated)
 
