@@ -1716,6 +1716,35 @@ class SmokeTests(TestCase):
         self.assertTrue(outcome.latencies["p2p"])
         self.assertTrue(outcome.timelines["p2p"])
 
+    @inlineCallbacks
+    def test_p2pNoEcho(self):
+        """
+        With C{--no-echo} the senders are pushed none of their own messages
+        back (C{echoes_per_s} 0, as many as deliveries without the flag),
+        and every message is delivered.
+        """
+        rates = {}
+        for flags in ((), ("--no-echo",)):
+            outcome = yield self.run_(
+                P2P,
+                "--users",
+                "8",
+                "--duration",
+                "0.5",
+                "--warmup",
+                "0.2",
+                "--no-reference",
+                *flags,
+            )
+            result = outcome.result
+            self.assertClean(result, 8)
+            self.assertGreater(result["deliveries_per_s"], 0)
+            rates[flags] = result
+        self.assertGreater(rates[()]["echoes_per_s"], 0)
+        self.assertNotIn("no_echo", rates[()])
+        self.assertEqual(rates[("--no-echo",)]["echoes_per_s"], 0)
+        self.assertTrue(rates[("--no-echo",)]["no_echo"])
+
     def openLoop(self, arrivals, *args):
         """
         Run C{p2p} in the open loop, C{arrivals} spaced, with two workers;

@@ -18,6 +18,13 @@ subtracts it from its own.
     python -m imserver.bench p2p --users 1000 --rate 2400 --arrivals poisson --seed 7
     python -m imserver.bench p2p --users 400 --transport wss
     python -m imserver.bench p2p --users 400 --duration 10 --before-send
+    python -m imserver.bench p2p --users 400 --duration 10 --no-echo
+
+With C{--no-echo} every session authenticates with C{no_echo}: a sender is
+not pushed its own message back (its C{send} answer is its copy), so a
+message is 4 frames instead of 6; C{echoes_per_s} (own messages pushed back
+to their senders) shows it: about C{deliveries_per_s} without the flag, 0
+with it.
 
 With C{--before-send} the gate asks a before-send backend about every send
 (C{--before-send URL}, docs/api.md): the bench starts an allow-all one
@@ -57,7 +64,13 @@ class P2POptions(OpenLoopOptions):
             None,
             "Start an allow-all before-send backend on loopback (pinned with the gate) and "
             "give its URL to the gate's --before-send: every send is checked over HTTP.",
-        ]
+        ],
+        [
+            "no-echo",
+            None,
+            "Sessions authenticate with no_echo: a sender is not pushed its own message back "
+            "(the send answer is its copy), 4 frames per message instead of 6.",
+        ],
     ]
     optParameters = [
         ["inflight", None, 1, "Closed loop: sends outstanding per sender.", int],
@@ -75,7 +88,7 @@ class P2PLoad(Load):
     Pairs of sessions, the even user of each sending to the odd one.
     """
 
-    counters = ("connected", "sent", "delivered", "errors")
+    counters = ("connected", "sent", "delivered", "echoes", "errors")
 
     def __init__(self, reactor, spec, *args, **kwargs):
         Load.__init__(self, reactor, spec, *args, **kwargs)
@@ -85,12 +98,17 @@ class P2PLoad(Load):
         self._turn = 0
 
     def connectOne(self, index):
-        return self.connectSession(index).addCallback(self.clients.append)
+        return self.connectSession(index, noEcho=self.config["noEcho"]).addCallback(
+            self.clients.append
+        )
 
     def notified(self, client, name, message):
-        if name == methods.MESSAGE.name and not message.outgoing:
-            self.add("delivered")
-            self.record(self.now() - _stamp.unpack_from(message.message.body)[0])
+        if name == methods.MESSAGE.name:
+            if message.outgoing:
+                self.add("echoes")  # a sender's own message pushed back to it
+            else:
+                self.add("delivered")
+                self.record(self.now() - _stamp.unpack_from(message.message.body)[0])
         Load.notified(self, client, name, message)
 
     def on_start(self):
@@ -152,6 +170,7 @@ class P2P(Scenario):
             "inflight": o["inflight"],
             "rate": o["rate"] * count / o["users"],
             "body": o["body"],
+            "noEcho": o["no-echo"],
             **self.arrivalConfig(first),
         }
 
@@ -169,11 +188,14 @@ class P2P(Scenario):
                 "body_bytes": o["body"],
                 "sends_acked_per_s": window.rate("sent"),
                 "deliveries_per_s": window.rate("delivered"),
+                "echoes_per_s": window.rate("echoes"),
                 "latency_ms": latencySummary(window.latencies),
             }
         )
         if o["rate"]:
             result["arrivals"] = o["arrivals"]
+        if o["no-echo"]:
+            result["no_echo"] = True
         if o["before-send"]:
             result["before_send"] = "allow-all backend on loopback, pinned with the gate"
         return result

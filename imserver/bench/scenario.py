@@ -292,7 +292,7 @@ class Load:
             ),
         )
 
-    def connectSession(self, index, lastSeq=0):
+    def connectSession(self, index, lastSeq=0, noEcho=False):
         """
         Connect a L{SessionClient} for user C{index} and authenticate.
 
@@ -303,7 +303,7 @@ class Load:
         uid = userName(index)
 
         def authenticate(client):
-            d = client.authenticate(uid, self.token(uid), DEVICE, lastSeq=lastSeq)
+            d = client.authenticate(uid, self.token(uid), DEVICE, lastSeq=lastSeq, noEcho=noEcho)
             return d.addCallbacks(lambda response: client, self._abortFailed, None, None, (client,))
 
         client = self.Client(self, index)
