@@ -1491,7 +1491,7 @@ class MicroTests(SynchronousTestCase):
         )
         out = io.StringIO()
         result = micro.run(config, out)
-        for name in ("ping_us", "p2p_message_us", "fanout_delivery_us"):
+        for name in ("ping_us", "p2p_message_us", "p2p_no_echo_message_us", "fanout_delivery_us"):
             self.assertGreater(result[name], 0)
             self.assertEqual(len(result[name + "_rounds"]), 2)
         with open(path) as f:

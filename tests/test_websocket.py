@@ -228,6 +228,32 @@ class WebSocketDeliveryTests(TestCase):
         self.assertEqual(body["message"]["sender"], "bob")
 
     @inlineCallbacks
+    def test_jsonNoEcho(self):
+        """
+        A browser that asks for C{noEcho} (JSON names of C{no_echo}) is
+        answered C{echoSkipped} and not pushed its own message; the next
+        push it gets is its peer's reply.
+        """
+        browser = yield self.web.ws()
+        auth = yield browser.call(
+            "auth",
+            {
+                "uid": "alice",
+                "token": self.web.token("alice"),
+                "deviceId": "browser",
+                "platform": "WEB",
+                "noEcho": True,
+            },
+        )
+        self.assertIs(auth["body"]["noEcho"], True)
+        phone = yield self.web.tcp("bob")
+        sent = yield browser.call("send", {"to": "bob", "clientMsgId": "m1", "body": b64(b"hi")})
+        self.assertEqual((sent["body"]["seq"], sent["body"]["echoSkipped"]), ("1", True))
+        yield phone.send("alice", b"hi alice", "m2")
+        push = yield browser.nextNotify("message")
+        self.assertEqual((push["body"]["seq"], push["body"]["message"]["sender"]), ("2", "bob"))
+
+    @inlineCallbacks
     def test_protoToTCPAndBack(self):
         """
         The same over C{imserver.v1.proto}.

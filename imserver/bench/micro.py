@@ -122,9 +122,9 @@ class Gate:
             rng=random.Random(1),
         )
 
-    def session(self, uid):
+    def session(self, uid, noEcho=False):
         """
-        An authenticated session of C{uid}.
+        An authenticated session of C{uid} (with C{no_echo} if C{noEcho}).
 
         @return: C{(protocol, transport)}
         """
@@ -134,7 +134,11 @@ class Gate:
         token = mintToken(_SECRET, uid, 3600, self.clock.seconds())
         protocol.dataReceived(
             _request(
-                1, "auth", pb.AuthRequest(uid=uid, token=token, device_id="d", platform=pb.DESKTOP)
+                1,
+                "auth",
+                pb.AuthRequest(
+                    uid=uid, token=token, device_id="d", platform=pb.DESKTOP, no_echo=noEcho
+                ),
             )
         )
         if protocol.session.state != "authenticated":
@@ -177,9 +181,14 @@ def measurePing(count):
     return cpu
 
 
-def measureP2P(count):
+def measureP2P(count, noEcho=False):
+    """
+    CPU per 1:1 message: the send, its answer, the push and its ack, and
+    (unless C{noEcho}: the sender authenticated with C{no_echo}) the
+    sender's own copy pushed back and acked.
+    """
     gate = Gate()
-    sender, senderTransport = gate.session("alice")
+    sender, senderTransport = gate.session("alice", noEcho)
     recipient, recipientTransport = gate.session("bob")
     before = senderTransport.writes, recipientTransport.writes
     sends = [
@@ -195,9 +204,15 @@ def measureP2P(count):
             recipient.dataReceived(ack)
             sender.dataReceived(ack)
 
-    cpu = _cpu(run, count)
-    # The sender: answers and its own copies; the recipient: pushes.
-    _check(senderTransport, before[0] + 2 * count, "p2p sender")
+    def runNoEcho():
+        for send, ack in zip(sends, acks):
+            sender.dataReceived(send)
+            recipient.dataReceived(ack)
+
+    cpu = _cpu(runNoEcho if noEcho else run, count)
+    # The sender: answers and (with the echo) its own copies; the
+    # recipient: pushes.
+    _check(senderTransport, before[0] + (1 if noEcho else 2) * count, "p2p sender")
     _check(recipientTransport, before[1] + count, "p2p recipient")
     return cpu
 
@@ -240,7 +255,8 @@ class Options(commandline.Options):
     longdesc = (
         "The gate's own Python work per frame, without sockets, kernel or client:"
         " real gate protocols (memory store and registry) on transports that only"
-        " count what is written. Prints the CPU time per ping, per 1:1 message and"
+        " count what is written. Prints the CPU time per ping, per 1:1 message (with and"
+        " without no_echo) and"
         " per group delivery to one member, the median of --repeat rounds, as JSON."
     )
     optParameters = [
@@ -264,10 +280,16 @@ def run(config, out=sys.stdout):
     """
     Measure, print the JSON result and return it.
     """
-    rounds = {"ping_us": [], "p2p_message_us": [], "fanout_delivery_us": []}
+    rounds = {
+        "ping_us": [],
+        "p2p_message_us": [],
+        "p2p_no_echo_message_us": [],
+        "fanout_delivery_us": [],
+    }
     for _ in range(config["repeat"]):
         rounds["ping_us"].append(measurePing(config["pings"]) * 1e6)
         rounds["p2p_message_us"].append(measureP2P(config["messages"]) * 1e6)
+        rounds["p2p_no_echo_message_us"].append(measureP2P(config["messages"], noEcho=True) * 1e6)
         rounds["fanout_delivery_us"].append(
             measureFanout(config["members"], config["group-messages"]) * 1e6
         )
