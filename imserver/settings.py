@@ -211,6 +211,13 @@ class Settings:
         0.0,
         0.1,
     )
+    store_wal_autocheckpoint: int = _setting(
+        10000,
+        "SQLite store: WAL pages (4 KiB) after which a commit copies the WAL "
+        "into the database file (SQLite's wal_autocheckpoint).",
+        100,
+        1_000_000,
+    )
     before_send_timeout: float = _setting(
         2.0,
         "Seconds a send waits for the --before-send check's answer (queue "

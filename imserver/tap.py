@@ -532,6 +532,7 @@ def makeService(options, reactor=None):
             commitObserver=metrics.observeCommit,
             clock=reactor,
             commitDelay=settings.store_commit_delay,
+            walAutocheckpoint=settings.store_wal_autocheckpoint,
         )
     from imserver.beforesend import fromOptions as beforeSendFromOptions
 

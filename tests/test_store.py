@@ -43,6 +43,7 @@ from imserver.store.memory import MemoryMessageStore
 from imserver.store.redis import RedisMessageStore, store as redisStoreModule
 from imserver.store.redis.keys import groupKey, slotBodyPrefix, slotTag, userKey, userSlot
 from imserver.store.sqlite import ADDED_TABLES, SQLiteMessageStore, StoreClosed
+from imserver.store.sqlite.schema import WAL_AUTOCHECKPOINT
 from imserver.webhooks.events import (
     GROUP_CHANGED,
     GROUP_CREATED,
@@ -1281,6 +1282,20 @@ class SQLiteStoreTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         db = self.store._db
         self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
         self.assertEqual(db.execute("PRAGMA synchronous").fetchone()[0], 2)
+
+    def test_walAutocheckpoint(self):
+        """
+        A commit checkpoints once the WAL holds C{walAutocheckpoint} pages:
+        L{WAL_AUTOCHECKPOINT} (10,000, not SQLite's 1,000) by default, or
+        what the store is given.
+        """
+        self.assertEqual(WAL_AUTOCHECKPOINT, 10000)
+        db = self.store._db
+        self.assertEqual(db.execute("PRAGMA wal_autocheckpoint").fetchone()[0], 10000)
+        store = SQLiteMessageStore(self.mktemp(), None, threaded=False, walAutocheckpoint=500)
+        store.startService()
+        self.addCleanup(store.stopService)
+        self.assertEqual(store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0], 500)
 
     def test_notRunning(self):
         """

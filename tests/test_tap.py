@@ -682,6 +682,25 @@ class StoreChoiceTests(SynchronousTestCase):
         self.assertEqual(store.path, dataDir.child(MESSAGES_FILE_NAME).path)
         self.assertIs(list(root)[0], store)
         self.assertIs(root.getServiceNamed("gate").factory.store, store)
+        self.assertEqual(store.walAutocheckpoint, 10000)
+
+    def test_walAutocheckpoint(self):
+        """
+        C{--store-wal-autocheckpoint} reaches the SQLite store.
+        """
+        options = tap.Options()
+        options.parseOptions(
+            [
+                "--data-dir",
+                self.mktemp(),
+                "--listen",
+                TCP_LISTEN,
+                "--store-wal-autocheckpoint",
+                "2000",
+            ]
+        )
+        root = tap.makeService(options, reactor=MemoryReactorClock())
+        self.assertEqual(root.getServiceNamed("store").walAutocheckpoint, 2000)
 
     def test_everySettingDocumented(self):
         """

@@ -99,10 +99,20 @@ def dedupLookup(count):
     )
 
 
-def openDatabase(path):
+#: WAL pages after which a commit checkpoints (copies the WAL into the
+#: database file): the C{store_wal_autocheckpoint} setting's default.
+WAL_AUTOCHECKPOINT = 10000
+
+
+def openDatabase(path, walAutocheckpoint=WAL_AUTOCHECKPOINT):
     """
     Open (creating if needed) the database at C{path} with the durable
     settings.
+
+    @param walAutocheckpoint: the commit after which the WAL holds this many
+        pages checkpoints it (SQLite's C{wal_autocheckpoint}; its own
+        default is 1000, which at thousands of messages per second
+        checkpoints every tenth of a second).
 
     @rtype: L{sqlite3.Connection}
     """
@@ -115,5 +125,6 @@ def openDatabase(path):
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA wal_autocheckpoint={:d}".format(walAutocheckpoint))
     db.executescript(SCHEMA)
     return db

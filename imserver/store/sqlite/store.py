@@ -12,6 +12,7 @@ from zope.interface import implementer
 from imserver.interfaces import IGroupStore, IMessageStore, IOutbox
 from imserver.store import OutboxFullLog
 from imserver.store.sqlite.operations import _Operations
+from imserver.store.sqlite.schema import WAL_AUTOCHECKPOINT
 from imserver.store.sqlite.writer import GroupCommitWriter
 
 
@@ -29,6 +30,8 @@ class SQLiteMessageStore(GroupCommitWriter):
         (L{imserver.metrics.GateMetrics.observeCommit}), or L{None}.
     @param commitDelay: the least seconds between two commits while
         operations keep coming (L{GroupCommitWriter}).
+    @param walAutocheckpoint: WAL pages after which a commit checkpoints
+        (L{openDatabase}).
     @param clock: an C{IReactorTime}: the time of the outbox events of
         operations given none (C{deleteGroup}, C{removeMembers}) and of
         the full-outbox warnings; C{reactor} if L{None}, or the system
@@ -49,6 +52,7 @@ class SQLiteMessageStore(GroupCommitWriter):
         commitObserver=None,
         clock=None,
         commitDelay=0.0,
+        walAutocheckpoint=WAL_AUTOCHECKPOINT,
     ):
         GroupCommitWriter.__init__(
             self,
@@ -58,6 +62,7 @@ class SQLiteMessageStore(GroupCommitWriter):
             threaded,
             commitObserver,
             commitDelay,
+            walAutocheckpoint,
         )
         if clock is None:
             clock = reactor

@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from imserver.store import GroupExists, GroupFull, GroupNotFound
-from imserver.store.sqlite.schema import openDatabase
+from imserver.store.sqlite.schema import WAL_AUTOCHECKPOINT, openDatabase
 
 #: Most operations committed in one transaction.
 MAX_BATCH = 2000
@@ -67,7 +67,16 @@ class GroupCommitWriter(Service):
         C{store_commit_delay} setting; 0: none).
     """
 
-    def __init__(self, path, reactor, ops, threaded=True, commitObserver=None, commitDelay=0.0):
+    def __init__(
+        self,
+        path,
+        reactor,
+        ops,
+        threaded=True,
+        commitObserver=None,
+        commitDelay=0.0,
+        walAutocheckpoint=WAL_AUTOCHECKPOINT,
+    ):
         self.path = path
         self._reactor = reactor
         self._ops = ops
@@ -84,6 +93,7 @@ class GroupCommitWriter(Service):
         self.outboxDropped = ops.outboxDropped
         self.commitObserver = commitObserver
         self.commitDelay = commitDelay
+        self.walAutocheckpoint = walAutocheckpoint
         # The writer thread's clock for commitDelay (tests replace it).
         self.monotonic = time.monotonic
 
@@ -93,7 +103,7 @@ class GroupCommitWriter(Service):
         # Opened here, once, before anything is served: a store that cannot
         # open stops the server from starting instead of failing every
         # request.  From then on only the writer thread touches it.
-        db = openDatabase(self.path)
+        db = openDatabase(self.path, self.walAutocheckpoint)
         try:
             self._ops.loadIds(db)
         except BaseException:
