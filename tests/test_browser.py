@@ -257,6 +257,17 @@ class ChatTests(TestCase):
         with urllib.request.urlopen(request, timeout=WAIT) as answer:
             return json.load(answer)
 
+    def metric(self, name):
+        """
+        The value of the gate's Prometheus sample C{name} (blocking).
+        """
+        url = "http://127.0.0.1:{}/metrics".format(self.gate.apiPort)
+        with urllib.request.urlopen(url, timeout=WAIT) as answer:
+            for line in answer.read().decode("utf-8").splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        raise AssertionError("no metric {}".format(name))
+
     def tcpClient(self, uid, deviceId, onMessage, lastSeq=0):
         """
         A started L{IMClient} over TCP (the gate's plain C{tcp:} listener);
@@ -306,9 +317,10 @@ class ChatTests(TestCase):
         """
         Two users chat through their pages, both ways: a message shows at
         once as pending or confirmed on the sender's side, then confirmed
-        (once, though it also comes back from the sender's inbox), and as
-        received on the other side; typing shows on the other side; after a
-        reload the page shows the history once, in order.
+        (once: the page asks for C{noEcho}, so the gate does not push it
+        back), and as received on the other side; typing shows on the other
+        side; after a reload the page shows the history once, in order (its
+        own messages included, pushed to the new connection).
         """
         alice = self.signIn("alice")
         bob = self.signIn("bob")
@@ -331,6 +343,7 @@ class ChatTests(TestCase):
         expect(bob.locator("#messages li.message").last).to_have_attribute(
             "data-state", "confirmed"
         )
+        self.assertEqual(self.metric("imserver_echoes_skipped_total"), 2)
 
         # Typing: shown while bob types, gone when he clears the field.
         bob.locator("#text").press_sequentially("are you")
@@ -477,9 +490,11 @@ class ChatTests(TestCase):
     def test_reloadResendsPending(self):
         """
         A message whose answer never reached the page (the server stored it)
-        stays pending, in C{sessionStorage} too; after a reload the page
-        sends it again with the same clientMsgId, the server answers it as
-        a duplicate, and the message is shown once and stored once.
+        stays pending, in C{sessionStorage} too (the page asks for
+        C{noEcho}: the lost answer was its only copy, the gate skipped the
+        echo); after a reload the page sends it again with the same
+        clientMsgId, the server answers it as a duplicate, and the message
+        is shown once and stored once.
         """
         frank = self.browser.page()
         dropped = []
@@ -516,9 +531,15 @@ class ChatTests(TestCase):
         expect(frank.locator("#status")).to_have_text("connected as frank")
         self.openPeer(frank, "gina")
         self.type(frank, "answer lost")
-        # The message was stored: it comes back from frank's inbox (and is
-        # shown as stored), but the client still waits for the answer.
-        expect(frank.locator("#messages li.message")).to_have_attribute("data-state", "confirmed")
+        # The message was stored (its answer was dropped on the way), but
+        # with noEcho nothing else would have said so: the client still
+        # waits for the answer.  (Each Playwright call lets the route above
+        # run; bounded by WAIT.)
+        deadline = time.monotonic() + WAIT
+        while not dropped and time.monotonic() < deadline:
+            frank.evaluate("0")
+        self.assertEqual(self.metric("imserver_messages_stored_total"), 1)
+        expect(frank.locator("#messages li.message")).to_have_attribute("data-state", "pending")
         pending = frank.evaluate("JSON.parse(sessionStorage.getItem('imserver.pending.frank'))")
         self.assertEqual(len(pending), 1)
         self.assertEqual(len(dropped), 1)

@@ -704,6 +704,9 @@ function startChat(uid) {
     deviceId: deviceId(),
     lastSeq: 0,
     storage: sessionStorage,
+    // Own messages are shown from the send and its answer ("sent"): the
+    // gate need not push them back to this page.
+    noEcho: true,
   });
   chat = new Chat(client, uid);
   for (const sending of client.pendingSends()) {

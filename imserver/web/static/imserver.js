@@ -246,6 +246,7 @@ function convertSendResponse(r) {
     serverTimeMs: u64(r.serverTimeMs),
     seq: u64(r.seq),
     duplicate: r.duplicate === true,
+    echoSkipped: r.echoSkipped === true,
   };
 }
 
@@ -587,6 +588,10 @@ export class IMClient extends EventTarget {
    * @param {number} [options.maxSendAge] ms a send is retried before it fails with
    *   TIMEOUT (default 3600000; keep it well below the server's dedup window)
    * @param {number} [options.ackDelay] ms without a new message before acking (default 100)
+   * @param {boolean} [options.noEcho] this client's own sends reach the application
+   *   only as their "sent" events, never as "message" events: the server is asked
+   *   not to push them back (AuthRequest.noEcho, docs/protocol.md section 6.3), and
+   *   those it pushes all the same are acked and not emitted (default false)
    * @param {(attempt: number) => number} [options.backoff] reconnect delay in ms
    * @param {typeof WebSocket} [options.WebSocket] the WebSocket class to use
    */
@@ -603,6 +608,7 @@ export class IMClient extends EventTarget {
     storageKey,
     maxSendAge = 3600000,
     ackDelay = 100,
+    noEcho = false,
     backoff = fullJitterBackoff,
     WebSocket = globalThis.WebSocket,
   }) {
@@ -620,6 +626,9 @@ export class IMClient extends EventTarget {
     this.requestTimeout = requestTimeout;
     this.maxSendAge = maxSendAge;
     this.ackDelay = ackDelay;
+    this.noEcho = noEcho === true;
+    /** With noEcho: seqs above lastSeq of own sends the server may still push. */
+    this._ownSeqs = new Set();
     /** The reason the client gave up by itself (an IMError), or null. */
     this.stopReason = null;
     /** The AuthResponse of the current connection (numbers converted), or null. */
@@ -773,6 +782,9 @@ export class IMClient extends EventTarget {
       lastSeq: String(this.lastSeq),
       clientVersion: CLIENT_VERSION,
     };
+    if (this.noEcho) {
+      request.noEcho = true;
+    }
     conn.call("auth", request, (error, body) => {
       if (error) {
         this._authFailed(conn, error);
@@ -897,9 +909,41 @@ export class IMClient extends EventTarget {
       return;
     }
     this.lastSeq = entry.seq;
-    this._emit("message", entry);
+    const message = entry.message;
+    if (this.noEcho && entry.outgoing && (this._ownSeqs.has(entry.seq) || this._pending.has(message.clientMsgId))) {
+      // One of our own sends: the application has it as a "sent" event.
+      this._forgetOwn();
+    } else {
+      this._emit("message", entry);
+    }
     if (this.autoAck && conn.authenticated && !conn.closed) {
       conn.processed(entry.seq);
+    }
+  }
+
+  /** With noEcho, take a send's answer as its entry when the server says so. */
+  _answered(conn, response) {
+    if (!this.noEcho || response.seq <= this.lastSeq) {
+      return;
+    }
+    if (response.echoSkipped) {
+      // Every entry before it came first on this connection: the answer
+      // is the entry, in its place (and acked like one).
+      this.lastSeq = response.seq;
+      this._forgetOwn();
+      if (this.autoAck && conn === this._conn && conn.authenticated && !conn.closed) {
+        conn.processed(response.seq);
+      }
+    } else {
+      this._ownSeqs.add(response.seq);
+    }
+  }
+
+  _forgetOwn() {
+    for (const seq of this._ownSeqs) {
+      if (seq <= this.lastSeq) {
+        this._ownSeqs.delete(seq);
+      }
     }
   }
 
@@ -981,7 +1025,9 @@ export class IMClient extends EventTarget {
     conn.call("send", pending.request, (error, body) => {
       pending.inflight = false;
       if (!error) {
-        this._finish(clientMsgId, null, convertSendResponse(body));
+        const response = convertSendResponse(body);
+        this._answered(conn, response);
+        this._finish(clientMsgId, null, response);
       } else if (FINAL_SEND_ERRORS.has(error.code)) {
         this._finish(clientMsgId, error);
       } else if (conn === this._conn && !conn.closed && this._pending.get(clientMsgId) === pending) {
