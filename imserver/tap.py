@@ -110,6 +110,14 @@ class Options(usage.Options):
             "--redis, whose store is Redis.",
         ],
         [
+            "store-writer",
+            None,
+            "thread",
+            "SQLite store: where its writer runs: thread (a thread of the gate, sharing "
+            "its core) or process (a child process, the saver, which can run on "
+            "another core).",
+        ],
+        [
             "redis",
             None,
             None,
@@ -302,6 +310,10 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--store is sqlite or memory (the Redis store comes with --redis)"
             )
+        if self["store-writer"] not in ("thread", "process"):
+            raise usage.UsageError("--store-writer is thread or process")
+        if self["store-writer"] == "process" and self["store"] != "sqlite":
+            raise usage.UsageError("--store-writer process is for the SQLite store")
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError(
                 "--tls-cert and --tls-key go together: give both, or neither for "
@@ -533,6 +545,7 @@ def makeService(options, reactor=None):
             clock=reactor,
             commitDelay=settings.store_commit_delay,
             walAutocheckpoint=settings.store_wal_autocheckpoint,
+            process=options["store-writer"] == "process",
         )
     from imserver.beforesend import fromOptions as beforeSendFromOptions
 

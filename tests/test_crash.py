@@ -49,6 +49,7 @@ listens and connects on 127.0.0.1 only.
 
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -135,9 +136,9 @@ def _scale(messages):
     return max(1.0, messages / 10000.0)
 
 
-def sqliteGate(dataDir):
+def sqliteGate(dataDir, args=()):
     """
-    The L{Gate} of L{CrashTests}: SQLite in C{dataDir}.
+    The L{Gate} of L{CrashTests}: SQLite in C{dataDir}, and C{args}.
     """
     return Gate(
         dataDir,
@@ -148,8 +149,24 @@ def sqliteGate(dataDir):
             str(HEARTBEAT_INTERVAL),
             "--idle-timeout",
             str(IDLE_TIMEOUT),
-        ],
+        ]
+        + list(args),
     )
+
+
+def killSaver(gate):
+    """
+    C{kill -9} the SQLite saver process of C{gate} (C{--store-writer
+    process}); the gate starts another at once.
+
+    @return: a L{Deferred} firing with 0 (the gate itself stays up).
+    """
+    gatePid = gate.runs[-1].transport.pid
+    with open("/proc/{0}/task/{0}/children".format(gatePid)) as f:
+        [saver] = [int(pid) for pid in f.read().split()]
+    os.kill(saver, signal.SIGKILL)
+    gate.kills += 1
+    return succeed(0.0)
 
 
 class CrashableRedis:
@@ -1108,6 +1125,10 @@ class CrashTests(CrashTestMixin, TestCase):
     """
 
     timeout = TEST_TIMEOUT * _scale(MESSAGES)
+    #: More options of the gate.
+    gateArgs: "tuple[str, ...]" = ()
+    #: Whether its SQLite saver process is killed too, halfway.
+    killsSaver = False
 
     @inlineCallbacks
     def test_crash(self):
@@ -1123,13 +1144,14 @@ class CrashTests(CrashTestMixin, TestCase):
         rng = random.Random(seed)
         dataDir = FilePath(self.mktemp())
         dataDir.makedirs()
-        gate = sqliteGate(dataDir)
+        gate = sqliteGate(dataDir, self.gateArgs)
         self.addCleanup(gate.stop)
         users = ["user{}".format(i) for i in range(USERS)]
         history = History(users)
-        workload = Workload(
-            history, rng, users, MESSAGES, [(at, "gate", gate.crash) for at in KILL_AT]
-        )
+        faults = [(at, "gate", gate.crash) for at in KILL_AT]
+        if self.killsSaver:
+            faults.insert(1, (0.5, "saver", lambda: killSaver(gate)))
+        workload = Workload(history, rng, users, MESSAGES, faults)
         self.addCleanup(workload.stop)
 
         port = yield gate.start()
@@ -1137,8 +1159,21 @@ class CrashTests(CrashTestMixin, TestCase):
             gate.secret(), lambda i: TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
         )
         yield self.runAndCheck(workload, history, succeed, {"gate": gate}, started, seed)
-        self.assertEqual(gate.kills, len(KILL_AT))
+        self.assertEqual(gate.kills, len(faults))
         self.assertEqual(len([run for run in gate.runs if run.port is not None]), len(KILL_AT) + 1)
+
+
+class SaverCrashTests(CrashTests):
+    """
+    L{CrashTests} with the SQLite writer in a process of its own
+    (C{--store-writer process}): the gate killed twice (its saver then
+    finishes alone and a new gate's saver waits for it), and the saver
+    itself killed once in between (the gate fails what it held as
+    C{UNAVAILABLE}, its clients retry, and it starts another saver).
+    """
+
+    gateArgs = ("--store-writer", "process")
+    killsSaver = True
 
 
 class ClusterCrashTests(CrashTestMixin, TestCase):

@@ -9,7 +9,9 @@ real Redis Cluster.
 """
 
 import base64
+import fcntl
 import json
+import os
 import signal
 import sqlite3
 import threading
@@ -24,7 +26,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from imserver.errors import NotMember
+from imserver.errors import NotMember, Unavailable
 from imserver.interfaces import IGroupStore, IMessageStore, IOutbox
 from imserver.pb import im_pb2 as pb
 from imserver.redisclient import RedisUnavailable, RedisURL, Script, connectRedis
@@ -43,6 +45,7 @@ from imserver.store.memory import MemoryMessageStore
 from imserver.store.redis import RedisMessageStore, store as redisStoreModule
 from imserver.store.redis.keys import groupKey, slotBodyPrefix, slotTag, userKey, userSlot
 from imserver.store.sqlite import ADDED_TABLES, SQLiteMessageStore, StoreClosed
+from imserver.store.sqlite.saver import LOCK_SUFFIX
 from imserver.store.sqlite.schema import WAL_AUTOCHECKPOINT
 from imserver.webhooks.events import (
     GROUP_CHANGED,
@@ -1319,6 +1322,126 @@ class ThreadedSQLiteSuiteTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
         store.startService()
         self.addCleanup(store.stopService)
         return store
+
+
+class SaverSQLiteSuiteTests(StoreTestsMixin, OutboxTestsMixin, TestCase):
+    """
+    L{SQLiteMessageStore} with its writer in a process of its own (the
+    saver, C{--store-writer process}), with the real reactor: the shared
+    suite, every operation and result through the saver's pipe.
+    """
+
+    timeout = 30
+
+    def makeStore(self, dedupWindowMs):
+        store = SQLiteMessageStore(self.mktemp(), reactor, dedupWindowMs, process=True)
+        store.startService()
+        self.addCleanup(store.stopService)
+        return store
+
+
+class SaverTests(TestCase):
+    """
+    The saver process's own behaviour: commits reported, a stop that
+    finishes the work, a saver that dies replaced, one saver per database.
+    """
+
+    timeout = 30
+
+    def setUp(self):
+        self.commits = []
+        self.path = self.mktemp()
+        self.store = SQLiteMessageStore(
+            self.path,
+            reactor,
+            process=True,
+            commitObserver=lambda size, seconds: self.commits.append(size),
+        )
+        self.store.startService()
+        self.addCleanup(self.stop)
+
+    def stop(self):
+        if self.store.running:
+            return self.store.stopService()
+
+    def deliver(self, clientMsgId, to="bob"):
+        return self.store.deliver(
+            "alice", clientMsgId, pb.Message(recipient=to, body=b"x"), [to], T0
+        )
+
+    @inlineCallbacks
+    def test_commitsReported(self):
+        """
+        Each transaction of the saver is reported to the gate's commit
+        observer, and the store's counts follow.
+        """
+        results = yield gatherResults([self.deliver("m{}".format(i)) for i in range(20)])
+        self.assertEqual([r.seqs["bob"] for r in results], list(range(1, 21)))
+        self.assertEqual(sum(self.commits), 20)
+        self.assertEqual(self.store.committed, 20)
+        self.assertEqual(self.store.batches, len(self.commits))
+
+    @inlineCallbacks
+    def test_stopFinishes(self):
+        """
+        Stopping the store answers what was submitted, then the saver
+        exits; what it committed is in the database.
+        """
+        sends = [self.deliver("m{}".format(i)) for i in range(50)]
+        saver = self.store._saver
+        yield self.store.stopService()
+        self.assertTrue(saver.ended.called)
+        results = yield gatherResults(sends)
+        self.assertEqual(len(results), 50)
+        store = SQLiteMessageStore(self.path, None, threaded=False)
+        store.startService()
+        self.addCleanup(store.stopService)
+        self.assertEqual(self.successResultOf(store.head("bob")), 50)
+
+    @inlineCallbacks
+    def test_saverDies(self):
+        """
+        A saver killed with operations outstanding fails them with
+        C{UNAVAILABLE} (stored or not, the client retries), and the store
+        starts another saver which serves what follows, the retry of a
+        stored message answered as a duplicate.
+        """
+        first = yield self.deliver("m0")
+        saver = self.store._saver
+        pending = self.deliver("m1")
+        os.kill(saver.transport.pid, signal.SIGKILL)
+        yield saver.ended
+        yield self.assertFailure(pending, Unavailable)
+        self.assertIsNot(self.store._saver, saver)
+        again = yield self.deliver("m0")
+        self.assertEqual((again.duplicate, again.message.id), (True, first.message.id))
+        later = yield self.deliver("m1")
+        self.assertIn(later.seqs["bob"], (2, 3))
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    @inlineCallbacks
+    def test_oneSaverPerDatabase(self):
+        """
+        The saver holds an exclusive lock on C{<database>.saver-lock} while
+        it runs (taken before it answers anything): a second saver of the
+        same database waits for it.
+        """
+        yield self.store.head("bob")
+        lock = open(self.path + LOCK_SUFFIX, "a")
+        self.addCleanup(lock.close)
+        self.assertRaises(
+            BlockingIOError, fcntl.flock, lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB
+        )
+
+    @inlineCallbacks
+    def test_outboxSettings(self):
+        """
+        The outbox's settings reach the saver, before and after it started.
+        """
+        self.store.outboxEvents = [MESSAGE_STORED]
+        yield self.deliver("m0")
+        stats = yield self.store.outboxStats()
+        self.assertEqual(stats[0], 1)
 
 
 class ThreadedSQLiteStoreTests(TestCase):

@@ -684,6 +684,27 @@ class StoreChoiceTests(SynchronousTestCase):
         self.assertIs(root.getServiceNamed("gate").factory.store, store)
         self.assertEqual(store.walAutocheckpoint, 10000)
 
+    def test_storeWriter(self):
+        """
+        C{--store-writer process} runs the SQLite store's writer in a
+        process of its own; C{thread} (the default) in the gate; anything
+        else, or C{process} with another store, is a usage error.
+        """
+        for args, process in (([], False), (["--store-writer", "process"], True)):
+            options = tap.Options()
+            options.parseOptions(["--data-dir", self.mktemp(), "--listen", TCP_LISTEN] + args)
+            root = tap.makeService(options, reactor=MemoryReactorClock())
+            self.assertIs(root.getServiceNamed("store").process, process)
+        for args in (
+            ["--store-writer", "fork"],
+            ["--store", "memory", "--store-writer", "process"],
+        ):
+            self.assertRaises(
+                UsageError,
+                tap.Options().parseOptions,
+                ["--data-dir", self.mktemp(), "--listen", TCP_LISTEN] + args,
+            )
+
     def test_walAutocheckpoint(self):
         """
         C{--store-wal-autocheckpoint} reaches the SQLite store.

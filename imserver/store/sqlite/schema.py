@@ -103,6 +103,9 @@ def dedupLookup(count):
 #: database file): the C{store_wal_autocheckpoint} setting's default.
 WAL_AUTOCHECKPOINT = 10000
 
+#: Milliseconds a statement waits for another connection's lock.
+BUSY_TIMEOUT_MS = 10000
+
 
 def openDatabase(path, walAutocheckpoint=WAL_AUTOCHECKPOINT):
     """
@@ -126,5 +129,9 @@ def openDatabase(path, walAutocheckpoint=WAL_AUTOCHECKPOINT):
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA wal_autocheckpoint={:d}".format(walAutocheckpoint))
+    # Wait for another connection's lock rather than fail at once: the
+    # saver of a gate that was killed may still be finishing (closing the
+    # database checkpoints it) when the next gate opens it.
+    db.execute("PRAGMA busy_timeout={:d}".format(BUSY_TIMEOUT_MS))
     db.executescript(SCHEMA)
     return db

@@ -32,6 +32,8 @@ class SQLiteMessageStore(GroupCommitWriter):
         operations keep coming (L{GroupCommitWriter}).
     @param walAutocheckpoint: WAL pages after which a commit checkpoints
         (L{openDatabase}).
+    @param process: run the writer in a process of its own
+        (L{GroupCommitWriter}, C{--store-writer process}).
     @param clock: an C{IReactorTime}: the time of the outbox events of
         operations given none (C{deleteGroup}, C{removeMembers}) and of
         the full-outbox warnings; C{reactor} if L{None}, or the system
@@ -53,6 +55,7 @@ class SQLiteMessageStore(GroupCommitWriter):
         clock=None,
         commitDelay=0.0,
         walAutocheckpoint=WAL_AUTOCHECKPOINT,
+        process=False,
     ):
         GroupCommitWriter.__init__(
             self,
@@ -63,6 +66,7 @@ class SQLiteMessageStore(GroupCommitWriter):
             commitObserver,
             commitDelay,
             walAutocheckpoint,
+            process,
         )
         if clock is None:
             clock = reactor
@@ -82,6 +86,7 @@ class SQLiteMessageStore(GroupCommitWriter):
     @outboxEvents.setter
     def outboxEvents(self, value):
         self._ops.outboxEvents = frozenset(value)
+        self._configured()
 
     @property
     def outboxLimit(self):
@@ -90,6 +95,7 @@ class SQLiteMessageStore(GroupCommitWriter):
     @outboxLimit.setter
     def outboxLimit(self, value):
         self._ops.outboxLimit = value
+        self._configured()
 
     def _batchFired(self):
         dropped = self.outboxDropped

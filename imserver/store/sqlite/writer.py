@@ -25,11 +25,13 @@ taken at once, so a lone message pays no wait.
 
 import collections
 import sqlite3
+import sys
 import threading
 import time
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imserver.store import GroupExists, GroupFull, GroupNotFound
@@ -65,7 +67,13 @@ class GroupCommitWriter(Service):
     @param commitDelay: the least seconds between the end of a commit and
         the start of the next transaction while operations keep coming (the
         C{store_commit_delay} setting; 0: none).
+    @param process: run the writer in a process of its own, the saver
+        (L{imserver.store.sqlite.saver}; C{--store-writer process}), rather
+        than in a thread of this one; C{reactor} must then spawn processes.
     """
+
+    log = Logger()
+    _saver = None
 
     def __init__(
         self,
@@ -76,8 +84,10 @@ class GroupCommitWriter(Service):
         commitObserver=None,
         commitDelay=0.0,
         walAutocheckpoint=WAL_AUTOCHECKPOINT,
+        process=False,
     ):
         self.path = path
+        self.process = process
         self._reactor = reactor
         self._ops = ops
         self._threaded = threaded
@@ -109,6 +119,12 @@ class GroupCommitWriter(Service):
         except BaseException:
             db.close()
             raise
+        if self.process:
+            # Opened (and checked) here; the saver opens it again.
+            db.close()
+            Service.startService(self)
+            self._spawnSaver()
+            return
         Service.startService(self)
         if self._threaded:
             self._thread = threading.Thread(
@@ -121,6 +137,10 @@ class GroupCommitWriter(Service):
 
     def stopService(self):
         Service.stopService(self)
+        if self._saver is not None:
+            saver, self._saver = self._saver, None
+            saver.finish()
+            return saver.ended
         if not self._threaded:
             if self._db is not None:
                 self._db.close()
@@ -133,9 +153,51 @@ class GroupCommitWriter(Service):
 
     # -- internals ------------------------------------------------------------
 
+    # -- the saver ------------------------------------------------------------
+
+    def _spawnSaver(self):
+        from imserver.spawn import childEnvironment
+        from imserver.store.sqlite.saver import SaverProcess
+
+        saver = self._saver = SaverProcess(self)
+        argv = [
+            sys.executable,
+            "-m",
+            "imserver.store.sqlite.saver",
+            self.path,
+            str(self._ops.dedupWindowMs),
+            repr(self.commitDelay),
+            str(self.walAutocheckpoint),
+        ]
+        self._reactor.spawnProcess(
+            saver, sys.executable, argv, env=childEnvironment(), childFDs={0: "w", 1: "r", 2: 2}
+        )
+        saver.configure(self._ops.outboxEvents, self._ops.outboxLimit)
+
+    def _saverEnded(self, saver, reason):
+        """
+        The saver process C{saver} ended: if it was not stopped, start a new
+        one (what it held was failed, its clients retry).
+        """
+        if saver is self._saver and self.running:
+            self.log.error(
+                "the SQLite saver process ended unexpectedly ({why}); starting another",
+                why=reason.getErrorMessage(),
+            )
+            self._spawnSaver()
+
+    def _configured(self):
+        """
+        The outbox's settings changed: tell the saver, if there is one.
+        """
+        if self._saver is not None:
+            self._saver.configure(self._ops.outboxEvents, self._ops.outboxLimit)
+
     def _submit(self, function, *args):
         if not self.running:
             return fail(StoreClosed("the message store is not running"))
+        if self._saver is not None:
+            return self._saver.submit(function.__name__, args)
         if not self._threaded:
             [(_, result)] = self._runBatch(self._db, [(function, args, None)])
             self._batchFired()
