@@ -36,6 +36,7 @@ import signal
 import struct
 import sys
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
@@ -139,8 +140,6 @@ class SaverProcess(ProcessProtocol):
             transaction's end (C{_batchFired}), and asked to start a new
             saver if this one dies while it runs.
         """
-        from twisted.internet.defer import Deferred
-
         self.writer = writer
         self.ended = Deferred()
         self._reader = FrameReader()
@@ -166,8 +165,6 @@ class SaverProcess(ProcessProtocol):
 
         @return: a L{Deferred} firing with its result.
         """
-        from twisted.internet.defer import Deferred
-
         self._next += 1
         d = self._pending[self._next] = Deferred()
         self._write(("op", self._next, name, args))
