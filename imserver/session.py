@@ -512,24 +512,17 @@ class GateSession(RPCDispatcher, ClosesWithError):
     @methods.SEND.responder
     def send(self, request: pb.SendRequest) -> "Deferred[pb.SendResponse]":
         messenger = self.factory.messenger
+        origin = self if self._noEcho else None
         if messenger.beforeSend is None:
-            if not self._noEcho:
-                return messenger.send(self.uid, request)  # type: ignore[no-any-return]
-            d = messenger.send(self.uid, request, origin=self)
+            d = messenger.send(self.uid, request, origin=origin)
         else:
             # Checked by the app backend first, yet stored in the order received.
             if self._sendOrder is None:
                 self._sendOrder = SendOrder()
-            d = messenger.send(
-                self.uid,
-                request,
-                self.deviceId,
-                self._sendOrder,
-                origin=self if self._noEcho else None,
-            )
-            if not self._noEcho:
-                return d  # type: ignore[no-any-return]
-        return d.addCallback(self._echoAnswered)  # type: ignore[no-any-return]
+            d = messenger.send(self.uid, request, self.deviceId, self._sendOrder, origin=origin)
+        if origin is not None:
+            d.addCallback(self._echoAnswered)
+        return d  # type: ignore[no-any-return]
 
     def sentHere(self, seq: int) -> None:
         """

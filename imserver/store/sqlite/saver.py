@@ -145,19 +145,11 @@ class SaverProcess(ProcessProtocol):
         self._reader = FrameReader()
         self._pending = {}
         self._next = 0
-        self._buffered = []
-
-    def connectionMade(self):
-        buffered, self._buffered = self._buffered, None
-        if buffered:
-            self.transport.writeSequence(buffered)
 
     def _write(self, value):
-        data = frame(value)
-        if self._buffered is not None:
-            self._buffered.append(data)
-        else:
-            self.transport.write(data)
+        # spawnProcess connects this protocol before it returns: the
+        # transport is there from the first operation on.
+        self.transport.write(frame(value))
 
     def submit(self, name, args):
         """
